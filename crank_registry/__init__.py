@@ -1,0 +1,84 @@
+"""crank_registry: the sans-IO core of the crank capability registry.
+
+Models, validation, the registry state machine, health rules, round-robin
+routing and the state snapshot format. No I/O, no clock reads, no async:
+every call that depends on time takes ``now``, and every mutation returns
+the events that happened so that a service can turn them into I/O.
+"""
+
+from ._converter import (
+    EVENT_TYPES,
+    converter,
+    structure,
+    structure_event,
+    unstructure,
+    unstructure_event,
+)
+from ._errors import (
+    NotSupported,
+    Problem,
+    RegistryError,
+    ValidationError,
+    WorkerNotRegistered,
+)
+from ._events import (
+    Event,
+    HeartbeatReceived,
+    WorkerDeregistered,
+    WorkerEvicted,
+    WorkerImported,
+    WorkerRegistered,
+)
+from ._models import (
+    CapabilityKey,
+    CapabilitySchema,
+    CapabilityView,
+    DeregisterRequest,
+    HealthPolicy,
+    HealthState,
+    HeartbeatRequest,
+    Registration,
+    RouteRequest,
+    WorkerEndpoint,
+    WorkerRecord,
+    WorkerView,
+    capability_label,
+    parse_capability_label,
+)
+from ._registry import STATE_FORMAT_VERSION, CapabilityRegistry
+
+__all__ = [
+    "EVENT_TYPES",
+    "STATE_FORMAT_VERSION",
+    "CapabilityKey",
+    "CapabilityRegistry",
+    "CapabilitySchema",
+    "CapabilityView",
+    "DeregisterRequest",
+    "Event",
+    "HealthPolicy",
+    "HealthState",
+    "HeartbeatReceived",
+    "HeartbeatRequest",
+    "NotSupported",
+    "Problem",
+    "Registration",
+    "RegistryError",
+    "RouteRequest",
+    "ValidationError",
+    "WorkerDeregistered",
+    "WorkerEndpoint",
+    "WorkerEvicted",
+    "WorkerImported",
+    "WorkerNotRegistered",
+    "WorkerRecord",
+    "WorkerRegistered",
+    "WorkerView",
+    "capability_label",
+    "converter",
+    "parse_capability_label",
+    "structure",
+    "structure_event",
+    "unstructure",
+    "unstructure_event",
+]

@@ -1,0 +1,104 @@
+"""The library's errors.
+
+Every error the core raises derives from :class:`RegistryError`, carries a
+stable machine-readable ``code`` and a hint of the HTTP status that an I/O
+layer should answer with (the h11 ``error_status_hint`` idea)::
+
+    RegistryError
+    ├── ValidationError       invalid_request        422
+    ├── NotSupported          not_supported          422
+    └── WorkerNotRegistered   worker_not_registered  404
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import attrs
+
+__all__ = [
+    "NotSupported",
+    "Problem",
+    "RegistryError",
+    "ValidationError",
+    "WorkerNotRegistered",
+]
+
+
+class RegistryError(Exception):
+    """Root of the library's errors.
+
+    ``code`` is stable and meant for machines; ``status_hint`` is the HTTP
+    status a service should answer with.
+    """
+
+    code: str = "registry_error"
+    status_hint: int = 400
+
+
+@attrs.frozen
+class Problem:
+    """One thing wrong with an input: where (``path``) and what (``message``).
+
+    ``path`` uses attribute and index notation relative to the input's root,
+    e.g. ``capabilities[2].max_concurrency``; the empty string is the root.
+    """
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class ValidationError(RegistryError):
+    """An input that is not a valid model; ``problems`` lists every fault."""
+
+    code = "invalid_request"
+    status_hint = 422
+
+    def __init__(self, problems: Iterable[Problem]) -> None:
+        self.problems: tuple[Problem, ...] = tuple(problems)
+        super().__init__("; ".join(str(p) for p in self.problems))
+
+    @classmethod
+    def single(cls, path: str, message: str) -> ValidationError:
+        """An error with one problem."""
+        return cls([Problem(path, message)])
+
+    def prefixed(self, prefix: str) -> ValidationError:
+        """The same problems, with ``prefix`` put before every path."""
+        return ValidationError(Problem(_join(prefix, p.path), p.message) for p in self.problems)
+
+
+def _join(prefix: str, path: str) -> str:
+    if not prefix:
+        return path
+    if not path:
+        return prefix
+    return f"{prefix}{path}" if path.startswith("[") else f"{prefix}.{path}"
+
+
+class NotSupported(RegistryError):
+    """A request used an optional parameter that has no behaviour yet."""
+
+    code = "not_supported"
+    status_hint = 422
+
+    def __init__(self, field: str) -> None:
+        self.field = field
+        super().__init__(f"{field}: not supported by this registry yet")
+
+
+class WorkerNotRegistered(RegistryError):
+    """The worker is unknown here, evicted, or restored but not re-registered.
+
+    A worker that receives this for a heartbeat re-registers at once.
+    """
+
+    code = "worker_not_registered"
+    status_hint = 404
+
+    def __init__(self, worker_id: str) -> None:
+        self.worker_id = worker_id
+        super().__init__(f"worker {worker_id!r} is not registered")

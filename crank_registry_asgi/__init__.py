@@ -1,0 +1,1 @@
+"""crank_registry_asgi."""

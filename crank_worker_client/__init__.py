@@ -1,0 +1,1 @@
+"""crank_worker_client."""

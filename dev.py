@@ -1,0 +1,78 @@
+#!/usr/bin/env python3
+"""Bootstrap a development environment in .venv and run a task in it.
+
+    python3 dev.py demo      # the controller, nine workers and the gateway
+    python3 dev.py test      # the test suite
+    python3 dev.py nox ...   # any nox session (lint, typecheck, bench, ...)
+
+Needs only Python 3.11+. The first run creates .venv and installs the three
+distributions (editable) and the development requirements; later runs
+reinstall only when a pyproject or requirements file changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+DISTRIBUTIONS = ["crank-registry", "crank-registry-asgi", "crank-worker-client"]
+INPUTS = [
+    ROOT / "requirements-dev.txt",
+    *(ROOT / "distributions" / name / "pyproject.toml" for name in DISTRIBUTIONS),
+]
+
+
+def _bin(name: str) -> Path:
+    return VENV / ("Scripts" if os.name == "nt" else "bin") / name
+
+
+def _fingerprint() -> str:
+    digest = hashlib.sha256()
+    for path in INPUTS:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def ensure_environment() -> None:
+    if sys.version_info < (3, 11):
+        sys.exit(f"crank-registry needs Python 3.11 or newer, this is {sys.version.split()[0]}")
+    stamp = VENV / ".crank-installed"
+    if stamp.exists() and stamp.read_text() == _fingerprint():
+        return
+    if not _bin("python").exists():
+        print(f"creating {VENV.relative_to(ROOT)} ...", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    print("installing the distributions and the development requirements ...", flush=True)
+    editable = []
+    for name in DISTRIBUTIONS:
+        editable += ["-e", str(ROOT / "distributions" / name)]
+    subprocess.run(
+        [str(_bin("python")), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+         *editable, "-r", str(ROOT / "requirements-dev.txt")],
+        check=True,
+    )
+    stamp.write_text(_fingerprint())
+
+
+def main(argv: list[str]) -> int:
+    tasks = {
+        "demo": [str(_bin("crank-registry")), "demo"],
+        "test": [str(_bin("python")), "-m", "pytest"],
+        "nox": [str(_bin("nox"))],
+    }
+    if not argv or argv[0] not in tasks:
+        print(__doc__)
+        return 2
+    ensure_environment()
+    command = tasks[argv[0]] + argv[1:]
+    return subprocess.run(command, cwd=ROOT).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
