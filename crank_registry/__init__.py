@@ -15,6 +15,7 @@ from ._converter import (
     unstructure_event,
 )
 from ._errors import (
+    Forbidden,
     NotSupported,
     Problem,
     RegistryError,
@@ -29,6 +30,7 @@ from ._events import (
     WorkerImported,
     WorkerRegistered,
 )
+from ._identity import authorize_worker, worker_name_of
 from ._models import (
     CapabilityKey,
     CapabilitySchema,
@@ -56,6 +58,7 @@ __all__ = [
     "CapabilityView",
     "DeregisterRequest",
     "Event",
+    "Forbidden",
     "HealthPolicy",
     "HealthState",
     "HeartbeatReceived",
@@ -74,6 +77,7 @@ __all__ = [
     "WorkerRecord",
     "WorkerRegistered",
     "WorkerView",
+    "authorize_worker",
     "capability_label",
     "converter",
     "parse_capability_label",
@@ -81,4 +85,5 @@ __all__ = [
     "structure_event",
     "unstructure",
     "unstructure_event",
+    "worker_name_of",
 ]

@@ -7,6 +7,7 @@ layer should answer with (the h11 ``error_status_hint`` idea)::
     RegistryError
     ├── ValidationError       invalid_request        422
     ├── NotSupported          not_supported          422
+    ├── Forbidden             forbidden              403
     └── WorkerNotRegistered   worker_not_registered  404
 """
 
@@ -17,6 +18,7 @@ from collections.abc import Iterable
 import attrs
 
 __all__ = [
+    "Forbidden",
     "NotSupported",
     "Problem",
     "RegistryError",
@@ -102,3 +104,15 @@ class WorkerNotRegistered(RegistryError):
     def __init__(self, worker_id: str) -> None:
         self.worker_id = worker_id
         super().__init__(f"worker {worker_id!r} is not registered")
+
+
+class Forbidden(RegistryError):
+    """An authenticated caller acted on a worker record that is not its own."""
+
+    code = "forbidden"
+    status_hint = 403
+
+    def __init__(self, identity: str, worker_id: str) -> None:
+        self.identity = identity
+        self.worker_id = worker_id
+        super().__init__(f"identity {identity!r} may not act on worker {worker_id!r}")

@@ -1,0 +1,33 @@
+"""Who may act on which worker record.
+
+With mutual TLS the caller's identity is the SPIFFE ID in its client
+certificate, ``spiffe://TRUST-DOMAIN/.../NAME``; it may register, heartbeat
+and deregister only the worker whose ``worker_id`` is ``NAME``.
+"""
+
+from __future__ import annotations
+
+from ._errors import Forbidden
+
+__all__ = ["authorize_worker", "worker_name_of"]
+
+
+def worker_name_of(spiffe_id: str) -> str | None:
+    """The last path segment of a SPIFFE ID, or ``None`` if it has none."""
+    if not spiffe_id.startswith("spiffe://"):
+        return None
+    _, _, path = spiffe_id[len("spiffe://") :].partition("/")
+    name = path.rstrip("/").rpartition("/")[2]
+    return name or None
+
+
+def authorize_worker(identity: str | None, worker_id: str) -> None:
+    """Raise :class:`Forbidden` unless ``identity`` may act on ``worker_id``.
+
+    ``identity`` is ``None`` when the service runs without client
+    certificates: there are no identities then, and no checks.
+    """
+    if identity is None:
+        return
+    if worker_name_of(identity) != worker_id:
+        raise Forbidden(identity, worker_id)
