@@ -40,7 +40,7 @@ def _fingerprint() -> str:
 
 
 def ensure_environment() -> None:
-    if sys.version_info < (3, 11):
+    if sys.version_info < (3, 11):  # noqa: UP036 - dev.py may be started by an older python3
         sys.exit(f"crank-registry needs Python 3.11 or newer, this is {sys.version.split()[0]}")
     stamp = VENV / ".crank-installed"
     if stamp.exists() and stamp.read_text() == _fingerprint():
@@ -53,8 +53,17 @@ def ensure_environment() -> None:
     for name in DISTRIBUTIONS:
         editable += ["-e", str(ROOT / "distributions" / name)]
     subprocess.run(
-        [str(_bin("python")), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-         *editable, "-r", str(ROOT / "requirements-dev.txt")],
+        [
+            str(_bin("python")),
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            *editable,
+            "-r",
+            str(ROOT / "requirements-dev.txt"),
+        ],
         check=True,
     )
     stamp.write_text(_fingerprint())
@@ -71,7 +80,7 @@ def main(argv: list[str]) -> int:
         return 2
     ensure_environment()
     command = tasks[argv[0]] + argv[1:]
-    return subprocess.run(command, cwd=ROOT).returncode
+    return subprocess.run(command, cwd=ROOT, check=False).returncode
 
 
 if __name__ == "__main__":

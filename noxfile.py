@@ -53,7 +53,13 @@ def core_isolated(session: nox.Session) -> None:
     """The core installs and imports with attrs and cattrs alone."""
     session.install("distributions/crank-registry")
     session.chdir(session.create_tmp())  # import the installed copy, not the tree
-    session.run("python", "-c", _ISOLATION_CHECK, "crank_registry", "starlette,httpx,anyio,hypercorn,opentelemetry,cryptography,h11,trio")
+    session.run(
+        "python",
+        "-c",
+        _ISOLATION_CHECK,
+        "crank_registry",
+        "starlette,httpx,anyio,hypercorn,opentelemetry,cryptography,h11,trio",
+    )
 
 
 @nox.session(reuse_venv=False)
@@ -61,8 +67,19 @@ def client_isolated(session: nox.Session) -> None:
     """crank-worker-client installs without any server package."""
     session.install("distributions/crank-registry", "distributions/crank-worker-client")
     session.chdir(session.create_tmp())
-    session.run("python", "-c", _ISOLATION_CHECK, "crank_worker_client", "starlette,hypercorn,cryptography,crank_registry_asgi")
-    session.run("python", "-c", _NO_DISTRIBUTIONS, "starlette,hypercorn,cryptography,crank-registry-asgi,uvicorn,granian")
+    session.run(
+        "python",
+        "-c",
+        _ISOLATION_CHECK,
+        "crank_worker_client",
+        "starlette,hypercorn,cryptography,crank_registry_asgi",
+    )
+    session.run(
+        "python",
+        "-c",
+        _NO_DISTRIBUTIONS,
+        "starlette,hypercorn,cryptography,crank-registry-asgi,uvicorn,granian",
+    )
 
 
 @nox.session

@@ -53,6 +53,7 @@ EVENT_TYPES: Mapping[str, type[Event]] = types.MappingProxyType(
 )
 _TAG_OF: dict[type[Event], str] = {cls: tag for tag, cls in EVENT_TYPES.items()}
 
+
 def _strict_str(value: Any, _: type) -> str:
     if not isinstance(value, str):
         raise ValidationError.single("", "must be a string")
@@ -90,7 +91,9 @@ def _any(value: Any, _: type) -> Any:
 
 
 def _is_optional(tp: Any) -> bool:
-    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(
+        None
+    ) in typing.get_args(tp)
 
 
 def _is_homogeneous_tuple(tp: Any) -> bool:
@@ -138,24 +141,21 @@ def make_converter() -> cattrs.Converter:
     conv.register_structure_hook_factory(attrs.has, lambda cls: _attrs_structure_fn(conv, cls))
 
     conv.register_unstructure_hook(HealthState, lambda state: state.value)
-    conv.register_unstructure_hook_factory(
-        attrs.has, lambda cls: _attrs_unstructure_fn(conv, cls)
-    )
+    conv.register_unstructure_hook_factory(attrs.has, lambda cls: _attrs_unstructure_fn(conv, cls))
     return conv
 
 
 def _attrs_structure_fn(conv: cattrs.Converter, cls: type[T]) -> Callable[[Any, Any], T]:
     """Structure an attrs class field by field, collecting every problem."""
-    attrs.resolve_types(cls)
-    fields = attrs.fields(cls)
+    model: Any = cls
+    attrs.resolve_types(model)
+    fields = attrs.fields(model)
     names = frozenset(a.name for a in fields)
 
     def structure(data: Any, _: Any) -> T:
         if not isinstance(data, dict):
             raise ValidationError.single("", "must be an object")
-        problems = [
-            Problem(str(key), "unknown field") for key in data if key not in names
-        ]
+        problems = [Problem(str(key), "unknown field") for key in data if key not in names]
         kwargs: dict[str, Any] = {}
         for field in fields:
             if field.name not in data:
@@ -184,10 +184,8 @@ def _attrs_structure_fn(conv: cattrs.Converter, cls: type[T]) -> Callable[[Any, 
 
 
 def _attrs_unstructure_fn(conv: cattrs.Converter, cls: type[Any]) -> Callable[[Any], Any]:
-    overrides = {
-        a.name: override(omit_if_default=True)
-        for a in attrs.fields(cls)
-        if a.default is None
+    overrides: dict[str, Any] = {
+        a.name: override(omit_if_default=True) for a in attrs.fields(cls) if a.default is None
     }
     return make_dict_unstructure_fn(cls, conv, **overrides)
 
@@ -224,9 +222,7 @@ def structure_event(data: Any) -> Event:
     tag = data.get("type")
     cls = EVENT_TYPES.get(tag) if isinstance(tag, str) else None
     if cls is None:
-        raise ValidationError.single(
-            "type", f"must be one of {', '.join(sorted(EVENT_TYPES))}"
-        )
+        raise ValidationError.single("type", f"must be one of {', '.join(sorted(EVENT_TYPES))}")
     body = {key: value for key, value in data.items() if key != "type"}
     return structure(body, cls)
 

@@ -104,9 +104,9 @@ def _concurrency(_: object, attribute: attrs.Attribute[Any], value: object) -> N
 def _optional_non_negative(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if value is None:
         return
-    if not _is_number(value):
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise _fail(attribute.name, "must be a number")
-    if not math.isfinite(value) or value < 0:  # type: ignore[arg-type]
+    if not math.isfinite(value) or value < 0:
         raise _fail(attribute.name, "must be a finite number >= 0")
 
 
@@ -326,7 +326,7 @@ def _optional_version(instance: object, attribute: attrs.Attribute[Any], value: 
 
 @attrs.frozen
 class RouteRequest:
-    """A caller's question: which worker should serve ``verb`` on ``capability``?
+    """A caller's question: which worker should serve ``verb`` on ``capability``.
 
     The optional fields are part of the model so that clients can be written
     against it; the registry refuses each with ``not_supported`` until it has

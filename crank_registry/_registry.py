@@ -13,7 +13,7 @@ Data layout, chosen so that the hot paths never scan the registry:
   takes the rotation's head and moves it to the end (round-robin, O(1)); a
   head found unroutable is taken out of the rotation and put back by its
   next heartbeat, so it is skipped at most once.
-* ``_deadlines``: a heap of (deadline, seq, kind, worker). Heartbeats do not
+* ``_deadlines``: a heap of (deadline, seq, worker). Heartbeats do not
   touch it; an entry that surfaces early is pushed again with the worker's
   current deadline, so a sweep costs what it evicts plus, amortised, one
   push per worker per ``evict_after``.
@@ -53,10 +53,6 @@ __all__ = ["STATE_FORMAT_VERSION", "CapabilityRegistry"]
 
 #: The version of the snapshot written by :meth:`CapabilityRegistry.export_state`.
 STATE_FORMAT_VERSION = 1
-
-# Kinds of deadline entries.
-_UNROUTABLE = 0
-_EVICT = 1
 
 
 class _Worker:
@@ -135,7 +131,7 @@ class CapabilityRegistry:
         self.policy = policy if policy is not None else HealthPolicy()
         self._workers: dict[str, _Worker] = {}
         self._capabilities: dict[CapabilityKey, _Capability] = {}
-        self._deadlines: list[tuple[float, int, int, _Worker]] = []
+        self._deadlines: list[tuple[float, int, _Worker]] = []
         self._seq = 0
         # Deregistrations remembered so that an import cannot resurrect the
         # worker; kept for evict_after (older remote records are expired).
@@ -215,16 +211,16 @@ class CapabilityRegistry:
         events: list[Event] = []
         heap = self._deadlines
         while heap and heap[0][0] < now:
-            _, _, kind, worker = heapq.heappop(heap)
+            _, _, worker = heapq.heappop(heap)
             if self._workers.get(worker.worker_id) is not worker:
                 continue  # replaced or removed since this entry was pushed
             if now > worker.evict_at:
                 self._remove(worker)
                 events.append(WorkerEvicted(worker.worker_id, now, worker.last_heartbeat))
             elif now > worker.routable_until:
-                self._push(worker.evict_at, _EVICT, worker)
+                self._push(worker.evict_at, worker)
             else:
-                self._push(worker.routable_until, _UNROUTABLE, worker)
+                self._push(worker.routable_until, worker)
         expiry = self._tombstone_expiry
         while expiry and expiry[0][0] < now:
             _, worker_id, at = expiry.popleft()
@@ -419,9 +415,9 @@ class CapabilityRegistry:
             capabilities=worker.capabilities,
         )
 
-    def _push(self, deadline: float, kind: int, worker: _Worker) -> None:
-        self._seq += 1
-        heapq.heappush(self._deadlines, (deadline, self._seq, kind, worker))
+    def _push(self, deadline: float, worker: _Worker) -> None:
+        self._seq += 1  # ties break on insertion order, never on the worker
+        heapq.heappush(self._deadlines, (deadline, self._seq, worker))
 
     def _install(self, record: WorkerRecord) -> None:
         """Put ``record`` in place of any worker with its id, keeping positions."""
@@ -440,7 +436,7 @@ class CapabilityRegistry:
             entry.rotation[worker.worker_id] = member
         worker.members = new_members
         self._workers[worker.worker_id] = worker
-        self._push(worker.routable_until, _UNROUTABLE, worker)
+        self._push(worker.routable_until, worker)
 
     def _remove(self, worker: _Worker) -> None:
         for key in worker.members:
@@ -480,12 +476,13 @@ def _parse_state(state: Mapping[str, Any]) -> list[WorkerRecord]:
     version = state.get("format_version")
     if version != STATE_FORMAT_VERSION:
         raise ValidationError.single(
-            "format_version", f"unsupported state format {version!r} (expected {STATE_FORMAT_VERSION})"
+            "format_version",
+            f"unsupported state format {version!r} (expected {STATE_FORMAT_VERSION})",
         )
     unknown = [key for key in state if key not in ("format_version", "workers")]
     if unknown:
         raise ValidationError.single(str(unknown[0]), "unknown field")
-    records = structure(state.get("workers"), tuple[WorkerRecord, ...])  # type: ignore[arg-type]
+    records = structure(state.get("workers"), tuple[WorkerRecord, ...])
     return list(records)
 
 

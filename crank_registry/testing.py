@@ -20,6 +20,7 @@ class FakeClock:
         self.now = start
 
     def __call__(self) -> float:
+        """The current time."""
         return self.now
 
     def advance(self, seconds: float) -> float:
