@@ -1,0 +1,351 @@
+"""Development certificates: a private CA, a controller certificate, worker certificates.
+
+``crank-registry certs`` writes these files with :func:`write_development_certificates`;
+tests and examples build certificates in memory with the functions below, including
+ones that must be refused (expired, or signed by another authority).
+
+A worker certificate is an X.509 SVID in the SPIFFE sense: its only URI SAN is
+``spiffe://crank.local/worker/NAME``, the identity the controller checks against the
+``worker_id`` of the record being changed. It is also valid for serving HTTPS on
+localhost, so a worker can use one certificate for both directions.
+
+Keys are ECDSA P-256: fast to generate and accepted by every TLS stack in use.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import attrs
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+__all__ = [
+    "CONTROLLER_HOSTS",
+    "DEFAULT_VALIDITY",
+    "TRUST_DOMAIN",
+    "CertifiedKey",
+    "check_name",
+    "make_authority",
+    "make_client_certificate",
+    "make_controller_certificate",
+    "make_worker_certificate",
+    "read_authority",
+    "spiffe_id",
+    "write_development_certificates",
+    "write_private_key",
+]
+
+TRUST_DOMAIN = "crank.local"
+#: The names the controller certificate is valid for.
+CONTROLLER_HOSTS = ("localhost", "127.0.0.1", "::1")
+DEFAULT_VALIDITY = datetime.timedelta(days=365)
+# Certificates start a little in the past so that a clock running slightly
+# behind on another machine does not reject a certificate made a second ago.
+_BACKDATE = datetime.timedelta(minutes=5)
+# The worker_id rule of the registry; names also become file names, so this
+# also keeps them free of path separators.
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+@attrs.frozen
+class CertifiedKey:
+    """A certificate and its private key."""
+
+    certificate: x509.Certificate
+    private_key: ec.EllipticCurvePrivateKey
+
+    def certificate_pem(self) -> bytes:
+        """The certificate, PEM-encoded."""
+        return self.certificate.public_bytes(serialization.Encoding.PEM)
+
+    def private_key_pem(self) -> bytes:
+        """The private key, PEM-encoded (PKCS#8, unencrypted)."""
+        return self.private_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    def write(self, certificate_path: Path, key_path: Path) -> None:
+        """Write the certificate and the key (mode 0600) to the given paths."""
+        certificate_path.write_bytes(self.certificate_pem())
+        write_private_key(key_path, self.private_key_pem())
+
+
+def spiffe_id(kind: str, name: str, *, trust_domain: str = TRUST_DOMAIN) -> str:
+    """The SPIFFE ID ``spiffe://TRUST_DOMAIN/KIND/NAME``."""
+    return f"spiffe://{trust_domain}/{kind}/{name}"
+
+
+def check_name(name: str) -> str:
+    """Return ``name`` if it is a valid worker or client name, else raise ``ValueError``."""
+    if not _NAME.fullmatch(name):
+        raise ValueError(f"invalid name {name!r}: use 1 to 128 letters, digits, '.', '_' and '-'")
+    return name
+
+
+def make_authority(
+    common_name: str = "crank development CA",
+    *,
+    not_before: datetime.datetime | None = None,
+    not_after: datetime.datetime | None = None,
+) -> CertifiedKey:
+    """A self-signed certificate authority that may sign leaf certificates only."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    start, end = _validity(not_before, not_after)
+    public_key = key.public_key()
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(public_key), critical=False
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return CertifiedKey(certificate, key)
+
+
+def make_controller_certificate(
+    authority: CertifiedKey,
+    *,
+    hosts: Sequence[str] = CONTROLLER_HOSTS,
+    not_before: datetime.datetime | None = None,
+    not_after: datetime.datetime | None = None,
+) -> CertifiedKey:
+    """A server certificate for the controller, valid for ``hosts`` (names or IPs)."""
+    return _make_leaf(
+        authority,
+        common_name="crank controller",
+        uris=(),
+        hosts=hosts,
+        usages=(ExtendedKeyUsageOID.SERVER_AUTH,),
+        not_before=not_before,
+        not_after=not_after,
+    )
+
+
+def make_worker_certificate(
+    authority: CertifiedKey,
+    name: str,
+    *,
+    trust_domain: str = TRUST_DOMAIN,
+    hosts: Sequence[str] = CONTROLLER_HOSTS,
+    not_before: datetime.datetime | None = None,
+    not_after: datetime.datetime | None = None,
+) -> CertifiedKey:
+    """A certificate for worker ``name``: client identity plus HTTPS on ``hosts``.
+
+    Its URI SAN is ``spiffe://TRUST_DOMAIN/worker/NAME``. Pass ``not_after`` in
+    the past to make an expired one.
+    """
+    return _make_leaf(
+        authority,
+        common_name=check_name(name),
+        uris=(spiffe_id("worker", name, trust_domain=trust_domain),),
+        hosts=hosts,
+        usages=(ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH),
+        not_before=not_before,
+        not_after=not_after,
+    )
+
+
+def make_client_certificate(
+    authority: CertifiedKey,
+    name: str,
+    *,
+    trust_domain: str = TRUST_DOMAIN,
+    not_before: datetime.datetime | None = None,
+    not_after: datetime.datetime | None = None,
+) -> CertifiedKey:
+    """A client-only certificate for a caller that routes and lists but is no worker.
+
+    Its URI SAN is ``spiffe://TRUST_DOMAIN/client/NAME``.
+    """
+    return _make_leaf(
+        authority,
+        common_name=check_name(name),
+        uris=(spiffe_id("client", name, trust_domain=trust_domain),),
+        hosts=(),
+        usages=(ExtendedKeyUsageOID.CLIENT_AUTH,),
+        not_before=not_before,
+        not_after=not_after,
+    )
+
+
+def read_authority(certificate_path: Path, key_path: Path) -> CertifiedKey:
+    """Load a CA written earlier (PEM certificate and unencrypted PEM key)."""
+    certificate = x509.load_pem_x509_certificate(certificate_path.read_bytes())
+    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{key_path}: expected an EC private key")
+    if certificate.public_key() != key.public_key():
+        raise ValueError(f"{key_path} is not the key of {certificate_path}")
+    return CertifiedKey(certificate, key)
+
+
+def write_private_key(path: Path, pem: bytes) -> None:
+    """Write a private key readable by its owner only (0600), also over an existing file."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as file:
+        # The mode given to open() applies only to a new file.
+        os.fchmod(file.fileno(), 0o600)
+        file.write(pem)
+
+
+def write_development_certificates(
+    out_dir: Path,
+    *,
+    workers: Iterable[str],
+    clients: Iterable[str] = (),
+    validity: datetime.timedelta = DEFAULT_VALIDITY,
+) -> list[Path]:
+    """Write a development PKI to ``out_dir`` and return the paths written.
+
+    An existing ``ca.pem``/``ca.key`` pair in ``out_dir`` is reused, so that
+    certificates for more workers can be added later without invalidating the
+    ones already handed out; otherwise a new CA is made. The controller
+    certificate is (re)written every time.
+    """
+    worker_names = [check_name(name) for name in workers]
+    client_names = [check_name(name) for name in clients]
+    now = datetime.datetime.now(datetime.UTC)
+    not_before, not_after = now - _BACKDATE, now + validity
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+
+    ca_pem, ca_key = out_dir / "ca.pem", out_dir / "ca.key"
+    if ca_pem.exists() and ca_key.exists():
+        authority = read_authority(ca_pem, ca_key)
+    else:
+        authority = make_authority(not_before=not_before, not_after=not_after)
+        authority.write(ca_pem, ca_key)
+        written += [ca_pem, ca_key]
+
+    issued: list[tuple[str, CertifiedKey]] = [
+        (
+            "controller",
+            make_controller_certificate(authority, not_before=not_before, not_after=not_after),
+        )
+    ]
+    issued += [
+        (
+            f"worker-{name}",
+            make_worker_certificate(authority, name, not_before=not_before, not_after=not_after),
+        )
+        for name in worker_names
+    ]
+    issued += [
+        (
+            f"client-{name}",
+            make_client_certificate(authority, name, not_before=not_before, not_after=not_after),
+        )
+        for name in client_names
+    ]
+    for stem, certified in issued:
+        certificate_path, key_path = out_dir / f"{stem}.pem", out_dir / f"{stem}.key"
+        certified.write(certificate_path, key_path)
+        written += [certificate_path, key_path]
+    return written
+
+
+def _validity(
+    not_before: datetime.datetime | None, not_after: datetime.datetime | None
+) -> tuple[datetime.datetime, datetime.datetime]:
+    now = datetime.datetime.now(datetime.UTC)
+    start = not_before if not_before is not None else now - _BACKDATE
+    end = not_after if not_after is not None else now + DEFAULT_VALIDITY
+    if end <= start:
+        raise ValueError("not_after must be later than not_before")
+    return start, end
+
+
+def _make_leaf(
+    authority: CertifiedKey,
+    *,
+    common_name: str,
+    uris: Sequence[str],
+    hosts: Sequence[str],
+    usages: Sequence[x509.ObjectIdentifier],
+    not_before: datetime.datetime | None,
+    not_after: datetime.datetime | None,
+) -> CertifiedKey:
+    key = ec.generate_private_key(ec.SECP256R1())
+    start, end = _validity(not_before, not_after)
+    alternative_names: list[x509.GeneralName] = [
+        x509.UniformResourceIdentifier(uri) for uri in uris
+    ]
+    alternative_names += [_host_name(host) for host in hosts]
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(authority.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage(list(usages)), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(authority.private_key.public_key()),
+            critical=False,
+        )
+    )
+    if alternative_names:
+        # Non-critical: the subject is not empty (RFC 5280, 4.2.1.6).
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(alternative_names), critical=False
+        )
+    certificate = builder.sign(authority.private_key, hashes.SHA256())
+    return CertifiedKey(certificate, key)
+
+
+def _host_name(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
