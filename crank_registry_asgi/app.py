@@ -1,0 +1,402 @@
+"""The controller as a Starlette application: :func:`create_app`.
+
+Each endpoint does four things: structure the body with the core's
+converter, call the registry with ``now``, hand the returned events to
+:class:`~crank_registry_asgi.effects.Effects`, answer. Every rule (health,
+routing, who may act on which record) is the core's.
+
+The lifespan opens the journal and replays it into the registry, then runs
+the :class:`Sweeper` in a task group until shutdown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import anyio
+from opentelemetry.trace import SpanKind
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from crank_registry import (
+    CapabilityRegistry,
+    DeregisterRequest,
+    Event,
+    HeartbeatRequest,
+    Registration,
+    RegistryError,
+    RouteRequest,
+    authorize_worker,
+    capability_label,
+    structure,
+)
+
+from .config import ServiceConfig
+from .effects import Effects, iso_utc, log_fields, logger
+from .http import ApiError, error_response, read_json_body, registry_error_response
+from .identity import caller_identity
+from .openapi import ROUTE_PATHS, openapi_document
+from .telemetry import Metrics, TracingMiddleware, annotate, tracer
+
+__all__ = ["ClampedClock", "ControllerService", "Sweeper", "create_app"]
+
+# How long after a deadline the sweeper wakes: the core changes state only
+# for a `now` strictly after it.
+_SWEEP_SLACK = 0.01
+
+
+class ClampedClock:
+    """Wall-clock seconds that never go backwards (the last value is kept)."""
+
+    def __init__(self, source: Callable[[], float]) -> None:
+        self._source = source
+        self._last = -math.inf
+
+    def __call__(self) -> float:
+        """The source's time, or the last time handed out if that is later."""
+        self._last = max(self._last, float(self._source()))
+        return self._last
+
+
+class Sweeper:
+    """Evicts silent workers, waking just after the registry's next deadline.
+
+    :meth:`sweep` is one pass (tests call it directly after moving a fake
+    clock); :meth:`run` loops until cancelled. Its sleep is capped at one
+    heartbeat interval, which is also what keeps it on time without being
+    woken: a registration's first deadline is ``unhealthy_after`` (at least
+    one interval) away, so it is never earlier than the planned wake-up.
+    """
+
+    def __init__(
+        self, registry: CapabilityRegistry, clock: Callable[[], float], effects: Effects
+    ) -> None:
+        self.registry = registry
+        self.clock = clock
+        self.effects = effects
+
+    def delay(self) -> float:
+        """Seconds until the next sweep: just after the next deadline, at most an interval."""
+        interval = self.registry.policy.heartbeat_interval
+        deadline = self.registry.next_deadline()
+        if deadline is None:
+            return interval
+        return min(max(deadline - self.clock(), 0.0) + _SWEEP_SLACK, interval)
+
+    async def sweep(self) -> tuple[Event, ...]:
+        """Evict every worker that is past ``evict_after`` now; returns the evictions."""
+        events = self.registry.cleanup_stale(now=self.clock())
+        if events:
+            with tracer().start_as_current_span(
+                "crank.sweep", kind=SpanKind.INTERNAL, attributes={"crank.evicted": len(events)}
+            ):
+                try:
+                    await self.effects.apply(events)
+                except ApiError as error:
+                    # The evictions happened in memory; a journal that missed
+                    # them is corrected by recovery, which drops stale records.
+                    logger.warning("sweep not journaled %s", log_fields(error=error.message))
+        return events
+
+    async def run(self) -> None:
+        """Sweep at every deadline until cancelled."""
+        while True:
+            await anyio.sleep(self.delay())
+            try:
+                await self.sweep()
+            except Exception:
+                logger.exception("sweep failed")
+
+
+class ControllerService:
+    """The endpoints and the state behind them (``app.state.service``)."""
+
+    def __init__(
+        self,
+        registry: CapabilityRegistry,
+        config: ServiceConfig,
+        clock: Callable[[], float],
+    ) -> None:
+        self.registry = registry
+        self.config = config
+        self.policy = registry.policy
+        self.clock = ClampedClock(clock)
+        self.effects = Effects(metrics=Metrics(), journal_expected=config.state_dir is not None)
+        self.sweeper = Sweeper(registry, self.clock, self.effects)
+        self.retry_after = str(max(1, math.ceil(self.policy.heartbeat_interval)))
+        self.document = openapi_document()
+
+    async def sweep(self) -> tuple[Event, ...]:
+        """One eviction pass at the current time (what the background loop runs)."""
+        return await self.sweeper.sweep()
+
+    # ----------------------------------------------------------------- helpers
+
+    async def _body(self, request: Request) -> Any:
+        return await read_json_body(
+            request,
+            max_bytes=self.config.max_body_bytes,
+            max_depth=self.config.max_json_depth,
+        )
+
+    def _authorize(self, request: Request, worker_id: str) -> None:
+        identity = caller_identity(request.scope, request.headers, self.config.proxy_cert_header)
+        if identity is None and self.config.require_identity:
+            raise ApiError(
+                403,
+                "forbidden",
+                "a client certificate with a SPIFFE ID is required to act on a worker",
+                worker_id=worker_id,
+            )
+        authorize_worker(identity, worker_id)
+
+    # --------------------------------------------------------------- endpoints
+
+    async def health(self, request: Request) -> Response:
+        """GET /health: liveness and worker counts."""
+        total, routable = self.registry.counts(now=self.clock())
+        return JSONResponse({"status": "ok", "total_workers": total, "healthy_workers": routable})
+
+    async def register(self, request: Request) -> Response:
+        """POST /register: add or replace a worker."""
+        registration = structure(await self._body(request), Registration)
+        annotate(worker_id=registration.worker_id)
+        self._authorize(request, registration.worker_id)
+        events = self.registry.register(
+            registration.worker_id,
+            registration.worker_url,
+            registration.capabilities,
+            now=self.clock(),
+        )
+        await self.effects.apply(events)
+        return JSONResponse(
+            {
+                "status": "registered",
+                "worker_id": registration.worker_id,
+                "heartbeat_interval_s": self.policy.heartbeat_interval,
+            }
+        )
+
+    async def heartbeat(self, request: Request) -> Response:
+        """POST /heartbeat: a worker proves it is alive."""
+        beat = structure(await self._body(request), HeartbeatRequest)
+        annotate(worker_id=beat.worker_id)
+        self._authorize(request, beat.worker_id)
+        now = self.clock()
+        events = self.registry.heartbeat(beat.worker_id, now=now)
+        await self.effects.apply(events)
+        return JSONResponse(
+            {
+                "status": "acknowledged",
+                "timestamp": iso_utc(now),
+                "heartbeat_interval_s": self.policy.heartbeat_interval,
+            }
+        )
+
+    async def deregister(self, request: Request) -> Response:
+        """POST /deregister: a worker leaves."""
+        leaving = structure(await self._body(request), DeregisterRequest)
+        annotate(worker_id=leaving.worker_id)
+        self._authorize(request, leaving.worker_id)
+        events = self.registry.deregister(leaving.worker_id, now=self.clock())
+        await self.effects.apply(events)
+        return JSONResponse({"status": "deregistered", "worker_id": leaving.worker_id})
+
+    async def route(self, request: Request) -> Response:
+        """POST /route: the next worker for a verb and capability."""
+        ask = structure(await self._body(request), RouteRequest)
+        annotate(verb=ask.verb, capability=ask.capability)
+        endpoint = self.registry.route(
+            ask.verb,
+            ask.capability,
+            now=self.clock(),
+            requester_identity=ask.requester_identity,
+            slo_constraints=ask.slo_constraints,
+            budget_tokens=ask.budget_tokens,
+            idempotency_key=ask.idempotency_key,
+            version=ask.version,
+        )
+        if endpoint is None:
+            self.effects.no_worker(ask.verb, ask.capability)
+            raise ApiError(
+                503,
+                "no_worker_available",
+                f"no healthy worker for {ask.verb!r} on {ask.capability!r}",
+                headers={"Retry-After": self.retry_after},
+                verb=ask.verb,
+                capability=ask.capability,
+            )
+        self.effects.routed()
+        annotate(worker_id=endpoint.worker_id)
+        return JSONResponse(
+            {
+                "worker_id": endpoint.worker_id,
+                "worker_url": endpoint.worker_url,
+                "version": endpoint.version,
+            }
+        )
+
+    async def capabilities(self, request: Request) -> Response:
+        """GET /capabilities: one entry per (verb, capability, version)."""
+        now = self.clock()
+        views = self.registry.get_all_capabilities(now=now)
+        total, routable = self.registry.counts(now=now)
+        return JSONResponse(
+            {
+                "capabilities": [
+                    {
+                        "verb": view.verb,
+                        "capability": view.capability,
+                        "version": view.version,
+                        "workers": list(view.workers),
+                        "healthy_workers": list(view.healthy_workers),
+                    }
+                    for view in views
+                ],
+                "total_workers": total,
+                "healthy_workers": routable,
+            }
+        )
+
+    async def workers(self, request: Request) -> Response:
+        """GET /workers: every worker with its health at this moment."""
+        return JSONResponse(
+            {
+                "workers": [
+                    {
+                        "worker_id": view.worker_id,
+                        "worker_url": view.worker_url,
+                        "last_heartbeat": iso_utc(view.last_heartbeat),
+                        "is_healthy": view.is_healthy,
+                        "state": view.state.value,
+                        "capabilities": [capability_label(c.key) for c in view.capabilities],
+                    }
+                    for view in self.registry.workers(now=self.clock())
+                ]
+            }
+        )
+
+    async def openapi(self, request: Request) -> Response:
+        """GET /openapi.json: the OpenAPI 3.1 document of this API."""
+        return JSONResponse(self.document)
+
+    # ------------------------------------------------------------------ wiring
+
+    def routes(self) -> list[Route]:
+        """The route table."""
+        endpoints: dict[str, tuple[Callable[[Request], Any], str]] = {
+            "/health": (self.health, "GET"),
+            "/register": (self.register, "POST"),
+            "/heartbeat": (self.heartbeat, "POST"),
+            "/deregister": (self.deregister, "POST"),
+            "/route": (self.route, "POST"),
+            "/capabilities": (self.capabilities, "GET"),
+            "/workers": (self.workers, "GET"),
+            "/openapi.json": (self.openapi, "GET"),
+        }
+        assert set(endpoints) == set(ROUTE_PATHS), "the document and the routes disagree"
+        return [
+            Route(path, endpoint, methods=[method])
+            for path, (endpoint, method) in endpoints.items()
+        ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        """Open and replay the journal, run the sweeper, close both on shutdown."""
+        checks = "on" if self.config.require_identity else "off"
+        extra = ""
+        if self.config.proxy_cert_header is not None:
+            extra = " " + log_fields(proxy_cert_header=self.config.proxy_cert_header)
+        logger.info("mTLS: worker identity checks %s%s", checks, extra)
+        async with contextlib.AsyncExitStack() as stack:
+            if self.config.state_dir is not None:
+                await self._open_journal(stack)
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(self.sweeper.run)
+                try:
+                    yield
+                finally:
+                    tasks.cancel_scope.cancel()
+
+    async def _open_journal(self, stack: contextlib.AsyncExitStack) -> None:
+        raise RuntimeError(
+            f"state_dir={self.config.state_dir} needs the journal, which this build lacks"
+        )
+
+
+# ------------------------------------------------------------------ errors
+
+
+def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return exc.response()
+
+
+def _registry_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RegistryError)
+    return registry_error_response(exc)
+
+
+def _http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 404:
+        return error_response(404, "not_found", f"no such path: {request.url.path}")
+    if exc.status_code == 405:
+        allowed = headers.get("Allow", "")
+        return error_response(
+            405,
+            "method_not_allowed",
+            f"{request.method} is not allowed on {request.url.path} (allowed: {allowed})",
+            headers=headers,
+        )
+    code = exc.detail.lower().replace(" ", "_") if exc.detail else "http_error"
+    return error_response(exc.status_code, code, exc.detail, headers=headers)
+
+
+def _client_disconnect(request: Request, exc: Exception) -> Response:
+    # Nobody reads this answer; it only ends the request without a 500.
+    return error_response(400, "client_disconnected", "the client went away mid-request")
+
+
+def _internal_error(request: Request, exc: Exception) -> Response:
+    return error_response(500, "internal_error", "the controller failed to answer this request")
+
+
+def create_app(
+    registry: CapabilityRegistry | None = None,
+    *,
+    config: ServiceConfig = ServiceConfig(),  # noqa: B008 (frozen, so safe to share)
+    clock: Callable[[], float] = time.time,
+) -> Starlette:
+    """The controller as an ASGI application.
+
+    ``registry`` defaults to an empty one with ``config.policy``; ``clock``
+    is the wall clock (seconds since the epoch), clamped so that it never
+    goes backwards. ``app.state.service`` is the :class:`ControllerService`.
+    """
+    if registry is None:
+        registry = CapabilityRegistry(config.policy)
+    service = ControllerService(registry, config, clock)
+    app = Starlette(
+        routes=service.routes(),
+        middleware=[Middleware(TracingMiddleware, route_paths=ROUTE_PATHS)],
+        exception_handlers={
+            ApiError: _api_error,
+            RegistryError: _registry_error,
+            HTTPException: _http_exception,
+            ClientDisconnect: _client_disconnect,
+            Exception: _internal_error,
+        },
+        lifespan=service.lifespan,
+    )
+    app.state.service = service
+    return app

@@ -1,0 +1,49 @@
+"""The service's settings, one frozen value handed to :func:`create_app`."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import attrs
+
+from crank_registry import HealthPolicy
+
+__all__ = ["ServiceConfig"]
+
+
+def _positive_int(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{attribute.name} must be an integer >= 1, got {value!r}")
+
+
+def _header_name(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str) or not value or not value.isascii() or ":" in value:
+        raise ValueError(f"{attribute.name} must be an HTTP header name, got {value!r}")
+    if any(ch.isspace() for ch in value):
+        raise ValueError(f"{attribute.name} must be an HTTP header name, got {value!r}")
+
+
+@attrs.frozen
+class ServiceConfig:
+    """How the controller behaves.
+
+    ``state_dir`` ``None`` keeps the registry in memory only (no journal).
+    ``require_identity`` is for mutual TLS: a register, heartbeat or
+    deregister without a client identity is then refused, and an identity
+    may act only on its own worker record. ``proxy_cert_header`` names a
+    header carrying the client certificate (URL-encoded PEM, like nginx's
+    ``$ssl_client_escaped_cert``); it is trusted only when named here, so set
+    it only behind a proxy that strips the header from client requests.
+    """
+
+    policy: HealthPolicy = attrs.field(factory=HealthPolicy)
+    state_dir: pathlib.Path | None = None
+    require_identity: bool = False
+    proxy_cert_header: str | None = attrs.field(default=None, validator=_header_name)
+    max_body_bytes: int = attrs.field(default=1_048_576, validator=_positive_int)
+    controller_id: str = "controller"
+    #: Deepest nesting of arrays and objects accepted in a request body.
+    max_json_depth: int = attrs.field(default=64, validator=_positive_int)

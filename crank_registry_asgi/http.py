@@ -1,0 +1,235 @@
+"""Request bodies in, JSON errors out.
+
+Every failure the service answers is JSON, ``{"error": CODE, "message":
+TEXT, ...}`` with a stable ``CODE``. Service-level failures (the body, the
+route table, the clock-free parts of a request) are :class:`ApiError`; the
+core's :class:`~crank_registry.RegistryError` values carry their own code and
+status and are rendered by :func:`registry_error_response`::
+
+    ApiError                    (status, code: any of the below)
+    ├── unsupported_media_type  415
+    ├── invalid_json            400
+    ├── request_too_large       413
+    ├── forbidden               403   no client identity under mTLS
+    ├── no_worker_available     503   with Retry-After
+    ├── journal_unavailable     503
+    ├── not_found               404
+    └── method_not_allowed      405   with Allow
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from crank_registry import (
+    Forbidden,
+    NotSupported,
+    RegistryError,
+    ValidationError,
+    WorkerNotRegistered,
+)
+
+__all__ = [
+    "ApiError",
+    "error_response",
+    "parse_json",
+    "read_json_body",
+    "registry_error_response",
+]
+
+
+class ApiError(Exception):
+    """A failure answered with ``status`` and the JSON body ``{"error": code, ...}``."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        **fields: Any,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = dict(headers or {})
+        self.fields = fields
+
+    def response(self) -> JSONResponse:
+        """Render the error as a JSON response."""
+        return error_response(
+            self.status, self.code, self.message, headers=self.headers, **self.fields
+        )
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    **fields: Any,
+) -> JSONResponse:
+    """``{"error": code, "message": message, **fields}`` with ``status``."""
+    return JSONResponse(
+        {"error": code, "message": message, **fields}, status_code=status, headers=headers
+    )
+
+
+def registry_error_response(error: RegistryError) -> JSONResponse:
+    """The answer to one of the core's errors, with the status it hints."""
+    fields: dict[str, Any] = {}
+    if isinstance(error, ValidationError):
+        fields["detail"] = [
+            {"path": problem.path, "message": problem.message} for problem in error.problems
+        ]
+    elif isinstance(error, NotSupported):
+        fields["field"] = error.field
+    elif isinstance(error, (WorkerNotRegistered, Forbidden)):
+        fields["worker_id"] = error.worker_id
+    return error_response(error.status_hint, error.code, str(error), **fields)
+
+
+def _media_type_is_json(content_type: str | None) -> bool:
+    if content_type is None:
+        return False
+    media_type, _, params = content_type.partition(";")
+    if media_type.strip().lower() != "application/json":
+        return False
+    for param in params.split(";"):
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in (
+            "utf-8",
+            "utf8",
+        ):
+            return False
+    return True
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, "request_too_large", f"the request body is larger than {limit} bytes")
+
+
+async def read_json_body(request: Request, *, max_bytes: int, max_depth: int) -> Any:
+    """The request's JSON body, refused with an :class:`ApiError` when it is not one.
+
+    The checks run cheapest first: the media type, then the declared size
+    (refused before reading anything), then the size while streaming (so an
+    undeclared or lying length is cut off at ``max_bytes`` + one chunk),
+    then UTF-8 and JSON with a nesting limit.
+    """
+    if not _media_type_is_json(request.headers.get("content-type")):
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            "the request body must be JSON sent as 'Content-Type: application/json'",
+        )
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.strip().isdigit() and int(declared) > max_bytes:
+        raise _too_large(max_bytes)
+    chunks: list[bytes] = []
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > max_bytes:
+            raise _too_large(max_bytes)
+        chunks.append(chunk)
+    return parse_json(b"".join(chunks), max_depth=max_depth)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number out of range: {text[:40]}")
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key {key[:40]!r}")
+            seen.add(key)
+    return result
+
+
+def _lone_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _problem_in(value: Any, max_depth: int, check_strings: bool) -> str | None:
+    """What is wrong with a parsed document, or ``None``.
+
+    Iterative, so that measuring a deep document cannot itself recurse.
+    """
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            if depth > max_depth:
+                return f"the request body is nested more than {max_depth} levels deep"
+            if check_strings and any(_lone_surrogate(key) for key in item):
+                return "the request body has a lone surrogate escape in a key"
+            stack.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, list):
+            if depth > max_depth:
+                return f"the request body is nested more than {max_depth} levels deep"
+            stack.extend((child, depth + 1) for child in item)
+        elif check_strings and isinstance(item, str) and _lone_surrogate(item):
+            return "the request body has a lone surrogate escape in a string"
+    return None
+
+
+def parse_json(body: bytes, *, max_depth: int) -> Any:
+    """Parse ``body`` as strict JSON: UTF-8, no NaN/Infinity, no duplicate keys.
+
+    Raises :class:`ApiError` ``invalid_json`` (400) for anything else,
+    including arrays and objects nested more than ``max_depth`` deep.
+    """
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ApiError(
+            400, "invalid_json", f"the request body is not UTF-8 (byte {error.start})"
+        ) from None
+    try:
+        value = json.loads(
+            text,
+            parse_constant=_reject_constant,
+            parse_float=_finite_float,
+            object_pairs_hook=_unique_keys,
+        )
+    except RecursionError:
+        raise ApiError(
+            400, "invalid_json", f"the request body is nested more than {max_depth} levels deep"
+        ) from None
+    except ValueError as error:
+        # JSONDecodeError is a ValueError; so are the hooks' refusals and
+        # Python's limit on the digits of an integer.
+        raise ApiError(
+            400, "invalid_json", f"the request body is not valid JSON: {error}"
+        ) from None
+    # A \uD800-style escape decodes to a lone surrogate, which no UTF-8
+    # answer, log line or journal line could hold; only then are strings checked.
+    problem = _problem_in(value, max_depth, check_strings="\\u" in text)
+    if problem is not None:
+        raise ApiError(400, "invalid_json", problem)
+    return value

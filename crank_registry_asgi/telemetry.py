@@ -1,0 +1,124 @@
+"""Tracing and metrics through the OpenTelemetry API (a no-op without an SDK).
+
+:class:`TracingMiddleware` opens one server span per request, named after
+the route (``POST /register``), parented by the caller's W3C
+``traceparent``; endpoints add ``crank.*`` attributes to it through
+:func:`annotate`. :class:`Metrics` holds the counters that effects feed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from opentelemetry import metrics, propagate, trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["INSTRUMENTATION_NAME", "Metrics", "TracingMiddleware", "annotate", "tracer"]
+
+#: The instrumentation scope of the service's spans and metrics.
+INSTRUMENTATION_NAME = "crank_registry_asgi"
+
+
+# Before an SDK is installed this is a proxy that starts delegating once one
+# is, so it can be taken once, here, instead of per request.
+_TRACER = trace.get_tracer(INSTRUMENTATION_NAME)
+
+
+def tracer() -> trace.Tracer:
+    """The service's tracer (follows the global tracer provider)."""
+    return _TRACER
+
+
+def annotate(
+    *,
+    worker_id: str | None = None,
+    verb: str | None = None,
+    capability: str | None = None,
+) -> None:
+    """Add the ``crank.*`` attributes that are known to the current span."""
+    span = trace.get_current_span()
+    if not span.is_recording():
+        return
+    if worker_id is not None:
+        span.set_attribute("crank.worker_id", worker_id)
+    if verb is not None:
+        span.set_attribute("crank.verb", verb)
+    if capability is not None:
+        span.set_attribute("crank.capability", capability)
+
+
+class Metrics:
+    """The service's counters (created from the global meter provider)."""
+
+    def __init__(self) -> None:
+        meter = metrics.get_meter(INSTRUMENTATION_NAME)
+        self.registrations = meter.create_counter(
+            "crank.registrations", unit="{registration}", description="Worker registrations"
+        )
+        self.deregistrations = meter.create_counter(
+            "crank.deregistrations", unit="{worker}", description="Workers that left"
+        )
+        self.heartbeats = meter.create_counter(
+            "crank.heartbeats", unit="{heartbeat}", description="Heartbeats accepted"
+        )
+        self.routes = meter.create_counter(
+            "crank.routes", unit="{route}", description="Routes answered with a worker"
+        )
+        self.no_worker = meter.create_counter(
+            "crank.routes.no_worker",
+            unit="{route}",
+            description="Routes answered no_worker_available",
+        )
+        self.evictions = meter.create_counter(
+            "crank.evictions", unit="{worker}", description="Workers evicted for silence"
+        )
+
+
+class TracingMiddleware:
+    """One ``SERVER`` span per HTTP request, a child of the caller's ``traceparent``.
+
+    The span is named ``"METHOD /path"`` for the service's own routes and
+    just ``"METHOD"`` for any other path (a path from a client must not
+    become a span name). It records ``http.response.status_code``; a 5xx
+    or an exception marks it as an error.
+    """
+
+    def __init__(self, app: ASGIApp, *, route_paths: Collection[str]) -> None:
+        self.app = app
+        self.route_paths = frozenset(route_paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the request inside its span."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        method = str(scope.get("method", "")).upper()
+        path = scope.get("path", "")
+        name = f"{method} {path}" if path in self.route_paths else method
+        carrier = {
+            key.decode("latin-1").lower(): value.decode("latin-1")
+            for key, value in scope.get("headers", ())
+        }
+        attributes: dict[str, str] = {"http.request.method": method, "url.path": path}
+        if path in self.route_paths:
+            attributes["http.route"] = path
+        with tracer().start_as_current_span(
+            name,
+            context=propagate.extract(carrier),
+            kind=SpanKind.SERVER,
+            attributes=attributes,
+            record_exception=True,
+            set_status_on_exception=True,
+        ) as span:
+
+            async def send_and_record(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    status = int(message["status"])
+                    span.set_attribute("http.response.status_code", status)
+                    if status >= 500:
+                        span.set_status(Status(StatusCode.ERROR))
+                        span.set_attribute("error.type", str(status))
+                await send(message)
+
+            await self.app(scope, receive, send_and_record)

@@ -1,0 +1,18 @@
+"""Fixtures for the controller application's tests."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.service.helpers import CertificateAuthority
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def authority() -> CertificateAuthority:
+    """A development CA that issues client certificates with SPIFFE IDs."""
+    return CertificateAuthority()

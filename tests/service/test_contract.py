@@ -1,0 +1,411 @@
+"""The HTTP contract of DESIGN.md, through the real app in-process, with a fake clock."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from crank_registry import (
+    CapabilityRegistry,
+    CapabilitySchema,
+    HealthPolicy,
+    WorkerRecord,
+    structure,
+)
+from crank_registry.testing import FakeClock
+from crank_registry_asgi import ServiceConfig, create_app
+from crank_registry_asgi.effects import iso_utc
+from tests.service.helpers import capability, check_documented, registration, running
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_health_counts_workers() -> None:
+    async with running() as api:
+        response = await api.get("/health")
+        assert response.json() == {"status": "ok", "total_workers": 0, "healthy_workers": 0}
+        await api.register("w1")
+        await api.register("w2")
+        api.advance(61)
+        await api.post("/heartbeat", {"worker_id": "w2"})
+        response = await api.get("/health")
+        assert response.json() == {"status": "ok", "total_workers": 2, "healthy_workers": 1}
+
+
+async def test_register_answers_and_lists() -> None:
+    async with running() as api:
+        response = await api.post("/register", registration("w1"))
+        assert response.status_code == 200
+        assert response.json() == {
+            "status": "registered",
+            "worker_id": "w1",
+            "heartbeat_interval_s": 30.0,
+        }
+        workers = await api.workers()
+        assert workers == {
+            "w1": {
+                "worker_id": "w1",
+                "worker_url": "http://w1.example:8000",
+                "last_heartbeat": iso_utc(api.clock.now),
+                "is_healthy": True,
+                "state": "healthy",
+                "capabilities": ["classify:image.classify"],
+            }
+        }
+
+
+async def test_reregistration_replaces_url_and_capabilities() -> None:
+    async with running() as api:
+        await api.register("w1")
+        await api.register(
+            "w1",
+            worker_url="https://new.example:9443",
+            capabilities=[capability("text.summarize", "summarize")],
+        )
+        workers = await api.workers()
+        assert workers["w1"]["worker_url"] == "https://new.example:9443"
+        assert workers["w1"]["capabilities"] == ["summarize:text.summarize"]
+        assert await api.route("classify", "image.classify") is None
+        assert await api.route("summarize", "text.summarize") == "w1"
+
+
+async def test_heartbeat_policy_interval_and_timestamp() -> None:
+    policy = HealthPolicy(heartbeat_interval=2.5, unhealthy_after=5, evict_after=10)
+    async with running(ServiceConfig(policy=policy)) as api:
+        response = await api.register("w1")
+        assert response.json()["heartbeat_interval_s"] == 2.5
+        api.advance(1.25)
+        response = await api.post("/heartbeat", {"worker_id": "w1"})
+        assert response.status_code == 200
+        assert response.json() == {
+            "status": "acknowledged",
+            "timestamp": iso_utc(api.clock.now),
+            "heartbeat_interval_s": 2.5,
+        }
+        assert response.json()["timestamp"].endswith("Z")
+        assert (await api.workers())["w1"]["last_heartbeat"] == iso_utc(api.clock.now)
+
+
+async def test_heartbeat_unknown_worker_is_404() -> None:
+    async with running() as api:
+        response = await api.post("/heartbeat", {"worker_id": "ghost"})
+        assert response.status_code == 404
+        assert response.json()["error"] == "worker_not_registered"
+        assert response.json()["worker_id"] == "ghost"
+
+
+async def test_deregister_then_unknown() -> None:
+    async with running() as api:
+        await api.register("w1")
+        response = await api.post("/deregister", {"worker_id": "w1"})
+        assert response.json() == {"status": "deregistered", "worker_id": "w1"}
+        assert await api.workers() == {}
+        again = await api.post("/deregister", {"worker_id": "w1"})
+        assert again.status_code == 404
+        assert again.json()["error"] == "worker_not_registered"
+        assert again.json()["worker_id"] == "w1"
+        beat = await api.post("/heartbeat", {"worker_id": "w1"})
+        assert beat.status_code == 404
+
+
+async def test_round_robin_across_three_workers() -> None:
+    async with running() as api:
+        for worker_id in ("w1", "w2", "w3"):
+            await api.register(worker_id)
+        routed = [await api.route() for _ in range(9)]
+        assert routed == ["w1", "w2", "w3"] * 3
+        response = await api.post("/route", {"verb": "classify", "capability": "image.classify"})
+        assert response.json() == {
+            "worker_id": "w1",
+            "worker_url": "http://w1.example:8000",
+            "version": "1.0.0",
+        }
+
+
+async def test_no_worker_available_has_retry_after() -> None:
+    async with running() as api:
+        response = await api.post("/route", {"verb": "classify", "capability": "image.classify"})
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "30"
+        body = response.json()
+        assert body["error"] == "no_worker_available"
+        assert (body["verb"], body["capability"]) == ("classify", "image.classify")
+
+
+@pytest.mark.parametrize(("interval", "expected"), [(2.5, "3"), (0.2, "1"), (7.0, "7")])
+async def test_retry_after_is_interval_rounded_up(interval: float, expected: str) -> None:
+    policy = HealthPolicy(heartbeat_interval=interval, unhealthy_after=10, evict_after=20)
+    async with running(ServiceConfig(policy=policy)) as api:
+        response = await api.post("/route", {"verb": "v", "capability": "c"})
+        assert response.headers["retry-after"] == expected == str(math.ceil(interval))
+
+
+async def test_unhealthy_after_60_seconds_and_back_with_a_heartbeat() -> None:
+    async with running() as api:
+        await api.register("w1")
+        api.advance(60)
+        assert (await api.workers())["w1"]["state"] == "healthy"
+        assert await api.route() == "w1"
+        api.advance(1)
+        entry = (await api.workers())["w1"]
+        assert (entry["state"], entry["is_healthy"]) == ("unhealthy", False)
+        assert await api.route() is None
+        capabilities = (await api.get("/capabilities")).json()
+        assert capabilities["capabilities"][0]["workers"] == ["w1"]
+        assert capabilities["capabilities"][0]["healthy_workers"] == []
+        assert (await api.post("/heartbeat", {"worker_id": "w1"})).status_code == 200
+        assert (await api.workers())["w1"]["state"] == "healthy"
+        assert await api.route() == "w1"
+
+
+async def test_evicted_after_120_seconds(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="crank_registry_asgi")
+    async with running() as api:
+        await api.register("w1")
+        await api.register("w2")
+        api.advance(100)
+        await api.post("/heartbeat", {"worker_id": "w2"})
+        api.advance(20)
+        assert await api.service.sweep() == ()  # exactly 120 s: not yet
+        api.advance(1)
+        evicted = await api.service.sweep()
+        assert [event.worker_id for event in evicted] == ["w1"]
+        assert set(await api.workers()) == {"w2"}
+        response = await api.post("/heartbeat", {"worker_id": "w1"})
+        assert response.status_code == 404
+        assert (await api.get("/health")).json()["total_workers"] == 1
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("worker evicted")]
+    assert len(lines) == 1
+    assert "worker_id=w1" in lines[0]
+
+
+async def test_the_sweeper_wakes_by_itself() -> None:
+    # Short intervals so that the background loop's capped sleep is short; the
+    # fake clock decides what is stale, so the outcome does not depend on timing.
+    policy = HealthPolicy(heartbeat_interval=0.02, unhealthy_after=0.05, evict_after=0.1)
+    async with running(ServiceConfig(policy=policy)) as api:
+        await api.register("w1")
+        api.advance(1)
+        with anyio.fail_after(5):
+            while "w1" in api.registry:
+                await anyio.sleep(0.01)
+        assert await api.workers() == {}
+
+
+async def test_unverified_after_restart() -> None:
+    clock = FakeClock()
+    before = CapabilityRegistry()
+    cap = structure(capability(), CapabilitySchema)
+    before.register("w1", "http://w1.example:8000", [cap], now=clock.now)
+    records = before.records()
+    clock.advance(10)
+    after = CapabilityRegistry()
+    assert after.restore(records, now=clock.now) == 1
+    async with running(registry=after, clock=clock) as api:
+        entry = (await api.workers())["w1"]
+        assert (entry["state"], entry["is_healthy"]) == ("unverified", True)
+        assert await api.route() == "w1"  # the warm cache keeps routing alive
+        response = await api.post("/heartbeat", {"worker_id": "w1"})
+        assert response.status_code == 404
+        assert response.json()["error"] == "worker_not_registered"
+        await api.register("w1")
+        assert (await api.workers())["w1"]["state"] == "healthy"
+        assert (await api.post("/heartbeat", {"worker_id": "w1"})).status_code == 200
+
+
+async def test_unverified_stops_routing_after_unhealthy_after() -> None:
+    clock = FakeClock()
+    registry = CapabilityRegistry()
+    cap = structure(capability(), CapabilitySchema)
+    record = WorkerRecord("w1", "http://w1.example:8000", (cap,), clock.now - 50, verified=True)
+    registry.restore([record], now=clock.now)
+    async with running(registry=registry, clock=clock) as api:
+        assert await api.route() == "w1"
+        api.advance(11)
+        assert await api.route() is None
+        assert (await api.workers())["w1"]["state"] == "unverified"
+
+
+async def test_capabilities_one_entry_per_version() -> None:
+    async with running() as api:
+        await api.register("w1", capabilities=[capability(version="1.0.0")])
+        await api.register("w2", capabilities=[capability(version="2.0.0")])
+        await api.register(
+            "w3", capabilities=[capability(version="1.0.0"), capability("text.embed", "embed")]
+        )
+        body = (await api.get("/capabilities")).json()
+        entries = [
+            (e["verb"], e["capability"], e["version"], e["workers"]) for e in body["capabilities"]
+        ]
+        assert entries == [
+            ("classify", "image.classify", "1.0.0", ["w1", "w3"]),
+            ("classify", "image.classify", "2.0.0", ["w2"]),
+            ("embed", "text.embed", "1.0.0", ["w3"]),
+        ]
+        assert (body["total_workers"], body["healthy_workers"]) == (3, 3)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("requester_identity", "spiffe://crank.local/caller/a"),
+        ("slo_constraints", {"latency_p95_ms": 10}),
+        ("budget_tokens", 12.5),
+        ("idempotency_key", "abc-123"),
+        ("version", "1.0.0"),
+    ],
+)
+async def test_optional_route_parameters_are_not_supported(field: str, value: Any) -> None:
+    async with running() as api:
+        await api.register("w1")
+        body = {"verb": "classify", "capability": "image.classify", field: value}
+        response = await api.post("/route", body)
+        assert response.status_code == 422
+        assert response.json()["error"] == "not_supported"
+        assert response.json()["field"] == field
+        # null is "not set": routes normally.
+        response = await api.post("/route", {**body, field: None})
+        assert response.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("requester_identity", 5),
+        ("slo_constraints", "fast"),
+        ("budget_tokens", "12"),
+        ("budget_tokens", -1),
+        ("idempotency_key", ["k"]),
+        ("version", "1.0"),
+    ],
+)
+async def test_wrong_type_of_optional_is_invalid_request_first(field: str, value: Any) -> None:
+    async with running() as api:
+        body = {"verb": "classify", "capability": "image.classify", field: value}
+        response = await api.post("/route", body)
+        assert response.status_code == 422
+        assert response.json()["error"] == "invalid_request"
+        assert [d["path"] for d in response.json()["detail"]] == [field]
+
+
+async def test_invalid_request_lists_every_problem() -> None:
+    async with running() as api:
+        body = registration("w1", capabilities=[capability(max_concurrency=0), capability()])
+        body["worker_url"] = "ftp://w1"
+        response = await api.post("/register", body)
+        assert response.status_code == 422
+        detail = response.json()["detail"]
+        paths = {d["path"] for d in detail}
+        assert {"worker_url", "capabilities[0].max_concurrency"} <= paths
+        assert all(set(d) == {"path", "message"} for d in detail)
+
+
+async def test_unknown_path_and_method_are_json() -> None:
+    async with running() as api:
+        response = await api.get("/nowhere")
+        assert response.status_code == 404
+        assert response.json()["error"] == "not_found"
+        response = await api.request("GET", "/register")
+        assert response.status_code == 405
+        assert response.json()["error"] == "method_not_allowed"
+        assert response.headers["allow"] == "POST"
+        response = await api.request("DELETE", "/workers")
+        assert response.status_code == 405
+        assert "GET" in response.headers["allow"]
+
+
+async def test_openapi_document_is_served() -> None:
+    async with running() as api:
+        document = (await api.get("/openapi.json")).json()
+        assert document["openapi"] == "3.1.0"
+        assert set(document["paths"]) == {
+            "/health",
+            "/register",
+            "/heartbeat",
+            "/deregister",
+            "/route",
+            "/capabilities",
+            "/workers",
+            "/openapi.json",
+        }
+
+
+async def test_journal_unavailable_when_the_lifespan_has_not_run(tmp_path: Any) -> None:
+    config = ServiceConfig(state_dir=tmp_path)
+    async with running(config, lifespan=False) as api:
+        response = await api.post("/register", registration("w1"))
+        assert response.status_code == 503
+        assert response.json()["error"] == "journal_unavailable"
+        # Reads still work.
+        assert (await api.get("/health")).status_code == 200
+
+
+async def test_clock_never_goes_backwards() -> None:
+    clock = FakeClock()
+    async with running(clock=clock) as api:
+        await api.register("w1")
+        first = (await api.post("/heartbeat", {"worker_id": "w1"})).json()["timestamp"]
+        clock.now -= 3600  # the wall clock is set back
+        second = (await api.post("/heartbeat", {"worker_id": "w1"})).json()["timestamp"]
+        assert second == first
+        assert (await api.workers())["w1"]["state"] == "healthy"
+
+
+async def test_logs_one_line_per_registration_deregistration(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="crank_registry_asgi")
+    async with running() as api:
+        await api.register("w1")
+        await api.register("w1")
+        for _ in range(3):
+            await api.post("/heartbeat", {"worker_id": "w1"})
+            await api.route()
+        await api.post("/deregister", {"worker_id": "w1"})
+    lines = [r.getMessage() for r in caplog.records if r.name == "crank_registry_asgi"]
+    assert lines[0] == "mTLS: worker identity checks off"
+    assert lines[1:] == [
+        "worker registered worker_id=w1 worker_url=http://w1.example:8000 "
+        "capabilities=classify:image.classify replaced=false",
+        "worker registered worker_id=w1 worker_url=http://w1.example:8000 "
+        "capabilities=classify:image.classify replaced=true",
+        "worker deregistered worker_id=w1",
+    ]
+
+
+async def test_last_resort_handler_answers_json_500() -> None:
+    class Broken(CapabilityRegistry):
+        def counts(self, *, now: float) -> tuple[int, int]:
+            raise RuntimeError("injected fault")
+
+    app = create_app(Broken(), clock=FakeClock())
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        response = await client.get("/health")
+    assert response.status_code == 500
+    assert response.headers["content-type"] == "application/json"
+    assert response.json()["error"] == "internal_error"
+    assert "injected" not in response.text
+
+
+async def test_a_registry_passed_in_keeps_its_policy() -> None:
+    policy = HealthPolicy(heartbeat_interval=5, unhealthy_after=10, evict_after=20)
+    async with running(registry=CapabilityRegistry(policy)) as api:
+        response = await api.register("w1")
+        assert response.json()["heartbeat_interval_s"] == 5
+        api.advance(11)
+        assert await api.route() is None
+
+
+async def test_every_response_is_checked_against_the_document() -> None:
+    # The checker itself must reject a body that disagrees with the document.
+    response = httpx.Response(200, json={"status": "ok"})
+    with pytest.raises(Exception, match="required"):
+        check_documented("GET", "/health", response)
+    with pytest.raises(AssertionError, match="not documented"):
+        check_documented("GET", "/health", httpx.Response(404, json={"error": "x"}))
