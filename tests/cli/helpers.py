@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import os
+import signal
 import socket
 import ssl
+import subprocess
+import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -29,12 +37,21 @@ def client_context(
 
 
 def wait_for_health(
-    url: str, *, verify: ssl.SSLContext | bool = True, deadline_s: float = 30.0
+    url: str,
+    *,
+    verify: ssl.SSLContext | bool = True,
+    deadline_s: float = 30.0,
+    process: subprocess.Popen[bytes] | None = None,
 ) -> httpx.Response:
-    """Poll ``url`` + ``/health`` until it answers 200; fail after ``deadline_s``."""
+    """Poll ``url`` + ``/health`` until it answers 200.
+
+    Fails after ``deadline_s``, or as soon as ``process`` (the server) exits.
+    """
     deadline = time.monotonic() + deadline_s
     last_error: Exception | None = None
     while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the server exited with status {process.returncode}")
         try:
             response = httpx.get(f"{url}/health", verify=verify, timeout=2.0)
         except httpx.HTTPError as error:
@@ -44,3 +61,95 @@ def wait_for_health(
                 return response
         time.sleep(0.05)
     raise AssertionError(f"{url} did not become ready in {deadline_s} s: {last_error!r}")
+
+
+@dataclasses.dataclass
+class ServerProcess:
+    """A ``crank-registry serve`` child process and where it logs."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+
+    def log(self) -> str:
+        """Everything the server wrote to stdout and stderr so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, *, timeout_s: float = 20.0) -> int:
+        """Send SIGTERM and return the exit status; kill it if it does not stop in time."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            message = f"the server ignored SIGTERM for {timeout_s} s:\n{self.log()}"
+            raise AssertionError(message) from None
+
+
+def command(*args: str) -> list[str]:
+    """The argv that runs ``crank-registry ARGS`` in this interpreter's environment."""
+    return [sys.executable, "-m", "crank_registry_asgi", *args]
+
+
+def clean_environment(**extra: str) -> dict[str, str]:
+    """This process's environment without the command's variables, plus ``extra``."""
+    environment = {key: value for key, value in os.environ.items() if key not in COMMAND_VARIABLES}
+    environment.update(extra)
+    return environment
+
+
+COMMAND_VARIABLES = frozenset(
+    {"CONTROLLER_HTTPS_PORT", "CONTROLLER_CERT_PATH", "CONTROLLER_KEY_PATH", "CA_CERT_PATH"}
+)
+
+
+@contextlib.contextmanager
+def serving(
+    args: Sequence[str],
+    log_path: Path,
+    *,
+    port: int,
+    scheme: str,
+    verify: ssl.SSLContext | bool = True,
+    environment: dict[str, str] | None = None,
+) -> Iterator[ServerProcess]:
+    """Run ``crank-registry serve ARGS`` until the block ends; ready once /health answers."""
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            command("serve", *args),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=environment if environment is not None else clean_environment(),
+        )
+    server = ServerProcess(process, f"{scheme}://127.0.0.1:{port}", log_path)
+    try:
+        try:
+            wait_for_health(server.url, verify=verify, process=process)
+        except AssertionError as error:
+            raise AssertionError(f"{error}\nserver log:\n{server.log()}") from None
+        yield server
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def registration(worker_id: str, port: int = 8001) -> dict[str, Any]:
+    """A valid registration body for ``worker_id`` with one capability."""
+    return {
+        "worker_id": worker_id,
+        "worker_url": f"https://127.0.0.1:{port}",
+        "capabilities": [
+            {
+                "name": "image.classify",
+                "verb": "classify",
+                "version": "1.0.0",
+                "input_schema": {"type": "object"},
+                "output_schema": {"type": "object"},
+                "requires_gpu": False,
+                "max_concurrency": 4,
+            }
+        ],
+    }

@@ -1,0 +1,199 @@
+"""Serve an ASGI app with hypercorn: HTTPS, mutual TLS, or plain HTTP when asked for.
+
+The command's ``serve`` builds the controller app and hands it here; anything
+else that must run under exactly the same server settings (the HTTP benchmark)
+does the same. The listening socket is bound before the app starts, so that a
+port already in use is reported before the journal is opened, and so that
+port 0 works (the log names the port that was picked).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import signal
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import cast
+
+import attrs
+from hypercorn.asyncio.run import worker_serve
+from hypercorn.config import Config, Sockets
+from hypercorn.typing import ASGIFramework
+from hypercorn.utils import wrap_app
+from starlette.types import ASGIApp
+
+from . import tls
+
+__all__ = ["ServerSettings", "ServerSetupError", "hypercorn_config", "run", "serve"]
+
+logger = logging.getLogger("crank_registry_asgi.server")
+
+
+class ServerSetupError(Exception):
+    """The server cannot start: unreadable certificates, a port in use, ..."""
+
+
+@attrs.frozen
+class ServerSettings:
+    """Where and how to listen.
+
+    With ``certfile`` and ``keyfile`` the server speaks HTTPS only; adding
+    ``ca_certs`` makes it require a client certificate signed by that CA
+    (mutual TLS) and hand the certificate to the app in the ASGI ``tls``
+    extension. With neither, it speaks plain HTTP.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 9000
+    certfile: Path | None = None
+    keyfile: Path | None = None
+    ca_certs: Path | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("certfile and keyfile go together")
+        if self.ca_certs is not None and self.certfile is None:
+            raise ValueError("ca_certs (mutual TLS) needs a server certificate")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be 0 to 65535, got {self.port}")
+
+    @property
+    def uses_tls(self) -> bool:
+        """Whether the server speaks HTTPS."""
+        return self.certfile is not None
+
+    @property
+    def mutual_tls(self) -> bool:
+        """Whether client certificates are required."""
+        return self.ca_certs is not None
+
+    @property
+    def is_loopback(self) -> bool:
+        """Whether ``host`` reaches this machine only."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+def hypercorn_config(settings: ServerSettings) -> Config:
+    """The hypercorn configuration for ``settings`` (no access log: one line a request)."""
+    config = Config()
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    config.bind = [f"{host}:{settings.port}"]
+    # hypercorn's own messages go through `logging`, formatted like ours.
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.accesslog = None
+    if settings.certfile is not None and settings.keyfile is not None:
+        config.certfile = str(settings.certfile)
+        config.keyfile = str(settings.keyfile)
+    if settings.ca_certs is not None:
+        config.ca_certs = str(settings.ca_certs)
+        config.verify_mode = ssl.CERT_REQUIRED
+    return config
+
+
+def _check_tls_files(config: Config) -> None:
+    # hypercorn would fail on these only once the app has started, with a
+    # bare SSLError; load them once up front to say which file is wrong.
+    for label, path in (
+        ("certificate", config.certfile),
+        ("key", config.keyfile),
+        ("CA certificates", config.ca_certs),
+    ):
+        if path is not None and not Path(path).is_file():
+            raise ServerSetupError(f"{label} file not found: {path}")
+    try:
+        config.create_ssl_context()
+    except ssl.SSLError as error:
+        raise ServerSetupError(
+            f"cannot use certfile {config.certfile}, keyfile {config.keyfile}"
+            f"{f', ca-certs {config.ca_certs}' if config.ca_certs else ''}: {error}"
+        ) from None
+    except OSError as error:
+        raise ServerSetupError(f"cannot read {error.filename}: {error.strerror}") from None
+
+
+def _bind(config: Config, settings: ServerSettings) -> Sockets:
+    try:
+        return config.create_sockets()
+    except OSError as error:
+        raise ServerSetupError(
+            f"cannot listen on {settings.host} port {settings.port}: {error.strerror or error}"
+        ) from None
+
+
+def _url_of(sock: socket.socket, *, uses_tls: bool) -> str:
+    host, port = sock.getsockname()[:2]
+    if sock.family == socket.AF_INET6:
+        host = f"[{host}]"
+    return f"{'https' if uses_tls else 'http'}://{host}:{port}"
+
+
+async def serve(
+    app: ASGIApp,
+    settings: ServerSettings,
+    *,
+    shutdown_trigger: Callable[[], Awaitable[object]],
+) -> None:
+    """Serve ``app`` until ``shutdown_trigger`` returns, then shut it down cleanly.
+
+    Raises :class:`ServerSetupError` before the app starts when the
+    certificates cannot be loaded or the port cannot be bound.
+    """
+    config = hypercorn_config(settings)
+    if settings.uses_tls:
+        _check_tls_files(config)
+    if settings.mutual_tls:
+        tls.install()
+    sockets = _bind(config, settings)
+    try:
+        for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]:
+            logger.info(
+                "starting on %s (%s)",
+                _url_of(sock, uses_tls=settings.uses_tls),
+                _security_of(settings),
+            )
+        await worker_serve(
+            wrap_app(cast(ASGIFramework, app), config.wsgi_max_body_size, "asgi"),
+            config,
+            sockets=sockets,
+            shutdown_trigger=shutdown_trigger,
+        )
+    finally:
+        for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]:
+            sock.close()
+
+
+def _security_of(settings: ServerSettings) -> str:
+    if settings.mutual_tls:
+        return "HTTPS with mutual TLS: client certificates required"
+    if settings.uses_tls:
+        return "HTTPS without client certificates"
+    return "plain HTTP"
+
+
+def run(app: ASGIApp, settings: ServerSettings) -> None:
+    """Serve ``app`` until SIGINT or SIGTERM; the app's lifespan shutdown runs before return."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGINT, signal.SIGTERM)
+        for signum in signals:
+            loop.add_signal_handler(signum, stop.set)
+        try:
+            await serve(app, settings, shutdown_trigger=stop.wait)
+        finally:
+            for signum in signals:
+                with contextlib.suppress(ValueError, RuntimeError):
+                    loop.remove_signal_handler(signum)
+
+    asyncio.run(main())

@@ -1,0 +1,250 @@
+"""The command's flags, help and errors, and ``crank-registry certs``."""
+
+from __future__ import annotations
+
+import datetime
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from crank_registry_asgi import certs, cli
+from tests.cli.helpers import COMMAND_VARIABLES, command
+
+
+@pytest.fixture(autouse=True)
+def no_command_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    for variable in COMMAND_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+
+
+def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    try:
+        status = cli.main(args)
+    except SystemExit as exit_:
+        status = exit_.code if isinstance(exit_.code, int) else 1
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ([], ["serve", "certs"]),
+        (
+            ["serve"],
+            [
+                "--host",
+                "--port",
+                "CONTROLLER_HTTPS_PORT",
+                "--state-dir",
+                "--heartbeat-interval",
+                "--unhealthy-after",
+                "--evict-after",
+                "--certfile",
+                "CONTROLLER_CERT_PATH",
+                "--keyfile",
+                "CONTROLLER_KEY_PATH",
+                "--ca-certs",
+                "CA_CERT_PATH",
+                "--insecure",
+                "--trust-proxy-cert-header",
+                "--log-level",
+                "crank-registry certs --out certs --worker NAME",
+            ],
+        ),
+        (["certs"], ["--out", "--worker", "--client", "spiffe://crank.local/worker/NAME"]),
+    ],
+)
+def test_help_of_each_subcommand(
+    args: list[str], expected: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, _ = run_main([*args, "--help"], capsys)
+    assert status == 0
+    for text in expected:
+        assert text in out
+
+
+def test_python_dash_m_runs_the_command() -> None:
+    result = subprocess.run(
+        command("serve", "--help"), capture_output=True, text=True, check=True, timeout=60
+    )
+    assert "usage: crank-registry serve" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--certfile", "c.pem"], "--keyfile is required too"),
+        (["--keyfile", "c.key"], "--certfile is required too"),
+        (["--insecure", "--certfile", "c.pem", "--keyfile", "c.key"], "cannot be combined with"),
+        (["--insecure", "--ca-certs", "ca.pem"], "cannot be combined with --ca-certs"),
+        (["--ca-certs", "ca.pem"], "--ca-certs (mutual TLS) needs the server's --certfile"),
+        (["--insecure", "--unhealthy-after", "10"], "--heartbeat-interval <= --unhealthy-after"),
+        (["--insecure", "--evict-after", "59"], "--unhealthy-after <= --evict-after"),
+        (["--insecure", "--heartbeat-interval", "0"], "must be a finite number of seconds > 0"),
+        (["--insecure", "--heartbeat-interval", "nan"], "must be a finite number of seconds > 0"),
+        (["--insecure", "--evict-after", "soon"], "not a number of seconds"),
+        (["--insecure", "--port", "70000"], "port must be 0 to 65535"),
+        (["--insecure", "--port", "http"], "not a port number"),
+        (["--insecure", "--log-level", "loud"], "invalid choice"),
+        (["--insecure", "--trust-proxy-cert-header", "X Client"], "not an HTTP header name"),
+        (
+            [
+                "--certfile",
+                "c",
+                "--keyfile",
+                "k",
+                "--ca-certs",
+                "ca",
+                "--trust-proxy-cert-header",
+                "X",
+            ],
+            "with --ca-certs the controller checks client certificates itself",
+        ),
+        ([], "no certificate given"),
+    ],
+)
+def test_bad_flags_exit_2_with_a_clear_message(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, _, err = run_main(["serve", *args], capsys)
+    assert status == 2
+    assert message in err
+
+
+def test_environment_variables_stand_for_flags(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CONTROLLER_CERT_PATH", "c.pem")
+    status, _, err = run_main(["serve"], capsys)
+    assert (status, "--keyfile is required too" in err) == (2, True)
+    monkeypatch.setenv("CONTROLLER_KEY_PATH", "c.key")
+    status, _, err = run_main(["serve", "--insecure"], capsys)
+    assert status == 2
+    assert "cannot be combined with --certfile, --keyfile" in err
+    monkeypatch.delenv("CONTROLLER_CERT_PATH")
+    monkeypatch.delenv("CONTROLLER_KEY_PATH")
+    monkeypatch.setenv("CONTROLLER_HTTPS_PORT", "ninety")
+    status, _, err = run_main(["serve", "--insecure"], capsys)
+    assert status == 2
+    assert "CONTROLLER_HTTPS_PORT: not a port number" in err
+
+
+def test_unusable_certificate_files_are_reported_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    certs.write_development_certificates(tmp_path, workers=["a"])
+    missing = ["--certfile", str(tmp_path / "nope.pem"), "--keyfile", str(tmp_path / "a.key")]
+    status, _, err = run_main(["serve", *missing, "--state-dir", str(tmp_path / "s")], capsys)
+    assert status == 1
+    assert "certificate file not found" in err
+    mismatched = [
+        "--certfile",
+        str(tmp_path / "controller.pem"),
+        "--keyfile",
+        str(tmp_path / "worker-a.key"),
+    ]
+    status, _, err = run_main(["serve", *mismatched, "--state-dir", str(tmp_path / "s")], capsys)
+    assert status == 1
+    assert "cannot use certfile" in err
+    assert "Traceback" not in err
+
+
+def test_certs_writes_a_ca_a_controller_and_worker_certificates(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "certs"
+    status, printed, _ = run_main(
+        ["certs", "--out", str(out), "--worker", "a", "--worker", "b", "--client", "ops"], capsys
+    )
+    assert status == 0
+    names = sorted(path.name for path in out.iterdir())
+    assert names == sorted(
+        f"{stem}.{suffix}"
+        for stem in ("ca", "controller", "worker-a", "worker-b", "client-ops")
+        for suffix in ("pem", "key")
+    )
+    assert printed.split() == [str(out / name) for name in _written_order()]
+    for key in out.glob("*.key"):
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+        assert key.read_text().startswith("-----BEGIN PRIVATE KEY-----")
+
+    ca = x509.load_pem_x509_certificate((out / "ca.pem").read_bytes())
+    controller = x509.load_pem_x509_certificate((out / "controller.pem").read_bytes())
+    worker = x509.load_pem_x509_certificate((out / "worker-a.pem").read_bytes())
+    client = x509.load_pem_x509_certificate((out / "client-ops.pem").read_bytes())
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    for leaf in (controller, worker, client):
+        leaf.verify_directly_issued_by(ca)
+        assert not leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+
+    def sans(certificate: x509.Certificate) -> list[str]:
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        return [str(getattr(name, "value", name)) for name in names]
+
+    def usages(certificate: x509.Certificate) -> set[x509.ObjectIdentifier]:
+        return set(certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+
+    assert sans(controller) == ["localhost", "127.0.0.1", "::1"]
+    assert usages(controller) == {ExtendedKeyUsageOID.SERVER_AUTH}
+    assert sans(worker) == ["spiffe://crank.local/worker/a", "localhost", "127.0.0.1", "::1"]
+    assert usages(worker) == {ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH}
+    assert sans(client) == ["spiffe://crank.local/client/ops"]
+    assert usages(client) == {ExtendedKeyUsageOID.CLIENT_AUTH}
+    assert worker.not_valid_after_utc - worker.not_valid_before_utc > datetime.timedelta(days=365)
+
+
+def _written_order() -> list[str]:
+    stems = ["ca", "controller", "worker-a", "worker-b", "client-ops"]
+    return [f"{stem}.{suffix}" for stem in stems for suffix in ("pem", "key")]
+
+
+def test_certs_reuses_an_existing_ca_for_more_workers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_main(["certs", "--out", str(tmp_path), "--worker", "a"], capsys)[0] == 0
+    first_ca = (tmp_path / "ca.pem").read_bytes()
+    status, printed, _ = run_main(["certs", "--out", str(tmp_path), "--worker", "b"], capsys)
+    assert status == 0
+    assert "reused the CA" in printed
+    assert (tmp_path / "ca.pem").read_bytes() == first_ca
+    ca = x509.load_pem_x509_certificate(first_ca)
+    for name in ("worker-a.pem", "worker-b.pem"):
+        x509.load_pem_x509_certificate((tmp_path / name).read_bytes()).verify_directly_issued_by(ca)
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "../x", "a b", "x" * 129])
+def test_certs_refuses_names_that_are_not_worker_ids(
+    name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, _, err = run_main(["certs", "--out", str(tmp_path / "c"), "--worker", name], capsys)
+    assert status == 2
+    assert "invalid name" in err
+    assert not (tmp_path / "c").exists()
+
+
+def test_certs_requires_out(capsys: pytest.CaptureFixture[str]) -> None:
+    status, _, err = run_main(["certs", "--worker", "a"], capsys)
+    assert status == 2
+    assert "--out" in err
+
+
+def test_the_certificate_library_makes_expired_and_foreign_certificates() -> None:
+    now = datetime.datetime.now(datetime.UTC)
+    authority, stranger = certs.make_authority(), certs.make_authority("another CA")
+    expired = certs.make_worker_certificate(
+        authority,
+        "a",
+        not_before=now - datetime.timedelta(days=2),
+        not_after=now - datetime.timedelta(days=1),
+    )
+    assert expired.certificate.not_valid_after_utc < now
+    foreign = certs.make_worker_certificate(stranger, "a")
+    with pytest.raises(ValueError):
+        foreign.certificate.verify_directly_issued_by(authority.certificate)
+    with pytest.raises(ValueError, match="later than"):
+        certs.make_worker_certificate(authority, "a", not_before=now, not_after=now)
