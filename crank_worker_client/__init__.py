@@ -1,1 +1,80 @@
-"""crank_worker_client."""
+"""crank_worker_client: what a worker (or a caller) imports to use the registry.
+
+- :class:`WorkerAgent`: one ``async with`` keeps a worker registered:
+  registration with retries at start-up, heartbeats in the background,
+  re-registration when the controller forgot the worker, deregistration on
+  exit. :func:`agent_lifespan` and :class:`AgentLifespanMiddleware` tie it to
+  an ASGI application's lifespan.
+- :class:`ControllerClient`: ``route`` a request to a worker, list
+  capabilities and workers, read the controller's health.
+- :class:`TLSConfig`: the CA bundle and, for mTLS, the client certificate.
+- The errors, rooted at :class:`ClientError` (the tree is drawn in
+  :mod:`crank_worker_client._exceptions`).
+
+Depends on the core (``crank_registry``), httpx and anyio only. With the
+``tracing`` extra (opentelemetry-api), every request carries the current W3C
+trace context; without it, none does. ``crank_worker_client.serving`` serves
+capabilities on the invocation convention.
+"""
+
+from ._agent import AgentState, AgentStatus, WorkerAgent
+from ._client import (
+    ControllerClient,
+    ControllerHealth,
+    HeartbeatAck,
+    RegistrationAck,
+    WorkerInfo,
+)
+from ._config import DEFAULT_CONTROLLER_URL, TLSConfig
+from ._exceptions import (
+    ClientError,
+    ConfigurationError,
+    ControllerError,
+    ControllerUnavailable,
+    ForbiddenError,
+    InvalidRequest,
+    NoWorkerAvailable,
+    RegistrationFailed,
+    UnexpectedResponse,
+    WorkerNotRegisteredError,
+)
+from ._lifespan import AgentLifespanMiddleware, agent_lifespan
+from ._schedule import (
+    MAX_JITTER_FRACTION,
+    RETRY_BASE_FRACTION,
+    Outcome,
+    next_heartbeat_delay,
+    registration_backoff,
+)
+from ._tracing import TRACING_AVAILABLE
+
+__all__ = [
+    "DEFAULT_CONTROLLER_URL",
+    "MAX_JITTER_FRACTION",
+    "RETRY_BASE_FRACTION",
+    "TRACING_AVAILABLE",
+    "AgentLifespanMiddleware",
+    "AgentState",
+    "AgentStatus",
+    "ClientError",
+    "ConfigurationError",
+    "ControllerClient",
+    "ControllerError",
+    "ControllerHealth",
+    "ControllerUnavailable",
+    "ForbiddenError",
+    "HeartbeatAck",
+    "InvalidRequest",
+    "NoWorkerAvailable",
+    "Outcome",
+    "RegistrationAck",
+    "RegistrationFailed",
+    "TLSConfig",
+    "UnexpectedResponse",
+    "WorkerAgent",
+    "WorkerInfo",
+    "WorkerNotRegisteredError",
+    "agent_lifespan",
+    "next_heartbeat_delay",
+    "registration_backoff",
+]

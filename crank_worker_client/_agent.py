@@ -1,0 +1,493 @@
+"""``WorkerAgent``: join the registry for the duration of an ``async with``.
+
+On enter the agent registers (retrying while the controller is unreachable,
+up to a deadline); while open, a background task heartbeats on the schedule
+of :mod:`crank_worker_client._schedule` and repairs the registration when
+the controller has forgotten the worker; on exit it deregisters within a
+bounded time, whatever ended the block. Nothing the controller does, short
+of refusing the first registration, raises into the worker: failures are
+retried, logged once per outage and shown in :attr:`WorkerAgent.status`.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import random
+import ssl
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any
+
+import anyio
+import anyio.abc
+import httpx
+
+from crank_registry import CapabilitySchema, Registration, ValidationError
+
+from ._client import ControllerClient
+from ._config import TLSConfig
+from ._exceptions import (
+    ClientError,
+    ConfigurationError,
+    ControllerError,
+    ControllerUnavailable,
+    RegistrationFailed,
+    WorkerNotRegisteredError,
+)
+from ._schedule import Outcome, next_heartbeat_delay, registration_backoff
+
+__all__ = ["AgentState", "AgentStatus", "WorkerAgent"]
+
+logger = logging.getLogger("crank_worker_client")
+
+
+class AgentState(enum.Enum):
+    """Where the agent stands with the controller."""
+
+    #: Not running (before ``async with`` and after it).
+    STOPPED = "stopped"
+    #: Registering at start-up.
+    REGISTERING = "registering"
+    #: Registered; the last heartbeat (or registration) was acknowledged.
+    REGISTERED = "registered"
+    #: The controller forgot the worker (restart, eviction); registering again.
+    RE_REGISTERING = "re_registering"
+    #: The controller is unreachable or failing (network error, timeout, 5xx).
+    UNREACHABLE = "unreachable"
+    #: The controller refuses the heartbeat or registration (403, 422, ...).
+    REFUSED = "refused"
+    #: Leaving: deregistering on exit.
+    DEREGISTERING = "deregistering"
+
+
+def _iso(timestamp: float | None) -> str | None:
+    return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC).isoformat()
+
+
+@dataclass(frozen=True)
+class AgentStatus:
+    """A snapshot of the agent, for the worker's own health endpoint.
+
+    Times are wall-clock seconds (the agent's ``clock``). ``unreachable_since``
+    is the first failure of the current outage (``None`` when the last
+    exchange succeeded); ``last_heartbeat_at`` is the last acknowledged
+    heartbeat or registration.
+    """
+
+    state: AgentState
+    worker_id: str
+    controller_url: str
+    heartbeat_interval: float | None
+    registered_at: float | None
+    last_heartbeat_at: float | None
+    unreachable_since: float | None
+    consecutive_failures: int
+    last_error: str | None
+    registrations: int
+
+    @property
+    def registered(self) -> bool:
+        """True when the controller currently acknowledges this worker."""
+        return self.state is AgentState.REGISTERED
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form; times as ISO 8601 UTC."""
+        return {
+            "state": self.state.value,
+            "registered": self.registered,
+            "worker_id": self.worker_id,
+            "controller_url": self.controller_url,
+            "heartbeat_interval_s": self.heartbeat_interval,
+            "registered_at": _iso(self.registered_at),
+            "last_heartbeat_at": _iso(self.last_heartbeat_at),
+            "unreachable_since": _iso(self.unreachable_since),
+            "consecutive_failures": self.consecutive_failures,
+            "last_error": self.last_error,
+            "registrations": self.registrations,
+        }
+
+
+def _registration(
+    worker_id: str, worker_url: str, capabilities: Iterable[CapabilitySchema]
+) -> Registration:
+    try:
+        return Registration(worker_id, worker_url, tuple(capabilities))
+    except ValidationError as error:
+        raise ConfigurationError(f"invalid worker registration: {error}") from error
+
+
+def _check_duration(name: str, value: float | None, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    ):
+        raise ConfigurationError(f"{name} must be a finite number of seconds > 0, got {value!r}")
+
+
+class WorkerAgent:
+    """Keeps one worker registered with the controller while an ``async with`` is open.
+
+    ::
+
+        async with WorkerAgent(None, "resnet-1", "https://10.0.0.7:8443", capabilities):
+            await serve_forever()
+
+    ``controller_url`` ``None`` reads ``CONTROLLER_URL`` (default
+    ``https://localhost:9000``); ``tls`` and ``insecure`` are as for
+    :class:`ControllerClient`. On enter, registration is retried with capped
+    exponential backoff and full jitter (``registration_backoff_base``,
+    ``registration_backoff_cap``) for up to ``registration_deadline`` seconds
+    (``None``: without limit), then :class:`RegistrationFailed` is raised; a
+    refusal (403, 422) raises it at once. While open, heartbeats follow the
+    controller's interval (jitter at most 10% of it); failures are retried
+    with backoff from ``heartbeat_retry_base`` (default 1/16 of the interval)
+    capped at one interval; ``worker_not_registered`` re-registers at once.
+    On exit the worker deregisters within ``deregister_timeout`` seconds,
+    even when the block raised or was cancelled.
+
+    ``rng`` drives every jitter (default: a fresh ``random.Random()``);
+    ``clock`` gives the wall-clock times shown in :attr:`status`;
+    ``transport`` replaces httpx's network transport. Works under asyncio
+    and trio. An agent may be entered again after it exited, not twice at once.
+    """
+
+    def __init__(
+        self,
+        controller_url: str | None,
+        worker_id: str,
+        worker_url: str,
+        capabilities: Iterable[CapabilitySchema],
+        *,
+        tls: TLSConfig | ssl.SSLContext | None = None,
+        insecure: bool = False,
+        registration_deadline: float | None = 60.0,
+        registration_backoff_base: float = 0.2,
+        registration_backoff_cap: float = 5.0,
+        heartbeat_retry_base: float | None = None,
+        deregister_timeout: float = 5.0,
+        request_timeout: float = 10.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        _check_duration("registration_deadline", registration_deadline, optional=True)
+        _check_duration("registration_backoff_base", registration_backoff_base)
+        _check_duration("registration_backoff_cap", registration_backoff_cap)
+        _check_duration("heartbeat_retry_base", heartbeat_retry_base, optional=True)
+        _check_duration("deregister_timeout", deregister_timeout)
+        _check_duration("request_timeout", request_timeout)
+        self._registration = _registration(worker_id, worker_url, capabilities)
+        self._client = ControllerClient(
+            controller_url,
+            tls=tls,
+            insecure=insecure,
+            transport=transport,
+            timeout=request_timeout,
+        )
+        self._registration_deadline = registration_deadline
+        self._registration_backoff_base = registration_backoff_base
+        self._registration_backoff_cap = registration_backoff_cap
+        self._heartbeat_retry_base = heartbeat_retry_base
+        self._deregister_timeout = deregister_timeout
+        self._rng = rng if rng is not None else random.Random()
+        self._clock = clock
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._running = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self._state = AgentState.STOPPED
+        self._interval: float | None = None
+        self._needs_registration = False
+        self._registered_at: float | None = None
+        self._last_ack_at: float | None = None
+        self._unreachable_since: float | None = None
+        self._outage_started = 0.0
+        self._outage_kind: AgentState | None = None
+        self._failures = 0
+        self._last_error: str | None = None
+        self._registrations = 0
+
+    # -- what the worker sees --------------------------------------------
+
+    @property
+    def worker_id(self) -> str:
+        """The worker's id, as registered."""
+        return self._registration.worker_id
+
+    @property
+    def worker_url(self) -> str:
+        """Where the worker listens, as registered."""
+        return self._registration.worker_url
+
+    @property
+    def capabilities(self) -> tuple[CapabilitySchema, ...]:
+        """The capabilities the agent registers (the current ones)."""
+        return self._registration.capabilities
+
+    @property
+    def controller_url(self) -> str:
+        """The controller's base URL."""
+        return self._client.controller_url
+
+    @property
+    def status(self) -> AgentStatus:
+        """A snapshot of the agent's state, for the worker's health endpoint."""
+        return AgentStatus(
+            state=self._state,
+            worker_id=self.worker_id,
+            controller_url=self.controller_url,
+            heartbeat_interval=self._interval,
+            registered_at=self._registered_at,
+            last_heartbeat_at=self._last_ack_at,
+            unreachable_since=self._unreachable_since,
+            consecutive_failures=self._failures,
+            last_error=self._last_error,
+            registrations=self._registrations,
+        )
+
+    async def update_capabilities(self, capabilities: Iterable[CapabilitySchema]) -> None:
+        """Replace the capabilities and, while running, register them now.
+
+        The controller replaces the worker's capabilities atomically. If the
+        controller cannot be told now, the error is raised and the heartbeat
+        task keeps retrying the registration on its schedule.
+        """
+        self._registration = _registration(self.worker_id, self.worker_url, capabilities)
+        if not self._running:
+            return
+        try:
+            await self._register_once()
+        except ClientError:
+            self._needs_registration = True
+            raise
+
+    # -- the context manager ---------------------------------------------
+
+    async def __aenter__(self) -> WorkerAgent:
+        if self._running:
+            raise RuntimeError(f"WorkerAgent {self.worker_id!r} is already running")
+        self._running = True
+        self._reset()
+        try:
+            await self._register_at_startup()
+            task_group = anyio.create_task_group()
+            await task_group.__aenter__()
+        except BaseException:
+            self._state = AgentState.STOPPED
+            self._running = False
+            with anyio.CancelScope(shield=True):
+                await self._client.aclose()
+            raise
+        self._task_group = task_group
+        task_group.start_soon(self._heartbeat_loop, name=f"heartbeats of {self.worker_id}")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        task_group, self._task_group = self._task_group, None
+        try:
+            if task_group is not None:
+                task_group.cancel_scope.cancel()
+                # The block's own exception is not handed to the task group:
+                # it would come out wrapped in an ExceptionGroup. Returning
+                # None lets it propagate unchanged.
+                await task_group.__aexit__(None, None, None)
+        finally:
+            try:
+                await self._leave()
+            finally:
+                self._running = False
+
+    # -- start-up ---------------------------------------------------------
+
+    async def _register_at_startup(self) -> None:
+        self._state = AgentState.REGISTERING
+        limit = self._registration_deadline
+        deadline = math.inf if limit is None else anyio.current_time() + limit
+        failures = 0
+        last_error: ControllerUnavailable | None = None
+        while True:
+            with anyio.move_on_after(deadline - anyio.current_time()):
+                try:
+                    await self._register_once()
+                except ControllerUnavailable as error:
+                    last_error = error
+                except ControllerError as error:
+                    raise RegistrationFailed(
+                        f"the controller at {self.controller_url} refused to register "
+                        f"worker {self.worker_id!r}: {error}"
+                    ) from error
+                else:
+                    if failures:
+                        logger.info(
+                            "worker %s registered with %s after %d failed attempts",
+                            self.worker_id,
+                            self.controller_url,
+                            failures,
+                        )
+                    return
+            failures += 1
+            self._note_failure(
+                last_error or ControllerUnavailable("the registration timed out"),
+                AgentState.REGISTERING,
+            )
+            remaining = deadline - anyio.current_time()
+            if remaining <= 0:
+                raise RegistrationFailed(
+                    f"could not register worker {self.worker_id!r} with the controller at "
+                    f"{self.controller_url} within {limit:g} s ({failures} attempts); "
+                    f"last error: {last_error or 'the registration timed out'}"
+                ) from last_error
+            delay = registration_backoff(
+                failures,
+                self._rng,
+                base=self._registration_backoff_base,
+                cap=self._registration_backoff_cap,
+            )
+            await anyio.sleep(min(delay, remaining))
+
+    # -- while open -------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        outcome = Outcome.ACKNOWLEDGED
+        while True:
+            assert self._interval is not None  # set by the registration
+            delay = next_heartbeat_delay(
+                self._interval,
+                outcome,
+                self._failures,
+                self._rng,
+                retry_base=self._heartbeat_retry_base,
+            )
+            await anyio.sleep(delay)
+            outcome = await self._exchange()
+
+    async def _exchange(self) -> Outcome:
+        """One heartbeat (or registration, when one is owed) and what came of it."""
+        registering = self._needs_registration
+        try:
+            if registering:
+                await self._register_once()
+            else:
+                await self._heartbeat_once()
+        except WorkerNotRegisteredError as error:
+            if registering:
+                # Not an answer a registration should get; retry on the
+                # backoff schedule instead of spinning.
+                self._note_failure(error, AgentState.REFUSED)
+                return Outcome.FAILED
+            logger.info(
+                "controller %s does not know worker %s (restarted or evicted); re-registering",
+                self.controller_url,
+                self.worker_id,
+            )
+            self._needs_registration = True
+            self._state = AgentState.RE_REGISTERING
+            return Outcome.NOT_REGISTERED
+        except ControllerUnavailable as error:
+            self._note_failure(error, AgentState.UNREACHABLE)
+            return Outcome.FAILED
+        except ControllerError as error:
+            self._note_failure(error, AgentState.REFUSED)
+            return Outcome.FAILED
+        except Exception as error:
+            # Whatever goes wrong, the worker keeps running and the agent retries.
+            logger.exception("unexpected error talking to the controller %s", self.controller_url)
+            self._note_failure(error, AgentState.UNREACHABLE)
+            return Outcome.FAILED
+        return Outcome.ACKNOWLEDGED
+
+    async def _register_once(self) -> None:
+        ack = await self._client.register(self._registration)
+        now = self._clock()
+        self._interval = ack.heartbeat_interval
+        self._registered_at = now
+        self._registrations += 1
+        self._needs_registration = False
+        self._acknowledged(now)
+
+    async def _heartbeat_once(self) -> None:
+        ack = await self._client.heartbeat(self.worker_id)
+        self._interval = ack.heartbeat_interval
+        self._acknowledged(self._clock())
+
+    def _acknowledged(self, now: float) -> None:
+        if self._failures:
+            logger.info(
+                "controller %s answers again for worker %s after %.1f s (%d failed attempts)",
+                self.controller_url,
+                self.worker_id,
+                anyio.current_time() - self._outage_started,
+                self._failures,
+            )
+        self._last_ack_at = now
+        self._state = AgentState.REGISTERED
+        self._failures = 0
+        self._unreachable_since = None
+        self._outage_kind = None
+        self._last_error = None
+
+    def _note_failure(self, error: BaseException, state: AgentState) -> None:
+        """Record a failed exchange; log it once per outage (and when its kind changes)."""
+        if self._failures == 0:
+            self._unreachable_since = self._clock()
+            self._outage_started = anyio.current_time()
+        self._failures += 1
+        self._last_error = str(error)
+        self._state = state
+        if self._outage_kind is not state:
+            self._outage_kind = state
+            logger.warning(
+                "worker %s: controller %s %s: %s; retrying with backoff (logged once per outage)",
+                self.worker_id,
+                self.controller_url,
+                "refuses" if state is AgentState.REFUSED else "is unreachable",
+                error,
+            )
+        else:
+            logger.debug("worker %s: attempt %d failed: %s", self.worker_id, self._failures, error)
+
+    # -- exit ---------------------------------------------------------------
+
+    async def _leave(self) -> None:
+        self._state = AgentState.DEREGISTERING
+        # Shielded: a cancelled worker still leaves, but never for longer than
+        # deregister_timeout.
+        with anyio.move_on_after(self._deregister_timeout, shield=True) as scope:
+            try:
+                await self._client.deregister(self.worker_id)
+            except WorkerNotRegisteredError:
+                logger.info("worker %s was not registered any more", self.worker_id)
+            except Exception as error:
+                logger.warning(
+                    "worker %s could not deregister from %s: %s",
+                    self.worker_id,
+                    self.controller_url,
+                    error,
+                )
+            else:
+                logger.info("worker %s deregistered from %s", self.worker_id, self.controller_url)
+        if scope.cancelled_caught:
+            logger.warning(
+                "worker %s: deregistration from %s timed out after %g s",
+                self.worker_id,
+                self.controller_url,
+                self._deregister_timeout,
+            )
+        with anyio.CancelScope(shield=True):
+            await self._client.aclose()
+        self._state = AgentState.STOPPED

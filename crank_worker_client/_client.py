@@ -1,0 +1,410 @@
+"""``ControllerClient``: the controller's HTTP API as async methods.
+
+Callers use :meth:`ControllerClient.route` and the listings; the worker agent
+uses :meth:`~ControllerClient.register`, :meth:`~ControllerClient.heartbeat`
+and :meth:`~ControllerClient.deregister`. Every failure is one of the errors
+in :mod:`crank_worker_client._exceptions`; answers are read leniently (extra
+fields are ignored) but a missing or mistyped field is
+:class:`UnexpectedResponse`, never a ``KeyError``.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import math
+import ssl
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from types import TracebackType
+from typing import Any, TypeVar
+
+import httpx
+
+from crank_registry import (
+    CapabilityKey,
+    CapabilityView,
+    HealthState,
+    Registration,
+    ValidationError,
+    WorkerEndpoint,
+    parse_capability_label,
+    unstructure,
+)
+
+from ._config import TLSConfig, resolve_controller_url
+from ._exceptions import (
+    ClientError,
+    ControllerUnavailable,
+    ForbiddenError,
+    InvalidRequest,
+    NoWorkerAvailable,
+    UnexpectedResponse,
+    WorkerNotRegisteredError,
+)
+from ._tracing import inject_into_request
+
+__all__ = [
+    "ControllerClient",
+    "ControllerHealth",
+    "HeartbeatAck",
+    "RegistrationAck",
+    "WorkerInfo",
+]
+
+T = TypeVar("T")
+
+_REFUSAL_STATUSES = frozenset({400, 413, 415, 422})
+
+
+@dataclass(frozen=True)
+class RegistrationAck:
+    """The controller accepted a registration; heartbeat every ``heartbeat_interval`` s."""
+
+    worker_id: str
+    heartbeat_interval: float
+
+
+@dataclass(frozen=True)
+class HeartbeatAck:
+    """The controller acknowledged a heartbeat at ``timestamp`` (UTC)."""
+
+    timestamp: datetime
+    heartbeat_interval: float
+
+
+@dataclass(frozen=True)
+class ControllerHealth:
+    """``GET /health``: the controller's status and worker counts."""
+
+    status: str
+    total_workers: int
+    healthy_workers: int
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """One entry of ``GET /workers``.
+
+    ``is_healthy`` means routable now; ``capabilities`` are ``(verb, name)``
+    pairs.
+    """
+
+    worker_id: str
+    worker_url: str
+    last_heartbeat: datetime
+    is_healthy: bool
+    state: HealthState
+    capabilities: tuple[CapabilityKey, ...]
+
+
+class ControllerClient:
+    """An async client of the controller's HTTP API.
+
+    ``controller_url`` defaults to ``CONTROLLER_URL`` from the environment,
+    then ``https://localhost:9000``. Only ``https://`` URLs are accepted
+    unless ``insecure=True`` is passed. ``tls`` is a :class:`TLSConfig` (CA
+    bundle, client certificate and key for mTLS) or a ready
+    :class:`ssl.SSLContext`; without it the system trust store verifies the
+    controller. ``transport`` replaces httpx's network transport (tests pass
+    ``httpx.MockTransport`` or ``httpx.ASGITransport``).
+
+    Use it as ``async with ControllerClient() as client:``, or without a
+    ``with``: the HTTP connection pool opens on the first request and
+    :meth:`aclose` closes it.
+    """
+
+    def __init__(
+        self,
+        controller_url: str | None = None,
+        *,
+        tls: TLSConfig | ssl.SSLContext | None = None,
+        insecure: bool = False,
+        transport: httpx.AsyncBaseTransport | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        if not (math.isfinite(timeout) and timeout > 0):
+            raise ValueError(f"timeout must be a finite number > 0, got {timeout!r}")
+        self.controller_url = resolve_controller_url(
+            controller_url, insecure=insecure, tls_given=tls is not None
+        )
+        # Certificates are loaded now, so that a missing file fails at construction.
+        self._verify: ssl.SSLContext | bool = (
+            tls.ssl_context() if isinstance(tls, TLSConfig) else tls if tls is not None else True
+        )
+        self._transport = transport
+        self._timeout = timeout
+        self._http: httpx.AsyncClient | None = None
+
+    async def __aenter__(self) -> ControllerClient:
+        self._open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection pool; a later request opens a new one."""
+        http, self._http = self._http, None
+        if http is not None:
+            await http.aclose()
+
+    def _open(self) -> httpx.AsyncClient:
+        if self._http is None:
+            self._http = httpx.AsyncClient(
+                base_url=self.controller_url,
+                verify=self._verify,
+                transport=self._transport,
+                timeout=self._timeout,
+                event_hooks={"request": [inject_into_request]},
+            )
+        return self._http
+
+    # -- the caller's API -------------------------------------------------
+
+    async def route(
+        self,
+        verb: str,
+        capability: str,
+        *,
+        requester_identity: str | None = None,
+        slo_constraints: Mapping[str, Any] | None = None,
+        budget_tokens: float | None = None,
+        idempotency_key: str | None = None,
+        version: str | None = None,
+    ) -> WorkerEndpoint:
+        """Ask which worker should serve ``verb`` on ``capability``.
+
+        Raises :class:`NoWorkerAvailable` (with the controller's
+        ``retry_after``) when no routable worker offers it. The optional
+        parameters are sent only when given; a controller that has no
+        behaviour for one answers ``not_supported`` (:class:`InvalidRequest`).
+        """
+        optional: dict[str, Any] = {
+            "requester_identity": requester_identity,
+            "slo_constraints": dict(slo_constraints) if slo_constraints is not None else None,
+            "budget_tokens": budget_tokens,
+            "idempotency_key": idempotency_key,
+            "version": version,
+        }
+        body = {"verb": verb, "capability": capability}
+        body.update({key: value for key, value in optional.items() if value is not None})
+        data = await self._call("POST", "/route", body)
+        return WorkerEndpoint(
+            worker_id=_field(data, "worker_id", str),
+            worker_url=_field(data, "worker_url", str),
+            version=_field(data, "version", str),
+        )
+
+    async def capabilities(self) -> list[CapabilityView]:
+        """``GET /capabilities``: one entry per ``(verb, capability, version)``."""
+        data = await self._call("GET", "/capabilities")
+        return [
+            CapabilityView(
+                verb=_field(entry, "verb", str),
+                capability=_field(entry, "capability", str),
+                version=_field(entry, "version", str),
+                workers=_strings(entry, "workers"),
+                healthy_workers=_strings(entry, "healthy_workers"),
+            )
+            for entry in _objects(data, "capabilities")
+        ]
+
+    async def workers(self) -> list[WorkerInfo]:
+        """``GET /workers``: every registered worker and its health."""
+        data = await self._call("GET", "/workers")
+        return [_worker_info(entry) for entry in _objects(data, "workers")]
+
+    async def health(self) -> ControllerHealth:
+        """``GET /health``: the controller's status and worker counts."""
+        data = await self._call("GET", "/health")
+        return ControllerHealth(
+            status=_field(data, "status", str),
+            total_workers=_field(data, "total_workers", int),
+            healthy_workers=_field(data, "healthy_workers", int),
+        )
+
+    # -- the worker's API -------------------------------------------------
+
+    async def register(self, registration: Registration) -> RegistrationAck:
+        """``POST /register``: announce (or replace) a worker and its capabilities."""
+        data = await self._call("POST", "/register", unstructure(registration))
+        return RegistrationAck(
+            worker_id=_field(data, "worker_id", str),
+            heartbeat_interval=_interval(data),
+        )
+
+    async def heartbeat(self, worker_id: str) -> HeartbeatAck:
+        """``POST /heartbeat``; :class:`WorkerNotRegisteredError` means register again."""
+        data = await self._call("POST", "/heartbeat", {"worker_id": worker_id})
+        return HeartbeatAck(
+            timestamp=_timestamp(data, "timestamp"), heartbeat_interval=_interval(data)
+        )
+
+    async def deregister(self, worker_id: str) -> None:
+        """``POST /deregister``: the worker leaves and stops receiving traffic at once."""
+        await self._call("POST", "/deregister", {"worker_id": worker_id})
+
+    # -- plumbing ---------------------------------------------------------
+
+    async def _call(
+        self, method: str, path: str, body: Mapping[str, Any] | None = None
+    ) -> Mapping[str, Any]:
+        http = self._open()
+        try:
+            response = await http.request(method, path, json=body)
+        except httpx.TransportError as error:
+            raise ControllerUnavailable(
+                f"cannot reach the controller at {self.controller_url}: "
+                f"{type(error).__name__}: {error}"
+            ) from error
+        if response.is_success:
+            data = _json_object(response)
+            if data is None:
+                raise UnexpectedResponse(
+                    "unexpected_response",
+                    response.status_code,
+                    {},
+                    f"{method} {path}: the controller answered {response.status_code} "
+                    "without a JSON object",
+                )
+            return data
+        raise error_from_response(response, f"{method} {path}")
+
+
+def error_from_response(response: httpx.Response, what: str) -> ClientError:
+    """The :class:`ClientError` for an error answer to ``what`` (e.g. ``"POST /route"``)."""
+    status = response.status_code
+    body = _json_object(response) or {}
+    raw_code = body.get("error")
+    code = raw_code if isinstance(raw_code, str) else None
+    if code == "no_worker_available":
+        retry_after = parse_retry_after(response.headers.get("retry-after"))
+        wait = "" if retry_after is None else f"; retry after {retry_after:g} s"
+        target = f"{body.get('verb', '?')}:{body.get('capability', '?')}"
+        return NoWorkerAvailable(
+            code,
+            status,
+            body,
+            f"{what}: no worker available for {target}{wait}",
+            retry_after=retry_after,
+        )
+    if status >= 500 or status == 429:
+        return ControllerUnavailable(
+            f"{what}: the controller answered {status}{f' {code}' if code else ''}",
+            status=status,
+        )
+    if code is None:
+        return UnexpectedResponse(
+            "unexpected_response",
+            status,
+            body,
+            f"{what}: the controller answered {status} without an error code",
+        )
+    message = f"{what}: the controller answered {status} {code}"
+    if code == "worker_not_registered":
+        return WorkerNotRegisteredError(code, status, body, message)
+    if code == "forbidden":
+        return ForbiddenError(code, status, body, message)
+    if status in _REFUSAL_STATUSES:
+        refusal = InvalidRequest(code, status, body, message)
+        details = "; ".join(str(problem) for problem in refusal.problems)
+        if details:
+            refusal.args = (f"{message}: {details}",)
+        return refusal
+    return UnexpectedResponse(code, status, body, message)
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """``Retry-After`` in seconds: delta-seconds or an HTTP date; ``None`` if absent or bad."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _json_object(response: httpx.Response) -> dict[str, Any] | None:
+    try:
+        data = response.json()
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _unexpected(message: str) -> UnexpectedResponse:
+    return UnexpectedResponse("unexpected_response", 200, {}, message)
+
+
+def _field(data: Mapping[str, Any], name: str, kind: type[T]) -> T:
+    value = data.get(name)
+    # bool is an int in Python, never in the protocol.
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise _unexpected(f"the controller's answer has no {kind.__name__} field {name!r}")
+    return value
+
+
+def _objects(data: Mapping[str, Any], name: str) -> list[Mapping[str, Any]]:
+    items = _field(data, name, list)
+    if not all(isinstance(item, dict) for item in items):
+        raise _unexpected(f"the controller's answer field {name!r} is not a list of objects")
+    return items
+
+
+def _strings(data: Mapping[str, Any], name: str) -> tuple[str, ...]:
+    items = _field(data, name, list)
+    if not all(isinstance(item, str) for item in items):
+        raise _unexpected(f"the controller's answer field {name!r} is not a list of strings")
+    return tuple(items)
+
+
+def _interval(data: Mapping[str, Any]) -> float:
+    value = data.get("heartbeat_interval_s")
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise _unexpected("the controller's answer has no positive 'heartbeat_interval_s'")
+    return float(value)
+
+
+def _timestamp(data: Mapping[str, Any], name: str) -> datetime:
+    text = _field(data, name, str)
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise _unexpected(f"the controller's {name!r} is not an ISO 8601 time: {text!r}") from None
+
+
+def _worker_info(entry: Mapping[str, Any]) -> WorkerInfo:
+    state = _field(entry, "state", str)
+    try:
+        health_state = HealthState(state)
+        capabilities = tuple(
+            parse_capability_label(label) for label in _strings(entry, "capabilities")
+        )
+    except (ValueError, ValidationError) as error:
+        raise _unexpected(f"the controller's worker entry is not valid: {error}") from None
+    return WorkerInfo(
+        worker_id=_field(entry, "worker_id", str),
+        worker_url=_field(entry, "worker_url", str),
+        last_heartbeat=_timestamp(entry, "last_heartbeat"),
+        is_healthy=_field(entry, "is_healthy", bool),
+        state=health_state,
+        capabilities=capabilities,
+    )

@@ -1,0 +1,137 @@
+"""The client's errors.
+
+One root, :class:`ClientError`; what went wrong decides the branch::
+
+    ClientError
+    ├── ConfigurationError          a bad URL, TLS setting or registration (also ValueError)
+    ├── ControllerUnavailable       network error, timeout, or a 5xx answer: try again later
+    ├── ControllerError             the controller answered with an error: .code .status .body
+    │   ├── NoWorkerAvailable       503 no_worker_available (.retry_after)
+    │   ├── WorkerNotRegisteredError  404 worker_not_registered
+    │   ├── ForbiddenError          403 forbidden (the mTLS identity is not this worker)
+    │   ├── InvalidRequest          400/413/415/422: invalid_request, not_supported, ... (.problems)
+    │   └── UnexpectedResponse      an answer outside the protocol (wrong URL, bad body)
+    └── RegistrationFailed          the agent could not register at start-up (deadline or refusal)
+
+``ControllerUnavailable`` is the only transient error: the worker agent
+retries it with backoff, and a caller may too. Everything under
+``ControllerError`` is an answer the controller meant; repeating the same
+request gets the same answer (except ``NoWorkerAvailable``, whose
+``retry_after`` says when a worker may be back).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from crank_registry import Problem
+
+__all__ = [
+    "ClientError",
+    "ConfigurationError",
+    "ControllerError",
+    "ControllerUnavailable",
+    "ForbiddenError",
+    "InvalidRequest",
+    "NoWorkerAvailable",
+    "RegistrationFailed",
+    "UnexpectedResponse",
+    "WorkerNotRegisteredError",
+]
+
+
+class ClientError(Exception):
+    """Root of the errors raised by ``crank_worker_client``."""
+
+
+class ConfigurationError(ClientError, ValueError):
+    """An argument the client cannot work with, found at construction."""
+
+
+class ControllerUnavailable(ClientError):
+    """The controller could not be reached or failed (5xx); the request may be retried.
+
+    ``status`` is the HTTP status of a 5xx answer, ``None`` for a network error
+    or a timeout (then ``__cause__`` is the httpx exception).
+    """
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ControllerError(ClientError):
+    """The controller answered with an error.
+
+    ``code`` is the stable ``error`` field of the JSON body
+    (``"unexpected_response"`` when the answer had none), ``status`` the HTTP
+    status and ``body`` the decoded JSON object (empty when it was not one).
+    """
+
+    def __init__(self, code: str, status: int, body: Mapping[str, Any], message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
+        self.body: Mapping[str, Any] = body
+
+
+class NoWorkerAvailable(ControllerError):
+    """No routable worker offers the capability (503).
+
+    ``retry_after`` is the controller's ``Retry-After`` in seconds (``None``
+    when it sent none): about when a worker may be routable again.
+    """
+
+    def __init__(
+        self,
+        code: str,
+        status: int,
+        body: Mapping[str, Any],
+        message: str,
+        *,
+        retry_after: float | None,
+    ) -> None:
+        super().__init__(code, status, body, message)
+        self.retry_after = retry_after
+
+
+class WorkerNotRegisteredError(ControllerError):
+    """The controller does not know the worker (unknown, evicted or restored, 404)."""
+
+
+class ForbiddenError(ControllerError):
+    """The caller's certificate identity may not act on this worker record (403)."""
+
+
+class InvalidRequest(ControllerError):
+    """The controller refused the request's content (400, 413, 415 or 422).
+
+    ``problems`` lists the controller's ``detail`` entries as
+    :class:`crank_registry.Problem` values (path and message), when it sent any.
+    """
+
+    @property
+    def problems(self) -> tuple[Problem, ...]:
+        """The controller's ``detail`` as ``Problem(path, message)`` values."""
+        detail = self.body.get("detail")
+        if not isinstance(detail, list):
+            return ()
+        return tuple(
+            Problem(str(item.get("path", "")), str(item.get("message", "")))
+            for item in detail
+            if isinstance(item, dict)
+        )
+
+
+class UnexpectedResponse(ControllerError):
+    """An answer outside the protocol: not JSON, missing fields, an unknown path."""
+
+
+class RegistrationFailed(ClientError):
+    """The worker agent could not register when it started.
+
+    Either the controller stayed unreachable until the registration deadline
+    (``__cause__`` is the last :class:`ControllerUnavailable`) or it refused
+    the registration (``__cause__`` is the :class:`ControllerError`).
+    """

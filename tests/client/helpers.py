@@ -1,0 +1,193 @@
+"""Helpers of the worker client tests: virtual time and a controller to talk to."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import selectors
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import httpx
+
+from crank_registry import (
+    CapabilityRegistry,
+    CapabilitySchema,
+    HealthPolicy,
+    Registration,
+    ValidationError,
+    WorkerNotRegistered,
+    structure,
+    unstructure,
+)
+
+
+class _JumpingSelector(selectors.BaseSelector):
+    """Polls real I/O without waiting; a wait for a timer moves the clock instead."""
+
+    def __init__(self, loop: VirtualClockEventLoop) -> None:
+        self._loop = loop
+        self._selector = selectors.DefaultSelector()
+
+    def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        return self._selector.register(fileobj, events, data)
+
+    def unregister(self, fileobj: Any) -> selectors.SelectorKey:
+        return self._selector.unregister(fileobj)
+
+    def modify(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        return self._selector.modify(fileobj, events, data)
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        if timeout is None:
+            # No timer is pending: only real I/O can wake the loop.
+            return self._selector.select(None)
+        ready = self._selector.select(0)
+        if not ready and timeout > 0:
+            self._loop.virtual_time += timeout
+        return ready
+
+    def close(self) -> None:
+        self._selector.close()
+
+    def get_map(self) -> Any:
+        return self._selector.get_map()
+
+
+class VirtualClockEventLoop(asyncio.SelectorEventLoop):
+    """An asyncio loop whose clock jumps to the next timer when every task waits.
+
+    The asyncio counterpart of trio's ``MockClock(autojump_threshold=0)``,
+    for code without real I/O (``httpx.MockTransport``, ``ASGITransport``).
+    """
+
+    def __init__(self) -> None:
+        self.virtual_time = 0.0
+        super().__init__(selector=_JumpingSelector(self))
+
+    def time(self) -> float:
+        return self.virtual_time
+
+
+def capability(
+    name: str = "image.classify", verb: str = "classify", **extra: Any
+) -> CapabilitySchema:
+    """A valid capability with the required fields filled in."""
+    fields: dict[str, Any] = {
+        "name": name,
+        "verb": verb,
+        "version": "1.0.0",
+        "input_schema": {"type": "object"},
+        "output_schema": {"type": "object"},
+        "requires_gpu": False,
+        "max_concurrency": 4,
+    }
+    fields.update(extra)
+    return CapabilitySchema(**fields)
+
+
+@dataclass(frozen=True)
+class Call:
+    """One request the fake controller received, at virtual time ``at``."""
+
+    at: float
+    method: str
+    path: str
+    body: Any
+    headers: dict[str, str] = field(repr=False)
+
+
+class FakeController:
+    """The controller's HTTP API over ``httpx.MockTransport``, backed by a real registry.
+
+    ``fault`` (for every path) or ``faults[path]`` injects a failure:
+    ``"down"`` (connection refused), ``"error"`` (500), ``"hang"`` (never
+    answers), ``"refuse"`` (422 ``invalid_request``). :meth:`restart`
+    forgets every worker, as a controller restarted without its journal
+    does. Time is ``anyio.current_time()``.
+    """
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.policy = HealthPolicy(interval, 2 * interval, 4 * interval)
+        self.registry = CapabilityRegistry(self.policy)
+        self.fault: str | None = None
+        self.faults: dict[str, str] = {}
+        self.calls: list[Call] = []
+        self.transport = httpx.MockTransport(self.handle)
+
+    def restart(self) -> None:
+        self.registry = CapabilityRegistry(self.policy)
+
+    def paths(self) -> list[str]:
+        return [call.path for call in self.calls]
+
+    def calls_to(self, path: str) -> list[Call]:
+        return [call for call in self.calls if call.path == path]
+
+    async def handle(self, request: httpx.Request) -> httpx.Response:
+        now = anyio.current_time()
+        path = request.url.path
+        body = json.loads(request.content) if request.content else None
+        self.calls.append(Call(now, request.method, path, body, dict(request.headers)))
+        fault = self.faults.get(path, self.fault)
+        if fault == "down":
+            raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
+        if fault == "error":
+            return httpx.Response(500, json={"error": "internal_error"})
+        if fault == "hang":
+            await anyio.sleep_forever()
+        if fault == "refuse":
+            detail = [{"path": "worker_url", "message": "not reachable from the controller"}]
+            return httpx.Response(422, json={"error": "invalid_request", "detail": detail})
+        try:
+            return self._answer(path, body, now)
+        except WorkerNotRegistered as error:
+            return httpx.Response(404, json={"error": error.code, "worker_id": error.worker_id})
+        except ValidationError as error:
+            detail = [{"path": p.path, "message": p.message} for p in error.problems]
+            return httpx.Response(422, json={"error": error.code, "detail": detail})
+
+    def _answer(self, path: str, body: Any, now: float) -> httpx.Response:
+        interval = self.policy.heartbeat_interval
+        if path == "/register":
+            registration = structure(body, Registration)
+            self.registry.register(
+                registration.worker_id,
+                registration.worker_url,
+                registration.capabilities,
+                now=now,
+            )
+            return httpx.Response(
+                200,
+                json={
+                    "status": "registered",
+                    "worker_id": registration.worker_id,
+                    "heartbeat_interval_s": interval,
+                },
+            )
+        if path == "/heartbeat":
+            self.registry.heartbeat(body["worker_id"], now=now)
+            return httpx.Response(
+                200,
+                json={
+                    "status": "acknowledged",
+                    "timestamp": "2026-11-26T20:00:00+00:00",
+                    "heartbeat_interval_s": interval,
+                },
+            )
+        if path == "/deregister":
+            self.registry.deregister(body["worker_id"], now=now)
+            return httpx.Response(
+                200, json={"status": "deregistered", "worker_id": body["worker_id"]}
+            )
+        if path == "/route":
+            endpoint = self.registry.route(body["verb"], body["capability"], now=now)
+            if endpoint is None:
+                return httpx.Response(
+                    503,
+                    headers={"Retry-After": str(round(interval))},
+                    json={"error": "no_worker_available", **body},
+                )
+            return httpx.Response(200, json=unstructure(endpoint))
+        return httpx.Response(404, json={"error": "not_found"})

@@ -1,0 +1,374 @@
+"""ControllerClient against httpx.MockTransport: answers, errors, URLs, TLS, tracing."""
+
+from __future__ import annotations
+
+import json
+import ssl
+import subprocess
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from pathlib import Path
+
+import httpx
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+
+from crank_registry import CapabilityView, HealthState, Problem, WorkerEndpoint
+from crank_worker_client import (
+    DEFAULT_CONTROLLER_URL,
+    ClientError,
+    ConfigurationError,
+    ControllerClient,
+    ControllerError,
+    ControllerHealth,
+    ControllerUnavailable,
+    ForbiddenError,
+    InvalidRequest,
+    NoWorkerAvailable,
+    TLSConfig,
+    UnexpectedResponse,
+    WorkerNotRegisteredError,
+)
+from crank_worker_client._client import parse_retry_after
+
+pytestmark = pytest.mark.anyio
+
+URL = "https://controller.test"
+
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+def client_for(handler: Handler, url: str = URL) -> ControllerClient:
+    return ControllerClient(url, transport=httpx.MockTransport(handler))
+
+
+def answer(status: int, body: object = None, headers: dict[str, str] | None = None) -> Handler:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(status, json=body, headers=headers)
+
+    return handler
+
+
+async def test_route_returns_the_endpoint_and_sends_only_the_given_optionals() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(
+            200,
+            json={"worker_id": "w1", "worker_url": "https://w1:8443", "version": "1.2.0", "x": 1},
+        )
+
+    async with client_for(handler) as client:
+        endpoint = await client.route("classify", "image.classify")
+        await client.route("classify", "image.classify", version="1.2.0", budget_tokens=3.5)
+    assert endpoint == WorkerEndpoint("w1", "https://w1:8443", "1.2.0")
+    assert [(r.method, r.url.path) for r in seen] == [("POST", "/route")] * 2
+    assert json.loads(seen[0].content) == {"verb": "classify", "capability": "image.classify"}
+    assert json.loads(seen[1].content) == {
+        "verb": "classify",
+        "capability": "image.classify",
+        "version": "1.2.0",
+        "budget_tokens": 3.5,
+    }
+
+
+async def test_no_worker_available_carries_the_retry_after() -> None:
+    body = {"error": "no_worker_available", "verb": "classify", "capability": "image.classify"}
+    client = client_for(answer(503, body, {"Retry-After": "30"}))
+    with pytest.raises(NoWorkerAvailable) as caught:
+        await client.route("classify", "image.classify")
+    await client.aclose()
+    error = caught.value
+    assert (error.code, error.status, error.retry_after) == ("no_worker_available", 503, 30.0)
+    assert isinstance(error, ControllerError) and not isinstance(error, ControllerUnavailable)
+    assert "classify:image.classify" in str(error) and "retry after 30 s" in str(error)
+
+
+def test_retry_after_accepts_seconds_and_http_dates() -> None:
+    assert parse_retry_after("7") == 7.0
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("soon") is None
+    later = format_datetime(datetime.now(UTC) + timedelta(seconds=120), usegmt=True)
+    assert 100 < parse_retry_after(later) <= 120  # type: ignore[operator]
+    earlier = format_datetime(datetime.now(UTC) - timedelta(seconds=120), usegmt=True)
+    assert parse_retry_after(earlier) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "expected", "code"),
+    [
+        (
+            404,
+            {"error": "worker_not_registered", "worker_id": "w1"},
+            WorkerNotRegisteredError,
+            "worker_not_registered",
+        ),
+        (403, {"error": "forbidden"}, ForbiddenError, "forbidden"),
+        (
+            422,
+            {"error": "not_supported", "field": "budget_tokens"},
+            InvalidRequest,
+            "not_supported",
+        ),
+        (415, {"error": "unsupported_media_type"}, InvalidRequest, "unsupported_media_type"),
+        (400, {"error": "invalid_json"}, InvalidRequest, "invalid_json"),
+        (413, {"error": "request_too_large"}, InvalidRequest, "request_too_large"),
+        (404, {"error": "not_found"}, UnexpectedResponse, "not_found"),
+        (405, {"error": "method_not_allowed"}, UnexpectedResponse, "method_not_allowed"),
+        (409, "<html>conflict</html>", UnexpectedResponse, "unexpected_response"),
+    ],
+)
+async def test_error_answers_map_to_the_hierarchy(
+    status: int, body: object, expected: type[ControllerError], code: str
+) -> None:
+    client = client_for(answer(status, body))
+    with pytest.raises(expected) as caught:
+        await client.heartbeat("w1")
+    await client.aclose()
+    assert type(caught.value) is expected
+    assert (caught.value.code, caught.value.status) == (code, status)
+    assert isinstance(caught.value, ClientError)
+
+
+async def test_invalid_request_lists_the_controllers_problems() -> None:
+    body = {
+        "error": "invalid_request",
+        "detail": [
+            {"path": "capabilities[0].max_concurrency", "message": "must be >= 1"},
+            {"path": "worker_url", "message": "must be an absolute http:// or https:// URL"},
+        ],
+    }
+    client = client_for(answer(422, body))
+    with pytest.raises(InvalidRequest) as caught:
+        await client.route("classify", "image.classify")
+    assert caught.value.problems == (
+        Problem("capabilities[0].max_concurrency", "must be >= 1"),
+        Problem("worker_url", "must be an absolute http:// or https:// URL"),
+    )
+    assert "capabilities[0].max_concurrency: must be >= 1" in str(caught.value)
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504, 429])
+async def test_server_failures_are_controller_unavailable(status: int) -> None:
+    client = client_for(answer(status, {"error": "internal_error"}))
+    with pytest.raises(ControllerUnavailable) as caught:
+        await client.health()
+    assert caught.value.status == status
+
+
+async def test_network_errors_are_controller_unavailable() -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
+
+    client = client_for(refuse)
+    with pytest.raises(ControllerUnavailable) as caught:
+        await client.route("classify", "image.classify")
+    assert caught.value.status is None
+    assert isinstance(caught.value.__cause__, httpx.ConnectError)
+    assert URL in str(caught.value) and "Connection refused" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "not json at all",
+        [1, 2, 3],
+        {"worker_id": "w1", "worker_url": "https://w1"},
+        {"worker_id": 7, "worker_url": "https://w1", "version": "1.0.0"},
+    ],
+)
+async def test_answers_outside_the_protocol_are_unexpected_response(body: object) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if isinstance(body, str):
+            return httpx.Response(200, text=body)
+        return httpx.Response(200, json=body)
+
+    client = client_for(handler)
+    with pytest.raises(UnexpectedResponse):
+        await client.route("classify", "image.classify")
+
+
+async def test_listings_and_health_are_read_into_values() -> None:
+    answers = {
+        "/capabilities": {
+            "capabilities": [
+                {
+                    "verb": "classify",
+                    "capability": "image.classify",
+                    "version": "1.0.0",
+                    "workers": ["w1", "w2"],
+                    "healthy_workers": ["w1"],
+                }
+            ],
+            "total_workers": 2,
+            "healthy_workers": 1,
+        },
+        "/workers": {
+            "workers": [
+                {
+                    "worker_id": "w1",
+                    "worker_url": "https://w1:8443",
+                    "last_heartbeat": "2026-11-26T20:00:00Z",
+                    "is_healthy": True,
+                    "state": "healthy",
+                    "capabilities": ["classify:image.classify"],
+                }
+            ]
+        },
+        "/health": {"status": "ok", "total_workers": 2, "healthy_workers": 1},
+    }
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.method == "GET"
+        return httpx.Response(200, json=answers[request.url.path])
+
+    async with client_for(handler) as client:
+        capabilities = await client.capabilities()
+        workers = await client.workers()
+        health = await client.health()
+    assert capabilities == [
+        CapabilityView("classify", "image.classify", "1.0.0", ("w1", "w2"), ("w1",))
+    ]
+    (worker,) = workers
+    assert worker.worker_id == "w1" and worker.is_healthy and worker.state is HealthState.HEALTHY
+    assert worker.last_heartbeat == datetime(2026, 11, 26, 20, 0, tzinfo=UTC)
+    assert worker.capabilities == (("classify", "image.classify"),)
+    assert health == ControllerHealth("ok", 2, 1)
+
+
+async def test_a_worker_entry_with_an_unknown_state_is_unexpected() -> None:
+    entry = {
+        "worker_id": "w1",
+        "worker_url": "https://w1",
+        "last_heartbeat": "2026-11-26T20:00:00Z",
+        "is_healthy": True,
+        "state": "sleepy",
+        "capabilities": [],
+    }
+    client = client_for(answer(200, {"workers": [entry]}))
+    with pytest.raises(UnexpectedResponse, match="not valid"):
+        await client.workers()
+
+
+async def test_works_without_a_context_manager_and_reopens_after_aclose() -> None:
+    client = client_for(answer(200, {"status": "ok", "total_workers": 0, "healthy_workers": 0}))
+    assert (await client.health()).status == "ok"
+    await client.aclose()
+    assert (await client.health()).total_workers == 0
+    await client.aclose()
+    await client.aclose()  # closing twice is harmless
+
+
+def test_plain_http_is_refused_unless_insecure_is_asked_for() -> None:
+    with pytest.raises(ConfigurationError, match="insecure=True"):
+        ControllerClient("http://localhost:9000")
+    assert (
+        ControllerClient("http://localhost:9000", insecure=True).controller_url
+        == "http://localhost:9000"
+    )
+    with pytest.raises(ConfigurationError, match="TLS settings"):
+        ControllerClient("http://localhost:9000", insecure=True, tls=ssl.create_default_context())
+
+
+@pytest.mark.parametrize(
+    "url", ["localhost:9000", "ftp://host", "https://", "https://host:99999", "https://h/?q=1"]
+)
+def test_malformed_urls_are_refused(url: str) -> None:
+    with pytest.raises(ConfigurationError):
+        ControllerClient(url)
+
+
+def test_the_url_comes_from_the_environment_then_the_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("CONTROLLER_URL", raising=False)
+    assert ControllerClient().controller_url == DEFAULT_CONTROLLER_URL == "https://localhost:9000"
+    monkeypatch.setenv("CONTROLLER_URL", "https://registry.internal:9443/")
+    assert ControllerClient().controller_url == "https://registry.internal:9443"
+    assert ControllerClient("https://other:1").controller_url == "https://other:1"
+    monkeypatch.setenv("CONTROLLER_URL", "http://registry.internal:9000")
+    with pytest.raises(ConfigurationError, match="plain HTTP"):
+        ControllerClient()
+
+
+def test_tls_settings_are_checked_at_construction(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="keyfile given without certfile"):
+        TLSConfig(keyfile=tmp_path / "k.pem")
+    with pytest.raises(ConfigurationError, match="cannot load certificates"):
+        ControllerClient(URL, tls=TLSConfig(ca_certs=tmp_path / "missing-ca.pem"))
+    with pytest.raises(ConfigurationError, match="cannot load certificates"):
+        ControllerClient(URL, tls=TLSConfig(certfile=tmp_path / "missing.pem"))
+    context = TLSConfig().ssl_context()
+    assert context.verify_mode is ssl.CERT_REQUIRED and context.check_hostname
+
+
+async def test_the_current_trace_context_is_injected() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"status": "ok", "total_workers": 0, "healthy_workers": 0})
+
+    tracer = TracerProvider().get_tracer("tests.client")
+    async with client_for(handler) as client:
+        await client.health()  # no current span: nothing to inject
+        with tracer.start_as_current_span("caller") as span:
+            await client.health()
+            trace_id = format(span.get_span_context().trace_id, "032x")
+            span_id = format(span.get_span_context().span_id, "016x")
+    assert "traceparent" not in seen[0].headers
+    assert seen[1].headers["traceparent"].startswith(f"00-{trace_id}-{span_id}-")
+
+
+def test_without_opentelemetry_nothing_is_injected_and_nothing_breaks() -> None:
+    script = """
+import sys
+sys.modules["opentelemetry"] = None  # as if the tracing extra were not installed
+import crank_worker_client
+from crank_worker_client._tracing import inject_trace_context
+headers = {}
+inject_trace_context(headers)
+assert headers == {} and not crank_worker_client.TRACING_AVAILABLE
+print("ok")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
+def test_the_package_imports_no_server_packages() -> None:
+    script = """
+import sys
+import crank_worker_client, crank_worker_client.serving
+forbidden = {"starlette", "hypercorn", "cryptography", "crank_registry_asgi", "uvicorn",
+             "granian", "trio", "h2"}
+loaded = {name.split(".")[0] for name in sys.modules}
+print(",".join(sorted(loaded & forbidden)))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "", f"server packages imported: {done.stdout.strip()}"
+
+
+def test_the_source_imports_only_the_core_httpx_anyio_and_optional_opentelemetry() -> None:
+    import ast
+
+    import crank_worker_client
+
+    allowed = {"crank_registry", "crank_worker_client", "httpx", "anyio", "opentelemetry"}
+    package = Path(crank_worker_client.__file__).parent
+    found: set[str] = set()
+    for source in package.glob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.Import):
+                found.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.split(".")[0])
+    assert found - set(sys.stdlib_module_names) <= allowed, found - set(sys.stdlib_module_names)
