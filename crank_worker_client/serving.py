@@ -1,0 +1,719 @@
+"""Serve capabilities on the invocation convention, as a plain ASGI app.
+
+The convention, which the controller's gateway (and any caller) uses to
+invoke a capability on the worker that the registry chose:
+
+``POST {worker_url}/invoke/{verb}/{name}``
+    ``verb`` and ``name`` are path segments, percent-encoded when they
+    contain ``/`` or other reserved characters. The body is JSON (content
+    type ``application/json``): ``{"payload": ...}``, any JSON value the
+    capability's ``input_schema`` accepts.
+
+``200`` with ``application/json``
+    ``{"result": ...}`` for an ordinary capability.
+
+``200`` with ``application/x-ndjson``
+    for a streaming capability: one JSON object per line, in order. A
+    failure after the first line ends the stream with a last line
+    ``{"error": CODE, "message": ...}``.
+
+Errors (``application/json``)
+    ``{"error": CODE, "message": ...}``: 404 ``unknown_capability``, 405
+    ``method_not_allowed``, 415 ``unsupported_media_type``, 400
+    ``invalid_json``, 413 ``request_too_large``, 422 ``invalid_request`` (the
+    body is not ``{"payload": ...}``), 422 ``invalid_payload`` (the payload
+    does not match the input schema; ``detail`` lists every problem as
+    ``{"path", "message"}``), a handler's own :class:`InvocationError`
+    (its code and status), and 500 ``handler_failed`` when a handler
+    raises anything else (logged here; the answer carries no traceback).
+
+``GET {worker_url}/health``
+    ``{"status": "ok", "capabilities": ["verb:name", ...]}`` plus whatever
+    the ``health`` callable adds (for example the agent's state).
+
+:func:`invocation_app` builds the app from a mapping ``{(verb, name):
+handler}``; a handler is ``async def handler(payload) -> result``, or an
+async generator function for a streaming capability. At most
+``max_concurrency`` invocations of a capability run at once; more wait.
+With an ``agent`` (a :class:`~crank_worker_client.WorkerAgent`, or any async
+context manager), the app registers on ASGI lifespan start-up and
+deregisters on shutdown.
+
+Payloads are validated against ``input_schema`` with a small built-in
+validator of this JSON Schema subset (no extra dependency): ``type``,
+``properties``, ``required``, ``additionalProperties``, ``items``,
+``enum``, ``const``, ``minLength``, ``maxLength``, ``pattern`` (Python
+regular expressions), ``minimum``, ``maximum``, ``exclusiveMinimum``,
+``exclusiveMaximum``, ``minItems``, ``maxItems``, ``uniqueItems``, plus
+annotations that do not constrain (``title``, ``description``,
+``default``, ``examples``, ``format``, ...). A schema using any other
+keyword is refused when the app is built; pass ``validate_input=False``
+to leave all validation to the handlers instead. Results are not checked
+against ``output_schema``.
+
+With the ``tracing`` extra installed, each invocation runs in a server
+span whose parent is the caller's W3C ``traceparent``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from typing import Any
+from urllib.parse import quote, unquote
+
+import anyio
+
+from crank_registry import CapabilitySchema, capability_label
+
+__all__ = [
+    "INVOKE_PREFIX",
+    "NDJSON",
+    "Handler",
+    "InvocationApp",
+    "InvocationError",
+    "JsonSchemaError",
+    "check_json_schema",
+    "invocation_app",
+    "invocation_path",
+    "validate_json",
+]
+
+logger = logging.getLogger("crank_worker_client.serving")
+
+#: The path prefix of the invocation endpoint.
+INVOKE_PREFIX = "/invoke"
+#: The media type of a streamed answer: one JSON object per line.
+NDJSON = "application/x-ndjson"
+#: Bodies larger than this are refused with 413 (the registry's own limit).
+DEFAULT_MAX_BODY_SIZE = 1_048_576
+
+#: ``async def handler(payload) -> result``, or an async generator function
+#: yielding JSON objects for a streaming capability.
+Handler = Callable[[Any], Awaitable[Any]] | Callable[[Any], AsyncIterator[dict[str, Any]]]
+
+Scope = Mapping[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+def invocation_path(verb: str, name: str) -> str:
+    """The path a worker serves ``(verb, name)`` on: ``/invoke/{verb}/{name}``."""
+    return f"{INVOKE_PREFIX}/{quote(verb, safe='')}/{quote(name, safe='')}"
+
+
+class InvocationError(Exception):
+    """Raised by a handler to answer with an error of its own choosing.
+
+    ``status`` must be a 4xx or 5xx code; ``code`` is a stable machine-readable
+    name, ``message`` is for people. Raising it before a stream's first line
+    gives an error response; after, the stream's last line.
+    """
+
+    def __init__(self, code: str, message: str, *, status: int = 422) -> None:
+        if not 400 <= status <= 599:
+            raise ValueError(f"InvocationError status must be 4xx or 5xx, got {status}")
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+
+
+# ------------------------------------------------------------- JSON Schema
+
+
+class JsonSchemaError(ValueError):
+    """A schema uses a keyword outside the supported subset, or a malformed value."""
+
+
+_TYPES = frozenset({"object", "array", "string", "integer", "number", "boolean", "null"})
+_ANNOTATIONS = frozenset(
+    {
+        "$schema",
+        "$id",
+        "$comment",
+        "title",
+        "description",
+        "default",
+        "examples",
+        "format",
+        "readOnly",
+        "writeOnly",
+        "deprecated",
+        "contentEncoding",
+        "contentMediaType",
+    }
+)
+_NUMERIC = frozenset({"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"})
+_COUNTS = frozenset({"minLength", "maxLength", "minItems", "maxItems"})
+_KEYWORDS = (
+    _ANNOTATIONS
+    | _NUMERIC
+    | _COUNTS
+    | {
+        "type",
+        "properties",
+        "required",
+        "additionalProperties",
+        "items",
+        "enum",
+        "const",
+        "pattern",
+        "uniqueItems",
+    }
+)
+
+
+def check_json_schema(schema: object, path: str = "") -> None:
+    """Raise :class:`JsonSchemaError` unless ``schema`` is in the supported subset."""
+    where = path or "the schema"
+    if isinstance(schema, bool):
+        return
+    if not isinstance(schema, dict):
+        raise JsonSchemaError(f"{where}: a schema must be an object or a boolean")
+    unknown = sorted(set(schema) - _KEYWORDS)
+    if unknown:
+        raise JsonSchemaError(
+            f"{where}: unsupported JSON Schema keyword(s) {', '.join(unknown)} "
+            "(pass validate_input=False to validate in the handler instead)"
+        )
+    kind = schema.get("type")
+    kinds = kind if isinstance(kind, list) else [kind] if kind is not None else []
+    if any(k not in _TYPES for k in kinds):
+        raise JsonSchemaError(f"{where}.type: unknown type {kind!r}")
+    for key in _NUMERIC & schema.keys():
+        if not _is_number(schema[key]):
+            raise JsonSchemaError(f"{where}.{key}: must be a number")
+    for key in _COUNTS & schema.keys():
+        if not isinstance(schema[key], int) or isinstance(schema[key], bool) or schema[key] < 0:
+            raise JsonSchemaError(f"{where}.{key}: must be an integer >= 0")
+    if "pattern" in schema:
+        try:
+            re.compile(schema["pattern"])
+        except (re.error, TypeError) as error:
+            raise JsonSchemaError(f"{where}.pattern: not a regular expression: {error}") from None
+    if "enum" in schema and not isinstance(schema["enum"], list):
+        raise JsonSchemaError(f"{where}.enum: must be a list")
+    if "required" in schema and not (
+        isinstance(schema["required"], list) and all(isinstance(r, str) for r in schema["required"])
+    ):
+        raise JsonSchemaError(f"{where}.required: must be a list of strings")
+    properties = schema.get("properties", {})
+    if not isinstance(properties, dict):
+        raise JsonSchemaError(f"{where}.properties: must be an object")
+    for name, subschema in properties.items():
+        check_json_schema(subschema, f"{path}.properties.{name}" if path else f"properties.{name}")
+    for key in ("additionalProperties", "items"):
+        if key in schema:
+            check_json_schema(schema[key], f"{path}.{key}" if path else key)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_type(value: object, kind: str) -> bool:
+    if kind == "object":
+        return isinstance(value, dict)
+    if kind == "array":
+        return isinstance(value, list)
+    if kind == "string":
+        return isinstance(value, str)
+    if kind == "integer":
+        return _is_number(value) and float(value).is_integer()  # type: ignore[arg-type]
+    if kind == "number":
+        return _is_number(value)
+    if kind == "boolean":
+        return isinstance(value, bool)
+    return value is None
+
+
+def _json_equal(a: object, b: object) -> bool:
+    # JSON equality: true is not 1, and 1 equals 1.0.
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_json_equal(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_json_equal(a[k], b[k]) for k in a)
+    return (type(a) is type(b) or (_is_number(a) and _is_number(b))) and a == b
+
+
+def _json_repr(value: object) -> str:
+    return json.dumps(value, sort_keys=True) if _is_number(value) else repr(value)
+
+
+def validate_json(value: object, schema: object, path: str = "payload") -> list[tuple[str, str]]:
+    """Every way ``value`` fails ``schema`` (the supported subset), as ``(path, message)``."""
+    problems: list[tuple[str, str]] = []
+    _validate(value, schema, path, problems)
+    return problems
+
+
+def _validate(value: object, schema: object, path: str, problems: list[tuple[str, str]]) -> None:
+    if schema is True:
+        return
+    if schema is False:
+        problems.append((path, "is not allowed"))
+        return
+    assert isinstance(schema, dict)
+    kind = schema.get("type")
+    if kind is not None:
+        kinds = kind if isinstance(kind, list) else [kind]
+        if not any(_is_type(value, k) for k in kinds):
+            problems.append((path, f"must be of type {' or '.join(kinds)}"))
+            return
+    if "const" in schema and not _json_equal(value, schema["const"]):
+        problems.append((path, f"must be {json.dumps(schema['const'])}"))
+    if "enum" in schema and not any(_json_equal(value, option) for option in schema["enum"]):
+        options = ", ".join(json.dumps(option) for option in schema["enum"])
+        problems.append((path, f"must be one of {options}"))
+    if isinstance(value, str):
+        _validate_string(value, schema, path, problems)
+    elif _is_number(value):
+        _validate_number(value, schema, path, problems)  # type: ignore[arg-type]
+    elif isinstance(value, list):
+        _validate_array(value, schema, path, problems)
+    elif isinstance(value, dict):
+        _validate_object(value, schema, path, problems)
+
+
+def _validate_string(
+    value: str, schema: dict[str, Any], path: str, problems: list[tuple[str, str]]
+) -> None:
+    if "minLength" in schema and len(value) < schema["minLength"]:
+        problems.append((path, f"must be at least {schema['minLength']} characters"))
+    if "maxLength" in schema and len(value) > schema["maxLength"]:
+        problems.append((path, f"must be at most {schema['maxLength']} characters"))
+    if "pattern" in schema and re.search(schema["pattern"], value) is None:
+        problems.append((path, f"must match the pattern {schema['pattern']!r}"))
+
+
+def _validate_number(
+    value: float, schema: dict[str, Any], path: str, problems: list[tuple[str, str]]
+) -> None:
+    if "minimum" in schema and value < schema["minimum"]:
+        problems.append((path, f"must be >= {_json_repr(schema['minimum'])}"))
+    if "maximum" in schema and value > schema["maximum"]:
+        problems.append((path, f"must be <= {_json_repr(schema['maximum'])}"))
+    if "exclusiveMinimum" in schema and value <= schema["exclusiveMinimum"]:
+        problems.append((path, f"must be > {_json_repr(schema['exclusiveMinimum'])}"))
+    if "exclusiveMaximum" in schema and value >= schema["exclusiveMaximum"]:
+        problems.append((path, f"must be < {_json_repr(schema['exclusiveMaximum'])}"))
+
+
+def _validate_array(
+    value: list[Any], schema: dict[str, Any], path: str, problems: list[tuple[str, str]]
+) -> None:
+    if "minItems" in schema and len(value) < schema["minItems"]:
+        problems.append((path, f"must have at least {schema['minItems']} items"))
+    if "maxItems" in schema and len(value) > schema["maxItems"]:
+        problems.append((path, f"must have at most {schema['maxItems']} items"))
+    if schema.get("uniqueItems") is True:
+        for index, item in enumerate(value):
+            if any(_json_equal(item, earlier) for earlier in value[:index]):
+                problems.append((f"{path}[{index}]", "duplicates an earlier item"))
+    if "items" in schema:
+        for index, item in enumerate(value):
+            _validate(item, schema["items"], f"{path}[{index}]", problems)
+
+
+def _validate_object(
+    value: dict[str, Any], schema: dict[str, Any], path: str, problems: list[tuple[str, str]]
+) -> None:
+    properties: dict[str, Any] = schema.get("properties", {})
+    for name in schema.get("required", []):
+        if name not in value:
+            problems.append((f"{path}.{name}", "is required"))
+    extra = schema.get("additionalProperties", True)
+    for name, item in value.items():
+        if name in properties:
+            _validate(item, properties[name], f"{path}.{name}", problems)
+        elif extra is False:
+            problems.append((f"{path}.{name}", "unknown field"))
+        else:
+            _validate(item, extra, f"{path}.{name}", problems)
+
+
+# ------------------------------------------------------------------ tracing
+
+try:
+    from opentelemetry import propagate as _propagate
+    from opentelemetry import trace as _trace
+except ImportError:  # the "tracing" extra is not installed: no spans
+
+    def _server_span(headers: Mapping[str, str], verb: str, name: str) -> Iterator[None]:
+        yield
+
+else:
+    _tracer = _trace.get_tracer("crank_worker_client.serving")
+
+    def _server_span(headers: Mapping[str, str], verb: str, name: str) -> Iterator[None]:
+        parent = _propagate.extract(headers)
+        with _tracer.start_as_current_span(
+            f"invoke {verb} {name}",
+            context=parent,
+            kind=_trace.SpanKind.SERVER,
+            attributes={"crank.verb": verb, "crank.capability": name},
+        ):
+            yield
+
+
+_invocation_span = contextlib.contextmanager(_server_span)
+
+
+# ---------------------------------------------------------------- the app
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class _Capability:
+    __slots__ = ("handler", "limiter", "schema", "streaming")
+
+    def __init__(self, schema: CapabilitySchema, handler: Handler) -> None:
+        self.schema = schema
+        self.handler = handler
+        self.streaming = inspect.isasyncgenfunction(handler)
+        self.limiter: anyio.CapacityLimiter | None = None  # made in the event loop
+
+
+class InvocationApp:
+    """The ASGI app of :func:`invocation_app`; see the module docstring."""
+
+    def __init__(
+        self,
+        handlers: Mapping[tuple[str, str], Handler],
+        capabilities: Iterable[CapabilitySchema],
+        *,
+        agent: contextlib.AbstractAsyncContextManager[Any] | None = None,
+        validate_input: bool = True,
+        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        health: Callable[[], Mapping[str, Any]] | None = None,
+    ) -> None:
+        if not isinstance(max_body_size, int) or max_body_size < 1:
+            raise ValueError(f"max_body_size must be an integer >= 1, got {max_body_size!r}")
+        schemas = {}
+        for schema in capabilities:
+            if schema.key in schemas:
+                raise ValueError(f"capability {capability_label(schema.key)!r} given twice")
+            schemas[schema.key] = schema
+        missing = sorted(capability_label(k) for k in schemas.keys() - handlers.keys())
+        extra = sorted(capability_label(k) for k in handlers.keys() - schemas.keys())
+        if missing or extra:
+            raise ValueError(
+                "handlers and capabilities must name the same (verb, name) pairs: "
+                f"without a handler: {missing or 'none'}; without a schema: {extra or 'none'}"
+            )
+        if not schemas:
+            raise ValueError("at least one capability is needed")
+        for key, handler in handlers.items():
+            if not (inspect.iscoroutinefunction(handler) or inspect.isasyncgenfunction(handler)):
+                raise ValueError(
+                    f"the handler of {capability_label(key)!r} must be an async function "
+                    "or an async generator function"
+                )
+        if validate_input:
+            for key, schema in schemas.items():
+                try:
+                    check_json_schema(schema.input_schema)
+                except JsonSchemaError as error:
+                    raise JsonSchemaError(
+                        f"input_schema of {capability_label(key)!r}: {error}"
+                    ) from None
+        self._capabilities = {key: _Capability(schemas[key], handlers[key]) for key in schemas}
+        self._agent = agent
+        self._validate_input = validate_input
+        self._max_body_size = max_body_size
+        self._health = health
+
+    @property
+    def capabilities(self) -> tuple[CapabilitySchema, ...]:
+        """The schemas served, in the order given."""
+        return tuple(c.schema for c in self._capabilities.values())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Dispatch one ASGI connection: lifespan or HTTP."""
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        elif scope["type"] == "http":
+            await self._http(scope, receive, send)
+        # Anything else (websocket) is not part of the convention: close it.
+        elif scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1000})
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        agent = self._agent
+        message = await receive()
+        if message["type"] != "lifespan.startup":
+            return
+        if agent is not None:
+            try:
+                await agent.__aenter__()
+            except Exception as error:
+                logger.exception("worker start-up failed")
+                await send({"type": "lifespan.startup.failed", "message": str(error)})
+                return
+        await send({"type": "lifespan.startup.complete"})
+        # The only message that can follow start-up is shutdown.
+        await receive()
+        if agent is not None:
+            try:
+                await agent.__aexit__(None, None, None)
+            except Exception as error:
+                logger.exception("worker shutdown failed")
+                await send({"type": "lifespan.shutdown.failed", "message": str(error)})
+                return
+        await send({"type": "lifespan.shutdown.complete"})
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method = scope["method"]
+        raw_path = scope.get("raw_path")
+        path = raw_path.decode("latin-1") if raw_path else scope["path"]
+        path = path.partition("?")[0]
+        if path == "/health":
+            if method not in ("GET", "HEAD"):
+                await _error(send, 405, "method_not_allowed", "use GET", allow="GET")
+                return
+            body: dict[str, Any] = {
+                "status": "ok",
+                "capabilities": [capability_label(key) for key in self._capabilities],
+            }
+            if self._health is not None:
+                body.update(self._health())
+            await _json(send, 200, body)
+            return
+        segments = path.split("/")
+        # ["", "invoke", verb, name]
+        if len(segments) != 4 or segments[0] or f"/{segments[1]}" != INVOKE_PREFIX:
+            await _error(send, 404, "not_found", f"no such path {scope['path']!r}")
+            return
+        key = (unquote(segments[2]), unquote(segments[3]))
+        capability = self._capabilities.get(key)
+        if capability is None:
+            await _error(
+                send,
+                404,
+                "unknown_capability",
+                f"this worker does not serve {capability_label(key)!r}",
+            )
+            return
+        if method != "POST":
+            await _error(send, 405, "method_not_allowed", "use POST", allow="POST")
+            return
+        headers = _headers(scope)
+        content_type = headers.get("content-type", "").partition(";")[0].strip().lower()
+        if content_type != "application/json":
+            await _error(send, 415, "unsupported_media_type", "the body must be application/json")
+            return
+        try:
+            raw = await self._read_body(headers, receive)
+        except _BodyTooLarge:
+            await _error(
+                send,
+                413,
+                "request_too_large",
+                f"the body is larger than {self._max_body_size} bytes",
+            )
+            return
+        try:
+            document = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+        except (UnicodeDecodeError, ValueError, RecursionError) as error:
+            await _error(send, 400, "invalid_json", f"the body is not valid JSON: {error}")
+            return
+        if not isinstance(document, dict) or "payload" not in document:
+            await _error(send, 422, "invalid_request", 'the body must be {"payload": ...}')
+            return
+        unknown = sorted(set(document) - {"payload"})
+        if unknown:
+            await _error(
+                send,
+                422,
+                "invalid_request",
+                f'unknown field(s) {", ".join(unknown)}; the body is {{"payload": ...}}',
+            )
+            return
+        payload = document["payload"]
+        if self._validate_input:
+            problems = validate_json(payload, capability.schema.input_schema)
+            if problems:
+                await _json(
+                    send,
+                    422,
+                    {
+                        "error": "invalid_payload",
+                        "message": "; ".join(f"{p}: {m}" for p, m in problems),
+                        "detail": [{"path": p, "message": m} for p, m in problems],
+                    },
+                )
+                return
+        if capability.limiter is None:
+            capability.limiter = anyio.CapacityLimiter(capability.schema.max_concurrency)
+        async with capability.limiter:
+            with _invocation_span(headers, key[0], key[1]):
+                if capability.streaming:
+                    await self._stream(capability, payload, send)
+                else:
+                    await self._call(capability, payload, send)
+
+    async def _read_body(self, headers: Mapping[str, str], receive: Receive) -> bytes:
+        declared = headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self._max_body_size:
+            raise _BodyTooLarge
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self._max_body_size:
+                raise _BodyTooLarge
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
+
+    async def _call(self, capability: _Capability, payload: Any, send: Send) -> None:
+        label = capability_label(capability.schema.key)
+        try:
+            result = await capability.handler(payload)  # type: ignore[misc]
+            body = _dumps({"result": result})
+        except InvocationError as error:
+            await _error(send, error.status, error.code, error.message)
+            return
+        except Exception:
+            logger.exception("handler of %s failed", label)
+            await _error(send, 500, "handler_failed", f"the handler of {label!r} failed")
+            return
+        await _send(send, 200, "application/json", body)
+
+    async def _stream(self, capability: _Capability, payload: Any, send: Send) -> None:
+        label = capability_label(capability.schema.key)
+        stream: AsyncIterator[Any] = capability.handler(payload)  # type: ignore[assignment]
+        try:
+            # The first line decides the status: a handler that fails before
+            # producing anything gets an ordinary error response.
+            try:
+                first = _dumps_line(await stream.__anext__())
+            except StopAsyncIteration:
+                first = b""
+            except InvocationError as error:
+                await _error(send, error.status, error.code, error.message)
+                return
+            except Exception:
+                logger.exception("handler of %s failed", label)
+                await _error(send, 500, "handler_failed", f"the handler of {label!r} failed")
+                return
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", NDJSON.encode())],
+                }
+            )
+            await send({"type": "http.response.body", "body": first, "more_body": True})
+            while True:
+                try:
+                    line = _dumps_line(await stream.__anext__())
+                except StopAsyncIteration:
+                    break
+                except InvocationError as error:
+                    line = _dumps_line({"error": error.code, "message": error.message})
+                    await send({"type": "http.response.body", "body": line, "more_body": True})
+                    break
+                except Exception:
+                    logger.exception("handler of %s failed mid-stream", label)
+                    line = _dumps_line(
+                        {"error": "handler_failed", "message": f"the handler of {label!r} failed"}
+                    )
+                    await send({"type": "http.response.body", "body": line, "more_body": True})
+                    break
+                await send({"type": "http.response.body", "body": line, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+def invocation_app(
+    handlers: Mapping[tuple[str, str], Handler],
+    capabilities: Iterable[CapabilitySchema],
+    *,
+    agent: contextlib.AbstractAsyncContextManager[Any] | None = None,
+    validate_input: bool = True,
+    max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+    health: Callable[[], Mapping[str, Any]] | None = None,
+) -> InvocationApp:
+    """An ASGI app serving ``handlers`` on the invocation convention.
+
+    ``handlers`` and ``capabilities`` must name the same ``(verb, name)``
+    pairs. ``agent`` (usually a ``WorkerAgent`` built with the same
+    capabilities) is entered on lifespan start-up and left on shutdown, so
+    the worker registers when the server starts and deregisters when it
+    stops. Raises :class:`ValueError` (or :class:`JsonSchemaError`) for a
+    mismatch, a handler that is not async, or an input schema outside the
+    supported subset while ``validate_input`` is true.
+    """
+    return InvocationApp(
+        handlers,
+        capabilities,
+        agent=agent,
+        validate_input=validate_input,
+        max_body_size=max_body_size,
+        health=health,
+    )
+
+
+def _refuse_constant(name: str) -> Any:
+    # NaN and Infinity are not JSON.
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+
+
+def _dumps_line(value: Any) -> bytes:
+    if not isinstance(value, dict):
+        raise TypeError(f"a streaming handler must yield JSON objects, got {type(value).__name__}")
+    return _dumps(value) + b"\n"
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    return {
+        name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]
+    }
+
+
+async def _send(
+    send: Send, status: int, content_type: str, body: bytes, *, allow: str | None = None
+) -> None:
+    headers = [
+        (b"content-type", content_type.encode()),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    if allow is not None:
+        headers.append((b"allow", allow.encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _json(send: Send, status: int, body: Mapping[str, Any]) -> None:
+    await _send(send, status, "application/json", _dumps(body))
+
+
+async def _error(
+    send: Send, status: int, code: str, message: str, *, allow: str | None = None
+) -> None:
+    await _send(
+        send, status, "application/json", _dumps({"error": code, "message": message}), allow=allow
+    )

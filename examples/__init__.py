@@ -1,0 +1,1 @@
+"""Runnable examples: nine workers, the in-process core, embedding and tracing."""

@@ -1,0 +1,221 @@
+"""What every example worker program shares: settings, HTTPS serving, registration.
+
+A worker program declares its capabilities and a ``make_handlers(options)``
+function, then calls :func:`run_worker`. Settings come from flags or the
+environment:
+
+==================  =====================  ===========================================
+flag                environment            default
+==================  =====================  ===========================================
+``--controller``    ``CONTROLLER_URL``     ``https://localhost:9000``
+``--host``                                 ``127.0.0.1``
+``--port``          ``WORKER_HTTPS_PORT``  ``0`` (any free port; the URL says which)
+``--certfile``      ``WORKER_CERT_PATH``   ``certs/worker-NAME.pem``
+``--keyfile``       ``WORKER_KEY_PATH``    ``certs/worker-NAME.key``
+``--ca-certs``      ``CA_CERT_PATH``       ``certs/ca.pem``
+``--worker-id``                            the program's name
+``--insecure``                             off: plain HTTP, by name only
+==================  =====================  ===========================================
+
+The worker serves HTTPS with its own certificate and requires a client
+certificate signed by the same CA from every caller (the controller's
+gateway presents the controller's). It registers on start-up and
+deregisters on SIGTERM or Ctrl-C (hypercorn's graceful shutdown runs the
+ASGI lifespan, which leaves the :class:`~crank_worker_client.WorkerAgent`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import socket
+import ssl
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from crank_registry import CapabilitySchema
+from crank_worker_client import TLSConfig, WorkerAgent
+from crank_worker_client.serving import Handler, invocation_app
+
+MakeHandlers = Callable[[argparse.Namespace], Mapping[tuple[str, str], Handler]]
+AddArguments = Callable[[argparse.ArgumentParser], None]
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Where a worker listens, where the controller is, and which certificates it uses."""
+
+    worker_id: str
+    host: str
+    port: int
+    controller_url: str
+    certfile: str | None
+    keyfile: str | None
+    ca_certs: str | None
+    insecure: bool
+
+
+def parse_settings(
+    name: str, argv: Sequence[str] | None = None, add_arguments: AddArguments | None = None
+) -> tuple[WorkerSettings, argparse.Namespace]:
+    """Read the settings of worker program ``name`` from ``argv`` and the environment."""
+    env = os.environ
+    parser = argparse.ArgumentParser(
+        prog=f"python -m examples.workers.{name}",
+        description=f"The {name} example worker: serves its capabilities over HTTPS "
+        "and registers with the crank-registry controller.",
+    )
+    parser.add_argument("--controller", default=env.get("CONTROLLER_URL", "https://localhost:9000"))
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=int(env.get("WORKER_HTTPS_PORT", "0")))
+    parser.add_argument("--worker-id", default=name)
+    parser.add_argument("--certfile", default=env.get("WORKER_CERT_PATH"))
+    parser.add_argument("--keyfile", default=env.get("WORKER_KEY_PATH"))
+    parser.add_argument("--ca-certs", default=env.get("CA_CERT_PATH"))
+    parser.add_argument(
+        "--insecure", action="store_true", help="plain HTTP, no certificates (loopback tests)"
+    )
+    if add_arguments is not None:
+        add_arguments(parser)
+    options = parser.parse_args(argv)
+    certfile, keyfile, ca_certs = options.certfile, options.keyfile, options.ca_certs
+    if not options.insecure:
+        certfile = certfile or f"certs/worker-{options.worker_id}.pem"
+        keyfile = keyfile or f"certs/worker-{options.worker_id}.key"
+        ca_certs = ca_certs or "certs/ca.pem"
+        for label, path in (("certificate", certfile), ("key", keyfile), ("CA", ca_certs)):
+            if not os.path.isfile(path):
+                parser.error(
+                    f"{label} file {path!r} not found; make development certificates with "
+                    f"`crank-registry certs --out certs --worker {options.worker_id}` "
+                    "or pass --insecure"
+                )
+    settings = WorkerSettings(
+        worker_id=options.worker_id,
+        host=options.host,
+        port=options.port,
+        controller_url=options.controller,
+        certfile=certfile,
+        keyfile=keyfile,
+        ca_certs=ca_certs,
+        insecure=options.insecure,
+    )
+    return settings, options
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``(host, port)`` and listening (port 0: a free port).
+
+    Binding before registering means the advertised URL is the real one and
+    that connections made right after registration wait in the backlog
+    instead of being refused.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    return sock
+
+
+def worker_url(settings: WorkerSettings, port: int) -> str:
+    """The URL the worker advertises."""
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    return f"{'http' if settings.insecure else 'https'}://{host}:{port}"
+
+
+async def serve(
+    settings: WorkerSettings,
+    capabilities: Sequence[CapabilitySchema],
+    handlers: Mapping[tuple[str, str], Handler],
+) -> None:
+    """Serve ``handlers`` and stay registered until SIGTERM or SIGINT."""
+    from hypercorn.asyncio import serve as hypercorn_serve
+    from hypercorn.config import Config
+
+    sock = listening_socket(settings.host, settings.port)
+    port = sock.getsockname()[1]
+    url = worker_url(settings, port)
+    tls = (
+        None
+        if settings.insecure
+        else TLSConfig(
+            ca_certs=settings.ca_certs, certfile=settings.certfile, keyfile=settings.keyfile
+        )
+    )
+    agent = WorkerAgent(
+        settings.controller_url,
+        settings.worker_id,
+        url,
+        capabilities,
+        tls=tls,
+        insecure=settings.insecure,
+    )
+    app = invocation_app(
+        handlers, capabilities, agent=agent, health=lambda: {"agent": agent.status.as_dict()}
+    )
+    config = Config()
+    # Hypercorn takes over the descriptor; detach so that this object does not close it.
+    config.bind = [f"fd://{sock.detach()}"]
+    config.accesslog = None
+    config.graceful_timeout = 3.0
+    if not settings.insecure:
+        config.certfile = settings.certfile
+        config.keyfile = settings.keyfile
+        config.ca_certs = settings.ca_certs
+        config.verify_mode = ssl.CERT_REQUIRED  # callers must present a certificate of our CA
+    logging.getLogger("examples.workers").info(
+        "worker %s serving %s at %s", settings.worker_id, len(capabilities), url
+    )
+    await hypercorn_serve(app, config)  # type: ignore[arg-type]
+
+
+def run_worker(
+    name: str,
+    capabilities: Sequence[CapabilitySchema],
+    make_handlers: MakeHandlers,
+    *,
+    argv: Sequence[str] | None = None,
+    add_arguments: AddArguments | None = None,
+) -> None:
+    """The ``main`` of a worker program."""
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s"
+    )
+    settings, options = parse_settings(name, argv, add_arguments)
+    handlers = make_handlers(options)
+    try:
+        asyncio.run(serve(settings, capabilities, handlers))
+    except KeyboardInterrupt:
+        pass
+    except Exception as error:
+        # A start-up failure (controller refused us, bad certificate) is one
+        # line, not a traceback.
+        print(f"{name}: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def schema(
+    verb: str,
+    name: str,
+    *,
+    input_schema: dict[str, Any],
+    output_schema: dict[str, Any],
+    max_concurrency: int,
+    version: str = "1.0.0",
+) -> CapabilitySchema:
+    """A capability of an example worker (all run on the CPU, in Python)."""
+    return CapabilitySchema(
+        name=name,
+        verb=verb,
+        version=version,
+        input_schema=input_schema,
+        output_schema=output_schema,
+        requires_gpu=False,
+        max_concurrency=max_concurrency,
+        runtime="python3.11",
+    )

@@ -1,0 +1,1 @@
+"""The example workers' logic: plain functions, no I/O besides the zettel store."""

@@ -1,0 +1,478 @@
+"""The invocation convention: crank_worker_client.serving in-process."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import Any
+
+import anyio
+import pytest
+
+from crank_registry import CapabilitySchema
+from crank_worker_client.serving import (
+    InvocationError,
+    JsonSchemaError,
+    check_json_schema,
+    invocation_app,
+    invocation_path,
+    validate_json,
+)
+from tests.examples.helpers import invoke, ndjson, running
+
+pytestmark = pytest.mark.anyio
+
+
+def capability(
+    verb: str, name: str, input_schema: dict[str, Any] | None = None, **extra: Any
+) -> CapabilitySchema:
+    return CapabilitySchema(
+        name=name,
+        verb=verb,
+        version="1.0.0",
+        input_schema=input_schema if input_schema is not None else {"type": "object"},
+        output_schema={"type": "object"},
+        requires_gpu=False,
+        max_concurrency=extra.pop("max_concurrency", 4),
+        **extra,
+    )
+
+
+ECHO_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "text": {"type": "string", "maxLength": 10},
+        "times": {"type": "integer", "minimum": 1},
+    },
+    "required": ["text"],
+    "additionalProperties": False,
+}
+
+
+async def echo(payload: dict[str, Any]) -> dict[str, Any]:
+    return {"echo": payload["text"] * payload.get("times", 1)}
+
+
+async def refuse(payload: Any) -> Any:
+    raise InvocationError("too_dull", "that payload is too dull", status=409)
+
+
+async def crash(payload: Any) -> Any:
+    raise RuntimeError("secret internal detail")
+
+
+async def count_up(payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    for number in range(payload["n"]):
+        yield {"n": number}
+    if payload.get("fail_after"):
+        raise RuntimeError("mid-stream failure")
+
+
+async def fail_first(payload: Any) -> AsyncIterator[dict[str, Any]]:
+    raise InvocationError("no_stream", "cannot stream that", status=422)
+    yield {}  # pragma: no cover - makes this an async generator
+
+
+HANDLERS: dict[tuple[str, str], Any] = {
+    ("echo", "text"): echo,
+    ("refuse", "it"): refuse,
+    ("crash", "it"): crash,
+    ("count", "numbers"): count_up,
+    ("stream", "refused"): fail_first,
+}
+CAPABILITIES = [
+    capability("echo", "text", ECHO_SCHEMA),
+    capability("refuse", "it"),
+    capability("crash", "it"),
+    capability(
+        "count",
+        "numbers",
+        {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]},
+    ),
+    capability("stream", "refused"),
+]
+
+
+def app(**options: Any) -> Any:
+    return invocation_app(HANDLERS, CAPABILITIES, **options)
+
+
+async def test_result_is_the_handlers_answer() -> None:
+    async with running(app()) as client:
+        response = await invoke(client, "echo", "text", {"text": "ab", "times": 2})
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    assert response.json() == {"result": {"echo": "abab"}}
+
+
+async def test_health_lists_capabilities_and_extra_details() -> None:
+    async with running(app(health=lambda: {"agent": {"state": "registered"}})) as client:
+        response = await client.get("/health")
+    assert response.json() == {
+        "status": "ok",
+        "capabilities": ["echo:text", "refuse:it", "crash:it", "count:numbers", "stream:refused"],
+        "agent": {"state": "registered"},
+    }
+
+
+@pytest.mark.parametrize(
+    ("request_args", "status", "code"),
+    [
+        (
+            {"method": "POST", "url": "/invoke/echo/nothing", "json": {"payload": {}}},
+            404,
+            "unknown_capability",
+        ),
+        ({"method": "POST", "url": "/elsewhere", "json": {"payload": {}}}, 404, "not_found"),
+        ({"method": "POST", "url": "/invoke/echo", "json": {"payload": {}}}, 404, "not_found"),
+        ({"method": "GET", "url": "/invoke/echo/text"}, 405, "method_not_allowed"),
+        ({"method": "POST", "url": "/health"}, 405, "method_not_allowed"),
+        (
+            {"method": "POST", "url": "/invoke/echo/text", "content": b'{"payload": {}}'},
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            {
+                "method": "POST",
+                "url": "/invoke/echo/text",
+                "content": b'{"payload": ',
+                "headers": {"content-type": "application/json"},
+            },
+            400,
+            "invalid_json",
+        ),
+        (
+            {
+                "method": "POST",
+                "url": "/invoke/echo/text",
+                "content": b'{"payload": "\xff"}',
+                "headers": {"content-type": "application/json"},
+            },
+            400,
+            "invalid_json",
+        ),
+        (
+            {
+                "method": "POST",
+                "url": "/invoke/echo/text",
+                "content": b'{"payload": NaN}',
+                "headers": {"content-type": "application/json"},
+            },
+            400,
+            "invalid_json",
+        ),
+        (
+            {
+                "method": "POST",
+                "url": "/invoke/echo/text",
+                "content": b"[" * 100_000,
+                "headers": {"content-type": "application/json"},
+            },
+            400,
+            "invalid_json",
+        ),
+        ({"method": "POST", "url": "/invoke/echo/text", "json": [1]}, 422, "invalid_request"),
+        (
+            {"method": "POST", "url": "/invoke/echo/text", "json": {"text": "a"}},
+            422,
+            "invalid_request",
+        ),
+        (
+            {
+                "method": "POST",
+                "url": "/invoke/echo/text",
+                "json": {"payload": {"text": "a"}, "extra": 1},
+            },
+            422,
+            "invalid_request",
+        ),
+        (
+            {"method": "POST", "url": "/invoke/echo/text", "json": {"payload": {"text": 5}}},
+            422,
+            "invalid_payload",
+        ),
+        ({"method": "POST", "url": "/invoke/refuse/it", "json": {"payload": {}}}, 409, "too_dull"),
+        (
+            {"method": "POST", "url": "/invoke/crash/it", "json": {"payload": {}}},
+            500,
+            "handler_failed",
+        ),
+        (
+            {"method": "POST", "url": "/invoke/stream/refused", "json": {"payload": {}}},
+            422,
+            "no_stream",
+        ),
+    ],
+)
+async def test_errors_are_json_with_a_code(
+    request_args: dict[str, Any], status: int, code: str
+) -> None:
+    async with running(app()) as client:
+        response = await client.request(**request_args)
+    assert response.status_code == status
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert body["error"] == code
+    assert isinstance(body["message"], str)
+    assert "Traceback" not in response.text
+    assert "secret internal detail" not in response.text
+
+
+async def test_invalid_payload_lists_every_problem() -> None:
+    async with running(app()) as client:
+        response = await invoke(
+            client, "echo", "text", {"text": "x" * 11, "times": 0, "other": True}
+        )
+    assert response.status_code == 422
+    assert response.json()["detail"] == [
+        {"path": "payload.text", "message": "must be at most 10 characters"},
+        {"path": "payload.times", "message": "must be >= 1"},
+        {"path": "payload.other", "message": "unknown field"},
+    ]
+
+
+async def test_body_over_the_limit_is_refused_by_its_declared_length() -> None:
+    async with running(app(max_body_size=100)) as client:
+        response = await invoke(client, "echo", "text", {"text": "x" * 200})
+    assert response.status_code == 413
+    assert response.json()["error"] == "request_too_large"
+
+
+async def test_body_over_the_limit_is_refused_without_a_declared_length() -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"payload": "'
+        for _ in range(10):
+            yield b"x" * 50
+        yield b'"}'
+
+    async with running(app(max_body_size=100)) as client:
+        response = await client.post(
+            "/invoke/echo/text", content=chunks(), headers={"content-type": "application/json"}
+        )
+    assert response.status_code == 413
+
+
+async def test_streaming_answers_ndjson_lines() -> None:
+    async with running(app()) as client:
+        response = await invoke(client, "count", "numbers", {"n": 3})
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/x-ndjson"
+    assert ndjson(response) == [{"n": 0}, {"n": 1}, {"n": 2}]
+
+
+async def test_a_stream_that_fails_midway_ends_with_an_error_line() -> None:
+    async with running(app()) as client:
+        response = await invoke(client, "count", "numbers", {"n": 2, "fail_after": True})
+    assert response.status_code == 200
+    assert ndjson(response) == [
+        {"n": 0},
+        {"n": 1},
+        {"error": "handler_failed", "message": "the handler of 'count:numbers' failed"},
+    ]
+
+
+async def test_percent_encoded_names_address_the_capability() -> None:
+    weird = capability("get", "a/b c")
+
+    async def answer(payload: Any) -> str:
+        return "found"
+
+    served = invocation_app({("get", "a/b c"): answer}, [weird])
+    assert invocation_path("get", "a/b c") == "/invoke/get/a%2Fb%20c"
+    async with running(served) as client:
+        response = await client.post(invocation_path("get", "a/b c"), json={"payload": {}})
+    assert response.json() == {"result": "found"}
+
+
+async def test_at_most_max_concurrency_invocations_run_at_once() -> None:
+    running_now = 0
+    peak = 0
+
+    async def slow(payload: Any) -> None:
+        nonlocal running_now, peak
+        running_now += 1
+        peak = max(peak, running_now)
+        await anyio.sleep(0.01)
+        running_now -= 1
+
+    served = invocation_app({("slow", "op"): slow}, [capability("slow", "op", max_concurrency=2)])
+    async with running(served) as client, anyio.create_task_group() as group:
+        for _ in range(6):
+            group.start_soon(invoke, client, "slow", "op", {})
+    assert peak == 2
+
+
+class RecordingAgent:
+    def __init__(self, fail: bool = False) -> None:
+        self.events: list[str] = []
+        self.fail = fail
+
+    async def __aenter__(self) -> RecordingAgent:
+        if self.fail:
+            raise RuntimeError("controller refused the registration")
+        self.events.append("registered")
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.events.append("deregistered")
+
+
+async def test_the_agent_is_entered_at_startup_and_left_at_shutdown() -> None:
+    agent = RecordingAgent()
+    async with running(app(agent=agent)) as client:
+        assert agent.events == ["registered"]
+        await invoke(client, "echo", "text", {"text": "a"})
+    assert agent.events == ["registered", "deregistered"]
+
+
+async def test_a_failing_agent_fails_startup() -> None:
+    with pytest.raises(RuntimeError, match=r"start-up failed.*controller refused"):
+        async with running(app(agent=RecordingAgent(fail=True))):
+            pass
+
+
+def test_handlers_and_capabilities_must_match() -> None:
+    with pytest.raises(ValueError, match="without a handler: \\['b:c'\\]"):
+        invocation_app({("echo", "text"): echo}, [capability("echo", "text"), capability("b", "c")])
+    with pytest.raises(ValueError, match="without a schema: \\['b:c'\\]"):
+        invocation_app({("echo", "text"): echo, ("b", "c"): echo}, [capability("echo", "text")])
+    with pytest.raises(ValueError, match="at least one"):
+        invocation_app({}, [])
+
+
+def test_handlers_must_be_async() -> None:
+    def sync(payload: Any) -> Any:
+        return payload
+
+    with pytest.raises(ValueError, match="must be an async function"):
+        invocation_app({("a", "b"): sync}, [capability("a", "b")])
+
+
+def test_unsupported_schema_keywords_are_refused_unless_validation_is_off() -> None:
+    schema = {"type": "object", "properties": {"x": {"oneOf": [{"type": "string"}]}}}
+    with pytest.raises(
+        JsonSchemaError, match=r"properties\.x: unsupported JSON Schema keyword\(s\) oneOf"
+    ):
+        invocation_app({("a", "b"): echo}, [capability("a", "b", schema)])
+    invocation_app({("a", "b"): echo}, [capability("a", "b", schema)], validate_input=False)
+
+
+async def test_without_validation_the_handler_sees_any_payload() -> None:
+    async def keys(payload: Any) -> Any:
+        return sorted(payload)
+
+    served = invocation_app(
+        {("k", "v"): keys}, [capability("k", "v", {"type": "string"})], validate_input=False
+    )
+    async with running(served) as client:
+        response = await invoke(client, "k", "v", {"b": 1, "a": 2})
+    assert response.json() == {"result": ["a", "b"]}
+
+
+@pytest.mark.parametrize(
+    ("schema", "value", "problems"),
+    [
+        ({"type": "integer"}, 3, []),
+        ({"type": "integer"}, 3.0, []),
+        ({"type": "integer"}, 3.5, [("payload", "must be of type integer")]),
+        ({"type": "integer"}, True, [("payload", "must be of type integer")]),
+        ({"type": "number"}, False, [("payload", "must be of type number")]),
+        ({"type": ["string", "null"]}, None, []),
+        ({"type": "boolean"}, 1, [("payload", "must be of type boolean")]),
+        ({"enum": [1, "a"]}, True, [("payload", 'must be one of 1, "a"')]),
+        ({"enum": [1, "a"]}, 1.0, []),
+        ({"const": False}, 0, [("payload", "must be false")]),
+        ({"const": {"a": [1]}}, {"a": [1]}, []),
+        ({"minimum": 1, "exclusiveMaximum": 3}, 3, [("payload", "must be < 3")]),
+        ({"exclusiveMinimum": 0, "maximum": 2.5}, 0, [("payload", "must be > 0")]),
+        ({"pattern": "^[a-z]+$"}, "abc1", [("payload", "must match the pattern '^[a-z]+$'")]),
+        ({"minLength": 2}, "a", [("payload", "must be at least 2 characters")]),
+        (
+            {"items": {"type": "string"}, "minItems": 1},
+            [],
+            [("payload", "must have at least 1 items")],
+        ),
+        (
+            {"items": {"type": "string"}, "maxItems": 1},
+            ["a", 2],
+            [("payload", "must have at most 1 items"), ("payload[1]", "must be of type string")],
+        ),
+        ({"uniqueItems": True}, [1, 1.0, True], [("payload[1]", "duplicates an earlier item")]),
+        ({"properties": {"a": False}}, {"a": 1}, [("payload.a", "is not allowed")]),
+        (
+            {"additionalProperties": {"type": "integer"}},
+            {"a": 1, "b": "x"},
+            [("payload.b", "must be of type integer")],
+        ),
+        ({"required": ["a", "b"]}, {"a": 1}, [("payload.b", "is required")]),
+        (
+            {"type": "string", "format": "email", "description": "annotations only"},
+            "not an email",
+            [],
+        ),
+        (True, {"anything": 1}, []),
+    ],
+)
+def test_validator(schema: Any, value: Any, problems: list[tuple[str, str]]) -> None:
+    check_json_schema(schema)
+    assert validate_json(value, schema) == problems
+
+
+@pytest.mark.parametrize(
+    ("schema", "message"),
+    [
+        ([], "must be an object or a boolean"),
+        ({"anyOf": []}, "unsupported JSON Schema keyword"),
+        ({"type": "text"}, "unknown type"),
+        ({"minimum": "1"}, "minimum: must be a number"),
+        ({"maxLength": -1}, "maxLength: must be an integer >= 0"),
+        ({"pattern": "("}, "not a regular expression"),
+        ({"enum": "a"}, "enum: must be a list"),
+        ({"required": "a"}, "required: must be a list of strings"),
+        ({"properties": []}, "properties: must be an object"),
+        ({"items": {"$ref": "#/x"}}, "items: unsupported"),
+    ],
+)
+def test_schemas_outside_the_subset_are_refused(schema: Any, message: str) -> None:
+    with pytest.raises(JsonSchemaError, match=message.replace("(", "\\(")):
+        check_json_schema(schema)
+
+
+async def test_a_raw_asgi_error_never_leaks_a_traceback_for_unserialisable_results() -> None:
+    async def unserialisable(payload: Any) -> Any:
+        return {"value": object()}
+
+    served = invocation_app({("bad", "result"): unserialisable}, [capability("bad", "result")])
+    async with running(served) as client:
+        response = await invoke(client, "bad", "result", {})
+    assert response.status_code == 500
+    assert response.json()["error"] == "handler_failed"
+
+
+async def test_works_under_trio_too() -> None:
+    # The app uses anyio only; run one request on trio directly.
+    results: list[Any] = []
+
+    async def main() -> None:
+        async with running(app()) as client:
+            response = await invoke(client, "echo", "text", {"text": "t"})
+            results.append(response.json())
+
+    await anyio.to_thread.run_sync(lambda: anyio.run(main, backend="trio"))
+    assert results == [{"result": {"echo": "t"}}]
+
+
+def test_json_dump_of_the_error_shape() -> None:
+    # The shape documented for errors: {"error": CODE, "message": ...}.
+    error = InvocationError("code", "text", status=418)
+    assert (error.code, error.message, error.status) == ("code", "text", 418)
+    with pytest.raises(ValueError, match="4xx or 5xx"):
+        InvocationError("code", "text", status=200)
+    assert json.loads(json.dumps({"error": error.code, "message": error.message}))
