@@ -1,0 +1,468 @@
+"""The journal codec: events and snapshots as JSON lines, and their replay.
+
+Sans-IO: this module turns values into lines and lines back into values; it
+opens no file. The service appends the lines to ``registry.jsonl``, fsyncs
+them and, on start, hands the file's lines to :func:`replay`.
+
+Every line is one JSON object with the format version ``"v"`` and a
+``"type"``, ending in a newline:
+
+* an event, as :func:`~crank_registry.unstructure_event` writes it::
+
+    {"v": 1, "type": "registered", "worker_id": "w1", "worker_url": ..., ...}
+
+* a part of a snapshot, written by compaction. A snapshot is split in parts
+  of at most :data:`SNAPSHOT_PART_SIZE` workers so that a damaged line loses
+  a bounded number of workers, not the whole registry. Identical capability
+  lists (replicas of one service) are written once per part and referred to
+  by index::
+
+    {"v": 1, "type": "snapshot", "part": 0, "parts": 3,
+     "capability_sets": [[{capability}, ...], ...],
+     "workers": [["w1", "https://w1:8443", 1700000000.5, 0], ...]}
+
+  Part 0 resets the state; the other parts add to it.
+
+Replay folds the lines into :class:`~crank_registry.WorkerRecord` values:
+registered and imported set a record, a heartbeat moves its last heartbeat
+forward, deregistered and evicted remove it. A damaged or unknown-version
+line is skipped and counted; a torn last line (no newline, or not
+parseable: the process died while writing it) is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import attrs
+
+from ._converter import structure, structure_event, unstructure, unstructure_event
+from ._errors import RegistryError, ValidationError
+from ._events import (
+    Event,
+    HeartbeatReceived,
+    WorkerDeregistered,
+    WorkerEvicted,
+    WorkerImported,
+    WorkerRegistered,
+)
+from ._models import _WORKER_ID, CapabilitySchema, WorkerRecord
+
+__all__ = [
+    "JOURNAL_FORMAT_VERSION",
+    "SNAPSHOT_PART_SIZE",
+    "JournalDecodeError",
+    "JournalEntry",
+    "JournalLines",
+    "JournalState",
+    "ReplayResult",
+    "SkippedLine",
+    "SnapshotPart",
+    "decode_line",
+    "encode_event",
+    "encode_snapshot",
+    "replay",
+]
+
+#: The value of ``"v"`` in every line this codec writes; other values are skipped.
+JOURNAL_FORMAT_VERSION = 1
+
+#: The most workers one snapshot line holds.
+SNAPSHOT_PART_SIZE = 1000
+
+_SNAPSHOT_TYPE = "snapshot"
+_SNAPSHOT_FIELDS = frozenset({"v", "type", "part", "parts", "capability_sets", "workers"})
+
+
+class JournalDecodeError(RegistryError):
+    """A journal line that cannot be read: damaged, or written by another format version."""
+
+    code = "journal_corrupt"
+    status_hint = 500
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+@attrs.frozen
+class SnapshotPart:
+    """One line of a snapshot: some of the workers live when it was written.
+
+    Part 0 replaces whatever came before it; the parts after it add to it.
+    """
+
+    records: tuple[WorkerRecord, ...]
+    part: int = 0
+    parts: int = 1
+
+
+#: What one journal line holds.
+JournalEntry = Event | SnapshotPart
+
+
+@attrs.frozen
+class SkippedLine:
+    """A line replay could not use: its 1-based number and why."""
+
+    line_number: int
+    reason: str
+
+
+@attrs.frozen
+class ReplayResult:
+    """What a journal adds up to.
+
+    ``records`` are in registration order and ``unverified``: the process
+    that replays them has not heard from those workers. Hand them to
+    :meth:`CapabilityRegistry.restore`. ``lines_skipped`` counts damaged,
+    unknown-version and torn lines; ``skipped`` says which and why.
+    """
+
+    records: tuple[WorkerRecord, ...]
+    lines_read: int
+    lines_skipped: int
+    torn_tail: bool
+    skipped: tuple[SkippedLine, ...]
+
+
+@attrs.frozen
+class JournalLines:
+    """The lines for a batch of events; ``durable``: they must be fsynced before success."""
+
+    lines: tuple[bytes, ...]
+    durable: bool
+
+
+# --------------------------------------------------------------------- encode
+
+
+def _dumps(value: Any) -> bytes:
+    # ASCII only, so that a line never holds a raw newline or a surrogate;
+    # allow_nan=False: a non-finite number would not read back.
+    return (
+        json.dumps(value, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+        + b"\n"
+    )
+
+
+def encode_event(event: Event) -> bytes:
+    """One journal line (ending in a newline) for ``event``."""
+    return _dumps({"v": JOURNAL_FORMAT_VERSION, **unstructure_event(event)})
+
+
+def _encode_with_capabilities(event: WorkerRegistered | WorkerImported) -> tuple[bytes, str]:
+    """The line for ``event`` and its capability list as JSON text, rendered once for both."""
+    body = unstructure_event(event)
+    capabilities = _text(body.pop("capabilities"))
+    head = _dumps({"v": JOURNAL_FORMAT_VERSION, **body})
+    return head[:-2] + b',"capabilities":' + capabilities.encode() + b"}\n", capabilities
+
+
+def _text(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def encode_snapshot(
+    records: Iterable[WorkerRecord], *, part_size: int = SNAPSHOT_PART_SIZE
+) -> tuple[bytes, ...]:
+    """The lines of a snapshot holding ``records`` (at least one line, even when empty)."""
+    return JournalState(records).snapshot(part_size=part_size)
+
+
+# --------------------------------------------------------------------- decode
+
+
+def decode_line(line: bytes | str) -> JournalEntry:
+    """Read one line (with or without its newline).
+
+    Raises :class:`JournalDecodeError` for anything that is not a line this
+    format version wrote: bytes that are not JSON, a wrong shape or type, an
+    unknown ``"type"``, or another ``"v"``.
+    """
+    try:
+        data = json.loads(line)
+    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError
+        raise JournalDecodeError("not a JSON line") from None
+    if not isinstance(data, dict):
+        raise JournalDecodeError("not a JSON object")
+    version = data.get("v")
+    if version != JOURNAL_FORMAT_VERSION or isinstance(version, bool):
+        raise JournalDecodeError(
+            f"unsupported format version {version!r} (expected {JOURNAL_FORMAT_VERSION})"
+        )
+    if data.get("type") == _SNAPSHOT_TYPE:
+        return _decode_snapshot(data)
+    body = {key: value for key, value in data.items() if key != "v"}
+    try:
+        return structure_event(body)
+    except ValidationError as error:
+        raise JournalDecodeError(f"invalid {data.get('type')!r} line: {error}") from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _decode_snapshot(data: dict[str, Any]) -> SnapshotPart:
+    unknown = sorted(data.keys() - _SNAPSHOT_FIELDS)
+    if unknown:
+        raise JournalDecodeError(f"snapshot: unknown field {unknown[0]!r}")
+    part: Any = data.get("part")
+    parts: Any = data.get("parts")
+    if not (_is_int(part) and _is_int(parts) and 0 <= part < parts):
+        raise JournalDecodeError("snapshot: part and parts must be integers, 0 <= part < parts")
+    raw_sets, rows = data.get("capability_sets"), data.get("workers")
+    if not isinstance(raw_sets, list) or not isinstance(rows, list):
+        raise JournalDecodeError("snapshot: capability_sets and workers must be lists")
+    try:
+        sets = [structure(raw, tuple[CapabilitySchema, ...]) for raw in raw_sets]
+    except ValidationError as error:
+        raise JournalDecodeError(f"snapshot: invalid capability set: {error}") from None
+    checked = [False] * len(sets)
+    records: list[WorkerRecord] = []
+    for position, row in enumerate(rows):
+        if not (isinstance(row, list) and len(row) == 4):
+            raise JournalDecodeError(f"snapshot: workers[{position}] is not a 4-item list")
+        worker_id, worker_url, last_heartbeat, set_index = row
+        if not (
+            isinstance(worker_id, str)
+            and _WORKER_ID.fullmatch(worker_id)
+            and isinstance(worker_url, str)
+            and worker_url.startswith(("http://", "https://"))
+            and isinstance(last_heartbeat, (int, float))
+            and not isinstance(last_heartbeat, bool)
+            and math.isfinite(last_heartbeat)
+            and _is_int(set_index)
+            and 0 <= set_index < len(sets)
+        ):
+            raise JournalDecodeError(f"snapshot: workers[{position}] is malformed")
+        capabilities = sets[set_index]
+        if not checked[set_index]:
+            # The first worker of each capability set goes through every
+            # model check (non-empty, no pair twice, the URL), once per set.
+            try:
+                WorkerRecord(worker_id, worker_url, capabilities, float(last_heartbeat), False)
+            except ValidationError as error:
+                raise JournalDecodeError(f"snapshot: workers[{position}]: {error}") from None
+            checked[set_index] = True
+        records.append(_record(worker_id, worker_url, capabilities, float(last_heartbeat)))
+    return SnapshotPart(tuple(records), part, parts)
+
+
+def _record(
+    worker_id: str,
+    worker_url: str,
+    capabilities: tuple[CapabilitySchema, ...],
+    last_heartbeat: float,
+) -> WorkerRecord:
+    """An unverified record from values that were validated when they were registered.
+
+    Replay builds one record per worker and per journaled heartbeat; running
+    the model's checks again (a URL parse each) would triple the recovery
+    time of a large registry, for values that this codec wrote itself and
+    read back intact.
+    """
+    record: WorkerRecord = object.__new__(WorkerRecord)
+    object.__setattr__(record, "worker_id", worker_id)
+    object.__setattr__(record, "worker_url", worker_url)
+    object.__setattr__(record, "capabilities", capabilities)
+    object.__setattr__(record, "last_heartbeat", last_heartbeat)
+    object.__setattr__(record, "verified", False)
+    return record
+
+
+# --------------------------------------------------------------------- replay
+
+
+class JournalState:
+    """The workers a journal describes: the fold of its lines.
+
+    :func:`replay` uses it to read a journal; a writer uses it to turn
+    events into lines (:meth:`encode`, which also decides which heartbeats
+    are worth a line) and to write the snapshot that replaces the journal
+    when it is compacted (:meth:`snapshot`). Records are kept
+    ``unverified``: whoever replays them has not heard from the workers.
+    """
+
+    def __init__(self, records: Iterable[WorkerRecord] = ()) -> None:
+        self._records: dict[str, WorkerRecord] = {}
+        # worker id -> its capability list as JSON text, when encode() has
+        # already rendered it: a snapshot reuses it instead of rendering again.
+        self._capability_texts: dict[str, str] = {}
+        for record in records:
+            self._records[record.worker_id] = _unverified(record)
+
+    def apply(self, entry: JournalEntry) -> None:
+        """Fold one entry into the state."""
+        records = self._records
+        if isinstance(entry, HeartbeatReceived):
+            record = records.get(entry.worker_id)
+            if record is not None and entry.at > record.last_heartbeat:
+                records[entry.worker_id] = _record(
+                    record.worker_id, record.worker_url, record.capabilities, entry.at
+                )
+        elif isinstance(entry, WorkerRegistered):
+            records[entry.worker_id] = _record(
+                entry.worker_id, entry.worker_url, entry.capabilities, entry.at
+            )
+            self._capability_texts.pop(entry.worker_id, None)
+        elif isinstance(entry, WorkerImported):
+            records[entry.worker_id] = _record(
+                entry.worker_id, entry.worker_url, entry.capabilities, entry.last_heartbeat
+            )
+            self._capability_texts.pop(entry.worker_id, None)
+        elif isinstance(entry, (WorkerDeregistered, WorkerEvicted)):
+            records.pop(entry.worker_id, None)
+            self._capability_texts.pop(entry.worker_id, None)
+        elif isinstance(entry, SnapshotPart):
+            if entry.part == 0:
+                records.clear()
+                self._capability_texts.clear()
+            for record in entry.records:
+                records[record.worker_id] = _unverified(record)
+                self._capability_texts.pop(record.worker_id, None)
+        else:
+            raise TypeError(f"not a journal entry: {entry!r}")
+
+    def encode(self, events: Iterable[Event], *, heartbeat_every: float = 0.0) -> JournalLines:
+        """The lines for ``events``, folding them into the state.
+
+        A heartbeat gets a line only when the worker is known and its last
+        journaled heartbeat is at least ``heartbeat_every`` seconds older
+        (a lost heartbeat costs nothing the next one does not repair); every
+        other event gets a line and makes the batch ``durable``.
+        """
+        lines: list[bytes] = []
+        durable = False
+        for event in events:
+            if isinstance(event, HeartbeatReceived):
+                record = self._records.get(event.worker_id)
+                if record is None or event.at - record.last_heartbeat < heartbeat_every:
+                    continue
+                lines.append(encode_event(event))
+                self.apply(event)
+                continue
+            durable = True
+            if isinstance(event, (WorkerRegistered, WorkerImported)):
+                line, capabilities = _encode_with_capabilities(event)
+                lines.append(line)
+                self.apply(event)
+                self._capability_texts[event.worker_id] = capabilities
+            else:
+                lines.append(encode_event(event))
+                self.apply(event)
+        return JournalLines(tuple(lines), durable)
+
+    def snapshot(self, *, part_size: int = SNAPSHOT_PART_SIZE) -> tuple[bytes, ...]:
+        """The lines of a snapshot of the state (at least one line, even when empty)."""
+        if part_size < 1:
+            raise ValueError("part_size must be >= 1")
+        records = tuple(self._records.values())
+        chunks = [records[i : i + part_size] for i in range(0, len(records), part_size)] or [()]
+        # Records restored from a snapshot share their capability tuple per
+        # set: render each tuple object once.
+        rendered: dict[int, str] = {}
+        texts = self._capability_texts
+        lines: list[bytes] = []
+        for index, chunk in enumerate(chunks):
+            set_index: dict[str, int] = {}
+            rows: list[list[Any]] = []
+            for record in chunk:
+                text = texts.get(record.worker_id)
+                if text is None:
+                    text = rendered.get(id(record.capabilities))
+                    if text is None:
+                        text = rendered[id(record.capabilities)] = _text(
+                            unstructure(record.capabilities)
+                        )
+                position = set_index.setdefault(text, len(set_index))
+                rows.append([record.worker_id, record.worker_url, record.last_heartbeat, position])
+            head = _dumps({"v": JOURNAL_FORMAT_VERSION, "type": _SNAPSHOT_TYPE, "part": index})[:-2]
+            lines.append(
+                head
+                + f',"parts":{len(chunks)},"capability_sets":[{",".join(set_index)}],'
+                f'"workers":{_text(rows)}}}\n'.encode()
+            )
+        return tuple(lines)
+
+    def records(self) -> tuple[WorkerRecord, ...]:
+        """Every worker, in registration order."""
+        return tuple(self._records.values())
+
+    def retain(self, worker_ids: Iterable[str]) -> None:
+        """Forget every worker not in ``worker_ids`` (those a registry dropped on restore)."""
+        keep = set(worker_ids)
+        for worker_id in [w for w in self._records if w not in keep]:
+            del self._records[worker_id]
+            self._capability_texts.pop(worker_id, None)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __contains__(self, worker_id: object) -> bool:
+        return worker_id in self._records
+
+
+def _unverified(record: WorkerRecord) -> WorkerRecord:
+    if not record.verified:
+        return record
+    return _record(record.worker_id, record.worker_url, record.capabilities, record.last_heartbeat)
+
+
+def replay(lines: Iterable[bytes | str]) -> ReplayResult:
+    """Fold journal lines (each ending in a newline, as a file yields them).
+
+    A last line without its newline, or that cannot be read, is torn: the
+    process died while writing it, so it was never acknowledged and is
+    dropped. Any other line that cannot be read is skipped. Both are counted
+    in ``lines_skipped``.
+    """
+    state = JournalState()
+    skipped: list[SkippedLine] = []
+    read = 0
+    torn = False
+    for number, line, is_last in _numbered(lines):
+        read = number
+        complete = line.endswith(b"\n") if isinstance(line, bytes) else line.endswith("\n")
+        if not complete:
+            # Only the last line of a file can lack its newline.
+            skipped.append(SkippedLine(number, "torn: no newline at the end"))
+            torn = True
+            continue
+        if not line.strip():
+            skipped.append(SkippedLine(number, "blank line"))
+            continue
+        try:
+            entry = decode_line(line)
+        except JournalDecodeError as error:
+            reason = f"torn: {error.reason}" if is_last else error.reason
+            skipped.append(SkippedLine(number, reason))
+            torn = torn or is_last
+            continue
+        state.apply(entry)
+    return ReplayResult(
+        records=state.records(),
+        lines_read=read,
+        lines_skipped=len(skipped),
+        torn_tail=torn,
+        skipped=tuple(skipped),
+    )
+
+
+def _numbered(lines: Iterable[bytes | str]) -> Iterator[tuple[int, bytes | str, bool]]:
+    """``(number, line, is_last)`` for each line, looking one line ahead."""
+    iterator = iter(lines)
+    try:
+        current = next(iterator)
+    except StopIteration:
+        return
+    number = 1
+    for following in iterator:
+        yield number, current, False
+        current = following
+        number += 1
+    yield number, current, True

@@ -1,0 +1,586 @@
+"""The journal on disk: ``STATE_DIR/registry.jsonl``.
+
+The core's codec (:mod:`crank_registry._journal`) turns events into lines;
+this module puts them in a file so that the registry survives a restart, a
+crash and a full disk without losing an acknowledged registration.
+
+* Durability. :meth:`Journal.record` returns only once the lines of a
+  registration, deregistration, eviction or import are written and
+  fsynced. Callers that arrive while an fsync is in flight wait for the
+  next one, which covers all of them (group commit): one fsync per batch,
+  not per request. Heartbeats are coalesced by the codec (at most one line
+  per worker per half ``unhealthy_after``) and are written without waiting
+  for an fsync: a lost heartbeat costs nothing that the next one does not
+  repair.
+* Failure. A failed write or fsync (a full disk) raises
+  :class:`JournalUnavailable` for every caller of that batch, cuts the file
+  back to its last good length, and leaves the journal usable for the next
+  batch.
+* Compaction. When the file grows past ``compact_ratio`` times the size of
+  a snapshot of the live workers (and past ``compact_min_bytes``), a
+  snapshot is written to ``registry.jsonl.compact`` in the same directory,
+  fsynced, renamed over the journal and the directory fsynced. A crash at
+  any point leaves either the old journal or the new one, both complete; a
+  leftover temporary file is removed on the next start.
+* One writer. :meth:`Journal.open` takes an exclusive ``flock`` on
+  ``STATE_DIR/registry.lock``; a second controller on the same directory
+  gets :class:`JournalError` saying who holds it.
+
+Errors::
+
+    JournalError          the journal cannot be used at start-up (locked,
+                          unreadable, a directory in its place)
+    JournalUnavailable    a write or fsync failed: answer 503
+                          {"error": "journal_unavailable"}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import gc
+import logging
+import os
+import pathlib
+import stat
+import time
+from collections.abc import Iterator, Sequence
+from typing import IO
+
+import anyio
+import anyio.to_thread
+import attrs
+
+from crank_registry import (
+    CapabilityRegistry,
+    Event,
+    HealthPolicy,
+    JournalState,
+    ReplayResult,
+    replay,
+)
+
+__all__ = [
+    "COMPACT_MIN_BYTES_ENV",
+    "JOURNAL_NAME",
+    "LOCK_NAME",
+    "Journal",
+    "JournalError",
+    "JournalUnavailable",
+    "RecoveryReport",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The journal's file name inside the state directory.
+JOURNAL_NAME = "registry.jsonl"
+#: The lock file's name inside the state directory.
+LOCK_NAME = "registry.lock"
+#: Environment variable overriding the default ``compact_min_bytes``.
+COMPACT_MIN_BYTES_ENV = "CRANK_REGISTRY_COMPACT_MIN_BYTES"
+
+_COMPACT_SUFFIX = ".compact"
+_DEFAULT_COMPACT_MIN_BYTES = 1 << 20
+# Until the first compaction tells the real figure, a snapshot is assumed to
+# take this many bytes per worker.
+_ASSUMED_BYTES_PER_WORKER = 256
+# The most skipped lines logged one by one at recovery.
+_LOGGED_SKIPS = 20
+
+
+class JournalError(Exception):
+    """The journal cannot be used: the controller must not start.
+
+    The message names the path and says why (another controller holds the
+    directory, the journal is a directory, it cannot be read).
+    """
+
+
+class JournalUnavailable(Exception):
+    """A write or fsync of the journal failed (e.g. the disk is full).
+
+    What the caller did is not known to be durable: the service answers
+    HTTP 503 ``{"error": "journal_unavailable"}``.
+    """
+
+    code = "journal_unavailable"
+    status_hint = 503
+
+
+@attrs.frozen
+class RecoveryReport:
+    """What :meth:`Journal.recover` found; the service logs it in one line."""
+
+    workers_restored: int
+    lines_read: int
+    lines_skipped: int
+    seconds: float
+
+
+class _Batch:
+    """Lines waiting to be written together, and the outcome all their callers share."""
+
+    __slots__ = ("done", "durable", "error", "lines")
+
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+        self.durable = False
+        self.done = False
+        self.error: OSError | None = None
+
+
+class Journal:
+    """An append-only journal of registry events in one state directory.
+
+    Use: :meth:`open`, then :meth:`recover` once into the registry, then
+    :meth:`record` the events of every mutation in the order they happened,
+    and :meth:`aclose` at shutdown.
+    """
+
+    def __init__(
+        self,
+        state_dir: pathlib.Path,
+        *,
+        lock_fd: int,
+        fd: int,
+        size: int,
+        fsync: bool,
+        policy: HealthPolicy | None,
+        compact_ratio: float,
+        compact_min_bytes: int,
+    ) -> None:
+        """Use :meth:`open`."""
+        self.state_dir = state_dir
+        self.path = state_dir / JOURNAL_NAME
+        self._lock_fd = lock_fd
+        self._fd = fd
+        self._size = size
+        self._fsync = fsync
+        self._policy = policy
+        self._compact_ratio = compact_ratio
+        self._compact_min_bytes = compact_min_bytes
+        self._state = JournalState()
+        self._recovered = False
+        self._closed = False
+        self._lock = anyio.Lock()
+        self._pending = _Batch()
+        # Bytes written since the last fsync (heartbeats are not fsynced).
+        self._unsynced = False
+        # A failed write left bytes past _size that must be cut first.
+        self._damaged_tail = False
+        # A compaction's rename is not known to be durable yet.
+        self._directory_unsynced = False
+        self._snapshot_bytes_per_worker: float = _ASSUMED_BYTES_PER_WORKER
+        self._no_compaction_below = 0
+        self.compactions = 0
+
+    # ------------------------------------------------------------- start-up
+
+    @classmethod
+    def open(
+        cls,
+        state_dir: pathlib.Path,
+        *,
+        fsync: bool = True,
+        policy: HealthPolicy | None = None,
+        compact_ratio: float = 2.0,
+        compact_min_bytes: int | None = None,
+    ) -> Journal:
+        """Create the directory if needed, lock it, and open ``registry.jsonl`` for append.
+
+        ``fsync=False`` skips every fsync (for tests and benchmarks: a crash
+        of the machine may then lose acknowledged registrations).
+        ``policy`` sets how often a worker's heartbeat is journaled (at
+        most once per half ``unhealthy_after``); by default it is the
+        recovered registry's. Compaction starts when the file exceeds
+        ``compact_ratio`` times a snapshot's size and ``compact_min_bytes``
+        (default 1 MiB, or the ``CRANK_REGISTRY_COMPACT_MIN_BYTES``
+        environment variable). Raises :class:`JournalError` when the
+        directory is held by another controller or the journal cannot be
+        opened.
+        """
+        state_dir = pathlib.Path(state_dir)
+        if compact_ratio <= 1:
+            raise ValueError("compact_ratio must be > 1")
+        if compact_min_bytes is None:
+            compact_min_bytes = _compact_min_bytes_from_environment()
+        if compact_min_bytes < 0:
+            raise ValueError("compact_min_bytes must be >= 0")
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise JournalError(
+                f"cannot create the state directory {state_dir}: {_reason(error)}"
+            ) from error
+        lock_fd = _lock(state_dir)
+        try:
+            path = state_dir / JOURNAL_NAME
+            _remove_leftover(path.with_name(path.name + _COMPACT_SUFFIX))
+            existed = path.exists()
+            try:
+                # O_NONBLOCK: a FIFO in the journal's place must not hang the start.
+                fd = os.open(
+                    path,
+                    os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK,
+                    0o644,
+                )
+            except OSError as error:
+                raise JournalError(f"cannot open the journal {path}: {_reason(error)}") from error
+            try:
+                status = os.fstat(fd)
+                if not stat.S_ISREG(status.st_mode):
+                    raise JournalError(f"cannot open the journal {path}: not a regular file")
+                size = status.st_size
+                if not existed:
+                    _fsync_directory(state_dir)
+            except OSError as error:
+                os.close(fd)
+                raise JournalError(f"cannot open the journal {path}: {_reason(error)}") from error
+            except JournalError:
+                os.close(fd)
+                raise
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        return cls(
+            state_dir,
+            lock_fd=lock_fd,
+            fd=fd,
+            size=size,
+            fsync=fsync,
+            policy=policy,
+            compact_ratio=compact_ratio,
+            compact_min_bytes=compact_min_bytes,
+        )
+
+    def recover(self, registry: CapabilityRegistry, *, now: float) -> RecoveryReport:
+        """Replay the journal into ``registry`` (as unverified workers) and report.
+
+        Call it once, before the first :meth:`record`. Damaged lines are
+        skipped and logged; a torn last line is cut off the file. Raises
+        :class:`JournalError` when the file cannot be read.
+        """
+        if self._recovered:
+            raise RuntimeError("the journal was already recovered")
+        if self._closed:
+            raise RuntimeError("the journal is closed")
+        if self._policy is None:
+            self._policy = registry.policy
+        started = time.perf_counter()
+        # A bulk load of many small objects: the cyclic collector would run
+        # dozens of times for nothing.
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            result, complete_bytes = self._read()
+            restored = registry.restore(result.records, now=now)
+            self._state = JournalState(r for r in result.records if r.worker_id in registry)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+        seconds = time.perf_counter() - started
+        if complete_bytes < self._size:
+            # The process died while writing the last line: cut it, so that
+            # the next line does not continue it.
+            try:
+                os.ftruncate(self._fd, complete_bytes)
+                self._sync()
+            except OSError as error:
+                raise JournalError(
+                    f"cannot cut the torn last line of the journal {self.path}: {_reason(error)}"
+                ) from error
+            self._size = complete_bytes
+        for skipped in result.skipped[:_LOGGED_SKIPS]:
+            logger.warning(
+                "journal %s line %d skipped: %s", self.path, skipped.line_number, skipped.reason
+            )
+        if result.lines_skipped > _LOGGED_SKIPS:
+            logger.warning(
+                "journal %s: %d more lines skipped", self.path, result.lines_skipped - _LOGGED_SKIPS
+            )
+        self._recovered = True
+        return RecoveryReport(
+            workers_restored=restored,
+            lines_read=result.lines_read,
+            lines_skipped=result.lines_skipped,
+            seconds=seconds,
+        )
+
+    def _read(self) -> tuple[ReplayResult, int]:
+        """Replay the file; also return the length of its newline-terminated part."""
+        complete = 0
+
+        def counted(file: IO[bytes]) -> Iterator[bytes]:
+            nonlocal complete
+            for line in file:
+                if line.endswith(b"\n"):
+                    complete += len(line)
+                yield line
+
+        try:
+            with open(self.path, "rb") as file:
+                result = replay(counted(file))
+        except OSError as error:
+            raise JournalError(f"cannot read the journal {self.path}: {_reason(error)}") from error
+        return result, complete
+
+    # ---------------------------------------------------------------- writes
+
+    @property
+    def size(self) -> int:
+        """The journal's length in bytes, as this process wrote it."""
+        return self._size
+
+    async def record(self, events: Sequence[Event]) -> None:
+        """Append the lines of ``events``.
+
+        Registrations, deregistrations, evictions and imports are written
+        and fsynced before this returns; heartbeats are coalesced and not
+        waited for. Raises :class:`JournalUnavailable` when the write fails
+        (nothing of this batch is then in the file). May compact the file.
+        """
+        if not self._recovered:
+            raise RuntimeError("recover() must run before record()")
+        if self._closed:
+            raise JournalUnavailable(f"the journal {self.path} is closed")
+        heartbeat_every = self._policy.unhealthy_after / 2 if self._policy is not None else 0.0
+        encoded = self._state.encode(events, heartbeat_every=heartbeat_every)
+        if not encoded.lines:
+            return
+        batch = self._pending
+        batch.lines.extend(encoded.lines)
+        if not encoded.durable:
+            if self._lock.locked():
+                return  # the holder writes these lines after its own batch
+            async with self._lock:
+                await self._drain(batch)
+            return
+        batch.durable = True
+        async with self._lock:
+            await self._drain(batch)
+        if batch.error is not None:
+            raise JournalUnavailable(
+                f"cannot write the journal {self.path}: {_reason(batch.error)}"
+            ) from batch.error
+
+    async def _drain(self, mine: _Batch) -> None:
+        """With the lock held: write ``mine`` unless another caller did, then maybe compact."""
+        if not mine.done:
+            # Not done means it is still the open batch: only lock holders
+            # swap it, and they finish what they swap.
+            self._pending = _Batch()
+            await self._flush(mine)
+        # Heartbeat lines that arrived meanwhile have nobody waiting to
+        # write them; durable ones do (their caller waits for this lock).
+        orphans = self._pending
+        if orphans.lines and not orphans.durable:
+            self._pending = _Batch()
+            await self._flush(orphans)
+        if self._size > max(self._compaction_threshold(), self._no_compaction_below):
+            await self._compact()
+
+    async def _flush(self, batch: _Batch) -> None:
+        data = b"".join(batch.lines)
+        sync = batch.durable and self._fsync
+        try:
+            await anyio.to_thread.run_sync(self._write, data, sync)
+        except OSError as error:
+            batch.error = error
+            logger.warning("journal %s: write failed: %s", self.path, _reason(error))
+        finally:
+            batch.done = True
+
+    def _write(self, data: bytes, sync: bool) -> None:
+        """Append ``data`` (in a worker thread, one at a time); on failure cut it off again."""
+        if self._damaged_tail:
+            os.ftruncate(self._fd, self._size)
+            self._damaged_tail = False
+        if sync and self._directory_unsynced:
+            _fsync_directory(self.state_dir)
+            self._directory_unsynced = False
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+            if sync:
+                os.fsync(self._fd)
+        except OSError:
+            try:
+                os.ftruncate(self._fd, self._size)
+            except OSError:
+                self._damaged_tail = True
+            raise
+        self._size += len(data)
+        self._unsynced = not sync
+
+    def _sync(self) -> None:
+        if self._fsync:
+            os.fsync(self._fd)
+        self._unsynced = False
+
+    # ------------------------------------------------------------ compaction
+
+    def _compaction_threshold(self) -> int:
+        snapshot_size = len(self._state) * self._snapshot_bytes_per_worker
+        return max(self._compact_min_bytes, int(self._compact_ratio * snapshot_size))
+
+    async def compact(self) -> None:
+        """Replace the journal with a snapshot of the live workers now.
+
+        Runs by itself when the file grows too large; this forces it.
+        Raises :class:`JournalUnavailable` when the snapshot cannot be
+        written (the old journal is then still in place).
+        """
+        if not self._recovered:
+            raise RuntimeError("recover() must run before compact()")
+        async with self._lock:
+            await self._compact(raise_errors=True)
+
+    async def _compact(self, *, raise_errors: bool = False) -> None:
+        # Lines still pending were already folded into the state, so the
+        # snapshot holds them; appending them after it again changes nothing.
+        workers = len(self._state)
+        data = b"".join(self._state.snapshot())
+        try:
+            await anyio.to_thread.run_sync(self._replace_with, data)
+        except OSError as error:
+            # The old journal is intact. Try again after it grew by half.
+            self._no_compaction_below = self._size + self._size // 2
+            logger.warning("journal %s: compaction failed: %s", self.path, _reason(error))
+            if raise_errors:
+                raise JournalUnavailable(
+                    f"cannot compact the journal {self.path}: {_reason(error)}"
+                ) from error
+            return
+        self._no_compaction_below = 0
+        self.compactions += 1
+        if workers:
+            self._snapshot_bytes_per_worker = len(data) / workers
+        logger.info("journal %s compacted: %d workers, %d bytes", self.path, workers, len(data))
+
+    def _replace_with(self, data: bytes) -> None:
+        """Write ``data`` to a temporary file, fsync it, rename it over the journal."""
+        temporary = self.path.with_name(self.path.name + _COMPACT_SUFFIX)
+        # Opened for append: once renamed, this descriptor is the journal's.
+        fd = os.open(
+            temporary, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644
+        )
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if self._fsync:
+                os.fsync(fd)
+            os.replace(temporary, self.path)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+        old, self._fd = self._fd, fd
+        os.close(old)
+        self._size = len(data)
+        self._damaged_tail = False
+        self._unsynced = False
+        if self._fsync:
+            try:
+                _fsync_directory(self.state_dir)
+            except OSError:
+                # Until the rename is durable, no new line may be
+                # acknowledged: the next durable write retries this first.
+                self._directory_unsynced = True
+                raise
+
+    # --------------------------------------------------------------- closing
+
+    async def aclose(self) -> None:
+        """Write what is pending, fsync, close the file and release the directory lock."""
+        if self._closed:
+            return
+        async with self._lock:
+            batch = self._pending
+            try:
+                if batch.lines:
+                    self._pending = _Batch()
+                    batch.durable = True
+                    await self._flush(batch)
+                elif self._unsynced:
+                    await anyio.to_thread.run_sync(self._sync)
+            except OSError as error:
+                logger.warning("journal %s: final fsync failed: %s", self.path, _reason(error))
+            finally:
+                self._closed = True
+                os.close(self._fd)
+                os.close(self._lock_fd)
+
+
+def _lock(state_dir: pathlib.Path) -> int:
+    """Take the state directory's lock; raises :class:`JournalError` when it is held."""
+    path = state_dir / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as error:
+        raise JournalError(f"cannot open the lock file {path}: {_reason(error)}") from error
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        holder = _read_holder(fd)
+        os.close(fd)
+        if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise JournalError(
+                f"another controller{holder} holds the state directory {state_dir} "
+                f"(lock {path}); stop it or use another --state-dir"
+            ) from error
+        raise JournalError(f"cannot lock {path}: {_reason(error)}") from error
+    # Say who holds it, for the message above in another process.
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        pid = os.pread(fd, 32, 0).decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return f" (pid {pid})" if pid.isdigit() else ""
+
+
+def _remove_leftover(temporary: pathlib.Path) -> None:
+    """Remove a compaction's temporary file left by a crash: the journal is complete without it."""
+    try:
+        temporary.unlink()
+    except FileNotFoundError:
+        return
+    except IsADirectoryError as error:
+        raise JournalError(f"cannot remove {temporary}: it is a directory") from error
+    except OSError as error:
+        raise JournalError(f"cannot remove {temporary}: {_reason(error)}") from error
+    logger.warning("removed %s, left by an interrupted compaction", temporary)
+
+
+def _fsync_directory(directory: pathlib.Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _compact_min_bytes_from_environment() -> int:
+    raw = os.environ.get(COMPACT_MIN_BYTES_ENV)
+    if raw is None:
+        return _DEFAULT_COMPACT_MIN_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise JournalError(f"{COMPACT_MIN_BYTES_ENV} must be a number of bytes >= 0, got {raw!r}")
+    return value
+
+
+def _reason(error: OSError) -> str:
+    return error.strerror or str(error)
