@@ -142,13 +142,17 @@ def make_controller_certificate(
     not_before: datetime.datetime | None = None,
     not_after: datetime.datetime | None = None,
 ) -> CertifiedKey:
-    """A server certificate for the controller, valid for ``hosts`` (names or IPs)."""
+    """A server certificate for the controller, valid for ``hosts`` (names or IPs).
+
+    It is a client certificate too: the gateway presents it to workers,
+    which require one from every caller.
+    """
     return _make_leaf(
         authority,
         common_name="crank controller",
         uris=(),
         hosts=hosts,
-        usages=(ExtendedKeyUsageOID.SERVER_AUTH,),
+        usages=(ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH),
         not_before=not_before,
         not_after=not_after,
     )

@@ -190,7 +190,7 @@ def test_certs_writes_a_ca_a_controller_and_worker_certificates(
         return set(certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
 
     assert sans(controller) == ["localhost", "127.0.0.1", "::1"]
-    assert usages(controller) == {ExtendedKeyUsageOID.SERVER_AUTH}
+    assert usages(controller) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
     assert sans(worker) == ["spiffe://crank.local/worker/a", "localhost", "127.0.0.1", "::1"]
     assert usages(worker) == {ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH}
     assert sans(client) == ["spiffe://crank.local/client/ops"]
