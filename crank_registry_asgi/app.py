@@ -335,17 +335,19 @@ class ControllerService:
 # ------------------------------------------------------------------ errors
 
 
-def _api_error(request: Request, exc: Exception) -> Response:
+# Handlers are async: Starlette runs a plain function in its thread pool,
+# a thread hop for every error answer.
+async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
     return exc.response()
 
 
-def _registry_error(request: Request, exc: Exception) -> Response:
+async def _registry_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RegistryError)
     return registry_error_response(exc)
 
 
-def _http_exception(request: Request, exc: Exception) -> Response:
+async def _http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     headers = dict(exc.headers or {})
     if exc.status_code == 404:
@@ -362,12 +364,12 @@ def _http_exception(request: Request, exc: Exception) -> Response:
     return error_response(exc.status_code, code, exc.detail, headers=headers)
 
 
-def _client_disconnect(request: Request, exc: Exception) -> Response:
+async def _client_disconnect(request: Request, exc: Exception) -> Response:
     # Nobody reads this answer; it only ends the request without a 500.
     return error_response(400, "client_disconnected", "the client went away mid-request")
 
 
-def _internal_error(request: Request, exc: Exception) -> Response:
+async def _internal_error(request: Request, exc: Exception) -> Response:
     return error_response(500, "internal_error", "the controller failed to answer this request")
 
 
