@@ -198,9 +198,19 @@ def decode_line(line: bytes | str) -> JournalEntry:
         return _decode_snapshot(data)
     body = {key: value for key, value in data.items() if key != "v"}
     try:
-        return structure_event(body)
+        event = structure_event(body)
+        # Events are plain values; hold them to the model's rules too.
+        if isinstance(event, WorkerRegistered):
+            WorkerRecord(event.worker_id, event.worker_url, event.capabilities, event.at)
+        elif isinstance(event, WorkerImported):
+            WorkerRecord(
+                event.worker_id, event.worker_url, event.capabilities, event.last_heartbeat
+            )
+        elif not _WORKER_ID.fullmatch(event.worker_id):
+            raise ValidationError.single("worker_id", "not a valid worker id")
     except ValidationError as error:
         raise JournalDecodeError(f"invalid {data.get('type')!r} line: {error}") from None
+    return event
 
 
 def _is_int(value: Any) -> bool:

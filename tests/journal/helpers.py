@@ -1,0 +1,84 @@
+"""Values shared by the journal's tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import strategies as st
+
+from crank_registry import (
+    CapabilitySchema,
+    Event,
+    HeartbeatReceived,
+    WorkerDeregistered,
+    WorkerEvicted,
+    WorkerImported,
+    WorkerRecord,
+    WorkerRegistered,
+    structure,
+)
+
+T0 = 1_700_000_000.0
+
+
+def capability(
+    name: str = "image.classify", verb: str = "classify", **extra: Any
+) -> CapabilitySchema:
+    """A valid capability, built through the strict converter like a request's."""
+    data: dict[str, Any] = {
+        "name": name,
+        "verb": verb,
+        "version": "1.2.3",
+        "input_schema": {"type": "object", "properties": {"image": {"type": "string"}}},
+        "output_schema": {"type": "object"},
+        "requires_gpu": False,
+        "max_concurrency": 4,
+        **extra,
+    }
+    return structure(data, CapabilitySchema)
+
+
+def normalized(records: list[WorkerRecord] | tuple[WorkerRecord, ...]) -> list[tuple[Any, ...]]:
+    """Records as comparable tuples, ignoring ``verified`` (a replayed record is never verified)."""
+    return [(r.worker_id, r.worker_url, r.capabilities, r.last_heartbeat) for r in records]
+
+
+worker_ids = st.sampled_from([f"w{i}" for i in range(6)] + ["worker.a-1", "B_2"])
+urls = st.sampled_from(["http://10.0.0.1:8080", "https://w.example:8443/api", "http://[::1]:9"])
+moments = st.floats(min_value=T0, max_value=T0 + 10_000, allow_nan=False)
+
+capabilities = st.builds(
+    capability,
+    name=st.sampled_from(["image.classify", "text.summarize", "audio.ü"]),
+    verb=st.sampled_from(["classify", "run"]),
+    runtime=st.none() | st.just("python3.11"),
+    constraints=st.none() | st.just({"gpu_memory_gb": 16, "labels": ["a", "é"]}),
+    slo=st.none() | st.just({"latency_p95_ms": 120.5, "availability": 0.999}),
+    required_capabilities=st.none() | st.just(["classify:image.decode"]),
+    cost_tokens_per_invocation=st.none() | st.floats(min_value=0, max_value=1e6),
+)
+capability_lists = st.lists(capabilities, min_size=1, max_size=3, unique_by=lambda c: c.key).map(
+    tuple
+)
+
+events: st.SearchStrategy[Event] = st.one_of(
+    st.builds(
+        WorkerRegistered,
+        worker_id=worker_ids,
+        worker_url=urls,
+        capabilities=capability_lists,
+        at=moments,
+        replaced=st.booleans(),
+    ),
+    st.builds(HeartbeatReceived, worker_id=worker_ids, at=moments),
+    st.builds(WorkerDeregistered, worker_id=worker_ids, at=moments),
+    st.builds(WorkerEvicted, worker_id=worker_ids, at=moments, last_heartbeat=moments),
+    st.builds(
+        WorkerImported,
+        worker_id=worker_ids,
+        worker_url=urls,
+        capabilities=capability_lists,
+        last_heartbeat=moments,
+        source=st.sampled_from(["controller-b", "ctl.2"]),
+    ),
+)

@@ -1,0 +1,245 @@
+"""The journal codec: lines, snapshots and replay, without files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from crank_registry import (
+    JOURNAL_FORMAT_VERSION,
+    CapabilityRegistry,
+    Event,
+    HeartbeatReceived,
+    JournalDecodeError,
+    JournalState,
+    RegistryError,
+    SnapshotPart,
+    WorkerDeregistered,
+    WorkerEvicted,
+    WorkerImported,
+    WorkerRecord,
+    WorkerRegistered,
+    decode_line,
+    encode_event,
+    encode_snapshot,
+    replay,
+)
+from tests.journal.helpers import T0, capability, capability_lists, events, normalized
+
+
+@given(events)
+def test_every_event_round_trips(event: Event) -> None:
+    line = encode_event(event)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert line.isascii()
+    data = json.loads(line)
+    assert data["v"] == JOURNAL_FORMAT_VERSION
+    assert isinstance(data["type"], str)
+    assert decode_line(line) == event
+    assert decode_line(line.decode()) == event
+
+
+@settings(max_examples=40)
+@given(
+    st.lists(st.tuples(capability_lists, st.floats(T0, T0 + 1e6)), max_size=12), st.integers(1, 5)
+)
+def test_snapshot_round_trips_in_parts(
+    rows: list[tuple[tuple[object, ...], float]], part_size: int
+) -> None:
+    records = [
+        WorkerRecord(f"w{i}", f"http://10.0.0.{i}:80", caps, at, False)  # type: ignore[arg-type]
+        for i, (caps, at) in enumerate(rows)
+    ]
+    lines = encode_snapshot(records, part_size=part_size)
+    assert len(lines) == max(1, -(-len(records) // part_size))
+    parts = [decode_line(line) for line in lines]
+    assert all(isinstance(p, SnapshotPart) for p in parts)
+    assert [p.part for p in parts] == list(range(len(lines)))  # type: ignore[union-attr]
+    assert replay(lines).records == tuple(records)
+
+
+def test_snapshot_writes_a_shared_capability_list_once_per_part() -> None:
+    shared = (capability(),)
+    records = [WorkerRecord(f"w{i}", "http://h:1", shared, T0) for i in range(10)]
+    (line,) = encode_snapshot(records)
+    data = json.loads(line)
+    assert len(data["capability_sets"]) == 1
+    assert [row[3] for row in data["workers"]] == [0] * 10
+    # Equal lists held by distinct objects are shared too.
+    copies = [WorkerRecord(f"w{i}", "http://h:1", (capability(),), T0) for i in range(3)]
+    assert len(json.loads(encode_snapshot(copies)[0])["capability_sets"]) == 1
+
+
+def test_replayed_records_are_unverified() -> None:
+    lines = [encode_event(WorkerRegistered("w1", "http://h:1", (capability(),), T0))]
+    (record,) = replay(lines).records
+    assert record.verified is False
+    assert record == WorkerRecord("w1", "http://h:1", (capability(),), T0, verified=False)
+
+
+def test_replay_folds_events() -> None:
+    caps = (capability(),)
+    other = (capability("text.summarize", "run"),)
+    lines = [
+        encode_event(WorkerRegistered("a", "http://a:1", caps, T0)),
+        encode_event(WorkerRegistered("b", "http://b:1", caps, T0 + 1)),
+        encode_event(WorkerRegistered("c", "http://c:1", caps, T0 + 2)),
+        encode_event(HeartbeatReceived("a", T0 + 10)),
+        encode_event(HeartbeatReceived("a", T0 + 5)),  # older: ignored
+        encode_event(HeartbeatReceived("ghost", T0 + 5)),  # unknown: ignored
+        encode_event(WorkerDeregistered("b", T0 + 11)),
+        encode_event(WorkerEvicted("c", T0 + 12, T0 + 2)),
+        encode_event(WorkerImported("d", "http://d:1", other, T0 + 3, "peer")),
+        encode_event(WorkerRegistered("a", "http://a:2", other, T0 + 13, replaced=True)),
+        encode_event(WorkerDeregistered("nobody", T0 + 14)),
+    ]
+    result = replay(lines)
+    assert normalized(result.records) == [
+        ("a", "http://a:2", other, T0 + 13),  # replaced in place: keeps its position
+        ("d", "http://d:1", other, T0 + 3),
+    ]
+    assert (result.lines_read, result.lines_skipped, result.torn_tail) == (11, 0, False)
+
+
+def test_snapshot_part_zero_resets_and_later_parts_add() -> None:
+    caps = (capability(),)
+    before = encode_event(WorkerRegistered("old", "http://o:1", caps, T0))
+    records = [WorkerRecord(f"w{i}", "http://h:1", caps, T0 + i) for i in range(5)]
+    snapshot = encode_snapshot(records, part_size=2)
+    after = encode_event(WorkerDeregistered("w3", T0 + 9))
+    result = replay([before, *snapshot, after])
+    assert [r.worker_id for r in result.records] == ["w0", "w1", "w2", "w4"]
+
+
+# ------------------------------------------------------------------ damage
+
+
+def _three_workers() -> list[bytes]:
+    caps = (capability(),)
+    return [encode_event(WorkerRegistered(f"w{i}", "http://h:1", caps, T0 + i)) for i in range(3)]
+
+
+def test_torn_last_line_without_newline_is_dropped() -> None:
+    lines = _three_workers()
+    torn = lines[2][: len(lines[2]) // 2]
+    result = replay([lines[0], lines[1], torn])
+    assert [r.worker_id for r in result.records] == ["w0", "w1"]
+    assert result.torn_tail is True
+    assert (result.lines_read, result.lines_skipped) == (3, 1)
+    assert result.skipped[0].line_number == 3
+    assert result.skipped[0].reason.startswith("torn")
+
+
+def test_complete_last_line_without_newline_is_still_torn() -> None:
+    # It was never acknowledged: the fsync that covers it did not finish.
+    lines = _three_workers()
+    result = replay([lines[0], lines[1], lines[2].rstrip(b"\n")])
+    assert [r.worker_id for r in result.records] == ["w0", "w1"]
+    assert result.torn_tail is True
+
+
+def test_unparseable_last_line_is_torn() -> None:
+    lines = _three_workers()
+    result = replay([*lines, b'{"v":1,"type":"regis\x00\x00\n'])
+    assert len(result.records) == 3
+    assert result.torn_tail is True
+    assert result.lines_skipped == 1
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"\x00\x00\x00\x00\n",
+        b"not json at all\n",
+        b'{"v":1,"type":"registered","worker_id":"w9"\n',  # cut, then the next line followed
+        b"[1, 2, 3]\n",
+        b'{"v":1,"type":"registered","worker_id":"w9","worker_url":"ftp://x","capabilities":[],"at":1}\n',
+        b'{"v":1,"type":"party","worker_id":"w9"}\n',
+        b'{"v":1,"type":"heartbeat","worker_id":"w9","at":"soon"}\n',
+        b'{"v":1,"type":"heartbeat","worker_id":"w9","at":1,"extra":true}\n',
+        b'{"v":true,"type":"heartbeat","worker_id":"w9","at":1}\n',
+        b'{"type":"heartbeat","worker_id":"w9","at":1}\n',
+        b"\xff\xfe invalid utf-8\n",
+        b"[" * 100_000 + b"\n",
+        b'{"v":1,"type":"snapshot","part":0,"parts":1,"capability_sets":[],"workers":[["w",1,2,0]]}\n',
+        b'{"v":1,"type":"snapshot","part":2,"parts":1,"capability_sets":[],"workers":[]}\n',
+        b'{"v":1,"type":"snapshot","part":0,"parts":1,"capability_sets":[[]],'
+        b'"workers":[["w","http://h:1",1.0,0]]}\n',
+        b"\n",
+    ],
+)
+def test_a_corrupted_line_in_the_middle_is_skipped_and_counted(garbage: bytes) -> None:
+    lines = _three_workers()
+    result = replay([lines[0], garbage, lines[1], lines[2]])
+    assert [r.worker_id for r in result.records] == ["w0", "w1", "w2"]
+    assert result.torn_tail is False
+    assert (result.lines_read, result.lines_skipped) == (4, 1)
+    assert result.skipped[0].line_number == 2
+
+
+def test_unknown_version_is_skipped_with_its_reason() -> None:
+    lines = _three_workers()
+    future = json.loads(lines[1])
+    future["v"] = 2
+    result = replay([lines[0], json.dumps(future).encode() + b"\n", lines[2]])
+    assert [r.worker_id for r in result.records] == ["w0", "w2"]
+    assert "unsupported format version 2" in result.skipped[0].reason
+    with pytest.raises(JournalDecodeError, match="version 2"):
+        decode_line(json.dumps(future))
+
+
+def test_decode_error_is_a_registry_error_with_a_code() -> None:
+    with pytest.raises(RegistryError) as caught:
+        decode_line(b"{")
+    assert isinstance(caught.value, JournalDecodeError)
+    assert caught.value.code == "journal_corrupt"
+
+
+def test_empty_journal() -> None:
+    result = replay([])
+    assert (result.records, result.lines_read, result.lines_skipped) == ((), 0, 0)
+
+
+# ------------------------------------------------------------------ writer
+
+
+def test_state_coalesces_heartbeats() -> None:
+    state = JournalState()
+    registry = CapabilityRegistry()
+    first = state.encode(registry.register("w1", "http://h:1", [capability()], now=T0))
+    assert first.durable and len(first.lines) == 1
+    every = registry.policy.unhealthy_after / 2
+    quiet = state.encode(registry.heartbeat("w1", now=T0 + every - 1), heartbeat_every=every)
+    assert quiet.lines == () and not quiet.durable
+    due = state.encode(registry.heartbeat("w1", now=T0 + every), heartbeat_every=every)
+    assert len(due.lines) == 1 and not due.durable
+    # The state is exactly what the lines say: the skipped heartbeat is not in it.
+    assert state.records()[0].last_heartbeat == T0 + every
+    unknown = state.encode([HeartbeatReceived("ghost", T0 + 100)], heartbeat_every=every)
+    assert unknown.lines == ()
+    gone = state.encode(registry.deregister("w1", now=T0 + 100))
+    assert gone.durable and len(state) == 0
+
+
+def test_state_snapshot_equals_its_lines() -> None:
+    state = JournalState()
+    registry = CapabilityRegistry()
+    lines: list[bytes] = []
+    for i in range(30):
+        lines += state.encode(
+            registry.register(f"w{i}", f"http://h:{i + 1}", [capability()], now=T0 + i)
+        ).lines
+    for i in range(0, 30, 3):
+        lines += state.encode(registry.deregister(f"w{i}", now=T0 + 40)).lines
+    assert replay(state.snapshot(part_size=7)).records == replay(lines).records
+    assert normalized(replay(lines).records) == normalized(registry.records())
+
+
+def test_state_rejects_a_non_entry() -> None:
+    with pytest.raises(TypeError):
+        JournalState().apply("registered")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="part_size"):
+        encode_snapshot([], part_size=0)
