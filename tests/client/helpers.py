@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import selectors
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import anyio.abc
 import httpx
 
 from crank_registry import (
@@ -191,3 +194,70 @@ class FakeController:
                 )
             return httpx.Response(200, json=unstructure(endpoint))
         return httpx.Response(404, json={"error": "not_found"})
+
+
+class SwitchableTransport(httpx.AsyncBaseTransport):
+    """Sends requests to the current in-process app; with none, the connection is refused.
+
+    ``requests`` records ``(time, path)`` of every request, answered or not.
+    """
+
+    def __init__(self) -> None:
+        self.app: Any = None
+        self.requests: list[tuple[float, str]] = []
+
+    def times_of(self, path: str, *, since: float = -math.inf) -> list[float]:
+        return [at for at, seen in self.requests if seen == path and at >= since]
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append((anyio.current_time(), request.url.path))
+        if self.app is None:
+            raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
+        return await httpx.ASGITransport(app=self.app).handle_async_request(request)
+
+
+class InProcessController:
+    """The real controller app, served in-process with its lifespan running.
+
+    Each :meth:`start` builds a new app (a new process, as far as the workers
+    can tell) from ``make_app``; :meth:`stop` runs its shutdown. Between the
+    two, requests through :attr:`transport` are refused. The app's lifespan
+    runs in a task of ``task_group``, so that it can stop while agents,
+    started later, keep running.
+    """
+
+    def __init__(self, task_group: anyio.abc.TaskGroup, make_app: Callable[[], Any]) -> None:
+        self._task_group = task_group
+        self._make_app = make_app
+        self._stop: anyio.Event | None = None
+        self._stopped: anyio.Event | None = None
+        self.transport = SwitchableTransport()
+        self.app: Any = None
+
+    async def start(self) -> None:
+        app = self._make_app()
+        stop, stopped = anyio.Event(), anyio.Event()
+
+        async def serve(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+            try:
+                async with app.router.lifespan_context(app):
+                    self.transport.app = app
+                    task_status.started()
+                    await stop.wait()
+                    self.transport.app = None
+            finally:
+                stopped.set()
+
+        await self._task_group.start(serve)
+        self.app, self._stop, self._stopped = app, stop, stopped
+
+    async def stop(self) -> None:
+        assert self._stop is not None and self._stopped is not None, "not started"
+        self._stop.set()
+        await self._stopped.wait()
+        self._stop = self._stopped = None
+
+    async def restart(self, downtime: float = 0.0) -> None:
+        await self.stop()
+        await anyio.sleep(downtime)
+        await self.start()
