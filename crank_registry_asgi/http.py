@@ -149,11 +149,13 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def _finite_float(text: str) -> float:
+def _json_number(text: str) -> float | int:
     value = float(text)
     if not math.isfinite(value):
         raise ValueError(f"number out of range: {text[:40]}")
-    return value
+    # A number with a zero fraction (4.0, 1e3) is an integer in JSON Schema,
+    # which the OpenAPI document follows; int() of a float is exact.
+    return int(value) if value.is_integer() else value
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -201,6 +203,10 @@ def _problem_in(value: Any, max_depth: int, check_strings: bool) -> str | None:
 def parse_json(body: bytes, *, max_depth: int) -> Any:
     """Parse ``body`` as strict JSON: UTF-8, no NaN/Infinity, no duplicate keys.
 
+    Numbers with a zero fraction come back as ``int`` (``4.0`` is the
+    integer 4, as JSON Schema has it); numbers too large for a float are
+    refused rather than read as infinity.
+
     Raises :class:`ApiError` ``invalid_json`` (400) for anything else,
     including arrays and objects nested more than ``max_depth`` deep.
     """
@@ -214,7 +220,7 @@ def parse_json(body: bytes, *, max_depth: int) -> Any:
         value = json.loads(
             text,
             parse_constant=_reject_constant,
-            parse_float=_finite_float,
+            parse_float=_json_number,
             object_pairs_hook=_unique_keys,
         )
     except RecursionError:

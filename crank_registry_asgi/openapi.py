@@ -44,8 +44,12 @@ _SEMVER = (
     r"(-[0-9A-Za-z-]+(\.[0-9A-Za-z-]+)*)?"
     r"(\+[0-9A-Za-z-]+(\.[0-9A-Za-z-]+)*)?$"
 )
+# "Not blank" is Python's idea of blank (str.isspace), which also counts
+# characters such as U+001C..U+001F that a regex engine's \s may not: the
+# class lists them literally so that every engine reads it the same way.
+_NOT_BLANK = "[^" + "".join(chr(c) for c in range(0x3001) if chr(c).isspace()) + "]"
 # A short text: not blank, at most 256 characters.
-_TEXT: dict[str, Any] = {"minLength": 1, "maxLength": 256, "pattern": r"\S"}
+_TEXT: dict[str, Any] = {"minLength": 1, "maxLength": 256, "pattern": _NOT_BLANK}
 _WORKER_ID: dict[str, Any] = {
     "minLength": 1,
     "maxLength": 128,
@@ -87,7 +91,7 @@ FIELD_CONSTRAINTS: dict[type[Any], dict[str, dict[str, Any]]] = {
         "constraints": {},
         "slo": _SLO,
         "spiffe_id": {"maxLength": 256, "pattern": r"^spiffe://."},
-        "required_capabilities": {"items": {"type": "string", "pattern": r"\S"}},
+        "required_capabilities": {"items": {"type": "string", "pattern": _NOT_BLANK}},
         "cost_tokens_per_invocation": _NUMBER_AT_LEAST_ZERO,
         "slo_bid": {},
         "controller_affinity": _TEXT,

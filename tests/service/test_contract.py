@@ -409,3 +409,12 @@ async def test_every_response_is_checked_against_the_document() -> None:
         check_documented("GET", "/health", response)
     with pytest.raises(AssertionError, match="not documented"):
         check_documented("GET", "/health", httpx.Response(404, json={"error": "x"}))
+
+
+async def test_a_number_with_a_zero_fraction_is_an_integer() -> None:
+    # As in JSON Schema, which the OpenAPI document follows: 4.0 is the integer 4.
+    async with running() as api:
+        body = registration("w1", capabilities=[capability(max_concurrency=4.0)])
+        assert (await api.post("/register", body)).status_code == 200
+        body = registration("w2", capabilities=[capability(max_concurrency=4.5)])
+        assert (await api.post("/register", body)).status_code == 422

@@ -1,0 +1,170 @@
+"""Spans and counters through the OpenTelemetry SDK's in-memory exporters."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+from tests.service.helpers import running
+
+pytestmark = pytest.mark.anyio
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_ID = "00f067aa0ba902b7"
+TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
+
+
+@pytest.fixture(scope="session")
+def session_exporter() -> InMemorySpanExporter:
+    """An in-memory exporter on the global tracer provider, installed once per session.
+
+    The global provider can be set only once per process; if another test
+    already installed an SDK provider, the exporter is added to that one.
+    """
+    exporter = InMemorySpanExporter()
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return exporter
+
+
+@pytest.fixture
+def spans(session_exporter: InMemorySpanExporter) -> Iterator[InMemorySpanExporter]:
+    session_exporter.clear()
+    yield session_exporter
+    session_exporter.clear()
+
+
+@pytest.fixture(scope="session")
+def metric_reader() -> InMemoryMetricReader | None:
+    """An in-memory metric reader on the global meter provider, if this session sets it."""
+    if isinstance(metrics.get_meter_provider(), MeterProvider):
+        return None
+    reader = InMemoryMetricReader()
+    metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+    return reader
+
+
+def server_span(exporter: InMemorySpanExporter, name: str) -> ReadableSpan:
+    found = [s for s in exporter.get_finished_spans() if s.name == name]
+    assert len(found) == 1, [s.name for s in exporter.get_finished_spans()]
+    assert found[0].kind is SpanKind.SERVER
+    return found[0]
+
+
+async def test_traceparent_becomes_the_parent(spans: InMemorySpanExporter) -> None:
+    async with running() as api:
+        body = {
+            "worker_id": "w1",
+            "worker_url": "http://w1.example:8000",
+            "capabilities": [
+                {
+                    "name": "image.classify",
+                    "verb": "classify",
+                    "version": "1.0.0",
+                    "input_schema": {},
+                    "output_schema": {},
+                    "requires_gpu": False,
+                    "max_concurrency": 1,
+                }
+            ],
+        }
+        response = await api.request(
+            "POST", "/register", json=body, headers={"traceparent": TRACEPARENT}
+        )
+        assert response.status_code == 200
+    span = server_span(spans, "POST /register")
+    assert span.context is not None and span.parent is not None
+    assert span.context.trace_id == int(TRACE_ID, 16)
+    assert span.parent.span_id == int(PARENT_ID, 16)
+    assert span.parent.is_remote
+    attributes = dict(span.attributes or {})
+    assert attributes["crank.worker_id"] == "w1"
+    assert attributes["http.response.status_code"] == 200
+    assert attributes["http.route"] == "/register"
+    assert [event.name for event in span.events] == ["worker registered"]
+
+
+async def test_route_span_attributes(spans: InMemorySpanExporter) -> None:
+    async with running() as api:
+        await api.register("w1")
+        spans.clear()
+        headers = {"traceparent": TRACEPARENT}
+        ask = {"verb": "classify", "capability": "image.classify"}
+        await api.request("POST", "/route", json=ask, headers=headers)
+        routed = server_span(spans, "POST /route")
+        spans.clear()
+        ask = {"verb": "classify", "capability": "nothing"}
+        await api.request("POST", "/route", json=ask, headers=headers)
+        missed = server_span(spans, "POST /route")
+    attributes = dict(routed.attributes or {})
+    assert (attributes["crank.verb"], attributes["crank.capability"]) == (
+        "classify",
+        "image.classify",
+    )
+    assert attributes["crank.worker_id"] == "w1"
+    assert attributes["http.response.status_code"] == 200
+    assert dict(missed.attributes or {})["http.response.status_code"] == 503
+    assert missed.status.status_code is StatusCode.ERROR
+    assert missed.context is not None and missed.context.trace_id == int(TRACE_ID, 16)
+
+
+async def test_without_traceparent_the_span_is_a_root(spans: InMemorySpanExporter) -> None:
+    async with running() as api:
+        await api.get("/health")
+        await api.get("/no/such/path")
+    health = server_span(spans, "GET /health")
+    assert health.parent is None
+    # A path that is not a route does not become a span name.
+    unknown = server_span(spans, "GET")
+    assert dict(unknown.attributes or {})["http.response.status_code"] == 404
+
+
+async def test_counters(metric_reader: InMemoryMetricReader | None) -> None:
+    if metric_reader is None:
+        pytest.skip("another test installed the global meter provider first")
+    before = _sums(metric_reader)
+    async with running() as api:
+        await api.register("w1")
+        await api.register("w2")
+        await api.post("/heartbeat", {"worker_id": "w1"})
+        assert await api.route() == "w1"
+        assert await api.route("classify", "nothing") is None
+        await api.post("/deregister", {"worker_id": "w2"})
+        api.advance(121)
+        await api.service.sweep()
+    after = _sums(metric_reader)
+    delta = {name: after.get(name, 0) - before.get(name, 0) for name in after}
+    assert delta == {
+        "crank.registrations": 2,
+        "crank.heartbeats": 1,
+        "crank.routes": 1,
+        "crank.routes.no_worker": 1,
+        "crank.deregistrations": 1,
+        "crank.evictions": 1,
+    }
+
+
+def _sums(reader: InMemoryMetricReader) -> dict[str, Any]:
+    data = reader.get_metrics_data()
+    totals: dict[str, Any] = {}
+    if data is None:
+        return totals
+    for resource in data.resource_metrics:
+        for scope in resource.scope_metrics:
+            if scope.scope.name != "crank_registry_asgi":
+                continue
+            for metric in scope.metrics:
+                totals[metric.name] = sum(point.value for point in metric.data.data_points)  # type: ignore[union-attr]
+    return totals
