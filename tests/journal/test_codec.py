@@ -26,6 +26,7 @@ from crank_registry import (
     encode_event,
     encode_snapshot,
     replay,
+    unstructure_event,
 )
 from tests.journal.helpers import T0, capability, capability_lists, events, normalized
 
@@ -243,3 +244,20 @@ def test_state_rejects_a_non_entry() -> None:
         JournalState().apply("registered")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="part_size"):
         encode_snapshot([], part_size=0)
+
+
+@given(
+    st.sampled_from(["w1", "worker-000123", "a.b_c-D", "x" * 128]),
+    st.floats(allow_nan=False, allow_infinity=False) | st.integers(-(2**60), 2**60),
+)
+def test_heartbeat_lines_are_what_the_converter_writes(worker_id: str, at: float) -> None:
+    event = HeartbeatReceived(worker_id, at)
+    general = {"v": JOURNAL_FORMAT_VERSION, **unstructure_event(event)}
+    assert encode_event(event) == json.dumps(general, separators=(",", ":")).encode() + b"\n"
+    assert decode_line(encode_event(event)) == HeartbeatReceived(worker_id, float(at))
+
+
+@pytest.mark.parametrize("at", [float("nan"), float("inf")])
+def test_a_non_finite_moment_is_refused(at: float) -> None:
+    with pytest.raises(ValueError):
+        encode_event(HeartbeatReceived("w1", at))
