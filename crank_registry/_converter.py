@@ -69,9 +69,13 @@ def _strict_int(value: Any, _: type) -> int:
 def _strict_float(value: Any, _: type) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise ValidationError.single("", "must be a number")
-    if not math.isfinite(value):
+    try:
+        number = float(value)  # an int too large for a float overflows
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
         raise ValidationError.single("", "must be a finite number")
-    return float(value)
+    return number
 
 
 def _strict_bool(value: Any, _: type) -> bool:

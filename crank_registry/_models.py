@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from ._errors import ValidationError
+from ._errors import Problem, ValidationError
 
 __all__ = [
     "CapabilityKey",
@@ -41,7 +41,8 @@ CapabilityKey = tuple[str, str]
 _SEMVER = re.compile(
     r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
     r"(?:-[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)?"
-    r"(?:\+[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)?"
+    r"(?:\+[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)?",
+    re.ASCII,  # \d is 0-9 only, not every Unicode digit
 )
 _WORKER_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _SLO_KEYS = ("latency_p95_ms", "availability", "error_budget_pct")
@@ -54,6 +55,16 @@ def _fail(field: str, message: str) -> ValidationError:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_finite_number(value: object) -> bool:
+    """A number that is finite as a float (JSON allows ints too large for one)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _text(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
@@ -106,7 +117,7 @@ def _optional_non_negative(_: object, attribute: attrs.Attribute[Any], value: ob
         return
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise _fail(attribute.name, "must be a number")
-    if not math.isfinite(value) or value < 0:
+    if not _is_finite_number(value) or value < 0:
         raise _fail(attribute.name, "must be a finite number >= 0")
 
 
@@ -115,18 +126,24 @@ def _slo(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
         return
     if not isinstance(value, dict):
         raise _fail(attribute.name, "must be an object")
+    problems: list[Problem] = []
     for key, item in value.items():
         path = f"{attribute.name}.{key}"
         if key not in _SLO_KEYS:
-            raise _fail(path, f"unknown field (expected one of {', '.join(_SLO_KEYS)})")
-        if not _is_number(item) or not math.isfinite(item):
-            raise _fail(path, "must be a finite number")
-        if key == "availability" and not 0 <= item <= 1:
-            raise _fail(path, "must be a fraction between 0 and 1")
-        if key == "error_budget_pct" and not 0 <= item <= 100:
-            raise _fail(path, "must be between 0 and 100")
-        if key == "latency_p95_ms" and item <= 0:
-            raise _fail(path, "must be > 0")
+            message = f"unknown field (expected one of {', '.join(_SLO_KEYS)})"
+        elif not _is_finite_number(item):
+            message = "must be a finite number"
+        elif key == "availability" and not 0 <= item <= 1:
+            message = "must be a fraction between 0 and 1"
+        elif key == "error_budget_pct" and not 0 <= item <= 100:
+            message = "must be between 0 and 100"
+        elif key == "latency_p95_ms" and item <= 0:
+            message = "must be > 0"
+        else:
+            continue
+        problems.append(Problem(path, message))
+    if problems:
+        raise ValidationError(problems)
 
 
 def _spiffe_id(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
@@ -243,7 +260,7 @@ def _capability_list(_: object, attribute: attrs.Attribute[Any], value: object) 
 
 
 def _finite(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if not _is_number(value) or not math.isfinite(value):  # type: ignore[arg-type]
+    if not _is_finite_number(value):
         raise _fail(attribute.name, "must be a finite number")
 
 
@@ -345,7 +362,7 @@ class RouteRequest:
 
 
 def _positive(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if not _is_number(value) or not math.isfinite(value) or value <= 0:  # type: ignore[arg-type, operator]
+    if not _is_finite_number(value) or value <= 0:  # type: ignore[operator]
         raise _fail(attribute.name, "must be a finite number > 0")
 
 

@@ -8,23 +8,33 @@ Data layout, chosen so that the hot paths never scan the registry:
 
 * ``_workers``: worker id -> :class:`_Worker`, in registration order.
 * ``_capabilities``: ``(verb, name)`` -> :class:`_Capability`, which holds
-  every registered member (registration order, for listings) and the
-  rotation: an ordered dict of members still believed routable. ``route``
-  takes the rotation's head and moves it to the end (round-robin, O(1)); a
-  head found unroutable is taken out of the rotation and put back by its
-  next heartbeat, so it is skipped at most once.
-* ``_deadlines``: a heap of (deadline, seq, worker). Heartbeats do not
-  touch it; an entry that surfaces early is pushed again with the worker's
+  the rotation: a ring (a list and a cursor) of the members still believed
+  routable. ``route`` serves the member under the cursor and moves the
+  cursor on (round-robin, O(1)); a member found unroutable leaves the ring
+  (its slot becomes a hole) and is put back at the end by its worker's next
+  heartbeat, so it is skipped at most once. The ring is compacted when
+  holes outnumber members, which keeps hole-skipping O(1) amortised.
+* Equal capability values registered by many workers are stored once (see
+  :meth:`_Capability.intern`): a registry of 100 000 workers over 10 000
+  capabilities holds 10 000 capability objects, not 300 000.
+* ``_deadlines``: a heap of ``(deadline, worker)``. Heartbeats do not touch
+  it; an entry that surfaces early is pushed again with the worker's
   current deadline, so a sweep costs what it evicts plus, amortised, one
   push per worker per ``evict_after``.
+
+Health arithmetic uses one form everywhere, ``now > last_heartbeat + limit``,
+so that the heap's deadlines and the checks agree to the last bit.
 """
 
 from __future__ import annotations
 
 import collections
 import heapq
+import math
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NoReturn
+
+import attrs
 
 from ._converter import structure, unstructure
 from ._errors import NotSupported, ValidationError, WorkerNotRegistered
@@ -54,38 +64,50 @@ __all__ = ["STATE_FORMAT_VERSION", "CapabilityRegistry"]
 #: The version of the snapshot written by :meth:`CapabilityRegistry.export_state`.
 STATE_FORMAT_VERSION = 1
 
+# At most this many distinct values of one (verb, name) are shared between
+# workers; beyond it a registration keeps its own objects (bounded work).
+_MAX_VARIANTS = 8
+
+_isfinite = math.isfinite
+
 
 class _Worker:
     """The registry's mutable record of one worker (never handed out)."""
 
     __slots__ = (
-        "worker_id",
-        "worker_url",
         "capabilities",
         "last_heartbeat",
-        "verified",
-        "routable_until",
-        "evict_at",
         "members",
         "parked",
+        "routable_until",
+        "verified",
+        "worker_id",
+        "worker_url",
     )
 
     def __init__(
         self,
-        record: WorkerRecord,
-        policy: HealthPolicy,
+        worker_id: str,
+        worker_url: str,
+        last_heartbeat: float,
+        verified: bool,
+        unhealthy_after: float,
     ) -> None:
-        self.worker_id = record.worker_id
-        self.worker_url = record.worker_url
-        self.capabilities = record.capabilities
-        self.verified = record.verified
-        self.members: dict[CapabilityKey, _Member] = {}
-        # True once some rotation dropped this worker; its next heartbeat puts
-        # it back everywhere.
+        self.worker_id = worker_id
+        self.worker_url = worker_url
+        self.verified = verified
+        self.last_heartbeat = last_heartbeat
+        self.routable_until = last_heartbeat + unhealthy_after
+        # Filled by _install, in the order of the registration.
+        self.capabilities: tuple[CapabilitySchema, ...] = ()
+        self.members: tuple[_Member, ...] = ()
+        # True once some ring dropped one of its members; the next heartbeat
+        # puts them back.
         self.parked = False
-        self.last_heartbeat = record.last_heartbeat
-        self.routable_until = record.last_heartbeat + policy.unhealthy_after
-        self.evict_at = record.last_heartbeat + policy.evict_after
+
+    def __lt__(self, other: _Worker) -> bool:
+        # Heap entries are (deadline, worker); equal deadlines need no order.
+        return False
 
     def record(self) -> WorkerRecord:
         return WorkerRecord(
@@ -98,22 +120,97 @@ class _Worker:
 
 
 class _Member:
-    """A worker's membership in one capability, with its endpoint prebuilt."""
+    """A worker's membership in one capability, with its endpoint prebuilt.
 
-    __slots__ = ("worker", "endpoint", "version")
+    ``slot`` is its index in the capability's ring, or -1 while it is out.
+    """
 
-    def __init__(self, worker: _Worker, capability: CapabilitySchema) -> None:
+    __slots__ = ("endpoint", "entry", "slot", "worker")
+
+    def __init__(self, worker: _Worker, endpoint: WorkerEndpoint, entry: _Capability) -> None:
         self.worker = worker
-        self.version = capability.version
-        self.endpoint = WorkerEndpoint(worker.worker_id, worker.worker_url, capability.version)
+        self.endpoint = endpoint
+        self.entry = entry
+        self.slot = -1
 
 
 class _Capability:
-    __slots__ = ("members", "rotation")
+    """One ``(verb, name)``: its ring of routable members and its shared values."""
 
-    def __init__(self) -> None:
-        self.members: dict[str, _Member] = {}
-        self.rotation: collections.OrderedDict[str, _Member] = collections.OrderedDict()
+    __slots__ = ("cursor", "key", "live", "ring", "size", "variants")
+
+    def __init__(self, key: CapabilityKey) -> None:
+        self.key = key
+        self.ring: list[_Member | None] = []
+        self.cursor = 0
+        self.live = 0  # members in the ring
+        self.size = 0  # members in all
+        # [value, number of members using it], for sharing equal values.
+        self.variants: list[list[Any]] = []
+
+    def intern(self, capability: CapabilitySchema) -> CapabilitySchema:
+        """The stored value equal to ``capability`` (it, if there is none yet)."""
+        for variant in self.variants:
+            if variant[0] is capability or _identical_capabilities(variant[0], capability):
+                variant[1] += 1
+                shared: CapabilitySchema = variant[0]
+                return shared
+        if len(self.variants) < _MAX_VARIANTS:
+            self.variants.append([capability, 1])
+        return capability
+
+    def release(self, capability: CapabilitySchema) -> None:
+        """A member using ``capability`` left."""
+        for index, variant in enumerate(self.variants):
+            if variant[0] is capability:
+                variant[1] -= 1
+                if not variant[1]:
+                    del self.variants[index]
+                return
+
+    def add(self, member: _Member) -> None:
+        member.slot = len(self.ring)
+        self.ring.append(member)
+        self.live += 1
+
+    def take_out(self, member: _Member) -> None:
+        self.ring[member.slot] = None
+        member.slot = -1
+        self.live -= 1
+        if len(self.ring) > 2 * self.live + 4:
+            self._compact()
+
+    def _compact(self) -> None:
+        ring: list[_Member | None] = []
+        cursor = 0
+        for index, member in enumerate(self.ring):
+            if index == self.cursor:
+                cursor = len(ring)
+            if member is not None:
+                member.slot = len(ring)
+                ring.append(member)
+        self.ring = ring
+        self.cursor = cursor
+
+
+def _identical(left: Any, right: Any) -> bool:
+    """Equal, with equal types all the way down (``1``, ``1.0``, ``True`` differ)."""
+    if type(left) is not type(right):
+        return False
+    if isinstance(left, dict):
+        return len(left) == len(right) and all(
+            key in right and _identical(value, right[key]) for key, value in left.items()
+        )
+    if isinstance(left, (list, tuple)):
+        return len(left) == len(right) and all(map(_identical, left, right))
+    return bool(left == right)
+
+
+_CAPABILITY_FIELDS = tuple(field.name for field in attrs.fields(CapabilitySchema))
+
+
+def _identical_capabilities(left: CapabilitySchema, right: CapabilitySchema) -> bool:
+    return all(_identical(getattr(left, name), getattr(right, name)) for name in _CAPABILITY_FIELDS)
 
 
 class CapabilityRegistry:
@@ -128,15 +225,22 @@ class CapabilityRegistry:
     """
 
     def __init__(self, policy: HealthPolicy | None = None) -> None:
-        self.policy = policy if policy is not None else HealthPolicy()
+        self._policy = policy if policy is not None else HealthPolicy()
+        # The hot paths read these two directly (the policy is frozen).
+        self._unhealthy_after = self._policy.unhealthy_after
+        self._evict_after = self._policy.evict_after
         self._workers: dict[str, _Worker] = {}
         self._capabilities: dict[CapabilityKey, _Capability] = {}
-        self._deadlines: list[tuple[float, int, _Worker]] = []
-        self._seq = 0
+        self._deadlines: list[tuple[float, _Worker]] = []
         # Deregistrations remembered so that an import cannot resurrect the
         # worker; kept for evict_after (older remote records are expired).
         self._tombstones: dict[str, float] = {}
         self._tombstone_expiry: collections.deque[tuple[float, str, float]] = collections.deque()
+
+    @property
+    def policy(self) -> HealthPolicy:
+        """The timings this registry applies."""
+        return self._policy
 
     # ------------------------------------------------------------------ writes
 
@@ -155,21 +259,21 @@ class CapabilityRegistry:
         given twice.
         """
         registration = Registration(worker_id, worker_url, tuple(capabilities))
+        _check_now(now)
         replaced = worker_id in self._workers
-        record = WorkerRecord(
-            worker_id=registration.worker_id,
-            worker_url=registration.worker_url,
-            capabilities=registration.capabilities,
+        worker = self._install(
+            registration.worker_id,
+            registration.worker_url,
+            registration.capabilities,
             last_heartbeat=now,
             verified=True,
         )
-        self._install(record)
         self._tombstones.pop(worker_id, None)
         return (
             WorkerRegistered(
                 worker_id=worker_id,
-                worker_url=registration.worker_url,
-                capabilities=registration.capabilities,
+                worker_url=worker.worker_url,
+                capabilities=worker.capabilities,
                 at=now,
                 replaced=replaced,
             ),
@@ -183,23 +287,28 @@ class CapabilityRegistry:
         than ``evict_after``: each of them must register again.
         """
         worker = self._workers.get(worker_id)
-        if worker is None or not worker.verified or now > worker.evict_at:
-            raise WorkerNotRegistered(worker_id)
+        if (
+            worker is None
+            or not worker.verified
+            # Also false for a `now` that is NaN, infinite or going backwards.
+            or not worker.last_heartbeat <= now <= worker.last_heartbeat + self._evict_after
+        ):
+            _refuse_heartbeat(worker, worker_id, now)
         worker.last_heartbeat = now
-        worker.routable_until = now + self.policy.unhealthy_after
-        worker.evict_at = now + self.policy.evict_after
+        worker.routable_until = now + self._unhealthy_after
         if worker.parked:
             self._unpark(worker)
         return (HeartbeatReceived(worker_id, now),)
 
     def deregister(self, worker_id: str, *, now: float) -> tuple[Event, ...]:
         """Remove a worker that is leaving; raises :class:`WorkerNotRegistered` if unknown."""
+        _check_now(now)
         worker = self._workers.get(worker_id)
         if worker is None:
             raise WorkerNotRegistered(worker_id)
         self._remove(worker)
         self._tombstones[worker_id] = now
-        self._tombstone_expiry.append((now + self.policy.evict_after, worker_id, now))
+        self._tombstone_expiry.append((now + self._policy.evict_after, worker_id, now))
         return (WorkerDeregistered(worker_id, now),)
 
     def cleanup_stale(self, *, now: float) -> tuple[Event, ...]:
@@ -208,19 +317,22 @@ class CapabilityRegistry:
         Costs in proportion to the deadlines that have passed, not to the
         size of the registry.
         """
+        _check_now(now)
         events: list[Event] = []
         heap = self._deadlines
+        evict_after = self._evict_after
         while heap and heap[0][0] < now:
-            _, _, worker = heapq.heappop(heap)
+            _, worker = heapq.heappop(heap)
             if self._workers.get(worker.worker_id) is not worker:
                 continue  # replaced or removed since this entry was pushed
-            if now > worker.evict_at:
+            evict_at = worker.last_heartbeat + evict_after
+            if now > evict_at:
                 self._remove(worker)
                 events.append(WorkerEvicted(worker.worker_id, now, worker.last_heartbeat))
             elif now > worker.routable_until:
-                self._push(worker.evict_at, worker)
+                heapq.heappush(heap, (evict_at, worker))
             else:
-                self._push(worker.routable_until, worker)
+                heapq.heappush(heap, (worker.routable_until, worker))
         expiry = self._tombstone_expiry
         while expiry and expiry[0][0] < now:
             _, worker_id, at = expiry.popleft()
@@ -236,11 +348,12 @@ class CapabilityRegistry:
         heartbeat until it re-registers. Records already past ``evict_after``
         are dropped.
         """
+        _check_now(now)
         kept = 0
         for record in records:
-            if now - record.last_heartbeat > self.policy.evict_after:
+            if now > record.last_heartbeat + self._policy.evict_after:
                 continue
-            self._install(_unverified(record))
+            self._install_record(record)
             kept += 1
         return kept
 
@@ -256,10 +369,11 @@ class CapabilityRegistry:
         already past ``evict_after`` are ignored. Raises
         :class:`ValidationError` (nothing changes) for a malformed snapshot.
         """
+        _check_now(now)
         records = _parse_state(state)
         events: list[Event] = []
         for record in records:
-            if now - record.last_heartbeat > self.policy.evict_after:
+            if now > record.last_heartbeat + self._policy.evict_after:
                 continue
             deregistered_at = self._tombstones.get(record.worker_id)
             if deregistered_at is not None and deregistered_at >= record.last_heartbeat:
@@ -267,14 +381,13 @@ class CapabilityRegistry:
             local = self._workers.get(record.worker_id)
             if local is not None and local.last_heartbeat >= record.last_heartbeat:
                 continue
-            imported = _unverified(record)
-            self._install(imported)
+            worker = self._install_record(record)
             events.append(
                 WorkerImported(
-                    worker_id=imported.worker_id,
-                    worker_url=imported.worker_url,
-                    capabilities=imported.capabilities,
-                    last_heartbeat=imported.last_heartbeat,
+                    worker_id=worker.worker_id,
+                    worker_url=worker.worker_url,
+                    capabilities=worker.capabilities,
+                    last_heartbeat=worker.last_heartbeat,
                     source=controller_id,
                 )
             )
@@ -318,15 +431,21 @@ class CapabilityRegistry:
         entry = self._capabilities.get((verb, capability))
         if entry is None:
             return None
-        rotation = entry.rotation
-        while rotation:
-            worker_id = next(iter(rotation))
-            member = rotation[worker_id]
+        while entry.live:
+            ring = entry.ring
+            index = entry.cursor
+            if index >= len(ring):
+                index = 0
+            member = ring[index]
+            entry.cursor = index + 1
+            if member is None:
+                continue  # a hole left by a member that went out
             if now <= member.worker.routable_until:
-                rotation.move_to_end(worker_id)
                 return member.endpoint
-            # Unroutable at this `now`: leave the rotation until a heartbeat.
-            del rotation[worker_id]
+            # Unroutable at this `now` (or `now` is not a number): out of the
+            # ring until a heartbeat.
+            _check_now(now)
+            entry.take_out(member)
             member.worker.parked = True
         return None
 
@@ -341,26 +460,37 @@ class CapabilityRegistry:
         return self._deadlines[0][0] if self._deadlines else None
 
     def get_workers_for_capability(self, capability: str) -> list[WorkerEndpoint]:
-        """Every worker registered for ``"verb:name"``, healthy or not, in registration order."""
+        """Every worker registered for ``"verb:name"``, healthy or not, in registration order.
+
+        A listing: it walks the workers (``route`` never does).
+        """
         entry = self._capabilities.get(parse_capability_label(capability))
         if entry is None:
             return []
-        return [member.endpoint for member in entry.members.values()]
+        return [
+            member.endpoint
+            for worker in self._workers.values()
+            for member in worker.members
+            if member.entry is entry
+        ]
 
     def get_all_capabilities(self, *, now: float) -> list[CapabilityView]:
         """One entry per ``(verb, capability, version)``, sorted, with its workers."""
-        views: list[CapabilityView] = []
-        for (verb, name), entry in sorted(self._capabilities.items()):
-            by_version: dict[str, tuple[list[str], list[str]]] = {}
-            for worker_id, member in entry.members.items():
-                workers, healthy = by_version.setdefault(member.version, ([], []))
-                workers.append(worker_id)
-                if self._is_routable(member.worker, now):
-                    healthy.append(worker_id)
-            for version in sorted(by_version):
-                workers, healthy = by_version[version]
-                views.append(CapabilityView(verb, name, version, tuple(workers), tuple(healthy)))
-        return views
+        groups: dict[tuple[str, str, str], tuple[list[str], list[str]]] = {}
+        for worker in self._workers.values():
+            routable = self._is_routable(worker, now)
+            for member in worker.members:
+                verb, name = member.entry.key
+                workers, healthy = groups.setdefault(
+                    (verb, name, member.endpoint.version), ([], [])
+                )
+                workers.append(worker.worker_id)
+                if routable:
+                    healthy.append(worker.worker_id)
+        return [
+            CapabilityView(verb, name, version, tuple(workers), tuple(healthy))
+            for (verb, name, version), (workers, healthy) in sorted(groups.items())
+        ]
 
     def workers(self, *, now: float) -> list[WorkerView]:
         """Every registered worker at ``now``, in registration order."""
@@ -415,74 +545,136 @@ class CapabilityRegistry:
             capabilities=worker.capabilities,
         )
 
-    def _push(self, deadline: float, worker: _Worker) -> None:
-        self._seq += 1  # ties break on insertion order, never on the worker
-        heapq.heappush(self._deadlines, (deadline, self._seq, worker))
+    def _install_record(self, record: WorkerRecord) -> _Worker:
+        """Install a record from a journal or another controller, unverified."""
+        return self._install(
+            record.worker_id,
+            record.worker_url,
+            record.capabilities,
+            last_heartbeat=record.last_heartbeat,
+            verified=False,
+        )
 
-    def _install(self, record: WorkerRecord) -> None:
-        """Put ``record`` in place of any worker with its id, keeping positions."""
-        worker = _Worker(record, self.policy)
-        old = self._workers.get(record.worker_id)
-        new_members = {c.key: _Member(worker, c) for c in record.capabilities}
+    def _install(
+        self,
+        worker_id: str,
+        worker_url: str,
+        capabilities: tuple[CapabilitySchema, ...],
+        *,
+        last_heartbeat: float,
+        verified: bool,
+    ) -> _Worker:
+        """Put a worker in place of any worker with its id, keeping positions.
+
+        The inputs are already valid; nothing here can fail half-way.
+        """
+        worker = _Worker(worker_id, worker_url, last_heartbeat, verified, self._unhealthy_after)
+        old = self._workers.get(worker_id)
+        previous: dict[CapabilityKey, tuple[_Member, CapabilitySchema]] = {}
         if old is not None:
-            for key in old.members.keys() - new_members.keys():
-                self._leave(key, old.worker_id)
-        for key, member in new_members.items():
+            previous = {
+                member.entry.key: (member, stored)
+                for member, stored in zip(old.members, old.capabilities, strict=True)
+            }
+        stored_capabilities: list[CapabilitySchema] = []
+        members: list[_Member] = []
+        endpoints: dict[str, WorkerEndpoint] = {}
+        for given in capabilities:
+            key = given.key
             entry = self._capabilities.get(key)
             if entry is None:
-                entry = self._capabilities[key] = _Capability()
-            # Assigning to an existing key keeps its place in both orders.
-            entry.members[worker.worker_id] = member
-            entry.rotation[worker.worker_id] = member
-        worker.members = new_members
-        self._workers[worker.worker_id] = worker
-        self._push(worker.routable_until, worker)
+                entry = self._capabilities[key] = _Capability(key)
+            capability = entry.intern(given)
+            endpoint = endpoints.get(capability.version)
+            if endpoint is None:
+                endpoint = endpoints[capability.version] = WorkerEndpoint(
+                    worker_id, worker_url, capability.version
+                )
+            member = _Member(worker, endpoint, entry)
+            replaced = previous.pop(key, None)
+            if replaced is None:
+                entry.size += 1
+                entry.add(member)
+            else:
+                old_member, old_capability = replaced
+                entry.release(old_capability)
+                if old_member.slot >= 0:
+                    # Take the old member's place in the ring.
+                    member.slot = old_member.slot
+                    entry.ring[member.slot] = member
+                    old_member.slot = -1
+                else:
+                    entry.add(member)
+            stored_capabilities.append(capability)
+            members.append(member)
+        for old_member, old_capability in previous.values():
+            self._leave(old_member, old_capability)
+        worker.capabilities = tuple(stored_capabilities)
+        worker.members = tuple(members)
+        self._workers[worker_id] = worker
+        heapq.heappush(self._deadlines, (worker.routable_until, worker))
+        return worker
 
     def _remove(self, worker: _Worker) -> None:
-        for key in worker.members:
-            self._leave(key, worker.worker_id)
+        for member, capability in zip(worker.members, worker.capabilities, strict=True):
+            self._leave(member, capability)
         del self._workers[worker.worker_id]
 
-    def _leave(self, key: CapabilityKey, worker_id: str) -> None:
-        entry = self._capabilities[key]
-        del entry.members[worker_id]
-        entry.rotation.pop(worker_id, None)
-        if not entry.members:
-            del self._capabilities[key]
+    def _leave(self, member: _Member, capability: CapabilitySchema) -> None:
+        entry = member.entry
+        if member.slot >= 0:
+            entry.take_out(member)
+        entry.release(capability)
+        entry.size -= 1
+        if not entry.size:
+            del self._capabilities[entry.key]
 
     def _unpark(self, worker: _Worker) -> None:
-        for key, member in worker.members.items():
-            rotation = self._capabilities[key].rotation
-            if worker.worker_id not in rotation:
-                rotation[worker.worker_id] = member
+        for member in worker.members:
+            if member.slot < 0:
+                member.entry.add(member)
         worker.parked = False
 
 
-def _unverified(record: WorkerRecord) -> WorkerRecord:
-    if not record.verified:
-        return record
-    return WorkerRecord(
-        worker_id=record.worker_id,
-        worker_url=record.worker_url,
-        capabilities=record.capabilities,
-        last_heartbeat=record.last_heartbeat,
-        verified=False,
-    )
+def _refuse_heartbeat(worker: _Worker | None, worker_id: str, now: float) -> NoReturn:
+    _check_now(now)
+    if worker is not None and worker.verified and now < worker.last_heartbeat:
+        raise ValidationError.single(
+            "now", "is earlier than the worker's last heartbeat (time never goes backwards)"
+        )
+    raise WorkerNotRegistered(worker_id)
+
+
+def _check_now(now: float) -> None:
+    if not isinstance(now, (int, float)) or isinstance(now, bool) or not _isfinite(now):
+        raise ValidationError.single("now", "must be a finite number of seconds")
 
 
 def _parse_state(state: Mapping[str, Any]) -> list[WorkerRecord]:
     if not isinstance(state, Mapping):
-        raise ValidationError.single("", "state must be an object")
+        raise ValidationError.single("", "must be an object")
+    problems = [
+        ValidationError.single(str(key), "unknown field")
+        for key in state
+        if key not in ("format_version", "workers")
+    ]
     version = state.get("format_version")
-    if version != STATE_FORMAT_VERSION:
-        raise ValidationError.single(
-            "format_version",
-            f"unsupported state format {version!r} (expected {STATE_FORMAT_VERSION})",
+    if type(version) is not int or version != STATE_FORMAT_VERSION:
+        problems.append(
+            ValidationError.single(
+                "format_version",
+                f"unsupported state format {version!r} (expected {STATE_FORMAT_VERSION})",
+            )
         )
-    unknown = [key for key in state if key not in ("format_version", "workers")]
-    if unknown:
-        raise ValidationError.single(str(unknown[0]), "unknown field")
-    records = structure(state.get("workers"), tuple[WorkerRecord, ...])
+    if "workers" not in state:
+        problems.append(ValidationError.single("workers", "is required"))
+    else:
+        try:
+            records = structure(state["workers"], tuple[WorkerRecord, ...])
+        except ValidationError as error:
+            problems.append(error.prefixed("workers"))
+    if problems:
+        raise ValidationError(problem for error in problems for problem in error.problems)
     return list(records)
 
 
