@@ -43,6 +43,7 @@ from .config import ServiceConfig
 from .effects import Effects, iso_utc, log_fields, logger
 from .http import ApiError, error_response, read_json_body, registry_error_response
 from .identity import caller_identity
+from .journal import Journal
 from .openapi import ROUTE_PATHS, openapi_document
 from .telemetry import Metrics, TracingMiddleware, annotate, tracer
 
@@ -170,6 +171,7 @@ class ControllerService:
         registration = structure(await self._body(request), Registration)
         annotate(worker_id=registration.worker_id)
         self._authorize(request, registration.worker_id)
+        self.effects.check_writable()
         events = self.registry.register(
             registration.worker_id,
             registration.worker_url,
@@ -190,6 +192,7 @@ class ControllerService:
         beat = structure(await self._body(request), HeartbeatRequest)
         annotate(worker_id=beat.worker_id)
         self._authorize(request, beat.worker_id)
+        self.effects.check_writable()
         now = self.clock()
         events = self.registry.heartbeat(beat.worker_id, now=now)
         await self.effects.apply(events)
@@ -206,6 +209,7 @@ class ControllerService:
         leaving = structure(await self._body(request), DeregisterRequest)
         annotate(worker_id=leaving.worker_id)
         self._authorize(request, leaving.worker_id)
+        self.effects.check_writable()
         events = self.registry.deregister(leaving.worker_id, now=self.clock())
         await self.effects.apply(events)
         return JSONResponse({"status": "deregistered", "worker_id": leaving.worker_id})
@@ -327,9 +331,29 @@ class ControllerService:
                     tasks.cancel_scope.cancel()
 
     async def _open_journal(self, stack: contextlib.AsyncExitStack) -> None:
-        raise RuntimeError(
-            f"state_dir={self.config.state_dir} needs the journal, which this build lacks"
+        """Open the journal, replay it into the registry, and attach it to effects.
+
+        :class:`~crank_registry_asgi.journal.JournalError` (the directory is
+        locked by another controller, unreadable...) propagates: the
+        application must not start without its journal.
+        """
+        assert self.config.state_dir is not None
+        journal = Journal.open(self.config.state_dir, policy=self.policy)
+        stack.push_async_callback(journal.aclose)
+        report = journal.recover(self.registry, now=self.clock())
+        logger.info(
+            "journal recovered %s",
+            log_fields(
+                path=journal.path,
+                workers_restored=report.workers_restored,
+                lines_read=report.lines_read,
+                lines_skipped=report.lines_skipped,
+                seconds=f"{report.seconds:.3f}",
+            ),
         )
+        self.effects.journal = journal
+        # Detached before it is closed: a write after shutdown is refused.
+        stack.callback(setattr, self.effects, "journal", None)
 
 
 # ------------------------------------------------------------------ errors

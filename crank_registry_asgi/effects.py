@@ -29,6 +29,7 @@ from crank_registry import (
 )
 
 from .http import ApiError
+from .journal import JournalUnavailable
 from .telemetry import Metrics
 
 __all__ = ["Effects", "EventJournal", "iso_utc", "log_fields", "logger"]
@@ -67,9 +68,9 @@ class Effects:
     """Turns events into journal lines, span events, counters and log lines.
 
     ``journal_expected`` says that the service was configured with a state
-    directory: until the journal is open (the lifespan has run), writes are
-    refused with ``journal_unavailable`` rather than acknowledged without
-    being durable.
+    directory: while the journal is not open (the lifespan is not running),
+    writes are refused with ``journal_unavailable`` rather than acknowledged
+    without being durable.
     """
 
     def __init__(
@@ -92,16 +93,29 @@ class Effects:
         for event in events:
             self._observe(event)
 
-    async def _record(self, events: Sequence[Event]) -> None:
-        if not self.journal_expected or not events:
-            return
-        if self.journal is None:
+    def check_writable(self) -> None:
+        """Refuse a change up front when the journal that must record it is not open.
+
+        Called before the registry is touched, so that a refused write
+        changes nothing. (A write that fails on disk is known only after the
+        change; it is answered 503 and repaired by the worker's retry.)
+        """
+        if self.journal_expected and self.journal is None:
             raise ApiError(
                 503,
                 "journal_unavailable",
-                "the journal is not open (the application's lifespan has not started)",
+                "the journal is not open (the application's lifespan is not running)",
             )
-        await self.journal.record(events)
+
+    async def _record(self, events: Sequence[Event]) -> None:
+        if not self.journal_expected or not events:
+            return
+        self.check_writable()
+        assert self.journal is not None
+        try:
+            await self.journal.record(events)
+        except JournalUnavailable as error:
+            raise ApiError(503, error.code, str(error)) from None
 
     def _observe(self, event: Event) -> None:
         span = trace.get_current_span()

@@ -341,6 +341,7 @@ async def test_journal_unavailable_when_the_lifespan_has_not_run(tmp_path: Any) 
         response = await api.post("/register", registration("w1"))
         assert response.status_code == 503
         assert response.json()["error"] == "journal_unavailable"
+        assert len(api.registry) == 0  # refused before the registry was touched
         # Reads still work.
         assert (await api.get("/health")).status_code == 200
 

@@ -1,0 +1,116 @@
+"""The app with a state directory: the journal is replayed at start and written on change."""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+from collections.abc import Sequence
+
+import httpx
+import pytest
+
+from crank_registry import Event
+from crank_registry.testing import FakeClock
+from crank_registry_asgi import ServiceConfig, create_app
+from crank_registry_asgi.journal import JournalError, JournalUnavailable
+from tests.service.helpers import registration, running
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_unverified_after_restart(tmp_path: pathlib.Path) -> None:
+    config = ServiceConfig(state_dir=tmp_path)
+    clock = FakeClock()
+    async with running(config, clock=clock) as api:
+        await api.register("w1")
+        await api.register("w2")
+        await api.post("/deregister", {"worker_id": "w2"})
+    assert (tmp_path / "registry.jsonl").stat().st_size > 0
+
+    clock.advance(10)
+    async with running(config, clock=clock) as api:
+        workers = await api.workers()
+        assert set(workers) == {"w1"}
+        assert (workers["w1"]["state"], workers["w1"]["is_healthy"]) == ("unverified", True)
+        assert await api.route() == "w1"
+        response = await api.post("/heartbeat", {"worker_id": "w1"})
+        assert response.status_code == 404
+        assert response.json()["error"] == "worker_not_registered"
+        await api.register("w1")
+        assert (await api.workers())["w1"]["state"] == "healthy"
+
+    # The re-registration was journaled too: a third start restores it.
+    clock.advance(10)
+    async with running(config, clock=clock) as api:
+        assert set(await api.workers()) == {"w1"}
+
+
+async def test_evictions_are_journaled(tmp_path: pathlib.Path) -> None:
+    config = ServiceConfig(state_dir=tmp_path)
+    clock = FakeClock()
+    async with running(config, clock=clock) as api:
+        await api.register("w1")
+        await api.register("w2")
+        api.advance(100)
+        await api.post("/heartbeat", {"worker_id": "w2"})
+        api.advance(21)
+        assert [e.worker_id for e in await api.service.sweep()] == ["w1"]
+    async with running(config, clock=clock) as api:
+        assert set(await api.workers()) == {"w2"}
+
+
+async def test_recovery_is_logged(tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="crank_registry_asgi")
+    config = ServiceConfig(state_dir=tmp_path)
+    async with running(config) as api:
+        await api.register("w1")
+    caplog.clear()
+    async with running(config):
+        pass
+    recovered = [m for m in caplog.messages if m.startswith("journal recovered")]
+    assert len(recovered) == 1
+    assert "workers_restored=1" in recovered[0]
+
+
+async def test_a_locked_state_directory_refuses_to_start(tmp_path: pathlib.Path) -> None:
+    config = ServiceConfig(state_dir=tmp_path)
+    async with running(config):
+        second = create_app(config=config, clock=FakeClock())
+        with pytest.raises(JournalError):
+            async with second.router.lifespan_context(second):
+                pass
+
+
+class FailingJournal:
+    """A journal whose disk is full."""
+
+    async def record(self, events: Sequence[Event]) -> None:
+        raise JournalUnavailable("journal registry.jsonl: No space left on device")
+
+
+async def test_a_failed_write_is_503_journal_unavailable(tmp_path: pathlib.Path) -> None:
+    async with running(ServiceConfig(state_dir=tmp_path)) as api:
+        await api.register("w1")
+        api.service.effects.journal = FailingJournal()
+        response = await api.post("/register", registration("w2"))
+        assert response.status_code == 503
+        assert response.json()["error"] == "journal_unavailable"
+        assert "No space left" in response.json()["message"]
+        response = await api.post("/deregister", {"worker_id": "w1"})
+        assert response.status_code == 503
+        # A sweep whose evictions cannot be journaled still evicts, and says so.
+        api.advance(200)
+        assert len(await api.service.sweep()) == 1
+
+
+async def test_writes_after_shutdown_are_refused(tmp_path: pathlib.Path) -> None:
+    app = create_app(config=ServiceConfig(state_dir=tmp_path), clock=FakeClock())
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        async with app.router.lifespan_context(app):
+            response = await client.post("/register", json=registration("w1"))
+            assert response.status_code == 200
+        response = await client.post("/register", json=registration("w2"))
+        assert response.status_code == 503
+        assert response.json()["error"] == "journal_unavailable"
+        assert "w2" not in app.state.service.registry
