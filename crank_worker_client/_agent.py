@@ -154,6 +154,9 @@ class WorkerAgent:
     On exit the worker deregisters within ``deregister_timeout`` seconds,
     even when the block raised or was cancelled.
 
+    No heartbeat or re-registration waits longer than ``request_timeout``
+    or one interval, whichever is shorter.
+
     ``rng`` drives every jitter (default: a fresh ``random.Random()``);
     ``clock`` gives the wall-clock times shown in :attr:`status`;
     ``transport`` replaces httpx's network transport. Works under asyncio
@@ -198,6 +201,7 @@ class WorkerAgent:
         self._registration_backoff_cap = registration_backoff_cap
         self._heartbeat_retry_base = heartbeat_retry_base
         self._deregister_timeout = deregister_timeout
+        self._request_timeout = request_timeout
         self._rng = rng if rng is not None else random.Random()
         self._clock = clock
         self._task_group: anyio.abc.TaskGroup | None = None
@@ -379,11 +383,20 @@ class WorkerAgent:
     async def _exchange(self) -> Outcome:
         """One heartbeat (or registration, when one is owed) and what came of it."""
         registering = self._needs_registration
+        timeout = self._exchange_timeout()
         try:
-            if registering:
-                await self._register_once()
-            else:
-                await self._heartbeat_once()
+            # Enforced here too, whatever the transport does with its timeouts.
+            with anyio.fail_after(timeout):
+                if registering:
+                    await self._register_once()
+                else:
+                    await self._heartbeat_once()
+        except TimeoutError:
+            self._note_failure(
+                ControllerUnavailable(f"the controller did not answer within {timeout:g} s"),
+                AgentState.UNREACHABLE,
+            )
+            return Outcome.FAILED
         except WorkerNotRegisteredError as error:
             if registering:
                 # Not an answer a registration should get; retry on the
@@ -411,8 +424,15 @@ class WorkerAgent:
             return Outcome.FAILED
         return Outcome.ACKNOWLEDGED
 
+    def _exchange_timeout(self) -> float:
+        # A heartbeat that hangs longer than an interval would delay the next
+        # one past it; once the interval is known, no request waits longer.
+        if self._interval is None:
+            return self._request_timeout
+        return min(self._request_timeout, self._interval)
+
     async def _register_once(self) -> None:
-        ack = await self._client.register(self._registration)
+        ack = await self._client.register(self._registration, timeout=self._exchange_timeout())
         now = self._clock()
         self._interval = ack.heartbeat_interval
         self._registered_at = now
@@ -421,7 +441,7 @@ class WorkerAgent:
         self._acknowledged(now)
 
     async def _heartbeat_once(self) -> None:
-        ack = await self._client.heartbeat(self.worker_id)
+        ack = await self._client.heartbeat(self.worker_id, timeout=self._exchange_timeout())
         self._interval = ack.heartbeat_interval
         self._acknowledged(self._clock())
 

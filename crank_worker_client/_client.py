@@ -232,17 +232,22 @@ class ControllerClient:
 
     # -- the worker's API -------------------------------------------------
 
-    async def register(self, registration: Registration) -> RegistrationAck:
-        """``POST /register``: announce (or replace) a worker and its capabilities."""
-        data = await self._call("POST", "/register", unstructure(registration))
+    async def register(
+        self, registration: Registration, *, timeout: float | None = None
+    ) -> RegistrationAck:
+        """``POST /register``: announce (or replace) a worker and its capabilities.
+
+        ``timeout`` (seconds) replaces the client's request timeout for this call.
+        """
+        data = await self._call("POST", "/register", unstructure(registration), timeout)
         return RegistrationAck(
             worker_id=_field(data, "worker_id", str),
             heartbeat_interval=_interval(data),
         )
 
-    async def heartbeat(self, worker_id: str) -> HeartbeatAck:
+    async def heartbeat(self, worker_id: str, *, timeout: float | None = None) -> HeartbeatAck:
         """``POST /heartbeat``; :class:`WorkerNotRegisteredError` means register again."""
-        data = await self._call("POST", "/heartbeat", {"worker_id": worker_id})
+        data = await self._call("POST", "/heartbeat", {"worker_id": worker_id}, timeout)
         return HeartbeatAck(
             timestamp=_timestamp(data, "timestamp"), heartbeat_interval=_interval(data)
         )
@@ -254,11 +259,18 @@ class ControllerClient:
     # -- plumbing ---------------------------------------------------------
 
     async def _call(
-        self, method: str, path: str, body: Mapping[str, Any] | None = None
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
     ) -> Mapping[str, Any]:
         http = self._open()
         try:
-            response = await http.request(method, path, json=body)
+            if timeout is None:
+                response = await http.request(method, path, json=body)
+            else:
+                response = await http.request(method, path, json=body, timeout=timeout)
         except httpx.TransportError as error:
             raise ControllerUnavailable(
                 f"cannot reach the controller at {self.controller_url}: "

@@ -12,6 +12,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import httpx
 
 from crank_registry import (
@@ -129,6 +130,8 @@ class FakeController:
         return [call for call in self.calls if call.path == path]
 
     async def handle(self, request: httpx.Request) -> httpx.Response:
+        # A real network yields to the scheduler (and to cancellation) here.
+        await anyio.lowlevel.checkpoint()
         now = anyio.current_time()
         path = request.url.path
         body = json.loads(request.content) if request.content else None

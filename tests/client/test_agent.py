@@ -301,3 +301,22 @@ def test_bad_arguments_fail_at_construction(monkeypatch: pytest.MonkeyPatch) -> 
     assert build(registration_deadline=None, controller_url="http://h:1", insecure=True)
     monkeypatch.setenv("CONTROLLER_URL", "https://registry.internal:9443")
     assert build(controller_url=None).controller_url == "https://registry.internal:9443"
+
+
+async def test_a_hanging_controller_is_an_outage_retried_within_an_interval() -> None:
+    controller = FakeController(INTERVAL)
+    agent = make_agent(controller, request_timeout=30.0)
+    async with agent:
+        controller.faults["/heartbeat"] = "hang"
+        hang_start = anyio.current_time()
+        await anyio.sleep(5 * INTERVAL)
+        status = agent.status
+        assert status.state is AgentState.UNREACHABLE
+        assert status.last_error is not None and "did not answer within 1 s" in status.last_error
+        del controller.faults["/heartbeat"]
+        await anyio.sleep(2 * INTERVAL)
+        assert agent.status.registered
+    attempts = [c.at for c in controller.calls_to("/heartbeat") if c.at >= hang_start]
+    # Each hanging attempt is given up after one interval, not request_timeout.
+    assert all(gap <= 2 * INTERVAL for gap in gaps(attempts))
+    assert len(attempts) >= 4
