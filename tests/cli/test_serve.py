@@ -1,0 +1,283 @@
+"""``crank-registry serve`` as a real process: HTTPS, mutual TLS, identities, shutdown."""
+
+from __future__ import annotations
+
+import datetime
+import socket
+import ssl
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+import httpx
+import pytest
+
+from crank_registry_asgi import certs, cli
+from tests.cli.helpers import (
+    COMMAND_VARIABLES,
+    ServerProcess,
+    clean_environment,
+    client_context,
+    command,
+    free_port,
+    registration,
+    serving,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Certificates written by the real ``crank-registry certs`` command."""
+    out = tmp_path_factory.mktemp("certs")
+    script = Path(sys.executable).parent / "crank-registry"
+    assert script.exists(), "the crank-registry console script is not installed"
+    subprocess.run(
+        [
+            str(script),
+            "certs",
+            "--out",
+            str(out),
+            "--worker",
+            "a",
+            "--worker",
+            "b",
+            "--client",
+            "ops",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return out
+
+
+def worker_tls(pki: Path, name: str) -> ssl.SSLContext:
+    return client_context(pki / "ca.pem", pki / f"worker-{name}.pem", pki / f"worker-{name}.key")
+
+
+@pytest.fixture(scope="module")
+def mtls_server(pki: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A controller requiring client certificates, configured through the environment."""
+    work = tmp_path_factory.mktemp("mtls")
+    port = free_port()
+    environment = clean_environment(
+        CONTROLLER_HTTPS_PORT=str(port),
+        CONTROLLER_CERT_PATH=str(pki / "controller.pem"),
+        CONTROLLER_KEY_PATH=str(pki / "controller.key"),
+        CA_CERT_PATH=str(pki / "ca.pem"),
+    )
+    with serving(
+        ["--state-dir", str(work / "state")],
+        work / "server.log",
+        port=port,
+        scheme="https",
+        verify=worker_tls(pki, "a"),
+        environment=environment,
+    ) as server:
+        yield server
+        assert server.stop() == 0, server.log()
+
+
+def workers(server: ServerProcess, tls: ssl.SSLContext) -> list[str]:
+    answer = httpx.get(f"{server.url}/workers", verify=tls)
+    assert answer.status_code == 200
+    return sorted(worker["worker_id"] for worker in answer.json()["workers"])
+
+
+def test_a_valid_worker_certificate_registers_heartbeats_and_routes(
+    pki: Path, mtls_server: ServerProcess
+) -> None:
+    with httpx.Client(base_url=mtls_server.url, verify=worker_tls(pki, "a")) as client:
+        registered = client.post("/register", json=registration("a"))
+        assert registered.status_code == 200, registered.text
+        assert registered.json()["status"] == "registered"
+        beat = client.post("/heartbeat", json={"worker_id": "a"})
+        assert beat.status_code == 200, beat.text
+        assert beat.json()["status"] == "acknowledged"
+        routed = client.post("/route", json={"verb": "classify", "capability": "image.classify"})
+        assert routed.status_code == 200, routed.text
+        assert routed.json()["worker_id"] == "a"
+    assert "Traceback" not in mtls_server.log()
+
+
+def test_a_client_certificate_may_route_and_list_but_not_act_on_a_worker(
+    pki: Path, mtls_server: ServerProcess
+) -> None:
+    as_a = worker_tls(pki, "a")
+    assert httpx.post(f"{mtls_server.url}/register", json=registration("a"), verify=as_a).is_success
+    as_ops = client_context(pki / "ca.pem", pki / "client-ops.pem", pki / "client-ops.key")
+    with httpx.Client(base_url=mtls_server.url, verify=as_ops) as client:
+        routed = client.post("/route", json={"verb": "classify", "capability": "image.classify"})
+        assert routed.status_code == 200, routed.text
+        assert client.get("/capabilities").status_code == 200
+        assert "a" in [worker["worker_id"] for worker in client.get("/workers").json()["workers"]]
+        forbidden = client.post("/heartbeat", json={"worker_id": "a"})
+        assert forbidden.status_code == 403
+        assert forbidden.json()["error"] == "forbidden"
+
+
+def refused_clients(pki: Path) -> dict[str, ssl.SSLContext]:
+    now = datetime.datetime.now(datetime.UTC)
+    authority = certs.read_authority(pki / "ca.pem", pki / "ca.key")
+    stranger = certs.make_authority("another CA")
+    made = {
+        "expired": certs.make_worker_certificate(
+            authority,
+            "x",
+            not_before=now - datetime.timedelta(days=2),
+            not_after=now - datetime.timedelta(days=1),
+        ),
+        "other-ca": certs.make_worker_certificate(stranger, "x"),
+    }
+    contexts = {"no-certificate": client_context(pki / "ca.pem")}
+    for label, certified in made.items():
+        certified.write(pki / f"refused-{label}.pem", pki / f"refused-{label}.key")
+        contexts[label] = client_context(
+            pki / "ca.pem", pki / f"refused-{label}.pem", pki / f"refused-{label}.key"
+        )
+    return contexts
+
+
+@pytest.mark.parametrize("case", ["no-certificate", "other-ca", "expired"])
+def test_the_tls_handshake_refuses_a_bad_client_certificate(
+    case: str, pki: Path, mtls_server: ServerProcess
+) -> None:
+    tls = refused_clients(pki)[case]
+    # TLS 1.3 (the default): the client finishes its half of the handshake
+    # before the server checks the certificate, so it sees the connection
+    # closed (reset or at its end), with no HTTP answer.
+    with pytest.raises((httpx.ReadError, httpx.RemoteProtocolError)):
+        httpx.post(f"{mtls_server.url}/register", json=registration("x"), verify=tls)
+    # TLS 1.2: the server's check comes first, so the handshake itself fails.
+    tls.maximum_version = ssl.TLSVersion.TLSv1_2
+    with pytest.raises(httpx.ConnectError):
+        httpx.post(f"{mtls_server.url}/register", json=registration("x"), verify=tls)
+    # The same client with a good certificate gets through, over either version.
+    good = worker_tls(pki, "a")
+    good.maximum_version = ssl.TLSVersion.TLSv1_2
+    assert httpx.get(f"{mtls_server.url}/health", verify=good).status_code == 200
+    assert "x" not in workers(mtls_server, good)
+
+
+def test_a_worker_cannot_act_on_another_workers_record(
+    pki: Path, mtls_server: ServerProcess
+) -> None:
+    as_a, as_b = worker_tls(pki, "a"), worker_tls(pki, "b")
+    assert httpx.post(f"{mtls_server.url}/register", json=registration("b"), verify=as_b).is_success
+    for path, body in [
+        ("/heartbeat", {"worker_id": "b"}),
+        ("/deregister", {"worker_id": "b"}),
+        ("/register", registration("b", port=9999)),
+    ]:
+        answer = httpx.post(f"{mtls_server.url}{path}", json=body, verify=as_a)
+        assert answer.status_code == 403, (path, answer.text)
+        assert answer.json()["error"] == "forbidden"
+    # b's record is intact, and b itself may still act on it.
+    listed = httpx.get(f"{mtls_server.url}/workers", verify=as_b).json()["workers"]
+    (record,) = [worker for worker in listed if worker["worker_id"] == "b"]
+    assert record["worker_url"] == "https://127.0.0.1:8001"
+    assert httpx.post(
+        f"{mtls_server.url}/heartbeat", json={"worker_id": "b"}, verify=as_b
+    ).is_success
+    assert httpx.post(
+        f"{mtls_server.url}/deregister", json={"worker_id": "b"}, verify=as_b
+    ).is_success
+
+
+def test_insecure_serves_plain_http_on_loopback_and_stops_cleanly_on_sigterm(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    state_dir = tmp_path / "state"
+    with serving(
+        ["--insecure", "--port", str(port), "--state-dir", str(state_dir)],
+        tmp_path / "server.log",
+        port=port,
+        scheme="http",
+    ) as server:
+        with httpx.Client(base_url=server.url) as client:
+            assert client.post("/register", json=registration("w1")).status_code == 200
+            # No identities without TLS: no per-worker checks either.
+            assert client.post("/heartbeat", json={"worker_id": "w1"}).status_code == 200
+            routed = client.post(
+                "/route", json={"verb": "classify", "capability": "image.classify"}
+            )
+            assert routed.json()["worker_id"] == "w1"
+        assert server.stop() == 0, server.log()
+    log = server.log()
+    assert "plain HTTP" in log
+    assert "Traceback" not in log
+    assert (state_dir / "registry.jsonl").exists()
+
+
+def test_the_identity_comes_from_a_trusted_proxy_header(pki: Path, tmp_path: Path) -> None:
+    port = free_port()
+    header = "X-Client-Cert"
+    with serving(
+        [
+            "--insecure",
+            "--port",
+            str(port),
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--trust-proxy-cert-header",
+            header,
+        ],
+        tmp_path / "server.log",
+        port=port,
+        scheme="http",
+    ) as server:
+        as_a = {header: quote((pki / "worker-a.pem").read_text())}
+        as_b = {header: quote((pki / "worker-b.pem").read_text())}
+        with httpx.Client(base_url=server.url) as client:
+            assert client.post("/register", json=registration("a"), headers=as_a).is_success
+            forbidden = client.post("/heartbeat", json={"worker_id": "a"}, headers=as_b)
+            assert forbidden.status_code == 403
+            assert forbidden.json()["error"] == "forbidden"
+            # Named as the source of identities, the header is then required.
+            anonymous = client.post("/deregister", json={"worker_id": "a"})
+            assert anonymous.status_code == 403
+            assert client.post("/heartbeat", json={"worker_id": "a"}, headers=as_a).is_success
+            assert client.post("/deregister", json={"worker_id": "a"}, headers=as_a).is_success
+        assert server.stop() == 0, server.log()
+
+
+def test_serve_without_a_certificate_refuses_to_start_and_says_how(tmp_path: Path) -> None:
+    result = subprocess.run(
+        command("serve", "--port", str(free_port()), "--state-dir", str(tmp_path / "state")),
+        check=False,
+        capture_output=True,
+        text=True,
+        env=clean_environment(),
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "crank-registry certs --out certs --worker NAME" in result.stderr
+    assert "--certfile" in result.stderr
+    assert "--insecure" in result.stderr
+    assert not (tmp_path / "state").exists()
+
+
+def test_a_port_in_use_is_reported_before_starting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for variable in COMMAND_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        state_dir = tmp_path / "state"
+        status = cli.main(
+            ["serve", "--insecure", "--port", str(port), "--state-dir", str(state_dir)]
+        )
+    assert status == 1
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1 port {port}" in err
+    assert "Traceback" not in err
+    # Reported before the app started: the journal was never opened.
+    assert not state_dir.exists()
