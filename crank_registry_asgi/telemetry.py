@@ -78,6 +78,9 @@ class Metrics:
 class TracingMiddleware:
     """One ``SERVER`` span per HTTP request, a child of the caller's ``traceparent``.
 
+    Skipped altogether while no SDK is installed (the global tracer provider
+    is still the API's proxy), when every span would be a no-op.
+
     The span is named ``"METHOD /path"`` for the service's own routes and
     just ``"METHOD"`` for any other path (a path from a client must not
     become a span name). It records ``http.response.status_code``; a 5xx
@@ -90,7 +93,11 @@ class TracingMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Run the request inside its span."""
-        if scope["type"] != "http":
+        if scope["type"] != "http" or isinstance(
+            trace.get_tracer_provider(), trace.ProxyTracerProvider
+        ):
+            # No SDK installed: every span would be a no-op, and starting
+            # one still costs more than routing a request.
             await self.app(scope, receive, send)
             return
         method = str(scope.get("method", "")).upper()
