@@ -5,7 +5,9 @@ Subcommands:
 - ``serve``: run the controller over HTTPS (mutual TLS with ``--ca-certs``),
   or over plain HTTP when ``--insecure`` asks for it by name;
 - ``certs``: write a development CA, a controller certificate and one client
-  certificate per worker.
+  certificate per worker;
+- ``demo``: run a controller with its gateway and the nine example workers
+  over mutual TLS, and show them at work (:mod:`crank_registry_asgi.demo`).
 
 Each subcommand is one ``add_*_command`` function that declares its flags and
 sets its handler; :func:`build_parser` calls them in turn. Exit status: 0 on
@@ -70,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_serve_command(subcommands)
     add_certs_command(subcommands)
+    from .demo import add_demo_command
+
+    add_demo_command(subcommands)
     return parser
 
 
@@ -145,6 +150,23 @@ def add_serve_command(subcommands: Subcommands) -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="(info)")
+    parser.add_argument(
+        "--gateway",
+        action="store_true",
+        help="also serve POST /execute: route a call and forward it to the worker",
+    )
+    parser.add_argument(
+        "--gateway-attempts",
+        type=_attempts,
+        metavar="N",
+        help="with --gateway: workers to try when connections are refused (3)",
+    )
+    parser.add_argument(
+        "--gateway-timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="with --gateway: how long a worker may stay silent while answering (30)",
+    )
     parser.set_defaults(handler=run_serve)
     return parser
 
@@ -160,6 +182,8 @@ def run_serve(args: argparse.Namespace) -> int:
     ca_certs = _path_from(args.ca_certs, "CA_CERT_PATH")
     port = args.port if args.port is not None else _port_from_environment()
     _check_tls_flags(args.insecure, certfile, keyfile, ca_certs, args.trust_proxy_cert_header)
+    if not args.gateway and (args.gateway_attempts or args.gateway_timeout):
+        raise UsageError("--gateway-attempts and --gateway-timeout need --gateway")
     if not (args.heartbeat_interval <= args.unhealthy_after <= args.evict_after):
         raise UsageError(
             "expected --heartbeat-interval <= --unhealthy-after <= --evict-after, got "
@@ -191,8 +215,20 @@ def run_serve(args: argparse.Namespace) -> int:
         require_identity=settings.mutual_tls or args.trust_proxy_cert_header is not None,
         proxy_cert_header=args.trust_proxy_cert_header,
     )
+    app = create_app(config=config)
+    if args.gateway:
+        from .gateway import serve_with_gateway
+
+        app = serve_with_gateway(
+            app,
+            max_attempts=args.gateway_attempts or 3,
+            timeout=args.gateway_timeout or 30.0,
+            certfile=None if certfile is None else str(certfile),
+            keyfile=None if keyfile is None else str(keyfile),
+            ca_certs=None if ca_certs is None else str(ca_certs),
+        )
     try:
-        run(create_app(config=config), settings)
+        run(app, settings)
     except ServerSetupError as error:
         print(f"crank-registry serve: error: {error}", file=sys.stderr)
         return 1
@@ -281,6 +317,16 @@ def _port(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"port must be 0 to 65535, got {port}")
     return port
+
+
+def _attempts(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _seconds(text: str) -> float:

@@ -72,6 +72,7 @@ __all__ = [
     "GatewayConfig",
     "create_gateway_app",
     "gateway_ssl_context",
+    "serve_with_gateway",
 ]
 
 #: Where the gateway listens.
@@ -508,3 +509,23 @@ def create_gateway_app(
     app.state.service = service
     app.state.gateway = gateway
     return app
+
+
+def serve_with_gateway(
+    controller: Starlette,
+    *,
+    max_attempts: int,
+    timeout: float,
+    certfile: str | None,
+    keyfile: str | None,
+    ca_certs: str | None,
+) -> Starlette:
+    """What ``crank-registry serve --gateway`` serves: ``controller`` plus ``/execute``.
+
+    The gateway presents the controller's certificate (``certfile``,
+    ``keyfile``) to workers and verifies theirs against ``ca_certs`` (without
+    it, against the system's trust store).
+    """
+    tls = gateway_ssl_context(ca_certs=ca_certs, certfile=certfile, keyfile=keyfile)
+    config = GatewayConfig(max_attempts=max_attempts, timeout=timeout)
+    return create_gateway_app(controller, config, tls=tls)

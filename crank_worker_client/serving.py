@@ -62,7 +62,15 @@ import inspect
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    MutableMapping,
+)
 from typing import Any
 from urllib.parse import quote, unquote
 
@@ -96,8 +104,8 @@ DEFAULT_MAX_BODY_SIZE = 1_048_576
 #: yielding JSON objects for a streaming capability.
 Handler = Callable[[Any], Awaitable[Any]] | Callable[[Any], AsyncIterator[dict[str, Any]]]
 
-Scope = Mapping[str, Any]
-Message = dict[str, Any]
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 

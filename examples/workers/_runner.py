@@ -19,9 +19,9 @@ flag                environment            default
 
 The worker serves HTTPS with its own certificate and requires a client
 certificate signed by the same CA from every caller (the controller's
-gateway presents the controller's). It registers on start-up and
-deregisters on SIGTERM or Ctrl-C (hypercorn's graceful shutdown runs the
-ASGI lifespan, which leaves the :class:`~crank_worker_client.WorkerAgent`).
+gateway presents the controller's). It registers on start-up with a
+:class:`~crank_worker_client.WorkerAgent` and, on SIGTERM or Ctrl-C,
+deregisters before it stops serving.
 """
 
 from __future__ import annotations
@@ -30,12 +30,15 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import socket
 import ssl
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import anyio
 
 from crank_registry import CapabilitySchema
 from crank_worker_client import TLSConfig, WorkerAgent
@@ -132,8 +135,18 @@ async def serve(
     settings: WorkerSettings,
     capabilities: Sequence[CapabilitySchema],
     handlers: Mapping[tuple[str, str], Handler],
+    *,
+    shutdown_grace: float = 2.0,
 ) -> None:
-    """Serve ``handlers`` and stay registered until SIGTERM or SIGINT."""
+    """Serve ``handlers``, stay registered until SIGTERM or SIGINT, then leave and stop.
+
+    The order on the way out matters: the worker deregisters first (so no
+    new call is routed to it), then the server stops, waiting at most
+    ``shutdown_grace`` seconds for requests in flight. The agent is not run
+    in the ASGI lifespan here because hypercorn runs the lifespan shutdown
+    only after every connection has closed, and a client's idle TLS
+    keep-alive connection can hold that up for half a minute.
+    """
     from hypercorn.asyncio import serve as hypercorn_serve
     from hypercorn.config import Config
 
@@ -155,23 +168,46 @@ async def serve(
         tls=tls,
         insecure=settings.insecure,
     )
-    app = invocation_app(
-        handlers, capabilities, agent=agent, health=lambda: {"agent": agent.status.as_dict()}
-    )
+    app = invocation_app(handlers, capabilities, health=lambda: {"agent": agent.status.as_dict()})
     config = Config()
     # Hypercorn takes over the descriptor; detach so that this object does not close it.
     config.bind = [f"fd://{sock.detach()}"]
     config.accesslog = None
-    config.graceful_timeout = 3.0
+    config.graceful_timeout = shutdown_grace
     if not settings.insecure:
         config.certfile = settings.certfile
         config.keyfile = settings.keyfile
         config.ca_certs = settings.ca_certs
         config.verify_mode = ssl.CERT_REQUIRED  # callers must present a certificate of our CA
-    logging.getLogger("examples.workers").info(
-        "worker %s serving %s at %s", settings.worker_id, len(capabilities), url
-    )
-    await hypercorn_serve(app, config)  # type: ignore[arg-type]
+    log = logging.getLogger("examples.workers")
+    stop_serving = anyio.Event()
+    server_done = anyio.Event()
+
+    async def run_server() -> None:
+        try:
+            await hypercorn_serve(app, config, shutdown_trigger=stop_serving.wait)  # type: ignore[arg-type]
+        finally:
+            server_done.set()
+
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with anyio.create_task_group() as group:
+            group.start_soon(run_server)
+            # The socket listens already: calls routed here right after
+            # registration wait in its backlog until the server accepts them.
+            async with agent:
+                log.info(
+                    "worker %s serving %d capabilities at %s",
+                    settings.worker_id,
+                    len(capabilities),
+                    url,
+                )
+                async for signum in signals:
+                    log.info("%s: leaving the registry, then stopping", signal.Signals(signum).name)
+                    break
+            stop_serving.set()
+            with anyio.move_on_after(shutdown_grace + 0.5):
+                await server_done.wait()
+            group.cancel_scope.cancel()  # connections that linger past the grace period
 
 
 def run_worker(
@@ -195,8 +231,14 @@ def run_worker(
     except Exception as error:
         # A start-up failure (controller refused us, bad certificate) is one
         # line, not a traceback.
-        print(f"{name}: {error}", file=sys.stderr)
+        print(f"{name}: {'; '.join(_messages(error))}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def _messages(error: BaseException) -> list[str]:
+    if isinstance(error, BaseExceptionGroup):
+        return [message for inner in error.exceptions for message in _messages(inner)]
+    return [f"{type(error).__name__}: {error}"]
 
 
 def schema(
