@@ -184,6 +184,7 @@ async def test_evicted_after_120_seconds(caplog: pytest.LogCaptureFixture) -> No
     assert "worker_id=w1" in lines[0]
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
 async def test_the_sweeper_wakes_by_itself() -> None:
     # Short intervals so that the background loop's capped sleep is short; the
     # fake clock decides what is stale, so the outcome does not depend on timing.

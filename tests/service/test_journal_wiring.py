@@ -18,6 +18,7 @@ from tests.service.helpers import registration, running
 pytestmark = pytest.mark.anyio
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
 async def test_unverified_after_restart(tmp_path: pathlib.Path) -> None:
     config = ServiceConfig(state_dir=tmp_path)
     clock = FakeClock()
