@@ -167,6 +167,8 @@ async def serve(
             sockets=sockets,
             shutdown_trigger=shutdown_trigger,
         )
+        # hypercorn returns only after the app's lifespan shutdown has run.
+        logger.info("stopped: connections closed, app shut down")
     finally:
         for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]:
             sock.close()

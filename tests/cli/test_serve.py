@@ -210,6 +210,7 @@ def test_insecure_serves_plain_http_on_loopback_and_stops_cleanly_on_sigterm(
         assert server.stop() == 0, server.log()
     log = server.log()
     assert "plain HTTP" in log
+    assert "stopped: connections closed, app shut down" in log
     assert "Traceback" not in log
     assert (state_dir / "registry.jsonl").exists()
 
