@@ -154,6 +154,8 @@ class ControllerService:
         self.sweeper = Sweeper(registry, self.clock, self.effects)
         self.retry_after = str(max(1, math.ceil(self.policy.heartbeat_interval)))
         self.document = openapi_document()
+        # Rendered once: the document does not change while the app runs.
+        self._document_body = JSONResponse(self.document).body
 
     async def sweep(self) -> tuple[Event, ...]:
         """One eviction pass at the current time (what the background loop runs)."""
@@ -310,7 +312,7 @@ class ControllerService:
 
     async def openapi(self, request: Request) -> Response:
         """GET /openapi.json: the OpenAPI 3.1 document of this API."""
-        return JSONResponse(self.document)
+        return Response(self._document_body, media_type="application/json")
 
     # ------------------------------------------------------------------ wiring
 
