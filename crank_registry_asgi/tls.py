@@ -71,7 +71,12 @@ def tls_extension(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> dict[str, Any]:
     name: str | None = None
     if der:
         chain.append(ssl.DER_cert_to_PEM_cert(der))
-        name = x509.load_der_x509_certificate(der).subject.rfc4514_string()
+        try:
+            name = x509.load_der_x509_certificate(der).subject.rfc4514_string()
+        except ValueError:
+            # OpenSSL accepted it; a name cryptography cannot parse is only
+            # left out, the certificate itself still goes to the app.
+            name = None
     version = ssl_object.version()
     return {
         "server_cert": None,
