@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -203,95 +204,129 @@ def decode_line(line: bytes | str) -> JournalEntry:
     format version wrote: bytes that are not JSON, a wrong shape or type, an
     unknown ``"type"``, or another ``"v"``.
     """
-    try:
-        data = _DECODER.decode(line.decode() if isinstance(line, bytes) else line)
-    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError
-        raise JournalDecodeError("not a JSON line") from None
-    if not isinstance(data, dict):
-        raise JournalDecodeError("not a JSON object")
-    version = data.get("v")
-    if version != JOURNAL_FORMAT_VERSION or isinstance(version, bool):
-        raise JournalDecodeError(
-            f"unsupported format version {version!r} (expected {JOURNAL_FORMAT_VERSION})"
-        )
-    kind = data.get("type")
-    if kind == "heartbeat" and len(data) == 4:
-        # The most frequent line, checked without the converter.
-        worker_id, at = data.get("worker_id"), data.get("at")
-        if (
-            isinstance(worker_id, str)
-            and _WORKER_ID.fullmatch(worker_id)
-            and type(at) is float
-            and math.isfinite(at)
-        ):
-            return HeartbeatReceived(worker_id, at)
-    if kind == _SNAPSHOT_TYPE:
-        return _decode_snapshot(data)
-    body = {key: value for key, value in data.items() if key != "v"}
-    try:
-        event = structure_event(body)
-        # Events are plain values; hold them to the model's rules too.
-        if isinstance(event, WorkerRegistered):
-            WorkerRecord(event.worker_id, event.worker_url, event.capabilities, event.at)
-        elif isinstance(event, WorkerImported):
-            WorkerRecord(
-                event.worker_id, event.worker_url, event.capabilities, event.last_heartbeat
+    return _Reader().decode(line)
+
+
+# A heartbeat line exactly as encode_event writes it, read without json:
+# most lines of a journal are heartbeats.
+_HEARTBEAT_LINE = re.compile(
+    rb'\{"v":%d,"type":"heartbeat","worker_id":"([A-Za-z0-9._-]{1,128})",'
+    rb'"at":(-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)\}\n?' % JOURNAL_FORMAT_VERSION
+)
+
+
+class _Reader:
+    """Decodes lines, sharing equal capability values between the lines it reads.
+
+    Sharing makes a replayed registry hold one object per distinct
+    capability (as a live one does) and saves structuring the same JSON
+    again for every snapshot part.
+    """
+
+    def __init__(self) -> None:
+        self._capabilities: dict[tuple[Any, ...], list[tuple[Any, CapabilitySchema]]] = {}
+        self._sets: dict[tuple[int, ...], tuple[CapabilitySchema, ...]] = {}
+
+    def decode(self, line: bytes | str) -> JournalEntry:
+        raw = line.encode() if isinstance(line, str) else line
+        match = _HEARTBEAT_LINE.fullmatch(raw)
+        if match is not None:
+            at = float(match[2])
+            if math.isfinite(at):
+                return HeartbeatReceived(match[1].decode(), at)
+        try:
+            data = _DECODER.decode(raw.decode())
+        except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError
+            raise JournalDecodeError("not a JSON line") from None
+        if not isinstance(data, dict):
+            raise JournalDecodeError("not a JSON object")
+        version = data.get("v")
+        if version != JOURNAL_FORMAT_VERSION or isinstance(version, bool):
+            raise JournalDecodeError(
+                f"unsupported format version {version!r} (expected {JOURNAL_FORMAT_VERSION})"
             )
-        elif not _WORKER_ID.fullmatch(event.worker_id):
-            raise ValidationError.single("worker_id", "not a valid worker id")
-    except ValidationError as error:
-        raise JournalDecodeError(f"invalid {data.get('type')!r} line: {error}") from None
-    return event
+        if data.get("type") == _SNAPSHOT_TYPE:
+            return self._snapshot(data)
+        body = {key: value for key, value in data.items() if key != "v"}
+        try:
+            event = structure_event(body)
+            # Events are plain values; hold them to the model's rules too.
+            if isinstance(event, WorkerRegistered):
+                WorkerRecord(event.worker_id, event.worker_url, event.capabilities, event.at)
+            elif isinstance(event, WorkerImported):
+                WorkerRecord(
+                    event.worker_id, event.worker_url, event.capabilities, event.last_heartbeat
+                )
+            elif not _WORKER_ID.fullmatch(event.worker_id):
+                raise ValidationError.single("worker_id", "not a valid worker id")
+        except ValidationError as error:
+            raise JournalDecodeError(f"invalid {data.get('type')!r} line: {error}") from None
+        return event
+
+    def _capability_set(self, raw: Any) -> tuple[CapabilitySchema, ...]:
+        if not isinstance(raw, list) or not raw:
+            raise JournalDecodeError("snapshot: a capability set must be a non-empty list")
+        capabilities = []
+        for item in raw:
+            if not isinstance(item, dict):
+                raise JournalDecodeError("snapshot: a capability must be an object")
+            # Parts repeat the capabilities they share: structure each once.
+            # (dict equality is C-speed; rendering a key for it was not.)
+            seen = self._capabilities.setdefault(
+                (item.get("verb"), item.get("name"), item.get("version")), []
+            )
+            capability = next((c for data, c in seen if data == item), None)
+            if capability is None:
+                try:
+                    capability = structure(item, CapabilitySchema)
+                except ValidationError as error:
+                    raise JournalDecodeError(f"snapshot: invalid capability: {error}") from None
+                seen.append((item, capability))
+            capabilities.append(capability)
+        identity = tuple(map(id, capabilities))
+        shared = self._sets.get(identity)
+        if shared is None:
+            if len({c.key for c in capabilities}) != len(capabilities):
+                raise JournalDecodeError("snapshot: a capability set names a pair twice")
+            shared = self._sets[identity] = tuple(capabilities)
+        return shared
+
+    def _snapshot(self, data: dict[str, Any]) -> SnapshotPart:
+        unknown = sorted(data.keys() - _SNAPSHOT_FIELDS)
+        if unknown:
+            raise JournalDecodeError(f"snapshot: unknown field {unknown[0]!r}")
+        part: Any = data.get("part")
+        parts: Any = data.get("parts")
+        if not (_is_int(part) and _is_int(parts) and 0 <= part < parts):
+            raise JournalDecodeError("snapshot: part and parts must be integers, 0 <= part < parts")
+        raw_sets, rows = data.get("capability_sets"), data.get("workers")
+        if not isinstance(raw_sets, list) or not isinstance(rows, list):
+            raise JournalDecodeError("snapshot: capability_sets and workers must be lists")
+        sets = [self._capability_set(raw) for raw in raw_sets]
+        records: list[WorkerRecord] = []
+        for position, row in enumerate(rows):
+            if not (isinstance(row, list) and len(row) == 4):
+                raise JournalDecodeError(f"snapshot: workers[{position}] is not a 4-item list")
+            worker_id, worker_url, last_heartbeat, set_index = row
+            # Shape and types only: these values passed every model check
+            # when they were registered, and the line is intact JSON.
+            if not (
+                isinstance(worker_id, str)
+                and _WORKER_ID.fullmatch(worker_id)
+                and isinstance(worker_url, str)
+                and worker_url.startswith(("http://", "https://"))
+                and type(last_heartbeat) in (float, int)
+                and math.isfinite(last_heartbeat)
+                and _is_int(set_index)
+                and 0 <= set_index < len(sets)
+            ):
+                raise JournalDecodeError(f"snapshot: workers[{position}] is malformed")
+            records.append(_record(worker_id, worker_url, sets[set_index], float(last_heartbeat)))
+        return SnapshotPart(tuple(records), part, parts)
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _decode_snapshot(data: dict[str, Any]) -> SnapshotPart:
-    unknown = sorted(data.keys() - _SNAPSHOT_FIELDS)
-    if unknown:
-        raise JournalDecodeError(f"snapshot: unknown field {unknown[0]!r}")
-    part: Any = data.get("part")
-    parts: Any = data.get("parts")
-    if not (_is_int(part) and _is_int(parts) and 0 <= part < parts):
-        raise JournalDecodeError("snapshot: part and parts must be integers, 0 <= part < parts")
-    raw_sets, rows = data.get("capability_sets"), data.get("workers")
-    if not isinstance(raw_sets, list) or not isinstance(rows, list):
-        raise JournalDecodeError("snapshot: capability_sets and workers must be lists")
-    try:
-        sets = [structure(raw, tuple[CapabilitySchema, ...]) for raw in raw_sets]
-    except ValidationError as error:
-        raise JournalDecodeError(f"snapshot: invalid capability set: {error}") from None
-    checked = [False] * len(sets)
-    records: list[WorkerRecord] = []
-    for position, row in enumerate(rows):
-        if not (isinstance(row, list) and len(row) == 4):
-            raise JournalDecodeError(f"snapshot: workers[{position}] is not a 4-item list")
-        worker_id, worker_url, last_heartbeat, set_index = row
-        if not (
-            isinstance(worker_id, str)
-            and _WORKER_ID.fullmatch(worker_id)
-            and isinstance(worker_url, str)
-            and worker_url.startswith(("http://", "https://"))
-            and isinstance(last_heartbeat, (int, float))
-            and not isinstance(last_heartbeat, bool)
-            and math.isfinite(last_heartbeat)
-            and _is_int(set_index)
-            and 0 <= set_index < len(sets)
-        ):
-            raise JournalDecodeError(f"snapshot: workers[{position}] is malformed")
-        capabilities = sets[set_index]
-        if not checked[set_index]:
-            # The first worker of each capability set goes through every
-            # model check (non-empty, no pair twice, the URL), once per set.
-            try:
-                WorkerRecord(worker_id, worker_url, capabilities, float(last_heartbeat), False)
-            except ValidationError as error:
-                raise JournalDecodeError(f"snapshot: workers[{position}]: {error}") from None
-            checked[set_index] = True
-        records.append(_record(worker_id, worker_url, capabilities, float(last_heartbeat)))
-    return SnapshotPart(tuple(records), part, parts)
 
 
 def _record(
@@ -330,7 +365,10 @@ class JournalState:
     """
 
     def __init__(self, records: Iterable[WorkerRecord] = ()) -> None:
+        # Each worker's record as registered (or snapshotted); its heartbeats
+        # since then are kept apart, so that a heartbeat line costs a float.
         self._records: dict[str, WorkerRecord] = {}
+        self._heartbeats: dict[str, float] = {}
         # worker id -> its capability list as JSON text, when encode() has
         # already rendered it: a snapshot reuses it instead of rendering again.
         self._capability_texts: dict[str, str] = {}
@@ -339,35 +377,48 @@ class JournalState:
 
     def apply(self, entry: JournalEntry) -> None:
         """Fold one entry into the state."""
-        records = self._records
+        worker_id = entry.worker_id if isinstance(entry, Event) else ""
         if isinstance(entry, HeartbeatReceived):
-            record = records.get(entry.worker_id)
-            if record is not None and entry.at > record.last_heartbeat:
-                records[entry.worker_id] = _record(
-                    record.worker_id, record.worker_url, record.capabilities, entry.at
-                )
+            self.heartbeat(worker_id, entry.at)
         elif isinstance(entry, WorkerRegistered):
-            records[entry.worker_id] = _record(
-                entry.worker_id, entry.worker_url, entry.capabilities, entry.at
-            )
-            self._capability_texts.pop(entry.worker_id, None)
+            self._set(_record(worker_id, entry.worker_url, entry.capabilities, entry.at))
         elif isinstance(entry, WorkerImported):
-            records[entry.worker_id] = _record(
-                entry.worker_id, entry.worker_url, entry.capabilities, entry.last_heartbeat
+            self._set(
+                _record(worker_id, entry.worker_url, entry.capabilities, entry.last_heartbeat)
             )
-            self._capability_texts.pop(entry.worker_id, None)
         elif isinstance(entry, (WorkerDeregistered, WorkerEvicted)):
-            records.pop(entry.worker_id, None)
-            self._capability_texts.pop(entry.worker_id, None)
+            self._forget(worker_id)
         elif isinstance(entry, SnapshotPart):
             if entry.part == 0:
-                records.clear()
+                self._records.clear()
+                self._heartbeats.clear()
                 self._capability_texts.clear()
             for record in entry.records:
-                records[record.worker_id] = _unverified(record)
-                self._capability_texts.pop(record.worker_id, None)
+                self._set(_unverified(record))
         else:
             raise TypeError(f"not a journal entry: {entry!r}")
+
+    def heartbeat(self, worker_id: str, at: float) -> bool:
+        """Fold a journaled heartbeat; ``False`` (nothing done) for a non-finite ``at``."""
+        if not math.isfinite(at):
+            return False
+        record = self._records.get(worker_id)
+        if record is not None and at > self._heartbeats.get(worker_id, record.last_heartbeat):
+            self._heartbeats[worker_id] = at
+        return True
+
+    def _set(self, record: WorkerRecord) -> None:
+        worker_id = record.worker_id
+        self._records[worker_id] = record
+        if self._heartbeats:
+            self._heartbeats.pop(worker_id, None)
+        if self._capability_texts:
+            self._capability_texts.pop(worker_id, None)
+
+    def _forget(self, worker_id: str) -> None:
+        self._records.pop(worker_id, None)
+        self._heartbeats.pop(worker_id, None)
+        self._capability_texts.pop(worker_id, None)
 
     def encode(self, events: Iterable[Event], *, heartbeat_every: float = 0.0) -> JournalLines:
         """The lines for ``events``, folding them into the state.
@@ -382,7 +433,10 @@ class JournalState:
         for event in events:
             if isinstance(event, HeartbeatReceived):
                 record = self._records.get(event.worker_id)
-                if record is None or event.at - record.last_heartbeat < heartbeat_every:
+                if record is None:
+                    continue
+                last = self._heartbeats.get(event.worker_id, record.last_heartbeat)
+                if event.at - last < heartbeat_every:
                     continue
                 lines.append(encode_event(event))
                 self.apply(event)
@@ -403,6 +457,7 @@ class JournalState:
         if part_size < 1:
             raise ValueError("part_size must be >= 1")
         records = tuple(self._records.values())
+        heartbeats = self._heartbeats
         chunks = [records[i : i + part_size] for i in range(0, len(records), part_size)] or [()]
         # Records restored from a snapshot share their capability tuple per
         # set: render each tuple object once.
@@ -413,7 +468,8 @@ class JournalState:
             set_index: dict[str, int] = {}
             rows: list[list[Any]] = []
             for record in chunk:
-                text = texts.get(record.worker_id)
+                worker_id = record.worker_id
+                text = texts.get(worker_id)
                 if text is None:
                     text = rendered.get(id(record.capabilities))
                     if text is None:
@@ -421,7 +477,8 @@ class JournalState:
                             unstructure(record.capabilities)
                         )
                 position = set_index.setdefault(text, len(set_index))
-                rows.append([record.worker_id, record.worker_url, record.last_heartbeat, position])
+                last_heartbeat = heartbeats.get(worker_id, record.last_heartbeat)
+                rows.append([worker_id, record.worker_url, last_heartbeat, position])
             head = _dumps({"v": JOURNAL_FORMAT_VERSION, "type": _SNAPSHOT_TYPE, "part": index})[:-2]
             lines.append(
                 head
@@ -431,15 +488,22 @@ class JournalState:
         return tuple(lines)
 
     def records(self) -> tuple[WorkerRecord, ...]:
-        """Every worker, in registration order."""
-        return tuple(self._records.values())
+        """Every worker, in registration order, with its last journaled heartbeat."""
+        heartbeats = self._heartbeats
+        if not heartbeats:
+            return tuple(self._records.values())
+        return tuple(
+            record
+            if (beat := heartbeats.get(record.worker_id)) is None
+            else _record(record.worker_id, record.worker_url, record.capabilities, beat)
+            for record in self._records.values()
+        )
 
     def retain(self, worker_ids: Iterable[str]) -> None:
         """Forget every worker not in ``worker_ids`` (those a registry dropped on restore)."""
         keep = set(worker_ids)
         for worker_id in [w for w in self._records if w not in keep]:
-            del self._records[worker_id]
-            self._capability_texts.pop(worker_id, None)
+            self._forget(worker_id)
 
     def __len__(self) -> int:
         return len(self._records)
@@ -463,11 +527,18 @@ def replay(lines: Iterable[bytes | str]) -> ReplayResult:
     in ``lines_skipped``.
     """
     state = JournalState()
+    reader = _Reader()
     skipped: list[SkippedLine] = []
     read = 0
     torn = False
+    heartbeat_line = _HEARTBEAT_LINE.fullmatch
     for number, line, is_last in _numbered(lines):
         read = number
+        if isinstance(line, bytes) and line.endswith(b"\n"):
+            # Most lines are heartbeats: fold them without building an event.
+            match = heartbeat_line(line)
+            if match is not None and state.heartbeat(match[1].decode(), float(match[2])):
+                continue
         complete = line.endswith(b"\n") if isinstance(line, bytes) else line.endswith("\n")
         if not complete:
             # Only the last line of a file can lack its newline.
@@ -478,7 +549,7 @@ def replay(lines: Iterable[bytes | str]) -> ReplayResult:
             skipped.append(SkippedLine(number, "blank line"))
             continue
         try:
-            entry = decode_line(line)
+            entry = reader.decode(line)
         except JournalDecodeError as error:
             reason = f"torn: {error.reason}" if is_last else error.reason
             skipped.append(SkippedLine(number, reason))
