@@ -343,6 +343,17 @@ class ControllerService:
         if self.config.proxy_cert_header is not None:
             extra = " " + log_fields(proxy_cert_header=self.config.proxy_cert_header)
         logger.info("mTLS: worker identity checks %s%s", checks, extra)
+        policy = self.policy
+        logger.info(
+            "controller starting %s",
+            log_fields(
+                controller_id=self.config.controller_id,
+                state_dir=self.config.state_dir if self.config.state_dir is not None else "none",
+                heartbeat_interval_s=policy.heartbeat_interval,
+                unhealthy_after_s=policy.unhealthy_after,
+                evict_after_s=policy.evict_after,
+            ),
+        )
         async with contextlib.AsyncExitStack() as stack:
             if self.config.state_dir is not None:
                 await self._open_journal(stack)
@@ -428,7 +439,8 @@ def create_app(
 ) -> Starlette:
     """The controller as an ASGI application.
 
-    ``registry`` defaults to an empty one with ``config.policy``; ``clock``
+    ``registry`` defaults to an empty one with ``config.policy`` (a registry
+    passed in keeps its own policy, which the service then uses); ``clock``
     is the wall clock (seconds since the epoch), clamped so that it never
     goes backwards. ``app.state.service`` is the :class:`ControllerService`.
     """
@@ -437,7 +449,11 @@ def create_app(
     service = ControllerService(registry, config, clock)
     app = Starlette(
         routes=service.routes(),
-        middleware=[Middleware(TracingMiddleware, route_paths=ROUTE_PATHS)],
+        middleware=[
+            Middleware(
+                TracingMiddleware, route_paths=ROUTE_PATHS, controller_id=config.controller_id
+            )
+        ],
         exception_handlers={
             ApiError: _api_error,
             RegistryError: _registry_error,

@@ -83,13 +83,16 @@ class TracingMiddleware:
 
     The span is named ``"METHOD /path"`` for the service's own routes and
     just ``"METHOD"`` for any other path (a path from a client must not
-    become a span name). It records ``http.response.status_code``; a 5xx
-    or an exception marks it as an error.
+    become a span name). It records ``http.response.status_code`` and
+    ``crank.controller_id`` (when given); a 5xx or an exception marks it as an error.
     """
 
-    def __init__(self, app: ASGIApp, *, route_paths: Collection[str]) -> None:
+    def __init__(
+        self, app: ASGIApp, *, route_paths: Collection[str], controller_id: str | None = None
+    ) -> None:
         self.app = app
         self.route_paths = frozenset(route_paths)
+        self.controller_id = controller_id
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Run the request inside its span."""
@@ -108,6 +111,8 @@ class TracingMiddleware:
             for key, value in scope.get("headers", ())
         }
         attributes: dict[str, str] = {"http.request.method": method, "url.path": path}
+        if self.controller_id is not None:
+            attributes["crank.controller_id"] = self.controller_id
         if path in self.route_paths:
             attributes["http.route"] = path
         with tracer().start_as_current_span(

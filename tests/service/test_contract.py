@@ -371,7 +371,11 @@ async def test_logs_one_line_per_registration_deregistration(
         await api.post("/deregister", {"worker_id": "w1"})
     lines = [r.getMessage() for r in caplog.records if r.name == "crank_registry_asgi"]
     assert lines[0] == "mTLS: worker identity checks off"
-    assert lines[1:] == [
+    assert lines[1] == (
+        "controller starting controller_id=controller state_dir=none "
+        "heartbeat_interval_s=30.0 unhealthy_after_s=60.0 evict_after_s=120.0"
+    )
+    assert lines[2:] == [
         "worker registered worker_id=w1 worker_url=http://w1.example:8000 "
         "capabilities=classify:image.classify replaced=false",
         "worker registered worker_id=w1 worker_url=http://w1.example:8000 "

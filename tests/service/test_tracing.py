@@ -93,6 +93,7 @@ async def test_traceparent_becomes_the_parent(spans: InMemorySpanExporter) -> No
     assert attributes["crank.worker_id"] == "w1"
     assert attributes["http.response.status_code"] == 200
     assert attributes["http.route"] == "/register"
+    assert attributes["crank.controller_id"] == "controller"
     assert [event.name for event in span.events] == ["worker registered"]
 
 
