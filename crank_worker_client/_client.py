@@ -273,8 +273,7 @@ class ControllerClient:
                 response = await http.request(method, path, json=body, timeout=timeout)
         except httpx.TransportError as error:
             raise ControllerUnavailable(
-                f"cannot reach the controller at {self.controller_url}: "
-                f"{type(error).__name__}: {error}"
+                f"cannot reach the controller at {self.controller_url}: {_reason(error)}"
             ) from error
         if response.is_success:
             data = _json_object(response)
@@ -331,6 +330,22 @@ def error_from_response(response: httpx.Response, what: str) -> ClientError:
             refusal.args = (f"{message}: {details}",)
         return refusal
     return UnexpectedResponse(code, status, body, message)
+
+
+def _reason(error: BaseException) -> str:
+    """The error's type and the first non-empty message down its chain of causes.
+
+    Some network errors carry no message of their own (an httpx ``ConnectError``
+    wrapping a TLS failure under trio); the cause says what happened.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if str(current):
+            return f"{type(error).__name__}: {current}"
+        current = current.__cause__ or current.__context__
+    return type(error).__name__
 
 
 def parse_retry_after(value: str | None) -> float | None:
