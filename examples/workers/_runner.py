@@ -34,7 +34,7 @@ import signal
 import socket
 import ssl
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -189,21 +189,29 @@ async def serve(
         finally:
             server_done.set()
 
+    leave = anyio.CancelScope()
+
+    async def leave_on_signal(signals: AsyncIterator[int]) -> None:
+        async for signum in signals:
+            log.info("%s: leaving the registry, then stopping", signal.Signals(signum).name)
+            leave.cancel()  # also while still registering at start-up
+            return
+
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with anyio.create_task_group() as group:
             group.start_soon(run_server)
+            group.start_soon(leave_on_signal, signals)
             # The socket listens already: calls routed here right after
             # registration wait in its backlog until the server accepts them.
-            async with agent:
-                log.info(
-                    "worker %s serving %d capabilities at %s",
-                    settings.worker_id,
-                    len(capabilities),
-                    url,
-                )
-                async for signum in signals:
-                    log.info("%s: leaving the registry, then stopping", signal.Signals(signum).name)
-                    break
+            with leave:
+                async with agent:  # deregisters on the way out, even when cancelled
+                    log.info(
+                        "worker %s serving %d capabilities at %s",
+                        settings.worker_id,
+                        len(capabilities),
+                        url,
+                    )
+                    await anyio.sleep_forever()
             stop_serving.set()
             with anyio.move_on_after(shutdown_grace + 0.5):
                 await server_done.wait()
