@@ -105,7 +105,12 @@ class TracingMiddleware:
             return
         method = str(scope.get("method", "")).upper()
         path = scope.get("path", "")
-        name = f"{method} {path}" if path in self.route_paths else method
+        # Mounted under a prefix, the route is what follows the root path;
+        # the span names the whole template, prefix included.
+        root_path = scope.get("root_path", "")
+        route = path[len(root_path) :] if root_path and path.startswith(root_path) else path
+        template = root_path.rstrip("/") + route if route in self.route_paths else None
+        name = method if template is None else f"{method} {template}"
         carrier = {
             key.decode("latin-1").lower(): value.decode("latin-1")
             for key, value in scope.get("headers", ())
@@ -113,8 +118,8 @@ class TracingMiddleware:
         attributes: dict[str, str] = {"http.request.method": method, "url.path": path}
         if self.controller_id is not None:
             attributes["crank.controller_id"] = self.controller_id
-        if path in self.route_paths:
-            attributes["http.route"] = path
+        if template is not None:
+            attributes["http.route"] = template
         with tracer().start_as_current_span(
             name,
             context=propagate.extract(carrier),

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
 import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.routing import Mount
 
 from crank_registry import (
     CapabilityRegistry,
@@ -424,3 +428,36 @@ async def test_a_number_with_a_zero_fraction_is_an_integer() -> None:
         assert (await api.post("/register", body)).status_code == 200
         body = registration("w2", capabilities=[capability(max_concurrency=4.5)])
         assert (await api.post("/register", body)).status_code == 422
+
+
+@contextlib.asynccontextmanager
+async def mounted() -> AsyncIterator[httpx.AsyncClient]:
+    """The app mounted at /crank in another app whose lifespan runs the app's."""
+    controller = create_app(clock=FakeClock())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(parent: Starlette) -> AsyncIterator[None]:
+        async with controller.router.lifespan_context(controller):
+            yield
+
+    parent = Starlette(routes=[Mount("/crank", app=controller)], lifespan=lifespan)
+    transport = httpx.ASGITransport(app=parent)
+    async with (
+        parent.router.lifespan_context(parent),
+        httpx.AsyncClient(transport=transport, base_url="http://test") as client,
+    ):
+        yield client
+
+
+async def test_mounted_in_another_app() -> None:
+    async with mounted() as client:
+        response = await client.post("/crank/register", json=registration("w1"))
+        assert response.status_code == 200
+        response = await client.post(
+            "/crank/route", json={"verb": "classify", "capability": "image.classify"}
+        )
+        assert response.json()["worker_id"] == "w1"
+        response = await client.get("/crank/nowhere")
+        assert (response.status_code, response.json()["error"]) == (404, "not_found")
+        response = await client.get("/elsewhere")
+        assert response.status_code == 404

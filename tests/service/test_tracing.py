@@ -169,3 +169,13 @@ def _sums(reader: InMemoryMetricReader) -> dict[str, Any]:
             for metric in scope.metrics:
                 totals[metric.name] = sum(point.value for point in metric.data.data_points)  # type: ignore[union-attr]
     return totals
+
+
+async def test_mounted_under_a_prefix(spans: InMemorySpanExporter) -> None:
+    from tests.service.test_contract import mounted
+
+    async with mounted() as client:
+        response = await client.post("/crank/route", json={"verb": "v", "capability": "c"})
+        assert response.status_code == 503
+    span = server_span(spans, "POST /crank/route")
+    assert dict(span.attributes or {})["http.route"] == "/crank/route"
