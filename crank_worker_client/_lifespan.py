@@ -15,6 +15,12 @@ startup completed (it is ready for traffic) and deregisters before the
 application's own shutdown begins (no new traffic while it winds down). A
 registration that fails at startup fails the startup with the reason, so the
 server exits instead of serving unregistered.
+
+Servers run the lifespan shutdown when they stop accepting requests; some
+(hypercorn) only after every open connection has closed, so an idle
+keep-alive connection can delay the deregistration by the server's graceful
+timeout. A worker that must leave the registry the moment it is told to stop
+can instead run ``async with agent:`` around the server itself.
 """
 
 from __future__ import annotations
