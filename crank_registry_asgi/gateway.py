@@ -55,7 +55,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -64,6 +64,7 @@ from crank_worker_client.serving import NDJSON, invocation_path
 
 from .app import ControllerService
 from .http import ApiError, error_response, read_json_body
+from .openapi import openapi_document
 from .telemetry import TracingMiddleware, annotate, tracer
 
 __all__ = [
@@ -71,6 +72,7 @@ __all__ = [
     "Gateway",
     "GatewayConfig",
     "create_gateway_app",
+    "gateway_openapi_document",
     "gateway_ssl_context",
     "serve_with_gateway",
 ]
@@ -472,6 +474,141 @@ def _error_line(code: str, message: str) -> bytes:
     return json.dumps({"error": code, "message": message}).encode() + b"\n"
 
 
+def _schema_ref(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json_content(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+def gateway_openapi_document() -> dict[str, Any]:
+    """The controller's OpenAPI document with ``POST /execute`` added."""
+    document = openapi_document()
+    text = {"type": "string", "minLength": 1, "maxLength": _MAX_NAME}
+    error_body = {
+        "type": "object",
+        "required": ["error", "message"],
+        "properties": {"error": {"type": "string"}, "message": {"type": "string"}},
+    }
+    attempts = {
+        "type": "array",
+        "items": {
+            "type": "object",
+            "required": ["worker_id", "error"],
+            "properties": {"worker_id": {"type": "string"}, "error": {"type": "string"}},
+        },
+    }
+    document["components"]["schemas"].update(
+        {
+            "ExecuteRequest": {
+                "type": "object",
+                "required": ["verb", "capability", "payload"],
+                "additionalProperties": False,
+                "properties": {
+                    "verb": text,
+                    "capability": text,
+                    "payload": {"description": "any JSON value the capability accepts"},
+                },
+            },
+            "WorkerFailed": {
+                **error_body,
+                "properties": {
+                    "error": {"const": "worker_failed"},
+                    "message": {"type": "string"},
+                    "worker_id": {"type": "string"},
+                    "worker_status": {"type": "integer"},
+                    "worker_error": {},
+                    "attempts": attempts,
+                },
+                "required": ["error", "message", "worker_id"],
+            },
+            "WorkerTimeout": {
+                **error_body,
+                "properties": {
+                    "error": {"const": "worker_timeout"},
+                    "message": {"type": "string"},
+                    "worker_id": {"type": "string"},
+                    "attempts": attempts,
+                },
+                "required": ["error", "message", "worker_id"],
+            },
+        }
+    )
+    worker_headers = {
+        "X-Crank-Worker-Id": {
+            "description": "the worker that answered",
+            "schema": {"type": "string"},
+        },
+        "X-Crank-Attempts": {
+            "description": "how many workers were tried",
+            "schema": {"type": "integer", "minimum": 1},
+        },
+    }
+    document["paths"][EXECUTE_PATH] = {
+        "post": {
+            "summary": "Route a call to a worker and forward it; answer with the worker's answer",
+            "operationId": "execute",
+            "requestBody": {
+                "required": True,
+                "content": _json_content(_schema_ref("ExecuteRequest")),
+            },
+            "responses": {
+                "200": {
+                    "description": "The worker's answer: JSON, or NDJSON when it streams.",
+                    "headers": worker_headers,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["result"],
+                                "properties": {"result": {}},
+                            }
+                        },
+                        NDJSON: {"schema": {"type": "string"}},
+                    },
+                },
+                "400": {
+                    "description": "The body is not UTF-8 JSON, or is nested too deeply.",
+                    "content": _json_content(_schema_ref("InvalidJson")),
+                },
+                "413": {
+                    "description": "The body is larger than the limit.",
+                    "content": _json_content(_schema_ref("RequestTooLarge")),
+                },
+                "415": {
+                    "description": "The body is not sent as application/json.",
+                    "content": _json_content(_schema_ref("UnsupportedMediaType")),
+                },
+                "422": {
+                    "description": "The body is not {verb, capability, payload}, or the worker "
+                    "refused the payload (its own error, passed through).",
+                    "content": _json_content(error_body),
+                },
+                "4XX": {
+                    "description": "The worker's own 4xx error, passed through.",
+                    "headers": worker_headers,
+                    "content": _json_content(error_body),
+                },
+                "502": {
+                    "description": "The worker failed, or no worker could be reached.",
+                    "content": _json_content(_schema_ref("WorkerFailed")),
+                },
+                "503": {
+                    "description": "No routable worker.",
+                    "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+                    "content": _json_content(_schema_ref("NoWorkerAvailable")),
+                },
+                "504": {
+                    "description": "The worker stayed silent longer than the timeout.",
+                    "content": _json_content(_schema_ref("WorkerTimeout")),
+                },
+            },
+        }
+    }
+    return document
+
+
 def _internal_error(request: Request, exc: Exception) -> Response:
     return error_response(500, "internal_error", "the controller failed to answer this request")
 
@@ -501,8 +638,16 @@ def create_gateway_app(
             yield
 
     traced: ASGIApp = TracingMiddleware(gateway, route_paths=(EXECUTE_PATH,))
+    # The document is rendered once; a response object is a reusable ASGI app.
+    document: ASGIApp = TracingMiddleware(
+        JSONResponse(gateway_openapi_document()), route_paths=("/openapi.json",)
+    )
     app = Starlette(
-        routes=[Route(EXECUTE_PATH, endpoint=traced), Mount("", app=controller)],
+        routes=[
+            Route(EXECUTE_PATH, endpoint=traced),
+            Route("/openapi.json", endpoint=document, methods=["GET"]),
+            Mount("", app=controller),
+        ],
         lifespan=lifespan,
         exception_handlers={Exception: _internal_error},
     )

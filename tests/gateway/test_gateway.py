@@ -376,3 +376,23 @@ async def test_the_lifespan_runs_the_controller_and_closes_connections() -> None
         assert (await execute(client)).status_code == 200
         assert app.state.gateway._client is not None
     assert app.state.gateway._client is None
+
+
+async def test_the_openapi_document_describes_execute_too() -> None:
+    async with client_of(make_gateway(WorkerNetwork(), FakeClock())) as client:
+        first = await client.get("/openapi.json")
+        again = await client.get("/openapi.json")
+        wrong_method = await client.post("/openapi.json")
+    assert first.json() == again.json()
+    document = first.json()
+    assert {"/register", "/route", "/execute"} <= set(document["paths"])
+    execute_doc = document["paths"]["/execute"]["post"]
+    assert set(execute_doc["responses"]) >= {"200", "400", "413", "415", "422", "502", "503", "504"}
+    schemas = document["components"]["schemas"]
+    for response in execute_doc["responses"].values():
+        for media in response.get("content", {}).values():
+            ref = media["schema"].get("$ref")
+            if ref:
+                assert ref.removeprefix("#/components/schemas/") in schemas
+    assert schemas["ExecuteRequest"]["required"] == ["verb", "capability", "payload"]
+    assert wrong_method.status_code == 405
