@@ -48,6 +48,7 @@ import math
 import ssl
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import quote
 
 import attrs
 import httpx
@@ -60,7 +61,6 @@ from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from crank_registry import WorkerEndpoint
-from crank_worker_client.serving import NDJSON, invocation_path
 
 from .app import ControllerService
 from .http import ApiError, error_response, read_json_body
@@ -79,6 +79,8 @@ __all__ = [
 
 #: Where the gateway listens.
 EXECUTE_PATH = "/execute"
+#: The media type of a streamed answer, one JSON object per line.
+NDJSON = "application/x-ndjson"
 
 _MAX_NAME = 256
 _WORKER_HEADER = "x-crank-worker-id"
@@ -120,6 +122,15 @@ class GatewayConfig:
     def httpx_timeout(self) -> httpx.Timeout:
         """The per-request httpx timeouts."""
         return httpx.Timeout(self.timeout, connect=min(self.connect_timeout, self.timeout))
+
+
+def invocation_path(verb: str, name: str) -> str:
+    """Where a worker serves ``(verb, name)``: the invocation convention's path.
+
+    The same rule as :func:`crank_worker_client.serving.invocation_path`,
+    kept here so that the service does not depend on the client package.
+    """
+    return f"/invoke/{quote(verb, safe='')}/{quote(name, safe='')}"
 
 
 def gateway_ssl_context(

@@ -396,3 +396,12 @@ async def test_the_openapi_document_describes_execute_too() -> None:
                 assert ref.removeprefix("#/components/schemas/") in schemas
     assert schemas["ExecuteRequest"]["required"] == ["verb", "capability", "payload"]
     assert wrong_method.status_code == 405
+
+
+@pytest.mark.parametrize(("verb", "name"), [("greet", "hello"), ("a/b", "c d"), ("x", "é?#%")])
+def test_the_gateway_and_the_worker_helper_agree_on_the_convention(verb: str, name: str) -> None:
+    from crank_registry_asgi import gateway
+    from crank_worker_client import serving
+
+    assert gateway.invocation_path(verb, name) == serving.invocation_path(verb, name)
+    assert gateway.NDJSON == serving.NDJSON
