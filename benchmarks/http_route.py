@@ -278,10 +278,34 @@ def free_port() -> int:
         return port
 
 
+def process_tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by ``pid`` and its descendants (Linux)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    parents: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            # The command name (field 2) may hold spaces; fields after it are fixed.
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        parents[int(entry.name)] = int(fields[1])
+        cpu[int(entry.name)] = (int(fields[11]) + int(fields[12])) / ticks
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [child for child, of in parents.items() if of == parent and child not in tree]
+        tree.update(children)
+        frontier += children
+    return sum(cpu.get(member, 0.0) for member in tree)
+
+
 @contextlib.contextmanager
 def running_server(
     server: str, state_dir: Path | None, workers: int, log_path: Path
-) -> Iterator[str]:
+) -> Iterator[tuple[str, int]]:
     port = free_port()
     argv, environment = server_command(server, port, state_dir, workers)
     with log_path.open("wb") as log:
@@ -300,7 +324,7 @@ def running_server(
             if time.monotonic() > deadline:
                 raise SystemExit(f"{server} did not start:\n{log_path.read_text()}")
             time.sleep(0.1)
-        yield url
+        yield url, process.pid
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -436,7 +460,7 @@ def load_with_httpx(
     return loaded
 
 
-def measure(url: str, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+def measure(url: str, pid: int, args: argparse.Namespace) -> dict[str, dict[str, float]]:
     load = load_with_wrk if args.load == "wrk" else load_with_httpx
     for path, body in (("/bare", BARE_BODY), ("/route", ROUTE_BODY)):
         load(f"{url}{path}", body, args.connections, args.warmup)
@@ -444,13 +468,18 @@ def measure(url: str, args: argparse.Namespace) -> dict[str, dict[str, float]]:
     # Alternate the two endpoints so that drift in the machine's speed hits both.
     for _ in range(args.rounds):
         for path, body in (("/bare", BARE_BODY), ("/route", ROUTE_BODY)):
-            results[path].append(load(f"{url}{path}", body, args.connections, args.duration))
+            cpu_before = process_tree_cpu_s(pid)
+            result = load(f"{url}{path}", body, args.connections, args.duration)
+            result["cpu_s"] = process_tree_cpu_s(pid) - cpu_before
+            results[path].append(result)
     return {path: combine(runs) for path, runs in results.items()}
 
 
 def combine(runs: list[dict[str, float]]) -> dict[str, float]:
-    """Total throughput over the rounds; the median round's latencies."""
+    """The median round's throughput and latencies; server CPU per request over all rounds."""
+    requests = sum(run["requests"] for run in runs)
     return {
+        "cpu_us": sum(run["cpu_s"] for run in runs) / requests * 1e6,
         "rps": statistics.median(run["rps"] for run in runs),
         "p50_ms": statistics.median(run["p50_ms"] for run in runs),
         "p99_ms": statistics.median(run["p99_ms"] for run in runs),
@@ -471,14 +500,21 @@ def report(
     )
     print(
         f"  {'endpoint':<8} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'requests':>9} {'failed':>7}"
+        f" {'server CPU us/req':>18}"
     )
     for path, result in results.items():
         print(
             f"  {path:<8} {result['rps']:>9.0f} {result['p50_ms']:>8.2f} {result['p99_ms']:>8.2f}"
-            f" {result['requests']:>9.0f} {result['failed']:>7.0f}"
+            f" {result['requests']:>9.0f} {result['failed']:>7.0f} {result['cpu_us']:>18.0f}"
         )
     met_ratio = ratio >= TARGET_RATIO
     met_p99 = route["p99_ms"] <= TARGET_P99_MS
+    # CPU per request does not depend on what else the machine runs: its
+    # ratio is what the throughput ratio would be on an otherwise idle host.
+    print(
+        f"  server CPU per request, /bare / /route: {bare['cpu_us'] / route['cpu_us']:.2f} "
+        "(the throughput ratio of a CPU-bound server)"
+    )
     print(
         f"  /route / /bare throughput: {ratio:.2f} (target >= {TARGET_RATIO}: "
         f"{'met' if met_ratio else 'NOT met'})"
@@ -508,10 +544,10 @@ def run_benchmark(args: argparse.Namespace) -> int:
             state_dir = None if args.in_memory else Path(scratch) / "state"
             log_path = Path(scratch) / "server.log"
             started = time.perf_counter()
-            with running_server(server, state_dir, args.workers, log_path) as url:
+            with running_server(server, state_dir, args.workers, log_path) as (url, pid):
                 setup_s = time.perf_counter() - started
                 check_workers(url, args.workers)
-                results = measure(url, args)
+                results = measure(url, pid, args)
             all_met &= report(server, setup_s, results, args)
     return 0 if all_met else 1
 
