@@ -282,3 +282,21 @@ def test_a_port_in_use_is_reported_before_starting(
     assert "Traceback" not in err
     # Reported before the app started: the journal was never opened.
     assert not state_dir.exists()
+
+
+def test_a_failed_start_is_reported_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for variable in COMMAND_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("")
+    state_dir = not_a_directory / "state"
+    status = cli.main(
+        ["serve", "--insecure", "--port", str(free_port()), "--state-dir", str(state_dir)]
+    )
+    assert status == 1
+    err = capsys.readouterr().err
+    assert "the controller failed to start" in err
+    assert str(state_dir) in err
+    assert "Traceback" not in err
