@@ -1,12 +1,13 @@
 """Request bodies in, JSON errors out.
 
 Every failure the service answers is JSON, ``{"error": CODE, "message":
-TEXT, ...}`` with a stable ``CODE``. Service-level failures (the body, the
-route table, the clock-free parts of a request) are :class:`ApiError`; the
-core's :class:`~crank_registry.RegistryError` values carry their own code and
-status and are rendered by :func:`registry_error_response`::
+TEXT, ...}`` with a stable ``CODE``. The service's own failures (the body,
+the route table, the journal, a missing client identity) are raised as
+:class:`ApiError`; the core's :class:`~crank_registry.RegistryError` values
+carry their own code and status and are rendered by
+:func:`registry_error_response`::
 
-    ApiError                    (status, code: any of the below)
+    ApiError codes              status
     ├── unsupported_media_type  415
     ├── invalid_json            400
     ├── request_too_large       413
