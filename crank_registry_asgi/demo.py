@@ -48,11 +48,12 @@ from types import FrameType
 from typing import IO, TYPE_CHECKING, Any
 
 import attrs
-import httpx
-
-from .certs import write_development_certificates
 
 if TYPE_CHECKING:
+    # Imported where used: the command line builds every subcommand's parser,
+    # and `serve` should not pay for the demo's imports.
+    import httpx
+
     Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]
 
 __all__ = ["CAPABILITIES", "WORKERS", "DemoFailure", "add_demo_command", "run_demo"]
@@ -364,6 +365,8 @@ class Demo:
     def client(self) -> httpx.Client:
         """An HTTPS client with the demo's own client certificate."""
         if self._client is None:
+            import httpx
+
             context = ssl.create_default_context(cafile=str(self.certs / "ca.pem"))
             context.load_cert_chain(
                 str(self.certs / "client-demo.pem"), str(self.certs / "client-demo.key")
@@ -373,6 +376,8 @@ class Demo:
 
     def wait_until(self, what: str, timeout: float, check: Callable[[], Any], *alive: str) -> Any:
         """Poll ``check`` until it returns something true; fail after ``timeout``."""
+        import httpx
+
         deadline = time.monotonic() + timeout
         last_error = ""
         while True:
@@ -418,6 +423,8 @@ class Demo:
 
     def run(self, *, keep_running: bool) -> None:
         """Every step in order; raises :class:`DemoFailure` at the first that fails."""
+        from .certs import write_development_certificates
+
         self.say(f"working in {self.workdir}")
         write_development_certificates(self.certs, workers=WORKERS, clients=["demo"])
         self.say(f"made a CA and certificates for the controller and {len(WORKERS)} workers")
