@@ -90,6 +90,14 @@ def _json_object(value: Any, _: type) -> dict[str, Any]:
     return value
 
 
+def _health_state(value: Any, _: type) -> HealthState:
+    for state in HealthState:
+        if value == state.value and isinstance(value, str):
+            return state
+    names = ", ".join(state.value for state in HealthState)
+    raise ValidationError.single("", f"must be one of {names}")
+
+
 def _any(value: Any, _: type) -> Any:
     return value
 
@@ -117,6 +125,7 @@ def make_converter() -> cattrs.Converter:
     conv.register_structure_hook(float, _strict_float)
     conv.register_structure_hook(bool, _strict_bool)
     conv.register_structure_hook(Any, _any)
+    conv.register_structure_hook(HealthState, _health_state)
     conv.register_structure_hook_func(_is_json_object_type, _json_object)
 
     def structure_optional(value: Any, tp: Any) -> Any:

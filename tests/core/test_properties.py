@@ -1,0 +1,303 @@
+"""Properties of the converter: round-trips, and nothing but ValidationError on bad input."""
+
+from __future__ import annotations
+
+import json
+import string
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from crank_registry import (
+    EVENT_TYPES,
+    CapabilitySchema,
+    CapabilityView,
+    DeregisterRequest,
+    Event,
+    HealthPolicy,
+    HealthState,
+    HeartbeatReceived,
+    HeartbeatRequest,
+    Registration,
+    RouteRequest,
+    ValidationError,
+    WorkerDeregistered,
+    WorkerEndpoint,
+    WorkerEvicted,
+    WorkerImported,
+    WorkerRecord,
+    WorkerRegistered,
+    WorkerView,
+    structure,
+    structure_event,
+    unstructure,
+    unstructure_event,
+)
+
+SETTINGS = settings(
+    max_examples=100, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+# Each payload mutation test builds a valid model first: fewer, richer examples.
+MUTATION_SETTINGS = settings(SETTINGS, max_examples=60)
+
+# ------------------------------------------------------------------ strategies
+
+finite_floats = st.floats(allow_nan=False, allow_infinity=False)
+json_scalars = st.none() | st.booleans() | st.integers() | finite_floats | st.text(max_size=8)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
+    max_leaves=8,
+)
+json_objects = st.dictionaries(st.text(max_size=6), json_values, max_size=3)
+
+texts = st.text(string.ascii_letters + string.digits + "._-: /", min_size=1, max_size=20).filter(
+    str.strip
+)
+numbers = st.integers(0, 10**6).map(str)
+versions = st.builds(
+    lambda major, minor, patch, pre: f"{major}.{minor}.{patch}{pre}",
+    numbers,
+    numbers,
+    numbers,
+    st.sampled_from(["", "-alpha.1", "+build.7", "-rc.1+sha.5"]),
+)
+worker_ids = st.text(string.ascii_letters + string.digits + "._-", min_size=1, max_size=128)
+worker_urls = st.builds(
+    lambda scheme, host, port, path: f"{scheme}://{host}{port}{path}",
+    st.sampled_from(["http", "https"]),
+    st.sampled_from(["w1", "10.0.0.1", "[::1]", "worker.example.com"]),
+    st.sampled_from(["", ":1", ":8443", ":65535"]),
+    st.sampled_from(["", "/", "/base/path"]),
+)
+timestamps = st.floats(min_value=0, max_value=4e9, allow_nan=False)
+slos = st.fixed_dictionaries(
+    {},
+    optional={
+        "latency_p95_ms": st.floats(min_value=0.001, max_value=1e6),
+        "availability": st.floats(min_value=0, max_value=1),
+        "error_budget_pct": st.floats(min_value=0, max_value=100),
+    },
+)
+
+
+def optional(strategy: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.none() | strategy
+
+
+capabilities = st.builds(
+    CapabilitySchema,
+    name=texts,
+    verb=texts,
+    version=versions,
+    input_schema=json_objects,
+    output_schema=json_objects,
+    requires_gpu=st.booleans(),
+    max_concurrency=st.integers(1, 2**40),
+    runtime=optional(texts),
+    env_profile=optional(texts),
+    constraints=optional(json_objects),
+    slo=optional(slos),
+    spiffe_id=optional(texts.map(lambda t: "spiffe://" + t)),
+    required_capabilities=optional(st.lists(texts, max_size=3).map(tuple)),
+    cost_tokens_per_invocation=optional(st.floats(min_value=0, max_value=1e12)),
+    slo_bid=optional(json_objects),
+    controller_affinity=optional(texts),
+)
+capability_tuples = st.lists(capabilities, min_size=1, max_size=2, unique_by=lambda c: c.key).map(
+    tuple
+)
+registrations = st.builds(Registration, worker_ids, worker_urls, capability_tuples)
+records = st.builds(
+    WorkerRecord, worker_ids, worker_urls, capability_tuples, timestamps, st.booleans()
+)
+endpoints = st.builds(WorkerEndpoint, worker_ids, worker_urls, versions)
+route_requests = st.builds(
+    RouteRequest,
+    verb=texts,
+    capability=texts,
+    requester_identity=optional(texts),
+    slo_constraints=optional(json_objects),
+    budget_tokens=optional(st.floats(min_value=0, max_value=1e9)),
+    idempotency_key=optional(texts),
+    version=optional(versions),
+)
+policies = st.tuples(st.floats(0.001, 1e6), st.floats(0.001, 1e6), st.floats(0.001, 1e6)).map(
+    lambda t: HealthPolicy(*sorted(t))
+)
+views = st.builds(
+    WorkerView,
+    worker_ids,
+    worker_urls,
+    timestamps,
+    st.sampled_from(HealthState),
+    st.booleans(),
+    capability_tuples,
+)
+capability_views = st.builds(
+    CapabilityView,
+    texts,
+    texts,
+    versions,
+    st.lists(worker_ids, max_size=3).map(tuple),
+    st.lists(worker_ids, max_size=3).map(tuple),
+)
+models = st.one_of(
+    capabilities,
+    registrations,
+    records,
+    endpoints,
+    route_requests,
+    policies,
+    views,
+    capability_views,
+    st.builds(HeartbeatRequest, worker_ids),
+    st.builds(DeregisterRequest, worker_ids),
+)
+events = st.one_of(
+    st.builds(
+        WorkerRegistered, worker_ids, worker_urls, capability_tuples, timestamps, st.booleans()
+    ),
+    st.builds(HeartbeatReceived, worker_ids, timestamps),
+    st.builds(WorkerDeregistered, worker_ids, timestamps),
+    st.builds(WorkerEvicted, worker_ids, timestamps, timestamps),
+    st.builds(WorkerImported, worker_ids, worker_urls, capability_tuples, timestamps, texts),
+)
+
+# ------------------------------------------------------------------- round trips
+
+
+@SETTINGS
+@given(models)
+def test_every_model_round_trips(value: Any) -> None:
+    data = unstructure(value)
+    assert structure(data, type(value)) == value
+    assert structure(json.loads(json.dumps(data, allow_nan=False)), type(value)) == value
+
+
+@SETTINGS
+@given(events)
+def test_every_event_round_trips(event: Event) -> None:
+    data = unstructure_event(event)
+    assert data["type"] in EVENT_TYPES and EVENT_TYPES[data["type"]] is type(event)
+    assert structure_event(data) == event
+    assert structure_event(json.loads(json.dumps(data, allow_nan=False))) == event
+
+
+def test_the_strategies_cover_every_event_type() -> None:
+    covered = {
+        WorkerRegistered,
+        HeartbeatReceived,
+        WorkerDeregistered,
+        WorkerEvicted,
+        WorkerImported,
+    }
+    assert covered == set(EVENT_TYPES.values())
+
+
+# ---------------------------------------------------- only ValidationError, ever
+
+TARGETS = [
+    Registration,
+    RouteRequest,
+    HeartbeatRequest,
+    DeregisterRequest,
+    CapabilitySchema,
+    WorkerRecord,
+    WorkerView,
+    HealthPolicy,
+]
+
+
+def structure_or_validation_error(data: Any, cls: Any) -> None:
+    try:
+        result = structure(data, cls)
+    except ValidationError as error:
+        assert error.problems
+        assert all(isinstance(p.path, str) and p.message for p in error.problems)
+    else:
+        assert isinstance(result, cls)
+
+
+def structure_event_or_validation_error(data: Any) -> None:
+    try:
+        result = structure_event(data)
+    except ValidationError as error:
+        assert error.problems
+    else:
+        assert isinstance(result, Event)
+
+
+@pytest.mark.parametrize("cls", TARGETS, ids=lambda cls: cls.__name__)
+@SETTINGS
+@given(data=json_values)
+def test_arbitrary_json_gives_only_validation_errors(cls: Any, data: Any) -> None:
+    structure_or_validation_error(data, cls)
+
+
+@SETTINGS
+@given(data=json_values)
+def test_arbitrary_json_events_give_only_validation_errors(data: Any) -> None:
+    structure_event_or_validation_error(data)
+
+
+@st.composite
+def mutated(draw: st.DrawFn, source: st.SearchStrategy[Any]) -> Any:
+    """A valid JSON payload with a few changes: values replaced, keys dropped or added."""
+    payload = json.loads(json.dumps(draw(source)))
+    for _ in range(draw(st.integers(1, 3))):
+        # Walk to a random container inside the payload.
+        node = payload
+        while True:
+            children = (
+                list(node.values())
+                if isinstance(node, dict)
+                else node
+                if isinstance(node, list)
+                else []
+            )
+            containers = [c for c in children if isinstance(c, (dict, list))]
+            if not containers or draw(st.booleans()):
+                break
+            node = draw(st.sampled_from(containers))
+        if isinstance(node, dict):
+            action = draw(st.sampled_from(["replace", "drop", "add"]))
+            if action == "add" or not node:
+                node[draw(st.text(max_size=8))] = draw(json_values)
+            elif action == "drop":
+                del node[draw(st.sampled_from(sorted(node)))]
+            else:
+                node[draw(st.sampled_from(sorted(node)))] = draw(
+                    json_values | st.sampled_from(["4", "yes", 1, 0, True, 10**400, -1, "", []])
+                )
+        elif isinstance(node, list) and node:
+            node[draw(st.integers(0, len(node) - 1))] = draw(json_values)
+    return payload
+
+
+MUTATION_SOURCES = {
+    Registration: registrations.map(unstructure),
+    RouteRequest: route_requests.map(unstructure),
+    HeartbeatRequest: st.builds(HeartbeatRequest, worker_ids).map(unstructure),
+    CapabilitySchema: capabilities.map(unstructure),
+    WorkerRecord: records.map(unstructure),
+    WorkerView: views.map(unstructure),
+}
+
+
+@pytest.mark.parametrize("cls", list(MUTATION_SOURCES), ids=lambda cls: cls.__name__)
+@MUTATION_SETTINGS
+@given(data=st.data())
+def test_mutated_payloads_give_only_validation_errors(cls: Any, data: st.DataObject) -> None:
+    payload = data.draw(mutated(MUTATION_SOURCES[cls]))
+    structure_or_validation_error(payload, cls)
+
+
+@MUTATION_SETTINGS
+@given(data=mutated(events.map(unstructure_event)))
+def test_mutated_events_give_only_validation_errors(data: Any) -> None:
+    structure_event_or_validation_error(data)
