@@ -40,7 +40,13 @@ from typing import Any
 
 import attrs
 
-from ._converter import structure, structure_event, unstructure, unstructure_event
+from ._converter import (
+    EVENT_TYPES,
+    structure,
+    structure_event,
+    unstructure,
+    unstructure_event,
+)
 from ._errors import RegistryError, ValidationError
 from ._events import (
     Event,
@@ -175,12 +181,19 @@ def _encode_heartbeat(event: HeartbeatReceived) -> bytes | None:
     ).encode()
 
 
-def _encode_with_capabilities(event: WorkerRegistered | WorkerImported) -> tuple[bytes, str]:
-    """The line for ``event`` and its capability list as JSON text, rendered once for both."""
-    body = unstructure_event(event)
-    capabilities = _text(body.pop("capabilities"))
-    head = _dumps({"v": JOURNAL_FORMAT_VERSION, **body})
-    return head[:-2] + b',"capabilities":' + capabilities.encode() + b"}\n", capabilities
+_TAGS: dict[type[Event], str] = {cls: tag for tag, cls in EVENT_TYPES.items()}
+# Renderings of capability values kept at most (then forgotten at once).
+_RENDERED_LIMIT = 1 << 16
+
+
+def _encode_with_capabilities(event: WorkerRegistered | WorkerImported, capabilities: str) -> bytes:
+    """The line for ``event``, with its capability list already rendered as JSON text."""
+    body: dict[str, Any] = {"v": JOURNAL_FORMAT_VERSION, "type": _TAGS[type(event)]}
+    for field in attrs.fields(type(event)):
+        if field.name != "capabilities":
+            # The other fields are strings, numbers and booleans.
+            body[field.name] = getattr(event, field.name)
+    return _dumps(body)[:-2] + b',"capabilities":' + capabilities.encode() + b"}\n"
 
 
 def _text(value: Any) -> str:
@@ -372,6 +385,7 @@ class JournalState:
         # worker id -> its capability list as JSON text, when encode() has
         # already rendered it: a snapshot reuses it instead of rendering again.
         self._capability_texts: dict[str, str] = {}
+        self._rendered: dict[int, tuple[CapabilitySchema, str]] = {}
         for record in records:
             self._records[record.worker_id] = _unverified(record)
 
@@ -443,14 +457,32 @@ class JournalState:
                 continue
             durable = True
             if isinstance(event, (WorkerRegistered, WorkerImported)):
-                line, capabilities = _encode_with_capabilities(event)
-                lines.append(line)
+                capabilities = self._render(event.capabilities)
+                lines.append(_encode_with_capabilities(event, capabilities))
                 self.apply(event)
                 self._capability_texts[event.worker_id] = capabilities
             else:
                 lines.append(encode_event(event))
                 self.apply(event)
         return JournalLines(tuple(lines), durable)
+
+    def _render(self, capabilities: tuple[CapabilitySchema, ...]) -> str:
+        """``capabilities`` as JSON text.
+
+        A registry hands out one shared value per distinct capability, so
+        each is rendered once and its text reused (the value is kept with
+        its text: an ``id`` is only unique while the object lives).
+        """
+        rendered = self._rendered
+        texts = []
+        for capability in capabilities:
+            known = rendered.get(id(capability))
+            if known is None or known[0] is not capability:
+                if len(rendered) >= _RENDERED_LIMIT:
+                    rendered.clear()
+                known = rendered[id(capability)] = (capability, _text(unstructure(capability)))
+            texts.append(known[1])
+        return f"[{','.join(texts)}]"
 
     def snapshot(self, *, part_size: int = SNAPSHOT_PART_SIZE) -> tuple[bytes, ...]:
         """The lines of a snapshot of the state (at least one line, even when empty)."""
@@ -473,9 +505,7 @@ class JournalState:
                 if text is None:
                     text = rendered.get(id(record.capabilities))
                     if text is None:
-                        text = rendered[id(record.capabilities)] = _text(
-                            unstructure(record.capabilities)
-                        )
+                        text = rendered[id(record.capabilities)] = self._render(record.capabilities)
                 position = set_index.setdefault(text, len(set_index))
                 last_heartbeat = heartbeats.get(worker_id, record.last_heartbeat)
                 rows.append([worker_id, record.worker_url, last_heartbeat, position])

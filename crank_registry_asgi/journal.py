@@ -121,13 +121,17 @@ class RecoveryReport:
 class _Batch:
     """Lines waiting to be written together, and the outcome all their callers share."""
 
-    __slots__ = ("done", "durable", "error", "lines")
+    __slots__ = ("done", "durable", "error", "finished", "leader", "lines")
 
     def __init__(self) -> None:
         self.lines: list[bytes] = []
         self.durable = False
+        # A caller has taken on writing this batch.
+        self.leader = False
         self.done = False
         self.error: OSError | None = None
+        # Set when done, for the callers waiting on it (made by the first).
+        self.finished: anyio.Event | None = None
 
 
 class Journal:
@@ -336,9 +340,10 @@ class Journal:
         """Append the lines of ``events``.
 
         Registrations, deregistrations, evictions and imports are written
-        and fsynced before this returns; heartbeats are coalesced and not
-        waited for. Raises :class:`JournalUnavailable` when the write fails
-        (nothing of this batch is then in the file). May compact the file.
+        and fsynced before this returns; heartbeats are coalesced, and
+        written without an fsync. Raises :class:`JournalUnavailable` when
+        the write of a durable line fails (nothing of its batch is then in
+        the file). May compact the file.
         """
         if not self._recovered:
             raise RuntimeError("recover() must run before record()")
@@ -350,46 +355,56 @@ class Journal:
             return
         batch = self._pending
         batch.lines.extend(encoded.lines)
-        if not encoded.durable:
-            if self._lock.locked():
-                return  # the holder writes these lines after its own batch
-            async with self._lock:
-                await self._drain(batch)
+        if encoded.durable:
+            batch.durable = True
+        if batch.leader:
+            # Someone is already waiting to write this batch.
+            if encoded.durable:
+                if not batch.done:
+                    if batch.finished is None:
+                        batch.finished = anyio.Event()
+                    await batch.finished.wait()
+                self._raise_for(batch)
             return
-        batch.durable = True
-        async with self._lock:
-            await self._drain(batch)
+        # The first caller of a batch writes it once the previous batch is
+        # written; callers arriving meanwhile join it and wait for it. So
+        # one batch is being fsynced while the next one fills.
+        batch.leader = True
+        # Shielded: the callers that joined this batch depend on its leader.
+        with anyio.CancelScope(shield=True):
+            async with self._lock:
+                if not batch.done:
+                    if self._pending is batch:
+                        self._pending = _Batch()
+                    await self._flush(batch)
+                if not self._closed and self._size > max(
+                    self._compaction_threshold(), self._no_compaction_below
+                ):
+                    await self._compact()
+        if encoded.durable:
+            self._raise_for(batch)
+
+    def _raise_for(self, batch: _Batch) -> None:
         if batch.error is not None:
             raise JournalUnavailable(
                 f"cannot write the journal {self.path}: {_reason(batch.error)}"
             ) from batch.error
 
-    async def _drain(self, mine: _Batch) -> None:
-        """With the lock held: write ``mine`` unless another caller did, then maybe compact."""
-        if not mine.done:
-            # Not done means it is still the open batch: only lock holders
-            # swap it, and they finish what they swap.
-            self._pending = _Batch()
-            await self._flush(mine)
-        # Heartbeat lines that arrived meanwhile have nobody waiting to
-        # write them; durable ones do (their caller waits for this lock).
-        orphans = self._pending
-        if orphans.lines and not orphans.durable:
-            self._pending = _Batch()
-            await self._flush(orphans)
-        if self._size > max(self._compaction_threshold(), self._no_compaction_below):
-            await self._compact()
-
     async def _flush(self, batch: _Batch) -> None:
+        """Write ``batch`` (fsynced if it holds a durable line); its callers share the outcome."""
         data = b"".join(batch.lines)
         sync = batch.durable and self._fsync
         try:
+            if self._closed:
+                raise OSError(errno.EBADF, "the journal is closed")
             await anyio.to_thread.run_sync(self._write, data, sync)
         except OSError as error:
             batch.error = error
             logger.warning("journal %s: write failed: %s", self.path, _reason(error))
         finally:
             batch.done = True
+            if batch.finished is not None:
+                batch.finished.set()
 
     def _write(self, data: bytes, sync: bool) -> None:
         """Append ``data`` (in a worker thread, one at a time); on failure cut it off again."""

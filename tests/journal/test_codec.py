@@ -261,3 +261,13 @@ def test_heartbeat_lines_are_what_the_converter_writes(worker_id: str, at: float
 def test_a_non_finite_moment_is_refused(at: float) -> None:
     with pytest.raises(ValueError):
         encode_event(HeartbeatReceived("w1", at))
+
+
+@given(events)
+def test_state_writes_lines_that_read_back_as_the_event(event: Event) -> None:
+    state = JournalState()
+    # A heartbeat gets a line only for a known worker.
+    state.encode([WorkerRegistered(event.worker_id, "http://h:1", (capability(),), 0.0)])
+    (line,) = state.encode([event]).lines
+    assert json.loads(line)["v"] == JOURNAL_FORMAT_VERSION
+    assert decode_line(line) == event

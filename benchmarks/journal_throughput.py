@@ -1,0 +1,136 @@
+"""Benchmark: registration throughput with the durable journal versus without it.
+
+Run: ``.venv/bin/python benchmarks/journal_throughput.py`` (``--quick`` for a
+smoke run).
+
+32 concurrent clients (anyio tasks) register new workers as fast as they
+can, in-process: each request's body is parsed and structured as the
+service does, applied to a ``CapabilityRegistry``, and, with the journal,
+recorded by ``Journal.record`` (written and fsynced before it returns, one
+fsync shared by the registrations that arrive meanwhile). The same run
+measures both modes, alternating them, on a fresh registry and state
+directory each time.
+
+Target: durable >= 0.5x the registrations per second of journaling off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+
+from crank_registry import CapabilityRegistry, Registration, structure
+from crank_registry_asgi.journal import Journal
+
+START = 1_700_000_000.0
+CLIENTS = 32
+TARGET_RATIO = 0.5
+
+
+def body(worker: int) -> bytes:
+    """The JSON a worker sends to POST /register (3 capabilities)."""
+    capabilities: list[dict[str, Any]] = [
+        {
+            "name": f"model.task{(worker * 3 + k) % 1000}",
+            "verb": "infer",
+            "version": "1.2.0",
+            "input_schema": {"type": "object", "properties": {"text": {"type": "string"}}},
+            "output_schema": {"type": "object"},
+            "requires_gpu": False,
+            "max_concurrency": 4,
+        }
+        for k in range(3)
+    ]
+    return json.dumps(
+        {
+            "worker_id": f"worker-{worker:06d}",
+            "worker_url": f"https://10.0.{worker >> 8 & 255}.{worker & 255}:8443",
+            "capabilities": capabilities,
+        }
+    ).encode()
+
+
+async def run(bodies: list[bytes], journal: Journal | None) -> float:
+    """Registrations per second of CLIENTS tasks sharing ``bodies``."""
+    registry = CapabilityRegistry()
+    if journal is not None:
+        journal.recover(registry, now=START)
+    per_client = len(bodies) // CLIENTS
+
+    async def client(index: int) -> None:
+        for raw in bodies[index * per_client : (index + 1) * per_client]:
+            registration = structure(json.loads(raw), Registration)
+            events = registry.register(
+                registration.worker_id,
+                registration.worker_url,
+                registration.capabilities,
+                now=START,
+            )
+            if journal is not None:
+                await journal.record(events)
+            else:
+                await anyio.lowlevel.checkpoint()  # a request's turn of the event loop
+
+    started = time.perf_counter()
+    async with anyio.create_task_group() as tasks:
+        for index in range(CLIENTS):
+            tasks.start_soon(client, index)
+    elapsed = time.perf_counter() - started
+    assert len(registry) == per_client * CLIENTS
+    return per_client * CLIENTS / elapsed
+
+
+async def measure(registrations: int, rounds: int) -> tuple[list[float], list[float], int]:
+    bodies = [body(i) for i in range(registrations)]
+    off: list[float] = []
+    durable: list[float] = []
+    compactions = 0
+    for _ in range(rounds):
+        off.append(await run(bodies, None))
+        with tempfile.TemporaryDirectory() as directory:
+            journal = Journal.open(pathlib.Path(directory))
+            durable.append(await run(bodies, journal))
+            compactions = journal.compactions
+            await journal.aclose()
+    return off, durable, compactions
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer registrations and rounds")
+    parser.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
+    args = parser.parse_args()
+    registrations = 3_200 if args.quick else 19_200
+    rounds = 1 if args.quick else 3
+    print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    off, durable, compactions = anyio.run(measure, registrations, rounds, backend=args.backend)
+    off_rate, durable_rate = statistics.median(off), statistics.median(durable)
+    ratio = durable_rate / off_rate
+    print(f"{CLIENTS} concurrent clients, {registrations} new workers per run, {rounds} rounds")
+    print(f"journaling off:  {off_rate:>9.0f} registrations/s  (runs: {_rates(off)})")
+    print(f"durable journal: {durable_rate:>9.0f} registrations/s  (runs: {_rates(durable)})")
+    print(f"  compactions during a durable run: {compactions}")
+    verdict = "meets" if ratio >= TARGET_RATIO else "misses"
+    print(
+        f"durable / off = {ratio:.2f} (target >= {TARGET_RATIO}: "
+        f"{ratio / TARGET_RATIO:.2f}x of the target, {verdict} it)"
+    )
+    return 0
+
+
+def _rates(rates: list[float]) -> str:
+    return ", ".join(f"{rate:.0f}" for rate in rates)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
