@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 import venv
@@ -80,7 +81,11 @@ def main(argv: list[str]) -> int:
         return 2
     ensure_environment()
     command = tasks[argv[0]] + argv[1:]
-    return subprocess.run(command, cwd=ROOT, check=False).returncode
+    child = subprocess.Popen(command, cwd=ROOT)
+    # Ctrl-C reaches the child through the terminal; let it shut down in its
+    # own time (the demo stops its processes) instead of being killed here.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return child.wait()
 
 
 if __name__ == "__main__":
