@@ -31,9 +31,10 @@ class ServiceConfig:
     """How the controller behaves.
 
     ``state_dir`` ``None`` keeps the registry in memory only (no journal).
-    ``require_identity`` is for mutual TLS: a register, heartbeat or
-    deregister without a client identity is then refused, and an identity
-    may act only on its own worker record. ``proxy_cert_header`` names a
+    A caller that presents an identity (the SPIFFE ID of its client
+    certificate) may register, heartbeat and deregister only its own worker
+    record; ``require_identity``, for mutual TLS, also refuses those calls
+    from a caller without one (403 ``forbidden``). ``proxy_cert_header`` names a
     header carrying the client certificate (URL-encoded PEM, like nginx's
     ``$ssl_client_escaped_cert``); it is trusted only when named here, so set
     it only behind a proxy that strips the header from client requests.
