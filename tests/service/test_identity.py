@@ -150,3 +150,21 @@ def test_header_name_is_validated() -> None:
         ServiceConfig(proxy_cert_header="bad header")
     with pytest.raises(ValueError, match="header name"):
         ServiceConfig(proxy_cert_header="")
+
+
+async def test_a_presented_identity_is_checked_even_when_not_required(
+    authority: CertificateAuthority,
+) -> None:
+    tls: list[WithClientCertificate] = []
+
+    def wrap(app: object) -> WithClientCertificate:
+        tls.append(WithClientCertificate(app))  # type: ignore[arg-type]
+        return tls[0]
+
+    async with running(wrap=wrap) as api:
+        tls[0].pem = authority.worker("b")
+        response = await api.post("/register", registration("a"))
+        assert (response.status_code, response.json()["error"]) == (403, "forbidden")
+        assert (await api.post("/register", registration("b"))).status_code == 200
+        tls[0].pem = None
+        assert (await api.post("/register", registration("a"))).status_code == 200
