@@ -210,7 +210,12 @@ _CAPABILITY_FIELDS = tuple(field.name for field in attrs.fields(CapabilitySchema
 
 
 def _identical_capabilities(left: CapabilitySchema, right: CapabilitySchema) -> bool:
-    return all(_identical(getattr(left, name), getattr(right, name)) for name in _CAPABILITY_FIELDS)
+    try:
+        return all(
+            _identical(getattr(left, name), getattr(right, name)) for name in _CAPABILITY_FIELDS
+        )
+    except RecursionError:
+        return False  # too deep to compare: keep it unshared
 
 
 class CapabilityRegistry:

@@ -593,3 +593,15 @@ def test_worker_name_of() -> None:
     assert worker_name_of("spiffe://crank.local") is None
     assert worker_name_of("spiffe://crank.local/") is None
     assert worker_name_of("http://crank.local/w1") is None
+
+
+def test_capabilities_too_deep_to_compare_are_kept_unshared() -> None:
+    deep: dict[str, Any] = {}
+    node = deep
+    for _ in range(5_000):
+        node["x"] = {}
+        node = node["x"]
+    registry = CapabilityRegistry()
+    registry.register("w1", "https://w1:1", [capability(input_schema=deep)], now=T0)
+    registry.register("w2", "https://w2:1", [capability(input_schema=deep)], now=T0)
+    assert sorted(routes(registry, 2, now=T0)) == ["w1", "w2"]
