@@ -78,7 +78,7 @@ __all__ = [
 JOURNAL_FORMAT_VERSION = 1
 
 #: The most workers one snapshot line holds.
-SNAPSHOT_PART_SIZE = 1000
+SNAPSHOT_PART_SIZE = 4096
 
 _SNAPSHOT_TYPE = "snapshot"
 _DECODER = json.JSONDecoder()
@@ -353,15 +353,24 @@ def _record(
     Replay builds one record per worker and per journaled heartbeat; running
     the model's checks again (a URL parse each) would triple the recovery
     time of a large registry, for values that this codec wrote itself and
-    read back intact.
+    read back intact. The slots are filled through their descriptors (the
+    class is frozen).
     """
-    record: WorkerRecord = object.__new__(WorkerRecord)
-    object.__setattr__(record, "worker_id", worker_id)
-    object.__setattr__(record, "worker_url", worker_url)
-    object.__setattr__(record, "capabilities", capabilities)
-    object.__setattr__(record, "last_heartbeat", last_heartbeat)
-    object.__setattr__(record, "verified", False)
+    record: WorkerRecord = _new_record(WorkerRecord)
+    _set_worker_id(record, worker_id)
+    _set_worker_url(record, worker_url)
+    _set_capabilities(record, capabilities)
+    _set_last_heartbeat(record, last_heartbeat)
+    _set_verified(record, False)
     return record
+
+
+_new_record = object.__new__
+_set_worker_id = WorkerRecord.__dict__["worker_id"].__set__
+_set_worker_url = WorkerRecord.__dict__["worker_url"].__set__
+_set_capabilities = WorkerRecord.__dict__["capabilities"].__set__
+_set_last_heartbeat = WorkerRecord.__dict__["last_heartbeat"].__set__
+_set_verified = WorkerRecord.__dict__["verified"].__set__
 
 
 # --------------------------------------------------------------------- replay
@@ -407,8 +416,13 @@ class JournalState:
                 self._records.clear()
                 self._heartbeats.clear()
                 self._capability_texts.clear()
-            for record in entry.records:
-                self._set(_unverified(record))
+            records = self._records
+            if self._heartbeats or self._capability_texts:
+                for record in entry.records:
+                    self._set(_unverified(record))
+            else:
+                for record in entry.records:
+                    records[record.worker_id] = _unverified(record)
         else:
             raise TypeError(f"not a journal entry: {entry!r}")
 
