@@ -605,3 +605,29 @@ def test_capabilities_too_deep_to_compare_are_kept_unshared() -> None:
     registry.register("w1", "https://w1:1", [capability(input_schema=deep)], now=T0)
     registry.register("w2", "https://w2:1", [capability(input_schema=deep)], now=T0)
     assert sorted(routes(registry, 2, now=T0)) == ["w1", "w2"]
+
+
+def test_heartbeat_events_equal_the_constructed_ones() -> None:
+    registry = registry_with("w1")
+    [event] = registry.heartbeat("w1", now=T0 + 1.5)
+    assert type(event) is HeartbeatReceived
+    assert event == HeartbeatReceived("w1", T0 + 1.5)
+    assert hash(event) == hash(HeartbeatReceived("w1", T0 + 1.5))
+    assert (event.worker_id, event.at) == ("w1", T0 + 1.5)
+    with pytest.raises(AttributeError):
+        event.at = 0.0  # type: ignore[misc]
+
+
+def test_heartbeat_event_factory_falls_back_when_the_event_changes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import attrs
+
+    from crank_registry import _registry
+
+    @attrs.frozen
+    class WiderHeartbeat(HeartbeatReceived):
+        source: str = "x"
+
+    monkeypatch.setattr(_registry, "HeartbeatReceived", WiderHeartbeat)
+    assert _registry._event_factory() is WiderHeartbeat
