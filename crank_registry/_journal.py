@@ -395,8 +395,7 @@ class JournalState:
         # already rendered it: a snapshot reuses it instead of rendering again.
         self._capability_texts: dict[str, str] = {}
         self._rendered: dict[int, tuple[CapabilitySchema, str]] = {}
-        for record in records:
-            self._records[record.worker_id] = _unverified(record)
+        self._records.update((r.worker_id, _unverified(r)) for r in records)
 
     def apply(self, entry: JournalEntry) -> None:
         """Fold one entry into the state."""

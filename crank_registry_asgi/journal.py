@@ -279,7 +279,10 @@ class Journal:
         try:
             result, complete_bytes = self._read()
             restored = registry.restore(result.records, now=now)
-            self._state = JournalState(r for r in result.records if r.worker_id in registry)
+            kept = result.records
+            if restored != len(kept):  # the registry dropped workers past evict_after
+                kept = tuple(r for r in kept if r.worker_id in registry)
+            self._state = JournalState(kept)
         finally:
             if gc_was_enabled:
                 gc.enable()
