@@ -8,6 +8,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 
 import anyio
@@ -299,6 +300,9 @@ async def test_heartbeats_are_coalesced_and_flushed_on_close(tmp_path: pathlib.P
         await journal.record(registry.heartbeat("a", now=T0 + second))
     assert journal.size == size
     await journal.record(registry.heartbeat("a", now=T0 + 10))
+    # Written at once (not fsynced): a crash of the process does not lose it.
+    assert journal.size > size
+    assert (tmp_path / JOURNAL_NAME).stat().st_size == journal.size
     await journal.aclose()
     with open(tmp_path / JOURNAL_NAME, "rb") as file:
         lines = file.readlines()
@@ -505,3 +509,47 @@ async def test_failed_compaction_leaves_the_journal_in_place(
     await journal.record(registry.register("c", "http://h:1", [capability()], now=T0))
     await journal.aclose()
     assert sorted(ids_in(tmp_path)) == ["a", "b", "c"]
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_batch_leader_still_writes_for_the_callers_that_joined(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    journal, registry = start(tmp_path)
+    entered, gate = threading.Event(), threading.Event()
+    real_fsync = os.fsync
+
+    def held_fsync(fd: int) -> None:
+        # The first batch's fsync waits until the test lets it go.
+        entered.set()
+        gate.wait(timeout=30)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", held_fsync)
+
+    async def register(worker_id: str) -> None:
+        await journal.record(registry.register(worker_id, "http://h:1", [capability()], now=T0))
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(register, "first")
+            while not entered.is_set():
+                await anyio.sleep(0.001)
+            # The next batch: its leader waits for the first one to be written...
+            leader_scope = anyio.CancelScope()
+
+            async def leader() -> None:
+                with leader_scope:
+                    await register("leader")
+
+            tasks.start_soon(leader)
+            await anyio.sleep(0.01)
+            # ...and these join it and wait for it.
+            for name in ("f1", "f2", "f3"):
+                tasks.start_soon(register, name)
+            await anyio.sleep(0.01)
+            leader_scope.cancel()  # the leader's request goes away
+            await anyio.sleep(0.01)
+            gate.set()
+    await journal.aclose()
+    assert sorted(ids_in(tmp_path)) == ["f1", "f2", "f3", "first", "leader"]
