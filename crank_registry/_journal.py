@@ -530,6 +530,18 @@ class JournalState:
             )
         return tuple(lines)
 
+    def copy(self) -> JournalState:
+        """An independent copy (cheap: the records and texts are shared, not copied).
+
+        A writer snapshots the copy in another thread while it goes on
+        encoding events into the original.
+        """
+        twin = JournalState()
+        twin._records = dict(self._records)
+        twin._heartbeats = dict(self._heartbeats)
+        twin._capability_texts = dict(self._capability_texts)
+        return twin
+
     def records(self) -> tuple[WorkerRecord, ...]:
         """Every worker, in registration order, with its last journaled heartbeat."""
         heartbeats = self._heartbeats

@@ -452,9 +452,11 @@ class Journal:
         # Lines still pending were already folded into the state, so the
         # snapshot holds them; appending them after it again changes nothing.
         workers = len(self._state)
-        data = b"".join(self._state.snapshot())
+        # Rendered in the worker thread too, from a copy: a large registry
+        # takes a while to render, and the event loop goes on meanwhile.
+        state = self._state.copy()
         try:
-            await anyio.to_thread.run_sync(self._replace_with, data)
+            written = await anyio.to_thread.run_sync(self._replace_with, state)
         except OSError as error:
             # The old journal is intact. Try again after it grew by half.
             self._no_compaction_below = self._size + self._size // 2
@@ -467,11 +469,15 @@ class Journal:
         self._no_compaction_below = 0
         self.compactions += 1
         if workers:
-            self._snapshot_bytes_per_worker = len(data) / workers
-        logger.info("journal %s compacted: %d workers, %d bytes", self.path, workers, len(data))
+            self._snapshot_bytes_per_worker = written / workers
+        logger.info("journal %s compacted: %d workers, %d bytes", self.path, workers, written)
 
-    def _replace_with(self, data: bytes) -> None:
-        """Write ``data`` to a temporary file, fsync it, rename it over the journal."""
+    def _replace_with(self, state: JournalState) -> int:
+        """Write a snapshot of ``state`` to a temporary file, fsync it, rename it over the journal.
+
+        Returns the snapshot's length.
+        """
+        data = b"".join(state.snapshot())
         temporary = self.path.with_name(self.path.name + _COMPACT_SUFFIX)
         # Opened for append: once renamed, this descriptor is the journal's.
         fd = os.open(
@@ -497,11 +503,12 @@ class Journal:
         if self._fsync:
             try:
                 _fsync_directory(self.state_dir)
-            except OSError:
+            except OSError as error:
                 # Until the rename is durable, no new line may be
                 # acknowledged: the next durable write retries this first.
                 self._directory_unsynced = True
-                raise
+                logger.warning("journal %s: directory fsync failed: %s", self.path, _reason(error))
+        return len(data)
 
     # --------------------------------------------------------------- closing
 

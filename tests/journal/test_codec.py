@@ -271,3 +271,15 @@ def test_state_writes_lines_that_read_back_as_the_event(event: Event) -> None:
     (line,) = state.encode([event]).lines
     assert json.loads(line)["v"] == JOURNAL_FORMAT_VERSION
     assert decode_line(line) == event
+
+
+def test_state_copy_is_independent() -> None:
+    state = JournalState()
+    registry = CapabilityRegistry()
+    state.encode(registry.register("a", "http://h:1", [capability()], now=T0))
+    twin = state.copy()
+    state.encode(registry.register("b", "http://h:1", [capability()], now=T0))
+    state.encode(registry.heartbeat("a", now=T0 + 40), heartbeat_every=30)
+    assert [r.worker_id for r in twin.records()] == ["a"]
+    assert twin.records()[0].last_heartbeat == T0
+    assert replay(twin.snapshot()).records == twin.records()

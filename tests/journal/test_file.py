@@ -16,6 +16,7 @@ import pytest
 
 from crank_registry import CapabilityRegistry, HealthPolicy, HealthState, replay
 from crank_registry._journal import SNAPSHOT_PART_SIZE
+from crank_registry_asgi import journal as journal_module
 from crank_registry_asgi.journal import (
     COMPACT_MIN_BYTES_ENV,
     JOURNAL_NAME,
@@ -553,3 +554,29 @@ async def test_a_cancelled_batch_leader_still_writes_for_the_callers_that_joined
             gate.set()
     await journal.aclose()
     assert sorted(ids_in(tmp_path)) == ["f1", "f2", "f3", "first", "leader"]
+
+
+@pytest.mark.anyio
+async def test_an_unsynced_rename_is_synced_before_the_next_acknowledgement(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    journal, registry = start(tmp_path)
+    await register_many(journal, registry, ["a"])
+    calls: list[str] = []
+    real = journal_module._fsync_directory
+
+    def flaky(directory: pathlib.Path) -> None:
+        calls.append("dir")
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "Input/output error")
+        real(directory)
+
+    monkeypatch.setattr(journal_module, "_fsync_directory", flaky)
+    await journal.compact()  # the snapshot is in place; its rename is not yet durable
+    assert calls == ["dir"]
+    await register_many(journal, registry, ["b"])
+    assert calls == ["dir", "dir"]  # retried before "b" was acknowledged
+    await register_many(journal, registry, ["c"])
+    assert calls == ["dir", "dir"]
+    await journal.aclose()
+    assert sorted(ids_in(tmp_path)) == ["a", "b", "c"]
