@@ -17,7 +17,7 @@ Data layout, chosen so that the hot paths never scan the registry:
 * Equal capability values registered by many workers are stored once (see
   :meth:`_Capability.intern`): a registry of 100 000 workers over 10 000
   capabilities holds 10 000 capability objects, not 300 000.
-* ``_deadlines``: a heap of ``(deadline, worker)``. Heartbeats do not touch
+* ``_deadlines``: a heap of ``(deadline, worker id, worker)``. Heartbeats do not touch
   it; an entry that surfaces early is pushed again with the worker's
   current deadline, so a sweep costs what it evicts plus, amortised, one
   push per worker per ``evict_after``.
@@ -143,7 +143,8 @@ class _Worker:
         self.parked = False
 
     def __lt__(self, other: _Worker) -> bool:
-        # Heap entries are (deadline, worker); equal deadlines need no order.
+        # Heap entries are (deadline, worker id, worker): ties on both are
+        # entries of a replaced worker, which need no order.
         return False
 
     def record(self) -> WorkerRecord:
@@ -266,7 +267,7 @@ class CapabilityRegistry:
         self._evict_after = self._policy.evict_after
         self._workers: dict[str, _Worker] = {}
         self._capabilities: dict[CapabilityKey, _Capability] = {}
-        self._deadlines: list[tuple[float, _Worker]] = []
+        self._deadlines: list[tuple[float, str, _Worker]] = []
         # Deregistrations remembered so that an import cannot resurrect the
         # worker; kept for evict_after (older remote records are expired).
         self._tombstones: dict[str, float] = {}
@@ -357,7 +358,7 @@ class CapabilityRegistry:
         heap = self._deadlines
         evict_after = self._evict_after
         while heap and heap[0][0] < now:
-            _, worker = heapq.heappop(heap)
+            _, _, worker = heapq.heappop(heap)
             if self._workers.get(worker.worker_id) is not worker:
                 continue  # replaced or removed since this entry was pushed
             evict_at = worker.last_heartbeat + evict_after
@@ -365,9 +366,9 @@ class CapabilityRegistry:
                 self._remove(worker)
                 events.append(WorkerEvicted(worker.worker_id, now, worker.last_heartbeat))
             elif now > worker.routable_until:
-                heapq.heappush(heap, (evict_at, worker))
+                heapq.heappush(heap, (evict_at, worker.worker_id, worker))
             else:
-                heapq.heappush(heap, (worker.routable_until, worker))
+                heapq.heappush(heap, (worker.routable_until, worker.worker_id, worker))
         expiry = self._tombstone_expiry
         while expiry and expiry[0][0] < now:
             _, worker_id, at = expiry.popleft()
@@ -647,7 +648,7 @@ class CapabilityRegistry:
         worker.capabilities = tuple(stored_capabilities)
         worker.members = tuple(members)
         self._workers[worker_id] = worker
-        heapq.heappush(self._deadlines, (worker.routable_until, worker))
+        heapq.heappush(self._deadlines, (worker.routable_until, worker_id, worker))
         return worker
 
     def _remove(self, worker: _Worker) -> None:
