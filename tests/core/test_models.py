@@ -336,6 +336,8 @@ def test_worker_urls_accepted(url: str) -> None:
         "http://w1:port",
         "http://[::1",
         "https://w 1",
+        "https://w1\t/x",
+        "https://w1/\u2003x",
         "",
         "https://" + "a" * 3000,
         42,
