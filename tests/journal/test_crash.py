@@ -62,6 +62,15 @@ class Controller:
         self.url = ""
 
     async def start(self) -> None:
+        # A free port can be taken by someone else before the controller
+        # binds it: try another one then.
+        for _ in range(3):
+            if await self._start_once():
+                return
+        raise AssertionError(f"no free port for the controller: {self.log.read_text()[-2000:]}")
+
+    async def _start_once(self) -> bool:
+        """Start and wait until it answers; ``False`` if it exited early over its port."""
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         command = [
@@ -93,10 +102,13 @@ class Controller:
         async with httpx.AsyncClient(base_url=self.url, timeout=2.0) as client:
             while True:
                 if self.process.poll() is not None:
-                    raise AssertionError(f"the controller exited: {self.log.read_text()[-2000:]}")
+                    log = self.log.read_text()
+                    if "in use" in log[-2000:].lower():
+                        return False
+                    raise AssertionError(f"the controller exited: {log[-2000:]}")
                 with contextlib.suppress(httpx.TransportError):
                     if (await client.get("/health")).status_code == 200:
-                        return
+                        return True
                 if time.monotonic() > deadline:
                     raise AssertionError(f"the controller did not start: {self.log.read_text()}")
                 await anyio.sleep(0.02)
