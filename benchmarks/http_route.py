@@ -100,7 +100,13 @@ def bench_app(state_dir: Path | None, workers: int) -> Any:
         registry.register(body.worker_id, body.worker_url, body.capabilities, now=now)
     controller = create_app(registry, config=ServiceConfig(policy=policy, state_dir=state_dir))
 
+    # --bare-reads-body: the bare endpoint also reads the request, as /route
+    # must; under granian that read alone is a large part of /route's cost.
+    reads_body = os.environ.get("BENCH_BARE_READS_BODY") == "1"
+
     async def bare_endpoint(request: Request) -> JSONResponse:
+        if reads_body:
+            await request.body()
         return JSONResponse(BARE_BODY)
 
     bare = Starlette(routes=[Route("/bare", bare_endpoint, methods=["GET", "POST"])])
@@ -136,10 +142,11 @@ def serve(server: str, port: int, state_dir: Path | None, workers: int) -> None:
 
 
 def server_command(
-    server: str, port: int, state_dir: Path | None, workers: int
+    server: str, port: int, state_dir: Path | None, workers: int, bare_reads_body: bool
 ) -> tuple[list[str], dict[str, str]]:
     """The argv and environment that start the benchmark server."""
     environment = dict(os.environ)
+    environment["BENCH_BARE_READS_BODY"] = "1" if bare_reads_body else "0"
     if server == "granian":
         environment["BENCH_WORKERS"] = str(workers)
         environment["BENCH_STATE_DIR"] = str(state_dir) if state_dir else ""
@@ -304,10 +311,10 @@ def process_tree_cpu_s(pid: int) -> float:
 
 @contextlib.contextmanager
 def running_server(
-    server: str, state_dir: Path | None, workers: int, log_path: Path
+    server: str, state_dir: Path | None, workers: int, bare_reads_body: bool, log_path: Path
 ) -> Iterator[tuple[str, int]]:
     port = free_port()
-    argv, environment = server_command(server, port, state_dir, workers)
+    argv, environment = server_command(server, port, state_dir, workers, bare_reads_body)
     with log_path.open("wb") as log:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=environment)
     url = f"http://127.0.0.1:{port}"
@@ -534,6 +541,12 @@ def run_benchmark(args: argparse.Namespace) -> int:
     print(f"machine: {os.cpu_count()} CPUs, load average {load_1m:.2f} before the run")
     if load_1m > 0.5:
         print("  (other processes are busy: expect lower, noisier figures)")
+    os.environ["BENCH_BARE_READS_BODY"] = "1" if args.bare_reads_body else "0"
+    print(
+        "/bare "
+        + ("reads the request body, then answers" if args.bare_reads_body else "answers at once")
+        + " with a constant JSON body"
+    )
     report_app_alone(args)
     all_met = True
     for server in servers:
@@ -544,7 +557,9 @@ def run_benchmark(args: argparse.Namespace) -> int:
             state_dir = None if args.in_memory else Path(scratch) / "state"
             log_path = Path(scratch) / "server.log"
             started = time.perf_counter()
-            with running_server(server, state_dir, args.workers, log_path) as (url, pid):
+            with running_server(
+                server, state_dir, args.workers, args.bare_reads_body, log_path
+            ) as (url, pid):
                 setup_s = time.perf_counter() - started
                 check_workers(url, args.workers)
                 results = measure(url, pid, args)
@@ -567,6 +582,11 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--load", choices=["auto", "wrk", "httpx"], default="auto")
     parser.add_argument("--in-memory", action="store_true", help="no journal (no --state-dir)")
+    parser.add_argument(
+        "--bare-reads-body",
+        action="store_true",
+        help="/bare reads the request body before answering, as /route must",
+    )
     parser.add_argument(
         "--profile", action="store_true", help="profile /route through the app alone and print it"
     )
