@@ -144,6 +144,17 @@ class RegistryMachine(RuleBasedStateMachine):
             self.now = max(self.now, worker.last_heartbeat + limit + past)
 
     @rule()
+    def advance_to_next_deadline(self) -> None:
+        """Up to and including next_deadline() nothing changes; a sweep there does nothing."""
+        deadline = self.registry.next_deadline()
+        if deadline is None or deadline <= self.now:
+            return
+        before = {w: routable(worker, self.now) for w, worker in self.model.items()}
+        self.now = deadline
+        assert {w: routable(worker, self.now) for w, worker in self.model.items()} == before
+        assert self.registry.cleanup_stale(now=self.now) == ()
+
+    @rule()
     def cleanup(self) -> None:
         events = self.registry.cleanup_stale(now=self.now)
         stale = {w for w, worker in self.model.items() if evictable(worker, self.now)}
