@@ -130,8 +130,13 @@ class _Batch:
         self.leader = False
         self.done = False
         self.error: OSError | None = None
-        # Set when done, for the callers waiting on it (made by the first).
+        # Set once done, for the callers waiting on it (made by the first).
         self.finished: anyio.Event | None = None
+
+    def wake(self) -> None:
+        """Let the callers waiting for this batch go on."""
+        if self.finished is not None:
+            self.finished.set()
 
 
 class Journal:
@@ -167,7 +172,9 @@ class Journal:
         self._state = JournalState()
         self._recovered = False
         self._closed = False
-        self._lock = anyio.Lock()
+        # fast_acquire: a batch leader that finds the lock free writes at once,
+        # without first letting every other caller join its batch.
+        self._lock = anyio.Lock(fast_acquire=True)
         self._pending = _Batch()
         # Bytes written since the last fsync (heartbeats are not fsynced).
         self._unsynced = False
@@ -373,12 +380,22 @@ class Journal:
                     if self._pending is batch:
                         self._pending = _Batch()
                     await self._flush(batch)
-                if not self._closed and self._size > max(
-                    self._compaction_threshold(), self._no_compaction_below
-                ):
-                    await self._compact()
+            # Wake the callers that joined only now: the next batch's leader,
+            # already waiting for the lock, then runs first and writes what
+            # arrived during this write, while they go on computing (instead
+            # of all callers joining one batch and all waiting for its fsync).
+            batch.wake()
+            if self._compaction_due():
+                async with self._lock:
+                    if self._compaction_due():
+                        await self._compact()
         if encoded.durable:
             self._raise_for(batch)
+
+    def _compaction_due(self) -> bool:
+        return not self._closed and self._size > max(
+            self._compaction_threshold(), self._no_compaction_below
+        )
 
     def _raise_for(self, batch: _Batch) -> None:
         if batch.error is not None:
@@ -399,8 +416,6 @@ class Journal:
             logger.warning("journal %s: write failed: %s", self.path, _reason(error))
         finally:
             batch.done = True
-            if batch.finished is not None:
-                batch.finished.set()
 
     def _write(self, data: bytes, sync: bool) -> None:
         """Append ``data`` (in a worker thread, one at a time); on failure cut it off again."""
@@ -523,6 +538,7 @@ class Journal:
                     self._pending = _Batch()
                     batch.durable = True
                     await self._flush(batch)
+                    batch.wake()
                 elif self._unsynced:
                     await anyio.to_thread.run_sync(self._sync)
             except OSError as error:
