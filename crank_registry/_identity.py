@@ -1,8 +1,10 @@
 """Who may act on which worker record.
 
 With mutual TLS the caller's identity is the SPIFFE ID in its client
-certificate, ``spiffe://TRUST-DOMAIN/.../NAME``; it may register, heartbeat
-and deregister only the worker whose ``worker_id`` is ``NAME``.
+certificate. A worker's is ``spiffe://TRUST-DOMAIN/.../worker/NAME``; it may
+register, heartbeat and deregister only the worker whose ``worker_id`` is
+``NAME``. Any other identity (a caller's, ``.../client/NAME``) may route and
+list but act on no worker record.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ __all__ = ["authorize_worker", "worker_name_of"]
 
 
 def worker_name_of(spiffe_id: str) -> str | None:
-    """The last path segment of a SPIFFE ID, or ``None`` if it has none."""
+    """The worker name of a worker's SPIFFE ID (``.../worker/NAME``), else ``None``."""
     if not spiffe_id.startswith("spiffe://"):
         return None
     _, _, path = spiffe_id[len("spiffe://") :].partition("/")
-    name = path.rstrip("/").rpartition("/")[2]
-    return name or None
+    segments = path.split("/")
+    if len(segments) < 2 or segments[-2] != "worker" or not segments[-1]:
+        return None
+    return segments[-1]
 
 
 def authorize_worker(identity: str | None, worker_id: str) -> None:

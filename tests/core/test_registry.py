@@ -571,8 +571,10 @@ def test_snapshot_must_be_an_object(state: Any) -> None:
 def test_authorize_worker() -> None:
     authorize_worker(None, "w1")  # no client certificates: no identities, no checks
     authorize_worker("spiffe://crank.local/worker/w1", "w1")
-    authorize_worker("spiffe://other.domain/w1", "w1")  # the last path segment decides
+    authorize_worker("spiffe://other.domain/ns/prod/worker/w1", "w1")  # any trust domain, path
     for identity in (
+        "spiffe://crank.local/client/w1",  # a caller, not a worker
+        "spiffe://other.domain/w1",
         "spiffe://crank.local/worker/w2",
         "spiffe://crank.local/worker/w1x",
         "https://crank.local/worker/w1",
@@ -588,7 +590,11 @@ def test_authorize_worker() -> None:
 
 def test_worker_name_of() -> None:
     assert worker_name_of("spiffe://crank.local/worker/w1") == "w1"
-    assert worker_name_of("spiffe://crank.local/w1") == "w1"
+    assert worker_name_of("spiffe://crank.local/ns/a/worker/w1") == "w1"
+    assert worker_name_of("spiffe://crank.local/w1") is None
+    assert worker_name_of("spiffe://crank.local/client/w1") is None
+    assert worker_name_of("spiffe://crank.local/worker/") is None
+    assert worker_name_of("spiffe://crank.local/worker/w1/") is None
     assert worker_name_of("spiffe://crank.local") is None
     assert worker_name_of("spiffe://crank.local/") is None
     assert worker_name_of("http://crank.local/w1") is None
