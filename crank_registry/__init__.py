@@ -6,6 +6,7 @@ every call that depends on time takes ``now``, and every mutation returns
 the events that happened so that a service can turn them into I/O.
 """
 
+from ._convention import INVOKE_PREFIX, NDJSON, invocation_path
 from ._converter import (
     EVENT_TYPES,
     converter,
@@ -65,7 +66,9 @@ from ._registry import STATE_FORMAT_VERSION, CapabilityRegistry
 
 __all__ = [
     "EVENT_TYPES",
+    "INVOKE_PREFIX",
     "JOURNAL_FORMAT_VERSION",
+    "NDJSON",
     "STATE_FORMAT_VERSION",
     "CapabilityKey",
     "CapabilityRegistry",
@@ -105,6 +108,7 @@ __all__ = [
     "decode_line",
     "encode_event",
     "encode_snapshot",
+    "invocation_path",
     "parse_capability_label",
     "replay",
     "structure",

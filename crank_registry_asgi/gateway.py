@@ -4,8 +4,8 @@ A caller sends ``{"verb", "capability", "payload"}``; the gateway asks the
 registry in the same process (the same registry object and clamped clock as
 the controller's endpoints, no HTTP to itself) for a worker, forwards
 ``{"payload": ...}`` to that worker's invocation endpoint
-(``POST {worker_url}/invoke/{verb}/{name}``, see
-:mod:`crank_worker_client.serving`) and answers with the worker's answer:
+(``POST {worker_url}/invoke/{verb}/{name}``, the core's
+:func:`~crank_registry.invocation_path`) and answers with the worker's answer:
 the JSON body as it came, or the NDJSON stream passed through line by line.
 ``X-Crank-Worker-Id`` names the worker that answered and
 ``X-Crank-Attempts`` how many workers were tried.
@@ -48,7 +48,6 @@ import math
 import ssl
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import quote
 
 import attrs
 import httpx
@@ -60,7 +59,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from crank_registry import WorkerEndpoint
+from crank_registry import NDJSON, WorkerEndpoint, invocation_path
 
 from .app import ControllerService
 from .http import ApiError, error_response, read_json_body
@@ -79,8 +78,6 @@ __all__ = [
 
 #: Where the gateway listens.
 EXECUTE_PATH = "/execute"
-#: The media type of a streamed answer, one JSON object per line.
-NDJSON = "application/x-ndjson"
 
 _MAX_NAME = 256
 _WORKER_HEADER = "x-crank-worker-id"
@@ -122,15 +119,6 @@ class GatewayConfig:
     def httpx_timeout(self) -> httpx.Timeout:
         """The per-request httpx timeouts."""
         return httpx.Timeout(self.timeout, connect=min(self.connect_timeout, self.timeout))
-
-
-def invocation_path(verb: str, name: str) -> str:
-    """Where a worker serves ``(verb, name)``: the invocation convention's path.
-
-    The same rule as :func:`crank_worker_client.serving.invocation_path`,
-    kept here so that the service does not depend on the client package.
-    """
-    return f"/invoke/{quote(verb, safe='')}/{quote(name, safe='')}"
 
 
 def gateway_ssl_context(

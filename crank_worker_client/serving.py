@@ -72,11 +72,17 @@ from collections.abc import (
     MutableMapping,
 )
 from typing import Any
-from urllib.parse import quote, unquote
+from urllib.parse import unquote
 
 import anyio
 
-from crank_registry import CapabilitySchema, capability_label
+from crank_registry import (
+    INVOKE_PREFIX,
+    NDJSON,
+    CapabilitySchema,
+    capability_label,
+    invocation_path,
+)
 
 __all__ = [
     "INVOKE_PREFIX",
@@ -93,10 +99,6 @@ __all__ = [
 
 logger = logging.getLogger("crank_worker_client.serving")
 
-#: The path prefix of the invocation endpoint.
-INVOKE_PREFIX = "/invoke"
-#: The media type of a streamed answer: one JSON object per line.
-NDJSON = "application/x-ndjson"
 #: Bodies larger than this are refused with 413 (the registry's own limit).
 DEFAULT_MAX_BODY_SIZE = 1_048_576
 
@@ -108,11 +110,6 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-
-
-def invocation_path(verb: str, name: str) -> str:
-    """The path a worker serves ``(verb, name)`` on: ``/invoke/{verb}/{name}``."""
-    return f"{INVOKE_PREFIX}/{quote(verb, safe='')}/{quote(name, safe='')}"
 
 
 class InvocationError(Exception):

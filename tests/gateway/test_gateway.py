@@ -398,10 +398,17 @@ async def test_the_openapi_document_describes_execute_too() -> None:
     assert wrong_method.status_code == 405
 
 
-@pytest.mark.parametrize(("verb", "name"), [("greet", "hello"), ("a/b", "c d"), ("x", "é?#%")])
-def test_the_gateway_and_the_worker_helper_agree_on_the_convention(verb: str, name: str) -> None:
-    from crank_registry_asgi import gateway
-    from crank_worker_client import serving
+@pytest.mark.parametrize(
+    ("verb", "name", "path"),
+    [
+        ("greet", "hello", "/invoke/greet/hello"),
+        ("a/b", "c d", "/invoke/a%2Fb/c%20d"),
+        ("x", "é?#%", "/invoke/x/%C3%A9%3F%23%25"),
+    ],
+)
+def test_the_invocation_path_makes_two_segments_of_any_verb_and_name(
+    verb: str, name: str, path: str
+) -> None:
+    from crank_registry import invocation_path
 
-    assert gateway.invocation_path(verb, name) == serving.invocation_path(verb, name)
-    assert gateway.NDJSON == serving.NDJSON
+    assert invocation_path(verb, name) == path
