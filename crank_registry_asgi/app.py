@@ -253,7 +253,7 @@ class ControllerService:
             version=ask.version,
         )
         if endpoint is None:
-            self.effects.no_worker(ask.verb, ask.capability)
+            self.effects.no_worker()
             raise ApiError(
                 503,
                 "no_worker_available",

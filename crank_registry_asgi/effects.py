@@ -158,6 +158,6 @@ class Effects:
         """Count a route answered with a worker."""
         self.metrics.routes.add(1)
 
-    def no_worker(self, verb: str, capability: str) -> None:
+    def no_worker(self) -> None:
         """Count a route answered ``no_worker_available``."""
         self.metrics.no_worker.add(1)

@@ -237,7 +237,7 @@ class Gateway:
             except _Refused as refused:
                 refusals.append(refused)
         if not refusals:
-            self.service.effects.no_worker(verb, capability)
+            self.service.effects.no_worker()
             raise ApiError(
                 503,
                 "no_worker_available",
