@@ -230,7 +230,10 @@ def _is_type(value: object, kind: str) -> bool:
     if kind == "string":
         return isinstance(value, str)
     if kind == "integer":
-        return _is_number(value) and float(value).is_integer()  # type: ignore[arg-type]
+        # An int is checked as one: float() of a long JSON integer overflows.
+        if isinstance(value, float):
+            return value.is_integer()
+        return isinstance(value, int) and not isinstance(value, bool)
     if kind == "number":
         return _is_number(value)
     if kind == "boolean":

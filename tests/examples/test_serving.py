@@ -382,6 +382,8 @@ async def test_without_validation_the_handler_sees_any_payload() -> None:
         ({"type": "integer"}, 3, []),
         ({"type": "integer"}, 3.0, []),
         ({"type": "integer"}, 3.5, [("payload", "must be of type integer")]),
+        ({"type": "integer"}, 10**400, []),
+        ({"type": "integer", "maximum": 10}, 10**400, [("payload", "must be <= 10")]),
         ({"type": "integer"}, True, [("payload", "must be of type integer")]),
         ({"type": "number"}, False, [("payload", "must be of type number")]),
         ({"type": ["string", "null"]}, None, []),
