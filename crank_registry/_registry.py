@@ -382,14 +382,15 @@ class CapabilityRegistry:
         Each becomes ``unverified``: routable while its last heartbeat is
         within ``unhealthy_after``, answered ``worker_not_registered`` on
         heartbeat until it re-registers. Records already past ``evict_after``
-        are dropped.
+        are dropped; a last heartbeat later than ``now`` (a clock that was
+        ahead) counts as ``now``.
         """
         _check_now(now)
         kept = 0
         for record in records:
             if now > record.last_heartbeat + self._policy.evict_after:
                 continue
-            self._install_record(record)
+            self._install_record(record, now=now)
             kept += 1
         return kept
 
@@ -402,22 +403,24 @@ class CapabilityRegistry:
         the local one, so importing your own export changes nothing); an
         imported record is ``unverified`` here. A worker deregistered here
         later than the remote's heartbeat is not resurrected, and records
-        already past ``evict_after`` are ignored. Raises
+        already past ``evict_after`` are ignored; a remote heartbeat later
+        than ``now`` (a clock that is ahead) counts as ``now``. Raises
         :class:`ValidationError` (nothing changes) for a malformed snapshot.
         """
         _check_now(now)
         records = _parse_state(state)
         events: list[Event] = []
         for record in records:
-            if now > record.last_heartbeat + self._policy.evict_after:
+            last_heartbeat = min(record.last_heartbeat, now)
+            if now > last_heartbeat + self._policy.evict_after:
                 continue
             deregistered_at = self._tombstones.get(record.worker_id)
-            if deregistered_at is not None and deregistered_at >= record.last_heartbeat:
+            if deregistered_at is not None and deregistered_at >= last_heartbeat:
                 continue
             local = self._workers.get(record.worker_id)
-            if local is not None and local.last_heartbeat >= record.last_heartbeat:
+            if local is not None and local.last_heartbeat >= last_heartbeat:
                 continue
-            worker = self._install_record(record)
+            worker = self._install_record(record, now=now)
             events.append(
                 WorkerImported(
                     worker_id=worker.worker_id,
@@ -581,13 +584,17 @@ class CapabilityRegistry:
             capabilities=worker.capabilities,
         )
 
-    def _install_record(self, record: WorkerRecord) -> _Worker:
-        """Install a record from a journal or another controller, unverified."""
+    def _install_record(self, record: WorkerRecord, *, now: float) -> _Worker:
+        """Install a record from a journal or another controller, unverified.
+
+        A heartbeat from the future would keep a silent worker routable (and
+        unevictable) for as long as that clock was ahead: it is taken as ``now``.
+        """
         return self._install(
             record.worker_id,
             record.worker_url,
             record.capabilities,
-            last_heartbeat=record.last_heartbeat,
+            last_heartbeat=min(record.last_heartbeat, now),
             verified=False,
         )
 

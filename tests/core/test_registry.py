@@ -158,6 +158,18 @@ def test_restore_drops_records_past_evict() -> None:
     assert [v.worker_id for v in registry.workers(now=T0 + 120.5)] == ["new"]
 
 
+def test_restore_and_import_take_a_heartbeat_from_the_future_as_now() -> None:
+    far = T0 + 1e12  # a clock that was far ahead; iso_utc could not even print it
+    registry = CapabilityRegistry()
+    assert registry.restore(records_at("w1", last_heartbeat=far), now=T0) == 1
+    remote = registry_with("w2", now=far)
+    [event] = registry.import_remote_state("b", remote.export_state(), now=T0)
+    assert isinstance(event, WorkerImported) and event.last_heartbeat == T0
+    assert [v.last_heartbeat for v in registry.workers(now=T0)] == [T0, T0]
+    assert routes(registry, 1, now=T0 + 60.5) == [None]
+    assert {e.worker_id for e in registry.cleanup_stale(now=T0 + 121)} == {"w1", "w2"}
+
+
 def test_heartbeat_of_unverified_raises_then_re_registration_verifies() -> None:
     registry = CapabilityRegistry()
     registry.restore(records_at("w1", last_heartbeat=T0), now=T0)
