@@ -173,7 +173,7 @@ def add_serve_command(subcommands: Subcommands) -> argparse.ArgumentParser:
 
 def run_serve(args: argparse.Namespace) -> int:
     """``serve``: check the flags, build the app, serve it until SIGTERM or SIGINT."""
-    from crank_registry import HealthPolicy
+    from crank_registry import HealthPolicy, ValidationError
 
     from .config import ServiceConfig
 
@@ -184,11 +184,18 @@ def run_serve(args: argparse.Namespace) -> int:
     _check_tls_flags(args.insecure, certfile, keyfile, ca_certs, args.trust_proxy_cert_header)
     if not args.gateway and (args.gateway_attempts or args.gateway_timeout):
         raise UsageError("--gateway-attempts and --gateway-timeout need --gateway")
-    if not (args.heartbeat_interval <= args.unhealthy_after <= args.evict_after):
+    try:
+        # The core's policy decides which timings go together; this only names the flags.
+        policy = HealthPolicy(
+            heartbeat_interval=args.heartbeat_interval,
+            unhealthy_after=args.unhealthy_after,
+            evict_after=args.evict_after,
+        )
+    except ValidationError:
         raise UsageError(
             "expected --heartbeat-interval <= --unhealthy-after <= --evict-after, got "
             f"{args.heartbeat_interval:g}, {args.unhealthy_after:g}, {args.evict_after:g}"
-        )
+        ) from None
     _configure_logging(args.log_level)
 
     from hypercorn.utils import LifespanFailureError
@@ -204,11 +211,7 @@ def run_serve(args: argparse.Namespace) -> int:
             "serving plain HTTP on %s, which is reachable from other machines", args.host
         )
     config = ServiceConfig(
-        policy=HealthPolicy(
-            heartbeat_interval=args.heartbeat_interval,
-            unhealthy_after=args.unhealthy_after,
-            evict_after=args.evict_after,
-        ),
+        policy=policy,
         state_dir=args.state_dir,
         # Identities come from the TLS handshake, or from the proxy that was
         # named as the one doing it: either way, a change without one is refused.
