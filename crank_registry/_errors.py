@@ -107,12 +107,22 @@ class WorkerNotRegistered(RegistryError):
 
 
 class Forbidden(RegistryError):
-    """An authenticated caller acted on a worker record that is not its own."""
+    """A caller acted on a worker record that is not its own.
+
+    ``identity`` is ``None`` for a caller that presented none where one is
+    required (mutual TLS).
+    """
 
     code = "forbidden"
     status_hint = 403
 
-    def __init__(self, identity: str, worker_id: str) -> None:
+    def __init__(self, identity: str | None, worker_id: str) -> None:
         self.identity = identity
         self.worker_id = worker_id
-        super().__init__(f"identity {identity!r} may not act on worker {worker_id!r}")
+        if identity is None:
+            message = (
+                f"a client certificate with a SPIFFE ID is required to act on worker {worker_id!r}"
+            )
+        else:
+            message = f"identity {identity!r} may not act on worker {worker_id!r}"
+        super().__init__(message)

@@ -25,13 +25,17 @@ def worker_name_of(spiffe_id: str) -> str | None:
     return segments[-1]
 
 
-def authorize_worker(identity: str | None, worker_id: str) -> None:
+def authorize_worker(identity: str | None, worker_id: str, *, required: bool = False) -> None:
     """Raise :class:`Forbidden` unless ``identity`` may act on ``worker_id``.
 
-    ``identity`` is ``None`` when the service runs without client
-    certificates: there are no identities then, and no checks.
+    ``identity`` is ``None`` for a caller without one. ``required`` says
+    that identities are in force (mutual TLS): such a caller acts on no
+    worker record. Without it there are no identities, and no checks for a
+    caller without one.
     """
     if identity is None:
+        if required:
+            raise Forbidden(None, worker_id)
         return
     if worker_name_of(identity) != worker_id:
         raise Forbidden(identity, worker_id)

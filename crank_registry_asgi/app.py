@@ -174,14 +174,7 @@ class ControllerService:
 
     def _authorize(self, request: Request, worker_id: str) -> None:
         identity = caller_identity(request.scope, request.headers, self.config.proxy_cert_header)
-        if identity is None and self.config.require_identity:
-            raise ApiError(
-                403,
-                "forbidden",
-                "a client certificate with a SPIFFE ID is required to act on a worker",
-                worker_id=worker_id,
-            )
-        authorize_worker(identity, worker_id)
+        authorize_worker(identity, worker_id, required=self.config.require_identity)
 
     # --------------------------------------------------------------- endpoints
 

@@ -2,8 +2,8 @@
 
 Every failure the service answers is JSON, ``{"error": CODE, "message":
 TEXT, ...}`` with a stable ``CODE``. The service's own failures (the body,
-the route table, the journal, a missing client identity) are raised as
-:class:`ApiError`; the core's :class:`~crank_registry.RegistryError` values
+the route table, the journal) are raised as :class:`ApiError`; the core's
+:class:`~crank_registry.RegistryError` values (``forbidden`` among them)
 carry their own code and status and are rendered by
 :func:`registry_error_response`::
 
@@ -11,7 +11,6 @@ carry their own code and status and are rendered by
     ├── unsupported_media_type  415
     ├── invalid_json            400
     ├── request_too_large       413
-    ├── forbidden               403   no client identity under mTLS
     ├── no_worker_available     503   with Retry-After
     ├── journal_unavailable     503
     ├── not_found               404

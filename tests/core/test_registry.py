@@ -598,6 +598,11 @@ def test_authorize_worker() -> None:
             authorize_worker(identity, "w1")
         assert (caught.value.code, caught.value.status_hint) == ("forbidden", 403)
         assert caught.value.identity == identity and caught.value.worker_id == "w1"
+    # Under mutual TLS a caller without an identity acts on no worker record.
+    authorize_worker("spiffe://crank.local/worker/w1", "w1", required=True)
+    with pytest.raises(Forbidden) as caught:
+        authorize_worker(None, "w1", required=True)
+    assert caught.value.identity is None and caught.value.worker_id == "w1"
 
 
 def test_worker_name_of() -> None:
