@@ -42,7 +42,13 @@ from crank_registry import (
 
 from .config import ServiceConfig
 from .effects import Effects, iso_utc, log_fields, logger
-from .http import ApiError, error_response, read_json_body, registry_error_response
+from .http import (
+    ApiError,
+    error_response,
+    internal_error,
+    read_json_body,
+    registry_error_response,
+)
 from .identity import caller_identity
 from .journal import Journal
 from .openapi import ROUTE_PATHS, openapi_document
@@ -422,10 +428,6 @@ async def _client_disconnect(request: Request, exc: Exception) -> Response:
     return error_response(400, "client_disconnected", "the client went away mid-request")
 
 
-async def _internal_error(request: Request, exc: Exception) -> Response:
-    return error_response(500, "internal_error", "the controller failed to answer this request")
-
-
 def create_app(
     registry: CapabilityRegistry | None = None,
     *,
@@ -454,7 +456,7 @@ def create_app(
             RegistryError: _registry_error,
             HTTPException: _http_exception,
             ClientDisconnect: _client_disconnect,
-            Exception: _internal_error,
+            Exception: internal_error,
         },
         lifespan=service.lifespan,
     )

@@ -62,7 +62,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from crank_registry import NDJSON, WorkerEndpoint, invocation_path
 
 from .app import ControllerService
-from .http import ApiError, error_response, read_json_body
+from .http import ApiError, error_response, internal_error, read_json_body
 from .openapi import openapi_document
 from .telemetry import TracingMiddleware, annotate, tracer
 
@@ -608,10 +608,6 @@ def gateway_openapi_document() -> dict[str, Any]:
     return document
 
 
-def _internal_error(request: Request, exc: Exception) -> Response:
-    return error_response(500, "internal_error", "the controller failed to answer this request")
-
-
 def create_gateway_app(
     controller: Starlette,
     config: GatewayConfig = GatewayConfig(),
@@ -648,7 +644,7 @@ def create_gateway_app(
             Mount("", app=controller),
         ],
         lifespan=lifespan,
-        exception_handlers={Exception: _internal_error},
+        exception_handlers={Exception: internal_error},
     )
     app.state.service = service
     app.state.gateway = gateway

@@ -38,6 +38,7 @@ from crank_registry import (
 __all__ = [
     "ApiError",
     "error_response",
+    "internal_error",
     "parse_json",
     "read_json_body",
     "registry_error_response",
@@ -82,6 +83,15 @@ def error_response(
     return JSONResponse(
         {"error": code, "message": message, **fields}, status_code=status, headers=headers
     )
+
+
+async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+    """The exception handler of last resort: a JSON 500, never a traceback.
+
+    Async, as every handler here: Starlette runs a plain function in its
+    thread pool, a thread hop for every error answer.
+    """
+    return error_response(500, "internal_error", "the controller failed to answer this request")
 
 
 def registry_error_response(error: RegistryError) -> JSONResponse:
