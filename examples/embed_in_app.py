@@ -46,7 +46,10 @@ async def home(request: Request) -> JSONResponse:
 
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
-    # A mounted app's lifespan does not run by itself: run it from ours.
+    """The host app's lifespan, which runs the registry's.
+
+    A mounted app's lifespan does not run by itself: it is run from here.
+    """
     async with registry_app.router.lifespan_context(registry_app):
         yield
 
@@ -58,6 +61,7 @@ app = Starlette(
 
 
 async def main() -> None:
+    """Drive the host app in-process: register, route, list, and its own page."""
     capability = CapabilitySchema(
         name="markdown_to_html",
         verb="convert",

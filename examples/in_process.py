@@ -20,6 +20,7 @@ START = 1_700_000_000.0  # wall-clock seconds; the caller owns time
 
 
 def colour_capability() -> CapabilitySchema:
+    """The one capability both example workers offer: the dominant colour of an image."""
     return CapabilitySchema(
         name="image.color",
         verb="classify",
@@ -32,15 +33,18 @@ def colour_capability() -> CapabilitySchema:
 
 
 def say(t: float, message: str) -> None:
+    """Print ``message`` at ``t`` seconds after the start."""
     print(f"t={t:>4.0f}s  {message}")
 
 
 def events(t: float, what: str, happened: tuple[Event, ...]) -> None:
+    """Print a call and the types of the events it returned."""
     kinds = [unstructure_event(event)["type"] for event in happened]
     say(t, f"{what} -> {', '.join(kinds) or 'nothing'}")
 
 
 def main() -> None:
+    """Register, route, heartbeat, let one worker go silent, sweep, restart."""
     policy = HealthPolicy(heartbeat_interval=30, unhealthy_after=60, evict_after=120)
     registry = CapabilityRegistry(policy)
     colour = colour_capability()

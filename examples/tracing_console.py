@@ -40,11 +40,13 @@ def one_line(span: ReadableSpan) -> str:
 
 
 async def greet(payload: dict[str, Any]) -> dict[str, Any]:
+    """The worker's handler, with a span of its own inside the invocation's."""
     with trace.get_tracer("worker").start_as_current_span("compose greeting"):
         return {"greeting": f"Hello, {payload['name']}!"}
 
 
 async def main() -> None:
+    """Install the SDK, wire caller, controller and worker in-process, make one call."""
     provider = TracerProvider(resource=Resource.create({"service.name": "crank-demo"}))
     provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter(formatter=one_line)))
     trace.set_tracer_provider(provider)
