@@ -41,7 +41,7 @@ from typing import Any
 import anyio
 
 from crank_registry import CapabilitySchema
-from crank_worker_client import TLSConfig, WorkerAgent
+from crank_worker_client import DEFAULT_CONTROLLER_URL, TLSConfig, WorkerAgent
 from crank_worker_client.serving import Handler, invocation_app
 
 MakeHandlers = Callable[[argparse.Namespace], Mapping[tuple[str, str], Handler]]
@@ -72,7 +72,7 @@ def parse_settings(
         description=f"The {name} example worker: serves its capabilities over HTTPS "
         "and registers with the crank-registry controller.",
     )
-    parser.add_argument("--controller", default=env.get("CONTROLLER_URL", "https://localhost:9000"))
+    parser.add_argument("--controller", default=env.get("CONTROLLER_URL", DEFAULT_CONTROLLER_URL))
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=int(env.get("WORKER_HTTPS_PORT", "0")))
     parser.add_argument("--worker-id", default=name)
