@@ -44,7 +44,9 @@ class ServiceConfig:
     state_dir: pathlib.Path | None = None
     require_identity: bool = False
     proxy_cert_header: str | None = attrs.field(default=None, validator=_header_name)
+    #: Larger request bodies are refused with 413 ``request_too_large``.
     max_body_bytes: int = attrs.field(default=1_048_576, validator=_positive_int)
+    #: Names this controller in its start-up log line and on its spans (``crank.controller_id``).
     controller_id: str = "controller"
     #: Deepest nesting of arrays and objects accepted in a request body.
     max_json_depth: int = attrs.field(default=64, validator=_positive_int)
