@@ -59,12 +59,18 @@ _WORKER_ID: dict[str, Any] = {
 }
 # The core accepts any absolute http(s) URL with a host; the document
 # describes the common subset (a DNS name or IPv4 address and an optional
-# port), which every schema-driven client can produce and the core accepts.
+# port from 1 to 65535), which every schema-driven client can produce and
+# the core accepts. Bracketed IPv6 hosts are accepted too, but left out of
+# the pattern: JSON Schema cannot tell a valid IPv6 literal from a bad one.
+_PORT = r"([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
 _WORKER_URL: dict[str, Any] = {
     "format": "uri",
     "maxLength": 2048,
-    "pattern": r"^[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9.-]+(:[1-9][0-9]{0,3})?(/[A-Za-z0-9._~!$&'()*+,;=:@/%-]*)?$",
-    "description": "An absolute http:// or https:// URL.",
+    "pattern": r"^[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9.-]+(:"
+    + _PORT
+    + r")?(/[A-Za-z0-9._~!$&'()*+,;=:@/%-]*)?$",
+    "description": "An absolute http:// or https:// URL (a host name or IPv4 address, "
+    "an optional port; the service also accepts bracketed IPv6 addresses).",
 }
 _NUMBER_AT_LEAST_ZERO: dict[str, Any] = {"minimum": 0}
 _SLO: dict[str, Any] = {
