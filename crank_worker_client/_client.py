@@ -42,6 +42,7 @@ from ._exceptions import (
     NoWorkerAvailable,
     UnexpectedResponse,
     WorkerNotRegisteredError,
+    problems_in,
 )
 from ._tracing import inject_into_request
 
@@ -306,9 +307,10 @@ def error_from_response(response: httpx.Response, what: str) -> ClientError:
             f"{what}: no worker available for {target}{wait}",
             retry_after=retry_after,
         )
+    reason = _controller_reason(body)
     if status >= 500 or status == 429:
         return ControllerUnavailable(
-            f"{what}: the controller answered {status}{f' {code}' if code else ''}",
+            f"{what}: the controller answered {status}{f' {code}' if code else ''}{reason}",
             status=status,
         )
     if code is None:
@@ -318,18 +320,29 @@ def error_from_response(response: httpx.Response, what: str) -> ClientError:
             body,
             f"{what}: the controller answered {status} without an error code",
         )
-    message = f"{what}: the controller answered {status} {code}"
+    message = f"{what}: the controller answered {status} {code}{reason}"
     if code == "worker_not_registered":
         return WorkerNotRegisteredError(code, status, body, message)
     if code == "forbidden":
         return ForbiddenError(code, status, body, message)
     if status in _REFUSAL_STATUSES:
-        refusal = InvalidRequest(code, status, body, message)
-        details = "; ".join(str(problem) for problem in refusal.problems)
-        if details:
-            refusal.args = (f"{message}: {details}",)
-        return refusal
+        return InvalidRequest(code, status, body, message)
     return UnexpectedResponse(code, status, body, message)
+
+
+def _controller_reason(body: Mapping[str, Any]) -> str:
+    """``": "`` and the controller's own account of an error answer, or ``""``.
+
+    A ``detail`` list of problems says the most (every ``path: message``);
+    otherwise the ``message`` field, which the controller sends with every error.
+    """
+    problems = problems_in(body)
+    if problems:
+        return ": " + "; ".join(str(problem) for problem in problems)
+    text = body.get("message")
+    if isinstance(text, str) and text.strip():
+        return ": " + text.strip()
+    return ""
 
 
 def _reason(error: BaseException) -> str:

@@ -114,14 +114,19 @@ class InvalidRequest(ControllerError):
     @property
     def problems(self) -> tuple[Problem, ...]:
         """The controller's ``detail`` as ``Problem(path, message)`` values."""
-        detail = self.body.get("detail")
-        if not isinstance(detail, list):
-            return ()
-        return tuple(
-            Problem(str(item.get("path", "")), str(item.get("message", "")))
-            for item in detail
-            if isinstance(item, dict)
-        )
+        return problems_in(self.body)
+
+
+def problems_in(body: Mapping[str, Any]) -> tuple[Problem, ...]:
+    """The ``detail`` list of an error body as ``Problem(path, message)`` values."""
+    detail = body.get("detail")
+    if not isinstance(detail, list):
+        return ()
+    return tuple(
+        Problem(str(item.get("path", "")), str(item.get("message", "")))
+        for item in detail
+        if isinstance(item, dict)
+    )
 
 
 class UnexpectedResponse(ControllerError):

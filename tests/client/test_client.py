@@ -148,7 +148,35 @@ async def test_invalid_request_lists_the_controllers_problems() -> None:
         Problem("capabilities[0].max_concurrency", "must be >= 1"),
         Problem("worker_url", "must be an absolute http:// or https:// URL"),
     )
-    assert "capabilities[0].max_concurrency: must be >= 1" in str(caught.value)
+    # The problems, not the message that repeats them, follow the code.
+    assert str(caught.value) == (
+        "POST /route: the controller answered 422 invalid_request: "
+        "capabilities[0].max_concurrency: must be >= 1; "
+        "worker_url: must be an absolute http:// or https:// URL"
+    )
+
+
+async def test_error_messages_carry_the_controllers_reason() -> None:
+    reason = "identity 'spiffe://crank.local/worker/ocr-1' may not act on worker 'ocr-2'"
+    client = client_for(
+        answer(403, {"error": "forbidden", "message": reason, "worker_id": "ocr-2"})
+    )
+    with pytest.raises(ForbiddenError) as caught:
+        await client.heartbeat("ocr-2")
+    await client.aclose()
+    assert str(caught.value) == f"POST /heartbeat: the controller answered 403 forbidden: {reason}"
+    # Without a message of its own the answer reads as before.
+    client = client_for(answer(404, {"error": "not_found"}))
+    with pytest.raises(UnexpectedResponse) as unexpected:
+        await client.heartbeat("w1")
+    await client.aclose()
+    assert str(unexpected.value) == "POST /heartbeat: the controller answered 404 not_found"
+    # A 5xx answer's message is kept too.
+    client = client_for(answer(500, {"error": "internal_error", "message": "it broke"}))
+    with pytest.raises(ControllerUnavailable) as unavailable:
+        await client.health()
+    await client.aclose()
+    assert str(unavailable.value).endswith("answered 500 internal_error: it broke")
 
 
 @pytest.mark.parametrize("status", [500, 502, 503, 504, 429])

@@ -223,6 +223,8 @@ async def test_identities_and_certificates_are_checked(
         async with impostor:
             pass
     assert isinstance(caught.value.__cause__, ForbiddenError)
+    # The controller's reason reaches the exception's text.
+    assert "'spiffe://crank.local/worker/caller' may not act on worker 'w1'" in str(caught.value)
     # Without a client certificate the TLS handshake fails.
     no_client_cert = ControllerClient(controller.url, tls=TLSConfig(ca_certs=certs / "ca.pem"))
     with pytest.raises(ControllerUnavailable):
