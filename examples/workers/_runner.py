@@ -36,13 +36,16 @@ import ssl
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from crank_registry import CapabilitySchema
 from crank_worker_client import DEFAULT_CONTROLLER_URL, TLSConfig, WorkerAgent
 from crank_worker_client.serving import Handler, invocation_app
+
+if TYPE_CHECKING:
+    from hypercorn.config import Config
 
 MakeHandlers = Callable[[argparse.Namespace], Mapping[tuple[str, str], Handler]]
 AddArguments = Callable[[argparse.ArgumentParser], None]
@@ -72,15 +75,55 @@ def parse_settings(
         description=f"The {name} example worker: serves its capabilities over HTTPS "
         "and registers with the crank-registry controller.",
     )
-    parser.add_argument("--controller", default=env.get("CONTROLLER_URL", DEFAULT_CONTROLLER_URL))
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=int(env.get("WORKER_HTTPS_PORT", "0")))
-    parser.add_argument("--worker-id", default=name)
-    parser.add_argument("--certfile", default=env.get("WORKER_CERT_PATH"))
-    parser.add_argument("--keyfile", default=env.get("WORKER_KEY_PATH"))
-    parser.add_argument("--ca-certs", default=env.get("CA_CERT_PATH"))
     parser.add_argument(
-        "--insecure", action="store_true", help="plain HTTP, no certificates (loopback tests)"
+        "--controller",
+        metavar="URL",
+        default=env.get("CONTROLLER_URL", DEFAULT_CONTROLLER_URL),
+        help="the controller's base URL; env CONTROLLER_URL (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="the address to listen on, also the host of the advertised URL (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=int(env.get("WORKER_HTTPS_PORT", "0")),
+        help="the port to listen on, 0 for any free one (the advertised URL says which); "
+        "env WORKER_HTTPS_PORT (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--worker-id",
+        metavar="ID",
+        default=name,
+        help="the name the worker registers under, also in its certificate's SPIFFE ID "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--certfile",
+        metavar="PATH",
+        default=env.get("WORKER_CERT_PATH"),
+        help="the worker's certificate (PEM); env WORKER_CERT_PATH (default: certs/worker-ID.pem)",
+    )
+    parser.add_argument(
+        "--keyfile",
+        metavar="PATH",
+        default=env.get("WORKER_KEY_PATH"),
+        help="the worker's private key (PEM); env WORKER_KEY_PATH (default: certs/worker-ID.key)",
+    )
+    parser.add_argument(
+        "--ca-certs",
+        metavar="PATH",
+        default=env.get("CA_CERT_PATH"),
+        help="the CA that signs the controller's and the callers' certificates; "
+        "env CA_CERT_PATH (default: certs/ca.pem)",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plain HTTP, no certificates, registration by name only (loopback tests; "
+        "default: off)",
     )
     if add_arguments is not None:
         add_arguments(parser)
@@ -131,6 +174,36 @@ def worker_url(settings: WorkerSettings, port: int) -> str:
     return f"{'http' if settings.insecure else 'https'}://{host}:{port}"
 
 
+def describe_capabilities(capabilities: Sequence[CapabilitySchema]) -> str:
+    """``"1 capability (greet:hello)"``, ``"2 capabilities (a:b, c:d)"``: for the start-up log."""
+    count = len(capabilities)
+    keys = ", ".join(f"{capability.verb}:{capability.name}" for capability in capabilities)
+    return f"{count} {'capability' if count == 1 else 'capabilities'} ({keys})"
+
+
+def server_config(settings: WorkerSettings, fd: int, *, shutdown_grace: float) -> Config:
+    """The hypercorn configuration: serve on descriptor ``fd``, with TLS unless insecure.
+
+    Hypercorn's log lines go to the logger ``hypercorn.error`` and from there
+    to the program's handlers. Left to its default (``errorlog="-"``),
+    hypercorn adds a handler of its own to that logger as well, and every
+    line of it ("Running on ...") appears twice.
+    """
+    from hypercorn.config import Config
+
+    config = Config()
+    config.bind = [f"fd://{fd}"]
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.accesslog = None
+    config.graceful_timeout = shutdown_grace
+    if not settings.insecure:
+        config.certfile = settings.certfile
+        config.keyfile = settings.keyfile
+        config.ca_certs = settings.ca_certs
+        config.verify_mode = ssl.CERT_REQUIRED  # callers must present a certificate of our CA
+    return config
+
+
 async def serve(
     settings: WorkerSettings,
     capabilities: Sequence[CapabilitySchema],
@@ -148,7 +221,6 @@ async def serve(
     keep-alive connection can hold that up for half a minute.
     """
     from hypercorn.asyncio import serve as hypercorn_serve
-    from hypercorn.config import Config
 
     sock = listening_socket(settings.host, settings.port)
     port = sock.getsockname()[1]
@@ -169,16 +241,8 @@ async def serve(
         insecure=settings.insecure,
     )
     app = invocation_app(handlers, capabilities, health=lambda: {"agent": agent.status.as_dict()})
-    config = Config()
     # Hypercorn takes over the descriptor; detach so that this object does not close it.
-    config.bind = [f"fd://{sock.detach()}"]
-    config.accesslog = None
-    config.graceful_timeout = shutdown_grace
-    if not settings.insecure:
-        config.certfile = settings.certfile
-        config.keyfile = settings.keyfile
-        config.ca_certs = settings.ca_certs
-        config.verify_mode = ssl.CERT_REQUIRED  # callers must present a certificate of our CA
+    config = server_config(settings, sock.detach(), shutdown_grace=shutdown_grace)
     log = logging.getLogger("examples.workers")
     stop_serving = anyio.Event()
     server_done = anyio.Event()
@@ -206,9 +270,9 @@ async def serve(
             with leave:
                 async with agent:  # deregisters on the way out, even when cancelled
                     log.info(
-                        "worker %s serving %d capabilities at %s",
+                        "worker %s serving %s at %s",
                         settings.worker_id,
-                        len(capabilities),
+                        describe_capabilities(capabilities),
                         url,
                     )
                     await anyio.sleep_forever()

@@ -28,7 +28,11 @@ NOTE_SCHEMA: dict[str, Any] = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``--db``: the SQLite file shared by the zettel workers."""
     parser.add_argument(
-        "--db", type=Path, default=Path(os.environ.get("ZETTEL_DB", DEFAULT_DB)), help="SQLite file"
+        "--db",
+        type=Path,
+        metavar="PATH",
+        default=Path(os.environ.get("ZETTEL_DB", DEFAULT_DB)),
+        help="the SQLite file the zettel workers share; env ZETTEL_DB (default: %(default)s)",
     )
 
 

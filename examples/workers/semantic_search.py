@@ -58,7 +58,13 @@ CAPABILITIES = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``--corpus``: the JSON corpus to index."""
-    parser.add_argument("--corpus", type=Path, default=CORPUS)
+    parser.add_argument(
+        "--corpus",
+        type=Path,
+        metavar="PATH",
+        default=CORPUS,
+        help="the JSON corpus to index (default: %(default)s)",
+    )
 
 
 def make_handlers(options: argparse.Namespace | None = None) -> Mapping[tuple[str, str], Handler]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import base64
 import importlib
+import logging
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -14,7 +15,12 @@ import pytest
 from crank_registry import CapabilityRegistry, CapabilitySchema, structure, unstructure
 from crank_worker_client.serving import invocation_app
 from examples.workers import WORKER_NAMES
-from examples.workers._runner import parse_settings, worker_url
+from examples.workers._runner import (
+    describe_capabilities,
+    parse_settings,
+    server_config,
+    worker_url,
+)
 from examples.workers.logic.png_colour import encode_png
 from tests.examples.helpers import invoke, ndjson, running
 
@@ -235,3 +241,46 @@ def test_missing_certificates_are_named_with_the_fix(
     error = capsys.readouterr().err
     assert "certs/worker-streaming.pem" in error
     assert "crank-registry certs --out certs --worker streaming" in error
+
+
+def test_help_describes_every_option_with_its_default_and_environment(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for variable in ("CONTROLLER_URL", "WORKER_HTTPS_PORT", "ZETTEL_DB"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("COLUMNS", "200")  # one line per option
+    with pytest.raises(SystemExit):
+        parse_settings("zettel_link", ["--help"], load("zettel_link").add_arguments)
+    lines = capsys.readouterr().out.splitlines()
+    expected = {
+        "--controller": ("env CONTROLLER_URL", "default: https://localhost:9000"),
+        "--host": ("default: 127.0.0.1",),
+        "--port": ("env WORKER_HTTPS_PORT", "default: 0"),
+        "--worker-id": ("default: zettel_link",),
+        "--certfile": ("env WORKER_CERT_PATH", "default: certs/worker-ID.pem"),
+        "--keyfile": ("env WORKER_KEY_PATH", "default: certs/worker-ID.key"),
+        "--ca-certs": ("env CA_CERT_PATH", "default: certs/ca.pem"),
+        "--insecure": ("default: off",),
+        "--db": ("env ZETTEL_DB", "default: state/zettel.sqlite3"),
+    }
+    for option, phrases in expected.items():
+        [line] = [line for line in lines if line.strip().startswith(option + " ")]
+        for phrase in phrases:
+            assert phrase in line, (option, line)
+
+
+def test_the_start_up_line_counts_capabilities_in_words() -> None:
+    assert describe_capabilities(load("hello_world").CAPABILITIES) == "1 capability (greet:hello)"
+    two = load("hello_world").CAPABILITIES + load("streaming").CAPABILITIES
+    assert describe_capabilities(two) == "2 capabilities (greet:hello, stream:text)"
+
+
+def test_hypercorn_logs_through_the_programs_handlers_only() -> None:
+    # Left to its default, hypercorn adds its own handler to "hypercorn.error"
+    # besides the root's, and "Running on ..." is logged twice.
+    settings, _ = parse_settings("hello_world", ["--insecure"])
+    logger = logging.getLogger("hypercorn.error")
+    handlers = list(logger.handlers)
+    config = server_config(settings, 3, shutdown_grace=1.0)
+    assert config.log.error_logger is logger
+    assert logger.handlers == handlers and logger.propagate
