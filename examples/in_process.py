@@ -73,11 +73,17 @@ def main() -> None:
 
     t = 110.0
     events(t, "heartbeat a", registry.heartbeat("a", now=START + t))
+    # next_deadline() may answer early, never late: a heartbeat moves a
+    # worker's deadline without touching the core's queue, which still says
+    # t=60s. A sweep re-files every passed entry at its true time, so a
+    # service's sweeper calls cleanup_stale before it asks again.
+    events(t, "cleanup_stale", registry.cleanup_stale(now=START + t))
     deadline = registry.next_deadline()
     if deadline is not None:
         say(
             t,
-            f"the core's next deadline is t={deadline - START:.0f}s (a service sleeps until then)",
+            f"next deadline: t={deadline - START:.0f}s, when b becomes evictable "
+            "(a service's sweeper sleeps until then)",
         )
     t = 125.0  # b silent for 125 s, more than evict_after (120 s)
     events(t, "cleanup_stale", registry.cleanup_stale(now=START + t))
