@@ -272,13 +272,16 @@ class Gateway:
         content: bytes,
         attempt: int,
     ) -> Response:
-        url = endpoint.worker_url.rstrip("/") + invocation_path(verb, capability)
+        try:
+            url = _invocation_url(endpoint.worker_url, verb, capability)
+        except (httpx.InvalidURL, ValueError) as error:
+            raise _unusable_url(endpoint, error) from None
         span = tracer().start_span(
             f"POST {verb} {capability}",
             kind=SpanKind.CLIENT,
             attributes={
                 "http.request.method": "POST",
-                "url.full": url,
+                "url.full": str(url),
                 "crank.worker_id": endpoint.worker_id,
                 "crank.verb": verb,
                 "crank.capability": capability,
@@ -293,7 +296,12 @@ class Gateway:
             propagate.inject(headers)
         worker = endpoint.worker_id
         try:
-            request = self._http().build_request("POST", url, content=content, headers=headers)
+            try:
+                request = self._http().build_request("POST", url, content=content, headers=headers)
+            except (httpx.InvalidURL, ValueError) as error:
+                _fail(span, "invalid_url")
+                span.end()
+                raise _unusable_url(endpoint, error) from None
             try:
                 upstream = await self._http().send(request, stream=True)
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as error:
@@ -386,6 +394,27 @@ class Gateway:
             media_type=NDJSON,
             headers={_WORKER_HEADER: worker, _ATTEMPTS_HEADER: str(attempt)},
         )
+
+
+def _invocation_url(worker_url: str, verb: str, capability: str) -> httpx.URL:
+    """Where ``(verb, capability)`` is served by the worker registered at ``worker_url``.
+
+    The convention's path goes after the URL's own path; a query stays after
+    it (appending to the text would put the path inside the query or the
+    fragment), and the fragment, which is never sent, is dropped.
+    """
+    base = httpx.URL(worker_url)
+    path, _, query = base.raw_path.partition(b"?")
+    raw_path = path.rstrip(b"/") + invocation_path(verb, capability).encode("ascii")
+    if query:
+        raw_path += b"?" + query
+    return base.copy_with(raw_path=raw_path, fragment=None)
+
+
+def _unusable_url(endpoint: WorkerEndpoint, error: Exception) -> _Refused:
+    # A URL the registry accepts but httpx cannot use (an IDNA-invalid host
+    # name, a control character): nothing was sent, so the next worker may be tried.
+    return _Refused(endpoint, f"unusable worker URL: {_describe(error)}", timed_out=False)
 
 
 def _parse_execute(body: Any) -> tuple[str, str, Any]:

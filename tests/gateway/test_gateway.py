@@ -59,6 +59,35 @@ async def test_names_with_reserved_characters_are_percent_encoded() -> None:
     assert str(network.requests[0].url) == "http://w1.test/invoke/get/a%2Fb%20c"
 
 
+async def test_the_path_goes_after_the_worker_urls_path_and_before_its_query() -> None:
+    network = WorkerNetwork()
+    network.add("w1.test", FakeWorker(serving({("greet", "hello"): hello})))
+    async with client_of(make_gateway(network, FakeClock())) as client:
+        await register(client, "w1", "https://w1.test/base/?tenant=a%20b#part")
+        await execute(client)
+    (request,) = network.requests
+    assert str(request.url) == "https://w1.test/base/invoke/greet/hello?tenant=a%20b"
+
+
+async def test_a_worker_url_httpx_cannot_use_fails_over_to_the_next_worker() -> None:
+    network = WorkerNetwork()
+    network.add("w2.test", FakeWorker(serving({("greet", "hello"): hello})))
+    async with client_of(make_gateway(network, FakeClock())) as client:
+        # Accepted by the registry, refused by httpx's IDNA check: nothing is sent.
+        await register(client, "w1", "https://xn--a.test")
+        await register(client, "w2", "https://w2.test")
+        response = await execute(client)
+        await client.post("/deregister", json={"worker_id": "w2"})
+        alone = await execute(client)
+    assert response.status_code == 200
+    assert response.headers["x-crank-worker-id"] == "w2"
+    assert response.headers["x-crank-attempts"] == "2"
+    assert alone.status_code == 502
+    assert alone.json()["error"] == "worker_failed"
+    assert alone.json()["worker_id"] == "w1"
+    assert "unusable worker URL" in alone.json()["attempts"][0]["error"]
+
+
 async def test_streams_ndjson_through() -> None:
     async def tokens(payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         for word in payload["text"].split():
