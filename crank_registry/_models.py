@@ -45,7 +45,9 @@ _SEMVER = re.compile(
     re.ASCII,  # \d is 0-9 only, not every Unicode digit
 )
 _WORKER_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
-_WHITESPACE = re.compile(r"\s")  # the characters str.isspace() accepts
+# The characters str.isspace() accepts, and the other control characters:
+# none belongs in a URL, and an HTTP client refuses them.
+_NOT_IN_URL = re.compile(r"[\s\x00-\x1f\x7f]")
 _SLO_KEYS = ("latency_p95_ms", "availability", "error_budget_pct")
 _MAX_TEXT = 256
 
@@ -234,7 +236,7 @@ def _worker_url(_: object, attribute: attrs.Attribute[Any], value: object) -> No
     if not isinstance(value, str):
         raise _fail(attribute.name, "must be a string")
     message = "must be an absolute http:// or https:// URL"
-    if len(value) > 2048 or _WHITESPACE.search(value):
+    if len(value) > 2048 or _NOT_IN_URL.search(value):
         raise _fail(attribute.name, message)
     try:
         parts = urlsplit(value)

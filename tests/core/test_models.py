@@ -338,6 +338,8 @@ def test_worker_urls_accepted(url: str) -> None:
         "https://w 1",
         "https://w1\t/x",
         "https://w1/\u2003x",
+        "http://w\x001",
+        "http://w1/\x7f",
         "",
         "https://" + "a" * 3000,
         42,
