@@ -657,7 +657,20 @@ def _check_stream(response: httpx.Response) -> str:
     expected = ["Workers", "register", ",", "heartbeat", "and", "serve", "."]
     _expect(tokens == expected, tokens)
     _expect(lines[-1] == {"done": True, "count": len(expected)}, lines[-1])
-    return f"{len(lines)} NDJSON lines: {' '.join(tokens)}"
+    return f"{len(lines)} NDJSON lines: {_as_text(tokens)}"
+
+
+def _as_text(tokens: list[str]) -> str:
+    """The streamed tokens read as text: a space before a word, none before punctuation.
+
+    The streaming worker sends words and punctuation marks as separate
+    tokens and no whitespace; joined with spaces they would read
+    ``serve .``.
+    """
+    return "".join(
+        f" {token}" if index and (token[0].isalnum() or token[0] == "_") else token
+        for index, token in enumerate(tokens)
+    )
 
 
 def _check_html(response: httpx.Response) -> str:

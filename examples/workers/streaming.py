@@ -1,7 +1,9 @@
 """streaming: ``stream`` ``text`` sends a text back token by token, as NDJSON.
 
 Each line is ``{"index": i, "token": "..."}``; the last line is
-``{"done": true, "count": n}``. ``delay_ms`` spaces the tokens out, as a
+``{"done": true, "count": n}``. A token is a word or a punctuation mark,
+without whitespace: to read them as text, put a space before each word only
+(:func:`examples.workers.logic.tokens.detokenize`). ``delay_ms`` spaces the tokens out, as a
 language model would.
 
 Run: ``python -m examples.workers.streaming``.

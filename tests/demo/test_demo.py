@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -10,9 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
-from crank_registry_asgi.demo import CAPABILITIES, WORKERS
+from crank_registry_asgi.demo import CAPABILITIES, WORKERS, _check_stream
 from examples.workers import WORKER_NAMES
 
 pytestmark = [
@@ -51,6 +53,15 @@ def test_the_demo_workers_are_the_examples() -> None:
     assert len(CAPABILITIES) == 9
 
 
+def test_the_streamed_tokens_read_as_text_in_the_summary() -> None:
+    tokens = ["Workers", "register", ",", "heartbeat", "and", "serve", "."]
+    lines = [{"index": i, "token": token} for i, token in enumerate(tokens)]
+    lines.append({"done": True, "count": len(tokens)})
+    body = "".join(f"{json.dumps(line)}\n" for line in lines)
+    response = httpx.Response(200, text=body)
+    assert _check_stream(response) == "8 NDJSON lines: Workers register, heartbeat and serve."
+
+
 def test_the_demo_passes_end_to_end() -> None:
     started = time.monotonic()
     result = subprocess.run(DEMO, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
@@ -62,6 +73,7 @@ def test_the_demo_passes_end_to_end() -> None:
     for verb, name in CAPABILITIES:
         assert re.search(rf"^{re.escape(verb)}:{re.escape(name)} +\w+ +\S", summary, re.M), summary
     assert "greet:hello (after restart)" in summary
+    assert "Workers register, heartbeat and serve." in summary
     assert "503 no_worker_available" in summary
     assert re.search(r"the journal restored all 9 workers", output)
     assert re.search(r"routing kept working from the warm cache: all 9 capabilities routed", output)
