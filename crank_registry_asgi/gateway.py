@@ -62,7 +62,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from crank_registry import NDJSON, WorkerEndpoint, invocation_path
 
 from .app import ControllerService
-from .http import ApiError, error_response, internal_error, read_json_body
+from .config import _positive_int
+from .http import ApiError, ServiceApp, error_response, internal_error, read_json_body
 from .openapi import openapi_document
 from .telemetry import TracingMiddleware, annotate, tracer
 
@@ -92,11 +93,6 @@ def _positive_number(_: object, attribute: attrs.Attribute[Any], value: object) 
         or value <= 0
     ):
         raise ValueError(f"{attribute.name} must be a finite number > 0, got {value!r}")
-
-
-def _positive_int(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{attribute.name} must be an integer >= 1, got {value!r}")
 
 
 @attrs.frozen
@@ -666,7 +662,7 @@ def create_gateway_app(
     document: ASGIApp = TracingMiddleware(
         JSONResponse(gateway_openapi_document()), route_paths=("/openapi.json",)
     )
-    app = Starlette(
+    app = ServiceApp(
         routes=[
             Route(EXECUTE_PATH, endpoint=traced),
             Route("/openapi.json", endpoint=document, methods=["GET"]),
