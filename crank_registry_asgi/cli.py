@@ -25,7 +25,10 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
+
+if TYPE_CHECKING:
+    from .server import ServerSettings
 
 __all__ = ["UsageError", "add_certs_command", "add_serve_command", "build_parser", "main"]
 
@@ -206,10 +209,8 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = ServerSettings(
         host=args.host, port=port, certfile=certfile, keyfile=keyfile, ca_certs=ca_certs
     )
-    if args.insecure and not settings.is_loopback:
-        logging.getLogger(__name__).warning(
-            "serving plain HTTP on %s, which is reachable from other machines", args.host
-        )
+    for warning in _security_warnings(settings, proxy_cert_header=args.trust_proxy_cert_header):
+        logging.getLogger(__name__).warning("%s", warning)
     config = ServiceConfig(
         policy=policy,
         state_dir=args.state_dir,
@@ -245,6 +246,28 @@ def run_serve(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def _security_warnings(settings: ServerSettings, *, proxy_cert_header: str | None) -> list[str]:
+    """What ``serve`` warns about at start: plain HTTP, and worker identity checks off.
+
+    Identities come from client certificates (``--ca-certs``) or from a
+    trusted proxy's header; without either, the controller cannot tell one
+    caller from another.
+    """
+    warnings: list[str] = []
+    if not settings.uses_tls:
+        where = (
+            "" if settings.is_loopback else f" on {settings.host}, reachable from other machines"
+        )
+        warnings.append(f"serving plain HTTP (--insecure){where}: nothing is encrypted")
+    if not settings.mutual_tls and proxy_cert_header is None:
+        how = "--insecure" if not settings.uses_tls else "HTTPS without --ca-certs"
+        warnings.append(
+            f"worker identity checks off ({how}): any caller may register any worker, "
+            "and heartbeat or deregister it"
+        )
+    return warnings
 
 
 def _check_tls_flags(

@@ -248,3 +248,28 @@ def test_the_certificate_library_makes_expired_and_foreign_certificates() -> Non
         foreign.certificate.verify_directly_issued_by(authority.certificate)
     with pytest.raises(ValueError, match="later than"):
         certs.make_worker_certificate(authority, "a", not_before=now, not_after=now)
+
+
+def test_serve_warns_about_plain_http_and_identity_checks_off() -> None:
+    from crank_registry_asgi.server import ServerSettings
+
+    pem, key, ca = Path("controller.pem"), Path("controller.key"), Path("ca.pem")
+    mutual = ServerSettings(certfile=pem, keyfile=key, ca_certs=ca)
+    assert cli._security_warnings(mutual, proxy_cert_header=None) == []
+    tls_only = ServerSettings(certfile=pem, keyfile=key)
+    assert cli._security_warnings(tls_only, proxy_cert_header=None) == [
+        "worker identity checks off (HTTPS without --ca-certs): any caller may register "
+        "any worker, and heartbeat or deregister it"
+    ]
+    plain = ServerSettings()
+    assert cli._security_warnings(plain, proxy_cert_header=None) == [
+        "serving plain HTTP (--insecure): nothing is encrypted",
+        "worker identity checks off (--insecure): any caller may register any worker, "
+        "and heartbeat or deregister it",
+    ]
+    # Behind a TLS-terminating proxy that passes the certificate on, identities are checked.
+    exposed = ServerSettings(host="0.0.0.0")
+    assert cli._security_warnings(exposed, proxy_cert_header="X-Client-Cert") == [
+        "serving plain HTTP (--insecure) on 0.0.0.0, reachable from other machines: "
+        "nothing is encrypted"
+    ]

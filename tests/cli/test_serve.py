@@ -102,6 +102,9 @@ def test_a_valid_worker_certificate_registers_heartbeats_and_routes(
         assert routed.status_code == 200, routed.text
         assert routed.json()["worker_id"] == "a"
     assert "Traceback" not in mtls_server.log()
+    # Mutual TLS: nothing to warn about at start.
+    assert "plain HTTP" not in mtls_server.log()
+    assert "identity checks off" not in mtls_server.log()
 
 
 def test_a_client_certificate_may_route_and_list_but_not_act_on_a_worker(
@@ -209,7 +212,8 @@ def test_insecure_serves_plain_http_on_loopback_and_stops_cleanly_on_sigterm(
             assert routed.json()["worker_id"] == "w1"
         assert server.stop() == 0, server.log()
     log = server.log()
-    assert "plain HTTP" in log
+    assert "WARNING crank_registry_asgi.cli serving plain HTTP (--insecure)" in log
+    assert "WARNING crank_registry_asgi.cli worker identity checks off (--insecure)" in log
     assert "stopped: connections closed, app shut down" in log
     assert "Traceback" not in log
     assert (state_dir / "registry.jsonl").exists()
