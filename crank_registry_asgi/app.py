@@ -410,7 +410,10 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     headers = dict(exc.headers or {})
     if exc.status_code == 404:
-        return error_response(404, "not_found", f"no such path: {request.url.path}")
+        message = f"no such path: {request.url.path}"
+        if request.url.path == "/execute":  # the gateway's, served only with --gateway
+            message += "; start the controller with --gateway to serve /execute"
+        return error_response(404, "not_found", message)
     if exc.status_code == 405:
         allowed = headers.get("Allow", "")
         return error_response(

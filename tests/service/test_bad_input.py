@@ -302,3 +302,17 @@ async def test_a_body_just_under_the_limit_is_read() -> None:
         assert len(data) < MIB
         response = await api.request("POST", "/register", content=data, headers=JSON)
         assert response.status_code == 200
+
+
+async def test_execute_without_the_gateway_says_how_to_serve_it() -> None:
+    async with running() as api:
+        response = await api.request("POST", "/execute", content=route(), headers=JSON)
+        assert response.status_code == 404
+        assert response.json() == {
+            "error": "not_found",
+            "message": "no such path: /execute; "
+            "start the controller with --gateway to serve /execute",
+        }
+        # Any other unknown path is only named.
+        other = await api.request("POST", "/executes", content=route(), headers=JSON)
+        assert other.json()["message"] == "no such path: /executes"
