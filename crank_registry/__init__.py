@@ -60,6 +60,7 @@ from ._models import (
     WorkerRecord,
     WorkerView,
     capability_label,
+    is_worker_id,
     parse_capability_label,
 )
 from ._registry import STATE_FORMAT_VERSION, CapabilityRegistry
@@ -109,6 +110,7 @@ __all__ = [
     "encode_event",
     "encode_snapshot",
     "invocation_path",
+    "is_worker_id",
     "parse_capability_label",
     "replay",
     "structure",

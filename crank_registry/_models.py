@@ -32,6 +32,7 @@ __all__ = [
     "WorkerRecord",
     "WorkerView",
     "capability_label",
+    "is_worker_id",
     "parse_capability_label",
 ]
 
@@ -222,10 +223,19 @@ def parse_capability_label(label: str) -> CapabilityKey:
     return (verb, name)
 
 
+def is_worker_id(value: object) -> bool:
+    """Whether ``value`` is a worker id: 1 to 128 letters, digits, ``.``, ``_`` and ``-``.
+
+    A worker id is also the last segment of the worker's SPIFFE ID, so the
+    names of worker certificates follow the same rule.
+    """
+    return isinstance(value, str) and _WORKER_ID.fullmatch(value) is not None
+
+
 def _worker_id(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if not isinstance(value, str):
         raise _fail(attribute.name, "must be a string")
-    if not _WORKER_ID.fullmatch(value):
+    if not is_worker_id(value):
         raise _fail(
             attribute.name,
             "must be 1 to 128 characters of letters, digits, '.', '_' and '-'",

@@ -17,7 +17,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
-import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -26,6 +25,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from crank_registry import is_worker_id
 
 __all__ = [
     "CONTROLLER_HOSTS",
@@ -52,7 +53,6 @@ DEFAULT_VALIDITY = datetime.timedelta(days=365)
 _BACKDATE = datetime.timedelta(minutes=5)
 # The worker_id rule of the registry; names also become file names, so this
 # also keeps them free of path separators.
-_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 
 @attrs.frozen
@@ -87,7 +87,7 @@ def spiffe_id(kind: str, name: str, *, trust_domain: str = TRUST_DOMAIN) -> str:
 
 def check_name(name: str) -> str:
     """Return ``name`` if it is a valid worker or client name, else raise ``ValueError``."""
-    if not _NAME.fullmatch(name):
+    if not is_worker_id(name):
         raise ValueError(f"invalid name {name!r}: use 1 to 128 letters, digits, '.', '_' and '-'")
     return name
 

@@ -18,6 +18,7 @@ from crank_registry import (
     ValidationError,
     WorkerRecord,
     capability_label,
+    is_worker_id,
     parse_capability_label,
     structure,
 )
@@ -300,6 +301,7 @@ def test_required_capabilities_list_is_stored_as_a_tuple() -> None:
 @pytest.mark.parametrize("worker_id", ["w1", "a", "A.b_c-9", "x" * 128, "worker-0001.eu_west"])
 def test_worker_ids_accepted(worker_id: str) -> None:
     assert structure(registration_payload(worker_id), Registration).worker_id == worker_id
+    assert is_worker_id(worker_id)
 
 
 @pytest.mark.parametrize(
@@ -307,6 +309,7 @@ def test_worker_ids_accepted(worker_id: str) -> None:
 )
 def test_worker_ids_refused(worker_id: object) -> None:
     assert paths(registration_payload(worker_id), Registration) == ["worker_id"]
+    assert not is_worker_id(worker_id)
 
 
 @pytest.mark.parametrize(
