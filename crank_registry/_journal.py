@@ -554,12 +554,6 @@ class JournalState:
             for record in self._records.values()
         )
 
-    def retain(self, worker_ids: Iterable[str]) -> None:
-        """Forget every worker not in ``worker_ids`` (those a registry dropped on restore)."""
-        keep = set(worker_ids)
-        for worker_id in [w for w in self._records if w not in keep]:
-            self._forget(worker_id)
-
     def __len__(self) -> int:
         return len(self._records)
 
