@@ -89,7 +89,8 @@ def parse_settings(
     parser.add_argument(
         "--port",
         type=int,
-        default=int(env.get("WORKER_HTTPS_PORT", "0")),
+        # A string: argparse converts it with `type`, so a bad value is a usage error.
+        default=env.get("WORKER_HTTPS_PORT", "0"),
         help="the port to listen on, 0 for any free one (the advertised URL says which); "
         "env WORKER_HTTPS_PORT (default: %(default)s)",
     )
