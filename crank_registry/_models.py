@@ -175,6 +175,14 @@ def _tuple_or_none(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
+def _verb(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    _text(instance, attribute, value)
+    # Listings print a capability as "verb:name"; a colon in the verb would
+    # make that form ambiguous (a name may hold colons).
+    if ":" in value:  # type: ignore[operator]
+        raise _fail(attribute.name, "must not contain ':'")
+
+
 @attrs.frozen
 class CapabilitySchema:
     """What a worker can do: a verb on a named capability at a version.
@@ -184,7 +192,7 @@ class CapabilitySchema:
     """
 
     name: str = attrs.field(validator=_text)
-    verb: str = attrs.field(validator=_text)
+    verb: str = attrs.field(validator=_verb)
     version: str = attrs.field(validator=_semver)
     input_schema: dict[str, Any] = attrs.field(validator=_json_object)
     output_schema: dict[str, Any] = attrs.field(validator=_json_object)

@@ -86,7 +86,12 @@ _SLO: dict[str, Any] = {
 FIELD_CONSTRAINTS: dict[type[Any], dict[str, dict[str, Any]]] = {
     CapabilitySchema: {
         "name": {**_TEXT, "description": "The capability's name, e.g. image.classify."},
-        "verb": {**_TEXT, "description": "What is done with it, e.g. classify."},
+        "verb": {
+            "minLength": 1,
+            "maxLength": 256,
+            "allOf": [{"pattern": _NOT_BLANK}, {"pattern": "^[^:]*$"}],
+            "description": "What is done with it, e.g. classify; no ':'.",
+        },
         "version": {"pattern": _SEMVER, "description": "A semantic version MAJOR.MINOR.PATCH."},
         "input_schema": {"description": "A JSON Schema of the input."},
         "output_schema": {"description": "A JSON Schema of the output."},

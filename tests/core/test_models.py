@@ -448,3 +448,21 @@ def test_deeply_nested_input_is_a_validation_error() -> None:
     for _ in range(100_000):
         nested = [nested]
     assert problems(registration_payload(capabilities=nested), Registration)
+
+
+def test_a_verb_may_not_hold_a_colon_but_a_name_may() -> None:
+    # Listings print "verb:name": a colon in the verb would make it ambiguous.
+    payload = {
+        "name": "ocr:v2",
+        "verb": "extract:text",
+        "version": "1.0.0",
+        "input_schema": {},
+        "output_schema": {},
+        "requires_gpu": False,
+        "max_concurrency": 1,
+    }
+    with pytest.raises(ValidationError) as caught:
+        structure(payload, CapabilitySchema)
+    assert [str(p) for p in caught.value.problems] == ["verb: must not contain ':'"]
+    capability = structure({**payload, "verb": "extract"}, CapabilitySchema)
+    assert parse_capability_label(capability_label(capability.key)) == ("extract", "ocr:v2")

@@ -94,10 +94,12 @@ def optional(strategy: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
     return st.none() | strategy
 
 
+verbs = texts.filter(lambda t: ":" not in t)  # "verb:name" must stay unambiguous
+
 capabilities = st.builds(
     CapabilitySchema,
     name=texts,
-    verb=texts,
+    verb=verbs,
     version=versions,
     input_schema=json_objects,
     output_schema=json_objects,
