@@ -44,6 +44,7 @@ from .config import ServiceConfig
 from .effects import Effects, iso_utc, log_fields, logger
 from .http import (
     ApiError,
+    ServiceApp,
     error_response,
     internal_error,
     read_json_body,
@@ -447,7 +448,7 @@ def create_app(
     if registry is None:
         registry = CapabilityRegistry(config.policy)
     service = ControllerService(registry, config, clock)
-    app = Starlette(
+    app = ServiceApp(
         routes=service.routes(),
         middleware=[
             Middleware(

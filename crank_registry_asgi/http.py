@@ -15,6 +15,12 @@ carry their own code and status and are rendered by
     ├── journal_unavailable     503
     ├── not_found               404
     └── method_not_allowed      405   with Allow
+
+Many answers go out before the body is read (a wrong path, method or media
+type, a declared size over the limit). :class:`DrainRequestBody`, the
+outermost layer of every app made here (:class:`ServiceApp`), reads what is
+left of the body first, so that the connection stays usable and the server
+never sees the client still sending after the answer.
 """
 
 from __future__ import annotations
@@ -24,8 +30,11 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import anyio
+from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from crank_registry import (
     Forbidden,
@@ -36,7 +45,11 @@ from crank_registry import (
 )
 
 __all__ = [
+    "DRAIN_LIMIT",
+    "DRAIN_SECONDS",
     "ApiError",
+    "DrainRequestBody",
+    "ServiceApp",
     "error_response",
     "internal_error",
     "parse_json",
@@ -69,6 +82,108 @@ class ApiError(Exception):
         return error_response(
             self.status, self.code, self.message, headers=self.headers, **self.fields
         )
+
+
+#: An unread body is read and dropped before an answer while it stays
+#: within this many bytes in all.
+DRAIN_LIMIT = 1_048_576
+
+#: And for at most this long; a client that sends more, or slower, is
+#: answered anyway (over HTTP/1.x with ``Connection: close``).
+DRAIN_SECONDS = 5.0
+
+
+class DrainRequestBody:
+    """Read the rest of the request body, up to a bound, before the answer starts.
+
+    An answer that does not depend on the body (404, 405, 415, a declared
+    size over the limit, a refusal before parsing) would otherwise start
+    while the client is still sending it. The server is then left with a
+    request it must either read to its end or cut off: hypercorn 0.18 closes
+    an HTTP/1.1 connection whose request was not read to its end, over TLS
+    racing the client's next bytes, and on HTTP/2 it receives data for a
+    stream it already forgot. Reading the rest first keeps the connection
+    usable for the next request.
+
+    The body is read on while it stays within ``limit`` bytes in all (what
+    the app read counts), for at most ``seconds``; a body declared larger,
+    or already read past that, is not read further: a body refused as too
+    large is never read whole. An answer that leaves the body unread
+    carries ``Connection: close`` over HTTP/1.x, so the client knows the
+    connection ends with it (HTTP/2 has no such header: the server ends just
+    the stream). What the client sends after that is the server's to read
+    and drop before it closes (:mod:`crank_registry_asgi.tls` does, for
+    hypercorn).
+    """
+
+    def __init__(
+        self, app: ASGIApp, *, limit: int = DRAIN_LIMIT, seconds: float = DRAIN_SECONDS
+    ) -> None:
+        self.app = app
+        self.limit = limit
+        self.seconds = seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the app with ``receive`` watched and the answer held until the body is in."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        received = 0
+        # Whether the body has been read to its end, or the client went away.
+        ended = False
+
+        async def watched_receive() -> Message:
+            nonlocal received, ended
+            message = await receive()
+            received += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                ended = True
+            return message
+
+        async def drain() -> bool:
+            # True when the body was read to its end.
+            declared = _declared_length(scope)
+            if declared is not None and declared > self.limit:
+                return False
+            with anyio.move_on_after(self.seconds):
+                while not ended and received <= self.limit:
+                    await watched_receive()
+            return ended
+
+        async def answer(message: Message) -> None:
+            if (
+                message["type"] == "http.response.start"
+                and not ended
+                and not await drain()
+                and scope.get("http_version") in ("1.0", "1.1")
+            ):
+                headers = list(message.get("headers", ()))
+                if not any(name.lower() == b"connection" for name, _ in headers):
+                    headers.append((b"connection", b"close"))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, watched_receive, answer)
+
+
+def _declared_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            digits = value.strip()
+            return int(digits) if digits.isdigit() else None
+    return None
+
+
+class ServiceApp(Starlette):
+    """A Starlette app with :class:`DrainRequestBody` outside everything else.
+
+    Outside Starlette's own error layer too, so that its last-resort 500
+    waits for the body like every other answer.
+    """
+
+    def build_middleware_stack(self) -> ASGIApp:
+        """Starlette's stack, wrapped in :class:`DrainRequestBody`."""
+        return DrainRequestBody(super().build_middleware_stack())
 
 
 def error_response(

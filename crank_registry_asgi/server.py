@@ -151,8 +151,11 @@ async def serve(
     config = hypercorn_config(settings)
     if settings.uses_tls:
         _check_tls_files(config)
-    if settings.mutual_tls:
-        tls.install()
+    # Always: besides capturing client certificates (an empty chain without
+    # mutual TLS), the hook closes connections the way hypercorn 0.18 does
+    # not, and contains its errors (tracebacks at ERROR) when a request is
+    # answered before its body was read; see crank_registry_asgi.tls.
+    tls.install()
     sockets = _bind(config, settings)
     try:
         for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]:

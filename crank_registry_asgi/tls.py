@@ -22,23 +22,54 @@ exposes only that one, so the list has at most one entry) and empty when the
 client sent no certificate; ``client_cert_name`` is its subject (RFC 4514);
 ``tls_version`` is the protocol's 16-bit code. Plain-HTTP connections get no
 ``tls`` extension at all, as the spec asks.
+
+The same hook contains two hypercorn 0.18 bugs that turn a request answered
+before its body was read into tracebacks at ERROR level (the client still
+gets its answer). The service reads the rest of such a body before answering
+(:class:`~crank_registry_asgi.http.DrainRequestBody`), but a body too large
+to read still ends in one of them:
+
+- HTTP/1.1 over TLS: hypercorn closes the connection while the client is
+  still sending, and the TLS shutdown then fails with
+  ``APPLICATION_DATA_AFTER_CLOSE_NOTIFY`` (or times out); its ``_close``
+  lets that escape, into the app's ``send`` and again out of the connection
+  task (hypercorn issues #67, #261, #291). :class:`CertificateCapturingTCPServer`
+  first reads on until the client has sent its body or closed, for at most
+  :data:`LINGER_SECONDS` (a lingering close: closed with unread data, the
+  connection would be reset, possibly before the client read its answer),
+  and treats an error while closing as the connection being closed.
+- HTTP/2: once a stream's answer is complete hypercorn forgets the stream,
+  and a DATA frame the client still sends on it raises ``KeyError`` and
+  kills the connection task (hypercorn issue #329, unmerged pull requests
+  #312, #334, #365). :class:`ContainedH2Protocol` drops that data, still
+  returning its flow-control credit so the connection does not stall.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib.metadata
 import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
+import h11
 import hypercorn.asyncio.run
+import hypercorn.protocol
 from cryptography import x509
 from hypercorn.asyncio.tcp_server import TCPServer
+from hypercorn.protocol.events import Event as StreamEvent
+from hypercorn.protocol.h2 import H2Protocol
+from hypercorn.protocol.http_stream import HTTPStream
+from hypercorn.protocol.ws_stream import WSStream
 from hypercorn.typing import AppWrapper, ASGIReceiveCallable, ASGISendCallable, Scope
 
 __all__ = [
+    "LINGER_SECONDS",
     "SUPPORTED_HYPERCORN",
     "CertificateCapturingTCPServer",
+    "ContainedH2Protocol",
     "check_hypercorn_version",
     "install",
     "installed",
@@ -47,6 +78,10 @@ __all__ = [
 
 #: The hypercorn release series this module's hook is written against.
 SUPPORTED_HYPERCORN = "0.18"
+
+#: How long a connection closed after an answer goes on reading a request
+#: body the client is still sending (see ``CertificateCapturingTCPServer``).
+LINGER_SECONDS = 5.0
 
 _TLS_VERSION_CODES = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
 
@@ -115,7 +150,11 @@ class _ConnectionApp:
 
 
 class CertificateCapturingTCPServer(TCPServer):
-    """hypercorn's per-connection server, adding the ASGI ``tls`` extension."""
+    """hypercorn's per-connection server, adding the ASGI ``tls`` extension.
+
+    Also closes with a lingering close, and without an error when the TLS
+    shutdown fails (see the module docstring and ``_linger``).
+    """
 
     async def run(self) -> None:
         """Wrap the app with this connection's certificate, then serve as usual."""
@@ -124,12 +163,83 @@ class CertificateCapturingTCPServer(TCPServer):
             self.app = _ConnectionApp(self.app, tls_extension(ssl_object))
         await super().run()
 
+    async def _read_data(self) -> None:
+        self._reader = asyncio.current_task()
+        await super()._read_data()
+
+    async def _close(self) -> None:
+        await self._linger()
+        # hypercorn 0.18 catches only some errors of `wait_closed()`. The TLS
+        # shutdown's own (ssl.SSLError APPLICATION_DATA_AFTER_CLOSE_NOTIFY
+        # when the client was still sending, TimeoutError when it never
+        # answers the close) are OSErrors as well: the connection is closed
+        # either way, and there is no one left to tell.
+        with contextlib.suppress(OSError):
+            await super()._close()
+
+    async def _linger(self) -> None:
+        # A lingering close: hypercorn closes an HTTP/1.1 connection as soon
+        # as an answer is complete, also while the client is still sending
+        # the request body (the answer did not need it). Closed with unread
+        # data, a connection is reset, and a reset can destroy the answer
+        # before the client reads it. So the body is read on (and dropped by
+        # the read loop, the request being over) until the client has sent
+        # it all or closed, for at most LINGER_SECONDS.
+        if getattr(self, "_reader", None) is asyncio.current_task():
+            return  # closing from the read loop itself: nothing would read
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LINGER_SECONDS
+        while self._client_sending() and not self.reader.at_eof() and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+
+    def _client_sending(self) -> bool:
+        protocol = getattr(getattr(self, "protocol", None), "protocol", None)
+        connection = getattr(protocol, "connection", None)
+        return isinstance(connection, h11.Connection) and connection.their_state is h11.SEND_BODY
+
+
+class _FinishedStream:
+    """What a stream hypercorn has forgotten receives: nothing more happens."""
+
+    async def handle(self, event: StreamEvent) -> None:
+        return None
+
+
+_FINISHED = _FinishedStream()
+
+
+class _Streams(dict[int, HTTPStream | WSStream]):
+    """``H2Protocol.streams`` where a forgotten stream is a finished one."""
+
+    def __missing__(self, stream_id: int) -> HTTPStream | WSStream:
+        # hypercorn 0.18 looks streams up by subscript only where a frame
+        # arrives for them (DATA, end of stream), and by `in`/`pop` elsewhere.
+        return cast(HTTPStream, _FINISHED)
+
+
+class ContainedH2Protocol(H2Protocol):
+    """hypercorn's HTTP/2 protocol, dropping data that arrives for a finished stream.
+
+    hypercorn 0.18 forgets a stream once its answer is complete; the
+    client's DATA frames still in flight then raise ``KeyError`` and end the
+    connection task with a traceback (hypercorn issue #329). Here they go
+    to a stream that ignores them, and the protocol still acknowledges
+    them, so the connection's flow-control window is not lost.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.streams = _Streams()
+
 
 def install() -> None:
     """Make hypercorn's asyncio worker fill in the ``tls`` extension (idempotent).
 
-    Affects every hypercorn asyncio server started in this process afterwards.
+    Also contains the two hypercorn bugs of the module docstring. Affects
+    every hypercorn asyncio server started in this process afterwards.
     """
+    if hypercorn.protocol.H2Protocol is H2Protocol:
+        hypercorn.protocol.H2Protocol = ContainedH2Protocol  # type: ignore[misc]
     current = hypercorn.asyncio.run.TCPServer
     if current is CertificateCapturingTCPServer:
         return
