@@ -31,6 +31,14 @@ Errors (``application/json``)
     ``{"status": "ok", "capabilities": ["verb:name", ...]}`` plus whatever
     the ``health`` callable adds (for example the agent's state).
 
+An answer given before the body is read (an unknown capability, a wrong
+method or media type, a declared size over the limit) first reads the rest
+of the body, up to ``max_body_size`` bytes in all and a few seconds, so
+that the connection stays usable and the server never sees the client still
+sending after the answer; when more is left, the answer carries
+``Connection: close`` over HTTP/1.x. (The controller's service does the
+same; a worker must not import it.)
+
 :func:`invocation_app` builds the app from a mapping ``{(verb, name):
 handler}``; a handler is ``async def handler(payload) -> result``, or an
 async generator function for a streaming capability. At most
@@ -101,6 +109,9 @@ logger = logging.getLogger("crank_worker_client.serving")
 
 #: Bodies larger than this are refused with 413 (the registry's own limit).
 DEFAULT_MAX_BODY_SIZE = 1_048_576
+
+#: How long an early answer waits for the rest of an unread body.
+_DRAIN_SECONDS = 5.0
 
 #: ``async def handler(payload) -> result``, or an async generator function
 #: yielding JSON objects for a streaming capability.
@@ -451,7 +462,7 @@ class InvocationApp:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
         elif scope["type"] == "http":
-            await self._http(scope, receive, send)
+            await _drain_request_body(self._http, self._max_body_size, scope, receive, send)
         # Anything else (websocket) is not part of the convention: close it.
         elif scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1000})
@@ -650,6 +661,54 @@ class InvocationApp:
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+
+async def _drain_request_body(
+    app: Callable[[Scope, Receive, Send], Awaitable[None]],
+    limit: int,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+) -> None:
+    """Run ``app``, reading the rest of an unread body before its answer starts.
+
+    The worker's copy of the service's ``DrainRequestBody`` (see the module
+    docstring): read on while the body stays within ``limit`` bytes in all,
+    for at most ``_DRAIN_SECONDS``; when more is left (or declared), the
+    answer has ``Connection: close`` over HTTP/1.x.
+    """
+    received = 0
+    ended = False  # the body was read to its end, or the client left
+
+    async def watched_receive() -> Message:
+        nonlocal received, ended
+        message = await receive()
+        received += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            ended = True
+        return message
+
+    async def drain() -> bool:
+        declared = _headers(scope).get("content-length", "").strip()
+        if declared.isdigit() and int(declared) > limit:
+            return False
+        with anyio.move_on_after(_DRAIN_SECONDS):
+            while not ended and received <= limit:
+                await watched_receive()
+        return ended
+
+    async def answer(message: Message) -> None:
+        if (
+            message["type"] == "http.response.start"
+            and not ended
+            and not await drain()
+            and scope.get("http_version") in ("1.0", "1.1")
+        ):
+            headers = [*message.get("headers", ()), (b"connection", b"close")]
+            message = {**message, "headers": headers}
+        await send(message)
+
+    await app(scope, watched_receive, answer)
 
 
 def invocation_app(

@@ -478,3 +478,59 @@ def test_json_dump_of_the_error_shape() -> None:
     with pytest.raises(ValueError, match="4xx or 5xx"):
         InvocationError("code", "text", status=200)
     assert json.loads(json.dumps({"error": error.code, "message": error.message}))
+
+
+async def _raw_request(
+    served: Any, path: str, chunks: list[bytes], headers: list[tuple[bytes, bytes]]
+) -> tuple[list[int], list[dict[str, Any]]]:
+    """Run one HTTP/1.1 request; return how many chunks were read at the answer's start."""
+    pending = list(chunks)
+    read_at_start: list[int] = []
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if not pending:
+            return {"type": "http.disconnect"}
+        chunk = pending.pop(0)
+        return {"type": "http.request", "body": chunk, "more_body": bool(pending)}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            read_at_start.append(len(chunks) - len(pending))
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "http_version": "1.1",
+        "method": "POST",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": headers,
+    }
+    await served(scope, receive, send)
+    return read_at_start, sent
+
+
+async def test_an_early_answer_reads_the_rest_of_the_body_first() -> None:
+    # An unknown capability, a wrong media type: answered without the body,
+    # but only once it has been read, so the connection stays usable.
+    json_type = (b"content-type", b"application/json")
+    for path, headers, status in [
+        ("/invoke/echo/nope", [json_type], 404),
+        ("/invoke/echo/text", [(b"content-type", b"text/plain")], 415),
+    ]:
+        read, sent = await _raw_request(app(), path, [b"{", b'"a"', b": 1}"], headers)
+        assert read == [3]
+        assert sent[0]["status"] == status
+        assert (b"connection", b"close") not in sent[0]["headers"]
+
+
+async def test_an_early_answer_to_a_body_over_the_limit_closes_instead_of_reading() -> None:
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"1000")]
+    read, sent = await _raw_request(
+        app(max_body_size=100), "/invoke/echo/text", [b"x"] * 10, headers
+    )
+    assert read == [0]
+    assert sent[0]["status"] == 413
+    assert (b"connection", b"close") in sent[0]["headers"]
