@@ -386,12 +386,24 @@ class CapabilityRegistry:
         ahead) counts as ``now``.
         """
         _check_now(now)
+        evict_after = self._evict_after
         kept = 0
+        # Recovery loads up to every worker at once: a worker new to the
+        # registry takes a path without the replacement bookkeeping, and the
+        # deadline heap is ordered once at the end instead of per push.
+        pending: list[tuple[float, str, _Worker]] = []
         for record in records:
-            if now > record.last_heartbeat + self._policy.evict_after:
+            if now > record.last_heartbeat + evict_after:
                 continue
-            self._install_record(record, now=now)
             kept += 1
+            if record.worker_id in self._workers:
+                self._install_record(record, now=now)
+                continue
+            worker = self._add_unverified(record, min(record.last_heartbeat, now))
+            pending.append((worker.routable_until, worker.worker_id, worker))
+        if pending:
+            self._deadlines.extend(pending)
+            heapq.heapify(self._deadlines)
         return kept
 
     def import_remote_state(
@@ -597,6 +609,40 @@ class CapabilityRegistry:
             last_heartbeat=min(record.last_heartbeat, now),
             verified=False,
         )
+
+    def _add_unverified(self, record: WorkerRecord, last_heartbeat: float) -> _Worker:
+        """:meth:`_install` for a worker not yet in the registry, without its heap entry."""
+        worker_id = record.worker_id
+        worker_url = record.worker_url
+        worker = _Worker(worker_id, worker_url, last_heartbeat, False, self._unhealthy_after)
+        capabilities = self._capabilities
+        stored: list[CapabilitySchema] = []
+        members: list[_Member] = []
+        endpoint: WorkerEndpoint | None = None
+        endpoints: dict[str, WorkerEndpoint] = {}
+        for given in record.capabilities:
+            key = (given.verb, given.name)
+            entry = capabilities.get(key)
+            if entry is None:
+                entry = capabilities[key] = _Capability(key)
+            capability = entry.intern(given)
+            version = capability.version
+            if endpoint is None or endpoint.version != version:
+                endpoint = endpoints.get(version)
+                if endpoint is None:
+                    endpoint = endpoints[version] = WorkerEndpoint(worker_id, worker_url, version)
+            member = _Member(worker, endpoint, entry)
+            entry.size += 1
+            ring = entry.ring
+            member.slot = len(ring)
+            ring.append(member)
+            entry.live += 1
+            stored.append(capability)
+            members.append(member)
+        worker.capabilities = tuple(stored)
+        worker.members = tuple(members)
+        self._workers[worker_id] = worker
+        return worker
 
     def _install(
         self,
