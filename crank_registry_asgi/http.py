@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -169,9 +170,20 @@ class DrainRequestBody:
 def _declared_length(scope: Scope) -> int | None:
     for name, value in scope["headers"]:
         if name == b"content-length":
-            digits = value.strip()
-            return int(digits) if digits.isdigit() else None
+            return content_length(value)
     return None
+
+
+def content_length(value: bytes) -> int | None:
+    """A Content-Length value as a number, or ``None`` if it is not one.
+
+    A value of more than 18 digits counts as ``sys.maxsize``: larger than
+    any limit, and ``int()`` refuses strings of over 4300 digits.
+    """
+    digits = value.strip()
+    if not digits.isdigit():  # bytes.isdigit is ASCII digits only
+        return None
+    return int(digits) if len(digits) <= 18 else sys.maxsize
 
 
 class ServiceApp(Starlette):
@@ -268,7 +280,8 @@ async def read_json_body(request: Request, *, max_bytes: int, max_depth: int) ->
             "unsupported_media_type",
             "the request body must be JSON sent as 'Content-Type: application/json'",
         )
-    if declared is not None and declared.strip().isdigit() and int(declared) > max_bytes:
+    length = None if declared is None else content_length(declared)
+    if length is not None and length > max_bytes:
         raise _too_large(max_bytes)
     # The ASGI messages are read directly: Request.stream() is an async
     # generator, a measurable cost on the hot path for one-chunk bodies.

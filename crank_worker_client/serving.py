@@ -70,6 +70,7 @@ import inspect
 import json
 import logging
 import re
+import sys
 from collections.abc import (
     AsyncIterator,
     Awaitable,
@@ -582,8 +583,8 @@ class InvocationApp:
                     await self._call(capability, payload, send)
 
     async def _read_body(self, headers: Mapping[str, str], receive: Receive) -> bytes:
-        declared = headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self._max_body_size:
+        declared = _content_length(headers.get("content-length", ""))
+        if declared is not None and declared > self._max_body_size:
             raise _BodyTooLarge
         chunks: list[bytes] = []
         size = 0
@@ -689,8 +690,8 @@ async def _drain_request_body(
         return message
 
     async def drain() -> bool:
-        declared = _headers(scope).get("content-length", "").strip()
-        if declared.isdigit() and int(declared) > limit:
+        declared = _content_length(_headers(scope).get("content-length", ""))
+        if declared is not None and declared > limit:
             return False
         with anyio.move_on_after(_DRAIN_SECONDS):
             while not ended and received <= limit:
@@ -753,6 +754,15 @@ def _dumps_line(value: Any) -> bytes:
     if not isinstance(value, dict):
         raise TypeError(f"a streaming handler must yield JSON objects, got {type(value).__name__}")
     return _dumps(value) + b"\n"
+
+
+def _content_length(value: str) -> int | None:
+    """A Content-Length value as a number (over 18 digits: ``sys.maxsize``), else ``None``."""
+    digits = value.strip()
+    # str.isdigit also admits digits such as '²' that int() refuses.
+    if not (digits.isascii() and digits.isdigit()):
+        return None
+    return int(digits) if len(digits) <= 18 else sys.maxsize
 
 
 def _headers(scope: Scope) -> dict[str, str]:
