@@ -423,8 +423,9 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
             f"{request.method} is not allowed on {request.url.path} (allowed: {allowed})",
             headers=headers,
         )
-    code = exc.detail.lower().replace(" ", "_") if exc.detail else "http_error"
-    return error_response(exc.status_code, code, exc.detail, headers=headers)
+    # Starlette raises only 404 and 405 here; any other status keeps one
+    # stable code rather than one made from free text.
+    return error_response(exc.status_code, "http_error", exc.detail, headers=headers)
 
 
 async def _client_disconnect(request: Request, exc: Exception) -> Response:
