@@ -6,7 +6,7 @@ every call that depends on time takes ``now``, and every mutation returns
 the events that happened so that a service can turn them into I/O.
 """
 
-from ._convention import INVOKE_PREFIX, NDJSON, invocation_path
+from ._convention import INVOKE_PREFIX, NDJSON, invocation_path, iso_utc
 from ._converter import (
     EVENT_TYPES,
     converter,
@@ -110,6 +110,7 @@ __all__ = [
     "encode_event",
     "encode_snapshot",
     "invocation_path",
+    "iso_utc",
     "is_worker_id",
     "parse_capability_label",
     "replay",

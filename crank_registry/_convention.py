@@ -1,4 +1,6 @@
-"""The invocation convention: how a caller reaches a capability on a worker.
+"""Conventions both sides of the wire share.
+
+The invocation convention: how a caller reaches a capability on a worker.
 
 Both sides use these names: the worker's invocation app
 (:mod:`crank_worker_client.serving`) serves each capability on
@@ -8,9 +10,10 @@ body is ``{"payload": ...}``; a streamed answer is :data:`NDJSON`.
 
 from __future__ import annotations
 
+import datetime
 from urllib.parse import quote
 
-__all__ = ["INVOKE_PREFIX", "NDJSON", "invocation_path"]
+__all__ = ["INVOKE_PREFIX", "NDJSON", "invocation_path", "iso_utc"]
 
 #: The path prefix under which a worker serves its capabilities.
 INVOKE_PREFIX = "/invoke"
@@ -25,3 +28,12 @@ def invocation_path(verb: str, name: str) -> str:
     name make exactly two path segments.
     """
     return f"{INVOKE_PREFIX}/{quote(verb, safe='')}/{quote(name, safe='')}"
+
+
+def iso_utc(timestamp: float) -> str:
+    """Seconds since the epoch as ISO 8601 UTC, ``2026-11-26T20:11:50.123Z``.
+
+    The form every answer and status shows a time in.
+    """
+    moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -37,11 +37,12 @@ from crank_registry import (
     ValidationError,
     authorize_worker,
     capability_label,
+    iso_utc,
     structure,
 )
 
 from .config import ServiceConfig
-from .effects import Effects, iso_utc, log_fields, logger
+from .effects import Effects, log_fields, logger
 from .http import (
     ApiError,
     ServiceApp,

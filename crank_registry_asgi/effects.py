@@ -10,7 +10,6 @@ counted but not logged: they are the steady traffic.
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 from collections.abc import Sequence
@@ -26,13 +25,14 @@ from crank_registry import (
     WorkerImported,
     WorkerRegistered,
     capability_label,
+    iso_utc,
 )
 
 from .http import ApiError
 from .journal import JournalUnavailable
 from .telemetry import Metrics
 
-__all__ = ["Effects", "EventJournal", "iso_utc", "log_fields", "logger"]
+__all__ = ["Effects", "EventJournal", "log_fields", "logger"]
 
 #: The service's logger.
 logger = logging.getLogger("crank_registry_asgi")
@@ -43,12 +43,6 @@ class EventJournal(Protocol):
 
     async def record(self, events: Sequence[Event]) -> None:
         """Append ``events``; return once they are as durable as the journal promises."""
-
-
-def iso_utc(timestamp: float) -> str:
-    """Seconds since the epoch as ISO 8601 UTC, ``2026-11-26T20:11:50.123Z``."""
-    moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _field_value(value: object) -> str:

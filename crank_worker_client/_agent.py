@@ -19,7 +19,6 @@ import ssl
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
@@ -27,7 +26,7 @@ import anyio
 import anyio.abc
 import httpx
 
-from crank_registry import CapabilitySchema, Registration, ValidationError
+from crank_registry import CapabilitySchema, Registration, ValidationError, iso_utc
 
 from ._client import ControllerClient
 from ._config import TLSConfig
@@ -66,7 +65,7 @@ class AgentState(enum.Enum):
 
 
 def _iso(timestamp: float | None) -> str | None:
-    return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC).isoformat()
+    return None if timestamp is None else iso_utc(timestamp)
 
 
 @dataclass(frozen=True)

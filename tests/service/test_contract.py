@@ -19,11 +19,11 @@ from crank_registry import (
     CapabilitySchema,
     HealthPolicy,
     WorkerRecord,
+    iso_utc,
     structure,
 )
 from crank_registry.testing import FakeClock
 from crank_registry_asgi import ServiceConfig, create_app
-from crank_registry_asgi.effects import iso_utc
 from tests.service.helpers import capability, check_documented, registration, running
 
 pytestmark = pytest.mark.anyio

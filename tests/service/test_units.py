@@ -8,9 +8,9 @@ from typing import Any
 import attrs
 import pytest
 
-from crank_registry import RouteRequest, ValidationError, structure
+from crank_registry import RouteRequest, ValidationError, iso_utc, structure
 from crank_registry_asgi.app import ClampedClock, _route_request
-from crank_registry_asgi.effects import iso_utc, log_fields
+from crank_registry_asgi.effects import log_fields
 from crank_registry_asgi.http import ApiError, _media_type_is_json, parse_json
 from crank_registry_asgi.openapi import FIELD_CONSTRAINTS, REQUEST_MODELS, model_schema
 
