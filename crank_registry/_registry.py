@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import collections
 import heapq
+import itertools
 import marshal
 import math
 import operator
 import types
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar, cast
 
 import attrs
 
@@ -72,40 +73,61 @@ STATE_FORMAT_VERSION = 1
 _MAX_VARIANTS = 8
 
 _isfinite = math.isfinite
+_T = TypeVar("_T")
 
 
-def _event_factory() -> Callable[[str, float], HeartbeatReceived]:
-    """A constructor of :class:`HeartbeatReceived` for the heartbeat's hot path.
+def _slot_constructor(cls: type[_T], names: tuple[str, ...]) -> Callable[..., _T]:
+    """A constructor of the frozen attrs class ``cls`` for hot paths: ``(*values) -> cls``.
 
     The attrs ``__init__`` of a frozen class sets each field through
-    ``object.__setattr__``, a quarter of a heartbeat's cost; setting the two
-    slots through their descriptors gives an equal value faster. Should the
-    class ever gain a field, a validator or a converter, the real
-    constructor is used instead.
+    ``object.__setattr__``; setting the slots through their descriptors
+    gives an equal value in a fraction of the time. Should the class's
+    fields ever differ from ``names``, or gain a validator or a converter,
+    the real constructor is returned instead.
     """
-    fields: tuple[attrs.Attribute[Any], ...] = attrs.fields(HeartbeatReceived)
-    descriptors = [getattr(HeartbeatReceived, field.name, None) for field in fields]
-    if [field.name for field in fields] != ["worker_id", "at"] or any(
+    fields: tuple[attrs.Attribute[Any], ...] = attrs.fields(cast(Any, cls))
+    descriptors = [getattr(cls, field.name, None) for field in fields]
+    if tuple(field.name for field in fields) != names or any(
         field.validator is not None
         or field.converter is not None
         or type(descriptor) is not types.MemberDescriptorType
         for field, descriptor in zip(fields, descriptors, strict=True)
     ):
-        return HeartbeatReceived
+        return cls
     new = object.__new__
-    set_worker_id = descriptors[0].__set__  # type: ignore[union-attr]
-    set_at = descriptors[1].__set__  # type: ignore[union-attr]
+    setters = [descriptor.__set__ for descriptor in descriptors]  # type: ignore[union-attr]
+    if len(setters) == 2:
+        set_first, set_second = setters
 
-    def heartbeat_event(worker_id: str, at: float) -> HeartbeatReceived:
-        event: HeartbeatReceived = new(HeartbeatReceived)
-        set_worker_id(event, worker_id)
-        set_at(event, at)
-        return event
+        def construct_two(first: object, second: object) -> _T:
+            value: _T = new(cls)
+            set_first(value, first)
+            set_second(value, second)
+            return value
 
-    return heartbeat_event
+        return construct_two
+    if len(setters) == 3:
+        set_first, set_second, set_third = setters
+
+        def construct_three(first: object, second: object, third: object) -> _T:
+            value: _T = new(cls)
+            set_first(value, first)
+            set_second(value, second)
+            set_third(value, third)
+            return value
+
+        return construct_three
+    return cls
 
 
-_heartbeat_event = _event_factory()
+# A heartbeat builds one event, a restore one endpoint per worker: both are
+# hot enough for the attrs __init__ of a frozen class to show.
+_heartbeat_event: Callable[[str, float], HeartbeatReceived] = _slot_constructor(
+    HeartbeatReceived, ("worker_id", "at")
+)
+_endpoint: Callable[[str, str, str], WorkerEndpoint] = _slot_constructor(
+    WorkerEndpoint, ("worker_id", "worker_url", "version")
+)
 
 
 class _Worker:
@@ -165,11 +187,13 @@ class _Member:
 
     __slots__ = ("endpoint", "entry", "slot", "worker")
 
-    def __init__(self, worker: _Worker, endpoint: WorkerEndpoint, entry: _Capability) -> None:
+    def __init__(
+        self, worker: _Worker, endpoint: WorkerEndpoint, entry: _Capability, slot: int = -1
+    ) -> None:
         self.worker = worker
         self.endpoint = endpoint
         self.entry = entry
-        self.slot = -1
+        self.slot = slot
 
 
 class _Capability:
@@ -187,15 +211,25 @@ class _Capability:
         self.variants: list[list[Any]] = []
 
     def intern(self, capability: CapabilitySchema) -> CapabilitySchema:
-        """The stored value equal to ``capability`` (it, if there is none yet)."""
+        """The stored value equal to ``capability`` (it, if there is none yet), for one member."""
+        shared, _ = self.share(capability)
+        return shared
+
+    def share(self, capability: CapabilitySchema) -> tuple[CapabilitySchema, list[Any] | None]:
+        """:meth:`intern`, also returning the ``[value, uses]`` entry counting its members.
+
+        ``None`` in place of the entry: the value is kept unshared (too
+        many variants), and its members are not counted.
+        """
         for variant in self.variants:
             if variant[0] is capability or _identical_capabilities(variant[0], capability):
                 variant[1] += 1
-                shared: CapabilitySchema = variant[0]
-                return shared
+                return variant[0], variant
         if len(self.variants) < _MAX_VARIANTS:
-            self.variants.append([capability, 1])
-        return capability
+            variant = [capability, 1]
+            self.variants.append(variant)
+            return capability, variant
+        return capability, None
 
     def release(self, capability: CapabilitySchema) -> None:
         """A member using ``capability`` left."""
@@ -229,6 +263,67 @@ class _Capability:
                 ring.append(member)
         self.ring = ring
         self.cursor = cursor
+
+
+class _RestorePlan:
+    """What :meth:`CapabilityRegistry.restore` installs for one capability tuple.
+
+    Made with the first worker holding the tuple, which it counts in the
+    entries (``size``, ``live``) and shared values at once, so that they
+    stay in place should a replaced worker leave them meanwhile; the
+    workers are collected, with their endpoints per version, and
+    :meth:`install` puts them all in the rings.
+    """
+
+    __slots__ = ("capabilities", "endpoints", "entries", "stored", "variants", "workers")
+
+    def __init__(
+        self,
+        capabilities: tuple[CapabilitySchema, ...],
+        stored: tuple[CapabilitySchema, ...],
+        entries: tuple[_Capability, ...],
+        variants: tuple[list[Any], ...],
+    ) -> None:
+        self.capabilities = capabilities
+        self.stored = stored
+        self.entries = entries
+        self.variants = variants
+        self.workers: list[_Worker] = []
+        # Version -> one endpoint per worker (mostly a single version).
+        self.endpoints: dict[str, list[WorkerEndpoint]] = {c.version: [] for c in stored}
+
+    def install(self) -> None:
+        """Put the workers in the rings, in order, and count them."""
+        workers = self.workers
+        count = len(workers)
+        per_entry: list[list[_Member]] = []
+        for entry, capability in zip(self.entries, self.stored, strict=True):
+            ring = entry.ring
+            start = len(ring)
+            members = list(
+                map(
+                    _Member,
+                    workers,
+                    self.endpoints[capability.version],
+                    itertools.repeat(entry, count),
+                    range(start, start + count),
+                )
+            )
+            ring.extend(members)
+            per_entry.append(members)
+            # The first worker was counted when the plan was made.
+            entry.size += count - 1
+            entry.live += count - 1
+        for variant in self.variants:
+            variant[1] += count - 1
+        for worker, members_of_worker in zip(workers, zip(*per_entry, strict=True), strict=True):
+            worker.members = members_of_worker
+
+
+def _install_plans(plans: dict[int, _RestorePlan]) -> None:
+    for plan in plans.values():
+        plan.install()
+    plans.clear()
 
 
 _capability_fields = operator.attrgetter(*(field.name for field in attrs.fields(CapabilitySchema)))
@@ -387,24 +482,68 @@ class CapabilityRegistry:
         """
         _check_now(now)
         evict_after = self._evict_after
+        unhealthy_after = self._unhealthy_after
+        workers = self._workers
         kept = 0
-        # Recovery loads up to every worker at once: a worker new to the
-        # registry takes a path without the replacement bookkeeping, and the
-        # deadline heap is ordered once at the end instead of per push.
+        # Recovery loads up to every worker at once. Workers new to the
+        # registry take a bulk path: what their capability tuple implies
+        # (entries, shared values, versions) is worked out once per tuple,
+        # as replayed records share one tuple per capability set; then the
+        # ring members of each tuple's workers are made and counted
+        # together, and the deadline heap is ordered once at the end.
+        plans: dict[int, _RestorePlan] = {}
         pending: list[tuple[float, str, _Worker]] = []
         for record in records:
-            if now > record.last_heartbeat + evict_after:
+            last_heartbeat = record.last_heartbeat
+            if now > last_heartbeat + evict_after:
                 continue
             kept += 1
-            if record.worker_id in self._workers:
+            worker_id = record.worker_id
+            known = workers.get(worker_id)
+            if known is not None:
+                if not known.members:
+                    # Given twice: the first is still waiting for its plan.
+                    _install_plans(plans)
                 self._install_record(record, now=now)
                 continue
-            worker = self._add_unverified(record, min(record.last_heartbeat, now))
-            pending.append((worker.routable_until, worker.worker_id, worker))
+            capabilities = record.capabilities
+            plan = plans.get(id(capabilities))
+            if plan is None or plan.capabilities is not capabilities:
+                plan = plans[id(capabilities)] = self._plan(capabilities)
+            last_heartbeat = min(last_heartbeat, now)
+            worker_url = record.worker_url
+            worker = _Worker(worker_id, worker_url, last_heartbeat, False, unhealthy_after)
+            worker.capabilities = plan.stored
+            plan.workers.append(worker)
+            for version, endpoints in plan.endpoints.items():
+                endpoints.append(_endpoint(worker_id, worker_url, version))
+            workers[worker_id] = worker
+            pending.append((worker.routable_until, worker_id, worker))
+        _install_plans(plans)
         if pending:
             self._deadlines.extend(pending)
             heapq.heapify(self._deadlines)
         return kept
+
+    def _plan(self, capabilities: tuple[CapabilitySchema, ...]) -> _RestorePlan:
+        """What installing ``capabilities`` implies, counted for one worker."""
+        registry_entries = self._capabilities
+        entries: list[_Capability] = []
+        stored: list[CapabilitySchema] = []
+        variants: list[list[Any]] = []
+        for given in capabilities:
+            key = (given.verb, given.name)
+            entry = registry_entries.get(key)
+            if entry is None:
+                entry = registry_entries[key] = _Capability(key)
+            capability, variant = entry.share(given)
+            if variant is not None:
+                variants.append(variant)
+            entry.size += 1
+            entry.live += 1
+            entries.append(entry)
+            stored.append(capability)
+        return _RestorePlan(capabilities, tuple(stored), tuple(entries), tuple(variants))
 
     def import_remote_state(
         self, controller_id: str, state: Mapping[str, Any], *, now: float
@@ -609,40 +748,6 @@ class CapabilityRegistry:
             last_heartbeat=min(record.last_heartbeat, now),
             verified=False,
         )
-
-    def _add_unverified(self, record: WorkerRecord, last_heartbeat: float) -> _Worker:
-        """:meth:`_install` for a worker not yet in the registry, without its heap entry."""
-        worker_id = record.worker_id
-        worker_url = record.worker_url
-        worker = _Worker(worker_id, worker_url, last_heartbeat, False, self._unhealthy_after)
-        capabilities = self._capabilities
-        stored: list[CapabilitySchema] = []
-        members: list[_Member] = []
-        endpoint: WorkerEndpoint | None = None
-        endpoints: dict[str, WorkerEndpoint] = {}
-        for given in record.capabilities:
-            key = (given.verb, given.name)
-            entry = capabilities.get(key)
-            if entry is None:
-                entry = capabilities[key] = _Capability(key)
-            capability = entry.intern(given)
-            version = capability.version
-            if endpoint is None or endpoint.version != version:
-                endpoint = endpoints.get(version)
-                if endpoint is None:
-                    endpoint = endpoints[version] = WorkerEndpoint(worker_id, worker_url, version)
-            member = _Member(worker, endpoint, entry)
-            entry.size += 1
-            ring = entry.ring
-            member.slot = len(ring)
-            ring.append(member)
-            entry.live += 1
-            stored.append(capability)
-            members.append(member)
-        worker.capabilities = tuple(stored)
-        worker.members = tuple(members)
-        self._workers[worker_id] = worker
-        return worker
 
     def _install(
         self,

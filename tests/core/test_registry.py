@@ -6,6 +6,8 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from crank_registry import (
     STATE_FORMAT_VERSION,
@@ -640,9 +642,7 @@ def test_heartbeat_events_equal_the_constructed_ones() -> None:
         event.at = 0.0  # type: ignore[misc]
 
 
-def test_heartbeat_event_factory_falls_back_when_the_event_changes(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_fast_constructors_fall_back_when_the_class_changes() -> None:
     import attrs
 
     from crank_registry import _registry
@@ -651,5 +651,70 @@ def test_heartbeat_event_factory_falls_back_when_the_event_changes(
     class WiderHeartbeat(HeartbeatReceived):
         source: str = "x"
 
-    monkeypatch.setattr(_registry, "HeartbeatReceived", WiderHeartbeat)
-    assert _registry._event_factory() is WiderHeartbeat
+    @attrs.frozen
+    class CheckedEndpoint:
+        worker_id: str = attrs.field(validator=attrs.validators.instance_of(str))
+        worker_url: str
+        version: str
+
+    names = ("worker_id", "at")
+    assert _registry._slot_constructor(WiderHeartbeat, names) is WiderHeartbeat
+    endpoint_names = ("worker_id", "worker_url", "version")
+    assert _registry._slot_constructor(CheckedEndpoint, endpoint_names) is CheckedEndpoint
+    fast = _registry._slot_constructor(WorkerEndpoint, endpoint_names)
+    assert fast is not WorkerEndpoint
+    assert fast("w1", "https://w1:1", "1.0.0") == WorkerEndpoint("w1", "https://w1:1", "1.0.0")
+
+
+def _internals(registry: CapabilityRegistry) -> dict[Any, Any]:
+    """Rings, counts and shared values, as comparable values (and checked for consistency)."""
+    shape: dict[Any, Any] = {}
+    for key, entry in registry._capabilities.items():
+        members = [m for m in entry.ring if m is not None]
+        assert all(entry.ring[m.slot] is m and m.entry is entry for m in members)
+        assert entry.live == len(members)
+        shape[key] = (
+            entry.size,
+            sorted(m.worker.worker_id for m in members),
+            sorted((m.endpoint.worker_id, m.endpoint.version) for m in members),
+            sorted(count for _, count in entry.variants),
+        )
+    for worker in registry._workers.values():
+        assert [m.entry.key for m in worker.members] == [c.key for c in worker.capabilities]
+        assert all(m.worker is worker for m in worker.members)
+    return shape
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["w0", "w1", "w2", "w3"]), st.integers(0, 3), st.floats(0, 130)),
+        max_size=10,
+    ),
+    st.lists(st.sampled_from(["w0", "w1", "w5"]), max_size=3),
+)
+def test_restore_in_bulk_builds_what_installing_one_by_one_builds(
+    rows: list[tuple[str, int, float]], registered: list[str]
+) -> None:
+    a, b, c = capability(), capability("text.summarize"), capability(verb="run", version="2.0.0")
+    # Shared tuples, as a replay gives them: one object per capability set.
+    sets = [(a,), (a, b), (b, c), (a, b, c)]
+    records = [
+        WorkerRecord(w, f"https://{w}:1", sets[s], T0 + age, verified=False) for w, s, age in rows
+    ]
+    now = T0 + 125
+    bulk, single = CapabilityRegistry(), CapabilityRegistry()
+    for registry in (bulk, single):
+        for worker_id in registered:
+            registry.register(worker_id, "https://r:1", [capability()], now=now - 5)
+    kept = bulk.restore(records, now=now)
+    for record in records:
+        if now <= record.last_heartbeat + single.policy.evict_after:
+            single._install_record(record, now=now)
+    assert kept == sum(now <= r.last_heartbeat + 120 for r in records)
+    assert _internals(bulk) == _internals(single)
+    assert bulk.records() == single.records()
+    # Every count comes back to zero.
+    for worker_id in [r.worker_id for r in bulk.records()]:
+        bulk.deregister(worker_id, now=now)
+    assert bulk._capabilities == {}
