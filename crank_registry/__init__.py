@@ -37,6 +37,7 @@ from ._journal import (
     JournalDecodeError,
     JournalEntry,
     JournalLines,
+    JournalReader,
     JournalState,
     ReplayResult,
     SkippedLine,
@@ -45,6 +46,7 @@ from ._journal import (
     encode_event,
     encode_snapshot,
     replay,
+    replay_bytes,
 )
 from ._models import (
     CapabilityKey,
@@ -85,6 +87,7 @@ __all__ = [
     "JournalDecodeError",
     "JournalEntry",
     "JournalLines",
+    "JournalReader",
     "JournalState",
     "NotSupported",
     "Problem",
@@ -114,6 +117,7 @@ __all__ = [
     "is_worker_id",
     "parse_capability_label",
     "replay",
+    "replay_bytes",
     "structure",
     "structure_event",
     "unstructure",

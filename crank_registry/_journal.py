@@ -13,15 +13,26 @@ Every line is one JSON object with the format version ``"v"`` and a
 
 * a part of a snapshot, written by compaction. A snapshot is split in parts
   of at most :data:`SNAPSHOT_PART_SIZE` workers so that a damaged line loses
-  a bounded number of workers, not the whole registry. Identical capability
-  lists (replicas of one service) are written once per part and referred to
-  by index::
+  a bounded number of workers, not the whole registry. Each distinct
+  capability, and each distinct capability set, is written once per
+  snapshot, in the first part that uses it; both are numbered in the order
+  they are written (a part says where its numbering starts), and a part
+  lists its workers column by column::
 
     {"v": 1, "type": "snapshot", "part": 0, "parts": 3,
-     "capability_sets": [[{capability}, ...], ...],
-     "workers": [["w1", "https://w1:8443", 1700000000.5, 0], ...]}
+     "first_capability": 0, "capabilities": [{capability}, ...],
+     "first_set": 0, "capability_sets": [[0, 1], [2]],
+     "worker_ids": ["w1", ...], "worker_urls": ["https://w1:8443", ...],
+     "last_heartbeats": [1700000000.5, ...], "worker_sets": [0, ...],
+     "crc32": 123456789}
 
-  Part 0 resets the state; the other parts add to it.
+  Part 0 resets the state; the other parts add to it. ``crc32`` is the
+  CRC-32 of the line's bytes before ``,"crc32":``: the values in a snapshot
+  passed every model check when they were registered, so a line whose
+  checksum holds is read without checking them again (which is what keeps
+  recovering a large registry fast), and a line whose checksum fails is
+  skipped. A worker whose capabilities were on a skipped part is dropped
+  (and counted); its next heartbeat makes it register again.
 
 Replay folds the lines into :class:`~crank_registry.WorkerRecord` values:
 registered and imported set a record, a heartbeat moves its last heartbeat
@@ -35,14 +46,14 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Iterator
-from typing import Any
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, cast
 
 import attrs
 
 from ._converter import (
     EVENT_TYPES,
-    structure,
     structure_event,
     unstructure,
     unstructure_event,
@@ -64,6 +75,7 @@ __all__ = [
     "JournalDecodeError",
     "JournalEntry",
     "JournalLines",
+    "JournalReader",
     "JournalState",
     "ReplayResult",
     "SkippedLine",
@@ -72,6 +84,7 @@ __all__ = [
     "encode_event",
     "encode_snapshot",
     "replay",
+    "replay_bytes",
 ]
 
 #: The value of ``"v"`` in every line this codec writes; other values are skipped.
@@ -82,7 +95,24 @@ SNAPSHOT_PART_SIZE = 4096
 
 _SNAPSHOT_TYPE = "snapshot"
 _DECODER = json.JSONDecoder()
-_SNAPSHOT_FIELDS = frozenset({"v", "type", "part", "parts", "capability_sets", "workers"})
+_SNAPSHOT_FIELDS = frozenset(
+    {
+        "v",
+        "type",
+        "part",
+        "parts",
+        "first_capability",
+        "capabilities",
+        "first_set",
+        "capability_sets",
+        "worker_ids",
+        "worker_urls",
+        "last_heartbeats",
+        "worker_sets",
+        "crc32",
+    }
+)
+_CRC_FIELD = b',"crc32":'
 
 
 class JournalDecodeError(RegistryError):
@@ -101,11 +131,14 @@ class SnapshotPart:
     """One line of a snapshot: some of the workers live when it was written.
 
     Part 0 replaces whatever came before it; the parts after it add to it.
+    ``dropped`` counts its workers left out because their capabilities were
+    on an earlier part that could not be read.
     """
 
     records: tuple[WorkerRecord, ...]
     part: int = 0
     parts: int = 1
+    dropped: int = 0
 
 
 #: What one journal line holds.
@@ -128,6 +161,8 @@ class ReplayResult:
     that replays them has not heard from those workers. Hand them to
     :meth:`CapabilityRegistry.restore`. ``lines_skipped`` counts damaged,
     unknown-version and torn lines; ``skipped`` says which and why.
+    ``workers_dropped`` counts the workers of readable snapshot parts left
+    out because their capabilities were on a skipped part.
     """
 
     records: tuple[WorkerRecord, ...]
@@ -135,6 +170,7 @@ class ReplayResult:
     lines_skipped: int
     torn_tail: bool
     skipped: tuple[SkippedLine, ...]
+    workers_dropped: int = 0
 
 
 @attrs.frozen
@@ -186,14 +222,17 @@ _TAGS: dict[type[Event], str] = {cls: tag for tag, cls in EVENT_TYPES.items()}
 _RENDERED_LIMIT = 1 << 16
 
 
-def _encode_with_capabilities(event: WorkerRegistered | WorkerImported, capabilities: str) -> bytes:
-    """The line for ``event``, with its capability list already rendered as JSON text."""
+def _encode_with_capabilities(
+    event: WorkerRegistered | WorkerImported, capabilities: tuple[str, ...]
+) -> bytes:
+    """The line for ``event``, with its capabilities already rendered as JSON text."""
     body: dict[str, Any] = {"v": JOURNAL_FORMAT_VERSION, "type": _TAGS[type(event)]}
     for field in attrs.fields(type(event)):
         if field.name != "capabilities":
             # The other fields are strings, numbers and booleans.
             body[field.name] = getattr(event, field.name)
-    return _dumps(body)[:-2] + b',"capabilities":' + capabilities.encode() + b"}\n"
+    listed = ",".join(capabilities).encode()
+    return _dumps(body)[:-2] + b',"capabilities":[' + listed + b"]}\n"
 
 
 def _text(value: Any) -> str:
@@ -215,9 +254,12 @@ def decode_line(line: bytes | str) -> JournalEntry:
 
     Raises :class:`JournalDecodeError` for anything that is not a line this
     format version wrote: bytes that are not JSON, a wrong shape or type, an
-    unknown ``"type"``, or another ``"v"``.
+    unknown ``"type"``, another ``"v"``, or a snapshot line whose checksum
+    fails. A snapshot part after the first may use capabilities written by
+    the parts before it: read a snapshot's lines with one
+    :class:`JournalReader`, as :func:`replay` does.
     """
-    return _Reader().decode(line)
+    return JournalReader().decode(line)
 
 
 # A heartbeat line exactly as encode_event writes it, read without json:
@@ -228,19 +270,23 @@ _HEARTBEAT_LINE = re.compile(
 )
 
 
-class _Reader:
-    """Decodes lines, sharing equal capability values between the lines it reads.
+class JournalReader:
+    """Decodes the lines of one journal in order.
 
-    Sharing makes a replayed registry hold one object per distinct
-    capability (as a live one does) and saves structuring the same JSON
-    again for every snapshot part.
+    It remembers the capabilities and capability sets of the snapshot parts
+    it has read, which the parts after them refer to by number. The workers
+    of one set share one tuple (as a live registry shares its values, and so
+    that :meth:`CapabilityRegistry.restore` works out each set once).
     """
 
     def __init__(self) -> None:
-        self._capabilities: dict[tuple[Any, ...], list[tuple[Any, CapabilitySchema]]] = {}
-        self._sets: dict[tuple[int, ...], tuple[CapabilitySchema, ...]] = {}
+        # The current snapshot's capabilities and capability sets by number;
+        # None: written on a part that could not be read.
+        self._capabilities: list[CapabilitySchema | None] = []
+        self._sets: list[tuple[CapabilitySchema, ...] | None] = []
 
     def decode(self, line: bytes | str) -> JournalEntry:
+        """The entry ``line`` holds; raises :class:`JournalDecodeError` as :func:`decode_line`."""
         raw = line.encode() if isinstance(line, str) else line
         match = _HEARTBEAT_LINE.fullmatch(raw)
         if match is not None:
@@ -259,7 +305,11 @@ class _Reader:
                 f"unsupported format version {version!r} (expected {JOURNAL_FORMAT_VERSION})"
             )
         if data.get("type") == _SNAPSHOT_TYPE:
-            return self._snapshot(data)
+            try:
+                return self._snapshot(raw, data)
+            except (TypeError, ValueError, IndexError, RecursionError):
+                # A line with a good checksum that this writer cannot have written.
+                raise JournalDecodeError("snapshot: malformed") from None
         body = {key: value for key, value in data.items() if key != "v"}
         try:
             event = structure_event(body)
@@ -276,67 +326,123 @@ class _Reader:
             raise JournalDecodeError(f"invalid {data.get('type')!r} line: {error}") from None
         return event
 
-    def _capability_set(self, raw: Any) -> tuple[CapabilitySchema, ...]:
-        if not isinstance(raw, list) or not raw:
-            raise JournalDecodeError("snapshot: a capability set must be a non-empty list")
-        capabilities = []
-        for item in raw:
-            if not isinstance(item, dict):
-                raise JournalDecodeError("snapshot: a capability must be an object")
-            # Parts repeat the capabilities they share: structure each once.
-            # (dict equality is C-speed; rendering a key for it was not. It
-            # takes 1 for true, which this codec never writes for a bool.)
-            seen = self._capabilities.setdefault(
-                (item.get("verb"), item.get("name"), item.get("version")), []
-            )
-            capability = next((c for data, c in seen if data == item), None)
-            if capability is None:
-                try:
-                    capability = structure(item, CapabilitySchema)
-                except ValidationError as error:
-                    raise JournalDecodeError(f"snapshot: invalid capability: {error}") from None
-                seen.append((item, capability))
-            capabilities.append(capability)
-        identity = tuple(map(id, capabilities))
-        shared = self._sets.get(identity)
-        if shared is None:
-            if len({c.key for c in capabilities}) != len(capabilities):
-                raise JournalDecodeError("snapshot: a capability set names a pair twice")
-            shared = self._sets[identity] = tuple(capabilities)
-        return shared
-
-    def _snapshot(self, data: dict[str, Any]) -> SnapshotPart:
+    def _snapshot(self, raw: bytes, data: dict[str, Any]) -> SnapshotPart:
         unknown = sorted(data.keys() - _SNAPSHOT_FIELDS)
         if unknown:
             raise JournalDecodeError(f"snapshot: unknown field {unknown[0]!r}")
+        checksum = data.get("crc32")
+        end = raw.rfind(_CRC_FIELD)
+        if not _is_int(checksum) or end < 0 or zlib.crc32(raw[:end]) != checksum:
+            raise JournalDecodeError("snapshot: the checksum does not match the line")
+        # The checksum holds: the line is as the writer wrote it. What is
+        # left to check is its shape, which costs little per worker.
         part: Any = data.get("part")
         parts: Any = data.get("parts")
         if not (_is_int(part) and _is_int(parts) and 0 <= part < parts):
             raise JournalDecodeError("snapshot: part and parts must be integers, 0 <= part < parts")
-        raw_sets, rows = data.get("capability_sets"), data.get("workers")
-        if not isinstance(raw_sets, list) or not isinstance(rows, list):
-            raise JournalDecodeError("snapshot: capability_sets and workers must be lists")
-        sets = [self._capability_set(raw) for raw in raw_sets]
-        records: list[WorkerRecord] = []
-        for position, row in enumerate(rows):
-            if not (isinstance(row, list) and len(row) == 4):
-                raise JournalDecodeError(f"snapshot: workers[{position}] is not a 4-item list")
-            worker_id, worker_url, last_heartbeat, set_index = row
-            # Shape and types only: these values passed every model check
-            # when they were registered, and the line is intact JSON.
-            if not (
-                isinstance(worker_id, str)
-                and _WORKER_ID.fullmatch(worker_id)
-                and isinstance(worker_url, str)
-                and worker_url.startswith(("http://", "https://"))
-                and type(last_heartbeat) in (float, int)
-                and math.isfinite(last_heartbeat)
-                and _is_int(set_index)
-                and 0 <= set_index < len(sets)
-            ):
-                raise JournalDecodeError(f"snapshot: workers[{position}] is malformed")
-            records.append(_record(worker_id, worker_url, sets[set_index], float(last_heartbeat)))
-        return SnapshotPart(tuple(records), part, parts)
+        columns: list[Any] = [data.get(name) for name in _SNAPSHOT_LISTS]
+        if not all(type(column) is list for column in columns):
+            raise JournalDecodeError(f"snapshot: {', '.join(_SNAPSHOT_LISTS)} must be lists")
+        capabilities, raw_sets, worker_ids, worker_urls, last_heartbeats, worker_sets = columns
+        if not len(worker_ids) == len(worker_urls) == len(last_heartbeats) == len(worker_sets):
+            raise JournalDecodeError("snapshot: the worker columns differ in length")
+        if part == 0:
+            self._capabilities, self._sets = [], []
+        table = self._capabilities
+        _continue_numbering(table, data.get("first_capability"), "first_capability")
+        table.extend(map(_trusted_capability, capabilities))
+        sets = self._sets
+        _continue_numbering(sets, data.get("first_set"), "first_set")
+        sets.extend(map(self._capability_set, raw_sets))
+        if worker_sets and not (min(worker_sets) >= 0 and max(worker_sets) < len(sets)):
+            raise JournalDecodeError("snapshot: a worker's capability set is out of range")
+        worker_capabilities = list(map(sets.__getitem__, worker_sets))
+        dropped = 0
+        if None in worker_capabilities:
+            kept = [i for i, found in enumerate(worker_capabilities) if found is not None]
+            dropped = len(worker_sets) - len(kept)
+            worker_ids = [worker_ids[i] for i in kept]
+            worker_urls = [worker_urls[i] for i in kept]
+            last_heartbeats = [last_heartbeats[i] for i in kept]
+            worker_capabilities = [worker_capabilities[i] for i in kept]
+        records = tuple(
+            map(_record, worker_ids, worker_urls, worker_capabilities, last_heartbeats)  # type: ignore[arg-type]
+        )
+        return SnapshotPart(records, part, parts, dropped)
+
+    def _capability_set(self, numbers: Any) -> tuple[CapabilitySchema, ...] | None:
+        """The capabilities a set numbers; ``None``: one was on a part that could not be read."""
+        table = self._capabilities
+        if type(numbers) is not list or not numbers:
+            raise JournalDecodeError("snapshot: a capability set is not a non-empty list")
+        if not all(_is_int(n) and 0 <= n < len(table) for n in numbers):
+            raise JournalDecodeError("snapshot: a capability set has an unknown number")
+        capabilities = [table[n] for n in numbers]
+        if None in capabilities:
+            return None
+        return tuple(capabilities)  # type: ignore[arg-type]
+
+
+def _continue_numbering(table: list[Any], first: Any, name: str) -> None:
+    """Check that a part's numbering follows the parts before it.
+
+    A gap is the numbers of parts that could not be read: they are kept
+    as holes, so that what refers to them is dropped.
+    """
+    if first != len(table):
+        if not (_is_int(first) and first > len(table)):
+            raise JournalDecodeError(f"snapshot: {name} does not follow the part before")
+        table.extend([None] * (first - len(table)))
+
+
+_SNAPSHOT_LISTS = (
+    "capabilities",
+    "capability_sets",
+    "worker_ids",
+    "worker_urls",
+    "last_heartbeats",
+    "worker_sets",
+)
+
+
+def _capability_constructor() -> Callable[[Any], CapabilitySchema]:
+    """Builds a :class:`CapabilitySchema` from a checksummed snapshot, without its checks.
+
+    The values passed every check when they were registered and come back
+    exactly as they were unstructured (JSON keeps ints, floats and
+    booleans apart); running the validators again would cost a
+    registration's worth of time per distinct capability. Only the shape
+    is checked: an object with every required field and no unknown one.
+    """
+    fields: tuple[attrs.Attribute[Any], ...] = attrs.fields(CapabilitySchema)
+    required = frozenset(f.name for f in fields if f.default is attrs.NOTHING)
+    known = frozenset(f.name for f in fields)
+    slots = [
+        (
+            f.name,
+            None if f.default is attrs.NOTHING else f.default,
+            cast("Callable[[Any], Any] | None", f.converter),
+            CapabilitySchema.__dict__[f.name].__set__,
+        )
+        for f in fields
+    ]
+    new = object.__new__
+
+    def trusted_capability(item: Any) -> CapabilitySchema:
+        if type(item) is not dict or not required <= item.keys() or not item.keys() <= known:
+            raise JournalDecodeError("snapshot: a capability is not an object of its fields")
+        capability: CapabilitySchema = new(CapabilitySchema)
+        for name, default, converter, set_slot in slots:
+            value = item.get(name, default)
+            if converter is not None and value is not None:
+                value = converter(value)
+            set_slot(capability, value)
+        return capability
+
+    return trusted_capability
+
+
+_trusted_capability = _capability_constructor()
 
 
 def _is_int(value: Any) -> bool:
@@ -391,9 +497,9 @@ class JournalState:
         # since then are kept apart, so that a heartbeat line costs a float.
         self._records: dict[str, WorkerRecord] = {}
         self._heartbeats: dict[str, float] = {}
-        # worker id -> its capability list as JSON text, when encode() has
-        # already rendered it: a snapshot reuses it instead of rendering again.
-        self._capability_texts: dict[str, str] = {}
+        # worker id -> its capabilities as JSON texts, when encode() has
+        # already rendered them: a snapshot reuses them instead of rendering again.
+        self._capability_texts: dict[str, tuple[str, ...]] = {}
         self._rendered: dict[int, tuple[CapabilitySchema, str]] = {}
         self._records.update((r.worker_id, _unverified(r)) for r in records)
 
@@ -479,8 +585,8 @@ class JournalState:
                 self.apply(event)
         return JournalLines(tuple(lines), durable)
 
-    def _render(self, capabilities: tuple[CapabilitySchema, ...]) -> str:
-        """``capabilities`` as JSON text.
+    def _render(self, capabilities: tuple[CapabilitySchema, ...]) -> tuple[str, ...]:
+        """Each of ``capabilities`` as JSON text.
 
         A registry hands out one shared value per distinct capability, so
         each is rendered once and its text reused (the value is kept with
@@ -495,7 +601,7 @@ class JournalState:
                     rendered.clear()
                 known = rendered[id(capability)] = (capability, _text(unstructure(capability)))
             texts.append(known[1])
-        return f"[{','.join(texts)}]"
+        return tuple(texts)
 
     def snapshot(self, *, part_size: int = SNAPSHOT_PART_SIZE) -> tuple[bytes, ...]:
         """The lines of a snapshot of the state (at least one line, even when empty)."""
@@ -503,31 +609,57 @@ class JournalState:
             raise ValueError("part_size must be >= 1")
         records = tuple(self._records.values())
         heartbeats = self._heartbeats
-        chunks = [records[i : i + part_size] for i in range(0, len(records), part_size)] or [()]
-        # Records restored from a snapshot share their capability tuple per
-        # set: render each tuple object once.
-        rendered: dict[int, str] = {}
         texts = self._capability_texts
+        chunks = [records[i : i + part_size] for i in range(0, len(records), part_size)] or [()]
+        # Capability text -> its number in the snapshot; capability set (as
+        # numbers) -> its number; capability tuple (records restored from a
+        # snapshot share one per set) -> its set's number.
+        numbers: dict[str, int] = {}
+        set_numbers: dict[tuple[int, ...], int] = {}
+        numbered: dict[int, tuple[tuple[CapabilitySchema, ...], int]] = {}
         lines: list[bytes] = []
         for index, chunk in enumerate(chunks):
-            set_index: dict[str, int] = {}
-            rows: list[list[Any]] = []
+            first_capability, first_set = len(numbers), len(set_numbers)
+            new_texts: list[str] = []
+            new_sets: list[tuple[int, ...]] = []
+            worker_ids: list[str] = []
+            worker_urls: list[str] = []
+            last_heartbeats: list[float] = []
+            worker_sets: list[int] = []
             for record in chunk:
                 worker_id = record.worker_id
-                text = texts.get(worker_id)
-                if text is None:
-                    text = rendered.get(id(record.capabilities))
-                    if text is None:
-                        text = rendered[id(record.capabilities)] = self._render(record.capabilities)
-                position = set_index.setdefault(text, len(set_index))
-                last_heartbeat = heartbeats.get(worker_id, record.last_heartbeat)
-                rows.append([worker_id, record.worker_url, last_heartbeat, position])
-            head = _dumps({"v": JOURNAL_FORMAT_VERSION, "type": _SNAPSHOT_TYPE, "part": index})[:-2]
-            lines.append(
-                head
-                + f',"parts":{len(chunks)},"capability_sets":[{",".join(set_index)}],'
-                f'"workers":{_text(rows)}}}\n'.encode()
-            )
+                capabilities = record.capabilities
+                known = numbered.get(id(capabilities))
+                if known is not None and known[0] is capabilities:
+                    set_number = known[1]
+                else:
+                    capability_texts = texts.get(worker_id) or self._render(capabilities)
+                    listed = []
+                    for text in capability_texts:
+                        number = numbers.get(text)
+                        if number is None:
+                            number = numbers[text] = len(numbers)
+                            new_texts.append(text)
+                        listed.append(number)
+                    capability_set = tuple(listed)
+                    set_number = set_numbers.get(capability_set, -1)
+                    if set_number < 0:
+                        set_number = set_numbers[capability_set] = len(set_numbers)
+                        new_sets.append(capability_set)
+                    numbered[id(capabilities)] = (capabilities, set_number)
+                worker_ids.append(worker_id)
+                worker_urls.append(record.worker_url)
+                last_heartbeats.append(float(heartbeats.get(worker_id, record.last_heartbeat)))
+                worker_sets.append(set_number)
+            body = (
+                f'{{"v":{JOURNAL_FORMAT_VERSION},"type":"{_SNAPSHOT_TYPE}","part":{index},'
+                f'"parts":{len(chunks)},"first_capability":{first_capability},'
+                f'"capabilities":[{",".join(new_texts)}],"first_set":{first_set},'
+                f'"capability_sets":{_text(list(map(list, new_sets)))},'
+                f'"worker_ids":{_text(worker_ids)},"worker_urls":{_text(worker_urls)},'
+                f'"last_heartbeats":{_text(last_heartbeats)},"worker_sets":{_text(worker_sets)}'
+            ).encode()
+            lines.append(b"%s%s%d}\n" % (body, _CRC_FIELD, zlib.crc32(body)))
         return tuple(lines)
 
     def copy(self) -> JournalState:
@@ -573,45 +705,112 @@ def replay(lines: Iterable[bytes | str]) -> ReplayResult:
     A last line without its newline, or that cannot be read, is torn: the
     process died while writing it, so it was never acknowledged and is
     dropped. Any other line that cannot be read is skipped. Both are counted
-    in ``lines_skipped``.
+    in ``lines_skipped``. :func:`replay_bytes` does the same for a whole
+    journal in memory, faster.
     """
-    state = JournalState()
-    reader = _Reader()
-    skipped: list[SkippedLine] = []
+    replayer = _Replayer()
     read = 0
-    torn = False
     heartbeat_line = _HEARTBEAT_LINE.fullmatch
+    fold_heartbeat = replayer.state.heartbeat
     for number, line, is_last in _numbered(lines):
         read = number
         if isinstance(line, bytes) and line.endswith(b"\n"):
             # Most lines are heartbeats: fold them without building an event.
             match = heartbeat_line(line)
-            if match is not None and state.heartbeat(match[1].decode(), float(match[2])):
+            if match is not None and fold_heartbeat(match[1].decode(), float(match[2])):
                 continue
+        replayer.line(number, line, is_last)
+    return replayer.result(read)
+
+
+# Every line of a journal, a heartbeat as its id and time (its most common
+# form, as encode_event writes it), any other line as itself.
+_LINES = re.compile(_HEARTBEAT_LINE.pattern[:-3] + rb"\n|([^\n]*\n)")
+
+
+def replay_bytes(data: bytes) -> ReplayResult:
+    """:func:`replay` for a whole journal in memory (the file's bytes).
+
+    Equal to ``replay(io.BytesIO(data))``, in about half the time: the
+    lines are split and the heartbeats recognised by one regular
+    expression over the whole buffer.
+    """
+    replayer = _Replayer()
+    complete = data.rfind(b"\n") + 1
+    found = _LINES.findall(data, 0, complete)
+    last = len(found) if complete == len(data) else 0
+    records = replayer.state._records
+    heartbeats = replayer.state._heartbeats
+    number = 0
+    for worker_id, at, other_line in found:
+        number += 1
+        line = other_line
+        if not line:
+            beat = float(at)
+            if beat - beat == 0.0:  # finite: inf - inf and nan - nan are nan
+                # JournalState.heartbeat, inlined: these are most lines.
+                worker = worker_id.decode()
+                record = records.get(worker)
+                if record is not None and beat > heartbeats.get(worker, record.last_heartbeat):
+                    heartbeats[worker] = beat
+                continue
+            line = b'{"v":%d,"type":"heartbeat","worker_id":"%s","at":%s}\n' % (
+                JOURNAL_FORMAT_VERSION,
+                worker_id,
+                at,
+            )
+        replayer.line(number, line, number == last)
+    if complete < len(data):
+        number += 1
+        replayer.line(number, data[complete:], True)
+    return replayer.result(number)
+
+
+class _Replayer:
+    """The fold of :func:`replay` and :func:`replay_bytes`, for the lines not folded inline."""
+
+    def __init__(self) -> None:
+        self.state = JournalState()
+        self.reader = JournalReader()
+        self.skipped: list[SkippedLine] = []
+        self.torn = False
+        self.dropped = 0
+
+    def line(self, number: int, line: bytes | str, is_last: bool) -> None:
         complete = line.endswith(b"\n") if isinstance(line, bytes) else line.endswith("\n")
         if not complete:
             # Only the last line of a file can lack its newline.
-            skipped.append(SkippedLine(number, "torn: no newline at the end"))
-            torn = True
-            continue
+            self.skipped.append(SkippedLine(number, "torn: no newline at the end"))
+            self.torn = True
+            return
         if not line.strip():
-            skipped.append(SkippedLine(number, "blank line"))
-            continue
+            self.skipped.append(SkippedLine(number, "blank line"))
+            return
         try:
-            entry = reader.decode(line)
+            entry = self.reader.decode(line)
         except JournalDecodeError as error:
             reason = f"torn: {error.reason}" if is_last else error.reason
-            skipped.append(SkippedLine(number, reason))
-            torn = torn or is_last
-            continue
-        state.apply(entry)
-    return ReplayResult(
-        records=state.records(),
-        lines_read=read,
-        lines_skipped=len(skipped),
-        torn_tail=torn,
-        skipped=tuple(skipped),
-    )
+            self.skipped.append(SkippedLine(number, reason))
+            self.torn = self.torn or is_last
+            return
+        if isinstance(entry, SnapshotPart):
+            self.dropped += entry.dropped
+        self.state.apply(entry)
+
+    def result(self, lines_read: int) -> ReplayResult:
+        # Every record here was built by this replay and is not yet shared:
+        # its last heartbeat is set in place rather than by a new record.
+        records = self.state._records
+        for worker_id, beat in self.state._heartbeats.items():
+            _set_last_heartbeat(records[worker_id], beat)
+        return ReplayResult(
+            records=tuple(records.values()),
+            lines_read=lines_read,
+            lines_skipped=len(self.skipped),
+            torn_tail=self.torn,
+            skipped=tuple(self.skipped),
+            workers_dropped=self.dropped,
+        )
 
 
 def _numbered(lines: Iterable[bytes | str]) -> Iterator[tuple[int, bytes | str, bool]]:

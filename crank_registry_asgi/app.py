@@ -385,6 +385,7 @@ class ControllerService:
                 workers_restored=report.workers_restored,
                 lines_read=report.lines_read,
                 lines_skipped=report.lines_skipped,
+                workers_dropped=report.workers_dropped,
                 seconds=f"{report.seconds:.3f}",
             ),
         )

@@ -40,7 +40,6 @@ import contextlib
 import errno
 import fcntl
 import gc
-import io
 import logging
 import os
 import pathlib
@@ -58,7 +57,7 @@ from crank_registry import (
     HealthPolicy,
     JournalState,
     ReplayResult,
-    replay,
+    replay_bytes,
 )
 
 __all__ = [
@@ -116,6 +115,8 @@ class RecoveryReport:
     lines_read: int
     lines_skipped: int
     seconds: float
+    #: Workers of readable snapshot parts whose capabilities were on a skipped part.
+    workers_dropped: int = 0
 
 
 class _Batch:
@@ -313,12 +314,20 @@ class Journal:
             logger.warning(
                 "journal %s: %d more lines skipped", self.path, result.lines_skipped - _LOGGED_SKIPS
             )
+        if result.workers_dropped:
+            logger.warning(
+                "journal %s: %d workers dropped: their capabilities were on a skipped line"
+                " (they register again at their next heartbeat)",
+                self.path,
+                result.workers_dropped,
+            )
         self._recovered = True
         return RecoveryReport(
             workers_restored=restored,
             lines_read=result.lines_read,
             lines_skipped=result.lines_skipped,
             seconds=seconds,
+            workers_dropped=result.workers_dropped,
         )
 
     def _read(self) -> tuple[ReplayResult, int]:
@@ -329,8 +338,8 @@ class Journal:
         except OSError as error:
             raise JournalError(f"cannot read the journal {self.path}: {_reason(error)}") from error
         # In memory (the file is kept proportional to the live state by
-        # compaction): splitting a buffer on newlines is cheaper per line.
-        return replay(io.BytesIO(data)), data.rfind(b"\n") + 1
+        # compaction): one pass over a buffer is cheaper per line.
+        return replay_bytes(data), data.rfind(b"\n") + 1
 
     # ---------------------------------------------------------------- writes
 

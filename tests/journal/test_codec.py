@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
+import zlib
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -14,6 +17,7 @@ from crank_registry import (
     Event,
     HeartbeatReceived,
     JournalDecodeError,
+    JournalReader,
     JournalState,
     RegistryError,
     SnapshotPart,
@@ -26,6 +30,8 @@ from crank_registry import (
     encode_event,
     encode_snapshot,
     replay,
+    replay_bytes,
+    unstructure,
     unstructure_event,
 )
 from tests.journal.helpers import T0, capability, capability_lists, events, normalized
@@ -56,22 +62,48 @@ def test_snapshot_round_trips_in_parts(
     ]
     lines = encode_snapshot(records, part_size=part_size)
     assert len(lines) == max(1, -(-len(records) // part_size))
-    parts = [decode_line(line) for line in lines]
+    reader = JournalReader()
+    parts = [reader.decode(line) for line in lines]
     assert all(isinstance(p, SnapshotPart) for p in parts)
     assert [p.part for p in parts] == list(range(len(lines)))  # type: ignore[union-attr]
     assert replay(lines).records == tuple(records)
+    assert replay_bytes(b"".join(lines)).records == tuple(records)
 
 
-def test_snapshot_writes_a_shared_capability_list_once_per_part() -> None:
+def test_snapshot_writes_each_capability_once() -> None:
     shared = (capability(),)
     records = [WorkerRecord(f"w{i}", "http://h:1", shared, T0) for i in range(10)]
     (line,) = encode_snapshot(records)
     data = json.loads(line)
-    assert len(data["capability_sets"]) == 1
-    assert [row[3] for row in data["workers"]] == [0] * 10
+    assert data["capabilities"] == [unstructure(capability())]
+    assert data["capability_sets"] == [[0]]
+    assert data["worker_sets"] == [0] * 10
     # Equal lists held by distinct objects are shared too.
     copies = [WorkerRecord(f"w{i}", "http://h:1", (capability(),), T0) for i in range(3)]
     assert len(json.loads(encode_snapshot(copies)[0])["capability_sets"]) == 1
+    # Later parts refer to the capabilities of the first by number.
+    other = capability("text.summarize")
+    mixed = [
+        WorkerRecord(f"w{i}", "http://h:1", (capability(), other)[: 1 + i % 2], T0)
+        for i in range(6)
+    ]
+    first, second, third = map(json.loads, encode_snapshot(mixed, part_size=2))
+    assert (first["first_capability"], len(first["capabilities"])) == (0, 2)
+    assert first["capability_sets"] == [[0], [0, 1]]
+    assert (second["first_capability"], second["capabilities"]) == (2, [])
+    assert (second["first_set"], second["capability_sets"]) == (2, [])
+    assert second["worker_sets"] == [0, 1]
+    assert (third["first_capability"], third["first_set"]) == (2, 2)
+
+
+def test_replayed_snapshot_shares_one_tuple_per_capability_set() -> None:
+    caps = (capability(), capability("text.summarize"))
+    records = [WorkerRecord(f"w{i}", "http://h:1", tuple(caps), T0) for i in range(5)]
+    replayed = replay_bytes(b"".join(encode_snapshot(records, part_size=2))).records
+    assert replayed == tuple(
+        WorkerRecord(r.worker_id, r.worker_url, caps, T0, False) for r in records
+    )
+    assert len({id(r.capabilities) for r in replayed}) == 1
 
 
 def test_replayed_records_are_unverified() -> None:
@@ -179,6 +211,121 @@ def test_a_corrupted_line_in_the_middle_is_skipped_and_counted(garbage: bytes) -
     assert result.torn_tail is False
     assert (result.lines_read, result.lines_skipped) == (4, 1)
     assert result.skipped[0].line_number == 2
+    assert replay_bytes(b"".join([lines[0], garbage, lines[1], lines[2]])) == result
+
+
+def _checksummed(**fields: Any) -> bytes:
+    """A snapshot line with these fields and a checksum that holds."""
+    body: dict[str, Any] = {
+        "v": 1,
+        "type": "snapshot",
+        "part": 0,
+        "parts": 1,
+        "first_capability": 0,
+        "capabilities": [unstructure(capability())],
+        "first_set": 0,
+        "capability_sets": [[0]],
+        "worker_ids": ["w9"],
+        "worker_urls": ["http://h:9"],
+        "last_heartbeats": [T0],
+        "worker_sets": [0],
+        **fields,
+    }
+    text = json.dumps(body, separators=(",", ":")).encode()[:-1]  # without its closing brace
+    return text + b',"crc32":%d}\n' % zlib.crc32(text)
+
+
+def test_a_checksummed_line_is_read_as_written() -> None:
+    (record,) = replay([_checksummed()]).records
+    assert record == WorkerRecord("w9", "http://h:9", (capability(),), T0, verified=False)
+
+
+def test_a_snapshot_line_that_fails_its_checksum_is_skipped() -> None:
+    line = encode_snapshot([WorkerRecord("w9", "http://h:9", (capability(),), T0)])[0]
+    for damaged in (
+        line.replace(b"w9", b"w8"),  # still valid JSON and a valid worker id
+        line.replace(b"1.2.3", b"1.2.4"),
+        line.replace(b'"crc32":', b'"crc32":1'),
+        line.replace(b',"crc32":', b',"crc":'),
+    ):
+        assert damaged != line
+        result = replay_bytes(b"".join([*_three_workers(), damaged]))
+        assert [r.worker_id for r in result.records] == ["w0", "w1", "w2"]
+        assert result.lines_skipped == 1
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"worker_sets": [1]},
+        {"worker_sets": [-1]},
+        {"worker_sets": ["0"]},
+        {"worker_urls": []},
+        {"capability_sets": [[5]]},
+        {"capability_sets": [[]]},
+        {"capability_sets": [0]},
+        {"capability_sets": [["0"]]},
+        {"capabilities": [{"name": "x"}]},
+        {"capabilities": [{**unstructure(capability()), "colour": "red"}]},
+        {"capabilities": [[1]]},
+        {"first_capability": -1},
+        {"first_set": "0"},
+        {"part": 1},
+        {"worker_ids": None},
+        {"last_heartbeats": {}},
+    ],
+)
+def test_a_checksummed_line_of_the_wrong_shape_is_skipped(fields: dict[str, Any]) -> None:
+    lines = _three_workers()
+    result = replay([lines[0], _checksummed(**fields), lines[1], lines[2]])
+    assert [r.worker_id for r in result.records] == ["w0", "w1", "w2"]
+    assert result.lines_skipped == 1
+
+
+def test_workers_whose_capabilities_were_on_a_skipped_part_are_dropped() -> None:
+    first, second = capability(), capability("text.summarize")
+    records = [
+        WorkerRecord("a0", "http://h:1", (first,), T0),
+        WorkerRecord("a1", "http://h:1", (second,), T0),
+        WorkerRecord("b0", "http://h:1", (first,), T0),  # part 1: uses part 0's numbers
+        WorkerRecord("b1", "http://h:1", (capability("audio.transcribe"),), T0),
+        WorkerRecord("c0", "http://h:1", (second,), T0),
+        WorkerRecord("c1", "http://h:1", (capability("audio.transcribe"),), T0),
+    ]
+    part0, part1, part2 = encode_snapshot(records, part_size=2)
+    result = replay_bytes(part0.replace(b"a0", b"a9") + part1 + part2)
+    assert [r.worker_id for r in result.records] == ["b1", "c1"]
+    assert result.workers_dropped == 2
+    assert result.lines_skipped == 1
+    # A lost later part loses only its own workers and capabilities.
+    result = replay_bytes(part0 + part1.replace(b"b0", b"b9") + part2)
+    assert [r.worker_id for r in result.records] == ["a0", "a1", "c0"]
+    assert result.workers_dropped == 1
+
+
+@settings(max_examples=60)
+@given(
+    st.lists(
+        st.one_of(
+            events.map(encode_event),
+            st.sampled_from(
+                [
+                    b"\n",
+                    b"garbage\n",
+                    b'{"v":1,"type":"heartbeat","worker_id":"w1","at":1e999}\n',
+                    b'{"v":1,"type":"heartbeat","worker_id":"w1","at":-0}\n',
+                    _checksummed(),
+                    _checksummed(worker_ids=["w1"]),
+                ]
+            ),
+        ),
+        max_size=12,
+    ),
+    st.binary(max_size=20),
+)
+def test_replay_bytes_equals_replay_of_the_file(lines: list[bytes], tail: bytes) -> None:
+    data = b"".join(lines) + tail
+    assert replay_bytes(data) == replay(io.BytesIO(data))
 
 
 def test_unknown_version_is_skipped_with_its_reason() -> None:

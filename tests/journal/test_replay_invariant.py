@@ -21,6 +21,7 @@ from crank_registry import (
     RegistryError,
     WorkerRecord,
     replay,
+    replay_bytes,
     unstructure,
 )
 from tests.journal.helpers import T0, capability, normalized, urls, worker_ids
@@ -86,7 +87,7 @@ class JournalReplay(RuleBasedStateMachine):
     def restart(self) -> None:
         """A new registry from the journal (what a controller does on start)."""
         restored = CapabilityRegistry(POLICY)
-        restored.restore(replay(self.lines).records, now=self.now)
+        restored.restore(replay_bytes(b"".join(self.lines)).records, now=self.now)
         self.registry = restored
         # The registry dropped workers already past evict_after; so does the writer.
         self.writer = JournalState(r for r in replay(self.lines).records if r.worker_id in restored)
@@ -95,6 +96,7 @@ class JournalReplay(RuleBasedStateMachine):
     @invariant()
     def replay_equals_the_live_state(self) -> None:
         result = replay(self.lines)
+        assert replay_bytes(b"".join(self.lines)) == result
         assert result.lines_skipped == 0
         assert normalized(result.records) == normalized(self.registry.records())
         assert normalized(self.writer.records()) == normalized(self.registry.records())
