@@ -36,7 +36,7 @@ import math
 import operator
 import types
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, NoReturn, TypeVar, cast
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import attrs
 
@@ -73,61 +73,40 @@ STATE_FORMAT_VERSION = 1
 _MAX_VARIANTS = 8
 
 _isfinite = math.isfinite
-_T = TypeVar("_T")
 
 
-def _slot_constructor(cls: type[_T], names: tuple[str, ...]) -> Callable[..., _T]:
-    """A constructor of the frozen attrs class ``cls`` for hot paths: ``(*values) -> cls``.
+def _event_factory() -> Callable[[str, float], HeartbeatReceived]:
+    """A constructor of :class:`HeartbeatReceived` for the heartbeat's hot path.
 
     The attrs ``__init__`` of a frozen class sets each field through
-    ``object.__setattr__``; setting the slots through their descriptors
-    gives an equal value in a fraction of the time. Should the class's
-    fields ever differ from ``names``, or gain a validator or a converter,
-    the real constructor is returned instead.
+    ``object.__setattr__``, a quarter of a heartbeat's cost; setting the two
+    slots through their descriptors gives an equal value faster. Should the
+    class ever gain a field, a validator or a converter, the real
+    constructor is used instead.
     """
-    fields: tuple[attrs.Attribute[Any], ...] = attrs.fields(cast(Any, cls))
-    descriptors = [getattr(cls, field.name, None) for field in fields]
-    if tuple(field.name for field in fields) != names or any(
+    fields: tuple[attrs.Attribute[Any], ...] = attrs.fields(HeartbeatReceived)
+    descriptors = [getattr(HeartbeatReceived, field.name, None) for field in fields]
+    if [field.name for field in fields] != ["worker_id", "at"] or any(
         field.validator is not None
         or field.converter is not None
         or type(descriptor) is not types.MemberDescriptorType
         for field, descriptor in zip(fields, descriptors, strict=True)
     ):
-        return cls
+        return HeartbeatReceived
     new = object.__new__
-    setters = [descriptor.__set__ for descriptor in descriptors]  # type: ignore[union-attr]
-    if len(setters) == 2:
-        set_first, set_second = setters
+    set_worker_id = descriptors[0].__set__  # type: ignore[union-attr]
+    set_at = descriptors[1].__set__  # type: ignore[union-attr]
 
-        def construct_two(first: object, second: object) -> _T:
-            value: _T = new(cls)
-            set_first(value, first)
-            set_second(value, second)
-            return value
+    def heartbeat_event(worker_id: str, at: float) -> HeartbeatReceived:
+        event: HeartbeatReceived = new(HeartbeatReceived)
+        set_worker_id(event, worker_id)
+        set_at(event, at)
+        return event
 
-        return construct_two
-    if len(setters) == 3:
-        set_first, set_second, set_third = setters
-
-        def construct_three(first: object, second: object, third: object) -> _T:
-            value: _T = new(cls)
-            set_first(value, first)
-            set_second(value, second)
-            set_third(value, third)
-            return value
-
-        return construct_three
-    return cls
+    return heartbeat_event
 
 
-# A heartbeat builds one event, a restore one endpoint per worker: both are
-# hot enough for the attrs __init__ of a frozen class to show.
-_heartbeat_event: Callable[[str, float], HeartbeatReceived] = _slot_constructor(
-    HeartbeatReceived, ("worker_id", "at")
-)
-_endpoint: Callable[[str, str, str], WorkerEndpoint] = _slot_constructor(
-    WorkerEndpoint, ("worker_id", "worker_url", "version")
-)
+_heartbeat_event = _event_factory()
 
 
 class _Worker:
@@ -180,20 +159,41 @@ class _Worker:
 
 
 class _Member:
-    """A worker's membership in one capability, with its endpoint prebuilt.
+    """A worker's membership in one capability, with its endpoint.
 
     ``slot`` is its index in the capability's ring, or -1 while it is out.
+    A registration builds the endpoint at once; a restore leaves it to the
+    first read: recovery is on a restart's critical path, and a restored
+    worker that registers again before it is routed to never needs one.
     """
 
     __slots__ = ("endpoint", "entry", "slot", "worker")
 
     def __init__(
-        self, worker: _Worker, endpoint: WorkerEndpoint, entry: _Capability, slot: int = -1
+        self,
+        worker: _Worker,
+        endpoint: WorkerEndpoint | None,
+        entry: _Capability,
+        slot: int = -1,
     ) -> None:
         self.worker = worker
-        self.endpoint = endpoint
+        if endpoint is not None:
+            self.endpoint = endpoint
         self.entry = entry
         self.slot = slot
+
+    if not TYPE_CHECKING:  # mypy would take every unknown attribute for an endpoint
+
+        def __getattr__(self, name: str) -> WorkerEndpoint:
+            # Reached only while the endpoint slot is empty (read attributes
+            # that are set never come here).
+            if name != "endpoint":
+                raise AttributeError(name)
+            worker = self.worker
+            key = self.entry.key
+            version = next(c.version for c in worker.capabilities if c.key == key)
+            endpoint = self.endpoint = WorkerEndpoint(worker.worker_id, worker.worker_url, version)
+            return endpoint
 
 
 class _Capability:
@@ -271,11 +271,10 @@ class _RestorePlan:
     Made with the first worker holding the tuple, which it counts in the
     entries (``size``, ``live``) and shared values at once, so that they
     stay in place should a replaced worker leave them meanwhile; the
-    workers are collected, with their endpoints per version, and
-    :meth:`install` puts them all in the rings.
+    workers are collected, and :meth:`install` puts them all in the rings.
     """
 
-    __slots__ = ("capabilities", "endpoints", "entries", "stored", "variants", "workers")
+    __slots__ = ("capabilities", "entries", "stored", "variants", "workers")
 
     def __init__(
         self,
@@ -289,22 +288,20 @@ class _RestorePlan:
         self.entries = entries
         self.variants = variants
         self.workers: list[_Worker] = []
-        # Version -> one endpoint per worker (mostly a single version).
-        self.endpoints: dict[str, list[WorkerEndpoint]] = {c.version: [] for c in stored}
 
     def install(self) -> None:
         """Put the workers in the rings, in order, and count them."""
         workers = self.workers
         count = len(workers)
         per_entry: list[list[_Member]] = []
-        for entry, capability in zip(self.entries, self.stored, strict=True):
+        for entry in self.entries:
             ring = entry.ring
             start = len(ring)
             members = list(
                 map(
                     _Member,
                     workers,
-                    self.endpoints[capability.version],
+                    itertools.repeat(None, count),  # endpoints: built on first read
                     itertools.repeat(entry, count),
                     range(start, start + count),
                 )
@@ -510,13 +507,12 @@ class CapabilityRegistry:
             plan = plans.get(id(capabilities))
             if plan is None or plan.capabilities is not capabilities:
                 plan = plans[id(capabilities)] = self._plan(capabilities)
-            last_heartbeat = min(last_heartbeat, now)
+            if last_heartbeat > now:  # noqa: PLR1730 (min() is a call: slower here)
+                last_heartbeat = now
             worker_url = record.worker_url
             worker = _Worker(worker_id, worker_url, last_heartbeat, False, unhealthy_after)
             worker.capabilities = plan.stored
             plan.workers.append(worker)
-            for version, endpoints in plan.endpoints.items():
-                endpoints.append(_endpoint(worker_id, worker_url, version))
             workers[worker_id] = worker
             pending.append((worker.routable_until, worker_id, worker))
         _install_plans(plans)
@@ -669,10 +665,9 @@ class CapabilityRegistry:
         groups: dict[tuple[str, str, str], tuple[list[str], list[str]]] = {}
         for worker in self._workers.values():
             routable = self._is_routable(worker, now)
-            for member in worker.members:
-                verb, name = member.entry.key
+            for capability in worker.capabilities:
                 workers, healthy = groups.setdefault(
-                    (verb, name, member.endpoint.version), ([], [])
+                    (capability.verb, capability.name, capability.version), ([], [])
                 )
                 workers.append(worker.worker_id)
                 if routable:
@@ -803,6 +798,8 @@ class CapabilityRegistry:
             members.append(member)
         for old_member, old_capability in previous.values():
             self._leave(old_member, old_capability)
+        if old is not None:
+            _unlink(old)
         worker.capabilities = tuple(stored_capabilities)
         worker.members = tuple(members)
         self._workers[worker_id] = worker
@@ -813,6 +810,7 @@ class CapabilityRegistry:
         for member, capability in zip(worker.members, worker.capabilities, strict=True):
             self._leave(member, capability)
         del self._workers[worker.worker_id]
+        _unlink(worker)
 
     def _leave(self, member: _Member, capability: CapabilitySchema) -> None:
         entry = member.entry
@@ -828,6 +826,16 @@ class CapabilityRegistry:
             if member.slot < 0:
                 member.entry.add(member)
         worker.parked = False
+
+
+def _unlink(worker: _Worker) -> None:
+    """Break the worker <-> member cycle of a worker that left, so that it is freed at once.
+
+    Reference counting then frees it without the cyclic collector, which
+    may never look at it: the service moves a recovered registry's objects
+    out of the collector's reach (``gc.freeze``).
+    """
+    worker.members = ()
 
 
 def _refuse_heartbeat(worker: _Worker | None, worker_id: str, now: float) -> NoReturn:

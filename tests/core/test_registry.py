@@ -642,7 +642,9 @@ def test_heartbeat_events_equal_the_constructed_ones() -> None:
         event.at = 0.0  # type: ignore[misc]
 
 
-def test_fast_constructors_fall_back_when_the_class_changes() -> None:
+def test_heartbeat_event_factory_falls_back_when_the_event_changes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import attrs
 
     from crank_registry import _registry
@@ -651,19 +653,8 @@ def test_fast_constructors_fall_back_when_the_class_changes() -> None:
     class WiderHeartbeat(HeartbeatReceived):
         source: str = "x"
 
-    @attrs.frozen
-    class CheckedEndpoint:
-        worker_id: str = attrs.field(validator=attrs.validators.instance_of(str))
-        worker_url: str
-        version: str
-
-    names = ("worker_id", "at")
-    assert _registry._slot_constructor(WiderHeartbeat, names) is WiderHeartbeat
-    endpoint_names = ("worker_id", "worker_url", "version")
-    assert _registry._slot_constructor(CheckedEndpoint, endpoint_names) is CheckedEndpoint
-    fast = _registry._slot_constructor(WorkerEndpoint, endpoint_names)
-    assert fast is not WorkerEndpoint
-    assert fast("w1", "https://w1:1", "1.0.0") == WorkerEndpoint("w1", "https://w1:1", "1.0.0")
+    monkeypatch.setattr(_registry, "HeartbeatReceived", WiderHeartbeat)
+    assert _registry._event_factory() is WiderHeartbeat
 
 
 def _internals(registry: CapabilityRegistry) -> dict[Any, Any]:
@@ -718,3 +709,26 @@ def test_restore_in_bulk_builds_what_installing_one_by_one_builds(
     for worker_id in [r.worker_id for r in bulk.records()]:
         bulk.deregister(worker_id, now=now)
     assert bulk._capabilities == {}
+
+
+def test_workers_that_leave_are_freed_without_the_cyclic_collector() -> None:
+    # The service freezes a recovered registry (gc.freeze): whatever it drops
+    # must be freed by reference counting alone.
+    import gc
+
+    registry = CapabilityRegistry()
+    caps = (capability(), capability("text.summarize"))
+    registry.restore(
+        [WorkerRecord(f"w{i}", "https://h:1", caps, T0, verified=False) for i in range(6)], now=T0
+    )
+    gc.collect()
+    gc.disable()
+    try:
+        registry.register("w0", "https://h:2", caps, now=T0 + 1)  # replaces a restored worker
+        registry.register("w1", "https://h:2", caps[:1], now=T0 + 1)  # and leaves a capability
+        registry.deregister("w2", now=T0 + 1)
+        registry.cleanup_stale(now=T0 + 121)  # evicts the rest
+        assert len(registry) == 2
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
