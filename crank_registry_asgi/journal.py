@@ -292,6 +292,12 @@ class Journal:
                 kept = tuple(r for r in kept if r.worker_id in registry)
             self._state = JournalState(kept)
         finally:
+            # The recovered workers live as long as the service: their objects
+            # go to the collector's permanent generation, so that neither the
+            # collection due now nor the full ones later walk them all again
+            # (a pause of tenths of a second per 100 000 workers). The registry
+            # holds no reference cycles, so what it drops later is still freed.
+            gc.freeze()
             if gc_was_enabled:
                 gc.enable()
         seconds = time.perf_counter() - started

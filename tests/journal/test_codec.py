@@ -430,3 +430,104 @@ def test_state_copy_is_independent() -> None:
     assert [r.worker_id for r in twin.records()] == ["a"]
     assert twin.records()[0].last_heartbeat == T0
     assert replay(twin.snapshot()).records == twin.records()
+
+
+# Between two runs of heartbeats, so that they stay two.
+_SEPARATOR = encode_event(WorkerDeregistered("nobody", T0))
+
+
+def _heartbeat_run(worker_times: list[tuple[str, float]]) -> bytes:
+    return b"".join(encode_event(HeartbeatReceived(w, at)) for w, at in worker_times)
+
+
+_beats = st.tuples(st.sampled_from(["w0", "w1", "w2", "ghost"]), st.floats(T0 - 50, T0 + 50))
+# Short runs are folded line by line, long ones (32 lines and more) in bulk.
+_runs = st.lists(_beats, max_size=8) | st.lists(_beats, min_size=32, max_size=60)
+_sorted_runs = _runs.map(lambda run: sorted(run, key=lambda pair: pair[1]))
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            _runs.map(_heartbeat_run),
+            _sorted_runs.map(_heartbeat_run),
+            events.map(encode_event),
+            st.just(
+                b"".join(encode_snapshot([WorkerRecord("w1", "http://h:1", (capability(),), T0)]))
+            ),
+            st.sampled_from(
+                [
+                    b"garbage\n",
+                    b'{"v":1,"type":"heartbeat","worker_id":"w1","at":1e999}\n',
+                    # A damaged line holding a heartbeat line's text.
+                    b'{"v":1,"type":"heartbeat",'
+                    b'{"v":1,"type":"heartbeat","worker_id":"w2","at":1700000099.0}\n',
+                ]
+            ),
+        ),
+        max_size=8,
+    ).map(lambda chunks: [line for chunk in chunks for line in (chunk, _SEPARATOR)]),
+)
+def test_replay_bytes_folds_runs_of_heartbeats_as_replay_does(chunks: list[bytes]) -> None:
+    data = b"".join(chunks)
+    assert replay_bytes(data) == replay(io.BytesIO(data))
+
+
+def test_a_long_run_of_heartbeats_moves_known_workers_forward_only() -> None:
+    registered = [
+        encode_event(WorkerRegistered(w, "http://h:1", (capability(),), T0 + 100))
+        for w in ("a", "b")
+    ]
+    # In order but older than the registrations: nothing moves.
+    older = _heartbeat_run([("a", T0 + i) for i in range(50)])
+    # In order and later: the last of each worker wins; unknown workers are ignored.
+    later = _heartbeat_run([("b" if i % 2 else "ghost", T0 + 200 + i) for i in range(50)])
+    between = encode_event(WorkerDeregistered("nobody", T0 + 150))
+    data = b"".join([*registered, older, between, later])
+    result = replay_bytes(data)
+    assert [(r.worker_id, r.last_heartbeat) for r in result.records] == [
+        ("a", T0 + 100),
+        ("b", T0 + 249),
+    ]
+    assert result.lines_read == 103
+    assert result == replay(io.BytesIO(data))
+
+
+def test_a_long_run_in_order_does_not_undo_a_later_heartbeat() -> None:
+    registered = encode_event(WorkerRegistered("a", "http://h:1", (capability(),), T0))
+    separator = encode_event(WorkerDeregistered("nobody", T0))
+    for before in (
+        _heartbeat_run([("a", T0 + 300)]),  # one line: folded alone
+        _heartbeat_run([("a", T0 + 260 + i) for i in range(41)]),  # a run folded in bulk
+    ):
+        run = _heartbeat_run([("a", T0 + 200 + i) for i in range(50)])  # in order, but older
+        data = b"".join([registered, before, separator, run])
+        (record,) = replay_bytes(data).records
+        assert record.last_heartbeat == T0 + 300
+    # Out of order within the run: the latest time wins, not the last line.
+    run = _heartbeat_run([("a", T0 + 200 + (i * 7) % 50) for i in range(50)])
+    (record,) = replay_bytes(registered + separator + run).records
+    assert record.last_heartbeat == T0 + 249
+
+
+def test_runs_longer_than_a_slice_and_lines_longer_than_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from crank_registry import _journal
+
+    monkeypatch.setattr(_journal, "_SLICE_BYTES", 100)  # about one heartbeat line
+    registered = encode_event(WorkerRegistered("a", "http://h:1", (capability(),), T0))
+    long_damaged = b'{"v":1,"type":"heartbeat",' + b"x" * 500 + b"\n"
+    data = b"".join(
+        [
+            registered,
+            _heartbeat_run([("a", T0 + i) for i in range(40)]),
+            long_damaged,
+            _heartbeat_run([("a", T0 + 100 + i) for i in range(40)]),
+        ]
+    )
+    result = replay_bytes(data)
+    assert result == replay(io.BytesIO(data))
+    assert (result.lines_read, result.lines_skipped) == (82, 1)
+    assert result.records[0].last_heartbeat == T0 + 139

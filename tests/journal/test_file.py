@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import os
 import pathlib
@@ -56,6 +57,23 @@ def ids_in(state_dir: pathlib.Path) -> list[str]:
 
 
 # ------------------------------------------------------------------ recovery
+
+
+@pytest.mark.anyio
+async def test_recovery_puts_the_restored_registry_out_of_the_collectors_reach(
+    tmp_path: pathlib.Path,
+) -> None:
+    journal, registry = start(tmp_path)
+    await register_many(journal, registry, ["a", "b"])
+    await journal.aclose()
+    gc.unfreeze()
+    journal = Journal.open(tmp_path)
+    restored = CapabilityRegistry(POLICY)
+    journal.recover(restored, now=T0 + 1)
+    await journal.aclose()
+    # Frozen (never walked by a collection again), and the collector is back on.
+    assert gc.get_freeze_count() > 0
+    assert gc.isenabled()
 
 
 @pytest.mark.anyio
