@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import pathlib
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,7 +42,7 @@ from crank_registry import (
     JournalState,
     WorkerRecord,
     encode_event,
-    replay,
+    replay_bytes,
     structure,
 )
 from crank_registry_asgi.journal import JOURNAL_NAME, Journal
@@ -78,7 +80,8 @@ def fleet(workers: int, shape: str) -> list[WorkerRecord]:
                 worker_id=f"worker-{w:06d}",
                 worker_url=f"https://10.{w >> 16 & 255}.{w >> 8 & 255}.{w & 255}:8443",
                 capabilities=tuple(pool[i] for i in indexes),
-                last_heartbeat=START + w * 1e-3,
+                # Within the last 10 s before the snapshot, as a live fleet's are.
+                last_heartbeat=START + w * 10 / workers,
             )
         )
     return records
@@ -92,7 +95,9 @@ def write_journal(state_dir: pathlib.Path, records: list[WorkerRecord], fill: fl
     beat = 0
     while size < fill * len(snapshot):
         record = records[beat % len(records)]
-        line = encode_event(HeartbeatReceived(record.worker_id, START + 30 + beat * 1e-3))
+        # Written after the snapshot, so later than any time in it (and in order).
+        at = START + 10 + beat * 1e-4
+        line = encode_event(HeartbeatReceived(record.worker_id, at))
         lines.append(line)
         size += len(line)
         beat += 1
@@ -101,11 +106,25 @@ def write_journal(state_dir: pathlib.Path, records: list[WorkerRecord], fill: fl
 
 
 def recover_once(state_dir: pathlib.Path) -> tuple[float, float, float, float, int]:
-    """Wall and CPU seconds for open + recover, then replay and restore apart; workers restored.
+    """Recover ``state_dir`` in a new process, as a restarted controller does.
 
-    CPU time is this process's: on a machine shared with other jobs, wall
-    time also counts the time spent waiting for a CPU.
+    Returns wall and CPU seconds for open + recover, then replay and restore
+    timed apart, and the workers restored. A process of its own starts with
+    a heap as a restarted controller's (not this one's, which holds the
+    fleet and the garbage of earlier runs for the collector to walk).
     """
+    output = subprocess.run(
+        [sys.executable, __file__, "--recover", str(state_dir)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    elapsed, cpu, replayed, restored, workers = json.loads(output)
+    return elapsed, cpu, replayed, restored, workers
+
+
+def recover_here(state_dir: pathlib.Path) -> None:
+    """The child of :func:`recover_once`: prints its figures as JSON."""
     registry = CapabilityRegistry()
     started, started_cpu = time.perf_counter(), time.process_time()
     journal = Journal.open(state_dir)
@@ -113,24 +132,25 @@ def recover_once(state_dir: pathlib.Path) -> tuple[float, float, float, float, i
     elapsed, cpu = time.perf_counter() - started, time.process_time() - started_cpu
     anyio.run(journal.aclose)
     # The same two steps apart, to say where the time goes.
+    gc.collect()
     gc.disable()
-    try:
-        started = time.perf_counter()
-        with open(state_dir / JOURNAL_NAME, "rb") as file:
-            result = replay(file)
-        replayed = time.perf_counter() - started
-        started = time.perf_counter()
-        CapabilityRegistry().restore(result.records, now=START + 60)
-        restored = time.perf_counter() - started
-    finally:
-        gc.enable()
-    return elapsed, cpu, replayed, restored, report.workers_restored
+    started = time.perf_counter()
+    result = replay_bytes((state_dir / JOURNAL_NAME).read_bytes())
+    replayed = time.perf_counter() - started
+    started = time.perf_counter()
+    CapabilityRegistry().restore(result.records, now=START + 60)
+    restored = time.perf_counter() - started
+    print(json.dumps([elapsed, cpu, replayed, restored, report.workers_restored]))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 000 and 10 000 workers, 1 run")
+    parser.add_argument("--recover", type=pathlib.Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.recover is not None:
+        recover_here(args.recover)
+        return 0
     sizes = (1_000, 10_000) if args.quick else (10_000, 100_000)
     runs = 1 if args.quick else 3
     print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
