@@ -2,7 +2,7 @@
 
 Sans-IO: this module turns values into lines and lines back into values; it
 opens no file. The service appends the lines to ``registry.jsonl``, fsyncs
-them and, on start, hands the file's lines to :func:`replay`.
+them and, on start, hands the file's bytes to :func:`replay_bytes`.
 
 Every line is one JSON object with the format version ``"v"`` and a
 ``"type"``, ending in a newline:
@@ -43,6 +43,7 @@ parseable: the process died while writing it) is dropped.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import operator
@@ -256,9 +257,11 @@ def decode_line(line: bytes | str) -> JournalEntry:
     Raises :class:`JournalDecodeError` for anything that is not a line this
     format version wrote: bytes that are not JSON, a wrong shape or type, an
     unknown ``"type"``, another ``"v"``, or a snapshot line whose checksum
-    fails. A snapshot part after the first may use capabilities written by
-    the parts before it: read a snapshot's lines with one
-    :class:`JournalReader`, as :func:`replay` does.
+    fails. (A snapshot line whose checksum holds is checked for its shape,
+    worker ids, URLs, times and capability keys; a capability's other fields
+    are taken as written.) A snapshot part after the first may use
+    capabilities written by the parts before it: read a snapshot's lines
+    with one :class:`JournalReader`, as :func:`replay` does.
     """
     return JournalReader().decode(line)
 
@@ -281,10 +284,13 @@ class JournalReader:
     """
 
     def __init__(self) -> None:
-        # The current snapshot's capabilities and capability sets by number;
-        # None: written on a part that could not be read.
-        self._capabilities: list[CapabilitySchema | None] = []
-        self._sets: list[tuple[CapabilitySchema, ...] | None] = []
+        # The current snapshot's capabilities and capability sets by number
+        # (numbers written on a part that could not be read are missing; a
+        # set with a missing capability is None), and the next numbers.
+        self._capabilities: dict[int, CapabilitySchema] = {}
+        self._sets: dict[int, tuple[CapabilitySchema, ...] | None] = {}
+        self._next_capability = 0
+        self._next_set = 0
 
     def decode(self, line: bytes | str) -> JournalEntry:
         """The entry ``line`` holds; raises :class:`JournalDecodeError` as :func:`decode_line`."""
@@ -335,8 +341,12 @@ class JournalReader:
         end = raw.rfind(_CRC_FIELD)
         if not _is_int(checksum) or end < 0 or zlib.crc32(raw[:end]) != checksum:
             raise JournalDecodeError("snapshot: the checksum does not match the line")
-        # The checksum holds: the line is as the writer wrote it. What is
-        # left to check is its shape, which costs little per worker.
+        # The checksum holds: the line is as the writer wrote it, from values
+        # that passed every model check when they were registered. What is
+        # checked again is what the registry's own structures rely on (the
+        # shape, worker ids, URLs, finite times, capability keys), by
+        # column, at C speed; a capability's other fields are taken as they
+        # are.
         part: Any = data.get("part")
         parts: Any = data.get("parts")
         if not (_is_int(part) and _is_int(parts) and 0 <= part < parts):
@@ -347,17 +357,29 @@ class JournalReader:
         capabilities, raw_sets, worker_ids, worker_urls, last_heartbeats, worker_sets = columns
         if not len(worker_ids) == len(worker_urls) == len(last_heartbeats) == len(worker_sets):
             raise JournalDecodeError("snapshot: the worker columns differ in length")
+        ids, urls = "\n".join(worker_ids), "\n".join(worker_urls)  # TypeError: not strings
+        if worker_ids and not (
+            _WORKER_IDS.fullmatch(ids)
+            and _WORKER_URLS.fullmatch(urls)
+            # No newline within a value (the patterns would read it as two).
+            and ids.count("\n") == urls.count("\n") == len(worker_ids) - 1
+            # A string or None raises TypeError; inf or nan makes the sum so.
+            and math.isfinite(sum(last_heartbeats, 0.0))
+        ):
+            raise JournalDecodeError("snapshot: a worker's id, URL or last heartbeat is malformed")
         if part == 0:
-            self._capabilities, self._sets = [], []
+            self._capabilities, self._sets = {}, {}
+            self._next_capability = self._next_set = 0
+        first_capability = _first_number(data, "first_capability", self._next_capability)
+        first_set = _first_number(data, "first_set", self._next_set)
         table = self._capabilities
-        _continue_numbering(table, data.get("first_capability"), "first_capability")
-        table.extend(map(_trusted_capability, capabilities))
+        table.update(zip(itertools.count(first_capability), map(_trusted_capability, capabilities)))
+        self._next_capability = first_capability + len(capabilities)
         sets = self._sets
-        _continue_numbering(sets, data.get("first_set"), "first_set")
-        sets.extend(map(self._capability_set, raw_sets))
-        if worker_sets and not (min(worker_sets) >= 0 and max(worker_sets) < len(sets)):
-            raise JournalDecodeError("snapshot: a worker's capability set is out of range")
-        worker_capabilities = list(map(sets.__getitem__, worker_sets))
+        sets.update(zip(itertools.count(first_set), map(self._capability_set, raw_sets)))
+        self._next_set = first_set + len(raw_sets)
+        # A set number that is unknown (or on a lost part) gives None: dropped.
+        worker_capabilities = list(map(sets.get, worker_sets))
         dropped = 0
         if None in worker_capabilities:
             kept = [i for i, found in enumerate(worker_capabilities) if found is not None]
@@ -373,27 +395,33 @@ class JournalReader:
 
     def _capability_set(self, numbers: Any) -> tuple[CapabilitySchema, ...] | None:
         """The capabilities a set numbers; ``None``: one was on a part that could not be read."""
-        table = self._capabilities
         if type(numbers) is not list or not numbers:
             raise JournalDecodeError("snapshot: a capability set is not a non-empty list")
-        if not all(_is_int(n) and 0 <= n < len(table) for n in numbers):
-            raise JournalDecodeError("snapshot: a capability set has an unknown number")
-        capabilities = [table[n] for n in numbers]
+        capabilities = list(map(self._capabilities.get, numbers))
         if None in capabilities:
             return None
+        if len({(c.verb, c.name) for c in capabilities}) < len(capabilities):  # type: ignore[union-attr]
+            raise JournalDecodeError("snapshot: a capability set names a (verb, name) twice")
         return tuple(capabilities)  # type: ignore[arg-type]
 
 
-def _continue_numbering(table: list[Any], first: Any, name: str) -> None:
-    """Check that a part's numbering follows the parts before it.
+def _first_number(data: dict[str, Any], name: str, expected: int) -> int:
+    """A part's first number: where the part before it stopped, or later.
 
-    A gap is the numbers of parts that could not be read: they are kept
-    as holes, so that what refers to them is dropped.
+    Later: the numbers between were on parts that could not be read (what
+    refers to them is dropped).
     """
-    if first != len(table):
-        if not (_is_int(first) and first > len(table)):
-            raise JournalDecodeError(f"snapshot: {name} does not follow the part before")
-        table.extend([None] * (first - len(table)))
+    first: Any = data.get(name)
+    if not (_is_int(first) and first >= expected):
+        raise JournalDecodeError(f"snapshot: {name} does not follow the part before")
+    return int(first)
+
+
+_WORKER_IDS = re.compile(r"(?:[A-Za-z0-9._-]{1,128}\n)*[A-Za-z0-9._-]{1,128}")
+# Absolute http(s) URLs without whitespace or control characters, as the
+# model's check requires (it also parses them; the writer wrote parsed ones).
+_URL = r"https?://[^\s\x00-\x1f\x7f]{1,2040}"
+_WORKER_URLS = re.compile(rf"(?:{_URL}\n)*{_URL}")
 
 
 _SNAPSHOT_LISTS = (
@@ -413,7 +441,8 @@ def _capability_constructor() -> Callable[[Any], CapabilitySchema]:
     exactly as they were unstructured (JSON keeps ints, floats and
     booleans apart); running the validators again would cost a
     registration's worth of time per distinct capability. Only the shape
-    is checked: an object with every required field and no unknown one.
+    is checked (an object with every required field and no unknown one) and
+    that verb, name and version are strings, which the registry indexes by.
     """
     fields: tuple[attrs.Attribute[Any], ...] = attrs.fields(CapabilitySchema)
     required = frozenset(f.name for f in fields if f.default is attrs.NOTHING)
@@ -432,6 +461,9 @@ def _capability_constructor() -> Callable[[Any], CapabilitySchema]:
     def trusted_capability(item: Any) -> CapabilitySchema:
         if type(item) is not dict or not required <= item.keys() or not item.keys() <= known:
             raise JournalDecodeError("snapshot: a capability is not an object of its fields")
+        # The registry indexes capabilities by these: they must be strings.
+        if not (type(item["verb"]) is type(item["name"]) is type(item["version"]) is str):
+            raise JournalDecodeError("snapshot: a capability's verb, name or version is malformed")
         capability: CapabilitySchema = new(CapabilitySchema)
         for name, default, converter, set_slot in slots:
             value = item.get(name, default)
@@ -826,11 +858,7 @@ class _Replayer:
         if len(pairs) >= _BULK_RUN:
             worker_ids, ats = zip(*pairs, strict=True)
             times = list(map(float, ats))
-            if (
-                times[0] >= self.latest
-                and all(map(math.isfinite, times))
-                and times == sorted(times)
-            ):
+            if times[0] > self.latest and all(map(math.isfinite, times)) and times == sorted(times):
                 # Each worker's last time wins, and it is later than any it had.
                 latest = dict(zip(map(bytes.decode, worker_ids), times, strict=True))
                 # (& walks the smaller side; - would walk every record.)

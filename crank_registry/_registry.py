@@ -290,7 +290,12 @@ class _RestorePlan:
         self.workers: list[_Worker] = []
 
     def install(self) -> None:
-        """Put the workers in the rings, in order, and count them."""
+        """Put the workers in the rings and count them.
+
+        In record order within the tuple; a ring that several tuples share
+        holds one tuple's workers after another's (round-robin needs no
+        particular order).
+        """
         workers = self.workers
         count = len(workers)
         per_entry: list[list[_Member]] = []

@@ -257,29 +257,71 @@ def test_a_snapshot_line_that_fails_its_checksum_is_skipped() -> None:
 @pytest.mark.parametrize(
     "fields",
     [
-        {"worker_sets": [1]},
-        {"worker_sets": [-1]},
-        {"worker_sets": ["0"]},
         {"worker_urls": []},
-        {"capability_sets": [[5]]},
         {"capability_sets": [[]]},
         {"capability_sets": [0]},
-        {"capability_sets": [["0"]]},
+        {"capability_sets": [[0, 0]]},  # one (verb, name) twice
         {"capabilities": [{"name": "x"}]},
         {"capabilities": [{**unstructure(capability()), "colour": "red"}]},
+        {"capabilities": [{**unstructure(capability()), "name": ["x"]}]},
         {"capabilities": [[1]]},
         {"first_capability": -1},
         {"first_set": "0"},
         {"part": 1},
         {"worker_ids": None},
+        {"worker_ids": [[1]]},
+        {"worker_ids": ["not an id!"]},
+        {"worker_ids": [7]},
+        {"worker_urls": [None]},
+        {"worker_urls": ["ftp://h:1"]},
+        {"worker_ids": ["a\nb"]},
+        {"worker_urls": ["http://h:1\nhttp://h:2"]},
         {"last_heartbeats": {}},
+        {"last_heartbeats": ["x"]},
+        {"last_heartbeats": [None]},
+        {"last_heartbeats": [float("inf")]},
+        {"last_heartbeats": [float("nan")]},
+        {
+            "last_heartbeats": [1e308, 1e308],
+            "worker_ids": ["a", "b"],
+            "worker_urls": ["http://h:1"] * 2,
+            "worker_sets": [0, 0],
+        },
+        {"worker_sets": [[0]]},
     ],
 )
 def test_a_checksummed_line_of_the_wrong_shape_is_skipped(fields: dict[str, Any]) -> None:
     lines = _three_workers()
-    result = replay([lines[0], _checksummed(**fields), lines[1], lines[2]])
+    data = [lines[0], _checksummed(**fields), lines[1], lines[2]]
+    result = replay(data)
     assert [r.worker_id for r in result.records] == ["w0", "w1", "w2"]
     assert result.lines_skipped == 1
+    assert replay_bytes(b"".join(data)) == result
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"worker_sets": [1]},
+        {"worker_sets": [-1]},
+        {"worker_sets": ["0"]},
+        {"capability_sets": [[5]]},
+        {"capability_sets": [["0"]]},
+        # Numbers that start far beyond the last part's: held by no memory.
+        {"first_capability": 10**12},
+        {"first_set": 10**12},
+    ],
+)
+def test_a_checksummed_line_that_refers_to_unknown_numbers_drops_those_workers(
+    fields: dict[str, Any],
+) -> None:
+    lines = _three_workers()
+    data = [lines[0], _checksummed(**fields), lines[1], lines[2]]
+    result = replay(data)
+    # The part is read (part 0: it replaces w0); its one worker is dropped.
+    assert [r.worker_id for r in result.records] == ["w1", "w2"]
+    assert (result.lines_skipped, result.workers_dropped) == (0, 1)
+    assert replay_bytes(b"".join(data)) == result
 
 
 def test_workers_whose_capabilities_were_on_a_skipped_part_are_dropped() -> None:
