@@ -43,6 +43,7 @@ parseable: the process died while writing it) is dropped.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import math
@@ -916,8 +917,11 @@ class _Replayer:
         # Every record here was built by this replay and is not yet shared:
         # its last heartbeat is set in place rather than by a new record.
         records = self.state._records
-        for worker_id, beat in self.state._heartbeats.items():
-            _set_last_heartbeat(records[worker_id], beat)
+        beats = self.state._heartbeats
+        # (A loop in C: deque(maxlen=0) consumes the map without keeping it.)
+        collections.deque(
+            map(_set_last_heartbeat, map(records.__getitem__, beats), beats.values()), maxlen=0
+        )
         return ReplayResult(
             records=tuple(records.values()),
             lines_read=lines_read,
