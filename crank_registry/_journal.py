@@ -862,11 +862,20 @@ class _Replayer:
             if times[0] > self.latest and all(map(math.isfinite, times)) and times == sorted(times):
                 # Each worker's last time wins, and it is later than any it had.
                 latest = dict(zip(map(bytes.decode, worker_ids), times, strict=True))
-                # (& walks the smaller side; - would walk every record.)
+                # Set on the records in place (they are this replay's own, see
+                # result()), in a loop in C; & walks the smaller side.
                 known = latest.keys() & records.keys()
-                if len(known) < len(latest):
-                    latest = {worker: latest[worker] for worker in known}
-                beats.update(latest)
+                if beats:  # heartbeats folded one by one, now older: forget them
+                    for worker in known & beats.keys():
+                        del beats[worker]
+                collections.deque(
+                    map(
+                        _set_last_heartbeat,
+                        map(records.__getitem__, known),
+                        map(latest.__getitem__, known),
+                    ),
+                    maxlen=0,
+                )
                 self.latest = times[-1]
                 return
         for number, (worker_id, at) in enumerate(pairs, before + 1):

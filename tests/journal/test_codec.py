@@ -573,3 +573,52 @@ def test_runs_longer_than_a_slice_and_lines_longer_than_one(
     assert result == replay(io.BytesIO(data))
     assert (result.lines_read, result.lines_skipped) == (82, 1)
     assert result.records[0].last_heartbeat == T0 + 139
+
+
+def test_a_long_run_after_a_single_heartbeat_moves_the_worker_to_its_own_last_time() -> None:
+    registered = encode_event(WorkerRegistered("a", "http://h:1", (capability(),), T0))
+    separator = encode_event(WorkerDeregistered("nobody", T0))
+    single = _heartbeat_run([("a", T0 + 10)])  # folded alone
+    run = _heartbeat_run([("a", T0 + 20 + i) for i in range(40)])  # folded in bulk
+    data = b"".join([registered, single, separator, run])
+    (record,) = replay_bytes(data).records
+    assert record.last_heartbeat == T0 + 59
+    assert replay_bytes(data) == replay(io.BytesIO(data))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            # Short runs are folded one by one, long ones in bulk.
+            st.lists(st.sampled_from(["w0", "w1", "w2", "ghost"]), max_size=5)
+            | st.lists(st.sampled_from(["w0", "w1", "w2", "ghost"]), min_size=32, max_size=40),
+            st.sampled_from(["w0", "w1", "w2"]),
+            st.sampled_from(["register", "deregister"]),
+        ),
+        max_size=6,
+    )
+)
+def test_replay_bytes_equals_replay_on_a_journal_written_in_time_order(
+    steps: list[tuple[list[str], str, str]],
+) -> None:
+    # Times only go forward, as a writer writes them: the bulk fold is taken
+    # whenever a run is long enough, after lines folded one by one.
+    now = T0
+    lines = [
+        encode_event(WorkerRegistered(w, "http://h:1", (capability(),), now))
+        for w in ("w0", "w1", "w2")
+    ]
+    for beating, worker_id, action in steps:
+        for beating_id in beating:
+            now += 0.5
+            lines.append(encode_event(HeartbeatReceived(beating_id, now)))
+        now += 1
+        if action == "register":
+            lines.append(
+                encode_event(WorkerRegistered(worker_id, "http://h:1", (capability(),), now))
+            )
+        else:
+            lines.append(encode_event(WorkerDeregistered(worker_id, now)))
+    data = b"".join(lines)
+    assert replay_bytes(data) == replay(io.BytesIO(data))
