@@ -7,14 +7,15 @@ For 10 000 and 100 000 workers it writes a journal as compaction leaves it
 (a snapshot alone) and as it is just before the next compaction (a snapshot,
 then heartbeat lines up to the same size again: the largest the file gets
 with the default ratio of 2), then times ``Journal.open`` +
-``Journal.recover`` into an empty registry: reading, replaying and
-``CapabilityRegistry.restore``. Two fleet shapes:
+``Journal.recover`` into an empty registry (reading, replaying and
+``CapabilityRegistry.restore``), each run in a new process, as a restarted
+controller starts. Two fleet shapes:
 
 * ``replicas``: workers are replicas of 100 services (each service offers 3
   capabilities), as in a typical deployment;
-* ``distinct``: every worker offers its own 3 of 10 000 capabilities (the
-  shape of ``benchmarks/core.py``), the worst case for the snapshot's
-  sharing of capability lists.
+* ``distinct``: every worker offers 3 of 10 000 capabilities (the shape of
+  ``benchmarks/core.py``): 10 000 capability sets of 10 workers each, the
+  hard case for recovery, which works each set out once.
 
 Target: 100 000 workers recovered in <= 1 s.
 """
