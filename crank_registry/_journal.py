@@ -70,7 +70,13 @@ from ._events import (
     WorkerImported,
     WorkerRegistered,
 )
-from ._models import _WORKER_ID, CapabilitySchema, WorkerRecord
+from ._models import (
+    _MAX_URL_LENGTH,
+    _NOT_IN_URL_CHARACTERS,
+    _WORKER_ID,
+    CapabilitySchema,
+    WorkerRecord,
+)
 
 __all__ = [
     "JOURNAL_FORMAT_VERSION",
@@ -270,8 +276,9 @@ def decode_line(line: bytes | str) -> JournalEntry:
 # A heartbeat line exactly as encode_event writes it, read without json:
 # most lines of a journal are heartbeats.
 _HEARTBEAT_LINE = re.compile(
-    rb'\{"v":%d,"type":"heartbeat","worker_id":"([A-Za-z0-9._-]{1,128})",'
-    rb'"at":(-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)\}\n?' % JOURNAL_FORMAT_VERSION
+    rb'\{"v":%d,"type":"heartbeat","worker_id":"(%s)",'
+    rb'"at":(-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)\}\n?'
+    % (JOURNAL_FORMAT_VERSION, _WORKER_ID.pattern.encode())
 )
 
 
@@ -418,10 +425,11 @@ def _first_number(data: dict[str, Any], name: str, expected: int) -> int:
     return int(first)
 
 
-_WORKER_IDS = re.compile(r"(?:[A-Za-z0-9._-]{1,128}\n)*[A-Za-z0-9._-]{1,128}")
-# Absolute http(s) URLs without whitespace or control characters, as the
-# model's check requires (it also parses them; the writer wrote parsed ones).
-_URL = r"https?://[^\s\x00-\x1f\x7f]{1,2040}"
+# Values joined by newlines, each as the model requires. URLs: absolute
+# http(s), without the characters a URL may not hold (the model also parses
+# them; the writer wrote parsed ones).
+_WORKER_IDS = re.compile(rf"(?:{_WORKER_ID.pattern}\n)*{_WORKER_ID.pattern}")
+_URL = rf"https?://[^{_NOT_IN_URL_CHARACTERS}]{{1,{_MAX_URL_LENGTH - len('http://')}}}"
 _WORKER_URLS = re.compile(rf"(?:{_URL}\n)*{_URL}")
 
 
@@ -753,15 +761,14 @@ def replay(lines: Iterable[bytes | str]) -> ReplayResult:
     replayer = _Replayer()
     read = 0
     heartbeat_line = _HEARTBEAT_LINE.fullmatch
-    fold_heartbeat = replayer.state.heartbeat
     for number, line, is_last in _numbered(lines):
         read = number
-        if isinstance(line, bytes) and line.endswith(b"\n"):
+        match = heartbeat_line(line) if isinstance(line, bytes) and line.endswith(b"\n") else None
+        if match is not None:
             # Most lines are heartbeats: fold them without building an event.
-            match = heartbeat_line(line)
-            if match is not None and fold_heartbeat(match[1].decode(), float(match[2])):
-                continue
-        replayer.line(number, line, is_last)
+            replayer.heartbeats(number - 1, [(match[1], match[2])], ends_file=is_last)
+        else:
+            replayer.line(number, line, is_last)
     return replayer.result(read)
 
 

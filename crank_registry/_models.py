@@ -48,7 +48,9 @@ _SEMVER = re.compile(
 _WORKER_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 # The characters str.isspace() accepts, and the other control characters:
 # none belongs in a URL, and an HTTP client refuses them.
-_NOT_IN_URL = re.compile(r"[\s\x00-\x1f\x7f]")
+_NOT_IN_URL_CHARACTERS = r"\s\x00-\x1f\x7f"
+_NOT_IN_URL = re.compile(f"[{_NOT_IN_URL_CHARACTERS}]")
+_MAX_URL_LENGTH = 2048
 _SLO_KEYS = ("latency_p95_ms", "availability", "error_budget_pct")
 _MAX_TEXT = 256
 
@@ -254,7 +256,7 @@ def _worker_url(_: object, attribute: attrs.Attribute[Any], value: object) -> No
     if not isinstance(value, str):
         raise _fail(attribute.name, "must be a string")
     message = "must be an absolute http:// or https:// URL"
-    if len(value) > 2048 or _NOT_IN_URL.search(value):
+    if len(value) > _MAX_URL_LENGTH or _NOT_IN_URL.search(value):
         raise _fail(attribute.name, message)
     try:
         parts = urlsplit(value)
