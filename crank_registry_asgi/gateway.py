@@ -657,10 +657,15 @@ def create_gateway_app(
         async with controller.router.lifespan_context(controller), gateway.running():
             yield
 
-    traced: ASGIApp = TracingMiddleware(gateway, route_paths=(EXECUTE_PATH,))
+    controller_id = service.config.controller_id
+    traced: ASGIApp = TracingMiddleware(
+        gateway, route_paths=(EXECUTE_PATH,), controller_id=controller_id
+    )
     # The document is rendered once; a response object is a reusable ASGI app.
     document: ASGIApp = TracingMiddleware(
-        JSONResponse(gateway_openapi_document()), route_paths=("/openapi.json",)
+        JSONResponse(gateway_openapi_document()),
+        route_paths=("/openapi.json",),
+        controller_id=controller_id,
     )
     app = ServiceApp(
         routes=[

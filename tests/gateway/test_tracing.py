@@ -63,6 +63,7 @@ async def test_trace_context_flows_from_caller_through_controller_to_worker(
     assert server.attributes["crank.verb"] == "greet"
     assert server.attributes["crank.capability"] == "hello"
     assert server.attributes["crank.worker_id"] == "w1"
+    assert server.attributes["crank.controller_id"] == "controller"
     assert server.attributes["http.response.status_code"] == 200
     assert forward.attributes["crank.worker_id"] == "w1"
     assert forward.attributes["http.response.status_code"] == 200
