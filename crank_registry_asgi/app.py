@@ -229,6 +229,18 @@ class ControllerService:
             }
         )
 
+    def no_worker_available(self, verb: str, capability: str) -> ApiError:
+        """Count a request no worker could take; the 503 to answer it with."""
+        self.effects.no_worker()
+        return ApiError(
+            503,
+            "no_worker_available",
+            f"no healthy worker for {verb!r} on {capability!r}",
+            headers={"Retry-After": self.retry_after},
+            verb=verb,
+            capability=capability,
+        )
+
     async def deregister(self, request: Request) -> Response:
         """POST /deregister: a worker leaves."""
         leaving = structure(await self._body(request), DeregisterRequest)
@@ -254,15 +266,7 @@ class ControllerService:
             version=ask.version,
         )
         if endpoint is None:
-            self.effects.no_worker()
-            raise ApiError(
-                503,
-                "no_worker_available",
-                f"no healthy worker for {ask.verb!r} on {ask.capability!r}",
-                headers={"Retry-After": self.retry_after},
-                verb=ask.verb,
-                capability=ask.capability,
-            )
+            raise self.no_worker_available(ask.verb, ask.capability)
         self.effects.routed()
         annotate(worker_id=endpoint.worker_id)
         return JSONResponse(

@@ -233,15 +233,7 @@ class Gateway:
             except _Refused as refused:
                 refusals.append(refused)
         if not refusals:
-            self.service.effects.no_worker()
-            raise ApiError(
-                503,
-                "no_worker_available",
-                f"no healthy worker for {verb!r} on {capability!r}",
-                headers={"Retry-After": self.service.retry_after},
-                verb=verb,
-                capability=capability,
-            )
+            raise self.service.no_worker_available(verb, capability)
         last = refusals[-1]
         attempts = [{"worker_id": r.endpoint.worker_id, "error": r.reason} for r in refusals]
         if last.timed_out:
