@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import collections
 import heapq
-import itertools
 import marshal
 import math
 import operator
@@ -271,10 +270,11 @@ class _RestorePlan:
     Made with the first worker holding the tuple, which it counts in the
     entries (``size``, ``live``) and shared values at once, so that they
     stay in place should a replaced worker leave them meanwhile; the
-    workers are collected, and :meth:`install` puts them all in the rings.
+    workers installed with it after that are counted in ``unsettled``
+    until :meth:`settle`.
     """
 
-    __slots__ = ("capabilities", "entries", "stored", "variants", "workers")
+    __slots__ = ("capabilities", "entries", "stored", "unsettled", "variants")
 
     def __init__(
         self,
@@ -287,44 +287,23 @@ class _RestorePlan:
         self.stored = stored
         self.entries = entries
         self.variants = variants
-        self.workers: list[_Worker] = []
+        self.unsettled = 0
 
-    def install(self) -> None:
-        """Put the workers in the rings and count them.
-
-        In record order within the tuple; a ring that several tuples share
-        holds one tuple's workers after another's (round-robin needs no
-        particular order).
-        """
-        workers = self.workers
-        count = len(workers)
-        per_entry: list[list[_Member]] = []
+    def settle(self) -> None:
+        """Count the workers installed with this plan since it was made."""
+        uses = self.unsettled
         for entry in self.entries:
-            ring = entry.ring
-            start = len(ring)
-            members = list(
-                map(
-                    _Member,
-                    workers,
-                    itertools.repeat(None, count),  # endpoints: built on first read
-                    itertools.repeat(entry, count),
-                    range(start, start + count),
-                )
-            )
-            ring.extend(members)
-            per_entry.append(members)
-            # The first worker was counted when the plan was made.
-            entry.size += count - 1
-            entry.live += count - 1
+            entry.size += uses
+            entry.live += uses
         for variant in self.variants:
-            variant[1] += count - 1
-        for worker, members_of_worker in zip(workers, zip(*per_entry, strict=True), strict=True):
-            worker.members = members_of_worker
+            variant[1] += uses
+        self.unsettled = 0
 
 
-def _install_plans(plans: dict[int, _RestorePlan]) -> None:
+def _settle(plans: dict[int, _RestorePlan]) -> None:
+    """Count what ``plans`` installed, and forget them (the next worker makes a new one)."""
     for plan in plans.values():
-        plan.install()
+        plan.settle()
     plans.clear()
 
 
@@ -490,9 +469,9 @@ class CapabilityRegistry:
         # Recovery loads up to every worker at once. Workers new to the
         # registry take a bulk path: what their capability tuple implies
         # (entries, shared values, versions) is worked out once per tuple,
-        # as replayed records share one tuple per capability set; then the
-        # ring members of each tuple's workers are made and counted
-        # together, and the deadline heap is ordered once at the end.
+        # as replayed records share one tuple per capability set; the counts
+        # are added per tuple, endpoints are left to the first read, and the
+        # deadline heap is ordered once at the end.
         plans: dict[int, _RestorePlan] = {}
         pending: list[tuple[float, str, _Worker]] = []
         for record in records:
@@ -501,26 +480,32 @@ class CapabilityRegistry:
                 continue
             kept += 1
             worker_id = record.worker_id
-            known = workers.get(worker_id)
-            if known is not None:
-                if not known.members:
-                    # Given twice: the first is still waiting for its plan.
-                    _install_plans(plans)
+            if worker_id in workers:
+                # Replacing a worker reads and changes the counts: settle them first.
+                _settle(plans)
                 self._install_record(record, now=now)
                 continue
             capabilities = record.capabilities
             plan = plans.get(id(capabilities))
             if plan is None or plan.capabilities is not capabilities:
                 plan = plans[id(capabilities)] = self._plan(capabilities)
+            else:
+                plan.unsettled += 1
             if last_heartbeat > now:  # noqa: PLR1730 (min() is a call: slower here)
                 last_heartbeat = now
-            worker_url = record.worker_url
-            worker = _Worker(worker_id, worker_url, last_heartbeat, False, unhealthy_after)
+            worker = _Worker(worker_id, record.worker_url, last_heartbeat, False, unhealthy_after)
             worker.capabilities = plan.stored
-            plan.workers.append(worker)
+            members = []
+            for entry in plan.entries:
+                # At the end of the ring: registration order.
+                ring = entry.ring
+                member = _Member(worker, None, entry, len(ring))
+                ring.append(member)
+                members.append(member)
+            worker.members = tuple(members)
             workers[worker_id] = worker
             pending.append((worker.routable_until, worker_id, worker))
-        _install_plans(plans)
+        _settle(plans)
         if pending:
             self._deadlines.extend(pending)
             heapq.heapify(self._deadlines)

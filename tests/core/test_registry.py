@@ -666,8 +666,8 @@ def _internals(registry: CapabilityRegistry) -> dict[Any, Any]:
         assert entry.live == len(members)
         shape[key] = (
             entry.size,
-            sorted(m.worker.worker_id for m in members),
-            sorted((m.endpoint.worker_id, m.endpoint.version) for m in members),
+            [m.worker.worker_id for m in members],  # the rotation's order
+            [(m.endpoint.worker_id, m.endpoint.version) for m in members],
             sorted(count for _, count in entry.variants),
         )
     for worker in registry._workers.values():
