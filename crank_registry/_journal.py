@@ -56,7 +56,7 @@ from typing import Any, cast
 import attrs
 
 from ._converter import (
-    EVENT_TYPES,
+    _TAG_OF,
     structure_event,
     unstructure,
     unstructure_event,
@@ -193,13 +193,14 @@ class JournalLines:
 # --------------------------------------------------------------------- encode
 
 
-def _dumps(value: Any) -> bytes:
+def _text(value: Any) -> str:
     # ASCII only, so that a line never holds a raw newline or a surrogate;
     # allow_nan=False: a non-finite number would not read back.
-    return (
-        json.dumps(value, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
-        + b"\n"
-    )
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def _dumps(value: Any) -> bytes:
+    return _text(value).encode() + b"\n"
 
 
 def encode_event(event: Event) -> bytes:
@@ -226,7 +227,6 @@ def _encode_heartbeat(event: HeartbeatReceived) -> bytes | None:
     ).encode()
 
 
-_TAGS: dict[type[Event], str] = {cls: tag for tag, cls in EVENT_TYPES.items()}
 # Renderings of capability values kept at most (then forgotten at once).
 _RENDERED_LIMIT = 1 << 16
 
@@ -235,17 +235,13 @@ def _encode_with_capabilities(
     event: WorkerRegistered | WorkerImported, capabilities: tuple[str, ...]
 ) -> bytes:
     """The line for ``event``, with its capabilities already rendered as JSON text."""
-    body: dict[str, Any] = {"v": JOURNAL_FORMAT_VERSION, "type": _TAGS[type(event)]}
+    body: dict[str, Any] = {"v": JOURNAL_FORMAT_VERSION, "type": _TAG_OF[type(event)]}
     for field in attrs.fields(type(event)):
         if field.name != "capabilities":
             # The other fields are strings, numbers and booleans.
             body[field.name] = getattr(event, field.name)
     listed = ",".join(capabilities).encode()
     return _dumps(body)[:-2] + b',"capabilities":[' + listed + b"]}\n"
-
-
-def _text(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
 def encode_snapshot(
@@ -408,7 +404,7 @@ class JournalReader:
         capabilities = list(map(self._capabilities.get, numbers))
         if None in capabilities:
             return None
-        if len({(c.verb, c.name) for c in capabilities}) < len(capabilities):  # type: ignore[union-attr]
+        if len({c.key for c in capabilities}) < len(capabilities):  # type: ignore[union-attr]
             raise JournalDecodeError("snapshot: a capability set names a (verb, name) twice")
         return tuple(capabilities)  # type: ignore[arg-type]
 
@@ -519,6 +515,10 @@ _set_worker_url = WorkerRecord.__dict__["worker_url"].__set__
 _set_capabilities = WorkerRecord.__dict__["capabilities"].__set__
 _set_last_heartbeat = WorkerRecord.__dict__["last_heartbeat"].__set__
 _set_verified = WorkerRecord.__dict__["verified"].__set__
+# _record sets every field: a field added to WorkerRecord must be set there too.
+_RECORD_FIELDS = ("worker_id", "worker_url", "capabilities", "last_heartbeat", "verified")
+if tuple(field.name for field in attrs.fields(WorkerRecord)) != _RECORD_FIELDS:
+    raise ImportError("WorkerRecord's fields changed: _journal._record must set them all")
 
 
 # --------------------------------------------------------------------- replay
@@ -885,16 +885,13 @@ class _Replayer:
                 )
                 self.latest = times[-1]
                 return
+        fold = self.state.heartbeat
         for number, (worker_id, at) in enumerate(pairs, before + 1):
             beat = float(at)
-            if beat - beat == 0.0:  # finite: inf - inf and nan - nan are nan
-                worker = worker_id.decode()
-                record = records.get(worker)
-                if record is not None and beat > beats.get(worker, record.last_heartbeat):
-                    beats[worker] = beat
+            if fold(worker_id.decode(), beat):
                 if beat > self.latest:  # noqa: PLR1730 (max() is a call: slower per line)
                     self.latest = beat
-            else:
+            else:  # not finite: read as any other line, which says why it is skipped
                 line = b'{"v":%d,"type":"heartbeat","worker_id":"%s","at":%s}\n' % (
                     JOURNAL_FORMAT_VERSION,
                     worker_id,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import math
 import re
-from typing import Any
+from typing import Any, TypeGuard
 from urllib.parse import urlsplit
 
 import attrs
@@ -59,13 +59,13 @@ def _fail(field: str, message: str) -> ValidationError:
     return ValidationError.single(field, message)
 
 
-def _is_number(value: object) -> bool:
+def _is_number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _is_finite_number(value: object) -> bool:
     """A number that is finite as a float (JSON allows ints too large for one)."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
+    if not _is_number(value):
         return False
     try:
         return math.isfinite(value)
@@ -121,7 +121,7 @@ def _concurrency(_: object, attribute: attrs.Attribute[Any], value: object) -> N
 def _optional_non_negative(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if value is None:
         return
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
+    if not _is_number(value):
         raise _fail(attribute.name, "must be a number")
     if not _is_finite_number(value) or value < 0:
         raise _fail(attribute.name, "must be a finite number >= 0")
@@ -355,10 +355,6 @@ class CapabilityView:
     healthy_workers: tuple[str, ...]
 
 
-def _optional_budget(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    _optional_non_negative(instance, attribute, value)
-
-
 def _optional_version(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if value is not None:
         _semver(instance, attribute, value)
@@ -379,7 +375,7 @@ class RouteRequest:
     slo_constraints: dict[str, Any] | None = attrs.field(
         default=None, validator=_optional_json_object
     )
-    budget_tokens: float | None = attrs.field(default=None, validator=_optional_budget)
+    budget_tokens: float | None = attrs.field(default=None, validator=_optional_non_negative)
     idempotency_key: str | None = attrs.field(default=None, validator=_optional_text)
     version: str | None = attrs.field(default=None, validator=_optional_version)
 

@@ -420,7 +420,7 @@ class CapabilityRegistry:
             raise WorkerNotRegistered(worker_id)
         self._remove(worker)
         self._tombstones[worker_id] = now
-        self._tombstone_expiry.append((now + self._policy.evict_after, worker_id, now))
+        self._tombstone_expiry.append((now + self._evict_after, worker_id, now))
         return (WorkerDeregistered(worker_id, now),)
 
     def cleanup_stale(self, *, now: float) -> tuple[Event, ...]:
@@ -549,7 +549,7 @@ class CapabilityRegistry:
         events: list[Event] = []
         for record in records:
             last_heartbeat = min(record.last_heartbeat, now)
-            if now > last_heartbeat + self._policy.evict_after:
+            if now > last_heartbeat + self._evict_after:
                 continue
             deregistered_at = self._tombstones.get(record.worker_id)
             if deregistered_at is not None and deregistered_at >= last_heartbeat:
@@ -629,9 +629,9 @@ class CapabilityRegistry:
         """When the next worker may stop being routable or become evictable.
 
         Something can change for any ``now`` strictly after the returned
-        time; a sweep at or before it does nothing. ``None``: no workers.
-        An early answer is possible (a heartbeat moved the deadline), never
-        a late one.
+        time; a sweep at or before it does nothing. ``None``: nothing left
+        to watch. An early answer is possible (a heartbeat moved the
+        deadline, or the worker has left since), never a late one.
         """
         return self._deadlines[0][0] if self._deadlines else None
 
