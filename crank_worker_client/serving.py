@@ -480,9 +480,16 @@ class InvocationApp:
                 logger.exception("worker start-up failed")
                 await send({"type": "lifespan.startup.failed", "message": str(error)})
                 return
-        await send({"type": "lifespan.startup.complete"})
-        # The only message that can follow start-up is shutdown.
-        await receive()
+        try:
+            await send({"type": "lifespan.startup.complete"})
+            # The only message that can follow start-up is shutdown.
+            await receive()
+        except BaseException as error:
+            # Cancelled (the server stopping hard) or failing while running:
+            # the agent still leaves, deregistering the worker.
+            if agent is not None:
+                await agent.__aexit__(type(error), error, error.__traceback__)
+            raise
         if agent is not None:
             try:
                 await agent.__aexit__(None, None, None)

@@ -332,6 +332,27 @@ async def test_the_agent_is_entered_at_startup_and_left_at_shutdown() -> None:
     assert agent.events == ["registered", "deregistered"]
 
 
+async def test_a_lifespan_cancelled_while_running_still_leaves_the_agent() -> None:
+    agent = RecordingAgent()
+    started = anyio.Event()
+
+    async def receive() -> dict[str, Any]:
+        if not started.is_set():
+            return {"type": "lifespan.startup"}
+        await anyio.sleep_forever()  # the server is stopped before it sends shutdown
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "lifespan.startup.complete":
+            started.set()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(app(agent=agent), {"type": "lifespan"}, receive, send)
+        await started.wait()
+        group.cancel_scope.cancel()
+    assert agent.events == ["registered", "deregistered"]
+
+
 async def test_a_failing_agent_fails_startup() -> None:
     with pytest.raises(RuntimeError, match=r"start-up failed.*controller refused"):
         async with running(app(agent=RecordingAgent(fail=True))):
