@@ -298,7 +298,9 @@ def test_bad_arguments_fail_at_construction(monkeypatch: pytest.MonkeyPatch) -> 
         build(deregister_timeout=0)
     with pytest.raises(ConfigurationError, match="registration_deadline"):
         build(registration_deadline=float("inf"))
-    assert build(registration_deadline=None, controller_url="http://h:1", insecure=True)
+    # No deadline (retry until stopped) and plain HTTP when asked for: accepted.
+    accepted = build(registration_deadline=None, controller_url="http://h:1", insecure=True)
+    assert accepted.controller_url == "http://h:1"
     monkeypatch.setenv("CONTROLLER_URL", "https://registry.internal:9443")
     assert build(controller_url=None).controller_url == "https://registry.internal:9443"
 

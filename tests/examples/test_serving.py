@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
@@ -492,13 +491,11 @@ async def test_works_under_trio_too() -> None:
     assert results == [{"result": {"echo": "t"}}]
 
 
-def test_json_dump_of_the_error_shape() -> None:
-    # The shape documented for errors: {"error": CODE, "message": ...}.
+def test_invocation_errors_carry_a_code_a_message_and_an_error_status() -> None:
     error = InvocationError("code", "text", status=418)
     assert (error.code, error.message, error.status) == ("code", "text", 418)
     with pytest.raises(ValueError, match="4xx or 5xx"):
         InvocationError("code", "text", status=200)
-    assert json.loads(json.dumps({"error": error.code, "message": error.message}))
 
 
 async def _raw_request(
