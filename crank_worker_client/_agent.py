@@ -29,7 +29,7 @@ import httpx
 from crank_registry import CapabilitySchema, Registration, ValidationError, iso_utc
 
 from ._client import ControllerClient
-from ._config import TLSConfig
+from ._config import TLSConfig, is_positive_seconds
 from ._exceptions import (
     ClientError,
     ConfigurationError,
@@ -123,12 +123,7 @@ def _registration(
 def _check_duration(name: str, value: float | None, *, optional: bool = False) -> None:
     if value is None and optional:
         return
-    if not (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value > 0
-    ):
+    if not is_positive_seconds(value):
         raise ConfigurationError(f"{name} must be a finite number of seconds > 0, got {value!r}")
 
 

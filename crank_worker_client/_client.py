@@ -11,7 +11,6 @@ fields are ignored) but a missing or mistyped field is
 from __future__ import annotations
 
 import email.utils
-import math
 import ssl
 import time
 from collections.abc import Mapping
@@ -33,9 +32,10 @@ from crank_registry import (
     unstructure,
 )
 
-from ._config import TLSConfig, resolve_controller_url
+from ._config import TLSConfig, is_positive_seconds, resolve_controller_url
 from ._exceptions import (
     ClientError,
+    ConfigurationError,
     ControllerUnavailable,
     ForbiddenError,
     InvalidRequest,
@@ -125,8 +125,8 @@ class ControllerClient:
         transport: httpx.AsyncBaseTransport | None = None,
         timeout: float = 10.0,
     ) -> None:
-        if not (math.isfinite(timeout) and timeout > 0):
-            raise ValueError(f"timeout must be a finite number > 0, got {timeout!r}")
+        if not is_positive_seconds(timeout):
+            raise ConfigurationError(f"timeout must be a finite number > 0, got {timeout!r}")
         self.controller_url = resolve_controller_url(
             controller_url, insecure=insecure, tls_given=tls is not None
         )
@@ -413,12 +413,7 @@ def _strings(data: Mapping[str, Any], name: str) -> tuple[str, ...]:
 
 def _interval(data: Mapping[str, Any]) -> float:
     value = data.get("heartbeat_interval_s")
-    if (
-        not isinstance(value, (int, float))
-        or isinstance(value, bool)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
+    if not is_positive_seconds(value):
         raise _unexpected("the controller's answer has no positive 'heartbeat_interval_s'")
     return float(value)
 

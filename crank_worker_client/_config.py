@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import math
 import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeGuard
 from urllib.parse import urlsplit
 
 from ._exceptions import ConfigurationError
 
 __all__ = ["DEFAULT_CONTROLLER_URL", "TLSConfig", "resolve_controller_url"]
+
+
+def is_positive_seconds(value: object) -> TypeGuard[int | float]:
+    """A finite number > 0 (not a bool): a duration, interval or timeout."""
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
+
 
 #: Used when no URL is given and ``CONTROLLER_URL`` is not set.
 DEFAULT_CONTROLLER_URL = "https://localhost:9000"

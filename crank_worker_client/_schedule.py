@@ -20,8 +20,9 @@ worker agent wires them to a clock; tests call them directly.
 from __future__ import annotations
 
 import enum
-import math
 import random
+
+from ._config import is_positive_seconds
 
 __all__ = [
     "MAX_JITTER_FRACTION",
@@ -53,7 +54,7 @@ class Outcome(enum.Enum):
 
 
 def _check_positive(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+    if not is_positive_seconds(value):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 

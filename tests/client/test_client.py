@@ -400,3 +400,9 @@ def test_the_source_imports_only_the_core_httpx_anyio_and_optional_opentelemetry
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 found.add(node.module.split(".")[0])
     assert found - set(sys.stdlib_module_names) <= allowed, found - set(sys.stdlib_module_names)
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0, float("inf"), float("nan"), True, "10"])
+def test_a_timeout_that_is_not_a_positive_number_of_seconds_is_refused(timeout: object) -> None:
+    with pytest.raises(ConfigurationError, match="timeout"):
+        ControllerClient("http://h:1", insecure=True, timeout=timeout)  # type: ignore[arg-type]
