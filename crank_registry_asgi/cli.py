@@ -21,7 +21,6 @@ import argparse
 import logging
 import math
 import os
-import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,8 +34,6 @@ __all__ = ["UsageError", "add_certs_command", "add_serve_command", "build_parser
 Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
-# RFC 9110 token characters: what an HTTP header name may be made of.
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 _HOW_TO_GET_CERTIFICATES = """\
 serve speaks HTTPS only and needs a certificate. For development:
@@ -299,7 +296,9 @@ def _check_tls_flags(
     if certfile is None and not insecure:
         raise UsageError("no certificate given.\n\n" + _HOW_TO_GET_CERTIFICATES)
     if proxy_header is not None:
-        if not _HEADER_NAME.fullmatch(proxy_header):
+        from .config import is_header_name
+
+        if not is_header_name(proxy_header):
             raise UsageError(
                 f"--trust-proxy-cert-header: not an HTTP header name: {proxy_header!r}"
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import re
 from typing import Any
 
 import attrs
@@ -17,12 +18,17 @@ def _positive_int(_: object, attribute: attrs.Attribute[Any], value: object) -> 
         raise ValueError(f"{attribute.name} must be an integer >= 1, got {value!r}")
 
 
+# RFC 9110 token characters: what an HTTP header name may be made of.
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def is_header_name(value: object) -> bool:
+    """An HTTP header name (an RFC 9110 token)."""
+    return isinstance(value, str) and _HEADER_NAME.fullmatch(value) is not None
+
+
 def _header_name(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if value is None:
-        return
-    if not isinstance(value, str) or not value or not value.isascii() or ":" in value:
-        raise ValueError(f"{attribute.name} must be an HTTP header name, got {value!r}")
-    if any(ch.isspace() for ch in value):
+    if value is not None and not is_header_name(value):
         raise ValueError(f"{attribute.name} must be an HTTP header name, got {value!r}")
 
 

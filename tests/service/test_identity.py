@@ -150,6 +150,9 @@ def test_header_name_is_validated() -> None:
         ServiceConfig(proxy_cert_header="bad header")
     with pytest.raises(ValueError, match="header name"):
         ServiceConfig(proxy_cert_header="")
+    # The same rule as the command's --trust-proxy-cert-header: an RFC 9110 token.
+    with pytest.raises(ValueError, match="header name"):
+        ServiceConfig(proxy_cert_header="x(y),z")
 
 
 async def test_a_presented_identity_is_checked_even_when_not_required(
