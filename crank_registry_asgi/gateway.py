@@ -59,12 +59,28 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from crank_registry import NDJSON, WorkerEndpoint, invocation_path
+from crank_registry import (
+    NDJSON,
+    Problem,
+    RegistryError,
+    RouteRequest,
+    ValidationError,
+    WorkerEndpoint,
+    invocation_path,
+    structure,
+)
 
 from .app import ControllerService
 from .config import _positive_int
-from .http import ApiError, ServiceApp, error_response, internal_error, read_json_body
-from .openapi import openapi_document
+from .http import (
+    ApiError,
+    ServiceApp,
+    error_response,
+    internal_error,
+    read_json_body,
+    registry_error_response,
+)
+from .openapi import TEXT_SCHEMA, openapi_document
 from .telemetry import TracingMiddleware, annotate, tracer
 
 __all__ = [
@@ -80,7 +96,7 @@ __all__ = [
 #: Where the gateway listens.
 EXECUTE_PATH = "/execute"
 
-_MAX_NAME = 256
+_EXECUTE_FIELDS = ("verb", "capability", "payload")
 _WORKER_HEADER = "x-crank-worker-id"
 _ATTEMPTS_HEADER = "x-crank-attempts"
 
@@ -201,6 +217,8 @@ class Gateway:
             response = await self.execute(request)
         except ApiError as error:
             response = error.response()
+        except RegistryError as error:
+            response = registry_error_response(error)
         except Exception:
             # Never a traceback to the caller; the server span records it.
             trace.get_current_span().set_status(Status(StatusCode.ERROR))
@@ -406,7 +424,12 @@ def _unusable_url(endpoint: WorkerEndpoint, error: Exception) -> _Refused:
 
 
 def _parse_execute(body: Any) -> tuple[str, str, Any]:
-    problems: list[dict[str, str]] = []
+    """An /execute body's verb, capability and payload.
+
+    Verb and capability follow the core's rules for a route (``RouteRequest``);
+    the other fields of a route request have no place here and are unknown.
+    Raises :class:`ValidationError` listing every problem.
+    """
     if not isinstance(body, dict):
         raise ApiError(
             422,
@@ -414,29 +437,17 @@ def _parse_execute(body: Any) -> tuple[str, str, Any]:
             'the body must be an object {"verb", "capability", "payload"}',
             detail=[{"path": "", "message": "must be an object"}],
         )
-    for name in ("verb", "capability"):
-        value = body.get(name)
-        if name not in body:
-            problems.append({"path": name, "message": "is required"})
-        elif not isinstance(value, str):
-            problems.append({"path": name, "message": "must be a string"})
-        elif not value.strip():
-            problems.append({"path": name, "message": "must not be empty"})
-        elif len(value) > _MAX_NAME:
-            problems.append({"path": name, "message": f"must be at most {_MAX_NAME} characters"})
+    problems: list[Problem] = []
+    try:
+        ask = structure({k: body[k] for k in ("verb", "capability") if k in body}, RouteRequest)
+    except ValidationError as error:
+        problems.extend(error.problems)
     if "payload" not in body:
-        problems.append({"path": "payload", "message": "is required"})
-    for name in body:
-        if name not in ("verb", "capability", "payload"):
-            problems.append({"path": str(name), "message": "unknown field"})
+        problems.append(Problem("payload", "is required"))
+    problems.extend(Problem(str(k), "unknown field") for k in body if k not in _EXECUTE_FIELDS)
     if problems:
-        raise ApiError(
-            422,
-            "invalid_request",
-            "; ".join(f"{p['path']}: {p['message']}" for p in problems),
-            detail=problems,
-        )
-    return body["verb"], body["capability"], body["payload"]
+        raise ValidationError(problems)
+    return ask.verb, ask.capability, body["payload"]
 
 
 async def _read_bounded(response: httpx.Response, limit: int) -> bytes | None:
@@ -501,7 +512,7 @@ def _json_content(schema: dict[str, Any]) -> dict[str, Any]:
 def gateway_openapi_document() -> dict[str, Any]:
     """The controller's OpenAPI document with ``POST /execute`` added."""
     document = openapi_document()
-    text = {"type": "string", "minLength": 1, "maxLength": _MAX_NAME}
+    text = {"type": "string", **TEXT_SCHEMA}
     error_body = {
         "type": "object",
         "required": ["error", "message"],

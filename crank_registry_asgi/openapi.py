@@ -48,8 +48,8 @@ _SEMVER = (
 # characters such as U+001C..U+001F that a regex engine's \s may not: the
 # class lists them literally so that every engine reads it the same way.
 _NOT_BLANK = "[^" + "".join(chr(c) for c in range(0x3001) if chr(c).isspace()) + "]"
-# A short text: not blank, at most 256 characters.
-_TEXT: dict[str, Any] = {"minLength": 1, "maxLength": 256, "pattern": _NOT_BLANK}
+#: A short text: not blank, at most 256 characters (the core's rule for names).
+TEXT_SCHEMA: dict[str, Any] = {"minLength": 1, "maxLength": 256, "pattern": _NOT_BLANK}
 _WORKER_ID: dict[str, Any] = {
     "minLength": 1,
     "maxLength": 128,
@@ -85,7 +85,7 @@ _SLO: dict[str, Any] = {
 #: Per model and field: JSON Schema keywords beyond the type (the validators' rules).
 FIELD_CONSTRAINTS: dict[type[Any], dict[str, dict[str, Any]]] = {
     CapabilitySchema: {
-        "name": {**_TEXT, "description": "The capability's name, e.g. image.classify."},
+        "name": {**TEXT_SCHEMA, "description": "The capability's name, e.g. image.classify."},
         "verb": {
             "minLength": 1,
             "maxLength": 256,
@@ -97,15 +97,15 @@ FIELD_CONSTRAINTS: dict[type[Any], dict[str, dict[str, Any]]] = {
         "output_schema": {"description": "A JSON Schema of the output."},
         "requires_gpu": {},
         "max_concurrency": {"minimum": 1},
-        "runtime": _TEXT,
-        "env_profile": _TEXT,
+        "runtime": TEXT_SCHEMA,
+        "env_profile": TEXT_SCHEMA,
         "constraints": {},
         "slo": _SLO,
         "spiffe_id": {"maxLength": 256, "pattern": r"^spiffe://."},
         "required_capabilities": {"items": {"type": "string", "pattern": _NOT_BLANK}},
         "cost_tokens_per_invocation": _NUMBER_AT_LEAST_ZERO,
         "slo_bid": {},
-        "controller_affinity": _TEXT,
+        "controller_affinity": TEXT_SCHEMA,
     },
     Registration: {
         "worker_id": _WORKER_ID,
@@ -118,12 +118,12 @@ FIELD_CONSTRAINTS: dict[type[Any], dict[str, dict[str, Any]]] = {
     HeartbeatRequest: {"worker_id": _WORKER_ID},
     DeregisterRequest: {"worker_id": _WORKER_ID},
     RouteRequest: {
-        "verb": _TEXT,
-        "capability": _TEXT,
-        "requester_identity": _TEXT,
+        "verb": TEXT_SCHEMA,
+        "capability": TEXT_SCHEMA,
+        "requester_identity": TEXT_SCHEMA,
         "slo_constraints": {},
         "budget_tokens": _NUMBER_AT_LEAST_ZERO,
-        "idempotency_key": _TEXT,
+        "idempotency_key": TEXT_SCHEMA,
         "version": {"pattern": _SEMVER},
     },
 }
