@@ -379,7 +379,7 @@ class ControllerService:
         application must not start without its journal.
         """
         assert self.config.state_dir is not None
-        journal = Journal.open(self.config.state_dir, policy=self.policy)
+        journal = Journal.open(self.config.state_dir)
         stack.push_async_callback(journal.aclose)
         report = journal.recover(self.registry, now=self.clock())
         logger.info(

@@ -54,7 +54,6 @@ import attrs
 from crank_registry import (
     CapabilityRegistry,
     Event,
-    HealthPolicy,
     JournalState,
     ReplayResult,
     replay_bytes,
@@ -156,7 +155,6 @@ class Journal:
         fd: int,
         size: int,
         fsync: bool,
-        policy: HealthPolicy | None,
         compact_ratio: float,
         compact_min_bytes: int,
     ) -> None:
@@ -167,7 +165,9 @@ class Journal:
         self._fd = fd
         self._size = size
         self._fsync = fsync
-        self._policy = policy
+        # A heartbeat gets a line at most this often per worker; set by
+        # recover() from the registry's policy.
+        self._heartbeat_every = 0.0
         self._compact_ratio = compact_ratio
         self._compact_min_bytes = compact_min_bytes
         self._state = JournalState()
@@ -195,7 +195,6 @@ class Journal:
         state_dir: pathlib.Path,
         *,
         fsync: bool = True,
-        policy: HealthPolicy | None = None,
         compact_ratio: float = 2.0,
         compact_min_bytes: int | None = None,
     ) -> Journal:
@@ -203,9 +202,7 @@ class Journal:
 
         ``fsync=False`` skips every fsync (for tests and benchmarks: a crash
         of the machine may then lose acknowledged registrations).
-        ``policy`` sets how often a worker's heartbeat is journaled (at
-        most once per half ``unhealthy_after``); by default it is the
-        recovered registry's. Compaction starts when the file exceeds
+        Compaction starts when the file exceeds
         ``compact_ratio`` times a snapshot's size and ``compact_min_bytes``
         (default 1 MiB, or the ``CRANK_REGISTRY_COMPACT_MIN_BYTES``
         environment variable). Raises :class:`JournalError` when the
@@ -261,7 +258,6 @@ class Journal:
             fd=fd,
             size=size,
             fsync=fsync,
-            policy=policy,
             compact_ratio=compact_ratio,
             compact_min_bytes=compact_min_bytes,
         )
@@ -277,8 +273,10 @@ class Journal:
             raise RuntimeError("the journal was already recovered")
         if self._closed:
             raise RuntimeError("the journal is closed")
-        if self._policy is None:
-            self._policy = registry.policy
+        # A lost heartbeat line costs nothing the next one does not repair:
+        # one line per worker per half unhealthy_after keeps a restored
+        # worker's heartbeat within that much of the truth.
+        self._heartbeat_every = registry.policy.unhealthy_after / 2
         started = time.perf_counter()
         # A bulk load of many small objects: the cyclic collector would run
         # dozens of times for nothing.
@@ -367,8 +365,7 @@ class Journal:
             raise RuntimeError("recover() must run before record()")
         if self._closed:
             raise JournalUnavailable(f"the journal {self.path} is closed")
-        heartbeat_every = self._policy.unhealthy_after / 2 if self._policy is not None else 0.0
-        encoded = self._state.encode(events, heartbeat_every=heartbeat_every)
+        encoded = self._state.encode(events, heartbeat_every=self._heartbeat_every)
         if not encoded.lines:
             return
         batch = self._pending
