@@ -163,9 +163,8 @@ class ControllerService:
         self.effects = Effects(metrics=Metrics(), journal_expected=config.state_dir is not None)
         self.sweeper = Sweeper(registry, self.clock, self.effects)
         self.retry_after = str(max(1, math.ceil(self.policy.heartbeat_interval)))
-        self.document = openapi_document()
         # Rendered once: the document does not change while the app runs.
-        self._document_body = JSONResponse(self.document).body
+        self._document_body = JSONResponse(openapi_document()).body
 
     async def sweep(self) -> tuple[Event, ...]:
         """One eviction pass at the current time (what the background loop runs)."""

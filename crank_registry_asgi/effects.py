@@ -109,7 +109,7 @@ class Effects:
         try:
             await self.journal.record(events)
         except JournalUnavailable as error:
-            raise ApiError(503, error.code, str(error)) from None
+            raise ApiError(error.status_hint, error.code, str(error)) from None
 
     def _observe(self, event: Event) -> None:
         span = trace.get_current_span()
