@@ -157,7 +157,7 @@ def add_serve_command(subcommands: Subcommands) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--gateway-attempts",
-        type=_attempts,
+        type=_at_least_one,
         metavar="N",
         help="with --gateway: workers to try when connections are refused (3)",
     )
@@ -344,7 +344,8 @@ def _port(text: str) -> int:
     return port
 
 
-def _attempts(text: str) -> int:
+def _at_least_one(text: str) -> int:
+    """A whole number >= 1 (``--gateway-attempts``, ``--days``)."""
     try:
         value = int(text)
     except ValueError:
@@ -400,7 +401,7 @@ def add_certs_command(subcommands: Subcommands) -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
-        "--days", type=_days, default=365, help="validity of new certificates in days (365)"
+        "--days", type=_at_least_one, default=365, help="validity of new certificates in days (365)"
     )
     parser.set_defaults(handler=run_certs)
     return parser
@@ -432,13 +433,3 @@ def run_certs(args: argparse.Namespace) -> int:
     for path in written:
         print(path)
     return 0
-
-
-def _days(text: str) -> int:
-    try:
-        days = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number of days: {text!r}") from None
-    if days < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {days}")
-    return days

@@ -49,6 +49,8 @@ from typing import IO, TYPE_CHECKING, Any
 
 import attrs
 
+from .cli import UsageError
+
 if TYPE_CHECKING:
     # Imported where used: the command line builds every subcommand's parser,
     # and `serve` should not pay for the demo's imports.
@@ -140,12 +142,10 @@ def run_demo(args: argparse.Namespace) -> int:
     """``demo``: run it; 0 when every check passed."""
     root = _source_root(args.examples)
     if root is None:
-        print(
-            "crank-registry demo: error: the demo runs the workers in examples/workers, which "
-            "ship with the source checkout; run it from a clone (or pass --examples DIR)",
-            file=sys.stderr,
+        raise UsageError(
+            "the demo runs the workers in examples/workers, which ship with the source "
+            "checkout; run it from a clone (or pass --examples DIR)"
         )
-        return 2
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     workdir = Path(tempfile.mkdtemp(prefix="crank-demo-"))
     demo = Demo(root, workdir, sys.stdout)
