@@ -218,12 +218,13 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     app = create_app(config=config)
     if args.gateway:
-        from .gateway import serve_with_gateway
+        from .gateway import GatewayConfig, serve_with_gateway
 
+        given = {"max_attempts": args.gateway_attempts, "timeout": args.gateway_timeout}
         app = serve_with_gateway(
             app,
-            max_attempts=args.gateway_attempts or 3,
-            timeout=args.gateway_timeout or 30.0,
+            # What a flag does not give, GatewayConfig's default says.
+            GatewayConfig(**{name: value for name, value in given.items() if value is not None}),
             certfile=None if certfile is None else str(certfile),
             keyfile=None if keyfile is None else str(keyfile),
             ca_certs=None if ca_certs is None else str(ca_certs),

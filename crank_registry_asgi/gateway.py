@@ -686,9 +686,8 @@ def create_gateway_app(
 
 def serve_with_gateway(
     controller: Starlette,
+    config: GatewayConfig,
     *,
-    max_attempts: int,
-    timeout: float,
     certfile: str | None,
     keyfile: str | None,
     ca_certs: str | None,
@@ -700,5 +699,4 @@ def serve_with_gateway(
     it, against the system's trust store).
     """
     tls = gateway_ssl_context(ca_certs=ca_certs, certfile=certfile, keyfile=keyfile)
-    config = GatewayConfig(max_attempts=max_attempts, timeout=timeout)
     return create_gateway_app(controller, config, tls=tls)

@@ -38,3 +38,28 @@ def test_demo_is_a_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
     assert "--keep-running" in capsys.readouterr().out
+
+
+def test_gateway_flags_fill_a_gateway_config_over_its_defaults(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from crank_registry_asgi import gateway, server
+    from crank_registry_asgi.gateway import GatewayConfig
+
+    configs: list[GatewayConfig] = []
+
+    def capture(controller: object, config: GatewayConfig, **tls: object) -> object:
+        configs.append(config)
+        return controller
+
+    monkeypatch.setattr(gateway, "serve_with_gateway", capture)
+    monkeypatch.setattr(server, "run", lambda app, settings: None)
+    main(["serve", "--insecure", "--gateway"])
+    main(["serve", "--insecure", "--gateway", "--gateway-timeout", "2.5"])
+    assert configs == [GatewayConfig(), GatewayConfig(timeout=2.5)]
+    # The help says the same defaults.
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"refused ({GatewayConfig().max_attempts})" in help_text
+    assert f"answering ({GatewayConfig().timeout:g})" in help_text
