@@ -51,8 +51,6 @@ DEFAULT_VALIDITY = datetime.timedelta(days=365)
 # Certificates start a little in the past so that a clock running slightly
 # behind on another machine does not reject a certificate made a second ago.
 _BACKDATE = datetime.timedelta(minutes=5)
-# The worker_id rule of the registry; names also become file names, so this
-# also keeps them free of path separators.
 
 
 @attrs.frozen
@@ -86,7 +84,11 @@ def spiffe_id(kind: str, name: str, *, trust_domain: str = TRUST_DOMAIN) -> str:
 
 
 def check_name(name: str) -> str:
-    """Return ``name`` if it is a valid worker or client name, else raise ``ValueError``."""
+    """Return ``name`` if it is a valid worker or client name, else raise ``ValueError``.
+
+    The registry's worker-id rule; names also become file names, and the
+    rule keeps them free of path separators.
+    """
     if not is_worker_id(name):
         raise ValueError(f"invalid name {name!r}: use 1 to 128 letters, digits, '.', '_' and '-'")
     return name
