@@ -13,7 +13,7 @@ to the target where there is one:
   registry's): ``route`` over the same 64 hot capabilities at every size
   (target <= 1 µs at 100 000, and within 1.3x of the figure at 100), and,
   without a target, over every capability in turn (cache-cold at 100 000);
-  ``heartbeat`` of distinct workers in turn (target <= 1 µs); ``register``,
+  ``heartbeat`` of distinct workers in turn (target <= 1.5 µs); ``register``,
   the re-registration of an existing worker with 3 capability objects
   freshly structured from JSON before the timing;
 * ``cleanup_stale`` per evicted worker: a sweep that evicts a tenth of the
@@ -50,7 +50,7 @@ START = 1_700_000_000.0
 
 ROUTE_TARGET_US = 1.0
 ROUTE_FLATNESS_TARGET = 1.3
-HEARTBEAT_TARGET_US = 1.0
+HEARTBEAT_TARGET_US = 1.5
 MEMORY_TARGET_BYTES = 1.5 * 1024
 MEMORY_TARGET_AT = 100_000  # workers; see the module docstring
 

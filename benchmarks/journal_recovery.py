@@ -6,9 +6,11 @@ smoke run).
 For 10 000 and 100 000 workers it writes a journal as compaction leaves it
 (a snapshot alone) and as it is just before the next compaction (a snapshot,
 then heartbeat lines up to the same size again: the largest the file gets
-with the default ratio of 2), then times ``Journal.open`` +
-``Journal.recover`` into an empty registry (reading, replaying and
-``CapabilityRegistry.restore``), each run in a new process, as a restarted
+with the default ratio of 2), then times what the service's lifespan does
+on start: ``Journal.open`` + ``Journal.read``, ``replay_bytes`` into an
+empty registry (every value read back passes the wire model's checks, and
+every change goes through the registry's one fold) and
+``CapabilityRegistry.restart``, each run in a new process, as a restarted
 controller starts. Two fleet shapes:
 
 * ``replicas``: workers are replicas of 100 services (each service offers 3
@@ -17,13 +19,12 @@ controller starts. Two fleet shapes:
   ``benchmarks/core.py``): 10 000 capability sets of 10 workers each, the
   hard case for recovery, which works each set out once.
 
-Target: 100 000 workers recovered in <= 1 s.
+Target (DESIGN.md, "Targets"): 100 000 workers recovered in <= 2 s.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import pathlib
@@ -40,16 +41,18 @@ from crank_registry import (
     CapabilityRegistry,
     CapabilitySchema,
     HeartbeatReceived,
-    JournalState,
+    Snapshot,
     WorkerRecord,
     encode_event,
+    encode_snapshot,
     replay_bytes,
     structure,
 )
+from crank_registry_asgi.effects import RegistrySnapshots
 from crank_registry_asgi.journal import JOURNAL_NAME, Journal
 
 START = 1_700_000_000.0
-TARGET_SECONDS = 1.0
+TARGET_SECONDS = 2.0
 TARGET_WORKERS = 100_000
 
 
@@ -90,7 +93,8 @@ def fleet(workers: int, shape: str) -> list[WorkerRecord]:
 
 def write_journal(state_dir: pathlib.Path, records: list[WorkerRecord], fill: float) -> int:
     """A snapshot, then heartbeats until the file is ``fill`` times its size; returns its size."""
-    snapshot = b"".join(JournalState(records).snapshot())
+    # The revision of a registry whose workers each registered once.
+    snapshot = b"".join(encode_snapshot(Snapshot(len(records), tuple(records))))
     lines = [snapshot]
     size = len(snapshot)
     beat = 0
@@ -109,10 +113,11 @@ def write_journal(state_dir: pathlib.Path, records: list[WorkerRecord], fill: fl
 def recover_once(state_dir: pathlib.Path) -> tuple[float, float, float, float, int]:
     """Recover ``state_dir`` in a new process, as a restarted controller does.
 
-    Returns wall and CPU seconds for open + recover, then replay and restore
-    timed apart, and the workers restored. A process of its own starts with
-    a heap as a restarted controller's (not this one's, which holds the
-    fleet and the garbage of earlier runs for the collector to walk).
+    Returns wall and CPU seconds for the whole start (open, read, replay,
+    restart), then replay and restart timed apart, and the workers held.
+    A process of its own starts with a heap as a restarted controller's
+    (not this one's, which holds the fleet and the garbage of earlier runs
+    for the collector to walk).
     """
     output = subprocess.run(
         [sys.executable, __file__, "--recover", str(state_dir)],
@@ -120,28 +125,32 @@ def recover_once(state_dir: pathlib.Path) -> tuple[float, float, float, float, i
         capture_output=True,
         text=True,
     ).stdout
-    elapsed, cpu, replayed, restored, workers = json.loads(output)
-    return elapsed, cpu, replayed, restored, workers
+    elapsed, cpu, replayed, restarted, workers = json.loads(output)
+    return elapsed, cpu, replayed, restarted, workers
 
 
 def recover_here(state_dir: pathlib.Path) -> None:
-    """The child of :func:`recover_once`: prints its figures as JSON."""
+    """The child of :func:`recover_once`: prints its figures as JSON.
+
+    The steps of the service's lifespan (``_open_journal``), timed.
+    """
     registry = CapabilityRegistry()
     started, started_cpu = time.perf_counter(), time.process_time()
-    journal = Journal.open(state_dir)
-    report = journal.recover(registry, now=START + 60)
-    elapsed, cpu = time.perf_counter() - started, time.process_time() - started_cpu
+    journal = Journal.open(state_dir, snapshots=RegistrySnapshots(registry))
+    data = journal.read()
+    replay_started = time.perf_counter()
+    result = replay_bytes(data, registry)
+    restart_started = time.perf_counter()
+    registry.restart()
+    ended = time.perf_counter()
+    elapsed, cpu = ended - started, time.process_time() - started_cpu
     anyio.run(journal.aclose)
-    # The same two steps apart, to say where the time goes.
-    gc.collect()
-    gc.disable()
-    started = time.perf_counter()
-    result = replay_bytes((state_dir / JOURNAL_NAME).read_bytes())
-    replayed = time.perf_counter() - started
-    started = time.perf_counter()
-    CapabilityRegistry().restore(result.records, now=START + 60)
-    restored = time.perf_counter() - started
-    print(json.dumps([elapsed, cpu, replayed, restored, report.workers_restored]))
+    assert result.lines_skipped == 0, result.skipped[:3]
+    print(
+        json.dumps(
+            [elapsed, cpu, restart_started - replay_started, ended - restart_started, len(registry)]
+        )
+    )
 
 
 def main() -> int:
@@ -157,7 +166,7 @@ def main() -> int:
     print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     print(
         f"{'workers':>8} {'shape':>9} {'snapshot':>10} {'file':>10} {'wall s':>8} "
-        f"{'cpu s':>7} {'replay':>7} {'restore':>8} {'wall/target':>12} {'cpu/target':>11}"
+        f"{'cpu s':>7} {'replay':>7} {'restart':>8} {'wall/target':>12} {'cpu/target':>11}"
     )
     verdicts = []
     for workers in sizes:
@@ -174,7 +183,7 @@ def main() -> int:
                 elapsed = statistics.median(t[0] for t in timings)
                 cpu = statistics.median(t[1] for t in timings)
                 replayed = statistics.median(t[2] for t in timings)
-                restored = statistics.median(t[3] for t in timings)
+                restarted = statistics.median(t[3] for t in timings)
                 assert all(t[4] == workers for t in timings), "not every worker was restored"
                 # The target is for 100 000 workers; a smaller fleet is scaled to it.
                 budget = TARGET_SECONDS * workers / TARGET_WORKERS
@@ -183,12 +192,14 @@ def main() -> int:
                 print(
                     f"{workers:>8} {shape:>9} {snapshot_size / 1e6:>8.1f}MB "
                     f"{file_size / 1e6:>8.1f}MB {elapsed:>8.3f} {cpu:>7.3f} {replayed:>7.3f} "
-                    f"{restored:>8.3f} {ratio:>11.2f}x {cpu_ratio:>10.2f}x"
+                    f"{restarted:>8.3f} {ratio:>11.2f}x {cpu_ratio:>10.2f}x"
                 )
     print()
-    print("wall s, cpu s: Journal.open + recover (median of runs); replay, restore: its two")
-    print("steps in wall seconds. ratio = time / target, the target (100 000 workers in <= 1 s)")
-    print("scaled to the fleet size; <= 1.00x meets it.")
+    print("wall s, cpu s: Journal.open + read + replay_bytes + restart (median of runs);")
+    print("replay, restart: those two steps in wall seconds. ratio = time / target, the target")
+    print(
+        f"(100 000 workers in <= {TARGET_SECONDS:g} s) scaled to the fleet size; <= 1.00x meets it."
+    )
     for workers, shape, fill, ratio, cpu_ratio in verdicts:
         if workers == max(sizes):
             verdict = "meets" if ratio <= 1 else "misses"

@@ -6,11 +6,12 @@ short run; the full day takes a few minutes).
 10 000 workers register, then heartbeat for 24 simulated hours on a fake
 clock with the default timings (heartbeat every 30 s less a jitter of up to
 10 %, as the worker client does; unhealthy after 60 s, evicted after 120 s).
-Their events go through ``Journal.record`` in time order (fsync is off:
-it does not change the size, only the run time), which journals at most
-one heartbeat per worker per 30 s and compacts the file when it outgrows
-the live state. At the end, the file is compared with a fresh snapshot of
-the same workers.
+Each heartbeat goes to the registry, and its events through the service's
+``Effects`` to ``Journal.append`` in time order (fsync is off: it does not
+change the size, only the run time): the effects journal at most one
+heartbeat per worker per 30 s, and the journal compacts the file (a
+snapshot of the registry) when it outgrows the live state. At the end, the
+file is compared with a fresh snapshot of the same workers.
 
 Target: the journal is <= 3x the size of a fresh snapshot.
 """
@@ -30,13 +31,15 @@ import anyio
 from crank_registry import (
     CapabilityRegistry,
     CapabilitySchema,
+    Event,
     HealthPolicy,
-    HeartbeatReceived,
-    JournalState,
-    replay,
+    encode_snapshot,
+    replay_bytes,
     structure,
 )
+from crank_registry_asgi.effects import Effects, RegistrySnapshots
 from crank_registry_asgi.journal import JOURNAL_NAME, Journal
+from crank_registry_asgi.telemetry import Metrics
 
 START = 1_700_000_000.0
 WORKERS = 10_000
@@ -67,15 +70,22 @@ async def simulate(hours: float, workers: int) -> tuple[int, int, int, int, floa
     rng = random.Random(20261126)
     registry = CapabilityRegistry(policy)
     with tempfile.TemporaryDirectory() as directory:
-        journal = Journal.open(pathlib.Path(directory), fsync=False)
-        journal.recover(registry, now=START)
+        state_dir = pathlib.Path(directory)
+        journal = Journal.open(state_dir, snapshots=RegistrySnapshots(registry), fsync=False)
+        replay_bytes(journal.read(), registry)
+        effects = Effects(
+            metrics=Metrics(),
+            journal_expected=True,
+            heartbeat_line_every=policy.unhealthy_after / 2,
+        )
+        effects.journal = journal
         ids = [f"worker-{w:06d}" for w in range(workers)]
         services = [capabilities(service) for service in range(100)]
         registrations = []
         for w, worker_id in enumerate(ids):
             url = f"https://10.0.{w >> 8 & 255}.{w & 255}:8443"
             registrations += registry.register(worker_id, url, services[w % 100], now=START)
-        await journal.record(registrations)
+        await effects.apply(registrations)
         interval = policy.heartbeat_interval
         # Each worker beats every 30 s less its jitter, from a random phase.
         periods = [interval * (1 - 0.1 * rng.random()) for _ in ids]
@@ -84,24 +94,28 @@ async def simulate(hours: float, workers: int) -> tuple[int, int, int, int, floa
         end = START + hours * 3600
         window_end = START + WINDOW
         while window_end <= end:
-            events = []
+            beats: list[tuple[float, str]] = []
             for w, worker_id in enumerate(ids):
                 at = upcoming[w]
                 while at < window_end:
-                    events.append(HeartbeatReceived(worker_id, at))
+                    beats.append((at, worker_id))
                     at += periods[w]
                 upcoming[w] = at
-            events.sort(key=lambda event: event.at)
-            await journal.record(events)
+            beats.sort()
+            events: list[Event] = []
+            for at, worker_id in beats:
+                events += registry.heartbeat(worker_id, now=at)
+            await effects.apply(events)
             largest = max(largest, journal.size)
             window_end += WINDOW
         await journal.aclose()
-        size = (pathlib.Path(directory) / JOURNAL_NAME).stat().st_size
+        data = (state_dir / JOURNAL_NAME).read_bytes()
         # A fresh snapshot of the same workers, as compaction would write it now.
-        with open(pathlib.Path(directory) / JOURNAL_NAME, "rb") as file:
-            live = replay(file).records
-        snapshot = sum(map(len, JournalState(live).snapshot()))
-        return size, snapshot, largest, journal.compactions, len(live)
+        live = CapabilityRegistry(policy)
+        result = replay_bytes(data, live)
+        assert result.lines_skipped == 0 and len(live) == workers
+        snapshot = sum(map(len, encode_snapshot(live.snapshot())))
+        return len(data), snapshot, largest, journal.compactions, len(live)
 
 
 def main() -> int:

@@ -6,8 +6,9 @@ smoke run).
 32 concurrent clients (anyio tasks) register new workers as fast as they
 can, in-process: each request's body is parsed and structured as the
 service does, applied to a ``CapabilityRegistry``, and, with the journal,
-recorded by ``Journal.record`` (written and fsynced before it returns, one
-fsync shared by the registrations that arrive meanwhile). The same run
+handed to the service's ``Effects``, which appends its line with
+``Journal.append(..., durable=True)`` (written and fsynced before it
+returns, one fsync shared by the registrations that arrive meanwhile). The same run
 measures both modes, alternating them, on a fresh registry and state
 directory each time; then the same through the controller app
 (``create_app`` over ``httpx.ASGITransport``, with and without a state
@@ -33,10 +34,12 @@ import anyio
 import anyio.lowlevel
 import httpx
 
-from crank_registry import CapabilityRegistry, Registration, structure
+from crank_registry import CapabilityRegistry, Registration, replay_bytes, structure
 from crank_registry_asgi.app import create_app
 from crank_registry_asgi.config import ServiceConfig
+from crank_registry_asgi.effects import Effects, RegistrySnapshots
 from crank_registry_asgi.journal import Journal
+from crank_registry_asgi.telemetry import Metrics
 
 START = 1_700_000_000.0
 CLIENTS = 32
@@ -66,11 +69,20 @@ def body(worker: int) -> bytes:
     ).encode()
 
 
-async def run(bodies: list[bytes], journal: Journal | None) -> float:
-    """Registrations per second of CLIENTS tasks sharing ``bodies``."""
+async def run(bodies: list[bytes], state_dir: pathlib.Path | None) -> tuple[float, int]:
+    """Registrations per second of CLIENTS tasks sharing ``bodies``, and compactions."""
     registry = CapabilityRegistry()
-    if journal is not None:
-        journal.recover(registry, now=START)
+    journal = None
+    effects = Effects(
+        metrics=Metrics(),
+        journal_expected=state_dir is not None,
+        heartbeat_line_every=registry.policy.unhealthy_after / 2,
+    )
+    if state_dir is not None:
+        journal = Journal.open(state_dir, snapshots=RegistrySnapshots(registry))
+        replay_bytes(journal.read(), registry)
+        registry.restart()
+        effects.journal = journal
     per_client = len(bodies) // CLIENTS
 
     async def client(index: int) -> None:
@@ -82,9 +94,8 @@ async def run(bodies: list[bytes], journal: Journal | None) -> float:
                 registration.capabilities,
                 now=START,
             )
-            if journal is not None:
-                await journal.record(events)
-            else:
+            await effects.apply(events)
+            if journal is None:
                 await anyio.lowlevel.checkpoint()  # a request's turn of the event loop
 
     started = time.perf_counter()
@@ -93,7 +104,11 @@ async def run(bodies: list[bytes], journal: Journal | None) -> float:
             tasks.start_soon(client, index)
     elapsed = time.perf_counter() - started
     assert len(registry) == per_client * CLIENTS
-    return per_client * CLIENTS / elapsed
+    compactions = 0
+    if journal is not None:
+        compactions = journal.compactions
+        await journal.aclose()
+    return per_client * CLIENTS / elapsed, compactions
 
 
 async def run_app(bodies: list[bytes], state_dir: pathlib.Path | None) -> tuple[float, int]:
@@ -135,12 +150,10 @@ async def measure(
                 rate, compactions = await run_app(bodies, pathlib.Path(directory))
                 durable.append(rate)
             continue
-        off.append(await run(bodies, None))
+        off.append((await run(bodies, None))[0])
         with tempfile.TemporaryDirectory() as directory:
-            journal = Journal.open(pathlib.Path(directory))
-            durable.append(await run(bodies, journal))
-            compactions = journal.compactions
-            await journal.aclose()
+            rate, compactions = await run(bodies, pathlib.Path(directory))
+            durable.append(rate)
     return off, durable, compactions
 
 
@@ -159,7 +172,11 @@ def main() -> int:
         )
         off_rate, durable_rate = statistics.median(off), statistics.median(durable)
         ratio = durable_rate / off_rate
-        where = "through the app (ASGITransport)" if via_app else "in-process (registry + Journal)"
+        where = (
+            "through the app (ASGITransport)"
+            if via_app
+            else "in-process (registry + Effects + Journal)"
+        )
         print()
         print(f"{where}: {CLIENTS} concurrent clients, {registrations} new workers per run")
         print(f"  journaling off:  {off_rate:>9.0f} registrations/s  (runs: {_rates(off)})")

@@ -1,9 +1,22 @@
 """crank_registry: the sans-IO core of the crank capability registry.
 
-Models, validation, the registry state machine, health rules, round-robin
-routing and the state snapshot format. No I/O, no clock reads, no async:
-every call that depends on time takes ``now``, and every mutation returns
-the events that happened so that a service can turn them into I/O.
+Models, validation, the health state table, the registry, round-robin
+routing and the journal codec. No I/O, no clock reads, no async: every
+call that depends on time takes ``now``, every mutation returns the events
+that happened, and every change is applied by one fold
+(:meth:`CapabilityRegistry.apply`), whoever applies it.
+
+Where each rule lives:
+
+* ``_models``: the values and their invariants (what a valid worker id,
+  URL, capability is); ``_converter``: the one converter for the wire and
+  the journal; ``_errors``: the error tree.
+* ``_events``: the events and the snapshot, the fold's inputs.
+* ``_health``: the state table of a worker and all health arithmetic.
+* ``_rotation``: the round-robin ring of one ``(verb, capability)``.
+* ``_records``: the registry's mutable records (below health and rotation).
+* ``_registry``: the public registry: decide with the table, apply with the fold.
+* ``_journal``: events and snapshots as JSON lines, and their replay.
 """
 
 from ._convention import INVOKE_PREFIX, NDJSON, invocation_path, iso_utc
@@ -24,21 +37,26 @@ from ._errors import (
     WorkerNotRegistered,
 )
 from ._events import (
+    Change,
     Event,
     HeartbeatReceived,
+    Snapshot,
     WorkerDeregistered,
     WorkerEvicted,
+    WorkerHealthy,
     WorkerImported,
     WorkerRegistered,
+    WorkerUnhealthy,
 )
+from ._health import TRANSITIONS, Health, HealthInput, Refusal, Transition, TransitionError
 from ._identity import authorize_worker, worker_name_of
 from ._journal import (
     JOURNAL_FORMAT_VERSION,
+    SNAPSHOT_PART_SIZE,
     JournalDecodeError,
     JournalEntry,
-    JournalLines,
     JournalReader,
-    JournalState,
+    NewerJournalFormat,
     ReplayResult,
     SkippedLine,
     SnapshotPart,
@@ -72,39 +90,49 @@ __all__ = [
     "INVOKE_PREFIX",
     "JOURNAL_FORMAT_VERSION",
     "NDJSON",
+    "SNAPSHOT_PART_SIZE",
     "STATE_FORMAT_VERSION",
+    "TRANSITIONS",
     "CapabilityKey",
     "CapabilityRegistry",
     "CapabilitySchema",
     "CapabilityView",
+    "Change",
     "DeregisterRequest",
     "Event",
     "Forbidden",
+    "Health",
+    "HealthInput",
     "HealthPolicy",
     "HealthState",
     "HeartbeatReceived",
     "HeartbeatRequest",
     "JournalDecodeError",
     "JournalEntry",
-    "JournalLines",
     "JournalReader",
-    "JournalState",
+    "NewerJournalFormat",
     "NotSupported",
     "Problem",
+    "Refusal",
     "Registration",
-    "ReplayResult",
     "RegistryError",
+    "ReplayResult",
     "RouteRequest",
     "SkippedLine",
+    "Snapshot",
     "SnapshotPart",
+    "Transition",
+    "TransitionError",
     "ValidationError",
     "WorkerDeregistered",
     "WorkerEndpoint",
     "WorkerEvicted",
+    "WorkerHealthy",
     "WorkerImported",
     "WorkerNotRegistered",
     "WorkerRecord",
     "WorkerRegistered",
+    "WorkerUnhealthy",
     "WorkerView",
     "authorize_worker",
     "capability_label",

@@ -25,8 +25,10 @@ from ._events import (
     HeartbeatReceived,
     WorkerDeregistered,
     WorkerEvicted,
+    WorkerHealthy,
     WorkerImported,
     WorkerRegistered,
+    WorkerUnhealthy,
 )
 from ._models import CapabilitySchema, HealthState
 
@@ -48,6 +50,8 @@ EVENT_TYPES: Mapping[str, type[Event]] = types.MappingProxyType(
         "heartbeat": HeartbeatReceived,
         "deregistered": WorkerDeregistered,
         "evicted": WorkerEvicted,
+        "unhealthy": WorkerUnhealthy,
+        "healthy": WorkerHealthy,
         "imported": WorkerImported,
     }
 )

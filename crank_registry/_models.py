@@ -304,6 +304,8 @@ class WorkerRecord:
 
     ``verified`` is false for a record restored from the journal or imported
     from another controller: this registry has not heard from it directly.
+    ``silent``: the sweep found it silent past ``unhealthy_after``, and it
+    is not routable until it is heard from again.
     """
 
     worker_id: str = attrs.field(validator=_worker_id)
@@ -313,6 +315,7 @@ class WorkerRecord:
     )
     last_heartbeat: float = attrs.field(validator=_finite)
     verified: bool = attrs.field(default=True, validator=_flag)
+    silent: bool = attrs.field(default=False, validator=_flag)
 
 
 @attrs.frozen

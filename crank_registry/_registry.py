@@ -1,328 +1,73 @@
 """The registry: who can do what, who is healthy, who gets the next request.
 
-All state changes live here. Every call that depends on time takes ``now``
-(seconds since the epoch, never going backwards); nothing here reads a
-clock, sleeps, logs or does I/O. Mutators return the events that happened.
+Every call that depends on time takes ``now`` (seconds since the epoch);
+nothing here reads a clock, sleeps, logs or does I/O.
 
-Data layout, chosen so that the hot paths never scan the registry:
+A mutator first *decides*: it asks the state table
+(:mod:`._health`) what its input does to the worker's state at ``now``
+and builds the events that the table says it emits, numbered with the
+next revisions. Then it *applies* them with :meth:`CapabilityRegistry.apply`,
+the one fold, which a journal replay and a replica use too. So every
+change of state is made in one place, from an event.
 
-* ``_workers``: worker id -> :class:`_Worker`, in registration order.
-* ``_capabilities``: ``(verb, name)`` -> :class:`_Capability`, which holds
-  the rotation: a ring (a list and a cursor) of the members still believed
-  routable. ``route`` serves the member under the cursor and moves the
-  cursor on (round-robin, O(1)); a member found unroutable leaves the ring
-  (its slot becomes a hole) and is put back at the end by its worker's next
-  heartbeat, so it is skipped at most once. The ring is compacted when
-  holes outnumber members, which keeps hole-skipping O(1) amortised.
-* Equal capability values registered by many workers are stored once (see
-  :meth:`_Capability.intern`): a registry of 100 000 workers over 10 000
-  capabilities holds 10 000 capability objects, not 300 000.
-* ``_deadlines``: a heap of ``(deadline, worker id, worker)``. Heartbeats do not touch
-  it; an entry that surfaces early is pushed again with the worker's
-  current deadline, so a sweep costs what it evicts plus, amortised, one
-  push per worker per ``evict_after``.
+Where things are kept, so that no hot path scans the registry:
 
-Health arithmetic uses one form everywhere, ``now > last_heartbeat + limit``,
-so that the heap's deadlines and the checks agree to the last bit.
+* ``_workers``: worker id -> :class:`~._records.Worker`, in registration order;
+* ``_rotations``: ``(verb, name)`` -> :class:`~._rotation.Rotation`, the
+  round-robin ring of that capability's members;
+* ``_values``: ``(verb, name)`` -> the distinct capability values its
+  workers registered, each stored once (:class:`~._records.CapabilityValues`);
+* ``_deadlines``: a heap of ``(deadline, n, worker)``. An entry that
+  surfaces before its worker's current deadline (a heartbeat moved it) is
+  pushed again, so a sweep costs what it changes plus, amortised, one push
+  per worker per ``evict_after``.
 """
 
 from __future__ import annotations
 
 import collections
 import heapq
-import marshal
+import itertools
 import math
-import operator
-import types
-from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, NoReturn
+from collections.abc import Iterable, Mapping
+from typing import Any
 
-import attrs
-
+from . import _health as health
 from ._converter import structure, unstructure
 from ._errors import NotSupported, ValidationError, WorkerNotRegistered
 from ._events import (
+    Change,
     Event,
     HeartbeatReceived,
+    Snapshot,
     WorkerDeregistered,
     WorkerEvicted,
+    WorkerHealthy,
     WorkerImported,
     WorkerRegistered,
+    WorkerUnhealthy,
 )
+from ._health import Health, HealthInput, Refusal
 from ._models import (
     CapabilityKey,
     CapabilitySchema,
     CapabilityView,
     HealthPolicy,
-    HealthState,
     Registration,
     WorkerEndpoint,
     WorkerRecord,
     WorkerView,
     parse_capability_label,
 )
+from ._records import CapabilityValues, Member, Worker
+from ._rotation import Rotation
 
 __all__ = ["STATE_FORMAT_VERSION", "CapabilityRegistry"]
 
+_HEARTBEAT_ONLY = (HeartbeatReceived,)
+
 #: The version of the snapshot written by :meth:`CapabilityRegistry.export_state`.
 STATE_FORMAT_VERSION = 1
-
-# At most this many distinct values of one (verb, name) are shared between
-# workers; beyond it a registration keeps its own objects (bounded work).
-_MAX_VARIANTS = 8
-
-_isfinite = math.isfinite
-
-
-def _event_factory() -> Callable[[str, float], HeartbeatReceived]:
-    """A constructor of :class:`HeartbeatReceived` for the heartbeat's hot path.
-
-    The attrs ``__init__`` of a frozen class sets each field through
-    ``object.__setattr__``, a quarter of a heartbeat's cost; setting the two
-    slots through their descriptors gives an equal value faster. Should the
-    class ever gain a field, a validator or a converter, the real
-    constructor is used instead.
-    """
-    fields: tuple[attrs.Attribute[Any], ...] = attrs.fields(HeartbeatReceived)
-    descriptors = [getattr(HeartbeatReceived, field.name, None) for field in fields]
-    if [field.name for field in fields] != ["worker_id", "at"] or any(
-        field.validator is not None
-        or field.converter is not None
-        or type(descriptor) is not types.MemberDescriptorType
-        for field, descriptor in zip(fields, descriptors, strict=True)
-    ):
-        return HeartbeatReceived
-    new = object.__new__
-    set_worker_id = descriptors[0].__set__  # type: ignore[union-attr]
-    set_at = descriptors[1].__set__  # type: ignore[union-attr]
-
-    def heartbeat_event(worker_id: str, at: float) -> HeartbeatReceived:
-        event: HeartbeatReceived = new(HeartbeatReceived)
-        set_worker_id(event, worker_id)
-        set_at(event, at)
-        return event
-
-    return heartbeat_event
-
-
-_heartbeat_event = _event_factory()
-
-
-class _Worker:
-    """The registry's mutable record of one worker (never handed out)."""
-
-    __slots__ = (
-        "capabilities",
-        "last_heartbeat",
-        "members",
-        "parked",
-        "routable_until",
-        "verified",
-        "worker_id",
-        "worker_url",
-    )
-
-    def __init__(
-        self,
-        worker_id: str,
-        worker_url: str,
-        last_heartbeat: float,
-        verified: bool,
-        unhealthy_after: float,
-    ) -> None:
-        self.worker_id = worker_id
-        self.worker_url = worker_url
-        self.verified = verified
-        self.last_heartbeat = last_heartbeat
-        self.routable_until = last_heartbeat + unhealthy_after
-        # Filled by _install, in the order of the registration.
-        self.capabilities: tuple[CapabilitySchema, ...] = ()
-        self.members: tuple[_Member, ...] = ()
-        # True once some ring dropped one of its members; the next heartbeat
-        # puts them back.
-        self.parked = False
-
-    def __lt__(self, other: _Worker) -> bool:
-        # Heap entries are (deadline, worker id, worker): ties on both are
-        # entries of a replaced worker, which need no order.
-        return False
-
-    def record(self) -> WorkerRecord:
-        return WorkerRecord(
-            worker_id=self.worker_id,
-            worker_url=self.worker_url,
-            capabilities=self.capabilities,
-            last_heartbeat=self.last_heartbeat,
-            verified=self.verified,
-        )
-
-
-class _Member:
-    """A worker's membership in one capability, with its endpoint.
-
-    ``slot`` is its index in the capability's ring, or -1 while it is out.
-    A registration builds the endpoint at once; a restore leaves it to the
-    first read: recovery is on a restart's critical path, and a restored
-    worker that registers again before it is routed to never needs one.
-    """
-
-    __slots__ = ("endpoint", "entry", "slot", "worker")
-
-    def __init__(
-        self,
-        worker: _Worker,
-        endpoint: WorkerEndpoint | None,
-        entry: _Capability,
-        slot: int = -1,
-    ) -> None:
-        self.worker = worker
-        if endpoint is not None:
-            self.endpoint = endpoint
-        self.entry = entry
-        self.slot = slot
-
-    if not TYPE_CHECKING:  # mypy would take every unknown attribute for an endpoint
-
-        def __getattr__(self, name: str) -> WorkerEndpoint:
-            # Reached only while the endpoint slot is empty (read attributes
-            # that are set never come here).
-            if name != "endpoint":
-                raise AttributeError(name)
-            worker = self.worker
-            key = self.entry.key
-            version = next(c.version for c in worker.capabilities if c.key == key)
-            endpoint = self.endpoint = WorkerEndpoint(worker.worker_id, worker.worker_url, version)
-            return endpoint
-
-
-class _Capability:
-    """One ``(verb, name)``: its ring of routable members and its shared values."""
-
-    __slots__ = ("cursor", "key", "live", "ring", "size", "variants")
-
-    def __init__(self, key: CapabilityKey) -> None:
-        self.key = key
-        self.ring: list[_Member | None] = []
-        self.cursor = 0
-        self.live = 0  # members in the ring
-        self.size = 0  # members in all
-        # [value, number of members using it], for sharing equal values.
-        self.variants: list[list[Any]] = []
-
-    def intern(self, capability: CapabilitySchema) -> CapabilitySchema:
-        """The stored value equal to ``capability`` (it, if there is none yet), for one member."""
-        shared, _ = self.share(capability)
-        return shared
-
-    def share(self, capability: CapabilitySchema) -> tuple[CapabilitySchema, list[Any] | None]:
-        """:meth:`intern`, also returning the ``[value, uses]`` entry counting its members.
-
-        ``None`` in place of the entry: the value is kept unshared (too
-        many variants), and its members are not counted.
-        """
-        for variant in self.variants:
-            if variant[0] is capability or _identical_capabilities(variant[0], capability):
-                variant[1] += 1
-                return variant[0], variant
-        if len(self.variants) < _MAX_VARIANTS:
-            variant = [capability, 1]
-            self.variants.append(variant)
-            return capability, variant
-        return capability, None
-
-    def release(self, capability: CapabilitySchema) -> None:
-        """A member using ``capability`` left."""
-        for index, variant in enumerate(self.variants):
-            if variant[0] is capability:
-                variant[1] -= 1
-                if not variant[1]:
-                    del self.variants[index]
-                return
-
-    def add(self, member: _Member) -> None:
-        member.slot = len(self.ring)
-        self.ring.append(member)
-        self.live += 1
-
-    def take_out(self, member: _Member) -> None:
-        self.ring[member.slot] = None
-        member.slot = -1
-        self.live -= 1
-        if len(self.ring) > 2 * self.live + 4:
-            self._compact()
-
-    def _compact(self) -> None:
-        ring: list[_Member | None] = []
-        cursor = 0
-        for index, member in enumerate(self.ring):
-            if index == self.cursor:
-                cursor = len(ring)
-            if member is not None:
-                member.slot = len(ring)
-                ring.append(member)
-        self.ring = ring
-        self.cursor = cursor
-
-
-class _RestorePlan:
-    """What :meth:`CapabilityRegistry.restore` installs for one capability tuple.
-
-    Made with the first worker holding the tuple, which it counts in the
-    entries (``size``, ``live``) and shared values at once, so that they
-    stay in place should a replaced worker leave them meanwhile; the
-    workers installed with it after that are counted in ``unsettled``
-    until :meth:`settle`.
-    """
-
-    __slots__ = ("capabilities", "entries", "stored", "unsettled", "variants")
-
-    def __init__(
-        self,
-        capabilities: tuple[CapabilitySchema, ...],
-        stored: tuple[CapabilitySchema, ...],
-        entries: tuple[_Capability, ...],
-        variants: tuple[list[Any], ...],
-    ) -> None:
-        self.capabilities = capabilities
-        self.stored = stored
-        self.entries = entries
-        self.variants = variants
-        self.unsettled = 0
-
-    def settle(self) -> None:
-        """Count the workers installed with this plan since it was made."""
-        uses = self.unsettled
-        for entry in self.entries:
-            entry.size += uses
-            entry.live += uses
-        for variant in self.variants:
-            variant[1] += uses
-        self.unsettled = 0
-
-
-def _settle(plans: dict[int, _RestorePlan]) -> None:
-    """Count what ``plans`` installed, and forget them (the next worker makes a new one)."""
-    for plan in plans.values():
-        plan.settle()
-    plans.clear()
-
-
-_capability_fields = operator.attrgetter(*(field.name for field in attrs.fields(CapabilitySchema)))
-
-
-def _identical_capabilities(left: CapabilitySchema, right: CapabilitySchema) -> bool:
-    """Equal, with equal types all the way down (``1``, ``1.0`` and ``True`` differ).
-
-    ``==`` alone would let a worker's ``1`` come back as another's ``1.0``;
-    marshal's encoding tells the types apart (version 2: no back-references,
-    so equal values give equal bytes whatever objects they share).
-    """
-    try:
-        return left == right and marshal.dumps(_capability_fields(left), 2) == marshal.dumps(
-            _capability_fields(right), 2
-        )
-    except (ValueError, RecursionError):
-        return False  # a value marshal cannot encode, or too deep: keep it unshared
 
 
 class CapabilityRegistry:
@@ -338,12 +83,14 @@ class CapabilityRegistry:
 
     def __init__(self, policy: HealthPolicy | None = None) -> None:
         self._policy = policy if policy is not None else HealthPolicy()
-        # The hot paths read these two directly (the policy is frozen).
-        self._unhealthy_after = self._policy.unhealthy_after
-        self._evict_after = self._policy.evict_after
-        self._workers: dict[str, _Worker] = {}
-        self._capabilities: dict[CapabilityKey, _Capability] = {}
-        self._deadlines: list[tuple[float, str, _Worker]] = []
+        self._revision = 0
+        self._workers: dict[str, Worker] = {}
+        self._rotations: dict[CapabilityKey, Rotation] = {}
+        self._values: dict[CapabilityKey, CapabilityValues] = {}
+        self._deadlines: list[tuple[float, int, Worker]] = []
+        # Ties in the heap go by registration order (never by comparing
+        # workers), so that equal registries sweep in the same order.
+        self._registrations = itertools.count()
         # Deregistrations remembered so that an import cannot resurrect the
         # worker; kept for evict_after (older remote records are expired).
         self._tombstones: dict[str, float] = {}
@@ -353,6 +100,11 @@ class CapabilityRegistry:
     def policy(self) -> HealthPolicy:
         """The timings this registry applies."""
         return self._policy
+
+    @property
+    def revision(self) -> int:
+        """The revision of the last change applied (0: none yet)."""
+        return self._revision
 
     # ------------------------------------------------------------------ writes
 
@@ -372,23 +124,8 @@ class CapabilityRegistry:
         """
         registration = Registration(worker_id, worker_url, tuple(capabilities))
         _check_now(now)
-        replaced = worker_id in self._workers
-        worker = self._install(
-            registration.worker_id,
-            registration.worker_url,
-            registration.capabilities,
-            last_heartbeat=now,
-            verified=True,
-        )
-        self._tombstones.pop(worker_id, None)
-        return (
-            WorkerRegistered(
-                worker_id=worker_id,
-                worker_url=worker.worker_url,
-                capabilities=worker.capabilities,
-                at=now,
-                replaced=replaced,
-            ),
+        return self._commit(
+            self._decide(worker_id, HealthInput.REGISTER, now, registration=registration)
         )
 
     def heartbeat(self, worker_id: str, *, now: float) -> tuple[Event, ...]:
@@ -398,138 +135,47 @@ class CapabilityRegistry:
         restored but not re-registered (``unverified``), or silent for more
         than ``evict_after``: each of them must register again.
         """
+        _check_now(now)
         worker = self._workers.get(worker_id)
-        if (
-            worker is None
-            or not worker.verified
-            # Also false for a `now` that is NaN, infinite or going backwards.
-            or not worker.last_heartbeat <= now <= worker.last_heartbeat + self._evict_after
-        ):
-            _refuse_heartbeat(worker, worker_id, now)
-        worker.last_heartbeat = now
-        worker.routable_until = now + self._unhealthy_after
-        if worker.parked:
-            self._unpark(worker)
-        return (_heartbeat_event(worker_id, now),)
+        if worker is not None and now < worker.last_heartbeat:
+            raise ValidationError.single(
+                "now", "is earlier than the worker's last heartbeat (time never goes backwards)"
+            )
+        return self._commit(self._decide(worker_id, HealthInput.HEARTBEAT, now))
 
     def deregister(self, worker_id: str, *, now: float) -> tuple[Event, ...]:
         """Remove a worker that is leaving; raises :class:`WorkerNotRegistered` if unknown."""
         _check_now(now)
-        worker = self._workers.get(worker_id)
-        if worker is None:
-            raise WorkerNotRegistered(worker_id)
-        self._remove(worker)
-        self._tombstones[worker_id] = now
-        self._tombstone_expiry.append((now + self._evict_after, worker_id, now))
-        return (WorkerDeregistered(worker_id, now),)
+        return self._commit(self._decide(worker_id, HealthInput.DEREGISTER, now))
 
     def cleanup_stale(self, *, now: float) -> tuple[Event, ...]:
-        """Evict every worker silent for more than ``evict_after``.
+        """The sweep: silent past ``unhealthy_after``: unhealthy; past ``evict_after``: evicted.
 
-        Costs in proportion to the deadlines that have passed, not to the
-        size of the registry.
+        Returns the ``unhealthy`` and ``evicted`` events, in the order of
+        their deadlines. Costs in proportion to the deadlines that have
+        passed, not to the size of the registry.
         """
         _check_now(now)
         events: list[Event] = []
         heap = self._deadlines
-        evict_after = self._evict_after
         while heap and heap[0][0] < now:
             _, _, worker = heapq.heappop(heap)
             if self._workers.get(worker.worker_id) is not worker:
                 continue  # replaced or removed since this entry was pushed
-            evict_at = worker.last_heartbeat + evict_after
-            if now > evict_at:
-                self._remove(worker)
-                events.append(WorkerEvicted(worker.worker_id, now, worker.last_heartbeat))
-            elif now > worker.routable_until:
-                heapq.heappush(heap, (evict_at, worker.worker_id, worker))
-            else:
-                heapq.heappush(heap, (worker.routable_until, worker.worker_id, worker))
+            due = health.due_input(worker.health, worker.last_heartbeat, now, self._policy)
+            if due is None:
+                self._push(worker)  # a heartbeat moved its deadline on
+                continue
+            events += self._commit(self._decide(worker.worker_id, due, now, state=worker.health))
+            if self._workers.get(worker.worker_id) is worker:
+                # Silent now; this pushes its expiry, which may be due at once.
+                self._push(worker)
         expiry = self._tombstone_expiry
         while expiry and expiry[0][0] < now:
             _, worker_id, at = expiry.popleft()
             if self._tombstones.get(worker_id) == at:
                 del self._tombstones[worker_id]
         return tuple(events)
-
-    def restore(self, records: Iterable[WorkerRecord], *, now: float) -> int:
-        """Load records recovered from a journal; returns how many were kept.
-
-        Each becomes ``unverified``: routable while its last heartbeat is
-        within ``unhealthy_after``, answered ``worker_not_registered`` on
-        heartbeat until it re-registers. Records already past ``evict_after``
-        are dropped; a last heartbeat later than ``now`` (a clock that was
-        ahead) counts as ``now``.
-        """
-        _check_now(now)
-        evict_after = self._evict_after
-        unhealthy_after = self._unhealthy_after
-        workers = self._workers
-        kept = 0
-        # Recovery loads up to every worker at once. Workers new to the
-        # registry take a bulk path: what their capability tuple implies
-        # (entries, shared values, versions) is worked out once per tuple,
-        # as replayed records share one tuple per capability set; the counts
-        # are added per tuple, endpoints are left to the first read, and the
-        # deadline heap is ordered once at the end.
-        plans: dict[int, _RestorePlan] = {}
-        pending: list[tuple[float, str, _Worker]] = []
-        for record in records:
-            last_heartbeat = record.last_heartbeat
-            if now > last_heartbeat + evict_after:
-                continue
-            kept += 1
-            worker_id = record.worker_id
-            if worker_id in workers:
-                # Replacing a worker reads and changes the counts: settle them first.
-                _settle(plans)
-                self._install_record(record, now=now)
-                continue
-            capabilities = record.capabilities
-            plan = plans.get(id(capabilities))
-            if plan is None or plan.capabilities is not capabilities:
-                plan = plans[id(capabilities)] = self._plan(capabilities)
-            else:
-                plan.unsettled += 1
-            if last_heartbeat > now:  # noqa: PLR1730 (min() is a call: slower here)
-                last_heartbeat = now
-            worker = _Worker(worker_id, record.worker_url, last_heartbeat, False, unhealthy_after)
-            worker.capabilities = plan.stored
-            members = []
-            for entry in plan.entries:
-                # At the end of the ring: registration order.
-                ring = entry.ring
-                member = _Member(worker, None, entry, len(ring))
-                ring.append(member)
-                members.append(member)
-            worker.members = tuple(members)
-            workers[worker_id] = worker
-            pending.append((worker.routable_until, worker_id, worker))
-        _settle(plans)
-        if pending:
-            self._deadlines.extend(pending)
-            heapq.heapify(self._deadlines)
-        return kept
-
-    def _plan(self, capabilities: tuple[CapabilitySchema, ...]) -> _RestorePlan:
-        """What installing ``capabilities`` implies, counted for one worker."""
-        registry_entries = self._capabilities
-        entries: list[_Capability] = []
-        stored: list[CapabilitySchema] = []
-        variants: list[list[Any]] = []
-        for given in capabilities:
-            key = (given.verb, given.name)
-            entry = registry_entries.get(key)
-            if entry is None:
-                entry = registry_entries[key] = _Capability(key)
-            capability, variant = entry.share(given)
-            if variant is not None:
-                variants.append(variant)
-            entry.size += 1
-            entry.live += 1
-            entries.append(entry)
-            stored.append(capability)
-        return _RestorePlan(capabilities, tuple(stored), tuple(entries), tuple(variants))
 
     def import_remote_state(
         self, controller_id: str, state: Mapping[str, Any], *, now: float
@@ -545,11 +191,10 @@ class CapabilityRegistry:
         :class:`ValidationError` (nothing changes) for a malformed snapshot.
         """
         _check_now(now)
-        records = _parse_state(state)
         events: list[Event] = []
-        for record in records:
+        for record in _parse_state(state):
             last_heartbeat = min(record.last_heartbeat, now)
-            if now > last_heartbeat + self._evict_after:
+            if health.state_at(Health.UNVERIFIED, last_heartbeat, now, self._policy) is None:
                 continue
             deregistered_at = self._tombstones.get(record.worker_id)
             if deregistered_at is not None and deregistered_at >= last_heartbeat:
@@ -557,17 +202,144 @@ class CapabilityRegistry:
             local = self._workers.get(record.worker_id)
             if local is not None and local.last_heartbeat >= last_heartbeat:
                 continue
-            worker = self._install_record(record, now=now)
-            events.append(
-                WorkerImported(
-                    worker_id=worker.worker_id,
-                    worker_url=worker.worker_url,
-                    capabilities=worker.capabilities,
-                    last_heartbeat=worker.last_heartbeat,
-                    source=controller_id,
+            imported = WorkerRecord(
+                record.worker_id, record.worker_url, record.capabilities, last_heartbeat
+            )
+            events += self._commit(
+                self._decide(
+                    record.worker_id, HealthInput.IMPORT, now, record=imported, source=controller_id
                 )
             )
         return tuple(events)
+
+    # ------------------------------------------------------- the one fold
+
+    def apply(self, event: Event) -> None:
+        """Apply one event: the only way the registry's workers change.
+
+        A heartbeat moves a worker's last heartbeat forward (one for a
+        worker not held, or older than the last, changes nothing: it is not
+        a change). A :class:`Change` must come after the registry's
+        revision (:class:`ValidationError` otherwise) and replays the
+        transition of the state table that emitted it
+        (:data:`~._health.CAUSES`): :class:`WorkerNotRegistered` if the
+        table refuses it for the worker's state, and
+        :class:`~._health.TransitionError` if the table has no such
+        transition. Nothing changes when it raises.
+        """
+        if isinstance(event, HeartbeatReceived):
+            worker = self._workers.get(event.worker_id)
+            if worker is not None and event.at > worker.last_heartbeat:
+                worker.last_heartbeat = event.at
+                self._refresh(worker)
+            return
+        if not isinstance(event, Change):
+            raise TypeError(f"not a registry event: {event!r}")
+        if event.revision <= self._revision:
+            raise ValidationError.single(
+                "revision", f"{event.revision} is not after the registry's {self._revision}"
+            )
+        held = self._workers.get(event.worker_id)
+        step = health.transition(None if held is None else held.health, health.CAUSES[type(event)])
+        if isinstance(step, Refusal):
+            raise WorkerNotRegistered(event.worker_id)
+        match event:
+            case WorkerRegistered():
+                assert step.to is not None
+                self._install(
+                    event.worker_id, event.worker_url, event.capabilities, step.to, event.at
+                )
+                self._tombstones.pop(event.worker_id, None)
+            case WorkerImported():
+                assert step.to is not None
+                self._install(
+                    event.worker_id,
+                    event.worker_url,
+                    event.capabilities,
+                    step.to,
+                    event.last_heartbeat,
+                )
+            case WorkerHealthy() | WorkerUnhealthy():
+                assert held is not None and step.to is not None
+                held.health = step.to
+                # The heartbeat the change was decided on (one not journaled, or
+                # not sent to a replica, still counts).
+                heard = event.at if isinstance(event, WorkerHealthy) else event.last_heartbeat
+                held.last_heartbeat = max(held.last_heartbeat, heard)
+                self._refresh(held)
+            case WorkerDeregistered():
+                assert held is not None
+                self._remove(held)
+                self._tombstones[event.worker_id] = event.at
+                self._tombstone_expiry.append(
+                    (event.at + self._policy.evict_after, event.worker_id, event.at)
+                )
+            case WorkerEvicted():
+                assert held is not None
+                self._remove(held)
+            case _:
+                raise TypeError(f"not a registry change: {event!r}")
+        self._revision = event.revision
+
+    def apply_snapshot(self, snapshot: Snapshot) -> None:
+        """Replace the whole registry with ``snapshot`` (its workers and revision).
+
+        Each worker is held in the state its record's ``verified`` and
+        ``silent`` describe.
+        """
+        self._workers.clear()
+        self._rotations.clear()
+        self._values.clear()
+        self._deadlines.clear()
+        self._tombstones.clear()
+        self._tombstone_expiry.clear()
+        for record in snapshot.workers:
+            state = Health.of(verified=record.verified, silent=record.silent)
+            self._install(
+                record.worker_id,
+                record.worker_url,
+                record.capabilities,
+                state,
+                record.last_heartbeat,
+            )
+        self._revision = snapshot.revision
+
+    def restart(self) -> None:
+        """Say that this registry restarted: it has heard from none of its workers since.
+
+        Every worker becomes ``unverified`` (routable while its last
+        heartbeat is recent, answered ``worker_not_registered`` on heartbeat
+        until it registers again). Not a change: routability stays as it
+        was, so there is no event and no revision.
+        """
+        for worker in self._workers.values():
+            step = health.transition(worker.health, HealthInput.RESTART)
+            assert isinstance(step, health.Transition) and step.to is not None
+            worker.health = step.to
+            self._refresh(worker)
+
+    def restore(self, records: Iterable[WorkerRecord], *, now: float) -> int:
+        """Load records of workers this registry has not heard from; returns how many were kept.
+
+        Each becomes ``unverified``. Records already past ``evict_after``
+        are dropped; a last heartbeat later than ``now`` (a clock that was
+        ahead) counts as ``now``. Not a change: no revision.
+        """
+        _check_now(now)
+        kept = 0
+        for record in records:
+            last_heartbeat = min(record.last_heartbeat, now)
+            if health.state_at(Health.UNVERIFIED, last_heartbeat, now, self._policy) is None:
+                continue
+            self._install(
+                record.worker_id,
+                record.worker_url,
+                record.capabilities,
+                Health.UNVERIFIED,
+                last_heartbeat,
+            )
+            kept += 1
+        return kept
 
     # ------------------------------------------------------------------- reads
 
@@ -604,26 +376,12 @@ class CapabilityRegistry:
                     version=version,
                 )
             )
-        entry = self._capabilities.get((verb, capability))
-        if entry is None:
+        rotation = self._rotations.get((verb, capability))
+        if rotation is None:
             return None
-        while entry.live:
-            ring = entry.ring
-            index = entry.cursor
-            if index >= len(ring):
-                index = 0
-            member = ring[index]
-            entry.cursor = index + 1
-            if member is None:
-                continue  # a hole left by a member that went out
-            if now <= member.worker.routable_until:
-                return member.endpoint
-            # Unroutable at this `now` (or `now` is not a number): out of the
-            # ring until a heartbeat.
-            _check_now(now)
-            entry.take_out(member)
-            member.worker.parked = True
-        return None
+        _check_now(now)
+        member = rotation.next(now)
+        return None if member is None else member.endpoint
 
     def next_deadline(self) -> float | None:
         """When the next worker may stop being routable or become evictable.
@@ -640,21 +398,19 @@ class CapabilityRegistry:
 
         A listing: it walks the workers (``route`` never does).
         """
-        entry = self._capabilities.get(parse_capability_label(capability))
-        if entry is None:
-            return []
+        key = parse_capability_label(capability)
         return [
             member.endpoint
             for worker in self._workers.values()
             for member in worker.members
-            if member.entry is entry
+            if member.key == key
         ]
 
     def get_all_capabilities(self, *, now: float) -> list[CapabilityView]:
         """One entry per ``(verb, capability, version)``, sorted, with its workers."""
         groups: dict[tuple[str, str, str], tuple[list[str], list[str]]] = {}
         for worker in self._workers.values():
-            routable = self._is_routable(worker, now)
+            routable = now <= worker.routable_until
             for capability in worker.capabilities:
                 workers, healthy = groups.setdefault(
                     (capability.verb, capability.name, capability.version), ([], [])
@@ -678,12 +434,16 @@ class CapabilityRegistry:
 
     def counts(self, *, now: float) -> tuple[int, int]:
         """``(total, routable)`` worker counts at ``now``."""
-        routable = sum(1 for worker in self._workers.values() if self._is_routable(worker, now))
+        routable = sum(1 for worker in self._workers.values() if now <= worker.routable_until)
         return len(self._workers), routable
 
     def records(self) -> list[WorkerRecord]:
-        """Every worker as a record, in registration order (for snapshots)."""
+        """Every worker as a record, in registration order."""
         return [worker.record() for worker in self._workers.values()]
+
+    def snapshot(self) -> Snapshot:
+        """The whole registry at its revision, for :meth:`apply_snapshot` elsewhere."""
+        return Snapshot(self._revision, tuple(self.records()))
 
     def export_state(self) -> dict[str, Any]:
         """A versioned, JSON-safe snapshot of every worker."""
@@ -698,148 +458,191 @@ class CapabilityRegistry:
     def __contains__(self, worker_id: object) -> bool:
         return worker_id in self._workers
 
-    # --------------------------------------------------------------- internals
+    # -------------------------------------------------------------- deciding
 
-    def _is_routable(self, worker: _Worker, now: float) -> bool:
-        return now <= worker.routable_until
+    def _decide(
+        self,
+        worker_id: str,
+        given: HealthInput,
+        now: float,
+        *,
+        state: Health | None = None,
+        registration: Registration | None = None,
+        record: WorkerRecord | None = None,
+        source: str = "",
+    ) -> tuple[Event, ...]:
+        """The events ``given`` causes for ``worker_id`` at ``now``, numbered, not applied.
 
-    def _view(self, worker: _Worker, now: float) -> WorkerView:
-        routable = self._is_routable(worker, now)
-        if not worker.verified:
-            state = HealthState.UNVERIFIED
-        elif routable:
-            state = HealthState.HEALTHY
-        else:
-            state = HealthState.UNHEALTHY
+        Decided on the worker's state at ``now`` (``state`` overrides it:
+        the sweep decides on the state it found).
+        """
+        held = self._workers.get(worker_id)
+        if state is None and held is not None:
+            # Before the worker's deadline nothing is due: its state is the one held.
+            if now <= held.deadline:
+                state = held.health
+            else:
+                state = health.state_at(held.health, held.last_heartbeat, now, self._policy)
+        step = health.transition(state, given)
+        if isinstance(step, Refusal):
+            raise WorkerNotRegistered(worker_id)
+        if step.emits == _HEARTBEAT_ONLY:
+            return (HeartbeatReceived(worker_id, now),)  # the steady traffic: no change
+        events: list[Event] = []
+        revision = self._revision
+        for kind in step.emits:
+            if kind is HeartbeatReceived:
+                events.append(HeartbeatReceived(worker_id, now))
+                continue
+            revision += 1
+            if kind is WorkerRegistered:
+                assert registration is not None
+                events.append(
+                    WorkerRegistered(
+                        worker_id,
+                        registration.worker_url,
+                        registration.capabilities,
+                        now,
+                        replaced=held is not None,
+                        revision=revision,
+                    )
+                )
+            elif kind is WorkerImported:
+                assert record is not None
+                events.append(
+                    WorkerImported(
+                        worker_id,
+                        record.worker_url,
+                        record.capabilities,
+                        record.last_heartbeat,
+                        source,
+                        revision=revision,
+                    )
+                )
+            elif kind is WorkerDeregistered:
+                events.append(WorkerDeregistered(worker_id, now, revision=revision))
+            elif kind is WorkerHealthy:
+                events.append(WorkerHealthy(worker_id, now, revision=revision))
+            elif kind is WorkerUnhealthy:
+                assert held is not None
+                events.append(
+                    WorkerUnhealthy(worker_id, now, held.last_heartbeat, revision=revision)
+                )
+            else:
+                assert held is not None and kind is WorkerEvicted
+                events.append(WorkerEvicted(worker_id, now, held.last_heartbeat, revision=revision))
+        return tuple(events)
+
+    def _commit(self, events: tuple[Event, ...]) -> tuple[Event, ...]:
+        """Apply events just decided (the in-memory path: decide, then apply at once)."""
+        for event in events:
+            self.apply(event)
+        return events
+
+    # ------------------------------------------------------------- internals
+
+    def _view(self, worker: Worker, now: float) -> WorkerView:
+        shown = health.shown_state(worker.health, worker.last_heartbeat, now, self._policy)
         return WorkerView(
             worker_id=worker.worker_id,
             worker_url=worker.worker_url,
             last_heartbeat=worker.last_heartbeat,
-            state=state,
-            is_healthy=routable,
+            state=shown.reported,
+            is_healthy=now <= worker.routable_until,
             capabilities=worker.capabilities,
         )
 
-    def _install_record(self, record: WorkerRecord, *, now: float) -> _Worker:
-        """Install a record from a journal or another controller, unverified.
+    def _refresh(self, worker: Worker) -> None:
+        """Recompute what follows from the worker's state and last heartbeat."""
+        deadline = health.deadline(worker.health, worker.last_heartbeat, self._policy)
+        worker.routable_until = health.routable_until(worker.health, deadline)
+        earlier = deadline < worker.deadline
+        worker.deadline = deadline
+        if earlier:
+            # The heap holds only later entries for it: it must not wake late.
+            self._push(worker)
+        if worker.parked and worker.routable_until > -math.inf:
+            for member in worker.members:
+                if member.slot < 0:
+                    self._rotations[member.key].join(member)
+            worker.parked = False
 
-        A heartbeat from the future would keep a silent worker routable (and
-        unevictable) for as long as that clock was ahead: it is taken as ``now``.
-        """
-        return self._install(
-            record.worker_id,
-            record.worker_url,
-            record.capabilities,
-            last_heartbeat=min(record.last_heartbeat, now),
-            verified=False,
-        )
+    def _push(self, worker: Worker) -> None:
+        heapq.heappush(self._deadlines, (worker.deadline, worker.order, worker))
 
     def _install(
         self,
         worker_id: str,
         worker_url: str,
         capabilities: tuple[CapabilitySchema, ...],
-        *,
+        state: Health,
         last_heartbeat: float,
-        verified: bool,
-    ) -> _Worker:
-        """Put a worker in place of any worker with its id, keeping positions.
-
-        The inputs are already valid; nothing here can fail half-way.
-        """
-        worker = _Worker(worker_id, worker_url, last_heartbeat, verified, self._unhealthy_after)
+    ) -> None:
+        """Hold a worker, in place of any worker with its id, keeping its seats and position."""
         old = self._workers.get(worker_id)
-        previous: dict[CapabilityKey, tuple[_Member, CapabilitySchema]] = {}
+        order = next(self._registrations) if old is None else old.order
+        worker = Worker(worker_id, worker_url, (), state, last_heartbeat, order)
+        previous: dict[CapabilityKey, tuple[Member, CapabilitySchema]] = {}
         if old is not None:
             previous = {
-                member.entry.key: (member, stored)
+                member.key: (member, stored)
                 for member, stored in zip(old.members, old.capabilities, strict=True)
             }
         stored_capabilities: list[CapabilitySchema] = []
-        members: list[_Member] = []
+        members: list[Member] = []
         endpoints: dict[str, WorkerEndpoint] = {}
         for given in capabilities:
             key = given.key
-            entry = self._capabilities.get(key)
-            if entry is None:
-                entry = self._capabilities[key] = _Capability(key)
-            capability = entry.intern(given)
+            values = self._values.get(key)
+            if values is None:
+                values = self._values[key] = CapabilityValues()
+                self._rotations[key] = Rotation()
+            rotation = self._rotations[key]
+            capability = values.share(given)
             endpoint = endpoints.get(capability.version)
             if endpoint is None:
                 endpoint = endpoints[capability.version] = WorkerEndpoint(
                     worker_id, worker_url, capability.version
                 )
-            member = _Member(worker, endpoint, entry)
+            member = Member(worker, key, endpoint)
             replaced = previous.pop(key, None)
             if replaced is None:
-                entry.size += 1
-                entry.add(member)
+                rotation.add(member)
             else:
                 old_member, old_capability = replaced
-                entry.release(old_capability)
-                if old_member.slot >= 0:
-                    # Take the old member's place in the ring.
-                    member.slot = old_member.slot
-                    entry.ring[member.slot] = member
-                    old_member.slot = -1
-                else:
-                    entry.add(member)
+                values.release(old_capability)
+                rotation.take_seat(old_member, member)
             stored_capabilities.append(capability)
             members.append(member)
         for old_member, old_capability in previous.values():
             self._leave(old_member, old_capability)
-        if old is not None:
-            _unlink(old)
         worker.capabilities = tuple(stored_capabilities)
         worker.members = tuple(members)
         self._workers[worker_id] = worker
-        heapq.heappush(self._deadlines, (worker.routable_until, worker_id, worker))
-        return worker
+        self._refresh(worker)
 
-    def _remove(self, worker: _Worker) -> None:
+    def _remove(self, worker: Worker) -> None:
         for member, capability in zip(worker.members, worker.capabilities, strict=True):
             self._leave(member, capability)
         del self._workers[worker.worker_id]
-        _unlink(worker)
 
-    def _leave(self, member: _Member, capability: CapabilitySchema) -> None:
-        entry = member.entry
-        if member.slot >= 0:
-            entry.take_out(member)
-        entry.release(capability)
-        entry.size -= 1
-        if not entry.size:
-            del self._capabilities[entry.key]
-
-    def _unpark(self, worker: _Worker) -> None:
-        for member in worker.members:
-            if member.slot < 0:
-                member.entry.add(member)
-        worker.parked = False
-
-
-def _unlink(worker: _Worker) -> None:
-    """Break the worker <-> member cycle of a worker that left, so that it is freed at once.
-
-    Reference counting then frees it without the cyclic collector, which
-    may never look at it: the service moves a recovered registry's objects
-    out of the collector's reach (``gc.freeze``).
-    """
-    worker.members = ()
-
-
-def _refuse_heartbeat(worker: _Worker | None, worker_id: str, now: float) -> NoReturn:
-    _check_now(now)
-    if worker is not None and worker.verified and now < worker.last_heartbeat:
-        raise ValidationError.single(
-            "now", "is earlier than the worker's last heartbeat (time never goes backwards)"
-        )
-    raise WorkerNotRegistered(worker_id)
+    def _leave(self, member: Member, capability: CapabilitySchema) -> None:
+        rotation = self._rotations[member.key]
+        rotation.remove(member)
+        self._values[member.key].release(capability)
+        if not len(rotation):
+            del self._rotations[member.key]
+            del self._values[member.key]
 
 
 def _check_now(now: float) -> None:
-    if not isinstance(now, (int, float)) or isinstance(now, bool) or not _isfinite(now):
+    if type(now) is float and -_INF < now < _INF:
+        return  # the common case, first: every call of the hot paths checks it
+    if not isinstance(now, (int, float)) or isinstance(now, bool) or not math.isfinite(now):
         raise ValidationError.single("now", "must be a finite number of seconds")
+
+
+_INF = math.inf
 
 
 def _parse_state(state: Mapping[str, Any]) -> list[WorkerRecord]:

@@ -5,8 +5,9 @@ converter, call the registry with ``now``, hand the returned events to
 :class:`~crank_registry_asgi.effects.Effects`, answer. Every rule (health,
 routing, who may act on which record) is the core's.
 
-The lifespan opens the journal and replays it into the registry, then runs
-the :class:`Sweeper` in a task group until shutdown.
+The lifespan reads the journal, replays it into the registry (the core's
+fold), then serves, running the :class:`Sweeper` in a task group until
+shutdown.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from crank_registry import (
     DeregisterRequest,
     Event,
     HeartbeatRequest,
+    NewerJournalFormat,
     Registration,
     RegistryError,
     RouteRequest,
@@ -38,11 +40,12 @@ from crank_registry import (
     authorize_worker,
     capability_label,
     iso_utc,
+    replay_bytes,
     structure,
 )
 
 from .config import ServiceConfig
-from .effects import Effects, log_fields, logger
+from .effects import Effects, RegistrySnapshots, log_fields, logger
 from .http import (
     ApiError,
     ServiceApp,
@@ -52,7 +55,7 @@ from .http import (
     registry_error_response,
 )
 from .identity import caller_identity
-from .journal import Journal
+from .journal import Journal, JournalError
 from .openapi import ROUTE_PATHS, openapi_document
 from .telemetry import Metrics, TracingMiddleware, annotate, tracer
 
@@ -63,6 +66,8 @@ __all__ = ["ClampedClock", "ControllerService", "Sweeper", "create_app"]
 # take every deadline of that window instead of waking once per worker (the
 # registry's answers never wait for a sweep, so only evictions are late).
 _SWEEP_SLACK = 0.1
+# The most skipped journal lines logged one by one at start.
+_LOGGED_SKIPS = 20
 
 
 def _route_request(data: Any) -> RouteRequest:
@@ -98,7 +103,7 @@ class ClampedClock:
 
 
 class Sweeper:
-    """Evicts silent workers, waking just after the registry's next deadline.
+    """Runs the core's sweep, waking just after the registry's next deadline.
 
     :meth:`sweep` is one pass (tests call it directly after moving a fake
     clock); :meth:`run` loops until cancelled. Its sleep is capped at one
@@ -123,17 +128,17 @@ class Sweeper:
         return min(max(deadline - self.clock(), 0.0) + _SWEEP_SLACK, interval)
 
     async def sweep(self) -> tuple[Event, ...]:
-        """Evict every worker that is past ``evict_after`` now; returns the evictions."""
+        """One sweep at the current time; returns its ``unhealthy`` and ``evicted`` events."""
         events = self.registry.cleanup_stale(now=self.clock())
         if events:
             with tracer().start_as_current_span(
-                "crank.sweep", kind=SpanKind.INTERNAL, attributes={"crank.evicted": len(events)}
+                "crank.sweep", kind=SpanKind.INTERNAL, attributes={"crank.changes": len(events)}
             ):
                 try:
                     await self.effects.apply(events)
                 except ApiError as error:
-                    # The evictions happened in memory; a journal that missed
-                    # them is corrected by recovery, which drops stale records.
+                    # The changes happened in memory; a journal that missed
+                    # them is corrected after a restart by the next sweep.
                     logger.warning("sweep not journaled %s", log_fields(error=error.message))
         return events
 
@@ -160,7 +165,11 @@ class ControllerService:
         self.config = config
         self.policy = registry.policy
         self.clock = ClampedClock(clock)
-        self.effects = Effects(metrics=Metrics(), journal_expected=config.state_dir is not None)
+        self.effects = Effects(
+            metrics=Metrics(),
+            journal_expected=config.state_dir is not None,
+            heartbeat_line_every=self.policy.unhealthy_after / 2,
+        )
         self.sweeper = Sweeper(registry, self.clock, self.effects)
         self.retry_after = str(max(1, math.ceil(self.policy.heartbeat_interval)))
         # Rendered once: the document does not change while the app runs.
@@ -373,23 +382,51 @@ class ControllerService:
     async def _open_journal(self, stack: contextlib.AsyncExitStack) -> None:
         """Open the journal, replay it into the registry, and attach it to effects.
 
-        :class:`~crank_registry_asgi.journal.JournalError` (the directory is
-        locked by another controller, unreadable...) propagates: the
-        application must not start without its journal.
+        Replayed workers are ``unverified``: this controller has not heard
+        from them since it started. :class:`~crank_registry_asgi.journal.JournalError`
+        (the directory is locked by another controller, unreadable...)
+        propagates: the application must not start without its journal.
         """
         assert self.config.state_dir is not None
-        journal = Journal.open(self.config.state_dir)
+        journal = Journal.open(
+            self.config.state_dir,
+            snapshots=RegistrySnapshots(self.registry),
+            compact_min_bytes=self.config.journal_compact_min_bytes,
+        )
         stack.push_async_callback(journal.aclose)
-        report = journal.recover(self.registry, now=self.clock())
+        started = time.perf_counter()
+        try:
+            result = replay_bytes(journal.read(), self.registry)
+        except NewerJournalFormat as error:
+            raise JournalError(f"the journal {journal.path} was {error}") from None
+        self.registry.restart()
+        seconds = time.perf_counter() - started
+        for skipped in result.skipped[:_LOGGED_SKIPS]:
+            logger.warning(
+                "journal line skipped %s",
+                log_fields(path=journal.path, line=skipped.line_number, reason=skipped.reason),
+            )
+        if result.lines_skipped > _LOGGED_SKIPS:
+            logger.warning(
+                "journal lines skipped %s",
+                log_fields(path=journal.path, more=result.lines_skipped - _LOGGED_SKIPS),
+            )
+        if result.workers_dropped:
+            logger.warning(
+                "journal workers dropped: their capabilities were on a skipped line"
+                " (they register again at their next heartbeat) %s",
+                log_fields(path=journal.path, workers_dropped=result.workers_dropped),
+            )
         logger.info(
             "journal recovered %s",
             log_fields(
                 path=journal.path,
-                workers_restored=report.workers_restored,
-                lines_read=report.lines_read,
-                lines_skipped=report.lines_skipped,
-                workers_dropped=report.workers_dropped,
-                seconds=f"{report.seconds:.3f}",
+                workers_restored=len(self.registry),
+                revision=self.registry.revision,
+                lines_read=result.lines_read,
+                lines_skipped=result.lines_skipped,
+                workers_dropped=result.workers_dropped,
+                seconds=f"{seconds:.3f}",
             ),
         )
         self.effects.journal = journal

@@ -149,6 +149,12 @@ def add_serve_command(subcommands: Subcommands) -> argparse.ArgumentParser:
             "a TLS-terminating proxy; only behind a proxy that strips it from client requests"
         ),
     )
+    parser.add_argument(
+        "--journal-compact-min-bytes",
+        type=_at_least_zero,
+        metavar="BYTES",
+        help="do not compact the journal while it is smaller than this (1048576)",
+    )
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="(info)")
     parser.add_argument(
         "--gateway",
@@ -173,6 +179,8 @@ def add_serve_command(subcommands: Subcommands) -> argparse.ArgumentParser:
 
 def run_serve(args: argparse.Namespace) -> int:
     """``serve``: check the flags, build the app, serve it until SIGTERM or SIGINT."""
+    import attrs
+
     from crank_registry import HealthPolicy, ValidationError
 
     from .config import ServiceConfig
@@ -216,6 +224,8 @@ def run_serve(args: argparse.Namespace) -> int:
         require_identity=settings.mutual_tls or args.trust_proxy_cert_header is not None,
         proxy_cert_header=args.trust_proxy_cert_header,
     )
+    if args.journal_compact_min_bytes is not None:
+        config = attrs.evolve(config, journal_compact_min_bytes=args.journal_compact_min_bytes)
     app = create_app(config=config)
     if args.gateway:
         from .gateway import GatewayConfig, serve_with_gateway
@@ -345,15 +355,24 @@ def _port(text: str) -> int:
     return port
 
 
-def _at_least_one(text: str) -> int:
-    """A whole number >= 1 (``--gateway-attempts``, ``--days``)."""
+def _whole_number(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
     return value
+
+
+def _at_least_one(text: str) -> int:
+    """A whole number >= 1 (``--gateway-attempts``, ``--days``)."""
+    return _whole_number(text, 1)
+
+
+def _at_least_zero(text: str) -> int:
+    """A whole number >= 0 (``--journal-compact-min-bytes``)."""
+    return _whole_number(text, 0)
 
 
 def _seconds(text: str) -> float:

@@ -10,12 +10,19 @@ import attrs
 
 from crank_registry import HealthPolicy
 
+from .journal import DEFAULT_COMPACT_MIN_BYTES
+
 __all__ = ["ServiceConfig"]
 
 
 def _positive_int(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{attribute.name} must be an integer >= 1, got {value!r}")
+
+
+def _non_negative_int(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{attribute.name} must be an integer >= 0, got {value!r}")
 
 
 # RFC 9110 token characters: what an HTTP header name may be made of.
@@ -56,3 +63,7 @@ class ServiceConfig:
     controller_id: str = "controller"
     #: Deepest nesting of arrays and objects accepted in a request body.
     max_json_depth: int = attrs.field(default=64, validator=_positive_int)
+    #: The journal is not compacted while it is smaller than this (bytes).
+    journal_compact_min_bytes: int = attrs.field(
+        default=DEFAULT_COMPACT_MIN_BYTES, validator=_non_negative_int
+    )

@@ -1,30 +1,42 @@
 """What the registry's events do to the outside world.
 
 The core returns events; this module turns each into I/O: a journal
-append (before the answer is sent, so an acknowledged registration is on
-disk), an event on the current span, a counter, and for registrations,
-deregistrations and evictions one structured log line (``key=value``
-fields on the ``crank_registry_asgi`` logger). Heartbeats and routes are
-counted but not logged: they are the steady traffic.
+line (before the answer is sent, so an acknowledged registration is on
+disk), an event on the current span, a counter, and for every change one
+structured log line (``key=value`` fields on the ``crank_registry_asgi``
+logger). Heartbeats and routes are counted but not logged: they are the
+steady traffic.
+
+What the journal gets: every change, fsynced before the answer; a
+heartbeat only when the worker's last journaled heartbeat is at least half
+``unhealthy_after`` old, without an fsync (a lost heartbeat costs nothing
+that the next one does not repair, and a restored worker's last heartbeat
+stays within that much of the truth).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from opentelemetry import trace
 
 from crank_registry import (
+    CapabilityRegistry,
+    Change,
     Event,
     HeartbeatReceived,
     WorkerDeregistered,
     WorkerEvicted,
+    WorkerHealthy,
     WorkerImported,
     WorkerRegistered,
+    WorkerUnhealthy,
     capability_label,
+    encode_event,
+    encode_snapshot,
     iso_utc,
 )
 
@@ -32,17 +44,32 @@ from .http import ApiError
 from .journal import JournalUnavailable
 from .telemetry import Metrics
 
-__all__ = ["Effects", "EventJournal", "log_fields", "logger"]
+__all__ = ["Effects", "LineJournal", "RegistrySnapshots", "log_fields", "logger"]
 
 #: The service's logger.
 logger = logging.getLogger("crank_registry_asgi")
 
 
-class EventJournal(Protocol):
-    """Where events are made durable (the journal on disk)."""
+class LineJournal(Protocol):
+    """Where lines are made durable (:class:`~crank_registry_asgi.journal.Journal`)."""
 
-    async def record(self, events: Sequence[Event]) -> None:
-        """Append ``events``; return once they are as durable as the journal promises."""
+    async def append(self, lines: Sequence[bytes], *, durable: bool) -> None:
+        """Append ``lines``; with ``durable``, return once they are fsynced."""
+
+
+class RegistrySnapshots:
+    """The journal's snapshots of a registry, rendered with the core's codec."""
+
+    def __init__(self, registry: CapabilityRegistry) -> None:
+        self.registry = registry
+
+    def __len__(self) -> int:
+        return len(self.registry)
+
+    def capture(self) -> Callable[[], bytes]:
+        """The registry's snapshot now; the function returned renders it (in a thread)."""
+        snapshot = self.registry.snapshot()
+        return lambda: b"".join(encode_snapshot(snapshot))
 
 
 def _field_value(value: object) -> str:
@@ -72,10 +99,14 @@ class Effects:
         *,
         metrics: Metrics,
         journal_expected: bool,
+        heartbeat_line_every: float,
     ) -> None:
         self.metrics = metrics
-        self.journal: EventJournal | None = None
+        self.journal: LineJournal | None = None
         self.journal_expected = journal_expected
+        self.heartbeat_line_every = heartbeat_line_every
+        # worker id -> the time of its last heartbeat in the journal
+        self._journaled: dict[str, float] = {}
 
     async def apply(self, events: Sequence[Event]) -> None:
         """Make ``events`` durable, then trace, count and log them.
@@ -106,10 +137,29 @@ class Effects:
             return
         self.check_writable()
         assert self.journal is not None
+        lines = [encode_event(event) for event in events if self._worth_a_line(event)]
         try:
-            await self.journal.record(events)
+            await self.journal.append(
+                lines, durable=any(isinstance(event, Change) for event in events)
+            )
         except JournalUnavailable as error:
             raise ApiError(error.status_hint, error.code, str(error)) from None
+
+    def _worth_a_line(self, event: Event) -> bool:
+        """Every change; a heartbeat once per ``heartbeat_line_every`` per worker."""
+        journaled = self._journaled
+        if isinstance(event, HeartbeatReceived):
+            last = journaled.get(event.worker_id)
+            if last is not None and event.at - last < self.heartbeat_line_every:
+                return False
+            journaled[event.worker_id] = event.at
+        elif isinstance(event, WorkerRegistered):
+            journaled[event.worker_id] = event.at
+        elif isinstance(event, WorkerImported):
+            journaled[event.worker_id] = event.last_heartbeat
+        elif isinstance(event, (WorkerDeregistered, WorkerEvicted)):
+            journaled.pop(event.worker_id, None)
+        return True
 
     def _observe(self, event: Event) -> None:
         span = trace.get_current_span()
@@ -130,20 +180,25 @@ class Effects:
             self.metrics.deregistrations.add(1)
             fields = {"worker_id": event.worker_id}
             message = "worker deregistered"
-        elif isinstance(event, WorkerEvicted):
-            self.metrics.evictions.add(1)
+        elif isinstance(event, (WorkerEvicted, WorkerUnhealthy)):
+            evicted = isinstance(event, WorkerEvicted)
+            (self.metrics.evictions if evicted else self.metrics.unhealthy).add(1)
             fields = {
                 "worker_id": event.worker_id,
                 "last_heartbeat": iso_utc(event.last_heartbeat),
                 "silent_s": f"{event.at - event.last_heartbeat:.3f}",
             }
-            message = "worker evicted"
+            message = "worker evicted" if evicted else "worker unhealthy"
+        elif isinstance(event, WorkerHealthy):
+            fields = {"worker_id": event.worker_id}
+            message = "worker healthy again"
         elif isinstance(event, WorkerImported):
             fields = {"worker_id": event.worker_id, "source": event.source}
             message = "worker imported"
         else:
-            fields = {"worker_id": event.worker_id, "event": type(event).__name__}
-            message = "registry event"
+            raise TypeError(f"not a registry event: {event!r}")
+        if isinstance(event, Change):
+            fields["revision"] = event.revision
         if span.is_recording():
             span.add_event(message, {f"crank.{key}": str(value) for key, value in fields.items()})
         logger.info("%s %s", message, log_fields(**fields), extra={"crank": fields})

@@ -1,24 +1,25 @@
 """The journal on disk: ``STATE_DIR/registry.jsonl``.
 
-The core's codec (:mod:`crank_registry._journal`) turns events into lines;
-this module puts them in a file so that the registry survives a restart, a
-crash and a full disk without losing an acknowledged registration.
+The core's codec (:mod:`crank_registry._journal`) turns events into lines
+and replays them; this module only reads, appends and replaces the bytes
+of one file, so that the registry survives a restart, a crash and a full
+disk without losing an acknowledged registration. What goes into the file
+is the effects module's to decide (:mod:`crank_registry_asgi.effects`).
 
-* Durability. :meth:`Journal.record` returns only once the lines of a
-  registration, deregistration, eviction or import are written and
-  fsynced. Callers that arrive while an fsync is in flight wait for the
-  next one, which covers all of them (group commit): one fsync per batch,
-  not per request. Heartbeats are coalesced by the codec (at most one line
-  per worker per half ``unhealthy_after``) and are written without waiting
-  for an fsync: a lost heartbeat costs nothing that the next one does not
-  repair.
+* Durability. :meth:`Journal.append` with ``durable=True`` returns only
+  once its lines are written and fsynced. Callers that arrive while an
+  fsync is in flight wait for the next one, which covers all of them
+  (group commit): one fsync per batch, not per request. Lines appended
+  with ``durable=False`` (heartbeats) are written without waiting for an
+  fsync: a lost heartbeat costs nothing that the next one does not repair.
 * Failure. A failed write or fsync (a full disk) raises
   :class:`JournalUnavailable` for every caller of that batch, cuts the file
   back to its last good length, and leaves the journal usable for the next
   batch.
 * Compaction. When the file grows past ``compact_ratio`` times the size of
-  a snapshot of the live workers (and past ``compact_min_bytes``), a
-  snapshot is written to ``registry.jsonl.compact`` in the same directory,
+  a snapshot of the live workers (and past ``compact_min_bytes``), the
+  :class:`SnapshotSource` given to :meth:`Journal.open` renders a snapshot,
+  which is written to ``registry.jsonl.compact`` in the same directory,
   fsynced, renamed over the journal and the directory fsynced. A crash at
   any point leaves either the old journal or the new one, both complete; a
   leftover temporary file is removed on the next start.
@@ -39,34 +40,24 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import gc
 import logging
 import os
 import pathlib
 import stat
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import anyio
 import anyio.to_thread
-import attrs
-
-from crank_registry import (
-    CapabilityRegistry,
-    Event,
-    JournalState,
-    ReplayResult,
-    replay_bytes,
-)
 
 __all__ = [
-    "COMPACT_MIN_BYTES_ENV",
+    "DEFAULT_COMPACT_MIN_BYTES",
     "JOURNAL_NAME",
     "LOCK_NAME",
     "Journal",
     "JournalError",
     "JournalUnavailable",
-    "RecoveryReport",
+    "SnapshotSource",
 ]
 
 logger = logging.getLogger(__name__)
@@ -75,16 +66,13 @@ logger = logging.getLogger(__name__)
 JOURNAL_NAME = "registry.jsonl"
 #: The lock file's name inside the state directory.
 LOCK_NAME = "registry.lock"
-#: Environment variable overriding the default ``compact_min_bytes``.
-COMPACT_MIN_BYTES_ENV = "CRANK_REGISTRY_COMPACT_MIN_BYTES"
+#: No compaction while the journal is smaller than this (bytes).
+DEFAULT_COMPACT_MIN_BYTES = 1 << 20
 
 _COMPACT_SUFFIX = ".compact"
-_DEFAULT_COMPACT_MIN_BYTES = 1 << 20
 # Until the first compaction tells the real figure, a snapshot is assumed to
 # take this many bytes per worker.
 _ASSUMED_BYTES_PER_WORKER = 256
-# The most skipped lines logged one by one at recovery.
-_LOGGED_SKIPS = 20
 
 
 class JournalError(Exception):
@@ -106,16 +94,17 @@ class JournalUnavailable(Exception):
     status_hint = 503
 
 
-@attrs.frozen
-class RecoveryReport:
-    """What :meth:`Journal.recover` found; the service logs it in one line."""
+class SnapshotSource(Protocol):
+    """What the journal compacts into: the registry it records."""
 
-    workers_restored: int
-    lines_read: int
-    lines_skipped: int
-    seconds: float
-    #: Workers of readable snapshot parts whose capabilities were on a skipped part.
-    workers_dropped: int = 0
+    def __len__(self) -> int:
+        """How many workers a snapshot would hold now."""
+
+    def capture(self) -> Callable[[], bytes]:
+        """Take a snapshot now (on the event loop); the function returned renders its lines.
+
+        The rendering runs in a worker thread, so it must not read live state.
+        """
 
 
 class _Batch:
@@ -140,10 +129,10 @@ class _Batch:
 
 
 class Journal:
-    """An append-only journal of registry events in one state directory.
+    """An append-only journal in one state directory.
 
-    Use: :meth:`open`, then :meth:`recover` once into the registry, then
-    :meth:`record` the events of every mutation in the order they happened,
+    Use: :meth:`open`, then :meth:`read` once (the bytes to replay), then
+    :meth:`append` the lines of every change in the order they happened,
     and :meth:`aclose` at shutdown.
     """
 
@@ -151,6 +140,7 @@ class Journal:
         self,
         state_dir: pathlib.Path,
         *,
+        snapshots: SnapshotSource,
         lock_fd: int,
         fd: int,
         size: int,
@@ -161,17 +151,14 @@ class Journal:
         """Use :meth:`open`."""
         self.state_dir = state_dir
         self.path = state_dir / JOURNAL_NAME
+        self._snapshots = snapshots
         self._lock_fd = lock_fd
         self._fd = fd
         self._size = size
         self._fsync = fsync
-        # A heartbeat gets a line at most this often per worker; set by
-        # recover() from the registry's policy.
-        self._heartbeat_every = 0.0
         self._compact_ratio = compact_ratio
         self._compact_min_bytes = compact_min_bytes
-        self._state = JournalState()
-        self._recovered = False
+        self._read_done = False
         self._closed = False
         # fast_acquire: a batch leader that finds the lock free writes at once,
         # without first letting every other caller join its batch.
@@ -194,26 +181,24 @@ class Journal:
         cls,
         state_dir: pathlib.Path,
         *,
+        snapshots: SnapshotSource,
         fsync: bool = True,
         compact_ratio: float = 2.0,
-        compact_min_bytes: int | None = None,
+        compact_min_bytes: int = DEFAULT_COMPACT_MIN_BYTES,
     ) -> Journal:
         """Create the directory if needed, lock it, and open ``registry.jsonl`` for append.
 
-        ``fsync=False`` skips every fsync (for tests and benchmarks: a crash
-        of the machine may then lose acknowledged registrations).
-        Compaction starts when the file exceeds
-        ``compact_ratio`` times a snapshot's size and ``compact_min_bytes``
-        (default 1 MiB, or the ``CRANK_REGISTRY_COMPACT_MIN_BYTES``
-        environment variable). Raises :class:`JournalError` when the
-        directory is held by another controller or the journal cannot be
-        opened.
+        ``snapshots`` gives the snapshot that replaces the file when it is
+        compacted. ``fsync=False`` skips every fsync (for tests and
+        benchmarks: a crash of the machine may then lose acknowledged
+        registrations). Compaction starts when the file exceeds
+        ``compact_ratio`` times a snapshot's size and ``compact_min_bytes``.
+        Raises :class:`JournalError` when the directory is held by another
+        controller or the journal cannot be opened.
         """
         state_dir = pathlib.Path(state_dir)
         if compact_ratio <= 1:
             raise ValueError("compact_ratio must be > 1")
-        if compact_min_bytes is None:
-            compact_min_bytes = _compact_min_bytes_from_environment()
         if compact_min_bytes < 0:
             raise ValueError("compact_min_bytes must be >= 0")
         try:
@@ -254,6 +239,7 @@ class Journal:
             raise
         return cls(
             state_dir,
+            snapshots=snapshots,
             lock_fd=lock_fd,
             fd=fd,
             size=size,
@@ -262,88 +248,35 @@ class Journal:
             compact_min_bytes=compact_min_bytes,
         )
 
-    def recover(self, registry: CapabilityRegistry, *, now: float) -> RecoveryReport:
-        """Replay the journal into ``registry`` (as unverified workers) and report.
+    def read(self) -> bytes:
+        """The journal's bytes, to replay; call it once, before the first :meth:`append`.
 
-        Call it once, before the first :meth:`record`. Damaged lines are
-        skipped and logged; a torn last line is cut off the file. Raises
-        :class:`JournalError` when the file cannot be read.
+        A torn last line (no newline: the process died while writing it, so
+        it was never acknowledged) is returned, for the replay to report,
+        and cut off the file, so that the next line does not continue it.
+        Raises :class:`JournalError` when the file cannot be read or cut.
         """
-        if self._recovered:
-            raise RuntimeError("the journal was already recovered")
+        if self._read_done:
+            raise RuntimeError("the journal was already read")
         if self._closed:
             raise RuntimeError("the journal is closed")
-        # A lost heartbeat line costs nothing the next one does not repair:
-        # one line per worker per half unhealthy_after keeps a restored
-        # worker's heartbeat within that much of the truth.
-        self._heartbeat_every = registry.policy.unhealthy_after / 2
-        started = time.perf_counter()
-        # A bulk load of many small objects: the cyclic collector would run
-        # dozens of times for nothing.
-        gc_was_enabled = gc.isenabled()
-        gc.disable()
-        try:
-            result, complete_bytes = self._read()
-            restored = registry.restore(result.records, now=now)
-            kept = result.records
-            if restored != len(kept):  # the registry dropped workers past evict_after
-                kept = tuple(r for r in kept if r.worker_id in registry)
-            self._state = JournalState(kept)
-        finally:
-            # The recovered workers live as long as the service: their objects
-            # go to the collector's permanent generation, so that neither the
-            # collection due now nor the full ones later walk them all again
-            # (a pause of tenths of a second per 100 000 workers). The registry
-            # holds no reference cycles, so what it drops later is still freed.
-            gc.freeze()
-            if gc_was_enabled:
-                gc.enable()
-        seconds = time.perf_counter() - started
-        if complete_bytes < self._size:
-            # The process died while writing the last line: cut it, so that
-            # the next line does not continue it.
-            try:
-                os.ftruncate(self._fd, complete_bytes)
-                self._sync()
-            except OSError as error:
-                raise JournalError(
-                    f"cannot cut the torn last line of the journal {self.path}: {_reason(error)}"
-                ) from error
-            self._size = complete_bytes
-        for skipped in result.skipped[:_LOGGED_SKIPS]:
-            logger.warning(
-                "journal %s line %d skipped: %s", self.path, skipped.line_number, skipped.reason
-            )
-        if result.lines_skipped > _LOGGED_SKIPS:
-            logger.warning(
-                "journal %s: %d more lines skipped", self.path, result.lines_skipped - _LOGGED_SKIPS
-            )
-        if result.workers_dropped:
-            logger.warning(
-                "journal %s: %d workers dropped: their capabilities were on a skipped line"
-                " (they register again at their next heartbeat)",
-                self.path,
-                result.workers_dropped,
-            )
-        self._recovered = True
-        return RecoveryReport(
-            workers_restored=restored,
-            lines_read=result.lines_read,
-            lines_skipped=result.lines_skipped,
-            seconds=seconds,
-            workers_dropped=result.workers_dropped,
-        )
-
-    def _read(self) -> tuple[ReplayResult, int]:
-        """Replay the file; also return the length of its newline-terminated part."""
         try:
             with open(self.path, "rb") as file:
                 data = file.read()
         except OSError as error:
             raise JournalError(f"cannot read the journal {self.path}: {_reason(error)}") from error
-        # In memory (the file is kept proportional to the live state by
-        # compaction): one pass over a buffer is cheaper per line.
-        return replay_bytes(data), data.rfind(b"\n") + 1
+        complete = data.rfind(b"\n") + 1
+        if complete < self._size:
+            try:
+                os.ftruncate(self._fd, complete)
+                self._sync()
+            except OSError as error:
+                raise JournalError(
+                    f"cannot cut the torn last line of the journal {self.path}: {_reason(error)}"
+                ) from error
+            self._size = complete
+        self._read_done = True
+        return data
 
     # ---------------------------------------------------------------- writes
 
@@ -352,29 +285,28 @@ class Journal:
         """The journal's length in bytes, as this process wrote it."""
         return self._size
 
-    async def record(self, events: Sequence[Event]) -> None:
-        """Append the lines of ``events``.
+    async def append(self, lines: Sequence[bytes], *, durable: bool) -> None:
+        """Append ``lines`` (each ending in a newline).
 
-        Registrations, deregistrations, evictions and imports are written
-        and fsynced before this returns; heartbeats are coalesced, and
-        written without an fsync. Raises :class:`JournalUnavailable` when
-        the write of a durable line fails (nothing of its batch is then in
-        the file). May compact the file.
+        ``durable``: return only once they are written and fsynced. The
+        lines join the pending batch before this first waits, so lines
+        appended in some order are written in that order. Raises
+        :class:`JournalUnavailable` when the write of a durable batch fails
+        (nothing of its batch is then in the file). May compact the file.
         """
-        if not self._recovered:
-            raise RuntimeError("recover() must run before record()")
+        if not self._read_done:
+            raise RuntimeError("read() must run before append()")
         if self._closed:
             raise JournalUnavailable(f"the journal {self.path} is closed")
-        encoded = self._state.encode(events, heartbeat_every=self._heartbeat_every)
-        if not encoded.lines:
+        if not lines:
             return
         batch = self._pending
-        batch.lines.extend(encoded.lines)
-        if encoded.durable:
+        batch.lines.extend(lines)
+        if durable:
             batch.durable = True
         if batch.leader:
             # Someone is already waiting to write this batch.
-            if encoded.durable:
+            if durable:
                 if not batch.done:
                     if batch.finished is None:
                         batch.finished = anyio.Event()
@@ -401,7 +333,7 @@ class Journal:
                 async with self._lock:
                     if self._compaction_due():
                         await self._compact()
-        if encoded.durable:
+        if durable:
             self._raise_for(batch)
 
     def _compaction_due(self) -> bool:
@@ -460,7 +392,7 @@ class Journal:
     # ------------------------------------------------------------ compaction
 
     def _compaction_threshold(self) -> int:
-        snapshot_size = len(self._state) * self._snapshot_bytes_per_worker
+        snapshot_size = len(self._snapshots) * self._snapshot_bytes_per_worker
         return max(self._compact_min_bytes, int(self._compact_ratio * snapshot_size))
 
     async def compact(self) -> None:
@@ -470,20 +402,20 @@ class Journal:
         Raises :class:`JournalUnavailable` when the snapshot cannot be
         written (the old journal is then still in place).
         """
-        if not self._recovered:
-            raise RuntimeError("recover() must run before compact()")
+        if not self._read_done:
+            raise RuntimeError("read() must run before compact()")
         async with self._lock:
             await self._compact(raise_errors=True)
 
     async def _compact(self, *, raise_errors: bool = False) -> None:
-        # Lines still pending were already folded into the state, so the
-        # snapshot holds them; appending them after it again changes nothing.
-        workers = len(self._state)
-        # Rendered in the worker thread too, from a copy: a large registry
-        # takes a while to render, and the event loop goes on meanwhile.
-        state = self._state.copy()
+        # Lines still pending hold changes the snapshot already has (their
+        # revisions say so to the replay); heartbeats never go backwards.
+        workers = len(self._snapshots)
+        render = self._snapshots.capture()
         try:
-            written = await anyio.to_thread.run_sync(self._replace_with, state)
+            # Rendered in the worker thread: a large registry takes a while
+            # to render, and the event loop goes on meanwhile.
+            written = await anyio.to_thread.run_sync(self._replace_with, render)
         except OSError as error:
             # The old journal is intact. Try again after it grew by half.
             self._no_compaction_below = self._size + self._size // 2
@@ -499,12 +431,12 @@ class Journal:
             self._snapshot_bytes_per_worker = written / workers
         logger.info("journal %s compacted: %d workers, %d bytes", self.path, workers, written)
 
-    def _replace_with(self, state: JournalState) -> int:
-        """Write a snapshot of ``state`` to a temporary file, fsync it, rename it over the journal.
+    def _replace_with(self, render: Callable[[], bytes]) -> int:
+        """Write a rendered snapshot to a temporary file, fsync it, rename it over the journal.
 
         Returns the snapshot's length.
         """
-        data = b"".join(state.snapshot())
+        data = render()
         temporary = self.path.with_name(self.path.name + _COMPACT_SUFFIX)
         # Opened for append: once renamed, this descriptor is the journal's.
         fd = os.open(
@@ -613,19 +545,6 @@ def _fsync_directory(directory: pathlib.Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _compact_min_bytes_from_environment() -> int:
-    raw = os.environ.get(COMPACT_MIN_BYTES_ENV)
-    if raw is None:
-        return _DEFAULT_COMPACT_MIN_BYTES
-    try:
-        value = int(raw)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise JournalError(f"{COMPACT_MIN_BYTES_ENV} must be a number of bytes >= 0, got {raw!r}")
-    return value
 
 
 def _reason(error: OSError) -> str:

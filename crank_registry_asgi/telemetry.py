@@ -73,6 +73,9 @@ class Metrics:
         self.evictions = meter.create_counter(
             "crank.evictions", unit="{worker}", description="Workers evicted for silence"
         )
+        self.unhealthy = meter.create_counter(
+            "crank.unhealthy", unit="{worker}", description="Workers that stopped being routable"
+        )
 
 
 class TracingMiddleware:

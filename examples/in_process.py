@@ -70,13 +70,18 @@ def main() -> None:
     say(t, f"b is silent; three routes go to {[p.worker_id for p in picks if p]}")
     states = {view.worker_id: view.state.value for view in registry.workers(now=START + t)}
     say(t, f"states {states}")
+    # A service's sweeper runs just after each deadline; the sweep says which
+    # workers stopped being routable, so that whoever follows the events
+    # knows without a clock of its own.
+    events(t, "cleanup_stale", registry.cleanup_stale(now=START + t))
 
-    t = 110.0
+    t = 100.0
     events(t, "heartbeat a", registry.heartbeat("a", now=START + t))
+    t = 110.0
     # next_deadline() may answer early, never late: a heartbeat moves a
     # worker's deadline without touching the core's queue, which still says
-    # t=60s. A sweep re-files every passed entry at its true time, so a
-    # service's sweeper calls cleanup_stale before it asks again.
+    # t=105s for a. A sweep re-files every passed entry at its true time, so
+    # a service's sweeper calls cleanup_stale before it asks again.
     events(t, "cleanup_stale", registry.cleanup_stale(now=START + t))
     deadline = registry.next_deadline()
     if deadline is not None:

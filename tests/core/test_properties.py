@@ -17,6 +17,7 @@ from crank_registry import (
     CapabilityRegistry,
     CapabilitySchema,
     CapabilityView,
+    Change,
     DeregisterRequest,
     Event,
     HealthPolicy,
@@ -26,13 +27,16 @@ from crank_registry import (
     Problem,
     Registration,
     RouteRequest,
+    Snapshot,
     ValidationError,
     WorkerDeregistered,
     WorkerEndpoint,
     WorkerEvicted,
+    WorkerHealthy,
     WorkerImported,
     WorkerRecord,
     WorkerRegistered,
+    WorkerUnhealthy,
     WorkerView,
     structure,
     structure_event,
@@ -120,8 +124,15 @@ capability_tuples = st.lists(capabilities, min_size=1, max_size=2, unique_by=lam
 )
 registrations = st.builds(Registration, worker_ids, worker_urls, capability_tuples)
 records = st.builds(
-    WorkerRecord, worker_ids, worker_urls, capability_tuples, timestamps, st.booleans()
+    WorkerRecord,
+    worker_ids,
+    worker_urls,
+    capability_tuples,
+    timestamps,
+    st.booleans(),
+    st.booleans(),
 )
+revisions = st.integers(1, 2**53)
 endpoints = st.builds(WorkerEndpoint, worker_ids, worker_urls, versions)
 route_requests = st.builds(
     RouteRequest,
@@ -165,16 +176,33 @@ MODEL_STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
     HeartbeatRequest: st.builds(HeartbeatRequest, worker_ids),
     DeregisterRequest: st.builds(DeregisterRequest, worker_ids),
     Problem: st.builds(Problem, st.text(max_size=10), st.text(max_size=10)),
+    Snapshot: st.builds(Snapshot, st.integers(0, 2**53), st.lists(records, max_size=3).map(tuple)),
 }
 EVENT_STRATEGIES: dict[type[Event], st.SearchStrategy[Any]] = {
     WorkerRegistered: st.builds(
-        WorkerRegistered, worker_ids, worker_urls, capability_tuples, timestamps, st.booleans()
+        WorkerRegistered,
+        worker_ids,
+        worker_urls,
+        capability_tuples,
+        timestamps,
+        st.booleans(),
+        revision=revisions,
     ),
     HeartbeatReceived: st.builds(HeartbeatReceived, worker_ids, timestamps),
-    WorkerDeregistered: st.builds(WorkerDeregistered, worker_ids, timestamps),
-    WorkerEvicted: st.builds(WorkerEvicted, worker_ids, timestamps, timestamps),
+    WorkerDeregistered: st.builds(WorkerDeregistered, worker_ids, timestamps, revision=revisions),
+    WorkerUnhealthy: st.builds(
+        WorkerUnhealthy, worker_ids, timestamps, timestamps, revision=revisions
+    ),
+    WorkerHealthy: st.builds(WorkerHealthy, worker_ids, timestamps, revision=revisions),
+    WorkerEvicted: st.builds(WorkerEvicted, worker_ids, timestamps, timestamps, revision=revisions),
     WorkerImported: st.builds(
-        WorkerImported, worker_ids, worker_urls, capability_tuples, timestamps, texts
+        WorkerImported,
+        worker_ids,
+        worker_urls,
+        capability_tuples,
+        timestamps,
+        texts,
+        revision=revisions,
     ),
 }
 models = st.one_of(*MODEL_STRATEGIES.values())
@@ -211,7 +239,10 @@ def test_the_strategies_cover_every_public_model_and_event() -> None:
     }
     assert set(EVENT_STRATEGIES) == set(EVENT_TYPES.values())
     assert set(MODEL_STRATEGIES) == {c for c in attrs_classes if not issubclass(c, Event)}
-    assert {c for c in attrs_classes if issubclass(c, Event)} == set(EVENT_TYPES.values()) | {Event}
+    assert {c for c in attrs_classes if issubclass(c, Event)} == set(EVENT_TYPES.values()) | {
+        Event,
+        Change,
+    }
 
 
 # ---------------------------------------------------- only ValidationError, ever

@@ -29,6 +29,7 @@ from crank_registry import (
     WorkerEvicted,
     WorkerImported,
     WorkerNotRegistered,
+    WorkerUnhealthy,
 )
 from tests.core.helpers import T0, capability
 
@@ -118,7 +119,9 @@ class RegistryMachine(RuleBasedStateMachine):
 
     @rule(worker_id=st.sampled_from(WORKER_IDS))
     def deregister(self, worker_id: str) -> None:
-        if worker_id not in self.model:
+        worker = self.model.get(worker_id)
+        if worker is None or evictable(worker, self.now):
+            # Unknown, or past evict_after (evicted at the next sweep): refused.
             try:
                 self.registry.deregister(worker_id, now=self.now)
             except WorkerNotRegistered:
@@ -158,8 +161,14 @@ class RegistryMachine(RuleBasedStateMachine):
     def cleanup(self) -> None:
         events = self.registry.cleanup_stale(now=self.now)
         stale = {w for w, worker in self.model.items() if evictable(worker, self.now)}
-        assert all(isinstance(e, WorkerEvicted) and e.at == self.now for e in events)
-        assert sorted(e.worker_id for e in events) == sorted(stale)
+        assert all(isinstance(e, WorkerUnhealthy | WorkerEvicted) for e in events)
+        assert all(e.at == self.now for e in events)
+        evicted = [e.worker_id for e in events if isinstance(e, WorkerEvicted)]
+        assert sorted(evicted) == sorted(stale)
+        # Unhealthy: only workers not routable now, each once, before any eviction of it.
+        unhealthy = [e.worker_id for e in events if isinstance(e, WorkerUnhealthy)]
+        assert len(set(unhealthy)) == len(unhealthy)
+        assert not any(routable(self.model[w], self.now) for w in unhealthy)
         for event in events:
             assert event.last_heartbeat == self.model[event.worker_id].last_heartbeat
         for worker_id in stale:
@@ -225,7 +234,7 @@ class RegistryMachine(RuleBasedStateMachine):
     def peer_cleanup(self) -> None:
         events = self.peer.cleanup_stale(now=self.now)
         stale = {w for w, worker in self.peer_model.items() if evictable(worker, self.now)}
-        assert {e.worker_id for e in events} == stale
+        assert {e.worker_id for e in events if isinstance(e, WorkerEvicted)} == stale
         for worker_id in stale:
             del self.peer_model[worker_id]
 

@@ -2,7 +2,9 @@
 
 The worker ``w`` is put in each state; each input is applied at that
 state's ``now``; the table says what the call answers and what state the
-worker is in afterwards. No sweep runs unless the input is ``cleanup``.
+worker is in afterwards, as a user of the public API sees them. No sweep
+runs unless the input is ``cleanup``. (``test_health.py`` checks the
+registry against the core's own state table, pair by pair.)
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from crank_registry import (
     HeartbeatReceived,
     WorkerDeregistered,
     WorkerEvicted,
+    WorkerHealthy,
     WorkerNotRegistered,
     WorkerRecord,
     WorkerRegistered,
+    WorkerUnhealthy,
 )
 from tests.core.helpers import T0, capability
 
@@ -57,41 +61,41 @@ STATES: dict[str, tuple[Callable[[CapabilityRegistry], None], float]] = {
 
 INPUTS = ("register", "heartbeat", "deregister", "route", "cleanup")
 
-# What each input answers: an event type, an error type, "endpoint" or None
-# (route), and () (a sweep that evicts nothing); then the worker's state
-# afterwards (ABSENT: not listed) and whether it is routable.
+# What each input answers: the types of the events it returns, an error
+# type, or "endpoint" or None (route); then the worker's state afterwards
+# (ABSENT: not listed) and whether it is routable.
 TABLE: dict[tuple[str, str], tuple[Any, HealthState | None, bool]] = {
-    ("unknown", "register"): (WorkerRegistered, HEALTHY, True),
+    ("unknown", "register"): ((WorkerRegistered,), HEALTHY, True),
     ("unknown", "heartbeat"): (WorkerNotRegistered, ABSENT, False),
     ("unknown", "deregister"): (WorkerNotRegistered, ABSENT, False),
     ("unknown", "route"): (None, ABSENT, False),
     ("unknown", "cleanup"): ((), ABSENT, False),
-    ("healthy", "register"): (WorkerRegistered, HEALTHY, True),
-    ("healthy", "heartbeat"): (HeartbeatReceived, HEALTHY, True),
-    ("healthy", "deregister"): (WorkerDeregistered, ABSENT, False),
+    ("healthy", "register"): ((WorkerRegistered,), HEALTHY, True),
+    ("healthy", "heartbeat"): ((HeartbeatReceived,), HEALTHY, True),
+    ("healthy", "deregister"): ((WorkerDeregistered,), ABSENT, False),
     ("healthy", "route"): ("endpoint", HEALTHY, True),
     ("healthy", "cleanup"): ((), HEALTHY, True),
-    ("unhealthy", "register"): (WorkerRegistered, HEALTHY, True),
-    ("unhealthy", "heartbeat"): (HeartbeatReceived, HEALTHY, True),
-    ("unhealthy", "deregister"): (WorkerDeregistered, ABSENT, False),
+    ("unhealthy", "register"): ((WorkerRegistered,), HEALTHY, True),
+    ("unhealthy", "heartbeat"): ((HeartbeatReceived, WorkerHealthy), HEALTHY, True),
+    ("unhealthy", "deregister"): ((WorkerDeregistered,), ABSENT, False),
     ("unhealthy", "route"): (None, UNHEALTHY, False),
-    ("unhealthy", "cleanup"): ((), UNHEALTHY, False),
-    ("unverified", "register"): (WorkerRegistered, HEALTHY, True),
+    ("unhealthy", "cleanup"): ((WorkerUnhealthy,), UNHEALTHY, False),
+    ("unverified", "register"): ((WorkerRegistered,), HEALTHY, True),
     ("unverified", "heartbeat"): (WorkerNotRegistered, UNVERIFIED, True),
-    ("unverified", "deregister"): (WorkerDeregistered, ABSENT, False),
+    ("unverified", "deregister"): ((WorkerDeregistered,), ABSENT, False),
     ("unverified", "route"): ("endpoint", UNVERIFIED, True),
     ("unverified", "cleanup"): ((), UNVERIFIED, True),
-    ("unverified-silent", "register"): (WorkerRegistered, HEALTHY, True),
+    ("unverified-silent", "register"): ((WorkerRegistered,), HEALTHY, True),
     ("unverified-silent", "heartbeat"): (WorkerNotRegistered, UNVERIFIED, False),
-    ("unverified-silent", "deregister"): (WorkerDeregistered, ABSENT, False),
+    ("unverified-silent", "deregister"): ((WorkerDeregistered,), ABSENT, False),
     ("unverified-silent", "route"): (None, UNVERIFIED, False),
-    ("unverified-silent", "cleanup"): ((), UNVERIFIED, False),
-    ("past-evict-not-swept", "register"): (WorkerRegistered, HEALTHY, True),
+    ("unverified-silent", "cleanup"): ((WorkerUnhealthy,), UNVERIFIED, False),
+    ("past-evict-not-swept", "register"): ((WorkerRegistered,), HEALTHY, True),
     ("past-evict-not-swept", "heartbeat"): (WorkerNotRegistered, UNHEALTHY, False),
-    ("past-evict-not-swept", "deregister"): (WorkerDeregistered, ABSENT, False),
+    ("past-evict-not-swept", "deregister"): (WorkerNotRegistered, UNHEALTHY, False),
     ("past-evict-not-swept", "route"): (None, UNHEALTHY, False),
-    ("past-evict-not-swept", "cleanup"): (WorkerEvicted, ABSENT, False),
-    ("deregistered", "register"): (WorkerRegistered, HEALTHY, True),
+    ("past-evict-not-swept", "cleanup"): ((WorkerUnhealthy, WorkerEvicted), ABSENT, False),
+    ("deregistered", "register"): ((WorkerRegistered,), HEALTHY, True),
     ("deregistered", "heartbeat"): (WorkerNotRegistered, ABSENT, False),
     ("deregistered", "deregister"): (WorkerNotRegistered, ABSENT, False),
     ("deregistered", "route"): (None, ABSENT, False),
@@ -133,13 +137,13 @@ def test_transition(state: str, action: str) -> None:
         result = apply(registry, action, now)
         if answer == "endpoint":
             assert result is not None and result.worker_id == "w"
-        elif isinstance(answer, type):
-            [event] = result
-            assert type(event) is answer and event.worker_id == "w"
-            if answer is WorkerRegistered:
-                assert event.replaced == (state not in ("unknown", "deregistered"))
+        elif answer is None:
+            assert result is None
         else:
-            assert result == answer
+            assert tuple(type(event) for event in result) == answer
+            assert all(event.worker_id == "w" for event in result)
+            if answer == (WorkerRegistered,):
+                assert result[0].replaced == (state not in ("unknown", "deregistered"))
 
     view = registry.get_worker("w", now=now)
     assert (None if view is None else view.state) == after

@@ -30,6 +30,7 @@ def test_in_process_drives_the_core_with_explicit_time() -> None:
     assert "b is silent; three routes go to ['a', 'a', 'a']" in output
     assert "states {'a': 'healthy', 'b': 'unhealthy'}" in output
     # After a sweep, the next deadline is a true one, not one already past.
+    assert "t=  75s  cleanup_stale -> unhealthy" in output
     assert "t= 110s  cleanup_stale -> nothing" in output
     assert "t= 110s  next deadline: t=120s, when b becomes evictable" in output
     assert "t= 125s  cleanup_stale -> evicted" in output

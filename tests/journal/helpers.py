@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from hypothesis import strategies as st
 
 from crank_registry import (
+    CapabilityRegistry,
     CapabilitySchema,
     Event,
+    HealthPolicy,
     HeartbeatReceived,
+    ReplayResult,
     WorkerDeregistered,
     WorkerEvicted,
+    WorkerHealthy,
     WorkerImported,
     WorkerRecord,
     WorkerRegistered,
+    WorkerUnhealthy,
+    replay,
+    replay_bytes,
     structure,
 )
 
@@ -38,14 +46,36 @@ def capability(
     return structure(data, CapabilitySchema)
 
 
-def normalized(records: list[WorkerRecord] | tuple[WorkerRecord, ...]) -> list[tuple[Any, ...]]:
-    """Records as comparable tuples, ignoring ``verified`` (a replayed record is never verified)."""
+def normalized(records: Iterable[WorkerRecord]) -> list[tuple[Any, ...]]:
+    """Records as comparable tuples: what a worker is, without its health flags."""
     return [(r.worker_id, r.worker_url, r.capabilities, r.last_heartbeat) for r in records]
+
+
+def replayed(
+    lines: Iterable[bytes | str], policy: HealthPolicy | None = None
+) -> tuple[CapabilityRegistry, ReplayResult]:
+    """A fresh registry with ``lines`` replayed into it, and the replay's result."""
+    registry = CapabilityRegistry(policy)
+    return registry, replay(lines, registry)
+
+
+def replayed_bytes(
+    data: bytes, policy: HealthPolicy | None = None
+) -> tuple[CapabilityRegistry, ReplayResult]:
+    """A fresh registry with the journal ``data`` replayed into it, and the replay's result."""
+    registry = CapabilityRegistry(policy)
+    return registry, replay_bytes(data, registry)
+
+
+def ids(registry: CapabilityRegistry) -> list[str]:
+    """The registry's worker ids, in registration order."""
+    return [record.worker_id for record in registry.records()]
 
 
 worker_ids = st.sampled_from([f"w{i}" for i in range(6)] + ["worker.a-1", "B_2"])
 urls = st.sampled_from(["http://10.0.0.1:8080", "https://w.example:8443/api", "http://[::1]:9"])
 moments = st.floats(min_value=T0, max_value=T0 + 10_000, allow_nan=False)
+revisions = st.integers(min_value=1, max_value=2**53)
 
 capabilities = st.builds(
     capability,
@@ -61,6 +91,7 @@ capability_lists = st.lists(capabilities, min_size=1, max_size=3, unique_by=lamb
     tuple
 )
 
+#: Every kind of event, each change with a revision.
 events: st.SearchStrategy[Event] = st.one_of(
     st.builds(
         WorkerRegistered,
@@ -69,10 +100,21 @@ events: st.SearchStrategy[Event] = st.one_of(
         capabilities=capability_lists,
         at=moments,
         replaced=st.booleans(),
+        revision=revisions,
     ),
     st.builds(HeartbeatReceived, worker_id=worker_ids, at=moments),
-    st.builds(WorkerDeregistered, worker_id=worker_ids, at=moments),
-    st.builds(WorkerEvicted, worker_id=worker_ids, at=moments, last_heartbeat=moments),
+    st.builds(WorkerDeregistered, worker_id=worker_ids, at=moments, revision=revisions),
+    st.builds(
+        WorkerUnhealthy,
+        worker_id=worker_ids,
+        at=moments,
+        last_heartbeat=moments,
+        revision=revisions,
+    ),
+    st.builds(WorkerHealthy, worker_id=worker_ids, at=moments, revision=revisions),
+    st.builds(
+        WorkerEvicted, worker_id=worker_ids, at=moments, last_heartbeat=moments, revision=revisions
+    ),
     st.builds(
         WorkerImported,
         worker_id=worker_ids,
@@ -80,5 +122,17 @@ events: st.SearchStrategy[Event] = st.one_of(
         capabilities=capability_lists,
         last_heartbeat=moments,
         source=st.sampled_from(["controller-b", "ctl.2"]),
+        revision=revisions,
     ),
+)
+
+#: A worker's record in every health state a snapshot holds.
+records = st.builds(
+    WorkerRecord,
+    worker_id=worker_ids,
+    worker_url=urls,
+    capabilities=capability_lists,
+    last_heartbeat=moments,
+    verified=st.booleans(),
+    silent=st.booleans(),
 )

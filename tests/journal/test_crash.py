@@ -6,14 +6,13 @@ they can; the controller is killed with SIGKILL at seeded random moments,
 restarted on the same directory, and every registration that was answered
 200 before the kill must be in ``/workers``. The second test kills it while
 a compaction is writing its temporary file: workers re-register with large
-schemas and ``CRANK_REGISTRY_COMPACT_MIN_BYTES=0``, so that compactions are
+schemas and ``--journal-compact-min-bytes 0``, so that compactions are
 frequent and long.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import pathlib
 import random
 import signal
@@ -28,7 +27,7 @@ import anyio
 import httpx
 import pytest
 
-from crank_registry_asgi.journal import COMPACT_MIN_BYTES_ENV, JOURNAL_NAME
+from crank_registry_asgi.journal import JOURNAL_NAME
 
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
 
@@ -54,10 +53,10 @@ def free_port() -> int:
 class Controller:
     """One controller process on a state directory, restarted at will."""
 
-    def __init__(self, state_dir: pathlib.Path, log: pathlib.Path, env: dict[str, str]) -> None:
+    def __init__(self, state_dir: pathlib.Path, log: pathlib.Path, flags: list[str]) -> None:
         self.state_dir = state_dir
         self.log = log
-        self.env = {**os.environ, **env}
+        self.flags = flags
         self.process: subprocess.Popen[bytes] | None = None
         self.url = ""
 
@@ -95,9 +94,10 @@ class Controller:
             "3600",
             "--log-level",
             "warning",
+            *self.flags,
         ]
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=log, env=self.env)
+            self.process = subprocess.Popen(command, stdout=log, stderr=log)
         deadline = time.monotonic() + READY_TIMEOUT
         async with httpx.AsyncClient(base_url=self.url, timeout=2.0) as client:
             while True:
@@ -135,8 +135,8 @@ class Controller:
 
 
 @contextlib.contextmanager
-def controller(tmp_path: pathlib.Path, **env: str) -> Iterator[Controller]:
-    instance = Controller(tmp_path / "state", tmp_path / "controller.log", env)
+def controller(tmp_path: pathlib.Path, *flags: str) -> Iterator[Controller]:
+    instance = Controller(tmp_path / "state", tmp_path / "controller.log", list(flags))
     try:
         yield instance
     finally:
@@ -238,7 +238,7 @@ async def test_acknowledged_registrations_survive_sigkill_during_compaction(
     acknowledged: set[str] = set()
     mid_compaction = kills = 0
     # No minimum: a compaction each time the file doubles past a snapshot.
-    with controller(tmp_path, **{COMPACT_MIN_BYTES_ENV: "0"}) as instance:
+    with controller(tmp_path, "--journal-compact-min-bytes", "0") as instance:
         while mid_compaction < wanted and kills < most_rounds:
             await instance.start()
             assert not temporary.exists(), "a compaction's leftover survived a restart"

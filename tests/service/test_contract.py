@@ -175,10 +175,11 @@ async def test_evicted_after_120_seconds(caplog: pytest.LogCaptureFixture) -> No
         api.advance(100)
         await api.post("/heartbeat", {"worker_id": "w2"})
         api.advance(20)
-        assert await api.service.sweep() == ()  # exactly 120 s: not yet
+        # Exactly 120 s: unhealthy (since 60 s), not yet evicted.
+        assert [type(e).__name__ for e in await api.service.sweep()] == ["WorkerUnhealthy"]
         api.advance(1)
         evicted = await api.service.sweep()
-        assert [event.worker_id for event in evicted] == ["w1"]
+        assert [(type(e).__name__, e.worker_id) for e in evicted] == [("WorkerEvicted", "w1")]
         assert set(await api.workers()) == {"w2"}
         response = await api.post("/heartbeat", {"worker_id": "w1"})
         assert response.status_code == 404
@@ -381,10 +382,10 @@ async def test_logs_one_line_per_registration_deregistration(
     )
     assert lines[2:] == [
         "worker registered worker_id=w1 worker_url=http://w1.example:8000 "
-        "capabilities=classify:image.classify replaced=false",
+        "capabilities=classify:image.classify replaced=false revision=1",
         "worker registered worker_id=w1 worker_url=http://w1.example:8000 "
-        "capabilities=classify:image.classify replaced=true",
-        "worker deregistered worker_id=w1",
+        "capabilities=classify:image.classify replaced=true revision=2",
+        "worker deregistered worker_id=w1 revision=3",
     ]
 
 

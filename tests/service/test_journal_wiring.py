@@ -9,7 +9,6 @@ from collections.abc import Sequence
 import httpx
 import pytest
 
-from crank_registry import Event
 from crank_registry.testing import FakeClock
 from crank_registry_asgi import ServiceConfig, create_app
 from crank_registry_asgi.journal import JournalError, JournalUnavailable
@@ -55,7 +54,11 @@ async def test_evictions_are_journaled(tmp_path: pathlib.Path) -> None:
         api.advance(100)
         await api.post("/heartbeat", {"worker_id": "w2"})
         api.advance(21)
-        assert [e.worker_id for e in await api.service.sweep()] == ["w1"]
+        events = await api.service.sweep()
+        assert [(type(e).__name__, e.worker_id) for e in events] == [
+            ("WorkerUnhealthy", "w1"),
+            ("WorkerEvicted", "w1"),
+        ]
     async with running(config, clock=clock) as api:
         assert set(await api.workers()) == {"w2"}
 
@@ -85,7 +88,7 @@ async def test_a_locked_state_directory_refuses_to_start(tmp_path: pathlib.Path)
 class FailingJournal:
     """A journal whose disk is full."""
 
-    async def record(self, events: Sequence[Event]) -> None:
+    async def append(self, lines: Sequence[bytes], *, durable: bool) -> None:
         raise JournalUnavailable("journal registry.jsonl: No space left on device")
 
 
@@ -99,9 +102,9 @@ async def test_a_failed_write_is_503_journal_unavailable(tmp_path: pathlib.Path)
         assert "No space left" in response.json()["message"]
         response = await api.post("/deregister", {"worker_id": "w1"})
         assert response.status_code == 503
-        # A sweep whose evictions cannot be journaled still evicts, and says so.
+        # A sweep whose changes cannot be journaled still makes them, and says so.
         api.advance(200)
-        assert len(await api.service.sweep()) == 1
+        assert len(await api.service.sweep()) == 2  # unhealthy, then evicted
 
 
 async def test_writes_after_shutdown_are_refused(tmp_path: pathlib.Path) -> None:

@@ -153,6 +153,7 @@ async def test_counters(metric_reader: InMemoryMetricReader | None) -> None:
         "crank.routes": 1,
         "crank.routes.no_worker": 1,
         "crank.deregistrations": 1,
+        "crank.unhealthy": 1,
         "crank.evictions": 1,
     }
 

@@ -1,0 +1,159 @@
+"""The registry's own records: a worker, its seat in each rotation, shared capability values.
+
+These are the mutable objects inside :class:`~crank_registry.CapabilityRegistry`;
+they are never handed out (readers get frozen views and records). This
+module sits below :mod:`._health`, :mod:`._rotation` and :mod:`._registry`,
+which all use it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from ._converter import unstructure
+from ._health import Health
+from ._models import CapabilityKey, CapabilitySchema, WorkerEndpoint, WorkerRecord
+
+__all__ = ["MAX_VARIANTS", "CapabilityValues", "Member", "Worker"]
+
+#: At most this many distinct values of one ``(verb, name)`` are shared
+#: between workers; beyond it a registration keeps its own (bounded work).
+MAX_VARIANTS = 8
+
+
+class Worker:
+    """One worker as the registry holds it.
+
+    ``health``, ``last_heartbeat``, ``routable_until`` and ``deadline`` are
+    set only by the registry's fold; ``routable_until`` and ``deadline`` are
+    :func:`~crank_registry._health.routable_until` and
+    :func:`~crank_registry._health.deadline` of the other two, kept so that
+    a route compares one float.
+    """
+
+    __slots__ = (
+        "capabilities",
+        "deadline",
+        "health",
+        "last_heartbeat",
+        "members",
+        "order",
+        "parked",
+        "routable_until",
+        "worker_id",
+        "worker_url",
+    )
+
+    def __init__(  # noqa: PLR0917 (all six are what a worker is)
+        self,
+        worker_id: str,
+        worker_url: str,
+        capabilities: tuple[CapabilitySchema, ...],
+        health: Health,
+        last_heartbeat: float,
+        order: int,
+    ) -> None:
+        self.worker_id = worker_id
+        self.worker_url = worker_url
+        self.capabilities = capabilities
+        self.health = health
+        self.last_heartbeat = last_heartbeat
+        # Its place in registration order (kept when it registers again).
+        self.order = order
+        # Until the registry's fold sets them: not routable, no deadline yet.
+        self.routable_until = -math.inf
+        self.deadline = math.inf
+        self.members: tuple[Member, ...] = ()
+        # True once a rotation dropped one of its members (found unroutable);
+        # the heartbeat that makes it routable again puts them back.
+        self.parked = False
+
+    def __lt__(self, other: Worker) -> bool:
+        # Heap entries are (deadline, order, worker): a tie on both is an entry
+        # of a worker that registered again, and those need no order.
+        return False
+
+    def record(self) -> WorkerRecord:
+        """The worker as a frozen record."""
+        return WorkerRecord(
+            worker_id=self.worker_id,
+            worker_url=self.worker_url,
+            capabilities=self.capabilities,
+            last_heartbeat=self.last_heartbeat,
+            verified=self.health.verified,
+            silent=self.health.silent,
+        )
+
+
+class Member:
+    """A worker's seat in the rotation of one of its capabilities.
+
+    ``slot`` is the seat's index in the rotation's ring, or -1 while it is out.
+    """
+
+    __slots__ = ("endpoint", "key", "slot", "worker")
+
+    def __init__(self, worker: Worker, key: CapabilityKey, endpoint: WorkerEndpoint) -> None:
+        self.worker = worker
+        self.key = key
+        self.endpoint = endpoint
+        self.slot = -1
+
+
+class _Variant:
+    """One stored value, its JSON text, and how many workers hold it."""
+
+    __slots__ = ("text", "users", "value")
+
+    def __init__(self, value: CapabilitySchema, text: str) -> None:
+        self.value = value
+        self.text = text
+        self.users = 1
+
+
+class CapabilityValues:
+    """The distinct values registered for one ``(verb, name)``, each stored once.
+
+    A fleet of replicas registers equal capabilities many times over;
+    storing each value once keeps memory per worker small. Two values are
+    equal when they render to the same JSON, which tells ``1``, ``1.0``
+    and ``true`` apart (``==`` does not). Each value counts the workers
+    holding it, so that the last to leave frees it.
+    """
+
+    __slots__ = ("variants",)
+
+    def __init__(self) -> None:
+        self.variants: list[_Variant] = []
+
+    def share(self, capability: CapabilitySchema) -> CapabilitySchema:
+        """The stored value equal to ``capability`` (it, if none is), counted for one more user."""
+        for variant in self.variants:
+            if variant.value is capability:
+                variant.users += 1
+                return capability
+        try:
+            text = _json_text(capability)
+        except RecursionError:
+            return capability  # too deep to render: kept unshared
+        for variant in self.variants:
+            if variant.text == text:
+                variant.users += 1
+                return variant.value
+        if len(self.variants) < MAX_VARIANTS:
+            self.variants.append(_Variant(capability, text))
+        return capability
+
+    def release(self, capability: CapabilitySchema) -> None:
+        """A worker holding ``capability`` (a value :meth:`share` returned) let go of it."""
+        for index, variant in enumerate(self.variants):
+            if variant.value is capability:
+                variant.users -= 1
+                if not variant.users:
+                    del self.variants[index]
+                return
+
+
+def _json_text(capability: CapabilitySchema) -> str:
+    return json.dumps(unstructure(capability), sort_keys=True, separators=(",", ":"))

@@ -1,0 +1,112 @@
+"""Rotation: round-robin over the workers of one ``(verb, capability)``, in O(1).
+
+A :class:`Rotation` is a ring (a list and a cursor) of the members still
+believed routable, in the order they joined. :meth:`Rotation.next` serves
+the member under the cursor and moves the cursor on. A member it finds
+unroutable for that ``now`` leaves the ring at once (its slot becomes a
+hole) and its worker is marked ``parked``: the registry puts it back at
+the end when the worker is routable again. So an unroutable worker is
+skipped at most once, and no sweep needs to have run for a route to be
+right. The ring is compacted when holes outnumber members, which keeps
+skipping holes O(1) amortised.
+
+Round-robin is the default strategy. Another strategy chooses among
+:meth:`Rotation.members` (the routable candidates of one
+``(verb, capability)``) at ``now``; the rotation knows nothing of the
+registry around it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from ._records import Member
+
+__all__ = ["Rotation"]
+
+
+class Rotation:
+    """The routable members of one ``(verb, capability)``, served round-robin."""
+
+    __slots__ = ("cursor", "live", "ring", "size")
+
+    def __init__(self) -> None:
+        self.ring: list[Member | None] = []
+        self.cursor = 0
+        self.live = 0  # members in the ring (the rest of it is holes)
+        self.size = 0  # members in all, in the ring or out of it
+
+    def add(self, member: Member) -> None:
+        """A new member: seated at the end of the ring (the last to be served)."""
+        self.size += 1
+        self.join(member)
+
+    def remove(self, member: Member) -> None:
+        """A member leaves for good."""
+        self.leave(member)
+        self.size -= 1
+
+    def join(self, member: Member) -> None:
+        """Seat ``member`` (out of the ring) at the end of the ring."""
+        member.slot = len(self.ring)
+        self.ring.append(member)
+        self.live += 1
+
+    def leave(self, member: Member) -> None:
+        """Take ``member`` out of the ring (it stays a member), if it is in it."""
+        if member.slot < 0:
+            return
+        self.ring[member.slot] = None
+        member.slot = -1
+        self.live -= 1
+        if len(self.ring) > 2 * self.live + 4:
+            self._compact()
+
+    def take_seat(self, old: Member, new: Member) -> None:
+        """``new`` replaces member ``old``, in its seat (a re-registration keeps its turn)."""
+        if old.slot < 0:
+            self.join(new)
+            return
+        new.slot = old.slot
+        self.ring[new.slot] = new
+        old.slot = -1
+
+    def next(self, now: float) -> Member | None:
+        """The next member routable at ``now``, moving the cursor past it; ``None`` if none is.
+
+        ``now`` must be a finite number (the registry checks it): members
+        found unroutable leave the ring.
+        """
+        while self.live:
+            ring = self.ring
+            index = self.cursor
+            if index >= len(ring):
+                index = 0
+            member = ring[index]
+            self.cursor = index + 1
+            if member is None:
+                continue  # a hole left by a member that went out
+            if now <= member.worker.routable_until:
+                return member
+            self.leave(member)
+            member.worker.parked = True
+        return None
+
+    def members(self) -> Iterator[Member]:
+        """The members in the ring, in ring order."""
+        return (member for member in self.ring if member is not None)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _compact(self) -> None:
+        ring: list[Member | None] = []
+        cursor = 0
+        for index, member in enumerate(self.ring):
+            if index == self.cursor:
+                cursor = len(ring)
+            if member is not None:
+                member.slot = len(ring)
+                ring.append(member)
+        self.ring = ring
+        self.cursor = cursor
