@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from crank_registry_asgi.cli import main as crank_registry
 from examples.demo.calls import check_stream
 from examples.workers import WORKER_NAMES
 
@@ -54,6 +55,16 @@ def workdir_of(output: str) -> str:
     match = re.search(r"working in (\S+)", output)
     assert match, output
     return match.group(1)
+
+
+def test_the_service_command_has_no_demo(capsys: pytest.CaptureFixture[str]) -> None:
+    # The demo runs the examples of a source checkout, which the wheel does not hold.
+    with pytest.raises(SystemExit) as exit_info:
+        crank_registry(["demo"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "invalid choice" in error
+    assert "demo" in error
 
 
 def test_the_streamed_tokens_read_as_text_in_the_summary() -> None:
