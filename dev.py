@@ -72,7 +72,8 @@ def ensure_environment() -> None:
 
 def main(argv: list[str]) -> int:
     tasks = {
-        "demo": [str(_bin("crank-registry")), "demo"],
+        # The demo lives in the source tree (examples/demo), beside the workers it runs.
+        "demo": [str(_bin("python")), "-m", "examples.demo"],
         "test": [str(_bin("python")), "-m", "pytest"],
         "nox": [str(_bin("nox"))],
     }

@@ -43,9 +43,11 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    """mypy --strict on the three packages."""
+    """mypy --strict on the three packages and the demo."""
     _install_all(session)
-    session.run("mypy", "-p", PACKAGES[0], "-p", PACKAGES[1], "-p", PACKAGES[2])
+    session.run(
+        "mypy", "-p", PACKAGES[0], "-p", PACKAGES[1], "-p", PACKAGES[2], "-p", "examples.demo"
+    )
 
 
 @nox.session(reuse_venv=False)
@@ -93,9 +95,9 @@ def bench(session: nox.Session) -> None:
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    """The full demo (the same as ``crank-registry demo``)."""
+    """The full demo (the same as ``python3 dev.py demo``)."""
     _install_all(session)
-    session.run("crank-registry", "demo", *session.posargs)
+    session.run("python", "-m", "examples.demo", *session.posargs)
 
 
 _ISOLATION_CHECK = """

@@ -5,9 +5,7 @@ Subcommands:
 - ``serve``: run the controller over HTTPS (mutual TLS with ``--ca-certs``),
   or over plain HTTP when ``--insecure`` asks for it by name;
 - ``certs``: write a development CA, a controller certificate and one client
-  certificate per worker;
-- ``demo``: run a controller with its gateway and the nine example workers
-  over mutual TLS, and show them at work (:mod:`crank_registry_asgi.demo`).
+  certificate per worker.
 
 Each subcommand is one ``add_*_command`` function that declares its flags and
 sets its handler; :func:`build_parser` calls them in turn. Exit status: 0 on
@@ -72,9 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
     subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_serve_command(subcommands)
     add_certs_command(subcommands)
-    from .demo import add_demo_command
-
-    add_demo_command(subcommands)
     return parser
 
 

@@ -1,7 +1,8 @@
-"""``crank-registry demo`` end to end, as a user runs it: a subprocess, real processes."""
+"""``python3 dev.py demo`` end to end, as a user runs it: a subprocess, real processes."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -14,7 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from crank_registry_asgi.demo import CAPABILITIES, WORKERS, _check_stream
+from crank_registry_asgi.cli import main as crank_registry
+from examples.demo.calls import check_stream
 from examples.workers import WORKER_NAMES
 
 pytestmark = [
@@ -23,7 +25,14 @@ pytestmark = [
 ]
 
 ROOT = Path(__file__).resolve().parents[2]
-DEMO = [sys.executable, "-m", "crank_registry_asgi", "demo"]
+# What dev.py runs (in the checkout, with the development environment's python).
+DEMO = [sys.executable, "-m", "examples.demo"]
+#: What the example workers declare, ``(verb, name)``: the demo calls each of them.
+CAPABILITIES = [
+    capability.key
+    for name in WORKER_NAMES
+    for capability in importlib.import_module(f"examples.workers.{name}").CAPABILITIES
+]
 
 
 def processes_mentioning(text: str) -> list[int]:
@@ -48,9 +57,14 @@ def workdir_of(output: str) -> str:
     return match.group(1)
 
 
-def test_the_demo_workers_are_the_examples() -> None:
-    assert WORKERS == WORKER_NAMES
-    assert len(CAPABILITIES) == 9
+def test_the_service_command_has_no_demo(capsys: pytest.CaptureFixture[str]) -> None:
+    # The demo runs the examples of a source checkout, which the wheel does not hold.
+    with pytest.raises(SystemExit) as exit_info:
+        crank_registry(["demo"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "invalid choice" in error
+    assert "demo" in error
 
 
 def test_the_streamed_tokens_read_as_text_in_the_summary() -> None:
@@ -59,7 +73,7 @@ def test_the_streamed_tokens_read_as_text_in_the_summary() -> None:
     lines.append({"done": True, "count": len(tokens)})
     body = "".join(f"{json.dumps(line)}\n" for line in lines)
     response = httpx.Response(200, text=body)
-    assert _check_stream(response) == "8 NDJSON lines: Workers register, heartbeat and serve."
+    assert check_stream(response) == "8 NDJSON lines: Workers register, heartbeat and serve."
 
 
 def test_the_demo_passes_end_to_end() -> None:
@@ -70,6 +84,7 @@ def test_the_demo_passes_end_to_end() -> None:
     assert result.returncode == 0, output + result.stderr
     assert took < 60
     summary = output.split("\nSummary\n", 1)[1]
+    assert len(CAPABILITIES) == 9
     for verb, name in CAPABILITIES:
         assert re.search(rf"^{re.escape(verb)}:{re.escape(name)} +\w+ +\S", summary, re.M), summary
     assert "greet:hello (after restart)" in summary
@@ -126,7 +141,7 @@ def test_a_failing_step_exits_1_and_kills_every_child(tmp_path: Path) -> None:
     workers.mkdir(parents=True)
     (tmp_path / "examples" / "__init__.py").write_text("")
     (workers / "__init__.py").write_text("")
-    for name in WORKERS:
+    for name in WORKER_NAMES:
         body = (
             "raise SystemExit(3)\n" if name == "zettel_link" else "import time\ntime.sleep(600)\n"
         )
@@ -156,4 +171,5 @@ def test_without_the_examples_the_demo_says_where_to_run_it(tmp_path: Path) -> N
         check=False,
     )
     assert result.returncode == 2
-    assert "run it from a clone" in result.stderr
+    assert f"--examples {tmp_path}: there is no examples/workers/__init__.py" in result.stderr
+    assert "pass the folder that holds examples/workers" in result.stderr

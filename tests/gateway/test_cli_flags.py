@@ -34,12 +34,6 @@ def test_gateway_settings_without_gateway_are_refused(capsys: pytest.CaptureFixt
     assert "need --gateway" in capsys.readouterr().err
 
 
-def test_demo_is_a_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit):
-        main(["demo", "--help"])
-    assert "--keep-running" in capsys.readouterr().out
-
-
 def test_gateway_flags_fill_a_gateway_config_over_its_defaults(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
