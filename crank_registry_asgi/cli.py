@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias
+
+from .config import GatewayConfig, is_positive_int, is_positive_number
 
 if TYPE_CHECKING:
     from .server import ServerSettings
@@ -159,13 +160,19 @@ def add_serve_command(subcommands: Subcommands) -> argparse.ArgumentParser:
         "--gateway-attempts",
         type=_at_least_one,
         metavar="N",
-        help="with --gateway: workers to try when connections are refused (3)",
+        help=(
+            "with --gateway: workers to try when connections are refused "
+            f"({GatewayConfig().max_attempts})"
+        ),
     )
     parser.add_argument(
         "--gateway-timeout",
         type=_seconds,
         metavar="SECONDS",
-        help="with --gateway: how long a worker may stay silent while answering (30)",
+        help=(
+            "with --gateway: how long a worker may stay silent while answering "
+            f"({GatewayConfig().timeout:g})"
+        ),
     )
     parser.set_defaults(handler=run_serve)
     return parser
@@ -218,7 +225,7 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     app = create_app(config=config)
     if args.gateway:
-        from .gateway import GatewayConfig, serve_with_gateway
+        from .gateway import serve_with_gateway
 
         given = {"max_attempts": args.gateway_attempts, "timeout": args.gateway_timeout}
         app = serve_with_gateway(
@@ -351,17 +358,18 @@ def _at_least_one(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
+    if not is_positive_int(value):
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 
 def _seconds(text: str) -> float:
+    """A finite number of seconds > 0 (``--heartbeat-interval``, ``--gateway-timeout``, ...)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
+    if not is_positive_number(value):
         raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text!r}")
     return value
 

@@ -44,12 +44,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import ssl
 from collections.abc import AsyncIterator
 from typing import Any
 
-import attrs
 import httpx
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -71,7 +69,7 @@ from crank_registry import (
 )
 
 from .app import ControllerService
-from .config import _positive_int
+from .config import GatewayConfig
 from .http import (
     ApiError,
     ServiceApp,
@@ -99,38 +97,6 @@ EXECUTE_PATH = "/execute"
 _EXECUTE_FIELDS = ("verb", "capability", "payload")
 _WORKER_HEADER = "x-crank-worker-id"
 _ATTEMPTS_HEADER = "x-crank-attempts"
-
-
-def _positive_number(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if (
-        not isinstance(value, (int, float))
-        or isinstance(value, bool)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ValueError(f"{attribute.name} must be a finite number > 0, got {value!r}")
-
-
-@attrs.frozen
-class GatewayConfig:
-    """How the gateway forwards.
-
-    ``max_attempts``: how many workers to try when connections are refused
-    (1: no failover). ``timeout``: seconds a worker may stay silent while
-    answering (between any two reads; also the write timeout).
-    ``connect_timeout``: seconds to establish the connection, TLS included
-    (capped at ``timeout``). ``max_response_bytes``: a larger JSON answer is
-    a ``worker_failed`` (a stream is passed through without a limit).
-    """
-
-    max_attempts: int = attrs.field(default=3, validator=_positive_int)
-    timeout: float = attrs.field(default=30.0, validator=_positive_number)
-    connect_timeout: float = attrs.field(default=5.0, validator=_positive_number)
-    max_response_bytes: int = attrs.field(default=16 * 1_048_576, validator=_positive_int)
-
-    def httpx_timeout(self) -> httpx.Timeout:
-        """The per-request httpx timeouts."""
-        return httpx.Timeout(self.timeout, connect=min(self.connect_timeout, self.timeout))
 
 
 def gateway_ssl_context(
@@ -165,7 +131,7 @@ class Gateway:
     def __init__(
         self,
         service: ControllerService,
-        config: GatewayConfig = GatewayConfig(),
+        config: GatewayConfig = GatewayConfig(),  # noqa: B008 (frozen, so safe to share)
         *,
         tls: ssl.SSLContext | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
@@ -638,7 +604,7 @@ def gateway_openapi_document() -> dict[str, Any]:
 
 def create_gateway_app(
     controller: Starlette,
-    config: GatewayConfig = GatewayConfig(),
+    config: GatewayConfig = GatewayConfig(),  # noqa: B008 (frozen, so safe to share)
     *,
     tls: ssl.SSLContext | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
