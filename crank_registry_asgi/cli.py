@@ -23,7 +23,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from .config import GatewayConfig, is_positive_int, is_positive_number
 
@@ -189,7 +189,7 @@ def run_serve(args: argparse.Namespace) -> int:
     ca_certs = _path_from(args.ca_certs, "CA_CERT_PATH")
     port = args.port if args.port is not None else _port_from_environment()
     _check_tls_flags(args.insecure, certfile, keyfile, ca_certs, args.trust_proxy_cert_header)
-    if not args.gateway and (args.gateway_attempts or args.gateway_timeout):
+    if not args.gateway and _gateway_settings(args):
         raise UsageError("--gateway-attempts and --gateway-timeout need --gateway")
     try:
         # The core's policy decides which timings go together; this only names the flags.
@@ -227,11 +227,9 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.gateway:
         from .gateway import serve_with_gateway
 
-        given = {"max_attempts": args.gateway_attempts, "timeout": args.gateway_timeout}
         app = serve_with_gateway(
             app,
-            # What a flag does not give, GatewayConfig's default says.
-            GatewayConfig(**{name: value for name, value in given.items() if value is not None}),
+            GatewayConfig(**_gateway_settings(args)),
             certfile=None if certfile is None else str(certfile),
             keyfile=None if keyfile is None else str(keyfile),
             ca_certs=None if ca_certs is None else str(ca_certs),
@@ -251,6 +249,15 @@ def run_serve(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def _gateway_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`GatewayConfig` fields set by the ``--gateway-*`` flags that were given.
+
+    What a flag does not give, GatewayConfig's default says.
+    """
+    given = {"max_attempts": args.gateway_attempts, "timeout": args.gateway_timeout}
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def _security_warnings(settings: ServerSettings, *, proxy_cert_header: str | None) -> list[str]:
