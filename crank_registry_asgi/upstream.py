@@ -29,22 +29,15 @@ from .telemetry import tracer
 __all__ = [
     "Refused",
     "client_span",
-    "describe",
     "ending_on_failure",
-    "error_line",
     "invocation_url",
-    "is_json",
-    "mark_failed",
     "media_type",
     "read_answer",
-    "read_bounded",
     "send",
     "stream_through",
     "unreachable",
     "unusable_url",
     "whole_answer",
-    "worker_failed",
-    "worker_timeout",
 ]
 
 
@@ -78,7 +71,7 @@ def unusable_url(endpoint: WorkerEndpoint, error: Exception) -> Refused:
 
     Nothing was sent, so the next worker may be tried.
     """
-    return Refused(endpoint, f"unusable worker URL: {describe(error)}", timed_out=False)
+    return Refused(endpoint, f"unusable worker URL: {_describe(error)}", timed_out=False)
 
 
 def client_span(
@@ -118,33 +111,33 @@ async def send(
     try:
         request = client.build_request("POST", url, content=content, headers=headers)
     except (httpx.InvalidURL, ValueError) as error:
-        mark_failed(span, "invalid_url")
+        _mark_failed(span, "invalid_url")
         span.end()
         raise unusable_url(endpoint, error) from None
     try:
         return await client.send(request, stream=True)
     except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as error:
         # Nothing was sent: safe to try another worker.
-        mark_failed(span, f"connect: {type(error).__name__}")
+        _mark_failed(span, f"connect: {type(error).__name__}")
         span.end()
         timed_out = not isinstance(error, httpx.ConnectError)
-        raise Refused(endpoint, describe(error), timed_out=timed_out) from None
+        raise Refused(endpoint, _describe(error), timed_out=timed_out) from None
     except httpx.TimeoutException as error:
-        raise worker_timeout(worker, error) from None
+        raise _worker_timeout(worker, error) from None
     except httpx.TransportError as error:
-        raise worker_failed(worker, f"the connection failed: {describe(error)}") from None
+        raise _worker_failed(worker, f"the connection failed: {_describe(error)}") from None
 
 
 async def read_answer(response: httpx.Response, worker: str, limit: int) -> bytes:
     """The whole body of ``response``; an :class:`ApiError` if it is cut off or over ``limit``."""
     try:
-        body = await read_bounded(response, limit)
+        body = await _read_bounded(response, limit)
     except httpx.TimeoutException as error:
-        raise worker_timeout(worker, error) from None
+        raise _worker_timeout(worker, error) from None
     except httpx.TransportError as error:
-        raise worker_failed(worker, f"the answer was cut off: {describe(error)}") from None
+        raise _worker_failed(worker, f"the answer was cut off: {_describe(error)}") from None
     if body is None:
-        raise worker_failed(worker, f"the answer is larger than {limit} bytes")
+        raise _worker_failed(worker, f"the answer is larger than {limit} bytes")
     return body
 
 
@@ -157,14 +150,14 @@ def whole_answer(
     answer; a 5xx, or anything else, is the worker failing.
     """
     status, kind = response.status_code, media_type(response)
-    json_body = kind == "application/json" and is_json(body)
+    json_body = kind == "application/json" and _is_json(body)
     if status >= 500:
         fields: dict[str, Any] = {"worker_status": status}
         if json_body:
             fields["worker_error"] = json.loads(body)
-        raise worker_failed(worker, f"the worker answered {status}", **fields)
+        raise _worker_failed(worker, f"the worker answered {status}", **fields)
     if not json_body or status not in (200, *range(400, 500)):
-        raise worker_failed(
+        raise _worker_failed(
             worker,
             f"the worker answered {status} {kind or 'without a type'}, "
             "outside the invocation convention",
@@ -184,11 +177,11 @@ def stream_through(
                 yield chunk
         except httpx.TimeoutException:
             # The status is sent already: the stream's last line says what happened.
-            mark_failed(span, "worker_timeout")
-            yield error_line("worker_timeout", f"worker {worker!r} went silent mid-stream")
+            _mark_failed(span, "worker_timeout")
+            yield _error_line("worker_timeout", f"worker {worker!r} went silent mid-stream")
         except httpx.TransportError as error:
-            mark_failed(span, "worker_failed")
-            yield error_line("worker_failed", f"the stream was cut off: {describe(error)}")
+            _mark_failed(span, "worker_failed")
+            yield _error_line("worker_failed", f"the stream was cut off: {_describe(error)}")
         finally:
             await response.aclose()
             span.end()
@@ -204,7 +197,7 @@ def ending_on_failure(span: trace.Span) -> Iterator[None]:
     except Refused:
         raise  # its span has ended already
     except ApiError as error:
-        mark_failed(span, error.code)
+        _mark_failed(span, error.code)
         span.end()
         raise
     except BaseException:
@@ -212,13 +205,13 @@ def ending_on_failure(span: trace.Span) -> Iterator[None]:
         raise
 
 
-def mark_failed(span: trace.Span, reason: str) -> None:
+def _mark_failed(span: trace.Span, reason: str) -> None:
     """Record on ``span`` that the forward failed, and why."""
     span.set_status(Status(StatusCode.ERROR, reason))
     span.set_attribute("error.type", reason)
 
 
-async def read_bounded(response: httpx.Response, limit: int) -> bytes | None:
+async def _read_bounded(response: httpx.Response, limit: int) -> bytes | None:
     """The whole body of ``response``, or ``None`` once it grows past ``limit`` bytes."""
     chunks: list[bytes] = []
     size = 0
@@ -236,7 +229,7 @@ def media_type(response: httpx.Response) -> str:
     return content_type.partition(";")[0].strip().lower()
 
 
-def is_json(body: bytes) -> bool:
+def _is_json(body: bytes) -> bool:
     """Whether ``body`` parses as JSON."""
     try:
         json.loads(body)
@@ -245,13 +238,13 @@ def is_json(body: bytes) -> bool:
     return True
 
 
-def describe(error: Exception) -> str:
+def _describe(error: Exception) -> str:
     """An exception as a caller reads it: its type, and its message if it has one."""
     detail = str(error)
     return f"{type(error).__name__}: {detail}" if detail else type(error).__name__
 
 
-def worker_timeout(worker: str, error: Exception) -> ApiError:
+def _worker_timeout(worker: str, error: Exception) -> ApiError:
     """504 ``worker_timeout``: ``worker`` was sent the call and stayed silent."""
     return ApiError(
         504,
@@ -261,7 +254,7 @@ def worker_timeout(worker: str, error: Exception) -> ApiError:
     )
 
 
-def worker_failed(worker: str, message: str, **fields: Any) -> ApiError:
+def _worker_failed(worker: str, message: str, **fields: Any) -> ApiError:
     """502 ``worker_failed``: ``worker`` was sent the call and did not answer by the convention."""
     return ApiError(502, "worker_failed", message, worker_id=worker, **fields)
 
@@ -287,6 +280,6 @@ def unreachable(verb: str, capability: str, refusals: Sequence[Refused]) -> ApiE
     )
 
 
-def error_line(code: str, message: str) -> bytes:
+def _error_line(code: str, message: str) -> bytes:
     """The last line of a stream that broke after its status was sent: ``{"error", "message"}``."""
     return json.dumps({"error": code, "message": message}).encode() + b"\n"
