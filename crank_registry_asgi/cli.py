@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+from .config import GatewayConfig, is_positive_number, is_whole_number
 
 if TYPE_CHECKING:
     from .server import ServerSettings
@@ -160,13 +161,19 @@ def add_serve_command(subcommands: Subcommands) -> argparse.ArgumentParser:
         "--gateway-attempts",
         type=_at_least_one,
         metavar="N",
-        help="with --gateway: workers to try when connections are refused (3)",
+        help=(
+            "with --gateway: workers to try when connections are refused "
+            f"({GatewayConfig().max_attempts})"
+        ),
     )
     parser.add_argument(
         "--gateway-timeout",
         type=_seconds,
         metavar="SECONDS",
-        help="with --gateway: how long a worker may stay silent while answering (30)",
+        help=(
+            "with --gateway: how long a worker may stay silent while answering "
+            f"({GatewayConfig().timeout:g})"
+        ),
     )
     parser.set_defaults(handler=run_serve)
     return parser
@@ -185,7 +192,7 @@ def run_serve(args: argparse.Namespace) -> int:
     ca_certs = _path_from(args.ca_certs, "CA_CERT_PATH")
     port = args.port if args.port is not None else _port_from_environment()
     _check_tls_flags(args.insecure, certfile, keyfile, ca_certs, args.trust_proxy_cert_header)
-    if not args.gateway and (args.gateway_attempts or args.gateway_timeout):
+    if not args.gateway and _gateway_settings(args):
         raise UsageError("--gateway-attempts and --gateway-timeout need --gateway")
     try:
         # The core's policy decides which timings go together; this only names the flags.
@@ -223,13 +230,11 @@ def run_serve(args: argparse.Namespace) -> int:
         config = attrs.evolve(config, journal_compact_min_bytes=args.journal_compact_min_bytes)
     app = create_app(config=config)
     if args.gateway:
-        from .gateway import GatewayConfig, serve_with_gateway
+        from .gateway import serve_with_gateway
 
-        given = {"max_attempts": args.gateway_attempts, "timeout": args.gateway_timeout}
         app = serve_with_gateway(
             app,
-            # What a flag does not give, GatewayConfig's default says.
-            GatewayConfig(**{name: value for name, value in given.items() if value is not None}),
+            GatewayConfig(**_gateway_settings(args)),
             certfile=None if certfile is None else str(certfile),
             keyfile=None if keyfile is None else str(keyfile),
             ca_certs=None if ca_certs is None else str(ca_certs),
@@ -249,6 +254,15 @@ def run_serve(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def _gateway_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`GatewayConfig` fields set by the ``--gateway-*`` flags that were given.
+
+    What a flag does not give, GatewayConfig's default says.
+    """
+    given = {"max_attempts": args.gateway_attempts, "timeout": args.gateway_timeout}
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def _security_warnings(settings: ServerSettings, *, proxy_cert_header: str | None) -> list[str]:
@@ -355,7 +369,7 @@ def _whole_number(text: str, minimum: int) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < minimum:
+    if not is_whole_number(value, minimum):
         raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
     return value
 
@@ -371,11 +385,12 @@ def _at_least_zero(text: str) -> int:
 
 
 def _seconds(text: str) -> float:
+    """A finite number of seconds > 0 (``--heartbeat-interval``, ``--gateway-timeout``, ...)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
+    if not is_positive_number(value):
         raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text!r}")
     return value
 

@@ -1,28 +1,66 @@
-"""The service's settings, one frozen value handed to :func:`create_app`."""
+"""The service's settings: frozen values handed to :func:`create_app` and the gateway.
+
+The checks of a count and of a duration are defined here once; the
+settings' validators and the command's flags (:mod:`crank_registry_asgi.cli`)
+both apply them.
+"""
 
 from __future__ import annotations
 
+import math
 import pathlib
 import re
 from typing import Any
 
 import attrs
+import httpx
 
 from crank_registry import HealthPolicy
 
 from .journal import DEFAULT_COMPACT_MIN_BYTES
 
-__all__ = ["ServiceConfig"]
+__all__ = [
+    "GatewayConfig",
+    "ServiceConfig",
+    "is_positive_int",
+    "is_positive_number",
+    "is_whole_number",
+]
+
+
+def is_whole_number(value: object, minimum: int) -> bool:
+    """An int (not a bool) of at least ``minimum``: a count, a size in bytes."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def is_positive_int(value: object) -> bool:
+    """A whole number >= 1 (not a bool)."""
+    return is_whole_number(value, 1)
+
+
+def is_positive_number(value: object) -> bool:
+    """A finite number > 0 (not a bool): a duration in seconds."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value) and value > 0
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _positive_int(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not is_positive_int(value):
         raise ValueError(f"{attribute.name} must be an integer >= 1, got {value!r}")
 
 
 def _non_negative_int(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+    if not is_whole_number(value, 0):
         raise ValueError(f"{attribute.name} must be an integer >= 0, got {value!r}")
+
+
+def _positive_number(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not is_positive_number(value):
+        raise ValueError(f"{attribute.name} must be a finite number > 0, got {value!r}")
 
 
 # RFC 9110 token characters: what an HTTP header name may be made of.
@@ -67,3 +105,25 @@ class ServiceConfig:
     journal_compact_min_bytes: int = attrs.field(
         default=DEFAULT_COMPACT_MIN_BYTES, validator=_non_negative_int
     )
+
+
+@attrs.frozen
+class GatewayConfig:
+    """How the gateway (``POST /execute``) forwards.
+
+    ``max_attempts``: how many workers to try when connections are refused
+    (1: no failover). ``timeout``: seconds a worker may stay silent while
+    answering (between any two reads; also the write timeout).
+    ``connect_timeout``: seconds to establish the connection, TLS included
+    (capped at ``timeout``). ``max_response_bytes``: a larger JSON answer is
+    a ``worker_failed`` (a stream is passed through without a limit).
+    """
+
+    max_attempts: int = attrs.field(default=3, validator=_positive_int)
+    timeout: float = attrs.field(default=30.0, validator=_positive_number)
+    connect_timeout: float = attrs.field(default=5.0, validator=_positive_number)
+    max_response_bytes: int = attrs.field(default=16 * 1_048_576, validator=_positive_int)
+
+    def httpx_timeout(self) -> httpx.Timeout:
+        """The per-request httpx timeouts."""
+        return httpx.Timeout(self.timeout, connect=min(self.connect_timeout, self.timeout))

@@ -1,0 +1,31 @@
+"""The failover's choice of the next worker: never one already tried."""
+
+from __future__ import annotations
+
+from crank_registry_asgi.failover import next_worker
+from tests.core.helpers import T0, registry_with
+
+VERB, NAME = "classify", "image.classify"
+
+
+def test_each_worker_is_offered_once_then_none_is_left() -> None:
+    registry = registry_with("w1", "w2", "w3")
+    tried: set[str] = set()
+    offered = []
+    while (endpoint := next_worker(registry, VERB, NAME, tried=tried, now=T0)) is not None:
+        offered.append(endpoint.worker_id)
+        tried.add(endpoint.worker_id)
+    assert offered == ["w1", "w2", "w3"]
+
+
+def test_a_worker_already_tried_is_not_offered_again() -> None:
+    registry = registry_with("w1")
+    assert next_worker(registry, VERB, NAME, tried={"w1"}, now=T0) is None
+    # Not tried: the same worker is offered.
+    endpoint = next_worker(registry, VERB, NAME, tried=set(), now=T0)
+    assert endpoint is not None
+    assert endpoint.worker_id == "w1"
+
+
+def test_nothing_is_offered_for_an_unknown_capability() -> None:
+    assert next_worker(registry_with("w1"), VERB, "other", tried=set(), now=T0) is None
