@@ -36,8 +36,8 @@ method or media type, a declared size over the limit) first reads the rest
 of the body, up to ``max_body_size`` bytes in all and a few seconds, so
 that the connection stays usable and the server never sees the client still
 sending after the answer; when more is left, the answer carries
-``Connection: close`` over HTTP/1.x. (The controller's service does the
-same; a worker must not import it.)
+``Connection: close`` over HTTP/1.x. Both rules are those of
+:mod:`crank_worker_client.body`, which the controller's service uses too.
 
 :func:`invocation_app` builds the app from a mapping ``{(verb, name):
 handler}``; a handler is ``async def handler(payload) -> result``, or an
@@ -70,7 +70,6 @@ import inspect
 import json
 import logging
 import re
-import sys
 from collections.abc import (
     AsyncIterator,
     Awaitable,
@@ -93,6 +92,14 @@ from crank_registry import (
     invocation_path,
 )
 
+from .body import (
+    BodyTooLarge,
+    ClientDisconnected,
+    DrainRequestBody,
+    declared_length,
+    read_body,
+)
+
 __all__ = [
     "INVOKE_PREFIX",
     "NDJSON",
@@ -110,9 +117,6 @@ logger = logging.getLogger("crank_worker_client.serving")
 
 #: Bodies larger than this are refused with 413 (the registry's own limit).
 DEFAULT_MAX_BODY_SIZE = 1_048_576
-
-#: How long an early answer waits for the rest of an unread body.
-_DRAIN_SECONDS = 5.0
 
 #: ``async def handler(payload) -> result``, or an async generator function
 #: yielding JSON objects for a streaming capability.
@@ -390,10 +394,6 @@ _invocation_span = contextlib.contextmanager(_server_span)
 # ---------------------------------------------------------------- the app
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
 class _Capability:
     __slots__ = ("handler", "limiter", "schema", "streaming")
 
@@ -452,6 +452,7 @@ class InvocationApp:
         self._validate_input = validate_input
         self._max_body_size = max_body_size
         self._health = health
+        self._drained = DrainRequestBody(self._http, limit=max_body_size)
 
     @property
     def capabilities(self) -> tuple[CapabilitySchema, ...]:
@@ -463,7 +464,7 @@ class InvocationApp:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
         elif scope["type"] == "http":
-            await _drain_request_body(self._http, self._max_body_size, scope, receive, send)
+            await self._drained(scope, receive, send)
         # Anything else (websocket) is not part of the convention: close it.
         elif scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1000})
@@ -540,15 +541,14 @@ class InvocationApp:
             await _error(send, 415, "unsupported_media_type", "the body must be application/json")
             return
         try:
-            raw = await self._read_body(headers, receive)
-        except _BodyTooLarge:
-            await _error(
-                send,
-                413,
-                "request_too_large",
-                f"the body is larger than {self._max_body_size} bytes",
+            raw = await read_body(
+                receive, limit=self._max_body_size, declared=declared_length(scope)
             )
+        except BodyTooLarge as error:
+            await _error(send, 413, "request_too_large", str(error))
             return
+        except ClientDisconnected:
+            return  # nobody is left to answer
         try:
             document = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
         except (UnicodeDecodeError, ValueError, RecursionError) as error:
@@ -588,25 +588,6 @@ class InvocationApp:
                     await self._stream(capability, payload, send)
                 else:
                     await self._call(capability, payload, send)
-
-    async def _read_body(self, headers: Mapping[str, str], receive: Receive) -> bytes:
-        declared = _content_length(headers.get("content-length", ""))
-        if declared is not None and declared > self._max_body_size:
-            raise _BodyTooLarge
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self._max_body_size:
-                raise _BodyTooLarge
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        return b"".join(chunks)
 
     async def _call(self, capability: _Capability, payload: Any, send: Send) -> None:
         label = capability_label(capability.schema.key)
@@ -671,54 +652,6 @@ class InvocationApp:
                 await aclose()
 
 
-async def _drain_request_body(
-    app: Callable[[Scope, Receive, Send], Awaitable[None]],
-    limit: int,
-    scope: Scope,
-    receive: Receive,
-    send: Send,
-) -> None:
-    """Run ``app``, reading the rest of an unread body before its answer starts.
-
-    The worker's copy of the service's ``DrainRequestBody`` (see the module
-    docstring): read on while the body stays within ``limit`` bytes in all,
-    for at most ``_DRAIN_SECONDS``; when more is left (or declared), the
-    answer has ``Connection: close`` over HTTP/1.x.
-    """
-    received = 0
-    ended = False  # the body was read to its end, or the client left
-
-    async def watched_receive() -> Message:
-        nonlocal received, ended
-        message = await receive()
-        received += len(message.get("body", b""))
-        if not message.get("more_body", False):
-            ended = True
-        return message
-
-    async def drain() -> bool:
-        declared = _content_length(_headers(scope).get("content-length", ""))
-        if declared is not None and declared > limit:
-            return False
-        with anyio.move_on_after(_DRAIN_SECONDS):
-            while not ended and received <= limit:
-                await watched_receive()
-        return ended
-
-    async def answer(message: Message) -> None:
-        if (
-            message["type"] == "http.response.start"
-            and not ended
-            and not await drain()
-            and scope.get("http_version") in ("1.0", "1.1")
-        ):
-            headers = [*message.get("headers", ()), (b"connection", b"close")]
-            message = {**message, "headers": headers}
-        await send(message)
-
-    await app(scope, watched_receive, answer)
-
-
 def invocation_app(
     handlers: Mapping[tuple[str, str], Handler],
     capabilities: Iterable[CapabilitySchema],
@@ -761,15 +694,6 @@ def _dumps_line(value: Any) -> bytes:
     if not isinstance(value, dict):
         raise TypeError(f"a streaming handler must yield JSON objects, got {type(value).__name__}")
     return _dumps(value) + b"\n"
-
-
-def _content_length(value: str) -> int | None:
-    """A Content-Length value as a number (over 18 digits: ``sys.maxsize``), else ``None``."""
-    digits = value.strip()
-    # str.isdigit also admits digits such as '²' that int() refuses.
-    if not (digits.isascii() and digits.isdigit()):
-        return None
-    return int(digits) if len(digits) <= 18 else sys.maxsize
 
 
 def _headers(scope: Scope) -> dict[str, str]:

@@ -552,3 +552,30 @@ async def test_an_early_answer_to_a_body_over_the_limit_closes_instead_of_readin
     assert read == [0]
     assert sent[0]["status"] == 413
     assert (b"connection", b"close") in sent[0]["headers"]
+
+
+async def test_a_client_that_leaves_mid_body_gets_no_answer() -> None:
+    messages = [
+        {"type": "http.request", "body": b'{"payload": ', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "http_version": "1.1",
+        "method": "POST",
+        "path": "/invoke/echo/text",
+        "raw_path": b"/invoke/echo/text",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json")],
+    }
+    await app()(scope, receive, send)
+    assert sent == []
+    assert messages == []
