@@ -45,7 +45,7 @@ async generator function for a streaming capability. At most
 ``max_concurrency`` invocations of a capability run at once; more wait.
 With an ``agent`` (a :class:`~crank_worker_client.WorkerAgent`, or any async
 context manager), the app registers on ASGI lifespan start-up and
-deregisters on shutdown.
+deregisters on shutdown, through :class:`~crank_worker_client.AgentLifespanMiddleware`.
 
 Payloads are validated against ``input_schema`` with a small built-in
 validator of this JSON Schema subset (no extra dependency): ``type``,
@@ -92,6 +92,7 @@ from crank_registry import (
     invocation_path,
 )
 
+from ._lifespan import AgentLifespanMiddleware
 from .body import (
     BodyTooLarge,
     ClientDisconnected,
@@ -126,6 +127,7 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 class InvocationError(Exception):
@@ -448,11 +450,11 @@ class InvocationApp:
                         f"input_schema of {capability_label(key)!r}: {error}"
                     ) from None
         self._capabilities = {key: _Capability(schemas[key], handlers[key]) for key in schemas}
-        self._agent = agent
         self._validate_input = validate_input
         self._max_body_size = max_body_size
         self._health = health
-        self._drained = DrainRequestBody(self._http, limit=max_body_size)
+        app: ASGIApp = DrainRequestBody(self._serve, limit=max_body_size)
+        self._app = app if agent is None else AgentLifespanMiddleware(app, agent)
 
     @property
     def capabilities(self) -> tuple[CapabilitySchema, ...]:
@@ -460,45 +462,17 @@ class InvocationApp:
         return tuple(c.schema for c in self._capabilities.values())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Dispatch one ASGI connection: lifespan or HTTP."""
-        if scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
-        elif scope["type"] == "http":
-            await self._drained(scope, receive, send)
+        """The ASGI entry point: lifespan, HTTP, or a websocket closed at once."""
+        await self._app(scope, receive, send)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await _lifespan_with_nothing_to_do(receive, send)
         # Anything else (websocket) is not part of the convention: close it.
         elif scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1000})
-
-    async def _lifespan(self, receive: Receive, send: Send) -> None:
-        agent = self._agent
-        message = await receive()
-        if message["type"] != "lifespan.startup":
-            return
-        if agent is not None:
-            try:
-                await agent.__aenter__()
-            except Exception as error:
-                logger.exception("worker start-up failed")
-                await send({"type": "lifespan.startup.failed", "message": str(error)})
-                return
-        try:
-            await send({"type": "lifespan.startup.complete"})
-            # The only message that can follow start-up is shutdown.
-            await receive()
-        except BaseException as error:
-            # Cancelled (the server stopping hard) or failing while running:
-            # the agent still leaves, deregistering the worker.
-            if agent is not None:
-                await agent.__aexit__(type(error), error, error.__traceback__)
-            raise
-        if agent is not None:
-            try:
-                await agent.__aexit__(None, None, None)
-            except Exception as error:
-                logger.exception("worker shutdown failed")
-                await send({"type": "lifespan.shutdown.failed", "message": str(error)})
-                return
-        await send({"type": "lifespan.shutdown.complete"})
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         method = scope["method"]
@@ -679,6 +653,15 @@ def invocation_app(
         max_body_size=max_body_size,
         health=health,
     )
+
+
+async def _lifespan_with_nothing_to_do(receive: Receive, send: Send) -> None:
+    # The app itself has nothing to start or stop; an agent's registration
+    # is AgentLifespanMiddleware's, around it.
+    await receive()  # lifespan.startup
+    await send({"type": "lifespan.startup.complete"})
+    await receive()  # lifespan.shutdown
+    await send({"type": "lifespan.shutdown.complete"})
 
 
 def _refuse_constant(name: str) -> Any:
