@@ -165,7 +165,17 @@ class _Capability:
 
 
 class InvocationApp:
-    """The ASGI app of :func:`invocation_app`; see the module docstring."""
+    """An ASGI app serving ``handlers`` on the invocation convention (module docstring).
+
+    ``handlers`` and ``capabilities`` must name the same ``(verb, name)``
+    pairs. ``agent`` (usually a ``WorkerAgent`` built with the same
+    capabilities) is entered on lifespan start-up and left on shutdown, so
+    the worker registers when the server starts and deregisters when it
+    stops. Raises :class:`ValueError` for a mismatch or a handler that is
+    not async, and :class:`JsonSchemaError` (a ``ValueError`` too) for an
+    ``input_schema`` that is not a valid JSON Schema while
+    ``validate_input`` is true.
+    """
 
     def __init__(
         self,
@@ -386,34 +396,8 @@ class InvocationApp:
                 await aclose()
 
 
-def invocation_app(
-    handlers: Mapping[tuple[str, str], Handler],
-    capabilities: Iterable[CapabilitySchema],
-    *,
-    agent: contextlib.AbstractAsyncContextManager[Any] | None = None,
-    validate_input: bool = True,
-    max_body_size: int = DEFAULT_MAX_BODY_SIZE,
-    health: Callable[[], Mapping[str, Any]] | None = None,
-) -> InvocationApp:
-    """An ASGI app serving ``handlers`` on the invocation convention.
-
-    ``handlers`` and ``capabilities`` must name the same ``(verb, name)``
-    pairs. ``agent`` (usually a ``WorkerAgent`` built with the same
-    capabilities) is entered on lifespan start-up and left on shutdown, so
-    the worker registers when the server starts and deregisters when it
-    stops. Raises :class:`ValueError` for a mismatch or a handler that is
-    not async, and :class:`JsonSchemaError` (a ``ValueError`` too) for an
-    ``input_schema`` that is not a valid JSON Schema while
-    ``validate_input`` is true.
-    """
-    return InvocationApp(
-        handlers,
-        capabilities,
-        agent=agent,
-        validate_input=validate_input,
-        max_body_size=max_body_size,
-        health=health,
-    )
+#: The name the examples build with: ``invocation_app(handlers, capabilities, ...)``.
+invocation_app = InvocationApp
 
 
 def _payload_schemas(
