@@ -22,7 +22,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
-DISTRIBUTIONS = ["crank-registry", "crank-registry-asgi", "crank-worker-client"]
+# Each after the ones it depends on: pip resolves an editable install with
+# extras only when it comes before the distributions that depend on it.
+DISTRIBUTIONS = ["crank-registry", "crank-worker-client", "crank-registry-asgi"]
+# The examples' workers serve with crank_worker_client.serving.
+EXTRAS = {"crank-worker-client": "[serving]"}
 INPUTS = [
     ROOT / "requirements-dev.txt",
     *(ROOT / "distributions" / name / "pyproject.toml" for name in DISTRIBUTIONS),
@@ -52,7 +56,7 @@ def ensure_environment() -> None:
     print("installing the distributions and the development requirements ...", flush=True)
     editable = []
     for name in DISTRIBUTIONS:
-        editable += ["-e", str(ROOT / "distributions" / name)]
+        editable += ["-e", f"{ROOT / 'distributions' / name}{EXTRAS.get(name, '')}"]
     subprocess.run(
         [
             str(_bin("python")),

@@ -6,16 +6,21 @@ is installed).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nox
 
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = True
 
+ROOT = Path(__file__).resolve().parent
+
 PACKAGES = ["crank_registry", "crank_registry_asgi", "crank_worker_client"]
+# Each after the ones it depends on (as in dev.py).
 DISTRIBUTIONS = [
     "distributions/crank-registry",
+    "distributions/crank-worker-client[tracing,serving]",
     "distributions/crank-registry-asgi",
-    "distributions/crank-worker-client[tracing]",
 ]
 
 
@@ -66,14 +71,26 @@ def core_isolated(session: nox.Session) -> None:
 
 @nox.session(reuse_venv=False)
 def client_isolated(session: nox.Session) -> None:
-    """crank-worker-client installs without any server package."""
-    session.install("distributions/crank-registry", "distributions/crank-worker-client")
+    """crank-worker-client installs without any server package, with its serving extra too."""
+    client = str(ROOT / "distributions" / "crank-worker-client")
+    session.install(str(ROOT / "distributions" / "crank-registry"), client)
     session.chdir(session.create_tmp())
+    # Without the extra: the client imports, jsonschema is not needed, and
+    # the serving module says which extra it wants.
     session.run(
         "python",
         "-c",
         _ISOLATION_CHECK,
         "crank_worker_client",
+        "starlette,hypercorn,cryptography,crank_registry_asgi,jsonschema",
+    )
+    session.run("python", "-c", _NEEDS_EXTRA, "crank_worker_client.serving", "[serving]")
+    session.install(f"{client}[serving]")
+    session.run(
+        "python",
+        "-c",
+        _ISOLATION_CHECK,
+        "crank_worker_client.serving",
         "starlette,hypercorn,cryptography,crank_registry_asgi",
     )
     session.run(
@@ -109,6 +126,19 @@ leaked = sorted({name.split(".")[0] for name in sys.modules} & set(forbidden))
 if leaked:
     sys.exit(f"importing {package} pulled in {', '.join(leaked)}")
 print(f"{package}: imported alone, none of {', '.join(forbidden)} loaded")
+"""
+
+_NEEDS_EXTRA = """
+import importlib, sys
+module, extra = sys.argv[1], sys.argv[2]
+try:
+    importlib.import_module(module)
+except ImportError as error:
+    if extra not in str(error):
+        sys.exit(f"importing {module} without {extra} failed without naming it: {error}")
+    print(f"{module} without {extra}: {error}")
+else:
+    sys.exit(f"{module} imported without {extra}")
 """
 
 _NO_DISTRIBUTIONS = """

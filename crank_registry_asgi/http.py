@@ -20,22 +20,22 @@ Many answers go out before the body is read (a wrong path, method or media
 type, a declared size over the limit). :class:`DrainRequestBody`, the
 outermost layer of every app made here (:class:`ServiceApp`), reads what is
 left of the body first, so that the connection stays usable and the server
-never sees the client still sending after the answer.
+never sees the client still sending after the answer. It and the bounded
+body reader come from :mod:`crank_worker_client.body`, the one
+implementation that the workers' invocation server uses too.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import sys
 from collections.abc import Mapping
 from typing import Any
 
-import anyio
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from crank_registry import (
     Forbidden,
@@ -43,6 +43,15 @@ from crank_registry import (
     RegistryError,
     ValidationError,
     WorkerNotRegistered,
+)
+from crank_worker_client.body import (
+    DRAIN_LIMIT,
+    DRAIN_SECONDS,
+    BodyTooLarge,
+    ClientDisconnected,
+    DrainRequestBody,
+    content_length,
+    read_body,
 )
 
 __all__ = [
@@ -83,107 +92,6 @@ class ApiError(Exception):
         return error_response(
             self.status, self.code, self.message, headers=self.headers, **self.fields
         )
-
-
-#: An unread body is read and dropped before an answer while it stays
-#: within this many bytes in all.
-DRAIN_LIMIT = 1_048_576
-
-#: And for at most this long; a client that sends more, or slower, is
-#: answered anyway (over HTTP/1.x with ``Connection: close``).
-DRAIN_SECONDS = 5.0
-
-
-class DrainRequestBody:
-    """Read the rest of the request body, up to a bound, before the answer starts.
-
-    An answer that does not depend on the body (404, 405, 415, a declared
-    size over the limit, a refusal before parsing) would otherwise start
-    while the client is still sending it. The server is then left with a
-    request it must either read to its end or cut off: hypercorn 0.18 closes
-    an HTTP/1.1 connection whose request was not read to its end, over TLS
-    racing the client's next bytes, and on HTTP/2 it receives data for a
-    stream it already forgot. Reading the rest first keeps the connection
-    usable for the next request.
-
-    The body is read on while it stays within ``limit`` bytes in all (what
-    the app read counts), for at most ``seconds``; a body declared larger,
-    or already read past that, is not read further: a body refused as too
-    large is never read whole. An answer that leaves the body unread
-    carries ``Connection: close`` over HTTP/1.x, so the client knows the
-    connection ends with it (HTTP/2 has no such header: the server ends just
-    the stream). What the client sends after that is the server's to read
-    and drop before it closes (:mod:`crank_registry_asgi.tls` does, for
-    hypercorn).
-    """
-
-    def __init__(
-        self, app: ASGIApp, *, limit: int = DRAIN_LIMIT, seconds: float = DRAIN_SECONDS
-    ) -> None:
-        self.app = app
-        self.limit = limit
-        self.seconds = seconds
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Run the app with ``receive`` watched and the answer held until the body is in."""
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        received = 0
-        # Whether the body has been read to its end, or the client went away.
-        ended = False
-
-        async def watched_receive() -> Message:
-            nonlocal received, ended
-            message = await receive()
-            received += len(message.get("body", b""))
-            if not message.get("more_body", False):
-                ended = True
-            return message
-
-        async def drain() -> bool:
-            # True when the body was read to its end.
-            declared = _declared_length(scope)
-            if declared is not None and declared > self.limit:
-                return False
-            with anyio.move_on_after(self.seconds):
-                while not ended and received <= self.limit:
-                    await watched_receive()
-            return ended
-
-        async def answer(message: Message) -> None:
-            if (
-                message["type"] == "http.response.start"
-                and not ended
-                and not await drain()
-                and scope.get("http_version") in ("1.0", "1.1")
-            ):
-                headers = list(message.get("headers", ()))
-                if not any(name.lower() == b"connection" for name, _ in headers):
-                    headers.append((b"connection", b"close"))
-                message = {**message, "headers": headers}
-            await send(message)
-
-        await self.app(scope, watched_receive, answer)
-
-
-def _declared_length(scope: Scope) -> int | None:
-    for name, value in scope["headers"]:
-        if name == b"content-length":
-            return content_length(value)
-    return None
-
-
-def content_length(value: bytes) -> int | None:
-    """A Content-Length value as a number, or ``None`` if it is not one.
-
-    A value of more than 18 digits counts as ``sys.maxsize``: larger than
-    any limit, and ``int()`` refuses strings of over 4300 digits.
-    """
-    digits = value.strip()
-    if not digits.isdigit():  # bytes.isdigit is ASCII digits only
-        return None
-    return int(digits) if len(digits) <= 18 else sys.maxsize
 
 
 class ServiceApp(Starlette):
@@ -281,25 +189,13 @@ async def read_json_body(request: Request, *, max_bytes: int, max_depth: int) ->
             "the request body must be JSON sent as 'Content-Type: application/json'",
         )
     length = None if declared is None else content_length(declared)
-    if length is not None and length > max_bytes:
-        raise _too_large(max_bytes)
-    # The ASGI messages are read directly: Request.stream() is an async
-    # generator, a measurable cost on the hot path for one-chunk bodies.
-    receive = request.receive
-    chunks: list[bytes] = []
-    received = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect()
-        chunk = message.get("body", b"")
-        received += len(chunk)
-        if received > max_bytes:
-            raise _too_large(max_bytes)
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    return parse_json(chunks[0] if len(chunks) == 1 else b"".join(chunks), max_depth=max_depth)
+    try:
+        body = await read_body(request.receive, limit=max_bytes, declared=length)
+    except BodyTooLarge:
+        raise _too_large(max_bytes) from None
+    except ClientDisconnected:
+        raise ClientDisconnect() from None
+    return parse_json(body, max_depth=max_depth)
 
 
 def _reject_constant(name: str) -> Any:

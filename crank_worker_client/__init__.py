@@ -13,8 +13,13 @@
 
 Depends on the core (``crank_registry``), httpx and anyio only. With the
 ``tracing`` extra (opentelemetry-api), every request carries the current W3C
-trace context; without it, none does. ``crank_worker_client.serving`` serves
-capabilities on the invocation convention.
+trace context; without it, none does. Two public modules beside:
+
+- :mod:`crank_worker_client.serving`, with the ``serving`` extra
+  (jsonschema): serves capabilities on the invocation convention.
+- :mod:`crank_worker_client.body`: the bounded request-body reader and the
+  drain before an early answer, shared by the serving module and the
+  controller's service.
 """
 
 from ._agent import AgentState, AgentStatus, WorkerAgent

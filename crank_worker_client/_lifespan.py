@@ -9,12 +9,13 @@ For any ASGI application, whatever its own lifespan handling::
     app = AgentLifespanMiddleware(app, agent)
 
 ``agent`` is a :class:`WorkerAgent` (keep a reference to serve its
-``status`` from the worker's health endpoint) or a function returning a new
-one at each startup. The worker registers after the application's own
-startup completed (it is ready for traffic) and deregisters before the
-application's own shutdown begins (no new traffic while it winds down). A
-registration that fails at startup fails the startup with the reason, so the
-server exits instead of serving unregistered.
+``status`` from the worker's health endpoint), any other async context
+manager, or a function returning a new one at each startup. The worker
+registers after the application's own startup completed (it is ready for
+traffic) and deregisters before the application's own shutdown begins (no
+new traffic while it winds down). A registration that fails at startup
+fails the startup with the reason, so the server exits instead of serving
+unregistered.
 
 Servers run the lifespan shutdown when they stop accepting requests; some
 (hypercorn) only after every open connection has closed, so an idle
@@ -33,8 +34,6 @@ from typing import Any
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ._agent import WorkerAgent
-
 __all__ = ["AgentLifespanMiddleware", "agent_lifespan"]
 
 Scope = MutableMapping[str, Any]
@@ -43,14 +42,16 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-AgentSource = WorkerAgent | Callable[[], WorkerAgent]
+Agent = contextlib.AbstractAsyncContextManager[Any]
+AgentSource = Agent | Callable[[], Agent]
 
 # What the wrapped application's lifespan task reports when it ends.
 _INNER_RETURNED = "crank.inner_returned"
 
 
-def _agent_from(source: AgentSource) -> WorkerAgent:
-    return source if isinstance(source, WorkerAgent) else source()
+def _agent_from(source: AgentSource) -> Agent:
+    # AbstractAsyncContextManager matches any object with __aenter__ and __aexit__.
+    return source if isinstance(source, contextlib.AbstractAsyncContextManager) else source()
 
 
 def agent_lifespan(
@@ -68,6 +69,10 @@ def agent_lifespan(
 
 class AgentLifespanMiddleware:
     """Wrap an ASGI application so that a :class:`WorkerAgent` runs with its lifespan.
+
+    The agent is entered after the application's startup and left before
+    its shutdown, also when the lifespan is cancelled while running (the
+    server stopping hard): the worker deregisters either way.
 
     Requests and websockets pass through untouched. The wrapped
     application's own lifespan (if it has one) still runs: its startup before

@@ -1,5 +1,9 @@
 """Serve capabilities on the invocation convention, as a plain ASGI app.
 
+Install with the ``serving`` extra, ``pip install
+'crank-worker-client[serving]'``: it adds jsonschema, and no server. Run the
+app with any ASGI server (the examples use hypercorn).
+
 The convention, which the controller's gateway (and any caller) uses to
 invoke a capability on the worker that the registry chose:
 
@@ -24,8 +28,10 @@ Errors (``application/json``)
     body is not ``{"payload": ...}``), 422 ``invalid_payload`` (the payload
     does not match the input schema; ``detail`` lists every problem as
     ``{"path", "message"}``), a handler's own :class:`InvocationError`
-    (its code and status), and 500 ``handler_failed`` when a handler
-    raises anything else (logged here; the answer carries no traceback).
+    (its code and status), 500 ``handler_failed`` when a handler raises
+    anything else (logged here; the answer carries no traceback), and 500
+    ``invalid_input_schema`` when the schema holds a ``$ref`` that does not
+    resolve.
 
 ``GET {worker_url}/health``
     ``{"status": "ok", "capabilities": ["verb:name", ...]}`` plus whatever
@@ -36,8 +42,8 @@ method or media type, a declared size over the limit) first reads the rest
 of the body, up to ``max_body_size`` bytes in all and a few seconds, so
 that the connection stays usable and the server never sees the client still
 sending after the answer; when more is left, the answer carries
-``Connection: close`` over HTTP/1.x. (The controller's service does the
-same; a worker must not import it.)
+``Connection: close`` over HTTP/1.x. Both rules are those of
+:mod:`crank_worker_client.body`, which the controller's service uses too.
 
 :func:`invocation_app` builds the app from a mapping ``{(verb, name):
 handler}``; a handler is ``async def handler(payload) -> result``, or an
@@ -45,19 +51,16 @@ async generator function for a streaming capability. At most
 ``max_concurrency`` invocations of a capability run at once; more wait.
 With an ``agent`` (a :class:`~crank_worker_client.WorkerAgent`, or any async
 context manager), the app registers on ASGI lifespan start-up and
-deregisters on shutdown.
+deregisters on shutdown, through
+:class:`~crank_worker_client.AgentLifespanMiddleware`.
 
-Payloads are validated against ``input_schema`` with a small built-in
-validator of this JSON Schema subset (no extra dependency): ``type``,
-``properties``, ``required``, ``additionalProperties``, ``items``,
-``enum``, ``const``, ``minLength``, ``maxLength``, ``pattern`` (Python
-regular expressions), ``minimum``, ``maximum``, ``exclusiveMinimum``,
-``exclusiveMaximum``, ``minItems``, ``maxItems``, ``uniqueItems``, plus
-annotations that do not constrain (``title``, ``description``,
-``default``, ``examples``, ``format``, ...). A schema using any other
-keyword is refused when the app is built; pass ``validate_input=False``
-to leave all validation to the handlers instead. Results are not checked
-against ``output_schema``.
+Payloads are validated against ``input_schema`` with the jsonschema
+library, in the dialect the schema's ``$schema`` names (Draft 2020-12
+without one; ``format`` is an annotation). Each distinct schema is checked
+once, when the app is built: one that is not a valid JSON Schema is refused
+then with :class:`JsonSchemaError`, naming the capability and the place in
+the schema. Pass ``validate_input=False`` to leave all validation to the
+handlers instead. Results are not checked against ``output_schema``.
 
 With the ``tracing`` extra installed, each invocation runs in a server
 span whose parent is the caller's W3C ``traceparent``.
@@ -69,14 +72,11 @@ import contextlib
 import inspect
 import json
 import logging
-import re
-import sys
 from collections.abc import (
     AsyncIterator,
     Awaitable,
     Callable,
     Iterable,
-    Iterator,
     Mapping,
     MutableMapping,
 )
@@ -93,6 +93,17 @@ from crank_registry import (
     invocation_path,
 )
 
+from ._lifespan import AgentLifespanMiddleware
+from ._payload import JsonSchemaError, PayloadSchema
+from ._tracing import invocation_span
+from .body import (
+    BodyTooLarge,
+    ClientDisconnected,
+    DrainRequestBody,
+    declared_length,
+    read_body,
+)
+
 __all__ = [
     "INVOKE_PREFIX",
     "NDJSON",
@@ -100,19 +111,14 @@ __all__ = [
     "InvocationApp",
     "InvocationError",
     "JsonSchemaError",
-    "check_json_schema",
     "invocation_app",
     "invocation_path",
-    "validate_json",
 ]
 
 logger = logging.getLogger("crank_worker_client.serving")
 
 #: Bodies larger than this are refused with 413 (the registry's own limit).
 DEFAULT_MAX_BODY_SIZE = 1_048_576
-
-#: How long an early answer waits for the rest of an unread body.
-_DRAIN_SECONDS = 5.0
 
 #: ``async def handler(payload) -> result``, or an async generator function
 #: yielding JSON objects for a streaming capability.
@@ -122,6 +128,7 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 class InvocationError(Exception):
@@ -141,271 +148,34 @@ class InvocationError(Exception):
         self.status = status
 
 
-# ------------------------------------------------------------- JSON Schema
-
-
-class JsonSchemaError(ValueError):
-    """A schema uses a keyword outside the supported subset, or a malformed value."""
-
-
-_TYPES = frozenset({"object", "array", "string", "integer", "number", "boolean", "null"})
-_ANNOTATIONS = frozenset(
-    {
-        "$schema",
-        "$id",
-        "$comment",
-        "title",
-        "description",
-        "default",
-        "examples",
-        "format",
-        "readOnly",
-        "writeOnly",
-        "deprecated",
-        "contentEncoding",
-        "contentMediaType",
-    }
-)
-_NUMERIC = frozenset({"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"})
-_COUNTS = frozenset({"minLength", "maxLength", "minItems", "maxItems"})
-_KEYWORDS = (
-    _ANNOTATIONS
-    | _NUMERIC
-    | _COUNTS
-    | {
-        "type",
-        "properties",
-        "required",
-        "additionalProperties",
-        "items",
-        "enum",
-        "const",
-        "pattern",
-        "uniqueItems",
-    }
-)
-
-
-def check_json_schema(schema: object, path: str = "") -> None:
-    """Raise :class:`JsonSchemaError` unless ``schema`` is in the supported subset."""
-    where = path or "the schema"
-    if isinstance(schema, bool):
-        return
-    if not isinstance(schema, dict):
-        raise JsonSchemaError(f"{where}: a schema must be an object or a boolean")
-    unknown = sorted(set(schema) - _KEYWORDS)
-    if unknown:
-        raise JsonSchemaError(
-            f"{where}: unsupported JSON Schema keyword(s) {', '.join(unknown)} "
-            "(pass validate_input=False to validate in the handler instead)"
-        )
-    kind = schema.get("type")
-    kinds = kind if isinstance(kind, list) else [kind] if kind is not None else []
-    if any(k not in _TYPES for k in kinds):
-        raise JsonSchemaError(f"{where}.type: unknown type {kind!r}")
-    for key in _NUMERIC & schema.keys():
-        if not _is_number(schema[key]):
-            raise JsonSchemaError(f"{where}.{key}: must be a number")
-    for key in _COUNTS & schema.keys():
-        if not isinstance(schema[key], int) or isinstance(schema[key], bool) or schema[key] < 0:
-            raise JsonSchemaError(f"{where}.{key}: must be an integer >= 0")
-    if "pattern" in schema:
-        try:
-            re.compile(schema["pattern"])
-        except (re.error, TypeError) as error:
-            raise JsonSchemaError(f"{where}.pattern: not a regular expression: {error}") from None
-    if "enum" in schema and not isinstance(schema["enum"], list):
-        raise JsonSchemaError(f"{where}.enum: must be a list")
-    if "required" in schema and not (
-        isinstance(schema["required"], list) and all(isinstance(r, str) for r in schema["required"])
-    ):
-        raise JsonSchemaError(f"{where}.required: must be a list of strings")
-    properties = schema.get("properties", {})
-    if not isinstance(properties, dict):
-        raise JsonSchemaError(f"{where}.properties: must be an object")
-    for name, subschema in properties.items():
-        check_json_schema(subschema, f"{path}.properties.{name}" if path else f"properties.{name}")
-    for key in ("additionalProperties", "items"):
-        if key in schema:
-            check_json_schema(schema[key], f"{path}.{key}" if path else key)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_type(value: object, kind: str) -> bool:
-    if kind == "object":
-        return isinstance(value, dict)
-    if kind == "array":
-        return isinstance(value, list)
-    if kind == "string":
-        return isinstance(value, str)
-    if kind == "integer":
-        # An int is checked as one: float() of a long JSON integer overflows.
-        if isinstance(value, float):
-            return value.is_integer()
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind == "number":
-        return _is_number(value)
-    if kind == "boolean":
-        return isinstance(value, bool)
-    return value is None
-
-
-def _json_equal(a: object, b: object) -> bool:
-    # JSON equality: true is not 1, and 1 equals 1.0.
-    if isinstance(a, bool) or isinstance(b, bool):
-        return isinstance(a, bool) and isinstance(b, bool) and a == b
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_json_equal(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_json_equal(a[k], b[k]) for k in a)
-    return (type(a) is type(b) or (_is_number(a) and _is_number(b))) and a == b
-
-
-def _json_repr(value: object) -> str:
-    return json.dumps(value, sort_keys=True) if _is_number(value) else repr(value)
-
-
-def validate_json(value: object, schema: object, path: str = "payload") -> list[tuple[str, str]]:
-    """Every way ``value`` fails ``schema`` (the supported subset), as ``(path, message)``."""
-    problems: list[tuple[str, str]] = []
-    _validate(value, schema, path, problems)
-    return problems
-
-
-def _validate(value: object, schema: object, path: str, problems: list[tuple[str, str]]) -> None:
-    if schema is True:
-        return
-    if schema is False:
-        problems.append((path, "is not allowed"))
-        return
-    assert isinstance(schema, dict)
-    kind = schema.get("type")
-    if kind is not None:
-        kinds = kind if isinstance(kind, list) else [kind]
-        if not any(_is_type(value, k) for k in kinds):
-            problems.append((path, f"must be of type {' or '.join(kinds)}"))
-            return
-    if "const" in schema and not _json_equal(value, schema["const"]):
-        problems.append((path, f"must be {json.dumps(schema['const'])}"))
-    if "enum" in schema and not any(_json_equal(value, option) for option in schema["enum"]):
-        options = ", ".join(json.dumps(option) for option in schema["enum"])
-        problems.append((path, f"must be one of {options}"))
-    if isinstance(value, str):
-        _validate_string(value, schema, path, problems)
-    elif _is_number(value):
-        _validate_number(value, schema, path, problems)  # type: ignore[arg-type]
-    elif isinstance(value, list):
-        _validate_array(value, schema, path, problems)
-    elif isinstance(value, dict):
-        _validate_object(value, schema, path, problems)
-
-
-def _validate_string(
-    value: str, schema: dict[str, Any], path: str, problems: list[tuple[str, str]]
-) -> None:
-    if "minLength" in schema and len(value) < schema["minLength"]:
-        problems.append((path, f"must be at least {schema['minLength']} characters"))
-    if "maxLength" in schema and len(value) > schema["maxLength"]:
-        problems.append((path, f"must be at most {schema['maxLength']} characters"))
-    if "pattern" in schema and re.search(schema["pattern"], value) is None:
-        problems.append((path, f"must match the pattern {schema['pattern']!r}"))
-
-
-def _validate_number(
-    value: float, schema: dict[str, Any], path: str, problems: list[tuple[str, str]]
-) -> None:
-    if "minimum" in schema and value < schema["minimum"]:
-        problems.append((path, f"must be >= {_json_repr(schema['minimum'])}"))
-    if "maximum" in schema and value > schema["maximum"]:
-        problems.append((path, f"must be <= {_json_repr(schema['maximum'])}"))
-    if "exclusiveMinimum" in schema and value <= schema["exclusiveMinimum"]:
-        problems.append((path, f"must be > {_json_repr(schema['exclusiveMinimum'])}"))
-    if "exclusiveMaximum" in schema and value >= schema["exclusiveMaximum"]:
-        problems.append((path, f"must be < {_json_repr(schema['exclusiveMaximum'])}"))
-
-
-def _validate_array(
-    value: list[Any], schema: dict[str, Any], path: str, problems: list[tuple[str, str]]
-) -> None:
-    if "minItems" in schema and len(value) < schema["minItems"]:
-        problems.append((path, f"must have at least {schema['minItems']} items"))
-    if "maxItems" in schema and len(value) > schema["maxItems"]:
-        problems.append((path, f"must have at most {schema['maxItems']} items"))
-    if schema.get("uniqueItems") is True:
-        for index, item in enumerate(value):
-            if any(_json_equal(item, earlier) for earlier in value[:index]):
-                problems.append((f"{path}[{index}]", "duplicates an earlier item"))
-    if "items" in schema:
-        for index, item in enumerate(value):
-            _validate(item, schema["items"], f"{path}[{index}]", problems)
-
-
-def _validate_object(
-    value: dict[str, Any], schema: dict[str, Any], path: str, problems: list[tuple[str, str]]
-) -> None:
-    properties: dict[str, Any] = schema.get("properties", {})
-    for name in schema.get("required", []):
-        if name not in value:
-            problems.append((f"{path}.{name}", "is required"))
-    extra = schema.get("additionalProperties", True)
-    for name, item in value.items():
-        if name in properties:
-            _validate(item, properties[name], f"{path}.{name}", problems)
-        elif extra is False:
-            problems.append((f"{path}.{name}", "unknown field"))
-        else:
-            _validate(item, extra, f"{path}.{name}", problems)
-
-
-# ------------------------------------------------------------------ tracing
-
-try:
-    from opentelemetry import propagate as _propagate
-    from opentelemetry import trace as _trace
-except ImportError:  # the "tracing" extra is not installed: no spans
-
-    def _server_span(headers: Mapping[str, str], verb: str, name: str) -> Iterator[None]:
-        yield
-
-else:
-    _tracer = _trace.get_tracer("crank_worker_client.serving")
-
-    def _server_span(headers: Mapping[str, str], verb: str, name: str) -> Iterator[None]:
-        parent = _propagate.extract(headers)
-        with _tracer.start_as_current_span(
-            f"invoke {verb} {name}",
-            context=parent,
-            kind=_trace.SpanKind.SERVER,
-            attributes={"crank.verb": verb, "crank.capability": name},
-        ):
-            yield
-
-
-_invocation_span = contextlib.contextmanager(_server_span)
-
-
 # ---------------------------------------------------------------- the app
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
 class _Capability:
-    __slots__ = ("handler", "limiter", "schema", "streaming")
+    __slots__ = ("handler", "limiter", "payload_schema", "schema", "streaming")
 
-    def __init__(self, schema: CapabilitySchema, handler: Handler) -> None:
+    def __init__(
+        self, schema: CapabilitySchema, handler: Handler, payload_schema: PayloadSchema | None
+    ) -> None:
         self.schema = schema
         self.handler = handler
+        self.payload_schema = payload_schema  # None: validation is left to the handler
         self.streaming = inspect.isasyncgenfunction(handler)
         self.limiter: anyio.CapacityLimiter | None = None  # made in the event loop
 
 
 class InvocationApp:
-    """The ASGI app of :func:`invocation_app`; see the module docstring."""
+    """An ASGI app serving ``handlers`` on the invocation convention (module docstring).
+
+    ``handlers`` and ``capabilities`` must name the same ``(verb, name)``
+    pairs. ``agent`` (usually a ``WorkerAgent`` built with the same
+    capabilities) is entered on lifespan start-up and left on shutdown, so
+    the worker registers when the server starts and deregisters when it
+    stops. Raises :class:`ValueError` for a mismatch or a handler that is
+    not async, and :class:`JsonSchemaError` (a ``ValueError`` too) for an
+    ``input_schema`` that is not a valid JSON Schema while
+    ``validate_input`` is true.
+    """
 
     def __init__(
         self,
@@ -439,19 +209,15 @@ class InvocationApp:
                     f"the handler of {capability_label(key)!r} must be an async function "
                     "or an async generator function"
                 )
-        if validate_input:
-            for key, schema in schemas.items():
-                try:
-                    check_json_schema(schema.input_schema)
-                except JsonSchemaError as error:
-                    raise JsonSchemaError(
-                        f"input_schema of {capability_label(key)!r}: {error}"
-                    ) from None
-        self._capabilities = {key: _Capability(schemas[key], handlers[key]) for key in schemas}
-        self._agent = agent
-        self._validate_input = validate_input
+        payload_schemas = _payload_schemas(schemas.values()) if validate_input else {}
+        self._capabilities = {
+            key: _Capability(schemas[key], handlers[key], payload_schemas.get(key))
+            for key in schemas
+        }
         self._max_body_size = max_body_size
         self._health = health
+        app: ASGIApp = DrainRequestBody(self._serve, limit=max_body_size)
+        self._app = app if agent is None else AgentLifespanMiddleware(app, agent)
 
     @property
     def capabilities(self) -> tuple[CapabilitySchema, ...]:
@@ -459,45 +225,17 @@ class InvocationApp:
         return tuple(c.schema for c in self._capabilities.values())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Dispatch one ASGI connection: lifespan or HTTP."""
-        if scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
-        elif scope["type"] == "http":
-            await _drain_request_body(self._http, self._max_body_size, scope, receive, send)
+        """The ASGI entry point: lifespan, HTTP, or a websocket closed at once."""
+        await self._app(scope, receive, send)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await _lifespan_with_nothing_to_do(receive, send)
         # Anything else (websocket) is not part of the convention: close it.
         elif scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1000})
-
-    async def _lifespan(self, receive: Receive, send: Send) -> None:
-        agent = self._agent
-        message = await receive()
-        if message["type"] != "lifespan.startup":
-            return
-        if agent is not None:
-            try:
-                await agent.__aenter__()
-            except Exception as error:
-                logger.exception("worker start-up failed")
-                await send({"type": "lifespan.startup.failed", "message": str(error)})
-                return
-        try:
-            await send({"type": "lifespan.startup.complete"})
-            # The only message that can follow start-up is shutdown.
-            await receive()
-        except BaseException as error:
-            # Cancelled (the server stopping hard) or failing while running:
-            # the agent still leaves, deregistering the worker.
-            if agent is not None:
-                await agent.__aexit__(type(error), error, error.__traceback__)
-            raise
-        if agent is not None:
-            try:
-                await agent.__aexit__(None, None, None)
-            except Exception as error:
-                logger.exception("worker shutdown failed")
-                await send({"type": "lifespan.shutdown.failed", "message": str(error)})
-                return
-        await send({"type": "lifespan.shutdown.complete"})
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         method = scope["method"]
@@ -540,15 +278,14 @@ class InvocationApp:
             await _error(send, 415, "unsupported_media_type", "the body must be application/json")
             return
         try:
-            raw = await self._read_body(headers, receive)
-        except _BodyTooLarge:
-            await _error(
-                send,
-                413,
-                "request_too_large",
-                f"the body is larger than {self._max_body_size} bytes",
+            raw = await read_body(
+                receive, limit=self._max_body_size, declared=declared_length(scope)
             )
+        except BodyTooLarge as error:
+            await _error(send, 413, "request_too_large", str(error))
             return
+        except ClientDisconnected:
+            return  # nobody is left to answer
         try:
             document = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
         except (UnicodeDecodeError, ValueError, RecursionError) as error:
@@ -567,46 +304,34 @@ class InvocationApp:
             )
             return
         payload = document["payload"]
-        if self._validate_input:
-            problems = validate_json(payload, capability.schema.input_schema)
+        if capability.payload_schema is not None:
+            label = capability_label(key)
+            try:
+                problems = capability.payload_schema.problems(payload)
+            except JsonSchemaError as error:
+                logger.error("the input_schema of %s cannot be applied: %s", label, error)
+                message = f"the input_schema of {label!r} cannot be applied: {error}"
+                await _error(send, 500, "invalid_input_schema", message)
+                return
             if problems:
                 await _json(
                     send,
                     422,
                     {
                         "error": "invalid_payload",
-                        "message": "; ".join(f"{p}: {m}" for p, m in problems),
-                        "detail": [{"path": p, "message": m} for p, m in problems],
+                        "message": "; ".join(map(str, problems)),
+                        "detail": [{"path": p.path, "message": p.message} for p in problems],
                     },
                 )
                 return
         if capability.limiter is None:
             capability.limiter = anyio.CapacityLimiter(capability.schema.max_concurrency)
         async with capability.limiter:
-            with _invocation_span(headers, key[0], key[1]):
+            with invocation_span(headers, key[0], key[1]):
                 if capability.streaming:
                     await self._stream(capability, payload, send)
                 else:
                     await self._call(capability, payload, send)
-
-    async def _read_body(self, headers: Mapping[str, str], receive: Receive) -> bytes:
-        declared = _content_length(headers.get("content-length", ""))
-        if declared is not None and declared > self._max_body_size:
-            raise _BodyTooLarge
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self._max_body_size:
-                raise _BodyTooLarge
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        return b"".join(chunks)
 
     async def _call(self, capability: _Capability, payload: Any, send: Send) -> None:
         label = capability_label(capability.schema.key)
@@ -671,81 +396,39 @@ class InvocationApp:
                 await aclose()
 
 
-async def _drain_request_body(
-    app: Callable[[Scope, Receive, Send], Awaitable[None]],
-    limit: int,
-    scope: Scope,
-    receive: Receive,
-    send: Send,
-) -> None:
-    """Run ``app``, reading the rest of an unread body before its answer starts.
-
-    The worker's copy of the service's ``DrainRequestBody`` (see the module
-    docstring): read on while the body stays within ``limit`` bytes in all,
-    for at most ``_DRAIN_SECONDS``; when more is left (or declared), the
-    answer has ``Connection: close`` over HTTP/1.x.
-    """
-    received = 0
-    ended = False  # the body was read to its end, or the client left
-
-    async def watched_receive() -> Message:
-        nonlocal received, ended
-        message = await receive()
-        received += len(message.get("body", b""))
-        if not message.get("more_body", False):
-            ended = True
-        return message
-
-    async def drain() -> bool:
-        declared = _content_length(_headers(scope).get("content-length", ""))
-        if declared is not None and declared > limit:
-            return False
-        with anyio.move_on_after(_DRAIN_SECONDS):
-            while not ended and received <= limit:
-                await watched_receive()
-        return ended
-
-    async def answer(message: Message) -> None:
-        if (
-            message["type"] == "http.response.start"
-            and not ended
-            and not await drain()
-            and scope.get("http_version") in ("1.0", "1.1")
-        ):
-            headers = [*message.get("headers", ()), (b"connection", b"close")]
-            message = {**message, "headers": headers}
-        await send(message)
-
-    await app(scope, watched_receive, answer)
+#: The name the examples build with: ``invocation_app(handlers, capabilities, ...)``.
+invocation_app = InvocationApp
 
 
-def invocation_app(
-    handlers: Mapping[tuple[str, str], Handler],
+def _payload_schemas(
     capabilities: Iterable[CapabilitySchema],
-    *,
-    agent: contextlib.AbstractAsyncContextManager[Any] | None = None,
-    validate_input: bool = True,
-    max_body_size: int = DEFAULT_MAX_BODY_SIZE,
-    health: Callable[[], Mapping[str, Any]] | None = None,
-) -> InvocationApp:
-    """An ASGI app serving ``handlers`` on the invocation convention.
+) -> dict[tuple[str, str], PayloadSchema]:
+    """Each capability's input_schema, checked once however many capabilities share it."""
+    checked: dict[str, PayloadSchema] = {}
+    found = {}
+    for capability in capabilities:
+        label = capability_label(capability.key)
+        try:
+            text = json.dumps(capability.input_schema, sort_keys=True, allow_nan=False)
+            if text not in checked:
+                checked[text] = PayloadSchema(capability.input_schema)
+        except (TypeError, ValueError) as error:
+            # JsonSchemaError is a ValueError, as is json's refusal of NaN.
+            raise JsonSchemaError(
+                f"capability {label!r}: {error}; fix its input_schema, or pass "
+                "validate_input=False to leave the payload to the handler"
+            ) from None
+        found[capability.key] = checked[text]
+    return found
 
-    ``handlers`` and ``capabilities`` must name the same ``(verb, name)``
-    pairs. ``agent`` (usually a ``WorkerAgent`` built with the same
-    capabilities) is entered on lifespan start-up and left on shutdown, so
-    the worker registers when the server starts and deregisters when it
-    stops. Raises :class:`ValueError` (or :class:`JsonSchemaError`) for a
-    mismatch, a handler that is not async, or an input schema outside the
-    supported subset while ``validate_input`` is true.
-    """
-    return InvocationApp(
-        handlers,
-        capabilities,
-        agent=agent,
-        validate_input=validate_input,
-        max_body_size=max_body_size,
-        health=health,
-    )
+
+async def _lifespan_with_nothing_to_do(receive: Receive, send: Send) -> None:
+    # The app itself has nothing to start or stop; an agent's registration
+    # is AgentLifespanMiddleware's, around it.
+    await receive()  # lifespan.startup
+    await send({"type": "lifespan.startup.complete"})
+    await receive()  # lifespan.shutdown
+    await send({"type": "lifespan.shutdown.complete"})
 
 
 def _refuse_constant(name: str) -> Any:
@@ -761,15 +444,6 @@ def _dumps_line(value: Any) -> bytes:
     if not isinstance(value, dict):
         raise TypeError(f"a streaming handler must yield JSON objects, got {type(value).__name__}")
     return _dumps(value) + b"\n"
-
-
-def _content_length(value: str) -> int | None:
-    """A Content-Length value as a number (over 18 digits: ``sys.maxsize``), else ``None``."""
-    digits = value.strip()
-    # str.isdigit also admits digits such as '²' that int() refuses.
-    if not (digits.isascii() and digits.isdigit()):
-        return None
-    return int(digits) if len(digits) <= 18 else sys.maxsize
 
 
 def _headers(scope: Scope) -> dict[str, str]:

@@ -1,0 +1,182 @@
+"""Request bodies over ASGI: read one within a bound, or drain it before an early answer.
+
+Two rules, kept here once for every server of the project:
+
+- :func:`read_body` reads a request body whole, refusing it with
+  :class:`BodyTooLarge` as soon as its declared or received size passes a
+  limit (so an undeclared or lying length is cut off at the limit plus one
+  chunk), and with :class:`ClientDisconnected` when the client leaves first.
+- :class:`DrainRequestBody` is an ASGI middleware that reads the rest of an
+  unread body, within a bound, before an answer starts.
+
+The worker's invocation server (:mod:`crank_worker_client.serving`) and the
+controller's service (:mod:`crank_registry_asgi.http`) both use them. They
+live in the worker client because that is the one place both may import: a
+worker must not import the service (it would pull in starlette and
+hypercorn), and the core ``crank_registry`` does no I/O. This module needs
+anyio only.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import anyio
+
+__all__ = [
+    "DRAIN_LIMIT",
+    "DRAIN_SECONDS",
+    "BodyTooLarge",
+    "ClientDisconnected",
+    "DrainRequestBody",
+    "content_length",
+    "declared_length",
+    "read_body",
+]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+#: An unread body is read and dropped before an answer while it stays
+#: within this many bytes in all.
+DRAIN_LIMIT = 1_048_576
+
+#: And for at most this long; a client that sends more, or slower, is
+#: answered anyway (over HTTP/1.x with ``Connection: close``).
+DRAIN_SECONDS = 5.0
+
+
+class BodyTooLarge(Exception):
+    """A request body declared or received larger than ``limit`` bytes."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the request body is larger than {limit} bytes")
+        self.limit = limit
+
+
+class ClientDisconnected(Exception):
+    """The client went away before it had sent the whole body."""
+
+
+def content_length(value: bytes) -> int | None:
+    """A Content-Length value as a number, or ``None`` if it is not one.
+
+    A value of more than 18 digits counts as ``sys.maxsize``: larger than
+    any limit, and ``int()`` refuses strings of over 4300 digits.
+    """
+    digits = value.strip()
+    if not digits.isdigit():  # bytes.isdigit is ASCII digits only
+        return None
+    return int(digits) if len(digits) <= 18 else sys.maxsize
+
+
+def declared_length(scope: Scope) -> int | None:
+    """The request's Content-Length as a number, or ``None`` (absent or not a number)."""
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            return content_length(value)
+    return None
+
+
+async def read_body(receive: Receive, *, limit: int, declared: int | None = None) -> bytes:
+    """The whole request body, read from ``receive``.
+
+    ``declared`` is the request's Content-Length (see :func:`declared_length`):
+    over ``limit``, the body is refused before anything is read. Raises
+    :class:`BodyTooLarge` or :class:`ClientDisconnected`.
+    """
+    if declared is not None and declared > limit:
+        raise BodyTooLarge(limit)
+    # The ASGI messages are read directly: an async generator over them
+    # is a measurable cost on a hot path of one-chunk bodies.
+    chunks: list[bytes] = []
+    received = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected
+        chunk = message.get("body", b"")
+        received += len(chunk)
+        if received > limit:
+            raise BodyTooLarge(limit)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class DrainRequestBody:
+    """Read the rest of the request body, up to a bound, before the answer starts.
+
+    An answer that does not depend on the body (404, 405, 415, a declared
+    size over the limit, a refusal before parsing) would otherwise start
+    while the client is still sending it. The server is then left with a
+    request it must either read to its end or cut off: hypercorn 0.18 closes
+    an HTTP/1.1 connection whose request was not read to its end, over TLS
+    racing the client's next bytes, and on HTTP/2 it receives data for a
+    stream it already forgot. Reading the rest first keeps the connection
+    usable for the next request.
+
+    The body is read on while it stays within ``limit`` bytes in all (what
+    the app read counts), for at most ``seconds``; a body declared larger,
+    or already read past that, is not read further: a body refused as too
+    large is never read whole. An answer that leaves the body unread
+    carries ``Connection: close`` over HTTP/1.x, so the client knows the
+    connection ends with it (HTTP/2 has no such header: the server ends just
+    the stream). What the client sends after that is the server's to read
+    and drop before it closes. Scopes other than HTTP pass through.
+    """
+
+    def __init__(
+        self, app: ASGIApp, *, limit: int = DRAIN_LIMIT, seconds: float = DRAIN_SECONDS
+    ) -> None:
+        self.app = app
+        self.limit = limit
+        self.seconds = seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the app with ``receive`` watched and the answer held until the body is in."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        received = 0
+        # Whether the body has been read to its end, or the client went away.
+        ended = False
+
+        async def watched_receive() -> Message:
+            nonlocal received, ended
+            message = await receive()
+            received += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                ended = True
+            return message
+
+        async def drain() -> bool:
+            # True when the body was read to its end.
+            declared = declared_length(scope)
+            if declared is not None and declared > self.limit:
+                return False
+            with anyio.move_on_after(self.seconds):
+                while not ended and received <= self.limit:
+                    await watched_receive()
+            return ended
+
+        async def answer(message: Message) -> None:
+            if (
+                message["type"] == "http.response.start"
+                and not ended
+                and not await drain()
+                and scope.get("http_version") in ("1.0", "1.1")
+            ):
+                headers = list(message.get("headers", ()))
+                if not any(name.lower() == b"connection" for name, _ in headers):
+                    headers.append((b"connection", b"close"))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, watched_receive, answer)
