@@ -1,9 +1,10 @@
 """crank_registry: the sans-IO core of the crank capability registry.
 
 Models, validation, the registry state machine, health rules, round-robin
-routing and the state snapshot format. No I/O, no clock reads, no async:
-every call that depends on time takes ``now``, and every mutation returns
-the events that happened so that a service can turn them into I/O.
+routing, the state snapshot format, and the answers of the HTTP API. No
+I/O, no clock reads, no async: every call that depends on time takes
+``now``, and every mutation returns the events that happened so that a
+service can turn them into I/O.
 """
 
 from ._convention import INVOKE_PREFIX, NDJSON, invocation_path, iso_utc
@@ -49,6 +50,7 @@ from ._journal import (
     replay_bytes,
 )
 from ._models import (
+    JSON_SCHEMA,
     CapabilityKey,
     CapabilitySchema,
     CapabilityView,
@@ -66,24 +68,48 @@ from ._models import (
     parse_capability_label,
 )
 from ._registry import STATE_FORMAT_VERSION, CapabilityRegistry
+from ._wire import (
+    ANSWER_TYPES,
+    CapabilitiesAnswer,
+    DeregisterAnswer,
+    ErrorAnswer,
+    ExecuteRequest,
+    FailedAttempt,
+    HealthAnswer,
+    HeartbeatAnswer,
+    InvocationAnswer,
+    RegisterAnswer,
+    WorkerEntry,
+    WorkersAnswer,
+)
 
 __all__ = [
+    "ANSWER_TYPES",
     "EVENT_TYPES",
     "INVOKE_PREFIX",
     "JOURNAL_FORMAT_VERSION",
+    "JSON_SCHEMA",
     "NDJSON",
     "STATE_FORMAT_VERSION",
+    "CapabilitiesAnswer",
     "CapabilityKey",
     "CapabilityRegistry",
     "CapabilitySchema",
     "CapabilityView",
+    "DeregisterAnswer",
     "DeregisterRequest",
+    "ErrorAnswer",
     "Event",
+    "ExecuteRequest",
+    "FailedAttempt",
     "Forbidden",
+    "HealthAnswer",
     "HealthPolicy",
     "HealthState",
+    "HeartbeatAnswer",
     "HeartbeatReceived",
     "HeartbeatRequest",
+    "InvocationAnswer",
     "JournalDecodeError",
     "JournalEntry",
     "JournalLines",
@@ -91,21 +117,24 @@ __all__ = [
     "JournalState",
     "NotSupported",
     "Problem",
+    "RegisterAnswer",
     "Registration",
-    "ReplayResult",
     "RegistryError",
+    "ReplayResult",
     "RouteRequest",
     "SkippedLine",
     "SnapshotPart",
     "ValidationError",
     "WorkerDeregistered",
     "WorkerEndpoint",
+    "WorkerEntry",
     "WorkerEvicted",
     "WorkerImported",
     "WorkerNotRegistered",
     "WorkerRecord",
     "WorkerRegistered",
     "WorkerView",
+    "WorkersAnswer",
     "authorize_worker",
     "capability_label",
     "converter",
@@ -113,8 +142,8 @@ __all__ = [
     "encode_event",
     "encode_snapshot",
     "invocation_path",
-    "iso_utc",
     "is_worker_id",
+    "iso_utc",
     "parse_capability_label",
     "replay",
     "replay_bytes",
