@@ -71,7 +71,8 @@ def _capability_labels(_: object, attribute: attrs.Attribute[Any], value: tuple[
         try:
             parse_capability_label(label)
         except ValidationError as error:
-            raise error.prefixed(f"{attribute.name}[{index}]") from None
+            (problem,) = error.problems
+            raise ValidationError.single(f"{attribute.name}[{index}]", problem.message) from None
 
 
 @attrs.frozen(kw_only=True)
