@@ -9,8 +9,9 @@ that happened, and every change is applied by one fold
 Where each rule lives:
 
 * ``_models``: the values and their invariants (what a valid worker id,
-  URL, capability is); ``_converter``: the one converter for the wire and
-  the journal; ``_errors``: the error tree.
+  URL, capability is), with the JSON Schema rules the OpenAPI document
+  shows; ``_wire``: the answers of the HTTP API; ``_converter``: the one
+  converter for the wire and the journal; ``_errors``: the error tree.
 * ``_events``: the events and the snapshot, the fold's inputs.
 * ``_health``: the state table of a worker and all health arithmetic.
 * ``_rotation``: the round-robin ring of one ``(verb, capability)``.
@@ -67,6 +68,7 @@ from ._journal import (
     replay_bytes,
 )
 from ._models import (
+    JSON_SCHEMA,
     CapabilityKey,
     CapabilitySchema,
     CapabilityView,
@@ -84,29 +86,53 @@ from ._models import (
     parse_capability_label,
 )
 from ._registry import STATE_FORMAT_VERSION, CapabilityRegistry
+from ._wire import (
+    ANSWER_TYPES,
+    CapabilitiesAnswer,
+    DeregisterAnswer,
+    ErrorAnswer,
+    ExecuteRequest,
+    FailedAttempt,
+    HealthAnswer,
+    HeartbeatAnswer,
+    InvocationAnswer,
+    RegisterAnswer,
+    WorkerEntry,
+    WorkersAnswer,
+)
 
 __all__ = [
+    "ANSWER_TYPES",
     "EVENT_TYPES",
     "INVOKE_PREFIX",
     "JOURNAL_FORMAT_VERSION",
+    "JSON_SCHEMA",
     "NDJSON",
     "SNAPSHOT_PART_SIZE",
     "STATE_FORMAT_VERSION",
     "TRANSITIONS",
+    "CapabilitiesAnswer",
     "CapabilityKey",
     "CapabilityRegistry",
     "CapabilitySchema",
     "CapabilityView",
     "Change",
+    "DeregisterAnswer",
     "DeregisterRequest",
+    "ErrorAnswer",
     "Event",
+    "ExecuteRequest",
+    "FailedAttempt",
     "Forbidden",
     "Health",
     "HealthInput",
+    "HealthAnswer",
     "HealthPolicy",
     "HealthState",
+    "HeartbeatAnswer",
     "HeartbeatReceived",
     "HeartbeatRequest",
+    "InvocationAnswer",
     "JournalDecodeError",
     "JournalEntry",
     "JournalReader",
@@ -114,6 +140,7 @@ __all__ = [
     "NotSupported",
     "Problem",
     "Refusal",
+    "RegisterAnswer",
     "Registration",
     "RegistryError",
     "ReplayResult",
@@ -126,6 +153,7 @@ __all__ = [
     "ValidationError",
     "WorkerDeregistered",
     "WorkerEndpoint",
+    "WorkerEntry",
     "WorkerEvicted",
     "WorkerHealthy",
     "WorkerImported",
@@ -134,6 +162,7 @@ __all__ = [
     "WorkerRegistered",
     "WorkerUnhealthy",
     "WorkerView",
+    "WorkersAnswer",
     "authorize_worker",
     "capability_label",
     "converter",
@@ -141,8 +170,8 @@ __all__ = [
     "encode_event",
     "encode_snapshot",
     "invocation_path",
-    "iso_utc",
     "is_worker_id",
+    "iso_utc",
     "parse_capability_label",
     "replay",
     "replay_bytes",

@@ -5,6 +5,11 @@ Structuring is strict: ``"4"`` is not an int, ``"yes"`` is not a bool,
 an input is reported at once as ``path: message`` (one
 :class:`ValidationError`), never a traceback. Unstructuring produces
 JSON-safe values; optional fields that are ``None`` are left out.
+
+The answers of the HTTP API (:data:`~crank_registry._wire.ANSWER_TYPES`) are
+the one exception to "unknown fields are rejected": a client reads them
+with the fields it does not know ignored, since a newer controller may add
+some.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import math
 import types
 import typing
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import attrs
 import cattrs
@@ -31,6 +36,7 @@ from ._events import (
     WorkerUnhealthy,
 )
 from ._models import CapabilitySchema, HealthState
+from ._wire import ANSWER_TYPES
 
 __all__ = [
     "EVENT_TYPES",
@@ -106,6 +112,20 @@ def _any(value: Any, _: type) -> Any:
     return value
 
 
+def _is_literal(tp: Any) -> bool:
+    return typing.get_origin(tp) is Literal
+
+
+def _literal(value: Any, tp: Any) -> Any:
+    # Compared with its type too: 1 == True, but the literal True is not 1.
+    for option in typing.get_args(tp):
+        if type(value) is type(option) and value == option:
+            return value
+    raise ValidationError.single(
+        "", f"must be {' or '.join(repr(option) for option in typing.get_args(tp))}"
+    )
+
+
 def _is_optional(tp: Any) -> bool:
     return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(
         None
@@ -131,6 +151,7 @@ def make_converter() -> cattrs.Converter:
     conv.register_structure_hook(Any, _any)
     conv.register_structure_hook(HealthState, _health_state)
     conv.register_structure_hook_func(_is_json_object_type, _json_object)
+    conv.register_structure_hook_func(_is_literal, _literal)
 
     def structure_optional(value: Any, tp: Any) -> Any:
         if value is None:
@@ -168,11 +189,13 @@ def _attrs_structure_fn(conv: cattrs.Converter, cls: type[T]) -> Callable[[Any, 
     attrs.resolve_types(model)
     fields = attrs.fields(model)
     names = frozenset(a.name for a in fields)
+    lenient = cls in ANSWER_TYPES
 
     def structure(data: Any, _: Any) -> T:
         if not isinstance(data, dict):
             raise ValidationError.single("", "must be an object")
-        problems = [Problem(str(key), "unknown field") for key in data if key not in names]
+        unknown = () if lenient else (key for key in data if key not in names)
+        problems = [Problem(str(key), "unknown field") for key in unknown]
         kwargs: dict[str, Any] = {}
         for field in fields:
             if field.name not in data:

@@ -26,6 +26,7 @@ __all__ = [
     "HealthPolicy",
     "HeartbeatRequest",
     "HealthState",
+    "JSON_SCHEMA",
     "Registration",
     "RouteRequest",
     "WorkerEndpoint",
@@ -39,13 +40,29 @@ __all__ = [
 #: A capability is addressed by ``(verb, name)``.
 CapabilityKey = tuple[str, str]
 
-_SEMVER = re.compile(
-    r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
-    r"(?:-[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)?"
-    r"(?:\+[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)?",
-    re.ASCII,  # \d is 0-9 only, not every Unicode digit
+#: The attrs metadata key under which a field keeps the JSON Schema keywords
+#: of its rule (patterns, lengths, bounds, a description), beside the type
+#: that its annotation gives. The validators enforce the rule; the OpenAPI
+#: document (``crank_registry_asgi.openapi``) is generated from this.
+JSON_SCHEMA = "json_schema"
+
+
+def _schema(**keywords: Any) -> dict[str, Any]:
+    """The ``metadata=`` of a field whose rule these JSON Schema keywords state."""
+    return {JSON_SCHEMA: keywords}
+
+
+# Written with [0-9], not \d, so that Python and ECMA-262 (the document's
+# regex dialect) read it the same way.
+_SEMVER_PATTERN = (
+    r"^(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)"
+    r"(-[0-9A-Za-z-]+(\.[0-9A-Za-z-]+)*)?"
+    r"(\+[0-9A-Za-z-]+(\.[0-9A-Za-z-]+)*)?$"
 )
+_SEMVER = re.compile(_SEMVER_PATTERN)
 _WORKER_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+#: A worker id as a JSON Schema pattern (the rule of :func:`is_worker_id`).
+_WORKER_ID_PATTERN = f"^{_WORKER_ID.pattern}$"
 # The characters str.isspace() accepts, and the other control characters:
 # none belongs in a URL, and an HTTP client refuses them.
 _NOT_IN_URL_CHARACTERS = r"\s\x00-\x1f\x7f"
@@ -53,6 +70,33 @@ _NOT_IN_URL = re.compile(f"[{_NOT_IN_URL_CHARACTERS}]")
 _MAX_URL_LENGTH = 2048
 _SLO_KEYS = ("latency_p95_ms", "availability", "error_budget_pct")
 _MAX_TEXT = 256
+#: "Not blank" as a JSON Schema pattern: some character that is not blank.
+#: Blank is Python's idea of it (``str.isspace``, which ``str.strip`` uses),
+#: which also counts characters such as U+001C..U+001F that a regex
+#: engine's ``\s`` may not: the class lists them literally so that every
+#: engine reads it the same way.
+_NOT_BLANK = "[^" + "".join(chr(c) for c in range(0x3001) if chr(c).isspace()) + "]"
+_TEXT_SCHEMA = {"minLength": 1, "maxLength": _MAX_TEXT, "pattern": _NOT_BLANK}
+_WORKER_ID_SCHEMA = _schema(
+    pattern=_WORKER_ID_PATTERN,
+    description="1 to 128 letters, digits, '.', '_' and '-'; the last segment of "
+    "the worker's SPIFFE ID.",
+)
+# The core accepts any absolute http(s) URL with a host; the document
+# describes the common subset (a DNS name or IPv4 address and an optional
+# port from 1 to 65535), which every schema-driven client can produce and
+# the core accepts. Bracketed IPv6 hosts are accepted too, but left out of
+# the pattern: JSON Schema cannot tell a valid IPv6 literal from a bad one.
+_PORT = r"([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+_WORKER_URL_SCHEMA = _schema(
+    format="uri",
+    maxLength=_MAX_URL_LENGTH,
+    pattern=r"^[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9.-]+(:"
+    + _PORT
+    + r")?(/[A-Za-z0-9._~!$&'()*+,;=:@/%-]*)?$",
+    description="An absolute http:// or https:// URL (a host name or IPv4 address, "
+    "an optional port; the service also accepts bracketed IPv6 addresses).",
+)
 
 
 def _fail(field: str, message: str) -> ValidationError:
@@ -127,6 +171,18 @@ def _optional_non_negative(_: object, attribute: attrs.Attribute[Any], value: ob
         raise _fail(attribute.name, "must be a finite number >= 0")
 
 
+# What _slo checks, as JSON Schema.
+_SLO_SCHEMA: dict[str, Any] = {
+    "properties": {
+        "latency_p95_ms": {"type": "number", "exclusiveMinimum": 0},
+        "availability": {"type": "number", "minimum": 0, "maximum": 1},
+        "error_budget_pct": {"type": "number", "minimum": 0, "maximum": 100},
+    },
+    "additionalProperties": False,
+}
+assert tuple(_SLO_SCHEMA["properties"]) == _SLO_KEYS
+
+
 def _slo(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if value is None:
         return
@@ -193,26 +249,61 @@ class CapabilitySchema:
     Schemas (dicts), treated as immutable once registered.
     """
 
-    name: str = attrs.field(validator=_text)
-    verb: str = attrs.field(validator=_verb)
-    version: str = attrs.field(validator=_semver)
-    input_schema: dict[str, Any] = attrs.field(validator=_json_object)
-    output_schema: dict[str, Any] = attrs.field(validator=_json_object)
+    name: str = attrs.field(
+        validator=_text,
+        metadata=_schema(**_TEXT_SCHEMA, description="The capability's name, e.g. image.classify."),
+    )
+    verb: str = attrs.field(
+        validator=_verb,
+        metadata=_schema(
+            minLength=1,
+            maxLength=_MAX_TEXT,
+            allOf=[{"pattern": _NOT_BLANK}, {"pattern": "^[^:]*$"}],
+            description="What is done with it, e.g. classify; no ':'.",
+        ),
+    )
+    version: str = attrs.field(
+        validator=_semver,
+        metadata=_schema(
+            pattern=_SEMVER_PATTERN, description="A semantic version MAJOR.MINOR.PATCH."
+        ),
+    )
+    input_schema: dict[str, Any] = attrs.field(
+        validator=_json_object, metadata=_schema(description="A JSON Schema of the input.")
+    )
+    output_schema: dict[str, Any] = attrs.field(
+        validator=_json_object, metadata=_schema(description="A JSON Schema of the output.")
+    )
     requires_gpu: bool = attrs.field(validator=_flag)
-    max_concurrency: int = attrs.field(validator=_concurrency)
-    runtime: str | None = attrs.field(default=None, validator=_optional_text)
-    env_profile: str | None = attrs.field(default=None, validator=_optional_text)
+    max_concurrency: int = attrs.field(validator=_concurrency, metadata=_schema(minimum=1))
+    runtime: str | None = attrs.field(
+        default=None, validator=_optional_text, metadata=_schema(**_TEXT_SCHEMA)
+    )
+    env_profile: str | None = attrs.field(
+        default=None, validator=_optional_text, metadata=_schema(**_TEXT_SCHEMA)
+    )
     constraints: dict[str, Any] | None = attrs.field(default=None, validator=_optional_json_object)
-    slo: dict[str, float] | None = attrs.field(default=None, validator=_slo)
-    spiffe_id: str | None = attrs.field(default=None, validator=_spiffe_id)
+    slo: dict[str, float] | None = attrs.field(
+        default=None, validator=_slo, metadata=_schema(**_SLO_SCHEMA)
+    )
+    spiffe_id: str | None = attrs.field(
+        default=None,
+        validator=_spiffe_id,
+        metadata=_schema(maxLength=_MAX_TEXT, pattern=r"^spiffe://."),
+    )
     required_capabilities: tuple[str, ...] | None = attrs.field(
-        default=None, converter=_tuple_or_none, validator=_text_list
+        default=None,
+        converter=_tuple_or_none,
+        validator=_text_list,
+        metadata=_schema(items={"pattern": _NOT_BLANK}),
     )
     cost_tokens_per_invocation: float | None = attrs.field(
-        default=None, validator=_optional_non_negative
+        default=None, validator=_optional_non_negative, metadata=_schema(minimum=0)
     )
     slo_bid: dict[str, Any] | None = attrs.field(default=None, validator=_optional_json_object)
-    controller_affinity: str | None = attrs.field(default=None, validator=_optional_text)
+    controller_affinity: str | None = attrs.field(
+        default=None, validator=_optional_text, metadata=_schema(**_TEXT_SCHEMA)
+    )
 
     @property
     def key(self) -> CapabilityKey:
@@ -291,10 +382,12 @@ def _finite(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
 class Registration:
     """A worker's announcement: who it is, where it listens, what it can do."""
 
-    worker_id: str = attrs.field(validator=_worker_id)
-    worker_url: str = attrs.field(validator=_worker_url)
+    worker_id: str = attrs.field(validator=_worker_id, metadata=_WORKER_ID_SCHEMA)
+    worker_url: str = attrs.field(validator=_worker_url, metadata=_WORKER_URL_SCHEMA)
     capabilities: tuple[CapabilitySchema, ...] = attrs.field(
-        converter=_tuple_or_none, validator=_capability_list
+        converter=_tuple_or_none,
+        validator=_capability_list,
+        metadata=_schema(minItems=1, description="What the worker can do; no (verb, name) twice."),
     )
 
 
@@ -320,9 +413,12 @@ class WorkerRecord:
 
 @attrs.frozen
 class WorkerEndpoint:
-    """Where to send a request: the worker and the matched capability's version."""
+    """Where to send a request: the worker and the matched capability's version.
 
-    worker_id: str
+    Also the answer to ``POST /route``.
+    """
+
+    worker_id: str = attrs.field(metadata=_WORKER_ID_SCHEMA)
     worker_url: str
     version: str
 
@@ -354,8 +450,10 @@ class CapabilityView:
     verb: str
     capability: str
     version: str
-    workers: tuple[str, ...]
-    healthy_workers: tuple[str, ...]
+    workers: tuple[str, ...] = attrs.field(metadata=_schema(items={"pattern": _WORKER_ID_PATTERN}))
+    healthy_workers: tuple[str, ...] = attrs.field(
+        metadata=_schema(items={"pattern": _WORKER_ID_PATTERN})
+    )
 
 
 def _optional_version(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
@@ -372,15 +470,23 @@ class RouteRequest:
     behaviour for it.
     """
 
-    verb: str = attrs.field(validator=_text)
-    capability: str = attrs.field(validator=_text)
-    requester_identity: str | None = attrs.field(default=None, validator=_optional_text)
+    verb: str = attrs.field(validator=_text, metadata=_schema(**_TEXT_SCHEMA))
+    capability: str = attrs.field(validator=_text, metadata=_schema(**_TEXT_SCHEMA))
+    requester_identity: str | None = attrs.field(
+        default=None, validator=_optional_text, metadata=_schema(**_TEXT_SCHEMA)
+    )
     slo_constraints: dict[str, Any] | None = attrs.field(
         default=None, validator=_optional_json_object
     )
-    budget_tokens: float | None = attrs.field(default=None, validator=_optional_non_negative)
-    idempotency_key: str | None = attrs.field(default=None, validator=_optional_text)
-    version: str | None = attrs.field(default=None, validator=_optional_version)
+    budget_tokens: float | None = attrs.field(
+        default=None, validator=_optional_non_negative, metadata=_schema(minimum=0)
+    )
+    idempotency_key: str | None = attrs.field(
+        default=None, validator=_optional_text, metadata=_schema(**_TEXT_SCHEMA)
+    )
+    version: str | None = attrs.field(
+        default=None, validator=_optional_version, metadata=_schema(pattern=_SEMVER_PATTERN)
+    )
 
 
 def _positive(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
@@ -412,11 +518,11 @@ class HealthPolicy:
 class HeartbeatRequest:
     """The body of a heartbeat: the worker proving it is alive."""
 
-    worker_id: str = attrs.field(validator=_worker_id)
+    worker_id: str = attrs.field(validator=_worker_id, metadata=_WORKER_ID_SCHEMA)
 
 
 @attrs.frozen
 class DeregisterRequest:
     """The body of a deregistration: the worker leaving."""
 
-    worker_id: str = attrs.field(validator=_worker_id)
+    worker_id: str = attrs.field(validator=_worker_id, metadata=_WORKER_ID_SCHEMA)

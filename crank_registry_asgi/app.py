@@ -2,8 +2,9 @@
 
 Each endpoint does four things: structure the body with the core's
 converter, call the registry with ``now``, hand the returned events to
-:class:`~crank_registry_asgi.effects.Effects`, answer. Every rule (health,
-routing, who may act on which record) is the core's.
+:class:`~crank_registry_asgi.effects.Effects`, answer with one of the core's
+answer models (rendered by the converter, see :func:`answer`). Every rule
+(health, routing, who may act on which record) is the core's.
 
 The lifespan reads the journal, replays it into the registry (the core's
 fold), then serves, running the :class:`Sweeper` in a task group until
@@ -28,20 +29,28 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from crank_registry import (
+    CapabilitiesAnswer,
     CapabilityRegistry,
+    DeregisterAnswer,
     DeregisterRequest,
     Event,
+    HealthAnswer,
+    HeartbeatAnswer,
     HeartbeatRequest,
     NewerJournalFormat,
+    RegisterAnswer,
     Registration,
     RegistryError,
     RouteRequest,
     ValidationError,
+    WorkerEntry,
+    WorkersAnswer,
     authorize_worker,
     capability_label,
     iso_utc,
     replay_bytes,
     structure,
+    unstructure,
 )
 
 from .config import ServiceConfig
@@ -59,7 +68,7 @@ from .journal import Journal, JournalError
 from .openapi import ROUTE_PATHS, openapi_document
 from .telemetry import Metrics, TracingMiddleware, annotate, tracer
 
-__all__ = ["ClampedClock", "ControllerService", "Sweeper", "create_app"]
+__all__ = ["ClampedClock", "ControllerService", "Sweeper", "answer", "create_app"]
 
 # How long after a deadline the sweeper wakes. The core changes state only
 # for a `now` strictly after it; waking a little later also lets one sweep
@@ -68,6 +77,11 @@ __all__ = ["ClampedClock", "ControllerService", "Sweeper", "create_app"]
 _SWEEP_SLACK = 0.1
 # The most skipped journal lines logged one by one at start.
 _LOGGED_SKIPS = 20
+
+
+def answer(model: Any) -> JSONResponse:
+    """A 200 answer: ``model`` (one of the core's answer models) as JSON."""
+    return JSONResponse(unstructure(model))
 
 
 def _route_request(data: Any) -> RouteRequest:
@@ -197,7 +211,7 @@ class ControllerService:
     async def health(self, request: Request) -> Response:
         """GET /health: liveness and worker counts."""
         total, routable = self.registry.counts(now=self.clock())
-        return JSONResponse({"status": "ok", "total_workers": total, "healthy_workers": routable})
+        return answer(HealthAnswer(total_workers=total, healthy_workers=routable))
 
     async def register(self, request: Request) -> Response:
         """POST /register: add or replace a worker."""
@@ -212,12 +226,11 @@ class ControllerService:
             now=self.clock(),
         )
         await self.effects.apply(events)
-        return JSONResponse(
-            {
-                "status": "registered",
-                "worker_id": registration.worker_id,
-                "heartbeat_interval_s": self.policy.heartbeat_interval,
-            }
+        return answer(
+            RegisterAnswer(
+                worker_id=registration.worker_id,
+                heartbeat_interval_s=self.policy.heartbeat_interval,
+            )
         )
 
     async def heartbeat(self, request: Request) -> Response:
@@ -229,12 +242,10 @@ class ControllerService:
         now = self.clock()
         events = self.registry.heartbeat(beat.worker_id, now=now)
         await self.effects.apply(events)
-        return JSONResponse(
-            {
-                "status": "acknowledged",
-                "timestamp": iso_utc(now),
-                "heartbeat_interval_s": self.policy.heartbeat_interval,
-            }
+        return answer(
+            HeartbeatAnswer(
+                timestamp=iso_utc(now), heartbeat_interval_s=self.policy.heartbeat_interval
+            )
         )
 
     def no_worker_available(self, verb: str, capability: str) -> ApiError:
@@ -257,7 +268,7 @@ class ControllerService:
         self.effects.check_writable()
         events = self.registry.deregister(leaving.worker_id, now=self.clock())
         await self.effects.apply(events)
-        return JSONResponse({"status": "deregistered", "worker_id": leaving.worker_id})
+        return answer(DeregisterAnswer(worker_id=leaving.worker_id))
 
     async def route(self, request: Request) -> Response:
         """POST /route: the next worker for a verb and capability."""
@@ -277,53 +288,33 @@ class ControllerService:
             raise self.no_worker_available(ask.verb, ask.capability)
         self.effects.routed()
         annotate(worker_id=endpoint.worker_id)
-        return JSONResponse(
-            {
-                "worker_id": endpoint.worker_id,
-                "worker_url": endpoint.worker_url,
-                "version": endpoint.version,
-            }
-        )
+        return answer(endpoint)
 
     async def capabilities(self, request: Request) -> Response:
         """GET /capabilities: one entry per (verb, capability, version)."""
         now = self.clock()
         views = self.registry.get_all_capabilities(now=now)
         total, routable = self.registry.counts(now=now)
-        return JSONResponse(
-            {
-                "capabilities": [
-                    {
-                        "verb": view.verb,
-                        "capability": view.capability,
-                        "version": view.version,
-                        "workers": list(view.workers),
-                        "healthy_workers": list(view.healthy_workers),
-                    }
-                    for view in views
-                ],
-                "total_workers": total,
-                "healthy_workers": routable,
-            }
+        return answer(
+            CapabilitiesAnswer(
+                capabilities=tuple(views), total_workers=total, healthy_workers=routable
+            )
         )
 
     async def workers(self, request: Request) -> Response:
         """GET /workers: every worker with its health at this moment."""
-        return JSONResponse(
-            {
-                "workers": [
-                    {
-                        "worker_id": view.worker_id,
-                        "worker_url": view.worker_url,
-                        "last_heartbeat": iso_utc(view.last_heartbeat),
-                        "is_healthy": view.is_healthy,
-                        "state": view.state.value,
-                        "capabilities": [capability_label(c.key) for c in view.capabilities],
-                    }
-                    for view in self.registry.workers(now=self.clock())
-                ]
-            }
+        entries = tuple(
+            WorkerEntry(
+                worker_id=view.worker_id,
+                worker_url=view.worker_url,
+                last_heartbeat=iso_utc(view.last_heartbeat),
+                is_healthy=view.is_healthy,
+                state=view.state,
+                capabilities=tuple(capability_label(c.key) for c in view.capabilities),
+            )
+            for view in self.registry.workers(now=self.clock())
         )
+        return answer(WorkersAnswer(workers=entries))
 
     async def openapi(self, request: Request) -> Response:
         """GET /openapi.json: the OpenAPI 3.1 document of this API."""

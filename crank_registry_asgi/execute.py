@@ -184,7 +184,7 @@ def parse_execute(body: Any) -> tuple[str, str, Any]:
             422,
             "invalid_request",
             'the body must be an object {"verb", "capability", "payload"}',
-            detail=[{"path": "", "message": "must be an object"}],
+            detail=(Problem("", "must be an object"),),
         )
     problems: list[Problem] = []
     try:

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import httpx
@@ -61,17 +61,28 @@ from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp
 
-from crank_registry import NDJSON
+from crank_registry import NDJSON, ErrorAnswer, ExecuteRequest, InvocationAnswer
 
 from .app import ControllerService
 from .config import GatewayConfig
 from .execute import EXECUTE_PATH, Gateway
 from .http import ServiceApp, internal_error
-from .openapi import TEXT_SCHEMA, openapi_document
+from .openapi import (
+    BODY_ERRORS,
+    ERRORS,
+    OPERATIONS,
+    ErrorCode,
+    Operation,
+    build_document,
+    json_answer,
+    property_schemas,
+    ref,
+)
 from .telemetry import TracingMiddleware
 
 __all__ = [
     "EXECUTE_PATH",
+    "GATEWAY_ERRORS",
     "Gateway",
     "GatewayConfig",
     "create_gateway_app",
@@ -91,138 +102,62 @@ def gateway_ssl_context(
     return context
 
 
-def _schema_ref(name: str) -> dict[str, Any]:
-    return {"$ref": f"#/components/schemas/{name}"}
+#: The gateway's own error codes (the controller's are :data:`.openapi.ERRORS`).
+GATEWAY_ERRORS: Mapping[str, ErrorCode] = {
+    "worker_failed": ErrorCode(
+        502,
+        "The worker failed, or no worker could be reached.",
+        ("worker_id",),
+        ("worker_status", "worker_error", "attempts"),
+    ),
+    "worker_timeout": ErrorCode(
+        504, "The worker stayed silent longer than the timeout.", ("worker_id",), ("attempts",)
+    ),
+}
 
+_EXECUTE = Operation(
+    "POST",
+    EXECUTE_PATH,
+    "execute",
+    "Route a call to a worker and forward it; answer with the worker's answer",
+    InvocationAnswer,
+    "The worker's answer: JSON, or NDJSON when it streams.",
+    ExecuteRequest,
+    (*BODY_ERRORS, "no_worker_available", *GATEWAY_ERRORS),
+)
 
-def _json_content(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"application/json": {"schema": schema}}
+_WORKER_HEADERS = {
+    "X-Crank-Worker-Id": {"description": "the worker that answered", "schema": {"type": "string"}},
+    "X-Crank-Attempts": {
+        "description": "how many workers were tried",
+        "schema": {"type": "integer", "minimum": 1},
+    },
+}
 
 
 def gateway_openapi_document() -> dict[str, Any]:
     """The controller's OpenAPI document with ``POST /execute`` added."""
-    document = openapi_document()
-    text = {"type": "string", **TEXT_SCHEMA}
-    error_body = {
+    document = build_document((*OPERATIONS, _EXECUTE), {**ERRORS, **GATEWAY_ERRORS})
+    schemas = document["components"]["schemas"]
+    # A worker's own error, passed on: a code and a message, and whatever
+    # else that worker sends.
+    schemas["WorkerError"] = {
         "type": "object",
+        "description": "The worker's own error, passed on with its status.",
+        "properties": property_schemas(ErrorAnswer, schemas, ("error", "message")),
         "required": ["error", "message"],
-        "properties": {"error": {"type": "string"}, "message": {"type": "string"}},
     }
-    attempts = {
-        "type": "array",
-        "items": {
-            "type": "object",
-            "required": ["worker_id", "error"],
-            "properties": {"worker_id": {"type": "string"}, "error": {"type": "string"}},
-        },
+    responses = document["paths"][EXECUTE_PATH]["post"]["responses"]
+    responses["200"]["headers"] = _WORKER_HEADERS
+    responses["200"]["content"][NDJSON] = {"schema": {"type": "string"}}
+    refused = responses["422"]
+    refused["description"] += " Or the worker refused the payload (its own error, passed on)."
+    refused["content"]["application/json"]["schema"] = {
+        "anyOf": [ref("InvalidRequest"), ref("WorkerError")]
     }
-    document["components"]["schemas"].update(
-        {
-            "ExecuteRequest": {
-                "type": "object",
-                "required": ["verb", "capability", "payload"],
-                "additionalProperties": False,
-                "properties": {
-                    "verb": text,
-                    "capability": text,
-                    "payload": {"description": "any JSON value the capability accepts"},
-                },
-            },
-            "WorkerFailed": {
-                **error_body,
-                "properties": {
-                    "error": {"const": "worker_failed"},
-                    "message": {"type": "string"},
-                    "worker_id": {"type": "string"},
-                    "worker_status": {"type": "integer"},
-                    "worker_error": {},
-                    "attempts": attempts,
-                },
-                "required": ["error", "message", "worker_id"],
-            },
-            "WorkerTimeout": {
-                **error_body,
-                "properties": {
-                    "error": {"const": "worker_timeout"},
-                    "message": {"type": "string"},
-                    "worker_id": {"type": "string"},
-                    "attempts": attempts,
-                },
-                "required": ["error", "message", "worker_id"],
-            },
-        }
+    responses["4XX"] = json_answer(
+        "The worker's own 4xx error, passed on.", ref("WorkerError"), headers=_WORKER_HEADERS
     )
-    worker_headers = {
-        "X-Crank-Worker-Id": {
-            "description": "the worker that answered",
-            "schema": {"type": "string"},
-        },
-        "X-Crank-Attempts": {
-            "description": "how many workers were tried",
-            "schema": {"type": "integer", "minimum": 1},
-        },
-    }
-    document["paths"][EXECUTE_PATH] = {
-        "post": {
-            "summary": "Route a call to a worker and forward it; answer with the worker's answer",
-            "operationId": "execute",
-            "requestBody": {
-                "required": True,
-                "content": _json_content(_schema_ref("ExecuteRequest")),
-            },
-            "responses": {
-                "200": {
-                    "description": "The worker's answer: JSON, or NDJSON when it streams.",
-                    "headers": worker_headers,
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "required": ["result"],
-                                "properties": {"result": {}},
-                            }
-                        },
-                        NDJSON: {"schema": {"type": "string"}},
-                    },
-                },
-                "400": {
-                    "description": "The body is not UTF-8 JSON, or is nested too deeply.",
-                    "content": _json_content(_schema_ref("InvalidJson")),
-                },
-                "413": {
-                    "description": "The body is larger than the limit.",
-                    "content": _json_content(_schema_ref("RequestTooLarge")),
-                },
-                "415": {
-                    "description": "The body is not sent as application/json.",
-                    "content": _json_content(_schema_ref("UnsupportedMediaType")),
-                },
-                "422": {
-                    "description": "The body is not {verb, capability, payload}, or the worker "
-                    "refused the payload (its own error, passed through).",
-                    "content": _json_content(error_body),
-                },
-                "4XX": {
-                    "description": "The worker's own 4xx error, passed through.",
-                    "headers": worker_headers,
-                    "content": _json_content(error_body),
-                },
-                "502": {
-                    "description": "The worker failed, or no worker could be reached.",
-                    "content": _json_content(_schema_ref("WorkerFailed")),
-                },
-                "503": {
-                    "description": "No routable worker.",
-                    "headers": {"Retry-After": {"schema": {"type": "integer"}}},
-                    "content": _json_content(_schema_ref("NoWorkerAvailable")),
-                },
-                "504": {
-                    "description": "The worker stayed silent longer than the timeout.",
-                    "content": _json_content(_schema_ref("WorkerTimeout")),
-                },
-            },
-        }
-    }
     return document
 
 

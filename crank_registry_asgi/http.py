@@ -1,8 +1,10 @@
 """Request bodies in, JSON errors out.
 
 Every failure the service answers is JSON, ``{"error": CODE, "message":
-TEXT, ...}`` with a stable ``CODE``. The service's own failures (the body,
-the route table, the journal) are raised as :class:`ApiError`; the core's
+TEXT, ...}`` with a stable ``CODE``: the core's
+:class:`~crank_registry.ErrorAnswer`, rendered by :func:`error_response`.
+The service's own failures (the body, the route table, the journal) are
+raised as :class:`ApiError`; the core's
 :class:`~crank_registry.RegistryError` values (``forbidden`` among them)
 carry their own code and status and are rendered by
 :func:`registry_error_response`::
@@ -38,11 +40,13 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp
 
 from crank_registry import (
+    ErrorAnswer,
     Forbidden,
     NotSupported,
     RegistryError,
     ValidationError,
     WorkerNotRegistered,
+    unstructure,
 )
 from crank_worker_client.body import (
     DRAIN_LIMIT,
@@ -69,7 +73,10 @@ __all__ = [
 
 
 class ApiError(Exception):
-    """A failure answered with ``status`` and the JSON body ``{"error": code, ...}``."""
+    """A failure answered with ``status`` and the JSON body ``{"error": code, ...}``.
+
+    ``fields`` are the other fields of its :class:`~crank_registry.ErrorAnswer`.
+    """
 
     def __init__(
         self,
@@ -114,10 +121,9 @@ def error_response(
     headers: Mapping[str, str] | None = None,
     **fields: Any,
 ) -> JSONResponse:
-    """``{"error": code, "message": message, **fields}`` with ``status``."""
-    return JSONResponse(
-        {"error": code, "message": message, **fields}, status_code=status, headers=headers
-    )
+    """The :class:`~crank_registry.ErrorAnswer` ``error=code, message=message, **fields``."""
+    body = unstructure(ErrorAnswer(error=code, message=message, **fields))
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 async def internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -133,9 +139,7 @@ def registry_error_response(error: RegistryError) -> JSONResponse:
     """The answer to one of the core's errors, with the status it hints."""
     fields: dict[str, Any] = {}
     if isinstance(error, ValidationError):
-        fields["detail"] = [
-            {"path": problem.path, "message": problem.message} for problem in error.problems
-        ]
+        fields["detail"] = error.problems
     elif isinstance(error, NotSupported):
         fields["field"] = error.field
     elif isinstance(error, (WorkerNotRegistered, Forbidden)):

@@ -21,7 +21,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from starlette.responses import Response, StreamingResponse
 
-from crank_registry import NDJSON, WorkerEndpoint, invocation_path
+from crank_registry import NDJSON, FailedAttempt, WorkerEndpoint, invocation_path
 
 from .http import ApiError
 from .telemetry import tracer
@@ -262,7 +262,9 @@ def _worker_failed(worker: str, message: str, **fields: Any) -> ApiError:
 def unreachable(verb: str, capability: str, refusals: Sequence[Refused]) -> ApiError:
     """The answer when every worker tried refused: 504 if the last one timed out, else 502."""
     last = refusals[-1]
-    attempts = [{"worker_id": r.endpoint.worker_id, "error": r.reason} for r in refusals]
+    attempts = tuple(
+        FailedAttempt(worker_id=r.endpoint.worker_id, error=r.reason) for r in refusals
+    )
     if last.timed_out:
         return ApiError(
             504,

@@ -3,9 +3,10 @@
 Callers use :meth:`ControllerClient.route` and the listings; the worker agent
 uses :meth:`~ControllerClient.register`, :meth:`~ControllerClient.heartbeat`
 and :meth:`~ControllerClient.deregister`. Every failure is one of the errors
-in :mod:`crank_worker_client._exceptions`; answers are read leniently (extra
-fields are ignored) but a missing or mistyped field is
-:class:`UnexpectedResponse`, never a ``KeyError``.
+in :mod:`crank_worker_client._exceptions`. Answers are read into the core's
+answer models with its converter: leniently (extra fields are ignored), but
+a missing, mistyped or invalid field is :class:`UnexpectedResponse`, never a
+``KeyError``.
 """
 
 from __future__ import annotations
@@ -22,13 +23,20 @@ from typing import Any, TypeVar
 import httpx
 
 from crank_registry import (
+    CapabilitiesAnswer,
     CapabilityKey,
     CapabilityView,
+    DeregisterAnswer,
+    HealthAnswer,
     HealthState,
+    HeartbeatAnswer,
+    RegisterAnswer,
     Registration,
     ValidationError,
     WorkerEndpoint,
+    WorkersAnswer,
     parse_capability_label,
+    structure,
     unstructure,
 )
 
@@ -61,7 +69,10 @@ _REFUSAL_STATUSES = frozenset({400, 413, 415, 422})
 
 @dataclass(frozen=True)
 class RegistrationAck:
-    """The controller accepted a registration; heartbeat every ``heartbeat_interval`` s."""
+    """The controller accepted a registration; heartbeat every ``heartbeat_interval`` s.
+
+    Read from the core's :class:`~crank_registry.RegisterAnswer`.
+    """
 
     worker_id: str
     heartbeat_interval: float
@@ -69,7 +80,10 @@ class RegistrationAck:
 
 @dataclass(frozen=True)
 class HeartbeatAck:
-    """The controller acknowledged a heartbeat at ``timestamp`` (UTC)."""
+    """The controller acknowledged a heartbeat at ``timestamp`` (UTC).
+
+    Read from the core's :class:`~crank_registry.HeartbeatAnswer`.
+    """
 
     timestamp: datetime
     heartbeat_interval: float
@@ -86,7 +100,7 @@ class ControllerHealth:
 
 @dataclass(frozen=True)
 class WorkerInfo:
-    """One entry of ``GET /workers``.
+    """One entry of ``GET /workers``, read from the core's :class:`~crank_registry.WorkerEntry`.
 
     ``is_healthy`` means routable now; ``capabilities`` are ``(verb, name)``
     pairs.
@@ -196,40 +210,32 @@ class ControllerClient:
         }
         body = {"verb": verb, "capability": capability}
         body.update({key: value for key, value in optional.items() if value is not None})
-        data = await self._call("POST", "/route", body)
-        return WorkerEndpoint(
-            worker_id=_field(data, "worker_id", str),
-            worker_url=_field(data, "worker_url", str),
-            version=_field(data, "version", str),
-        )
+        return await self._call("POST", "/route", WorkerEndpoint, body)
 
     async def capabilities(self) -> list[CapabilityView]:
         """``GET /capabilities``: one entry per ``(verb, capability, version)``."""
-        data = await self._call("GET", "/capabilities")
-        return [
-            CapabilityView(
-                verb=_field(entry, "verb", str),
-                capability=_field(entry, "capability", str),
-                version=_field(entry, "version", str),
-                workers=_strings(entry, "workers"),
-                healthy_workers=_strings(entry, "healthy_workers"),
-            )
-            for entry in _objects(data, "capabilities")
-        ]
+        answer = await self._call("GET", "/capabilities", CapabilitiesAnswer)
+        return list(answer.capabilities)
 
     async def workers(self) -> list[WorkerInfo]:
         """``GET /workers``: every registered worker and its health."""
-        data = await self._call("GET", "/workers")
-        return [_worker_info(entry) for entry in _objects(data, "workers")]
+        answer = await self._call("GET", "/workers", WorkersAnswer)
+        return [
+            WorkerInfo(
+                worker_id=entry.worker_id,
+                worker_url=entry.worker_url,
+                last_heartbeat=datetime.fromisoformat(entry.last_heartbeat),
+                is_healthy=entry.is_healthy,
+                state=entry.state,
+                capabilities=tuple(parse_capability_label(label) for label in entry.capabilities),
+            )
+            for entry in answer.workers
+        ]
 
     async def health(self) -> ControllerHealth:
         """``GET /health``: the controller's status and worker counts."""
-        data = await self._call("GET", "/health")
-        return ControllerHealth(
-            status=_field(data, "status", str),
-            total_workers=_field(data, "total_workers", int),
-            healthy_workers=_field(data, "healthy_workers", int),
-        )
+        answer = await self._call("GET", "/health", HealthAnswer)
+        return ControllerHealth(answer.status, answer.total_workers, answer.healthy_workers)
 
     # -- the worker's API -------------------------------------------------
 
@@ -240,22 +246,19 @@ class ControllerClient:
 
         ``timeout`` (seconds) replaces the client's request timeout for this call.
         """
-        data = await self._call("POST", "/register", unstructure(registration), timeout)
-        return RegistrationAck(
-            worker_id=_field(data, "worker_id", str),
-            heartbeat_interval=_interval(data),
-        )
+        body = unstructure(registration)
+        answer = await self._call("POST", "/register", RegisterAnswer, body, timeout)
+        return RegistrationAck(answer.worker_id, answer.heartbeat_interval_s)
 
     async def heartbeat(self, worker_id: str, *, timeout: float | None = None) -> HeartbeatAck:
         """``POST /heartbeat``; :class:`WorkerNotRegisteredError` means register again."""
-        data = await self._call("POST", "/heartbeat", {"worker_id": worker_id}, timeout)
-        return HeartbeatAck(
-            timestamp=_timestamp(data, "timestamp"), heartbeat_interval=_interval(data)
-        )
+        body = {"worker_id": worker_id}
+        answer = await self._call("POST", "/heartbeat", HeartbeatAnswer, body, timeout)
+        return HeartbeatAck(datetime.fromisoformat(answer.timestamp), answer.heartbeat_interval_s)
 
     async def deregister(self, worker_id: str) -> None:
         """``POST /deregister``: the worker leaves and stops receiving traffic at once."""
-        await self._call("POST", "/deregister", {"worker_id": worker_id})
+        await self._call("POST", "/deregister", DeregisterAnswer, {"worker_id": worker_id})
 
     # -- plumbing ---------------------------------------------------------
 
@@ -263,9 +266,11 @@ class ControllerClient:
         self,
         method: str,
         path: str,
+        answer: type[T],
         body: Mapping[str, Any] | None = None,
         timeout: float | None = None,
-    ) -> Mapping[str, Any]:
+    ) -> T:
+        """Send the request; its 200 answer read into the model ``answer``."""
         http = self._open()
         try:
             if timeout is None:
@@ -286,7 +291,15 @@ class ControllerClient:
                     f"{method} {path}: the controller answered {response.status_code} "
                     "without a JSON object",
                 )
-            return data
+            try:
+                return structure(data, answer)
+            except ValidationError as error:
+                raise UnexpectedResponse(
+                    "unexpected_response",
+                    response.status_code,
+                    data,
+                    f"{method} {path}: the controller's answer is not valid: {error}",
+                ) from None
         raise error_from_response(response, f"{method} {path}")
 
 
@@ -383,63 +396,3 @@ def _json_object(response: httpx.Response) -> dict[str, Any] | None:
     except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return None
     return data if isinstance(data, dict) else None
-
-
-def _unexpected(message: str) -> UnexpectedResponse:
-    return UnexpectedResponse("unexpected_response", 200, {}, message)
-
-
-def _field(data: Mapping[str, Any], name: str, kind: type[T]) -> T:
-    value = data.get(name)
-    # bool is an int in Python, never in the protocol.
-    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-        raise _unexpected(f"the controller's answer has no {kind.__name__} field {name!r}")
-    return value
-
-
-def _objects(data: Mapping[str, Any], name: str) -> list[Mapping[str, Any]]:
-    items = _field(data, name, list)
-    if not all(isinstance(item, dict) for item in items):
-        raise _unexpected(f"the controller's answer field {name!r} is not a list of objects")
-    return items
-
-
-def _strings(data: Mapping[str, Any], name: str) -> tuple[str, ...]:
-    items = _field(data, name, list)
-    if not all(isinstance(item, str) for item in items):
-        raise _unexpected(f"the controller's answer field {name!r} is not a list of strings")
-    return tuple(items)
-
-
-def _interval(data: Mapping[str, Any]) -> float:
-    value = data.get("heartbeat_interval_s")
-    if not is_positive_seconds(value):
-        raise _unexpected("the controller's answer has no positive 'heartbeat_interval_s'")
-    return float(value)
-
-
-def _timestamp(data: Mapping[str, Any], name: str) -> datetime:
-    text = _field(data, name, str)
-    try:
-        return datetime.fromisoformat(text)
-    except ValueError:
-        raise _unexpected(f"the controller's {name!r} is not an ISO 8601 time: {text!r}") from None
-
-
-def _worker_info(entry: Mapping[str, Any]) -> WorkerInfo:
-    state = _field(entry, "state", str)
-    try:
-        health_state = HealthState(state)
-        capabilities = tuple(
-            parse_capability_label(label) for label in _strings(entry, "capabilities")
-        )
-    except (ValueError, ValidationError) as error:
-        raise _unexpected(f"the controller's worker entry is not valid: {error}") from None
-    return WorkerInfo(
-        worker_id=_field(entry, "worker_id", str),
-        worker_url=_field(entry, "worker_url", str),
-        last_heartbeat=_timestamp(entry, "last_heartbeat"),
-        is_healthy=_field(entry, "is_healthy", bool),
-        state=health_state,
-        capabilities=capabilities,
-    )

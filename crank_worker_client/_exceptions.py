@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from crank_registry import Problem
+from crank_registry import Problem, ValidationError, structure
 
 __all__ = [
     "ClientError",
@@ -118,15 +118,15 @@ class InvalidRequest(ControllerError):
 
 
 def problems_in(body: Mapping[str, Any]) -> tuple[Problem, ...]:
-    """The ``detail`` list of an error body as ``Problem(path, message)`` values."""
-    detail = body.get("detail")
-    if not isinstance(detail, list):
+    """The ``detail`` list of an error body as ``Problem(path, message)`` values.
+
+    Read with the core's converter; a ``detail`` that is not a list of
+    problems gives none.
+    """
+    try:
+        return structure(body.get("detail", ()), tuple[Problem, ...])
+    except ValidationError:
         return ()
-    return tuple(
-        Problem(str(item.get("path", "")), str(item.get("message", "")))
-        for item in detail
-        if isinstance(item, dict)
-    )
 
 
 class UnexpectedResponse(ControllerError):

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
-from crank_registry import CapabilityView, HealthState, Problem, WorkerEndpoint
+from crank_registry import CapabilityView, HealthState, Problem, Registration, WorkerEndpoint
 from crank_worker_client import (
     DEFAULT_CONTROLLER_URL,
     ClientError,
@@ -25,6 +25,7 @@ from crank_worker_client import (
     ControllerHealth,
     ControllerUnavailable,
     ForbiddenError,
+    HeartbeatAck,
     InvalidRequest,
     NoWorkerAvailable,
     TLSConfig,
@@ -32,6 +33,7 @@ from crank_worker_client import (
     WorkerNotRegisteredError,
 )
 from crank_worker_client._client import parse_retry_after
+from tests.client.helpers import capability
 
 pytestmark = pytest.mark.anyio
 
@@ -217,6 +219,66 @@ async def test_answers_outside_the_protocol_are_unexpected_response(body: object
     client = client_for(handler)
     with pytest.raises(UnexpectedResponse):
         await client.route("classify", "image.classify")
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "reason"),
+    [
+        (
+            "/heartbeat",
+            {"status": "acknowledged", "timestamp": "soon", "heartbeat_interval_s": 30},
+            "timestamp",
+        ),
+        (
+            "/heartbeat",
+            {
+                "status": "acknowledged",
+                "timestamp": "2026-11-26T20:00:00Z",
+                "heartbeat_interval_s": 0,
+            },
+            "heartbeat_interval_s",
+        ),
+        (
+            "/heartbeat",
+            {"status": "ok", "timestamp": "2026-11-26T20:00:00Z", "heartbeat_interval_s": 30},
+            "status",
+        ),
+        (
+            "/register",
+            {"status": "registered", "worker_id": "w1", "heartbeat_interval_s": True},
+            "heartbeat_interval_s",
+        ),
+        (
+            "/register",
+            {"status": "registered", "heartbeat_interval_s": 30},
+            "worker_id: is required",
+        ),
+    ],
+)
+async def test_an_invalid_answer_to_the_worker_api_says_which_field(
+    path: str, body: dict[str, object], reason: str
+) -> None:
+    client = client_for(answer(200, body))
+    with pytest.raises(UnexpectedResponse) as caught:
+        if path == "/heartbeat":
+            await client.heartbeat("w1")
+        else:
+            await client.register(Registration("w1", "https://w1", (capability(),)))
+    await client.aclose()
+    assert f"POST {path}: the controller's answer is not valid: " in str(caught.value)
+    assert reason in str(caught.value)
+
+
+async def test_an_answer_with_fields_this_client_does_not_know_is_read() -> None:
+    body = {
+        "status": "acknowledged",
+        "timestamp": "2026-11-26T20:00:00Z",
+        "heartbeat_interval_s": 2.5,
+        "load": 0.3,
+    }
+    async with client_for(answer(200, body)) as client:
+        ack = await client.heartbeat("w1")
+    assert ack == HeartbeatAck(datetime(2026, 11, 26, 20, 0, tzinfo=UTC), 2.5)
 
 
 async def test_listings_and_health_are_read_into_values() -> None:

@@ -59,9 +59,11 @@ def documented_schema(method: str, path: str, status: int) -> dict[str, Any]:
     """The JSON Schema the document gives for this answer (asserts it is documented)."""
     operation = DOCUMENT["paths"].get(path, {}).get(method.lower())
     if operation is None:
-        # Unknown paths and methods: the generic error.
+        # Unknown paths and methods.
         assert status in (404, 405), f"{method} {path}: undocumented status {status}"
-        return {"$ref": "#/components/schemas/Error"}
+        return {
+            "$ref": f"#/components/schemas/{'NotFound' if status == 404 else 'MethodNotAllowed'}"
+        }
     responses = operation["responses"]
     assert str(status) in responses, f"{method} {path}: status {status} is not documented"
     return responses[str(status)]["content"]["application/json"]["schema"]  # type: ignore[no-any-return]

@@ -1,18 +1,22 @@
-"""The service's small pieces: body parsing, the clock, log fields, the document's tables."""
+"""The service's small pieces: body parsing, the clock, log fields, the document's generator."""
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
-import attrs
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
-from crank_registry import RouteRequest, ValidationError, iso_utc, structure
+from crank_registry import RouteRequest, ValidationError, is_worker_id, iso_utc, structure
 from crank_registry_asgi.app import ClampedClock, _route_request
 from crank_registry_asgi.effects import log_fields
 from crank_registry_asgi.http import ApiError, _media_type_is_json, parse_json
-from crank_registry_asgi.openapi import FIELD_CONSTRAINTS, REQUEST_MODELS, model_schema
+from crank_registry_asgi.openapi import ErrorCode, error_schema, openapi_document, type_schema
+
+DOCUMENT_SCHEMAS = openapi_document()["components"]["schemas"]
 
 
 @pytest.mark.parametrize(
@@ -110,24 +114,32 @@ def test_iso_utc() -> None:
     assert iso_utc(1_700_000_000.25) == "2023-11-14T22:13:20.250Z"
 
 
-def test_every_field_of_every_model_is_documented() -> None:
-    for model in REQUEST_MODELS:
-        schema = model_schema(model)
-        assert set(schema["properties"]) == {field.name for field in attrs.fields(model)}
-        assert schema["additionalProperties"] is False
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(codec="utf-8"), max_size=140))
+@example("a" * 128)
+@example("a" * 129)
+@example("w1\n")
+def test_the_documented_worker_id_is_the_cores(text: str) -> None:
+    # The pattern is anchored; fullmatch reads its "$" as ECMA-262 does (the
+    # very end), where re.search would also match before a final newline.
+    pattern = DOCUMENT_SCHEMAS["HeartbeatRequest"]["properties"]["worker_id"]["pattern"]
+    assert pattern.startswith("^") and pattern.endswith("$")
+    assert (re.fullmatch(pattern, text) is not None) is is_worker_id(text)
 
 
-def test_a_model_field_missing_from_the_table_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    table = {**FIELD_CONSTRAINTS, RouteRequest: dict(FIELD_CONSTRAINTS[RouteRequest])}
-    del table[RouteRequest]["version"]
-    monkeypatch.setattr("crank_registry_asgi.openapi.FIELD_CONSTRAINTS", table)
-    with pytest.raises(LookupError, match="version"):
-        model_schema(RouteRequest)
+def test_a_type_without_a_schema_is_an_error() -> None:
+    with pytest.raises(TypeError, match="no JSON Schema"):
+        type_schema(set[int], {})
+    with pytest.raises(TypeError, match="homogeneous"):
+        type_schema(tuple[int, str], {})
+
+
+def test_an_error_code_with_a_field_error_answer_lacks_is_an_error() -> None:
+    with pytest.raises(LookupError, match="no field 'retry'"):
+        error_schema("busy", ErrorCode(429, "Busy.", ("retry",)), {})
 
 
 def test_document_is_json() -> None:
-    from crank_registry_asgi.openapi import openapi_document
-
     document = openapi_document()
     assert json.loads(json.dumps(document)) == document
     registration = document["components"]["schemas"]["Registration"]

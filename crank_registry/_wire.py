@@ -1,0 +1,217 @@
+"""The answers of the HTTP API as values: one definition of each shape.
+
+The service builds these and renders them with the converter
+(:func:`~crank_registry.unstructure`); the worker client reads them with
+:func:`~crank_registry.structure`; the OpenAPI document is generated from
+them (``crank_registry_asgi.openapi``), each field's JSON Schema keywords
+kept in its ``metadata`` under :data:`~crank_registry.JSON_SCHEMA`.
+
+Three shapes are the core's own values: ``POST /route`` answers a
+:class:`~crank_registry.WorkerEndpoint`, ``GET /capabilities`` lists
+:class:`~crank_registry.CapabilityView` entries, and an ``invalid_request``
+error lists :class:`~crank_registry.Problem` values.
+
+Answers are read leniently: a field the reader does not know is ignored (a
+newer controller may add one), where a request with an unknown field is
+refused. :data:`ANSWER_TYPES` names the classes read that way.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any, Literal
+
+import attrs
+
+from ._errors import Problem, ValidationError
+from ._models import (
+    _TEXT_SCHEMA,
+    _WORKER_ID_PATTERN,
+    JSON_SCHEMA,
+    CapabilityView,
+    HealthState,
+    WorkerEndpoint,
+    _positive,
+    _text,
+    parse_capability_label,
+)
+
+__all__ = [
+    "ANSWER_TYPES",
+    "CapabilitiesAnswer",
+    "DeregisterAnswer",
+    "ErrorAnswer",
+    "ExecuteRequest",
+    "FailedAttempt",
+    "HealthAnswer",
+    "HeartbeatAnswer",
+    "InvocationAnswer",
+    "RegisterAnswer",
+    "WorkerEntry",
+    "WorkersAnswer",
+]
+
+_WORKER_ID = {JSON_SCHEMA: {"pattern": _WORKER_ID_PATTERN}}
+_COUNT = {JSON_SCHEMA: {"minimum": 0}}
+_INTERVAL = {JSON_SCHEMA: {"exclusiveMinimum": 0}}
+_TIME = {JSON_SCHEMA: {"format": "date-time"}}
+
+
+def _iso_time(_: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    try:
+        datetime.datetime.fromisoformat(value)
+    except ValueError:
+        raise ValidationError.single(
+            attribute.name, f"must be an ISO 8601 time, got {value!r}"
+        ) from None
+
+
+def _capability_labels(_: object, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
+    for index, label in enumerate(value):
+        try:
+            parse_capability_label(label)
+        except ValidationError as error:
+            (problem,) = error.problems
+            raise ValidationError.single(f"{attribute.name}[{index}]", problem.message) from None
+
+
+@attrs.frozen(kw_only=True)
+class HealthAnswer:
+    """``GET /health``: the controller is up; the workers it knows and can route to."""
+
+    status: Literal["ok"] = "ok"
+    total_workers: int = attrs.field(metadata=_COUNT)
+    healthy_workers: int = attrs.field(metadata=_COUNT)
+
+
+@attrs.frozen(kw_only=True)
+class RegisterAnswer:
+    """``POST /register``: registered; heartbeat every ``heartbeat_interval_s`` seconds."""
+
+    status: Literal["registered"] = "registered"
+    worker_id: str = attrs.field(metadata=_WORKER_ID)
+    heartbeat_interval_s: float = attrs.field(validator=_positive, metadata=_INTERVAL)
+
+
+@attrs.frozen(kw_only=True)
+class HeartbeatAnswer:
+    """``POST /heartbeat``: acknowledged at ``timestamp`` (ISO 8601 UTC)."""
+
+    status: Literal["acknowledged"] = "acknowledged"
+    timestamp: str = attrs.field(validator=_iso_time, metadata=_TIME)
+    heartbeat_interval_s: float = attrs.field(validator=_positive, metadata=_INTERVAL)
+
+
+@attrs.frozen(kw_only=True)
+class DeregisterAnswer:
+    """``POST /deregister``: the worker is removed."""
+
+    status: Literal["deregistered"] = "deregistered"
+    worker_id: str = attrs.field(metadata=_WORKER_ID)
+
+
+@attrs.frozen(kw_only=True)
+class CapabilitiesAnswer:
+    """``GET /capabilities``: one entry per ``(verb, capability, version)``, and the counts."""
+
+    capabilities: tuple[CapabilityView, ...]
+    total_workers: int = attrs.field(metadata=_COUNT)
+    healthy_workers: int = attrs.field(metadata=_COUNT)
+
+
+@attrs.frozen(kw_only=True)
+class WorkerEntry:
+    """One worker of ``GET /workers``; ``is_healthy`` means routable now.
+
+    ``capabilities`` are ``"verb:name"`` labels (:func:`~crank_registry.capability_label`).
+    """
+
+    worker_id: str = attrs.field(metadata=_WORKER_ID)
+    worker_url: str
+    last_heartbeat: str = attrs.field(validator=_iso_time, metadata=_TIME)
+    is_healthy: bool
+    state: HealthState
+    capabilities: tuple[str, ...] = attrs.field(
+        validator=_capability_labels, metadata={JSON_SCHEMA: {"items": {"pattern": ":"}}}
+    )
+
+
+@attrs.frozen(kw_only=True)
+class WorkersAnswer:
+    """``GET /workers``: every worker and its health."""
+
+    workers: tuple[WorkerEntry, ...]
+
+
+@attrs.frozen(kw_only=True)
+class FailedAttempt:
+    """A worker the gateway could not reach, and why."""
+
+    worker_id: str
+    error: str
+
+
+@attrs.frozen(kw_only=True)
+class ErrorAnswer:
+    """Every error: a stable ``error`` code, a ``message``, and the fields of that code.
+
+    Which code carries which of the optional fields is listed with the codes
+    in the service's OpenAPI document (``crank_registry_asgi.openapi``).
+    """
+
+    error: str
+    message: str
+    #: ``invalid_request``: every problem of the input.
+    detail: tuple[Problem, ...] | None = attrs.field(
+        default=None, metadata={JSON_SCHEMA: {"minItems": 1}}
+    )
+    #: ``not_supported``: the parameter that has no behaviour yet.
+    field: str | None = None
+    #: The worker acted on, or (gateway) the last one tried.
+    worker_id: str | None = attrs.field(default=None, metadata=_WORKER_ID)
+    #: ``no_worker_available``: what was asked for.
+    verb: str | None = None
+    capability: str | None = None
+    #: ``worker_failed``: the worker's status and its JSON error, when it sent one.
+    worker_status: int | None = None
+    worker_error: Any = None
+    #: ``worker_failed``, ``worker_timeout``: the workers that refused the connection.
+    attempts: tuple[FailedAttempt, ...] | None = None
+
+
+@attrs.frozen(kw_only=True)
+class ExecuteRequest:
+    """``POST /execute`` (the gateway): the capability to call and its payload."""
+
+    verb: str = attrs.field(validator=_text, metadata={JSON_SCHEMA: _TEXT_SCHEMA})
+    capability: str = attrs.field(validator=_text, metadata={JSON_SCHEMA: _TEXT_SCHEMA})
+    payload: Any = attrs.field(
+        metadata={JSON_SCHEMA: {"description": "Any JSON value the capability accepts."}}
+    )
+
+
+@attrs.frozen(kw_only=True)
+class InvocationAnswer:
+    """A worker's answer to an invocation, which the gateway passes on: the ``result``."""
+
+    result: Any
+
+
+#: The classes read with unknown fields ignored (see the module docstring).
+ANSWER_TYPES: frozenset[type[Any]] = frozenset(
+    {
+        CapabilitiesAnswer,
+        CapabilityView,
+        DeregisterAnswer,
+        ErrorAnswer,
+        FailedAttempt,
+        HealthAnswer,
+        HeartbeatAnswer,
+        InvocationAnswer,
+        Problem,
+        RegisterAnswer,
+        WorkerEndpoint,
+        WorkerEntry,
+        WorkersAnswer,
+    }
+)

@@ -1,0 +1,82 @@
+"""Every answer of /execute, one of each status and error code, agrees with its document."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import jsonschema
+import pytest
+from openapi_spec_validator import validate
+
+from crank_registry.testing import FakeClock
+from crank_registry_asgi.gateway import (
+    EXECUTE_PATH,
+    GATEWAY_ERRORS,
+    GatewayConfig,
+    gateway_openapi_document,
+)
+from crank_worker_client.serving import InvocationError
+from tests.gateway.helpers import (
+    FakeWorker,
+    WorkerNetwork,
+    capability,
+    client_of,
+    execute,
+    hello,
+    make_gateway,
+    register,
+    serving,
+)
+
+pytestmark = pytest.mark.anyio
+
+DOCUMENT = gateway_openapi_document()
+_JSON = {"content-type": "application/json"}
+
+
+def _check(response: httpx.Response) -> Any:
+    """Assert that an /execute answer is documented for its status; return its body."""
+    responses = DOCUMENT["paths"][EXECUTE_PATH]["post"]["responses"]
+    status = str(response.status_code)
+    documented = responses.get(status) or responses[f"{status[0]}XX"]
+    schema = documented["content"]["application/json"]["schema"]
+    body = response.json()
+    root = {"components": DOCUMENT["components"]}
+    jsonschema.validate(body, {**schema, **root}, cls=jsonschema.Draft202012Validator)
+    return body
+
+
+def test_the_gateway_document_is_valid_openapi_3_1() -> None:
+    validate(DOCUMENT)
+
+
+async def test_every_execute_answer_agrees_with_the_document() -> None:
+    async def broken(payload: Any) -> Any:
+        raise RuntimeError("disk on fire")
+
+    async def picky(payload: Any) -> Any:
+        raise InvocationError("unknown_note", "no note with id 9", status=404)
+
+    network = WorkerNetwork()
+    network.add("ok.test", FakeWorker(serving({("greet", "hello"): hello})))
+    network.add("broken.test", FakeWorker(serving({("greet", "broken"): broken})))
+    network.add("picky.test", FakeWorker(serving({("greet", "picky"): picky})))
+    network.add("slow.test", FakeWorker(failure=httpx.ConnectTimeout))
+    answers: list[httpx.Response] = []
+    app = make_gateway(network, FakeClock(), GatewayConfig(max_attempts=1))
+    async with client_of(app) as client:
+        answers.append(await execute(client))  # no_worker_available
+        await register(client, "ok", "https://ok.test")
+        answers.append(await execute(client))
+        answers.append(await client.post(EXECUTE_PATH, json={"verb": "greet"}))
+        answers.append(await client.post(EXECUTE_PATH, content=b"{", headers=_JSON))
+        answers.append(await client.post(EXECUTE_PATH, content=b"{}"))
+        answers.append(await client.post(EXECUTE_PATH, content=b" " * 2_000_000, headers=_JSON))
+        for name in ("broken", "picky", "slow"):
+            await register(client, name, f"https://{name}.test", capability("greet", name))
+            answers.append(await execute(client, capability=name))
+    statuses = {response.status_code for response in answers}
+    codes = {_check(response).get("error") for response in answers}
+    assert statuses == {200, 400, 404, 413, 415, 422, 502, 503, 504}
+    assert set(GATEWAY_ERRORS) <= codes

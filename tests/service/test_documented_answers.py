@@ -1,0 +1,112 @@
+"""Every answer of the real app, one of each endpoint and error code, agrees with the document.
+
+The document is generated from the core's answer models; these answers are
+built from the same models by the endpoints. Each is validated with
+``jsonschema`` against the schema the document gives for its status
+(:func:`~tests.service.helpers.check_documented`), and read back into its
+model with the converter, as the worker client reads it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from openapi_spec_validator import validate
+
+from crank_registry import (
+    CapabilitiesAnswer,
+    DeregisterAnswer,
+    ErrorAnswer,
+    HealthAnswer,
+    HeartbeatAnswer,
+    RegisterAnswer,
+    WorkerEndpoint,
+    WorkersAnswer,
+    structure,
+    unstructure,
+)
+from crank_registry_asgi import ServiceConfig
+from crank_registry_asgi.openapi import ERRORS, OPERATIONS, openapi_document
+from tests.service.helpers import check_documented, dumps, registration, running
+
+pytestmark = pytest.mark.anyio
+
+_MODELS: dict[str, type[Any]] = {
+    "/health": HealthAnswer,
+    "/register": RegisterAnswer,
+    "/heartbeat": HeartbeatAnswer,
+    "/deregister": DeregisterAnswer,
+    "/route": WorkerEndpoint,
+    "/capabilities": CapabilitiesAnswer,
+    "/workers": WorkersAnswer,
+}
+
+
+def test_the_document_is_valid_openapi_3_1() -> None:
+    validate(openapi_document())
+
+
+async def _answers(state_dir: Path) -> list[tuple[str, str, httpx.Response]]:
+    """One real answer of every endpoint and every error code."""
+    answers: list[tuple[str, str, httpx.Response]] = []
+
+    async def send(api: Any, method: str, path: str, **kwargs: Any) -> None:
+        answers.append((method, path, await api.client.request(method, path, **kwargs)))
+
+    json = {"content-type": "application/json"}
+    route = {"verb": "classify", "capability": "image.classify"}
+    async with running(ServiceConfig(max_body_bytes=4096)) as api:
+        await send(api, "GET", "/health")
+        await send(api, "POST", "/route", json=route)  # no_worker_available
+        await send(api, "POST", "/register", json=registration("w1"))
+        await send(api, "POST", "/heartbeat", json={"worker_id": "w1"})
+        await send(api, "POST", "/route", json=route)
+        await send(api, "POST", "/route", json={**route, "budget_tokens": 1})  # not_supported
+        await send(api, "GET", "/capabilities")
+        await send(api, "GET", "/workers")
+        await send(api, "GET", "/openapi.json")
+        await send(api, "POST", "/deregister", json={"worker_id": "w1"})
+        await send(api, "POST", "/heartbeat", json={"worker_id": "w1"})  # worker_not_registered
+        await send(api, "POST", "/register", json={"worker_id": ""})  # invalid_request
+        await send(api, "POST", "/register", content=b"{", headers=json)  # invalid_json
+        await send(api, "POST", "/register", content=b"{}", headers={"content-type": "text/plain"})
+        await send(api, "POST", "/register", content=dumps("x" * 5000), headers=json)
+        await send(api, "GET", "/nowhere")  # not_found
+        await send(api, "GET", "/route")  # method_not_allowed
+    async with running(ServiceConfig(require_identity=True)) as api:
+        await send(api, "POST", "/heartbeat", json={"worker_id": "w1"})  # forbidden
+    async with running(ServiceConfig(state_dir=state_dir), lifespan=False) as api:
+        await send(api, "POST", "/register", json=registration("w1"))  # journal_unavailable
+    return answers
+
+
+async def test_every_answer_agrees_with_the_document_and_its_model(tmp_path: Path) -> None:
+    answers = await _answers(tmp_path)
+    codes: set[str] = set()
+    paths: set[str] = set()
+    for method, path, response in answers:
+        body = check_documented(method, path, response)
+        if response.status_code == 200:
+            paths.add(path)
+            model = _MODELS.get(path)
+            if model is not None:
+                assert unstructure(structure(body, model)) == body
+        else:
+            codes.add(body["error"])
+            assert unstructure(structure(body, ErrorAnswer)) == body
+    assert paths == {operation.path for operation in OPERATIONS}
+    assert codes == set(ERRORS)
+
+
+async def test_an_answer_outside_its_schema_is_caught(tmp_path: Path) -> None:
+    # The check above could not pass with an answer the document does not describe.
+    for method, path, response in await _answers(tmp_path):
+        if path == "/route" and response.status_code == 200:
+            body = {**response.json(), "extra": 1}
+            with pytest.raises(Exception, match="Additional properties"):
+                check_documented(method, path, httpx.Response(200, json=body))
+            return
+    raise AssertionError("no routed answer")
