@@ -11,7 +11,8 @@ on start: ``Journal.open`` + ``Journal.read``, ``replay_bytes`` into an
 empty registry (every value read back passes the wire model's checks, and
 every change goes through the registry's one fold) and
 ``CapabilityRegistry.restart``, each run in a new process, as a restarted
-controller starts. Two fleet shapes:
+controller starts, with the cyclic collector paused as ``crank-registry
+serve`` pauses it. Two fleet shapes:
 
 * ``replicas``: workers are replicas of 100 services (each service offers 3
   capabilities), as in a typical deployment;
@@ -25,6 +26,7 @@ Target (DESIGN.md, "Targets"): 100 000 workers recovered in <= 2 s.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import pathlib
@@ -138,11 +140,14 @@ def recover_here(state_dir: pathlib.Path) -> None:
     started, started_cpu = time.perf_counter(), time.process_time()
     journal = Journal.open(state_dir, snapshots=RegistrySnapshots(registry))
     data = journal.read()
+    # As `crank-registry serve` recovers (ServiceConfig.pause_gc_during_recovery).
+    gc.disable()
     replay_started = time.perf_counter()
     result = replay_bytes(data, registry)
     restart_started = time.perf_counter()
     registry.restart()
     ended = time.perf_counter()
+    gc.enable()
     elapsed, cpu = ended - started, time.process_time() - started_cpu
     anyio.run(journal.aclose)
     assert result.lines_skipped == 0, result.skipped[:3]

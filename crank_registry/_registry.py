@@ -29,6 +29,7 @@ import collections
 import heapq
 import itertools
 import math
+import operator
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -616,7 +617,9 @@ class CapabilityRegistry:
             members.append(member)
         for old_member, old_capability in previous.values():
             self._leave(old_member, old_capability)
-        worker.capabilities = tuple(stored_capabilities)
+        # Workers restored from one snapshot share its tuple of each capability set.
+        shared = all(map(operator.is_, stored_capabilities, capabilities))
+        worker.capabilities = capabilities if shared else tuple(stored_capabilities)
         worker.members = tuple(members)
         self._workers[worker_id] = worker
         self._refresh(worker)

@@ -39,7 +39,9 @@ class Rotation:
     def add(self, member: Member) -> None:
         """A new member: seated at the end of the ring (the last to be served)."""
         self.size += 1
-        self.join(member)
+        member.slot = len(self.ring)
+        self.ring.append(member)
+        self.live += 1
 
     def remove(self, member: Member) -> None:
         """A member leaves for good."""

@@ -14,9 +14,10 @@ shutdown.
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -386,11 +387,12 @@ class ControllerService:
         )
         stack.push_async_callback(journal.aclose)
         started = time.perf_counter()
-        try:
-            result = replay_bytes(journal.read(), self.registry)
-        except NewerJournalFormat as error:
-            raise JournalError(f"the journal {journal.path} was {error}") from None
-        self.registry.restart()
+        with _gc_paused(self.config.pause_gc_during_recovery):
+            try:
+                result = replay_bytes(journal.read(), self.registry)
+            except NewerJournalFormat as error:
+                raise JournalError(f"the journal {journal.path} was {error}") from None
+            self.registry.restart()
         seconds = time.perf_counter() - started
         for skipped in result.skipped[:_LOGGED_SKIPS]:
             logger.warning(
@@ -423,6 +425,19 @@ class ControllerService:
         self.effects.journal = journal
         # Detached before it is closed: a write after shutdown is refused.
         stack.callback(setattr, self.effects, "journal", None)
+
+
+@contextlib.contextmanager
+def _gc_paused(paused: bool) -> Iterator[None]:
+    """Keep the cyclic collector from running inside the block (when ``paused``)."""
+    was_enabled = gc.isenabled()
+    if paused:
+        gc.disable()
+    try:
+        yield
+    finally:
+        if paused and was_enabled:
+            gc.enable()
 
 
 # ------------------------------------------------------------------ errors

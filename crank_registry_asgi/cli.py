@@ -225,6 +225,8 @@ def run_serve(args: argparse.Namespace) -> int:
         # named as the one doing it: either way, a change without one is refused.
         require_identity=settings.mutual_tls or args.trust_proxy_cert_header is not None,
         proxy_cert_header=args.trust_proxy_cert_header,
+        # This process is the controller's own: recovery may pause its collector.
+        pause_gc_during_recovery=True,
     )
     if args.journal_compact_min_bytes is not None:
         config = attrs.evolve(config, journal_compact_min_bytes=args.journal_compact_min_bytes)

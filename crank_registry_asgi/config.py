@@ -101,6 +101,12 @@ class ServiceConfig:
     controller_id: str = "controller"
     #: Deepest nesting of arrays and objects accepted in a request body.
     max_json_depth: int = attrs.field(default=64, validator=_positive_int)
+    #: Keep the cyclic garbage collector from running while the journal is
+    #: replayed (it would walk the growing registry again and again: a
+    #: quarter of the recovery time of 100 000 workers). The process's
+    #: owner decides: ``crank-registry serve`` sets it; an application that
+    #: embeds the service leaves its collector alone by default.
+    pause_gc_during_recovery: bool = False
     #: The journal is not compacted while it is smaller than this (bytes).
     journal_compact_min_bytes: int = attrs.field(
         default=DEFAULT_COMPACT_MIN_BYTES, validator=_non_negative_int

@@ -1,0 +1,36 @@
+"""Recovery pauses the cyclic garbage collector only when the configuration says so."""
+
+from __future__ import annotations
+
+import gc
+import pathlib
+from typing import Any
+
+import pytest
+
+from crank_registry import ReplayResult
+from crank_registry_asgi import ServiceConfig, app
+from tests.service.helpers import running
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.mark.parametrize("paused", [True, False])
+async def test_the_collector_is_paused_during_the_replay_only_when_asked(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, paused: bool
+) -> None:
+    seen: list[bool] = []
+    replay = app.replay_bytes
+
+    def watched(data: bytes, registry: Any) -> ReplayResult:
+        seen.append(gc.isenabled())
+        return replay(data, registry)
+
+    monkeypatch.setattr(app, "replay_bytes", watched)
+    assert gc.isenabled()
+    config = ServiceConfig(state_dir=tmp_path, pause_gc_during_recovery=paused)
+    async with running(config) as api:
+        await api.register("w1")
+        assert gc.isenabled()
+    assert seen == [not paused]
+    assert gc.isenabled()
