@@ -36,9 +36,11 @@ Every line is one JSON object with the format version ``"v"`` and a
   on a skipped part is dropped (and counted); its next heartbeat makes it
   register again.
 
-Replay: a run of snapshot parts is applied as one snapshot, then each
-event in order. A change whose revision the registry already has (a line
-written after a compaction that already holds it) is passed over; one the
+Replay: a run of snapshot parts is applied as one snapshot (unless its
+revision is older than the journal's before it: a stale copy is skipped
+and counted, never rolled back to), then each event in order. A change
+whose revision the registry already has (a line written after a
+compaction that already holds it) is passed over; one the
 registry refuses (it names a worker it does not hold: an earlier line was
 damaged) is skipped and counted, as is a damaged or unknown-version line.
 A torn last line (no newline, or not parseable: the process died while
@@ -502,14 +504,28 @@ def replay(lines: Iterable[bytes | str], registry: CapabilityRegistry) -> Replay
     skipped: list[SkippedLine] = []
     torn = False
     dropped = 0
-    parts: list[SnapshotPart] = []
+    # The run of snapshot parts being read, with their line numbers.
+    parts: list[tuple[int, SnapshotPart]] = []
     read = 0
 
     def apply_parts() -> None:
-        if parts:
-            workers = tuple(record for part in parts for record in part.records)
-            registry.apply_snapshot(Snapshot(max(p.revision for p in parts), workers))
-            parts.clear()
+        if not parts:
+            return
+        revision = max(part.revision for _, part in parts)
+        if revision < registry.revision:
+            # Older than what the lines before it gave: a stale copy, not ours to roll back to.
+            for number, _ in parts:
+                skipped.append(
+                    SkippedLine(
+                        number,
+                        f"stale snapshot: revision {revision}, older than the journal's "
+                        f"{registry.revision} before it",
+                    )
+                )
+        else:
+            workers = tuple(record for _, part in parts for record in part.records)
+            registry.apply_snapshot(Snapshot(revision, workers))
+        parts.clear()
 
     for number, line, is_last in _numbered(lines):
         read = number
@@ -534,7 +550,7 @@ def replay(lines: Iterable[bytes | str], registry: CapabilityRegistry) -> Replay
             if isinstance(entry, SnapshotPart):
                 if entry.part == 0:
                     apply_parts()
-                parts.append(entry)
+                parts.append((number, entry))
                 dropped += entry.dropped
                 continue
             apply_parts()

@@ -13,7 +13,6 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import httpx
 
@@ -134,22 +133,3 @@ def serving(
         if process.poll() is None:
             process.kill()
             process.wait()
-
-
-def registration(worker_id: str, port: int = 8001) -> dict[str, Any]:
-    """A valid registration body for ``worker_id`` with one capability."""
-    return {
-        "worker_id": worker_id,
-        "worker_url": f"https://127.0.0.1:{port}",
-        "capabilities": [
-            {
-                "name": "image.classify",
-                "verb": "classify",
-                "version": "1.0.0",
-                "input_schema": {"type": "object"},
-                "output_schema": {"type": "object"},
-                "requires_gpu": False,
-                "max_concurrency": 4,
-            }
-        ],
-    }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import stat
 import subprocess
 from pathlib import Path
@@ -250,26 +251,33 @@ def test_the_certificate_library_makes_expired_and_foreign_certificates() -> Non
         certs.make_worker_certificate(authority, "a", not_before=now, not_after=now)
 
 
-def test_serve_warns_about_plain_http_and_identity_checks_off() -> None:
-    from crank_registry_asgi.server import ServerSettings
+def test_serve_warns_about_plain_http_and_identity_checks_off(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from crank_registry_asgi import server
 
-    pem, key, ca = Path("controller.pem"), Path("controller.key"), Path("ca.pem")
-    mutual = ServerSettings(certfile=pem, keyfile=key, ca_certs=ca)
-    assert cli._security_warnings(mutual, proxy_cert_header=None) == []
-    tls_only = ServerSettings(certfile=pem, keyfile=key)
-    assert cli._security_warnings(tls_only, proxy_cert_header=None) == [
+    monkeypatch.setattr(server, "run", lambda app, settings: None)
+
+    def warnings_of(*flags: str) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="crank_registry_asgi"):
+            assert cli.main(["serve", *flags]) == 0
+        return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+    tls = ["--certfile", "controller.pem", "--keyfile", "controller.key"]
+    assert warnings_of(*tls, "--ca-certs", "ca.pem") == []
+    assert warnings_of(*tls) == [
         "worker identity checks off (HTTPS without --ca-certs): any caller may register "
         "any worker, and heartbeat or deregister it"
     ]
-    plain = ServerSettings()
-    assert cli._security_warnings(plain, proxy_cert_header=None) == [
+    assert warnings_of("--insecure") == [
         "serving plain HTTP (--insecure): nothing is encrypted",
         "worker identity checks off (--insecure): any caller may register any worker, "
         "and heartbeat or deregister it",
     ]
     # Behind a TLS-terminating proxy that passes the certificate on, identities are checked.
-    exposed = ServerSettings(host="0.0.0.0")
-    assert cli._security_warnings(exposed, proxy_cert_header="X-Client-Cert") == [
+    exposed = ["--insecure", "--host", "0.0.0.0", "--trust-proxy-cert-header", "X-Client-Cert"]
+    assert warnings_of(*exposed) == [
         "serving plain HTTP (--insecure) on 0.0.0.0, reachable from other machines: "
         "nothing is encrypted"
     ]

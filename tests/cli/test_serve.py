@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from crank_registry_asgi import certs, cli
+from tests.builders import WORKER_URL, registration_payload
 from tests.cli.helpers import (
     COMMAND_VARIABLES,
     ServerProcess,
@@ -22,7 +23,6 @@ from tests.cli.helpers import (
     client_context,
     command,
     free_port,
-    registration,
     serving,
 )
 
@@ -92,7 +92,7 @@ def test_a_valid_worker_certificate_registers_heartbeats_and_routes(
     pki: Path, mtls_server: ServerProcess
 ) -> None:
     with httpx.Client(base_url=mtls_server.url, verify=worker_tls(pki, "a")) as client:
-        registered = client.post("/register", json=registration("a"))
+        registered = client.post("/register", json=registration_payload("a"))
         assert registered.status_code == 200, registered.text
         assert registered.json()["status"] == "registered"
         beat = client.post("/heartbeat", json={"worker_id": "a"})
@@ -111,7 +111,9 @@ def test_a_client_certificate_may_route_and_list_but_not_act_on_a_worker(
     pki: Path, mtls_server: ServerProcess
 ) -> None:
     as_a = worker_tls(pki, "a")
-    assert httpx.post(f"{mtls_server.url}/register", json=registration("a"), verify=as_a).is_success
+    assert httpx.post(
+        f"{mtls_server.url}/register", json=registration_payload("a"), verify=as_a
+    ).is_success
     as_ops = client_context(pki / "ca.pem", pki / "client-ops.pem", pki / "client-ops.key")
     with httpx.Client(base_url=mtls_server.url, verify=as_ops) as client:
         routed = client.post("/route", json={"verb": "classify", "capability": "image.classify"})
@@ -154,11 +156,11 @@ def test_the_tls_handshake_refuses_a_bad_client_certificate(
     # before the server checks the certificate, so it sees the connection
     # closed (reset or at its end), with no HTTP answer.
     with pytest.raises((httpx.ReadError, httpx.RemoteProtocolError)):
-        httpx.post(f"{mtls_server.url}/register", json=registration("x"), verify=tls)
+        httpx.post(f"{mtls_server.url}/register", json=registration_payload("x"), verify=tls)
     # TLS 1.2: the server's check comes first, so the handshake itself fails.
     tls.maximum_version = ssl.TLSVersion.TLSv1_2
     with pytest.raises(httpx.ConnectError):
-        httpx.post(f"{mtls_server.url}/register", json=registration("x"), verify=tls)
+        httpx.post(f"{mtls_server.url}/register", json=registration_payload("x"), verify=tls)
     # The same client with a good certificate gets through, over either version.
     good = worker_tls(pki, "a")
     good.maximum_version = ssl.TLSVersion.TLSv1_2
@@ -170,11 +172,13 @@ def test_a_worker_cannot_act_on_another_workers_record(
     pki: Path, mtls_server: ServerProcess
 ) -> None:
     as_a, as_b = worker_tls(pki, "a"), worker_tls(pki, "b")
-    assert httpx.post(f"{mtls_server.url}/register", json=registration("b"), verify=as_b).is_success
+    assert httpx.post(
+        f"{mtls_server.url}/register", json=registration_payload("b"), verify=as_b
+    ).is_success
     for path, body in [
         ("/heartbeat", {"worker_id": "b"}),
         ("/deregister", {"worker_id": "b"}),
-        ("/register", registration("b", port=9999)),
+        ("/register", registration_payload("b", worker_url="https://127.0.0.1:9999")),
     ]:
         answer = httpx.post(f"{mtls_server.url}{path}", json=body, verify=as_a)
         assert answer.status_code == 403, (path, answer.text)
@@ -182,7 +186,7 @@ def test_a_worker_cannot_act_on_another_workers_record(
     # b's record is intact, and b itself may still act on it.
     listed = httpx.get(f"{mtls_server.url}/workers", verify=as_b).json()["workers"]
     (record,) = [worker for worker in listed if worker["worker_id"] == "b"]
-    assert record["worker_url"] == "https://127.0.0.1:8001"
+    assert record["worker_url"] == WORKER_URL
     assert httpx.post(
         f"{mtls_server.url}/heartbeat", json={"worker_id": "b"}, verify=as_b
     ).is_success
@@ -203,7 +207,7 @@ def test_insecure_serves_plain_http_on_loopback_and_stops_cleanly_on_sigterm(
         scheme="http",
     ) as server:
         with httpx.Client(base_url=server.url) as client:
-            assert client.post("/register", json=registration("w1")).status_code == 200
+            assert client.post("/register", json=registration_payload("w1")).status_code == 200
             # No identities without TLS: no per-worker checks either.
             assert client.post("/heartbeat", json={"worker_id": "w1"}).status_code == 200
             routed = client.post(
@@ -239,7 +243,7 @@ def test_the_identity_comes_from_a_trusted_proxy_header(pki: Path, tmp_path: Pat
         as_a = {header: quote((pki / "worker-a.pem").read_text())}
         as_b = {header: quote((pki / "worker-b.pem").read_text())}
         with httpx.Client(base_url=server.url) as client:
-            assert client.post("/register", json=registration("a"), headers=as_a).is_success
+            assert client.post("/register", json=registration_payload("a"), headers=as_a).is_success
             forbidden = client.post("/heartbeat", json={"worker_id": "a"}, headers=as_b)
             assert forbidden.status_code == 403
             assert forbidden.json()["error"] == "forbidden"

@@ -17,7 +17,6 @@ import httpx
 
 from crank_registry import (
     CapabilityRegistry,
-    CapabilitySchema,
     HealthPolicy,
     Registration,
     ValidationError,
@@ -72,23 +71,6 @@ class VirtualClockEventLoop(asyncio.SelectorEventLoop):
 
     def time(self) -> float:
         return self.virtual_time
-
-
-def capability(
-    name: str = "image.classify", verb: str = "classify", **extra: Any
-) -> CapabilitySchema:
-    """A valid capability with the required fields filled in."""
-    fields: dict[str, Any] = {
-        "name": name,
-        "verb": verb,
-        "version": "1.0.0",
-        "input_schema": {"type": "object"},
-        "output_schema": {"type": "object"},
-        "requires_gpu": False,
-        "max_concurrency": 4,
-    }
-    fields.update(extra)
-    return CapabilitySchema(**fields)
 
 
 @dataclass(frozen=True)

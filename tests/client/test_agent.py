@@ -18,7 +18,8 @@ from crank_worker_client import (
     RegistrationFailed,
     WorkerAgent,
 )
-from tests.client.helpers import FakeController, capability
+from tests.builders import capability
+from tests.client.helpers import FakeController
 
 pytestmark = pytest.mark.anyio
 

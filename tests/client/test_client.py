@@ -32,8 +32,7 @@ from crank_worker_client import (
     UnexpectedResponse,
     WorkerNotRegisteredError,
 )
-from crank_worker_client._client import parse_retry_after
-from tests.client.helpers import capability
+from tests.builders import capability
 
 pytestmark = pytest.mark.anyio
 
@@ -89,14 +88,23 @@ async def test_no_worker_available_carries_the_retry_after() -> None:
     assert "classify:image.classify" in str(error) and "retry after 30 s" in str(error)
 
 
-def test_retry_after_accepts_seconds_and_http_dates() -> None:
-    assert parse_retry_after("7") == 7.0
-    assert parse_retry_after(None) is None
-    assert parse_retry_after("soon") is None
+async def test_retry_after_accepts_seconds_and_http_dates() -> None:
+    body = {"error": "no_worker_available", "verb": "classify", "capability": "image.classify"}
+
+    async def retry_after(value: str | None) -> float | None:
+        headers = {} if value is None else {"Retry-After": value}
+        async with client_for(answer(503, body, headers)) as client:
+            with pytest.raises(NoWorkerAvailable) as caught:
+                await client.route("classify", "image.classify")
+        return caught.value.retry_after
+
+    assert await retry_after("7") == 7.0
+    assert await retry_after(None) is None
+    assert await retry_after("soon") is None
     later = format_datetime(datetime.now(UTC) + timedelta(seconds=120), usegmt=True)
-    assert 100 < parse_retry_after(later) <= 120  # type: ignore[operator]
+    assert 100 < await retry_after(later) <= 120  # type: ignore[operator]
     earlier = format_datetime(datetime.now(UTC) - timedelta(seconds=120), usegmt=True)
-    assert parse_retry_after(earlier) == 0.0
+    assert await retry_after(earlier) == 0.0
 
 
 @pytest.mark.parametrize(
@@ -417,11 +425,20 @@ def test_without_opentelemetry_nothing_is_injected_and_nothing_breaks() -> None:
     script = """
 import sys
 sys.modules["opentelemetry"] = None  # as if the tracing extra were not installed
+import anyio, httpx
 import crank_worker_client
-from crank_worker_client._tracing import inject_trace_context
-headers = {}
-inject_trace_context(headers)
-assert headers == {} and not crank_worker_client.TRACING_AVAILABLE
+seen = []
+def handler(request):
+    seen.append(request)
+    return httpx.Response(200, json={"status": "ok", "total_workers": 0, "healthy_workers": 0})
+async def main():
+    client = crank_worker_client.ControllerClient(
+        "https://c.test", transport=httpx.MockTransport(handler)
+    )
+    async with client:
+        await client.health()
+anyio.run(main)
+assert "traceparent" not in seen[0].headers and not crank_worker_client.TRACING_AVAILABLE
 print("ok")
 """
     done = subprocess.run(

@@ -13,7 +13,8 @@ import pytest
 from crank_registry import HealthPolicy, WorkerEndpoint
 from crank_registry_asgi import ServiceConfig, create_app
 from crank_worker_client import ControllerClient, NoWorkerAvailable, WorkerAgent
-from tests.client.helpers import InProcessController, capability
+from tests.builders import capability
+from tests.client.helpers import InProcessController
 
 pytestmark = pytest.mark.anyio
 

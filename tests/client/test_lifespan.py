@@ -16,7 +16,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from crank_worker_client import AgentLifespanMiddleware, WorkerAgent, agent_lifespan
-from tests.client.helpers import FakeController, capability
+from tests.builders import capability
+from tests.client.helpers import FakeController
 
 pytestmark = pytest.mark.anyio
 

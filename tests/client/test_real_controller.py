@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import random
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -28,7 +27,8 @@ from crank_worker_client import (
     TLSConfig,
     WorkerAgent,
 )
-from tests.client.helpers import capability
+from tests.builders import capability
+from tests.cli.helpers import free_port
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -38,11 +38,6 @@ SLACK = 1.0
 START_DEADLINE = 30.0
 
 
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("certs")
@@ -50,12 +45,6 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     command += ["--worker", "w1", "--worker", "caller"]
     subprocess.run(command, check=True, capture_output=True, timeout=60)
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class ControllerProcess:

@@ -17,7 +17,8 @@ import pytest
 from crank_registry import HealthPolicy, WorkerEndpoint
 from crank_registry_asgi import ServiceConfig, create_app
 from crank_worker_client import ControllerClient, WorkerAgent
-from tests.client.helpers import InProcessController, capability
+from tests.builders import capability
+from tests.client.helpers import InProcessController
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -25,11 +26,6 @@ URL = "https://controller.test"
 INTERVAL = 0.2
 #: What the scheduler, a journal fsync and a busy machine may add.
 SLACK = 0.5
-
-
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
 
 
 async def test_restart_on_the_same_state_dir_re_registers_within_one_interval(

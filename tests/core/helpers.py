@@ -1,56 +1,16 @@
-"""Builders shared by the core's tests: capabilities, payloads, a start time."""
+"""What the core's tests share: a start time, a registry with workers, routes and states."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from crank_registry import (
     CapabilityRegistry,
-    CapabilitySchema,
     HealthPolicy,
     HealthState,
-    structure,
 )
+from tests.builders import capability
 
 #: A wall-clock start time, as the service would hand the core.
 T0 = 1_700_000_000.0
-
-URL = "https://10.0.0.1:8443"
-
-
-def capability_payload(
-    name: str = "image.classify", verb: str = "classify", **fields: Any
-) -> dict[str, Any]:
-    """A valid CapabilitySchema as JSON (the wire form); ``fields`` override or add."""
-    payload: dict[str, Any] = {
-        "name": name,
-        "verb": verb,
-        "version": "1.0.0",
-        "input_schema": {"type": "object"},
-        "output_schema": {"type": "object"},
-        "requires_gpu": False,
-        "max_concurrency": 4,
-    }
-    payload.update(fields)
-    return payload
-
-
-def capability(
-    name: str = "image.classify", verb: str = "classify", **fields: Any
-) -> CapabilitySchema:
-    """A valid CapabilitySchema, built through the converter like the wire builds it."""
-    return structure(capability_payload(name, verb, **fields), CapabilitySchema)
-
-
-def registration_payload(worker_id: str = "w1", **fields: Any) -> dict[str, Any]:
-    """A valid Registration as JSON; ``fields`` override or add."""
-    payload: dict[str, Any] = {
-        "worker_id": worker_id,
-        "worker_url": URL,
-        "capabilities": [capability_payload()],
-    }
-    payload.update(fields)
-    return payload
 
 
 def registry_with(

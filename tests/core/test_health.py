@@ -28,7 +28,8 @@ from crank_registry import (
     WorkerRecord,
     unstructure,
 )
-from tests.core.helpers import T0, capability
+from tests.builders import capability
+from tests.core.helpers import T0
 
 POLICY = HealthPolicy()  # 30, 60, 120
 URL = "https://w:8443"

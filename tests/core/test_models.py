@@ -22,7 +22,7 @@ from crank_registry import (
     parse_capability_label,
     structure,
 )
-from tests.core.helpers import URL, capability, capability_payload, registration_payload
+from tests.builders import capability, capability_payload, registration_payload
 
 
 def problems(data: Any, cls: type[Any]) -> list[str]:
@@ -416,7 +416,11 @@ def test_heartbeat_and_deregister_requests() -> None:
 
 
 def test_worker_record_last_heartbeat_must_be_finite() -> None:
-    record = {"worker_id": "w1", "worker_url": URL, "capabilities": [capability_payload()]}
+    record = {
+        "worker_id": "w1",
+        "worker_url": "https://10.0.0.1:8443",
+        "capabilities": [capability_payload()],
+    }
     assert problems(record, WorkerRecord) == ["last_heartbeat: is required"]
     for bad in (float("nan"), float("inf"), "1", True, 10**400):
         assert problems({**record, "last_heartbeat": bad}, WorkerRecord)[0].startswith(

@@ -29,7 +29,8 @@ from crank_registry import (
     worker_name_of,
 )
 from crank_registry.testing import FakeClock
-from tests.core.helpers import T0, capability, registry_with, routes, state_of
+from tests.builders import capability
+from tests.core.helpers import T0, registry_with, routes, state_of
 
 KEY = ("classify", "image.classify")
 

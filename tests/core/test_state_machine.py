@@ -31,7 +31,8 @@ from crank_registry import (
     WorkerNotRegistered,
     WorkerUnhealthy,
 )
-from tests.core.helpers import T0, capability
+from tests.builders import capability
+from tests.core.helpers import T0
 
 POLICY = HealthPolicy(heartbeat_interval=30.0, unhealthy_after=60.0, evict_after=120.0)
 WORKER_IDS = ("w0", "w1", "w2", "w3", "w4")

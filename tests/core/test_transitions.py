@@ -27,7 +27,8 @@ from crank_registry import (
     WorkerRegistered,
     WorkerUnhealthy,
 )
-from tests.core.helpers import T0, capability
+from tests.builders import capability
+from tests.core.helpers import T0
 
 KEY = ("classify", "image.classify")
 HEALTHY, UNHEALTHY, UNVERIFIED = HealthState.HEALTHY, HealthState.UNHEALTHY, HealthState.UNVERIFIED

@@ -10,31 +10,16 @@ import anyio
 import jsonschema
 import pytest
 
-from crank_registry import CapabilitySchema
 from crank_worker_client.serving import (
     InvocationError,
     JsonSchemaError,
     invocation_app,
     invocation_path,
 )
+from tests.builders import capability
 from tests.examples.helpers import invoke, ndjson, running
 
 pytestmark = pytest.mark.anyio
-
-
-def capability(
-    verb: str, name: str, input_schema: dict[str, Any] | None = None, **extra: Any
-) -> CapabilitySchema:
-    return CapabilitySchema(
-        name=name,
-        verb=verb,
-        version="1.0.0",
-        input_schema=input_schema if input_schema is not None else {"type": "object"},
-        output_schema={"type": "object"},
-        requires_gpu=False,
-        max_concurrency=extra.pop("max_concurrency", 4),
-        **extra,
-    )
 
 
 ECHO_SCHEMA = {
@@ -80,15 +65,19 @@ HANDLERS: dict[tuple[str, str], Any] = {
     ("stream", "refused"): fail_first,
 }
 CAPABILITIES = [
-    capability("echo", "text", ECHO_SCHEMA),
-    capability("refuse", "it"),
-    capability("crash", "it"),
+    capability(verb="echo", name="text", input_schema=ECHO_SCHEMA),
+    capability(verb="refuse", name="it"),
+    capability(verb="crash", name="it"),
     capability(
-        "count",
-        "numbers",
-        {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]},
+        verb="count",
+        name="numbers",
+        input_schema={
+            "type": "object",
+            "properties": {"n": {"type": "integer"}},
+            "required": ["n"],
+        },
     ),
-    capability("stream", "refused"),
+    capability(verb="stream", name="refused"),
 ]
 
 
@@ -272,7 +261,7 @@ async def test_a_stream_that_fails_midway_ends_with_an_error_line() -> None:
 
 
 async def test_percent_encoded_names_address_the_capability() -> None:
-    weird = capability("get", "a/b c")
+    weird = capability(verb="get", name="a/b c")
 
     async def answer(payload: Any) -> str:
         return "found"
@@ -295,7 +284,9 @@ async def test_at_most_max_concurrency_invocations_run_at_once() -> None:
         await anyio.sleep(0.01)
         running_now -= 1
 
-    served = invocation_app({("slow", "op"): slow}, [capability("slow", "op", max_concurrency=2)])
+    served = invocation_app(
+        {("slow", "op"): slow}, [capability(verb="slow", name="op", max_concurrency=2)]
+    )
     async with running(served) as client, anyio.create_task_group() as group:
         for _ in range(6):
             group.start_soon(invoke, client, "slow", "op", {})
@@ -359,9 +350,14 @@ async def test_a_failing_agent_fails_startup() -> None:
 
 def test_handlers_and_capabilities_must_match() -> None:
     with pytest.raises(ValueError, match="without a handler: \\['b:c'\\]"):
-        invocation_app({("echo", "text"): echo}, [capability("echo", "text"), capability("b", "c")])
+        invocation_app(
+            {("echo", "text"): echo},
+            [capability(verb="echo", name="text"), capability(verb="b", name="c")],
+        )
     with pytest.raises(ValueError, match="without a schema: \\['b:c'\\]"):
-        invocation_app({("echo", "text"): echo, ("b", "c"): echo}, [capability("echo", "text")])
+        invocation_app(
+            {("echo", "text"): echo, ("b", "c"): echo}, [capability(verb="echo", name="text")]
+        )
     with pytest.raises(ValueError, match="at least one"):
         invocation_app({}, [])
 
@@ -371,7 +367,7 @@ def test_handlers_must_be_async() -> None:
         return payload
 
     with pytest.raises(ValueError, match="must be an async function"):
-        invocation_app({("a", "b"): sync}, [capability("a", "b")])
+        invocation_app({("a", "b"): sync}, [capability(verb="a", name="b")])
 
 
 def test_an_invalid_schema_is_refused_at_build_unless_validation_is_off() -> None:
@@ -381,8 +377,12 @@ def test_an_invalid_schema_is_refused_at_build_unless_validation_is_off() -> Non
         match=r"capability 'a:b': input_schema\.properties\.x\.type: 'text' is not valid.*"
         r"validate_input=False",
     ):
-        invocation_app({("a", "b"): echo}, [capability("a", "b", schema)])
-    invocation_app({("a", "b"): echo}, [capability("a", "b", schema)], validate_input=False)
+        invocation_app({("a", "b"): echo}, [capability(verb="a", name="b", input_schema=schema)])
+    invocation_app(
+        {("a", "b"): echo},
+        [capability(verb="a", name="b", input_schema=schema)],
+        validate_input=False,
+    )
 
 
 async def test_without_validation_the_handler_sees_any_payload() -> None:
@@ -390,7 +390,9 @@ async def test_without_validation_the_handler_sees_any_payload() -> None:
         return sorted(payload)
 
     served = invocation_app(
-        {("k", "v"): keys}, [capability("k", "v", {"type": "string"})], validate_input=False
+        {("k", "v"): keys},
+        [capability(verb="k", name="v", input_schema={"type": "string"})],
+        validate_input=False,
     )
     async with running(served) as client:
         response = await invoke(client, "k", "v", {"b": 1, "a": 2})
@@ -403,7 +405,9 @@ async def problems_of(schema: dict[str, Any], payload: Any) -> list[tuple[str, s
     async def accept(payload: Any) -> None:
         return None
 
-    served = invocation_app({("check", "it"): accept}, [capability("check", "it", schema)])
+    served = invocation_app(
+        {("check", "it"): accept}, [capability(verb="check", name="it", input_schema=schema)]
+    )
     async with running(served) as client:
         response = await invoke(client, "check", "it", payload)
     if response.status_code == 200:
@@ -563,7 +567,7 @@ def test_an_invalid_schema_is_refused_at_build_naming_the_capability(
     schema: dict[str, Any], message: str
 ) -> None:
     with pytest.raises(JsonSchemaError) as refused:
-        invocation_app({("a", "b"): echo}, [capability("a", "b", schema)])
+        invocation_app({("a", "b"): echo}, [capability(verb="a", name="b", input_schema=schema)])
     assert str(refused.value).startswith("capability 'a:b': ")
     assert message in str(refused.value)
 
@@ -583,9 +587,9 @@ def test_each_distinct_schema_is_checked_once_when_the_app_is_built(
     served = invocation_app(
         {("a", "one"): echo, ("a", "two"): echo, ("a", "three"): echo},
         [
-            capability("a", "one", shared),
-            capability("a", "two", dict(reversed(shared.items()))),
-            capability("a", "three", {"type": "object"}),
+            capability(verb="a", name="one", input_schema=shared),
+            capability(verb="a", name="two", input_schema=dict(reversed(shared.items()))),
+            capability(verb="a", name="three", input_schema={"type": "object"}),
         ],
     )
     assert checked == [shared, {"type": "object"}]
@@ -594,7 +598,9 @@ def test_each_distinct_schema_is_checked_once_when_the_app_is_built(
 
 async def test_a_ref_that_does_not_resolve_is_a_json_500_naming_the_capability() -> None:
     schema = {"properties": {"a": {"$ref": "https://example.com/elsewhere.json"}}}
-    served = invocation_app({("a", "b"): echo}, [capability("a", "b", schema)])
+    served = invocation_app(
+        {("a", "b"): echo}, [capability(verb="a", name="b", input_schema=schema)]
+    )
     async with running(served) as client:
         response = await invoke(client, "a", "b", {"a": 1})
         accepted = await invoke(client, "a", "b", {"text": "no a, no $ref"})
@@ -610,7 +616,9 @@ async def test_a_raw_asgi_error_never_leaks_a_traceback_for_unserialisable_resul
     async def unserialisable(payload: Any) -> Any:
         return {"value": object()}
 
-    served = invocation_app({("bad", "result"): unserialisable}, [capability("bad", "result")])
+    served = invocation_app(
+        {("bad", "result"): unserialisable}, [capability(verb="bad", name="result")]
+    )
     async with running(served) as client:
         response = await invoke(client, "bad", "result", {})
     assert response.status_code == 500

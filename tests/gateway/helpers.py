@@ -15,20 +15,9 @@ from crank_registry import CapabilitySchema, HealthPolicy
 from crank_registry_asgi import ServiceConfig, create_app
 from crank_registry_asgi.gateway import GatewayConfig, create_gateway_app
 from crank_worker_client.serving import Handler, invocation_app
+from tests.builders import capability
 
 POLICY = HealthPolicy(heartbeat_interval=1.0, unhealthy_after=3.0, evict_after=6.0)
-
-
-def capability(verb: str = "greet", name: str = "hello") -> CapabilitySchema:
-    return CapabilitySchema(
-        name=name,
-        verb=verb,
-        version="1.0.0",
-        input_schema={"type": "object"},
-        output_schema={"type": "object"},
-        requires_gpu=False,
-        max_concurrency=4,
-    )
 
 
 @attrs.define
@@ -54,11 +43,15 @@ class FakeWorker:
 
 
 class WorkerNetwork(httpx.AsyncBaseTransport):
-    """Routes each request to the :class:`FakeWorker` named by its host."""
+    """Routes each request to the :class:`FakeWorker` named by its host.
+
+    ``closed`` counts how often the client holding it closed it.
+    """
 
     def __init__(self) -> None:
         self.hosts: dict[str, FakeWorker] = {}
         self.requests: list[httpx.Request] = []
+        self.closed = 0
 
     def add(self, host: str, worker: FakeWorker) -> FakeWorker:
         self.hosts[host] = worker
@@ -71,9 +64,12 @@ class WorkerNetwork(httpx.AsyncBaseTransport):
             raise httpx.ConnectError("no such host", request=request)
         return await worker.handle(request)
 
+    async def aclose(self) -> None:
+        self.closed += 1
+
 
 def serving(handlers: dict[tuple[str, str], Handler]) -> Any:
-    return invocation_app(handlers, [capability(v, n) for v, n in handlers])
+    return invocation_app(handlers, [capability(verb=v, name=n) for v, n in handlers])
 
 
 async def hello(payload: dict[str, Any]) -> dict[str, Any]:
@@ -111,7 +107,7 @@ async def register(
         json={
             "worker_id": worker_id,
             "worker_url": url,
-            "capabilities": unstructure(list(caps or [capability()])),
+            "capabilities": unstructure(list(caps or [capability(verb="greet", name="hello")])),
         },
     )
     assert response.status_code == 200, response.text

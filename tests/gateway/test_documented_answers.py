@@ -17,10 +17,10 @@ from crank_registry_asgi.gateway import (
     gateway_openapi_document,
 )
 from crank_worker_client.serving import InvocationError
+from tests.builders import capability
 from tests.gateway.helpers import (
     FakeWorker,
     WorkerNetwork,
-    capability,
     client_of,
     execute,
     hello,
@@ -74,7 +74,9 @@ async def test_every_execute_answer_agrees_with_the_document() -> None:
         answers.append(await client.post(EXECUTE_PATH, content=b"{}"))
         answers.append(await client.post(EXECUTE_PATH, content=b" " * 2_000_000, headers=_JSON))
         for name in ("broken", "picky", "slow"):
-            await register(client, name, f"https://{name}.test", capability("greet", name))
+            await register(
+                client, name, f"https://{name}.test", capability(verb="greet", name=name)
+            )
             answers.append(await execute(client, capability=name))
     statuses = {response.status_code for response in answers}
     codes = {_check(response).get("error") for response in answers}

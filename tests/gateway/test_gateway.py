@@ -12,10 +12,10 @@ from starlette.applications import Starlette
 from crank_registry.testing import FakeClock
 from crank_registry_asgi.gateway import EXECUTE_PATH, GatewayConfig, create_gateway_app
 from crank_worker_client.serving import InvocationError
+from tests.builders import capability
 from tests.gateway.helpers import (
     FakeWorker,
     WorkerNetwork,
-    capability,
     client_of,
     execute,
     hello,
@@ -51,7 +51,7 @@ async def test_names_with_reserved_characters_are_percent_encoded() -> None:
 
     network.add("w1.test", FakeWorker(serving({("get", "a/b c"): answer})))
     async with client_of(make_gateway(network, FakeClock())) as client:
-        await register(client, "w1", "http://w1.test/", capability("get", "a/b c"))
+        await register(client, "w1", "http://w1.test/", capability(verb="get", name="a/b c"))
         response = await client.post(
             "/execute", json={"verb": "get", "capability": "a/b c", "payload": {}}
         )
@@ -96,7 +96,7 @@ async def test_streams_ndjson_through() -> None:
     network = WorkerNetwork()
     network.add("w1.test", FakeWorker(serving({("stream", "text"): tokens})))
     async with client_of(make_gateway(network, FakeClock())) as client:
-        await register(client, "w1", "https://w1.test", capability("stream", "text"))
+        await register(client, "w1", "https://w1.test", capability(verb="stream", name="text"))
         response = await client.post(
             "/execute", json={"verb": "stream", "capability": "text", "payload": {"text": "a b c"}}
         )
@@ -403,8 +403,8 @@ async def test_the_lifespan_runs_the_controller_and_closes_connections() -> None
     async with client_of(app) as client:
         await register(client, "w1", "https://w1.test")
         assert (await execute(client)).status_code == 200
-        assert app.state.gateway._client is not None
-    assert app.state.gateway._client is None
+        assert network.closed == 0  # the connections stay open while serving
+    assert network.closed == 1  # and the shutdown closed them
 
 
 async def test_the_openapi_document_describes_execute_too() -> None:

@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 
 from crank_registry import (
     CapabilityRegistry,
-    CapabilitySchema,
     Event,
     HealthPolicy,
     HeartbeatReceived,
@@ -23,27 +22,10 @@ from crank_registry import (
     WorkerUnhealthy,
     replay,
     replay_bytes,
-    structure,
 )
+from tests.builders import capability
 
 T0 = 1_700_000_000.0
-
-
-def capability(
-    name: str = "image.classify", verb: str = "classify", **extra: Any
-) -> CapabilitySchema:
-    """A valid capability, built through the strict converter like a request's."""
-    data: dict[str, Any] = {
-        "name": name,
-        "verb": verb,
-        "version": "1.2.3",
-        "input_schema": {"type": "object", "properties": {"image": {"type": "string"}}},
-        "output_schema": {"type": "object"},
-        "requires_gpu": False,
-        "max_concurrency": 4,
-        **extra,
-    }
-    return structure(data, CapabilitySchema)
 
 
 def normalized(records: Iterable[WorkerRecord]) -> list[tuple[Any, ...]]:
@@ -81,6 +63,10 @@ capabilities = st.builds(
     capability,
     name=st.sampled_from(["image.classify", "text.summarize", "audio.ü"]),
     verb=st.sampled_from(["classify", "run"]),
+    version=st.sampled_from(["1.0.0", "1.2.3"]),
+    input_schema=st.sampled_from(
+        [{"type": "object"}, {"type": "object", "properties": {"image": {"type": "string"}}}]
+    ),
     runtime=st.none() | st.just("python3.11"),
     constraints=st.none() | st.just({"gpu_memory_gb": 16, "labels": ["a", "é"]}),
     slo=st.none() | st.just({"latency_p95_ms": 120.5, "availability": 0.999}),

@@ -37,9 +37,9 @@ from crank_registry import (
     unstructure,
     unstructure_event,
 )
+from tests.builders import capability
 from tests.journal.helpers import (
     T0,
-    capability,
     events,
     ids,
     normalized,
@@ -451,7 +451,7 @@ def test_a_snapshot_line_that_fails_its_checksum_is_skipped() -> None:
     line = encode_snapshot(Snapshot(3, workers))[0]
     for damaged in (
         line.replace(b"w9", b"w8"),  # still valid JSON and a valid worker id
-        line.replace(b"1.2.3", b"1.2.4"),
+        line.replace(b"1.0.0", b"1.0.1"),
         line.replace(b'"revision":3', b'"revision":4'),
         line.replace(b'"healthy"', b'"unverified"'),
         line.replace(b'"crc32":', b'"crc32":1'),

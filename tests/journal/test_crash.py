@@ -16,7 +16,6 @@ import contextlib
 import pathlib
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ import httpx
 import pytest
 
 from crank_registry_asgi.journal import JOURNAL_NAME
+from tests.cli.helpers import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
 
@@ -42,12 +42,6 @@ CAPABILITY = {
     "requires_gpu": False,
     "max_concurrency": 2,
 }
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class Controller:

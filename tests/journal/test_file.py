@@ -30,7 +30,6 @@ from crank_registry import (
     encode_event,
     replay_bytes,
 )
-from crank_registry_asgi import journal as journal_module
 from crank_registry_asgi.effects import Effects, RegistrySnapshots
 from crank_registry_asgi.http import ApiError
 from crank_registry_asgi.journal import (
@@ -40,7 +39,8 @@ from crank_registry_asgi.journal import (
     JournalUnavailable,
 )
 from crank_registry_asgi.telemetry import Metrics
-from tests.journal.helpers import T0, capability, ids, normalized, replayed_bytes
+from tests.builders import capability
+from tests.journal.helpers import T0, ids, normalized, replayed_bytes
 
 POLICY = HealthPolicy(heartbeat_interval=10, unhealthy_after=20, evict_after=40)
 
@@ -723,15 +723,18 @@ async def test_an_unsynced_rename_is_synced_before_the_next_acknowledgement(
     controller = Controller(tmp_path)
     await controller.register("a")
     calls: list[str] = []
-    real = journal_module._fsync_directory
+    real_fsync = os.fsync
+    state_dir = os.stat(tmp_path)
 
-    def flaky(directory: pathlib.Path) -> None:
-        calls.append("dir")
-        if len(calls) == 1:
-            raise OSError(errno.EIO, "Input/output error")
-        real(directory)
+    def flaky(fd: int) -> None:
+        seen = os.fstat(fd)
+        if (seen.st_dev, seen.st_ino) == (state_dir.st_dev, state_dir.st_ino):
+            calls.append("dir")  # the state directory itself, i.e. its renames
+            if len(calls) == 1:
+                raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
 
-    monkeypatch.setattr(journal_module, "_fsync_directory", flaky)
+    monkeypatch.setattr(os, "fsync", flaky)
     await controller.journal.compact()  # the snapshot is in place; its rename is not yet durable
     assert calls == ["dir"]
     await controller.register("b")

@@ -33,7 +33,8 @@ from crank_registry import (
 )
 from crank_registry_asgi.effects import Effects
 from crank_registry_asgi.telemetry import Metrics
-from tests.journal.helpers import T0, capability, replayed, urls, worker_ids
+from tests.builders import capability
+from tests.journal.helpers import T0, replayed, urls, worker_ids
 
 POLICY = HealthPolicy(heartbeat_interval=10, unhealthy_after=20, evict_after=40)
 CAPABILITY_SETS = [

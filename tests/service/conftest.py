@@ -7,11 +7,6 @@ import pytest
 from tests.service.helpers import CertificateAuthority
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @pytest.fixture(scope="session")
 def authority() -> CertificateAuthority:
     """A development CA that issues client certificates with SPIFFE IDs."""

@@ -21,38 +21,10 @@ from crank_registry import CapabilityRegistry
 from crank_registry.testing import FakeClock
 from crank_registry_asgi import ServiceConfig, create_app
 from crank_registry_asgi.openapi import openapi_document
+from tests.builders import registration_payload
 
 DOCUMENT = openapi_document()
 _ROOT = {"components": DOCUMENT["components"]}
-
-
-def capability(
-    name: str = "image.classify", verb: str = "classify", version: str = "1.0.0", **extra: Any
-) -> dict[str, Any]:
-    """A valid capability as JSON."""
-    return {
-        "name": name,
-        "verb": verb,
-        "version": version,
-        "input_schema": {"type": "object"},
-        "output_schema": {"type": "object"},
-        "requires_gpu": False,
-        "max_concurrency": 4,
-        **extra,
-    }
-
-
-def registration(
-    worker_id: str = "w1",
-    worker_url: str | None = None,
-    capabilities: list[dict[str, Any]] | None = None,
-) -> dict[str, Any]:
-    """A valid registration body."""
-    return {
-        "worker_id": worker_id,
-        "worker_url": worker_url or f"http://{worker_id}.example:8000",
-        "capabilities": capabilities if capabilities is not None else [capability()],
-    }
 
 
 def documented_schema(method: str, path: str, status: int) -> dict[str, Any]:
@@ -102,7 +74,7 @@ class Controller:
         return await self.request("POST", path, json=body)
 
     async def register(self, worker_id: str = "w1", **kwargs: Any) -> httpx.Response:
-        response = await self.post("/register", registration(worker_id, **kwargs))
+        response = await self.post("/register", registration_payload(worker_id, **kwargs))
         assert response.status_code == 200, response.text
         return response
 

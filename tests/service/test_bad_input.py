@@ -9,7 +9,8 @@ from typing import Any
 import attrs
 import pytest
 
-from tests.service.helpers import Controller, capability, registration, running
+from tests.builders import capability_payload, registration_payload
+from tests.service.helpers import Controller, running
 
 pytestmark = pytest.mark.anyio
 
@@ -32,12 +33,16 @@ class Case:
 
 def reg(**changes: Any) -> bytes:
     """A registration of the already registered w1, with ``changes``."""
-    return json.dumps({**registration("w1"), **changes}).encode()
+    return json.dumps({**registration_payload("w1"), **changes}).encode()
 
 
 def cap(**changes: Any) -> bytes:
     """A registration of w1 whose one capability has ``changes`` (None: drop the key)."""
-    item = {key: value for key, value in {**capability(), **changes}.items() if value is not None}
+    item = {
+        key: value
+        for key, value in {**capability_payload(), **changes}.items()
+        if value is not None
+    }
     return reg(capabilities=[item])
 
 
@@ -160,7 +165,7 @@ CASES = [
     invalid(
         "missing worker_id",
         "/register",
-        json.dumps({"worker_url": "http://a", "capabilities": [capability()]}).encode(),
+        json.dumps({"worker_url": "http://a", "capabilities": [capability_payload()]}).encode(),
     ),
     invalid("worker_id int", "/register", reg(worker_id=7)),
     invalid("worker_id slash", "/register", reg(worker_id="w/1")),
@@ -174,11 +179,11 @@ CASES = [
     invalid("url port out of range", "/register", reg(worker_url="http://w1.example:99999")),
     invalid("url no host", "/register", reg(worker_url="http://")),
     invalid("capabilities empty", "/register", reg(capabilities=[])),
-    invalid("capabilities object", "/register", reg(capabilities=capability())),
+    invalid("capabilities object", "/register", reg(capabilities=capability_payload())),
     invalid(
         "duplicate capability",
         "/register",
-        reg(capabilities=[capability(), capability(version="2.0.0")]),
+        reg(capabilities=[capability_payload(), capability_payload(version="2.0.0")]),
     ),
     invalid("unknown field", "/register", reg(worker_name="w1")),
     invalid("capability typo", "/register", cap(max_concurency=4)),
@@ -296,7 +301,7 @@ async def test_huge_undeclared_body_is_cut_off_while_streaming() -> None:
 
 async def test_a_body_just_under_the_limit_is_read() -> None:
     async for api in _two_workers():
-        body = registration("w3")
+        body = registration_payload("w3")
         body["capabilities"][0]["input_schema"] = {"description": "x" * (MIB - 1000)}
         data = json.dumps(body).encode()
         assert len(data) < MIB

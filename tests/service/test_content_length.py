@@ -5,9 +5,9 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from crank_registry import CapabilitySchema
 from crank_registry_asgi import create_app
 from crank_worker_client.serving import invocation_app
+from tests.builders import capability
 
 # Over int()'s 4300-digit limit; a Latin-1 digit that str.isdigit admits.
 ODD_LENGTHS = [(b"9" * 5000, 413), ("\u00b2".encode("latin-1"), None)]
@@ -32,20 +32,14 @@ async def test_controller_answers_odd_content_lengths(declared: bytes, status: i
 @pytest.mark.anyio
 @pytest.mark.parametrize(("declared", "status"), ODD_LENGTHS)
 async def test_worker_answers_odd_content_lengths(declared: bytes, status: int | None) -> None:
-    capability = CapabilitySchema(
-        name="hello",
-        verb="greet",
-        version="1.0.0",
-        input_schema={"type": "object"},
-        output_schema={},
-        requires_gpu=False,
-        max_concurrency=1,
-    )
 
     async def echo(payload: object) -> object:
         return payload
 
-    app = invocation_app({("greet", "hello"): echo}, [capability])
+    app = invocation_app(
+        {("greet", "hello"): echo},
+        [capability("hello", "greet", output_schema={}, max_concurrency=1)],
+    )
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://t"
     ) as client:

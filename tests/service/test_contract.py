@@ -16,15 +16,14 @@ from starlette.routing import Mount
 
 from crank_registry import (
     CapabilityRegistry,
-    CapabilitySchema,
     HealthPolicy,
     WorkerRecord,
     iso_utc,
-    structure,
 )
 from crank_registry.testing import FakeClock
 from crank_registry_asgi import ServiceConfig, create_app
-from tests.service.helpers import capability, check_documented, registration, running
+from tests.builders import WORKER_URL, capability, capability_payload, registration_payload
+from tests.service.helpers import check_documented, running
 
 pytestmark = pytest.mark.anyio
 
@@ -43,7 +42,7 @@ async def test_health_counts_workers() -> None:
 
 async def test_register_answers_and_lists() -> None:
     async with running() as api:
-        response = await api.post("/register", registration("w1"))
+        response = await api.post("/register", registration_payload("w1"))
         assert response.status_code == 200
         assert response.json() == {
             "status": "registered",
@@ -54,7 +53,7 @@ async def test_register_answers_and_lists() -> None:
         assert workers == {
             "w1": {
                 "worker_id": "w1",
-                "worker_url": "http://w1.example:8000",
+                "worker_url": WORKER_URL,
                 "last_heartbeat": iso_utc(api.clock.now),
                 "is_healthy": True,
                 "state": "healthy",
@@ -69,7 +68,7 @@ async def test_reregistration_replaces_url_and_capabilities() -> None:
         await api.register(
             "w1",
             worker_url="https://new.example:9443",
-            capabilities=[capability("text.summarize", "summarize")],
+            capabilities=[capability_payload("text.summarize", "summarize")],
         )
         workers = await api.workers()
         assert workers["w1"]["worker_url"] == "https://new.example:9443"
@@ -126,7 +125,7 @@ async def test_round_robin_across_three_workers() -> None:
         response = await api.post("/route", {"verb": "classify", "capability": "image.classify"})
         assert response.json() == {
             "worker_id": "w1",
-            "worker_url": "http://w1.example:8000",
+            "worker_url": WORKER_URL,
             "version": "1.0.0",
         }
 
@@ -206,7 +205,7 @@ async def test_the_sweeper_wakes_by_itself() -> None:
 async def test_unverified_after_restart() -> None:
     clock = FakeClock()
     before = CapabilityRegistry()
-    cap = structure(capability(), CapabilitySchema)
+    cap = capability()
     before.register("w1", "http://w1.example:8000", [cap], now=clock.now)
     records = before.records()
     clock.advance(10)
@@ -227,7 +226,7 @@ async def test_unverified_after_restart() -> None:
 async def test_unverified_stops_routing_after_unhealthy_after() -> None:
     clock = FakeClock()
     registry = CapabilityRegistry()
-    cap = structure(capability(), CapabilitySchema)
+    cap = capability()
     record = WorkerRecord("w1", "http://w1.example:8000", (cap,), clock.now - 50, verified=True)
     registry.restore([record], now=clock.now)
     async with running(registry=registry, clock=clock) as api:
@@ -239,10 +238,14 @@ async def test_unverified_stops_routing_after_unhealthy_after() -> None:
 
 async def test_capabilities_one_entry_per_version() -> None:
     async with running() as api:
-        await api.register("w1", capabilities=[capability(version="1.0.0")])
-        await api.register("w2", capabilities=[capability(version="2.0.0")])
+        await api.register("w1", capabilities=[capability_payload(version="1.0.0")])
+        await api.register("w2", capabilities=[capability_payload(version="2.0.0")])
         await api.register(
-            "w3", capabilities=[capability(version="1.0.0"), capability("text.embed", "embed")]
+            "w3",
+            capabilities=[
+                capability_payload(version="1.0.0"),
+                capability_payload("text.embed", "embed"),
+            ],
         )
         body = (await api.get("/capabilities")).json()
         entries = [
@@ -301,7 +304,9 @@ async def test_wrong_type_of_optional_is_invalid_request_first(field: str, value
 
 async def test_invalid_request_lists_every_problem() -> None:
     async with running() as api:
-        body = registration("w1", capabilities=[capability(max_concurrency=0), capability()])
+        body = registration_payload(
+            "w1", capabilities=[capability_payload(max_concurrency=0), capability_payload()]
+        )
         body["worker_url"] = "ftp://w1"
         response = await api.post("/register", body)
         assert response.status_code == 422
@@ -344,7 +349,7 @@ async def test_openapi_document_is_served() -> None:
 async def test_journal_unavailable_when_the_lifespan_has_not_run(tmp_path: Any) -> None:
     config = ServiceConfig(state_dir=tmp_path)
     async with running(config, lifespan=False) as api:
-        response = await api.post("/register", registration("w1"))
+        response = await api.post("/register", registration_payload("w1"))
         assert response.status_code == 503
         assert response.json()["error"] == "journal_unavailable"
         assert len(api.registry) == 0  # refused before the registry was touched
@@ -381,9 +386,9 @@ async def test_logs_one_line_per_registration_deregistration(
         "heartbeat_interval_s=30.0 unhealthy_after_s=60.0 evict_after_s=120.0"
     )
     assert lines[2:] == [
-        "worker registered worker_id=w1 worker_url=http://w1.example:8000 "
+        f"worker registered worker_id=w1 worker_url={WORKER_URL} "
         "capabilities=classify:image.classify replaced=false revision=1",
-        "worker registered worker_id=w1 worker_url=http://w1.example:8000 "
+        f"worker registered worker_id=w1 worker_url={WORKER_URL} "
         "capabilities=classify:image.classify replaced=true revision=2",
         "worker deregistered worker_id=w1 revision=3",
     ]
@@ -425,9 +430,9 @@ async def test_every_response_is_checked_against_the_document() -> None:
 async def test_a_number_with_a_zero_fraction_is_an_integer() -> None:
     # As in JSON Schema, which the OpenAPI document follows: 4.0 is the integer 4.
     async with running() as api:
-        body = registration("w1", capabilities=[capability(max_concurrency=4.0)])
+        body = registration_payload("w1", capabilities=[capability_payload(max_concurrency=4.0)])
         assert (await api.post("/register", body)).status_code == 200
-        body = registration("w2", capabilities=[capability(max_concurrency=4.5)])
+        body = registration_payload("w2", capabilities=[capability_payload(max_concurrency=4.5)])
         assert (await api.post("/register", body)).status_code == 422
 
 
@@ -452,7 +457,7 @@ async def mounted() -> AsyncIterator[httpx.AsyncClient]:
 
 async def test_mounted_in_another_app() -> None:
     async with mounted() as client:
-        response = await client.post("/crank/register", json=registration("w1"))
+        response = await client.post("/crank/register", json=registration_payload("w1"))
         assert response.status_code == 200
         response = await client.post(
             "/crank/route", json={"verb": "classify", "capability": "image.classify"}

@@ -30,7 +30,8 @@ from crank_registry import (
 )
 from crank_registry_asgi import ServiceConfig
 from crank_registry_asgi.openapi import ERRORS, OPERATIONS, openapi_document
-from tests.service.helpers import check_documented, dumps, registration, running
+from tests.builders import registration_payload
+from tests.service.helpers import check_documented, dumps, running
 
 pytestmark = pytest.mark.anyio
 
@@ -61,7 +62,7 @@ async def _answers(state_dir: Path) -> list[tuple[str, str, httpx.Response]]:
     async with running(ServiceConfig(max_body_bytes=4096)) as api:
         await send(api, "GET", "/health")
         await send(api, "POST", "/route", json=route)  # no_worker_available
-        await send(api, "POST", "/register", json=registration("w1"))
+        await send(api, "POST", "/register", json=registration_payload("w1"))
         await send(api, "POST", "/heartbeat", json={"worker_id": "w1"})
         await send(api, "POST", "/route", json=route)
         await send(api, "POST", "/route", json={**route, "budget_tokens": 1})  # not_supported
@@ -79,7 +80,7 @@ async def _answers(state_dir: Path) -> list[tuple[str, str, httpx.Response]]:
     async with running(ServiceConfig(require_identity=True)) as api:
         await send(api, "POST", "/heartbeat", json={"worker_id": "w1"})  # forbidden
     async with running(ServiceConfig(state_dir=state_dir), lifespan=False) as api:
-        await send(api, "POST", "/register", json=registration("w1"))  # journal_unavailable
+        await send(api, "POST", "/register", json=registration_payload("w1"))  # journal_unavailable
     return answers
 
 

@@ -19,10 +19,10 @@ from schemathesis.specs.openapi.checks import (
     positive_data_acceptance,
 )
 
-from crank_registry import CapabilitySchema, structure
 from crank_registry.testing import FakeClock
 from crank_registry_asgi import create_app
 from crank_registry_asgi.openapi import NOT_SUPPORTED_YET
+from tests.builders import capability
 
 app = create_app(clock=FakeClock())
 schema = schemathesis.openapi.from_asgi("/openapi.json", app)
@@ -30,18 +30,7 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", app)
 # Generated ids and names shrink towards "0": a worker "0" offering "0:0"
 # is kept registered so that heartbeats, deregistrations and routes also
 # succeed, and their success answers are checked against the document too.
-_SEEDED = structure(
-    {
-        "name": "0",
-        "verb": "0",
-        "version": "1.0.0",
-        "input_schema": {},
-        "output_schema": {},
-        "requires_gpu": False,
-        "max_concurrency": 1,
-    },
-    CapabilitySchema,
-)
+_SEEDED = capability("0", "0", input_schema={}, output_schema={}, max_concurrency=1)
 
 
 def _seed() -> None:

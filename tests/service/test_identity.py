@@ -9,10 +9,10 @@ import pytest
 
 from crank_registry_asgi import ServiceConfig
 from crank_registry_asgi.identity import caller_identity, spiffe_id_of
+from tests.builders import registration_payload
 from tests.service.helpers import (
     CertificateAuthority,
     WithClientCertificate,
-    registration,
     running,
 )
 
@@ -59,13 +59,13 @@ async def test_a_worker_acts_only_on_its_own_record(authority: CertificateAuthor
     async with running(MTLS, wrap=wrap) as api:
         tls = wrapper[0]
         tls.pem = authority.worker("a")
-        assert (await api.post("/register", registration("a"))).status_code == 200
+        assert (await api.post("/register", registration_payload("a"))).status_code == 200
         tls.pem = authority.worker("b")
-        assert (await api.post("/register", registration("b"))).status_code == 200
+        assert (await api.post("/register", registration_payload("b"))).status_code == 200
 
         # b's certificate cannot register, heartbeat or deregister a.
         for path, body in [
-            ("/register", registration("a", worker_url="http://evil.example")),
+            ("/register", registration_payload("a", worker_url="http://evil.example")),
             ("/heartbeat", {"worker_id": "a"}),
             ("/deregister", {"worker_id": "a"}),
         ]:
@@ -95,7 +95,7 @@ async def test_no_identity_is_forbidden_under_mtls(authority: CertificateAuthori
     async with running(MTLS, wrap=wrap) as api:
         for pem in (None, authority.issue(dns=("w1.example",))):
             tls[0].pem = pem
-            response = await api.post("/register", registration("w1"))
+            response = await api.post("/register", registration_payload("w1"))
             assert response.status_code == 403
             assert response.json()["error"] == "forbidden"
             assert len(api.registry) == 0
@@ -107,7 +107,7 @@ async def test_no_identity_is_forbidden_under_mtls(authority: CertificateAuthori
 async def test_without_mtls_there_are_no_checks(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="crank_registry_asgi")
     async with running() as api:
-        assert (await api.post("/register", registration("anyone"))).status_code == 200
+        assert (await api.post("/register", registration_payload("anyone"))).status_code == 200
     assert "mTLS: worker identity checks off" in caplog.messages
 
 
@@ -124,7 +124,7 @@ async def test_proxy_header_identity(authority: CertificateAuthority) -> None:
         own = {"x-ssl-client-cert": quote(authority.worker("w1"))}
         other = {"x-ssl-client-cert": quote(authority.worker("w2"))}
         garbage = {"x-ssl-client-cert": "not%20a%20certificate"}
-        body = registration("w1")
+        body = registration_payload("w1")
         assert (await api.request("POST", "/register", json=body, headers=own)).status_code == 200
         response = await api.request("POST", "/heartbeat", json={"worker_id": "w1"}, headers=other)
         assert response.status_code == 403
@@ -141,7 +141,9 @@ async def test_proxy_header_identity(authority: CertificateAuthority) -> None:
 async def test_proxy_header_is_ignored_unless_named(authority: CertificateAuthority) -> None:
     async with running(MTLS) as api:
         spoofed = {"x-ssl-client-cert": quote(authority.worker("w1"))}
-        response = await api.request("POST", "/register", json=registration("w1"), headers=spoofed)
+        response = await api.request(
+            "POST", "/register", json=registration_payload("w1"), headers=spoofed
+        )
         assert response.status_code == 403
 
 
@@ -166,8 +168,8 @@ async def test_a_presented_identity_is_checked_even_when_not_required(
 
     async with running(wrap=wrap) as api:
         tls[0].pem = authority.worker("b")
-        response = await api.post("/register", registration("a"))
+        response = await api.post("/register", registration_payload("a"))
         assert (response.status_code, response.json()["error"]) == (403, "forbidden")
-        assert (await api.post("/register", registration("b"))).status_code == 200
+        assert (await api.post("/register", registration_payload("b"))).status_code == 200
         tls[0].pem = None
-        assert (await api.post("/register", registration("a"))).status_code == 200
+        assert (await api.post("/register", registration_payload("a"))).status_code == 200

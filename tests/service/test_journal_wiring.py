@@ -12,7 +12,8 @@ import pytest
 from crank_registry.testing import FakeClock
 from crank_registry_asgi import ServiceConfig, create_app
 from crank_registry_asgi.journal import JournalError, JournalUnavailable
-from tests.service.helpers import registration, running
+from tests.builders import registration_payload
+from tests.service.helpers import running
 
 pytestmark = pytest.mark.anyio
 
@@ -96,7 +97,7 @@ async def test_a_failed_write_is_503_journal_unavailable(tmp_path: pathlib.Path)
     async with running(ServiceConfig(state_dir=tmp_path)) as api:
         await api.register("w1")
         api.service.effects.journal = FailingJournal()
-        response = await api.post("/register", registration("w2"))
+        response = await api.post("/register", registration_payload("w2"))
         assert response.status_code == 503
         assert response.json()["error"] == "journal_unavailable"
         assert "No space left" in response.json()["message"]
@@ -112,9 +113,9 @@ async def test_writes_after_shutdown_are_refused(tmp_path: pathlib.Path) -> None
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
         async with app.router.lifespan_context(app):
-            response = await client.post("/register", json=registration("w1"))
+            response = await client.post("/register", json=registration_payload("w1"))
             assert response.status_code == 200
-        response = await client.post("/register", json=registration("w2"))
+        response = await client.post("/register", json=registration_payload("w2"))
         assert response.status_code == 503
         assert response.json()["error"] == "journal_unavailable"
         assert "w2" not in app.state.service.registry

@@ -11,14 +11,31 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from crank_registry import RouteRequest, ValidationError, is_worker_id, iso_utc, structure
-from crank_registry_asgi.app import ClampedClock, _route_request
+from crank_registry_asgi.app import ClampedClock
 from crank_registry_asgi.effects import log_fields
-from crank_registry_asgi.http import ApiError, _media_type_is_json, parse_json
+from crank_registry_asgi.http import ApiError, parse_json
 from crank_registry_asgi.openapi import ErrorCode, error_schema, openapi_document, type_schema
+from tests.builders import registration_payload
+from tests.service.helpers import running
 
 DOCUMENT_SCHEMAS = openapi_document()["components"]["schemas"]
+JSON = {"content-type": "application/json"}
 
 
+def answer_of_the_converter(body: Any) -> tuple[int, dict[str, Any]]:
+    """What ``/route`` answers (status, some fields) when it reads ``body`` with the converter."""
+    try:
+        request = structure(body, RouteRequest)
+    except ValidationError as error:
+        detail = [{"path": p.path, "message": p.message} for p in error.problems]
+        return 422, {"error": "invalid_request", "detail": detail}
+    if request.version is not None:
+        return 422, {"error": "not_supported", "field": "version"}
+    fields = {"verb": request.verb, "capability": request.capability}
+    return 503, {"error": "no_worker_available", **fields}
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize(
     "body",
     [
@@ -33,14 +50,13 @@ DOCUMENT_SCHEMAS = openapi_document()["components"]["schemas"]
         None,
     ],
 )
-def test_route_fast_path_equals_the_converter(body: Any) -> None:
-    def outcome(function: Any) -> Any:
-        try:
-            return function(body)
-        except ValidationError as error:
-            return error.problems
-
-    assert outcome(_route_request) == outcome(lambda data: structure(data, RouteRequest))
+async def test_route_reads_a_body_as_the_converter_does(body: Any) -> None:
+    # The common body takes a fast path past the converter: the answer is the same.
+    status, fields = answer_of_the_converter(body)
+    async with running() as api:
+        answer = await api.request("POST", "/route", content=json.dumps(body), headers=JSON)
+    assert answer.status_code == status
+    assert {key: answer.json().get(key) for key in fields} == fields
 
 
 def test_clamped_clock_never_goes_backwards() -> None:
@@ -85,6 +101,7 @@ def test_strings() -> None:
             parse_json(bad, max_depth=8)
 
 
+@pytest.mark.anyio
 @pytest.mark.parametrize(
     ("value", "ok"),
     [
@@ -100,8 +117,16 @@ def test_strings() -> None:
         (None, False),
     ],
 )
-def test_media_types(value: str | None, ok: bool) -> None:
-    assert _media_type_is_json(value) is ok
+async def test_media_types(value: str | None, ok: bool) -> None:
+    headers = {} if value is None else {"content-type": value}
+    async with running() as api:
+        answer = await api.request(
+            "POST", "/register", content=json.dumps(registration_payload()), headers=headers
+        )
+    if ok:
+        assert answer.status_code == 200, answer.text
+    else:
+        assert (answer.status_code, answer.json()["error"]) == (415, "unsupported_media_type")
 
 
 def test_log_fields_quote_what_would_split() -> None:
