@@ -39,7 +39,7 @@ from crank_registry import (
 )
 from crank_registry_asgi.effects import Effects, RegistrySnapshots
 from crank_registry_asgi.journal import JOURNAL_NAME, Journal
-from crank_registry_asgi.telemetry import Metrics
+from crank_registry_asgi.metrics import Metrics
 
 START = 1_700_000_000.0
 WORKERS = 10_000

@@ -56,6 +56,7 @@ __all__ = [
     "due_input",
     "routable_until",
     "shown_state",
+    "shown_state_if",
     "state_at",
     "transition",
 ]
@@ -263,3 +264,17 @@ def shown_state(state: Health, last_heartbeat: float, now: float, policy: Health
             break
         current = step.to
     return current
+
+
+def shown_state_if(state: Health, *, routable: bool) -> Health:
+    """:func:`shown_state` of a worker in ``state``, knowing only whether it is routable.
+
+    Enough to tell the shown state without the time: a routable state
+    (``HEALTHY``, ``UNVERIFIED``) that is no longer routable has fallen
+    silent; a state that is never routable shows as itself until it leaves.
+    """
+    if routable or state not in ROUTABLE:
+        return state
+    step = transition(state, HealthInput.SILENCE)
+    assert isinstance(step, Transition) and step.to is not None  # silence keeps a worker
+    return step.to

@@ -54,6 +54,7 @@ from ._models import (
     CapabilitySchema,
     CapabilityView,
     HealthPolicy,
+    HealthState,
     Registration,
     WorkerEndpoint,
     WorkerRecord,
@@ -437,6 +438,25 @@ class CapabilityRegistry:
         """``(total, routable)`` worker counts at ``now``."""
         routable = sum(1 for worker in self._workers.values() if now <= worker.routable_until)
         return len(self._workers), routable
+
+    def state_counts(self, *, now: float) -> dict[HealthState, int]:
+        """How many workers :meth:`workers` would list in each state at ``now``.
+
+        Every state is a key (0 when none is in it). One pass that builds no
+        views: the service's metrics read it at every scrape.
+        """
+        _check_now(now)
+        held = collections.Counter(
+            (worker.health, now <= worker.routable_until) for worker in self._workers.values()
+        )
+        counts = dict.fromkeys(HealthState, 0)
+        for (state, routable), number in held.items():
+            counts[health.shown_state_if(state, routable=routable).reported] += number
+        return counts
+
+    def capability_count(self) -> int:
+        """How many distinct ``(verb, capability)`` pairs the registered workers offer."""
+        return len(self._rotations)
 
     def records(self) -> list[WorkerRecord]:
         """Every worker as a record, in registration order."""

@@ -66,8 +66,9 @@ from .http import (
 )
 from .identity import caller_identity
 from .journal import Journal, JournalError
+from .metrics import Metrics, RequestDurationMiddleware, metrics_response
 from .openapi import ROUTE_PATHS, openapi_document
-from .telemetry import Metrics, TracingMiddleware, annotate, tracer
+from .telemetry import TracingMiddleware, annotate, tracer
 
 __all__ = ["ClampedClock", "ControllerService", "Sweeper", "answer", "create_app"]
 
@@ -180,8 +181,10 @@ class ControllerService:
         self.config = config
         self.policy = registry.policy
         self.clock = ClampedClock(clock)
+        self.metrics = Metrics()
+        self.metrics.watch(registry, self.clock)
         self.effects = Effects(
-            metrics=Metrics(),
+            metrics=self.metrics,
             journal_expected=config.state_dir is not None,
             heartbeat_line_every=self.policy.unhealthy_after / 2,
         )
@@ -317,6 +320,10 @@ class ControllerService:
         )
         return answer(WorkersAnswer(workers=entries))
 
+    async def exposition(self, request: Request) -> Response:
+        """GET /metrics: the Prometheus text exposition of the app's metrics."""
+        return metrics_response(self.metrics.registry)
+
     async def openapi(self, request: Request) -> Response:
         """GET /openapi.json: the OpenAPI 3.1 document of this API."""
         return Response(self._document_body, media_type="application/json")
@@ -334,6 +341,7 @@ class ControllerService:
             "/health": (self.health, "GET"),
             "/capabilities": (self.capabilities, "GET"),
             "/workers": (self.workers, "GET"),
+            "/metrics": (self.exposition, "GET"),
             "/openapi.json": (self.openapi, "GET"),
         }
         assert set(endpoints) == set(ROUTE_PATHS), "the document and the routes disagree"
@@ -384,6 +392,7 @@ class ControllerService:
             self.config.state_dir,
             snapshots=RegistrySnapshots(self.registry),
             compact_min_bytes=self.config.journal_compact_min_bytes,
+            timings=self.metrics,
         )
         stack.push_async_callback(journal.aclose)
         started = time.perf_counter()
@@ -492,7 +501,8 @@ def create_app(
     ``registry`` defaults to an empty one with ``config.policy`` (a registry
     passed in keeps its own policy, which the service then uses); ``clock``
     is the wall clock (seconds since the epoch), clamped so that it never
-    goes backwards. ``app.state.service`` is the :class:`ControllerService`.
+    goes backwards. ``app.state.service`` is the :class:`ControllerService`;
+    ``app.state.metrics_registry`` the app's own Prometheus registry.
     """
     if registry is None:
         registry = CapabilityRegistry(config.policy)
@@ -500,9 +510,10 @@ def create_app(
     app = ServiceApp(
         routes=service.routes(),
         middleware=[
+            Middleware(RequestDurationMiddleware, metrics=service.metrics),
             Middleware(
                 TracingMiddleware, route_paths=ROUTE_PATHS, controller_id=config.controller_id
-            )
+            ),
         ],
         exception_handlers={
             ApiError: _api_error,
@@ -514,4 +525,6 @@ def create_app(
         lifespan=service.lifespan,
     )
     app.state.service = service
+    # Another collector joins /metrics with app.state.metrics_registry.register(...).
+    app.state.metrics_registry = service.metrics.registry
     return app

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from .config import GatewayConfig, is_positive_number, is_whole_number
+from .logs import LOG_FORMATS, configure_logging
 
 if TYPE_CHECKING:
     from .server import ServerSettings
@@ -153,6 +154,12 @@ def add_serve_command(subcommands: Subcommands) -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="(info)")
     parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="text",
+        help="text: one line for people; json: one JSON object a line (text)",
+    )
+    parser.add_argument(
         "--gateway",
         action="store_true",
         help="also serve POST /execute: route a call and forward it to the worker",
@@ -206,7 +213,7 @@ def run_serve(args: argparse.Namespace) -> int:
             "expected --heartbeat-interval <= --unhealthy-after <= --evict-after, got "
             f"{args.heartbeat_interval:g}, {args.unhealthy_after:g}, {args.evict_after:g}"
         ) from None
-    _configure_logging(args.log_level)
+    configure_logging(args.log_level, args.log_format)
 
     from hypercorn.utils import LifespanFailureError
 
@@ -329,14 +336,6 @@ def _check_tls_flags(
                 "--trust-proxy-cert-header is for a controller behind a TLS-terminating proxy; "
                 "with --ca-certs the controller checks client certificates itself"
             )
-
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
 
 
 def _path_from(flag: Path | None, variable: str) -> Path | None:

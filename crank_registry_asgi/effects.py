@@ -42,7 +42,7 @@ from crank_registry import (
 
 from .http import ApiError
 from .journal import JournalUnavailable
-from .telemetry import Metrics
+from .metrics import Metrics
 
 __all__ = ["Effects", "LineJournal", "RegistrySnapshots", "log_fields", "logger"]
 
@@ -164,10 +164,10 @@ class Effects:
     def _observe(self, event: Event) -> None:
         span = trace.get_current_span()
         if isinstance(event, HeartbeatReceived):
-            self.metrics.heartbeats.add(1)
+            self.metrics.heartbeats.inc()
             return
         if isinstance(event, WorkerRegistered):
-            self.metrics.registrations.add(1, {"crank.replaced": event.replaced})
+            self.metrics.registered[event.replaced].inc()
             labels = ",".join(capability_label(c.key) for c in event.capabilities)
             fields: dict[str, object] = {
                 "worker_id": event.worker_id,
@@ -177,12 +177,12 @@ class Effects:
             }
             message = "worker registered"
         elif isinstance(event, WorkerDeregistered):
-            self.metrics.deregistrations.add(1)
+            self.metrics.deregistrations.inc()
             fields = {"worker_id": event.worker_id}
             message = "worker deregistered"
         elif isinstance(event, (WorkerEvicted, WorkerUnhealthy)):
             evicted = isinstance(event, WorkerEvicted)
-            (self.metrics.evictions if evicted else self.metrics.unhealthy).add(1)
+            (self.metrics.evictions if evicted else self.metrics.unhealthy_transitions).inc()
             fields = {
                 "worker_id": event.worker_id,
                 "last_heartbeat": iso_utc(event.last_heartbeat),
@@ -205,8 +205,8 @@ class Effects:
 
     def routed(self) -> None:
         """Count a route answered with a worker."""
-        self.metrics.routes.add(1)
+        self.metrics.routed.inc()
 
     def no_worker(self) -> None:
         """Count a route answered ``no_worker_available``."""
-        self.metrics.no_worker.add(1)
+        self.metrics.no_worker.inc()

@@ -67,6 +67,7 @@ from .app import ControllerService
 from .config import GatewayConfig
 from .execute import EXECUTE_PATH, Gateway
 from .http import ServiceApp, internal_error
+from .metrics import RequestDurationMiddleware
 from .openapi import (
     BODY_ERRORS,
     ERRORS,
@@ -173,7 +174,8 @@ def create_gateway_app(
     The result serves ``/execute`` itself and every other path through
     ``controller``; its lifespan runs the controller's (journal, sweeper)
     and closes the gateway's connections on shutdown. ``app.state.service``
-    is the controller's service, ``app.state.gateway`` the :class:`Gateway`.
+    is the controller's service, ``app.state.gateway`` the :class:`Gateway`,
+    ``app.state.metrics_registry`` the controller's Prometheus registry.
     """
     service = getattr(controller.state, "service", None)
     if not isinstance(service, ControllerService):
@@ -186,8 +188,11 @@ def create_gateway_app(
             yield
 
     controller_id = service.config.controller_id
-    traced: ASGIApp = TracingMiddleware(
-        gateway, route_paths=(EXECUTE_PATH,), controller_id=controller_id
+    # The controller's middleware times only the paths mounted below: /execute
+    # joins its request histogram here.
+    traced: ASGIApp = RequestDurationMiddleware(
+        TracingMiddleware(gateway, route_paths=(EXECUTE_PATH,), controller_id=controller_id),
+        metrics=service.metrics,
     )
     # The document is rendered once; a response object is a reusable ASGI app.
     document: ASGIApp = TracingMiddleware(
@@ -206,6 +211,7 @@ def create_gateway_app(
     )
     app.state.service = service
     app.state.gateway = gateway
+    app.state.metrics_registry = service.metrics.registry
     return app
 
 

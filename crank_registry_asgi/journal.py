@@ -23,6 +23,8 @@ is the effects module's to decide (:mod:`crank_registry_asgi.effects`).
   fsynced, renamed over the journal and the directory fsynced. A crash at
   any point leaves either the old journal or the new one, both complete; a
   leftover temporary file is removed on the next start.
+* Timings. The :class:`JournalTimings` given to :meth:`Journal.open` hears
+  how long each append and each batch fsync took (the service's metrics).
 * One writer. :meth:`Journal.open` takes an exclusive ``flock`` on
   ``STATE_DIR/registry.lock``; a second controller on the same directory
   gets :class:`JournalError` saying who holds it.
@@ -44,6 +46,7 @@ import logging
 import os
 import pathlib
 import stat
+import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -56,6 +59,7 @@ __all__ = [
     "LOCK_NAME",
     "Journal",
     "JournalError",
+    "JournalTimings",
     "JournalUnavailable",
     "SnapshotSource",
 ]
@@ -107,6 +111,24 @@ class SnapshotSource(Protocol):
         """
 
 
+class JournalTimings(Protocol):
+    """Hears how long the journal's writes take (:class:`~crank_registry_asgi.metrics.Metrics`)."""
+
+    def appended(self, seconds: float) -> None:
+        """An :meth:`Journal.append` returned (or raised) after ``seconds``."""
+
+    def fsynced(self, seconds: float) -> None:
+        """A batch's fsync took ``seconds`` (called from the writing thread)."""
+
+
+class _NoTimings:
+    def appended(self, seconds: float) -> None:
+        pass
+
+    def fsynced(self, seconds: float) -> None:
+        pass
+
+
 class _Batch:
     """Lines waiting to be written together, and the outcome all their callers share."""
 
@@ -147,8 +169,10 @@ class Journal:
         fsync: bool,
         compact_ratio: float,
         compact_min_bytes: int,
+        timings: JournalTimings,
     ) -> None:
         """Use :meth:`open`."""
+        self._timings = timings
         self.state_dir = state_dir
         self.path = state_dir / JOURNAL_NAME
         self._snapshots = snapshots
@@ -185,6 +209,7 @@ class Journal:
         fsync: bool = True,
         compact_ratio: float = 2.0,
         compact_min_bytes: int = DEFAULT_COMPACT_MIN_BYTES,
+        timings: JournalTimings | None = None,
     ) -> Journal:
         """Create the directory if needed, lock it, and open ``registry.jsonl`` for append.
 
@@ -193,6 +218,7 @@ class Journal:
         benchmarks: a crash of the machine may then lose acknowledged
         registrations). Compaction starts when the file exceeds
         ``compact_ratio`` times a snapshot's size and ``compact_min_bytes``.
+        ``timings`` hears the duration of every append and batch fsync.
         Raises :class:`JournalError` when the directory is held by another
         controller or the journal cannot be opened.
         """
@@ -246,6 +272,7 @@ class Journal:
             fsync=fsync,
             compact_ratio=compact_ratio,
             compact_min_bytes=compact_min_bytes,
+            timings=timings if timings is not None else _NoTimings(),
         )
 
     def read(self) -> bytes:
@@ -294,6 +321,14 @@ class Journal:
         :class:`JournalUnavailable` when the write of a durable batch fails
         (nothing of its batch is then in the file). May compact the file.
         """
+        started = time.perf_counter()
+        try:
+            await self._append(lines, durable=durable)
+        finally:
+            if lines:
+                self._timings.appended(time.perf_counter() - started)
+
+    async def _append(self, lines: Sequence[bytes], *, durable: bool) -> None:
         if not self._read_done:
             raise RuntimeError("read() must run before append()")
         if self._closed:
@@ -374,7 +409,9 @@ class Journal:
             while view:
                 view = view[os.write(self._fd, view) :]
             if sync:
+                started = time.perf_counter()
                 os.fsync(self._fd)
+                self._timings.fsynced(time.perf_counter() - started)
         except OSError:
             try:
                 os.ftruncate(self._fd, self._size)

@@ -131,7 +131,11 @@ ERRORS: Mapping[str, ErrorCode] = {
 
 @attrs.frozen
 class Operation:
-    """One endpoint: its 200 answer is ``answer``, its errors the codes in ``errors``."""
+    """One endpoint: its 200 answer is ``answer``, its errors the codes in ``errors``.
+
+    ``media_type`` is the 200 answer's; an answer that is not JSON is
+    ``text/plain``, a string.
+    """
 
     method: str
     path: str
@@ -141,6 +145,7 @@ class Operation:
     answer_description: str
     request: type[Any] | None = None
     errors: tuple[str, ...] = ()
+    media_type: str = "application/json"
 
 
 #: What any endpoint with a body may answer about it.
@@ -200,6 +205,15 @@ OPERATIONS: tuple[Operation, ...] = (
     ),
     Operation(
         "GET", "/workers", "workers", "Every worker and its health", WorkersAnswer, "The workers."
+    ),
+    Operation(
+        "GET",
+        "/metrics",
+        "metrics",
+        "Prometheus metrics (text exposition format 0.0.4)",
+        str,
+        "The metrics; the README lists each one and its labels.",
+        media_type="text/plain",
     ),
     Operation(
         "GET", "/openapi.json", "openapi", "This document", dict[str, Any], "The OpenAPI document."
@@ -342,8 +356,16 @@ def operation_object(
             "required": True,
             "content": {"application/json": {"schema": schema}},
         }
+    schema = type_schema(operation.answer, components)
+    if operation.media_type == "application/json":
+        success = json_answer(operation.answer_description, schema)
+    else:
+        success = {
+            "description": operation.answer_description,
+            "content": {operation.media_type: {"schema": schema}},
+        }
     result["responses"] = {
-        "200": json_answer(operation.answer_description, type_schema(operation.answer, components)),
+        "200": success,
         **error_answers(operation.errors, errors),
     }
     return result

@@ -1,22 +1,22 @@
-"""Tracing and metrics through the OpenTelemetry API (a no-op without an SDK).
+"""Tracing through the OpenTelemetry API (a no-op without an SDK).
 
 :class:`TracingMiddleware` opens one server span per request, named after
 the route (``POST /register``), parented by the caller's W3C
 ``traceparent``; endpoints add ``crank.*`` attributes to it through
-:func:`annotate`. :class:`Metrics` holds the counters that effects feed.
+:func:`annotate`. Metrics are Prometheus' (:mod:`crank_registry_asgi.metrics`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection
 
-from opentelemetry import metrics, propagate, trace
+from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["INSTRUMENTATION_NAME", "Metrics", "TracingMiddleware", "annotate", "tracer"]
+__all__ = ["INSTRUMENTATION_NAME", "TracingMiddleware", "annotate", "tracer"]
 
-#: The instrumentation scope of the service's spans and metrics.
+#: The instrumentation scope of the service's spans.
 INSTRUMENTATION_NAME = "crank_registry_asgi"
 
 
@@ -46,36 +46,6 @@ def annotate(
         span.set_attribute("crank.verb", verb)
     if capability is not None:
         span.set_attribute("crank.capability", capability)
-
-
-class Metrics:
-    """The service's counters (created from the global meter provider)."""
-
-    def __init__(self) -> None:
-        meter = metrics.get_meter(INSTRUMENTATION_NAME)
-        self.registrations = meter.create_counter(
-            "crank.registrations", unit="{registration}", description="Worker registrations"
-        )
-        self.deregistrations = meter.create_counter(
-            "crank.deregistrations", unit="{worker}", description="Workers that left"
-        )
-        self.heartbeats = meter.create_counter(
-            "crank.heartbeats", unit="{heartbeat}", description="Heartbeats accepted"
-        )
-        self.routes = meter.create_counter(
-            "crank.routes", unit="{route}", description="Routes answered with a worker"
-        )
-        self.no_worker = meter.create_counter(
-            "crank.routes.no_worker",
-            unit="{route}",
-            description="Routes answered no_worker_available",
-        )
-        self.evictions = meter.create_counter(
-            "crank.evictions", unit="{worker}", description="Workers evicted for silence"
-        )
-        self.unhealthy = meter.create_counter(
-            "crank.unhealthy", unit="{worker}", description="Workers that stopped being routable"
-        )
 
 
 class TracingMiddleware:

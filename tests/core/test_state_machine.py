@@ -340,6 +340,12 @@ class RegistryMachine(RuleBasedStateMachine):
             len(model),
             sum(routable(worker, now) for worker in model.values()),
         )
+        shown = [model_state(worker, now) for worker in model.values()]
+        assert registry.state_counts(now=now) == {
+            state: shown.count(state) for state in HealthState
+        }
+        offered = {key for worker in model.values() for key in worker.capabilities}
+        assert registry.capability_count() == len(offered)
         groups: dict[tuple[str, str, str], tuple[list[str], list[str]]] = {}
         for worker_id, worker in model.items():
             for (verb, name), version in worker.capabilities.items():

@@ -38,7 +38,7 @@ from crank_registry_asgi.journal import (
     JournalError,
     JournalUnavailable,
 )
-from crank_registry_asgi.telemetry import Metrics
+from crank_registry_asgi.metrics import Metrics
 from tests.builders import capability
 from tests.journal.helpers import T0, ids, normalized, replayed_bytes
 

@@ -32,7 +32,7 @@ from crank_registry import (
     unstructure,
 )
 from crank_registry_asgi.effects import Effects
-from crank_registry_asgi.telemetry import Metrics
+from crank_registry_asgi.metrics import Metrics
 from tests.builders import capability
 from tests.journal.helpers import T0, replayed, urls, worker_ids
 

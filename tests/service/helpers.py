@@ -42,8 +42,19 @@ def documented_schema(method: str, path: str, status: int) -> dict[str, Any]:
 
 
 def check_documented(method: str, path: str, response: httpx.Response) -> Any:
-    """Assert that a response is JSON and agrees with the document; return its body."""
+    """Assert that a response agrees with the document; return its body (JSON, or text).
+
+    A 200 answer documented in another media type than JSON (``/metrics``)
+    must carry that media type; its body is returned as text.
+    """
     assert response.status_code != 500, response.text
+    operation = DOCUMENT["paths"].get(path, {}).get(method.lower())
+    if operation is not None and response.status_code == 200:
+        content = operation["responses"]["200"]["content"]
+        if "application/json" not in content:
+            media_type = response.headers["content-type"].split(";")[0].strip()
+            assert media_type in content, (method, path, response.headers)
+            return response.text
     assert response.headers["content-type"] == "application/json", response.headers
     body = response.json()
     schema = documented_schema(method, path, response.status_code)

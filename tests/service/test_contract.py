@@ -342,6 +342,7 @@ async def test_openapi_document_is_served() -> None:
             "/route",
             "/capabilities",
             "/workers",
+            "/metrics",
             "/openapi.json",
         }
 

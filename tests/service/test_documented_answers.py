@@ -69,6 +69,7 @@ async def _answers(state_dir: Path) -> list[tuple[str, str, httpx.Response]]:
         await send(api, "GET", "/capabilities")
         await send(api, "GET", "/workers")
         await send(api, "GET", "/openapi.json")
+        await send(api, "GET", "/metrics")
         await send(api, "POST", "/deregister", json={"worker_id": "w1"})
         await send(api, "POST", "/heartbeat", json={"worker_id": "w1"})  # worker_not_registered
         await send(api, "POST", "/register", json={"worker_id": ""})  # invalid_request

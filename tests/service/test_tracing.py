@@ -1,13 +1,8 @@
-"""Spans and counters through the OpenTelemetry SDK's in-memory exporters."""
+"""Spans through the OpenTelemetry SDK's in-memory exporter."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
-from opentelemetry import metrics
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
@@ -19,16 +14,6 @@ pytestmark = pytest.mark.anyio
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
 TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
-
-
-@pytest.fixture(scope="session")
-def metric_reader() -> InMemoryMetricReader | None:
-    """An in-memory metric reader on the global meter provider, if this session sets it."""
-    if isinstance(metrics.get_meter_provider(), MeterProvider):
-        return None
-    reader = InMemoryMetricReader()
-    metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
-    return reader
 
 
 def server_span(exporter: InMemorySpanExporter, name: str) -> ReadableSpan:
@@ -105,46 +90,6 @@ async def test_without_traceparent_the_span_is_a_root(spans: InMemorySpanExporte
     # A path that is not a route does not become a span name.
     unknown = server_span(spans, "GET")
     assert dict(unknown.attributes or {})["http.response.status_code"] == 404
-
-
-async def test_counters(metric_reader: InMemoryMetricReader | None) -> None:
-    if metric_reader is None:
-        pytest.skip("another test installed the global meter provider first")
-    before = _sums(metric_reader)
-    async with running() as api:
-        await api.register("w1")
-        await api.register("w2")
-        await api.post("/heartbeat", {"worker_id": "w1"})
-        assert await api.route() == "w1"
-        assert await api.route("classify", "nothing") is None
-        await api.post("/deregister", {"worker_id": "w2"})
-        api.advance(121)
-        await api.service.sweep()
-    after = _sums(metric_reader)
-    delta = {name: after.get(name, 0) - before.get(name, 0) for name in after}
-    assert delta == {
-        "crank.registrations": 2,
-        "crank.heartbeats": 1,
-        "crank.routes": 1,
-        "crank.routes.no_worker": 1,
-        "crank.deregistrations": 1,
-        "crank.unhealthy": 1,
-        "crank.evictions": 1,
-    }
-
-
-def _sums(reader: InMemoryMetricReader) -> dict[str, Any]:
-    data = reader.get_metrics_data()
-    totals: dict[str, Any] = {}
-    if data is None:
-        return totals
-    for resource in data.resource_metrics:
-        for scope in resource.scope_metrics:
-            if scope.scope.name != "crank_registry_asgi":
-                continue
-            for metric in scope.metrics:
-                totals[metric.name] = sum(point.value for point in metric.data.data_points)  # type: ignore[union-attr]
-    return totals
 
 
 async def test_mounted_under_a_prefix(spans: InMemorySpanExporter) -> None:
