@@ -12,7 +12,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from tests.service.helpers import running
+from tests.service.helpers import UNKNOWN, running
 
 pytestmark = pytest.mark.anyio
 
@@ -81,7 +81,7 @@ async def test_route_span_attributes(spans: InMemorySpanExporter) -> None:
         await api.request("POST", "/route", json=ask, headers=headers)
         routed = server_span(spans, "POST /route")
         spans.clear()
-        ask = {"verb": "classify", "capability": "nothing"}
+        api.advance(61)  # silent past unhealthy_after
         await api.request("POST", "/route", json=ask, headers=headers)
         missed = server_span(spans, "POST /route")
     attributes = dict(routed.attributes or {})
@@ -116,9 +116,11 @@ async def test_counters(metric_reader: InMemoryMetricReader | None) -> None:
         await api.register("w2")
         await api.post("/heartbeat", {"worker_id": "w1"})
         assert await api.route() == "w1"
-        assert await api.route("classify", "nothing") is None
+        assert await api.route("classify", "nothing") == UNKNOWN  # not an outage: not counted
+        api.advance(61)
+        assert await api.route() is None
         await api.post("/deregister", {"worker_id": "w2"})
-        api.advance(121)
+        api.advance(60)
         await api.service.sweep()
     after = _sums(metric_reader)
     delta = {name: after.get(name, 0) - before.get(name, 0) for name in after}
@@ -152,6 +154,6 @@ async def test_mounted_under_a_prefix(spans: InMemorySpanExporter) -> None:
 
     async with mounted() as client:
         response = await client.post("/crank/route", json={"verb": "v", "capability": "c"})
-        assert response.status_code == 503
+        assert response.status_code == 404
     span = server_span(spans, "POST /crank/route")
     assert dict(span.attributes or {})["http.route"] == "/crank/route"
