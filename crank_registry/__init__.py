@@ -34,6 +34,7 @@ from ._errors import (
     NotSupported,
     Problem,
     RegistryError,
+    UnknownCapability,
     ValidationError,
     WorkerNotRegistered,
 )
@@ -159,6 +160,7 @@ __all__ = [
     "WorkerEvicted",
     "WorkerHealthy",
     "WorkerImported",
+    "UnknownCapability",
     "WorkerNotRegistered",
     "WorkerRecord",
     "WorkerRegistered",

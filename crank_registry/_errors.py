@@ -8,7 +8,8 @@ layer should answer with (the h11 ``error_status_hint`` idea)::
     ├── ValidationError       invalid_request        422
     ├── NotSupported          not_supported          422
     ├── Forbidden             forbidden              403
-    └── WorkerNotRegistered   worker_not_registered  404
+    ├── WorkerNotRegistered   worker_not_registered  404
+    └── UnknownCapability     unknown_capability     404
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ __all__ = [
     "NotSupported",
     "Problem",
     "RegistryError",
+    "UnknownCapability",
     "ValidationError",
     "WorkerNotRegistered",
 ]
@@ -126,3 +128,24 @@ class Forbidden(RegistryError):
         else:
             message = f"identity {identity!r} may not act on worker {worker_id!r}"
         super().__init__(message)
+
+
+class UnknownCapability(RegistryError):
+    """No registered worker, in any state, offers ``(verb, capability)``.
+
+    A typo or a capability never deployed, not an outage: asking again will
+    not help until a worker offering it registers (no ``Retry-After``). A
+    known pair with no routable worker is not this error: ``route`` answers
+    ``None`` for it.
+    """
+
+    code = "unknown_capability"
+    status_hint = 404
+
+    def __init__(self, verb: str, capability: str) -> None:
+        self.verb = verb
+        self.capability = capability
+        super().__init__(
+            f"no registered worker offers verb {verb!r} on capability {capability!r}; "
+            "check the spelling against GET /capabilities"
+        )

@@ -35,7 +35,7 @@ from typing import Any
 
 from . import _health as health
 from ._converter import structure, unstructure
-from ._errors import NotSupported, ValidationError, WorkerNotRegistered
+from ._errors import NotSupported, UnknownCapability, ValidationError, WorkerNotRegistered
 from ._events import (
     Change,
     Event,
@@ -359,6 +359,12 @@ class CapabilityRegistry:
     ) -> WorkerEndpoint | None:
         """The next routable worker for ``(verb, capability)``, round-robin, or ``None``.
 
+        ``None`` means the pair is known (some registered worker offers it,
+        in any state) but none is routable at ``now``: an outage, worth
+        retrying. A pair no registered worker offers at all raises
+        :class:`UnknownCapability`: a typo is not an outage. Both cost one
+        dictionary lookup: a pair keeps its rotation while it has members.
+
         The optional parameters are refused with :class:`NotSupported`
         until they have behaviour.
         """
@@ -380,7 +386,7 @@ class CapabilityRegistry:
             )
         rotation = self._rotations.get((verb, capability))
         if rotation is None:
-            return None
+            raise UnknownCapability(verb, capability)
         _check_now(now)
         member = rotation.next(now)
         return None if member is None else member.endpoint

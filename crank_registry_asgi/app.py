@@ -43,6 +43,7 @@ from crank_registry import (
     Registration,
     RegistryError,
     RouteRequest,
+    UnknownCapability,
     ValidationError,
     WorkerEntry,
     WorkersAnswer,
@@ -278,16 +279,20 @@ class ControllerService:
         """POST /route: the next worker for a verb and capability."""
         ask = _route_request(await self._body(request))
         annotate(verb=ask.verb, capability=ask.capability)
-        endpoint = self.registry.route(
-            ask.verb,
-            ask.capability,
-            now=self.clock(),
-            requester_identity=ask.requester_identity,
-            slo_constraints=ask.slo_constraints,
-            budget_tokens=ask.budget_tokens,
-            idempotency_key=ask.idempotency_key,
-            version=ask.version,
-        )
+        try:
+            endpoint = self.registry.route(
+                ask.verb,
+                ask.capability,
+                now=self.clock(),
+                requester_identity=ask.requester_identity,
+                slo_constraints=ask.slo_constraints,
+                budget_tokens=ask.budget_tokens,
+                idempotency_key=ask.idempotency_key,
+                version=ask.version,
+            )
+        except UnknownCapability:
+            self.effects.unknown_capability()
+            raise
         if endpoint is None:
             raise self.no_worker_available(ask.verb, ask.capability)
         self.effects.routed()

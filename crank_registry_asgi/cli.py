@@ -6,6 +6,10 @@ Subcommands:
   or over plain HTTP when ``--insecure`` asks for it by name;
 - ``certs``: write a development CA, a controller certificate and one client
   certificate per worker.
+- ``workers``, ``capabilities``, ``route``, ``health``: ask a running
+  controller (:mod:`crank_registry_asgi.client_cli`).
+
+``--version`` (``-V``) prints the versions of the installed distributions.
 
 Each subcommand is one ``add_*_command`` function that declares its flags and
 sets its handler; :func:`build_parser` calls them in turn. Exit status: 0 on
@@ -53,7 +57,10 @@ class UsageError(Exception):
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # Said by the subcommand's parser, so the usage shown is the subcommand's.
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
@@ -69,10 +76,57 @@ def build_parser() -> argparse.ArgumentParser:
         prog="crank-registry",
         description="The crank capability registry: controller service and tools.",
     )
+    parser.add_argument(
+        "-V", "--version", action=_VersionAction, help="print the installed versions and exit"
+    )
     subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_serve_command(subcommands)
     add_certs_command(subcommands)
+    from .client_cli import add_client_commands
+
+    add_client_commands(subcommands)
+    for command_parser in subcommands.choices.values():
+        command_parser.set_defaults(command_parser=command_parser)
     return parser
+
+
+#: The distributions whose versions ``--version`` prints, the command's own first.
+DISTRIBUTIONS = ("crank-registry-asgi", "crank-registry", "crank-worker-client")
+
+
+def version_text() -> str:
+    """``crank-registry-asgi 0.1.0 (crank-registry 0.1.0, crank-worker-client 0.1.0)``.
+
+    The versions of the installed distributions (importlib.metadata).
+    """
+    import importlib.metadata
+
+    versions = []
+    for name in DISTRIBUTIONS:
+        try:
+            versions.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(f"{name} (not installed)")
+    return f"{versions[0]} ({', '.join(versions[1:])})"
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: print :func:`version_text` on stdout and exit 0 (read only when asked)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(
+            option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, help=help
+        )
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        print(version_text())
+        parser.exit(0)
 
 
 # ------------------------------------------------------------------ serve

@@ -210,3 +210,7 @@ class Effects:
     def no_worker(self) -> None:
         """Count a route answered ``no_worker_available``."""
         self.metrics.no_worker.inc()
+
+    def unknown_capability(self) -> None:
+        """Count a route answered ``unknown_capability`` (a pair no worker offers)."""
+        self.metrics.unknown_capability.inc()

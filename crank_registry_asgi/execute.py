@@ -24,6 +24,7 @@ from crank_registry import (
     Problem,
     RegistryError,
     RouteRequest,
+    UnknownCapability,
     ValidationError,
     WorkerEndpoint,
     structure,
@@ -134,7 +135,13 @@ class Gateway:
         tried: set[str] = set()
         for _ in range(self.config.max_attempts):
             now = self.service.clock()
-            endpoint = next_worker(self.service.registry, verb, capability, tried=tried, now=now)
+            try:
+                endpoint = next_worker(
+                    self.service.registry, verb, capability, tried=tried, now=now
+                )
+            except UnknownCapability:
+                self.service.effects.unknown_capability()
+                raise
             if endpoint is None:
                 break
             tried.add(endpoint.worker_id)

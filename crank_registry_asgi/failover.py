@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from crank_registry import CapabilityRegistry, WorkerEndpoint
+from crank_registry import CapabilityRegistry, UnknownCapability, WorkerEndpoint
 
 __all__ = ["next_worker"]
 
@@ -27,8 +27,18 @@ def next_worker(
     worker already tried means it has come round: none is left. The core's
     ``exclude`` routing option (DESIGN, "Routing options") takes this over:
     ``registry.route(..., exclude=tried)``, and the check on ``tried`` goes.
+
+    Raises :class:`~crank_registry.UnknownCapability` when no registered
+    worker offers the pair at the first choice (the gateway answers 404).
+    After an attempt, a pair whose workers have all left meanwhile gives
+    ``None``: the failed attempts are the answer then, not a typo.
     """
-    endpoint = registry.route(verb, capability, now=now)
+    try:
+        endpoint = registry.route(verb, capability, now=now)
+    except UnknownCapability:
+        if tried:
+            return None
+        raise
     if endpoint is None or endpoint.worker_id in tried:
         return None
     return endpoint

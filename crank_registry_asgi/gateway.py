@@ -27,6 +27,7 @@ Answers of the gateway itself::
     502 worker_failed       the worker answered 5xx or something outside the
                             convention, dropped the connection, or every attempt
                             was refused (worker_id: the last worker tried)
+    404 unknown_capability  no registered worker in any state offers the pair
     503 no_worker_available no routable worker (Retry-After: the heartbeat interval)
     504 worker_timeout      the worker stayed silent longer than the timeout
 
@@ -75,6 +76,7 @@ from .openapi import (
     ErrorCode,
     Operation,
     build_document,
+    component_name,
     json_answer,
     property_schemas,
     ref,
@@ -124,7 +126,7 @@ _EXECUTE = Operation(
     InvocationAnswer,
     "The worker's answer: JSON, or NDJSON when it streams.",
     ExecuteRequest,
-    (*BODY_ERRORS, "no_worker_available", *GATEWAY_ERRORS),
+    (*BODY_ERRORS, "unknown_capability", "no_worker_available", *GATEWAY_ERRORS),
 )
 
 _WORKER_HEADERS = {
@@ -155,6 +157,11 @@ def gateway_openapi_document() -> dict[str, Any]:
     refused["description"] += " Or the worker refused the payload (its own error, passed on)."
     refused["content"]["application/json"]["schema"] = {
         "anyOf": [ref("InvalidRequest"), ref("WorkerError")]
+    }
+    unknown = responses["404"]
+    unknown["description"] += " Or the worker's own 404, passed on (then with X-Crank-Worker-Id)."
+    unknown["content"]["application/json"]["schema"] = {
+        "anyOf": [ref(component_name("unknown_capability")), ref("WorkerError")]
     }
     responses["4XX"] = json_answer(
         "The worker's own 4xx error, passed on.", ref("WorkerError"), headers=_WORKER_HEADERS

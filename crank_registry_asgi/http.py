@@ -5,7 +5,8 @@ TEXT, ...}`` with a stable ``CODE``: the core's
 :class:`~crank_registry.ErrorAnswer`, rendered by :func:`error_response`.
 The service's own failures (the body, the route table, the journal) are
 raised as :class:`ApiError`; the core's
-:class:`~crank_registry.RegistryError` values (``forbidden`` among them)
+:class:`~crank_registry.RegistryError` values (``forbidden`` and
+``unknown_capability`` among them)
 carry their own code and status and are rendered by
 :func:`registry_error_response`::
 
@@ -44,6 +45,7 @@ from crank_registry import (
     Forbidden,
     NotSupported,
     RegistryError,
+    UnknownCapability,
     ValidationError,
     WorkerNotRegistered,
     unstructure,
@@ -144,6 +146,9 @@ def registry_error_response(error: RegistryError) -> JSONResponse:
         fields["field"] = error.field
     elif isinstance(error, (WorkerNotRegistered, Forbidden)):
         fields["worker_id"] = error.worker_id
+    elif isinstance(error, UnknownCapability):
+        fields["verb"] = error.verb
+        fields["capability"] = error.capability
     return error_response(error.status_hint, error.code, str(error), **fields)
 
 

@@ -87,7 +87,7 @@ DURATION_BUCKETS = (
 )
 
 #: The ``outcome`` label values of ``crank_routes_total``.
-ROUTE_OUTCOMES = ("routed", "no_worker")
+ROUTE_OUTCOMES = ("routed", "no_worker", "unknown_capability")
 
 #: The ``method`` label values; any other method is counted as ``OTHER``.
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -168,7 +168,7 @@ class Metrics:
             replaced: self.registrations.labels(replaced=str(replaced).lower())
             for replaced in (False, True)
         }
-        self.routed, self.no_worker = (
+        self.routed, self.no_worker, self.unknown_capability = (
             self.routes.labels(outcome=outcome) for outcome in ROUTE_OUTCOMES
         )
 

@@ -111,9 +111,15 @@ ERRORS: Mapping[str, ErrorCode] = {
         "Unknown, evicted, or restored and not re-registered: register again.",
         ("worker_id",),
     ),
+    "unknown_capability": ErrorCode(
+        404,
+        "No registered worker, in any state, offers this verb and capability: "
+        "a typo or a capability never deployed, not an outage (no Retry-After).",
+        ("verb", "capability"),
+    ),
     "no_worker_available": ErrorCode(
         503,
-        "No healthy worker offers it now.",
+        "Workers offer it, but none is routable now.",
         ("verb", "capability"),
         headers={
             "Retry-After": {
@@ -193,7 +199,7 @@ OPERATIONS: tuple[Operation, ...] = (
         WorkerEndpoint,
         "The worker to call, round-robin.",
         RouteRequest,
-        (*BODY_ERRORS, "not_supported", "no_worker_available"),
+        (*BODY_ERRORS, "not_supported", "unknown_capability", "no_worker_available"),
     ),
     Operation(
         "GET",

@@ -41,6 +41,7 @@ from ._exceptions import (
     NoWorkerAvailable,
     RegistrationFailed,
     UnexpectedResponse,
+    UnknownCapability,
     WorkerNotRegisteredError,
 )
 from ._lifespan import AgentLifespanMiddleware, agent_lifespan
@@ -76,6 +77,7 @@ __all__ = [
     "RegistrationFailed",
     "TLSConfig",
     "UnexpectedResponse",
+    "UnknownCapability",
     "WorkerAgent",
     "WorkerInfo",
     "WorkerNotRegisteredError",

@@ -7,6 +7,11 @@ in :mod:`crank_worker_client._exceptions`. Answers are read into the core's
 answer models with its converter: leniently (extra fields are ignored), but
 a missing, mistyped or invalid field is :class:`UnexpectedResponse`, never a
 ``KeyError``.
+
+The listings (:meth:`ControllerClient.workers`, :meth:`ControllerClient.capabilities`)
+read every page: while an answer carries ``next_cursor`` they ask again with
+``cursor=`` that value, and they send no ``cursor`` on the first request,
+so they read a controller that pages and one that answers all at once.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from ._exceptions import (
     InvalidRequest,
     NoWorkerAvailable,
     UnexpectedResponse,
+    UnknownCapability,
     WorkerNotRegisteredError,
     problems_in,
 )
@@ -197,7 +203,9 @@ class ControllerClient:
         """Ask which worker should serve ``verb`` on ``capability``.
 
         Raises :class:`NoWorkerAvailable` (with the controller's
-        ``retry_after``) when no routable worker offers it. The optional
+        ``retry_after``) when workers offer it but none is routable now, and
+        :class:`UnknownCapability` when no registered worker offers it at all
+        (a typo is not an outage: nothing to wait for). The optional
         parameters are sent only when given; a controller that has no
         behaviour for one answers ``not_supported`` (:class:`InvalidRequest`).
         """
@@ -213,13 +221,13 @@ class ControllerClient:
         return await self._call("POST", "/route", WorkerEndpoint, body)
 
     async def capabilities(self) -> list[CapabilityView]:
-        """``GET /capabilities``: one entry per ``(verb, capability, version)``."""
-        answer = await self._call("GET", "/capabilities", CapabilitiesAnswer)
-        return list(answer.capabilities)
+        """``GET /capabilities``, every page: one entry per ``(verb, capability, version)``."""
+        pages = await self._listing("/capabilities", CapabilitiesAnswer)
+        return [view for page in pages for view in page.capabilities]
 
     async def workers(self) -> list[WorkerInfo]:
-        """``GET /workers``: every registered worker and its health."""
-        answer = await self._call("GET", "/workers", WorkersAnswer)
+        """``GET /workers``, every page: every registered worker and its health."""
+        pages = await self._listing("/workers", WorkersAnswer)
         return [
             WorkerInfo(
                 worker_id=entry.worker_id,
@@ -229,7 +237,8 @@ class ControllerClient:
                 state=entry.state,
                 capabilities=tuple(parse_capability_label(label) for label in entry.capabilities),
             )
-            for entry in answer.workers
+            for page in pages
+            for entry in page.workers
         ]
 
     async def health(self) -> ControllerHealth:
@@ -262,6 +271,29 @@ class ControllerClient:
 
     # -- plumbing ---------------------------------------------------------
 
+    async def _listing(self, path: str, answer: type[T]) -> list[T]:
+        """Every page of the listing at ``path``, following ``next_cursor`` until it is absent."""
+        pages: list[T] = []
+        cursors: set[str] = set()
+        params: dict[str, str] | None = None  # no cursor until the controller gives one
+        while True:
+            data = await self._fetch("GET", path, params=params)
+            pages.append(_read_answer(data, answer, f"GET {path}"))
+            cursor = data.get("next_cursor")
+            if cursor is None:
+                return pages
+            if not isinstance(cursor, str) or not cursor or cursor in cursors:
+                # A cursor seen before would loop for ever.
+                raise UnexpectedResponse(
+                    "unexpected_response",
+                    200,
+                    data,
+                    f"GET {path}: the controller's next_cursor {cursor!r} is not a new, "
+                    "non-empty string",
+                )
+            cursors.add(cursor)
+            params = {"cursor": cursor}
+
     async def _call(
         self,
         method: str,
@@ -271,12 +303,22 @@ class ControllerClient:
         timeout: float | None = None,
     ) -> T:
         """Send the request; its 200 answer read into the model ``answer``."""
+        data = await self._fetch(method, path, body, timeout)
+        return _read_answer(data, answer, f"{method} {path}")
+
+    async def _fetch(
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+        params: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """Send the request; its 2xx answer's JSON object, or the error it means."""
         http = self._open()
+        extra: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
         try:
-            if timeout is None:
-                response = await http.request(method, path, json=body)
-            else:
-                response = await http.request(method, path, json=body, timeout=timeout)
+            response = await http.request(method, path, json=body, params=params, **extra)
         except httpx.TransportError as error:
             raise ControllerUnavailable(
                 f"cannot reach the controller at {self.controller_url}: {_reason(error)}"
@@ -291,16 +333,21 @@ class ControllerClient:
                     f"{method} {path}: the controller answered {response.status_code} "
                     "without a JSON object",
                 )
-            try:
-                return structure(data, answer)
-            except ValidationError as error:
-                raise UnexpectedResponse(
-                    "unexpected_response",
-                    response.status_code,
-                    data,
-                    f"{method} {path}: the controller's answer is not valid: {error}",
-                ) from None
+            return data
         raise error_from_response(response, f"{method} {path}")
+
+
+def _read_answer(data: dict[str, Any], answer: type[T], what: str) -> T:
+    """A 2xx answer's JSON object read into the core's model ``answer`` (unknown fields ignored)."""
+    try:
+        return structure(data, answer)
+    except ValidationError as error:
+        raise UnexpectedResponse(
+            "unexpected_response",
+            200,
+            data,
+            f"{what}: the controller's answer is not valid: {error}",
+        ) from None
 
 
 def error_from_response(response: httpx.Response, what: str) -> ClientError:
@@ -319,6 +366,15 @@ def error_from_response(response: httpx.Response, what: str) -> ClientError:
             body,
             f"{what}: no worker available for {target}{wait}",
             retry_after=retry_after,
+        )
+    if code == "unknown_capability":
+        target = f"{body.get('verb', '?')}:{body.get('capability', '?')}"
+        return UnknownCapability(
+            code,
+            status,
+            body,
+            f"{what}: no registered worker offers {target} (unknown capability: "
+            "check the verb and capability names)",
         )
     reason = _controller_reason(body)
     if status >= 500 or status == 429:

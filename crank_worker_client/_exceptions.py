@@ -7,6 +7,7 @@ One root, :class:`ClientError`; what went wrong decides the branch::
     ├── ControllerUnavailable       network error, timeout, or a 5xx answer: try again later
     ├── ControllerError             the controller answered with an error: .code .status .body
     │   ├── NoWorkerAvailable       503 no_worker_available (.retry_after)
+    │   ├── UnknownCapability       404 unknown_capability: no worker offers it at all
     │   ├── WorkerNotRegisteredError  404 worker_not_registered
     │   ├── ForbiddenError          403 forbidden (the mTLS identity is not this worker)
     │   ├── InvalidRequest          400/413/415/422: invalid_request, not_supported, ... (.problems)
@@ -17,7 +18,9 @@ One root, :class:`ClientError`; what went wrong decides the branch::
 retries it with backoff, and a caller may too. Everything under
 ``ControllerError`` is an answer the controller meant; repeating the same
 request gets the same answer (except ``NoWorkerAvailable``, whose
-``retry_after`` says when a worker may be back).
+``retry_after`` says when a worker may be back). ``UnknownCapability`` is
+not an outage: no registered worker offers the pair (a typo, or nothing
+deployed), so nothing here waits for it or retries it.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ __all__ = [
     "NoWorkerAvailable",
     "RegistrationFailed",
     "UnexpectedResponse",
+    "UnknownCapability",
     "WorkerNotRegisteredError",
 ]
 
@@ -94,6 +98,27 @@ class NoWorkerAvailable(ControllerError):
     ) -> None:
         super().__init__(code, status, body, message)
         self.retry_after = retry_after
+
+
+class UnknownCapability(ControllerError):
+    """No registered worker, in any state, offers the verb and capability (404).
+
+    A typo or a capability never deployed: asking again gets the same
+    answer until a worker offering it registers. ``verb`` and
+    ``capability`` are what the controller says was asked for.
+    """
+
+    @property
+    def verb(self) -> str | None:
+        """The verb asked for, as the controller's answer names it."""
+        value = self.body.get("verb")
+        return value if isinstance(value, str) else None
+
+    @property
+    def capability(self) -> str | None:
+        """The capability asked for, as the controller's answer names it."""
+        value = self.body.get("capability")
+        return value if isinstance(value, str) else None
 
 
 class WorkerNotRegisteredError(ControllerError):

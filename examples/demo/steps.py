@@ -9,7 +9,7 @@
    ``unverified``, routing goes on from that warm cache, and the workers
    re-register within one heartbeat interval (plus jitter).
 4. :func:`stop_one_worker`: SIGTERM one worker; it leaves the registry and
-   its capability has no worker (503).
+   no worker offers its capability any more (404 unknown_capability).
 5. The summary table.
 
 :func:`keep_running` (``--keep-running``) then brings the stopped worker
@@ -171,7 +171,7 @@ def restart_controller(system: System, report: Report, capabilities: list[Capabi
 
 
 def stop_one_worker(system: System, report: Report) -> None:
-    """Step 4: SIGTERM one worker; it deregisters and its capability has no worker."""
+    """Step 4: SIGTERM one worker; it deregisters and no worker offers its capability."""
     report.say(f"stopping {LEAVING} (SIGTERM): it deregisters on the way out")
     stopped_at = time.monotonic()
     system.processes.send(LEAVING, signal.SIGTERM)
@@ -185,16 +185,17 @@ def stop_one_worker(system: System, report: Report) -> None:
     if system.processes.wait_exit(LEAVING, 10) is None:
         raise DemoFailure(f"{LEAVING} did not exit after SIGTERM")
     response, latency = system.execute("greet", "hello", {"name": "nobody"})
-    if response.status_code != 503 or response.json().get("error") != "no_worker_available":
+    # Its only worker left: the pair is unknown now (a 503 would mean an outage).
+    if response.status_code != 404 or response.json().get("error") != "unknown_capability":
         raise DemoFailure(
             f"greet:hello without its worker answered {response.status_code} "
-            f"{response.text[:200]}, expected 503 no_worker_available"
+            f"{response.text[:200]}, expected 404 unknown_capability"
         )
     report.say(
         f"{LEAVING} left the registry {left_after:.2f} s after SIGTERM; "
-        "greet:hello now answers 503 no_worker_available"
+        "greet:hello now answers 404 unknown_capability"
     )
-    report.rows.append(Row("greet:hello (worker gone)", "-", "503 no_worker_available", latency))
+    report.rows.append(Row("greet:hello (worker gone)", "-", "404 unknown_capability", latency))
     report.notes.append(f"{LEAVING} left the registry {left_after:.2f} s after SIGTERM")
 
 

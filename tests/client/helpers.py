@@ -19,6 +19,7 @@ from crank_registry import (
     CapabilityRegistry,
     HealthPolicy,
     Registration,
+    UnknownCapability,
     ValidationError,
     WorkerNotRegistered,
     structure,
@@ -170,7 +171,10 @@ class FakeController:
                 200, json={"status": "deregistered", "worker_id": body["worker_id"]}
             )
         if path == "/route":
-            endpoint = self.registry.route(body["verb"], body["capability"], now=now)
+            try:
+                endpoint = self.registry.route(body["verb"], body["capability"], now=now)
+            except UnknownCapability:
+                return httpx.Response(404, json={"error": "unknown_capability", **body})
             if endpoint is None:
                 return httpx.Response(
                     503,

@@ -30,6 +30,7 @@ from crank_worker_client import (
     NoWorkerAvailable,
     TLSConfig,
     UnexpectedResponse,
+    UnknownCapability,
     WorkerNotRegisteredError,
 )
 from tests.builders import capability
@@ -86,6 +87,35 @@ async def test_no_worker_available_carries_the_retry_after() -> None:
     assert (error.code, error.status, error.retry_after) == ("no_worker_available", 503, 30.0)
     assert isinstance(error, ControllerError) and not isinstance(error, ControllerUnavailable)
     assert "classify:image.classify" in str(error) and "retry after 30 s" in str(error)
+
+
+async def test_unknown_capability_is_its_own_error_and_is_asked_once() -> None:
+    seen: list[httpx.Request] = []
+    body = {
+        "error": "unknown_capability",
+        "message": "no registered worker offers verb 'classify' on capability 'image.clasify'",
+        "verb": "classify",
+        "capability": "image.clasify",
+    }
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(404, json=body)
+
+    async with client_for(handler) as client:
+        with pytest.raises(UnknownCapability) as caught:
+            await client.route("classify", "image.clasify")
+    error = caught.value
+    assert (error.code, error.status, error.verb, error.capability) == (
+        "unknown_capability",
+        404,
+        "classify",
+        "image.clasify",
+    )
+    assert isinstance(error, ControllerError)
+    assert not isinstance(error, (NoWorkerAvailable, ControllerUnavailable))
+    assert "classify:image.clasify" in str(error) and "unknown capability" in str(error)
+    assert len(seen) == 1  # not an outage: never waited for nor retried
 
 
 async def test_retry_after_accepts_seconds_and_http_dates() -> None:
@@ -335,6 +365,74 @@ async def test_listings_and_health_are_read_into_values() -> None:
     assert worker.last_heartbeat == datetime(2026, 11, 26, 20, 0, tzinfo=UTC)
     assert worker.capabilities == (("classify", "image.classify"),)
     assert health == ControllerHealth("ok", 2, 1)
+
+
+def _worker_entry(worker_id: str) -> dict[str, object]:
+    return {
+        "worker_id": worker_id,
+        "worker_url": f"https://{worker_id}:8443",
+        "last_heartbeat": "2026-11-26T20:11:50.123Z",
+        "is_healthy": True,
+        "state": "healthy",
+        "capabilities": ["classify:image.classify"],
+    }
+
+
+def _capability_entry(name: str) -> dict[str, object]:
+    return {
+        "verb": "classify",
+        "capability": name,
+        "version": "1.0.0",
+        "workers": ["w1"],
+        "healthy_workers": ["w1"],
+    }
+
+
+async def test_listings_follow_next_cursor_until_it_is_absent() -> None:
+    seen: list[httpx.Request] = []
+    # Pages keyed by the cursor asked for (None: the first request).
+    workers = {
+        None: {"workers": [_worker_entry("w1"), _worker_entry("w2")], "next_cursor": "c2"},
+        "c2": {"workers": [_worker_entry("w3")], "next_cursor": "c3"},
+        "c3": {"workers": [_worker_entry("w4")]},
+    }
+    counts = {"total_workers": 4, "healthy_workers": 4}
+    capabilities = {
+        None: {"capabilities": [_capability_entry("a")], **counts, "next_cursor": "x"},
+        "x": {"capabilities": [_capability_entry("b")], **counts},
+    }
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        pages = workers if request.url.path == "/workers" else capabilities
+        return httpx.Response(200, json=pages[request.url.params.get("cursor")])
+
+    async with client_for(handler) as client:
+        listed = await client.workers()
+        views = await client.capabilities()
+    assert [worker.worker_id for worker in listed] == ["w1", "w2", "w3", "w4"]
+    assert [view.capability for view in views] == ["a", "b"]
+    # The first request of each listing sends no cursor; the next ones send the one given.
+    assert [(r.url.path, dict(r.url.params)) for r in seen] == [
+        ("/workers", {}),
+        ("/workers", {"cursor": "c2"}),
+        ("/workers", {"cursor": "c3"}),
+        ("/capabilities", {}),
+        ("/capabilities", {"cursor": "x"}),
+    ]
+
+
+@pytest.mark.parametrize("cursor", ["", 7, "again"])
+async def test_a_next_cursor_that_would_loop_or_is_not_a_string_is_unexpected(
+    cursor: object,
+) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        # "again" is given again on the page it leads to: a loop.
+        return httpx.Response(200, json={"workers": [], "next_cursor": cursor})
+
+    async with client_for(handler) as client:
+        with pytest.raises(UnexpectedResponse, match="next_cursor"):
+            await client.workers()
 
 
 async def test_a_worker_entry_with_an_unknown_state_is_unexpected() -> None:

@@ -6,6 +6,7 @@ from crank_registry import (
     CapabilityRegistry,
     HealthPolicy,
     HealthState,
+    UnknownCapability,
 )
 from tests.builders import capability
 
@@ -31,12 +32,23 @@ def routes(
     verb: str = "classify",
     name: str = "image.classify",
 ) -> list[str | None]:
-    """The worker ids of ``count`` successive routes (``None`` for no worker)."""
-    answers = []
+    """The worker ids of ``count`` successive routes.
+
+    ``None`` for no routable worker, ``UNKNOWN`` when no worker offers the pair.
+    """
+    answers: list[str | None] = []
     for _ in range(count):
-        endpoint = registry.route(verb, name, now=now)
+        try:
+            endpoint = registry.route(verb, name, now=now)
+        except UnknownCapability:
+            answers.append(UNKNOWN)
+            continue
         answers.append(None if endpoint is None else endpoint.worker_id)
     return answers
+
+
+#: What :func:`routes` records for a pair that no registered worker offers.
+UNKNOWN = "<unknown capability>"
 
 
 def state_of(registry: CapabilityRegistry, worker_id: str, now: float) -> HealthState | None:

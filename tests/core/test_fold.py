@@ -34,6 +34,7 @@ from crank_registry import (
     HealthPolicy,
     RegistryError,
     Snapshot,
+    UnknownCapability,
     WorkerRecord,
     encode_event,
     encode_snapshot,
@@ -41,7 +42,7 @@ from crank_registry import (
     unstructure,
 )
 from tests.builders import capability
-from tests.core.helpers import T0
+from tests.core.helpers import T0, UNKNOWN
 
 POLICY = HealthPolicy(heartbeat_interval=30.0, unhealthy_after=60.0, evict_after=120.0)
 WORKER_IDS = ("w0", "w1", "w2", "w3", "w4")
@@ -147,7 +148,11 @@ def routes(registry: CapabilityRegistry, now: float, count: int) -> list[list[st
     for verb, name in KEYS:
         answered = []
         for _ in range(count):
-            endpoint = registry.route(verb, name, now=now)
+            try:
+                endpoint = registry.route(verb, name, now=now)
+            except UnknownCapability:
+                answered.append(UNKNOWN)
+                continue
             answered.append(None if endpoint is None else endpoint.worker_id)
         answers.append(answered)
     return answers

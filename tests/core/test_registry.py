@@ -16,6 +16,7 @@ from crank_registry import (
     HealthState,
     HeartbeatReceived,
     NotSupported,
+    UnknownCapability,
     ValidationError,
     WorkerDeregistered,
     WorkerEndpoint,
@@ -30,7 +31,7 @@ from crank_registry import (
 )
 from crank_registry.testing import FakeClock
 from tests.builders import capability
-from tests.core.helpers import T0, registry_with, routes, state_of
+from tests.core.helpers import T0, UNKNOWN, registry_with, routes, state_of
 
 KEY = ("classify", "image.classify")
 
@@ -285,10 +286,27 @@ def test_route_is_correct_without_any_sweep() -> None:
     assert routes(registry, 2, now=T0 + 64.5) == [None, None]
 
 
-def test_unknown_capability_routes_to_none() -> None:
+def test_a_pair_no_worker_offers_is_unknown_not_unavailable() -> None:
     registry = registry_with("w1")
-    assert registry.route("classify", "other", now=T0) is None
-    assert registry.route("other", "image.classify", now=T0) is None
+    for verb, name in [("classify", "other"), ("other", "image.classify")]:
+        with pytest.raises(UnknownCapability) as raised:
+            registry.route(verb, name, now=T0)
+        assert (raised.value.verb, raised.value.capability) == (verb, name)
+        assert (raised.value.code, raised.value.status_hint) == ("unknown_capability", 404)
+
+
+def test_a_known_pair_without_a_routable_worker_is_none() -> None:
+    registry = registry_with("w1")
+    # Silent past unhealthy_after, still registered: the pair is known.
+    assert registry.route(*KEY, now=T0 + 61) is None
+    registry.cleanup_stale(now=T0 + 61)
+    assert registry.route(*KEY, now=T0 + 61) is None
+    # Heard again: routable again.
+    registry.heartbeat("w1", now=T0 + 62)
+    assert routes(registry, 1, now=T0 + 62) == ["w1"]
+    # Its last worker gone, the pair is unknown.
+    registry.deregister("w1", now=T0 + 63)
+    assert routes(registry, 1, now=T0 + 63) == [UNKNOWN]
 
 
 def test_route_returns_the_matched_capability_version() -> None:
@@ -408,7 +426,7 @@ def test_evicted_capability_disappears_from_listings() -> None:
     registry.cleanup_stale(now=T0 + 121)
     assert registry.get_all_capabilities(now=T0 + 121) == []
     assert registry.get_workers_for_capability("classify:image.classify") == []
-    assert registry.route(*KEY, now=T0 + 121) is None
+    assert routes(registry, 1, now=T0 + 121) == [UNKNOWN]
 
 
 # -------------------------------------------------------------------- deregister

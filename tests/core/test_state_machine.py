@@ -26,6 +26,8 @@ from crank_registry import (
     CapabilityView,
     HealthPolicy,
     HealthState,
+    UnknownCapability,
+    WorkerEndpoint,
     WorkerEvicted,
     WorkerImported,
     WorkerNotRegistered,
@@ -177,7 +179,7 @@ class RegistryMachine(RuleBasedStateMachine):
 
     @rule(key=st.sampled_from(KEYS))
     def route(self, key: tuple[str, str]) -> None:
-        endpoint = self.registry.route(*key, now=self.now)
+        endpoint = self.route_once(key)
         candidates = self.routable_for(key)
         if not candidates:
             assert endpoint is None
@@ -193,12 +195,12 @@ class RegistryMachine(RuleBasedStateMachine):
         """Over k routes to n routable workers each gets floor(k/n) or ceil(k/n)."""
         candidates = self.routable_for(key)
         if not candidates:
-            assert self.registry.route(*key, now=self.now) is None
+            assert self.route_once(key) is None
             return
         count = rounds * len(candidates) + extra
         answers = []
         for _ in range(count):
-            endpoint = self.registry.route(*key, now=self.now)
+            endpoint = self.route_once(key)
             assert endpoint is not None
             answers.append(endpoint.worker_id)
         assert set(answers) <= set(candidates)
@@ -276,12 +278,23 @@ class RegistryMachine(RuleBasedStateMachine):
     def routes_never_pick_an_unroutable_worker(self) -> None:
         for key in KEYS:
             # Looking does not change the answer set, only the rotation.
-            endpoint = self.registry.route(*key, now=self.now)
+            endpoint = self.route_once(key)
             candidates = self.routable_for(key)
             assert (endpoint is None) == (not candidates)
             assert endpoint is None or endpoint.worker_id in candidates
 
     # ---------------------------------------------------------------- helpers
+
+    def route_once(self, key: tuple[str, str]) -> WorkerEndpoint | None:
+        """One route; unknown exactly when no worker of the model offers ``key``, in any state."""
+        known = any(key in worker.capabilities for worker in self.model.values())
+        try:
+            endpoint = self.registry.route(*key, now=self.now)
+        except UnknownCapability:
+            assert not known, f"{key} is offered by a registered worker"
+            return None
+        assert known, f"{key} is offered by no registered worker"
+        return endpoint
 
     def routable_for(self, key: tuple[str, str]) -> list[str]:
         return [

@@ -19,6 +19,7 @@ from crank_registry import (
     CapabilityRegistry,
     HealthState,
     HeartbeatReceived,
+    UnknownCapability,
     WorkerDeregistered,
     WorkerEvicted,
     WorkerHealthy,
@@ -63,13 +64,14 @@ STATES: dict[str, tuple[Callable[[CapabilityRegistry], None], float]] = {
 INPUTS = ("register", "heartbeat", "deregister", "route", "cleanup")
 
 # What each input answers: the types of the events it returns, an error
-# type, or "endpoint" or None (route); then the worker's state afterwards
+# type (UnknownCapability: a route to a pair no worker offers), or "endpoint"
+# or None (route: no routable worker); then the worker's state afterwards
 # (ABSENT: not listed) and whether it is routable.
 TABLE: dict[tuple[str, str], tuple[Any, HealthState | None, bool]] = {
     ("unknown", "register"): ((WorkerRegistered,), HEALTHY, True),
     ("unknown", "heartbeat"): (WorkerNotRegistered, ABSENT, False),
     ("unknown", "deregister"): (WorkerNotRegistered, ABSENT, False),
-    ("unknown", "route"): (None, ABSENT, False),
+    ("unknown", "route"): (UnknownCapability, ABSENT, False),
     ("unknown", "cleanup"): ((), ABSENT, False),
     ("healthy", "register"): ((WorkerRegistered,), HEALTHY, True),
     ("healthy", "heartbeat"): ((HeartbeatReceived,), HEALTHY, True),
@@ -99,7 +101,7 @@ TABLE: dict[tuple[str, str], tuple[Any, HealthState | None, bool]] = {
     ("deregistered", "register"): ((WorkerRegistered,), HEALTHY, True),
     ("deregistered", "heartbeat"): (WorkerNotRegistered, ABSENT, False),
     ("deregistered", "deregister"): (WorkerNotRegistered, ABSENT, False),
-    ("deregistered", "route"): (None, ABSENT, False),
+    ("deregistered", "route"): (UnknownCapability, ABSENT, False),
     ("deregistered", "cleanup"): ((), ABSENT, False),
 }
 
@@ -149,7 +151,14 @@ def test_transition(state: str, action: str) -> None:
     view = registry.get_worker("w", now=now)
     assert (None if view is None else view.state) == after
     assert (view is not None and view.is_healthy) == routable
-    endpoint = registry.route(*KEY, now=now)
+    # The pair is known exactly while the worker is held, in any state.
+    try:
+        endpoint = registry.route(*KEY, now=now)
+    except UnknownCapability:
+        endpoint = None
+        assert after is None
+    else:
+        assert after is not None
     assert (endpoint is not None and endpoint.worker_id == "w") == routable
     assert ("w" in registry) == (after is not None)
     assert registry.get_worker("other", now=now) is not None

@@ -89,7 +89,7 @@ def test_the_demo_passes_end_to_end() -> None:
         assert re.search(rf"^{re.escape(verb)}:{re.escape(name)} +\w+ +\S", summary, re.M), summary
     assert "greet:hello (after restart)" in summary
     assert "Workers register, heartbeat and serve." in summary
-    assert "503 no_worker_available" in summary
+    assert "404 unknown_capability" in summary
     assert re.search(r"the journal restored all 9 workers", output)
     assert re.search(r"routing kept working from the warm cache: all 9 capabilities routed", output)
     assert re.search(r"all 9 workers re-registered \d+\.\d+ s after the restart", output)

@@ -45,7 +45,7 @@ def test_embed_in_app_mounts_the_registry_under_a_prefix() -> None:
     assert "POST /registry/register -> 200" in output
     assert "POST /registry/route    -> 200 {'worker_id': 'docs-1'" in output
     assert "'healthy_workers': ['docs-1']" in output
-    assert "POST /registry/route (pdf) -> 503" in output
+    assert "POST /registry/route (pdf) -> 404" in output  # no worker offers it
     assert "{'app': 'my shop', 'registry': {'workers': 1, 'routable': 1}}" in output
 
 

@@ -64,9 +64,10 @@ async def test_every_execute_answer_agrees_with_the_document() -> None:
     network.add("picky.test", FakeWorker(serving({("greet", "picky"): picky})))
     network.add("slow.test", FakeWorker(failure=httpx.ConnectTimeout))
     answers: list[httpx.Response] = []
-    app = make_gateway(network, FakeClock(), GatewayConfig(max_attempts=1))
+    clock = FakeClock()
+    app = make_gateway(network, clock, GatewayConfig(max_attempts=1))
     async with client_of(app) as client:
-        answers.append(await execute(client))  # no_worker_available
+        answers.append(await execute(client))  # unknown_capability
         await register(client, "ok", "https://ok.test")
         answers.append(await execute(client))
         answers.append(await client.post(EXECUTE_PATH, json={"verb": "greet"}))
@@ -78,6 +79,8 @@ async def test_every_execute_answer_agrees_with_the_document() -> None:
                 client, name, f"https://{name}.test", capability(verb="greet", name=name)
             )
             answers.append(await execute(client, capability=name))
+        clock.advance(3.5)  # past unhealthy_after: every pair known, none routable
+        answers.append(await execute(client))  # no_worker_available
     statuses = {response.status_code for response in answers}
     codes = {_check(response).get("error") for response in answers}
     assert statuses == {200, 400, 404, 413, 415, 422, 502, 503, 504}

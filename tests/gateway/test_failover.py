@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from crank_registry import UnknownCapability
 from crank_registry_asgi.failover import next_worker
 from tests.core.helpers import T0, registry_with
 
@@ -27,5 +30,13 @@ def test_a_worker_already_tried_is_not_offered_again() -> None:
     assert endpoint.worker_id == "w1"
 
 
-def test_nothing_is_offered_for_an_unknown_capability() -> None:
-    assert next_worker(registry_with("w1"), VERB, "other", tried=set(), now=T0) is None
+def test_an_unknown_capability_is_raised_at_the_first_choice() -> None:
+    with pytest.raises(UnknownCapability):
+        next_worker(registry_with("w1"), VERB, "other", tried=set(), now=T0)
+
+
+def test_a_capability_whose_workers_left_after_an_attempt_gives_none() -> None:
+    # The attempts made are the answer then (502), not a typo (404).
+    registry = registry_with("w1")
+    registry.deregister("w1", now=T0)
+    assert next_worker(registry, VERB, NAME, tried={"w1"}, now=T0) is None

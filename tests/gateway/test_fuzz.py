@@ -33,8 +33,9 @@ bodies = st.one_of(
         optional={"payload": json_values, "extra": json_values},
     ),
 )
-# 422 is the gateway's invalid_request or the worker's invalid_payload (passed through).
-ALLOWED = {200, 400, 422, 503}
+# 422 is the gateway's invalid_request or the worker's invalid_payload (passed through);
+# 404 is unknown_capability ("greet:x" is offered by no worker).
+ALLOWED = {200, 400, 404, 422, 503}
 
 
 async def echo(payload: dict[str, Any]) -> dict[str, Any]:

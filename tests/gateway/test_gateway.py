@@ -277,8 +277,31 @@ async def test_an_answer_over_the_limit_is_worker_failed() -> None:
     assert "larger than 1000 bytes" in response.json()["message"]
 
 
-async def test_no_worker_is_503_with_retry_after() -> None:
-    async with client_of(make_gateway(WorkerNetwork(), FakeClock())) as client:
+async def test_an_unknown_capability_is_404_without_retry_after() -> None:
+    network = WorkerNetwork()
+    network.add("w1.test", FakeWorker(serving({("greet", "hello"): hello})))
+    async with client_of(make_gateway(network, FakeClock())) as client:
+        response = await execute(client)
+        await register(client, "w1", "https://w1.test")
+        typo = await execute(client, capability="helo")
+    for answer, name in [(response, "hello"), (typo, "helo")]:
+        assert answer.status_code == 404
+        assert "retry-after" not in answer.headers
+        body = answer.json()
+        assert (body["error"], body["verb"], body["capability"]) == (
+            "unknown_capability",
+            "greet",
+            name,
+        )
+        assert f"capability {name!r}" in body["message"]
+    assert network.requests == []
+
+
+async def test_a_known_capability_without_a_routable_worker_is_503_with_retry_after() -> None:
+    clock = FakeClock()
+    async with client_of(make_gateway(WorkerNetwork(), clock)) as client:
+        await register(client, "w1", "https://w1.test")
+        clock.advance(3.5)  # past unhealthy_after = 3
         response = await execute(client)
     assert response.status_code == 503
     assert response.headers["retry-after"] == "1"

@@ -24,6 +24,9 @@ from crank_registry_asgi.openapi import openapi_document
 from tests.builders import registration_payload
 
 DOCUMENT = openapi_document()
+
+#: What :meth:`Controller.route` returns for 404 ``unknown_capability``.
+UNKNOWN = "<unknown capability>"
 _ROOT = {"components": DOCUMENT["components"]}
 
 
@@ -95,10 +98,14 @@ class Controller:
         return {entry["worker_id"]: entry for entry in listing}
 
     async def route(self, verb: str = "classify", capability: str = "image.classify") -> str | None:
-        """The routed worker's id, or ``None`` for no_worker_available."""
+        """The routed worker's id, ``None`` for no_worker_available, :data:`UNKNOWN` for 404."""
         response = await self.post("/route", {"verb": verb, "capability": capability})
         if response.status_code == 503:
+            assert response.json()["error"] == "no_worker_available", response.text
             return None
+        if response.status_code == 404:
+            assert response.json()["error"] == "unknown_capability", response.text
+            return UNKNOWN
         assert response.status_code == 200, response.text
         return response.json()["worker_id"]  # type: ignore[no-any-return]
 

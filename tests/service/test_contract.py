@@ -23,7 +23,7 @@ from crank_registry import (
 from crank_registry.testing import FakeClock
 from crank_registry_asgi import ServiceConfig, create_app
 from tests.builders import WORKER_URL, capability, capability_payload, registration_payload
-from tests.service.helpers import check_documented, running
+from tests.service.helpers import UNKNOWN, check_documented, running
 
 pytestmark = pytest.mark.anyio
 
@@ -73,7 +73,7 @@ async def test_reregistration_replaces_url_and_capabilities() -> None:
         workers = await api.workers()
         assert workers["w1"]["worker_url"] == "https://new.example:9443"
         assert workers["w1"]["capabilities"] == ["summarize:text.summarize"]
-        assert await api.route("classify", "image.classify") is None
+        assert await api.route("classify", "image.classify") == UNKNOWN
         assert await api.route("summarize", "text.summarize") == "w1"
 
 
@@ -132,6 +132,8 @@ async def test_round_robin_across_three_workers() -> None:
 
 async def test_no_worker_available_has_retry_after() -> None:
     async with running() as api:
+        await api.register("w1")
+        api.advance(61)  # silent past unhealthy_after: known, not routable
         response = await api.post("/route", {"verb": "classify", "capability": "image.classify"})
         assert response.status_code == 503
         assert response.headers["retry-after"] == "30"
@@ -140,11 +142,56 @@ async def test_no_worker_available_has_retry_after() -> None:
         assert (body["verb"], body["capability"]) == ("classify", "image.classify")
 
 
+@pytest.mark.parametrize(
+    ("registered", "verb", "name"),
+    [
+        (False, "classify", "image.classify"),  # nothing registered at all
+        (True, "classify", "image.clasify"),  # a typo of the capability
+        (True, "classify_", "image.classify"),  # a typo of the verb
+    ],
+)
+async def test_unknown_capability_is_404_without_retry_after(
+    registered: bool, verb: str, name: str
+) -> None:
+    async with running() as api:
+        if registered:
+            await api.register("w1")
+        response = await api.post("/route", {"verb": verb, "capability": name})
+        assert response.status_code == 404
+        assert "retry-after" not in response.headers
+        assert response.json() == {
+            "error": "unknown_capability",
+            "message": f"no registered worker offers verb {verb!r} on capability {name!r}; "
+            "check the spelling against GET /capabilities",
+            "verb": verb,
+            "capability": name,
+        }
+
+
+async def test_a_capability_is_known_while_any_worker_offering_it_is_held() -> None:
+    async with running() as api:
+        await api.register("w1")
+        assert await api.route() == "w1"
+        api.advance(61)
+        assert await api.route() is None  # unhealthy: 503, an outage
+        await api.service.sweep()
+        assert await api.route() is None  # still held until evict_after
+        api.advance(60)
+        await api.service.sweep()
+        assert await api.route() == UNKNOWN  # evicted: nobody offers it
+        await api.register("w2")
+        assert await api.route() == "w2"
+        await api.post("/deregister", {"worker_id": "w2"})
+        assert await api.route() == UNKNOWN
+
+
 @pytest.mark.parametrize(("interval", "expected"), [(2.5, "3"), (0.2, "1"), (7.0, "7")])
 async def test_retry_after_is_interval_rounded_up(interval: float, expected: str) -> None:
     policy = HealthPolicy(heartbeat_interval=interval, unhealthy_after=10, evict_after=20)
     async with running(ServiceConfig(policy=policy)) as api:
-        response = await api.post("/route", {"verb": "v", "capability": "c"})
+        await api.register("w1")
+        api.advance(11)
+        response = await api.post("/route", {"verb": "classify", "capability": "image.classify"})
         assert response.headers["retry-after"] == expected == str(math.ceil(interval))
 
 

@@ -61,7 +61,7 @@ async def _answers(state_dir: Path) -> list[tuple[str, str, httpx.Response]]:
     route = {"verb": "classify", "capability": "image.classify"}
     async with running(ServiceConfig(max_body_bytes=4096)) as api:
         await send(api, "GET", "/health")
-        await send(api, "POST", "/route", json=route)  # no_worker_available
+        await send(api, "POST", "/route", json=route)  # unknown_capability
         await send(api, "POST", "/register", json=registration_payload("w1"))
         await send(api, "POST", "/heartbeat", json={"worker_id": "w1"})
         await send(api, "POST", "/route", json=route)
@@ -70,6 +70,8 @@ async def _answers(state_dir: Path) -> list[tuple[str, str, httpx.Response]]:
         await send(api, "GET", "/workers")
         await send(api, "GET", "/openapi.json")
         await send(api, "GET", "/metrics")
+        api.advance(61)  # w1 silent past unhealthy_after: known, not routable
+        await send(api, "POST", "/route", json=route)  # no_worker_available
         await send(api, "POST", "/deregister", json={"worker_id": "w1"})
         await send(api, "POST", "/heartbeat", json={"worker_id": "w1"})  # worker_not_registered
         await send(api, "POST", "/register", json={"worker_id": ""})  # invalid_request

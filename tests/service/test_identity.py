@@ -11,6 +11,7 @@ from crank_registry_asgi import ServiceConfig
 from crank_registry_asgi.identity import caller_identity, spiffe_id_of
 from tests.builders import registration_payload
 from tests.service.helpers import (
+    UNKNOWN,
     CertificateAuthority,
     WithClientCertificate,
     running,
@@ -101,7 +102,7 @@ async def test_no_identity_is_forbidden_under_mtls(authority: CertificateAuthori
             assert len(api.registry) == 0
         # Reads stay open.
         assert (await api.get("/health")).status_code == 200
-        assert await api.route() is None
+        assert await api.route() == UNKNOWN
 
 
 async def test_without_mtls_there_are_no_checks(caplog: pytest.LogCaptureFixture) -> None:

@@ -14,7 +14,7 @@ from prometheus_client.registry import Collector
 from crank_registry.testing import FakeClock
 from crank_registry_asgi import ServiceConfig, create_app
 from tests.builders import capability_payload
-from tests.service.helpers import running
+from tests.service.helpers import UNKNOWN, running
 
 pytestmark = pytest.mark.anyio
 
@@ -52,10 +52,11 @@ async def test_every_metric_after_known_traffic(tmp_path: Path) -> None:
         await api.register("w1")  # the same id again: replaced
         await api.post("/heartbeat", {"worker_id": "w1"})
         assert await api.route() == "w1"
-        assert await api.route("classify", "nothing") is None
+        assert await api.route("classify", "nothing") == UNKNOWN
         await api.post("/deregister", {"worker_id": "w3"})
         await api.client.get("/no/such/path")
         api.advance(100)
+        assert await api.route() is None  # every worker silent: known, none routable
         await api.post("/heartbeat", {"worker_id": "w1"})
         api.advance(21)  # w2 silent for 121 s, w1 for 21 s
         await api.service.sweep()  # w2: unhealthy, then evicted
@@ -67,6 +68,7 @@ async def test_every_metric_after_known_traffic(tmp_path: Path) -> None:
     assert value(figures, "crank_heartbeats_total") == 2
     assert value(figures, "crank_routes_total", outcome="routed") == 1
     assert value(figures, "crank_routes_total", outcome="no_worker") == 1
+    assert value(figures, "crank_routes_total", outcome="unknown_capability") == 1
     assert value(figures, "crank_unhealthy_transitions_total") == 1
     assert value(figures, "crank_evictions_total") == 1
     assert value(figures, "crank_workers", state="healthy") == 1
@@ -154,7 +156,9 @@ async def test_mounted_under_a_prefix_the_path_label_has_it() -> None:
     from tests.service.test_contract import mounted
 
     async with mounted() as client:
-        await client.post("/crank/route", json={"verb": "v", "capability": "c"})
+        await client.post(
+            "/crank/route", json={"verb": "v", "capability": "c"}
+        )  # unknown_capability
         figures = await scrape(client, "/crank/metrics")
     duration = "crank_http_request_duration_seconds_count"
-    assert value(figures, duration, method="POST", path="/crank/route", status="503") == 1
+    assert value(figures, duration, method="POST", path="/crank/route", status="404") == 1

@@ -32,7 +32,7 @@ def answer_of_the_converter(body: Any) -> tuple[int, dict[str, Any]]:
     if request.version is not None:
         return 422, {"error": "not_supported", "field": "version"}
     fields = {"verb": request.verb, "capability": request.capability}
-    return 503, {"error": "no_worker_available", **fields}
+    return 404, {"error": "unknown_capability", **fields}  # nothing is registered
 
 
 @pytest.mark.anyio

@@ -1,0 +1,393 @@
+"""The operator's commands: ``workers``, ``capabilities``, ``route``, ``health``.
+
+Each asks a running controller through
+:class:`crank_worker_client.ControllerClient` (no HTTP of its own) and prints
+a table for people or, with ``--json``, the controller's answer for
+scripts: ``route`` and ``health`` print the answer as the controller sent
+it; the listings print one document with every entry of every page
+(``{"workers": [...]}``, ``{"capabilities": [...]}``), each entry in the
+controller's own shape.
+
+Where the controller is and how to trust it, flag first, then environment:
+
+==================  ======================  ==========================
+flag                environment             default
+==================  ======================  ==========================
+``--controller``    ``CONTROLLER_URL``      ``https://localhost:9000``
+``--cert``          ``CRANK_CLIENT_CERT``   none (no client certificate)
+``--key``           ``CRANK_CLIENT_KEY``    none (the key is in ``--cert``)
+``--ca-certs``      ``CA_CERT_PATH``        the system's trust store
+``--insecure``                              off: ``http://`` URLs refused
+==================  ======================  ==========================
+
+Exit status: 0 on an answer; 1 when the controller cannot be asked (down,
+a certificate file that cannot be read, a TLS failure) or answers with an
+error (4xx, 5xx), with one line on stderr naming the URL or the file; 2 for
+a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import ssl
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeAlias
+
+import anyio
+import httpx
+
+from crank_registry import (
+    HealthAnswer,
+    WorkerEntry,
+    capability_label,
+    unstructure,
+)
+from crank_worker_client import (
+    DEFAULT_CONTROLLER_URL,
+    ClientError,
+    ConfigurationError,
+    ControllerClient,
+    ControllerUnavailable,
+    TLSConfig,
+    WorkerInfo,
+)
+
+from .cli import Subcommands, UsageError
+from .config import is_positive_number
+
+__all__ = ["COMMANDS", "CannotAsk", "add_client_commands", "format_age", "table"]
+
+#: What a command prints: the JSON document (``--json``) and the table.
+Output: TypeAlias = tuple[Any, str]
+Ask: TypeAlias = Callable[[ControllerClient, argparse.Namespace], Awaitable[Output]]
+
+
+# ----------------------------------------------------------------- the commands
+
+
+async def ask_workers(client: ControllerClient, args: argparse.Namespace) -> Output:
+    """``workers``: every registered worker, its state and the age of its last heartbeat."""
+    workers = await client.workers()
+    now = time.time()
+    rows = [
+        (
+            worker.worker_id,
+            worker.worker_url,
+            worker.state.value,
+            format_age(now - worker.last_heartbeat.timestamp()),
+            ", ".join(capability_label(key) for key in worker.capabilities),
+        )
+        for worker in workers
+    ]
+    headers = ("WORKER ID", "URL", "STATE", "LAST HEARTBEAT", "CAPABILITIES")
+    document = {"workers": [unstructure(_entry(worker)) for worker in workers]}
+    return document, table(headers, rows)
+
+
+async def ask_capabilities(client: ControllerClient, args: argparse.Namespace) -> Output:
+    """``capabilities``: one line per ``(verb, capability, version)``, healthy/total workers."""
+    views = await client.capabilities()
+    rows = [
+        (
+            view.verb,
+            view.capability,
+            view.version,
+            f"{len(view.healthy_workers)}/{len(view.workers)}",
+        )
+        for view in views
+    ]
+    headers = ("VERB", "CAPABILITY", "VERSION", "HEALTHY/TOTAL")
+    return {"capabilities": unstructure(views)}, table(headers, rows)
+
+
+async def ask_route(client: ControllerClient, args: argparse.Namespace) -> Output:
+    """``route VERB CAPABILITY``: the worker the controller hands the next call to."""
+    endpoint = await client.route(args.verb, args.capability)
+    rows = [(endpoint.worker_id, endpoint.worker_url, endpoint.version)]
+    return unstructure(endpoint), table(("WORKER ID", "URL", "VERSION"), rows)
+
+
+async def ask_health(client: ControllerClient, args: argparse.Namespace) -> Output:
+    """``health``: the controller's status and worker counts."""
+    health = await client.health()
+    answer = HealthAnswer(
+        total_workers=health.total_workers, healthy_workers=health.healthy_workers
+    )
+    rows = [(health.status, str(health.total_workers), str(health.healthy_workers))]
+    return unstructure(answer), table(("STATUS", "WORKERS", "HEALTHY"), rows)
+
+
+#: name -> (help, description, what it asks)
+COMMANDS: dict[str, tuple[str, str, Ask]] = {
+    "workers": (
+        "list the registered workers",
+        "List every registered worker: id, URL, state, age of its last heartbeat, "
+        "capabilities. Follows the controller's pages to the end.",
+        ask_workers,
+    ),
+    "capabilities": (
+        "list the capabilities and their healthy/total workers",
+        "List every (verb, capability, version) with its healthy and total workers. "
+        "Follows the controller's pages to the end.",
+        ask_capabilities,
+    ),
+    "route": (
+        "ask which worker serves VERB on CAPABILITY",
+        "Ask the controller which worker gets the next call of VERB on CAPABILITY "
+        "(POST /route). A capability that no registered worker offers is an error "
+        "(404 unknown_capability), and so is one whose workers are all unhealthy "
+        "(503 no_worker_available): both exit 1.",
+        ask_route,
+    ),
+    "health": (
+        "show the controller's status and worker counts",
+        "Show the controller's status and its total and healthy worker counts (GET /health).",
+        ask_health,
+    ),
+}
+
+
+# ------------------------------------------------------------------- the parser
+
+
+def add_client_commands(subcommands: Subcommands) -> None:
+    """Declare ``workers``, ``capabilities``, ``route`` and ``health`` and their flags."""
+    for name, (summary, description, ask) in COMMANDS.items():
+        parser = subcommands.add_parser(
+            name, help=summary, description=description, parents=[_connection_flags()]
+        )
+        if name == "route":
+            parser.add_argument("verb", metavar="VERB", help="the verb, e.g. classify")
+            parser.add_argument(
+                "capability", metavar="CAPABILITY", help="the capability, e.g. image.classify"
+            )
+        parser.set_defaults(handler=_runner(name, ask))
+
+
+def _connection_flags() -> argparse.ArgumentParser:
+    flags = argparse.ArgumentParser(add_help=False)
+    flags.add_argument(
+        "--controller",
+        metavar="URL",
+        help=f"the controller's URL (env CONTROLLER_URL; {DEFAULT_CONTROLLER_URL})",
+    )
+    flags.add_argument(
+        "--cert",
+        type=Path,
+        metavar="FILE",
+        help="client certificate, PEM, for a controller that requires one (env CRANK_CLIENT_CERT)",
+    )
+    flags.add_argument(
+        "--key",
+        type=Path,
+        metavar="FILE",
+        help="its private key, PEM, unless it is in --cert (env CRANK_CLIENT_KEY)",
+    )
+    flags.add_argument(
+        "--ca-certs",
+        type=Path,
+        metavar="FILE",
+        help="CA certificates, PEM, that signed the controller's (env CA_CERT_PATH; "
+        "default: the system's trust store)",
+    )
+    flags.add_argument(
+        "--insecure",
+        action="store_true",
+        help="talk to a plain-HTTP controller (an http:// URL); nothing is encrypted",
+    )
+    flags.add_argument(
+        "--json", action="store_true", help="print the controller's answer as JSON, for scripts"
+    )
+    flags.add_argument(
+        "--timeout",
+        type=_timeout,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long to wait for each answer (10)",
+    )
+    return flags
+
+
+def _timeout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not is_positive_number(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text!r}")
+    return value
+
+
+# ------------------------------------------------------------------ running one
+
+
+class CannotAsk(Exception):
+    """The controller cannot be asked: a certificate file is missing or unusable (exit 1)."""
+
+
+def _runner(name: str, ask: Ask) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        url = args.controller or os.environ.get("CONTROLLER_URL") or DEFAULT_CONTROLLER_URL
+        try:
+            client = _client(url, args)
+            document, text = anyio.run(_asking, client, ask, args)
+        except (ClientError, CannotAsk) as error:
+            message = _one_line(error, url)
+            if _maybe_refused_for_no_certificate(error, args):
+                message += (
+                    "; if the controller requires client certificates (mTLS), "
+                    "pass --cert and --key (or CRANK_CLIENT_CERT, CRANK_CLIENT_KEY)"
+                )
+            print(f"crank-registry {name}: error: {message}", file=sys.stderr)
+            return 1
+        print(json.dumps(document, indent=2) if args.json else text)
+        return 0
+
+    return run
+
+
+async def _asking(client: ControllerClient, ask: Ask, args: argparse.Namespace) -> Output:
+    async with client:
+        return await ask(client, args)
+
+
+def _one_line(error: Exception, url: str) -> str:
+    """The error in one line, naming the controller's URL unless it names a file."""
+    message = " ".join(str(error).split())
+    if isinstance(error, CannotAsk) or url.rstrip("/") in message:
+        return message
+    return f"{url}: {message}"
+
+
+def _maybe_refused_for_no_certificate(error: Exception, args: argparse.Namespace) -> bool:
+    """A connection closed without an answer while no client certificate was presented.
+
+    Under TLS 1.3 a server that requires a client certificate ends the
+    connection after the handshake, so the client sees only a closed
+    connection: the likely cause is worth a hint.
+    """
+    cause = error.__cause__
+    closed = isinstance(cause, (httpx.RemoteProtocolError, httpx.ReadError)) or (
+        "certificate required" in str(error).lower().replace("_", " ")
+    )
+    presented = args.cert is not None or bool(os.environ.get("CRANK_CLIENT_CERT"))
+    return isinstance(error, ControllerUnavailable) and closed and not presented
+
+
+def _client(url: str, args: argparse.Namespace) -> ControllerClient:
+    """The client that the flags and the environment describe.
+
+    Raises :class:`UsageError` for flags that do not go together and
+    :class:`CannotAsk` for certificate files that cannot be used.
+    """
+    given = {"--cert": args.cert, "--key": args.key, "--ca-certs": args.ca_certs}
+    plain = url.lower().startswith("http://")
+    if plain and not args.insecure:
+        raise UsageError(
+            f"the controller URL {url} is plain HTTP: pass --insecure to use it, or use https://"
+        )
+    if args.insecure and not plain:
+        raise UsageError(f"--insecure is for a plain-HTTP (http://) controller, not {url}")
+    tls: ssl.SSLContext | None = None
+    if plain:
+        # The environment's CRANK_CLIENT_CERT, CRANK_CLIENT_KEY and CA_CERT_PATH
+        # are for HTTPS and are not used; flags given for it are a mistake.
+        flags = [flag for flag, value in given.items() if value is not None]
+        if flags:
+            raise UsageError(
+                f"{', '.join(flags)} given, but the controller URL {url} is plain HTTP"
+            )
+    else:
+        tls = _tls_context(given)
+    try:
+        return ControllerClient(url, tls=tls, insecure=args.insecure, timeout=args.timeout)
+    except ConfigurationError as error:  # the URL: certificates were loaded above
+        raise UsageError(f"--controller (or CONTROLLER_URL): {error}") from None
+
+
+_VARIABLES = {
+    "--cert": "CRANK_CLIENT_CERT",
+    "--key": "CRANK_CLIENT_KEY",
+    "--ca-certs": "CA_CERT_PATH",
+}
+_KINDS = {"--cert": "client certificate", "--key": "client key", "--ca-certs": "CA certificates"}
+
+
+def _tls_context(given: dict[str, Path | None]) -> ssl.SSLContext | None:
+    """The TLS context from the flags, else the environment; ``None``: the system's defaults."""
+    paths: dict[str, Path | None] = {}
+    sources: list[str] = []
+    for flag, value in given.items():
+        variable = _VARIABLES[flag]
+        from_environment = os.environ.get(variable)
+        path = value if value is not None else Path(from_environment) if from_environment else None
+        source = flag if value is not None else f"env {variable}"
+        if path is not None:
+            sources.append(f"{path} ({source})")
+            if not path.is_file():
+                raise CannotAsk(f"the {_KINDS[flag]} file {path} ({source}) does not exist")
+        paths[flag] = path
+    if paths["--key"] is not None and paths["--cert"] is None:
+        raise UsageError("--key (or CRANK_CLIENT_KEY) needs --cert (or CRANK_CLIENT_CERT) too")
+    if not sources:
+        return None
+    try:
+        settings = TLSConfig(paths["--ca-certs"], paths["--cert"], paths["--key"])
+        return settings.ssl_context()
+    except ConfigurationError as error:
+        cause = error.__cause__ or error
+        raise CannotAsk(f"cannot use {', '.join(sources)}: {cause}") from None
+
+
+# -------------------------------------------------------------------- rendering
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """``rows`` under ``headers`` in columns aligned by padding, two spaces apart."""
+    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=False)]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in (headers, *rows)
+    ]
+    return "\n".join(lines)
+
+
+def format_age(seconds: float) -> str:
+    """A duration for people: ``0.4s``, ``12s``, ``3m05s``, ``2h07m``, ``3d04h``.
+
+    A negative age (the controller's clock ahead of this one) shows as ``0.0s``.
+    """
+    seconds = max(0.0, seconds)
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    whole = int(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    minutes, second = divmod(whole, 60)
+    if minutes < 60:
+        return f"{minutes}m{second:02d}s"
+    hours, minute = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours}h{minute:02d}m"
+    days, hour = divmod(hours, 24)
+    return f"{days}d{hour:02d}h"
+
+
+def _entry(worker: WorkerInfo) -> WorkerEntry:
+    """A worker as the controller's ``/workers`` entry (the ``--json`` shape)."""
+    moment = worker.last_heartbeat.astimezone(datetime.UTC)
+    return WorkerEntry(
+        worker_id=worker.worker_id,
+        worker_url=worker.worker_url,
+        # The controller's form, from the parsed time (no float round trip).
+        last_heartbeat=moment.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        is_healthy=worker.is_healthy,
+        state=worker.state,
+        capabilities=tuple(capability_label(key) for key in worker.capabilities),
+    )
