@@ -39,6 +39,7 @@ from ._exceptions import (
     WorkerNotRegisteredError,
 )
 from ._schedule import Outcome, next_heartbeat_delay, registration_backoff
+from .certificates import DEFAULT_EXPIRY_WARNING, DEFAULT_WATCH_INTERVAL, CertificateFiles
 
 __all__ = ["AgentState", "AgentStatus", "WorkerAgent"]
 
@@ -151,6 +152,13 @@ class WorkerAgent:
     No heartbeat or re-registration waits longer than ``request_timeout``
     or one interval, whichever is shorter.
 
+    With a :class:`TLSConfig`, the certificate, key and CA files are
+    checked every ``certificate_watch_interval`` seconds while the agent
+    runs; renewed files are used for new connections, without a restart
+    (:mod:`crank_worker_client.certificates`). A warning is logged when the
+    worker's certificate expires within ``certificate_expiry_warning``
+    seconds (7 days).
+
     ``rng`` drives every jitter (default: a fresh ``random.Random()``);
     ``clock`` gives the wall-clock times shown in :attr:`status`;
     ``transport`` replaces httpx's network transport. Works under asyncio
@@ -172,6 +180,8 @@ class WorkerAgent:
         heartbeat_retry_base: float | None = None,
         deregister_timeout: float = 5.0,
         request_timeout: float = 10.0,
+        certificate_watch_interval: float = DEFAULT_WATCH_INTERVAL,
+        certificate_expiry_warning: float = DEFAULT_EXPIRY_WARNING,
         transport: httpx.AsyncBaseTransport | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
@@ -182,6 +192,7 @@ class WorkerAgent:
         _check_duration("heartbeat_retry_base", heartbeat_retry_base, optional=True)
         _check_duration("deregister_timeout", deregister_timeout)
         _check_duration("request_timeout", request_timeout)
+        _check_duration("certificate_watch_interval", certificate_watch_interval)
         self._registration = _registration(worker_id, worker_url, capabilities)
         self._client = ControllerClient(
             controller_url,
@@ -189,7 +200,9 @@ class WorkerAgent:
             insecure=insecure,
             transport=transport,
             timeout=request_timeout,
+            certificate_expiry_warning=certificate_expiry_warning,
         )
+        self._certificate_watch_interval = certificate_watch_interval
         self._registration_deadline = registration_deadline
         self._registration_backoff_base = registration_backoff_base
         self._registration_backoff_cap = registration_backoff_cap
@@ -231,6 +244,11 @@ class WorkerAgent:
     def capabilities(self) -> tuple[CapabilitySchema, ...]:
         """The capabilities the agent registers (the current ones)."""
         return self._registration.capabilities
+
+    @property
+    def certificates(self) -> CertificateFiles | None:
+        """The TLS files in use and their live context (``None`` without a :class:`TLSConfig`)."""
+        return self._client.certificates
 
     @property
     def controller_url(self) -> str:
@@ -288,6 +306,13 @@ class WorkerAgent:
             raise
         self._task_group = task_group
         task_group.start_soon(self._heartbeat_loop, name=f"heartbeats of {self.worker_id}")
+        certificates = self.certificates
+        if certificates is not None:
+            task_group.start_soon(
+                certificates.watch,
+                self._certificate_watch_interval,
+                name=f"certificate files of {self.worker_id}",
+            )
         return self
 
     async def __aexit__(

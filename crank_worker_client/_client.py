@@ -12,6 +12,8 @@ a missing, mistyped or invalid field is :class:`UnexpectedResponse`, never a
 from __future__ import annotations
 
 import email.utils
+import functools
+import logging
 import ssl
 import time
 from collections.abc import Mapping
@@ -20,6 +22,8 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar
 
+import anyio
+import anyio.to_thread
 import httpx
 
 from crank_registry import (
@@ -42,6 +46,7 @@ from crank_registry import (
 
 from ._config import TLSConfig, is_positive_seconds, resolve_controller_url
 from ._exceptions import (
+    ClientCertificateRequired,
     ClientError,
     ConfigurationError,
     ControllerUnavailable,
@@ -53,6 +58,7 @@ from ._exceptions import (
     problems_in,
 )
 from ._tracing import inject_into_request
+from .certificates import DEFAULT_EXPIRY_WARNING, CertificateFiles, asks_for_client_certificate
 
 __all__ = [
     "ControllerClient",
@@ -61,6 +67,8 @@ __all__ = [
     "RegistrationAck",
     "WorkerInfo",
 ]
+
+logger = logging.getLogger("crank_worker_client")
 
 T = TypeVar("T")
 
@@ -122,8 +130,13 @@ class ControllerClient:
     unless ``insecure=True`` is passed. ``tls`` is a :class:`TLSConfig` (CA
     bundle, client certificate and key for mTLS) or a ready
     :class:`ssl.SSLContext`; without it the system trust store verifies the
-    controller. ``transport`` replaces httpx's network transport (tests pass
-    ``httpx.MockTransport`` or ``httpx.ASGITransport``).
+    controller. With a :class:`TLSConfig`, :attr:`certificates` holds the
+    files it was loaded from: its ``check()`` or ``watch()`` loads renewed
+    files into the live context (the worker agent watches them), and a
+    warning is logged when the client certificate expires within
+    ``certificate_expiry_warning`` seconds (7 days). ``transport`` replaces
+    httpx's network transport (tests pass ``httpx.MockTransport`` or
+    ``httpx.ASGITransport``).
 
     Use it as ``async with ControllerClient() as client:``, or without a
     ``with``: the HTTP connection pool opens on the first request and
@@ -138,16 +151,40 @@ class ControllerClient:
         insecure: bool = False,
         transport: httpx.AsyncBaseTransport | None = None,
         timeout: float = 10.0,
+        certificate_expiry_warning: float = DEFAULT_EXPIRY_WARNING,
     ) -> None:
         if not is_positive_seconds(timeout):
             raise ConfigurationError(f"timeout must be a finite number > 0, got {timeout!r}")
+        if not (certificate_expiry_warning == 0 or is_positive_seconds(certificate_expiry_warning)):
+            raise ConfigurationError(
+                "certificate_expiry_warning must be a finite number of seconds >= 0, "
+                f"got {certificate_expiry_warning!r}"
+            )
         self.controller_url = resolve_controller_url(
             controller_url, insecure=insecure, tls_given=tls is not None
         )
         # Certificates are loaded now, so that a missing file fails at construction.
-        self._verify: ssl.SSLContext | bool = (
-            tls.ssl_context() if isinstance(tls, TLSConfig) else tls if tls is not None else True
-        )
+        self.certificates: CertificateFiles | None = None
+        if isinstance(tls, TLSConfig) and (tls.certfile is not None or tls.ca_certs is not None):
+            self.certificates = CertificateFiles.open(
+                tls.ssl_context,
+                certfile=tls.certfile,
+                keyfile=tls.keyfile,
+                ca_certs=tls.ca_certs,
+                label="client certificate",
+                logger=logger,
+                expiry_warning=certificate_expiry_warning,
+            )
+            self._verify: ssl.SSLContext | bool = self.certificates.context
+        else:
+            self._verify = (
+                tls.ssl_context()
+                if isinstance(tls, TLSConfig)
+                else tls
+                if tls is not None
+                else True
+            )
+        self._presents_certificate = isinstance(tls, TLSConfig) and tls.certfile is not None
         self._transport = transport
         self._timeout = timeout
         self._http: httpx.AsyncClient | None = None
@@ -278,6 +315,13 @@ class ControllerClient:
             else:
                 response = await http.request(method, path, json=body, timeout=timeout)
         except httpx.TransportError as error:
+            if await self._refused_for_lack_of_certificate(error):
+                raise ClientCertificateRequired(
+                    f"the controller at {self.controller_url} requires a client certificate "
+                    "(mutual TLS) and closed the connection: this client has none; pass "
+                    "tls=TLSConfig(ca_certs=..., certfile=..., keyfile=...) with a certificate "
+                    "signed by the controller's CA (crank-registry certs --worker NAME)"
+                ) from error
             raise ControllerUnavailable(
                 f"cannot reach the controller at {self.controller_url}: {_reason(error)}"
             ) from error
@@ -301,6 +345,36 @@ class ControllerClient:
                     f"{method} {path}: the controller's answer is not valid: {error}",
                 ) from None
         raise error_from_response(response, f"{method} {path}")
+
+    async def _refused_for_lack_of_certificate(self, error: httpx.TransportError) -> bool:
+        """Whether a connection closed during or right after the handshake was a refusal.
+
+        A controller that requires a client certificate and gets none may
+        close the connection without a TLS alert; only its handshake tells.
+        Looked at only when this client presents no certificate over HTTPS.
+        """
+        if self._presents_certificate or self._transport is not None:
+            return False
+        if not isinstance(error, httpx.RemoteProtocolError) and not _caused_by_tls(error):
+            return False
+        url = httpx.URL(self.controller_url)
+        if url.scheme != "https":
+            return False
+        port = url.port or 443
+        return await anyio.to_thread.run_sync(
+            functools.partial(asks_for_client_certificate, url.host, port, timeout=self._timeout)
+        )
+
+
+def _caused_by_tls(error: BaseException) -> bool:
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ssl.SSLError):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def error_from_response(response: httpx.Response, what: str) -> ClientError:
