@@ -20,7 +20,7 @@ import ipaddress
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import attrs
@@ -83,10 +83,15 @@ class CertifiedKey:
         """Write the key (mode 0600) and the certificate, each replacing its file atomically.
 
         A process watching the files sees the old file or the new one, never
-        a half-written one (the key is replaced first, then the certificate).
+        a half-written one; both new files are on disk before the first
+        rename, and the renames follow each other (key first).
         """
-        write_private_key(key_path, self.private_key_pem())
-        replace_file(certificate_path, self.certificate_pem(), mode=0o644)
+        with (
+            _prepared(key_path, self.private_key_pem(), mode=0o600) as key,
+            _prepared(certificate_path, self.certificate_pem(), mode=0o644) as certificate,
+        ):
+            os.replace(key, key_path)
+            os.replace(certificate, certificate_path)
 
 
 def spiffe_id(kind: str, name: str, *, trust_domain: str = TRUST_DOMAIN) -> str:
@@ -245,6 +250,13 @@ def replace_file(path: Path, data: bytes, *, mode: int) -> None:
     The rename is atomic: readers see the old content or the new, and the
     file is on disk (fsync) before it replaces the old one.
     """
+    with _prepared(path, data, mode=mode) as temporary:
+        os.replace(temporary, path)
+
+
+@contextlib.contextmanager
+def _prepared(path: Path, data: bytes, *, mode: int) -> Iterator[Path]:
+    """A new file beside ``path`` holding ``data``, on disk; removed unless renamed."""
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(descriptor, "wb") as file:
@@ -252,11 +264,10 @@ def replace_file(path: Path, data: bytes, *, mode: int) -> None:
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
+        yield Path(temporary)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
-        raise
 
 
 def check_host(host: str) -> str:

@@ -8,8 +8,9 @@ runs.
 
 :class:`CertificateFiles` owns one :class:`ssl.SSLContext`. Its
 :meth:`~CertificateFiles.check`, called every few seconds, compares each
-file's size, modification time and inode with the last look; when one
-changed it loads the new pair into the same context. ``load_cert_chain`` on
+file's size, modification time and inode with the last look; once they
+changed and then stayed the same for one more look (a renewal replaces the
+key, then the certificate), it loads the new pair into the same context. ``load_cert_chain`` on
 a live context affects the handshakes that start afterwards only: open
 connections finish with the certificate they were made with. A pair that
 does not load (half-written, key of another certificate) is logged with the
@@ -217,6 +218,7 @@ class CertificateFiles:
         self._logger = logger
         self._clock = clock
         self._signature = signature if signature is not None else self._look()
+        self._changing: _Signature | None = None
         self._ca_bundle = self._read_ca_bundle()
         self._not_after = None if self.certfile is None else certificate_not_after(self.certfile)
         self._warned: tuple[float, str] | None = None
@@ -281,13 +283,22 @@ class CertificateFiles:
     def check(self) -> bool:
         """Reload the files if they changed, then check the expiry; whether a new pair is in use.
 
-        Runs in the thread that serves the connections (the event loop), so
-        no handshake sees the context half-changed.
+        A change is loaded when two looks in a row see the files the same
+        (so within two watch intervals). Runs in the thread that serves the
+        connections (the event loop), so no handshake sees the context
+        half-changed.
         """
         signature = self._look()
         reloaded = False
-        if signature != self._signature:
-            self._signature = signature
+        if signature == self._signature:
+            self._changing = None
+        elif signature != self._changing:
+            # Changed since the last look: wait one more look, so that a
+            # renewal replacing the key and then the certificate is read
+            # whole, not between the two.
+            self._changing = signature
+        else:
+            self._signature, self._changing = signature, None
             reloaded = self._reload()
         self.check_expiry()
         return reloaded

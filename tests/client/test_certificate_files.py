@@ -99,6 +99,7 @@ def test_a_renewed_pair_is_presented_by_new_connections(pki: Path) -> None:
     certs.renew_worker_certificate(pki, "w1")
     renewed = serial_of(pki / "worker-w1.pem")
     assert renewed != first
+    assert files.check() is False  # changed: one more look to be sure it is whole
     assert files.check() is True
     assert handshake(files.context, server_context(pki))[1] == renewed
     assert files.reloads == 1
@@ -112,6 +113,7 @@ def test_a_pair_that_does_not_load_is_logged_and_the_previous_one_kept(
     # The key of another certificate: a half-done renewal.
     (pki / "worker-w1.key").write_bytes((pki / "controller.key").read_bytes())
     with caplog.at_level(logging.ERROR, logger=LOGGER.name):
+        assert files.check() is False  # changed: not read yet
         assert files.check() is False
     [record] = caplog.records
     assert "worker certificate not reloaded, the previous one stays in use" in record.message
@@ -123,16 +125,35 @@ def test_a_pair_that_does_not_load_is_logged_and_the_previous_one_kept(
     (pki / "worker-w1.pem").write_text("-----BEGIN CERT")
     caplog.clear()
     with caplog.at_level(logging.ERROR, logger=LOGGER.name):
+        assert files.check() is False  # changed: not read yet
         assert files.check() is False
     assert f"certificate file {pki / 'worker-w1.pem'} is not a PEM certificate" in caplog.text
     assert handshake(files.context, server_context(pki))[1] == first
 
-    # The renewal completes: the next check takes it.
+    # The renewal completes: the second look at the whole pair takes it.
     renewed = certs.make_worker_certificate(
         certs.read_authority(pki / "ca.pem", pki / "ca.key"), "w1"
     )
     renewed.write(pki / "worker-w1.pem", pki / "worker-w1.key")
+    assert files.check() is False  # changed: one more look to be sure it is whole
     assert files.check() is True
+    assert handshake(files.context, server_context(pki))[1] == renewed.certificate.serial_number
+
+
+def test_a_renewal_seen_between_its_key_and_its_certificate_is_waited_for(
+    pki: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    files = worker_files(pki)
+    renewed = certs.make_worker_certificate(
+        certs.read_authority(pki / "ca.pem", pki / "ca.key"), "w1"
+    )
+    with caplog.at_level(logging.WARNING, logger=LOGGER.name):
+        certs.replace_file(pki / "worker-w1.key", renewed.private_key_pem(), mode=0o600)
+        assert files.check() is False
+        certs.replace_file(pki / "worker-w1.pem", renewed.certificate_pem(), mode=0o644)
+        assert files.check() is False
+        assert files.check() is True
+    assert caplog.records == []
     assert handshake(files.context, server_context(pki))[1] == renewed.certificate.serial_number
 
 
@@ -150,12 +171,14 @@ def test_an_added_ca_is_trusted_and_a_removed_one_is_reported(
 
     original = (pki / "ca.pem").read_bytes()
     certs.replace_file(pki / "ca.pem", original + other.certificate_pem(), mode=0o644)
+    assert files.check() is False  # changed: one more look to be sure it is whole
     assert files.check() is True
     assert handshake(files.context, elsewhere)[0] == other_server.certificate.serial_number
     assert set(files.expiry_times()) == {"certificate", "ca"}
 
     certs.replace_file(pki / "ca.pem", original, mode=0o644)
     with caplog.at_level(logging.WARNING, logger=LOGGER.name):
+        files.check()
         files.check()
     assert "1 CA certificate(s) removed from" in caplog.text
     assert "stay trusted until the process restarts" in caplog.text
