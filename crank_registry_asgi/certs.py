@@ -1,8 +1,12 @@
 """Development certificates: a private CA, a controller certificate, worker certificates.
 
-``crank-registry certs`` writes these files with :func:`write_development_certificates`;
-tests and examples build certificates in memory with the functions below, including
-ones that must be refused (expired, or signed by another authority).
+``crank-registry certs`` writes these files with :func:`write_development_certificates`
+(``--san`` adds the hosts' real names) and renews one worker's with
+:func:`renew_worker_certificate`; every file is replaced atomically, so the
+processes that reload them (:mod:`crank_worker_client.certificates`) never
+read half of one. Tests and examples build certificates in memory with the
+functions below, including ones that must be refused (expired, or signed by
+another authority).
 
 A worker certificate is an X.509 SVID in the SPIFFE sense: its only URI SAN is
 ``spiffe://crank.local/worker/NAME``, the identity the controller checks against the

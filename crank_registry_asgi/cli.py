@@ -5,12 +5,14 @@ Subcommands:
 - ``serve``: run the controller over HTTPS (mutual TLS with ``--ca-certs``),
   or over plain HTTP when ``--insecure`` asks for it by name;
 - ``certs``: write a development CA, a controller certificate and one client
-  certificate per worker.
+  certificate per worker (``--san`` for real host names), or renew one
+  worker's (``--renew``).
 
 Each subcommand is one ``add_*_command`` function that declares its flags and
 sets its handler; :func:`build_parser` calls them in turn. Exit status: 0 on
 success (``serve``: after a clean shutdown on SIGTERM or SIGINT), 2 for a
-usage error (bad flags, missing certificates), 1 when the server cannot start.
+usage error (bad flags, certificate files that are missing or cannot be
+used), 1 when the server cannot start.
 """
 
 from __future__ import annotations

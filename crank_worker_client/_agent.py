@@ -31,6 +31,7 @@ from crank_registry import CapabilitySchema, Registration, ValidationError, iso_
 from ._client import ControllerClient
 from ._config import TLSConfig, is_positive_seconds
 from ._exceptions import (
+    ClientCertificateRequired,
     ClientError,
     ConfigurationError,
     ControllerError,
@@ -349,7 +350,7 @@ class WorkerAgent:
                     await self._register_once()
                 except ControllerUnavailable as error:
                     last_error = error
-                except ControllerError as error:
+                except (ControllerError, ClientCertificateRequired) as error:
                     raise RegistrationFailed(
                         f"the controller at {self.controller_url} refused to register "
                         f"worker {self.worker_id!r}: {error}"
@@ -433,7 +434,7 @@ class WorkerAgent:
         except ControllerUnavailable as error:
             self._note_failure(error, AgentState.UNREACHABLE)
             return Outcome.FAILED
-        except ControllerError as error:
+        except (ControllerError, ClientCertificateRequired) as error:
             self._note_failure(error, AgentState.REFUSED)
             return Outcome.FAILED
         except Exception as error:

@@ -184,7 +184,10 @@ class ControllerClient:
                 if tls is not None
                 else True
             )
-        self._presents_certificate = isinstance(tls, TLSConfig) and tls.certfile is not None
+        # A ready SSLContext may hold a certificate: only a TLSConfig tells.
+        self._lacks_certificate = tls is None or (
+            isinstance(tls, TLSConfig) and tls.certfile is None
+        )
         self._transport = transport
         self._timeout = timeout
         self._http: httpx.AsyncClient | None = None
@@ -353,7 +356,7 @@ class ControllerClient:
         close the connection without a TLS alert; only its handshake tells.
         Looked at only when this client presents no certificate over HTTPS.
         """
-        if self._presents_certificate or self._transport is not None:
+        if not self._lacks_certificate or self._transport is not None:
             return False
         if not isinstance(error, httpx.RemoteProtocolError) and not _caused_by_tls(error):
             return False

@@ -149,5 +149,6 @@ class RegistrationFailed(ClientError):
 
     Either the controller stayed unreachable until the registration deadline
     (``__cause__`` is the last :class:`ControllerUnavailable`) or it refused
-    the registration (``__cause__`` is the :class:`ControllerError`).
+    the registration (``__cause__`` is the :class:`ControllerError`, or
+    :class:`ClientCertificateRequired` when it requires a client certificate).
     """

@@ -24,6 +24,7 @@ from crank_worker_client import (
     AgentState,
     ClientCertificateRequired,
     ControllerClient,
+    RegistrationFailed,
     TLSConfig,
     WorkerAgent,
 )
@@ -179,6 +180,21 @@ async def test_a_client_without_a_certificate_is_told_the_controller_requires_on
     message = str(raised.value)
     assert f"the controller at {server.url} requires a client certificate" in message
     assert "this client has none" in message and "certfile=" in message
+
+    # A worker agent gives up at once, with the same reason, instead of retrying.
+    agent = WorkerAgent(
+        server.url,
+        "w1",
+        "https://127.0.0.1:8443",
+        [capability()],
+        tls=TLSConfig(ca_certs=pki / "ca.pem"),
+        registration_deadline=DEADLINE,
+    )
+    with anyio.fail_after(DEADLINE / 2), pytest.raises(RegistrationFailed) as failed:
+        async with agent:
+            pytest.fail("registered without a client certificate")
+    assert isinstance(failed.value.__cause__, ClientCertificateRequired)
+    assert "requires a client certificate" in str(failed.value)
 
 
 async def test_serve_warns_when_its_certificate_expires_within_the_warning_window(
