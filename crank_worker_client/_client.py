@@ -358,7 +358,9 @@ class ControllerClient:
         """
         if not self._lacks_certificate or self._transport is not None:
             return False
-        if not isinstance(error, httpx.RemoteProtocolError) and not _caused_by_tls(error):
+        if not isinstance(error, httpx.RemoteProtocolError) and not (
+            _closed_by_the_server_in_handshake(error)
+        ):
             return False
         url = httpx.URL(self.controller_url)
         if url.scheme != "https":
@@ -369,11 +371,19 @@ class ControllerClient:
         )
 
 
-def _caused_by_tls(error: BaseException) -> bool:
+def _closed_by_the_server_in_handshake(error: BaseException) -> bool:
+    """Whether the server ended the TLS handshake: it closed the connection or sent an alert.
+
+    A certificate this client does not trust is not that: it says so itself.
+    """
     seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
-        if isinstance(current, ssl.SSLError):
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return False
+        if isinstance(current, ssl.SSLEOFError) or (
+            isinstance(current, ssl.SSLError) and "ALERT" in (current.reason or "")
+        ):
             return True
         seen.add(id(current))
         current = current.__cause__ or current.__context__
