@@ -347,7 +347,10 @@ class CertificateFiles:
         # again between the two steps cannot put an unchecked pair in use.
         with tempfile.TemporaryDirectory(prefix="crank-tls-") as scratch:
             try:
-                copies = {path: _copy(path, Path(scratch)) for path in self._paths()}
+                copies = {
+                    path: _copy(path, Path(scratch) / f"{index}-{path.name}")
+                    for index, path in enumerate(self._paths())
+                }
             except OSError as error:
                 self._keep(f"cannot read {error.filename}: {error.strerror or error}")
                 return False
@@ -417,8 +420,7 @@ def _signature_of(paths: list[Path]) -> _Signature:
     return tuple(looks)
 
 
-def _copy(path: Path, directory: Path) -> Path:
-    copy = directory / f"{len(list(directory.iterdir()))}-{path.name}"
+def _copy(path: Path, copy: Path) -> Path:
     copy.write_bytes(path.read_bytes())
     return copy
 
