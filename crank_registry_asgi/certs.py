@@ -1,8 +1,12 @@
 """Development certificates: a private CA, a controller certificate, worker certificates.
 
-``crank-registry certs`` writes these files with :func:`write_development_certificates`;
-tests and examples build certificates in memory with the functions below, including
-ones that must be refused (expired, or signed by another authority).
+``crank-registry certs`` writes these files with :func:`write_development_certificates`
+(``--san`` adds the hosts' real names) and renews one worker's with
+:func:`renew_worker_certificate`; every file is replaced atomically, so the
+processes that reload them (:mod:`crank_worker_client.certificates`) never
+read half of one. Tests and examples build certificates in memory with the
+functions below, including ones that must be refused (expired, or signed by
+another authority).
 
 A worker certificate is an X.509 SVID in the SPIFFE sense: its only URI SAN is
 ``spiffe://crank.local/worker/NAME``, the identity the controller checks against the
@@ -14,10 +18,13 @@ Keys are ECDSA P-256: fast to generate and accepted by every TLS stack in use.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import os
-from collections.abc import Iterable, Sequence
+import re
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import attrs
@@ -31,14 +38,18 @@ from crank_registry import is_worker_id
 __all__ = [
     "CONTROLLER_HOSTS",
     "DEFAULT_VALIDITY",
+    "IDENTITY_KINDS",
     "TRUST_DOMAIN",
     "CertifiedKey",
+    "check_host",
     "check_name",
     "make_authority",
-    "make_client_certificate",
     "make_controller_certificate",
+    "make_identity_certificate",
     "make_worker_certificate",
     "read_authority",
+    "renew_worker_certificate",
+    "replace_file",
     "spiffe_id",
     "write_development_certificates",
     "write_private_key",
@@ -73,9 +84,18 @@ class CertifiedKey:
         )
 
     def write(self, certificate_path: Path, key_path: Path) -> None:
-        """Write the certificate and the key (mode 0600) to the given paths."""
-        certificate_path.write_bytes(self.certificate_pem())
-        write_private_key(key_path, self.private_key_pem())
+        """Write the key (mode 0600) and the certificate, each replacing its file atomically.
+
+        A process watching the files sees the old file or the new one, never
+        a half-written one; both new files are on disk before the first
+        rename, and the renames follow each other (key first).
+        """
+        with (
+            _prepared(key_path, self.private_key_pem(), mode=0o600) as key,
+            _prepared(certificate_path, self.certificate_pem(), mode=0o644) as certificate,
+        ):
+            os.replace(key, key_path)
+            os.replace(certificate, certificate_path)
 
 
 def spiffe_id(kind: str, name: str, *, trust_domain: str = TRUST_DOMAIN) -> str:
@@ -160,8 +180,13 @@ def make_controller_certificate(
     )
 
 
-def make_worker_certificate(
+#: The kinds of identity certificate: what the SPIFFE path says, and what the certificate may do.
+IDENTITY_KINDS = ("worker", "client")
+
+
+def make_identity_certificate(
     authority: CertifiedKey,
+    kind: str,
     name: str,
     *,
     trust_domain: str = TRUST_DOMAIN,
@@ -169,42 +194,41 @@ def make_worker_certificate(
     not_before: datetime.datetime | None = None,
     not_after: datetime.datetime | None = None,
 ) -> CertifiedKey:
-    """A certificate for worker ``name``: client identity plus HTTPS on ``hosts``.
+    """A certificate whose URI SAN is ``spiffe://TRUST_DOMAIN/KIND/NAME``.
 
-    Its URI SAN is ``spiffe://TRUST_DOMAIN/worker/NAME``. Pass ``not_after`` in
-    the past to make an expired one.
+    A ``"worker"`` certificate is a client identity and also serves HTTPS on
+    ``hosts`` (names or IP addresses), so a worker can use one certificate
+    for both directions. A ``"client"`` certificate is for a caller that
+    routes and lists but is no worker: client use only, ``hosts`` ignored.
+    Pass ``not_after`` in the past to make an expired one.
     """
+    if kind not in IDENTITY_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(IDENTITY_KINDS)}, got {kind!r}")
+    worker = kind == "worker"
     return _make_leaf(
         authority,
         common_name=check_name(name),
-        uris=(spiffe_id("worker", name, trust_domain=trust_domain),),
-        hosts=hosts,
-        usages=(ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH),
+        uris=(spiffe_id(kind, name, trust_domain=trust_domain),),
+        hosts=hosts if worker else (),
+        usages=(ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH)
+        if worker
+        else (ExtendedKeyUsageOID.CLIENT_AUTH,),
         not_before=not_before,
         not_after=not_after,
     )
 
 
-def make_client_certificate(
+def make_worker_certificate(
     authority: CertifiedKey,
     name: str,
     *,
-    trust_domain: str = TRUST_DOMAIN,
+    hosts: Sequence[str] = CONTROLLER_HOSTS,
     not_before: datetime.datetime | None = None,
     not_after: datetime.datetime | None = None,
 ) -> CertifiedKey:
-    """A client-only certificate for a caller that routes and lists but is no worker.
-
-    Its URI SAN is ``spiffe://TRUST_DOMAIN/client/NAME``.
-    """
-    return _make_leaf(
-        authority,
-        common_name=check_name(name),
-        uris=(spiffe_id("client", name, trust_domain=trust_domain),),
-        hosts=(),
-        usages=(ExtendedKeyUsageOID.CLIENT_AUTH,),
-        not_before=not_before,
-        not_after=not_after,
+    """:func:`make_identity_certificate` for worker ``name``."""
+    return make_identity_certificate(
+        authority, "worker", name, hosts=hosts, not_before=not_before, not_after=not_after
     )
 
 
@@ -220,12 +244,58 @@ def read_authority(certificate_path: Path, key_path: Path) -> CertifiedKey:
 
 
 def write_private_key(path: Path, pem: bytes) -> None:
-    """Write a private key readable by its owner only (0600), also over an existing file."""
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "wb") as file:
-        # The mode given to open() applies only to a new file.
-        os.fchmod(file.fileno(), 0o600)
-        file.write(pem)
+    """Write a private key readable by its owner only (0600), atomically replacing ``path``."""
+    replace_file(path, pem, mode=0o600)
+
+
+def replace_file(path: Path, data: bytes, *, mode: int) -> None:
+    """Write ``data`` to a new file beside ``path`` (``mode`` from the start), then rename it.
+
+    The rename is atomic: readers see the old content or the new, and the
+    file is on disk (fsync) before it replaces the old one.
+    """
+    with _prepared(path, data, mode=mode) as temporary:
+        os.replace(temporary, path)
+
+
+@contextlib.contextmanager
+def _prepared(path: Path, data: bytes, *, mode: int) -> Iterator[Path]:
+    """A new file beside ``path`` holding ``data``, on disk; removed unless renamed."""
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            os.fchmod(file.fileno(), mode)
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        yield Path(temporary)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+
+
+def check_host(host: str) -> str:
+    """Return ``host`` if it is a DNS name or an IP address for a certificate, else raise.
+
+    IP addresses are recognised with :mod:`ipaddress` (and written as IP
+    SANs); anything else must be a DNS name: dot-separated labels of
+    letters, digits and '-', optionally starting with the wildcard ``*.``.
+    """
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    name = host[2:] if host.startswith("*.") else host
+    labels = name.rstrip(".").split(".")
+    if not name or len(name) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
+        raise ValueError(
+            f"--san {host!r} is neither an IP address nor a DNS name: use a name such as "
+            "controller.example.com or an address such as 10.0.0.5"
+        )
+    return host.lower()
+
+
+_DNS_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
 def write_development_certificates(
@@ -233,6 +303,7 @@ def write_development_certificates(
     *,
     workers: Iterable[str],
     clients: Iterable[str] = (),
+    sans: Iterable[str] = (),
     validity: datetime.timedelta = DEFAULT_VALIDITY,
 ) -> list[Path]:
     """Write a development PKI to ``out_dir`` and return the paths written.
@@ -240,10 +311,13 @@ def write_development_certificates(
     An existing ``ca.pem``/``ca.key`` pair in ``out_dir`` is reused, so that
     certificates for more workers can be added later without invalidating the
     ones already handed out; otherwise a new CA is made. The controller
-    certificate is (re)written every time.
+    certificate is (re)written every time. ``sans`` (DNS names or IP
+    addresses) are added to the controller's and the workers' certificates,
+    after localhost, 127.0.0.1 and ::1. Every file is replaced atomically.
     """
     worker_names = [check_name(name) for name in workers]
     client_names = [check_name(name) for name in clients]
+    hosts = _hosts_with(CONTROLLER_HOSTS, sans)
     now = datetime.datetime.now(datetime.UTC)
     not_before, not_after = now - _BACKDATE, now + validity
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -260,28 +334,94 @@ def write_development_certificates(
     issued: list[tuple[str, CertifiedKey]] = [
         (
             "controller",
-            make_controller_certificate(authority, not_before=not_before, not_after=not_after),
+            make_controller_certificate(
+                authority, hosts=hosts, not_before=not_before, not_after=not_after
+            ),
         )
     ]
     issued += [
         (
-            f"worker-{name}",
-            make_worker_certificate(authority, name, not_before=not_before, not_after=not_after),
+            f"{kind}-{name}",
+            make_identity_certificate(
+                authority, kind, name, hosts=hosts, not_before=not_before, not_after=not_after
+            ),
         )
-        for name in worker_names
-    ]
-    issued += [
-        (
-            f"client-{name}",
-            make_client_certificate(authority, name, not_before=not_before, not_after=not_after),
-        )
-        for name in client_names
+        for kind, names in (("worker", worker_names), ("client", client_names))
+        for name in names
     ]
     for stem, certified in issued:
         certificate_path, key_path = out_dir / f"{stem}.pem", out_dir / f"{stem}.key"
         certified.write(certificate_path, key_path)
         written += [certificate_path, key_path]
     return written
+
+
+def renew_worker_certificate(
+    out_dir: Path,
+    name: str,
+    *,
+    sans: Iterable[str] = (),
+    validity: datetime.timedelta = DEFAULT_VALIDITY,
+) -> list[Path]:
+    """Renew ``worker-NAME.pem``/``.key`` in ``out_dir``: same CA, new key, new validity.
+
+    The new certificate keeps the DNS names and IP addresses of the old one
+    and adds ``sans``. Both files are replaced atomically (key first), so a
+    worker watching them picks up the new pair without a restart. Raises
+    ``ValueError`` when the CA or the certificate to renew is missing.
+    """
+    check_name(name)
+    ca_pem, ca_key = out_dir / "ca.pem", out_dir / "ca.key"
+    missing = [str(path) for path in (ca_pem, ca_key) if not path.is_file()]
+    if missing:
+        raise ValueError(
+            f"cannot renew worker {name!r}: the CA is missing ({', '.join(missing)}); the "
+            "renewed certificate must be signed by the CA its peers trust. Pass the --out "
+            "directory that holds ca.pem and ca.key"
+        )
+    certificate_path = out_dir / f"worker-{name}.pem"
+    key_path = out_dir / f"worker-{name}.key"
+    try:
+        old = x509.load_pem_x509_certificate(certificate_path.read_bytes())
+    except FileNotFoundError:
+        raise ValueError(
+            f"cannot renew worker {name!r}: {certificate_path} does not exist; issue it with "
+            f"--worker {name} (without --renew)"
+        ) from None
+    except ValueError:
+        raise ValueError(
+            f"cannot renew worker {name!r}: {certificate_path} is not a PEM certificate; "
+            f"issue a new one with --worker {name} (without --renew)"
+        ) from None
+    authority = read_authority(ca_pem, ca_key)
+    now = datetime.datetime.now(datetime.UTC)
+    renewed = make_identity_certificate(
+        authority,
+        "worker",
+        name,
+        hosts=_hosts_with(_hosts_of(old), sans),
+        not_before=now - _BACKDATE,
+        not_after=now + validity,
+    )
+    renewed.write(certificate_path, key_path)
+    return [certificate_path, key_path]
+
+
+def _hosts_with(hosts: Iterable[str], sans: Iterable[str]) -> tuple[str, ...]:
+    """``hosts`` then ``sans``, each checked, without repeats."""
+    return tuple(dict.fromkeys(check_host(host) for host in (*hosts, *sans)))
+
+
+def _hosts_of(certificate: x509.Certificate) -> list[str]:
+    """The DNS names and IP addresses a certificate is valid for."""
+    try:
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [
+        *names.get_values_for_type(x509.DNSName),
+        *(str(address) for address in names.get_values_for_type(x509.IPAddress)),
+    ]
 
 
 def _validity(

@@ -5,7 +5,8 @@ Subcommands:
 - ``serve``: run the controller over HTTPS (mutual TLS with ``--ca-certs``),
   or over plain HTTP when ``--insecure`` asks for it by name;
 - ``certs``: write a development CA, a controller certificate and one client
-  certificate per worker.
+  certificate per worker (``--san`` for real host names), or renew one
+  worker's (``--renew``).
 - ``workers``, ``capabilities``, ``route``, ``health``: ask a running
   controller (:mod:`crank_registry_asgi.client_cli`).
 
@@ -14,7 +15,8 @@ Subcommands:
 Each subcommand is one ``add_*_command`` function that declares its flags and
 sets its handler; :func:`build_parser` calls them in turn. Exit status: 0 on
 success (``serve``: after a clean shutdown on SIGTERM or SIGINT), 2 for a
-usage error (bad flags, missing certificates), 1 when the server cannot start.
+usage error (bad flags, certificate files that are missing or cannot be
+used), 1 when the server cannot start.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
+
+from crank_worker_client.certificates import DEFAULT_EXPIRY_WARNING, DEFAULT_WATCH_INTERVAL
 
 from .config import GatewayConfig, is_positive_number, is_whole_number
 from .logs import LOG_FORMATS, configure_logging
@@ -193,6 +197,26 @@ def add_serve_command(subcommands: Subcommands) -> argparse.ArgumentParser:
         help="serve plain HTTP, without TLS and without caller identities",
     )
     parser.add_argument(
+        "--cert-watch-interval",
+        type=_seconds,
+        default=DEFAULT_WATCH_INTERVAL,
+        metavar="SECONDS",
+        help=(
+            "how often the certificate, key and CA files are checked; renewed ones are used "
+            f"for new connections without a restart ({DEFAULT_WATCH_INTERVAL:g})"
+        ),
+    )
+    parser.add_argument(
+        "--cert-expiry-warning-days",
+        type=_days,
+        default=DEFAULT_EXPIRY_WARNING / 86400,
+        metavar="DAYS",
+        help=(
+            "log a warning when the certificate expires within this many days "
+            f"({DEFAULT_EXPIRY_WARNING / 86400:g})"
+        ),
+    )
+    parser.add_argument(
         "--trust-proxy-cert-header",
         metavar="NAME",
         help=(
@@ -272,11 +296,27 @@ def run_serve(args: argparse.Namespace) -> int:
     from hypercorn.utils import LifespanFailureError
 
     from .app import create_app
-    from .server import ServerSettings, ServerSetupError, run
+    from .rotation import (
+        CertificateExpiryCollector,
+        CertificateFileError,
+        RotationSettings,
+        load_server_certificates,
+    )
+    from .server import ServerSettings, ServerSetupError, hypercorn_config, run
 
     settings = ServerSettings(
         host=args.host, port=port, certfile=certfile, keyfile=keyfile, ca_certs=ca_certs
     )
+    rotation = RotationSettings(
+        watch_interval=args.cert_watch_interval,
+        expiry_warning=args.cert_expiry_warning_days * 86400,
+    )
+    certificates = None
+    if settings.uses_tls:
+        try:
+            certificates = load_server_certificates(hypercorn_config(settings), rotation)
+        except CertificateFileError as error:
+            raise UsageError(f"{error} ({_source_of_file(str(error), args)})") from None
     for warning in _security_warnings(settings, proxy_cert_header=args.trust_proxy_cert_header):
         logging.getLogger(__name__).warning("%s", warning)
     config = ServiceConfig(
@@ -292,6 +332,8 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.journal_compact_min_bytes is not None:
         config = attrs.evolve(config, journal_compact_min_bytes=args.journal_compact_min_bytes)
     app = create_app(config=config)
+    if certificates is not None:
+        app.state.metrics_registry.register(CertificateExpiryCollector(certificates))
     if args.gateway:
         from .gateway import serve_with_gateway
 
@@ -303,7 +345,7 @@ def run_serve(args: argparse.Namespace) -> int:
             ca_certs=None if ca_certs is None else str(ca_certs),
         )
     try:
-        run(app, settings)
+        run(app, settings, certificates=certificates, rotation=rotation)
     except ServerSetupError as error:
         print(f"crank-registry serve: error: {error}", file=sys.stderr)
         return 1
@@ -317,6 +359,20 @@ def run_serve(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def _source_of_file(message: str, args: argparse.Namespace) -> str:
+    """Which flag (or environment variable) gave the file a TLS error message names first."""
+    sources = []
+    for flag, variable, value in (
+        ("--certfile", "CONTROLLER_CERT_PATH", args.certfile),
+        ("--keyfile", "CONTROLLER_KEY_PATH", args.keyfile),
+        ("--ca-certs", "CA_CERT_PATH", args.ca_certs),
+    ):
+        path = _path_from(value, variable)
+        if path is not None and str(path) in message:
+            sources.append((message.index(str(path)), flag if value is not None else variable))
+    return f"given by {min(sources)[1]}" if sources else "see --certfile, --keyfile, --ca-certs"
 
 
 def _gateway_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -439,6 +495,17 @@ def _at_least_zero(text: str) -> int:
     return _whole_number(text, 0)
 
 
+def _days(text: str) -> float:
+    """A finite number of days >= 0 (``--cert-expiry-warning-days``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of days: {text!r}") from None
+    if not (value == 0 or is_positive_number(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number of days >= 0, got {text!r}")
+    return value
+
+
 def _seconds(text: str) -> float:
     """A finite number of seconds > 0 (``--heartbeat-interval``, ``--gateway-timeout``, ...)."""
     try:
@@ -464,7 +531,9 @@ def add_certs_command(subcommands: Subcommands) -> argparse.ArgumentParser:
             "a certificate whose URI SAN is spiffe://crank.local/worker/NAME "
             "(worker-NAME.pem, worker-NAME.key), valid as client and as localhost server. "
             "Keys are unencrypted PEM, mode 0600. An existing ca.pem and ca.key in DIR are "
-            "reused, so workers can be added later."
+            "reused, so workers can be added later. --san adds the hosts' real names; "
+            "files are replaced atomically, and serve and the worker client reload them "
+            "without a restart."
         ),
     )
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
@@ -486,6 +555,24 @@ def add_certs_command(subcommands: Subcommands) -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
+        "--san",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help=(
+            "a DNS name or IP address to add to the controller's and the workers' "
+            "certificates, besides localhost, 127.0.0.1 and ::1 (repeatable)"
+        ),
+    )
+    parser.add_argument(
+        "--renew",
+        action="store_true",
+        help=(
+            "renew the certificate of the one --worker NAME in DIR in place: same CA, new key "
+            "and validity, same names plus any --san; running processes pick it up"
+        ),
+    )
+    parser.add_argument(
         "--days", type=_at_least_one, default=365, help="validity of new certificates in days (365)"
     )
     parser.set_defaults(handler=run_certs)
@@ -503,12 +590,37 @@ def run_certs(args: argparse.Namespace) -> int:
             certs.check_name(name)
         except ValueError as error:
             raise UsageError(str(error)) from None
+    for host in args.san:
+        try:
+            certs.check_host(host)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+    validity = datetime.timedelta(days=args.days)
+    if args.renew:
+        if len(args.worker) != 1 or args.client:
+            raise UsageError(
+                "--renew renews one worker's certificate: give exactly one --worker NAME "
+                "(and no --client)"
+            )
+        try:
+            written = certs.renew_worker_certificate(
+                args.out, args.worker[0], sans=args.san, validity=validity
+            )
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        except OSError as error:
+            print(f"crank-registry certs: error: {error}", file=sys.stderr)
+            return 1
+        for path in written:
+            print(path)
+        return 0
     try:
         written = certs.write_development_certificates(
             args.out,
             workers=args.worker,
             clients=args.client,
-            validity=datetime.timedelta(days=args.days),
+            sans=args.san,
+            validity=validity,
         )
     except (OSError, ValueError) as error:
         print(f"crank-registry certs: error: {error}", file=sys.stderr)

@@ -27,7 +27,16 @@ from hypercorn.typing import ASGIFramework
 from hypercorn.utils import wrap_app
 from starlette.types import ASGIApp
 
+from crank_worker_client.certificates import CertificateFiles
+
 from . import tls
+from .rotation import (
+    DEFAULT_ROTATION,
+    CertificateFileError,
+    RotationSettings,
+    load_server_certificates,
+    serving_config,
+)
 
 __all__ = ["ServerSettings", "ServerSetupError", "hypercorn_config", "run", "serve"]
 
@@ -100,25 +109,15 @@ def hypercorn_config(settings: ServerSettings) -> Config:
     return config
 
 
-def _check_tls_files(config: Config) -> None:
+def _load_certificates(config: Config, rotation: RotationSettings) -> CertificateFiles:
     # hypercorn would fail on these only once the app has started, with a
-    # bare SSLError; load them once up front to say which file is wrong.
-    for label, path in (
-        ("certificate", config.certfile),
-        ("key", config.keyfile),
-        ("CA certificates", config.ca_certs),
-    ):
-        if path is not None and not Path(path).is_file():
-            raise ServerSetupError(f"{label} file not found: {path}")
+    # bare SSLError; load them up front to say which file is wrong.
     try:
-        config.create_ssl_context()
-    except ssl.SSLError as error:
-        raise ServerSetupError(
-            f"cannot use certfile {config.certfile}, keyfile {config.keyfile}"
-            f"{f', ca-certs {config.ca_certs}' if config.ca_certs else ''}: {error}"
-        ) from None
-    except OSError as error:
-        raise ServerSetupError(f"cannot read {error.filename}: {error.strerror}") from None
+        return load_server_certificates(config, rotation)
+    except CertificateFileError as error:
+        raise ServerSetupError(str(error)) from None
+    except (OSError, ssl.SSLError) as error:
+        raise ServerSetupError(f"cannot use certfile {config.certfile}: {error}") from None
 
 
 def _bind(config: Config, settings: ServerSettings) -> Sockets:
@@ -142,15 +141,25 @@ async def serve(
     settings: ServerSettings,
     *,
     shutdown_trigger: Callable[[], Awaitable[object]],
+    certificates: CertificateFiles | None = None,
+    rotation: RotationSettings = DEFAULT_ROTATION,
 ) -> None:
     """Serve ``app`` until ``shutdown_trigger`` returns, then shut it down cleanly.
 
+    With TLS, the certificate files are checked every
+    ``rotation.watch_interval`` seconds and renewed ones are used for new
+    connections (:mod:`crank_registry_asgi.rotation`); ``certificates`` are
+    the files already loaded, else they are loaded from ``settings``.
     Raises :class:`ServerSetupError` before the app starts when the
     certificates cannot be loaded or the port cannot be bound.
     """
     config = hypercorn_config(settings)
     if settings.uses_tls:
-        _check_tls_files(config)
+        if certificates is None:
+            certificates = _load_certificates(config, rotation)
+        config = serving_config(config, certificates.context)
+    else:
+        certificates = None
     # Always: besides capturing client certificates (an empty chain without
     # mutual TLS), the hook closes connections the way hypercorn 0.18 does
     # not, and contains its errors (tracebacks at ERROR) when a request is
@@ -164,12 +173,23 @@ async def serve(
                 _url_of(sock, uses_tls=settings.uses_tls),
                 _security_of(settings),
             )
-        await worker_serve(
-            wrap_app(cast(ASGIFramework, app), config.wsgi_max_body_size, "asgi"),
-            config,
-            sockets=sockets,
-            shutdown_trigger=shutdown_trigger,
+        watcher = (
+            None
+            if certificates is None
+            else asyncio.create_task(certificates.watch(rotation.watch_interval))
         )
+        try:
+            await worker_serve(
+                wrap_app(cast(ASGIFramework, app), config.wsgi_max_body_size, "asgi"),
+                config,
+                sockets=sockets,
+                shutdown_trigger=shutdown_trigger,
+            )
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
         # hypercorn returns only after the app's lifespan shutdown has run.
         logger.info("stopped: connections closed, app shut down")
     finally:
@@ -185,8 +205,17 @@ def _security_of(settings: ServerSettings) -> str:
     return "plain HTTP"
 
 
-def run(app: ASGIApp, settings: ServerSettings) -> None:
-    """Serve ``app`` until SIGINT or SIGTERM; the app's lifespan shutdown runs before return."""
+def run(
+    app: ASGIApp,
+    settings: ServerSettings,
+    *,
+    certificates: CertificateFiles | None = None,
+    rotation: RotationSettings = DEFAULT_ROTATION,
+) -> None:
+    """Serve ``app`` until SIGINT or SIGTERM; the app's lifespan shutdown runs before return.
+
+    ``certificates`` and ``rotation`` are as for :func:`serve`.
+    """
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -195,7 +224,13 @@ def run(app: ASGIApp, settings: ServerSettings) -> None:
         for signum in signals:
             loop.add_signal_handler(signum, stop.set)
         try:
-            await serve(app, settings, shutdown_trigger=stop.wait)
+            await serve(
+                app,
+                settings,
+                shutdown_trigger=stop.wait,
+                certificates=certificates,
+                rotation=rotation,
+            )
         finally:
             for signum in signals:
                 with contextlib.suppress(ValueError, RuntimeError):

@@ -20,6 +20,9 @@ trace context; without it, none does. Two public modules beside:
 - :mod:`crank_worker_client.body`: the bounded request-body reader and the
   drain before an early answer, shared by the serving module and the
   controller's service.
+- :mod:`crank_worker_client.certificates`: certificate files reloaded into
+  a live TLS context when they are renewed, expiry warnings, and TLS file
+  errors that name the file; shared with the controller.
 """
 
 from ._agent import AgentState, AgentStatus, WorkerAgent
@@ -32,6 +35,7 @@ from ._client import (
 )
 from ._config import DEFAULT_CONTROLLER_URL, TLSConfig
 from ._exceptions import (
+    ClientCertificateRequired,
     ClientError,
     ConfigurationError,
     ControllerError,
@@ -62,6 +66,7 @@ __all__ = [
     "AgentLifespanMiddleware",
     "AgentState",
     "AgentStatus",
+    "ClientCertificateRequired",
     "ClientError",
     "ConfigurationError",
     "ControllerClient",

@@ -31,6 +31,7 @@ from crank_registry import CapabilitySchema, Registration, ValidationError, iso_
 from ._client import ControllerClient
 from ._config import TLSConfig, is_positive_seconds
 from ._exceptions import (
+    ClientCertificateRequired,
     ClientError,
     ConfigurationError,
     ControllerError,
@@ -39,6 +40,7 @@ from ._exceptions import (
     WorkerNotRegisteredError,
 )
 from ._schedule import Outcome, next_heartbeat_delay, registration_backoff
+from .certificates import DEFAULT_EXPIRY_WARNING, DEFAULT_WATCH_INTERVAL, CertificateFiles
 
 __all__ = ["AgentState", "AgentStatus", "WorkerAgent"]
 
@@ -151,6 +153,13 @@ class WorkerAgent:
     No heartbeat or re-registration waits longer than ``request_timeout``
     or one interval, whichever is shorter.
 
+    With a :class:`TLSConfig`, the certificate, key and CA files are
+    checked every ``certificate_watch_interval`` seconds while the agent
+    runs; renewed files are used for new connections, without a restart
+    (:mod:`crank_worker_client.certificates`). A warning is logged when the
+    worker's certificate expires within ``certificate_expiry_warning``
+    seconds (7 days).
+
     ``rng`` drives every jitter (default: a fresh ``random.Random()``);
     ``clock`` gives the wall-clock times shown in :attr:`status`;
     ``transport`` replaces httpx's network transport. Works under asyncio
@@ -172,6 +181,8 @@ class WorkerAgent:
         heartbeat_retry_base: float | None = None,
         deregister_timeout: float = 5.0,
         request_timeout: float = 10.0,
+        certificate_watch_interval: float = DEFAULT_WATCH_INTERVAL,
+        certificate_expiry_warning: float = DEFAULT_EXPIRY_WARNING,
         transport: httpx.AsyncBaseTransport | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
@@ -182,6 +193,7 @@ class WorkerAgent:
         _check_duration("heartbeat_retry_base", heartbeat_retry_base, optional=True)
         _check_duration("deregister_timeout", deregister_timeout)
         _check_duration("request_timeout", request_timeout)
+        _check_duration("certificate_watch_interval", certificate_watch_interval)
         self._registration = _registration(worker_id, worker_url, capabilities)
         self._client = ControllerClient(
             controller_url,
@@ -189,7 +201,9 @@ class WorkerAgent:
             insecure=insecure,
             transport=transport,
             timeout=request_timeout,
+            certificate_expiry_warning=certificate_expiry_warning,
         )
+        self._certificate_watch_interval = certificate_watch_interval
         self._registration_deadline = registration_deadline
         self._registration_backoff_base = registration_backoff_base
         self._registration_backoff_cap = registration_backoff_cap
@@ -231,6 +245,11 @@ class WorkerAgent:
     def capabilities(self) -> tuple[CapabilitySchema, ...]:
         """The capabilities the agent registers (the current ones)."""
         return self._registration.capabilities
+
+    @property
+    def certificates(self) -> CertificateFiles | None:
+        """The TLS files in use and their live context (``None`` without a :class:`TLSConfig`)."""
+        return self._client.certificates
 
     @property
     def controller_url(self) -> str:
@@ -288,6 +307,13 @@ class WorkerAgent:
             raise
         self._task_group = task_group
         task_group.start_soon(self._heartbeat_loop, name=f"heartbeats of {self.worker_id}")
+        certificates = self.certificates
+        if certificates is not None:
+            task_group.start_soon(
+                certificates.watch,
+                self._certificate_watch_interval,
+                name=f"certificate files of {self.worker_id}",
+            )
         return self
 
     async def __aexit__(
@@ -324,7 +350,7 @@ class WorkerAgent:
                     await self._register_once()
                 except ControllerUnavailable as error:
                     last_error = error
-                except ControllerError as error:
+                except (ControllerError, ClientCertificateRequired) as error:
                     raise RegistrationFailed(
                         f"the controller at {self.controller_url} refused to register "
                         f"worker {self.worker_id!r}: {error}"
@@ -408,7 +434,7 @@ class WorkerAgent:
         except ControllerUnavailable as error:
             self._note_failure(error, AgentState.UNREACHABLE)
             return Outcome.FAILED
-        except ControllerError as error:
+        except (ControllerError, ClientCertificateRequired) as error:
             self._note_failure(error, AgentState.REFUSED)
             return Outcome.FAILED
         except Exception as error:

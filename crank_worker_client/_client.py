@@ -17,6 +17,8 @@ so they read a controller that pages and one that answers all at once.
 from __future__ import annotations
 
 import email.utils
+import functools
+import logging
 import ssl
 import time
 from collections.abc import Mapping
@@ -25,6 +27,8 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar
 
+import anyio
+import anyio.to_thread
 import httpx
 
 from crank_registry import (
@@ -47,6 +51,7 @@ from crank_registry import (
 
 from ._config import TLSConfig, is_positive_seconds, resolve_controller_url
 from ._exceptions import (
+    ClientCertificateRequired,
     ClientError,
     ConfigurationError,
     ControllerUnavailable,
@@ -59,6 +64,7 @@ from ._exceptions import (
     problems_in,
 )
 from ._tracing import inject_into_request
+from .certificates import DEFAULT_EXPIRY_WARNING, CertificateFiles, asks_for_client_certificate
 
 __all__ = [
     "ControllerClient",
@@ -67,6 +73,8 @@ __all__ = [
     "RegistrationAck",
     "WorkerInfo",
 ]
+
+logger = logging.getLogger("crank_worker_client")
 
 T = TypeVar("T")
 
@@ -128,8 +136,13 @@ class ControllerClient:
     unless ``insecure=True`` is passed. ``tls`` is a :class:`TLSConfig` (CA
     bundle, client certificate and key for mTLS) or a ready
     :class:`ssl.SSLContext`; without it the system trust store verifies the
-    controller. ``transport`` replaces httpx's network transport (tests pass
-    ``httpx.MockTransport`` or ``httpx.ASGITransport``).
+    controller. With a :class:`TLSConfig`, :attr:`certificates` holds the
+    files it was loaded from: its ``check()`` or ``watch()`` loads renewed
+    files into the live context (the worker agent watches them), and a
+    warning is logged when the client certificate expires within
+    ``certificate_expiry_warning`` seconds (7 days). ``transport`` replaces
+    httpx's network transport (tests pass ``httpx.MockTransport`` or
+    ``httpx.ASGITransport``).
 
     Use it as ``async with ControllerClient() as client:``, or without a
     ``with``: the HTTP connection pool opens on the first request and
@@ -144,15 +157,42 @@ class ControllerClient:
         insecure: bool = False,
         transport: httpx.AsyncBaseTransport | None = None,
         timeout: float = 10.0,
+        certificate_expiry_warning: float = DEFAULT_EXPIRY_WARNING,
     ) -> None:
         if not is_positive_seconds(timeout):
             raise ConfigurationError(f"timeout must be a finite number > 0, got {timeout!r}")
+        if not (certificate_expiry_warning == 0 or is_positive_seconds(certificate_expiry_warning)):
+            raise ConfigurationError(
+                "certificate_expiry_warning must be a finite number of seconds >= 0, "
+                f"got {certificate_expiry_warning!r}"
+            )
         self.controller_url = resolve_controller_url(
             controller_url, insecure=insecure, tls_given=tls is not None
         )
         # Certificates are loaded now, so that a missing file fails at construction.
-        self._verify: ssl.SSLContext | bool = (
-            tls.ssl_context() if isinstance(tls, TLSConfig) else tls if tls is not None else True
+        self.certificates: CertificateFiles | None = None
+        if isinstance(tls, TLSConfig) and (tls.certfile is not None or tls.ca_certs is not None):
+            self.certificates = CertificateFiles.open(
+                tls.ssl_context,
+                certfile=tls.certfile,
+                keyfile=tls.keyfile,
+                ca_certs=tls.ca_certs,
+                label="client certificate",
+                logger=logger,
+                expiry_warning=certificate_expiry_warning,
+            )
+            self._verify: ssl.SSLContext | bool = self.certificates.context
+        else:
+            self._verify = (
+                tls.ssl_context()
+                if isinstance(tls, TLSConfig)
+                else tls
+                if tls is not None
+                else True
+            )
+        # A ready SSLContext may hold a certificate: only a TLSConfig tells.
+        self._lacks_certificate = tls is None or (
+            isinstance(tls, TLSConfig) and tls.certfile is None
         )
         self._transport = transport
         self._timeout = timeout
@@ -320,6 +360,13 @@ class ControllerClient:
         try:
             response = await http.request(method, path, json=body, params=params, **extra)
         except httpx.TransportError as error:
+            if await self._refused_for_lack_of_certificate(error):
+                raise ClientCertificateRequired(
+                    f"the controller at {self.controller_url} requires a client certificate "
+                    "(mutual TLS) and closed the connection: this client has none; pass "
+                    "tls=TLSConfig(ca_certs=..., certfile=..., keyfile=...) with a certificate "
+                    "signed by the controller's CA (crank-registry certs --worker NAME)"
+                ) from error
             raise ControllerUnavailable(
                 f"cannot reach the controller at {self.controller_url}: {_reason(error)}"
             ) from error
@@ -335,6 +382,46 @@ class ControllerClient:
                 )
             return data
         raise error_from_response(response, f"{method} {path}")
+
+    async def _refused_for_lack_of_certificate(self, error: httpx.TransportError) -> bool:
+        """Whether a connection closed during or right after the handshake was a refusal.
+
+        A controller that requires a client certificate and gets none may
+        close the connection without a TLS alert; only its handshake tells.
+        Looked at only when this client presents no certificate over HTTPS.
+        """
+        if not self._lacks_certificate or self._transport is not None:
+            return False
+        if not isinstance(error, httpx.RemoteProtocolError) and not (
+            _closed_by_the_server_in_handshake(error)
+        ):
+            return False
+        url = httpx.URL(self.controller_url)
+        if url.scheme != "https":
+            return False
+        port = url.port or 443
+        return await anyio.to_thread.run_sync(
+            functools.partial(asks_for_client_certificate, url.host, port, timeout=self._timeout)
+        )
+
+
+def _closed_by_the_server_in_handshake(error: BaseException) -> bool:
+    """Whether the server ended the TLS handshake: it closed the connection or sent an alert.
+
+    A certificate this client does not trust is not that: it says so itself.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return False
+        if isinstance(current, ssl.SSLEOFError) or (
+            isinstance(current, ssl.SSLError) and "ALERT" in (current.reason or "")
+        ):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _read_answer(data: dict[str, Any], answer: type[T], what: str) -> T:

@@ -11,6 +11,7 @@ from typing import TypeGuard
 from urllib.parse import urlsplit
 
 from ._exceptions import ConfigurationError
+from .certificates import tls_files_problem
 
 __all__ = ["DEFAULT_CONTROLLER_URL", "TLSConfig", "resolve_controller_url"]
 
@@ -50,7 +51,14 @@ class TLSConfig:
             raise ConfigurationError("TLSConfig: keyfile given without certfile")
 
     def ssl_context(self) -> ssl.SSLContext:
-        """A client context that verifies the controller's certificate and hostname."""
+        """A client context that verifies the controller's certificate and hostname.
+
+        Raises :class:`ConfigurationError` naming the file that is missing,
+        not PEM, or the key of another certificate.
+        """
+        problem = tls_files_problem(self.certfile, self.keyfile, self.ca_certs)
+        if problem is not None:
+            raise ConfigurationError(f"TLSConfig: {problem}")
         try:
             if self.ca_certs is None:
                 context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)

@@ -4,6 +4,7 @@ One root, :class:`ClientError`; what went wrong decides the branch::
 
     ClientError
     ├── ConfigurationError          a bad URL, TLS setting or registration (also ValueError)
+    │   └── ClientCertificateRequired  the controller requires a client certificate (mTLS)
     ├── ControllerUnavailable       network error, timeout, or a 5xx answer: try again later
     ├── ControllerError             the controller answered with an error: .code .status .body
     │   ├── NoWorkerAvailable       503 no_worker_available (.retry_after)
@@ -31,6 +32,7 @@ from typing import Any
 from crank_registry import Problem, ValidationError, structure
 
 __all__ = [
+    "ClientCertificateRequired",
     "ClientError",
     "ConfigurationError",
     "ControllerError",
@@ -51,6 +53,15 @@ class ClientError(Exception):
 
 class ConfigurationError(ClientError, ValueError):
     """An argument the client cannot work with, found at construction."""
+
+
+class ClientCertificateRequired(ConfigurationError):
+    """The controller requires a client certificate (mutual TLS) and this client has none.
+
+    Raised by a request, not at construction: the controller closed the
+    connection, and its TLS handshake asked for a certificate. Retrying does
+    not help; pass ``TLSConfig(certfile=..., keyfile=...)``.
+    """
 
 
 class ControllerUnavailable(ClientError):
@@ -163,5 +174,6 @@ class RegistrationFailed(ClientError):
 
     Either the controller stayed unreachable until the registration deadline
     (``__cause__`` is the last :class:`ControllerUnavailable`) or it refused
-    the registration (``__cause__`` is the :class:`ControllerError`).
+    the registration (``__cause__`` is the :class:`ControllerError`, or
+    :class:`ClientCertificateRequired` when it requires a client certificate).
     """

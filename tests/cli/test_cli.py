@@ -135,24 +135,54 @@ def test_environment_variables_stand_for_flags(
     assert "CONTROLLER_HTTPS_PORT: not a port number" in err
 
 
-def test_unusable_certificate_files_are_reported_without_a_traceback(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("files", "named", "flag", "says"),
+    [
+        (("nope.pem", "controller.key", "ca.pem"), "nope.pem", "--certfile", "not found"),
+        (("junk.pem", "controller.key", "ca.pem"), "junk.pem", "--certfile", "is not a PEM"),
+        (("controller.pem", "junk.pem", "ca.pem"), "junk.pem", "--keyfile", "not a PEM private"),
+        (
+            ("controller.pem", "worker-a.key", "ca.pem"),
+            "worker-a.key",
+            "--keyfile",
+            "is not the key of certificate",
+        ),
+        (("controller.pem", "controller.key", "gone.pem"), "gone.pem", "--ca-certs", "not found"),
+        (("controller.pem", "controller.key", "junk.pem"), "junk.pem", "--ca-certs", "is not PEM"),
+    ],
+)
+def test_unusable_certificate_files_are_named_in_one_line(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    files: tuple[str, str, str],
+    named: str,
+    flag: str,
+    says: str,
 ) -> None:
     certs.write_development_certificates(tmp_path, workers=["a"])
-    missing = ["--certfile", str(tmp_path / "nope.pem"), "--keyfile", str(tmp_path / "a.key")]
-    status, _, err = run_main(["serve", *missing, "--state-dir", str(tmp_path / "s")], capsys)
-    assert status == 1
-    assert "certificate file not found" in err
-    mismatched = [
-        "--certfile",
-        str(tmp_path / "controller.pem"),
-        "--keyfile",
-        str(tmp_path / "worker-a.key"),
-    ]
-    status, _, err = run_main(["serve", *mismatched, "--state-dir", str(tmp_path / "s")], capsys)
-    assert status == 1
-    assert "cannot use certfile" in err
-    assert "Traceback" not in err
+    (tmp_path / "junk.pem").write_text("this is not PEM\n")
+    certfile, keyfile, ca_certs = (str(tmp_path / name) for name in files)
+    args = ["serve", "--certfile", certfile, "--keyfile", keyfile, "--ca-certs", ca_certs]
+    status, _, err = run_main([*args, "--state-dir", str(tmp_path / "s")], capsys)
+    assert status == 2
+    assert err.count("\n") == 1, err
+    assert says in err
+    assert str(tmp_path / named) in err
+    assert err.rstrip().endswith(f"(given by {flag})")
+    assert not (tmp_path / "s").exists()  # refused before the journal was opened
+
+
+def test_a_certificate_file_from_the_environment_is_named_with_its_variable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    certs.write_development_certificates(tmp_path, workers=["a"])
+    monkeypatch.setenv("CA_CERT_PATH", str(tmp_path / "missing-ca.pem"))
+    args = ["serve", "--certfile", str(tmp_path / "controller.pem")]
+    args += ["--keyfile", str(tmp_path / "controller.key"), "--state-dir", str(tmp_path / "s")]
+    status, _, err = run_main(args, capsys)
+    assert status == 2
+    assert f"CA certificates file not found: {tmp_path / 'missing-ca.pem'}" in err
+    assert "(given by CA_CERT_PATH)" in err
 
 
 def test_certs_writes_a_ca_a_controller_and_worker_certificates(
@@ -252,11 +282,14 @@ def test_the_certificate_library_makes_expired_and_foreign_certificates() -> Non
 
 
 def test_serve_warns_about_plain_http_and_identity_checks_off(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     from crank_registry_asgi import server
 
-    monkeypatch.setattr(server, "run", lambda app, settings: None)
+    monkeypatch.setattr(server, "run", lambda app, settings, **options: None)
+    # The certificates are loaded before the server starts: real ones.
+    certs.write_development_certificates(tmp_path, workers=[])
+    monkeypatch.chdir(tmp_path)
 
     def warnings_of(*flags: str) -> list[str]:
         caplog.clear()

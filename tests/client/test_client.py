@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import ssl
 import subprocess
 import sys
@@ -493,9 +494,15 @@ def test_the_url_comes_from_the_environment_then_the_default(
 def test_tls_settings_are_checked_at_construction(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="keyfile given without certfile"):
         TLSConfig(keyfile=tmp_path / "k.pem")
-    with pytest.raises(ConfigurationError, match="cannot load certificates"):
+    with pytest.raises(
+        ConfigurationError,
+        match=re.escape(f"CA certificates file not found: {tmp_path / 'missing-ca.pem'}"),
+    ):
         ControllerClient(URL, tls=TLSConfig(ca_certs=tmp_path / "missing-ca.pem"))
-    with pytest.raises(ConfigurationError, match="cannot load certificates"):
+    with pytest.raises(
+        ConfigurationError,
+        match=re.escape(f"certificate file not found: {tmp_path / 'missing.pem'}"),
+    ):
         ControllerClient(URL, tls=TLSConfig(certfile=tmp_path / "missing.pem"))
     context = TLSConfig().ssl_context()
     assert context.verify_mode is ssl.CERT_REQUIRED and context.check_hostname

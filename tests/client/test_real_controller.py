@@ -20,6 +20,7 @@ import pytest
 
 from crank_registry import WorkerEndpoint
 from crank_worker_client import (
+    ClientCertificateRequired,
     ControllerClient,
     ControllerUnavailable,
     ForbiddenError,
@@ -214,9 +215,9 @@ async def test_identities_and_certificates_are_checked(
     assert isinstance(caught.value.__cause__, ForbiddenError)
     # The controller's reason reaches the exception's text.
     assert "'spiffe://crank.local/worker/caller' may not act on worker 'w1'" in str(caught.value)
-    # Without a client certificate the TLS handshake fails.
+    # Without a client certificate the TLS handshake fails, and the client says why.
     no_client_cert = ControllerClient(controller.url, tls=TLSConfig(ca_certs=certs / "ca.pem"))
-    with pytest.raises(ControllerUnavailable):
+    with pytest.raises(ClientCertificateRequired, match="requires a client certificate"):
         await no_client_cert.health()
     await no_client_cert.aclose()
     # Without the development CA, the controller's certificate is not trusted.

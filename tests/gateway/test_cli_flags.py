@@ -47,7 +47,7 @@ def test_gateway_flags_fill_a_gateway_config_over_its_defaults(
         return controller
 
     monkeypatch.setattr(gateway, "serve_with_gateway", capture)
-    monkeypatch.setattr(server, "run", lambda app, settings: None)
+    monkeypatch.setattr(server, "run", lambda app, settings, **options: None)
     main(["serve", "--insecure", "--gateway"])
     main(["serve", "--insecure", "--gateway", "--gateway-timeout", "2.5"])
     assert configs == [GatewayConfig(), GatewayConfig(timeout=2.5)]
