@@ -54,6 +54,7 @@ from crank_registry import (
     unstructure,
 )
 
+from .clock import AnchoredClock
 from .config import ServiceConfig
 from .effects import Effects, RegistrySnapshots, log_fields, logger
 from .http import (
@@ -69,7 +70,7 @@ from .journal import Journal, JournalError
 from .openapi import ROUTE_PATHS, openapi_document
 from .telemetry import Metrics, TracingMiddleware, annotate, tracer
 
-__all__ = ["ClampedClock", "ControllerService", "Sweeper", "answer", "create_app"]
+__all__ = ["ControllerService", "Sweeper", "answer", "create_app"]
 
 # How long after a deadline the sweeper wakes. The core changes state only
 # for a `now` strictly after it; waking a little later also lets one sweep
@@ -102,19 +103,6 @@ def _route_request(data: Any) -> RouteRequest:
             except ValidationError:
                 pass
     return structure(data, RouteRequest)
-
-
-class ClampedClock:
-    """Wall-clock seconds that never go backwards (the last value is kept)."""
-
-    def __init__(self, source: Callable[[], float]) -> None:
-        self._source = source
-        self._last = -math.inf
-
-    def __call__(self) -> float:
-        """The source's time, or the last time handed out if that is later."""
-        self._last = max(self._last, float(self._source()))
-        return self._last
 
 
 class Sweeper:
@@ -179,7 +167,7 @@ class ControllerService:
         self.registry = registry
         self.config = config
         self.policy = registry.policy
-        self.clock = ClampedClock(clock)
+        self.clock = clock
         self.effects = Effects(
             metrics=Metrics(),
             journal_expected=config.state_dir is not None,
@@ -485,15 +473,21 @@ def create_app(
     registry: CapabilityRegistry | None = None,
     *,
     config: ServiceConfig = ServiceConfig(),  # noqa: B008 (frozen, so safe to share)
-    clock: Callable[[], float] = time.time,
+    clock: Callable[[], float] | None = None,
 ) -> Starlette:
     """The controller as an ASGI application.
 
     ``registry`` defaults to an empty one with ``config.policy`` (a registry
-    passed in keeps its own policy, which the service then uses); ``clock``
-    is the wall clock (seconds since the epoch), clamped so that it never
-    goes backwards. ``app.state.service`` is the :class:`ControllerService`.
+    passed in keeps its own policy, which the service then uses). ``clock``
+    gives ``now`` in seconds since the epoch for every health decision; by
+    default an :class:`~crank_registry_asgi.clock.AnchoredClock` (the wall
+    clock at start, advanced by the monotonic clock, so that a step of the
+    system clock changes no decision). A clock passed in is used as it is
+    (tests pass a fake one). ``app.state.service`` is the
+    :class:`ControllerService`.
     """
+    if clock is None:
+        clock = AnchoredClock()
     if registry is None:
         registry = CapabilityRegistry(config.policy)
     service = ControllerService(registry, config, clock)

@@ -101,15 +101,19 @@ async def running(
     *,
     registry: CapabilityRegistry | None = None,
     clock: FakeClock | None = None,
+    service_clock: Callable[[], float] | None = None,
     wrap: Callable[[Starlette], Any] | None = None,
     lifespan: bool = True,
 ) -> AsyncIterator[Controller]:
     """Create the app with a fake clock, run its lifespan, and yield a :class:`Controller`.
 
+    ``service_clock``, when given, is what the app reads instead of ``clock``
+    (e.g. an ``AnchoredClock`` whose monotonic source is ``clock``; the
+    controller's :meth:`~Controller.advance` still moves ``clock``).
     ``wrap`` puts an ASGI app around it (e.g. to add a TLS extension).
     """
     clock = clock or FakeClock()
-    app = create_app(registry, config=config or ServiceConfig(), clock=clock)
+    app = create_app(registry, config=config or ServiceConfig(), clock=service_clock or clock)
     outer = wrap(app) if wrap is not None else app
     transport = httpx.ASGITransport(app=outer)
     async with contextlib.AsyncExitStack() as stack:
