@@ -50,7 +50,13 @@ from ._events import (
     WorkerUnhealthy,
 )
 from ._health import TRANSITIONS, Health, HealthInput, Refusal, Transition, TransitionError
-from ._identity import authorize_worker, worker_name_of
+from ._identity import (
+    DEFAULT_TRUST_DOMAIN,
+    authorize_worker,
+    identity_problem,
+    is_trust_domain,
+    worker_name_of,
+)
 from ._journal import (
     JOURNAL_FORMAT_VERSION,
     SNAPSHOT_PART_SIZE,
@@ -117,6 +123,7 @@ __all__ = [
     "CapabilityKey",
     "CapabilityRegistry",
     "CapabilitySchema",
+    "DEFAULT_TRUST_DOMAIN",
     "CapabilityView",
     "Change",
     "DeregisterAnswer",
@@ -175,6 +182,8 @@ __all__ = [
     "invocation_path",
     "is_worker_id",
     "is_worker_url",
+    "identity_problem",
+    "is_trust_domain",
     "iso_utc",
     "parse_capability_label",
     "replay",

@@ -35,6 +35,7 @@ from crank_registry import (
     DeregisterAnswer,
     DeregisterRequest,
     Event,
+    Forbidden,
     HealthAnswer,
     HeartbeatAnswer,
     HeartbeatRequest,
@@ -65,7 +66,7 @@ from .http import (
     read_json_body,
     registry_error_response,
 )
-from .identity import caller_identity
+from .identity import IdentityRefused, ProxyCertificateHeader, caller_identity
 from .journal import Journal, JournalError
 from .openapi import ROUTE_PATHS, openapi_document
 from .telemetry import Metrics, TracingMiddleware, annotate, tracer
@@ -174,6 +175,13 @@ class ControllerService:
             heartbeat_line_every=self.policy.unhealthy_after / 2,
         )
         self.sweeper = Sweeper(registry, self.clock, self.effects)
+        self.proxy_header = (
+            None
+            if config.proxy_cert_header is None
+            else ProxyCertificateHeader(
+                config.proxy_cert_header, config.proxy_cert_authorities, config.trusted_proxies
+            )
+        )
         self.retry_after = str(max(1, math.ceil(self.policy.heartbeat_interval)))
         # Rendered once: the document does not change while the app runs.
         self._document_body = JSONResponse(openapi_document()).body
@@ -192,8 +200,18 @@ class ControllerService:
         )
 
     def _authorize(self, request: Request, worker_id: str) -> None:
-        identity = caller_identity(request.scope, request.headers, self.config.proxy_cert_header)
-        authorize_worker(identity, worker_id, required=self.config.require_identity)
+        try:
+            identity = caller_identity(
+                request.scope, request.headers, self.proxy_header, now=self.clock()
+            )
+        except IdentityRefused as refusal:
+            raise Forbidden(None, worker_id, reason=str(refusal)) from None
+        authorize_worker(
+            identity,
+            worker_id,
+            trust_domain=self.config.trust_domain,
+            required=self.config.require_identity,
+        )
 
     # --------------------------------------------------------------- endpoints
 
@@ -333,11 +351,15 @@ class ControllerService:
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         """Open and replay the journal, run the sweeper, close both on shutdown."""
-        checks = "on" if self.config.require_identity else "off"
-        extra = ""
-        if self.config.proxy_cert_header is not None:
-            extra = " " + log_fields(proxy_cert_header=self.config.proxy_cert_header)
-        logger.info("mTLS: worker identity checks %s%s", checks, extra)
+        if self.config.require_identity:
+            logger.info(
+                "mTLS: worker identity checks on %s",
+                log_fields(trust_domain=self.config.trust_domain),
+            )
+        else:
+            logger.info("mTLS: worker identity checks off")
+        if self.proxy_header is not None:
+            self._log_proxy_header(self.proxy_header)
         policy = self.policy
         logger.info(
             "controller starting %s",
@@ -358,6 +380,29 @@ class ControllerService:
                     yield
                 finally:
                     tasks.cancel_scope.cancel()
+
+    def _log_proxy_header(self, proxy_header: ProxyCertificateHeader) -> None:
+        """Say loudly that a header sets identities, and who may send it."""
+        fields = log_fields(
+            header=proxy_header.header,
+            ca_certificates=len(self.config.proxy_cert_authorities),
+            trusted_proxies=proxy_header.describe_proxies(),
+        )
+        if proxy_header.proxies:
+            logger.warning(
+                "identities are taken from the client certificate header %s, verified against "
+                "the CA certificates, when sent by a trusted proxy %s",
+                proxy_header.header,
+                fields,
+            )
+        else:
+            logger.warning(
+                "identities are taken from the client certificate header %s sent by ANY peer: "
+                "a caller that reaches the controller directly can send another worker's "
+                "(public) certificate in it; give --trusted-proxy CIDR %s",
+                proxy_header.header,
+                fields,
+            )
 
     async def _open_journal(self, stack: contextlib.AsyncExitStack) -> None:
         """Open the journal, replay it into the registry, and attach it to effects.
