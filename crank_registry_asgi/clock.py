@@ -9,24 +9,29 @@ to it. Its readings stay wall-clock seconds since the epoch (what answers
 show and the journal keeps), and a journal written before a restart is read
 against the new anchor, the wall clock at that start.
 
-It still reads the wall clock on every call, only to notice a step: a
-difference of more than :data:`STEP_THRESHOLD_S` from the anchored time is
-logged once, with its size, and then becomes the new reference, so a clock
-that stays stepped is not logged again and a second step is.
+It still reads the wall clock, at most every :data:`CHECK_EVERY_S` of
+monotonic time (a call costs little more than reading the monotonic
+clock), only to notice a step: a difference of more than
+:data:`STEP_THRESHOLD_S` from the anchored time is logged once, with its
+size, and then becomes the new reference, so a clock that stays stepped is
+not logged again and a second step is.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 
 from .effects import log_fields
 
-__all__ = ["STEP_THRESHOLD_S", "AnchoredClock"]
+__all__ = ["CHECK_EVERY_S", "STEP_THRESHOLD_S", "AnchoredClock"]
 
 #: Larger differences between the wall clock and the anchored clock are logged.
 STEP_THRESHOLD_S = 1.0
+#: How often (monotonic seconds) a call compares the wall clock with the anchored one.
+CHECK_EVERY_S = 0.1
 
 logger = logging.getLogger("crank_registry_asgi.clock")
 
@@ -36,7 +41,9 @@ class AnchoredClock:
 
     ``wall`` and ``monotonic`` are the two sources (tests pass fake ones).
     Calling the clock returns the current time; a wall-clock step over
-    :data:`STEP_THRESHOLD_S` is logged (a warning) and changes nothing else.
+    :data:`STEP_THRESHOLD_S` is logged (a warning) at the first call at
+    least :data:`CHECK_EVERY_S` after the previous check, and changes
+    nothing else.
     """
 
     def __init__(
@@ -50,6 +57,7 @@ class AnchoredClock:
         # What the wall clock minus this clock was when last logged: a
         # lasting step is logged once, not on every call.
         self._known_offset = 0.0
+        self._next_check = -math.inf
 
     @property
     def offset(self) -> float:
@@ -59,6 +67,12 @@ class AnchoredClock:
     def __call__(self) -> float:
         """The anchored time now; notices (and logs) a wall-clock step."""
         now = self._anchor + self._monotonic()
+        if now >= self._next_check:
+            self._next_check = now + CHECK_EVERY_S
+            self._check(now)
+        return now
+
+    def _check(self, now: float) -> None:
         offset = self._wall() - now
         if abs(offset - self._known_offset) > STEP_THRESHOLD_S:
             step = offset - self._known_offset
@@ -69,4 +83,3 @@ class AnchoredClock:
                 "forward" if step > 0 else "backward",
                 log_fields(step_s=f"{step:+.3f}", wall_minus_service_clock_s=f"{offset:+.3f}"),
             )
-        return now

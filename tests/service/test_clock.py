@@ -9,7 +9,7 @@ import pytest
 from crank_registry import iso_utc
 from crank_registry.testing import FakeClock
 from crank_registry_asgi import ServiceConfig
-from crank_registry_asgi.clock import AnchoredClock
+from crank_registry_asgi.clock import CHECK_EVERY_S, AnchoredClock
 from tests.service.helpers import running
 
 START = 1_800_000_000.0
@@ -54,13 +54,16 @@ def test_the_clock_follows_the_monotonic_clock_from_the_wall_anchor(
     assert clock() == START + 10.0
     # Drift under a second is no step.
     sources.step(0.5)
-    assert clock() == START + 10.0
+    sources.elapse(1.0)
+    assert clock() == START + 11.0
     assert step_messages(caplog) == []
 
     sources.step(-HOUR)
-    assert clock() == START + 10.0
-    sources.elapse(1.0)
-    assert clock() == START + 11.0  # never the wall clock's time again
+    assert clock() == START + 11.0
+    assert step_messages(caplog) == []  # checked again only CHECK_EVERY_S later
+    sources.elapse(CHECK_EVERY_S)
+    # Never the wall clock's time again.
+    assert clock() == pytest.approx(START + 11.0 + CHECK_EVERY_S, abs=1e-6)
     [message] = step_messages(caplog)
     assert message.startswith("wall clock stepped backward")
     assert "step_s=-3599.500" in message  # from the last logged difference (0.0)
@@ -72,6 +75,7 @@ def test_the_clock_follows_the_monotonic_clock_from_the_wall_anchor(
         clock()
     assert len(step_messages(caplog)) == 1
     sources.step(2 * HOUR)
+    sources.elapse(1.0)
     clock()
     messages = step_messages(caplog)
     assert len(messages) == 2
