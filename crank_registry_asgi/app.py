@@ -425,7 +425,9 @@ class ControllerService:
                 result = replay_bytes(journal.read(), self.registry)
             except NewerJournalFormat as error:
                 raise JournalError(f"the journal {journal.path} was {error}") from None
-            self.registry.restart()
+            # The journal's times are wall-clock times of the previous run,
+            # compared with this run's anchored clock.
+            self.registry.restart(now=self.clock())
         seconds = time.perf_counter() - started
         for skipped in result.skipped[:_LOGGED_SKIPS]:
             logger.warning(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -583,6 +584,24 @@ def test_snapshot_must_be_an_object(state: Any) -> None:
 
 
 # ------------------------------------------------------------------- identity
+
+
+def test_a_restart_counts_heartbeats_from_a_clock_that_was_ahead_as_now() -> None:
+    # The journal was written an hour ahead of the restarted service's clock.
+    registry = registry_with("w1", now=T0 + 3600)
+    registry.restart(now=T0)
+    assert registry.get_worker("w1", now=T0).last_heartbeat == T0
+    policy = registry.policy
+    assert routes(registry, 1, now=T0 + policy.unhealthy_after) == ["w1"]
+    assert routes(registry, 1, now=T0 + policy.unhealthy_after + 1) == [None]
+    events = registry.cleanup_stale(now=T0 + policy.evict_after + 1)
+    assert [type(event).__name__ for event in events] == ["WorkerUnhealthy", "WorkerEvicted"]
+    # Times not ahead of it are kept as they were.
+    registry = registry_with("w1", now=T0 - 10)
+    registry.restart(now=T0)
+    assert registry.get_worker("w1", now=T0).last_heartbeat == T0 - 10
+    with pytest.raises(ValidationError):
+        registry.restart(now=math.nan)
 
 
 DOMAIN = "crank.local"

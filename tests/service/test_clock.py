@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import pathlib
 
 import pytest
 
@@ -135,3 +136,31 @@ async def test_a_forward_step_of_an_hour_evicts_nobody(caplog: pytest.LogCapture
         assert len(await api.workers()) == 50
     [message] = step_messages(caplog)
     assert "step_s=+3600.000" in message
+
+
+@pytest.mark.anyio
+async def test_after_a_restart_the_journal_is_read_against_the_anchored_clock(
+    tmp_path: pathlib.Path,
+) -> None:
+    config = ServiceConfig(state_dir=tmp_path)
+    sources = Sources()
+    first = AnchoredClock(wall=sources.wall, monotonic=sources.monotonic)
+    async with running(config, clock=sources.monotonic, service_clock=first) as api:
+        await api.register("silent")
+    # The wall clock is set back an hour while the controller is down.
+    sources.step(-HOUR)
+    sources.elapse(5.0)
+    second = AnchoredClock(wall=sources.wall, monotonic=sources.monotonic)
+    async with running(config, clock=sources.monotonic, service_clock=second) as api:
+        # Heard from "in the future": counted as heard at this start, not an hour on.
+        restored = (await api.workers())["silent"]
+        assert (restored["state"], restored["last_heartbeat"]) == (
+            "unverified",
+            iso_utc(START - HOUR + 5.0),
+        )
+        sources.elapse(61.0)
+        assert await api.route() is None
+        assert (await api.workers())["silent"]["is_healthy"] is False
+        sources.elapse(60.0)
+        await api.service.sweep()
+        assert "silent" not in await api.workers()
