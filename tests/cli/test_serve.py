@@ -293,6 +293,41 @@ def test_the_identity_comes_from_a_verified_proxy_header(pki: Path, tmp_path: Pa
     assert "Traceback" not in log
 
 
+def test_over_mutual_tls_a_proxy_passes_the_callers_certificate(pki: Path, tmp_path: Path) -> None:
+    """HTTPS with --ca-certs and the header flag: a re-encrypting proxy's header wins."""
+    port = free_port()
+    tls = ["--certfile", str(pki / "controller.pem"), "--keyfile", str(pki / "controller.key")]
+    proxy = client_context(pki / "ca.pem", pki / "client-ops.pem", pki / "client-ops.key")
+    with serving(
+        [
+            *tls,
+            "--ca-certs",
+            str(pki / "ca.pem"),
+            "--trust-proxy-cert-header",
+            "X-Client-Cert",
+            "--port",
+            str(port),
+            "--state-dir",
+            str(tmp_path / "state"),
+        ],
+        tmp_path / "server.log",
+        port=port,
+        scheme="https",
+        verify=proxy,
+    ) as server:
+        as_a = as_header((pki / "worker-a.pem").read_text())
+        with httpx.Client(base_url=server.url, verify=proxy) as client:
+            # The proxy's own certificate (a client's) may not register a worker...
+            assert client.post("/register", json=registration_payload("a")).status_code == 403
+            # ... the caller's certificate it passes on may.
+            registered = client.post("/register", json=registration_payload("a"), headers=as_a)
+            assert registered.status_code == 200, registered.text
+            as_b = as_header((pki / "worker-b.pem").read_text())
+            refused = client.post("/heartbeat", json={"worker_id": "a"}, headers=as_b)
+            assert refused.status_code == 403
+        assert server.stop() == 0, server.log()
+
+
 def test_only_a_trusted_proxy_may_send_the_header(pki: Path, tmp_path: Path) -> None:
     port = free_port()
     with serving(
