@@ -9,6 +9,7 @@ while it runs. Health must follow real (monotonic) time regardless.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -117,3 +118,13 @@ def test_wall_clock_steps_change_no_health_decision(tmp_path: Path) -> None:
     assert "step_s=-3600." in log
     assert "step_s=+7200." in log
     assert "Traceback" not in log
+
+
+def test_a_missing_tool_skips_locally_and_fails_on_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match=r"faketime is not installed \(apt-get"):
+        require_tool("faketime", package="faketime")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI must have it"):
+        require_tool("faketime", package="faketime")
