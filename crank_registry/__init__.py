@@ -51,7 +51,13 @@ from ._events import (
     WorkerUnhealthy,
 )
 from ._health import TRANSITIONS, Health, HealthInput, Refusal, Transition, TransitionError
-from ._identity import authorize_worker, worker_name_of
+from ._identity import (
+    DEFAULT_TRUST_DOMAIN,
+    authorize_worker,
+    identity_problem,
+    is_trust_domain,
+    worker_name_of,
+)
 from ._journal import (
     JOURNAL_FORMAT_VERSION,
     SNAPSHOT_PART_SIZE,
@@ -118,6 +124,7 @@ __all__ = [
     "CapabilityKey",
     "CapabilityRegistry",
     "CapabilitySchema",
+    "DEFAULT_TRUST_DOMAIN",
     "CapabilityView",
     "Change",
     "DeregisterAnswer",
@@ -177,6 +184,8 @@ __all__ = [
     "invocation_path",
     "is_worker_id",
     "is_worker_url",
+    "identity_problem",
+    "is_trust_domain",
     "iso_utc",
     "parse_capability_label",
     "replay",

@@ -112,16 +112,20 @@ class Forbidden(RegistryError):
     """A caller acted on a worker record that is not its own.
 
     ``identity`` is ``None`` for a caller that presented none where one is
-    required (mutual TLS).
+    required (mutual TLS). ``reason``, when given, is the message: why the
+    caller may not (its identity is malformed, a client's, another
+    worker's, or its certificate was refused).
     """
 
     code = "forbidden"
     status_hint = 403
 
-    def __init__(self, identity: str | None, worker_id: str) -> None:
+    def __init__(self, identity: str | None, worker_id: str, *, reason: str | None = None) -> None:
         self.identity = identity
         self.worker_id = worker_id
-        if identity is None:
+        if reason is not None:
+            message = reason
+        elif identity is None:
             message = (
                 f"a client certificate with a SPIFFE ID is required to act on worker {worker_id!r}"
             )

@@ -306,18 +306,26 @@ class CapabilityRegistry:
             )
         self._revision = snapshot.revision
 
-    def restart(self) -> None:
+    def restart(self, *, now: float | None = None) -> None:
         """Say that this registry restarted: it has heard from none of its workers since.
 
         Every worker becomes ``unverified`` (routable while its last
         heartbeat is recent, answered ``worker_not_registered`` on heartbeat
-        until it registers again). Not a change: routability stays as it
-        was, so there is no event and no revision.
+        until it registers again). ``now``, the restarted service's time,
+        is what the replayed times are compared with: a last heartbeat later
+        than it (written by a clock that was ahead, or before the wall clock
+        was set back) counts as ``now``, so that a silent worker is not
+        routable for the size of the difference. Not a change: routability
+        stays as it was, so there is no event and no revision.
         """
+        if now is not None:
+            _check_now(now)
         for worker in self._workers.values():
             step = health.transition(worker.health, HealthInput.RESTART)
             assert isinstance(step, health.Transition) and step.to is not None
             worker.health = step.to
+            if now is not None and worker.last_heartbeat > now:
+                worker.last_heartbeat = now
             self._refresh(worker)
 
     def restore(self, records: Iterable[WorkerRecord], *, now: float) -> int:

@@ -35,6 +35,7 @@ from crank_registry import (
     DeregisterAnswer,
     DeregisterRequest,
     Event,
+    Forbidden,
     HealthAnswer,
     HeartbeatAnswer,
     HeartbeatRequest,
@@ -55,6 +56,7 @@ from crank_registry import (
     unstructure,
 )
 
+from .clock import AnchoredClock
 from .config import ServiceConfig
 from .effects import Effects, RegistrySnapshots, log_fields, logger
 from .http import (
@@ -65,13 +67,13 @@ from .http import (
     read_json_body,
     registry_error_response,
 )
-from .identity import caller_identity
+from .identity import IdentityRefused, ProxyCertificateHeader, caller_identity
 from .journal import Journal, JournalError
 from .metrics import Metrics, RequestDurationMiddleware, metrics_response
 from .openapi import ROUTE_PATHS, openapi_document
 from .telemetry import TracingMiddleware, annotate, tracer
 
-__all__ = ["ClampedClock", "ControllerService", "Sweeper", "answer", "create_app"]
+__all__ = ["ControllerService", "Sweeper", "answer", "create_app"]
 
 # How long after a deadline the sweeper wakes. The core changes state only
 # for a `now` strictly after it; waking a little later also lets one sweep
@@ -104,19 +106,6 @@ def _route_request(data: Any) -> RouteRequest:
             except ValidationError:
                 pass
     return structure(data, RouteRequest)
-
-
-class ClampedClock:
-    """Wall-clock seconds that never go backwards (the last value is kept)."""
-
-    def __init__(self, source: Callable[[], float]) -> None:
-        self._source = source
-        self._last = -math.inf
-
-    def __call__(self) -> float:
-        """The source's time, or the last time handed out if that is later."""
-        self._last = max(self._last, float(self._source()))
-        return self._last
 
 
 class Sweeper:
@@ -181,7 +170,7 @@ class ControllerService:
         self.registry = registry
         self.config = config
         self.policy = registry.policy
-        self.clock = ClampedClock(clock)
+        self.clock = clock
         self.metrics = Metrics()
         self.metrics.watch(registry, self.clock)
         self.effects = Effects(
@@ -190,6 +179,13 @@ class ControllerService:
             heartbeat_line_every=self.policy.unhealthy_after / 2,
         )
         self.sweeper = Sweeper(registry, self.clock, self.effects)
+        self.proxy_header = (
+            None
+            if config.proxy_cert_header is None
+            else ProxyCertificateHeader(
+                config.proxy_cert_header, config.proxy_cert_authorities, config.trusted_proxies
+            )
+        )
         self.retry_after = str(max(1, math.ceil(self.policy.heartbeat_interval)))
         # Rendered once: the document does not change while the app runs.
         self._document_body = JSONResponse(openapi_document()).body
@@ -208,8 +204,18 @@ class ControllerService:
         )
 
     def _authorize(self, request: Request, worker_id: str) -> None:
-        identity = caller_identity(request.scope, request.headers, self.config.proxy_cert_header)
-        authorize_worker(identity, worker_id, required=self.config.require_identity)
+        try:
+            identity = caller_identity(
+                request.scope, request.headers, self.proxy_header, now=self.clock()
+            )
+        except IdentityRefused as refusal:
+            raise Forbidden(None, worker_id, reason=str(refusal)) from None
+        authorize_worker(
+            identity,
+            worker_id,
+            trust_domain=self.config.trust_domain,
+            required=self.config.require_identity,
+        )
 
     # --------------------------------------------------------------- endpoints
 
@@ -358,11 +364,15 @@ class ControllerService:
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         """Open and replay the journal, run the sweeper, close both on shutdown."""
-        checks = "on" if self.config.require_identity else "off"
-        extra = ""
-        if self.config.proxy_cert_header is not None:
-            extra = " " + log_fields(proxy_cert_header=self.config.proxy_cert_header)
-        logger.info("mTLS: worker identity checks %s%s", checks, extra)
+        if self.config.require_identity:
+            logger.info(
+                "mTLS: worker identity checks on %s",
+                log_fields(trust_domain=self.config.trust_domain),
+            )
+        else:
+            logger.info("mTLS: worker identity checks off")
+        if self.proxy_header is not None:
+            self._log_proxy_header(self.proxy_header)
         policy = self.policy
         logger.info(
             "controller starting %s",
@@ -383,6 +393,29 @@ class ControllerService:
                     yield
                 finally:
                     tasks.cancel_scope.cancel()
+
+    def _log_proxy_header(self, proxy_header: ProxyCertificateHeader) -> None:
+        """Say loudly that a header sets identities, and who may send it."""
+        fields = log_fields(
+            header=proxy_header.header,
+            ca_certificates=len(self.config.proxy_cert_authorities),
+            trusted_proxies=proxy_header.describe_proxies(),
+        )
+        if proxy_header.proxies:
+            logger.warning(
+                "identities are taken from the client certificate header %s, verified against "
+                "the CA certificates, when sent by a trusted proxy %s",
+                proxy_header.header,
+                fields,
+            )
+        else:
+            logger.warning(
+                "identities are taken from the client certificate header %s sent by ANY peer: "
+                "a caller that reaches the controller directly can send another worker's "
+                "(public) certificate in it; give --trusted-proxy CIDR %s",
+                proxy_header.header,
+                fields,
+            )
 
     async def _open_journal(self, stack: contextlib.AsyncExitStack) -> None:
         """Open the journal, replay it into the registry, and attach it to effects.
@@ -406,7 +439,9 @@ class ControllerService:
                 result = replay_bytes(journal.read(), self.registry)
             except NewerJournalFormat as error:
                 raise JournalError(f"the journal {journal.path} was {error}") from None
-            self.registry.restart()
+            # The journal's times are wall-clock times of the previous run,
+            # compared with this run's anchored clock.
+            self.registry.restart(now=self.clock())
         seconds = time.perf_counter() - started
         for skipped in result.skipped[:_LOGGED_SKIPS]:
             logger.warning(
@@ -499,16 +534,22 @@ def create_app(
     registry: CapabilityRegistry | None = None,
     *,
     config: ServiceConfig = ServiceConfig(),  # noqa: B008 (frozen, so safe to share)
-    clock: Callable[[], float] = time.time,
+    clock: Callable[[], float] | None = None,
 ) -> Starlette:
     """The controller as an ASGI application.
 
     ``registry`` defaults to an empty one with ``config.policy`` (a registry
-    passed in keeps its own policy, which the service then uses); ``clock``
-    is the wall clock (seconds since the epoch), clamped so that it never
-    goes backwards. ``app.state.service`` is the :class:`ControllerService`;
+    passed in keeps its own policy, which the service then uses). ``clock``
+    gives ``now`` in seconds since the epoch for every health decision; by
+    default an :class:`~crank_registry_asgi.clock.AnchoredClock` (the wall
+    clock at start, advanced by the monotonic clock, so that a step of the
+    system clock changes no decision). A clock passed in is used as it is
+    (tests pass a fake one). ``app.state.service`` is the
+    :class:`ControllerService`;
     ``app.state.metrics_registry`` the app's own Prometheus registry.
     """
+    if clock is None:
+        clock = AnchoredClock()
     if registry is None:
         registry = CapabilityRegistry(config.policy)
     service = ControllerService(registry, config, clock)

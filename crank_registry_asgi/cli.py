@@ -22,6 +22,7 @@ used), 1 when the server cannot start.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import sys
@@ -29,6 +30,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+from cryptography import x509
+
+from crank_registry import DEFAULT_TRUST_DOMAIN, is_trust_domain
 from crank_worker_client.certificates import DEFAULT_EXPIRY_WARNING, DEFAULT_WATCH_INTERVAL
 
 from .config import GatewayConfig, is_positive_number, is_whole_number
@@ -189,7 +193,11 @@ def add_serve_command(subcommands: Subcommands) -> argparse.ArgumentParser:
     parser.add_argument(
         "--ca-certs",
         type=Path,
-        help="CA certificates, PEM: require client certificates signed by them (env CA_CERT_PATH)",
+        help=(
+            "CA certificates, PEM: require client certificates signed by them, and verify "
+            "the --trust-proxy-cert-header certificate against them (env CA_CERT_PATH); with "
+            "--insecure, only the latter"
+        ),
     )
     parser.add_argument(
         "--insecure",
@@ -221,7 +229,29 @@ def add_serve_command(subcommands: Subcommands) -> argparse.ArgumentParser:
         metavar="NAME",
         help=(
             "take the client certificate (URL-encoded PEM) from this request header, set by "
-            "a TLS-terminating proxy; only behind a proxy that strips it from client requests"
+            "a TLS-terminating proxy, verified against --ca-certs (required with it); only "
+            "behind a proxy that strips it from client requests"
+        ),
+    )
+    parser.add_argument(
+        "--trusted-proxy",
+        action="append",
+        default=[],
+        type=_network,
+        metavar="CIDR",
+        help=(
+            "with --trust-proxy-cert-header: only peers in this network may send the header; "
+            "others are refused (repeatable; default: any peer)"
+        ),
+    )
+    parser.add_argument(
+        "--trust-domain",
+        type=_trust_domain,
+        default=DEFAULT_TRUST_DOMAIN,
+        metavar="DOMAIN",
+        help=(
+            "identities are spiffe://DOMAIN/worker/NAME or spiffe://DOMAIN/client/NAME; "
+            f"any other is refused ({DEFAULT_TRUST_DOMAIN})"
         ),
     )
     parser.add_argument(
@@ -276,7 +306,20 @@ def run_serve(args: argparse.Namespace) -> int:
     keyfile = _path_from(args.keyfile, "CONTROLLER_KEY_PATH")
     ca_certs = _path_from(args.ca_certs, "CA_CERT_PATH")
     port = args.port if args.port is not None else _port_from_environment()
-    _check_tls_flags(args.insecure, certfile, keyfile, ca_certs, args.trust_proxy_cert_header)
+    _check_tls_flags(
+        insecure=args.insecure,
+        certfile=certfile,
+        keyfile=keyfile,
+        ca_certs=ca_certs,
+        proxy_header=args.trust_proxy_cert_header,
+        trusted_proxies=args.trusted_proxy,
+    )
+    # Under --insecure the CA certificates verify only the proxy header's certificate.
+    header_authorities = (
+        _read_ca_certificates(ca_certs)
+        if args.trust_proxy_cert_header is not None and ca_certs is not None
+        else ()
+    )
     if not args.gateway and _gateway_settings(args):
         raise UsageError("--gateway-attempts and --gateway-timeout need --gateway")
     try:
@@ -305,7 +348,11 @@ def run_serve(args: argparse.Namespace) -> int:
     from .server import ServerSettings, ServerSetupError, hypercorn_config, run
 
     settings = ServerSettings(
-        host=args.host, port=port, certfile=certfile, keyfile=keyfile, ca_certs=ca_certs
+        host=args.host,
+        port=port,
+        certfile=certfile,
+        keyfile=keyfile,
+        ca_certs=None if args.insecure else ca_certs,
     )
     rotation = RotationSettings(
         watch_interval=args.cert_watch_interval,
@@ -326,6 +373,9 @@ def run_serve(args: argparse.Namespace) -> int:
         # named as the one doing it: either way, a change without one is refused.
         require_identity=settings.mutual_tls or args.trust_proxy_cert_header is not None,
         proxy_cert_header=args.trust_proxy_cert_header,
+        proxy_cert_authorities=header_authorities,
+        trusted_proxies=args.trusted_proxy,
+        trust_domain=args.trust_domain,
         # This process is the controller's own: recovery may pause its collector.
         pause_gc_during_recovery=True,
     )
@@ -407,33 +457,38 @@ def _security_warnings(settings: ServerSettings, *, proxy_cert_header: str | Non
 
 
 def _check_tls_flags(
+    *,
     insecure: bool,
     certfile: Path | None,
     keyfile: Path | None,
     ca_certs: Path | None,
     proxy_header: str | None,
+    trusted_proxies: Sequence[object],
 ) -> None:
-    if insecure and (certfile or keyfile or ca_certs):
+    if insecure and (certfile or keyfile):
         given = [
-            name
-            for name, value in (
-                ("--certfile", certfile),
-                ("--keyfile", keyfile),
-                ("--ca-certs", ca_certs),
-            )
-            if value
+            name for name, value in (("--certfile", certfile), ("--keyfile", keyfile)) if value
         ]
         raise UsageError(
             f"--insecure serves plain HTTP and cannot be combined with {', '.join(given)} "
-            "(given as flags or through CONTROLLER_CERT_PATH, CONTROLLER_KEY_PATH, CA_CERT_PATH)"
+            "(given as flags or through CONTROLLER_CERT_PATH, CONTROLLER_KEY_PATH)"
         )
     if (certfile is None) != (keyfile is None):
         missing = "--keyfile" if keyfile is None else "--certfile"
         raise UsageError(f"{missing} is required too: the certificate and its key go together")
-    if ca_certs is not None and certfile is None:
-        raise UsageError("--ca-certs (mutual TLS) needs the server's --certfile and --keyfile")
     if certfile is None and not insecure:
+        if ca_certs is not None:
+            raise UsageError(
+                "--ca-certs (mutual TLS) needs the server's --certfile and --keyfile; behind a "
+                "TLS-terminating proxy, pass --insecure and --trust-proxy-cert-header instead"
+            )
         raise UsageError("no certificate given.\n\n" + _HOW_TO_GET_CERTIFICATES)
+    if insecure and ca_certs is not None and proxy_header is None:
+        raise UsageError(
+            "--ca-certs with --insecure verifies only the certificate of "
+            "--trust-proxy-cert-header NAME (plain HTTP has no handshake): add that flag, or "
+            "drop --ca-certs (also given through CA_CERT_PATH)"
+        )
     if proxy_header is not None:
         from .config import is_header_name
 
@@ -441,11 +496,31 @@ def _check_tls_flags(
             raise UsageError(
                 f"--trust-proxy-cert-header: not an HTTP header name: {proxy_header!r}"
             )
-        if ca_certs is not None:
+        if ca_certs is None:
             raise UsageError(
-                "--trust-proxy-cert-header is for a controller behind a TLS-terminating proxy; "
-                "with --ca-certs the controller checks client certificates itself"
+                "--trust-proxy-cert-header needs --ca-certs (or CA_CERT_PATH): the CA "
+                "certificates that the header's certificate is verified against, as a TLS "
+                "handshake would"
             )
+    elif trusted_proxies:
+        raise UsageError(
+            "--trusted-proxy limits which peers may send --trust-proxy-cert-header: "
+            "give that flag too"
+        )
+
+
+def _read_ca_certificates(path: Path) -> tuple[x509.Certificate, ...]:
+    """The certificates of a PEM file (``--ca-certs``), or a :class:`UsageError` naming it."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise UsageError(f"--ca-certs {path}: cannot read it: {error.strerror}") from None
+    try:
+        return tuple(x509.load_pem_x509_certificates(data))
+    except ValueError:
+        raise UsageError(
+            f"--ca-certs {path}: no PEM certificates in it (expected -----BEGIN CERTIFICATE-----)"
+        ) from None
 
 
 def _path_from(flag: Path | None, variable: str) -> Path | None:
@@ -504,6 +579,25 @@ def _days(text: str) -> float:
     if not (value == 0 or is_positive_number(value)):
         raise argparse.ArgumentTypeError(f"must be a finite number of days >= 0, got {text!r}")
     return value
+
+
+def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """An IP network in CIDR notation (``--trusted-proxy``); a bare address is a /32 or /128."""
+    try:
+        return ipaddress.ip_network(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(
+            f"not an IP network such as 10.0.0.0/8 or 192.0.2.7: {text!r} ({error})"
+        ) from None
+
+
+def _trust_domain(text: str) -> str:
+    """A SPIFFE trust domain (``--trust-domain``)."""
+    if not is_trust_domain(text):
+        raise argparse.ArgumentTypeError(
+            f"not a SPIFFE trust domain (lowercase letters, digits, '.', '_' and '-'): {text!r}"
+        )
+    return text
 
 
 def _seconds(text: str) -> float:

@@ -7,16 +7,20 @@ both apply them.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import pathlib
 import re
+from collections.abc import Iterable
 from typing import Any
 
 import attrs
 import httpx
+from cryptography import x509
 
-from crank_registry import HealthPolicy
+from crank_registry import DEFAULT_TRUST_DOMAIN, HealthPolicy, is_trust_domain
 
+from .identity import Network
 from .journal import DEFAULT_COMPACT_MIN_BYTES
 
 __all__ = [
@@ -77,6 +81,22 @@ def _header_name(_: object, attribute: attrs.Attribute[Any], value: object) -> N
         raise ValueError(f"{attribute.name} must be an HTTP header name, got {value!r}")
 
 
+def _trust_domain(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not is_trust_domain(value):
+        raise ValueError(
+            f"{attribute.name} must be a SPIFFE trust domain (lowercase letters, digits, "
+            f"'.', '_' and '-'), got {value!r}"
+        )
+
+
+def _certificates(value: Iterable[x509.Certificate]) -> tuple[x509.Certificate, ...]:
+    return tuple(value)
+
+
+def _networks(value: Iterable[Network]) -> tuple[Network, ...]:
+    return tuple(value)
+
+
 @attrs.frozen
 class ServiceConfig:
     """How the controller behaves.
@@ -87,14 +107,26 @@ class ServiceConfig:
     record; ``require_identity``, for mutual TLS, also refuses those calls
     from a caller without one (403 ``forbidden``). ``proxy_cert_header`` names a
     header carrying the client certificate (URL-encoded PEM, like nginx's
-    ``$ssl_client_escaped_cert``); it is trusted only when named here, so set
-    it only behind a proxy that strips the header from client requests.
+    ``$ssl_client_escaped_cert``); it is trusted only when named here, and
+    its certificate is verified against ``proxy_cert_authorities`` (CA
+    certificates, required with it) like a handshake: chain and validity
+    period. ``trusted_proxies`` (networks) limits which peers may send it;
+    empty, any peer may, so set the header only behind a proxy that strips
+    it from client requests.
+    ``trust_domain``: an identity is exactly ``spiffe://TRUST_DOMAIN/worker/NAME``
+    or ``spiffe://TRUST_DOMAIN/client/NAME``; any other is refused (403
+    ``forbidden``, with the reason) where an identity is checked.
     """
 
     policy: HealthPolicy = attrs.field(factory=HealthPolicy)
     state_dir: pathlib.Path | None = None
     require_identity: bool = False
     proxy_cert_header: str | None = attrs.field(default=None, validator=_header_name)
+    proxy_cert_authorities: tuple[x509.Certificate, ...] = attrs.field(
+        default=(), converter=_certificates
+    )
+    trusted_proxies: tuple[Network, ...] = attrs.field(default=(), converter=_networks)
+    trust_domain: str = attrs.field(default=DEFAULT_TRUST_DOMAIN, validator=_trust_domain)
     #: Larger request bodies are refused with 413 ``request_too_large``.
     max_body_bytes: int = attrs.field(default=1_048_576, validator=_positive_int)
     #: Names this controller in its start-up log line and on its spans (``crank.controller_id``).
@@ -111,6 +143,25 @@ class ServiceConfig:
     journal_compact_min_bytes: int = attrs.field(
         default=DEFAULT_COMPACT_MIN_BYTES, validator=_non_negative_int
     )
+
+    def __attrs_post_init__(self) -> None:
+        if self.proxy_cert_header is not None and not self.proxy_cert_authorities:
+            raise ValueError(
+                "proxy_cert_header needs proxy_cert_authorities: the CA certificates its "
+                "certificate is verified against (the command's --ca-certs)"
+            )
+        for certificate in self.proxy_cert_authorities:
+            if not isinstance(certificate, x509.Certificate):
+                raise ValueError(
+                    f"proxy_cert_authorities must be x509 certificates, got {certificate!r}"
+                )
+        if self.proxy_cert_header is None and self.proxy_cert_authorities:
+            raise ValueError("proxy_cert_authorities are used only with proxy_cert_header")
+        if self.trusted_proxies and self.proxy_cert_header is None:
+            raise ValueError("trusted_proxies limit who may send proxy_cert_header; name it")
+        for network in self.trusted_proxies:
+            if not isinstance(network, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+                raise ValueError(f"trusted_proxies must be IP networks, got {network!r}")
 
 
 @attrs.frozen

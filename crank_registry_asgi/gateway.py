@@ -1,7 +1,7 @@
 """The platform gateway: ``POST /execute`` routes through the registry and forwards.
 
 A caller sends ``{"verb", "capability", "payload"}``; the gateway asks the
-registry in the same process (the same registry object and clamped clock as
+registry in the same process (the same registry object and service clock as
 the controller's endpoints, no HTTP to itself) for a worker, forwards
 ``{"payload": ...}`` to that worker's invocation endpoint
 (``POST {worker_url}/invoke/{verb}/{name}``, the core's

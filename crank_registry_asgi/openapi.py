@@ -104,7 +104,12 @@ ERRORS: Mapping[str, ErrorCode] = {
         ("field",),
     ),
     "forbidden": ErrorCode(
-        403, "Under mTLS: the caller's identity is not this worker.", ("worker_id",)
+        403,
+        "The caller's identity may not act on this worker: none where one is required, "
+        "another worker's or a client's, not exactly spiffe://DOMAIN/worker/NAME, or a "
+        "proxy header's certificate that did not verify or came from an untrusted peer; "
+        "the message says which.",
+        ("worker_id",),
     ),
     "worker_not_registered": ErrorCode(
         404,

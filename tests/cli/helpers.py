@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -15,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import httpx
+import pytest
 
 
 def free_port() -> int:
@@ -133,3 +135,18 @@ def serving(
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def require_tool(name: str, *, package: str) -> str:
+    """The path of the executable ``name``; skip the test without it (fail when ``CI=true``).
+
+    CI installs every tool the tests use (``.ci/run``), so there a missing
+    one is an error rather than a silently skipped test.
+    """
+    path = shutil.which(name)
+    if path is None:
+        reason = f"{name} is not installed (apt-get install {package})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}; CI must have it", pytrace=False)
+        pytest.skip(reason)
+    return path

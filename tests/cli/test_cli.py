@@ -7,6 +7,7 @@ import logging
 import stat
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -53,6 +54,8 @@ def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
                 "CA_CERT_PATH",
                 "--insecure",
                 "--trust-proxy-cert-header",
+                "--trusted-proxy",
+                "--trust-domain",
                 "--log-level",
                 "crank-registry certs --out certs --worker NAME",
             ],
@@ -82,7 +85,11 @@ def test_python_dash_m_runs_the_command() -> None:
         (["--certfile", "c.pem"], "--keyfile is required too"),
         (["--keyfile", "c.key"], "--certfile is required too"),
         (["--insecure", "--certfile", "c.pem", "--keyfile", "c.key"], "cannot be combined with"),
-        (["--insecure", "--ca-certs", "ca.pem"], "cannot be combined with --ca-certs"),
+        (
+            ["--insecure", "--ca-certs", "ca.pem"],
+            "--ca-certs with --insecure verifies only the certificate of "
+            "--trust-proxy-cert-header NAME",
+        ),
         (["--ca-certs", "ca.pem"], "--ca-certs (mutual TLS) needs the server's --certfile"),
         (["--insecure", "--unhealthy-after", "10"], "--heartbeat-interval <= --unhealthy-after"),
         (["--insecure", "--evict-after", "59"], "--unhealthy-after <= --evict-after"),
@@ -94,17 +101,26 @@ def test_python_dash_m_runs_the_command() -> None:
         (["--insecure", "--log-level", "loud"], "invalid choice"),
         (["--insecure", "--trust-proxy-cert-header", "X Client"], "not an HTTP header name"),
         (
+            ["--insecure", "--trust-proxy-cert-header", "X-Client-Cert"],
+            "--trust-proxy-cert-header needs --ca-certs (or CA_CERT_PATH): the CA certificates "
+            "that the header's certificate is verified against",
+        ),
+        (
+            ["--insecure", "--trusted-proxy", "10.0.0.0/8"],
+            "--trusted-proxy limits which peers may send --trust-proxy-cert-header",
+        ),
+        (["--insecure", "--trusted-proxy", "10.0.0.1/8"], "has host bits set"),
+        (["--insecure", "--trusted-proxy", "proxy.local"], "not an IP network such as"),
+        (["--insecure", "--trust-domain", "Crank.Local"], "not a SPIFFE trust domain"),
+        (
             [
-                "--certfile",
-                "c",
-                "--keyfile",
-                "k",
+                "--insecure",
                 "--ca-certs",
-                "ca",
+                "no-such-ca.pem",
                 "--trust-proxy-cert-header",
-                "X",
+                "X-Client-Cert",
             ],
-            "with --ca-certs the controller checks client certificates itself",
+            "--ca-certs no-such-ca.pem: cannot read it: No such file or directory",
         ),
         ([], "no certificate given"),
     ],
@@ -127,6 +143,16 @@ def test_environment_variables_stand_for_flags(
     status, _, err = run_main(["serve", "--insecure"], capsys)
     assert status == 2
     assert "cannot be combined with --certfile, --keyfile" in err
+    # Behind a TLS-terminating proxy, CA_CERT_PATH verifies the header's certificate.
+    monkeypatch.delenv("CONTROLLER_CERT_PATH")
+    monkeypatch.delenv("CONTROLLER_KEY_PATH")
+    monkeypatch.setenv("CA_CERT_PATH", "ca.pem")
+    status, _, err = run_main(["serve", "--insecure"], capsys)
+    assert status == 2
+    assert "--ca-certs with --insecure verifies only the certificate of" in err
+    monkeypatch.delenv("CA_CERT_PATH")
+    monkeypatch.setenv("CONTROLLER_CERT_PATH", "c.pem")
+    monkeypatch.setenv("CONTROLLER_KEY_PATH", "c.key")
     monkeypatch.delenv("CONTROLLER_CERT_PATH")
     monkeypatch.delenv("CONTROLLER_KEY_PATH")
     monkeypatch.setenv("CONTROLLER_HTTPS_PORT", "ninety")
@@ -309,8 +335,68 @@ def test_serve_warns_about_plain_http_and_identity_checks_off(
         "and heartbeat or deregister it",
     ]
     # Behind a TLS-terminating proxy that passes the certificate on, identities are checked.
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(certs.make_authority().certificate_pem())
     exposed = ["--insecure", "--host", "0.0.0.0", "--trust-proxy-cert-header", "X-Client-Cert"]
-    assert warnings_of(*exposed) == [
+    assert warnings_of(*exposed, "--ca-certs", str(ca)) == [
         "serving plain HTTP (--insecure) on 0.0.0.0, reachable from other machines: "
         "nothing is encrypted"
     ]
+
+
+def test_the_proxy_header_with_ca_certs_is_served(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """--insecure or HTTPS, with --ca-certs and the header: the header's certificate is verified."""
+    from crank_registry_asgi import server
+
+    started: list[tuple[Any, Any]] = []
+    monkeypatch.setattr(
+        server, "run", lambda app, settings, **options: started.append((app, settings))
+    )
+    authority = certs.make_authority()
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(authority.certificate_pem() + certs.make_authority("second").certificate_pem())
+    header = ["--trust-proxy-cert-header", "X-Client-Cert", "--ca-certs", str(ca)]
+    proxies = ["--trusted-proxy", "10.0.0.0/8", "--trusted-proxy", "fd00::1"]
+    assert (
+        cli.main(["serve", "--insecure", *header, *proxies, "--trust-domain", "prod.example"]) == 0
+    )
+    served = tmp_path / "served"  # the controller's own certificate: loaded before serving
+    certs.write_development_certificates(served, workers=[])
+    tls = [
+        "--certfile",
+        str(served / "controller.pem"),
+        "--keyfile",
+        str(served / "controller.key"),
+    ]
+    assert cli.main(["serve", *tls, *header]) == 0
+    (behind_proxy, plain), (behind_tls_proxy, https) = started
+    # Plain HTTP: no handshake; the CA certificates verify only the header's certificate.
+    assert plain.ca_certs is None and not plain.uses_tls
+    config = behind_proxy.state.service.config
+    assert config.require_identity
+    assert config.proxy_cert_header == "X-Client-Cert"
+    assert len(config.proxy_cert_authorities) == 2
+    assert config.proxy_cert_authorities[0] == authority.certificate
+    assert [str(network) for network in config.trusted_proxies] == ["10.0.0.0/8", "fd00::1/128"]
+    assert config.trust_domain == "prod.example"
+    # HTTPS: mutual TLS with the proxy, and the header's certificate verified too.
+    assert https.ca_certs == ca and https.mutual_tls
+    config = behind_tls_proxy.state.service.config
+    assert config.proxy_cert_header == "X-Client-Cert"
+    assert config.trusted_proxies == ()
+    assert config.trust_domain == "crank.local"
+
+
+def test_ca_certs_without_certificates_are_refused_by_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    empty = tmp_path / "ca.pem"
+    empty.write_text("not a certificate\n")
+    status, _, err = run_main(
+        ["serve", "--insecure", "--trust-proxy-cert-header", "X-C", "--ca-certs", str(empty)],
+        capsys,
+    )
+    assert status == 2
+    assert f"--ca-certs {empty}: no PEM certificates in it" in err

@@ -223,25 +223,48 @@ def test_insecure_serves_plain_http_on_loopback_and_stops_cleanly_on_sigterm(
     assert (state_dir / "registry.jsonl").exists()
 
 
-def test_the_identity_comes_from_a_trusted_proxy_header(pki: Path, tmp_path: Path) -> None:
+def proxy_server_args(pki: Path, tmp_path: Path, port: int, *extra: str) -> list[str]:
+    """A plain-HTTP controller behind a TLS-terminating proxy that passes X-Client-Cert."""
+    return [
+        "--insecure",
+        "--port",
+        str(port),
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--trust-proxy-cert-header",
+        "X-Client-Cert",
+        "--ca-certs",
+        str(pki / "ca.pem"),
+        *extra,
+    ]
+
+
+def as_header(pem: bytes | str) -> dict[str, str]:
+    return {"X-Client-Cert": quote(pem if isinstance(pem, str) else pem.decode())}
+
+
+def test_the_identity_comes_from_a_verified_proxy_header(pki: Path, tmp_path: Path) -> None:
     port = free_port()
-    header = "X-Client-Cert"
+    now = datetime.datetime.now(datetime.UTC)
+    authority = certs.read_authority(pki / "ca.pem", pki / "ca.key")
+    refused = {
+        "another CA's": certs.make_worker_certificate(certs.make_authority("another CA"), "a"),
+        "expired": certs.make_worker_certificate(
+            authority,
+            "a",
+            not_before=now - datetime.timedelta(days=2),
+            not_after=now - datetime.timedelta(days=1),
+        ),
+        "self-signed": certs.make_authority("a"),
+    }
     with serving(
-        [
-            "--insecure",
-            "--port",
-            str(port),
-            "--state-dir",
-            str(tmp_path / "state"),
-            "--trust-proxy-cert-header",
-            header,
-        ],
+        proxy_server_args(pki, tmp_path, port),
         tmp_path / "server.log",
         port=port,
         scheme="http",
     ) as server:
-        as_a = {header: quote((pki / "worker-a.pem").read_text())}
-        as_b = {header: quote((pki / "worker-b.pem").read_text())}
+        as_a = as_header((pki / "worker-a.pem").read_text())
+        as_b = as_header((pki / "worker-b.pem").read_text())
         with httpx.Client(base_url=server.url) as client:
             assert client.post("/register", json=registration_payload("a"), headers=as_a).is_success
             forbidden = client.post("/heartbeat", json={"worker_id": "a"}, headers=as_b)
@@ -250,9 +273,113 @@ def test_the_identity_comes_from_a_trusted_proxy_header(pki: Path, tmp_path: Pat
             # Named as the source of identities, the header is then required.
             anonymous = client.post("/deregister", json={"worker_id": "a"})
             assert anonymous.status_code == 403
+            # A certificate the handshake would refuse is refused in the header too.
+            for label, certified in refused.items():
+                answer = client.post(
+                    "/deregister",
+                    json={"worker_id": "a"},
+                    headers=as_header(certified.certificate_pem()),
+                )
+                assert answer.status_code == 403, label
+                assert answer.json()["error"] == "forbidden"
+                assert "does not verify against the CA certificates" in answer.json()["message"]
             assert client.post("/heartbeat", json={"worker_id": "a"}, headers=as_a).is_success
             assert client.post("/deregister", json={"worker_id": "a"}, headers=as_a).is_success
+        log = server.log()
+        assert server.stop() == 0, log
+    assert (
+        "identities are taken from the client certificate header X-Client-Cert sent by ANY" in log
+    )
+    assert "Traceback" not in log
+
+
+def test_over_mutual_tls_a_proxy_passes_the_callers_certificate(pki: Path, tmp_path: Path) -> None:
+    """HTTPS with --ca-certs and the header flag: a re-encrypting proxy's header wins."""
+    port = free_port()
+    tls = ["--certfile", str(pki / "controller.pem"), "--keyfile", str(pki / "controller.key")]
+    proxy = client_context(pki / "ca.pem", pki / "client-ops.pem", pki / "client-ops.key")
+    with serving(
+        [
+            *tls,
+            "--ca-certs",
+            str(pki / "ca.pem"),
+            "--trust-proxy-cert-header",
+            "X-Client-Cert",
+            "--port",
+            str(port),
+            "--state-dir",
+            str(tmp_path / "state"),
+        ],
+        tmp_path / "server.log",
+        port=port,
+        scheme="https",
+        verify=proxy,
+    ) as server:
+        as_a = as_header((pki / "worker-a.pem").read_text())
+        with httpx.Client(base_url=server.url, verify=proxy) as client:
+            # The proxy's own certificate (a client's) may not register a worker...
+            assert client.post("/register", json=registration_payload("a")).status_code == 403
+            # ... the caller's certificate it passes on may.
+            registered = client.post("/register", json=registration_payload("a"), headers=as_a)
+            assert registered.status_code == 200, registered.text
+            as_b = as_header((pki / "worker-b.pem").read_text())
+            refused = client.post("/heartbeat", json={"worker_id": "a"}, headers=as_b)
+            assert refused.status_code == 403
         assert server.stop() == 0, server.log()
+
+
+def test_only_a_trusted_proxy_may_send_the_header(pki: Path, tmp_path: Path) -> None:
+    port = free_port()
+    with serving(
+        proxy_server_args(pki, tmp_path, port, "--trusted-proxy", "192.0.2.0/24"),
+        tmp_path / "server.log",
+        port=port,
+        scheme="http",
+    ) as server:
+        as_a = as_header((pki / "worker-a.pem").read_text())
+        answer = httpx.post(f"{server.url}/register", json=registration_payload("a"), headers=as_a)
+        assert answer.status_code == 403
+        assert answer.json()["message"] == (
+            "the peer 127.0.0.1 may not send the client certificate header X-Client-Cert: "
+            "only trusted proxies (192.0.2.0/24) may (--trusted-proxy)"
+        )
+        log = server.log()
+        assert server.stop() == 0, log
+    assert "trusted_proxies=192.0.2.0/24" in log
+
+
+def test_identities_outside_the_trust_domain_or_longer_are_refused(
+    pki: Path, mtls_server: ServerProcess
+) -> None:
+    authority = certs.read_authority(pki / "ca.pem", pki / "ca.key")
+    assert httpx.post(
+        f"{mtls_server.url}/register", json=registration_payload("a"), verify=worker_tls(pki, "a")
+    ).is_success
+    impostors = {
+        # Signed by the trusted CA, but in another trust domain...
+        "spiffe://evil.local/worker/a": certs.make_identity_certificate(
+            authority, "worker", "a", trust_domain="evil.local"
+        ),
+        # ... or with a longer path that merely ends in /worker/a.
+        "spiffe://crank.local/client/gw/worker/a": certs.make_identity_certificate(
+            authority, "worker", "a", trust_domain="crank.local/client/gw"
+        ),
+    }
+    for identity, certified in impostors.items():
+        stem = pki / f"impostor-{len(identity)}"
+        certified.write(stem.with_suffix(".pem"), stem.with_suffix(".key"))
+        tls = client_context(pki / "ca.pem", stem.with_suffix(".pem"), stem.with_suffix(".key"))
+        for path, body in [
+            ("/register", registration_payload("a", worker_url="https://127.0.0.1:9999")),
+            ("/heartbeat", {"worker_id": "a"}),
+            ("/deregister", {"worker_id": "a"}),
+        ]:
+            answer = httpx.post(f"{mtls_server.url}{path}", json=body, verify=tls)
+            assert answer.status_code == 403, (identity, path, answer.text)
+            assert answer.json()["error"] == "forbidden"
+            assert answer.json()["message"].startswith(f"identity {identity!r} is refused: ")
+    listed = workers(mtls_server, worker_tls(pki, "a"))
+    assert "a" in listed
 
 
 def test_serve_without_a_certificate_refuses_to_start_and_says_how(tmp_path: Path) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 from typing import Any
 
 import pytest
@@ -27,6 +29,8 @@ from crank_registry import (
     WorkerRegistered,
     WorkerUnhealthy,
     authorize_worker,
+    identity_problem,
+    is_trust_domain,
     worker_name_of,
 )
 from crank_registry.testing import FakeClock
@@ -600,41 +604,91 @@ def test_snapshot_must_be_an_object(state: Any) -> None:
 # ------------------------------------------------------------------- identity
 
 
+def test_a_restart_counts_heartbeats_from_a_clock_that_was_ahead_as_now() -> None:
+    # The journal was written an hour ahead of the restarted service's clock.
+    registry = registry_with("w1", now=T0 + 3600)
+    registry.restart(now=T0)
+    assert registry.get_worker("w1", now=T0).last_heartbeat == T0
+    policy = registry.policy
+    assert routes(registry, 1, now=T0 + policy.unhealthy_after) == ["w1"]
+    assert routes(registry, 1, now=T0 + policy.unhealthy_after + 1) == [None]
+    events = registry.cleanup_stale(now=T0 + policy.evict_after + 1)
+    assert [type(event).__name__ for event in events] == ["WorkerUnhealthy", "WorkerEvicted"]
+    # Times not ahead of it are kept as they were.
+    registry = registry_with("w1", now=T0 - 10)
+    registry.restart(now=T0)
+    assert registry.get_worker("w1", now=T0).last_heartbeat == T0 - 10
+    with pytest.raises(ValidationError):
+        registry.restart(now=math.nan)
+
+
+DOMAIN = "crank.local"
+
+
 def test_authorize_worker() -> None:
-    authorize_worker(None, "w1")  # no client certificates: no identities, no checks
-    authorize_worker("spiffe://crank.local/worker/w1", "w1")
-    authorize_worker("spiffe://other.domain/ns/prod/worker/w1", "w1")  # any trust domain, path
-    for identity in (
-        "spiffe://crank.local/client/w1",  # a caller, not a worker
-        "spiffe://other.domain/w1",
-        "spiffe://crank.local/worker/w2",
-        "spiffe://crank.local/worker/w1x",
-        "https://crank.local/worker/w1",
-        "spiffe://crank.local",
-        "spiffe://w1",
-        "",
-    ):
+    authorize_worker(None, "w1", trust_domain=DOMAIN)  # no identities, no checks
+    authorize_worker("spiffe://crank.local/worker/w1", "w1", trust_domain=DOMAIN)
+    authorize_worker("spiffe://prod.example/worker/w1", "w1", trust_domain="prod.example")
+    refused = {
+        "spiffe://crank.local/client/w1": "may not act on worker 'w1': it is a client's",
+        "spiffe://crank.local/worker/w2": "may not act on worker 'w1': it is 'w2'",
+        "spiffe://crank.local/worker/w1x": "may not act on worker 'w1': it is 'w1x'",
+        # Only exactly spiffe://DOMAIN/worker/NAME: not another domain, not a longer path.
+        "spiffe://evil.local/worker/w1": "trust domain 'evil.local' is not the trusted",
+        "spiffe://crank.local/client/gw/worker/w1": "path '/client/gw/worker/w1' is not",
+        "spiffe://crank.local/ns/prod/worker/w1": "path '/ns/prod/worker/w1' is not",
+        "spiffe://other.domain/w1": "trust domain 'other.domain'",
+        "https://crank.local/worker/w1": "not a SPIFFE ID",
+        "spiffe://crank.local": "its path '' is not /worker/NAME or /client/NAME",
+        "spiffe://w1": "trust domain 'w1'",
+        "": "not a SPIFFE ID",
+    }
+    for identity, reason in refused.items():
         with pytest.raises(Forbidden) as caught:
-            authorize_worker(identity, "w1")
+            authorize_worker(identity, "w1", trust_domain=DOMAIN)
         assert (caught.value.code, caught.value.status_hint) == ("forbidden", 403)
         assert caught.value.identity == identity and caught.value.worker_id == "w1"
+        assert reason in str(caught.value), (identity, str(caught.value))
+    # The trust domain is the one given, not a default.
+    with pytest.raises(
+        Forbidden, match=re.escape("'crank.local' is not the trusted 'prod.example'")
+    ):
+        authorize_worker("spiffe://crank.local/worker/w1", "w1", trust_domain="prod.example")
     # Under mutual TLS a caller without an identity acts on no worker record.
-    authorize_worker("spiffe://crank.local/worker/w1", "w1", required=True)
-    with pytest.raises(Forbidden) as caught:
-        authorize_worker(None, "w1", required=True)
-    assert caught.value.identity is None and caught.value.worker_id == "w1"
+    authorize_worker("spiffe://crank.local/worker/w1", "w1", trust_domain=DOMAIN, required=True)
+    with pytest.raises(Forbidden, match="a client certificate with a SPIFFE ID is required"):
+        authorize_worker(None, "w1", trust_domain=DOMAIN, required=True)
 
 
 def test_worker_name_of() -> None:
-    assert worker_name_of("spiffe://crank.local/worker/w1") == "w1"
-    assert worker_name_of("spiffe://crank.local/ns/a/worker/w1") == "w1"
-    assert worker_name_of("spiffe://crank.local/w1") is None
-    assert worker_name_of("spiffe://crank.local/client/w1") is None
-    assert worker_name_of("spiffe://crank.local/worker/") is None
-    assert worker_name_of("spiffe://crank.local/worker/w1/") is None
-    assert worker_name_of("spiffe://crank.local") is None
-    assert worker_name_of("spiffe://crank.local/") is None
-    assert worker_name_of("http://crank.local/w1") is None
+    assert worker_name_of("spiffe://crank.local/worker/w1", DOMAIN) == "w1"
+    assert worker_name_of("spiffe://other.example/worker/w1", "other.example") == "w1"
+    for not_a_worker in (
+        "spiffe://crank.local/ns/a/worker/w1",
+        "spiffe://evil.local/worker/w1",
+        "spiffe://crank.local/w1",
+        "spiffe://crank.local/client/w1",
+        "spiffe://crank.local/worker/",
+        "spiffe://crank.local/worker/w1/",
+        "spiffe://crank.local/worker/..",
+        "spiffe://crank.local/worker/w%31",
+        "spiffe://crank.local",
+        "spiffe://crank.local/",
+        "http://crank.local/w1",
+        "SPIFFE://crank.local/worker/w1",
+    ):
+        assert worker_name_of(not_a_worker, DOMAIN) is None, not_a_worker
+
+
+def test_identity_problem_and_trust_domains() -> None:
+    assert identity_problem("spiffe://crank.local/client/gw", DOMAIN) is None
+    assert identity_problem("spiffe://crank.local/worker/w1", DOMAIN) is None
+    assert identity_problem("spiffe://crank.local/admin/w1", DOMAIN) == (
+        "its path '/admin/w1' is not /worker/NAME or /client/NAME"
+    )
+    assert is_trust_domain("crank.local") and is_trust_domain("prod-1.example_x")
+    for bad in ("", "Crank.local", "crank.local/x", "a b", None, 1, "x" * 256):
+        assert not is_trust_domain(bad), bad
 
 
 def test_capabilities_too_deep_to_compare_are_kept_unshared() -> None:

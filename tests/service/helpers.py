@@ -13,13 +13,13 @@ import jsonschema
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from starlette.applications import Starlette
 from starlette.types import Receive, Scope, Send
 
 from crank_registry import CapabilityRegistry
 from crank_registry.testing import FakeClock
-from crank_registry_asgi import ServiceConfig, create_app
+from crank_registry_asgi import ServiceConfig, certs, create_app
 from crank_registry_asgi.openapi import openapi_document
 from tests.builders import registration_payload
 
@@ -119,15 +119,19 @@ async def running(
     *,
     registry: CapabilityRegistry | None = None,
     clock: FakeClock | None = None,
+    service_clock: Callable[[], float] | None = None,
     wrap: Callable[[Starlette], Any] | None = None,
     lifespan: bool = True,
 ) -> AsyncIterator[Controller]:
     """Create the app with a fake clock, run its lifespan, and yield a :class:`Controller`.
 
+    ``service_clock``, when given, is what the app reads instead of ``clock``
+    (e.g. an ``AnchoredClock`` whose monotonic source is ``clock``; the
+    controller's :meth:`~Controller.advance` still moves ``clock``).
     ``wrap`` puts an ASGI app around it (e.g. to add a TLS extension).
     """
     clock = clock or FakeClock()
-    app = create_app(registry, config=config or ServiceConfig(), clock=clock)
+    app = create_app(registry, config=config or ServiceConfig(), clock=service_clock or clock)
     outer = wrap(app) if wrap is not None else app
     transport = httpx.ASGITransport(app=outer)
     async with contextlib.AsyncExitStack() as stack:
@@ -157,14 +161,39 @@ class WithClientCertificate:
 
 
 class CertificateAuthority:
-    """Issues client certificates with URI SANs (trustme cannot add URI SANs)."""
+    """A CA issuing client certificates with any URI SANs (trustme cannot add URI SANs).
 
-    def __init__(self) -> None:
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        self.name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "crank test CA")])
+    Its certificate is a real CA's (:func:`crank_registry_asgi.certs.make_authority`)
+    and its leaves carry what a client certificate needs to verify (basic
+    constraints, key usage, client-auth EKU, key identifiers), so they pass
+    ``cryptography``'s client verification unless made to fail it.
+    """
 
-    def issue(self, *uris: str, dns: tuple[str, ...] = ()) -> str:
-        """A PEM certificate for ``uris`` (URI SANs) and ``dns`` names."""
+    def __init__(
+        self,
+        common_name: str = "crank test CA",
+        *,
+        not_before: datetime.datetime | None = None,
+        not_after: datetime.datetime | None = None,
+    ) -> None:
+        authority = certs.make_authority(common_name, not_before=not_before, not_after=not_after)
+        self.certificate = authority.certificate
+        self.key = authority.private_key
+        self.name = self.certificate.subject
+
+    @property
+    def pem(self) -> str:
+        """The CA certificate, PEM."""
+        return self.certificate.public_bytes(serialization.Encoding.PEM).decode()
+
+    def issue(
+        self,
+        *uris: str,
+        dns: tuple[str, ...] = (),
+        not_before: datetime.datetime | None = None,
+        not_after: datetime.datetime | None = None,
+    ) -> str:
+        """A PEM certificate for ``uris`` (URI SANs) and ``dns`` names (valid a day by default)."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(uri) for uri in uris]
@@ -175,8 +204,31 @@ class CertificateAuthority:
             .issuer_name(self.name)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
+            .not_valid_before(not_before or now - datetime.timedelta(minutes=5))
+            .not_valid_after(not_after or now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+            )
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
+                critical=False,
+            )
         )
         if names:
             builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)

@@ -22,6 +22,7 @@ from crank_registry import (
 )
 from crank_registry.testing import FakeClock
 from crank_registry_asgi import ServiceConfig, create_app
+from crank_registry_asgi.clock import AnchoredClock
 from tests.builders import WORKER_URL, capability, capability_payload, registration_payload
 from tests.service.helpers import UNKNOWN, check_documented, running
 
@@ -406,13 +407,17 @@ async def test_journal_unavailable_when_the_lifespan_has_not_run(tmp_path: Any) 
 
 
 async def test_clock_never_goes_backwards() -> None:
-    clock = FakeClock()
-    async with running(clock=clock) as api:
+    wall, monotonic = FakeClock(), FakeClock(0.0)
+    start = wall.now
+    clock = AnchoredClock(wall=wall, monotonic=monotonic)
+    async with running(clock=monotonic, service_clock=clock) as api:
         await api.register("w1")
         first = (await api.post("/heartbeat", {"worker_id": "w1"})).json()["timestamp"]
-        clock.now -= 3600  # the wall clock is set back
+        wall.now -= 3600  # the wall clock is set back
+        monotonic.advance(1.0)
         second = (await api.post("/heartbeat", {"worker_id": "w1"})).json()["timestamp"]
-        assert second == first
+        # The service's time moved on by the monotonic clock's second, not back an hour.
+        assert (first, second) == (iso_utc(start), iso_utc(start + 1.0))
         assert (await api.workers())["w1"]["state"] == "healthy"
 
 

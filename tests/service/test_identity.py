@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import logging
+import time
+from typing import Any
 from urllib.parse import quote
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
+from crank_registry.testing import FakeClock
 from crank_registry_asgi import ServiceConfig
-from crank_registry_asgi.identity import caller_identity, spiffe_id_of
+from crank_registry_asgi.identity import (
+    ProxyCertificateHeader,
+    caller_identity,
+    peer_address,
+    spiffe_id_of,
+)
 from tests.builders import registration_payload
 from tests.service.helpers import (
     UNKNOWN,
@@ -20,6 +34,17 @@ from tests.service.helpers import (
 pytestmark = pytest.mark.anyio
 
 MTLS = ServiceConfig(require_identity=True)
+NOW = time.time()
+
+
+def proxy_config(authority: CertificateAuthority, **fields: Any) -> ServiceConfig:
+    """Identities from the header ``x-ssl-client-cert``, verified against ``authority``."""
+    return ServiceConfig(
+        require_identity=True,
+        proxy_cert_header="x-ssl-client-cert",
+        proxy_cert_authorities=[authority.certificate],
+        **fields,
+    )
 
 
 def test_spiffe_id_of_certificates(authority: CertificateAuthority) -> None:
@@ -40,14 +65,17 @@ def test_spiffe_id_of_certificates(authority: CertificateAuthority) -> None:
 def test_caller_identity_sources(authority: CertificateAuthority) -> None:
     pem = authority.worker("w1")
     tls_scope = {"extensions": {"tls": {"client_cert_chain": [pem]}}}
-    assert caller_identity(tls_scope, {}, None) == "spiffe://crank.local/worker/w1"
-    # The header counts only when named, and the TLS extension wins over it.
+    assert caller_identity(tls_scope, {}, None, NOW) == "spiffe://crank.local/worker/w1"
+    # The header counts only when named; then, when sent, it is the caller's identity
+    # (a proxy's own certificate on the connection is not the caller's).
     header = {"x-client-cert": quote(authority.worker("w2"))}
-    assert caller_identity({}, header, None) is None
-    assert caller_identity({}, header, "x-client-cert") == "spiffe://crank.local/worker/w2"
-    assert caller_identity(tls_scope, header, "x-client-cert") == "spiffe://crank.local/worker/w1"
+    trusted = ProxyCertificateHeader("x-client-cert", [authority.certificate])
+    assert caller_identity({}, header, None, NOW) is None
+    assert caller_identity({}, header, trusted, NOW) == "spiffe://crank.local/worker/w2"
+    assert caller_identity(tls_scope, header, trusted, NOW) == "spiffe://crank.local/worker/w2"
+    assert caller_identity(tls_scope, {}, trusted, NOW) == "spiffe://crank.local/worker/w1"
     empty_chain = {"extensions": {"tls": {"client_cert_chain": []}}}
-    assert caller_identity(empty_chain, {}, None) is None
+    assert caller_identity(empty_chain, {}, None, NOW) is None
 
 
 async def test_a_worker_acts_only_on_its_own_record(authority: CertificateAuthority) -> None:
@@ -116,12 +144,11 @@ async def test_identity_checks_logged_on(caplog: pytest.LogCaptureFixture) -> No
     caplog.set_level(logging.INFO, logger="crank_registry_asgi")
     async with running(MTLS):
         pass
-    assert "mTLS: worker identity checks on" in caplog.messages
+    assert "mTLS: worker identity checks on trust_domain=crank.local" in caplog.messages
 
 
 async def test_proxy_header_identity(authority: CertificateAuthority) -> None:
-    config = ServiceConfig(require_identity=True, proxy_cert_header="x-ssl-client-cert")
-    async with running(config) as api:
+    async with running(proxy_config(authority), clock=FakeClock(NOW)) as api:
         own = {"x-ssl-client-cert": quote(authority.worker("w1"))}
         other = {"x-ssl-client-cert": quote(authority.worker("w2"))}
         garbage = {"x-ssl-client-cert": "not%20a%20certificate"}
@@ -133,6 +160,7 @@ async def test_proxy_header_identity(authority: CertificateAuthority) -> None:
             "POST", "/heartbeat", json={"worker_id": "w1"}, headers=garbage
         )
         assert response.status_code == 403
+        assert "does not hold a URL-encoded PEM certificate" in response.json()["message"]
         response = await api.request("POST", "/heartbeat", json={"worker_id": "w1"})
         assert response.status_code == 403
         response = await api.request("POST", "/heartbeat", json={"worker_id": "w1"}, headers=own)
@@ -174,3 +202,219 @@ async def test_a_presented_identity_is_checked_even_when_not_required(
         assert (await api.post("/register", registration_payload("b"))).status_code == 200
         tls[0].pem = None
         assert (await api.post("/register", registration_payload("a"))).status_code == 200
+
+
+# ------------------------------------------------- exact identities (--trust-domain)
+
+MALFORMED = {
+    "spiffe://evil.local/worker/a": (
+        "its trust domain 'evil.local' is not the trusted 'crank.local'"
+    ),
+    "spiffe://crank.local/client/gw/worker/a": (
+        "its path '/client/gw/worker/a' is not /worker/NAME or /client/NAME"
+    ),
+    "spiffe://crank.local/ns/prod/worker/a": "its path '/ns/prod/worker/a' is not",
+    "spiffe://crank.local/worker/a/": "its path '/worker/a/' is not",
+    "spiffe://crank.local/a": "its path '/a' is not",
+    "spiffe://crank.local/worker/a%20b": "its name 'a%20b' is not",
+}
+
+
+def with_certificate(wrapper: list[WithClientCertificate]) -> Any:
+    def wrap(app: object) -> WithClientCertificate:
+        wrapper.append(WithClientCertificate(app))  # type: ignore[arg-type]
+        return wrapper[0]
+
+    return wrap
+
+
+async def test_only_exact_identities_of_the_trust_domain_act_on_a_record(
+    authority: CertificateAuthority,
+) -> None:
+    tls: list[WithClientCertificate] = []
+    async with running(MTLS, wrap=with_certificate(tls)) as api:
+        tls[0].pem = authority.worker("a")
+        assert (await api.post("/register", registration_payload("a"))).status_code == 200
+        for identity, reason in MALFORMED.items():
+            tls[0].pem = authority.issue(identity)
+            for path, body in [
+                ("/register", registration_payload("a", worker_url="http://evil.example")),
+                ("/heartbeat", {"worker_id": "a"}),
+                ("/deregister", {"worker_id": "a"}),
+            ]:
+                before = api.registry.export_state()
+                response = await api.post(path, body)
+                assert response.status_code == 403, (identity, path)
+                answer = response.json()
+                assert (answer["error"], answer["worker_id"]) == ("forbidden", "a")
+                assert answer["message"].startswith(f"identity {identity!r} is refused: ")
+                assert reason in answer["message"], answer["message"]
+                assert "spiffe://crank.local/worker/NAME" in answer["message"]
+                assert api.registry.export_state() == before
+        # A well-formed client identity routes and lists, and is told why it may not act.
+        tls[0].pem = authority.issue("spiffe://crank.local/client/gw")
+        assert await api.route() == "a"
+        response = await api.post("/heartbeat", {"worker_id": "a"})
+        assert response.status_code == 403
+        assert "may not act on worker 'a': it is a client's" in response.json()["message"]
+        tls[0].pem = authority.worker("b")
+        response = await api.post("/heartbeat", {"worker_id": "a"})
+        assert "may not act on worker 'a': it is 'b'" in response.json()["message"]
+
+
+async def test_the_trust_domain_is_the_configured_one(authority: CertificateAuthority) -> None:
+    tls: list[WithClientCertificate] = []
+    config = ServiceConfig(require_identity=True, trust_domain="prod.example")
+    async with running(config, wrap=with_certificate(tls)) as api:
+        tls[0].pem = authority.worker("a")  # spiffe://crank.local/worker/a
+        response = await api.post("/register", registration_payload("a"))
+        assert response.status_code == 403
+        assert "'crank.local' is not the trusted 'prod.example'" in response.json()["message"]
+        tls[0].pem = authority.issue("spiffe://prod.example/worker/a")
+        assert (await api.post("/register", registration_payload("a"))).status_code == 200
+
+
+def test_the_trust_domain_is_validated() -> None:
+    for bad in ("", "Crank.local", "crank.local/x", "spiffe://crank.local", "a b"):
+        with pytest.raises(ValueError, match="trust_domain must be a SPIFFE trust domain"):
+            ServiceConfig(trust_domain=bad)
+
+
+# ------------------------------------------ the proxy header, verified like a handshake
+
+
+def expired_and_future(authority: CertificateAuthority) -> dict[str, str]:
+    now = datetime.datetime.fromtimestamp(NOW, datetime.UTC)
+    day = datetime.timedelta(days=1)
+    uri = "spiffe://crank.local/worker/a"
+    return {
+        "expired": authority.issue(uri, not_before=now - 2 * day, not_after=now - day),
+        "not yet valid": authority.issue(uri, not_before=now + day, not_after=now + 2 * day),
+    }
+
+
+def self_signed(uri: str) -> str:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "a")])
+    now = datetime.datetime.fromtimestamp(NOW, datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=False
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return certificate.public_bytes(serialization.Encoding.PEM).decode()
+
+
+async def test_the_header_certificate_is_verified_against_the_ca(
+    authority: CertificateAuthority,
+) -> None:
+    stranger = CertificateAuthority("another CA")
+    refused = {
+        **expired_and_future(authority),
+        "self-signed": self_signed("spiffe://crank.local/worker/a"),
+        "another CA's": stranger.issue("spiffe://crank.local/worker/a"),
+        "the CA itself": authority.pem,
+    }
+    async with running(proxy_config(authority), clock=FakeClock(NOW)) as api:
+        good = {"x-ssl-client-cert": quote(authority.worker("a"))}
+        assert (
+            await api.request("POST", "/register", json=registration_payload("a"), headers=good)
+        ).status_code == 200
+        for label, pem in refused.items():
+            header = {"x-ssl-client-cert": quote(pem)}
+            for path, body in [
+                ("/register", registration_payload("a", worker_url="http://evil.example")),
+                ("/heartbeat", {"worker_id": "a"}),
+                ("/deregister", {"worker_id": "a"}),
+            ]:
+                before = api.registry.export_state()
+                response = await api.request("POST", path, json=body, headers=header)
+                assert response.status_code == 403, (label, path)
+                message = response.json()["message"]
+                assert message.startswith(
+                    "the certificate in header x-ssl-client-cert does not verify against the "
+                    "CA certificates (--ca-certs): validation failed"
+                ), (label, message)
+                assert api.registry.export_state() == before
+        # Validity is checked at the service's time, also for a certificate seen before.
+        pem = authority.issue(
+            "spiffe://crank.local/worker/a",
+            not_after=datetime.datetime.fromtimestamp(NOW + 3600, datetime.UTC),
+        )
+        header = {"x-ssl-client-cert": quote(pem)}
+        beat = {"worker_id": "a"}
+        assert (
+            await api.request("POST", "/heartbeat", json=beat, headers=header)
+        ).status_code == 200
+        api.advance(3601)
+        response = await api.request("POST", "/heartbeat", json=beat, headers=header)
+        assert response.status_code == 403
+        assert "not valid at validation time" in response.json()["message"]
+
+
+async def test_only_trusted_proxies_may_send_the_header(authority: CertificateAuthority) -> None:
+    header = {"x-ssl-client-cert": quote(authority.worker("a"))}
+    body = registration_payload("a")
+    # The test client's address is 127.0.0.1.
+    loopback = proxy_config(authority, trusted_proxies=[ipaddress.ip_network("127.0.0.0/8")])
+    async with running(loopback, clock=FakeClock(NOW)) as api:
+        response = await api.request("POST", "/register", json=body, headers=header)
+        assert response.status_code == 200
+    elsewhere = proxy_config(
+        authority,
+        trusted_proxies=[ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8")],
+    )
+    async with running(elsewhere, clock=FakeClock(NOW)) as api:
+        response = await api.request("POST", "/register", json=body, headers=header)
+        assert response.status_code == 403
+        assert response.json()["message"] == (
+            "the peer 127.0.0.1 may not send the client certificate header x-ssl-client-cert: "
+            "only trusted proxies (10.0.0.0/8, fd00::/8) may (--trusted-proxy)"
+        )
+        assert len(api.registry) == 0
+
+
+def test_the_peer_address() -> None:
+    assert peer_address({"client": ("10.1.2.3", 5)}) == ipaddress.ip_address("10.1.2.3")
+    assert peer_address({"client": ("::ffff:10.1.2.3", 5)}) == ipaddress.ip_address("10.1.2.3")
+    assert peer_address({"client": ("::1", 5)}) == ipaddress.ip_address("::1")
+    assert peer_address({"client": None}) is None
+    assert peer_address({}) is None
+    assert peer_address({"client": ("unix-socket", 0)}) is None
+
+
+async def test_the_header_is_announced_loudly_with_who_may_send_it(
+    authority: CertificateAuthority, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="crank_registry_asgi")
+    async with running(proxy_config(authority)):
+        pass
+    [anyone] = [r for r in caplog.records if "certificate header" in r.getMessage()]
+    assert anyone.levelno == logging.WARNING
+    assert "sent by ANY peer" in anyone.getMessage()
+    assert "give --trusted-proxy CIDR" in anyone.getMessage()
+    caplog.clear()
+    trusted = proxy_config(authority, trusted_proxies=[ipaddress.ip_network("10.0.0.0/8")])
+    async with running(trusted):
+        pass
+    [limited] = [r for r in caplog.records if "certificate header" in r.getMessage()]
+    assert limited.levelno == logging.WARNING
+    assert "trusted_proxies=10.0.0.0/8" in limited.getMessage()
+    assert "header=x-ssl-client-cert" in limited.getMessage()
+
+
+def test_the_header_needs_ca_certificates(authority: CertificateAuthority) -> None:
+    with pytest.raises(ValueError, match="proxy_cert_header needs proxy_cert_authorities"):
+        ServiceConfig(proxy_cert_header="x-client-cert")
+    with pytest.raises(ValueError, match="trusted_proxies limit who may send"):
+        ServiceConfig(trusted_proxies=[ipaddress.ip_network("10.0.0.0/8")])
+    with pytest.raises(ValueError, match="only with proxy_cert_header"):
+        ServiceConfig(proxy_cert_authorities=[authority.certificate])

@@ -11,7 +11,6 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from crank_registry import RouteRequest, ValidationError, is_worker_id, iso_utc, structure
-from crank_registry_asgi.app import ClampedClock
 from crank_registry_asgi.effects import log_fields
 from crank_registry_asgi.http import ApiError, parse_json
 from crank_registry_asgi.openapi import ErrorCode, error_schema, openapi_document, type_schema
@@ -57,12 +56,6 @@ async def test_route_reads_a_body_as_the_converter_does(body: Any) -> None:
         answer = await api.request("POST", "/route", content=json.dumps(body), headers=JSON)
     assert answer.status_code == status
     assert {key: answer.json().get(key) for key in fields} == fields
-
-
-def test_clamped_clock_never_goes_backwards() -> None:
-    readings = iter([10.0, 12.0, 11.0, 12.5])
-    clock = ClampedClock(lambda: next(readings))
-    assert [clock(), clock(), clock(), clock()] == [10.0, 12.0, 12.0, 12.5]
 
 
 def test_depth_limit_boundary() -> None:
