@@ -69,7 +69,14 @@ from .journal import Journal, JournalError
 from .openapi import ROUTE_PATHS, openapi_document
 from .telemetry import Metrics, TracingMiddleware, annotate, tracer
 
-__all__ = ["ClampedClock", "ControllerService", "Sweeper", "answer", "create_app"]
+__all__ = [
+    "ClampedClock",
+    "ControllerService",
+    "Sweeper",
+    "answer",
+    "create_app",
+    "identity_checks_off_warning",
+]
 
 # How long after a deadline the sweeper wakes. The core changes state only
 # for a `now` strictly after it; waking a little later also lets one sweep
@@ -344,12 +351,13 @@ class ControllerService:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        """Open and replay the journal, run the sweeper, close both on shutdown."""
-        checks = "on" if self.config.require_identity else "off"
-        extra = ""
-        if self.config.proxy_cert_header is not None:
-            extra = " " + log_fields(proxy_cert_header=self.config.proxy_cert_header)
-        logger.info("mTLS: worker identity checks %s%s", checks, extra)
+        """Check where identities come from, open and replay the journal, run the sweeper.
+
+        Raises :class:`~crank_registry_asgi.tls.CaptureNotInstalled` before
+        serving when identity checks are on and no certificate can reach
+        the app; closes the journal and stops the sweeper on shutdown.
+        """
+        self._check_identity_source()
         policy = self.policy
         logger.info(
             "controller starting %s",
@@ -370,6 +378,28 @@ class ControllerService:
                     yield
                 finally:
                     tasks.cancel_scope.cancel()
+
+    def _check_identity_source(self) -> None:
+        """Log whether identities are checked; refuse to start when they cannot be.
+
+        The start is the earliest point that can tell, and a reliable one:
+        hypercorn hands no certificate unless the capture was installed
+        before it served (``serve`` installs it; an embedding program must),
+        whereas a first request without one comes only once the server is
+        up, and could as well be a caller that presented none.
+        """
+        config = self.config
+        fields = ""
+        if config.proxy_cert_header is not None:
+            fields = " " + log_fields(proxy_cert_header=config.proxy_cert_header)
+        if not config.require_identity:
+            logger.warning("%s%s", identity_checks_off_warning(), fields)
+            return
+        if config.proxy_cert_header is None:
+            from . import tls  # hypercorn's internals, needed only here
+
+            tls.require_installed()
+        logger.info("mTLS: worker identity checks on%s", fields)
 
     async def _open_journal(self, stack: contextlib.AsyncExitStack) -> None:
         """Open the journal, replay it into the registry, and attach it to effects.
@@ -425,6 +455,19 @@ class ControllerService:
         self.effects.journal = journal
         # Detached before it is closed: a write after shutdown is refused.
         stack.callback(setattr, self.effects, "journal", None)
+
+
+def identity_checks_off_warning() -> str:
+    """What the controller warns at start when it does not check worker identities.
+
+    Logged by the lifespan, so ``crank-registry serve`` and an application
+    embedding :func:`create_app` say the same.
+    """
+    return (
+        "mTLS: worker identity checks off: any caller may register any worker, and heartbeat "
+        "or deregister it (serve: --ca-certs, or --trust-proxy-cert-header behind a "
+        "TLS-terminating proxy; embedded: ServiceConfig(require_identity=True))"
+    )
 
 
 @contextlib.contextmanager
@@ -493,6 +536,11 @@ def create_app(
     passed in keeps its own policy, which the service then uses); ``clock``
     is the wall clock (seconds since the epoch), clamped so that it never
     goes backwards. ``app.state.service`` is the :class:`ControllerService`.
+
+    With ``config.require_identity`` and no ``config.proxy_cert_header``,
+    identities come from client certificates, which reach the app only under
+    hypercorn with :func:`crank_registry_asgi.tls.install` called first: the
+    lifespan refuses to start otherwise. Without identity checks it warns.
     """
     if registry is None:
         registry = CapabilityRegistry(config.policy)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 import stat
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -141,7 +143,7 @@ def test_unusable_certificate_files_are_reported_without_a_traceback(
     certs.write_development_certificates(tmp_path, workers=["a"])
     missing = ["--certfile", str(tmp_path / "nope.pem"), "--keyfile", str(tmp_path / "a.key")]
     status, _, err = run_main(["serve", *missing, "--state-dir", str(tmp_path / "s")], capsys)
-    assert status == 1
+    assert status == 2
     assert "certificate file not found" in err
     mismatched = [
         "--certfile",
@@ -150,9 +152,10 @@ def test_unusable_certificate_files_are_reported_without_a_traceback(
         str(tmp_path / "worker-a.key"),
     ]
     status, _, err = run_main(["serve", *mismatched, "--state-dir", str(tmp_path / "s")], capsys)
-    assert status == 1
+    assert status == 2
     assert "cannot use certfile" in err
     assert "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
 
 
 def test_certs_writes_a_ca_a_controller_and_worker_certificates(
@@ -252,28 +255,36 @@ def test_the_certificate_library_makes_expired_and_foreign_certificates() -> Non
 
 
 def test_serve_warns_about_plain_http_and_identity_checks_off(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
-    from crank_registry_asgi import server
+    from crank_registry_asgi import server, tls
+    from crank_registry_asgi.app import identity_checks_off_warning
 
-    monkeypatch.setattr(server, "run", lambda app, settings: None)
+    def start_and_stop(app: Any, settings: Any) -> None:
+        # What server.run does around the app, without a socket: the capture,
+        # then the app's lifespan, which warns when identities are not checked.
+        async def lifespan() -> None:
+            async with app.router.lifespan_context(app):
+                pass
+
+        tls.install()
+        asyncio.run(lifespan())
+
+    monkeypatch.setattr(server, "run", start_and_stop)
 
     def warnings_of(*flags: str) -> list[str]:
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="crank_registry_asgi"):
-            assert cli.main(["serve", *flags]) == 0
+            assert cli.main(["serve", *flags, "--state-dir", str(tmp_path)]) == 0
         return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
 
-    tls = ["--certfile", "controller.pem", "--keyfile", "controller.key"]
-    assert warnings_of(*tls, "--ca-certs", "ca.pem") == []
-    assert warnings_of(*tls) == [
-        "worker identity checks off (HTTPS without --ca-certs): any caller may register "
-        "any worker, and heartbeat or deregister it"
-    ]
+    certificate = ["--certfile", "controller.pem", "--keyfile", "controller.key"]
+    assert warnings_of(*certificate, "--ca-certs", "ca.pem") == []
+    # The same warning as an application embedding create_app logs.
+    assert warnings_of(*certificate) == [identity_checks_off_warning()]
     assert warnings_of("--insecure") == [
         "serving plain HTTP (--insecure): nothing is encrypted",
-        "worker identity checks off (--insecure): any caller may register any worker, "
-        "and heartbeat or deregister it",
+        identity_checks_off_warning(),
     ]
     # Behind a TLS-terminating proxy that passes the certificate on, identities are checked.
     exposed = ["--insecure", "--host", "0.0.0.0", "--trust-proxy-cert-header", "X-Client-Cert"]

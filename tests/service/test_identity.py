@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from pathlib import Path
 from urllib.parse import quote
 
+import hypercorn.asyncio
+import hypercorn.asyncio.run
 import pytest
+from hypercorn.asyncio.tcp_server import TCPServer
+from hypercorn.config import Config
+from hypercorn.utils import LifespanFailureError
 
-from crank_registry_asgi import ServiceConfig
+from crank_registry_asgi import ServiceConfig, create_app, create_gateway_app, tls
+from crank_registry_asgi.app import identity_checks_off_warning
 from crank_registry_asgi.identity import caller_identity, spiffe_id_of
 from tests.builders import registration_payload
 from tests.service.helpers import (
@@ -19,6 +27,23 @@ from tests.service.helpers import (
 pytestmark = pytest.mark.anyio
 
 MTLS = ServiceConfig(require_identity=True)
+
+
+@pytest.fixture
+def capture_installed() -> None:
+    """The certificate capture installed, as ``serve`` does before hypercorn starts.
+
+    These tests hand the app its certificates with :class:`WithClientCertificate`,
+    playing hypercorn with the capture.
+    """
+    tls.install()
+
+
+@pytest.fixture
+def capture_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """hypercorn as an embedding program finds it: no certificate capture."""
+    monkeypatch.setattr(hypercorn.asyncio.run, "TCPServer", TCPServer)
+    assert not tls.installed()
 
 
 def test_spiffe_id_of_certificates(authority: CertificateAuthority) -> None:
@@ -49,6 +74,7 @@ def test_caller_identity_sources(authority: CertificateAuthority) -> None:
     assert caller_identity(empty_chain, {}, None) is None
 
 
+@pytest.mark.usefixtures("capture_installed")
 async def test_a_worker_acts_only_on_its_own_record(authority: CertificateAuthority) -> None:
     wrapper: list[WithClientCertificate] = []
 
@@ -85,6 +111,7 @@ async def test_a_worker_acts_only_on_its_own_record(authority: CertificateAuthor
         assert (await api.post("/deregister", {"worker_id": "a"})).status_code == 200
 
 
+@pytest.mark.usefixtures("capture_installed")
 async def test_no_identity_is_forbidden_under_mtls(authority: CertificateAuthority) -> None:
     tls: list[WithClientCertificate] = []
 
@@ -108,14 +135,72 @@ async def test_without_mtls_there_are_no_checks(caplog: pytest.LogCaptureFixture
     caplog.set_level(logging.INFO, logger="crank_registry_asgi")
     async with running() as api:
         assert (await api.post("/register", registration_payload("anyone"))).status_code == 200
-    assert "mTLS: worker identity checks off" in caplog.messages
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [identity_checks_off_warning()]
+    assert warnings[0].startswith("mTLS: worker identity checks off: any caller may register")
+    assert "ServiceConfig(require_identity=True)" in warnings[0]
+    assert "--ca-certs" in warnings[0]
 
 
+@pytest.mark.usefixtures("capture_installed")
 async def test_identity_checks_logged_on(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="crank_registry_asgi")
     async with running(MTLS):
         pass
     assert "mTLS: worker identity checks on" in caplog.messages
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.usefixtures("capture_not_installed")
+async def test_identity_checks_without_the_capture_refuse_to_start(tmp_path: Path) -> None:
+    config = ServiceConfig(require_identity=True, state_dir=tmp_path / "state")
+    with pytest.raises(tls.CaptureNotInstalled) as refused:
+        async with running(config):
+            raise AssertionError("the app started")
+    message = str(refused.value)
+    assert "every worker would be refused (403 forbidden)" in message
+    assert "call crank_registry_asgi.tls.install() before hypercorn starts serving" in message
+    assert "ServiceConfig.proxy_cert_header" in message
+    assert "--trust-proxy-cert-header" in message
+    assert "\n" not in message
+    # Refused before anything else started: the journal was not opened.
+    assert not (tmp_path / "state").exists()
+
+
+@pytest.mark.usefixtures("capture_not_installed")
+async def test_the_gateway_app_refuses_to_start_as_well() -> None:
+    app = create_gateway_app(create_app(config=MTLS))
+    with pytest.raises(tls.CaptureNotInstalled):
+        async with app.router.lifespan_context(app):
+            raise AssertionError("the app started")
+
+
+@pytest.mark.usefixtures("capture_not_installed")
+async def test_a_trusted_proxy_header_needs_no_capture(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="crank_registry_asgi")
+    config = ServiceConfig(require_identity=True, proxy_cert_header="x-ssl-client-cert")
+    async with running(config) as api:
+        assert (await api.get("/health")).status_code == 200
+    assert "mTLS: worker identity checks on proxy_cert_header=x-ssl-client-cert" in (
+        caplog.messages
+    )
+
+
+def test_hypercorn_without_the_capture_stops_before_serving(
+    capture_not_installed: None,
+) -> None:
+    """An embedding program serving the app with hypercorn, as the README shows."""
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+
+    async def main() -> None:
+        await hypercorn.asyncio.serve(create_app(config=MTLS), config)  # type: ignore[arg-type]
+
+    with pytest.raises(LifespanFailureError) as failed:
+        asyncio.run(asyncio.wait_for(main(), timeout=30))
+    assert "CaptureNotInstalled" in str(failed.value)
+    assert "crank_registry_asgi.tls.install()" in str(failed.value)
 
 
 async def test_proxy_header_identity(authority: CertificateAuthority) -> None:
