@@ -98,7 +98,8 @@ class PipProgress:
     :attr:`seen` and shown if pip fails.
     """
 
-    _COLLECTING = re.compile(r"(?:Collecting|Obtaining) (\S+)")
+    # A requirement, a checkout's folder (-e), or a local wheel (an index of files).
+    _COLLECTING = re.compile(r"(?:Collecting|Obtaining|Processing) (\S+)")
     _BUILDING = re.compile(r"Building (?:editable|wheel) for (\S+)")
     _INSTALLING = re.compile(r"Installing collected packages: (.*)")
     _INSTALLED = re.compile(r"Successfully installed (.*)")
@@ -106,6 +107,7 @@ class PipProgress:
     def __init__(self) -> None:
         self.seen: list[str] = []
         self.collected = 0
+        self._built: set[str] = set()
 
     def lines(self, output: Iterable[str]) -> Iterable[str]:
         """The line to print for each of pip's that says how far it is."""
@@ -124,9 +126,16 @@ class PipProgress:
             what = match.group(1)
             if what.startswith("file:"):
                 what = Path(what.removeprefix("file://")).name + " (this checkout)"
+            elif what.endswith(".whl"):
+                what = "==".join(Path(what).name.split("-")[:2])
             return f"  collecting {self.collected:3d}: {what}"
         if match := self._BUILDING.match(text):
-            return f"  building {match.group(1)}"
+            # pip says when each build starts and when it ends.
+            name = match.group(1)
+            if name in self._built:
+                return None
+            self._built.add(name)
+            return f"  building {name}"
         if match := self._INSTALLING.match(text):
             count = len(match.group(1).split(", "))
             return f"  installing {count} packages ..."
