@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from pathlib import Path
 from urllib.parse import quote
 
+import anyio
+import httpx
 import hypercorn.asyncio
 import hypercorn.asyncio.run
 import pytest
+from hypercorn.asyncio.run import worker_serve
 from hypercorn.asyncio.tcp_server import TCPServer
 from hypercorn.config import Config
-from hypercorn.utils import LifespanFailureError
+from hypercorn.utils import LifespanFailureError, wrap_app
 
-from crank_registry_asgi import ServiceConfig, create_app, create_gateway_app, tls
+from crank_registry_asgi import ServiceConfig, certs, create_app, create_gateway_app, tls
 from crank_registry_asgi.app import identity_checks_off_warning
 from crank_registry_asgi.identity import caller_identity, spiffe_id_of
 from tests.builders import registration_payload
@@ -184,6 +188,62 @@ async def test_a_trusted_proxy_header_needs_no_capture(caplog: pytest.LogCapture
     assert "mTLS: worker identity checks on proxy_cert_header=x-ssl-client-cert" in (
         caplog.messages
     )
+
+
+async def test_hypercorn_with_the_capture_hands_the_app_each_workers_certificate(
+    tmp_path: Path,
+) -> None:
+    """The README's embedding program: ``tls.install()``, then hypercorn with mutual TLS."""
+    certs.write_development_certificates(tmp_path, workers=["a", "b"])
+    tls.install()
+    app = create_app(config=ServiceConfig(require_identity=True, state_dir=tmp_path / "state"))
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    config.certfile = str(tmp_path / "controller.pem")
+    config.keyfile = str(tmp_path / "controller.key")
+    config.ca_certs = str(tmp_path / "ca.pem")
+    config.verify_mode = ssl.CERT_REQUIRED
+    sockets = config.create_sockets()
+    port = sockets.secure_sockets[0].getsockname()[1]
+    stop = asyncio.Event()
+    server = asyncio.create_task(
+        worker_serve(
+            wrap_app(app, config.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
+            config,
+            sockets=sockets,
+            shutdown_trigger=stop.wait,
+        )
+    )
+    try:
+        context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        context.load_cert_chain(str(tmp_path / "worker-a.pem"), str(tmp_path / "worker-a.key"))
+        async with httpx.AsyncClient(
+            base_url=f"https://127.0.0.1:{port}", verify=context, timeout=30
+        ) as worker_a:
+            await _until_serving(worker_a)
+            own = await worker_a.post("/register", json=registration_payload("a"))
+            assert own.status_code == 200, own.text
+            other = await worker_a.post("/register", json=registration_payload("b"))
+            assert other.status_code == 403
+            assert other.json()["error"] == "forbidden"
+    finally:
+        stop.set()
+        await asyncio.wait_for(server, timeout=30)
+        for sock in sockets.secure_sockets:
+            sock.close()
+
+
+async def _until_serving(client: httpx.AsyncClient, deadline_s: float = 30.0) -> None:
+    """Wait until the server listens (it does once the app's lifespan has started)."""
+    with anyio.fail_after(deadline_s):
+        while True:
+            try:
+                if (await client.get("/health")).status_code == 200:
+                    return
+            except httpx.ConnectError:
+                pass
+            await anyio.sleep(0.05)
 
 
 def test_hypercorn_without_the_capture_stops_before_serving(
