@@ -280,10 +280,10 @@ def _lifespan_failed(error: Exception) -> int:
     prefix = "the controller failed to start: "
     if isinstance(cause, JournalError):
         return _start_failed(prefix + str(cause), status=2)
-    if cause is None:
-        reason = str(error).strip().splitlines()[-1] if str(error).strip() else "no reason given"
-    else:
-        reason = f"{type(cause).__name__}: {cause}"
+    # Without an exception (an app that only reports the failure), the debug log has its text.
+    reason = (
+        "its lifespan reported a failure" if cause is None else f"{type(cause).__name__}: {cause}"
+    )
     return _start_failed(f"{prefix}{reason} (--log-level debug shows more)", status=1)
 
 

@@ -313,6 +313,28 @@ def test_a_failed_start_is_reported_in_one_line(
     assert "JournalError" not in err
 
 
+def test_an_unexpected_failure_at_start_is_one_line_with_exit_status_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from crank_registry_asgi.app import ControllerService
+
+    for variable in COMMAND_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+
+    def fails(self: ControllerService) -> None:
+        raise RuntimeError("the sweeper's clock is missing")
+
+    monkeypatch.setattr(ControllerService, "_check_identity_source", fails)
+    status = cli.main(
+        ["serve", "--insecure", "--port", str(free_port()), "--state-dir", str(tmp_path)]
+    )
+    assert status == 1
+    assert capsys.readouterr().err == (
+        "crank-registry serve: error: the controller failed to start: RuntimeError: "
+        "the sweeper's clock is missing (--log-level debug shows more)\n"
+    )
+
+
 def test_a_second_controller_on_the_same_state_dir_says_so_in_one_line(tmp_path: Path) -> None:
     state_dir = tmp_path / "state"
     port = free_port()
