@@ -73,7 +73,13 @@ from .metrics import Metrics, RequestDurationMiddleware, metrics_response
 from .openapi import ROUTE_PATHS, openapi_document
 from .telemetry import TracingMiddleware, annotate, tracer
 
-__all__ = ["ControllerService", "Sweeper", "answer", "create_app"]
+__all__ = [
+    "ControllerService",
+    "Sweeper",
+    "answer",
+    "create_app",
+    "identity_checks_off_warning",
+]
 
 # How long after a deadline the sweeper wakes. The core changes state only
 # for a `now` strictly after it; waking a little later also lets one sweep
@@ -363,14 +369,13 @@ class ControllerService:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        """Open and replay the journal, run the sweeper, close both on shutdown."""
-        if self.config.require_identity:
-            logger.info(
-                "mTLS: worker identity checks on %s",
-                log_fields(trust_domain=self.config.trust_domain),
-            )
-        else:
-            logger.info("mTLS: worker identity checks off")
+        """Check where identities come from, open and replay the journal, run the sweeper.
+
+        Raises :class:`~crank_registry_asgi.tls.CaptureNotInstalled` before
+        serving when identity checks are on and no certificate can reach
+        the app; closes the journal and stops the sweeper on shutdown.
+        """
+        self._check_identity_source()
         if self.proxy_header is not None:
             self._log_proxy_header(self.proxy_header)
         policy = self.policy
@@ -416,6 +421,27 @@ class ControllerService:
                 proxy_header.header,
                 fields,
             )
+
+    def _check_identity_source(self) -> None:
+        """Log whether identities are checked; refuse to start when they cannot be.
+
+        The start is the earliest point that can tell, and a reliable one:
+        hypercorn hands no certificate unless the capture was installed
+        before it served (``serve`` installs it; an embedding program must),
+        whereas a first request without one comes only once the server is
+        up, and could as well be a caller that presented none.
+        """
+        config = self.config
+        if not config.require_identity:
+            logger.warning("%s", identity_checks_off_warning())
+            return
+        if config.proxy_cert_header is None:
+            from . import tls  # hypercorn's internals, needed only here
+
+            tls.require_installed()
+        logger.info(
+            "mTLS: worker identity checks on %s", log_fields(trust_domain=config.trust_domain)
+        )
 
     async def _open_journal(self, stack: contextlib.AsyncExitStack) -> None:
         """Open the journal, replay it into the registry, and attach it to effects.
@@ -474,6 +500,19 @@ class ControllerService:
         self.effects.journal = journal
         # Detached before it is closed: a write after shutdown is refused.
         stack.callback(setattr, self.effects, "journal", None)
+
+
+def identity_checks_off_warning() -> str:
+    """What the controller warns at start when it does not check worker identities.
+
+    Logged by the lifespan, so ``crank-registry serve`` and an application
+    embedding :func:`create_app` say the same.
+    """
+    return (
+        "mTLS: worker identity checks off: any caller may register any worker, and heartbeat "
+        "or deregister it (serve: --ca-certs, or --trust-proxy-cert-header behind a "
+        "TLS-terminating proxy; embedded: ServiceConfig(require_identity=True))"
+    )
 
 
 @contextlib.contextmanager
@@ -547,6 +586,11 @@ def create_app(
     (tests pass a fake one). ``app.state.service`` is the
     :class:`ControllerService`;
     ``app.state.metrics_registry`` the app's own Prometheus registry.
+
+    With ``config.require_identity`` and no ``config.proxy_cert_header``,
+    identities come from client certificates, which reach the app only under
+    hypercorn with :func:`crank_registry_asgi.tls.install` called first: the
+    lifespan refuses to start otherwise. Without identity checks it warns.
     """
     if clock is None:
         clock = AnchoredClock()

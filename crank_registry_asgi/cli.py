@@ -14,9 +14,11 @@ Subcommands:
 
 Each subcommand is one ``add_*_command`` function that declares its flags and
 sets its handler; :func:`build_parser` calls them in turn. Exit status: 0 on
-success (``serve``: after a clean shutdown on SIGTERM or SIGINT), 2 for a
-usage error (bad flags, certificate files that are missing or cannot be
-used), 1 when the server cannot start.
+success (``serve``: after a clean shutdown on SIGTERM or SIGINT); 2 for a
+usage or configuration error (bad flags, certificate files that are missing
+or do not match, a port in use, a state directory held by another
+controller or unusable); 1 for any other failure. A failed start is one line
+on stderr.
 """
 
 from __future__ import annotations
@@ -364,7 +366,7 @@ def run_serve(args: argparse.Namespace) -> int:
             certificates = load_server_certificates(hypercorn_config(settings), rotation)
         except CertificateFileError as error:
             raise UsageError(f"{error} ({_source_of_file(str(error), args)})") from None
-    for warning in _security_warnings(settings, proxy_cert_header=args.trust_proxy_cert_header):
+    for warning in _security_warnings(settings):
         logging.getLogger(__name__).warning("%s", warning)
     config = ServiceConfig(
         policy=policy,
@@ -397,17 +399,9 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         run(app, settings, certificates=certificates, rotation=rotation)
     except ServerSetupError as error:
-        print(f"crank-registry serve: error: {error}", file=sys.stderr)
-        return 1
+        return _start_failed(str(error), status=2)
     except LifespanFailureError as error:
-        # The message carries the app's traceback; the last line says what failed.
-        logging.getLogger(__name__).debug("startup failed: %s", error)
-        reason = str(error).strip().strip("'").strip().splitlines()[-1]
-        print(
-            f"crank-registry serve: error: the controller failed to start: {reason}",
-            file=sys.stderr,
-        )
-        return 1
+        return _lifespan_failed(error)
     return 0
 
 
@@ -425,6 +419,40 @@ def _source_of_file(message: str, args: argparse.Namespace) -> str:
     return f"given by {min(sources)[1]}" if sources else "see --certfile, --keyfile, --ca-certs"
 
 
+def _start_failed(message: str, *, status: int) -> int:
+    """Report a failed start in one line on stderr; return the exit status."""
+    print(f"crank-registry serve: error: {message}", file=sys.stderr)
+    return status
+
+
+def _lifespan_failed(error: Exception) -> int:
+    """Report why the app's start failed, in one line; exit 2 for what the operator can fix.
+
+    hypercorn raises ``LifespanFailureError`` carrying the app's traceback as
+    text; the app's own exception is the one being handled when it was raised
+    (Starlette reports a failed start from its ``except`` block), so it is
+    the error's ``__context__``. A journal error (the state directory is
+    held by another controller, unreadable, written by a newer release) is
+    configuration: its message names the file and the fix. Anything else is
+    unexpected: its class is named, and ``--log-level debug`` shows the
+    traceback.
+    """
+    from .journal import JournalError
+
+    logging.getLogger(__name__).debug("start failed: %s", error)
+    cause = error.__context__
+    while isinstance(cause, BaseExceptionGroup) and len(cause.exceptions) == 1:
+        cause = cause.exceptions[0]
+    prefix = "the controller failed to start: "
+    if isinstance(cause, JournalError):
+        return _start_failed(prefix + str(cause), status=2)
+    # Without an exception (an app that only reports the failure), the debug log has its text.
+    reason = (
+        "its lifespan reported a failure" if cause is None else f"{type(cause).__name__}: {cause}"
+    )
+    return _start_failed(f"{prefix}{reason} (--log-level debug shows more)", status=1)
+
+
 def _gateway_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The :class:`GatewayConfig` fields set by the ``--gateway-*`` flags that were given.
 
@@ -434,12 +462,12 @@ def _gateway_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {name: value for name, value in given.items() if value is not None}
 
 
-def _security_warnings(settings: ServerSettings, *, proxy_cert_header: str | None) -> list[str]:
-    """What ``serve`` warns about at start: plain HTTP, and worker identity checks off.
+def _security_warnings(settings: ServerSettings) -> list[str]:
+    """What ``serve`` warns about before it starts: plain HTTP.
 
-    Identities come from client certificates (``--ca-certs``) or from a
-    trusted proxy's header; without either, the controller cannot tell one
-    caller from another.
+    Worker identity checks being off is warned by the app's lifespan
+    (:func:`crank_registry_asgi.app.identity_checks_off_warning`), so that an
+    application embedding the service says the same.
     """
     warnings: list[str] = []
     if not settings.uses_tls:
@@ -447,12 +475,6 @@ def _security_warnings(settings: ServerSettings, *, proxy_cert_header: str | Non
             "" if settings.is_loopback else f" on {settings.host}, reachable from other machines"
         )
         warnings.append(f"serving plain HTTP (--insecure){where}: nothing is encrypted")
-    if not settings.mutual_tls and proxy_cert_header is None:
-        how = "--insecure" if not settings.uses_tls else "HTTPS without --ca-certs"
-        warnings.append(
-            f"worker identity checks off ({how}): any caller may register any worker, "
-            "and heartbeat or deregister it"
-        )
     return warnings
 
 

@@ -68,11 +68,13 @@ from hypercorn.typing import AppWrapper, ASGIReceiveCallable, ASGISendCallable, 
 __all__ = [
     "LINGER_SECONDS",
     "SUPPORTED_HYPERCORN",
+    "CaptureNotInstalled",
     "CertificateCapturingTCPServer",
     "ContainedH2Protocol",
     "check_hypercorn_version",
     "install",
     "installed",
+    "require_installed",
     "tls_extension",
 ]
 
@@ -235,8 +237,15 @@ class ContainedH2Protocol(H2Protocol):
 def install() -> None:
     """Make hypercorn's asyncio worker fill in the ``tls`` extension (idempotent).
 
-    Also contains the two hypercorn bugs of the module docstring. Affects
-    every hypercorn asyncio server started in this process afterwards.
+    The public capture: ``crank-registry serve`` calls it, and an
+    application that embeds :func:`~crank_registry_asgi.create_app` with
+    worker identity checks on calls it before hypercorn starts serving
+    (at import of the module that builds the app, for ``hypercorn
+    module:app``); without it, that app refuses to start
+    (:func:`require_installed`). Also contains the two hypercorn bugs of the
+    module docstring. Affects every hypercorn asyncio server started in
+    this process afterwards, and only those: hypercorn's trio worker and
+    other ASGI servers still pass no certificate.
     """
     if hypercorn.protocol.H2Protocol is H2Protocol:
         hypercorn.protocol.H2Protocol = ContainedH2Protocol  # type: ignore[misc]
@@ -254,3 +263,25 @@ def install() -> None:
 def installed() -> bool:
     """Whether :func:`install` has taken effect in this process."""
     return hypercorn.asyncio.run.TCPServer is CertificateCapturingTCPServer
+
+
+class CaptureNotInstalled(RuntimeError):
+    """Identity checks are on, but nothing hands the app client certificates."""
+
+
+def require_installed() -> None:
+    """Raise :class:`CaptureNotInstalled` unless :func:`install` has taken effect.
+
+    What the controller's lifespan checks before it serves with identity
+    checks on and no trusted proxy header: without the capture no request
+    carries a certificate, and every worker would be refused 403.
+    """
+    if installed():
+        return
+    raise CaptureNotInstalled(
+        "worker identity checks are on (ServiceConfig.require_identity) but no client "
+        "certificate reaches the application, so every worker would be refused (403 "
+        "forbidden): call crank_registry_asgi.tls.install() before hypercorn starts serving "
+        "(asyncio worker), or, behind a TLS-terminating proxy, trust its certificate header "
+        "with ServiceConfig.proxy_cert_header (crank-registry serve --trust-proxy-cert-header)"
+    )

@@ -24,8 +24,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 
 from crank_registry import CapabilitySchema, HealthPolicy, unstructure
-from crank_registry_asgi import ServiceConfig, create_app
-from crank_registry_asgi.gateway import create_gateway_app
+from crank_registry_asgi import ServiceConfig, create_app, create_gateway_app
 
 registry_app = create_gateway_app(
     create_app(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 import stat
@@ -310,9 +311,20 @@ def test_the_certificate_library_makes_expired_and_foreign_certificates() -> Non
 def test_serve_warns_about_plain_http_and_identity_checks_off(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
-    from crank_registry_asgi import server
+    from crank_registry_asgi import server, tls
+    from crank_registry_asgi.app import identity_checks_off_warning
 
-    monkeypatch.setattr(server, "run", lambda app, settings, **options: None)
+    def start_and_stop(app: Any, settings: Any, **options: Any) -> None:
+        # What server.run does around the app, without a socket: the capture,
+        # then the app's lifespan, which warns when identities are not checked.
+        async def lifespan() -> None:
+            async with app.router.lifespan_context(app):
+                pass
+
+        tls.install()
+        asyncio.run(lifespan())
+
+    monkeypatch.setattr(server, "run", start_and_stop)
     # The certificates are loaded before the server starts: real ones.
     certs.write_development_certificates(tmp_path, workers=[])
     monkeypatch.chdir(tmp_path)
@@ -320,28 +332,30 @@ def test_serve_warns_about_plain_http_and_identity_checks_off(
     def warnings_of(*flags: str) -> list[str]:
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="crank_registry_asgi"):
-            assert cli.main(["serve", *flags]) == 0
+            assert cli.main(["serve", *flags, "--state-dir", str(tmp_path)]) == 0
         return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
 
-    tls = ["--certfile", "controller.pem", "--keyfile", "controller.key"]
-    assert warnings_of(*tls, "--ca-certs", "ca.pem") == []
-    assert warnings_of(*tls) == [
-        "worker identity checks off (HTTPS without --ca-certs): any caller may register "
-        "any worker, and heartbeat or deregister it"
-    ]
+    certificate = ["--certfile", "controller.pem", "--keyfile", "controller.key"]
+    assert warnings_of(*certificate, "--ca-certs", "ca.pem") == []
+    # The same warning as an application embedding create_app logs.
+    assert warnings_of(*certificate) == [identity_checks_off_warning()]
     assert warnings_of("--insecure") == [
         "serving plain HTTP (--insecure): nothing is encrypted",
-        "worker identity checks off (--insecure): any caller may register any worker, "
-        "and heartbeat or deregister it",
+        identity_checks_off_warning(),
     ]
     # Behind a TLS-terminating proxy that passes the certificate on, identities are checked.
     ca = tmp_path / "ca.pem"
     ca.write_bytes(certs.make_authority().certificate_pem())
     exposed = ["--insecure", "--host", "0.0.0.0", "--trust-proxy-cert-header", "X-Client-Cert"]
-    assert warnings_of(*exposed, "--ca-certs", str(ca)) == [
+    header_warnings = warnings_of(*exposed, "--ca-certs", str(ca))
+    assert header_warnings[0] == (
         "serving plain HTTP (--insecure) on 0.0.0.0, reachable from other machines: "
         "nothing is encrypted"
-    ]
+    )
+    # ... and the header is trusted from any peer: said loudly, with the fix.
+    assert len(header_warnings) == 2
+    assert "sent by ANY peer" in header_warnings[1]
+    assert "give --trusted-proxy CIDR" in header_warnings[1]
 
 
 def test_the_proxy_header_with_ca_certs_is_served(

@@ -217,7 +217,7 @@ def test_insecure_serves_plain_http_on_loopback_and_stops_cleanly_on_sigterm(
         assert server.stop() == 0, server.log()
     log = server.log()
     assert "WARNING crank_registry_asgi.cli serving plain HTTP (--insecure)" in log
-    assert "WARNING crank_registry_asgi.cli worker identity checks off (--insecure)" in log
+    assert "WARNING crank_registry_asgi mTLS: worker identity checks off: any caller" in log
     assert "stopped: connections closed, app shut down" in log
     assert "Traceback" not in log
     assert (state_dir / "registry.jsonl").exists()
@@ -411,9 +411,11 @@ def test_a_port_in_use_is_reported_before_starting(
         status = cli.main(
             ["serve", "--insecure", "--port", str(port), "--state-dir", str(state_dir)]
         )
-    assert status == 1
+    assert status == 2
     err = capsys.readouterr().err
-    assert f"cannot listen on 127.0.0.1 port {port}" in err
+    assert err == f"crank-registry serve: error: cannot listen on 127.0.0.1 port {port}: " + (
+        "Address already in use\n"
+    )
     assert "Traceback" not in err
     # Reported before the app started: the journal was never opened.
     assert not state_dir.exists()
@@ -430,8 +432,63 @@ def test_a_failed_start_is_reported_in_one_line(
     status = cli.main(
         ["serve", "--insecure", "--port", str(free_port()), "--state-dir", str(state_dir)]
     )
-    assert status == 1
+    assert status == 2
     err = capsys.readouterr().err
-    assert "the controller failed to start" in err
+    assert err.startswith("crank-registry serve: error: the controller failed to start: ")
     assert str(state_dir) in err
-    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+    assert "JournalError" not in err
+
+
+def test_an_unexpected_failure_at_start_is_one_line_with_exit_status_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from crank_registry_asgi.app import ControllerService
+
+    for variable in COMMAND_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+
+    def fails(self: ControllerService) -> None:
+        raise RuntimeError("the sweeper's clock is missing")
+
+    monkeypatch.setattr(ControllerService, "_check_identity_source", fails)
+    status = cli.main(
+        ["serve", "--insecure", "--port", str(free_port()), "--state-dir", str(tmp_path)]
+    )
+    assert status == 1
+    assert capsys.readouterr().err == (
+        "crank-registry serve: error: the controller failed to start: RuntimeError: "
+        "the sweeper's clock is missing (--log-level debug shows more)\n"
+    )
+
+
+def test_a_second_controller_on_the_same_state_dir_says_so_in_one_line(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    port = free_port()
+    with serving(
+        ["--insecure", "--port", str(port), "--state-dir", str(state_dir)],
+        tmp_path / "first.log",
+        port=port,
+        scheme="http",
+    ) as first:
+        second = subprocess.run(
+            command(
+                "serve", "--insecure", "--port", str(free_port()), "--state-dir", str(state_dir)
+            ),
+            check=False,
+            capture_output=True,
+            text=True,
+            env=clean_environment(),
+            timeout=60,
+        )
+        assert first.stop() == 0, first.log()
+    assert second.returncode == 2, second.stderr
+    # The log lines before it (level, logger, message) come from the logging setup.
+    errors = [line for line in second.stderr.splitlines() if " ERROR " in line or "error:" in line]
+    assert errors == [
+        "crank-registry serve: error: the controller failed to start: another controller "
+        f"(pid {first.process.pid}) holds the state directory {state_dir} "
+        f"(lock {state_dir / 'registry.lock'}); stop it or use another --state-dir"
+    ], second.stderr
+    assert "crank_registry_asgi.journal" not in second.stderr
+    assert "Traceback" not in second.stderr

@@ -22,6 +22,7 @@ from crank_registry import (
 )
 from crank_registry.testing import FakeClock
 from crank_registry_asgi import ServiceConfig, create_app
+from crank_registry_asgi.app import identity_checks_off_warning
 from crank_registry_asgi.clock import AnchoredClock
 from tests.builders import WORKER_URL, capability, capability_payload, registration_payload
 from tests.service.helpers import UNKNOWN, check_documented, running
@@ -433,7 +434,7 @@ async def test_logs_one_line_per_registration_deregistration(
             await api.route()
         await api.post("/deregister", {"worker_id": "w1"})
     lines = [r.getMessage() for r in caplog.records if r.name == "crank_registry_asgi"]
-    assert lines[0] == "mTLS: worker identity checks off"
+    assert lines[0] == identity_checks_off_warning()
     assert lines[1] == (
         "controller starting controller_id=controller state_dir=none "
         "heartbeat_interval_s=30.0 unhealthy_after_s=60.0 evict_after_s=120.0"

@@ -31,7 +31,7 @@ from crank_registry import (
 from crank_registry_asgi import ServiceConfig
 from crank_registry_asgi.openapi import ERRORS, OPERATIONS, openapi_document
 from tests.builders import registration_payload
-from tests.service.helpers import check_documented, dumps, running
+from tests.service.helpers import CertificateAuthority, check_documented, dumps, running
 
 pytestmark = pytest.mark.anyio
 
@@ -80,7 +80,13 @@ async def _answers(state_dir: Path) -> list[tuple[str, str, httpx.Response]]:
         await send(api, "POST", "/register", content=dumps("x" * 5000), headers=json)
         await send(api, "GET", "/nowhere")  # not_found
         await send(api, "GET", "/route")  # method_not_allowed
-    async with running(ServiceConfig(require_identity=True)) as api:
+    # Identities from a trusted proxy's header; a request without it has none.
+    proxied = ServiceConfig(
+        require_identity=True,
+        proxy_cert_header="x-client-cert",
+        proxy_cert_authorities=[CertificateAuthority().certificate],
+    )
+    async with running(proxied) as api:
         await send(api, "POST", "/heartbeat", json={"worker_id": "w1"})  # forbidden
     async with running(ServiceConfig(state_dir=state_dir), lifespan=False) as api:
         await send(api, "POST", "/register", json=registration_payload("w1"))  # journal_unavailable

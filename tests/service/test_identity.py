@@ -2,21 +2,33 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
 import logging
+import ssl
 import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import anyio
+import httpx
+import hypercorn.asyncio
+import hypercorn.asyncio.run
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from hypercorn.asyncio.run import worker_serve
+from hypercorn.asyncio.tcp_server import TCPServer
+from hypercorn.config import Config
+from hypercorn.utils import LifespanFailureError, wrap_app
 
 from crank_registry.testing import FakeClock
-from crank_registry_asgi import ServiceConfig
+from crank_registry_asgi import ServiceConfig, certs, create_app, create_gateway_app, tls
+from crank_registry_asgi.app import identity_checks_off_warning
 from crank_registry_asgi.identity import (
     ProxyCertificateHeader,
     caller_identity,
@@ -45,6 +57,23 @@ def proxy_config(authority: CertificateAuthority, **fields: Any) -> ServiceConfi
         proxy_cert_authorities=[authority.certificate],
         **fields,
     )
+
+
+@pytest.fixture
+def capture_installed() -> None:
+    """The certificate capture installed, as ``serve`` does before hypercorn starts.
+
+    These tests hand the app its certificates with :class:`WithClientCertificate`,
+    playing hypercorn with the capture.
+    """
+    tls.install()
+
+
+@pytest.fixture
+def capture_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """hypercorn as an embedding program finds it: no certificate capture."""
+    monkeypatch.setattr(hypercorn.asyncio.run, "TCPServer", TCPServer)
+    assert not tls.installed()
 
 
 def test_spiffe_id_of_certificates(authority: CertificateAuthority) -> None:
@@ -78,6 +107,7 @@ def test_caller_identity_sources(authority: CertificateAuthority) -> None:
     assert caller_identity(empty_chain, {}, None, NOW) is None
 
 
+@pytest.mark.usefixtures("capture_installed")
 async def test_a_worker_acts_only_on_its_own_record(authority: CertificateAuthority) -> None:
     wrapper: list[WithClientCertificate] = []
 
@@ -114,6 +144,7 @@ async def test_a_worker_acts_only_on_its_own_record(authority: CertificateAuthor
         assert (await api.post("/deregister", {"worker_id": "a"})).status_code == 200
 
 
+@pytest.mark.usefixtures("capture_installed")
 async def test_no_identity_is_forbidden_under_mtls(authority: CertificateAuthority) -> None:
     tls: list[WithClientCertificate] = []
 
@@ -137,14 +168,127 @@ async def test_without_mtls_there_are_no_checks(caplog: pytest.LogCaptureFixture
     caplog.set_level(logging.INFO, logger="crank_registry_asgi")
     async with running() as api:
         assert (await api.post("/register", registration_payload("anyone"))).status_code == 200
-    assert "mTLS: worker identity checks off" in caplog.messages
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [identity_checks_off_warning()]
+    assert warnings[0].startswith("mTLS: worker identity checks off: any caller may register")
+    assert "ServiceConfig(require_identity=True)" in warnings[0]
+    assert "--ca-certs" in warnings[0]
 
 
+@pytest.mark.usefixtures("capture_installed")
 async def test_identity_checks_logged_on(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="crank_registry_asgi")
     async with running(MTLS):
         pass
     assert "mTLS: worker identity checks on trust_domain=crank.local" in caplog.messages
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.usefixtures("capture_not_installed")
+async def test_identity_checks_without_the_capture_refuse_to_start(tmp_path: Path) -> None:
+    config = ServiceConfig(require_identity=True, state_dir=tmp_path / "state")
+    with pytest.raises(tls.CaptureNotInstalled) as refused:
+        async with running(config):
+            raise AssertionError("the app started")
+    message = str(refused.value)
+    assert "every worker would be refused (403 forbidden)" in message
+    assert "call crank_registry_asgi.tls.install() before hypercorn starts serving" in message
+    assert "ServiceConfig.proxy_cert_header" in message
+    assert "--trust-proxy-cert-header" in message
+    assert "\n" not in message
+    # Refused before anything else started: the journal was not opened.
+    assert not (tmp_path / "state").exists()
+
+
+@pytest.mark.usefixtures("capture_not_installed")
+async def test_the_gateway_app_refuses_to_start_as_well() -> None:
+    app = create_gateway_app(create_app(config=MTLS))
+    with pytest.raises(tls.CaptureNotInstalled):
+        async with app.router.lifespan_context(app):
+            raise AssertionError("the app started")
+
+
+@pytest.mark.usefixtures("capture_not_installed")
+async def test_a_trusted_proxy_header_needs_no_capture(
+    caplog: pytest.LogCaptureFixture, authority: CertificateAuthority
+) -> None:
+    caplog.set_level(logging.INFO, logger="crank_registry_asgi")
+    async with running(proxy_config(authority)) as api:
+        assert (await api.get("/health")).status_code == 200
+    assert "mTLS: worker identity checks on trust_domain=crank.local" in caplog.messages
+
+
+async def test_hypercorn_with_the_capture_hands_the_app_each_workers_certificate(
+    tmp_path: Path,
+) -> None:
+    """The README's embedding program: ``tls.install()``, then hypercorn with mutual TLS."""
+    certs.write_development_certificates(tmp_path, workers=["a", "b"])
+    tls.install()
+    app = create_app(config=ServiceConfig(require_identity=True, state_dir=tmp_path / "state"))
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    config.certfile = str(tmp_path / "controller.pem")
+    config.keyfile = str(tmp_path / "controller.key")
+    config.ca_certs = str(tmp_path / "ca.pem")
+    config.verify_mode = ssl.CERT_REQUIRED
+    sockets = config.create_sockets()
+    port = sockets.secure_sockets[0].getsockname()[1]
+    stop = asyncio.Event()
+    server = asyncio.create_task(
+        worker_serve(
+            wrap_app(app, config.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
+            config,
+            sockets=sockets,
+            shutdown_trigger=stop.wait,
+        )
+    )
+    try:
+        context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        context.load_cert_chain(str(tmp_path / "worker-a.pem"), str(tmp_path / "worker-a.key"))
+        async with httpx.AsyncClient(
+            base_url=f"https://127.0.0.1:{port}", verify=context, timeout=30
+        ) as worker_a:
+            await _until_serving(worker_a)
+            own = await worker_a.post("/register", json=registration_payload("a"))
+            assert own.status_code == 200, own.text
+            other = await worker_a.post("/register", json=registration_payload("b"))
+            assert other.status_code == 403
+            assert other.json()["error"] == "forbidden"
+    finally:
+        stop.set()
+        await asyncio.wait_for(server, timeout=30)
+        for sock in sockets.secure_sockets:
+            sock.close()
+
+
+async def _until_serving(client: httpx.AsyncClient, deadline_s: float = 30.0) -> None:
+    """Wait until the server listens (it does once the app's lifespan has started)."""
+    with anyio.fail_after(deadline_s):
+        while True:
+            try:
+                if (await client.get("/health")).status_code == 200:
+                    return
+            except httpx.ConnectError:
+                pass
+            await anyio.sleep(0.05)
+
+
+def test_hypercorn_without_the_capture_stops_before_serving(
+    capture_not_installed: None,
+) -> None:
+    """An embedding program serving the app with hypercorn, as the README shows."""
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+
+    async def main() -> None:
+        await hypercorn.asyncio.serve(create_app(config=MTLS), config)  # type: ignore[arg-type]
+
+    with pytest.raises(LifespanFailureError) as failed:
+        asyncio.run(asyncio.wait_for(main(), timeout=30))
+    assert "CaptureNotInstalled" in str(failed.value)
+    assert "crank_registry_asgi.tls.install()" in str(failed.value)
 
 
 async def test_proxy_header_identity(authority: CertificateAuthority) -> None:
