@@ -30,10 +30,10 @@ nothing. Between the two the change is *pending*:
   queued behind it too (they were decided on its outcome), so
   :meth:`~CapabilityRegistry.discard_pending` drops every pending change.
 
-Heartbeats are not changes: a heartbeat that changes no state is applied
-at once (nothing is made durable for it; one a registration still pending
-is not held yet, and changes nothing). The in-memory mutators
-(``register``...) decide and confirm at once.
+Heartbeats are not changes: a heartbeat is applied when it is decided
+(nothing waits for it to be durable; a heartbeat of a worker whose
+registration is still pending changes nothing, as the worker is not held
+yet). The in-memory mutators (``register``...) decide and confirm at once.
 
 Where things are kept, so that no hot path scans the registry:
 
