@@ -74,6 +74,7 @@ async def simulate(hours: float, workers: int) -> tuple[int, int, int, int, floa
         journal = Journal.open(state_dir, snapshots=RegistrySnapshots(registry), fsync=False)
         replay_bytes(journal.read(), registry)
         effects = Effects(
+            registry,
             metrics=Metrics(),
             journal_expected=True,
             heartbeat_line_every=policy.unhealthy_after / 2,
@@ -85,7 +86,7 @@ async def simulate(hours: float, workers: int) -> tuple[int, int, int, int, floa
         for w, worker_id in enumerate(ids):
             url = f"https://10.0.{w >> 8 & 255}.{w & 255}:8443"
             registrations += registry.register(worker_id, url, services[w % 100], now=START)
-        await effects.apply(registrations)
+        await effects.commit(registrations)
         interval = policy.heartbeat_interval
         # Each worker beats every 30 s less its jitter, from a random phase.
         periods = [interval * (1 - 0.1 * rng.random()) for _ in ids]
@@ -105,7 +106,7 @@ async def simulate(hours: float, workers: int) -> tuple[int, int, int, int, floa
             events: list[Event] = []
             for at, worker_id in beats:
                 events += registry.heartbeat(worker_id, now=at)
-            await effects.apply(events)
+            await effects.commit(events)
             largest = max(largest, journal.size)
             window_end += WINDOW
         await journal.aclose()

@@ -74,6 +74,7 @@ async def run(bodies: list[bytes], state_dir: pathlib.Path | None) -> tuple[floa
     registry = CapabilityRegistry()
     journal = None
     effects = Effects(
+        registry,
         metrics=Metrics(),
         journal_expected=state_dir is not None,
         heartbeat_line_every=registry.policy.unhealthy_after / 2,
@@ -88,13 +89,13 @@ async def run(bodies: list[bytes], state_dir: pathlib.Path | None) -> tuple[floa
     async def client(index: int) -> None:
         for raw in bodies[index * per_client : (index + 1) * per_client]:
             registration = structure(json.loads(raw), Registration)
-            events = registry.register(
+            events = registry.decide_register(
                 registration.worker_id,
                 registration.worker_url,
                 registration.capabilities,
                 now=START,
             )
-            await effects.apply(events)
+            await effects.commit(events)
             if journal is None:
                 await anyio.lowlevel.checkpoint()  # a request's turn of the event loop
 

@@ -18,27 +18,32 @@ Every line is one JSON object with the format version ``"v"`` and a
   ``revision``. A snapshot is split in parts of at most
   :data:`SNAPSHOT_PART_SIZE` workers so that a damaged line loses a bounded
   number of workers, not the whole registry. Each distinct capability, and
-  each distinct capability set, is written once per snapshot, in the first
-  part that uses it; both are numbered in the order they are written (a
-  part says where its numbering starts), and a part lists its workers
-  column by column::
+  each distinct capability set, is numbered once per snapshot and written
+  in the first part that uses it, and again in the part after it; a part
+  says where the numbers it lists start (``first_capability``,
+  ``first_set``: the previous part's new ones, then its own), and lists its
+  workers column by column::
 
-    {"v": 2, "type": "snapshot", "revision": 7, "part": 0, "parts": 3,
+    {"v": 2, "type": "snapshot", "revision": 7, "part": 1, "parts": 3,
      "first_capability": 0, "capabilities": [{capability}, ...],
      "first_set": 0, "capability_sets": [[0, 1], [2]],
      "worker_ids": ["w1", ...], "worker_urls": ["https://w1:8443", ...],
      "last_heartbeats": [1700000000.5, ...], "worker_sets": [0, ...],
      "health": ["healthy", ...], "crc32": 123456789}
 
-  ``crc32`` is the CRC-32 of the line's bytes before ``,"crc32":``; a line
-  whose checksum fails is skipped. Every value read back passes the wire
-  model's checks, through the converter. A worker whose capabilities were
-  on a skipped part is dropped (and counted); its next heartbeat makes it
-  register again.
+  So one damaged part costs only its own workers: what it numbered is in
+  the next part too, before any later part refers to it. ``crc32`` is the
+  CRC-32 of the line's bytes before ``,"crc32":``, checked before anything
+  else is read from the line; a line whose checksum fails is skipped. A
+  checksum detects damage, it does not vouch for content: every value read
+  back passes the wire model's checks, through the converter, and a line
+  holding one that does not is skipped (its workers with it).
 
-Replay: a run of snapshot parts is applied as one snapshot (unless its
-revision is older than the journal's before it: a stale copy is skipped
-and counted, never rolled back to), then each event in order. A change
+Replay: a run of snapshot parts (consecutive parts of one revision) is
+applied as one snapshot, then each event in order. The revision is the
+snapshot's sequence: a run older than the revision the lines before it
+reached is a stale copy, skipped and reported with its line numbers, never
+rolled back to. A change
 whose revision the registry already has (a line written after a
 compaction that already holds it) is passed over; one the
 registry refuses (it names a worker it does not hold: an earlier line was
@@ -225,12 +230,14 @@ def encode_snapshot(
     rendered: dict[int, str] = {}
     keep_alive: list[CapabilitySchema] = []  # so that the ids above stay unique
     numbers: dict[str, int] = {}
+    texts: list[str] = []
     set_numbers: dict[tuple[int, ...], int] = {}
+    sets: list[list[int]] = []
     lines: list[bytes] = []
+    # Where the previous part's new numbers start: a part repeats them.
+    previous_capability = previous_set = 0
     for index, chunk in enumerate(chunks):
-        first_capability, first_set = len(numbers), len(set_numbers)
-        new_texts: list[str] = []
-        new_sets: list[list[int]] = []
+        new_capability, new_set = len(texts), len(sets)
         worker_sets: list[int] = []
         for record in chunk:
             listed = []
@@ -241,14 +248,14 @@ def encode_snapshot(
                     keep_alive.append(capability)
                 number = numbers.get(text)
                 if number is None:
-                    number = numbers[text] = len(numbers)
-                    new_texts.append(text)
+                    number = numbers[text] = len(texts)
+                    texts.append(text)
                 listed.append(number)
             capability_set = tuple(listed)
             set_number = set_numbers.get(capability_set)
             if set_number is None:
-                set_number = set_numbers[capability_set] = len(set_numbers)
-                new_sets.append(listed)
+                set_number = set_numbers[capability_set] = len(sets)
+                sets.append(listed)
             worker_sets.append(set_number)
         columns = {
             "worker_ids": [r.worker_id for r in chunk],
@@ -260,11 +267,13 @@ def encode_snapshot(
         body = (
             f'{{"v":{JOURNAL_FORMAT_VERSION},"type":"{_SNAPSHOT_TYPE}",'
             f'"revision":{snapshot.revision},"part":{index},"parts":{len(chunks)},'
-            f'"first_capability":{first_capability},"capabilities":[{",".join(new_texts)}],'
-            f'"first_set":{first_set},"capability_sets":{_text(new_sets)},'
+            f'"first_capability":{previous_capability},'
+            f'"capabilities":[{",".join(texts[previous_capability:])}],'
+            f'"first_set":{previous_set},"capability_sets":{_text(sets[previous_set:])},'
             + ",".join(f'"{name}":{_text(column)}' for name, column in columns.items())
         ).encode()
         lines.append(b"%s%s%d}\n" % (body, _CRC_FIELD, zlib.crc32(body)))
+        previous_capability, previous_set = new_capability, new_set
     return tuple(lines)
 
 
@@ -323,8 +332,8 @@ class JournalReader:
 
     def __init__(self) -> None:
         # The current snapshot's capabilities and capability sets by number
-        # (numbers written on a part that could not be read are missing; a
-        # set with a missing capability is None), and the next numbers.
+        # (numbers written only on parts that could not be read are missing;
+        # a set with a missing capability is None), and the next numbers.
         self._capabilities: dict[int, CapabilitySchema] = {}
         self._sets: dict[int, tuple[CapabilitySchema, ...] | None] = {}
         self._next_capability = 0
@@ -342,6 +351,10 @@ class JournalReader:
             raise JournalDecodeError("not a JSON line") from None
         if not isinstance(data, dict):
             raise JournalDecodeError("not a JSON object")
+        if "crc32" in data:
+            # Checked before anything is read from it: a flipped bit in a
+            # checksummed line's version is damage, not a newer format.
+            _check_crc(line.encode() if isinstance(line, str) else line, data["crc32"])
         version = data.pop("v", None)
         if _is_int(version) and version > JOURNAL_FORMAT_VERSION:
             raise NewerJournalFormat(version)
@@ -377,10 +390,7 @@ class JournalReader:
         unknown = sorted(data.keys() - _SNAPSHOT_FIELDS)
         if unknown:
             raise JournalDecodeError(f"snapshot: unknown field {unknown[0]!r}")
-        checksum = data.get("crc32")
-        end = raw.rfind(_CRC_FIELD)
-        if not _is_int(checksum) or end < 0 or zlib.crc32(raw[:end]) != checksum:
-            raise JournalDecodeError("snapshot: the checksum does not match the line")
+        _check_crc(raw, data.get("crc32"))
         part, parts = data["part"], data["parts"]
         if not (_is_int(part) and _is_int(parts) and 0 <= part < parts):
             raise JournalDecodeError("snapshot: part and parts must be integers, 0 <= part < parts")
@@ -399,16 +409,20 @@ class JournalReader:
         if part == 0:
             self._capabilities, self._sets = {}, {}
             self._next_capability = self._next_set = 0
-        first_capability = _first_number(data, "first_capability", self._next_capability)
-        first_set = _first_number(data, "first_set", self._next_set)
-        try:
-            new_capabilities = structure(capabilities, tuple[CapabilitySchema, ...])
-        except ValidationError as error:
-            raise JournalDecodeError(f"snapshot: {error.prefixed('capabilities')}") from None
-        self._capabilities.update(zip(itertools.count(first_capability), new_capabilities))
-        self._next_capability = first_capability + len(capabilities)
-        self._sets.update(zip(itertools.count(first_set), map(self._capability_set, raw_sets)))
-        self._next_set = first_set + len(raw_sets)
+        # Format 2 repeats the previous part's numbers (it starts earlier).
+        first_capability = _first_number(
+            data, "first_capability", 0 if version > 1 else self._next_capability
+        )
+        first_set = _first_number(data, "first_set", 0 if version > 1 else self._next_set)
+        known = self._capabilities
+        for number, raw_capability in zip(itertools.count(first_capability), capabilities):
+            if number not in known:  # else read on the part before, and checked there
+                known[number] = self._capability(raw_capability, number - first_capability)
+        self._next_capability = max(self._next_capability, first_capability + len(capabilities))
+        for number, raw_set in zip(itertools.count(first_set), raw_sets):
+            if number not in self._sets or self._sets[number] is None:
+                self._sets[number] = self._capability_set(raw_set)
+        self._next_set = max(self._next_set, first_set + len(raw_sets))
         records = []
         dropped = 0
         for worker_id, worker_url, last_heartbeat, set_number, state in zip(
@@ -425,6 +439,14 @@ class JournalReader:
         self._revision = max(self._revision, revision)
         return SnapshotPart(revision, tuple(records), part, parts, dropped)
 
+    def _capability(self, raw: Any, index: int) -> CapabilitySchema:
+        """The capability ``raw`` (the ``index``-th of its part), checked as the wire checks it."""
+        try:
+            return structure(raw, CapabilitySchema)
+        except ValidationError as error:
+            reason = error.prefixed(f"capabilities[{index}]")
+            raise JournalDecodeError(f"snapshot: {reason}") from None
+
     def _capability_set(self, numbers: Any) -> tuple[CapabilitySchema, ...] | None:
         """The capabilities a set numbers; ``None``: one was on a part that could not be read."""
         if type(numbers) is not list or not numbers or not all(map(_is_int, numbers)):
@@ -435,6 +457,13 @@ class JournalReader:
         if any(capability is None for capability in found):
             return None
         return tuple(capability for capability in found if capability is not None)
+
+
+def _check_crc(raw: bytes, checksum: Any) -> None:
+    """Refuse a line whose ``crc32`` is not the CRC-32 of its bytes before ``,"crc32":``."""
+    end = raw.rfind(_CRC_FIELD)
+    if not _is_int(checksum) or end < 0 or zlib.crc32(raw[:end]) != checksum:
+        raise JournalDecodeError("snapshot: the checksum does not match the line")
 
 
 def _check_read_back(event: Event) -> None:
@@ -472,14 +501,15 @@ def _snapshot_record(
         raise JournalDecodeError(f"snapshot: worker {worker_id!r}: {error}") from None
 
 
-def _first_number(data: dict[str, Any], name: str, expected: int) -> int:
-    """A part's first number: where the part before it stopped, or later.
+def _first_number(data: dict[str, Any], name: str, lowest: int) -> int:
+    """A part's first number: an integer, at least ``lowest``.
 
-    Later: the numbers between were on parts that could not be read (what
-    refers to them is dropped).
+    In format 1, ``lowest`` is where the part before stopped (later: the
+    numbers between were on parts that could not be read, and what refers
+    to them is dropped); format 2 starts where the part before started.
     """
     first: Any = data.get(name)
-    if not (_is_int(first) and first >= expected):
+    if not (_is_int(first) and first >= lowest):
         raise JournalDecodeError(f"snapshot: {name} does not follow the part before")
     return int(first)
 
@@ -511,7 +541,7 @@ def replay(lines: Iterable[bytes | str], registry: CapabilityRegistry) -> Replay
     def apply_parts() -> None:
         if not parts:
             return
-        revision = max(part.revision for _, part in parts)
+        revision = parts[0][1].revision  # one run has one revision
         if revision < registry.revision:
             # Older than what the lines before it gave: a stale copy, not ours to roll back to.
             for number, _ in parts:
@@ -548,8 +578,10 @@ def replay(lines: Iterable[bytes | str], registry: CapabilityRegistry) -> Replay
             continue
         for entry in entries:
             if isinstance(entry, SnapshotPart):
-                if entry.part == 0:
-                    apply_parts()
+                if parts and (
+                    entry.part <= parts[-1][1].part or entry.revision != parts[-1][1].revision
+                ):
+                    apply_parts()  # another snapshot starts
                 parts.append((number, entry))
                 dropped += entry.dropped
                 continue

@@ -10,6 +10,31 @@ next revisions. Then it *applies* them with :meth:`CapabilityRegistry.apply`,
 the one fold, which a journal replay and a replica use too. So every
 change of state is made in one place, from an event.
 
+Deciding and applying are separate for a service with a store
+(``decide_register``, ``decide_heartbeat``, ``decide_deregister``,
+``decide_sweep``, then :meth:`~CapabilityRegistry.confirm` or
+:meth:`~CapabilityRegistry.discard_pending`): a change is applied only
+once the store has made it durable, so a write the store refused changes
+nothing. Between the two the change is *pending*:
+
+* a decision reserves its revisions (the next after the last decided), so
+  concurrent decisions never share one;
+* a decision sees the changes decided before it: each worker with a
+  pending change has a :class:`_Pending` entry (its state, last heartbeat
+  and deadline as the pending changes leave them), which the next decision
+  about that worker starts from; the sweep leaves such a worker for a
+  later pass;
+* the store makes changes durable in revision order, so
+  :meth:`~CapabilityRegistry.confirm` applies the pending changes up to a
+  revision, in order; when a write fails the store fails every write
+  queued behind it too (they were decided on its outcome), so
+  :meth:`~CapabilityRegistry.discard_pending` drops every pending change.
+
+Heartbeats are not changes: a heartbeat is applied when it is decided
+(nothing waits for it to be durable; a heartbeat of a worker whose
+registration is still pending changes nothing, as the worker is not held
+yet). The in-memory mutators (``register``...) decide and confirm at once.
+
 Where things are kept, so that no hot path scans the registry:
 
 * ``_workers``: worker id -> :class:`~._records.Worker`, in registration order;
@@ -72,6 +97,25 @@ _HEARTBEAT_ONLY = (HeartbeatReceived,)
 STATE_FORMAT_VERSION = 1
 
 
+class _Pending:
+    """A worker as the changes decided for it, not yet applied, leave it.
+
+    ``health`` is ``None`` when they remove it; ``revision`` is the last of them.
+    """
+
+    __slots__ = ("deadline", "health", "last_heartbeat", "revision")
+
+    def __init__(
+        self, state: Health | None, last_heartbeat: float, revision: int, policy: HealthPolicy
+    ) -> None:
+        self.health = state
+        self.last_heartbeat = last_heartbeat
+        self.revision = revision
+        self.deadline = (
+            math.inf if state is None else health.deadline(state, last_heartbeat, policy)
+        )
+
+
 class CapabilityRegistry:
     """The registry of workers and their capabilities.
 
@@ -97,6 +141,10 @@ class CapabilityRegistry:
         # worker; kept for evict_after (older remote records are expired).
         self._tombstones: dict[str, float] = {}
         self._tombstone_expiry: collections.deque[tuple[float, str, float]] = collections.deque()
+        # Changes decided, not yet applied (module docstring), in revision order.
+        self._decided = 0
+        self._pending: collections.deque[Change] = collections.deque()
+        self._pending_workers: dict[str, _Pending] = {}
 
     @property
     def policy(self) -> HealthPolicy:
@@ -107,6 +155,11 @@ class CapabilityRegistry:
     def revision(self) -> int:
         """The revision of the last change applied (0: none yet)."""
         return self._revision
+
+    @property
+    def pending(self) -> tuple[Change, ...]:
+        """The changes decided and not yet confirmed nor discarded, in revision order."""
+        return tuple(self._pending)
 
     # ------------------------------------------------------------------ writes
 
@@ -124,11 +177,7 @@ class CapabilityRegistry:
         worker id or URL, an empty capability list or a ``(verb, name)``
         given twice.
         """
-        registration = Registration(worker_id, worker_url, tuple(capabilities))
-        _check_now(now)
-        return self._commit(
-            self._decide(worker_id, HealthInput.REGISTER, now, registration=registration)
-        )
+        return self._commit(self.decide_register(worker_id, worker_url, capabilities, now=now))
 
     def heartbeat(self, worker_id: str, *, now: float) -> tuple[Event, ...]:
         """Record that a worker is alive.
@@ -137,18 +186,11 @@ class CapabilityRegistry:
         restored but not re-registered (``unverified``), or silent for more
         than ``evict_after``: each of them must register again.
         """
-        _check_now(now)
-        worker = self._workers.get(worker_id)
-        if worker is not None and now < worker.last_heartbeat:
-            raise ValidationError.single(
-                "now", "is earlier than the worker's last heartbeat (time never goes backwards)"
-            )
-        return self._commit(self._decide(worker_id, HealthInput.HEARTBEAT, now))
+        return self._commit(self.decide_heartbeat(worker_id, now=now))
 
     def deregister(self, worker_id: str, *, now: float) -> tuple[Event, ...]:
         """Remove a worker that is leaving; raises :class:`WorkerNotRegistered` if unknown."""
-        _check_now(now)
-        return self._commit(self._decide(worker_id, HealthInput.DEREGISTER, now))
+        return self._commit(self.decide_deregister(worker_id, now=now))
 
     def cleanup_stale(self, *, now: float) -> tuple[Event, ...]:
         """The sweep: silent past ``unhealthy_after``: unhealthy; past ``evict_after``: evicted.
@@ -157,27 +199,129 @@ class CapabilityRegistry:
         their deadlines. Costs in proportion to the deadlines that have
         passed, not to the size of the registry.
         """
+        events, swept = self._sweep(now)
+        self._commit(events)
+        for worker in swept:
+            if self._workers.get(worker.worker_id) is worker:
+                self._push(worker)  # silent now: this pushes its expiry
+        return events
+
+    # ------------------------------------------------- deciding, for a store
+
+    def decide_register(
+        self,
+        worker_id: str,
+        worker_url: str,
+        capabilities: Iterable[CapabilitySchema],
+        *,
+        now: float,
+    ) -> tuple[Event, ...]:
+        """The events :meth:`register` causes, pending until :meth:`confirm` applies them.
+
+        Raises as :meth:`register` does (nothing is then decided).
+        """
+        registration = Registration(worker_id, worker_url, tuple(capabilities))
+        _check_now(now)
+        return self._decide(worker_id, HealthInput.REGISTER, now, registration=registration)
+
+    def decide_heartbeat(self, worker_id: str, *, now: float) -> tuple[Event, ...]:
+        """The events :meth:`heartbeat` causes; raises as it does.
+
+        The heartbeat itself is applied at once (it is not a change); a
+        change it causes (``healthy``) is pending until :meth:`confirm`.
+        """
+        _check_now(now)
+        worker = self._workers.get(worker_id)
+        if worker is not None and now < worker.last_heartbeat:
+            raise ValidationError.single(
+                "now", "is earlier than the worker's last heartbeat (time never goes backwards)"
+            )
+        return self._decide(worker_id, HealthInput.HEARTBEAT, now)
+
+    def decide_deregister(self, worker_id: str, *, now: float) -> tuple[Event, ...]:
+        """The events :meth:`deregister` causes, pending until :meth:`confirm`; raises alike."""
+        _check_now(now)
+        return self._decide(worker_id, HealthInput.DEREGISTER, now)
+
+    def decide_sweep(self, *, now: float) -> tuple[Event, ...]:
+        """The events :meth:`cleanup_stale` causes, pending until :meth:`confirm`.
+
+        A worker with a pending change is left for a later sweep; so is
+        every worker swept here until its change is applied (a sweep after
+        :meth:`discard_pending` decides it again).
+        """
+        events, swept = self._sweep(now)
+        for worker in swept:
+            self._push(worker)  # still at its old deadline: due again until applied
+        return events
+
+    def confirm(self, revision: int) -> None:
+        """The store made the pending changes up to ``revision`` durable: apply them, in order."""
+        pending = self._pending
+        shadows = self._pending_workers
+        while pending and pending[0].revision <= revision:
+            change = pending.popleft()
+            self.apply(change)
+            shadow = shadows.get(change.worker_id)
+            if shadow is not None and shadow.revision == change.revision:
+                del shadows[change.worker_id]
+
+    def discard_pending(self) -> tuple[Change, ...]:
+        """The store failed: drop every pending change (none is applied); returns them.
+
+        Every one goes: the store fails the writes queued behind a failed
+        one, since they were decided on its outcome. The next decision
+        takes the revision after the last applied change again.
+        """
+        dropped = tuple(self._pending)
+        self._pending.clear()
+        self._pending_workers.clear()
+        self._decided = self._revision
+        return dropped
+
+    def _sweep(self, now: float) -> tuple[tuple[Event, ...], list[Worker]]:
+        """Decide the time-driven changes due at ``now``; also the workers they concern.
+
+        The workers decided on (and those with a change pending) are out of
+        the deadline heap; the caller pushes them back.
+        """
         _check_now(now)
         events: list[Event] = []
+        swept: dict[str, Worker] = {}
         heap = self._deadlines
+        shadows = self._pending_workers
+        decided: set[str] = set()  # workers decided on in this sweep
         while heap and heap[0][0] < now:
             _, _, worker = heapq.heappop(heap)
-            if self._workers.get(worker.worker_id) is not worker:
+            worker_id = worker.worker_id
+            if self._workers.get(worker_id) is not worker:
                 continue  # replaced or removed since this entry was pushed
-            due = health.due_input(worker.health, worker.last_heartbeat, now, self._policy)
-            if due is None:
-                self._push(worker)  # a heartbeat moved its deadline on
+            shadow = shadows.get(worker_id)
+            if shadow is None:
+                state, last_heartbeat = worker.health, worker.last_heartbeat
+            elif worker_id in decided and shadow.health is not None:
+                state, last_heartbeat = shadow.health, shadow.last_heartbeat
+            else:
+                swept[worker_id] = worker  # a change of it is pending: a later sweep decides
                 continue
-            events += self._commit(self._decide(worker.worker_id, due, now, state=worker.health))
-            if self._workers.get(worker.worker_id) is worker:
-                # Silent now; this pushes its expiry, which may be due at once.
-                self._push(worker)
+            due = health.due_input(state, last_heartbeat, now, self._policy)
+            if due is None:
+                if shadow is None:
+                    self._push(worker)  # a heartbeat moved its deadline on
+                continue  # (else an older entry of a worker decided on: in swept)
+            events += self._decide(worker_id, due, now, state=state)
+            decided.add(worker_id)
+            swept[worker_id] = worker
+            shadow = shadows[worker_id]
+            if shadow.deadline < now:
+                # Silent past evict_after too: its expiry is due in this sweep.
+                heapq.heappush(heap, (shadow.deadline, worker.order, worker))
         expiry = self._tombstone_expiry
         while expiry and expiry[0][0] < now:
             _, worker_id, at = expiry.popleft()
             if self._tombstones.get(worker_id) == at:
                 del self._tombstones[worker_id]
-        return tuple(events)
+        return tuple(events), list(swept.values())
 
     def import_remote_state(
         self, controller_id: str, state: Mapping[str, Any], *, now: float
@@ -282,6 +426,7 @@ class CapabilityRegistry:
             case _:
                 raise TypeError(f"not a registry change: {event!r}")
         self._revision = event.revision
+        self._decided = max(self._decided, event.revision)
 
     def apply_snapshot(self, snapshot: Snapshot) -> None:
         """Replace the whole registry with ``snapshot`` (its workers and revision).
@@ -295,6 +440,8 @@ class CapabilityRegistry:
         self._deadlines.clear()
         self._tombstones.clear()
         self._tombstone_expiry.clear()
+        self._pending.clear()
+        self._pending_workers.clear()
         for record in snapshot.workers:
             state = Health.of(verified=record.verified, silent=record.silent)
             self._install(
@@ -304,7 +451,7 @@ class CapabilityRegistry:
                 state,
                 record.last_heartbeat,
             )
-        self._revision = snapshot.revision
+        self._revision = self._decided = snapshot.revision
 
     def restart(self, *, now: float | None = None) -> None:
         """Say that this registry restarted: it has heard from none of its workers since.
@@ -506,28 +653,48 @@ class CapabilityRegistry:
         record: WorkerRecord | None = None,
         source: str = "",
     ) -> tuple[Event, ...]:
-        """The events ``given`` causes for ``worker_id`` at ``now``, numbered, not applied.
+        """The events ``given`` causes for ``worker_id`` at ``now``, held pending.
 
-        Decided on the worker's state at ``now`` (``state`` overrides it:
-        the sweep decides on the state it found).
+        Decided on the worker's state at ``now`` as the changes decided
+        before leave it (``state`` overrides it: the sweep decides on the
+        state it found). Its changes take the revisions after the last
+        decided and wait in :attr:`pending`; a heartbeat is applied at once.
         """
-        held = self._workers.get(worker_id)
-        if state is None and held is not None:
-            # Before the worker's deadline nothing is due: its state is the one held.
-            if now <= held.deadline:
-                state = held.health
-            else:
-                state = health.state_at(held.health, held.last_heartbeat, now, self._policy)
+        shadow = self._pending_workers.get(worker_id) if self._pending_workers else None
+        if shadow is None:
+            held = self._workers.get(worker_id)
+            present = held is not None
+            last_heartbeat = -math.inf if held is None else held.last_heartbeat
+            if state is None and held is not None:
+                # Before the worker's deadline nothing is due: its state is the one held.
+                if now <= held.deadline:
+                    state = held.health
+                else:
+                    state = health.state_at(held.health, last_heartbeat, now, self._policy)
+        else:
+            present = shadow.health is not None
+            last_heartbeat = shadow.last_heartbeat
+            if state is None and shadow.health is not None:
+                state = health.state_at(shadow.health, last_heartbeat, now, self._policy)
         step = health.transition(state, given)
         if isinstance(step, Refusal):
             raise WorkerNotRegistered(worker_id)
         if step.emits == _HEARTBEAT_ONLY:
-            return (HeartbeatReceived(worker_id, now),)  # the steady traffic: no change
+            # The steady traffic: no change, applied at once.
+            beat = HeartbeatReceived(worker_id, now)
+            self.apply(beat)
+            if shadow is not None and now > last_heartbeat:
+                shadow.last_heartbeat = now
+                assert state is not None  # a worker not held is refused a heartbeat
+                shadow.deadline = health.deadline(state, now, self._policy)
+            return (beat,)
         events: list[Event] = []
-        revision = self._revision
+        revision = self._decided
         for kind in step.emits:
             if kind is HeartbeatReceived:
-                events.append(HeartbeatReceived(worker_id, now))
+                beat = HeartbeatReceived(worker_id, now)
+                self.apply(beat)
+                events.append(beat)
                 continue
             revision += 1
             if kind is WorkerRegistered:
@@ -538,10 +705,11 @@ class CapabilityRegistry:
                         registration.worker_url,
                         registration.capabilities,
                         now,
-                        replaced=held is not None,
+                        replaced=present,
                         revision=revision,
                     )
                 )
+                last_heartbeat = now
             elif kind is WorkerImported:
                 assert record is not None
                 events.append(
@@ -554,24 +722,27 @@ class CapabilityRegistry:
                         revision=revision,
                     )
                 )
+                last_heartbeat = record.last_heartbeat
             elif kind is WorkerDeregistered:
                 events.append(WorkerDeregistered(worker_id, now, revision=revision))
             elif kind is WorkerHealthy:
                 events.append(WorkerHealthy(worker_id, now, revision=revision))
+                last_heartbeat = max(last_heartbeat, now)
             elif kind is WorkerUnhealthy:
-                assert held is not None
-                events.append(
-                    WorkerUnhealthy(worker_id, now, held.last_heartbeat, revision=revision)
-                )
+                assert present
+                events.append(WorkerUnhealthy(worker_id, now, last_heartbeat, revision=revision))
             else:
-                assert held is not None and kind is WorkerEvicted
-                events.append(WorkerEvicted(worker_id, now, held.last_heartbeat, revision=revision))
+                assert present and kind is WorkerEvicted
+                events.append(WorkerEvicted(worker_id, now, last_heartbeat, revision=revision))
+        self._decided = revision
+        self._pending.extend(event for event in events if isinstance(event, Change))
+        self._pending_workers[worker_id] = _Pending(step.to, last_heartbeat, revision, self._policy)
         return tuple(events)
 
     def _commit(self, events: tuple[Event, ...]) -> tuple[Event, ...]:
-        """Apply events just decided (the in-memory path: decide, then apply at once)."""
-        for event in events:
-            self.apply(event)
+        """Apply changes just decided (the in-memory path: decide, then apply at once)."""
+        if self._pending:
+            self.confirm(self._decided)
         return events
 
     # ------------------------------------------------------------- internals

@@ -4,7 +4,10 @@ Each endpoint does four things: structure the body with the core's
 converter, call the registry with ``now``, hand the returned events to
 :class:`~crank_registry_asgi.effects.Effects`, answer with one of the core's
 answer models (rendered by the converter, see :func:`answer`). Every rule
-(health, routing, who may act on which record) is the core's.
+(health, routing, who may act on which record) is the core's. A write has
+the registry decide its change, and :meth:`Effects.commit
+<crank_registry_asgi.effects.Effects.commit>` applies it once the journal
+made it durable (a write answered 503 changes nothing).
 
 The lifespan reads the journal, replays it into the registry (the core's
 fold), then serves, running the :class:`Sweeper` in a task group until
@@ -130,28 +133,48 @@ class Sweeper:
         self.registry = registry
         self.clock = clock
         self.effects = effects
+        # The last sweep's changes could not be journaled: retry after an interval.
+        self._failed = False
 
     def delay(self) -> float:
-        """Seconds until the next sweep: just after the next deadline, at most an interval."""
+        """Seconds until the next sweep: just after the next deadline, at most an interval.
+
+        After a sweep the journal could not take, one interval (its
+        changes are still due, and would wake it at once).
+        """
         interval = self.registry.policy.heartbeat_interval
         deadline = self.registry.next_deadline()
-        if deadline is None:
+        if deadline is None or self._failed:
             return interval
         return min(max(deadline - self.clock(), 0.0) + _SWEEP_SLACK, interval)
 
     async def sweep(self) -> tuple[Event, ...]:
-        """One sweep at the current time; returns its ``unhealthy`` and ``evicted`` events."""
-        events = self.registry.cleanup_stale(now=self.clock())
+        """One sweep at the current time; returns the ``unhealthy`` and ``evicted`` events it made.
+
+        Decided, made durable, then applied: when the journal cannot take
+        them, none is applied and the next sweep decides them again
+        (returns no event then).
+        """
+        try:
+            self.effects.check_writable()
+        except ApiError as error:
+            logger.warning("sweep skipped %s", log_fields(error=error.message))
+            return ()
+        events = self.registry.decide_sweep(now=self.clock())
         if events:
             with tracer().start_as_current_span(
                 "crank.sweep", kind=SpanKind.INTERNAL, attributes={"crank.changes": len(events)}
             ):
                 try:
-                    await self.effects.apply(events)
+                    await self.effects.commit(events)
                 except ApiError as error:
-                    # The changes happened in memory; a journal that missed
-                    # them is corrected after a restart by the next sweep.
-                    logger.warning("sweep not journaled %s", log_fields(error=error.message))
+                    self._failed = True
+                    logger.warning(
+                        "sweep not journaled, nothing changed; retried at the next sweep %s",
+                        log_fields(changes=len(events), error=error.message),
+                    )
+                    return ()
+        self._failed = False
         return events
 
     async def run(self) -> None:
@@ -179,10 +202,13 @@ class ControllerService:
         self.clock = clock
         self.metrics = Metrics()
         self.metrics.watch(registry, self.clock)
+        self.retry_after = str(max(1, math.ceil(self.policy.heartbeat_interval)))
         self.effects = Effects(
+            registry,
             metrics=self.metrics,
             journal_expected=config.state_dir is not None,
             heartbeat_line_every=self.policy.unhealthy_after / 2,
+            retry_after=self.retry_after,
         )
         self.sweeper = Sweeper(registry, self.clock, self.effects)
         self.proxy_header = (
@@ -192,7 +218,6 @@ class ControllerService:
                 config.proxy_cert_header, config.proxy_cert_authorities, config.trusted_proxies
             )
         )
-        self.retry_after = str(max(1, math.ceil(self.policy.heartbeat_interval)))
         # Rendered once: the document does not change while the app runs.
         self._document_body = JSONResponse(openapi_document()).body
 
@@ -236,13 +261,13 @@ class ControllerService:
         annotate(worker_id=registration.worker_id)
         self._authorize(request, registration.worker_id)
         self.effects.check_writable()
-        events = self.registry.register(
+        events = self.registry.decide_register(
             registration.worker_id,
             registration.worker_url,
             registration.capabilities,
             now=self.clock(),
         )
-        await self.effects.apply(events)
+        await self.effects.commit(events)
         return answer(
             RegisterAnswer(
                 worker_id=registration.worker_id,
@@ -257,8 +282,17 @@ class ControllerService:
         self._authorize(request, beat.worker_id)
         self.effects.check_writable()
         now = self.clock()
-        events = self.registry.heartbeat(beat.worker_id, now=now)
-        await self.effects.apply(events)
+        events = self.registry.decide_heartbeat(beat.worker_id, now=now)
+        try:
+            await self.effects.commit(events)
+        except ApiError as error:
+            # A journal outage does not fail heartbeats (DESIGN, "Codes for a
+            # store outage"): the heartbeat is held; its change (healthy
+            # again) is not, and the worker's next heartbeat decides it again.
+            logger.warning(
+                "heartbeat's change not journaled %s",
+                log_fields(worker_id=beat.worker_id, error=error.message),
+            )
         return answer(
             HeartbeatAnswer(
                 timestamp=iso_utc(now), heartbeat_interval_s=self.policy.heartbeat_interval
@@ -283,8 +317,8 @@ class ControllerService:
         annotate(worker_id=leaving.worker_id)
         self._authorize(request, leaving.worker_id)
         self.effects.check_writable()
-        events = self.registry.deregister(leaving.worker_id, now=self.clock())
-        await self.effects.apply(events)
+        events = self.registry.decide_deregister(leaving.worker_id, now=self.clock())
+        await self.effects.commit(events)
         return answer(DeregisterAnswer(worker_id=leaving.worker_id))
 
     async def route(self, request: Request) -> Response:

@@ -12,6 +12,17 @@ heartbeat only when the worker's last journaled heartbeat is at least half
 ``unhealthy_after`` old, without an fsync (a lost heartbeat costs nothing
 that the next one does not repair, and a restored worker's last heartbeat
 stays within that much of the truth).
+
+Decide, make durable, apply: the endpoints and the sweeper have the
+registry *decide* a change (``registry.decide_register``...), which holds
+it pending; :meth:`Effects.commit` appends its lines to the journal and,
+when the journal says the batch is fsynced, has the registry apply it
+(:meth:`~crank_registry.CapabilityRegistry.confirm`), or drop it when the
+write failed (:meth:`~crank_registry.CapabilityRegistry.discard_pending`).
+Both run in the journal's ``settled`` call, in the order the lines were
+appended, which is revision order. So a write answered 503 changes nothing
+in memory, and what is listed, routed and restored after a restart agree.
+Without a state directory the changes are applied at once.
 """
 
 from __future__ import annotations
@@ -53,8 +64,17 @@ logger = logging.getLogger("crank_registry_asgi")
 class LineJournal(Protocol):
     """Where lines are made durable (:class:`~crank_registry_asgi.journal.Journal`)."""
 
-    async def append(self, lines: Sequence[bytes], *, durable: bool) -> None:
-        """Append ``lines``; with ``durable``, return once they are fsynced."""
+    async def append(
+        self,
+        lines: Sequence[bytes],
+        *,
+        durable: bool,
+        settled: Callable[[OSError | None], None] | None = None,
+    ) -> None:
+        """Append ``lines``; with ``durable``, return once they are fsynced.
+
+        ``settled`` is called with the batch's outcome as soon as it is known.
+        """
 
 
 class RegistrySnapshots:
@@ -88,19 +108,25 @@ def log_fields(**fields: object) -> str:
 class Effects:
     """Turns events into journal lines, span events, counters and log lines.
 
+    ``registry`` is the one whose decisions :meth:`commit` applies.
     ``journal_expected`` says that the service was configured with a state
     directory: while the journal is not open (the lifespan is not running),
     writes are refused with ``journal_unavailable`` rather than acknowledged
-    without being durable.
+    without being durable. ``retry_after`` is the ``Retry-After`` of that
+    answer (whole seconds).
     """
 
     def __init__(
         self,
+        registry: CapabilityRegistry,
         *,
         metrics: Metrics,
         journal_expected: bool,
         heartbeat_line_every: float,
+        retry_after: str = "1",
     ) -> None:
+        self.registry = registry
+        self.retry_after = retry_after
         self.metrics = metrics
         self.journal: LineJournal | None = None
         self.journal_expected = journal_expected
@@ -108,42 +134,75 @@ class Effects:
         # worker id -> the time of its last heartbeat in the journal
         self._journaled: dict[str, float] = {}
 
-    async def apply(self, events: Sequence[Event]) -> None:
-        """Make ``events`` durable, then trace, count and log them.
+    async def commit(self, events: Sequence[Event]) -> None:
+        """Make the changes of ``events`` durable, apply them, then trace, count and log.
 
-        Raises :class:`ApiError` ``journal_unavailable`` (503) when they
-        could not be made durable.
+        ``events`` were just decided by the registry (its ``decide_*``
+        methods, after :meth:`check_writable`), so its changes are pending.
+        Raises :class:`ApiError` ``journal_unavailable`` (503, with
+        ``Retry-After``) when they could not be made durable: none of them
+        is then applied. Heartbeats (applied when decided) are written
+        without waiting for an fsync, and a failure to write them is not an
+        error.
         """
-        await self._record(events)
+        registry = self.registry
+        changes = [event for event in events if isinstance(event, Change)]
+        if not self.journal_expected:
+            if changes:
+                registry.confirm(changes[-1].revision)
+        elif events:
+            self.check_writable()
+            assert self.journal is not None
+            lines = [encode_event(event) for event in events if self._worth_a_line(event)]
+            if changes:
+                await self._make_durable(self.journal, lines, changes[-1].revision)
+            else:
+                try:
+                    await self.journal.append(lines, durable=False)
+                except JournalUnavailable as error:
+                    logger.warning("heartbeat not journaled %s", log_fields(error=str(error)))
         for event in events:
             self._observe(event)
+
+    async def _make_durable(self, journal: LineJournal, lines: list[bytes], last: int) -> None:
+        """Append ``lines``; apply the pending changes up to revision ``last`` once durable."""
+        registry = self.registry
+        told = False
+
+        def settled(error: OSError | None) -> None:
+            nonlocal told
+            told = True
+            if error is None:
+                registry.confirm(last)
+            else:
+                # The journal failed this batch and every one queued behind it.
+                registry.discard_pending()
+
+        try:
+            await journal.append(lines, durable=True, settled=settled)
+        except JournalUnavailable as error:
+            if not told:  # refused before the lines joined a batch (a closed journal)
+                registry.discard_pending()
+            raise ApiError(
+                error.status_hint,
+                error.code,
+                f"{error}; nothing was changed, retry later",
+                headers={"Retry-After": self.retry_after},
+            ) from None
 
     def check_writable(self) -> None:
         """Refuse a change up front when the journal that must record it is not open.
 
-        Called before the registry is touched, so that a refused write
-        changes nothing. (A write that fails on disk is known only after the
-        change; it is answered 503 and repaired by the worker's retry.)
+        Called before the registry decides, so that a refused write changes
+        nothing and leaves nothing pending.
         """
         if self.journal_expected and self.journal is None:
             raise ApiError(
                 503,
                 "journal_unavailable",
                 "the journal is not open (the application's lifespan is not running)",
+                headers={"Retry-After": self.retry_after},
             )
-
-    async def _record(self, events: Sequence[Event]) -> None:
-        if not self.journal_expected or not events:
-            return
-        self.check_writable()
-        assert self.journal is not None
-        lines = [encode_event(event) for event in events if self._worth_a_line(event)]
-        try:
-            await self.journal.append(
-                lines, durable=any(isinstance(event, Change) for event in events)
-            )
-        except JournalUnavailable as error:
-            raise ApiError(error.status_hint, error.code, str(error)) from None
 
     def _worth_a_line(self, event: Event) -> bool:
         """Every change; a heartbeat once per ``heartbeat_line_every`` per worker."""

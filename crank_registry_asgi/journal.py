@@ -15,7 +15,15 @@ is the effects module's to decide (:mod:`crank_registry_asgi.effects`).
 * Failure. A failed write or fsync (a full disk) raises
   :class:`JournalUnavailable` for every caller of that batch, cuts the file
   back to its last good length, and leaves the journal usable for the next
-  batch.
+  batch. The batch filling behind it fails too, unwritten: its lines were
+  decided while the failed ones were taken as done (the registry applies a
+  change only once it is durable, and decides the next one on the changes
+  decided before it).
+* Outcome. A caller may pass ``settled``: it is called on the event loop as
+  soon as its batch's outcome is known, before any other caller runs and in
+  the order the lines were appended, with ``None`` (durable) or the error.
+  The service applies or discards the registry's pending changes there, so
+  that they follow revision order whatever order the callers wake in.
 * Compaction. When the file grows past ``compact_ratio`` times the size of
   a snapshot of the live workers (and past ``compact_min_bytes``), the
   :class:`SnapshotSource` given to :meth:`Journal.open` renders a snapshot,
@@ -132,10 +140,12 @@ class _NoTimings:
 class _Batch:
     """Lines waiting to be written together, and the outcome all their callers share."""
 
-    __slots__ = ("done", "durable", "error", "finished", "leader", "lines")
+    __slots__ = ("done", "durable", "error", "finished", "leader", "lines", "settled")
 
     def __init__(self) -> None:
         self.lines: list[bytes] = []
+        # Called with the outcome once it is known, in order.
+        self.settled: list[Callable[[OSError | None], None]] = []
         self.durable = False
         # A caller has taken on writing this batch.
         self.leader = False
@@ -143,6 +153,13 @@ class _Batch:
         self.error: OSError | None = None
         # Set once done, for the callers waiting on it (made by the first).
         self.finished: anyio.Event | None = None
+
+    def settle(self, error: OSError | None) -> None:
+        """Record the batch's outcome and tell the callers' ``settled`` functions, in order."""
+        self.error = error
+        self.done = True
+        for settled in self.settled:
+            settled(error)
 
     def wake(self) -> None:
         """Let the callers waiting for this batch go on."""
@@ -312,31 +329,52 @@ class Journal:
         """The journal's length in bytes, as this process wrote it."""
         return self._size
 
-    async def append(self, lines: Sequence[bytes], *, durable: bool) -> None:
+    async def append(
+        self,
+        lines: Sequence[bytes],
+        *,
+        durable: bool,
+        settled: Callable[[OSError | None], None] | None = None,
+    ) -> None:
         """Append ``lines`` (each ending in a newline).
 
         ``durable``: return only once they are written and fsynced. The
         lines join the pending batch before this first waits, so lines
-        appended in some order are written in that order. Raises
+        appended in some order are written in that order. ``settled`` is
+        called with the batch's outcome as soon as it is known (module
+        docstring), also when this caller is cancelled meanwhile. Raises
         :class:`JournalUnavailable` when the write of a durable batch fails
-        (nothing of its batch is then in the file). May compact the file.
+        (nothing of its batch is then in the file); then ``settled`` was
+        called with the error, except when the journal is closed (raised
+        before the lines join a batch, and ``settled`` is not called). May
+        compact the file.
         """
         started = time.perf_counter()
         try:
-            await self._append(lines, durable=durable)
+            await self._append(lines, durable=durable, settled=settled)
         finally:
             if lines:
                 self._timings.appended(time.perf_counter() - started)
 
-    async def _append(self, lines: Sequence[bytes], *, durable: bool) -> None:
+    async def _append(
+        self,
+        lines: Sequence[bytes],
+        *,
+        durable: bool,
+        settled: Callable[[OSError | None], None] | None,
+    ) -> None:
         if not self._read_done:
             raise RuntimeError("read() must run before append()")
         if self._closed:
             raise JournalUnavailable(f"the journal {self.path} is closed")
         if not lines:
+            if settled is not None:
+                settled(None)
             return
         batch = self._pending
         batch.lines.extend(lines)
+        if settled is not None:
+            batch.settled.append(settled)
         if durable:
             batch.durable = True
         if batch.leader:
@@ -386,15 +424,27 @@ class Journal:
         """Write ``batch`` (fsynced if it holds a durable line); its callers share the outcome."""
         data = b"".join(batch.lines)
         sync = batch.durable and self._fsync
+        outcome: OSError | None = None
         try:
             if self._closed:
                 raise OSError(errno.EBADF, "the journal is closed")
             await anyio.to_thread.run_sync(self._write, data, sync)
         except OSError as error:
-            batch.error = error
+            outcome = error
             logger.warning("journal %s: write failed: %s", self.path, _reason(error))
-        finally:
-            batch.done = True
+        except BaseException:
+            # Not known to be durable: its callers are told it failed.
+            batch.settle(OSError(errno.EIO, "the write was interrupted"))
+            raise
+        # Told at once, before any other task runs: the outcome and the
+        # registry's changes then agree (module docstring, Outcome).
+        batch.settle(outcome)
+        following = self._pending
+        if outcome is not None and following is not batch and following.lines:
+            # Decided while this batch's lines were taken as done: it fails too.
+            self._pending = _Batch()
+            following.settle(outcome)
+            following.wake()
 
     def _write(self, data: bytes, sync: bool) -> None:
         """Append ``data`` (in a worker thread, one at a time); on failure cut it off again."""

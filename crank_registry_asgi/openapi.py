@@ -134,7 +134,17 @@ ERRORS: Mapping[str, ErrorCode] = {
             }
         },
     ),
-    "journal_unavailable": ErrorCode(503, "The change could not be made durable."),
+    "journal_unavailable": ErrorCode(
+        503,
+        "The change could not be made durable; nothing was changed. Retry later.",
+        headers={
+            "Retry-After": {
+                "description": "The heartbeat interval in whole seconds.",
+                "required": True,
+                "schema": {"type": "string", "pattern": "^[0-9]+$"},
+            }
+        },
+    ),
     "not_found": ErrorCode(404, "No such path."),
     "method_not_allowed": ErrorCode(405, "The path does not take this method (see Allow)."),
 }

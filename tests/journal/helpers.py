@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import pathlib
 from collections.abc import Iterable
 from typing import Any
 
+import pytest
 from hypothesis import strategies as st
 
 from crank_registry import (
@@ -122,3 +126,40 @@ records = st.builds(
     verified=st.booleans(),
     silent=st.booleans(),
 )
+
+
+class DiskFull:
+    """Makes every write and fsync of one file fail with ENOSPC while :attr:`full` is set.
+
+    Patches ``os.write`` and ``os.fsync`` (through ``monkeypatch``) for the
+    file at ``path`` only, found by its inode once it exists: other files
+    and descriptors are written as usual.
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, path: pathlib.Path) -> None:
+        self.path = path
+        self.full = False
+        self.refused = 0
+        real_write, real_fsync = os.write, os.fsync
+
+        def write(fd: int, data: Any) -> int:
+            self._check(fd)
+            return real_write(fd, data)
+
+        def fsync(fd: Any) -> None:
+            self._check(fd)
+            real_fsync(fd)
+
+        monkeypatch.setattr(os, "write", write)
+        monkeypatch.setattr(os, "fsync", fsync)
+
+    def _check(self, fd: Any) -> None:
+        if not self.full or not isinstance(fd, int):
+            return
+        try:
+            ours = os.fstat(fd).st_ino == self.path.stat().st_ino
+        except FileNotFoundError:
+            ours = False
+        if ours:
+            self.refused += 1
+            raise OSError(errno.ENOSPC, "No space left on device")

@@ -101,7 +101,8 @@ def test_snapshot_writes_each_capability_once() -> None:
     # Equal lists held by distinct objects are shared too.
     copies = tuple(WorkerRecord(f"w{i}", "http://h:1", (capability(),), T0) for i in range(3))
     assert len(json.loads(encode_snapshot(Snapshot(0, copies))[0])["capability_sets"]) == 1
-    # Later parts refer to the capabilities of the first by number.
+    # A part numbers what it uses first, and repeats what the part before
+    # numbered (so a damaged part loses no number another part needs).
     other = capability("text.summarize")
     mixed = tuple(
         WorkerRecord(f"w{i}", "http://h:1", (capability(), other)[: 1 + i % 2], T0)
@@ -110,10 +111,11 @@ def test_snapshot_writes_each_capability_once() -> None:
     first, second, third = map(json.loads, encode_snapshot(Snapshot(0, mixed), part_size=2))
     assert (first["first_capability"], len(first["capabilities"])) == (0, 2)
     assert first["capability_sets"] == [[0], [0, 1]]
-    assert (second["first_capability"], second["capabilities"]) == (2, [])
-    assert (second["first_set"], second["capability_sets"]) == (2, [])
+    assert (second["first_capability"], second["capabilities"]) == (0, first["capabilities"])
+    assert (second["first_set"], second["capability_sets"]) == (0, [[0], [0, 1]])
     assert second["worker_sets"] == [0, 1]
-    assert (third["first_capability"], third["first_set"]) == (2, 2)
+    assert (third["first_capability"], third["capabilities"]) == (2, [])
+    assert (third["first_set"], third["capability_sets"]) == (2, [])
 
 
 def test_snapshot_writes_each_workers_health() -> None:
@@ -537,26 +539,55 @@ def test_a_checksummed_line_that_refers_to_unknown_numbers_drops_those_workers(
     assert (result_of_bytes, again.records()) == (result, registry.records())
 
 
-def test_workers_whose_capabilities_were_on_a_skipped_part_are_dropped() -> None:
+def test_a_damaged_part_costs_only_its_own_workers() -> None:
+    """DESIGN, Hardening: a damaged line costs at most the workers on that line."""
     first, second = capability(), capability("text.summarize")
     workers = (
         WorkerRecord("a0", "http://h:1", (first,), T0),
         WorkerRecord("a1", "http://h:1", (second,), T0),
-        WorkerRecord("b0", "http://h:1", (first,), T0),  # part 1: uses part 0's numbers
+        WorkerRecord("b0", "http://h:1", (first,), T0),
         WorkerRecord("b1", "http://h:1", (capability("audio.transcribe"),), T0),
         WorkerRecord("c0", "http://h:1", (second,), T0),
-        WorkerRecord("c1", "http://h:1", (capability("audio.transcribe"),), T0),
+        WorkerRecord("c1", "http://h:1", (first, second), T0),
     )
     part0, part1, part2 = encode_snapshot(Snapshot(6, workers), part_size=2)
-    registry, result = replayed_bytes(part0.replace(b"a0", b"a9") + part1 + part2)
-    assert ids(registry) == ["b1", "c1"]
-    assert registry.revision == 6
-    assert result.workers_dropped == 2
-    assert result.lines_skipped == 1
-    # A lost later part loses only its own workers and capabilities.
+    for position in range(len(part0) - 1):  # every byte but the newline
+        damaged = bytearray(part0)
+        damaged[position] ^= 0x01  # a 1-bit flip
+        registry, result = replayed_bytes(bytes(damaged) + part1 + part2)
+        assert ids(registry) == ["b0", "b1", "c0", "c1"], position
+        assert registry.revision == 6
+        assert (result.lines_skipped, result.workers_dropped) == (1, 0)
     registry, result = replayed_bytes(part0 + part1.replace(b"b0", b"b9") + part2)
-    assert ids(registry) == ["a0", "a1", "c0"]
-    assert result.workers_dropped == 1
+    assert ids(registry) == ["a0", "a1", "c0", "c1"]
+    assert (result.lines_skipped, result.workers_dropped) == (1, 0)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("verb", "a:b"),
+        ("version", "not-semver"),
+        ("max_concurrency", -5),
+        ("requires_gpu", "yes"),
+    ],
+)
+def test_a_checksummed_part_with_a_value_the_wire_refuses_costs_only_its_workers(
+    field: str, value: Any
+) -> None:
+    """A checksum detects damage; it does not vouch for content."""
+    workers = tuple(WorkerRecord(f"w{i}", "http://h:1", (capability(),), T0) for i in range(6))
+    parts = encode_snapshot(Snapshot(6, workers), part_size=2)
+    data = json.loads(parts[0])
+    del data["crc32"]
+    data["capabilities"][0][field] = value
+    body = json.dumps(data, separators=(",", ":")).encode()[:-1]
+    refused = body + b',"crc32":%d}\n' % zlib.crc32(body)
+    with pytest.raises(JournalDecodeError, match=field):
+        decode_line(refused)
+    registry, result = replayed_bytes(refused + parts[1] + parts[2])
+    assert ids(registry) == ["w2", "w3", "w4", "w5"]
+    assert result.lines_skipped == 1 and result.skipped[0].line_number == 1
 
 
 @settings(max_examples=60, deadline=None)

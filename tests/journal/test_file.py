@@ -40,7 +40,7 @@ from crank_registry_asgi.journal import (
 )
 from crank_registry_asgi.metrics import Metrics
 from tests.builders import capability
-from tests.journal.helpers import T0, ids, normalized, replayed_bytes
+from tests.journal.helpers import T0, DiskFull, ids, normalized, replayed_bytes
 
 POLICY = HealthPolicy(heartbeat_interval=10, unhealthy_after=20, evict_after=40)
 
@@ -60,6 +60,7 @@ class Controller:
         self.replayed: ReplayResult = replay_bytes(self.journal.read(), self.registry)
         self.registry.restart()
         self.effects = Effects(
+            self.registry,
             metrics=Metrics(),
             journal_expected=True,
             heartbeat_line_every=POLICY.unhealthy_after / 2,
@@ -68,7 +69,7 @@ class Controller:
 
     async def record(self, events: Sequence[Event]) -> None:
         """What an endpoint does with the events of a change: make them durable."""
-        await self.effects.apply(events)
+        await self.effects.commit(events)
 
     async def register(self, *worker_ids: str, now: float = T0) -> None:
         """Register ``worker_ids`` concurrently, each answered once it is durable."""
@@ -76,7 +77,7 @@ class Controller:
             for worker_id in worker_ids:
 
                 async def one(worker_id: str = worker_id) -> None:
-                    events = self.registry.register(
+                    events = self.registry.decide_register(
                         worker_id, "http://h:1", [capability()], now=now
                     )
                     await self.record(events)
@@ -489,6 +490,46 @@ async def test_failed_write_raises_and_the_journal_keeps_working(
     await controller.aclose()
     # b, c and x were refused; the journal only claims what it acknowledged.
     assert ids_in(tmp_path) == ["a", "d"]
+
+
+@pytest.mark.anyio
+async def test_a_failed_batch_fails_the_batch_behind_it_and_settles_in_order(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch that filled while a failed one was written was decided on it: it fails too."""
+    controller = Controller(tmp_path)
+    journal, registry = controller.journal, controller.registry
+    disk = DiskFull(monkeypatch, tmp_path / JOURNAL_NAME)
+    disk.full = True
+    outcomes: list[tuple[str, bool]] = []
+    refused: list[str] = []
+    decided: list[str] = []  # the order of revisions (trio starts tasks in any order)
+
+    async def write(worker_id: str) -> None:
+        events = registry.decide_register(worker_id, "http://h:1", [capability()], now=T0)
+        decided.append(worker_id)
+        try:
+            await journal.append(
+                lines_of(events),
+                durable=True,
+                settled=lambda error: outcomes.append((worker_id, error is None)),
+            )
+        except JournalUnavailable:
+            refused.append(worker_id)
+
+    async with anyio.create_task_group() as tasks:
+        # The first one's batch is being written (and fails) while the
+        # others fill the next one.
+        for worker_id in ("a", "b", "c"):
+            tasks.start_soon(write, worker_id)
+    assert outcomes == [(worker_id, False) for worker_id in decided]
+    assert sorted(refused) == ["a", "b", "c"]
+    assert disk.refused == 1  # b and c's batch was never written
+    disk.full = False
+    await write("d")
+    assert outcomes[-1] == ("d", True)
+    await controller.aclose()
+    assert (tmp_path / JOURNAL_NAME).read_bytes().count(b"\n") == 1
 
 
 @pytest.mark.anyio

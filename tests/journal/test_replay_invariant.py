@@ -10,7 +10,7 @@ lines, as a controller starts, which then goes on appending to them).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
@@ -136,8 +136,16 @@ class _Lines:
     def __init__(self) -> None:
         self.lines: list[bytes] = []
 
-    async def append(self, lines: Sequence[bytes], *, durable: bool) -> None:
+    async def append(
+        self,
+        lines: Sequence[bytes],
+        *,
+        durable: bool,
+        settled: Callable[[OSError | None], None] | None = None,
+    ) -> None:
         self.lines.extend(lines)
+        if settled is not None:
+            settled(None)
 
 
 class CoalescedHeartbeats(RuleBasedStateMachine):
@@ -151,12 +159,12 @@ class CoalescedHeartbeats(RuleBasedStateMachine):
         self.registry = CapabilityRegistry(POLICY)
         self.journal = _Lines()
         self.effects = Effects(
-            metrics=Metrics(), journal_expected=True, heartbeat_line_every=self.EVERY
+            self.registry, metrics=Metrics(), journal_expected=True, heartbeat_line_every=self.EVERY
         )
         self.effects.journal = self.journal
 
     def _record(self, events: Sequence[Event]) -> None:
-        anyio.run(self.effects.apply, events)
+        anyio.run(self.effects.commit, events)
 
     @rule(worker_id=worker_ids)
     def register(self, worker_id: str) -> None:

@@ -33,3 +33,30 @@ def test_a_snapshot_at_the_journal_revision_or_later_is_applied() -> None:
     result = replay_bytes(journal, restored)
     assert result.lines_skipped == 0
     assert restored.records() == registry.records()
+
+
+def test_a_stale_snapshot_of_several_parts_is_skipped_even_without_its_first_part() -> None:
+    old = CapabilityRegistry()
+    for worker in ("a", "b", "c", "d"):
+        old.register(worker, f"https://{worker}:1", [capability()], now=T0)
+    stale = encode_snapshot(old.snapshot(), part_size=2)  # revision 4, two parts
+    registry = CapabilityRegistry()
+    lines = []
+    for worker in ("a", "b", "c", "d", "e"):
+        lines += [
+            encode_event(e)
+            for e in registry.register(worker, f"https://{worker}:2", [capability()], now=T0)
+        ]
+    lines += [encode_event(e) for e in registry.deregister("a", now=T0 + 1)]  # revision 6
+    for first in (stale[0], stale[0].replace(b'"a"', b'"x"')):  # intact, or its checksum fails
+        restored = CapabilityRegistry()
+        result = replay_bytes(b"".join([*lines, first, stale[1]]), restored)
+        assert [r.worker_id for r in restored.records()] == ["b", "c", "d", "e"]
+        assert {r.worker_url for r in restored.records()} == {
+            "https://b:2",
+            "https://c:2",
+            "https://d:2",
+            "https://e:2",
+        }
+        assert [s.line_number for s in result.skipped] == [len(lines) + 1, len(lines) + 2]
+        assert "stale snapshot: revision 4" in result.skipped[-1].reason

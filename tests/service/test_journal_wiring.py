@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import logging
 import pathlib
-from collections.abc import Sequence
 
 import httpx
 import pytest
 
 from crank_registry.testing import FakeClock
 from crank_registry_asgi import ServiceConfig, create_app
-from crank_registry_asgi.journal import JournalError, JournalUnavailable
+from crank_registry_asgi.journal import JournalError
 from tests.builders import registration_payload
 from tests.service.helpers import running
 
@@ -84,28 +83,6 @@ async def test_a_locked_state_directory_refuses_to_start(tmp_path: pathlib.Path)
         with pytest.raises(JournalError):
             async with second.router.lifespan_context(second):
                 pass
-
-
-class FailingJournal:
-    """A journal whose disk is full."""
-
-    async def append(self, lines: Sequence[bytes], *, durable: bool) -> None:
-        raise JournalUnavailable("journal registry.jsonl: No space left on device")
-
-
-async def test_a_failed_write_is_503_journal_unavailable(tmp_path: pathlib.Path) -> None:
-    async with running(ServiceConfig(state_dir=tmp_path)) as api:
-        await api.register("w1")
-        api.service.effects.journal = FailingJournal()
-        response = await api.post("/register", registration_payload("w2"))
-        assert response.status_code == 503
-        assert response.json()["error"] == "journal_unavailable"
-        assert "No space left" in response.json()["message"]
-        response = await api.post("/deregister", {"worker_id": "w1"})
-        assert response.status_code == 503
-        # A sweep whose changes cannot be journaled still makes them, and says so.
-        api.advance(200)
-        assert len(await api.service.sweep()) == 2  # unhealthy, then evicted
 
 
 async def test_writes_after_shutdown_are_refused(tmp_path: pathlib.Path) -> None:
