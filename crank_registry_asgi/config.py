@@ -101,6 +101,8 @@ class ServiceConfig:
     controller_id: str = "controller"
     #: Deepest nesting of arrays and objects accepted in a request body.
     max_json_depth: int = attrs.field(default=64, validator=_positive_int)
+    #: Seconds a request body may take to arrive whole; later is 408 ``request_timeout``.
+    request_read_timeout: float = attrs.field(default=10.0, validator=_positive_number)
     #: Keep the cyclic garbage collector from running while the journal is
     #: replayed (it would walk the growing registry again and again: a
     #: quarter of the recovery time of 100 000 workers). The process's

@@ -9,9 +9,11 @@ model with the converter, as the worker client reads it.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from openapi_spec_validator import validate
@@ -50,6 +52,12 @@ def test_the_document_is_valid_openapi_3_1() -> None:
     validate(openapi_document())
 
 
+async def _stalled() -> AsyncIterator[bytes]:
+    """A request body that stops after its first byte."""
+    yield b"{"
+    await anyio.sleep_forever()
+
+
 async def _answers(state_dir: Path) -> list[tuple[str, str, httpx.Response]]:
     """One real answer of every endpoint and every error code."""
     answers: list[tuple[str, str, httpx.Response]] = []
@@ -79,6 +87,8 @@ async def _answers(state_dir: Path) -> list[tuple[str, str, httpx.Response]]:
         await send(api, "GET", "/route")  # method_not_allowed
     async with running(ServiceConfig(require_identity=True)) as api:
         await send(api, "POST", "/heartbeat", json={"worker_id": "w1"})  # forbidden
+    async with running(ServiceConfig(request_read_timeout=0.05)) as api:
+        await send(api, "POST", "/route", content=_stalled(), headers=json)  # request_timeout
     async with running(ServiceConfig(state_dir=state_dir), lifespan=False) as api:
         await send(api, "POST", "/register", json=registration_payload("w1"))  # journal_unavailable
     return answers
