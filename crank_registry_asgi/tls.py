@@ -23,6 +23,10 @@ client sent no certificate; ``client_cert_name`` is its subject (RFC 4514);
 ``tls_version`` is the protocol's 16-bit code. Plain-HTTP connections get no
 ``tls`` extension at all, as the spec asks.
 
+The same per-connection server tells the connection cap
+(:mod:`crank_registry_asgi.limits`) when each request starts and ends, so
+that only connections between requests are closed to make room.
+
 The same hook contains two hypercorn 0.18 bugs that turn a request answered
 before its body was read into tracebacks at ERROR level (the client still
 gets its answer). The service reads the rest of such a body before answering
@@ -59,11 +63,14 @@ import hypercorn.asyncio.run
 import hypercorn.protocol
 from cryptography import x509
 from hypercorn.asyncio.tcp_server import TCPServer
+from hypercorn.events import Event, Updated
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.http_stream import HTTPStream
 from hypercorn.protocol.ws_stream import WSStream
 from hypercorn.typing import AppWrapper, ASGIReceiveCallable, ASGISendCallable, Scope
+
+from .limits import ConnectionLimiter, LimitedConfig
 
 __all__ = [
     "LINGER_SECONDS",
@@ -124,11 +131,22 @@ def tls_extension(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> dict[str, Any]:
 
 
 class _ConnectionApp:
-    """The app of one TLS connection: adds that connection's ``tls`` extension."""
+    """The app of one connection: adds its ``tls`` extension, notes a 408 answer.
 
-    def __init__(self, app: AppWrapper, extension: dict[str, Any]) -> None:
+    ``extension`` is ``None`` on a plain-HTTP connection. ``server`` learns
+    when an answer is 408 (the request was read too slowly), so that it
+    closes without lingering for the rest of the body.
+    """
+
+    def __init__(
+        self,
+        app: AppWrapper,
+        extension: dict[str, Any] | None,
+        server: CertificateCapturingTCPServer,
+    ) -> None:
         self._app = app
         self._extension = extension
+        self._server = server
 
     async def __call__(
         self,
@@ -138,7 +156,7 @@ class _ConnectionApp:
         sync_spawn: Callable[..., Any],
         call_soon: Callable[..., Any],
     ) -> None:
-        if scope["type"] in ("http", "websocket"):
+        if self._extension is not None and scope["type"] in ("http", "websocket"):
             extensions = scope.setdefault("extensions", {})
             # A copy per request: an app that edits its scope must not change
             # what the next request on the connection sees.
@@ -146,22 +164,51 @@ class _ConnectionApp:
                 **self._extension,
                 "client_cert_chain": list(self._extension["client_cert_chain"]),
             }
-        await self._app(scope, receive, send, sync_spawn, call_soon)
+        if scope["type"] != "http":
+            await self._app(scope, receive, send, sync_spawn, call_soon)
+            return
+        server = self._server
+
+        async def noting_send(message: Any) -> None:
+            if message["type"] == "http.response.start" and message["status"] == 408:
+                server.request_timed_out = True
+            await send(message)
+
+        await self._app(scope, receive, noting_send, sync_spawn, call_soon)
 
 
 class CertificateCapturingTCPServer(TCPServer):
     """hypercorn's per-connection server, adding the ASGI ``tls`` extension.
 
-    Also closes with a lingering close, and without an error when the TLS
-    shutdown fails (see the module docstring and ``_linger``).
+    Also closes with a lingering close (none after a 408: that client is
+    too slow to wait for), and without an error when the TLS shutdown fails
+    (see the module docstring and ``_linger``). Under a
+    :class:`~crank_registry_asgi.limits.ConnectionLimiter` it reports when
+    a request starts and ends, so that a busy connection is never closed to
+    make room for a new one.
     """
+
+    #: Set when an answer on this connection was 408 ``request_timeout``.
+    request_timed_out = False
 
     async def run(self) -> None:
         """Wrap the app with this connection's certificate, then serve as usual."""
         ssl_object = self.writer.get_extra_info("ssl_object")
-        if ssl_object is not None:
-            self.app = _ConnectionApp(self.app, tls_extension(ssl_object))
+        extension = tls_extension(ssl_object) if ssl_object is not None else None
+        self.app = _ConnectionApp(self.app, extension, self)
+        self._limiter: ConnectionLimiter | None = None
+        if isinstance(self.config, LimitedConfig) and self.config.connection_limiter is not None:
+            sock = self.writer.get_extra_info("socket")
+            if sock is not None:
+                self._limiter = self.config.connection_limiter
+                self._fd = sock.fileno()
         await super().run()
+
+    async def protocol_send(self, event: Event) -> None:
+        """hypercorn's, telling the limiter when a request starts (idle: no) and ends."""
+        if isinstance(event, Updated) and self._limiter is not None:
+            self._limiter.set_busy(self._fd, not event.idle)
+        await super().protocol_send(event)
 
     async def _read_data(self) -> None:
         self._reader = asyncio.current_task()
@@ -187,6 +234,8 @@ class CertificateCapturingTCPServer(TCPServer):
         # it all or closed, for at most LINGER_SECONDS.
         if getattr(self, "_reader", None) is asyncio.current_task():
             return  # closing from the read loop itself: nothing would read
+        if self.request_timed_out:
+            return  # the client sends too slowly to be waited for
         loop = asyncio.get_running_loop()
         deadline = loop.time() + LINGER_SECONDS
         while self._client_sending() and not self.reader.at_eof() and loop.time() < deadline:
