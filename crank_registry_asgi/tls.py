@@ -63,7 +63,7 @@ import hypercorn.asyncio.run
 import hypercorn.protocol
 from cryptography import x509
 from hypercorn.asyncio.tcp_server import TCPServer
-from hypercorn.events import Event, Updated
+from hypercorn.events import Event, RawData, Updated
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.http_stream import HTTPStream
@@ -131,22 +131,11 @@ def tls_extension(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> dict[str, Any]:
 
 
 class _ConnectionApp:
-    """The app of one connection: adds its ``tls`` extension, notes a 408 answer.
+    """The app of one TLS connection: adds that connection's ``tls`` extension."""
 
-    ``extension`` is ``None`` on a plain-HTTP connection. ``server`` learns
-    when an answer is 408 (the request was read too slowly), so that it
-    closes without lingering for the rest of the body.
-    """
-
-    def __init__(
-        self,
-        app: AppWrapper,
-        extension: dict[str, Any] | None,
-        server: CertificateCapturingTCPServer,
-    ) -> None:
+    def __init__(self, app: AppWrapper, extension: dict[str, Any]) -> None:
         self._app = app
         self._extension = extension
-        self._server = server
 
     async def __call__(
         self,
@@ -156,7 +145,7 @@ class _ConnectionApp:
         sync_spawn: Callable[..., Any],
         call_soon: Callable[..., Any],
     ) -> None:
-        if self._extension is not None and scope["type"] in ("http", "websocket"):
+        if scope["type"] in ("http", "websocket"):
             extensions = scope.setdefault("extensions", {})
             # A copy per request: an app that edits its scope must not change
             # what the next request on the connection sees.
@@ -164,17 +153,7 @@ class _ConnectionApp:
                 **self._extension,
                 "client_cert_chain": list(self._extension["client_cert_chain"]),
             }
-        if scope["type"] != "http":
-            await self._app(scope, receive, send, sync_spawn, call_soon)
-            return
-        server = self._server
-
-        async def noting_send(message: Any) -> None:
-            if message["type"] == "http.response.start" and message["status"] == 408:
-                server.request_timed_out = True
-            await send(message)
-
-        await self._app(scope, receive, noting_send, sync_spawn, call_soon)
+        await self._app(scope, receive, send, sync_spawn, call_soon)
 
 
 class CertificateCapturingTCPServer(TCPServer):
@@ -190,13 +169,14 @@ class CertificateCapturingTCPServer(TCPServer):
 
     #: Set when an answer on this connection was 408 ``request_timeout``.
     request_timed_out = False
+    _limiter: ConnectionLimiter | None = None
+    _fd = -1
 
     async def run(self) -> None:
         """Wrap the app with this connection's certificate, then serve as usual."""
         ssl_object = self.writer.get_extra_info("ssl_object")
-        extension = tls_extension(ssl_object) if ssl_object is not None else None
-        self.app = _ConnectionApp(self.app, extension, self)
-        self._limiter: ConnectionLimiter | None = None
+        if ssl_object is not None:
+            self.app = _ConnectionApp(self.app, tls_extension(ssl_object))
         if isinstance(self.config, LimitedConfig) and self.config.connection_limiter is not None:
             sock = self.writer.get_extra_info("socket")
             if sock is not None:
@@ -205,8 +185,12 @@ class CertificateCapturingTCPServer(TCPServer):
         await super().run()
 
     async def protocol_send(self, event: Event) -> None:
-        """hypercorn's, telling the limiter when a request starts (idle: no) and ends."""
-        if isinstance(event, Updated) and self._limiter is not None:
+        """hypercorn's, noting a 408 and telling the limiter when a request starts and ends."""
+        if isinstance(event, RawData):
+            # An HTTP/1.x answer's head starts its own write: "HTTP/1.1 408 ...".
+            if event.data[9:13] == b"408 " and event.data.startswith(b"HTTP/1."):
+                self.request_timed_out = True
+        elif isinstance(event, Updated) and self._limiter is not None:
             self._limiter.set_busy(self._fd, not event.idle)
         await super().protocol_send(event)
 
