@@ -109,6 +109,16 @@ def check_max_connections(max_connections: int, file_limit: int | None) -> None:
         )
 
 
+class _Connection:
+    """An open connection: its socket, and whether it is in a request."""
+
+    __slots__ = ("busy", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.busy = False
+
+
 class ConnectionLimiter:
     """Counts the open connections of one server and closes some at the cap.
 
@@ -125,8 +135,8 @@ class ConnectionLimiter:
         self.refused = 0
         #: Connections closed to make room for a new one.
         self.evicted = 0
-        # descriptor -> [socket, busy]
-        self._open: dict[int, tuple[socket.socket, list[bool]]] = {}
+        # By descriptor, oldest first.
+        self._open: dict[int, _Connection] = {}
         self._closing: list[socket.socket] = []
 
     def __len__(self) -> int:
@@ -154,14 +164,14 @@ class ConnectionLimiter:
                 return False
         fd = conn.fileno()
         self._open.pop(fd, None)  # a descriptor number reused: the old one is closed
-        self._open[fd] = (conn, [False])
+        self._open[fd] = _Connection(conn)
         return True
 
     def set_busy(self, fd: int, busy: bool) -> None:
         """Mark the connection on ``fd`` as in a request (``True``) or idle."""
-        entry = self._open.get(fd)
-        if entry is not None:
-            entry[1][0] = busy
+        connection = self._open.get(fd)
+        if connection is not None:
+            connection.busy = busy
 
     def shed_one(self) -> bool:
         """Close the oldest connection not in a request, if any (descriptors ran out)."""
@@ -169,17 +179,17 @@ class ConnectionLimiter:
         return self._close_oldest_idle()
 
     def _forget_closed(self) -> None:
-        self._open = {fd: entry for fd, entry in self._open.items() if entry[0].fileno() != -1}
+        self._open = {fd: c for fd, c in self._open.items() if c.sock.fileno() != -1}
         self._closing = [sock for sock in self._closing if sock.fileno() != -1]
 
     def _close_oldest_idle(self) -> bool:
-        for fd, (sock, busy) in self._open.items():
-            if not busy[0]:
-                del self._open[fd]
+        for fd, connection in self._open.items():
+            if not connection.busy:
+                del self._open[fd]  # and stop iterating
                 # An OSError: already reset by the peer; asyncio closes it all the same.
                 with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-                self._closing.append(sock)
+                    connection.sock.shutdown(socket.SHUT_RDWR)
+                self._closing.append(connection.sock)
                 self.evicted += 1
                 return True
         return False
