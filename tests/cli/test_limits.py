@@ -224,7 +224,7 @@ def read_answer(sock: socket.socket, deadline: float) -> tuple[bytes, float]:
         sock.settimeout(max(0.01, deadline - time.monotonic()))
         try:
             chunk = sock.recv(65536)
-        except ConnectionResetError:
+        except (ConnectionResetError, ssl.SSLEOFError, ssl.SSLZeroReturnError):
             break
         except TimeoutError:
             raise AssertionError(f"still open at the bound; received {received!r}") from None
@@ -235,12 +235,18 @@ def read_answer(sock: socket.socket, deadline: float) -> tuple[bytes, float]:
 
 
 def stalled_bodies_are_answered_408(
-    port: int, count: int, deadline_s: float, request: bytes = STALLED
+    port: int,
+    count: int,
+    deadline_s: float,
+    request: bytes = STALLED,
+    tls: ssl.SSLContext | None = None,
 ) -> None:
     """``count`` stalled bodies: each answered 408 ``request_timeout`` and closed in time."""
     stalled = []
     for _ in range(count):
         sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        if tls is not None:
+            sock = tls.wrap_socket(sock, server_hostname="localhost")
         sock.sendall(request)
         stalled.append((sock, time.monotonic()))
     bound = 3.0  # generous: the machine running the tests may be loaded
@@ -272,6 +278,31 @@ def test_stalled_bodies_are_answered_408_and_closed(tmp_path: Path) -> None:
         stalled_bodies_are_answered_408(port, 50, 1.0)
         # The controller still answers.
         assert httpx.get(f"{server.url}/health").status_code == 200
+        assert server.stop() == 0
+        assert "Traceback" not in server.log()
+
+
+def test_stalled_bodies_over_mutual_tls_are_answered_408_and_closed(
+    pki: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    args = [
+        "--port",
+        str(port),
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--certfile",
+        str(pki / "controller.pem"),
+        "--keyfile",
+        str(pki / "controller.key"),
+        "--ca-certs",
+        str(pki / "ca.pem"),
+        "--request-read-timeout",
+        "1",
+    ]
+    tls = worker_context(pki)
+    with serving(args, tmp_path / "server.log", port=port, scheme="https", verify=tls) as server:
+        stalled_bodies_are_answered_408(port, 50, 1.0, tls=tls)
         assert server.stop() == 0
         assert "Traceback" not in server.log()
 
