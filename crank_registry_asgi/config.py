@@ -16,6 +16,7 @@ import attrs
 import httpx
 
 from crank_registry import HealthPolicy
+from crank_worker_client.body import READ_TIMEOUT
 
 from .journal import DEFAULT_COMPACT_MIN_BYTES
 
@@ -102,7 +103,7 @@ class ServiceConfig:
     #: Deepest nesting of arrays and objects accepted in a request body.
     max_json_depth: int = attrs.field(default=64, validator=_positive_int)
     #: Seconds a request body may take to arrive whole; later is 408 ``request_timeout``.
-    request_read_timeout: float = attrs.field(default=10.0, validator=_positive_number)
+    request_read_timeout: float = attrs.field(default=READ_TIMEOUT, validator=_positive_number)
     #: Keep the cyclic garbage collector from running while the journal is
     #: replayed (it would walk the growing registry again and again: a
     #: quarter of the recovery time of 100 000 workers). The process's
