@@ -232,6 +232,7 @@ class ControllerService:
             request,
             max_bytes=self.config.max_body_bytes,
             max_depth=self.config.max_json_depth,
+            read_timeout=self.config.request_read_timeout,
         )
 
     def _authorize(self, request: Request, worker_id: str) -> None:

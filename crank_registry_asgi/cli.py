@@ -262,6 +262,27 @@ def add_serve_command(subcommands: Subcommands) -> argparse.ArgumentParser:
         metavar="BYTES",
         help="do not compact the journal while it is smaller than this (1048576)",
     )
+    parser.add_argument(
+        "--tls-handshake-timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="close a connection whose TLS handshake takes longer (5)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=_at_least_one,
+        metavar="N",
+        help=(
+            "open connections at most; at the cap the oldest one between requests is "
+            "closed (the open-file limit, ulimit -n, less 128)"
+        ),
+    )
+    parser.add_argument(
+        "--request-read-timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="answer 408 to a request whose body is not all in by then (10)",
+    )
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="(info)")
     parser.add_argument(
         "--log-format",
@@ -322,6 +343,8 @@ def run_serve(args: argparse.Namespace) -> int:
         if args.trust_proxy_cert_header is not None and ca_certs is not None
         else ()
     )
+    if args.insecure and args.tls_handshake_timeout is not None:
+        raise UsageError("--tls-handshake-timeout needs TLS: drop it, or drop --insecure")
     if not args.gateway and _gateway_settings(args):
         raise UsageError("--gateway-attempts and --gateway-timeout need --gateway")
     try:
@@ -356,6 +379,10 @@ def run_serve(args: argparse.Namespace) -> int:
         keyfile=keyfile,
         ca_certs=None if args.insecure else ca_certs,
     )
+    if args.tls_handshake_timeout is not None:
+        settings = attrs.evolve(settings, tls_handshake_timeout=args.tls_handshake_timeout)
+    if args.max_connections is not None:
+        settings = attrs.evolve(settings, max_connections=args.max_connections)
     rotation = RotationSettings(
         watch_interval=args.cert_watch_interval,
         expiry_warning=args.cert_expiry_warning_days * 86400,
@@ -381,6 +408,8 @@ def run_serve(args: argparse.Namespace) -> int:
         # This process is the controller's own: recovery may pause its collector.
         pause_gc_during_recovery=True,
     )
+    if args.request_read_timeout is not None:
+        config = attrs.evolve(config, request_read_timeout=args.request_read_timeout)
     if args.journal_compact_min_bytes is not None:
         config = attrs.evolve(config, journal_compact_min_bytes=args.journal_compact_min_bytes)
     app = create_app(config=config)

@@ -19,6 +19,7 @@ import httpx
 from cryptography import x509
 
 from crank_registry import DEFAULT_TRUST_DOMAIN, HealthPolicy, is_trust_domain
+from crank_worker_client.body import READ_TIMEOUT
 
 from .identity import Network
 from .journal import DEFAULT_COMPACT_MIN_BYTES
@@ -133,6 +134,8 @@ class ServiceConfig:
     controller_id: str = "controller"
     #: Deepest nesting of arrays and objects accepted in a request body.
     max_json_depth: int = attrs.field(default=64, validator=_positive_int)
+    #: Seconds a request body may take to arrive whole; later is 408 ``request_timeout``.
+    request_read_timeout: float = attrs.field(default=READ_TIMEOUT, validator=_positive_number)
     #: Keep the cyclic garbage collector from running while the journal is
     #: replayed (it would walk the growing registry again and again: a
     #: quarter of the recovery time of 100 000 workers). The process's

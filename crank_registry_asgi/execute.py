@@ -127,6 +127,7 @@ class Gateway:
             request,
             max_bytes=self.service.config.max_body_bytes,
             max_depth=self.service.config.max_json_depth,
+            read_timeout=self.service.config.request_read_timeout,
         )
         verb, capability, payload = parse_execute(body)
         annotate(verb=verb, capability=capability)

@@ -14,6 +14,7 @@ carry their own code and status and are rendered by
     ├── unsupported_media_type  415
     ├── invalid_json            400
     ├── request_too_large       413
+    ├── request_timeout         408   the body was not all in by the deadline
     ├── no_worker_available     503   with Retry-After
     ├── journal_unavailable     503
     ├── not_found               404
@@ -35,6 +36,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import anyio
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
@@ -53,6 +55,7 @@ from crank_registry import (
 from crank_worker_client.body import (
     DRAIN_LIMIT,
     DRAIN_SECONDS,
+    BodyTimeout,
     BodyTooLarge,
     ClientDisconnected,
     DrainRequestBody,
@@ -172,13 +175,16 @@ def _too_large(limit: int) -> ApiError:
     return ApiError(413, "request_too_large", f"the request body is larger than {limit} bytes")
 
 
-async def read_json_body(request: Request, *, max_bytes: int, max_depth: int) -> Any:
+async def read_json_body(
+    request: Request, *, max_bytes: int, max_depth: int, read_timeout: float | None
+) -> Any:
     """The request's JSON body, refused with an :class:`ApiError` when it is not one.
 
     The checks run cheapest first: the media type, then the declared size
     (refused before reading anything), then the size while streaming (so an
     undeclared or lying length is cut off at ``max_bytes`` + one chunk),
-    then UTF-8 and JSON with a nesting limit.
+    then UTF-8 and JSON with a nesting limit. A body not all in within
+    ``read_timeout`` seconds is 408 ``request_timeout`` (``None``: no limit).
     """
     # The two headers are found in one pass over the raw list (names are
     # lower case in ASGI); building starlette's Headers costs more.
@@ -198,10 +204,18 @@ async def read_json_body(request: Request, *, max_bytes: int, max_depth: int) ->
             "the request body must be JSON sent as 'Content-Type: application/json'",
         )
     length = None if declared is None else content_length(declared)
+    deadline = None if read_timeout is None else anyio.current_time() + read_timeout
     try:
-        body = await read_body(request.receive, limit=max_bytes, declared=length)
+        body = await read_body(request.receive, limit=max_bytes, declared=length, deadline=deadline)
     except BodyTooLarge:
         raise _too_large(max_bytes) from None
+    except BodyTimeout:
+        raise ApiError(
+            408,
+            "request_timeout",
+            f"the request body did not arrive within {read_timeout:g} s; "
+            "send it whole, without pauses",
+        ) from None
     except ClientDisconnected:
         raise ClientDisconnect() from None
     return parse_json(body, max_depth=max_depth)

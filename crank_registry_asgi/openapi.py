@@ -93,6 +93,9 @@ class ErrorCode:
 ERRORS: Mapping[str, ErrorCode] = {
     "invalid_json": ErrorCode(400, "The body is not UTF-8 JSON, or is nested too deeply."),
     "request_too_large": ErrorCode(413, "The body is larger than the limit (1 MiB by default)."),
+    "request_timeout": ErrorCode(
+        408, "The body did not arrive whole within the read deadline (10 s by default)."
+    ),
     "unsupported_media_type": ErrorCode(415, "The body is not sent as application/json."),
     "invalid_request": ErrorCode(
         422, "The body is JSON but not the model; every problem listed.", ("detail",)
@@ -170,7 +173,13 @@ class Operation:
 
 
 #: What any endpoint with a body may answer about it.
-BODY_ERRORS = ("invalid_json", "request_too_large", "unsupported_media_type", "invalid_request")
+BODY_ERRORS = (
+    "invalid_json",
+    "request_too_large",
+    "request_timeout",
+    "unsupported_media_type",
+    "invalid_request",
+)
 _WORKER_WRITE = (*BODY_ERRORS, "forbidden", "journal_unavailable")
 
 #: The controller's endpoints, in the order they are documented.

@@ -35,6 +35,8 @@ from crank_worker_client.certificates import (
     tls_files_problem,
 )
 
+from .limits import LimitedConfig
+
 __all__ = [
     "DEFAULT_ROTATION",
     "CertificateExpiryCollector",
@@ -103,8 +105,12 @@ def load_server_certificates(
     )
 
 
-class _LiveContextConfig(Config):
-    """A hypercorn config whose server context is one built (and reloaded) elsewhere."""
+class _LiveContextConfig(LimitedConfig):
+    """A hypercorn config whose server context is one built (and reloaded) elsewhere.
+
+    A :class:`~crank_registry_asgi.limits.LimitedConfig`, so that its
+    connections still report their requests to the connection cap.
+    """
 
     def __init__(self, context: ssl.SSLContext) -> None:
         self._live_context = context
@@ -114,7 +120,7 @@ class _LiveContextConfig(Config):
         return self._live_context
 
 
-def serving_config(config: Config, context: ssl.SSLContext) -> Config:
+def serving_config(config: Config, context: ssl.SSLContext) -> LimitedConfig:
     """A copy of ``config`` whose server TLS context is ``context``."""
     live = _LiveContextConfig(context)
     # hypercorn's Config keeps every setting as an instance attribute over a

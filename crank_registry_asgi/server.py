@@ -18,7 +18,7 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import attrs
 from hypercorn.asyncio.run import worker_serve
@@ -29,7 +29,8 @@ from starlette.types import ASGIApp
 
 from crank_worker_client.certificates import CertificateFiles
 
-from . import tls
+from . import limits, tls
+from .config import is_positive_int, is_positive_number
 from .rotation import (
     DEFAULT_ROTATION,
     CertificateFileError,
@@ -55,6 +56,11 @@ class ServerSettings:
     ``ca_certs`` makes it require a client certificate signed by that CA
     (mutual TLS) and hand the certificate to the app in the ASGI ``tls``
     extension. With neither, it speaks plain HTTP.
+
+    ``tls_handshake_timeout``: seconds a connection may take to complete
+    its TLS handshake. ``max_connections``: open connections at most (see
+    :mod:`crank_registry_asgi.limits`); ``None`` derives it from the
+    process's open-file limit when serving starts.
     """
 
     host: str = "127.0.0.1"
@@ -62,6 +68,8 @@ class ServerSettings:
     certfile: Path | None = None
     keyfile: Path | None = None
     ca_certs: Path | None = None
+    tls_handshake_timeout: float = 5.0
+    max_connections: int | None = None
 
     def __attrs_post_init__(self) -> None:
         if (self.certfile is None) != (self.keyfile is None):
@@ -70,6 +78,15 @@ class ServerSettings:
             raise ValueError("ca_certs (mutual TLS) needs a server certificate")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be 0 to 65535, got {self.port}")
+        if not is_positive_number(self.tls_handshake_timeout):
+            raise ValueError(
+                f"tls_handshake_timeout must be a finite number > 0, got "
+                f"{self.tls_handshake_timeout!r}"
+            )
+        if self.max_connections is not None and not is_positive_int(self.max_connections):
+            raise ValueError(
+                f"max_connections must be an integer >= 1, got {self.max_connections!r}"
+            )
 
     @property
     def uses_tls(self) -> bool:
@@ -92,9 +109,10 @@ class ServerSettings:
             return False
 
 
-def hypercorn_config(settings: ServerSettings) -> Config:
+def hypercorn_config(settings: ServerSettings) -> limits.LimitedConfig:
     """The hypercorn configuration for ``settings`` (no access log: one line a request)."""
-    config = Config()
+    config = limits.LimitedConfig()
+    config.ssl_handshake_timeout = settings.tls_handshake_timeout
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     config.bind = [f"{host}:{settings.port}"]
     # hypercorn's own messages go through `logging`, formatted like ours.
@@ -165,8 +183,35 @@ async def serve(
     # not, and contains its errors (tracebacks at ERROR) when a request is
     # answered before its body was read; see crank_registry_asgi.tls.
     tls.install()
+    max_connections = _max_connections(settings)
     sockets = _bind(config, settings)
+    limiter = limits.ConnectionLimiter(max_connections)
+    config.connection_limiter = limiter
+    sockets = Sockets(
+        secure_sockets=[limits.capped_listener(s, limiter) for s in sockets.secure_sockets],
+        insecure_sockets=[limits.capped_listener(s, limiter) for s in sockets.insecure_sockets],
+        quic_sockets=sockets.quic_sockets,
+    )
+    loop = asyncio.get_running_loop()
+    previous_handler = loop.get_exception_handler()
+    accept_errors = limits.AcceptErrorLog(
+        clock=loop.time,
+        fallback=_fallback_handler(loop, previous_handler),
+        schedule=loop.call_later,
+        advice=(
+            f" (open connections are capped at {max_connections}, --max-connections; "
+            "the rest of the open-file limit, ulimit -n, is in use by other files)"
+        ),
+    )
+    loop.set_exception_handler(accept_errors)
     try:
+        logger.info(
+            "limits: at most %d open connections%s",
+            max_connections,
+            f", TLS handshake within {settings.tls_handshake_timeout:g} s"
+            if settings.uses_tls
+            else "",
+        )
         for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]:
             logger.info(
                 "starting on %s (%s)",
@@ -193,8 +238,34 @@ async def serve(
         # hypercorn returns only after the app's lifespan shutdown has run.
         logger.info("stopped: connections closed, app shut down")
     finally:
+        accept_errors.flush()
+        loop.set_exception_handler(previous_handler)
         for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]:
             sock.close()
+
+
+def _max_connections(settings: ServerSettings) -> int:
+    file_limit = limits.open_file_limit()
+    try:
+        if settings.max_connections is None:
+            return limits.default_max_connections(file_limit)
+        limits.check_max_connections(settings.max_connections, file_limit)
+    except ValueError as error:
+        raise ServerSetupError(str(error)) from None
+    return settings.max_connections
+
+
+def _fallback_handler(
+    loop: asyncio.AbstractEventLoop,
+    previous: Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object] | None,
+) -> Callable[[dict[str, Any]], None]:
+    def fallback(context: dict[str, Any]) -> None:
+        if previous is None:
+            loop.default_exception_handler(context)
+        else:
+            previous(loop, context)
+
+    return fallback
 
 
 def _security_of(settings: ServerSettings) -> str:

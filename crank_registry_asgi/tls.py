@@ -23,6 +23,10 @@ client sent no certificate; ``client_cert_name`` is its subject (RFC 4514);
 ``tls_version`` is the protocol's 16-bit code. Plain-HTTP connections get no
 ``tls`` extension at all, as the spec asks.
 
+The same per-connection server tells the connection cap
+(:mod:`crank_registry_asgi.limits`) when each request starts and ends, so
+that only connections between requests are closed to make room.
+
 The same hook contains two hypercorn 0.18 bugs that turn a request answered
 before its body was read into tracebacks at ERROR level (the client still
 gets its answer). The service reads the rest of such a body before answering
@@ -59,11 +63,14 @@ import hypercorn.asyncio.run
 import hypercorn.protocol
 from cryptography import x509
 from hypercorn.asyncio.tcp_server import TCPServer
+from hypercorn.events import Event, RawData, Updated
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.http_stream import HTTPStream
 from hypercorn.protocol.ws_stream import WSStream
 from hypercorn.typing import AppWrapper, ASGIReceiveCallable, ASGISendCallable, Scope
+
+from .limits import ConnectionLimiter, LimitedConfig
 
 __all__ = [
     "LINGER_SECONDS",
@@ -154,16 +161,40 @@ class _ConnectionApp:
 class CertificateCapturingTCPServer(TCPServer):
     """hypercorn's per-connection server, adding the ASGI ``tls`` extension.
 
-    Also closes with a lingering close, and without an error when the TLS
-    shutdown fails (see the module docstring and ``_linger``).
+    Also closes with a lingering close (none after a 408: that client is
+    too slow to wait for), and without an error when the TLS shutdown fails
+    (see the module docstring and ``_linger``). Under a
+    :class:`~crank_registry_asgi.limits.ConnectionLimiter` it reports when
+    a request starts and ends, so that a busy connection is never closed to
+    make room for a new one.
     """
+
+    #: Set when an answer on this connection was 408 ``request_timeout``.
+    request_timed_out = False
+    _limiter: ConnectionLimiter | None = None
+    _fd = -1
 
     async def run(self) -> None:
         """Wrap the app with this connection's certificate, then serve as usual."""
         ssl_object = self.writer.get_extra_info("ssl_object")
         if ssl_object is not None:
             self.app = _ConnectionApp(self.app, tls_extension(ssl_object))
+        if isinstance(self.config, LimitedConfig) and self.config.connection_limiter is not None:
+            sock = self.writer.get_extra_info("socket")
+            if sock is not None:
+                self._limiter = self.config.connection_limiter
+                self._fd = sock.fileno()
         await super().run()
+
+    async def protocol_send(self, event: Event) -> None:
+        """hypercorn's, noting a 408 and telling the limiter when a request starts and ends."""
+        if isinstance(event, RawData):
+            # An HTTP/1.x answer's head starts its own write: "HTTP/1.1 408 ...".
+            if event.data[9:13] == b"408 " and event.data.startswith(b"HTTP/1."):
+                self.request_timed_out = True
+        elif isinstance(event, Updated) and self._limiter is not None:
+            self._limiter.set_busy(self._fd, not event.idle)
+        await super().protocol_send(event)
 
     async def _read_data(self) -> None:
         self._reader = asyncio.current_task()
@@ -189,6 +220,8 @@ class CertificateCapturingTCPServer(TCPServer):
         # it all or closed, for at most LINGER_SECONDS.
         if getattr(self, "_reader", None) is asyncio.current_task():
             return  # closing from the read loop itself: nothing would read
+        if self.request_timed_out:
+            return  # the client sends too slowly to be waited for
         loop = asyncio.get_running_loop()
         deadline = loop.time() + LINGER_SECONDS
         while self._client_sending() and not self.reader.at_eof() and loop.time() < deadline:

@@ -5,9 +5,13 @@ Two rules, kept here once for every server of the project:
 - :func:`read_body` reads a request body whole, refusing it with
   :class:`BodyTooLarge` as soon as its declared or received size passes a
   limit (so an undeclared or lying length is cut off at the limit plus one
-  chunk), and with :class:`ClientDisconnected` when the client leaves first.
+  chunk), with :class:`BodyTimeout` when it is not all in by a deadline
+  (answered 408 ``request_timeout``, so that a client sending one byte of a
+  declared thousand cannot hold a connection), and with
+  :class:`ClientDisconnected` when the client leaves first.
 - :class:`DrainRequestBody` is an ASGI middleware that reads the rest of an
-  unread body, within a bound, before an answer starts.
+  unread body, within a bound, before an answer starts (never before a
+  408: that client is too slow to wait for).
 
 The worker's invocation server (:mod:`crank_worker_client.serving`) and the
 controller's service (:mod:`crank_registry_asgi.http`) both use them. They
@@ -19,6 +23,7 @@ anyio only.
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -28,6 +33,8 @@ import anyio
 __all__ = [
     "DRAIN_LIMIT",
     "DRAIN_SECONDS",
+    "READ_TIMEOUT",
+    "BodyTimeout",
     "BodyTooLarge",
     "ClientDisconnected",
     "DrainRequestBody",
@@ -49,6 +56,14 @@ DRAIN_LIMIT = 1_048_576
 #: And for at most this long; a client that sends more, or slower, is
 #: answered anyway (over HTTP/1.x with ``Connection: close``).
 DRAIN_SECONDS = 5.0
+
+
+#: Seconds a request body may take to arrive whole, by default.
+READ_TIMEOUT = 10.0
+
+
+class BodyTimeout(Exception):
+    """The request body was not all received by its deadline."""
 
 
 class BodyTooLarge(Exception):
@@ -83,15 +98,42 @@ def declared_length(scope: Scope) -> int | None:
     return None
 
 
-async def read_body(receive: Receive, *, limit: int, declared: int | None = None) -> bytes:
+async def read_body(
+    receive: Receive, *, limit: int, declared: int | None = None, deadline: float | None = None
+) -> bytes:
     """The whole request body, read from ``receive``.
 
     ``declared`` is the request's Content-Length (see :func:`declared_length`):
-    over ``limit``, the body is refused before anything is read. Raises
-    :class:`BodyTooLarge` or :class:`ClientDisconnected`.
+    over ``limit``, the body is refused before anything is read.
+    ``deadline`` is when the body must be in, on anyio's clock
+    (``anyio.current_time() + seconds``); ``None``: no deadline. Raises
+    :class:`BodyTooLarge`, :class:`BodyTimeout` or :class:`ClientDisconnected`.
     """
     if declared is not None and declared > limit:
         raise BodyTooLarge(limit)
+    if deadline is None:
+        return await _read_body(receive, limit)
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # not asyncio (trio): anyio's own deadline
+        with anyio.CancelScope(deadline=deadline):
+            return await _read_body(receive, limit)
+        # Only a cancelled scope ends without returning: the deadline passed.
+        raise BodyTimeout from None
+    # On asyncio, asyncio's own timeout (anyio's clock is the loop's): an
+    # anyio cancel scope adds about 15 us to /route in the app, this about 8
+    # (benchmarks/read_deadline.py). The tests run both, on asyncio and trio.
+    timeout = asyncio.timeout_at(deadline)
+    try:
+        async with timeout:
+            return await _read_body(receive, limit)
+    except TimeoutError:
+        if timeout.expired():
+            raise BodyTimeout from None
+        raise
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
     # The ASGI messages are read directly: an async generator over them
     # is a measurable cost on a hot path of one-chunk bodies.
     chunks: list[bytes] = []
@@ -125,7 +167,8 @@ class DrainRequestBody:
     The body is read on while it stays within ``limit`` bytes in all (what
     the app read counts), for at most ``seconds``; a body declared larger,
     or already read past that, is not read further: a body refused as too
-    large is never read whole. An answer that leaves the body unread
+    large is never read whole, nor is the body of a 408 (the client sends
+    too slowly to wait for). An answer that leaves the body unread
     carries ``Connection: close`` over HTTP/1.x, so the client knows the
     connection ends with it (HTTP/2 has no such header: the server ends just
     the stream). What the client sends after that is the server's to read
@@ -170,7 +213,8 @@ class DrainRequestBody:
             if (
                 message["type"] == "http.response.start"
                 and not ended
-                and not await drain()
+                # A 408 says the client sends too slowly: it is not waited for.
+                and (message["status"] == 408 or not await drain())
                 and scope.get("http_version") in ("1.0", "1.1")
             ):
                 headers = list(message.get("headers", ()))

@@ -24,7 +24,9 @@ invoke a capability on the worker that the registry chose:
 Errors (``application/json``)
     ``{"error": CODE, "message": ...}``: 404 ``unknown_capability``, 405
     ``method_not_allowed``, 415 ``unsupported_media_type``, 400
-    ``invalid_json``, 413 ``request_too_large``, 422 ``invalid_request`` (the
+    ``invalid_json``, 413 ``request_too_large``, 408 ``request_timeout`` (the
+    body was not all in within ``read_timeout`` seconds, 10 by default; the
+    connection is closed), 422 ``invalid_request`` (the
     body is not ``{"payload": ...}``), 422 ``invalid_payload`` (the payload
     does not match the input schema; ``detail`` lists every problem as
     ``{"path", "message"}``), a handler's own :class:`InvocationError`
@@ -72,6 +74,7 @@ import contextlib
 import inspect
 import json
 import logging
+import math
 from collections.abc import (
     AsyncIterator,
     Awaitable,
@@ -97,6 +100,8 @@ from ._lifespan import AgentLifespanMiddleware
 from ._payload import JsonSchemaError, PayloadSchema
 from ._tracing import invocation_span
 from .body import (
+    READ_TIMEOUT,
+    BodyTimeout,
     BodyTooLarge,
     ClientDisconnected,
     DrainRequestBody,
@@ -174,7 +179,8 @@ class InvocationApp:
     stops. Raises :class:`ValueError` for a mismatch or a handler that is
     not async, and :class:`JsonSchemaError` (a ``ValueError`` too) for an
     ``input_schema`` that is not a valid JSON Schema while
-    ``validate_input`` is true.
+    ``validate_input`` is true. ``read_timeout``: seconds a request body
+    may take to arrive whole (later: 408 ``request_timeout``).
     """
 
     def __init__(
@@ -186,9 +192,16 @@ class InvocationApp:
         validate_input: bool = True,
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
         health: Callable[[], Mapping[str, Any]] | None = None,
+        read_timeout: float = READ_TIMEOUT,
     ) -> None:
         if not isinstance(max_body_size, int) or max_body_size < 1:
             raise ValueError(f"max_body_size must be an integer >= 1, got {max_body_size!r}")
+        if (
+            not isinstance(read_timeout, (int, float))
+            or isinstance(read_timeout, bool)
+            or not 0 < read_timeout < math.inf
+        ):
+            raise ValueError(f"read_timeout must be a finite number > 0, got {read_timeout!r}")
         schemas = {}
         for schema in capabilities:
             if schema.key in schemas:
@@ -215,6 +228,7 @@ class InvocationApp:
             for key in schemas
         }
         self._max_body_size = max_body_size
+        self._read_timeout = float(read_timeout)
         self._health = health
         app: ASGIApp = DrainRequestBody(self._serve, limit=max_body_size)
         self._app = app if agent is None else AgentLifespanMiddleware(app, agent)
@@ -279,10 +293,17 @@ class InvocationApp:
             return
         try:
             raw = await read_body(
-                receive, limit=self._max_body_size, declared=declared_length(scope)
+                receive,
+                limit=self._max_body_size,
+                declared=declared_length(scope),
+                deadline=anyio.current_time() + self._read_timeout,
             )
         except BodyTooLarge as error:
             await _error(send, 413, "request_too_large", str(error))
+            return
+        except BodyTimeout:
+            message = f"the body did not arrive within {self._read_timeout:g} s"
+            await _error(send, 408, "request_timeout", message)
             return
         except ClientDisconnected:
             return  # nobody is left to answer

@@ -89,9 +89,24 @@ class ServerProcess:
             raise AssertionError(message) from None
 
 
-def command(*args: str) -> list[str]:
-    """The argv that runs ``crank-registry ARGS`` in this interpreter's environment."""
-    return [sys.executable, "-m", "crank_registry_asgi", *args]
+#: Sets the open-file limit to argv[1], then runs the rest of argv in this interpreter
+#: (a preexec_fn would do the same, but is not safe in a process with threads).
+_WITH_OPEN_FILES = (
+    "import os, resource, sys; n = int(sys.argv[1]); "
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (n, n)); "
+    "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])"
+)
+
+
+def command(*args: str, open_files: int | None = None) -> list[str]:
+    """The argv that runs ``crank-registry ARGS`` in this interpreter's environment.
+
+    ``open_files`` sets the process's open-file limit (``ulimit -n``) first.
+    """
+    argv = [sys.executable, "-m", "crank_registry_asgi", *args]
+    if open_files is None:
+        return argv
+    return [sys.executable, "-c", _WITH_OPEN_FILES, str(open_files), *argv[1:]]
 
 
 def clean_environment(**extra: str) -> dict[str, str]:
@@ -115,11 +130,15 @@ def serving(
     scheme: str,
     verify: ssl.SSLContext | bool = True,
     environment: dict[str, str] | None = None,
+    open_files: int | None = None,
 ) -> Iterator[ServerProcess]:
-    """Run ``crank-registry serve ARGS`` until the block ends; ready once /health answers."""
+    """Run ``crank-registry serve ARGS`` until the block ends; ready once /health answers.
+
+    ``open_files`` sets the process's open-file limit (``ulimit -n``).
+    """
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            command("serve", *args),
+            command("serve", *args, open_files=open_files),
             stdout=log,
             stderr=subprocess.STDOUT,
             env=environment if environment is not None else clean_environment(),

@@ -100,6 +100,9 @@ def test_python_dash_m_runs_the_command() -> None:
         (["--insecure", "--port", "70000"], "port must be 0 to 65535"),
         (["--insecure", "--port", "http"], "not a port number"),
         (["--insecure", "--log-level", "loud"], "invalid choice"),
+        (["--insecure", "--tls-handshake-timeout", "5"], "--tls-handshake-timeout needs TLS"),
+        (["--insecure", "--max-connections", "0"], "must be at least 1"),
+        (["--insecure", "--request-read-timeout", "0"], "must be a finite number of seconds"),
         (["--insecure", "--trust-proxy-cert-header", "X Client"], "not an HTTP header name"),
         (
             ["--insecure", "--trust-proxy-cert-header", "X-Client-Cert"],

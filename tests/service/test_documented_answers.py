@@ -9,9 +9,11 @@ model with the converter, as the worker client reads it.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from openapi_spec_validator import validate
@@ -48,6 +50,12 @@ _MODELS: dict[str, type[Any]] = {
 
 def test_the_document_is_valid_openapi_3_1() -> None:
     validate(openapi_document())
+
+
+async def _stalled() -> AsyncIterator[bytes]:
+    """A request body that stops after its first byte."""
+    yield b"{"
+    await anyio.sleep_forever()
 
 
 async def _answers(state_dir: Path) -> list[tuple[str, str, httpx.Response]]:
@@ -88,6 +96,8 @@ async def _answers(state_dir: Path) -> list[tuple[str, str, httpx.Response]]:
     )
     async with running(proxied) as api:
         await send(api, "POST", "/heartbeat", json={"worker_id": "w1"})  # forbidden
+    async with running(ServiceConfig(request_read_timeout=0.05)) as api:
+        await send(api, "POST", "/route", content=_stalled(), headers=json)  # request_timeout
     async with running(ServiceConfig(state_dir=state_dir), lifespan=False) as api:
         await send(api, "POST", "/register", json=registration_payload("w1"))  # journal_unavailable
     return answers
