@@ -30,7 +30,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from crank_registry import (
-    CapabilitiesAnswer,
     CapabilityRegistry,
     DeregisterAnswer,
     DeregisterRequest,
@@ -38,22 +37,21 @@ from crank_registry import (
     HealthAnswer,
     HeartbeatAnswer,
     HeartbeatRequest,
+    ListingQuery,
     NewerJournalFormat,
     RegisterAnswer,
     Registration,
     RegistryError,
     RouteRequest,
     ValidationError,
-    WorkerEntry,
-    WorkersAnswer,
     authorize_worker,
-    capability_label,
     iso_utc,
     replay_bytes,
     structure,
     unstructure,
 )
 
+from . import listings
 from .config import ServiceConfig
 from .effects import Effects, RegistrySnapshots, log_fields, logger
 from .http import (
@@ -210,9 +208,9 @@ class ControllerService:
     # --------------------------------------------------------------- endpoints
 
     async def health(self, request: Request) -> Response:
-        """GET /health: liveness and worker counts."""
-        total, routable = self.registry.counts(now=self.clock())
-        return answer(HealthAnswer(total_workers=total, healthy_workers=routable))
+        """GET /health: liveness and worker counts (counted in slices)."""
+        counted = await listings.counts(self.registry, now=self.clock())
+        return answer(HealthAnswer(total_workers=counted.total, healthy_workers=counted.routable))
 
     async def register(self, request: Request) -> Response:
         """POST /register: add or replace a worker."""
@@ -292,30 +290,16 @@ class ControllerService:
         return answer(endpoint)
 
     async def capabilities(self, request: Request) -> Response:
-        """GET /capabilities: one entry per (verb, capability, version)."""
-        now = self.clock()
-        views = self.registry.get_all_capabilities(now=now)
-        total, routable = self.registry.counts(now=now)
-        return answer(
-            CapabilitiesAnswer(
-                capabilities=tuple(views), total_workers=total, healthy_workers=routable
-            )
-        )
+        """GET /capabilities: a page of (verb, capability, version) entries."""
+        query = ListingQuery.parse(request.query_params.multi_items())
+        body = await listings.capabilities_body(self.registry, query, now=self.clock())
+        return JSONResponse(body)
 
     async def workers(self, request: Request) -> Response:
-        """GET /workers: every worker with its health at this moment."""
-        entries = tuple(
-            WorkerEntry(
-                worker_id=view.worker_id,
-                worker_url=view.worker_url,
-                last_heartbeat=iso_utc(view.last_heartbeat),
-                is_healthy=view.is_healthy,
-                state=view.state,
-                capabilities=tuple(capability_label(c.key) for c in view.capabilities),
-            )
-            for view in self.registry.workers(now=self.clock())
-        )
-        return answer(WorkersAnswer(workers=entries))
+        """GET /workers: a page of workers with their health at this moment."""
+        query = ListingQuery.parse(request.query_params.multi_items())
+        body = await listings.workers_body(self.registry, query, now=self.clock())
+        return JSONResponse(body)
 
     async def openapi(self, request: Request) -> Response:
         """GET /openapi.json: the OpenAPI 3.1 document of this API."""

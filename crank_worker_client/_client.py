@@ -212,25 +212,67 @@ class ControllerClient:
         body.update({key: value for key, value in optional.items() if value is not None})
         return await self._call("POST", "/route", WorkerEndpoint, body)
 
-    async def capabilities(self) -> list[CapabilityView]:
-        """``GET /capabilities``: one entry per ``(verb, capability, version)``."""
-        answer = await self._call("GET", "/capabilities", CapabilitiesAnswer)
-        return list(answer.capabilities)
+    async def capabilities(
+        self,
+        *,
+        verb: str | None = None,
+        capability: str | None = None,
+        state: HealthState | None = None,
+        page_size: int | None = None,
+    ) -> list[CapabilityView]:
+        """``GET /capabilities``: one entry per ``(verb, capability, version)``, every page.
 
-    async def workers(self) -> list[WorkerInfo]:
-        """``GET /workers``: every registered worker and its health."""
-        answer = await self._call("GET", "/workers", WorkersAnswer)
-        return [
-            WorkerInfo(
-                worker_id=entry.worker_id,
-                worker_url=entry.worker_url,
-                last_heartbeat=datetime.fromisoformat(entry.last_heartbeat),
-                is_healthy=entry.is_healthy,
-                state=entry.state,
-                capabilities=tuple(parse_capability_label(label) for label in entry.capabilities),
+        ``verb`` and ``capability`` choose entries, ``state`` keeps in each
+        the workers in that state; ``page_size`` is the ``limit`` of each
+        request (the controller's default: 500).
+        """
+        filters = _listing_params(verb, capability, state, page_size)
+        entries: list[CapabilityView] = []
+        cursor: str | None = None
+        while True:
+            params = filters if cursor is None else {**filters, "cursor": cursor}
+            answer = await self._call("GET", "/capabilities", CapabilitiesAnswer, params=params)
+            entries += answer.capabilities
+            cursor = answer.next_cursor
+            if cursor is None:
+                return entries
+
+    async def workers(
+        self,
+        *,
+        state: HealthState | None = None,
+        verb: str | None = None,
+        capability: str | None = None,
+        page_size: int | None = None,
+    ) -> list[WorkerInfo]:
+        """``GET /workers``: the registered workers and their health, every page.
+
+        Filters as the controller's: workers in ``state``, offering a
+        capability with that ``verb`` and/or name ``capability``. A worker
+        present throughout is listed once, in registration order.
+        """
+        filters = _listing_params(verb, capability, state, page_size)
+        found: list[WorkerInfo] = []
+        cursor: str | None = None
+        while True:
+            params = filters if cursor is None else {**filters, "cursor": cursor}
+            answer = await self._call("GET", "/workers", WorkersAnswer, params=params)
+            found += (
+                WorkerInfo(
+                    worker_id=entry.worker_id,
+                    worker_url=entry.worker_url,
+                    last_heartbeat=datetime.fromisoformat(entry.last_heartbeat),
+                    is_healthy=entry.is_healthy,
+                    state=entry.state,
+                    capabilities=tuple(
+                        parse_capability_label(label) for label in entry.capabilities
+                    ),
+                )
+                for entry in answer.workers
             )
-            for entry in answer.workers
-        ]
+            cursor = answer.next_cursor
+            if cursor is None:
+                return found
 
     async def health(self) -> ControllerHealth:
         """``GET /health``: the controller's status and worker counts."""
@@ -269,14 +311,18 @@ class ControllerClient:
         answer: type[T],
         body: Mapping[str, Any] | None = None,
         timeout: float | None = None,
+        *,
+        params: Mapping[str, str] | None = None,
     ) -> T:
         """Send the request; its 200 answer read into the model ``answer``."""
         http = self._open()
         try:
             if timeout is None:
-                response = await http.request(method, path, json=body)
+                response = await http.request(method, path, json=body, params=params)
             else:
-                response = await http.request(method, path, json=body, timeout=timeout)
+                response = await http.request(
+                    method, path, json=body, params=params, timeout=timeout
+                )
         except httpx.TransportError as error:
             raise ControllerUnavailable(
                 f"cannot reach the controller at {self.controller_url}: {_reason(error)}"
@@ -396,3 +442,16 @@ def _json_object(response: httpx.Response) -> dict[str, Any] | None:
     except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return None
     return data if isinstance(data, dict) else None
+
+
+def _listing_params(
+    verb: str | None, capability: str | None, state: HealthState | None, page_size: int | None
+) -> dict[str, str]:
+    """The query of a listing: only the parameters given."""
+    given = {
+        "verb": verb,
+        "capability": capability,
+        "state": None if state is None else state.value,
+        "limit": None if page_size is None else str(page_size),
+    }
+    return {name: value for name, value in given.items() if value is not None}

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -314,7 +315,9 @@ async def test_listings_and_health_are_read_into_values() -> None:
                     "state": "healthy",
                     "capabilities": ["classify:image.classify"],
                 }
-            ]
+            ],
+            "total_workers": 1,
+            "healthy_workers": 1,
         },
         "/health": {"status": "ok", "total_workers": 2, "healthy_workers": 1},
     }
@@ -346,9 +349,40 @@ async def test_a_worker_entry_with_an_unknown_state_is_unexpected() -> None:
         "state": "sleepy",
         "capabilities": [],
     }
-    client = client_for(answer(200, {"workers": [entry]}))
+    body = {"workers": [entry], "total_workers": 1, "healthy_workers": 1}
+    client = client_for(answer(200, body))
     with pytest.raises(UnexpectedResponse, match="not valid"):
         await client.workers()
+
+
+async def test_listings_follow_next_cursor_and_send_the_filters() -> None:
+    def entry(worker_id: str) -> dict[str, Any]:
+        return {
+            "worker_id": worker_id,
+            "worker_url": f"https://{worker_id}",
+            "last_heartbeat": "2026-11-26T20:00:00Z",
+            "is_healthy": True,
+            "state": "healthy",
+            "capabilities": ["classify:image.classify"],
+        }
+
+    pages: dict[str | None, dict[str, Any]] = {
+        None: {"workers": [entry("w1"), entry("w2")], "next_cursor": "c2"},
+        "c2": {"workers": [entry("w3")]},
+    }
+    queries: list[dict[str, str]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        query = dict(request.url.params)
+        queries.append(query)
+        page = pages[query.get("cursor")]
+        return httpx.Response(200, json={**page, "total_workers": 3, "healthy_workers": 3})
+
+    async with client_for(handler) as client:
+        workers = await client.workers(state=HealthState.HEALTHY, verb="classify", page_size=2)
+    assert [worker.worker_id for worker in workers] == ["w1", "w2", "w3"]
+    filters = {"state": "healthy", "verb": "classify", "limit": "2"}
+    assert queries == [filters, {**filters, "cursor": "c2"}]
 
 
 async def test_works_without_a_context_manager_and_reopens_after_aclose() -> None:
