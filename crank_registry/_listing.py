@@ -228,6 +228,7 @@ class WorkersPager:
         self._position = -1 if after is None else after
         self._limit = limit
         self._found: list[WorkerView] = []
+        self._listed = 0
         self._last_listed = self._position
         self._done = False
         self._more = False
@@ -259,17 +260,28 @@ class WorkersPager:
             worker = workers[worker_id]
             if keep is not None and not keep(worker):
                 continue
-            if limit is not None and len(found) == limit:
+            if limit is not None and self._listed == limit:
                 self._more = True  # the (limit + 1)-th: there is a next page
                 self._done = True
                 return True
             found.append(self._view(worker, self._filter.now))
+            self._listed += 1
             self._last_listed = order
         self._done = True
         return True
 
+    def take(self) -> list[WorkerView]:
+        """The workers found since the last ``take``, in order; they leave the pager.
+
+        A service renders each step's workers at once, so that none is held
+        across a yield (objects that live long enough reach the collector's
+        oldest generation, and a full collection stalls the loop).
+        """
+        found, self._found = self._found, []
+        return found
+
     def page(self) -> WorkersPage:
-        """The page (call once :meth:`step` has returned ``True``)."""
+        """The page, less the workers taken (call once :meth:`step` has returned ``True``)."""
         assert self._done, "the page is not complete yet"
         return WorkersPage(tuple(self._found), self._last_listed if self._more else None)
 

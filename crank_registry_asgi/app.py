@@ -293,13 +293,13 @@ class ControllerService:
         """GET /capabilities: a page of (verb, capability, version) entries."""
         query = ListingQuery.parse(request.query_params.multi_items())
         body = await listings.capabilities_body(self.registry, query, now=self.clock())
-        return JSONResponse(body)
+        return Response(body, media_type="application/json")
 
     async def workers(self, request: Request) -> Response:
         """GET /workers: a page of workers with their health at this moment."""
         query = ListingQuery.parse(request.query_params.multi_items())
         body = await listings.workers_body(self.registry, query, now=self.clock())
-        return JSONResponse(body)
+        return Response(body, media_type="application/json")
 
     async def openapi(self, request: Request) -> Response:
         """GET /openapi.json: the OpenAPI 3.1 document of this API."""

@@ -11,8 +11,9 @@ built from positions, never from an iterator held across a yield.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+import json
+from collections.abc import Sequence
+from typing import Any
 
 import anyio
 
@@ -35,18 +36,19 @@ from crank_registry import (
     unstructure,
 )
 
-__all__ = ["capabilities_body", "counts", "workers_body"]
+__all__ = ["capabilities_body", "counts", "entry", "workers_body"]
 
-T = TypeVar("T")
 
-# Work done between two yields, each well under 20 ms on a loaded 2-core
-# machine (about 1-3 ms each; see benchmarks/listings.py).
-#: Workers a pager examines per step.
-PAGE_STEP = 2_000
+# Work done between two yields: a few milliseconds each on a loaded 2-core
+# machine (benchmarks/listings.py). They add up: a heartbeat waits for one
+# slice of every listing in progress, so a slice must stay well under the
+# 20 ms target.
+#: Workers a pager examines per step (and renders, for those it lists).
+PAGE_STEP = 200
 #: Workers counted per step.
-COUNT_STEP = 10_000
-#: Entries of an answer rendered per slice.
-RENDER_STEP = 250
+COUNT_STEP = 5_000
+#: Capability entries rendered per slice.
+RENDER_STEP = 100
 
 
 async def counts(
@@ -66,10 +68,8 @@ async def counts(
     return counter.counts()
 
 
-async def workers_body(
-    registry: CapabilityRegistry, query: ListingQuery, *, now: float
-) -> dict[str, Any]:
-    """One page of ``GET /workers`` for ``query`` at ``now``: a rendered :class:`WorkersAnswer`.
+async def workers_body(registry: CapabilityRegistry, query: ListingQuery, *, now: float) -> bytes:
+    """One page of ``GET /workers`` for ``query`` at ``now``: a :class:`WorkersAnswer` as JSON.
 
     Raises :class:`~crank_registry.ValidationError` for a cursor that is not
     one of this listing's.
@@ -83,7 +83,16 @@ async def workers_body(
         verb=query.verb,
         capability=query.capability,
     )
-    while not pager.step(PAGE_STEP):
+    # Each step's workers are rendered at once: nothing but bytes outlives a yield.
+    slices: list[bytes] = []
+    while True:
+        done = pager.step(PAGE_STEP)
+        found = pager.take()
+        if found:
+            slices.append(_json(unstructure(list(map(entry, found))))[1:-1])
+        del found
+        if done:
+            break
         await anyio.sleep(0)
     page = pager.page()
     filtered = query.state is not None or query.verb is not None or query.capability is not None
@@ -97,12 +106,12 @@ async def workers_body(
         matching_workers=counted.matching if filtered else None,
         next_cursor=None if page.next_after is None else encode_workers_cursor(page.next_after),
     )
-    return await _render(answer, "workers", page.workers, _entry)
+    return _spliced(answer, "workers", slices)
 
 
 async def capabilities_body(
     registry: CapabilityRegistry, query: ListingQuery, *, now: float
-) -> dict[str, Any]:
+) -> bytes:
     """One page of ``GET /capabilities`` for ``query`` at ``now``, rendered.
 
     Raises :class:`~crank_registry.ValidationError` for a cursor that is not
@@ -129,28 +138,39 @@ async def capabilities_body(
             None if page.next_after is None else encode_capabilities_cursor(page.next_after)
         ),
     )
-    return await _render(answer, "capabilities", page.capabilities, lambda view: view)
-
-
-async def _render(
-    answer: Any, field: str, items: Sequence[T], entry: Callable[[T], Any]
-) -> dict[str, Any]:
-    """``answer`` rendered with ``items`` (each made an entry) as its ``field``, a slice at a time.
-
-    ``answer`` is the answer model with ``field`` empty: the rest of it is
-    rendered by the converter as usual, and each slice of entries too.
-    """
-    body: dict[str, Any] = unstructure(answer)
-    rendered: list[Any] = []
-    for start in range(0, len(items), RENDER_STEP):
+    slices: list[bytes] = []
+    for start in range(0, len(page.capabilities), RENDER_STEP):
         if start:
             await anyio.sleep(0)
-        rendered += unstructure([entry(item) for item in items[start : start + RENDER_STEP]])
-    body[field] = rendered
-    return body
+        chunk = page.capabilities[start : start + RENDER_STEP]
+        slices.append(_json(unstructure(list(chunk)))[1:-1])
+    return _spliced(answer, "capabilities", slices)
 
 
-def _entry(view: WorkerView) -> WorkerEntry:
+def _spliced(answer: Any, field: str, slices: Sequence[bytes]) -> bytes:
+    """``answer`` as JSON, its (empty) ``field`` filled with the entries rendered in ``slices``.
+
+    The rest of the answer is rendered by the converter as usual; the JSON is
+    the same as the whole answer's (a test says so).
+    """
+    rest: dict[str, Any] = unstructure(answer)
+    assert rest.pop(field) == [], f"{field} must be empty in the answer"
+    entries = b",".join(part for part in slices if part)
+    head = _json({field: []})[:-2]  # {"field":[
+    if not rest:
+        return head + entries + b"]}"
+    return head + entries + b"]," + _json(rest)[1:]  # ,"other":...}
+
+
+def _json(value: Any) -> bytes:
+    """JSON as Starlette's ``JSONResponse`` renders it."""
+    return json.dumps(
+        value, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")
+    ).encode("utf-8")
+
+
+def entry(view: WorkerView) -> WorkerEntry:
+    """The ``GET /workers`` entry of a worker's view."""
     return WorkerEntry(
         worker_id=view.worker_id,
         worker_url=view.worker_url,

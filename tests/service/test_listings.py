@@ -6,8 +6,17 @@ from typing import Any
 
 import anyio
 import pytest
+from starlette.responses import JSONResponse
 
-from crank_registry import CapabilityRegistry, encode_capabilities_cursor
+from crank_registry import (
+    CapabilitiesAnswer,
+    CapabilityRegistry,
+    ListingQuery,
+    WorkersAnswer,
+    encode_capabilities_cursor,
+    encode_workers_cursor,
+    unstructure,
+)
 from crank_registry.testing import FakeClock
 from crank_registry_asgi import listings
 from tests.builders import capability, capability_payload
@@ -186,8 +195,36 @@ async def test_a_listing_yields_to_the_event_loop_between_slices() -> None:
             response = await api.get("/workers?limit=5000&state=healthy")
             done.set()
     assert response.status_code == 200 and len(response.json()["workers"]) == 5000
-    # A yield between two of the pager's steps (5001 workers examined), of the
-    # counter's and of the rendering's slices.
-    yields = (5001 // listings.PAGE_STEP) + (count // listings.COUNT_STEP - 1)
-    yields += 5000 // listings.RENDER_STEP - 1
-    assert turns >= yields > 20
+    # A yield between two of the pager's steps (each examines and renders
+    # PAGE_STEP workers), and between two of the counter's.
+    assert turns >= 5000 // listings.PAGE_STEP + count // listings.COUNT_STEP - 2 > 20
+
+
+async def test_an_answer_rendered_in_slices_is_the_answer_rendered_whole() -> None:
+    registry = CapabilityRegistry()
+    clock = FakeClock()
+    for n in range(2 * listings.RENDER_STEP + 7):
+        registry.register(f"w{n}", f"https://w{n}:1", [capability()], now=clock())
+    query = ListingQuery.parse([("limit", str(2 * listings.RENDER_STEP + 5))])
+    body = await listings.workers_body(registry, query, now=clock())
+    page = registry.workers_page(now=clock(), limit=query.limit)
+    assert page.next_after is not None
+    whole = WorkersAnswer(
+        workers=tuple(map(listings.entry, page.workers)),
+        total_workers=len(registry),
+        healthy_workers=len(registry),
+        next_cursor=encode_workers_cursor(page.next_after),
+    )
+    assert body == JSONResponse(unstructure(whole)).body
+    capabilities = await listings.capabilities_body(registry, query, now=clock())
+    entries = registry.capabilities_page(now=clock(), limit=query.limit).capabilities
+    assert (
+        capabilities
+        == JSONResponse(
+            unstructure(
+                CapabilitiesAnswer(
+                    capabilities=entries, total_workers=len(registry), healthy_workers=len(registry)
+                )
+            )
+        ).body
+    )
