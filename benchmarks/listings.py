@@ -126,7 +126,7 @@ def watching(callbacks: list[float], collections: list[float]) -> Iterator[None]
         elif info["generation"] == 2:  # the oldest generation: a full collection
             collections.append(time.perf_counter() - started[0])
 
-    asyncio.events.Handle._run = timed_run  # type: ignore[method-assign]
+    asyncio.events.Handle._run = timed_run  # type: ignore[method-assign,assignment]
     gc.callbacks.append(collector)
     try:
         yield

@@ -109,6 +109,18 @@ class OrderIndex:
             if worker_id is not None:
                 yield orders[index], worker_id
 
+    def chunk(self, position: int, size: int) -> tuple[list[str], int | None]:
+        """The ids of at most ``size`` entries after ``position``, and the last one's order.
+
+        Holes are left out of the ids; the order is ``None`` when there is no
+        entry after ``position``.
+        """
+        start = bisect.bisect_right(self.orders, position)
+        end = min(start + size, len(self.orders))
+        if start == end:
+            return [], None
+        return [i for i in self.ids[start:end] if i is not None], self.orders[end - 1]
+
     def __len__(self) -> int:
         return len(self.orders) - self.holes
 
@@ -415,13 +427,15 @@ class CapabilitiesPager:
 class WorkerCounter:
     """Counts the workers (all, routable, matching a filter) at ``now``, a bounded step at a time.
 
-    It counts the workers held when it was made (a list of them, taken in
-    one O(n) copy of pointers), so the counts are those of one moment.
+    It walks every worker in registration order, from a position, as a
+    pager does (holding no list of them): a worker present throughout is
+    counted once, one that registers meanwhile when the walk reaches it.
     """
 
     def __init__(
         self,
-        workers: Sequence[Worker],
+        workers: Mapping[str, Worker],
+        everyone: OrderIndex,
         policy: HealthPolicy,
         *,
         now: float,
@@ -430,26 +444,35 @@ class WorkerCounter:
         capability: str | None,
     ) -> None:
         self._workers = workers
+        self._everyone = everyone
         self._filter = _Filter(state, verb, capability, policy, now)
-        self._next = 0
+        self._position = -1
+        self._done = False
+        self._total = 0
         self._routable = 0
         self._matching = 0
 
     def step(self, budget: int) -> bool:
-        """Count at most ``budget`` more workers; ``True`` once every one is counted."""
-        start = self._next
-        chunk = self._workers[start : start + budget]
+        """Count at most ``budget`` more index entries; ``True`` once every worker is counted."""
+        if self._done:
+            return True
+        ids, last = self._everyone.chunk(self._position, budget)
+        if last is None:
+            self._done = True
+            return True
+        self._position = last
+        chunk = [self._workers[worker_id] for worker_id in ids]
         now = self._filter.now
+        self._total += len(chunk)
         self._routable += sum(1 for worker in chunk if now <= worker.routable_until)
         if self._filter.active:
             self._matching += sum(1 for worker in chunk if self._filter.keeps(worker))
-        self._next = start + len(chunk)
-        return self._next >= len(self._workers)
+        return False
 
     def counts(self) -> Counts:
         """The counts (call once :meth:`step` has returned ``True``)."""
-        assert self._next >= len(self._workers), "the count is not complete yet"
-        total = len(self._workers)
+        assert self._done, "the count is not complete yet"
+        total = self._total
         return Counts(total, self._routable, self._matching if self._filter.active else total)
 
 

@@ -463,7 +463,8 @@ class CapabilityRegistry:
     ) -> Counts:
         """The workers in all, routable at ``now``, and matching the filters (as listings)."""
         counter = self.counter(now=now, state=state, verb=verb, capability=capability)
-        counter.step(len(self._workers))
+        while not counter.step(len(self._workers) + 1):
+            pass  # one step counts every worker: it is the last
         return counter.counts()
 
     def counter(
@@ -474,14 +475,14 @@ class CapabilityRegistry:
         verb: str | None = None,
         capability: str | None = None,
     ) -> WorkerCounter:
-        """A :class:`~._listing.WorkerCounter` of the workers held now, counted in steps.
+        """A :class:`~._listing.WorkerCounter` of every worker, counted in steps.
 
-        Taking it costs one copy of the list of workers; each
-        ``step(budget)`` then counts at most ``budget`` of them.
+        Each ``step(budget)`` counts at most ``budget`` more workers.
         """
         _check_now(now)
         return WorkerCounter(
-            list(self._workers.values()),
+            self._workers,
+            self._everyone,
             self._policy,
             now=now,
             state=state,

@@ -39,16 +39,18 @@ from crank_registry import (
 __all__ = ["capabilities_body", "counts", "entry", "workers_body"]
 
 
-# Work done between two yields: a few milliseconds each on a loaded 2-core
-# machine (benchmarks/listings.py). They add up: a heartbeat waits for one
-# slice of every listing in progress, so a slice must stay well under the
-# 20 ms target.
+# Work done between two yields: under a millisecond each on a quiet machine
+# (benchmarks/listings.py). Small, because they add up: a request is
+# carried through the server in several turns of the loop, and each turn
+# waits for one slice of every listing in progress.
 #: Workers a pager examines per step (and renders, for those it lists).
-PAGE_STEP = 200
+PAGE_STEP = 50
+#: Members of capabilities the capabilities pager groups per step.
+CAPABILITY_STEP = 500
 #: Workers counted per step.
-COUNT_STEP = 5_000
+COUNT_STEP = 2_000
 #: Capability entries rendered per slice.
-RENDER_STEP = 100
+RENDER_STEP = 20
 
 
 async def counts(
@@ -126,7 +128,7 @@ async def capabilities_body(
         verb=query.verb,
         capability=query.capability,
     )
-    while not pager.step(PAGE_STEP):
+    while not pager.step(CAPABILITY_STEP):
         await anyio.sleep(0)
     page = pager.page()
     counted = await counts(registry, now=now)

@@ -176,7 +176,7 @@ async def test_a_listing_yields_to_the_event_loop_between_slices() -> None:
     """Another task runs many times while one large page is built, counted and rendered."""
     registry = CapabilityRegistry()
     clock = FakeClock()
-    count = 3 * listings.COUNT_STEP
+    count = 10 * listings.COUNT_STEP
     shared = (capability(),)
     for n in range(count):
         registry.register(f"w{n}", f"https://w{n}:1", shared, now=clock())
