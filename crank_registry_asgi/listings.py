@@ -44,11 +44,11 @@ __all__ = ["capabilities_body", "counts", "entry", "workers_body"]
 # carried through the server in several turns of the loop, and each turn
 # waits for one slice of every listing in progress.
 #: Workers a pager examines per step (and renders, for those it lists).
-PAGE_STEP = 50
+PAGE_STEP = 25
 #: Members of capabilities the capabilities pager groups per step.
 CAPABILITY_STEP = 500
 #: Workers counted per step.
-COUNT_STEP = 2_000
+COUNT_STEP = 1_000
 #: Capability entries rendered per slice.
 RENDER_STEP = 20
 
