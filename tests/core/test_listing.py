@@ -13,6 +13,7 @@ from crank_registry import (
     CapabilityView,
     HealthPolicy,
     HealthState,
+    ListingQuery,
     ValidationError,
     decode_capabilities_cursor,
     decode_workers_cursor,
@@ -410,3 +411,33 @@ def test_capabilities_pages_equal_the_plain_scan(
                 break
             after = page.next_after
         assert seen == expected
+
+
+def test_an_unfiltered_page_examines_only_its_own_workers() -> None:
+    """O(limit): from any position, limit + 1 entries complete the page (no scan before it)."""
+    registry = fleet(2_000)
+    for after in (None, 0, 999, 1_990):
+        pager = registry.workers_pager(now=T0, after=after, limit=5)
+        assert pager.step(6), f"a page after {after} needed more than 6 entries"
+    pager = registry.workers_pager(
+        now=T0, after=500, limit=5, verb="classify", capability="image.classify"
+    )
+    assert pager.step(6)  # a capability's own index: only its workers are examined
+
+
+def test_listing_query_defaults_and_values() -> None:
+    assert ListingQuery.parse([]) == ListingQuery(limit=500)
+    query = ListingQuery.parse(
+        [
+            ("limit", "5000"),
+            ("cursor", "abc"),
+            ("state", "unverified"),
+            ("verb", "v"),
+            ("capability", "c"),
+        ]
+    )
+    assert query == ListingQuery(
+        limit=5000, cursor="abc", state=HealthState.UNVERIFIED, verb="v", capability="c"
+    )
+    with pytest.raises(ValidationError, match="limit: must be from 1 to 5000"):
+        ListingQuery(limit=0)

@@ -25,10 +25,11 @@ from tests.service.helpers import Controller, running
 pytestmark = pytest.mark.anyio
 
 
-async def every_page(api: Controller, path: str, query: str = "") -> list[dict[str, Any]]:
-    """Every page of a listing, following next_cursor (each answer checked against the document)."""
+async def every_page(
+    api: Controller, path: str, query: str = "", cursor: str | None = None
+) -> list[dict[str, Any]]:
+    """Every page of a listing (from ``cursor``), following next_cursor; each answer checked."""
     pages = []
-    cursor = None
     while True:
         params = query + (f"&cursor={cursor}" if cursor is not None else "")
         response = await api.get(f"{path}?{params}")
@@ -228,3 +229,34 @@ async def test_an_answer_rendered_in_slices_is_the_answer_rendered_whole() -> No
             )
         ).body
     )
+
+
+async def test_the_document_lists_the_query_parameters() -> None:
+    async with running() as api:
+        document = (await api.get("/openapi.json")).json()
+    for path in ("/workers", "/capabilities"):
+        operation = document["paths"][path]["get"]
+        parameters = {p["name"]: p for p in operation["parameters"]}
+        assert set(parameters) == {"limit", "cursor", "state", "verb", "capability"}
+        assert all(p["in"] == "query" and not p["required"] for p in parameters.values())
+        assert parameters["limit"]["schema"] == {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": 5000,
+            "default": 500,
+        }
+        assert parameters["state"]["schema"]["enum"] == ["healthy", "unhealthy", "unverified"]
+        assert "422" in operation["responses"]
+
+
+async def test_paging_is_stable_while_workers_come_and_go() -> None:
+    async with running() as api:
+        await register_fleet(api, 6)
+        first = (await api.get("/workers?limit=2")).json()
+        await api.post("/deregister", {"worker_id": "w0"})  # already listed
+        await api.post("/deregister", {"worker_id": "w4"})  # not listed yet
+        await api.register("late")
+        await api.register("w1", worker_url="https://10.0.0.9:8443")  # registers again
+        rest = await every_page(api, "/workers", "limit=2", first["next_cursor"])
+    listed = [e["worker_id"] for page in [first, *rest] for e in page["workers"]]
+    assert listed == ["w0", "w1", "w2", "w3", "w5", "late"]
