@@ -418,13 +418,16 @@ class CapabilityRegistry:
     def get_workers_for_capability(self, capability: str) -> list[WorkerEndpoint]:
         """Every worker registered for ``"verb:name"``, healthy or not, in registration order.
 
-        A listing: it walks the workers (``route`` never does).
+        Walks the capability's own index of its workers, not the registry.
         """
         key = parse_capability_label(capability)
+        index = self._by_capability.get(key)
+        if index is None:
+            return []
         return [
             member.endpoint
-            for worker in self._workers.values()
-            for member in worker.members
+            for _, worker_id in index.after(-1)
+            for member in self._workers[worker_id].members
             if member.key == key
         ]
 
