@@ -97,6 +97,12 @@ class OrderIndex:
         if self.holes > len(self.orders) - self.holes + 16:
             self._compact()
 
+    def clear(self) -> None:
+        """Forget every worker (in place: a pager between two steps holds this index)."""
+        self.orders.clear()
+        self.ids.clear()
+        self.holes = 0
+
     def after(self, position: int) -> Iterator[tuple[int, str]]:
         """``(order, worker_id)`` of every indexed worker after ``position``, in order.
 

@@ -310,7 +310,7 @@ class CapabilityRegistry:
         self._rotations.clear()
         self._values.clear()
         self._deadlines.clear()
-        self._everyone = OrderIndex()
+        self._everyone.clear()
         self._by_capability.clear()
         self._keys.clear()
         self._tombstones.clear()

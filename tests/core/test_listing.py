@@ -441,3 +441,20 @@ def test_listing_query_defaults_and_values() -> None:
     )
     with pytest.raises(ValidationError, match="limit: must be from 1 to 5000"):
         ListingQuery(limit=0)
+
+
+def test_a_pager_between_two_steps_survives_a_snapshot_replacing_the_registry() -> None:
+    registry = fleet(10)
+    other = fleet(4)
+    other.register("x", "https://x:1", [capability()], now=T0)
+    pager = registry.workers_pager(now=T0, limit=None)
+    counter = registry.counter(now=T0)
+    assert not pager.step(3) and not counter.step(3)
+    snapshot = other.snapshot()
+    registry.apply_snapshot(type(snapshot)(registry.revision + 1, snapshot.workers))
+    while not pager.step(3) or not counter.step(3):
+        pass
+    # Positions go on after the snapshot: what it holds comes after them.
+    listed = [view.worker_id for view in pager.page().workers]
+    assert listed == ["w0", "w1", "w2", "w0", "w1", "w2", "w3", "x"]
+    assert counter.counts().total == 3 + 5
