@@ -17,6 +17,7 @@ Where each rule lives:
 * ``_rotation``: the round-robin ring of one ``(verb, capability)``.
 * ``_records``: the registry's mutable records (below health and rotation).
 * ``_registry``: the public registry: decide with the table, apply with the fold.
+* ``_listing``: listings in pages (positions, cursors, pagers) and counts in steps.
 * ``_journal``: events and snapshots as JSON lines, and their replay.
 """
 
@@ -75,6 +76,19 @@ from ._journal import (
     replay,
     replay_bytes,
 )
+from ._listing import (
+    CapabilitiesPage,
+    CapabilitiesPager,
+    CapabilityPosition,
+    Counts,
+    WorkerCounter,
+    WorkersPage,
+    WorkersPager,
+    decode_capabilities_cursor,
+    decode_workers_cursor,
+    encode_capabilities_cursor,
+    encode_workers_cursor,
+)
 from ._models import (
     JSON_SCHEMA,
     CapabilityKey,
@@ -105,6 +119,7 @@ from ._wire import (
     HealthAnswer,
     HeartbeatAnswer,
     InvocationAnswer,
+    ListingQuery,
     RegisterAnswer,
     WorkerEntry,
     WorkersAnswer,
@@ -121,12 +136,16 @@ __all__ = [
     "STATE_FORMAT_VERSION",
     "TRANSITIONS",
     "CapabilitiesAnswer",
+    "CapabilitiesPage",
+    "CapabilitiesPager",
     "CapabilityKey",
+    "CapabilityPosition",
     "CapabilityRegistry",
     "CapabilitySchema",
     "DEFAULT_TRUST_DOMAIN",
     "CapabilityView",
     "Change",
+    "Counts",
     "DeregisterAnswer",
     "DeregisterRequest",
     "ErrorAnswer",
@@ -146,6 +165,7 @@ __all__ = [
     "JournalDecodeError",
     "JournalEntry",
     "JournalReader",
+    "ListingQuery",
     "NewerJournalFormat",
     "NotSupported",
     "Problem",
@@ -172,15 +192,22 @@ __all__ = [
     "WorkerRecord",
     "WorkerRegistered",
     "WorkerUnhealthy",
+    "WorkerCounter",
     "WorkerView",
     "WorkersAnswer",
+    "WorkersPage",
+    "WorkersPager",
     "authorize_worker",
     "capability_label",
     "converter",
+    "decode_capabilities_cursor",
     "decode_heartbeat_line",
     "decode_line",
+    "decode_workers_cursor",
+    "encode_capabilities_cursor",
     "encode_event",
     "encode_snapshot",
+    "encode_workers_cursor",
     "invocation_path",
     "is_worker_id",
     "is_worker_url",

@@ -42,6 +42,9 @@ Where things are kept, so that no hot path scans the registry:
   round-robin ring of that capability's members;
 * ``_values``: ``(verb, name)`` -> the distinct capability values its
   workers registered, each stored once (:class:`~._records.CapabilityValues`);
+* ``_everyone``: every worker's registration order (:class:`~._listing.OrderIndex`),
+  and ``_by_capability``: the same per ``(verb, name)``, with ``_keys``
+  those pairs sorted: listings page from them without a scan;
 * ``_deadlines``: a heap of ``(deadline, n, worker)``. An entry that
   surfaces before its worker's current deadline (a heartbeat moved it) is
   pushed again, so a sweep costs what it changes plus, amortised, one push
@@ -50,6 +53,7 @@ Where things are kept, so that no hot path scans the registry:
 
 from __future__ import annotations
 
+import bisect
 import collections
 import heapq
 import itertools
@@ -74,6 +78,16 @@ from ._events import (
     WorkerUnhealthy,
 )
 from ._health import Health, HealthInput, Refusal
+from ._listing import (
+    CapabilitiesPage,
+    CapabilitiesPager,
+    CapabilityPosition,
+    Counts,
+    OrderIndex,
+    WorkerCounter,
+    WorkersPage,
+    WorkersPager,
+)
 from ._models import (
     CapabilityKey,
     CapabilitySchema,
@@ -134,6 +148,9 @@ class CapabilityRegistry:
         self._rotations: dict[CapabilityKey, Rotation] = {}
         self._values: dict[CapabilityKey, CapabilityValues] = {}
         self._deadlines: list[tuple[float, int, Worker]] = []
+        self._everyone = OrderIndex()
+        self._by_capability: dict[CapabilityKey, OrderIndex] = {}
+        self._keys: list[CapabilityKey] = []
         # Ties in the heap go by registration order (never by comparing
         # workers), so that equal registries sweep in the same order.
         self._registrations = itertools.count()
@@ -438,6 +455,9 @@ class CapabilityRegistry:
         self._rotations.clear()
         self._values.clear()
         self._deadlines.clear()
+        self._everyone.clear()
+        self._by_capability.clear()
+        self._keys.clear()
         self._tombstones.clear()
         self._tombstone_expiry.clear()
         self._pending.clear()
@@ -559,32 +579,26 @@ class CapabilityRegistry:
     def get_workers_for_capability(self, capability: str) -> list[WorkerEndpoint]:
         """Every worker registered for ``"verb:name"``, healthy or not, in registration order.
 
-        A listing: it walks the workers (``route`` never does).
+        Walks the capability's own index of its workers, not the registry.
         """
         key = parse_capability_label(capability)
+        index = self._by_capability.get(key)
+        if index is None:
+            return []
         return [
             member.endpoint
-            for worker in self._workers.values()
-            for member in worker.members
+            for _, worker_id in index.after(-1)
+            for member in self._workers[worker_id].members
             if member.key == key
         ]
 
     def get_all_capabilities(self, *, now: float) -> list[CapabilityView]:
-        """One entry per ``(verb, capability, version)``, sorted, with its workers."""
-        groups: dict[tuple[str, str, str], tuple[list[str], list[str]]] = {}
-        for worker in self._workers.values():
-            routable = now <= worker.routable_until
-            for capability in worker.capabilities:
-                workers, healthy = groups.setdefault(
-                    (capability.verb, capability.name, capability.version), ([], [])
-                )
-                workers.append(worker.worker_id)
-                if routable:
-                    healthy.append(worker.worker_id)
-        return [
-            CapabilityView(verb, name, version, tuple(workers), tuple(healthy))
-            for (verb, name, version), (workers, healthy) in sorted(groups.items())
-        ]
+        """One entry per ``(verb, capability, version)``, sorted, with its workers.
+
+        The whole listing in one call; a service pages it with
+        :meth:`capabilities_pager`.
+        """
+        return list(self.capabilities_page(now=now, limit=None).capabilities)
 
     def workers(self, *, now: float) -> list[WorkerView]:
         """Every registered worker at ``now``, in registration order."""
@@ -596,9 +610,151 @@ class CapabilityRegistry:
         return None if worker is None else self._view(worker, now)
 
     def counts(self, *, now: float) -> tuple[int, int]:
-        """``(total, routable)`` worker counts at ``now``."""
-        routable = sum(1 for worker in self._workers.values() if now <= worker.routable_until)
-        return len(self._workers), routable
+        """``(total, routable)`` worker counts at ``now``.
+
+        Looks at every worker; a service counts with :meth:`counter`, in steps.
+        """
+        counts = self.counts_of(now=now)
+        return counts.total, counts.routable
+
+    def counts_of(
+        self,
+        *,
+        now: float,
+        state: HealthState | None = None,
+        verb: str | None = None,
+        capability: str | None = None,
+    ) -> Counts:
+        """The workers in all, routable at ``now``, and matching the filters (as listings)."""
+        counter = self.counter(now=now, state=state, verb=verb, capability=capability)
+        while not counter.step(len(self._workers) + 1):
+            pass  # one step counts every worker: it is the last
+        return counter.counts()
+
+    def counter(
+        self,
+        *,
+        now: float,
+        state: HealthState | None = None,
+        verb: str | None = None,
+        capability: str | None = None,
+    ) -> WorkerCounter:
+        """A :class:`~._listing.WorkerCounter` of every worker, counted in steps.
+
+        Each ``step(budget)`` counts at most ``budget`` more workers.
+        """
+        _check_now(now)
+        return WorkerCounter(
+            self._workers,
+            self._everyone,
+            self._policy,
+            now=now,
+            state=state,
+            verb=verb,
+            capability=capability,
+        )
+
+    def workers_page(
+        self,
+        *,
+        now: float,
+        after: int | None = None,
+        limit: int | None,
+        state: HealthState | None = None,
+        verb: str | None = None,
+        capability: str | None = None,
+    ) -> WorkersPage:
+        """A page of workers at ``now``, in registration order, after position ``after``.
+
+        At most ``limit`` workers (``None``: all) that match every filter
+        given: ``state`` (as listed), ``verb``, ``capability`` (a worker
+        offering a capability with that verb and/or name). The page's
+        ``next_after`` is the ``after`` of the next page, ``None`` on the
+        last. An unfiltered page costs O(``limit``), never a scan of the
+        registry. Built in one call; a service uses :meth:`workers_pager`.
+        """
+        pager = self.workers_pager(
+            now=now, after=after, limit=limit, state=state, verb=verb, capability=capability
+        )
+        while not pager.step(len(self._workers) + 1):
+            pass  # one step walks every worker: it is the last
+        return pager.page()
+
+    def workers_pager(
+        self,
+        *,
+        now: float,
+        after: int | None = None,
+        limit: int | None,
+        state: HealthState | None = None,
+        verb: str | None = None,
+        capability: str | None = None,
+    ) -> WorkersPager:
+        """The :class:`~._listing.WorkersPager` of :meth:`workers_page`: built in bounded steps."""
+        _check_now(now)
+        return WorkersPager(
+            self._workers,
+            self._everyone,
+            self._by_capability,
+            self._view,
+            self._policy,
+            now=now,
+            after=after,
+            limit=limit,
+            state=state,
+            verb=verb,
+            capability=capability,
+        )
+
+    def capabilities_page(
+        self,
+        *,
+        now: float,
+        after: CapabilityPosition | None = None,
+        limit: int | None,
+        state: HealthState | None = None,
+        verb: str | None = None,
+        capability: str | None = None,
+    ) -> CapabilitiesPage:
+        """A page of ``(verb, capability, version)`` entries, sorted, after position ``after``.
+
+        ``verb`` and ``capability`` choose entries; ``state`` keeps in each
+        entry its workers in that state (an entry left with none is left
+        out). Walks only the capabilities listed (each capability keeps an
+        index of its workers). Built in one call; a service uses
+        :meth:`capabilities_pager`.
+        """
+        pager = self.capabilities_pager(
+            now=now, after=after, limit=limit, state=state, verb=verb, capability=capability
+        )
+        while not pager.step(len(self._workers) + 1):
+            pass  # a step walks at most one capability's workers
+        return pager.page()
+
+    def capabilities_pager(
+        self,
+        *,
+        now: float,
+        after: CapabilityPosition | None = None,
+        limit: int | None,
+        state: HealthState | None = None,
+        verb: str | None = None,
+        capability: str | None = None,
+    ) -> CapabilitiesPager:
+        """The :class:`~._listing.CapabilitiesPager` of :meth:`capabilities_page`."""
+        _check_now(now)
+        return CapabilitiesPager(
+            self._workers,
+            self._keys,
+            self._by_capability,
+            self._policy,
+            now=now,
+            after=after,
+            limit=limit,
+            state=state,
+            verb=verb,
+            capability=capability,
+        )
 
     def state_counts(self, *, now: float) -> dict[HealthState, int]:
         """How many workers :meth:`workers` would list in each state at ``now``.
@@ -787,6 +943,8 @@ class CapabilityRegistry:
         """Hold a worker, in place of any worker with its id, keeping its seats and position."""
         old = self._workers.get(worker_id)
         order = next(self._registrations) if old is None else old.order
+        if old is None:
+            self._everyone.add(order, worker_id)
         worker = Worker(worker_id, worker_url, (), state, last_heartbeat, order)
         previous: dict[CapabilityKey, tuple[Member, CapabilitySchema]] = {}
         if old is not None:
@@ -803,6 +961,8 @@ class CapabilityRegistry:
             if values is None:
                 values = self._values[key] = CapabilityValues()
                 self._rotations[key] = Rotation()
+                self._by_capability[key] = OrderIndex()
+                bisect.insort(self._keys, key)
             rotation = self._rotations[key]
             capability = values.share(given)
             endpoint = endpoints.get(capability.version)
@@ -814,6 +974,7 @@ class CapabilityRegistry:
             replaced = previous.pop(key, None)
             if replaced is None:
                 rotation.add(member)
+                self._by_capability[key].add(order, worker_id)
             else:
                 old_member, old_capability = replaced
                 values.release(old_capability)
@@ -832,15 +993,19 @@ class CapabilityRegistry:
     def _remove(self, worker: Worker) -> None:
         for member, capability in zip(worker.members, worker.capabilities, strict=True):
             self._leave(member, capability)
+        self._everyone.discard(worker.order)
         del self._workers[worker.worker_id]
 
     def _leave(self, member: Member, capability: CapabilitySchema) -> None:
         rotation = self._rotations[member.key]
         rotation.remove(member)
         self._values[member.key].release(capability)
+        self._by_capability[member.key].discard(member.worker.order)
         if not len(rotation):
             del self._rotations[member.key]
             del self._values[member.key]
+            del self._by_capability[member.key]
+            del self._keys[bisect.bisect_left(self._keys, member.key)]
 
 
 def _check_now(now: float) -> None:

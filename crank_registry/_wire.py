@@ -19,12 +19,14 @@ refused. :data:`ANSWER_TYPES` names the classes read that way.
 from __future__ import annotations
 
 import datetime
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import attrs
 
 from ._errors import Problem, ValidationError
 from ._models import (
+    _MAX_TEXT,
     _TEXT_SCHEMA,
     _WORKER_ID_PATTERN,
     JSON_SCHEMA,
@@ -46,6 +48,7 @@ __all__ = [
     "HealthAnswer",
     "HeartbeatAnswer",
     "InvocationAnswer",
+    "ListingQuery",
     "RegisterAnswer",
     "WorkerEntry",
     "WorkersAnswer",
@@ -55,6 +58,10 @@ _WORKER_ID = {JSON_SCHEMA: {"pattern": _WORKER_ID_PATTERN}}
 _COUNT = {JSON_SCHEMA: {"minimum": 0}}
 _INTERVAL = {JSON_SCHEMA: {"exclusiveMinimum": 0}}
 _TIME = {JSON_SCHEMA: {"format": "date-time"}}
+
+#: A listing's page size: the default and the most a client may ask for.
+DEFAULT_PAGE_SIZE = 500
+MAX_PAGE_SIZE = 5_000
 
 
 def _iso_time(_: object, attribute: attrs.Attribute[Any], value: str) -> None:
@@ -110,13 +117,124 @@ class DeregisterAnswer:
     worker_id: str = attrs.field(metadata=_WORKER_ID)
 
 
+def _page_size(_: object, attribute: attrs.Attribute[Any], value: int) -> None:
+    if not 1 <= value <= MAX_PAGE_SIZE:
+        raise ValidationError.single(
+            attribute.name, f"must be from 1 to {MAX_PAGE_SIZE}, got {value}"
+        )
+
+
+_STATE_NAMES = ", ".join(state.value for state in HealthState)
+
+
+@attrs.frozen(kw_only=True)
+class ListingQuery:
+    """The query of ``GET /workers`` and ``GET /capabilities``: a page, and filters.
+
+    ``limit``: the page size; ``cursor``: the ``next_cursor`` of the
+    previous page (absent: the first page); ``state``, ``verb``,
+    ``capability``: keep only workers in that state and offering a
+    capability with that verb and/or name.
+    """
+
+    limit: int = attrs.field(
+        default=DEFAULT_PAGE_SIZE,
+        validator=_page_size,
+        metadata={
+            JSON_SCHEMA: {
+                "minimum": 1,
+                "maximum": MAX_PAGE_SIZE,
+                "description": f"Page size (default {DEFAULT_PAGE_SIZE}).",
+            }
+        },
+    )
+    cursor: str | None = attrs.field(
+        default=None,
+        metadata={
+            JSON_SCHEMA: {
+                "description": "The next_cursor of the previous page, unchanged.",
+                "pattern": "^[A-Za-z0-9_-]+$",
+            }
+        },
+    )
+    state: HealthState | None = attrs.field(
+        default=None, metadata={JSON_SCHEMA: {"description": "Only workers in this state."}}
+    )
+    verb: str | None = attrs.field(
+        default=None,
+        validator=attrs.validators.optional(_text),
+        metadata={JSON_SCHEMA: _TEXT_SCHEMA},
+    )
+    capability: str | None = attrs.field(
+        default=None,
+        validator=attrs.validators.optional(_text),
+        metadata={JSON_SCHEMA: _TEXT_SCHEMA},
+    )
+
+    @classmethod
+    def parse(cls, items: Iterable[tuple[str, str]]) -> ListingQuery:
+        """The query of a request's ``(name, value)`` pairs; every problem is named.
+
+        Raises :class:`ValidationError` for an unknown or repeated parameter,
+        a ``limit`` that is not an integer from 1 to :data:`MAX_PAGE_SIZE`,
+        an unknown ``state`` or an empty value.
+        """
+        problems: list[Problem] = []
+        values: dict[str, str] = {}
+        fields = attrs.fields_dict(cls)
+        for name, value in items:
+            if name not in fields:
+                known = ", ".join(fields)
+                problems.append(Problem(name, f"unknown query parameter (known: {known})"))
+            elif name in values:
+                problems.append(Problem(name, "is given more than once"))
+            elif not value.strip():
+                problems.append(Problem(name, "is empty: give a value or leave it out"))
+            else:
+                values[name] = value
+        limit = DEFAULT_PAGE_SIZE
+        if "limit" in values:
+            text = values["limit"]
+            if text.isascii() and text.isdigit() and 1 <= int(text) <= MAX_PAGE_SIZE:
+                limit = int(text)
+            else:
+                problems.append(
+                    Problem("limit", f"must be an integer from 1 to {MAX_PAGE_SIZE}, got {text!r}")
+                )
+        state = None
+        if "state" in values:
+            try:
+                state = HealthState(values["state"])
+            except ValueError:
+                problems.append(
+                    Problem("state", f"must be one of {_STATE_NAMES}, got {values['state']!r}")
+                )
+        for name in ("verb", "capability"):
+            if len(values.get(name, "")) > _MAX_TEXT:
+                problems.append(Problem(name, f"must be at most {_MAX_TEXT} characters"))
+        if problems:
+            raise ValidationError(problems)
+        return cls(
+            limit=limit,
+            cursor=values.get("cursor"),
+            state=state,
+            verb=values.get("verb"),
+            capability=values.get("capability"),
+        )
+
+
 @attrs.frozen(kw_only=True)
 class CapabilitiesAnswer:
-    """``GET /capabilities``: one entry per ``(verb, capability, version)``, and the counts."""
+    """``GET /capabilities``: a page of ``(verb, capability, version)`` entries, and the counts.
+
+    ``total_workers`` and ``healthy_workers`` count every worker (routable
+    ones as healthy); ``next_cursor`` is absent on the last page.
+    """
 
     capabilities: tuple[CapabilityView, ...]
     total_workers: int = attrs.field(metadata=_COUNT)
     healthy_workers: int = attrs.field(metadata=_COUNT)
+    next_cursor: str | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -138,9 +256,18 @@ class WorkerEntry:
 
 @attrs.frozen(kw_only=True)
 class WorkersAnswer:
-    """``GET /workers``: every worker and its health."""
+    """``GET /workers``: a page of workers and their health, and the counts.
+
+    ``total_workers`` and ``healthy_workers`` count every worker;
+    ``matching_workers`` (a filtered listing only) those the filters keep,
+    over all pages; ``next_cursor`` is absent on the last page.
+    """
 
     workers: tuple[WorkerEntry, ...]
+    total_workers: int = attrs.field(metadata=_COUNT)
+    healthy_workers: int = attrs.field(metadata=_COUNT)
+    matching_workers: int | None = attrs.field(default=None, metadata=_COUNT)
+    next_cursor: str | None = None
 
 
 @attrs.frozen(kw_only=True)

@@ -33,7 +33,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from crank_registry import (
-    CapabilitiesAnswer,
     CapabilityRegistry,
     DeregisterAnswer,
     DeregisterRequest,
@@ -42,6 +41,7 @@ from crank_registry import (
     HealthAnswer,
     HeartbeatAnswer,
     HeartbeatRequest,
+    ListingQuery,
     NewerJournalFormat,
     RegisterAnswer,
     Registration,
@@ -49,16 +49,14 @@ from crank_registry import (
     RouteRequest,
     UnknownCapability,
     ValidationError,
-    WorkerEntry,
-    WorkersAnswer,
     authorize_worker,
-    capability_label,
     iso_utc,
     replay_bytes,
     structure,
     unstructure,
 )
 
+from . import listings
 from .clock import AnchoredClock
 from .config import ServiceConfig
 from .effects import Effects, RegistrySnapshots, log_fields, logger
@@ -252,9 +250,9 @@ class ControllerService:
     # --------------------------------------------------------------- endpoints
 
     async def health(self, request: Request) -> Response:
-        """GET /health: liveness and worker counts."""
-        total, routable = self.registry.counts(now=self.clock())
-        return answer(HealthAnswer(total_workers=total, healthy_workers=routable))
+        """GET /health: liveness and worker counts (counted in slices)."""
+        counted = await listings.counts(self.registry, now=self.clock())
+        return answer(HealthAnswer(total_workers=counted.total, healthy_workers=counted.routable))
 
     async def register(self, request: Request) -> Response:
         """POST /register: add or replace a worker."""
@@ -347,30 +345,16 @@ class ControllerService:
         return answer(endpoint)
 
     async def capabilities(self, request: Request) -> Response:
-        """GET /capabilities: one entry per (verb, capability, version)."""
-        now = self.clock()
-        views = self.registry.get_all_capabilities(now=now)
-        total, routable = self.registry.counts(now=now)
-        return answer(
-            CapabilitiesAnswer(
-                capabilities=tuple(views), total_workers=total, healthy_workers=routable
-            )
-        )
+        """GET /capabilities: a page of (verb, capability, version) entries."""
+        query = ListingQuery.parse(request.query_params.multi_items())
+        body = await listings.capabilities_body(self.registry, query, now=self.clock())
+        return Response(body, media_type="application/json")
 
     async def workers(self, request: Request) -> Response:
-        """GET /workers: every worker with its health at this moment."""
-        entries = tuple(
-            WorkerEntry(
-                worker_id=view.worker_id,
-                worker_url=view.worker_url,
-                last_heartbeat=iso_utc(view.last_heartbeat),
-                is_healthy=view.is_healthy,
-                state=view.state,
-                capabilities=tuple(capability_label(c.key) for c in view.capabilities),
-            )
-            for view in self.registry.workers(now=self.clock())
-        )
-        return answer(WorkersAnswer(workers=entries))
+        """GET /workers: a page of workers with their health at this moment."""
+        query = ListingQuery.parse(request.query_params.multi_items())
+        body = await listings.workers_body(self.registry, query, now=self.clock())
+        return Response(body, media_type="application/json")
 
     async def exposition(self, request: Request) -> Response:
         """GET /metrics: the Prometheus text exposition of the app's metrics."""

@@ -36,6 +36,7 @@ from crank_registry import (
     HealthAnswer,
     HeartbeatAnswer,
     HeartbeatRequest,
+    ListingQuery,
     RegisterAnswer,
     Registration,
     RouteRequest,
@@ -59,6 +60,7 @@ __all__ = [
     "model_schema",
     "openapi_document",
     "operation_object",
+    "query_parameters",
     "property_schemas",
     "ref",
     "type_schema",
@@ -98,7 +100,10 @@ ERRORS: Mapping[str, ErrorCode] = {
     ),
     "unsupported_media_type": ErrorCode(415, "The body is not sent as application/json."),
     "invalid_request": ErrorCode(
-        422, "The body is JSON but not the model; every problem listed.", ("detail",)
+        422,
+        "The body is JSON but not the model, or a query parameter is invalid; "
+        "every problem listed.",
+        ("detail",),
     ),
     "not_supported": ErrorCode(
         422,
@@ -157,6 +162,8 @@ ERRORS: Mapping[str, ErrorCode] = {
 class Operation:
     """One endpoint: its 200 answer is ``answer``, its errors the codes in ``errors``.
 
+    ``request`` is the model of its JSON body, ``query`` that of its query
+    parameters (each field one optional parameter).
     ``media_type`` is the 200 answer's; an answer that is not JSON is
     ``text/plain``, a string.
     """
@@ -170,6 +177,7 @@ class Operation:
     request: type[Any] | None = None
     errors: tuple[str, ...] = ()
     media_type: str = "application/json"
+    query: type[Any] | None = None
 
 
 #: What any endpoint with a body may answer about it.
@@ -229,12 +237,21 @@ OPERATIONS: tuple[Operation, ...] = (
         "GET",
         "/capabilities",
         "capabilities",
-        "Every (verb, capability, version) and its workers",
+        "A page of (verb, capability, version) entries and their workers",
         CapabilitiesAnswer,
-        "The capabilities.",
+        "The capabilities, sorted; next_cursor is absent on the last page.",
+        errors=("invalid_request",),
+        query=ListingQuery,
     ),
     Operation(
-        "GET", "/workers", "workers", "Every worker and its health", WorkersAnswer, "The workers."
+        "GET",
+        "/workers",
+        "workers",
+        "A page of workers and their health, in registration order",
+        WorkersAnswer,
+        "The workers; next_cursor is absent on the last page.",
+        errors=("invalid_request",),
+        query=ListingQuery,
     ),
     Operation(
         "GET",
@@ -375,11 +392,31 @@ def error_answers(codes: Iterable[str], errors: Mapping[str, ErrorCode]) -> dict
     return responses
 
 
+def query_parameters(model: type[Any], components: dict[str, Any]) -> list[dict[str, Any]]:
+    """The OpenAPI query parameters of ``model``: each field, optional, without its null."""
+    parameters = []
+    for name, given in property_schemas(model, components).items():
+        kind = given.get("type")
+        # "X | None": a parameter is absent, never null.
+        schema = {**given, "type": kind[0]} if isinstance(kind, list) else given
+        field = attrs.fields_dict(model)[name]
+        if field.default is not None and field.default is not attrs.NOTHING:
+            schema["default"] = field.default
+        parameter: dict[str, Any] = {"name": name, "in": "query", "required": False}
+        description = schema.pop("description", None)
+        if description is not None:
+            parameter["description"] = description
+        parameters.append({**parameter, "schema": schema})
+    return parameters
+
+
 def operation_object(
     operation: Operation, errors: Mapping[str, ErrorCode], components: dict[str, Any]
 ) -> dict[str, Any]:
     """The OpenAPI operation of one endpoint (its models are added to ``components``)."""
     result: dict[str, Any] = {"summary": operation.summary, "operationId": operation.operation_id}
+    if operation.query is not None:
+        result["parameters"] = query_parameters(operation.query, components)
     if operation.request is not None:
         schema = type_schema(operation.request, components)
         result["requestBody"] = {

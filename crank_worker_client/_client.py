@@ -260,14 +260,40 @@ class ControllerClient:
         body.update({key: value for key, value in optional.items() if value is not None})
         return await self._call("POST", "/route", WorkerEndpoint, body)
 
-    async def capabilities(self) -> list[CapabilityView]:
-        """``GET /capabilities``, every page: one entry per ``(verb, capability, version)``."""
-        pages = await self._listing("/capabilities", CapabilitiesAnswer)
+    async def capabilities(
+        self,
+        *,
+        verb: str | None = None,
+        capability: str | None = None,
+        state: HealthState | None = None,
+        page_size: int | None = None,
+    ) -> list[CapabilityView]:
+        """``GET /capabilities``: one entry per ``(verb, capability, version)``, every page.
+
+        ``verb`` and ``capability`` choose entries, ``state`` keeps in each
+        the workers in that state; ``page_size`` is the ``limit`` of each
+        request (the controller's default: 500).
+        """
+        filters = _listing_params(verb, capability, state, page_size)
+        pages = await self._listing("/capabilities", CapabilitiesAnswer, filters)
         return [view for page in pages for view in page.capabilities]
 
-    async def workers(self) -> list[WorkerInfo]:
-        """``GET /workers``, every page: every registered worker and its health."""
-        pages = await self._listing("/workers", WorkersAnswer)
+    async def workers(
+        self,
+        *,
+        state: HealthState | None = None,
+        verb: str | None = None,
+        capability: str | None = None,
+        page_size: int | None = None,
+    ) -> list[WorkerInfo]:
+        """``GET /workers``: the registered workers and their health, every page.
+
+        Filters as the controller's: workers in ``state``, offering a
+        capability with that ``verb`` and/or name ``capability``. A worker
+        present throughout is listed once, in registration order.
+        """
+        filters = _listing_params(verb, capability, state, page_size)
+        pages = await self._listing("/workers", WorkersAnswer, filters)
         return [
             WorkerInfo(
                 worker_id=entry.worker_id,
@@ -311,11 +337,11 @@ class ControllerClient:
 
     # -- plumbing ---------------------------------------------------------
 
-    async def _listing(self, path: str, answer: type[T]) -> list[T]:
+    async def _listing(self, path: str, answer: type[T], filters: Mapping[str, str]) -> list[T]:
         """Every page of the listing at ``path``, following ``next_cursor`` until it is absent."""
         pages: list[T] = []
         cursors: set[str] = set()
-        params: dict[str, str] | None = None  # no cursor until the controller gives one
+        params: Mapping[str, str] = filters  # no cursor until the controller gives one
         while True:
             data = await self._fetch("GET", path, params=params)
             pages.append(_read_answer(data, answer, f"GET {path}"))
@@ -332,7 +358,7 @@ class ControllerClient:
                     "non-empty string",
                 )
             cursors.add(cursor)
-            params = {"cursor": cursor}
+            params = {**filters, "cursor": cursor}
 
     async def _call(
         self,
@@ -341,9 +367,11 @@ class ControllerClient:
         answer: type[T],
         body: Mapping[str, Any] | None = None,
         timeout: float | None = None,
+        *,
+        params: Mapping[str, str] | None = None,
     ) -> T:
         """Send the request; its 200 answer read into the model ``answer``."""
-        data = await self._fetch(method, path, body, timeout)
+        data = await self._fetch(method, path, body, timeout, params)
         return _read_answer(data, answer, f"{method} {path}")
 
     async def _fetch(
@@ -539,3 +567,16 @@ def _json_object(response: httpx.Response) -> dict[str, Any] | None:
     except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return None
     return data if isinstance(data, dict) else None
+
+
+def _listing_params(
+    verb: str | None, capability: str | None, state: HealthState | None, page_size: int | None
+) -> dict[str, str]:
+    """The query of a listing: only the parameters given."""
+    given = {
+        "verb": verb,
+        "capability": capability,
+        "state": None if state is None else state.value,
+        "limit": None if page_size is None else str(page_size),
+    }
+    return {name: value for name, value in given.items() if value is not None}

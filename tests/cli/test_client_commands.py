@@ -149,7 +149,9 @@ def test_workers_json_is_the_controllers_answer(
 ) -> None:
     status, out, _ = ask(controller, pki, capsys, "workers", "--json")
     assert status == 0
-    assert json.loads(out) == controller_answer(controller, pki, "GET", "/workers")
+    listing = controller_answer(controller, pki, "GET", "/workers")
+    # Every entry of every page; the counts are `crank-registry health`'s.
+    assert json.loads(out) == {"workers": listing["workers"]}
 
 
 def test_capabilities_table_and_json(

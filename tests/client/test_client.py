@@ -11,6 +11,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -345,7 +346,9 @@ async def test_listings_and_health_are_read_into_values() -> None:
                     "state": "healthy",
                     "capabilities": ["classify:image.classify"],
                 }
-            ]
+            ],
+            "total_workers": 1,
+            "healthy_workers": 1,
         },
         "/health": {"status": "ok", "total_workers": 2, "healthy_workers": 1},
     }
@@ -392,12 +395,16 @@ def _capability_entry(name: str) -> dict[str, object]:
 async def test_listings_follow_next_cursor_until_it_is_absent() -> None:
     seen: list[httpx.Request] = []
     # Pages keyed by the cursor asked for (None: the first request).
-    workers = {
-        None: {"workers": [_worker_entry("w1"), _worker_entry("w2")], "next_cursor": "c2"},
-        "c2": {"workers": [_worker_entry("w3")], "next_cursor": "c3"},
-        "c3": {"workers": [_worker_entry("w4")]},
-    }
     counts = {"total_workers": 4, "healthy_workers": 4}
+    workers = {
+        None: {
+            "workers": [_worker_entry("w1"), _worker_entry("w2")],
+            **counts,
+            "next_cursor": "c2",
+        },
+        "c2": {"workers": [_worker_entry("w3")], **counts, "next_cursor": "c3"},
+        "c3": {"workers": [_worker_entry("w4")], **counts},
+    }
     capabilities = {
         None: {"capabilities": [_capability_entry("a")], **counts, "next_cursor": "x"},
         "x": {"capabilities": [_capability_entry("b")], **counts},
@@ -429,7 +436,10 @@ async def test_a_next_cursor_that_would_loop_or_is_not_a_string_is_unexpected(
 ) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         # "again" is given again on the page it leads to: a loop.
-        return httpx.Response(200, json={"workers": [], "next_cursor": cursor})
+        return httpx.Response(
+            200,
+            json={"workers": [], "total_workers": 0, "healthy_workers": 0, "next_cursor": cursor},
+        )
 
     async with client_for(handler) as client:
         with pytest.raises(UnexpectedResponse, match="next_cursor"):
@@ -445,9 +455,40 @@ async def test_a_worker_entry_with_an_unknown_state_is_unexpected() -> None:
         "state": "sleepy",
         "capabilities": [],
     }
-    client = client_for(answer(200, {"workers": [entry]}))
+    body = {"workers": [entry], "total_workers": 1, "healthy_workers": 1}
+    client = client_for(answer(200, body))
     with pytest.raises(UnexpectedResponse, match="not valid"):
         await client.workers()
+
+
+async def test_listings_follow_next_cursor_and_send_the_filters() -> None:
+    def entry(worker_id: str) -> dict[str, Any]:
+        return {
+            "worker_id": worker_id,
+            "worker_url": f"https://{worker_id}",
+            "last_heartbeat": "2026-11-26T20:00:00Z",
+            "is_healthy": True,
+            "state": "healthy",
+            "capabilities": ["classify:image.classify"],
+        }
+
+    pages: dict[str | None, dict[str, Any]] = {
+        None: {"workers": [entry("w1"), entry("w2")], "next_cursor": "c2"},
+        "c2": {"workers": [entry("w3")]},
+    }
+    queries: list[dict[str, str]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        query = dict(request.url.params)
+        queries.append(query)
+        page = pages[query.get("cursor")]
+        return httpx.Response(200, json={**page, "total_workers": 3, "healthy_workers": 3})
+
+    async with client_for(handler) as client:
+        workers = await client.workers(state=HealthState.HEALTHY, verb="classify", page_size=2)
+    assert [worker.worker_id for worker in workers] == ["w1", "w2", "w3"]
+    filters = {"state": "healthy", "verb": "classify", "limit": "2"}
+    assert queries == [filters, {**filters, "cursor": "c2"}]
 
 
 async def test_works_without_a_context_manager_and_reopens_after_aclose() -> None:

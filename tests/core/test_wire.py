@@ -39,7 +39,8 @@ def test_an_answer_is_read_with_unknown_fields_ignored_a_request_is_not() -> Non
         "capabilities": ["classify:image.classify"],
         "load": 0.5,
     }
-    answer = structure({"workers": [entry], "next": None}, WorkersAnswer)
+    body = {"workers": [entry], "total_workers": 1, "healthy_workers": 1, "next": None}
+    answer = structure(body, WorkersAnswer)
     assert answer.workers[0].state is HealthState.HEALTHY
     with pytest.raises(ValidationError, match="load: unknown field"):
         structure({"worker_id": "w1", "load": 0.5}, HeartbeatRequest)

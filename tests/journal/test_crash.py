@@ -122,10 +122,18 @@ class Controller:
                 self.process.wait()
 
     async def worker_ids(self) -> set[str]:
+        """Every listed worker, page by page."""
+        ids: set[str] = set()
+        params = {"limit": "5000"}
         async with httpx.AsyncClient(base_url=self.url, timeout=30.0) as client:
-            response = await client.get("/workers")
-        assert response.status_code == 200
-        return {worker["worker_id"] for worker in response.json()["workers"]}
+            while True:
+                response = await client.get("/workers", params=params)
+                assert response.status_code == 200
+                page = response.json()
+                ids.update(worker["worker_id"] for worker in page["workers"])
+                if "next_cursor" not in page:
+                    return ids
+                params["cursor"] = page["next_cursor"]
 
 
 @contextlib.contextmanager

@@ -78,7 +78,7 @@ class Controller:
     async def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """Send a request; the answer must agree with the OpenAPI document."""
         response = await self.client.request(method, path, **kwargs)
-        check_documented(method, path, response)
+        check_documented(method, response.request.url.path, response)
         return response
 
     async def get(self, path: str) -> httpx.Response:

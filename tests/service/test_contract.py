@@ -17,6 +17,7 @@ from starlette.routing import Mount
 from crank_registry import (
     CapabilityRegistry,
     HealthPolicy,
+    WorkerCounter,
     WorkerRecord,
     iso_utc,
 )
@@ -450,7 +451,7 @@ async def test_logs_one_line_per_registration_deregistration(
 
 async def test_last_resort_handler_answers_json_500() -> None:
     class Broken(CapabilityRegistry):
-        def counts(self, *, now: float) -> tuple[int, int]:
+        def counter(self, **_: Any) -> WorkerCounter:
             raise RuntimeError("injected fault")
 
     app = create_app(Broken(), clock=FakeClock())
