@@ -15,6 +15,7 @@ Where each rule lives:
 * ``_events``: the events and the snapshot, the fold's inputs.
 * ``_health``: the state table of a worker and all health arithmetic.
 * ``_rotation``: the round-robin ring of one ``(verb, capability)``.
+* ``_routing``: the routing options: filters, strategies, idempotency, explain.
 * ``_records``: the registry's mutable records (below health and rotation).
 * ``_registry``: the public registry: decide with the table, apply with the fold.
 * ``_journal``: events and snapshots as JSON lines, and their replay.
@@ -71,6 +72,9 @@ from ._journal import (
 )
 from ._models import (
     JSON_SCHEMA,
+    REMOVAL_REASONS,
+    ROUTE_STRATEGIES,
+    SLO_CONSTRAINT_KEYS,
     CapabilityKey,
     CapabilitySchema,
     CapabilityView,
@@ -79,6 +83,8 @@ from ._models import (
     HealthState,
     HeartbeatRequest,
     Registration,
+    RemovedWorker,
+    RouteExplanation,
     RouteRequest,
     WorkerEndpoint,
     WorkerRecord,
@@ -89,6 +95,7 @@ from ._models import (
     parse_capability_label,
 )
 from ._registry import STATE_FORMAT_VERSION, CapabilityRegistry
+from ._routing import RouteOptions, RoutingSettings, effective_slo, rendezvous_weight
 from ._wire import (
     ANSWER_TYPES,
     CapabilitiesAnswer,
@@ -111,6 +118,9 @@ __all__ = [
     "JOURNAL_FORMAT_VERSION",
     "JSON_SCHEMA",
     "NDJSON",
+    "REMOVAL_REASONS",
+    "ROUTE_STRATEGIES",
+    "SLO_CONSTRAINT_KEYS",
     "SNAPSHOT_PART_SIZE",
     "STATE_FORMAT_VERSION",
     "TRANSITIONS",
@@ -146,8 +156,12 @@ __all__ = [
     "RegisterAnswer",
     "Registration",
     "RegistryError",
+    "RemovedWorker",
     "ReplayResult",
+    "RouteExplanation",
+    "RouteOptions",
     "RouteRequest",
+    "RoutingSettings",
     "SkippedLine",
     "Snapshot",
     "SnapshotPart",
@@ -172,6 +186,7 @@ __all__ = [
     "converter",
     "decode_heartbeat_line",
     "decode_line",
+    "effective_slo",
     "encode_event",
     "encode_snapshot",
     "invocation_path",
@@ -179,6 +194,7 @@ __all__ = [
     "is_worker_url",
     "iso_utc",
     "parse_capability_label",
+    "rendezvous_weight",
     "replay",
     "replay_bytes",
     "structure",

@@ -10,15 +10,16 @@ skipped at most once, and no sweep needs to have run for a route to be
 right. The ring is compacted when holes outnumber members, which keeps
 skipping holes O(1) amortised.
 
-Round-robin is the default strategy. Another strategy chooses among
-:meth:`Rotation.members` (the routable candidates of one
-``(verb, capability)``) at ``now``; the rotation knows nothing of the
-registry around it.
+Round-robin is the default strategy. The routing options
+(:mod:`._routing`) filter :attr:`Rotation.everyone` (every member, in or out
+of the ring, in the order they joined) and choose among the candidates
+left; their round-robin is :meth:`Rotation.next_of`, on the same cursor.
+The rotation knows nothing of the registry around it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from ._records import Member
 
@@ -28,17 +29,20 @@ __all__ = ["Rotation"]
 class Rotation:
     """The routable members of one ``(verb, capability)``, served round-robin."""
 
-    __slots__ = ("cursor", "live", "ring", "size")
+    __slots__ = ("cursor", "everyone", "live", "ring", "size")
 
     def __init__(self) -> None:
         self.ring: list[Member | None] = []
         self.cursor = 0
         self.live = 0  # members in the ring (the rest of it is holes)
         self.size = 0  # members in all, in the ring or out of it
+        # Every member by worker id, in or out of the ring, in the order they joined.
+        self.everyone: dict[str, Member] = {}
 
     def add(self, member: Member) -> None:
         """A new member: seated at the end of the ring (the last to be served)."""
         self.size += 1
+        self.everyone[member.worker.worker_id] = member
         member.slot = len(self.ring)
         self.ring.append(member)
         self.live += 1
@@ -47,6 +51,7 @@ class Rotation:
         """A member leaves for good."""
         self.leave(member)
         self.size -= 1
+        del self.everyone[member.worker.worker_id]
 
     def join(self, member: Member) -> None:
         """Seat ``member`` (out of the ring) at the end of the ring."""
@@ -66,6 +71,7 @@ class Rotation:
 
     def take_seat(self, old: Member, new: Member) -> None:
         """``new`` replaces member ``old``, in its seat (a re-registration keeps its turn)."""
+        self.everyone[new.worker.worker_id] = new
         if old.slot < 0:
             self.join(new)
             return
@@ -93,6 +99,26 @@ class Rotation:
             self.leave(member)
             member.worker.parked = True
         return None
+
+    def next_of(self, candidates: Sequence[Member]) -> Member | None:
+        """The first of ``candidates`` the cursor reaches, moving the cursor past it.
+
+        Round-robin among a subset of the members, in O(len(candidates)):
+        each candidate's distance from the cursor is its slot's. A candidate
+        out of the ring (slot -1) comes after those in it.
+        """
+        if not candidates:
+            return None
+        length = len(self.ring)
+        cursor = self.cursor
+
+        def distance(member: Member) -> int:
+            return (member.slot - cursor) % length if member.slot >= 0 else length
+
+        chosen = min(candidates, key=distance)
+        if chosen.slot >= 0:
+            self.cursor = chosen.slot + 1
+        return chosen
 
     def members(self) -> Iterator[Member]:
         """The members in the ring, in ring order."""
