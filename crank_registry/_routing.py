@@ -25,8 +25,9 @@ refused with :class:`~._errors.NotSupported` naming the field.
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -58,6 +59,7 @@ __all__ = [
     "choose",
     "effective_slo",
     "rendezvous_weight",
+    "rendezvous_weights",
 ]
 
 _DEFAULT_STRATEGY = "round_robin"
@@ -216,23 +218,50 @@ def effective_slo(worker: Worker, capability: CapabilitySchema) -> Mapping[str, 
     return capability.slo or {}
 
 
-def rendezvous_weight(key: str, worker_id: str) -> int:
-    """The weight of ``worker_id`` for an affinity key: the highest weight wins.
+def rendezvous_weights(key: str) -> Callable[[str], bytes]:
+    """The weight of each worker id for an affinity ``key``: the highest weight wins.
 
     A stable hash (blake2b, the same in every process and run, unlike
-    Python's salted ``hash``) of the key and the worker id, length-prefixed
-    so that no two pairs give the same input.
+    Python's salted ``hash``) of the length-prefixed key, then the worker
+    id. The key's part is hashed once per route, each worker's on a copy.
     """
-    data = f"{len(key)}:{key}{worker_id}".encode()
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+    prefix = hashlib.blake2b(f"{len(key)}:{key}".encode(), digest_size=8)
+
+    def weight(worker_id: str) -> bytes:
+        hasher = prefix.copy()
+        hasher.update(worker_id.encode())
+        return hasher.digest()
+
+    return weight
+
+
+def rendezvous_weight(key: str, worker_id: str) -> int:
+    """The weight of ``worker_id`` for affinity ``key``, as a number.
+
+    The same order as :func:`rendezvous_weights`, whose bytes it reads.
+    """
+    return int.from_bytes(rendezvous_weights(key)(worker_id), "big")
+
+
+@functools.lru_cache(maxsize=4096)
+def _version_matches(specifier: str, version: str) -> bool:
+    """Whether a capability's ``version`` is in the ``specifier`` set.
+
+    A version that is not PEP 440 (an older journal's) is in none.
+    Pre-releases are versions like any other: a worker runs what it runs
+    (and the answer must not depend on packaging's default). Cached: few
+    constraints meet few versions, and the comparison is the filter's cost.
+    """
+    parsed = parse_version(version)
+    return parsed is not None and parse_specifier(specifier).contains(parsed, prereleases=True)
 
 
 def _capability_of(member: Member) -> CapabilitySchema:
     worker = member.worker
-    for seat, capability in zip(worker.members, worker.capabilities, strict=True):
-        if seat is member:
-            return capability
-    raise AssertionError(f"member of {worker.worker_id!r} not among its seats")
+    members = worker.members
+    # Most workers offer one capability: their first seat is this one.
+    index = 0 if members[0] is member else members.index(member)
+    return worker.capabilities[index]
 
 
 def _misses_slo(slo: Mapping[str, float], bounds: Mapping[str, float]) -> bool:
@@ -250,50 +279,45 @@ def _misses_slo(slo: Mapping[str, float], bounds: Mapping[str, float]) -> bool:
 
 
 def _filter(
-    members: Iterable[Member], options: RouteOptions, now: float
+    everyone: Mapping[str, Member], options: RouteOptions, now: float
 ) -> tuple[list[Member], dict[str, str]]:
-    """The candidates, and for each other worker the first rule that removed it."""
-    specifier = None if options.version is None else parse_specifier(options.version)
-    excluded = frozenset(options.exclude or ())
+    """The candidates, and for each other worker the first rule that removed it.
+
+    One pass over the members of one capability, the rules in their order.
+    """
+    specifier = options.version
+    excluded = frozenset(options.exclude) if options.exclude else frozenset()
     bounds = options.slo_constraints
     budget = options.budget_tokens
     reasons: dict[str, str] = {}
-    passed: list[tuple[Member, float]] = []
-    for member in members:
-        worker = member.worker
-        if now > worker.routable_until:
-            reasons[worker.worker_id] = "unhealthy"
-            continue
-        if specifier is not None:
-            version = parse_version(member.endpoint.version)
-            # Pre-releases are versions like any other: a worker runs what it
-            # runs (and the answer must not depend on packaging's default).
-            if version is None or not specifier.contains(version, prereleases=True):
-                reasons[worker.worker_id] = "version"
+    passed: list[Member] = []
+    costs: list[float] = []
+    for worker_id, member in everyone.items():
+        if now > member.worker.routable_until:
+            reasons[worker_id] = "unhealthy"
+        elif specifier is not None and not _version_matches(specifier, member.endpoint.version):
+            reasons[worker_id] = "version"
+        elif worker_id in excluded:
+            reasons[worker_id] = "excluded"
+        elif bounds is None and budget is None:
+            passed.append(member)
+        else:
+            capability = _capability_of(member)
+            if bounds is not None and _misses_slo(effective_slo(member.worker, capability), bounds):
+                reasons[worker_id] = "slo"
                 continue
-        if worker.worker_id in excluded:
-            reasons[worker.worker_id] = "excluded"
-            continue
-        capability = _capability_of(member) if bounds or budget is not None else None
-        if (
-            bounds
-            and capability is not None
-            and _misses_slo(effective_slo(worker, capability), bounds)
-        ):
-            reasons[worker.worker_id] = "slo"
-            continue
-        cost = 0.0
-        if budget is not None and capability is not None:
             cost = capability.cost_tokens_per_invocation or 0.0
-            if cost > budget:
-                reasons[worker.worker_id] = "budget"
+            if budget is not None and cost > budget:
+                reasons[worker_id] = "budget"
                 continue
-        passed.append((member, cost))
+            passed.append(member)
+            costs.append(cost)
     if budget is None or not passed:
-        return [member for member, _ in passed], reasons
-    cheapest = min(cost for _, cost in passed)
+        return passed, reasons
+    # Only the cheapest tier stays.
+    cheapest = min(costs)
     candidates: list[Member] = []
-    for member, cost in passed:
+    for member, cost in zip(passed, costs, strict=True):
         if cost > cheapest:
             reasons[member.worker.worker_id] = "budget"
         else:
@@ -302,17 +326,10 @@ def _filter(
 
 
 def _pick(rotation: Rotation, candidates: Sequence[Member], options: RouteOptions) -> Member | None:
-    if options.strategy == "affinity":
+    if options.strategy == "affinity" and candidates:
         assert options.affinity_key is not None  # RouteOptions checks it
-        key = options.affinity_key
-        return max(
-            candidates,
-            key=lambda member: (
-                rendezvous_weight(key, member.worker.worker_id),
-                member.worker.worker_id,
-            ),
-            default=None,
-        )
+        weight = rendezvous_weights(options.affinity_key)
+        return max(candidates, key=lambda member: weight(member.worker.worker_id))
     return rotation.next_of(candidates)
 
 
@@ -329,7 +346,7 @@ def choose(
 
     The explanation is built only when ``explain`` is asked.
     """
-    candidates, reasons = _filter(rotation.everyone.values(), options, now)
+    candidates, reasons = _filter(rotation.everyone, options, now)
     chosen: Member | None = None
     remembered_as = None
     if options.idempotency_key is not None:
