@@ -704,7 +704,7 @@ class RouteRequest:
         default=None,
         validator=_strategy,
         metadata=_schema(
-            enum=list(ROUTE_STRATEGIES),
+            enum=[*ROUTE_STRATEGIES, None],
             description="How to choose among the candidates; round_robin by default.",
         ),
     )

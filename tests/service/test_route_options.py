@@ -127,7 +127,7 @@ async def test_explain_false_and_null_answer_without_explain() -> None:
     async with running() as api:
         await fleet(api)
         for value in (False, None):
-            body = await routed(api, explain=value)
+            body = await routed(api, explain=value, strategy=None, version=None)
             assert "explain" not in body
 
 
