@@ -20,7 +20,10 @@ from crank_registry import (
     UnknownCapability,
     ValidationError,
     WorkerRecord,
+    WorkerRegistered,
+    encode_event,
     rendezvous_weight,
+    replay_bytes,
     structure,
 )
 from crank_registry._models import parse_specifier, parse_version
@@ -104,6 +107,19 @@ def test_a_record_of_an_older_journal_with_a_non_pep440_version_loads_and_never_
     explanation = explained(registry, version=">=0")
     assert explanation.candidates == ("w1",)
     assert removed(explanation) == {"legacy": "version"}
+
+
+def test_a_journal_line_of_an_older_release_with_a_semver_version_replays_and_never_matches() -> (
+    None
+):
+    legacy = structure(capability_payload(version="1.0.0-beta.foo"), type(capability()))
+    line = encode_event(WorkerRegistered("legacy", "https://legacy:1", (legacy,), T0, revision=1))
+    registry = CapabilityRegistry(POLICY)
+    result = replay_bytes(line, registry)
+    assert result.lines_skipped == 0 and "legacy" in registry
+    assert chosen(registry, 1) == ["legacy"]
+    assert chosen(registry, 1, version=">=0") == [None]
+    assert removed(explained(registry, version=">=0")) == {"legacy": "version"}
 
 
 # ------------------------------------------------------------------- exclude
