@@ -11,10 +11,10 @@ right. The ring is compacted when holes outnumber members, which keeps
 skipping holes O(1) amortised.
 
 Round-robin is the default strategy. The routing options
-(:mod:`._routing`) filter :attr:`Rotation.everyone` (every member, in or out
-of the ring, in the order they joined) and choose among the candidates
-left; their round-robin is :meth:`Rotation.next_of`, on the same cursor.
-The rotation knows nothing of the registry around it.
+(:mod:`._routing`) filter :meth:`Rotation.everyone` (the members in the
+ring, then those out of it) and choose among the candidates left; their
+round-robin is :meth:`Rotation.next_of`, on the same cursor. The rotation
+knows nothing of the registry around it.
 """
 
 from __future__ import annotations
@@ -29,20 +29,20 @@ __all__ = ["Rotation"]
 class Rotation:
     """The routable members of one ``(verb, capability)``, served round-robin."""
 
-    __slots__ = ("cursor", "everyone", "live", "ring", "size")
+    __slots__ = ("cursor", "live", "outside", "ring", "size")
 
     def __init__(self) -> None:
         self.ring: list[Member | None] = []
         self.cursor = 0
         self.live = 0  # members in the ring (the rest of it is holes)
         self.size = 0  # members in all, in the ring or out of it
-        # Every member by worker id, in or out of the ring, in the order they joined.
-        self.everyone: dict[str, Member] = {}
+        # The members out of the ring, by worker id; made when the first
+        # leaves it (most rotations never have one: no memory for them).
+        self.outside: dict[str, Member] | None = None
 
     def add(self, member: Member) -> None:
         """A new member: seated at the end of the ring (the last to be served)."""
         self.size += 1
-        self.everyone[member.worker.worker_id] = member
         member.slot = len(self.ring)
         self.ring.append(member)
         self.live += 1
@@ -51,10 +51,15 @@ class Rotation:
         """A member leaves for good."""
         self.leave(member)
         self.size -= 1
-        del self.everyone[member.worker.worker_id]
+        if self.outside is not None:
+            self.outside.pop(member.worker.worker_id, None)
 
     def join(self, member: Member) -> None:
         """Seat ``member`` (out of the ring) at the end of the ring."""
+        if self.outside is not None:
+            self.outside.pop(member.worker.worker_id, None)
+            if not self.outside:
+                self.outside = None
         member.slot = len(self.ring)
         self.ring.append(member)
         self.live += 1
@@ -66,12 +71,14 @@ class Rotation:
         self.ring[member.slot] = None
         member.slot = -1
         self.live -= 1
+        if self.outside is None:
+            self.outside = {}
+        self.outside[member.worker.worker_id] = member
         if len(self.ring) > 2 * self.live + 4:
             self._compact()
 
     def take_seat(self, old: Member, new: Member) -> None:
         """``new`` replaces member ``old``, in its seat (a re-registration keeps its turn)."""
-        self.everyone[new.worker.worker_id] = new
         if old.slot < 0:
             self.join(new)
             return
@@ -123,6 +130,11 @@ class Rotation:
     def members(self) -> Iterator[Member]:
         """The members in the ring, in ring order."""
         return (member for member in self.ring if member is not None)
+
+    def everyone(self) -> list[Member]:
+        """Every member: those in the ring in ring order, then those out of it. O(members)."""
+        inside = [member for member in self.ring if member is not None]
+        return inside if not self.outside else inside + list(self.outside.values())
 
     def __len__(self) -> int:
         return self.size

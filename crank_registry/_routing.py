@@ -279,7 +279,7 @@ def _misses_slo(slo: Mapping[str, float], bounds: Mapping[str, float]) -> bool:
 
 
 def _filter(
-    everyone: Mapping[str, Member], options: RouteOptions, now: float
+    everyone: Sequence[Member], options: RouteOptions, now: float
 ) -> tuple[list[Member], dict[str, str]]:
     """The candidates, and for each other worker the first rule that removed it.
 
@@ -292,7 +292,8 @@ def _filter(
     reasons: dict[str, str] = {}
     passed: list[Member] = []
     costs: list[float] = []
-    for worker_id, member in everyone.items():
+    for member in everyone:
+        worker_id = member.worker.worker_id
         if now > member.worker.routable_until:
             reasons[worker_id] = "unhealthy"
         elif specifier is not None and not _version_matches(specifier, member.endpoint.version):
@@ -346,7 +347,8 @@ def choose(
 
     The explanation is built only when ``explain`` is asked.
     """
-    candidates, reasons = _filter(rotation.everyone, options, now)
+    everyone = rotation.everyone()
+    candidates, reasons = _filter(everyone, options, now)
     chosen: Member | None = None
     remembered_as = None
     if options.idempotency_key is not None:
@@ -364,9 +366,9 @@ def choose(
         strategy=options.strategy or _DEFAULT_STRATEGY,
         candidates=tuple(member.worker.worker_id for member in candidates),
         removed=tuple(
-            RemovedWorker(worker_id=worker_id, reason=reasons[worker_id])
-            for worker_id in rotation.everyone
-            if worker_id in reasons
+            RemovedWorker(worker_id=member.worker.worker_id, reason=reason)
+            for member in everyone
+            if (reason := reasons.get(member.worker.worker_id)) is not None
         ),
     )
     return chosen, explanation
