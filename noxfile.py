@@ -57,7 +57,7 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session(reuse_venv=False)
 def core_isolated(session: nox.Session) -> None:
-    """The core installs and imports with attrs and cattrs alone."""
+    """The core installs and imports with attrs, cattrs and packaging alone."""
     session.install("distributions/crank-registry")
     session.chdir(session.create_tmp())  # import the installed copy, not the tree
     session.run(

@@ -15,6 +15,7 @@ Where each rule lives:
 * ``_events``: the events and the snapshot, the fold's inputs.
 * ``_health``: the state table of a worker and all health arithmetic.
 * ``_rotation``: the round-robin ring of one ``(verb, capability)``.
+* ``_routing``: the routing options: filters, strategies, idempotency, explain.
 * ``_records``: the registry's mutable records (below health and rotation).
 * ``_registry``: the public registry: decide with the table, apply with the fold.
 * ``_listing``: listings in pages (positions, cursors, pagers) and counts in steps.
@@ -91,6 +92,9 @@ from ._listing import (
 )
 from ._models import (
     JSON_SCHEMA,
+    REMOVAL_REASONS,
+    ROUTE_STRATEGIES,
+    SLO_CONSTRAINT_KEYS,
     CapabilityKey,
     CapabilitySchema,
     CapabilityView,
@@ -99,6 +103,8 @@ from ._models import (
     HealthState,
     HeartbeatRequest,
     Registration,
+    RemovedWorker,
+    RouteExplanation,
     RouteRequest,
     WorkerEndpoint,
     WorkerRecord,
@@ -109,6 +115,7 @@ from ._models import (
     parse_capability_label,
 )
 from ._registry import STATE_FORMAT_VERSION, CapabilityRegistry
+from ._routing import RouteOptions, RoutingSettings, effective_slo, rendezvous_weight
 from ._wire import (
     ANSWER_TYPES,
     CapabilitiesAnswer,
@@ -132,6 +139,9 @@ __all__ = [
     "JOURNAL_FORMAT_VERSION",
     "JSON_SCHEMA",
     "NDJSON",
+    "REMOVAL_REASONS",
+    "ROUTE_STRATEGIES",
+    "SLO_CONSTRAINT_KEYS",
     "SNAPSHOT_PART_SIZE",
     "STATE_FORMAT_VERSION",
     "TRANSITIONS",
@@ -173,8 +183,12 @@ __all__ = [
     "RegisterAnswer",
     "Registration",
     "RegistryError",
+    "RemovedWorker",
     "ReplayResult",
+    "RouteExplanation",
+    "RouteOptions",
     "RouteRequest",
+    "RoutingSettings",
     "SkippedLine",
     "Snapshot",
     "SnapshotPart",
@@ -205,6 +219,7 @@ __all__ = [
     "decode_line",
     "decode_workers_cursor",
     "encode_capabilities_cursor",
+    "effective_slo",
     "encode_event",
     "encode_snapshot",
     "encode_workers_cursor",
@@ -215,6 +230,7 @@ __all__ = [
     "is_trust_domain",
     "iso_utc",
     "parse_capability_label",
+    "rendezvous_weight",
     "replay",
     "replay_bytes",
     "structure",

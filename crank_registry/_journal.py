@@ -82,7 +82,7 @@ from ._events import (
     WorkerUnhealthy,
 )
 from ._health import Health
-from ._models import _WORKER_ID, CapabilitySchema, Registration, WorkerRecord, is_worker_id
+from ._models import _WORKER_ID, CapabilitySchema, WorkerRecord, is_worker_id
 
 if TYPE_CHECKING:
     from ._registry import CapabilityRegistry
@@ -467,9 +467,16 @@ def _check_crc(raw: bytes, checksum: Any) -> None:
 
 
 def _check_read_back(event: Event) -> None:
-    """Hold an event read back to the wire model's rules (events themselves have no checks)."""
-    if isinstance(event, WorkerRegistered | WorkerImported):
-        Registration(event.worker_id, event.worker_url, event.capabilities)
+    """Hold an event read back to the wire model's rules (events themselves have no checks).
+
+    A worker's are a record's: a registration's, except that a capability
+    version of an older release's rule (a semantic version outside PEP 440)
+    still loads (DESIGN, "Versions").
+    """
+    if isinstance(event, WorkerRegistered):
+        WorkerRecord(event.worker_id, event.worker_url, event.capabilities, event.at)
+    elif isinstance(event, WorkerImported):
+        WorkerRecord(event.worker_id, event.worker_url, event.capabilities, event.last_heartbeat)
     elif not is_worker_id(event.worker_id):
         raise ValidationError.single("worker_id", "not a valid worker id")
 

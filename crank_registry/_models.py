@@ -9,12 +9,15 @@ of an input at once instead of the first.
 from __future__ import annotations
 
 import enum
+import functools
 import math
 import re
 from typing import Any, TypeGuard
 from urllib.parse import urlsplit
 
 import attrs
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.version import InvalidVersion, Version
 
 from ._errors import Problem, ValidationError
 
@@ -27,7 +30,12 @@ __all__ = [
     "HeartbeatRequest",
     "HealthState",
     "JSON_SCHEMA",
+    "REMOVAL_REASONS",
+    "ROUTE_STRATEGIES",
+    "SLO_CONSTRAINT_KEYS",
     "Registration",
+    "RemovedWorker",
+    "RouteExplanation",
     "RouteRequest",
     "WorkerEndpoint",
     "WorkerRecord",
@@ -36,6 +44,8 @@ __all__ = [
     "is_worker_id",
     "is_worker_url",
     "parse_capability_label",
+    "parse_specifier",
+    "parse_version",
 ]
 
 #: A capability is addressed by ``(verb, name)``.
@@ -54,13 +64,29 @@ def _schema(**keywords: Any) -> dict[str, Any]:
 
 
 # Written with [0-9], not \d, so that Python and ECMA-262 (the document's
-# regex dialect) read it the same way.
+# regex dialect) read it the same way. The rule of a registration's version
+# is PEP 440 (packaging's Version); a semantic version is the rule that older
+# journals were written under, still read back (DESIGN, "Versions").
 _SEMVER_PATTERN = (
     r"^(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)"
     r"(-[0-9A-Za-z-]+(\.[0-9A-Za-z-]+)*)?"
     r"(\+[0-9A-Za-z-]+(\.[0-9A-Za-z-]+)*)?$"
 )
 _SEMVER = re.compile(_SEMVER_PATTERN)
+# The canonical form of a PEP 440 version, which the document shows; the core
+# accepts every spelling that packaging's Version parses ("v1.0", "1.0-alpha1").
+_PEP440_PATTERN = (
+    r"^([0-9]+!)?[0-9]+(\.[0-9]+)*((a|b|rc)[0-9]+)?(\.post[0-9]+)?(\.dev[0-9]+)?"
+    r"(\+[a-z0-9]+(\.[a-z0-9]+)*)?$"
+)
+_VERSION_NUMBER = r"[0-9]+(\.[0-9]+)*"
+_CLAUSE = (
+    f"((==|!=) *{_VERSION_NUMBER}(\\.\\*)?|(<=|>=|<|>) *{_VERSION_NUMBER}"
+    r"|~= *[0-9]+(\.[0-9]+)+)"
+)
+# The common subset of PEP 440 specifier sets, which the document shows; the
+# core accepts every set that packaging's SpecifierSet parses.
+_SPECIFIER_PATTERN = f"^ *{_CLAUSE} *(, *{_CLAUSE} *)*$"
 _WORKER_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 #: A worker id as a JSON Schema pattern (the rule of :func:`is_worker_id`).
 _WORKER_ID_PATTERN = f"^{_WORKER_ID.pattern}$"
@@ -132,11 +158,31 @@ def _optional_text(instance: object, attribute: attrs.Attribute[Any], value: obj
         _text(instance, attribute, value)
 
 
-def _semver(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+@functools.lru_cache(maxsize=1024)
+def parse_version(text: str) -> Version | None:
+    """``text`` as a PEP 440 :class:`~packaging.version.Version`, or ``None`` if it is not one.
+
+    Cached: a fleet registers few distinct versions, and routing with a
+    ``version`` constraint compares every candidate's. Surrounding blanks,
+    which packaging would strip, are refused: a version is shown as given.
+    """
+    if text != text.strip():
+        return None
+    try:
+        return Version(text)
+    except InvalidVersion:
+        return None
+
+
+def _known_version(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    """A capability's version as stored: PEP 440, or (older journals) a semantic version."""
     if not isinstance(value, str):
         raise _fail(attribute.name, "must be a string")
-    if not _SEMVER.fullmatch(value):
-        raise _fail(attribute.name, f"must be a semantic version MAJOR.MINOR.PATCH, got {value!r}")
+    if parse_version(value) is None and not _SEMVER.fullmatch(value):
+        raise _fail(attribute.name, _NOT_PEP440.format(value))
+
+
+_NOT_PEP440 = "must be a PEP 440 version such as 1.2.0 or 2.0rc1, got {!r}"
 
 
 def _json_object(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
@@ -264,9 +310,10 @@ class CapabilitySchema:
         ),
     )
     version: str = attrs.field(
-        validator=_semver,
+        validator=_known_version,
         metadata=_schema(
-            pattern=_SEMVER_PATTERN, description="A semantic version MAJOR.MINOR.PATCH."
+            pattern=_PEP440_PATTERN,
+            description="A PEP 440 version, e.g. 1.2.0 or 2.0rc1 (MAJOR.MINOR.PATCH is one).",
         ),
     )
     input_schema: dict[str, Any] = attrs.field(
@@ -401,6 +448,19 @@ def _capability_list(_: object, attribute: attrs.Attribute[Any], value: object) 
             )
 
 
+def _registered_capabilities(
+    instance: object, attribute: attrs.Attribute[Any], value: object
+) -> None:
+    """A registration's capabilities: as any record's, and each version PEP 440 (no legacy)."""
+    _capability_list(instance, attribute, value)
+    assert isinstance(value, tuple)
+    for index, capability in enumerate(value):
+        if parse_version(capability.version) is None:
+            raise _fail(
+                f"{attribute.name}[{index}].version", _NOT_PEP440.format(capability.version)
+            )
+
+
 def _finite(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if not _is_finite_number(value):
         raise _fail(attribute.name, "must be a finite number")
@@ -414,7 +474,7 @@ class Registration:
     worker_url: str = attrs.field(validator=_worker_url, metadata=_WORKER_URL_SCHEMA)
     capabilities: tuple[CapabilitySchema, ...] = attrs.field(
         converter=_tuple_or_none,
-        validator=_capability_list,
+        validator=_registered_capabilities,
         metadata=_schema(minItems=1, description="What the worker can do; no (verb, name) twice."),
     )
 
@@ -443,12 +503,13 @@ class WorkerRecord:
 class WorkerEndpoint:
     """Where to send a request: the worker and the matched capability's version.
 
-    Also the answer to ``POST /route``.
+    Also the answer to ``POST /route``, which adds ``explain`` when asked.
     """
 
     worker_id: str = attrs.field(metadata=_WORKER_ID_SCHEMA)
     worker_url: str
     version: str
+    explain: RouteExplanation | None = None
 
 
 class HealthState(enum.Enum):
@@ -484,18 +545,114 @@ class CapabilityView:
     )
 
 
-def _optional_version(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+@functools.lru_cache(maxsize=256)
+def parse_specifier(text: str) -> SpecifierSet:
+    """``text`` as a PEP 440 specifier set; :class:`ValidationError` naming ``version`` if not.
+
+    Cached: callers repeat the same few constraints.
+    """
+    try:
+        return SpecifierSet(text)
+    except InvalidSpecifier:
+        raise _fail(
+            "version",
+            f"must be a PEP 440 specifier set such as '>=1.2,<2', '~=1.4' or '==2.*', got {text!r}",
+        ) from None
+
+
+def _optional_specifier(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is None:
+        return
+    _text(instance, attribute, value)
+    assert isinstance(value, str)
+    parse_specifier(value)
+
+
+#: The keys of ``slo_constraints``: what a caller may bound.
+SLO_CONSTRAINT_KEYS = ("latency_p95_ms", "availability")
+_SLO_CONSTRAINTS_SCHEMA: dict[str, Any] = {
+    "properties": {
+        "latency_p95_ms": {"type": "number", "minimum": 0},
+        "availability": {"type": "number", "minimum": 0, "maximum": 1},
+    },
+    "additionalProperties": False,
+    "minProperties": 1,
+    "description": "A candidate's effective SLO must have latency_p95_ms <= and "
+    "availability >= these; a worker with no value for an asked key is not a candidate.",
+}
+
+
+def _slo_constraints(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise _fail(attribute.name, "must be an object")
+    if not value:
+        raise _fail(attribute.name, f"must bound {' and/or '.join(SLO_CONSTRAINT_KEYS)}")
+    problems: list[Problem] = []
+    for key, item in value.items():
+        path = f"{attribute.name}.{key}"
+        if key not in SLO_CONSTRAINT_KEYS:
+            message = f"unknown field (expected {' or '.join(SLO_CONSTRAINT_KEYS)})"
+        elif not _is_finite_number(item):
+            message = "must be a finite number"
+        elif key == "availability" and not 0 <= item <= 1:
+            message = "must be a fraction between 0 and 1"
+        elif key == "latency_p95_ms" and item < 0:
+            message = "must be >= 0"
+        else:
+            continue
+        problems.append(Problem(path, message))
+    if problems:
+        raise ValidationError(problems)
+
+
+def _worker_ids(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is None:
+        return
+    if not isinstance(value, tuple):
+        raise _fail(attribute.name, "must be a list of worker ids")
+    for index, item in enumerate(value):
+        if not is_worker_id(item):
+            raise _fail(
+                f"{attribute.name}[{index}]",
+                "must be a worker id: 1 to 128 letters, digits, '.', '_' and '-'",
+            )
+
+
+#: The routing strategies, the first the default.
+ROUTE_STRATEGIES = ("round_robin", "least_loaded", "affinity")
+
+
+def _strategy(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is None:
+        return
+    if value not in ROUTE_STRATEGIES or not isinstance(value, str):
+        raise _fail(attribute.name, f"must be one of {', '.join(ROUTE_STRATEGIES)}, got {value!r}")
+
+
+def _optional_flag(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if value is not None:
-        _semver(instance, attribute, value)
+        _flag(instance, attribute, value)
+
+
+def check_affinity(strategy: str | None, affinity_key: str | None) -> None:
+    """``affinity_key`` goes with ``strategy: affinity``, and only with it."""
+    if strategy == "affinity" and affinity_key is None:
+        raise _fail("affinity_key", "is required by strategy 'affinity'")
+    if affinity_key is not None and strategy != "affinity":
+        raise _fail("affinity_key", "is used only with strategy 'affinity'; add it or drop the key")
 
 
 @attrs.frozen
 class RouteRequest:
     """A caller's question: which worker should serve ``verb`` on ``capability``.
 
-    The optional fields are part of the model so that clients can be written
-    against it; the registry refuses each with ``not_supported`` until it has
-    behaviour for it.
+    The optional fields are the routing options (DESIGN, "Routing
+    options"); the registry applies them (``crank_registry._routing``).
+    ``requester_identity`` and the strategy ``least_loaded`` are part of
+    the model so that clients can be written against it: the registry
+    refuses them with ``not_supported`` until they have behaviour.
     """
 
     verb: str = attrs.field(validator=_text, metadata=_schema(**_TEXT_SCHEMA))
@@ -504,17 +661,100 @@ class RouteRequest:
         default=None, validator=_optional_text, metadata=_schema(**_TEXT_SCHEMA)
     )
     slo_constraints: dict[str, Any] | None = attrs.field(
-        default=None, validator=_optional_json_object
+        default=None, validator=_slo_constraints, metadata=_schema(**_SLO_CONSTRAINTS_SCHEMA)
     )
     budget_tokens: float | None = attrs.field(
-        default=None, validator=_optional_non_negative, metadata=_schema(minimum=0)
+        default=None,
+        validator=_optional_non_negative,
+        metadata=_schema(
+            minimum=0,
+            description="Only workers costing at most this many tokens per call; "
+            "the cheapest cost wins, round-robin among equal cost.",
+        ),
     )
     idempotency_key: str | None = attrs.field(
-        default=None, validator=_optional_text, metadata=_schema(**_TEXT_SCHEMA)
+        default=None,
+        validator=_optional_text,
+        metadata=_schema(
+            **_TEXT_SCHEMA,
+            description="The same key for the same verb and capability returns the same "
+            "worker while it stays a candidate, for the registry's idempotency TTL.",
+        ),
     )
     version: str | None = attrs.field(
-        default=None, validator=_optional_version, metadata=_schema(pattern=_SEMVER_PATTERN)
+        default=None,
+        validator=_optional_specifier,
+        metadata=_schema(
+            maxLength=_MAX_TEXT,
+            pattern=_SPECIFIER_PATTERN,
+            description="A PEP 440 specifier set over the capability's version, "
+            "e.g. '>=1.2,<2', '~=1.4', '==2.*'.",
+        ),
     )
+    exclude: tuple[str, ...] | None = attrs.field(
+        default=None,
+        converter=_tuple_or_none,
+        validator=_worker_ids,
+        metadata=_schema(
+            items={"pattern": _WORKER_ID_PATTERN},
+            description="Worker ids not to return (a caller retrying after a failed call).",
+        ),
+    )
+    strategy: str | None = attrs.field(
+        default=None,
+        validator=_strategy,
+        metadata=_schema(
+            enum=[*ROUTE_STRATEGIES, None],
+            description="How to choose among the candidates; round_robin by default.",
+        ),
+    )
+    affinity_key: str | None = attrs.field(
+        default=None,
+        validator=_optional_text,
+        metadata=_schema(
+            **_TEXT_SCHEMA,
+            description="Required by, and only with, strategy affinity: the same key goes "
+            "to the same worker while it stays a candidate.",
+        ),
+    )
+    explain: bool | None = attrs.field(
+        default=None,
+        validator=_optional_flag,
+        metadata=_schema(
+            description="true: the answer (and a 503 no_worker_available) says why each "
+            "worker was or was not a candidate."
+        ),
+    )
+
+    def __attrs_post_init__(self) -> None:
+        check_affinity(self.strategy, self.affinity_key)
+
+
+#: Why a worker of the capability was not a candidate, in the order of the rules.
+REMOVAL_REASONS = ("unhealthy", "version", "excluded", "slo", "budget")
+
+
+@attrs.frozen(kw_only=True)
+class RemovedWorker:
+    """A worker that was not a candidate, and the first rule that removed it."""
+
+    worker_id: str = attrs.field(metadata=_WORKER_ID_SCHEMA)
+    reason: str = attrs.field(metadata=_schema(enum=list(REMOVAL_REASONS)))
+
+
+@attrs.frozen(kw_only=True)
+class RouteExplanation:
+    """Why a route chose as it did: every worker of the capability appears once.
+
+    ``candidates`` passed every rule (the strategy chose among them);
+    ``removed`` names the first rule that removed each other worker.
+    """
+
+    strategy: str = attrs.field(metadata=_schema(enum=list(ROUTE_STRATEGIES)))
+    candidates: tuple[str, ...] = attrs.field(
+        metadata=_schema(items={"pattern": _WORKER_ID_PATTERN})
+    )
+    removed: tuple[RemovedWorker, ...]
 
 
 def _positive(_: object, attribute: attrs.Attribute[Any], value: object) -> None:

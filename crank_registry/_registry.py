@@ -62,9 +62,11 @@ import operator
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import attrs
+
 from . import _health as health
 from ._converter import structure, unstructure
-from ._errors import NotSupported, UnknownCapability, ValidationError, WorkerNotRegistered
+from ._errors import UnknownCapability, ValidationError, WorkerNotRegistered
 from ._events import (
     Change,
     Event,
@@ -95,6 +97,7 @@ from ._models import (
     HealthPolicy,
     HealthState,
     Registration,
+    RouteExplanation,
     WorkerEndpoint,
     WorkerRecord,
     WorkerView,
@@ -102,6 +105,7 @@ from ._models import (
 )
 from ._records import CapabilityValues, Member, Worker
 from ._rotation import Rotation
+from ._routing import IdempotencyMemory, RouteOptions, RoutingSettings, choose
 
 __all__ = ["STATE_FORMAT_VERSION", "CapabilityRegistry"]
 
@@ -141,8 +145,13 @@ class CapabilityRegistry:
         registry.route("classify", "image.classify", now=now)
     """
 
-    def __init__(self, policy: HealthPolicy | None = None) -> None:
+    def __init__(
+        self, policy: HealthPolicy | None = None, routing: RoutingSettings | None = None
+    ) -> None:
         self._policy = policy if policy is not None else HealthPolicy()
+        self._routing = routing if routing is not None else RoutingSettings()
+        # What idempotency keys were given (routing options); not registry state.
+        self._idempotency = IdempotencyMemory(self._routing)
         self._revision = 0
         self._workers: dict[str, Worker] = {}
         self._rotations: dict[CapabilityKey, Rotation] = {}
@@ -167,6 +176,11 @@ class CapabilityRegistry:
     def policy(self) -> HealthPolicy:
         """The timings this registry applies."""
         return self._policy
+
+    @property
+    def routing(self) -> RoutingSettings:
+        """The routing settings this registry applies (idempotency TTL and memory bound)."""
+        return self._routing
 
     @property
     def revision(self) -> int:
@@ -526,45 +540,64 @@ class CapabilityRegistry:
         capability: str,
         *,
         now: float,
-        requester_identity: str | None = None,
-        slo_constraints: Mapping[str, Any] | None = None,
-        budget_tokens: float | None = None,
-        idempotency_key: str | None = None,
-        version: str | None = None,
+        options: RouteOptions | None = None,
     ) -> WorkerEndpoint | None:
-        """The next routable worker for ``(verb, capability)``, round-robin, or ``None``.
+        """The next routable worker for ``(verb, capability)``, or ``None``.
+
+        Without ``options``: round-robin, O(1). With them: the filters and
+        the strategy of :mod:`._routing`, O(k) in the workers of this pair;
+        an option without behaviour yet raises :class:`NotSupported`.
 
         ``None`` means the pair is known (some registered worker offers it,
-        in any state) but none is routable at ``now``: an outage, worth
-        retrying. A pair no registered worker offers at all raises
+        in any state) but no worker is a candidate at ``now``: an outage,
+        worth retrying (or, with options, a question no worker meets). A
+        pair no registered worker offers at all raises
         :class:`UnknownCapability`: a typo is not an outage. Both cost one
         dictionary lookup: a pair keeps its rotation while it has members.
-
-        The optional parameters are refused with :class:`NotSupported`
-        until they have behaviour.
         """
-        if (
-            requester_identity is not None
-            or slo_constraints is not None
-            or budget_tokens is not None
-            or idempotency_key is not None
-            or version is not None
-        ):
-            raise NotSupported(
-                _first_set(
-                    requester_identity=requester_identity,
-                    slo_constraints=slo_constraints,
-                    budget_tokens=budget_tokens,
-                    idempotency_key=idempotency_key,
-                    version=version,
-                )
-            )
+        if options is not None:
+            return self._route_with(verb, capability, now, options, explain=False)[0]
         rotation = self._rotations.get((verb, capability))
         if rotation is None:
             raise UnknownCapability(verb, capability)
         _check_now(now)
         member = rotation.next(now)
         return None if member is None else member.endpoint
+
+    def explain_route(
+        self,
+        verb: str,
+        capability: str,
+        *,
+        now: float,
+        options: RouteOptions | None = None,
+    ) -> tuple[WorkerEndpoint | None, RouteExplanation]:
+        """:meth:`route`, and why: every worker of the pair, a candidate or removed by a rule.
+
+        The endpoint (``None`` if no candidate is left) comes with its
+        ``explain`` set to the explanation.
+        """
+        endpoint, explanation = self._route_with(
+            verb, capability, now, RouteOptions() if options is None else options, explain=True
+        )
+        assert explanation is not None
+        if endpoint is not None:
+            endpoint = attrs.evolve(endpoint, explain=explanation)
+        return endpoint, explanation
+
+    def _route_with(
+        self, verb: str, capability: str, now: float, options: RouteOptions, *, explain: bool
+    ) -> tuple[WorkerEndpoint | None, RouteExplanation | None]:
+        options.check_supported()
+        key = (verb, capability)
+        rotation = self._rotations.get(key)
+        if rotation is None:
+            raise UnknownCapability(verb, capability)
+        _check_now(now)
+        member, explanation = choose(
+            key, rotation, options, now=now, memory=self._idempotency, explain=explain
+        )
+        return (None if member is None else member.endpoint), explanation
 
     def next_deadline(self) -> float | None:
         """When the next worker may stop being routable or become evictable.
@@ -1044,7 +1077,3 @@ def _parse_state(state: Mapping[str, Any]) -> list[WorkerRecord]:
     if problems:
         raise ValidationError(problem for error in problems for problem in error.problems)
     return list(records)
-
-
-def _first_set(**options: object) -> str:
-    return next(name for name, value in options.items() if value is not None)

@@ -10,15 +10,16 @@ skipped at most once, and no sweep needs to have run for a route to be
 right. The ring is compacted when holes outnumber members, which keeps
 skipping holes O(1) amortised.
 
-Round-robin is the default strategy. Another strategy chooses among
-:meth:`Rotation.members` (the routable candidates of one
-``(verb, capability)``) at ``now``; the rotation knows nothing of the
-registry around it.
+Round-robin is the default strategy. The routing options
+(:mod:`._routing`) filter :meth:`Rotation.everyone` (the members in the
+ring, then those out of it) and choose among the candidates left; their
+round-robin is :meth:`Rotation.next_of`, on the same cursor. The rotation
+knows nothing of the registry around it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from ._records import Member
 
@@ -28,13 +29,16 @@ __all__ = ["Rotation"]
 class Rotation:
     """The routable members of one ``(verb, capability)``, served round-robin."""
 
-    __slots__ = ("cursor", "live", "ring", "size")
+    __slots__ = ("cursor", "live", "outside", "ring", "size")
 
     def __init__(self) -> None:
         self.ring: list[Member | None] = []
         self.cursor = 0
         self.live = 0  # members in the ring (the rest of it is holes)
         self.size = 0  # members in all, in the ring or out of it
+        # The members out of the ring, by worker id; made when the first
+        # leaves it (most rotations never have one: no memory for them).
+        self.outside: dict[str, Member] | None = None
 
     def add(self, member: Member) -> None:
         """A new member: seated at the end of the ring (the last to be served)."""
@@ -47,9 +51,15 @@ class Rotation:
         """A member leaves for good."""
         self.leave(member)
         self.size -= 1
+        if self.outside is not None:
+            self.outside.pop(member.worker.worker_id, None)
 
     def join(self, member: Member) -> None:
         """Seat ``member`` (out of the ring) at the end of the ring."""
+        if self.outside is not None:
+            self.outside.pop(member.worker.worker_id, None)
+            if not self.outside:
+                self.outside = None
         member.slot = len(self.ring)
         self.ring.append(member)
         self.live += 1
@@ -61,6 +71,9 @@ class Rotation:
         self.ring[member.slot] = None
         member.slot = -1
         self.live -= 1
+        if self.outside is None:
+            self.outside = {}
+        self.outside[member.worker.worker_id] = member
         if len(self.ring) > 2 * self.live + 4:
             self._compact()
 
@@ -94,9 +107,34 @@ class Rotation:
             member.worker.parked = True
         return None
 
+    def next_of(self, candidates: Sequence[Member]) -> Member | None:
+        """The first of ``candidates`` the cursor reaches, moving the cursor past it.
+
+        Round-robin among a subset of the members, in O(len(candidates)):
+        each candidate's distance from the cursor is its slot's. A candidate
+        out of the ring (slot -1) comes after those in it.
+        """
+        if not candidates:
+            return None
+        length = len(self.ring)
+        cursor = self.cursor
+
+        def distance(member: Member) -> int:
+            return (member.slot - cursor) % length if member.slot >= 0 else length
+
+        chosen = min(candidates, key=distance)
+        if chosen.slot >= 0:
+            self.cursor = chosen.slot + 1
+        return chosen
+
     def members(self) -> Iterator[Member]:
         """The members in the ring, in ring order."""
         return (member for member in self.ring if member is not None)
+
+    def everyone(self) -> list[Member]:
+        """Every member: those in the ring in ring order, then those out of it. O(members)."""
+        inside = [member for member in self.ring if member is not None]
+        return inside if not self.outside else inside + list(self.outside.values())
 
     def __len__(self) -> int:
         return self.size

@@ -7,7 +7,8 @@ them (``crank_registry_asgi.openapi``), each field's JSON Schema keywords
 kept in its ``metadata`` under :data:`~crank_registry.JSON_SCHEMA`.
 
 Three shapes are the core's own values: ``POST /route`` answers a
-:class:`~crank_registry.WorkerEndpoint`, ``GET /capabilities`` lists
+:class:`~crank_registry.WorkerEndpoint` (with its
+:class:`~crank_registry.RouteExplanation` when asked), ``GET /capabilities`` lists
 :class:`~crank_registry.CapabilityView` entries, and an ``invalid_request``
 error lists :class:`~crank_registry.Problem` values.
 
@@ -32,6 +33,8 @@ from ._models import (
     JSON_SCHEMA,
     CapabilityView,
     HealthState,
+    RemovedWorker,
+    RouteExplanation,
     WorkerEndpoint,
     _positive,
     _text,
@@ -304,6 +307,8 @@ class ErrorAnswer:
     worker_error: Any = None
     #: ``worker_failed``, ``worker_timeout``: the workers that refused the connection.
     attempts: tuple[FailedAttempt, ...] | None = None
+    #: ``no_worker_available`` for a route that asked ``explain``: why no worker was left.
+    explain: RouteExplanation | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -337,6 +342,8 @@ ANSWER_TYPES: frozenset[type[Any]] = frozenset(
         InvocationAnswer,
         Problem,
         RegisterAnswer,
+        RemovedWorker,
+        RouteExplanation,
         WorkerEndpoint,
         WorkerEntry,
         WorkersAnswer,

@@ -46,6 +46,8 @@ from crank_registry import (
     RegisterAnswer,
     Registration,
     RegistryError,
+    RouteExplanation,
+    RouteOptions,
     RouteRequest,
     UnknownCapability,
     ValidationError,
@@ -298,16 +300,33 @@ class ControllerService:
             )
         )
 
-    def no_worker_available(self, verb: str, capability: str) -> ApiError:
-        """Count a request no worker could take; the 503 to answer it with."""
+    def no_worker_available(
+        self,
+        verb: str,
+        capability: str,
+        *,
+        explain: RouteExplanation | None = None,
+        optioned: bool = False,
+    ) -> ApiError:
+        """Count a request no worker could take; the 503 to answer it with.
+
+        ``explain``: the route's explanation, when it asked for one;
+        ``optioned``: the route had options (the workers may be healthy).
+        """
         self.effects.no_worker()
+        message = f"no healthy worker for {verb!r} on {capability!r}"
+        if optioned:
+            message = f"no healthy worker for {verb!r} on {capability!r} meets the route's options"
+            if explain is None:
+                message += " (ask with explain: true to see why)"
         return ApiError(
             503,
             "no_worker_available",
-            f"no healthy worker for {verb!r} on {capability!r}",
+            message,
             headers={"Retry-After": self.retry_after},
             verb=verb,
             capability=capability,
+            explain=explain,
         )
 
     async def deregister(self, request: Request) -> Response:
@@ -321,25 +340,27 @@ class ControllerService:
         return answer(DeregisterAnswer(worker_id=leaving.worker_id))
 
     async def route(self, request: Request) -> Response:
-        """POST /route: the next worker for a verb and capability."""
+        """POST /route: the next worker for a verb and capability, under the request's options."""
         ask = _route_request(await self._body(request))
         annotate(verb=ask.verb, capability=ask.capability)
+        options = RouteOptions.from_request(ask)
+        explanation: RouteExplanation | None = None
         try:
-            endpoint = self.registry.route(
-                ask.verb,
-                ask.capability,
-                now=self.clock(),
-                requester_identity=ask.requester_identity,
-                slo_constraints=ask.slo_constraints,
-                budget_tokens=ask.budget_tokens,
-                idempotency_key=ask.idempotency_key,
-                version=ask.version,
-            )
+            if ask.explain:
+                endpoint, explanation = self.registry.explain_route(
+                    ask.verb, ask.capability, now=self.clock(), options=options
+                )
+            else:
+                endpoint = self.registry.route(
+                    ask.verb, ask.capability, now=self.clock(), options=options
+                )
         except UnknownCapability:
             self.effects.unknown_capability()
             raise
         if endpoint is None:
-            raise self.no_worker_available(ask.verb, ask.capability)
+            raise self.no_worker_available(
+                ask.verb, ask.capability, explain=explanation, optioned=options is not None
+            )
         self.effects.routed()
         annotate(worker_id=endpoint.worker_id)
         return answer(endpoint)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import ssl
 import sys
@@ -43,7 +44,9 @@ import anyio
 import httpx
 
 from crank_registry import (
+    ROUTE_STRATEGIES,
     HealthAnswer,
+    RouteExplanation,
     WorkerEntry,
     capability_label,
     unstructure,
@@ -54,6 +57,7 @@ from crank_worker_client import (
     ConfigurationError,
     ControllerClient,
     ControllerUnavailable,
+    NoWorkerAvailable,
     TLSConfig,
     WorkerInfo,
 )
@@ -61,7 +65,14 @@ from crank_worker_client import (
 from .cli import Subcommands, UsageError
 from .config import is_positive_number
 
-__all__ = ["COMMANDS", "CannotAsk", "add_client_commands", "format_age", "table"]
+__all__ = [
+    "COMMANDS",
+    "CannotAsk",
+    "add_client_commands",
+    "explain_table",
+    "format_age",
+    "table",
+]
 
 #: What a command prints: the JSON document (``--json``) and the table.
 Output: TypeAlias = tuple[Any, str]
@@ -107,10 +118,47 @@ async def ask_capabilities(client: ControllerClient, args: argparse.Namespace) -
 
 
 async def ask_route(client: ControllerClient, args: argparse.Namespace) -> Output:
-    """``route VERB CAPABILITY``: the worker the controller hands the next call to."""
-    endpoint = await client.route(args.verb, args.capability)
+    """``route VERB CAPABILITY``: the worker the controller hands the next call to.
+
+    The routing options come from the flags; with ``--explain`` the table is
+    followed by the explanation (also printed, before the error line, when no
+    worker is left).
+    """
+    if (args.strategy == "affinity") != (args.affinity_key is not None):
+        raise UsageError("--strategy affinity and --affinity-key go together: give both or neither")
+    try:
+        endpoint = await client.route(
+            args.verb,
+            args.capability,
+            version=args.version,
+            exclude=args.exclude,
+            budget_tokens=args.budget,
+            strategy=args.strategy,
+            affinity_key=args.affinity_key,
+            idempotency_key=args.idempotency_key,
+            explain=args.explain,
+        )
+    except NoWorkerAvailable as error:
+        if error.explain is not None:
+            explained = {"explain": unstructure(error.explain)}
+            shown = explain_table(error.explain, chosen=None)
+            print(json.dumps(explained, indent=2) if args.json else shown)
+        raise
     rows = [(endpoint.worker_id, endpoint.worker_url, endpoint.version)]
-    return unstructure(endpoint), table(("WORKER ID", "URL", "VERSION"), rows)
+    text = table(("WORKER ID", "URL", "VERSION"), rows)
+    if endpoint.explain is not None:
+        text += "\n\n" + explain_table(endpoint.explain, chosen=endpoint.worker_id)
+    return unstructure(endpoint), text
+
+
+def explain_table(explanation: RouteExplanation, *, chosen: str | None) -> str:
+    """An explanation for people: the strategy, then each worker and what became of it."""
+    rows = [
+        (worker_id, "chosen" if worker_id == chosen else "candidate")
+        for worker_id in explanation.candidates
+    ]
+    rows += [(entry.worker_id, f"removed: {entry.reason}") for entry in explanation.removed]
+    return f"strategy: {explanation.strategy}\n" + table(("WORKER ID", "OUTCOME"), rows)
 
 
 async def ask_health(client: ControllerClient, args: argparse.Namespace) -> Output:
@@ -140,9 +188,11 @@ COMMANDS: dict[str, tuple[str, str, Ask]] = {
     "route": (
         "ask which worker serves VERB on CAPABILITY",
         "Ask the controller which worker gets the next call of VERB on CAPABILITY "
-        "(POST /route). A capability that no registered worker offers is an error "
-        "(404 unknown_capability), and so is one whose workers are all unhealthy "
-        "(503 no_worker_available): both exit 1.",
+        "(POST /route), under the routing options the flags give. A capability that "
+        "no registered worker offers is an error (404 unknown_capability), and so is "
+        "one whose workers are all unhealthy or none meets the options "
+        "(503 no_worker_available): both exit 1. --explain shows why each worker was "
+        "or was not a candidate.",
         ask_route,
     ),
     "health": (
@@ -163,11 +213,63 @@ def add_client_commands(subcommands: Subcommands) -> None:
             name, help=summary, description=description, parents=[_connection_flags()]
         )
         if name == "route":
-            parser.add_argument("verb", metavar="VERB", help="the verb, e.g. classify")
-            parser.add_argument(
-                "capability", metavar="CAPABILITY", help="the capability, e.g. image.classify"
-            )
+            _route_flags(parser)
         parser.set_defaults(handler=_runner(name, ask))
+
+
+def _route_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("verb", metavar="VERB", help="the verb, e.g. classify")
+    parser.add_argument(
+        "capability", metavar="CAPABILITY", help="the capability, e.g. image.classify"
+    )
+    parser.add_argument(
+        "--version",
+        metavar="SPEC",
+        help="only workers whose version is in this PEP 440 specifier set, e.g. '>=1.2,<2'",
+    )
+    parser.add_argument(
+        "--exclude",
+        action="append",
+        metavar="WORKER_ID",
+        help="a worker not to return (repeat for more)",
+    )
+    parser.add_argument(
+        "--budget",
+        type=_tokens,
+        metavar="TOKENS",
+        help="only workers costing at most TOKENS per call; the cheapest wins",
+    )
+    parser.add_argument(
+        "--strategy",
+        choices=ROUTE_STRATEGIES,
+        help="how to choose among the candidates (default round_robin; affinity needs "
+        "--affinity-key)",
+    )
+    parser.add_argument(
+        "--affinity-key",
+        metavar="KEY",
+        help="with --strategy affinity: the same KEY goes to the same worker",
+    )
+    parser.add_argument(
+        "--idempotency-key",
+        metavar="KEY",
+        help="the same KEY gets the same worker while it stays a candidate",
+    )
+    parser.add_argument(
+        "--explain",
+        action="store_true",
+        help="also show why each worker was or was not a candidate",
+    )
+
+
+def _tokens(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number of tokens >= 0, got {text!r}")
+    return value
 
 
 def _connection_flags() -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from crank_registry import CapabilityRegistry, UnknownCapability, WorkerEndpoint
+from crank_registry import CapabilityRegistry, RouteOptions, UnknownCapability, WorkerEndpoint
 
 __all__ = ["next_worker"]
 
@@ -23,22 +23,18 @@ def next_worker(
 ) -> WorkerEndpoint | None:
     """The next worker to try for ``(verb, capability)``, not one of ``tried``, or ``None``.
 
-    The failover's one choice. The rotation hands workers out in turn, so a
-    worker already tried means it has come round: none is left. The core's
-    ``exclude`` routing option (DESIGN, "Routing options") takes this over:
-    ``registry.route(..., exclude=tried)``, and the check on ``tried`` goes.
+    The failover's one choice, made by the core: the first choice is a plain
+    route, every later one a route that excludes the workers ``tried``.
 
     Raises :class:`~crank_registry.UnknownCapability` when no registered
     worker offers the pair at the first choice (the gateway answers 404).
     After an attempt, a pair whose workers have all left meanwhile gives
     ``None``: the failed attempts are the answer then, not a typo.
     """
+    options = RouteOptions(exclude=tried) if tried else None
     try:
-        endpoint = registry.route(verb, capability, now=now)
+        return registry.route(verb, capability, now=now, options=options)
     except UnknownCapability:
         if tried:
             return None
         raise
-    if endpoint is None or endpoint.worker_id in tried:
-        return None
-    return endpoint

@@ -66,14 +66,9 @@ __all__ = [
     "type_schema",
 ]
 
-#: Optional route parameters that are answered 422 ``not_supported`` when set.
-NOT_SUPPORTED_YET = (
-    "requester_identity",
-    "slo_constraints",
-    "budget_tokens",
-    "idempotency_key",
-    "version",
-)
+#: Route parameters answered 422 ``not_supported``: ``requester_identity`` when
+#: set, ``strategy`` when it is ``least_loaded``.
+NOT_SUPPORTED_YET = ("requester_identity", "strategy")
 
 
 @attrs.frozen
@@ -108,7 +103,7 @@ ERRORS: Mapping[str, ErrorCode] = {
     "not_supported": ErrorCode(
         422,
         "The body sets an optional parameter that has no behaviour yet "
-        f"({', '.join(NOT_SUPPORTED_YET)}).",
+        "(requester_identity, or strategy least_loaded).",
         ("field",),
     ),
     "forbidden": ErrorCode(
@@ -132,8 +127,10 @@ ERRORS: Mapping[str, ErrorCode] = {
     ),
     "no_worker_available": ErrorCode(
         503,
-        "Workers offer it, but none is routable now.",
+        "Workers offer it, but none is routable now (or, with routing options, none "
+        "meets them); with explain, why.",
         ("verb", "capability"),
+        optional=("explain",),
         headers={
             "Retry-After": {
                 "description": "The heartbeat interval in whole seconds.",
@@ -227,9 +224,9 @@ OPERATIONS: tuple[Operation, ...] = (
         "POST",
         "/route",
         "route",
-        "Route: the next healthy worker for a verb and capability",
+        "Route: the next healthy worker for a verb and capability, under the routing options",
         WorkerEndpoint,
-        "The worker to call, round-robin.",
+        "The worker to call (round-robin unless the options say otherwise); with explain, why.",
         RouteRequest,
         (*BODY_ERRORS, "not_supported", "unknown_capability", "no_worker_available"),
     ),

@@ -21,7 +21,7 @@ import functools
 import logging
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
@@ -41,6 +41,7 @@ from crank_registry import (
     HeartbeatAnswer,
     RegisterAnswer,
     Registration,
+    RouteExplanation,
     ValidationError,
     WorkerEndpoint,
     WorkersAnswer,
@@ -234,29 +235,49 @@ class ControllerClient:
         verb: str,
         capability: str,
         *,
-        requester_identity: str | None = None,
-        slo_constraints: Mapping[str, Any] | None = None,
-        budget_tokens: float | None = None,
-        idempotency_key: str | None = None,
         version: str | None = None,
+        exclude: Collection[str] | None = None,
+        slo_constraints: Mapping[str, float] | None = None,
+        budget_tokens: float | None = None,
+        strategy: str | None = None,
+        affinity_key: str | None = None,
+        idempotency_key: str | None = None,
+        requester_identity: str | None = None,
+        explain: bool = False,
     ) -> WorkerEndpoint:
-        """Ask which worker should serve ``verb`` on ``capability``.
+        """Ask which worker should serve ``verb`` on ``capability``, under the routing options.
+
+        The options (DESIGN, "Routing options") are sent only when given:
+        ``version`` a PEP 440 specifier set (``">=1.2,<2"``), ``exclude``
+        worker ids not to return, ``slo_constraints``
+        (``{"latency_p95_ms": 100, "availability": 0.99}``), ``budget_tokens``,
+        ``strategy`` (``"round_robin"`` or ``"affinity"`` with
+        ``affinity_key``), ``idempotency_key``. With ``explain`` the
+        endpoint's ``explain`` says why each worker was or was not a candidate.
 
         Raises :class:`NoWorkerAvailable` (with the controller's
-        ``retry_after``) when workers offer it but none is routable now, and
+        ``retry_after``, and its ``explain`` when asked) when workers offer
+        it but none is routable now or meets the options, and
         :class:`UnknownCapability` when no registered worker offers it at all
-        (a typo is not an outage: nothing to wait for). The optional
-        parameters are sent only when given; a controller that has no
-        behaviour for one answers ``not_supported`` (:class:`InvalidRequest`).
+        (a typo is not an outage: nothing to wait for). An invalid option is
+        :class:`InvalidRequest` naming it; one that has no behaviour yet
+        (``requester_identity``, ``strategy="least_loaded"``) answers
+        ``not_supported`` (:class:`InvalidRequest` too).
         """
+        if isinstance(exclude, str):
+            raise TypeError("exclude: a collection of worker ids, not one string")
         optional: dict[str, Any] = {
-            "requester_identity": requester_identity,
+            "version": version,
+            "exclude": list(exclude) if exclude is not None else None,
             "slo_constraints": dict(slo_constraints) if slo_constraints is not None else None,
             "budget_tokens": budget_tokens,
+            "strategy": strategy,
+            "affinity_key": affinity_key,
             "idempotency_key": idempotency_key,
-            "version": version,
+            "requester_identity": requester_identity,
+            "explain": explain or None,
         }
-        body = {"verb": verb, "capability": capability}
+        body: dict[str, Any] = {"verb": verb, "capability": capability}
         body.update({key: value for key, value in optional.items() if value is not None})
         return await self._call("POST", "/route", WorkerEndpoint, body)
 
@@ -465,6 +486,16 @@ def _read_answer(data: dict[str, Any], answer: type[T], what: str) -> T:
         ) from None
 
 
+def _explanation(data: Any) -> RouteExplanation | None:
+    """A 503's ``explain``, if it carries a valid one (an error answer is read leniently)."""
+    if data is None:
+        return None
+    try:
+        return structure(data, RouteExplanation)
+    except ValidationError:
+        return None
+
+
 def error_from_response(response: httpx.Response, what: str) -> ClientError:
     """The :class:`ClientError` for an error answer to ``what`` (e.g. ``"POST /route"``)."""
     status = response.status_code
@@ -481,6 +512,7 @@ def error_from_response(response: httpx.Response, what: str) -> ClientError:
             body,
             f"{what}: no worker available for {target}{wait}",
             retry_after=retry_after,
+            explain=_explanation(body.get("explain")),
         )
     if code == "unknown_capability":
         target = f"{body.get('verb', '?')}:{body.get('capability', '?')}"

@@ -7,7 +7,7 @@ One root, :class:`ClientError`; what went wrong decides the branch::
     │   └── ClientCertificateRequired  the controller requires a client certificate (mTLS)
     ├── ControllerUnavailable       network error, timeout, or a 5xx answer: try again later
     ├── ControllerError             the controller answered with an error: .code .status .body
-    │   ├── NoWorkerAvailable       503 no_worker_available (.retry_after)
+    │   ├── NoWorkerAvailable       503 no_worker_available (.retry_after, .explain)
     │   ├── UnknownCapability       404 unknown_capability: no worker offers it at all
     │   ├── WorkerNotRegisteredError  404 worker_not_registered
     │   ├── ForbiddenError          403 forbidden (the mTLS identity is not this worker)
@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from crank_registry import Problem, ValidationError, structure
+from crank_registry import Problem, RouteExplanation, ValidationError, structure
 
 __all__ = [
     "ClientCertificateRequired",
@@ -92,10 +92,12 @@ class ControllerError(ClientError):
 
 
 class NoWorkerAvailable(ControllerError):
-    """No routable worker offers the capability (503).
+    """No routable worker offers the capability, or none meets the route's options (503).
 
     ``retry_after`` is the controller's ``Retry-After`` in seconds (``None``
     when it sent none): about when a worker may be routable again.
+    ``explain``: why each worker was removed, for a route that asked
+    ``explain=True`` (else ``None``).
     """
 
     def __init__(
@@ -106,9 +108,11 @@ class NoWorkerAvailable(ControllerError):
         message: str,
         *,
         retry_after: float | None,
+        explain: RouteExplanation | None = None,
     ) -> None:
         super().__init__(code, status, body, message)
         self.retry_after = retry_after
+        self.explain = explain
 
 
 class UnknownCapability(ControllerError):

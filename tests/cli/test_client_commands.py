@@ -187,6 +187,47 @@ def test_route_table_and_json(
     )
 
 
+def test_route_with_options_and_the_explain_table(
+    controller: ServerProcess, pki: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    route = ["route", "classify", "image.classify"]
+    status, out, _ = ask(controller, pki, capsys, *route, "--exclude", "a", "--explain")
+    assert status == 0
+    table_part, explain_part = out.strip().split("\n\n")
+    assert columns(table_part) == [
+        ["WORKER ID", "URL", "VERSION"],
+        ["b", "https://b.example:8443", "1.0.0"],
+    ]
+    assert columns(explain_part) == [
+        ["strategy: round_robin"],
+        ["WORKER ID", "OUTCOME"],
+        ["b", "chosen"],
+        ["a", "removed: excluded"],
+    ]
+    status, out, _ = ask(
+        controller, pki, capsys, *route, "--version", "~=1.0", "--budget", "5", "--json"
+    )
+    assert status == 0 and json.loads(out)["worker_id"] in ("a", "b")
+    assert "explain" not in json.loads(out)
+    affinity = ["--strategy", "affinity", "--affinity-key", "user-7", "--json"]
+    picks = {json.loads(ask(controller, pki, capsys, *route, *affinity)[1])["worker_id"]}
+    picks |= {json.loads(ask(controller, pki, capsys, *route, *affinity)[1])["worker_id"]}
+    assert len(picks) == 1
+    status, out, err = ask(
+        controller, pki, capsys, *route, "--exclude", "a", "--exclude", "b", "--explain"
+    )
+    assert status == 1
+    assert columns(out) == [
+        ["strategy: round_robin"],
+        ["WORKER ID", "OUTCOME"],
+        ["a", "removed: excluded"],
+        ["b", "removed: excluded"],
+    ]
+    assert "no worker available for classify:image.classify" in err and err.count("\n") == 1
+    status, _, err = ask(controller, pki, capsys, *route, "--version", "latest")
+    assert status == 1 and "422 invalid_request" in err and "version" in err
+
+
 def test_health_table_and_json(
     controller: ServerProcess, pki: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -375,6 +416,8 @@ def test_version_prints_the_installed_versions() -> None:
         (["route", "classify"], "usage: crank-registry route", "required: CAPABILITY"),
         (["route", "a", "b", "c"], "usage: crank-registry route", "unrecognized arguments: c"),
         (["health", "--timeout", "0"], "usage: crank-registry health", "seconds > 0"),
+        (["route", "a", "b", "--budget", "-1"], "usage: crank-registry route", "tokens >= 0"),
+        (["route", "a", "b", "--strategy", "fast"], "usage: crank-registry route", "choose from"),
     ],
 )
 def test_a_typo_in_a_subcommand_prints_that_subcommands_usage(
@@ -383,6 +426,16 @@ def test_a_typo_in_a_subcommand_prints_that_subcommands_usage(
     status, out, err = run(args, capsys)
     assert (status, out) == (2, "")
     assert err.startswith(usage) and message in err
+
+
+@pytest.mark.parametrize(
+    "flags", [["--strategy", "affinity"], ["--affinity-key", "k"]], ids=["no key", "no strategy"]
+)
+def test_affinity_flags_go_together(flags: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    status, out, err = run(["route", "a", "b", *flags, "--controller", url, "--insecure"], capsys)
+    assert (status, out) == (2, "")
+    assert "--strategy affinity and --affinity-key go together" in err
 
 
 def test_an_unknown_subcommand_lists_the_subcommands(capsys: pytest.CaptureFixture[str]) -> None:

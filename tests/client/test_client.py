@@ -17,7 +17,15 @@ import httpx
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
-from crank_registry import CapabilityView, HealthState, Problem, Registration, WorkerEndpoint
+from crank_registry import (
+    CapabilityView,
+    HealthState,
+    Problem,
+    Registration,
+    RemovedWorker,
+    RouteExplanation,
+    WorkerEndpoint,
+)
 from crank_worker_client import (
     DEFAULT_CONTROLLER_URL,
     ClientError,
@@ -35,7 +43,8 @@ from crank_worker_client import (
     UnknownCapability,
     WorkerNotRegisteredError,
 )
-from tests.builders import capability
+from tests.builders import capability, capability_payload
+from tests.service.helpers import running
 
 pytestmark = pytest.mark.anyio
 
@@ -67,16 +76,69 @@ async def test_route_returns_the_endpoint_and_sends_only_the_given_optionals() -
 
     async with client_for(handler) as client:
         endpoint = await client.route("classify", "image.classify")
-        await client.route("classify", "image.classify", version="1.2.0", budget_tokens=3.5)
+        await client.route("classify", "image.classify", version=">=1.2", budget_tokens=3.5)
+        await client.route(
+            "classify",
+            "image.classify",
+            exclude=("w2", "w3"),
+            slo_constraints={"latency_p95_ms": 100},
+            strategy="affinity",
+            affinity_key="user-7",
+            idempotency_key="order-1",
+            requester_identity="spiffe://crank.local/caller",
+            explain=True,
+        )
+        with pytest.raises(TypeError, match="exclude"):
+            await client.route("classify", "image.classify", exclude="w2")
     assert endpoint == WorkerEndpoint("w1", "https://w1:8443", "1.2.0")
-    assert [(r.method, r.url.path) for r in seen] == [("POST", "/route")] * 2
+    assert [(r.method, r.url.path) for r in seen] == [("POST", "/route")] * 3
     assert json.loads(seen[0].content) == {"verb": "classify", "capability": "image.classify"}
     assert json.loads(seen[1].content) == {
         "verb": "classify",
         "capability": "image.classify",
-        "version": "1.2.0",
+        "version": ">=1.2",
         "budget_tokens": 3.5,
     }
+    assert json.loads(seen[2].content) == {
+        "verb": "classify",
+        "capability": "image.classify",
+        "exclude": ["w2", "w3"],
+        "slo_constraints": {"latency_p95_ms": 100},
+        "strategy": "affinity",
+        "affinity_key": "user-7",
+        "idempotency_key": "order-1",
+        "requester_identity": "spiffe://crank.local/caller",
+        "explain": True,
+    }
+
+
+async def test_route_options_and_explain_against_the_real_app() -> None:
+    async with running() as api:
+        await api.register("w1", capabilities=[capability_payload(version="1.4.0")])
+        await api.register("w2", capabilities=[capability_payload(version="2.1.0")])
+        transport = httpx.ASGITransport(app=api.app)
+        async with ControllerClient(URL, transport=transport) as client:
+            endpoint = await client.route(
+                "classify", "image.classify", version=">=1.2,<2", explain=True
+            )
+            assert (endpoint.worker_id, endpoint.version) == ("w1", "1.4.0")
+            assert endpoint.explain == RouteExplanation(
+                strategy="round_robin",
+                candidates=("w1",),
+                removed=(RemovedWorker(worker_id="w2", reason="version"),),
+            )
+            plain = await client.route("classify", "image.classify", exclude=["w1"])
+            assert (plain.worker_id, plain.explain) == ("w2", None)
+            with pytest.raises(NoWorkerAvailable) as caught:
+                await client.route("classify", "image.classify", version=">=3", explain=True)
+            assert caught.value.explain is not None
+            assert [entry.reason for entry in caught.value.explain.removed] == ["version"] * 2
+            with pytest.raises(NoWorkerAvailable) as caught:
+                await client.route("classify", "image.classify", version=">=3")
+            assert caught.value.explain is None
+            with pytest.raises(InvalidRequest) as invalid:
+                await client.route("classify", "image.classify", strategy="affinity")
+            assert [p.path for p in invalid.value.problems] == ["affinity_key"]
 
 
 async def test_no_worker_available_carries_the_retry_after() -> None:
@@ -151,7 +213,7 @@ async def test_retry_after_accepts_seconds_and_http_dates() -> None:
         (403, {"error": "forbidden"}, ForbiddenError, "forbidden"),
         (
             422,
-            {"error": "not_supported", "field": "budget_tokens"},
+            {"error": "not_supported", "field": "requester_identity"},
             InvalidRequest,
             "not_supported",
         ),

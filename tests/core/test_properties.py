@@ -135,15 +135,39 @@ records = st.builds(
 )
 revisions = st.integers(1, 2**53)
 endpoints = st.builds(WorkerEndpoint, worker_ids, worker_urls, versions)
+specifiers = st.lists(
+    st.builds(
+        lambda operator, version: f"{operator}{version}",
+        st.sampled_from([">=", "<=", ">", "<", "==", "!=", "~="]),
+        versions.filter(lambda v: "+" not in v),
+    ),
+    min_size=1,
+    max_size=3,
+).map(",".join)
+slo_constraints = st.fixed_dictionaries(
+    {},
+    optional={
+        "latency_p95_ms": st.floats(min_value=0, max_value=1e6),
+        "availability": st.floats(min_value=0, max_value=1),
+    },
+).filter(bool)
+strategies = st.sampled_from([(None, None), ("round_robin", None), ("least_loaded", None)]) | (
+    texts.map(lambda key: ("affinity", key))
+)
 route_requests = st.builds(
-    RouteRequest,
+    lambda strategy, **fields: RouteRequest(
+        strategy=strategy[0], affinity_key=strategy[1], **fields
+    ),
+    strategies,
     verb=texts,
     capability=texts,
     requester_identity=optional(texts),
-    slo_constraints=optional(json_objects),
+    slo_constraints=optional(slo_constraints),
     budget_tokens=optional(st.floats(min_value=0, max_value=1e9)),
     idempotency_key=optional(texts),
-    version=optional(versions),
+    version=optional(specifiers),
+    exclude=optional(st.lists(worker_ids, max_size=3).map(tuple)),
+    explain=optional(st.booleans()),
 )
 policies = st.tuples(st.floats(0.001, 1e6), st.floats(0.001, 1e6), st.floats(0.001, 1e6)).map(
     lambda t: HealthPolicy(*sorted(t))
@@ -245,6 +269,9 @@ def test_the_strategies_cover_every_public_model_and_event() -> None:
         crank_registry.Transition,
         crank_registry.Refusal,
         crank_registry.ExecuteRequest,
+        # In-process values of the routing options: tests/core/test_routing.py.
+        crank_registry.RouteOptions,
+        crank_registry.RoutingSettings,
         *(crank_registry.ANSWER_TYPES - MODEL_STRATEGIES.keys()),
     }
     everything = {obj for obj in public if isinstance(obj, type) and attrs.has(obj)}

@@ -18,6 +18,7 @@ from crank_registry import (
     HealthState,
     HeartbeatReceived,
     NotSupported,
+    RouteOptions,
     UnknownCapability,
     ValidationError,
     WorkerDeregistered,
@@ -323,19 +324,18 @@ def test_route_returns_the_matched_capability_version() -> None:
 
 
 @pytest.mark.parametrize(
-    ("field", "value"),
+    ("field", "options"),
     [
-        ("requester_identity", "spiffe://crank.local/caller"),
-        ("slo_constraints", {"latency_p95_ms": 10}),
-        ("budget_tokens", 0.0),
-        ("idempotency_key", "k-1"),
-        ("version", "1.0.0"),
+        ("requester_identity", RouteOptions(requester_identity="spiffe://crank.local/caller")),
+        ("strategy", RouteOptions(strategy="least_loaded")),
     ],
 )
-def test_optional_route_parameters_are_not_supported(field: str, value: Any) -> None:
+def test_route_options_without_behaviour_are_not_supported(
+    field: str, options: RouteOptions
+) -> None:
     registry = registry_with("w1")
     with pytest.raises(NotSupported) as caught:
-        registry.route(*KEY, now=T0, **{field: value})
+        registry.route(*KEY, now=T0, options=options)
     assert caught.value.field == field
     assert (caught.value.code, caught.value.status_hint) == ("not_supported", 422)
     assert field in str(caught.value)

@@ -20,12 +20,14 @@ from hypothesis.stateful import (
     invariant,
     rule,
 )
+from packaging.specifiers import SpecifierSet
 
 from crank_registry import (
     CapabilityRegistry,
     CapabilityView,
     HealthPolicy,
     HealthState,
+    RouteOptions,
     UnknownCapability,
     WorkerEndpoint,
     WorkerEvicted,
@@ -190,23 +192,72 @@ class RegistryMachine(RuleBasedStateMachine):
         assert endpoint.worker_url == worker.url
         assert endpoint.version == worker.capabilities[key]
 
-    @rule(key=st.sampled_from(KEYS), rounds=st.integers(1, 3), extra=st.integers(0, 4))
-    def route_round_robin(self, key: tuple[str, str], rounds: int, extra: int) -> None:
-        """Over k routes to n routable workers each gets floor(k/n) or ceil(k/n)."""
+    @rule(
+        key=st.sampled_from(KEYS),
+        rounds=st.integers(1, 3),
+        extra=st.integers(0, 4),
+        mixed=st.booleans(),
+    )
+    def route_round_robin(self, key: tuple[str, str], rounds: int, extra: int, mixed: bool) -> None:
+        """Over k routes to n routable workers each gets floor(k/n) or ceil(k/n).
+
+        ``mixed``: every other route goes through the options path with no
+        option set, which must be the same round-robin.
+        """
         candidates = self.routable_for(key)
         if not candidates:
             assert self.route_once(key) is None
             return
         count = rounds * len(candidates) + extra
         answers = []
-        for _ in range(count):
-            endpoint = self.route_once(key)
+        for index in range(count):
+            endpoint = self.route_once(key, RouteOptions() if mixed and index % 2 else None)
             assert endpoint is not None
             answers.append(endpoint.worker_id)
         assert set(answers) <= set(candidates)
         tally = [answers.count(worker_id) for worker_id in candidates]
         floor, ceil = count // len(candidates), -(-count // len(candidates))
         assert all(floor <= n <= ceil for n in tally), (candidates, answers)
+
+    @rule(
+        key=st.sampled_from(KEYS),
+        version=st.sampled_from([None, ">=1.5", "<2", "==2.*"]),
+        exclude=st.lists(st.sampled_from(WORKER_IDS), max_size=2),
+    )
+    def route_with_options(
+        self, key: tuple[str, str], version: str | None, exclude: list[str]
+    ) -> None:
+        """The answer meets every filter; explain gives each worker the model's first rule."""
+        options = RouteOptions(version=version, exclude=exclude or None)
+        known = any(key in worker.capabilities for worker in self.model.values())
+        try:
+            endpoint, explanation = self.registry.explain_route(*key, now=self.now, options=options)
+        except UnknownCapability:
+            assert not known
+            return
+        reasons: dict[str, str | None] = {}
+        for worker_id, worker in self.model.items():
+            if key not in worker.capabilities:
+                continue
+            if not routable(worker, self.now):
+                reasons[worker_id] = "unhealthy"
+            elif version is not None and not SpecifierSet(version).contains(
+                worker.capabilities[key], prereleases=True
+            ):
+                reasons[worker_id] = "version"
+            elif worker_id in exclude:
+                reasons[worker_id] = "excluded"
+            else:
+                reasons[worker_id] = None
+        assert {entry.worker_id: entry.reason for entry in explanation.removed} == {
+            worker_id: reason for worker_id, reason in reasons.items() if reason is not None
+        }
+        assert sorted(explanation.candidates) == sorted(w for w, r in reasons.items() if r is None)
+        if endpoint is None:
+            assert explanation.candidates == ()
+        else:
+            assert endpoint.worker_id in explanation.candidates
+            assert endpoint.version == self.model[endpoint.worker_id].capabilities[key]
 
     @rule()
     def import_own_export(self) -> None:
@@ -285,11 +336,13 @@ class RegistryMachine(RuleBasedStateMachine):
 
     # ---------------------------------------------------------------- helpers
 
-    def route_once(self, key: tuple[str, str]) -> WorkerEndpoint | None:
+    def route_once(
+        self, key: tuple[str, str], options: RouteOptions | None = None
+    ) -> WorkerEndpoint | None:
         """One route; unknown exactly when no worker of the model offers ``key``, in any state."""
         known = any(key in worker.capabilities for worker in self.model.values())
         try:
-            endpoint = self.registry.route(*key, now=self.now)
+            endpoint = self.registry.route(*key, now=self.now, options=options)
         except UnknownCapability:
             assert not known, f"{key} is offered by a registered worker"
             return None

@@ -40,3 +40,15 @@ def test_a_capability_whose_workers_left_after_an_attempt_gives_none() -> None:
     registry = registry_with("w1")
     registry.deregister("w1", now=T0)
     assert next_worker(registry, VERB, NAME, tried={"w1"}, now=T0) is None
+
+
+def test_a_worker_not_tried_is_found_when_the_rotation_comes_round_to_a_tried_one() -> None:
+    # Other requests moved the rotation on: its next is w3, already tried. The
+    # core's exclude skips it rather than ending the failover with w2 untried.
+    registry = registry_with("w1", "w2", "w3")
+    picks = [registry.route(VERB, NAME, now=T0) for _ in range(2)]
+    assert [endpoint.worker_id for endpoint in picks if endpoint] == ["w1", "w2"]
+    endpoint = next_worker(registry, VERB, NAME, tried={"w1", "w3"}, now=T0)
+    assert endpoint is not None
+    assert endpoint.worker_id == "w2"
+    assert next_worker(registry, VERB, NAME, tried={"w1", "w2", "w3"}, now=T0) is None

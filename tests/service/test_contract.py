@@ -311,15 +311,9 @@ async def test_capabilities_one_entry_per_version() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [
-        ("requester_identity", "spiffe://crank.local/caller/a"),
-        ("slo_constraints", {"latency_p95_ms": 10}),
-        ("budget_tokens", 12.5),
-        ("idempotency_key", "abc-123"),
-        ("version", "1.0.0"),
-    ],
+    [("requester_identity", "spiffe://crank.local/caller/a"), ("strategy", "least_loaded")],
 )
-async def test_optional_route_parameters_are_not_supported(field: str, value: Any) -> None:
+async def test_route_options_without_behaviour_are_not_supported(field: str, value: Any) -> None:
     async with running() as api:
         await api.register("w1")
         body = {"verb": "classify", "capability": "image.classify", field: value}

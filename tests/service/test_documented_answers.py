@@ -73,7 +73,11 @@ async def _answers(state_dir: Path) -> list[tuple[str, str, httpx.Response]]:
         await send(api, "POST", "/register", json=registration_payload("w1"))
         await send(api, "POST", "/heartbeat", json={"worker_id": "w1"})
         await send(api, "POST", "/route", json=route)
-        await send(api, "POST", "/route", json={**route, "budget_tokens": 1})  # not_supported
+        least_loaded = {**route, "strategy": "least_loaded"}
+        await send(api, "POST", "/route", json=least_loaded)  # not_supported
+        explained = {**route, "version": ">=1.2,<2", "budget_tokens": 5, "explain": True}
+        await send(api, "POST", "/route", json=explained)  # no_worker_available, explained
+        await send(api, "POST", "/route", json={**route, "explain": True})
         await send(api, "GET", "/capabilities")
         await send(api, "GET", "/workers")
         await send(api, "GET", "/openapi.json")

@@ -2,9 +2,10 @@
 
 Every answer must be documented for its operation (status, content type,
 headers) and its body must validate against the documented schema; no 500.
-Requests that the document calls valid may be refused only for the two
-rules JSON Schema cannot say: a ``(verb, name)`` given twice, and an
-optional route parameter that has no behaviour yet.
+Requests that the document calls valid may be refused only for the rules
+the generated document does not state: a ``(verb, name)`` given twice, a
+route option that has no behaviour yet, and ``affinity_key`` going with
+``strategy: affinity`` and only with it.
 """
 
 from __future__ import annotations
@@ -50,10 +51,12 @@ def no_server_failure(ctx: Any, response: Any, case: schemathesis.Case) -> None:
 def refused_only_for_rules_the_schema_cannot_state(
     ctx: Any, response: Any, case: schemathesis.Case
 ) -> None:
-    """A schema-valid request gets 422 only for duplicates, not-yet-supported options or a cursor.
+    """A schema-valid request gets 422 only for the rules the document does not state.
 
-    A listing's cursor is opaque: the document can state its alphabet, not
-    which strings of it are cursors.
+    Those are: a capability given twice, an option not supported yet, an
+    `affinity_key` without `strategy: affinity` (or the reverse), and a
+    listing's cursor (opaque: the document can state its alphabet, not
+    which strings of it are cursors).
     """
     meta = case.meta
     if meta is None or not meta.generation.mode.is_positive or response.status_code != 422:
@@ -63,17 +66,22 @@ def refused_only_for_rules_the_schema_cannot_state(
         assert body["field"] in NOT_SUPPORTED_YET, body
         assert case.body.get(body["field"]) is not None, body
         return
-    problems = [problem for problem in body["detail"] if problem["path"] != "cursor"]
-    messages = [problem["message"] for problem in problems]
-    assert all(m.startswith("duplicate capability") for m in messages), (case.body, body)
+    for problem in body["detail"]:
+        if problem["path"] == "cursor":
+            continue
+        affinity = problem["path"] == "affinity_key" and (
+            (case.body.get("strategy") == "affinity") != (case.body.get("affinity_key") is not None)
+        )
+        assert affinity or problem["message"].startswith("duplicate capability"), (case.body, body)
 
 
 def _check(case: schemathesis.Case) -> None:
     _seed()
     # The document is deliberately narrower than the core in one place (it
     # describes the common subset of worker URLs), so a request outside the
-    # document may still be accepted; `negative_data_rejection` would flag
-    # that. The other two excluded checks are replaced by exact ones above:
+    # document may still be accepted (the same goes for versions and
+    # specifier sets: the document shows their common form); `negative_data_rejection`
+    # would flag that. The other two excluded checks are replaced by exact ones above:
     # `not_a_server_error` counts the documented 503 as a failure, and
     # `positive_data_acceptance` does not know the two rules.
     case.call_and_validate(

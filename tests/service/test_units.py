@@ -28,8 +28,8 @@ def answer_of_the_converter(body: Any) -> tuple[int, dict[str, Any]]:
     except ValidationError as error:
         detail = [{"path": p.path, "message": p.message} for p in error.problems]
         return 422, {"error": "invalid_request", "detail": detail}
-    if request.version is not None:
-        return 422, {"error": "not_supported", "field": "version"}
+    if request.requester_identity is not None:
+        return 422, {"error": "not_supported", "field": "requester_identity"}
     fields = {"verb": request.verb, "capability": request.capability}
     return 404, {"error": "unknown_capability", **fields}  # nothing is registered
 
@@ -43,7 +43,9 @@ def answer_of_the_converter(body: Any) -> tuple[int, dict[str, Any]]:
         {"verb": "  ", "capability": "x" * 300},
         {"verb": "v", "capability": 1},
         {"verb": "v", "version": "1.0.0"},
-        {"verb": "v", "capability": "c", "version": "1.0.0"},
+        {"verb": "v", "capability": "c", "version": "latest"},
+        {"verb": "v", "capability": "c", "version": ">=1.0"},
+        {"verb": "v", "capability": "c", "requester_identity": "spiffe://x/y"},
         {"capability": "c", "verb": "v"},
         [],
         None,

@@ -1,0 +1,135 @@
+"""Benchmark of routing options: the time of a route per option, in the core.
+
+Run: ``.venv/bin/python benchmarks/route_options.py`` (under a minute;
+``--quick`` for a smoke run).
+
+10 000 workers, 10 per capability (1 000 capabilities, one each), with
+versions, costs and declared SLOs spread over them. For the plain route and
+for each option it prints the time per call (the median of repeated
+``timeit`` runs, in CPU time of this thread, as ``core.py`` counts) and its
+ratio to the target: the plain route <= 1 µs (it must not pay for the
+options), each option <= 10 µs (O(k) in the 10 workers of its capability).
+The ``affinity`` and ``idempotency_key`` routes are also timed with 100
+workers per capability, without a target: the cost grows with k, never with
+the registry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import timeit
+from collections.abc import Callable
+from typing import Any
+
+from crank_registry import CapabilityRegistry, CapabilitySchema, RouteOptions, structure
+
+WORKERS = 10_000
+START = 1_700_000_000.0
+PLAIN_TARGET_US = 1.0
+OPTION_TARGET_US = 10.0
+
+OPTIONS: dict[str, RouteOptions | None] = {
+    "plain (no options)": None,
+    "version >=1.2,<2": RouteOptions(version=">=1.2,<2"),
+    "exclude 2 workers": RouteOptions(exclude=("w0", "w1")),
+    "slo_constraints p95 <= 100 ms": RouteOptions(slo_constraints={"latency_p95_ms": 100}),
+    "budget_tokens 5": RouteOptions(budget_tokens=5),
+    "strategy affinity": RouteOptions(strategy="affinity", affinity_key="user-42"),
+    "idempotency_key": RouteOptions(idempotency_key="order-7"),
+    "all of them": RouteOptions(
+        version=">=1.2,<2",
+        exclude=("w0",),
+        slo_constraints={"latency_p95_ms": 100},
+        budget_tokens=5,
+        strategy="affinity",
+        affinity_key="user-42",
+    ),
+}
+
+
+def capability(name: str, worker: int) -> CapabilitySchema:
+    """Capability ``name`` as worker ``worker`` offers it: versions, costs and SLOs vary."""
+    payload: dict[str, Any] = {
+        "name": name,
+        "verb": "run",
+        "version": ("1.1.0", "1.4.0", "1.9.2", "2.0.0")[worker % 4],
+        "input_schema": {"type": "object"},
+        "output_schema": {"type": "object"},
+        "requires_gpu": False,
+        "max_concurrency": 4,
+        "cost_tokens_per_invocation": float(worker % 3 * 2),
+        "slo": {"latency_p95_ms": (50, 90, 250)[worker % 3], "availability": 0.999},
+    }
+    return structure(payload, CapabilitySchema)
+
+
+def build(per_capability: int) -> tuple[CapabilityRegistry, list[str]]:
+    """10 000 workers, ``per_capability`` to each capability; the capability names."""
+    registry = CapabilityRegistry()
+    names = [f"cap-{index}" for index in range(WORKERS // per_capability)]
+    for worker in range(WORKERS):
+        name = names[worker % len(names)]
+        registry.register(
+            f"w{worker}", f"https://w{worker}:8443", [capability(name, worker)], now=START
+        )
+    return registry, names
+
+
+def per_call_us(run: Callable[[], object], calls: int, repeat: int) -> float:
+    run()  # warm up
+    runs = timeit.repeat(run, number=1, repeat=repeat, timer=time.thread_time)
+    return statistics.median(runs) / calls * 1e6
+
+
+def bench(
+    registry: CapabilityRegistry, names: list[str], options: RouteOptions | None, calls: int
+) -> Callable[[], None]:
+    route = registry.route
+    sample = [names[index % len(names)] for index in range(calls)]
+
+    def run() -> None:
+        for name in sample:
+            route("run", name, now=START, options=options)
+
+    return run
+
+
+def report(label: str, micros: float, target: float | None) -> bool:
+    if target is None:
+        print(f"{label}: {micros:.2f} µs")
+        return True
+    ratio = micros / target
+    verdict = "PASS" if ratio <= 1 else "FAIL"
+    print(f"{label}: {micros:.2f} µs (target {target:.1f} µs: {ratio:.2f}x) {verdict}")
+    return ratio <= 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer calls and repeats")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    args = parser.parse_args(argv)
+    calls, repeat = (1_000, 3) if args.quick else (5_000, 7)
+    print(f"crank_registry route options: {WORKERS} workers, Python {sys.version.split()[0]}")
+    ok = True
+    print("-- 10 workers per capability")
+    registry, names = build(10)
+    for label, options in OPTIONS.items():
+        target = PLAIN_TARGET_US if options is None else OPTION_TARGET_US
+        micros = per_call_us(bench(registry, names, options, calls), calls, repeat)
+        ok &= report(f"route, {label}", micros, target)
+    del registry
+    print("-- 100 workers per capability")
+    registry, names = build(100)
+    for label in ("plain (no options)", "strategy affinity", "idempotency_key", "all of them"):
+        micros = per_call_us(bench(registry, names, OPTIONS[label], calls), calls, repeat)
+        report(f"route@100 per capability, {label}", micros, None)
+    print("all targets met" if ok else "some targets missed")
+    return 1 if args.strict and not ok else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

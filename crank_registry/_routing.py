@@ -1,0 +1,374 @@
+"""Routing options: the filters, the strategies, idempotency memory and ``explain``.
+
+A route without options is the rotation's round-robin (:mod:`._rotation`),
+O(1). A route with options (:class:`RouteOptions`, DESIGN "Routing
+options") walks the members of its one ``(verb, capability)``, never the
+registry, in O(k) for k members:
+
+1. the filters, in the settled order, each worker removed by the first
+   that rejects it: ``unhealthy`` (not routable at ``now``), ``version``
+   (its version is not PEP 440 or not in the specifier set), ``excluded``,
+   ``slo`` (its effective SLO, :func:`effective_slo`, misses a bound or has
+   no value for it), ``budget`` (it costs more than ``budget_tokens``, or
+   more than the cheapest candidate left: the cheapest tier is kept);
+2. a worker remembered for the ``idempotency_key``, if still a candidate;
+3. else the strategy: ``round_robin`` on the rotation's cursor
+   (:meth:`~._rotation.Rotation.next_of`), or ``affinity``, rendezvous
+   hashing of ``affinity_key`` (the candidate with the highest
+   ``blake2b(key, worker id)`` wins, so when one of n workers leaves only
+   the keys it held, about 1/n, move).
+
+``requester_identity`` and ``least_loaded`` have no behaviour yet: they are
+refused with :class:`~._errors.NotSupported` naming the field.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import attrs
+
+from ._errors import NotSupported, ValidationError
+from ._models import (
+    CapabilityKey,
+    CapabilitySchema,
+    RemovedWorker,
+    RouteExplanation,
+    RouteRequest,
+    _optional_non_negative,
+    _optional_specifier,
+    _optional_text,
+    _slo_constraints,
+    _strategy,
+    _worker_ids,
+    check_affinity,
+    parse_specifier,
+    parse_version,
+)
+from ._records import Member, Worker
+from ._rotation import Rotation
+
+__all__ = [
+    "IdempotencyMemory",
+    "RouteOptions",
+    "RoutingSettings",
+    "choose",
+    "effective_slo",
+    "rendezvous_weight",
+    "rendezvous_weights",
+]
+
+_DEFAULT_STRATEGY = "round_robin"
+
+
+def _id_tuple(value: Any) -> Any:
+    # Any collection of ids (the gateway passes the set it tried); a string
+    # is left as it is, for the validator to refuse, not split into ids.
+    if value is None or isinstance(value, (str, tuple)):
+        return value
+    try:
+        return tuple(value)
+    except TypeError:
+        return value
+
+
+def _dict_or_none(value: Any) -> Any:
+    return dict(value) if isinstance(value, Mapping) else value
+
+
+@attrs.frozen(kw_only=True)
+class RouteOptions:
+    """The options of one route; each ``None`` (or empty) is "not asked".
+
+    The same fields and rules as :class:`~crank_registry.RouteRequest`'s
+    options, for in-process callers::
+
+        registry.route("classify", "image.classify", now=now,
+                       options=RouteOptions(version=">=1.2,<2", budget_tokens=5))
+    """
+
+    version: str | None = attrs.field(default=None, validator=_optional_specifier)
+    exclude: tuple[str, ...] | None = attrs.field(
+        default=None, converter=_id_tuple, validator=_worker_ids
+    )
+    slo_constraints: Mapping[str, float] | None = attrs.field(
+        default=None,
+        converter=_dict_or_none,
+        validator=_slo_constraints,
+    )
+    budget_tokens: float | None = attrs.field(default=None, validator=_optional_non_negative)
+    strategy: str | None = attrs.field(default=None, validator=_strategy)
+    affinity_key: str | None = attrs.field(default=None, validator=_optional_text)
+    idempotency_key: str | None = attrs.field(default=None, validator=_optional_text)
+    requester_identity: str | None = attrs.field(default=None, validator=_optional_text)
+
+    def __attrs_post_init__(self) -> None:
+        check_affinity(self.strategy, self.affinity_key)
+
+    @classmethod
+    def from_request(cls, request: RouteRequest) -> RouteOptions | None:
+        """The options of a route request; ``None`` when it asks for none (the plain path)."""
+        if (
+            request.version is None
+            and request.exclude is None
+            and request.slo_constraints is None
+            and request.budget_tokens is None
+            and request.strategy is None
+            and request.affinity_key is None
+            and request.idempotency_key is None
+            and request.requester_identity is None
+        ):
+            return None
+        return cls(
+            version=request.version,
+            exclude=request.exclude,
+            slo_constraints=request.slo_constraints,
+            budget_tokens=request.budget_tokens,
+            strategy=request.strategy,
+            affinity_key=request.affinity_key,
+            idempotency_key=request.idempotency_key,
+            requester_identity=request.requester_identity,
+        )
+
+    def check_supported(self) -> None:
+        """Raise :class:`NotSupported` for an option that has no behaviour yet."""
+        if self.requester_identity is not None:
+            raise NotSupported("requester_identity")
+        if self.strategy == "least_loaded":
+            raise NotSupported("strategy")
+
+
+def _positive_seconds(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e12:
+        raise ValidationError.single(attribute.name, "must be a number of seconds > 0")
+
+
+def _positive_count(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValidationError.single(attribute.name, "must be an integer >= 1")
+
+
+@attrs.frozen(kw_only=True)
+class RoutingSettings:
+    """The registry's routing settings.
+
+    ``idempotency_ttl``: seconds an ``idempotency_key`` keeps its worker;
+    ``idempotency_keys``: the most keys remembered (the oldest is forgotten
+    first), which bounds the memory.
+    """
+
+    idempotency_ttl: float = attrs.field(default=3600.0, validator=_positive_seconds)
+    idempotency_keys: int = attrs.field(default=100_000, validator=_positive_count)
+
+
+class IdempotencyMemory:
+    """Which worker each ``(verb, capability, idempotency_key)`` was given, until when.
+
+    Entries are kept in the order they were made, which (time never going
+    backwards) is the order they expire in: expiry pops from the front, and
+    a full memory forgets its oldest entry. Both O(1) amortised.
+    """
+
+    __slots__ = ("_entries", "_settings")
+
+    def __init__(self, settings: RoutingSettings) -> None:
+        self._settings = settings
+        self._entries: collections.OrderedDict[tuple[str, str, str], tuple[str, float]] = (
+            collections.OrderedDict()
+        )
+
+    def recall(self, key: tuple[str, str, str], now: float) -> str | None:
+        """The worker remembered for ``key`` at ``now``, or ``None`` (never given, or expired)."""
+        self._expire(now)
+        entry = self._entries.get(key)
+        if entry is None or entry[1] <= now:
+            return None
+        return entry[0]
+
+    def remember(self, key: tuple[str, str, str], worker_id: str, now: float) -> None:
+        """Give ``key`` to ``worker_id`` for ``idempotency_ttl`` from ``now``."""
+        entries = self._entries
+        entries.pop(key, None)
+        entries[key] = (worker_id, now + self._settings.idempotency_ttl)
+        while len(entries) > self._settings.idempotency_keys:
+            entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _expire(self, now: float) -> None:
+        entries = self._entries
+        while entries:
+            key, (_, until) = next(iter(entries.items()))
+            if until > now:
+                return
+            del entries[key]
+
+
+def effective_slo(worker: Worker, capability: CapabilitySchema) -> Mapping[str, float]:
+    """The SLO a worker offers for one capability: what ``slo_constraints`` is checked against.
+
+    Today the capability's declared ``slo``. The one place where SLO files
+    and observed load reports will take precedence (DESIGN, "SLO precedence").
+    """
+    return capability.slo or {}
+
+
+def rendezvous_weights(key: str) -> Callable[[str], bytes]:
+    """The weight of each worker id for an affinity ``key``: the highest weight wins.
+
+    A stable hash (blake2b, the same in every process and run, unlike
+    Python's salted ``hash``) of the length-prefixed key, then the worker
+    id. The key's part is hashed once per route, each worker's on a copy.
+    """
+    prefix = hashlib.blake2b(f"{len(key)}:{key}".encode(), digest_size=8)
+
+    def weight(worker_id: str) -> bytes:
+        hasher = prefix.copy()
+        hasher.update(worker_id.encode())
+        return hasher.digest()
+
+    return weight
+
+
+def rendezvous_weight(key: str, worker_id: str) -> int:
+    """The weight of ``worker_id`` for affinity ``key``, as a number.
+
+    The same order as :func:`rendezvous_weights`, whose bytes it reads.
+    """
+    return int.from_bytes(rendezvous_weights(key)(worker_id), "big")
+
+
+@functools.lru_cache(maxsize=4096)
+def _version_matches(specifier: str, version: str) -> bool:
+    """Whether a capability's ``version`` is in the ``specifier`` set.
+
+    A version that is not PEP 440 (an older journal's) is in none.
+    Pre-releases are versions like any other: a worker runs what it runs
+    (and the answer must not depend on packaging's default). Cached: few
+    constraints meet few versions, and the comparison is the filter's cost.
+    """
+    parsed = parse_version(version)
+    return parsed is not None and parse_specifier(specifier).contains(parsed, prereleases=True)
+
+
+def _capability_of(member: Member) -> CapabilitySchema:
+    worker = member.worker
+    members = worker.members
+    # Most workers offer one capability: their first seat is this one.
+    index = 0 if members[0] is member else members.index(member)
+    return worker.capabilities[index]
+
+
+def _misses_slo(slo: Mapping[str, float], bounds: Mapping[str, float]) -> bool:
+    latency = bounds.get("latency_p95_ms")
+    if latency is not None:
+        offered = slo.get("latency_p95_ms")
+        if offered is None or offered > latency:
+            return True
+    availability = bounds.get("availability")
+    if availability is not None:
+        offered = slo.get("availability")
+        if offered is None or offered < availability:
+            return True
+    return False
+
+
+def _filter(
+    everyone: Sequence[Member], options: RouteOptions, now: float
+) -> tuple[list[Member], dict[str, str]]:
+    """The candidates, and for each other worker the first rule that removed it.
+
+    One pass over the members of one capability, the rules in their order.
+    """
+    specifier = options.version
+    excluded = frozenset(options.exclude) if options.exclude else frozenset()
+    bounds = options.slo_constraints
+    budget = options.budget_tokens
+    reasons: dict[str, str] = {}
+    passed: list[Member] = []
+    costs: list[float] = []
+    for member in everyone:
+        worker_id = member.worker.worker_id
+        if now > member.worker.routable_until:
+            reasons[worker_id] = "unhealthy"
+        elif specifier is not None and not _version_matches(specifier, member.endpoint.version):
+            reasons[worker_id] = "version"
+        elif worker_id in excluded:
+            reasons[worker_id] = "excluded"
+        elif bounds is None and budget is None:
+            passed.append(member)
+        else:
+            capability = _capability_of(member)
+            if bounds is not None and _misses_slo(effective_slo(member.worker, capability), bounds):
+                reasons[worker_id] = "slo"
+                continue
+            cost = capability.cost_tokens_per_invocation or 0.0
+            if budget is not None and cost > budget:
+                reasons[worker_id] = "budget"
+                continue
+            passed.append(member)
+            costs.append(cost)
+    if budget is None or not passed:
+        return passed, reasons
+    # Only the cheapest tier stays.
+    cheapest = min(costs)
+    candidates: list[Member] = []
+    for member, cost in zip(passed, costs, strict=True):
+        if cost > cheapest:
+            reasons[member.worker.worker_id] = "budget"
+        else:
+            candidates.append(member)
+    return candidates, reasons
+
+
+def _pick(rotation: Rotation, candidates: Sequence[Member], options: RouteOptions) -> Member | None:
+    if options.strategy == "affinity" and candidates:
+        assert options.affinity_key is not None  # RouteOptions checks it
+        weight = rendezvous_weights(options.affinity_key)
+        return max(candidates, key=lambda member: weight(member.worker.worker_id))
+    return rotation.next_of(candidates)
+
+
+def choose(
+    key: CapabilityKey,
+    rotation: Rotation,
+    options: RouteOptions,
+    *,
+    now: float,
+    memory: IdempotencyMemory,
+    explain: bool,
+) -> tuple[Member | None, RouteExplanation | None]:
+    """The member to route to under ``options`` (``None``: no candidate), and the explanation.
+
+    The explanation is built only when ``explain`` is asked.
+    """
+    everyone = rotation.everyone()
+    candidates, reasons = _filter(everyone, options, now)
+    chosen: Member | None = None
+    remembered_as = None
+    if options.idempotency_key is not None:
+        remembered_as = (key[0], key[1], options.idempotency_key)
+        remembered = memory.recall(remembered_as, now)
+        if remembered is not None:
+            chosen = next((m for m in candidates if m.worker.worker_id == remembered), None)
+    if chosen is None:
+        chosen = _pick(rotation, candidates, options)
+        if chosen is not None and remembered_as is not None:
+            memory.remember(remembered_as, chosen.worker.worker_id, now)
+    if not explain:
+        return chosen, None
+    explanation = RouteExplanation(
+        strategy=options.strategy or _DEFAULT_STRATEGY,
+        candidates=tuple(member.worker.worker_id for member in candidates),
+        removed=tuple(
+            RemovedWorker(worker_id=member.worker.worker_id, reason=reason)
+            for member in everyone
+            if (reason := reasons.get(member.worker.worker_id)) is not None
+        ),
+    )
+    return chosen, explanation
