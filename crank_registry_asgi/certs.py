@@ -305,6 +305,7 @@ def write_development_certificates(
     clients: Iterable[str] = (),
     sans: Iterable[str] = (),
     validity: datetime.timedelta = DEFAULT_VALIDITY,
+    trust_domain: str = TRUST_DOMAIN,
 ) -> list[Path]:
     """Write a development PKI to ``out_dir`` and return the paths written.
 
@@ -313,7 +314,9 @@ def write_development_certificates(
     ones already handed out; otherwise a new CA is made. The controller
     certificate is (re)written every time. ``sans`` (DNS names or IP
     addresses) are added to the controller's and the workers' certificates,
-    after localhost, 127.0.0.1 and ::1. Every file is replaced atomically.
+    after localhost, 127.0.0.1 and ::1. Worker and client identities are
+    in ``trust_domain`` (the controller's ``--trust-domain``). Every file is
+    replaced atomically.
     """
     worker_names = [check_name(name) for name in workers]
     client_names = [check_name(name) for name in clients]
@@ -343,7 +346,13 @@ def write_development_certificates(
         (
             f"{kind}-{name}",
             make_identity_certificate(
-                authority, kind, name, hosts=hosts, not_before=not_before, not_after=not_after
+                authority,
+                kind,
+                name,
+                trust_domain=trust_domain,
+                hosts=hosts,
+                not_before=not_before,
+                not_after=not_after,
             ),
         )
         for kind, names in (("worker", worker_names), ("client", client_names))
@@ -365,8 +374,8 @@ def renew_worker_certificate(
 ) -> list[Path]:
     """Renew ``worker-NAME.pem``/``.key`` in ``out_dir``: same CA, new key, new validity.
 
-    The new certificate keeps the DNS names and IP addresses of the old one
-    and adds ``sans``. Both files are replaced atomically (key first), so a
+    The new certificate keeps the trust domain, DNS names and IP addresses
+    of the old one and adds ``sans``. Both files are replaced atomically (key first), so a
     worker watching them picks up the new pair without a restart. Raises
     ``ValueError`` when the CA or the certificate to renew is missing.
     """
@@ -399,6 +408,7 @@ def renew_worker_certificate(
         authority,
         "worker",
         name,
+        trust_domain=_trust_domain_of(old),
         hosts=_hosts_with(_hosts_of(old), sans),
         not_before=now - _BACKDATE,
         not_after=now + validity,
@@ -410,6 +420,18 @@ def renew_worker_certificate(
 def _hosts_with(hosts: Iterable[str], sans: Iterable[str]) -> tuple[str, ...]:
     """``hosts`` then ``sans``, each checked, without repeats."""
     return tuple(dict.fromkeys(check_host(host) for host in (*hosts, *sans)))
+
+
+def _trust_domain_of(certificate: x509.Certificate) -> str:
+    """The trust domain of a certificate's SPIFFE ID (``TRUST_DOMAIN`` without one)."""
+    try:
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return TRUST_DOMAIN
+    for uri in names.get_values_for_type(x509.UniformResourceIdentifier):
+        if uri.startswith("spiffe://"):
+            return uri.removeprefix("spiffe://").split("/", 1)[0]
+    return TRUST_DOMAIN
 
 
 def _hosts_of(certificate: x509.Certificate) -> list[str]:

@@ -718,6 +718,16 @@ def add_certs_command(subcommands: Subcommands) -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
+        "--trust-domain",
+        type=_trust_domain,
+        default=DEFAULT_TRUST_DOMAIN,
+        metavar="DOMAIN",
+        help=(
+            "SPIFFE trust domain of the worker and client identities, the controller's "
+            f"--trust-domain ({DEFAULT_TRUST_DOMAIN}); --renew keeps the renewed one's"
+        ),
+    )
+    parser.add_argument(
         "--days", type=_at_least_one, default=365, help="validity of new certificates in days (365)"
     )
     parser.set_defaults(handler=run_certs)
@@ -766,6 +776,7 @@ def run_certs(args: argparse.Namespace) -> int:
             clients=args.client,
             sans=args.san,
             validity=validity,
+            trust_domain=args.trust_domain,
         )
     except (OSError, ValueError) as error:
         print(f"crank-registry certs: error: {error}", file=sys.stderr)

@@ -46,6 +46,22 @@ def test_san_adds_dns_names_and_ip_addresses_to_controller_and_workers(
     assert names_of(tmp_path / "client-ops.pem") == ([], [], ["spiffe://crank.local/client/ops"])
 
 
+def test_trust_domain_names_the_identities_and_a_renewal_keeps_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["certs", "--out", str(tmp_path), "--worker", "w1", "--client", "ops"]
+    status, _, _ = run_main([*args, "--trust-domain", "prod.example"], capsys)
+    assert status == 0
+    assert names_of(tmp_path / "worker-w1.pem")[2] == ["spiffe://prod.example/worker/w1"]
+    assert names_of(tmp_path / "client-ops.pem")[2] == ["spiffe://prod.example/client/ops"]
+    renew = ["certs", "--out", str(tmp_path), "--worker", "w1", "--renew"]
+    assert run_main(renew, capsys)[0] == 0
+    assert names_of(tmp_path / "worker-w1.pem")[2] == ["spiffe://prod.example/worker/w1"]
+    status, _, err = run_main([*args, "--trust-domain", "Not A Domain"], capsys)
+    assert status == 2
+    assert "not a SPIFFE trust domain" in err
+
+
 @pytest.mark.parametrize("bad", ["bad name", "-leading.example.com", "a..b", "http://x", ""])
 def test_a_san_that_is_neither_a_name_nor_an_address_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], bad: str
