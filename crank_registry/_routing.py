@@ -8,9 +8,10 @@ registry, in O(k) for k members:
 1. the filters, in the settled order, each worker removed by the first
    that rejects it: ``unhealthy`` (not routable at ``now``), ``version``
    (its version is not PEP 440 or not in the specifier set), ``excluded``,
-   ``slo`` (its effective SLO, :func:`effective_slo`, misses a bound or has
-   no value for it), ``budget`` (it costs more than ``budget_tokens``, or
-   more than the cheapest candidate left: the cheapest tier is kept);
+   ``slo`` (its effective SLO, :func:`effective_slo`: the SLO files', else
+   the declared one, misses a bound or has no value for it), ``budget``
+   (it costs more than ``budget_tokens``, or more than the cheapest
+   candidate left: the cheapest tier is kept);
 2. a worker remembered for the ``idempotency_key``, if still a candidate;
 3. else the strategy: ``round_robin`` on the rotation's cursor
    (:meth:`~._rotation.Rotation.next_of`), or ``affinity``, rendezvous
@@ -51,6 +52,7 @@ from ._models import (
 )
 from ._records import Member, Worker
 from ._rotation import Rotation
+from ._slos import ServiceLevel, ServiceLevels
 
 __all__ = [
     "IdempotencyMemory",
@@ -58,6 +60,7 @@ __all__ = [
     "RoutingSettings",
     "choose",
     "effective_slo",
+    "slo_file_for",
     "rendezvous_weight",
     "rendezvous_weights",
 ]
@@ -209,13 +212,38 @@ class IdempotencyMemory:
             del entries[key]
 
 
-def effective_slo(worker: Worker, capability: CapabilitySchema) -> Mapping[str, float]:
+#: No SLO files.
+NO_SLOS = ServiceLevels()
+
+
+def effective_slo(
+    worker: Worker, capability: CapabilitySchema, slos: ServiceLevels = NO_SLOS
+) -> Mapping[str, float]:
     """The SLO a worker offers for one capability: what ``slo_constraints`` is checked against.
 
-    Today the capability's declared ``slo``. The one place where SLO files
-    and observed load reports will take precedence (DESIGN, "SLO precedence").
+    Key by key, the first source that has a value wins (DESIGN, "SLO
+    precedence"): the SLO file of the capability (:func:`slo_file_for`),
+    then the capability's declared ``slo``.
     """
-    return capability.slo or {}
+    declared = capability.slo or {}
+    slo_file = slo_file_for(capability, slos)
+    if slo_file is None:
+        return declared
+    return {**declared, **slo_file.values}
+
+
+def slo_file_for(capability: CapabilitySchema, slos: ServiceLevels) -> ServiceLevel | None:
+    """The SLO file's level that applies to a worker's ``capability``, or ``None``.
+
+    The first file (by name) of its ``(verb, name)`` whose ``version``
+    specifier set, if it has one, contains the capability's version; a
+    version that is not PEP 440 (an older journal's) is in no set.
+    """
+    for slo_file in slos.of(capability.key):
+        level = slo_file.slo
+        if level.version is None or _version_matches(level.version, capability.version):
+            return level
+    return None
 
 
 def rendezvous_weights(key: str) -> Callable[[str], bytes]:
@@ -279,7 +307,7 @@ def _misses_slo(slo: Mapping[str, float], bounds: Mapping[str, float]) -> bool:
 
 
 def _filter(
-    everyone: Sequence[Member], options: RouteOptions, now: float
+    everyone: Sequence[Member], options: RouteOptions, now: float, slos: ServiceLevels
 ) -> tuple[list[Member], dict[str, str]]:
     """The candidates, and for each other worker the first rule that removed it.
 
@@ -304,7 +332,9 @@ def _filter(
             passed.append(member)
         else:
             capability = _capability_of(member)
-            if bounds is not None and _misses_slo(effective_slo(member.worker, capability), bounds):
+            if bounds is not None and _misses_slo(
+                effective_slo(member.worker, capability, slos), bounds
+            ):
                 reasons[worker_id] = "slo"
                 continue
             cost = capability.cost_tokens_per_invocation or 0.0
@@ -342,13 +372,15 @@ def choose(
     now: float,
     memory: IdempotencyMemory,
     explain: bool,
+    slos: ServiceLevels = NO_SLOS,
 ) -> tuple[Member | None, RouteExplanation | None]:
     """The member to route to under ``options`` (``None``: no candidate), and the explanation.
 
-    The explanation is built only when ``explain`` is asked.
+    ``slos``: the SLO files in effect, for ``slo_constraints``. The
+    explanation is built only when ``explain`` is asked.
     """
     everyone = rotation.everyone()
-    candidates, reasons = _filter(everyone, options, now)
+    candidates, reasons = _filter(everyone, options, now, slos)
     chosen: Member | None = None
     remembered_as = None
     if options.idempotency_key is not None:
