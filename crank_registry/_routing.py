@@ -52,7 +52,7 @@ from ._models import (
 )
 from ._records import Member, Worker
 from ._rotation import Rotation
-from ._slos import ServiceLevel, ServiceLevels
+from ._slos import ServiceLevels
 
 __all__ = [
     "IdempotencyMemory",
@@ -60,7 +60,6 @@ __all__ = [
     "RoutingSettings",
     "choose",
     "effective_slo",
-    "slo_file_for",
     "rendezvous_weight",
     "rendezvous_weights",
 ]
@@ -217,33 +216,25 @@ NO_SLOS = ServiceLevels()
 
 
 def effective_slo(
-    worker: Worker, capability: CapabilitySchema, slos: ServiceLevels = NO_SLOS
+    worker: Worker,
+    capability: CapabilitySchema,
+    files: Sequence[ServiceLevels.Rule] = (),
 ) -> Mapping[str, float]:
     """The SLO a worker offers for one capability: what ``slo_constraints`` is checked against.
 
-    Key by key, the first source that has a value wins (DESIGN, "SLO
-    precedence"): the SLO file of the capability (:func:`slo_file_for`),
-    then the capability's declared ``slo``.
+    ``files``: the SLO files of the capability's ``(verb, name)``
+    (:meth:`ServiceLevels.of <crank_registry._slos.ServiceLevels.of>`, looked
+    up once per route). Key by key, the first source that has a value wins
+    (DESIGN, "SLO precedence"): the SLO file, then the capability's
+    declared ``slo``. The file is the first (by name) whose ``version``
+    set, if it has one, contains the capability's version; a version that
+    is not PEP 440 (an older journal's) is in no set.
     """
     declared = capability.slo or {}
-    slo_file = slo_file_for(capability, slos)
-    if slo_file is None:
-        return declared
-    return {**declared, **slo_file.values}
-
-
-def slo_file_for(capability: CapabilitySchema, slos: ServiceLevels) -> ServiceLevel | None:
-    """The SLO file's level that applies to a worker's ``capability``, or ``None``.
-
-    The first file (by name) of its ``(verb, name)`` whose ``version``
-    specifier set, if it has one, contains the capability's version; a
-    version that is not PEP 440 (an older journal's) is in no set.
-    """
-    for slo_file in slos.of(capability.key):
-        level = slo_file.slo
-        if level.version is None or _version_matches(level.version, capability.version):
-            return level
-    return None
+    for version, values in files:
+        if version is None or _version_matches(version, capability.version):
+            return {**declared, **values}
+    return declared
 
 
 def rendezvous_weights(key: str) -> Callable[[str], bytes]:
@@ -307,7 +298,10 @@ def _misses_slo(slo: Mapping[str, float], bounds: Mapping[str, float]) -> bool:
 
 
 def _filter(
-    everyone: Sequence[Member], options: RouteOptions, now: float, slos: ServiceLevels
+    everyone: Sequence[Member],
+    options: RouteOptions,
+    now: float,
+    slo_files: Sequence[ServiceLevels.Rule],
 ) -> tuple[list[Member], dict[str, str]]:
     """The candidates, and for each other worker the first rule that removed it.
 
@@ -333,7 +327,7 @@ def _filter(
         else:
             capability = _capability_of(member)
             if bounds is not None and _misses_slo(
-                effective_slo(member.worker, capability, slos), bounds
+                effective_slo(member.worker, capability, slo_files), bounds
             ):
                 reasons[worker_id] = "slo"
                 continue
@@ -380,7 +374,7 @@ def choose(
     explanation is built only when ``explain`` is asked.
     """
     everyone = rotation.everyone()
-    candidates, reasons = _filter(everyone, options, now, slos)
+    candidates, reasons = _filter(everyone, options, now, slos.of(key))
     chosen: Member | None = None
     remembered_as = None
     if options.idempotency_key is not None:

@@ -133,6 +133,10 @@ class ServiceLevels:
 
     __slots__ = ("_by_key", "files")
 
+    #: What routing reads of one file: its ``version`` set (``None``: every
+    #: version) and the values it states (:attr:`ServiceLevel.values`).
+    Rule = tuple[str | None, Mapping[str, float]]
+
     def __init__(self, files: Iterable[SloFile] = ()) -> None:
         ordered = tuple(sorted(files, key=lambda slo_file: slo_file.file))
         by_key: dict[CapabilityKey, list[SloFile]] = {}
@@ -159,12 +163,14 @@ class ServiceLevels:
             raise ValidationError(problems)
         #: Every file, in the order of their names.
         self.files: tuple[SloFile, ...] = ordered
-        self._by_key: Mapping[CapabilityKey, tuple[SloFile, ...]] = {
-            key: tuple(value) for key, value in by_key.items()
+        # Each file's values are made once here, not at every route.
+        self._by_key: Mapping[CapabilityKey, tuple[ServiceLevels.Rule, ...]] = {
+            key: tuple((f.slo.version, f.slo.values) for f in value)
+            for key, value in by_key.items()
         }
 
-    def of(self, key: CapabilityKey) -> tuple[SloFile, ...]:
-        """The files about the capability ``key``, in the order of their names."""
+    def of(self, key: CapabilityKey) -> tuple[ServiceLevels.Rule, ...]:
+        """The ``(version set, values)`` of each file about ``key``, in the order of their names."""
         return self._by_key.get(key, ())
 
     def __len__(self) -> int:

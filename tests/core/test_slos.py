@@ -33,7 +33,7 @@ def offered(capability: CapabilitySchema, slos: ServiceLevels | None = None) -> 
     worker = Worker("w1", "https://w1:8443", (capability,), Health.HEALTHY, T0, 0)
     if slos is None:
         return dict(effective_slo(worker, capability))
-    return dict(effective_slo(worker, capability, slos))
+    return dict(effective_slo(worker, capability, slos.of(capability.key)))
 
 
 def test_a_file_beats_the_declared_slo_key_by_key() -> None:
