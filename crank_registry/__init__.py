@@ -117,7 +117,7 @@ from ._models import (
 )
 from ._registry import STATE_FORMAT_VERSION, CapabilityRegistry
 from ._routing import RouteOptions, RoutingSettings, effective_slo, rendezvous_weight
-from ._slos import ServiceLevel, SloFile
+from ._slos import ServiceLevel, ServiceLevels, SloFile
 from ._wire import (
     ANSWER_TYPES,
     CapabilitiesAnswer,
@@ -193,6 +193,7 @@ __all__ = [
     "RouteRequest",
     "RoutingSettings",
     "ServiceLevel",
+    "ServiceLevels",
     "SloFile",
     "SlosAnswer",
     "SkippedLine",

@@ -223,8 +223,8 @@ def effective_slo(
     """The SLO a worker offers for one capability: what ``slo_constraints`` is checked against.
 
     ``files``: the SLO files of the capability's ``(verb, name)``
-    (:meth:`ServiceLevels.of <crank_registry._slos.ServiceLevels.of>`, looked
-    up once per route). Key by key, the first source that has a value wins
+    (:meth:`ServiceLevels.of <crank_registry.ServiceLevels.of>`, looked up
+    once per route). Key by key, the first source that has a value wins
     (DESIGN, "SLO precedence"): the SLO file, then the capability's
     declared ``slo``. The file is the first (by name) whose ``version``
     set, if it has one, contains the capability's version; a version that

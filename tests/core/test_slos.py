@@ -10,13 +10,13 @@ from crank_registry import (
     CapabilitySchema,
     Health,
     ServiceLevel,
+    ServiceLevels,
     SloFile,
     ValidationError,
     effective_slo,
     structure,
 )
 from crank_registry._records import Worker
-from crank_registry._slos import ServiceLevels
 from tests.builders import capability
 from tests.core.helpers import T0
 from tests.core.test_routing import KEY, chosen, explained, fleet, removed
