@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from crank_registry_asgi import cli
-from tests.cli.helpers import clean_environment, command, free_port
+from tests.cli.helpers import clean_environment, command, free_port, serving
 from tests.cli.test_cli import no_command_variables, run_main
 
 __all__ = ["no_command_variables"]  # the fixture, used here too
@@ -40,6 +42,41 @@ def test_an_invalid_slo_file_refuses_the_start_in_one_line_naming_file_and_field
     assert "Traceback" not in result.stderr
     # Refused before the journal was opened.
     assert not (state_dir / "registry.jsonl").exists()
+
+
+def test_serve_reloads_a_changed_file_and_keeps_the_previous_on_an_invalid_one(
+    tmp_path: Path,
+) -> None:
+    state_dir = tmp_path / "state"
+    (state_dir / "slos").mkdir(parents=True)
+    path = state_dir / "slos" / "classify.yaml"
+    path.write_text("verb: classify\ncapability: image.classify\nlatency_p95_ms: 250\n")
+    port = free_port()
+    args = ["--insecure", "--port", str(port), "--state-dir", str(state_dir)]
+    with serving(
+        [*args, "--slo-poll-interval", "0.1"], tmp_path / "serve.log", port=port, scheme="http"
+    ) as server:
+
+        def latency() -> Any:
+            (entry,) = httpx.get(f"{server.url}/slos", timeout=5).json()["slos"]
+            return entry["slo"]["latency_p95_ms"]
+
+        def wait_for(text: str) -> None:
+            # Generous: the poll runs every 0.1 s; a loaded machine may take longer.
+            deadline = time.monotonic() + 30
+            while text not in server.log():
+                assert time.monotonic() < deadline, server.log()
+                time.sleep(0.05)
+
+        assert latency() == 250.0
+        path.write_text("verb: classify\ncapability: image.classify\nlatency_p95_ms: 90.5\n")
+        wait_for("SLO files reloaded")
+        assert latency() == 90.5
+        path.write_text("verb: classify\ncapability: image.classify\nlatency_p95_ms: soon\n")
+        wait_for("SLO files not reloaded")
+        assert latency() == 90.5
+        assert f"{path}: field latency_p95_ms: must be a number" in server.log()
+        assert server.stop() == 0, server.log()
 
 
 def test_the_flags_reach_the_service(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
