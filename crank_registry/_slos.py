@@ -138,13 +138,15 @@ class ServiceLevels:
     Rule = tuple[str | None, Mapping[str, float]]
 
     def __init__(self, files: Iterable[SloFile] = ()) -> None:
-        ordered = tuple(sorted(files, key=lambda slo_file: slo_file.file))
+        given = tuple(files)
+        for slo_file in given:
+            if not isinstance(slo_file, SloFile):
+                raise ValidationError.single("", f"expected SloFile values, got {slo_file!r}")
+        ordered = tuple(sorted(given, key=lambda slo_file: slo_file.file))
         by_key: dict[CapabilityKey, list[SloFile]] = {}
         seen: dict[tuple[str, str, str | None], str] = {}
         problems: list[Problem] = []
         for slo_file in ordered:
-            if not isinstance(slo_file, SloFile):
-                raise ValidationError.single("", f"expected SloFile values, got {slo_file!r}")
             level = slo_file.slo
             claim = (level.verb, level.capability, level.version)
             first = seen.setdefault(claim, slo_file.file)

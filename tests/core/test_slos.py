@@ -183,3 +183,10 @@ def test_values_lists_the_keys_set_in_the_order_of_a_declared_slo() -> None:
     )
     assert level.values == {"latency_p95_ms": 5, "error_budget_pct": 1}
     assert level.key == KEY
+
+
+def test_set_slos_takes_slo_files_only() -> None:
+    registry = fleet(("w1", {}))
+    with pytest.raises(ValidationError, match="expected SloFile values"):
+        registry.set_slos([{"file": "a.yaml"}])  # type: ignore[list-item]
+    assert registry.slos == ()
