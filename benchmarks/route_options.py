@@ -9,6 +9,8 @@ for each option it prints the time per call (the median of repeated
 ``timeit`` runs, in CPU time of this thread, as ``core.py`` counts) and its
 ratio to the target: the plain route <= 1 µs (it must not pay for the
 options), each option <= 10 µs (O(k) in the 10 workers of its capability).
+``slo_constraints`` is timed again with an SLO file for every capability
+(a ``version`` set in each, so that every member's version is matched).
 The ``affinity`` and ``idempotency_key`` routes are also timed with 100
 workers per capability, without a target: the cost grows with k, never with
 the registry.
@@ -24,7 +26,14 @@ import timeit
 from collections.abc import Callable
 from typing import Any
 
-from crank_registry import CapabilityRegistry, CapabilitySchema, RouteOptions, structure
+from crank_registry import (
+    CapabilityRegistry,
+    CapabilitySchema,
+    RouteOptions,
+    ServiceLevel,
+    SloFile,
+    structure,
+)
 
 WORKERS = 10_000
 START = 1_700_000_000.0
@@ -78,6 +87,17 @@ def build(per_capability: int) -> tuple[CapabilityRegistry, list[str]]:
     return registry, names
 
 
+def slo_files(names: list[str]) -> list[SloFile]:
+    """One SLO file a capability, for the versions from 1.4: 1 000 files."""
+    return [
+        SloFile(
+            file=f"{name}.yaml",
+            slo=ServiceLevel(verb="run", capability=name, version=">=1.4", latency_p95_ms=80),
+        )
+        for name in names
+    ]
+
+
 def per_call_us(run: Callable[[], object], calls: int, repeat: int) -> float:
     run()  # warm up
     runs = timeit.repeat(run, number=1, repeat=repeat, timer=time.thread_time)
@@ -121,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         target = PLAIN_TARGET_US if options is None else OPTION_TARGET_US
         micros = per_call_us(bench(registry, names, options, calls), calls, repeat)
         ok &= report(f"route, {label}", micros, target)
+    registry.set_slos(slo_files(names))
+    label = "slo_constraints p95 <= 100 ms"
+    micros = per_call_us(bench(registry, names, OPTIONS[label], calls), calls, repeat)
+    ok &= report(f"route, {label}, an SLO file per capability", micros, OPTION_TARGET_US)
     del registry
     print("-- 100 workers per capability")
     registry, names = build(100)

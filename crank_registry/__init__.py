@@ -16,6 +16,7 @@ Where each rule lives:
 * ``_health``: the state table of a worker and all health arithmetic.
 * ``_rotation``: the round-robin ring of one ``(verb, capability)``.
 * ``_routing``: the routing options: filters, strategies, idempotency, explain.
+* ``_slos``: SLO files as values, and their index by capability.
 * ``_records``: the registry's mutable records (below health and rotation).
 * ``_registry``: the public registry: decide with the table, apply with the fold.
 * ``_listing``: listings in pages (positions, cursors, pagers) and counts in steps.
@@ -116,6 +117,7 @@ from ._models import (
 )
 from ._registry import STATE_FORMAT_VERSION, CapabilityRegistry
 from ._routing import RouteOptions, RoutingSettings, effective_slo, rendezvous_weight
+from ._slos import ServiceLevel, ServiceLevels, SloFile
 from ._wire import (
     ANSWER_TYPES,
     CapabilitiesAnswer,
@@ -128,6 +130,7 @@ from ._wire import (
     InvocationAnswer,
     ListingQuery,
     RegisterAnswer,
+    SlosAnswer,
     WorkerEntry,
     WorkersAnswer,
 )
@@ -189,6 +192,10 @@ __all__ = [
     "RouteOptions",
     "RouteRequest",
     "RoutingSettings",
+    "ServiceLevel",
+    "ServiceLevels",
+    "SloFile",
+    "SlosAnswer",
     "SkippedLine",
     "Snapshot",
     "SnapshotPart",

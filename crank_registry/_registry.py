@@ -105,7 +105,8 @@ from ._models import (
 )
 from ._records import CapabilityValues, Member, Worker
 from ._rotation import Rotation
-from ._routing import IdempotencyMemory, RouteOptions, RoutingSettings, choose
+from ._routing import NO_SLOS, IdempotencyMemory, RouteOptions, RoutingSettings, choose
+from ._slos import ServiceLevels, SloFile
 
 __all__ = ["STATE_FORMAT_VERSION", "CapabilityRegistry"]
 
@@ -152,6 +153,8 @@ class CapabilityRegistry:
         self._routing = routing if routing is not None else RoutingSettings()
         # What idempotency keys were given (routing options); not registry state.
         self._idempotency = IdempotencyMemory(self._routing)
+        # The operator's SLO files (set_slos); not registry state either.
+        self._slos = NO_SLOS
         self._revision = 0
         self._workers: dict[str, Worker] = {}
         self._rotations: dict[CapabilityKey, Rotation] = {}
@@ -181,6 +184,22 @@ class CapabilityRegistry:
     def routing(self) -> RoutingSettings:
         """The routing settings this registry applies (idempotency TTL and memory bound)."""
         return self._routing
+
+    @property
+    def slos(self) -> tuple[SloFile, ...]:
+        """The SLO files in effect (:meth:`set_slos`), in the order of their names."""
+        return self._slos.files
+
+    def set_slos(self, files: Iterable[SloFile]) -> None:
+        """Put these SLO files in effect, replacing all the previous ones at once.
+
+        Routes with ``slo_constraints`` check them from the next call
+        (:func:`~crank_registry.effective_slo`). Raises
+        :class:`ValidationError` naming the file when two files state the
+        SLO of the same capability for the same versions; the previous
+        files stay in effect then.
+        """
+        self._slos = ServiceLevels(files)
 
     @property
     def revision(self) -> int:
@@ -595,7 +614,13 @@ class CapabilityRegistry:
             raise UnknownCapability(verb, capability)
         _check_now(now)
         member, explanation = choose(
-            key, rotation, options, now=now, memory=self._idempotency, explain=explain
+            key,
+            rotation,
+            options,
+            now=now,
+            memory=self._idempotency,
+            explain=explain,
+            slos=self._slos,
         )
         return (None if member is None else member.endpoint), explanation
 

@@ -8,9 +8,10 @@ registry, in O(k) for k members:
 1. the filters, in the settled order, each worker removed by the first
    that rejects it: ``unhealthy`` (not routable at ``now``), ``version``
    (its version is not PEP 440 or not in the specifier set), ``excluded``,
-   ``slo`` (its effective SLO, :func:`effective_slo`, misses a bound or has
-   no value for it), ``budget`` (it costs more than ``budget_tokens``, or
-   more than the cheapest candidate left: the cheapest tier is kept);
+   ``slo`` (its effective SLO, :func:`effective_slo`: the SLO files', else
+   the declared one, misses a bound or has no value for it), ``budget``
+   (it costs more than ``budget_tokens``, or more than the cheapest
+   candidate left: the cheapest tier is kept);
 2. a worker remembered for the ``idempotency_key``, if still a candidate;
 3. else the strategy: ``round_robin`` on the rotation's cursor
    (:meth:`~._rotation.Rotation.next_of`), or ``affinity``, rendezvous
@@ -51,6 +52,7 @@ from ._models import (
 )
 from ._records import Member, Worker
 from ._rotation import Rotation
+from ._slos import ServiceLevels
 
 __all__ = [
     "IdempotencyMemory",
@@ -209,13 +211,30 @@ class IdempotencyMemory:
             del entries[key]
 
 
-def effective_slo(worker: Worker, capability: CapabilitySchema) -> Mapping[str, float]:
+#: No SLO files.
+NO_SLOS = ServiceLevels()
+
+
+def effective_slo(
+    worker: Worker,
+    capability: CapabilitySchema,
+    files: Sequence[ServiceLevels.Rule] = (),
+) -> Mapping[str, float]:
     """The SLO a worker offers for one capability: what ``slo_constraints`` is checked against.
 
-    Today the capability's declared ``slo``. The one place where SLO files
-    and observed load reports will take precedence (DESIGN, "SLO precedence").
+    ``files``: the SLO files of the capability's ``(verb, name)``
+    (:meth:`ServiceLevels.of <crank_registry.ServiceLevels.of>`, looked up
+    once per route). Key by key, the first source that has a value wins
+    (DESIGN, "SLO precedence"): the SLO file, then the capability's
+    declared ``slo``. The file is the first (by name) whose ``version``
+    set, if it has one, contains the capability's version; a version that
+    is not PEP 440 (an older journal's) is in no set.
     """
-    return capability.slo or {}
+    declared = capability.slo or {}
+    for version, values in files:
+        if version is None or _version_matches(version, capability.version):
+            return {**declared, **values}
+    return declared
 
 
 def rendezvous_weights(key: str) -> Callable[[str], bytes]:
@@ -279,7 +298,10 @@ def _misses_slo(slo: Mapping[str, float], bounds: Mapping[str, float]) -> bool:
 
 
 def _filter(
-    everyone: Sequence[Member], options: RouteOptions, now: float
+    everyone: Sequence[Member],
+    options: RouteOptions,
+    now: float,
+    slo_files: Sequence[ServiceLevels.Rule],
 ) -> tuple[list[Member], dict[str, str]]:
     """The candidates, and for each other worker the first rule that removed it.
 
@@ -304,7 +326,9 @@ def _filter(
             passed.append(member)
         else:
             capability = _capability_of(member)
-            if bounds is not None and _misses_slo(effective_slo(member.worker, capability), bounds):
+            if bounds is not None and _misses_slo(
+                effective_slo(member.worker, capability, slo_files), bounds
+            ):
                 reasons[worker_id] = "slo"
                 continue
             cost = capability.cost_tokens_per_invocation or 0.0
@@ -342,13 +366,15 @@ def choose(
     now: float,
     memory: IdempotencyMemory,
     explain: bool,
+    slos: ServiceLevels = NO_SLOS,
 ) -> tuple[Member | None, RouteExplanation | None]:
     """The member to route to under ``options`` (``None``: no candidate), and the explanation.
 
-    The explanation is built only when ``explain`` is asked.
+    ``slos``: the SLO files in effect, for ``slo_constraints``. The
+    explanation is built only when ``explain`` is asked.
     """
     everyone = rotation.everyone()
-    candidates, reasons = _filter(everyone, options, now)
+    candidates, reasons = _filter(everyone, options, now, slos.of(key))
     chosen: Member | None = None
     remembered_as = None
     if options.idempotency_key is not None:

@@ -40,6 +40,7 @@ from ._models import (
     _text,
     parse_capability_label,
 )
+from ._slos import SloFile
 
 __all__ = [
     "ANSWER_TYPES",
@@ -53,6 +54,7 @@ __all__ = [
     "InvocationAnswer",
     "ListingQuery",
     "RegisterAnswer",
+    "SlosAnswer",
     "WorkerEntry",
     "WorkersAnswer",
 ]
@@ -274,6 +276,18 @@ class WorkersAnswer:
 
 
 @attrs.frozen(kw_only=True)
+class SlosAnswer:
+    """``GET /slos``: the SLO files in effect, in the order of their names.
+
+    Each ``slo`` is a file's content as it was read; an SLO file's keys are
+    a file format, checked strictly (an unknown key is refused), so a
+    reader of this answer knows every key.
+    """
+
+    slos: tuple[SloFile, ...]
+
+
+@attrs.frozen(kw_only=True)
 class FailedAttempt:
     """A worker the gateway could not reach, and why."""
 
@@ -344,6 +358,8 @@ ANSWER_TYPES: frozenset[type[Any]] = frozenset(
         RegisterAnswer,
         RemovedWorker,
         RouteExplanation,
+        SloFile,
+        SlosAnswer,
         WorkerEndpoint,
         WorkerEntry,
         WorkersAnswer,

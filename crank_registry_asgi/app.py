@@ -9,9 +9,10 @@ the registry decide its change, and :meth:`Effects.commit
 <crank_registry_asgi.effects.Effects.commit>` applies it once the journal
 made it durable (a write answered 503 changes nothing).
 
-The lifespan reads the journal, replays it into the registry (the core's
-fold), then serves, running the :class:`Sweeper` in a task group until
-shutdown.
+The lifespan reads the SLO files and the journal, replays the journal into
+the registry (the core's fold), then serves, running the :class:`Sweeper`
+and the :class:`~crank_registry_asgi.slos.SloWatcher` in a task group
+until shutdown.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from crank_registry import (
     RouteExplanation,
     RouteOptions,
     RouteRequest,
+    SlosAnswer,
     UnknownCapability,
     ValidationError,
     authorize_worker,
@@ -74,6 +76,7 @@ from .identity import IdentityRefused, ProxyCertificateHeader, caller_identity
 from .journal import Journal, JournalError
 from .metrics import Metrics, RequestDurationMiddleware, metrics_response
 from .openapi import ROUTE_PATHS, openapi_document
+from .slos import SloWatcher, slo_directory
 from .telemetry import TracingMiddleware, annotate, tracer
 
 __all__ = [
@@ -211,6 +214,14 @@ class ControllerService:
             retry_after=self.retry_after,
         )
         self.sweeper = Sweeper(registry, self.clock, self.effects)
+        # The SLO files of the state directory (none without one).
+        self.slo_watcher = (
+            None
+            if config.state_dir is None
+            else SloWatcher(
+                slo_directory(config.state_dir), registry, interval=config.slo_poll_interval
+            )
+        )
         self.proxy_header = (
             None
             if config.proxy_cert_header is None
@@ -365,6 +376,10 @@ class ControllerService:
         annotate(worker_id=endpoint.worker_id)
         return answer(endpoint)
 
+    async def slos(self, request: Request) -> Response:
+        """GET /slos: the SLO files in effect."""
+        return answer(SlosAnswer(slos=self.registry.slos))
+
     async def capabilities(self, request: Request) -> Response:
         """GET /capabilities: a page of (verb, capability, version) entries."""
         query = ListingQuery.parse(request.query_params.multi_items())
@@ -398,6 +413,7 @@ class ControllerService:
             "/health": (self.health, "GET"),
             "/capabilities": (self.capabilities, "GET"),
             "/workers": (self.workers, "GET"),
+            "/slos": (self.slos, "GET"),
             "/metrics": (self.exposition, "GET"),
             "/openapi.json": (self.openapi, "GET"),
         }
@@ -409,11 +425,13 @@ class ControllerService:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        """Check where identities come from, open and replay the journal, run the sweeper.
+        """Check where identities come from, read the SLO files, open and replay the journal.
 
         Raises :class:`~crank_registry_asgi.tls.CaptureNotInstalled` before
         serving when identity checks are on and no certificate can reach
-        the app; closes the journal and stops the sweeper on shutdown.
+        the app, :class:`~crank_registry_asgi.slos.SloFileError` when an SLO
+        file is invalid; runs the sweeper and the SLO watcher while serving,
+        closes the journal and stops both on shutdown.
         """
         self._check_identity_source()
         if self.proxy_header is not None:
@@ -429,11 +447,16 @@ class ControllerService:
                 evict_after_s=policy.evict_after,
             ),
         )
+        # Before the journal: an invalid file refuses the start without a long replay first.
+        if self.slo_watcher is not None:
+            self.slo_watcher.load()
         async with contextlib.AsyncExitStack() as stack:
             if self.config.state_dir is not None:
                 await self._open_journal(stack)
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(self.sweeper.run)
+                if self.slo_watcher is not None:
+                    tasks.start_soon(self.slo_watcher.run)
                 try:
                     yield
                 finally:
@@ -617,8 +640,9 @@ def create_app(
 ) -> Starlette:
     """The controller as an ASGI application.
 
-    ``registry`` defaults to an empty one with ``config.policy`` (a registry
-    passed in keeps its own policy, which the service then uses). ``clock``
+    ``registry`` defaults to an empty one with ``config.policy`` and
+    ``config.routing`` (a registry passed in keeps its own, which the
+    service then uses). ``clock``
     gives ``now`` in seconds since the epoch for every health decision; by
     default an :class:`~crank_registry_asgi.clock.AnchoredClock` (the wall
     clock at start, advanced by the monotonic clock, so that a step of the
@@ -635,7 +659,7 @@ def create_app(
     if clock is None:
         clock = AnchoredClock()
     if registry is None:
-        registry = CapabilityRegistry(config.policy)
+        registry = CapabilityRegistry(config.policy, config.routing)
     service = ControllerService(registry, config, clock)
     app = ServiceApp(
         routes=service.routes(),

@@ -39,6 +39,7 @@ from crank_worker_client.certificates import DEFAULT_EXPIRY_WARNING, DEFAULT_WAT
 
 from .config import GatewayConfig, is_positive_number, is_whole_number
 from .logs import LOG_FORMATS, configure_logging
+from .slos import DEFAULT_POLL_INTERVAL
 
 if TYPE_CHECKING:
     from .server import ServerSettings
@@ -187,6 +188,23 @@ def add_serve_command(subcommands: Subcommands) -> argparse.ArgumentParser:
         help="silence after which a worker is removed (120)",
     )
     parser.add_argument(
+        "--idempotency-ttl",
+        type=_seconds,
+        default=3600.0,
+        metavar="SECONDS",
+        help="how long a route's idempotency_key keeps its worker (3600)",
+    )
+    parser.add_argument(
+        "--slo-poll-interval",
+        type=_seconds,
+        default=DEFAULT_POLL_INTERVAL,
+        metavar="SECONDS",
+        help=(
+            "how often STATE_DIR/slos/*.yaml is checked; changed files are read again "
+            f"without a restart ({DEFAULT_POLL_INTERVAL:g})"
+        ),
+    )
+    parser.add_argument(
         "--certfile", type=Path, help="server certificate, PEM (env CONTROLLER_CERT_PATH)"
     )
     parser.add_argument(
@@ -321,7 +339,7 @@ def run_serve(args: argparse.Namespace) -> int:
     """``serve``: check the flags, build the app, serve it until SIGTERM or SIGINT."""
     import attrs
 
-    from crank_registry import HealthPolicy, ValidationError
+    from crank_registry import HealthPolicy, RoutingSettings, ValidationError
 
     from .config import ServiceConfig
 
@@ -398,6 +416,8 @@ def run_serve(args: argparse.Namespace) -> int:
     config = ServiceConfig(
         policy=policy,
         state_dir=args.state_dir,
+        routing=RoutingSettings(idempotency_ttl=args.idempotency_ttl),
+        slo_poll_interval=args.slo_poll_interval,
         # Identities come from the TLS handshake, or from the proxy that was
         # named as the one doing it: either way, a change without one is refused.
         require_identity=settings.mutual_tls or args.trust_proxy_cert_header is not None,
@@ -461,19 +481,21 @@ def _lifespan_failed(error: Exception) -> int:
     text; the app's own exception is the one being handled when it was raised
     (Starlette reports a failed start from its ``except`` block), so it is
     the error's ``__context__``. A journal error (the state directory is
-    held by another controller, unreadable, written by a newer release) is
-    configuration: its message names the file and the fix. Anything else is
+    held by another controller, unreadable, written by a newer release) and
+    an invalid SLO file are configuration: the message names the file (and
+    the field) and the fix. Anything else is
     unexpected: its class is named, and ``--log-level debug`` shows the
     traceback.
     """
     from .journal import JournalError
+    from .slos import SloFileError
 
     logging.getLogger(__name__).debug("start failed: %s", error)
     cause = error.__context__
     while isinstance(cause, BaseExceptionGroup) and len(cause.exceptions) == 1:
         cause = cause.exceptions[0]
     prefix = "the controller failed to start: "
-    if isinstance(cause, JournalError):
+    if isinstance(cause, (JournalError, SloFileError)):
         return _start_failed(prefix + str(cause), status=2)
     # Without an exception (an app that only reports the failure), the debug log has its text.
     reason = (

@@ -18,11 +18,12 @@ import attrs
 import httpx
 from cryptography import x509
 
-from crank_registry import DEFAULT_TRUST_DOMAIN, HealthPolicy, is_trust_domain
+from crank_registry import DEFAULT_TRUST_DOMAIN, HealthPolicy, RoutingSettings, is_trust_domain
 from crank_worker_client.body import READ_TIMEOUT
 
 from .identity import Network
 from .journal import DEFAULT_COMPACT_MIN_BYTES
+from .slos import DEFAULT_POLL_INTERVAL
 
 __all__ = [
     "GatewayConfig",
@@ -102,7 +103,10 @@ def _networks(value: Iterable[Network]) -> tuple[Network, ...]:
 class ServiceConfig:
     """How the controller behaves.
 
-    ``state_dir`` ``None`` keeps the registry in memory only (no journal).
+    ``state_dir`` ``None`` keeps the registry in memory only (no journal,
+    no SLO files); else the journal and the SLO files (``STATE_DIR/slos``,
+    :mod:`crank_registry_asgi.slos`) are read from it. ``routing`` are the
+    registry's routing settings (the idempotency keys' TTL and bound).
     A caller that presents an identity (the SPIFFE ID of its client
     certificate) may register, heartbeat and deregister only its own worker
     record; ``require_identity``, for mutual TLS, also refuses those calls
@@ -121,6 +125,11 @@ class ServiceConfig:
 
     policy: HealthPolicy = attrs.field(factory=HealthPolicy)
     state_dir: pathlib.Path | None = None
+    routing: RoutingSettings = attrs.field(factory=RoutingSettings)
+    #: Seconds between two looks at the SLO files for a change.
+    slo_poll_interval: float = attrs.field(
+        default=DEFAULT_POLL_INTERVAL, validator=_positive_number
+    )
     require_identity: bool = False
     proxy_cert_header: str | None = attrs.field(default=None, validator=_header_name)
     proxy_cert_authorities: tuple[x509.Certificate, ...] = attrs.field(

@@ -40,6 +40,7 @@ from crank_registry import (
     RegisterAnswer,
     Registration,
     RouteRequest,
+    SlosAnswer,
     WorkerEndpoint,
     WorkersAnswer,
 )
@@ -249,6 +250,15 @@ OPERATIONS: tuple[Operation, ...] = (
         "The workers; next_cursor is absent on the last page.",
         errors=("invalid_request",),
         query=ListingQuery,
+    ),
+    Operation(
+        "GET",
+        "/slos",
+        "slos",
+        "The SLO files in effect (STATE_DIR/slos/*.yaml)",
+        SlosAnswer,
+        "Each file's name and what it states, in the order of the names; "
+        "empty without SLO files or a state directory.",
     ),
     Operation(
         "GET",

@@ -27,6 +27,7 @@ from crank_registry import (
     Problem,
     Registration,
     RouteRequest,
+    ServiceLevel,
     Snapshot,
     ValidationError,
     WorkerDeregistered,
@@ -189,6 +190,21 @@ capability_views = st.builds(
     st.lists(worker_ids, max_size=3).map(tuple),
     st.lists(worker_ids, max_size=3).map(tuple),
 )
+slo_values = st.fixed_dictionaries(
+    {},
+    optional={
+        "latency_p95_ms": st.floats(min_value=0.001, max_value=1e6),
+        "availability": st.floats(min_value=0, max_value=1),
+        "error_budget_pct": st.floats(min_value=0, max_value=100),
+    },
+).filter(bool)  # a file states at least one value
+service_levels = st.builds(
+    lambda values, **fields: ServiceLevel(**fields, **values),
+    slo_values,
+    verb=verbs,
+    capability=texts,
+    version=optional(specifiers),
+)
 MODEL_STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
     CapabilitySchema: capabilities,
     Registration: registrations,
@@ -201,6 +217,7 @@ MODEL_STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
     HeartbeatRequest: st.builds(HeartbeatRequest, worker_ids),
     DeregisterRequest: st.builds(DeregisterRequest, worker_ids),
     Problem: st.builds(Problem, st.text(max_size=10), st.text(max_size=10)),
+    ServiceLevel: service_levels,
     Snapshot: st.builds(Snapshot, st.integers(0, 2**53), st.lists(records, max_size=3).map(tuple)),
 }
 EVENT_STRATEGIES: dict[type[Event], st.SearchStrategy[Any]] = {
@@ -296,6 +313,7 @@ TARGETS = [
     WorkerRecord,
     WorkerView,
     HealthPolicy,
+    ServiceLevel,
 ]
 
 

@@ -386,6 +386,7 @@ async def test_openapi_document_is_served() -> None:
             "/route",
             "/capabilities",
             "/workers",
+            "/slos",
             "/metrics",
             "/openapi.json",
         }

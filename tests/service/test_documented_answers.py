@@ -25,6 +25,7 @@ from crank_registry import (
     HealthAnswer,
     HeartbeatAnswer,
     RegisterAnswer,
+    SlosAnswer,
     WorkerEndpoint,
     WorkersAnswer,
     structure,
@@ -45,6 +46,7 @@ _MODELS: dict[str, type[Any]] = {
     "/route": WorkerEndpoint,
     "/capabilities": CapabilitiesAnswer,
     "/workers": WorkersAnswer,
+    "/slos": SlosAnswer,
 }
 
 
@@ -102,6 +104,15 @@ async def _answers(state_dir: Path) -> list[tuple[str, str, httpx.Response]]:
         await send(api, "POST", "/heartbeat", json={"worker_id": "w1"})  # forbidden
     async with running(ServiceConfig(request_read_timeout=0.05)) as api:
         await send(api, "POST", "/route", content=_stalled(), headers=json)  # request_timeout
+    # The SLO files of another state directory, one with every key.
+    with_slos = state_dir / "with-slos"
+    (with_slos / "slos").mkdir(parents=True)
+    (with_slos / "slos" / "classify.yaml").write_text(
+        "verb: classify\ncapability: image.classify\nversion: '>=1.2,<2'\n"
+        "latency_p95_ms: 120\navailability: 0.995\nerror_budget_pct: 0.5\n"
+    )
+    async with running(ServiceConfig(state_dir=with_slos)) as api:
+        await send(api, "GET", "/slos")
     async with running(ServiceConfig(state_dir=state_dir), lifespan=False) as api:
         await send(api, "POST", "/register", json=registration_payload("w1"))  # journal_unavailable
     return answers
