@@ -66,7 +66,7 @@ import attrs
 
 from . import _health as health
 from ._converter import structure, unstructure
-from ._errors import UnknownCapability, ValidationError, WorkerNotRegistered
+from ._errors import PolicyDenied, UnknownCapability, ValidationError, WorkerNotRegistered
 from ._events import (
     Change,
     Event,
@@ -103,9 +103,16 @@ from ._models import (
     WorkerView,
     parse_capability_label,
 )
+from ._policy import Policy
 from ._records import CapabilityValues, Member, Worker
 from ._rotation import Rotation
-from ._routing import IdempotencyMemory, RouteOptions, RoutingSettings, choose
+from ._routing import (
+    IdempotencyMemory,
+    RouteOptions,
+    RoutingSettings,
+    choose,
+    policy_explanation,
+)
 
 __all__ = ["STATE_FORMAT_VERSION", "CapabilityRegistry"]
 
@@ -152,6 +159,8 @@ class CapabilityRegistry:
         self._routing = routing if routing is not None else RoutingSettings()
         # What idempotency keys were given (routing options); not registry state.
         self._idempotency = IdempotencyMemory(self._routing)
+        # Asked before every route when set (set_access_policy); not registry state.
+        self._access: Policy | None = None
         self._revision = 0
         self._workers: dict[str, Worker] = {}
         self._rotations: dict[CapabilityKey, Rotation] = {}
@@ -181,6 +190,33 @@ class CapabilityRegistry:
     def routing(self) -> RoutingSettings:
         """The routing settings this registry applies (idempotency TTL and memory bound)."""
         return self._routing
+
+    @property
+    def access_policy(self) -> Policy | None:
+        """The access policy asked before every route; ``None``: everyone may route anywhere."""
+        return self._access
+
+    def set_access_policy(self, policy: Policy | None) -> None:
+        """Ask ``policy`` before every route from now on (``None``: no policy)."""
+        self._access = policy
+
+    def required_targets(self, worker_id: str) -> frozenset[str] | None:
+        """The ``verb:name`` labels a registered worker declared it needs, for least privilege.
+
+        The union of ``required_capabilities`` over its capabilities;
+        ``None`` when it is not registered or declared them on none.
+        """
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            return None
+        declared = [
+            capability.required_capabilities
+            for capability in worker.capabilities
+            if capability.required_capabilities is not None
+        ]
+        if not declared:
+            return None
+        return frozenset(label for labels in declared for label in labels)
 
     @property
     def revision(self) -> int:
@@ -546,7 +582,11 @@ class CapabilityRegistry:
 
         Without ``options``: round-robin, O(1). With them: the filters and
         the strategy of :mod:`._routing`, O(k) in the workers of this pair;
-        an option without behaviour yet raises :class:`NotSupported`.
+        an option without behaviour yet raises :class:`NotSupported`. The
+        access policy (:meth:`set_access_policy`) is asked for
+        ``options.requester_identity`` (``None``: anonymous) and a denial
+        raises :class:`PolicyDenied`; a route whose only option is the
+        requester stays on the O(1) path.
 
         ``None`` means the pair is known (some registered worker offers it,
         in any state) but no worker is a candidate at ``now``: an outage,
@@ -555,12 +595,19 @@ class CapabilityRegistry:
         :class:`UnknownCapability`: a typo is not an outage. Both cost one
         dictionary lookup: a pair keeps its rotation while it has members.
         """
+        requester = None
         if options is not None:
-            return self._route_with(verb, capability, now, options, explain=False)[0]
+            requester = options.requester_identity
+            if requester is None or options != RouteOptions(requester_identity=requester):
+                return self._route_with(verb, capability, now, options, explain=False)[0]
         rotation = self._rotations.get((verb, capability))
         if rotation is None:
             raise UnknownCapability(verb, capability)
         _check_now(now)
+        if self._access is not None:
+            decision = self._access.decide(requester, verb, capability)
+            if not decision.allowed:
+                raise PolicyDenied(requester, verb, capability, decision.reason)
         member = rotation.next(now)
         return None if member is None else member.endpoint
 
@@ -594,6 +641,17 @@ class CapabilityRegistry:
         if rotation is None:
             raise UnknownCapability(verb, capability)
         _check_now(now)
+        if self._access is not None:
+            requester = options.requester_identity
+            decision = self._access.decide(requester, verb, capability)
+            if not decision.allowed:
+                raise PolicyDenied(
+                    requester,
+                    verb,
+                    capability,
+                    decision.reason,
+                    explain=policy_explanation(rotation, options, now) if explain else None,
+                )
         member, explanation = choose(
             key, rotation, options, now=now, memory=self._idempotency, explain=explain
         )
