@@ -739,7 +739,7 @@ class RouteRequest:
 
 
 #: Why a worker of the capability was not a candidate, in the order of the rules.
-REMOVAL_REASONS = ("unhealthy", "version", "excluded", "slo", "budget")
+REMOVAL_REASONS = ("unhealthy", "version", "excluded", "policy", "slo", "budget")
 
 
 @attrs.frozen(kw_only=True)
