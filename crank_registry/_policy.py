@@ -23,6 +23,7 @@ crosses ``/`` and ``:``).
 from __future__ import annotations
 
 import fnmatch
+import re
 import tomllib
 from collections.abc import Callable
 from typing import Protocol
@@ -152,10 +153,41 @@ def parse_policy(text: str, source: str) -> PolicyRules:
     )
 
 
-def _matches(globs: tuple[str, ...] | None, label: str) -> str | None:
+_Match = Callable[[str], object]
+
+
+def _matcher(globs: tuple[str, ...] | None) -> _Match | None:
+    """One compiled pattern for any of ``globs`` (``None``: none given): its ``match``."""
     if globs is None:
         return None
-    return next((glob for glob in globs if fnmatch.fnmatchcase(label, glob)), None)
+    return re.compile("|".join(fnmatch.translate(glob) for glob in globs)).match
+
+
+def _first_match(globs: tuple[str, ...] | None, label: str) -> str:
+    """The first of ``globs`` matching ``label`` (one of them does: its rule matched)."""
+    assert globs is not None
+    return next(glob for glob in globs if fnmatch.fnmatchcase(label, glob))
+
+
+def _compile(
+    policy: BuiltinPolicy,
+) -> tuple[tuple[PolicyRule, _Match, _Match | None, _Match | None], ...]:
+    # Compiled once per policy: a route tries each rule's globs as one regex.
+    compiled = []
+    for rule in policy.rules.rules:
+        identity = _matcher((rule.identity,))
+        assert identity is not None
+        compiled.append((rule, identity, _matcher(rule.deny), _matcher(rule.allow)))
+    return tuple(compiled)
+
+
+def _not_required(worker: str | None, label: str, allowed: frozenset[str]) -> str:
+    shown = sorted(allowed)
+    listed = ", ".join(shown[:5]) + (f" and {len(shown) - 5} more" if len(shown) > 5 else "")
+    return (
+        f"worker {worker!r} declared required_capabilities without {label!r} "
+        f"(least privilege: it may route only to {listed or 'nothing'})"
+    )
 
 
 _ANONYMOUS_ALLOWED = Decision(True, "no rule applies to an anonymous caller; default allow")
@@ -173,31 +205,31 @@ class BuiltinPolicy:
     rules: PolicyRules
     targets: Callable[[str], frozenset[str] | None] = attrs.field(eq=False)
     trust_domain: str = DEFAULT_TRUST_DOMAIN
+    _compiled: tuple[tuple[PolicyRule, _Match, _Match | None, _Match | None], ...] = attrs.field(
+        init=False, eq=False, repr=False, default=attrs.Factory(_compile, takes_self=True)
+    )
 
     def decide(self, requester: str | None, verb: str, capability: str) -> Decision:
         """Rule (1) for a registered worker, then the file's rules, then the default."""
+        if requester is None and not self.rules.rules and self.rules.default == "allow":
+            return _ANONYMOUS_ALLOWED  # the plain route's case without a policy file: no work
         label = f"{verb}:{capability}"
-        if requester is None:
-            if not self.rules.rules and self.rules.default == "allow":
-                return _ANONYMOUS_ALLOWED
-        else:
+        if requester is not None:
             name = worker_name_of(requester, self.trust_domain)
             allowed = None if name is None else self.targets(name)
             if allowed is not None and label not in allowed:
-                return Decision(
-                    False,
-                    f"worker {name!r} declared required_capabilities "
-                    f"{sorted(allowed)!r}, which do not include {label!r}",
-                )
+                return Decision(False, _not_required(name, label, allowed))
         identity = requester or ""
-        for index, rule in enumerate(self.rules.rules):
-            if not fnmatch.fnmatchcase(identity, rule.identity):
+        for index, (rule, identity_matches, deny_matches, allow_matches) in enumerate(
+            self._compiled
+        ):
+            if identity_matches(identity) is None:
                 continue
-            glob = _matches(rule.deny, label)
-            if glob is not None:
+            if deny_matches is not None and deny_matches(label) is not None:
+                glob = _first_match(rule.deny, label)
                 return Decision(False, f"rule[{index}] denies {glob!r} to {rule.identity!r}")
-            glob = _matches(rule.allow, label)
-            if glob is not None:
+            if allow_matches is not None and allow_matches(label) is not None:
+                glob = _first_match(rule.allow, label)
                 return Decision(True, f"rule[{index}] allows {glob!r} to {rule.identity!r}")
         default = self.rules.default
         return Decision(default == "allow", f"no rule matches {label!r}; default {default}")

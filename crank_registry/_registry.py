@@ -118,6 +118,17 @@ __all__ = ["STATE_FORMAT_VERSION", "CapabilityRegistry"]
 
 _HEARTBEAT_ONLY = (HeartbeatReceived,)
 
+# Every option but the requester: a route asking none of them stays on the O(1) path.
+_FILTER_OPTIONS = tuple(
+    field.name for field in attrs.fields(RouteOptions) if field.name != "requester_identity"
+)
+
+
+def _only_requester(options: RouteOptions) -> bool:
+    """Whether ``options`` asks nothing but the access policy's requester."""
+    return all(getattr(options, name) is None for name in _FILTER_OPTIONS)
+
+
 #: The version of the snapshot written by :meth:`CapabilityRegistry.export_state`.
 STATE_FORMAT_VERSION = 1
 
@@ -598,7 +609,7 @@ class CapabilityRegistry:
         requester = None
         if options is not None:
             requester = options.requester_identity
-            if requester is None or options != RouteOptions(requester_identity=requester):
+            if requester is None or not _only_requester(options):
                 return self._route_with(verb, capability, now, options, explain=False)[0]
         rotation = self._rotations.get((verb, capability))
         if rotation is None:

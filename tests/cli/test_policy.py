@@ -7,7 +7,9 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
+from crank_registry_asgi.cli import build_parser, main
 from tests.builders import registration_payload
 from tests.cli.helpers import clean_environment, command, free_port, serving
 
@@ -61,3 +63,41 @@ def test_a_changed_policy_file_applies_while_serving(tmp_path: Path) -> None:
             time.sleep(0.1)
         assert answer.status_code == 200, answer.text
         assert "policy file reloaded" in server.log()
+
+
+def test_policy_flags_parse() -> None:
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--policy",
+            "p.toml",
+            "--policy-watch-interval",
+            "0.5",
+            "--trusted-gateway",
+            "spiffe://crank.local/client/a",
+            "--trusted-gateway",
+            "spiffe://crank.local/client/b",
+        ]
+    )
+    assert (args.policy, args.policy_watch_interval) == (Path("p.toml"), 0.5)
+    assert args.trusted_gateway == [
+        "spiffe://crank.local/client/a",
+        "spiffe://crank.local/client/b",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--trusted-gateway", "platform"], "expected a SPIFFE ID"),
+        (["--policy-watch-interval", "0"], "--policy-watch-interval"),
+        (["--policy-watch-interval", "2"], "--policy-watch-interval needs --policy"),
+    ],
+)
+def test_bad_policy_flags_are_usage_errors(
+    flags: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--insecure", *flags])
+    assert exit_info.value.code == 2
+    assert says in capsys.readouterr().err

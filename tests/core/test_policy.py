@@ -256,3 +256,28 @@ def test_explain_names_policy_for_the_workers_the_earlier_rules_left() -> None:
     )
     assert set(allowed.candidates) == {"server", "second"}
     assert allowed.removed == ()
+
+
+def test_a_route_asking_only_for_the_requester_stays_round_robin() -> None:
+    registry = registry_with(PolicyRules())
+    for worker_id in ("second", "third"):
+        registry.register(
+            worker_id,
+            f"https://{worker_id}:8443",
+            [capability(verb="classify", name="image.classify")],
+            now=T0,
+        )
+    plain = [route(registry, None) for _ in range(6)]
+    assert plain == ["server", "second", "third"] * 2
+    assert [route(registry, CLIENT) for _ in range(3)] == ["server", "second", "third"]
+
+
+def test_a_long_list_of_required_capabilities_is_shortened_in_the_reason() -> None:
+    required = tuple(f"ocr:page-{n}" for n in range(40))
+    registry = registry_with(PolicyRules(), caller=required)
+    reason = decide(registry, WORKER, "classify:image.classify").reason
+    assert reason == (
+        "worker 'caller' declared required_capabilities without 'classify:image.classify' "
+        "(least privilege: it may route only to ocr:page-0, ocr:page-1, ocr:page-10, "
+        "ocr:page-11, ocr:page-12 and 35 more)"
+    )
