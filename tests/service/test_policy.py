@@ -172,3 +172,9 @@ def test_an_invalid_policy_file_stops_the_app(tmp_path: Path) -> None:
         create_app(config=ServiceConfig(policy_file=path))
     with pytest.raises(PolicyFileError, match="cannot read the policy file"):
         create_app(config=ServiceConfig(policy_file=tmp_path / "missing.toml"))
+
+
+@pytest.mark.parametrize("gateways", [["platform"], "spiffe://crank.local/client/p", [5]])
+def test_trusted_gateways_must_be_spiffe_ids(gateways: Any) -> None:
+    with pytest.raises(ValueError, match="trusted_gateways must be SPIFFE IDs"):
+        ServiceConfig(trusted_gateways=gateways)
