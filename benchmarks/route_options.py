@@ -14,6 +14,12 @@ options), each option <= 10 µs (O(k) in the 10 workers of its capability).
 The ``affinity`` and ``idempotency_key`` routes are also timed with 100
 workers per capability, without a target: the cost grows with k, never with
 the registry.
+
+The access policy is timed apart (:data:`POLICY_CASES`), with the built-in
+policy set on the registry: the plain route with no policy file (what the
+controller does without ``--policy``) against the plain target, and a
+requester under 20 rules, anonymous, and a worker with
+``required_capabilities``, against the option target.
 """
 
 from __future__ import annotations
@@ -27,8 +33,11 @@ from collections.abc import Callable
 from typing import Any
 
 from crank_registry import (
+    BuiltinPolicy,
     CapabilityRegistry,
     CapabilitySchema,
+    PolicyRule,
+    PolicyRules,
     RouteOptions,
     ServiceLevel,
     SloFile,
@@ -59,6 +68,35 @@ OPTIONS: dict[str, RouteOptions | None] = {
 }
 
 
+#: 20 rules; the requesters below are decided by the last ones (every rule looked at).
+RULES = PolicyRules(
+    rules=(
+        *(
+            PolicyRule(identity=f"spiffe://crank.local/client/team-{n}-*", allow=("run:*",))
+            for n in range(18)
+        ),
+        PolicyRule(identity="spiffe://crank.local/*", deny=("run:secret-*",), allow=("run:cap-*",)),
+        PolicyRule(identity="*", allow=("run:cap-*",)),
+    ),
+    default="deny",
+)
+REQUIRED = range(0, 50, 10)
+CALLER = RouteOptions(requester_identity="spiffe://crank.local/client/web")
+
+#: (label, rules, options, target).
+POLICY_CASES: tuple[tuple[str, PolicyRules, RouteOptions | None, float], ...] = (
+    ("plain, built-in policy without a file", PolicyRules(), None, PLAIN_TARGET_US),
+    ("requester, 20 rules", RULES, CALLER, OPTION_TARGET_US),
+    ("anonymous, 20 rules", RULES, None, OPTION_TARGET_US),
+    (
+        "worker with required_capabilities",
+        PolicyRules(),
+        RouteOptions(requester_identity="spiffe://crank.local/worker/w0"),
+        OPTION_TARGET_US,
+    ),
+)
+
+
 def capability(name: str, worker: int) -> CapabilitySchema:
     """Capability ``name`` as worker ``worker`` offers it: versions, costs and SLOs vary."""
     payload: dict[str, Any] = {
@@ -71,6 +109,8 @@ def capability(name: str, worker: int) -> CapabilitySchema:
         "max_concurrency": 4,
         "cost_tokens_per_invocation": float(worker % 3 * 2),
         "slo": {"latency_p95_ms": (50, 90, 250)[worker % 3], "availability": 0.999},
+        # Worker 0 calls five capabilities (least privilege, rule 1).
+        "required_capabilities": [f"run:cap-{n}" for n in REQUIRED] if worker == 0 else None,
     }
     return structure(payload, CapabilitySchema)
 
@@ -145,6 +185,15 @@ def main(argv: list[str] | None = None) -> int:
     label = "slo_constraints p95 <= 100 ms"
     micros = per_call_us(bench(registry, names, OPTIONS[label], calls), calls, repeat)
     ok &= report(f"route, {label}, an SLO file per capability", micros, OPTION_TARGET_US)
+    registry.set_slos(())
+    print("-- access policy, 10 workers per capability")
+    for label, rules, options, target in POLICY_CASES:
+        registry.set_access_policy(BuiltinPolicy(rules, registry.required_targets))
+        # Worker 0 routes where it may (a denial is an exception, another cost).
+        asked = [names[n] for n in REQUIRED] if "required" in label else names
+        micros = per_call_us(bench(registry, asked, options, calls), calls, repeat)
+        ok &= report(f"route, {label}", micros, target)
+    registry.set_access_policy(None)
     del registry
     print("-- 100 workers per capability")
     registry, names = build(100)

@@ -35,6 +35,7 @@ from ._converter import (
 from ._errors import (
     Forbidden,
     NotSupported,
+    PolicyDenied,
     Problem,
     RegistryError,
     UnknownCapability,
@@ -115,6 +116,15 @@ from ._models import (
     is_worker_url,
     parse_capability_label,
 )
+from ._policy import (
+    BuiltinPolicy,
+    Decision,
+    Policy,
+    PolicyFileError,
+    PolicyRule,
+    PolicyRules,
+    parse_policy,
+)
 from ._registry import STATE_FORMAT_VERSION, CapabilityRegistry
 from ._routing import RouteOptions, RoutingSettings, effective_slo, rendezvous_weight
 from ._slos import ServiceLevel, ServiceLevels, SloFile
@@ -161,10 +171,12 @@ __all__ = [
     "Counts",
     "DeregisterAnswer",
     "DeregisterRequest",
+    "BuiltinPolicy",
     "ErrorAnswer",
     "Event",
     "ExecuteRequest",
     "FailedAttempt",
+    "Decision",
     "Forbidden",
     "Health",
     "HealthInput",
@@ -181,6 +193,11 @@ __all__ = [
     "ListingQuery",
     "NewerJournalFormat",
     "NotSupported",
+    "Policy",
+    "PolicyDenied",
+    "PolicyFileError",
+    "PolicyRule",
+    "PolicyRules",
     "Problem",
     "Refusal",
     "RegisterAnswer",
@@ -237,6 +254,7 @@ __all__ = [
     "is_trust_domain",
     "iso_utc",
     "parse_capability_label",
+    "parse_policy",
     "rendezvous_weight",
     "replay",
     "replay_bytes",

@@ -8,6 +8,7 @@ layer should answer with (the h11 ``error_status_hint`` idea)::
     ├── ValidationError       invalid_request        422
     ├── NotSupported          not_supported          422
     ├── Forbidden             forbidden              403
+    ├── PolicyDenied          policy_denied          403
     ├── WorkerNotRegistered   worker_not_registered  404
     └── UnknownCapability     unknown_capability     404
 """
@@ -15,12 +16,17 @@ layer should answer with (the h11 ``error_status_hint`` idea)::
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import attrs
+
+if TYPE_CHECKING:
+    from ._models import RouteExplanation
 
 __all__ = [
     "Forbidden",
     "NotSupported",
+    "PolicyDenied",
     "Problem",
     "RegistryError",
     "UnknownCapability",
@@ -152,4 +158,36 @@ class UnknownCapability(RegistryError):
         super().__init__(
             f"no registered worker offers verb {verb!r} on capability {capability!r}; "
             "check the spelling against GET /capabilities"
+        )
+
+
+class PolicyDenied(RegistryError):
+    """The access policy does not let ``requester`` route to ``(verb, capability)``.
+
+    ``requester`` is ``None`` for an anonymous caller; ``reason`` is the
+    rule that decided, in words. Asking again will not help (never
+    retried). ``explain``: the route's explanation when it asked for one
+    (the workers the policy removed have the reason ``policy``).
+    """
+
+    code = "policy_denied"
+    status_hint = 403
+
+    def __init__(
+        self,
+        requester: str | None,
+        verb: str,
+        capability: str,
+        reason: str,
+        *,
+        explain: RouteExplanation | None = None,
+    ) -> None:
+        self.requester = requester
+        self.verb = verb
+        self.capability = capability
+        self.reason = reason
+        self.explain = explain
+        who = "an anonymous caller" if requester is None else repr(requester)
+        super().__init__(
+            f"the access policy does not let {who} route to {verb}:{capability}: {reason}"
         )

@@ -650,15 +650,23 @@ class RouteRequest:
 
     The optional fields are the routing options (DESIGN, "Routing
     options"); the registry applies them (``crank_registry._routing``).
-    ``requester_identity`` and the strategy ``least_loaded`` are part of
-    the model so that clients can be written against it: the registry
-    refuses them with ``not_supported`` until they have behaviour.
+    ``requester_identity`` is the SPIFFE ID the access policy decides for;
+    over HTTP only a ``--trusted-gateway`` may set it (for its users). The
+    strategy ``least_loaded`` is part of the model so that clients can be
+    written against it: the registry refuses it with ``not_supported``
+    until it has behaviour.
     """
 
     verb: str = attrs.field(validator=_text, metadata=_schema(**_TEXT_SCHEMA))
     capability: str = attrs.field(validator=_text, metadata=_schema(**_TEXT_SCHEMA))
     requester_identity: str | None = attrs.field(
-        default=None, validator=_optional_text, metadata=_schema(**_TEXT_SCHEMA)
+        default=None,
+        validator=_optional_text,
+        metadata=_schema(
+            **_TEXT_SCHEMA,
+            description="The SPIFFE ID the access policy decides for, in place of the "
+            "caller's: accepted only from an identity named by --trusted-gateway.",
+        ),
     )
     slo_constraints: dict[str, Any] | None = attrs.field(
         default=None, validator=_slo_constraints, metadata=_schema(**_SLO_CONSTRAINTS_SCHEMA)
@@ -731,7 +739,7 @@ class RouteRequest:
 
 
 #: Why a worker of the capability was not a candidate, in the order of the rules.
-REMOVAL_REASONS = ("unhealthy", "version", "excluded", "slo", "budget")
+REMOVAL_REASONS = ("unhealthy", "version", "excluded", "policy", "slo", "budget")
 
 
 @attrs.frozen(kw_only=True)

@@ -66,7 +66,7 @@ import attrs
 
 from . import _health as health
 from ._converter import structure, unstructure
-from ._errors import UnknownCapability, ValidationError, WorkerNotRegistered
+from ._errors import PolicyDenied, UnknownCapability, ValidationError, WorkerNotRegistered
 from ._events import (
     Change,
     Event,
@@ -103,14 +103,33 @@ from ._models import (
     WorkerView,
     parse_capability_label,
 )
+from ._policy import Policy
 from ._records import CapabilityValues, Member, Worker
 from ._rotation import Rotation
-from ._routing import NO_SLOS, IdempotencyMemory, RouteOptions, RoutingSettings, choose
+from ._routing import (
+    NO_SLOS,
+    IdempotencyMemory,
+    RouteOptions,
+    RoutingSettings,
+    choose,
+    policy_explanation,
+)
 from ._slos import ServiceLevels, SloFile
 
 __all__ = ["STATE_FORMAT_VERSION", "CapabilityRegistry"]
 
 _HEARTBEAT_ONLY = (HeartbeatReceived,)
+
+# Every option but the requester: a route asking none of them stays on the O(1) path.
+_FILTER_OPTIONS = tuple(
+    field.name for field in attrs.fields(RouteOptions) if field.name != "requester_identity"
+)
+
+
+def _only_requester(options: RouteOptions) -> bool:
+    """Whether ``options`` asks nothing but the access policy's requester."""
+    return all(getattr(options, name) is None for name in _FILTER_OPTIONS)
+
 
 #: The version of the snapshot written by :meth:`CapabilityRegistry.export_state`.
 STATE_FORMAT_VERSION = 1
@@ -155,6 +174,8 @@ class CapabilityRegistry:
         self._idempotency = IdempotencyMemory(self._routing)
         # The operator's SLO files (set_slos); not registry state either.
         self._slos = NO_SLOS
+        # Asked before every route when set (set_access_policy); not registry state.
+        self._access: Policy | None = None
         self._revision = 0
         self._workers: dict[str, Worker] = {}
         self._rotations: dict[CapabilityKey, Rotation] = {}
@@ -200,6 +221,33 @@ class CapabilityRegistry:
         files stay in effect then.
         """
         self._slos = ServiceLevels(files)
+
+    @property
+    def access_policy(self) -> Policy | None:
+        """The access policy asked before every route; ``None``: everyone may route anywhere."""
+        return self._access
+
+    def set_access_policy(self, policy: Policy | None) -> None:
+        """Ask ``policy`` before every route from now on (``None``: no policy)."""
+        self._access = policy
+
+    def required_targets(self, worker_id: str) -> frozenset[str] | None:
+        """The ``verb:name`` labels a registered worker declared it needs, for least privilege.
+
+        The union of ``required_capabilities`` over its capabilities;
+        ``None`` when it is not registered or declared them on none.
+        """
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            return None
+        declared = [
+            capability.required_capabilities
+            for capability in worker.capabilities
+            if capability.required_capabilities is not None
+        ]
+        if not declared:
+            return None
+        return frozenset(label for labels in declared for label in labels)
 
     @property
     def revision(self) -> int:
@@ -565,7 +613,11 @@ class CapabilityRegistry:
 
         Without ``options``: round-robin, O(1). With them: the filters and
         the strategy of :mod:`._routing`, O(k) in the workers of this pair;
-        an option without behaviour yet raises :class:`NotSupported`.
+        an option without behaviour yet raises :class:`NotSupported`. The
+        access policy (:meth:`set_access_policy`) is asked for
+        ``options.requester_identity`` (``None``: anonymous) and a denial
+        raises :class:`PolicyDenied`; a route whose only option is the
+        requester stays on the O(1) path.
 
         ``None`` means the pair is known (some registered worker offers it,
         in any state) but no worker is a candidate at ``now``: an outage,
@@ -574,12 +626,19 @@ class CapabilityRegistry:
         :class:`UnknownCapability`: a typo is not an outage. Both cost one
         dictionary lookup: a pair keeps its rotation while it has members.
         """
+        requester = None
         if options is not None:
-            return self._route_with(verb, capability, now, options, explain=False)[0]
+            requester = options.requester_identity
+            if requester is None or not _only_requester(options):
+                return self._route_with(verb, capability, now, options, explain=False)[0]
         rotation = self._rotations.get((verb, capability))
         if rotation is None:
             raise UnknownCapability(verb, capability)
         _check_now(now)
+        if self._access is not None:
+            decision = self._access.decide(requester, verb, capability)
+            if not decision.allowed:
+                raise PolicyDenied(requester, verb, capability, decision.reason)
         member = rotation.next(now)
         return None if member is None else member.endpoint
 
@@ -613,6 +672,17 @@ class CapabilityRegistry:
         if rotation is None:
             raise UnknownCapability(verb, capability)
         _check_now(now)
+        if self._access is not None:
+            requester = options.requester_identity
+            decision = self._access.decide(requester, verb, capability)
+            if not decision.allowed:
+                raise PolicyDenied(
+                    requester,
+                    verb,
+                    capability,
+                    decision.reason,
+                    explain=policy_explanation(rotation, options, now) if explain else None,
+                )
         member, explanation = choose(
             key,
             rotation,

@@ -19,8 +19,13 @@ registry, in O(k) for k members:
    ``blake2b(key, worker id)`` wins, so when one of n workers leaves only
    the keys it held, about 1/n, move).
 
-``requester_identity`` and ``least_loaded`` have no behaviour yet: they are
-refused with :class:`~._errors.NotSupported` naming the field.
+The access policy (:mod:`._policy`, asked by the registry for
+``requester_identity``) decides for the whole pair: when it denies, every
+worker the filters before it left is removed by ``policy``
+(:func:`policy_explanation`) and the route is refused.
+
+``least_loaded`` has no behaviour yet: it is refused with
+:class:`~._errors.NotSupported` naming the field.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ __all__ = [
     "RoutingSettings",
     "choose",
     "effective_slo",
+    "policy_explanation",
     "rendezvous_weight",
     "rendezvous_weights",
 ]
@@ -138,8 +144,6 @@ class RouteOptions:
 
     def check_supported(self) -> None:
         """Raise :class:`NotSupported` for an option that has no behaviour yet."""
-        if self.requester_identity is not None:
-            raise NotSupported("requester_identity")
         if self.strategy == "least_loaded":
             raise NotSupported("strategy")
 
@@ -348,6 +352,29 @@ def _filter(
         else:
             candidates.append(member)
     return candidates, reasons
+
+
+def policy_explanation(rotation: Rotation, options: RouteOptions, now: float) -> RouteExplanation:
+    """The explanation of a route the access policy denied.
+
+    The policy comes after health, ``version`` and ``exclude`` (DESIGN, "How
+    options combine"): the workers those rules removed keep their reason,
+    every other worker is removed by ``policy``; no candidate is left.
+    """
+    everyone = rotation.everyone()
+    before = attrs.evolve(options, slo_constraints=None, budget_tokens=None)
+    _, reasons = _filter(everyone, before, now, ())  # no SLO asked: no files needed
+    return RouteExplanation(
+        strategy=options.strategy or _DEFAULT_STRATEGY,
+        candidates=(),
+        removed=tuple(
+            RemovedWorker(
+                worker_id=member.worker.worker_id,
+                reason=reasons.get(member.worker.worker_id, "policy"),
+            )
+            for member in everyone
+        ),
+    )
 
 
 def _pick(rotation: Rotation, candidates: Sequence[Member], options: RouteOptions) -> Member | None:

@@ -321,8 +321,11 @@ class ErrorAnswer:
     worker_error: Any = None
     #: ``worker_failed``, ``worker_timeout``: the workers that refused the connection.
     attempts: tuple[FailedAttempt, ...] | None = None
-    #: ``no_worker_available`` for a route that asked ``explain``: why no worker was left.
+    #: ``no_worker_available`` for a route that asked ``explain``: why no worker was left
+    #: (``policy_denied``: the workers the policy removed).
     explain: RouteExplanation | None = None
+    #: ``policy_denied``: the rule that denied the route, in words.
+    reason: str | None = None
 
 
 @attrs.frozen(kw_only=True)

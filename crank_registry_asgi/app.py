@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import anyio
+import attrs
 from opentelemetry.trace import SpanKind
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -34,6 +35,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from crank_registry import (
+    BuiltinPolicy,
     CapabilityRegistry,
     DeregisterAnswer,
     DeregisterRequest,
@@ -44,6 +46,7 @@ from crank_registry import (
     HeartbeatRequest,
     ListingQuery,
     NewerJournalFormat,
+    PolicyRules,
     RegisterAnswer,
     Registration,
     RegistryError,
@@ -76,6 +79,7 @@ from .identity import IdentityRefused, ProxyCertificateHeader, caller_identity
 from .journal import Journal, JournalError
 from .metrics import Metrics, RequestDurationMiddleware, metrics_response
 from .openapi import ROUTE_PATHS, openapi_document
+from .policy_file import PolicyFileWatcher
 from .slos import SloWatcher, slo_directory
 from .telemetry import TracingMiddleware, annotate, tracer
 
@@ -229,8 +233,52 @@ class ControllerService:
                 config.proxy_cert_header, config.proxy_cert_authorities, config.trusted_proxies
             )
         )
+        # The access policy: the --policy file's rules (re-read while serving), or none.
+        self.policy_watcher = (
+            None
+            if config.policy_file is None
+            else PolicyFileWatcher(
+                config.policy_file, self.set_access_rules, interval=config.policy_watch_interval
+            )
+        )
+        self.access_rules = PolicyRules()
+        self.set_access_rules(
+            PolicyRules() if self.policy_watcher is None else self.policy_watcher.start()
+        )
         # Rendered once: the document does not change while the app runs.
         self._document_body = JSONResponse(openapi_document()).body
+
+    def set_access_rules(self, rules: PolicyRules) -> None:
+        """Route under ``rules`` from now on (the built-in policy: least privilege, then them)."""
+        self.access_rules = rules
+        self.registry.set_access_policy(
+            BuiltinPolicy(rules, self.registry.required_targets, self.config.trust_domain)
+        )
+
+    def requester(self, request: Request, asked: str | None) -> str | None:
+        """Whom a route is for: the caller's identity, or ``asked`` from a trusted gateway.
+
+        ``None``: an anonymous caller. ``asked`` (a body ``requester_identity``)
+        from any caller not listed by ``--trusted-gateway`` is 403 ``forbidden``.
+        """
+        try:
+            identity = caller_identity(
+                request.scope, request.headers, self.proxy_header, now=self.clock()
+            )
+        except IdentityRefused as refusal:
+            raise ApiError(403, "forbidden", str(refusal)) from None
+        if asked is None:
+            return identity
+        if identity is None or identity not in self.config.trusted_gateways:
+            caller = "an anonymous caller" if identity is None else f"caller {identity!r}"
+            raise ApiError(
+                403,
+                "forbidden",
+                f"requester_identity is accepted only from an identity named by "
+                f"--trusted-gateway, and {caller} is not one; drop the field to route as "
+                "yourself",
+            )
+        return asked
 
     async def sweep(self) -> tuple[Event, ...]:
         """One eviction pass at the current time (what the background loop runs)."""
@@ -354,7 +402,10 @@ class ControllerService:
         """POST /route: the next worker for a verb and capability, under the request's options."""
         ask = _route_request(await self._body(request))
         annotate(verb=ask.verb, capability=ask.capability)
+        requester = self.requester(request, ask.requester_identity)
         options = RouteOptions.from_request(ask)
+        if requester is not None:
+            options = attrs.evolve(options or RouteOptions(), requester_identity=requester)
         explanation: RouteExplanation | None = None
         try:
             if ask.explain:
@@ -457,6 +508,8 @@ class ControllerService:
                 tasks.start_soon(self.sweeper.run)
                 if self.slo_watcher is not None:
                     tasks.start_soon(self.slo_watcher.run)
+                if self.policy_watcher is not None:
+                    tasks.start_soon(self.policy_watcher.run)
                 try:
                     yield
                 finally:

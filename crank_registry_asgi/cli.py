@@ -275,6 +275,34 @@ def add_serve_command(subcommands: Subcommands) -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
+        "--policy",
+        type=Path,
+        metavar="FILE",
+        help=(
+            "the access policy: a TOML file of [[rule]] tables (identity, allow, deny) and a "
+            "default; re-read when it changes (default: everyone may route anywhere, "
+            "workers' required_capabilities aside)"
+        ),
+    )
+    parser.add_argument(
+        "--policy-watch-interval",
+        type=_seconds,
+        default=DEFAULT_WATCH_INTERVAL,
+        metavar="SECONDS",
+        help=f"with --policy: how often the file is checked ({DEFAULT_WATCH_INTERVAL:g})",
+    )
+    parser.add_argument(
+        "--trusted-gateway",
+        action="append",
+        default=[],
+        type=_spiffe_id,
+        metavar="ID",
+        help=(
+            "a SPIFFE ID that may route for its users with a body requester_identity "
+            "(repeatable; default: none may)"
+        ),
+    )
+    parser.add_argument(
         "--journal-compact-min-bytes",
         type=_at_least_zero,
         metavar="BYTES",
@@ -339,7 +367,7 @@ def run_serve(args: argparse.Namespace) -> int:
     """``serve``: check the flags, build the app, serve it until SIGTERM or SIGINT."""
     import attrs
 
-    from crank_registry import HealthPolicy, RoutingSettings, ValidationError
+    from crank_registry import HealthPolicy, PolicyFileError, RoutingSettings, ValidationError
 
     from .config import ServiceConfig
 
@@ -363,6 +391,8 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     if args.insecure and args.tls_handshake_timeout is not None:
         raise UsageError("--tls-handshake-timeout needs TLS: drop it, or drop --insecure")
+    if args.policy is None and args.policy_watch_interval != DEFAULT_WATCH_INTERVAL:
+        raise UsageError("--policy-watch-interval needs --policy")
     if not args.gateway and _gateway_settings(args):
         raise UsageError("--gateway-attempts and --gateway-timeout need --gateway")
     try:
@@ -425,6 +455,9 @@ def run_serve(args: argparse.Namespace) -> int:
         proxy_cert_authorities=header_authorities,
         trusted_proxies=args.trusted_proxy,
         trust_domain=args.trust_domain,
+        policy_file=args.policy,
+        policy_watch_interval=args.policy_watch_interval,
+        trusted_gateways=args.trusted_gateway,
         # This process is the controller's own: recovery may pause its collector.
         pause_gc_during_recovery=True,
     )
@@ -432,7 +465,10 @@ def run_serve(args: argparse.Namespace) -> int:
         config = attrs.evolve(config, request_read_timeout=args.request_read_timeout)
     if args.journal_compact_min_bytes is not None:
         config = attrs.evolve(config, journal_compact_min_bytes=args.journal_compact_min_bytes)
-    app = create_app(config=config)
+    try:
+        app = create_app(config=config)
+    except PolicyFileError as error:
+        raise UsageError(f"{error} (given by --policy)") from None
     if certificates is not None:
         app.state.metrics_registry.register(CertificateExpiryCollector(certificates))
     if args.gateway:
@@ -669,6 +705,14 @@ def _trust_domain(text: str) -> str:
     if not is_trust_domain(text):
         raise argparse.ArgumentTypeError(
             f"not a SPIFFE trust domain (lowercase letters, digits, '.', '_' and '-'): {text!r}"
+        )
+    return text
+
+
+def _spiffe_id(text: str) -> str:
+    if not text.startswith("spiffe://") or len(text) <= len("spiffe://"):
+        raise argparse.ArgumentTypeError(
+            f"expected a SPIFFE ID (spiffe://DOMAIN/PATH), got {text!r}"
         )
     return text
 

@@ -58,6 +58,7 @@ from crank_worker_client import (
     ControllerClient,
     ControllerUnavailable,
     NoWorkerAvailable,
+    PolicyDenied,
     TLSConfig,
     WorkerInfo,
 )
@@ -136,9 +137,10 @@ async def ask_route(client: ControllerClient, args: argparse.Namespace) -> Outpu
             strategy=args.strategy,
             affinity_key=args.affinity_key,
             idempotency_key=args.idempotency_key,
+            requester_identity=args.requester_identity,
             explain=args.explain,
         )
-    except NoWorkerAvailable as error:
+    except (NoWorkerAvailable, PolicyDenied) as error:
         if error.explain is not None:
             explained = {"explain": unstructure(error.explain)}
             shown = explain_table(error.explain, chosen=None)
@@ -191,7 +193,8 @@ COMMANDS: dict[str, tuple[str, str, Ask]] = {
         "(POST /route), under the routing options the flags give. A capability that "
         "no registered worker offers is an error (404 unknown_capability), and so is "
         "one whose workers are all unhealthy or none meets the options "
-        "(503 no_worker_available): both exit 1. --explain shows why each worker was "
+        "(503 no_worker_available), and one the access policy denies "
+        "(403 policy_denied): all exit 1. --explain shows why each worker was "
         "or was not a candidate.",
         ask_route,
     ),
@@ -254,6 +257,12 @@ def _route_flags(parser: argparse.ArgumentParser) -> None:
         "--idempotency-key",
         metavar="KEY",
         help="the same KEY gets the same worker while it stays a candidate",
+    )
+    parser.add_argument(
+        "--requester-identity",
+        metavar="SPIFFE_ID",
+        help="route for this identity (the access policy decides for it); only a "
+        "certificate the controller names with --trusted-gateway may",
     )
     parser.add_argument(
         "--explain",

@@ -20,6 +20,7 @@ from cryptography import x509
 
 from crank_registry import DEFAULT_TRUST_DOMAIN, HealthPolicy, RoutingSettings, is_trust_domain
 from crank_worker_client.body import READ_TIMEOUT
+from crank_worker_client.certificates import DEFAULT_WATCH_INTERVAL
 
 from .identity import Network
 from .journal import DEFAULT_COMPACT_MIN_BYTES
@@ -121,6 +122,10 @@ class ServiceConfig:
     ``trust_domain``: an identity is exactly ``spiffe://TRUST_DOMAIN/worker/NAME``
     or ``spiffe://TRUST_DOMAIN/client/NAME``; any other is refused (403
     ``forbidden``, with the reason) where an identity is checked.
+    ``policy_file``: the access policy's TOML rules (``crank_registry.parse_policy``),
+    read when the app is made and re-read every ``policy_watch_interval``
+    seconds while it serves. ``trusted_gateways``: the SPIFFE IDs that may
+    route for another identity (a body ``requester_identity``).
     """
 
     policy: HealthPolicy = attrs.field(factory=HealthPolicy)
@@ -155,6 +160,11 @@ class ServiceConfig:
     journal_compact_min_bytes: int = attrs.field(
         default=DEFAULT_COMPACT_MIN_BYTES, validator=_non_negative_int
     )
+    policy_file: pathlib.Path | None = None
+    policy_watch_interval: float = attrs.field(
+        default=DEFAULT_WATCH_INTERVAL, validator=_positive_number
+    )
+    trusted_gateways: tuple[str, ...] = attrs.field(default=(), converter=tuple)
 
     def __attrs_post_init__(self) -> None:
         if self.proxy_cert_header is not None and not self.proxy_cert_authorities:
@@ -171,6 +181,9 @@ class ServiceConfig:
             raise ValueError("proxy_cert_authorities are used only with proxy_cert_header")
         if self.trusted_proxies and self.proxy_cert_header is None:
             raise ValueError("trusted_proxies limit who may send proxy_cert_header; name it")
+        for gateway in self.trusted_gateways:
+            if not isinstance(gateway, str) or not gateway.startswith("spiffe://"):
+                raise ValueError(f"trusted_gateways must be SPIFFE IDs, got {gateway!r}")
         for network in self.trusted_proxies:
             if not isinstance(network, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
                 raise ValueError(f"trusted_proxies must be IP networks, got {network!r}")

@@ -131,6 +131,8 @@ class Gateway:
         )
         verb, capability, payload = parse_execute(body)
         annotate(verb=verb, capability=capability)
+        # The gateway routes as its caller: the access policy applies to them.
+        requester = self.service.requester(request, None)
         content = json.dumps({"payload": payload}, allow_nan=False).encode()
         refusals: list[upstream.Refused] = []
         tried: set[str] = set()
@@ -138,7 +140,12 @@ class Gateway:
             now = self.service.clock()
             try:
                 endpoint = next_worker(
-                    self.service.registry, verb, capability, tried=tried, now=now
+                    self.service.registry,
+                    verb,
+                    capability,
+                    tried=tried,
+                    now=now,
+                    requester=requester,
                 )
             except UnknownCapability:
                 self.service.effects.unknown_capability()

@@ -20,18 +20,25 @@ def next_worker(
     *,
     tried: Collection[str],
     now: float,
+    requester: str | None = None,
 ) -> WorkerEndpoint | None:
     """The next worker to try for ``(verb, capability)``, not one of ``tried``, or ``None``.
 
     The failover's one choice, made by the core: the first choice is a plain
     route, every later one a route that excludes the workers ``tried``.
+    ``requester`` is the caller's identity, for the access policy (a denial
+    raises :class:`~crank_registry.PolicyDenied`).
 
     Raises :class:`~crank_registry.UnknownCapability` when no registered
     worker offers the pair at the first choice (the gateway answers 404).
     After an attempt, a pair whose workers have all left meanwhile gives
     ``None``: the failed attempts are the answer then, not a typo.
     """
-    options = RouteOptions(exclude=tried) if tried else None
+    options = (
+        RouteOptions(exclude=tried if tried else None, requester_identity=requester)
+        if tried or requester is not None
+        else None
+    )
     try:
         return registry.route(verb, capability, now=now, options=options)
     except UnknownCapability:

@@ -27,6 +27,9 @@ Answers of the gateway itself::
     502 worker_failed       the worker answered 5xx or something outside the
                             convention, dropped the connection, or every attempt
                             was refused (worker_id: the last worker tried)
+    403 forbidden           the caller's identity was refused (a proxy header's
+                            certificate that did not verify)
+    403 policy_denied       the access policy does not let the caller route to the pair
     404 unknown_capability  no registered worker in any state offers the pair
     503 no_worker_available no routable worker (Retry-After: the heartbeat interval)
     504 worker_timeout      the worker stayed silent longer than the timeout
@@ -126,7 +129,14 @@ _EXECUTE = Operation(
     InvocationAnswer,
     "The worker's answer: JSON, or NDJSON when it streams.",
     ExecuteRequest,
-    (*BODY_ERRORS, "unknown_capability", "no_worker_available", *GATEWAY_ERRORS),
+    (
+        *BODY_ERRORS,
+        "forbidden",
+        "policy_denied",
+        "unknown_capability",
+        "no_worker_available",
+        *GATEWAY_ERRORS,
+    ),
 )
 
 _WORKER_HEADERS = {

@@ -46,6 +46,7 @@ from crank_registry import (
     ErrorAnswer,
     Forbidden,
     NotSupported,
+    PolicyDenied,
     RegistryError,
     UnknownCapability,
     ValidationError,
@@ -152,6 +153,12 @@ def registry_error_response(error: RegistryError) -> JSONResponse:
     elif isinstance(error, UnknownCapability):
         fields["verb"] = error.verb
         fields["capability"] = error.capability
+    elif isinstance(error, PolicyDenied):
+        fields["verb"] = error.verb
+        fields["capability"] = error.capability
+        fields["reason"] = error.reason
+        if error.explain is not None:
+            fields["explain"] = error.explain
     return error_response(error.status_hint, error.code, str(error), **fields)
 
 

@@ -103,8 +103,7 @@ ERRORS: Mapping[str, ErrorCode] = {
     ),
     "not_supported": ErrorCode(
         422,
-        "The body sets an optional parameter that has no behaviour yet "
-        "(requester_identity, or strategy least_loaded).",
+        "The body sets an optional parameter that has no behaviour yet (strategy least_loaded).",
         ("field",),
     ),
     "forbidden": ErrorCode(
@@ -112,8 +111,18 @@ ERRORS: Mapping[str, ErrorCode] = {
         "The caller's identity may not act on this worker: none where one is required, "
         "another worker's or a client's, not exactly spiffe://DOMAIN/worker/NAME, or a "
         "proxy header's certificate that did not verify or came from an untrusted peer; "
+        "on /route, a body requester_identity from a caller not named by --trusted-gateway; "
         "the message says which.",
-        ("worker_id",),
+        optional=("worker_id",),
+    ),
+    "policy_denied": ErrorCode(
+        403,
+        "The access policy does not let the requester (the caller's identity, or a trusted "
+        "gateway's requester_identity) route to this verb and capability: a worker's "
+        "required_capabilities, or a --policy rule or its default; reason names which. "
+        "Not worth retrying. With explain, the workers the policy removed.",
+        ("verb", "capability", "reason"),
+        optional=("explain",),
     ),
     "worker_not_registered": ErrorCode(
         404,
@@ -229,7 +238,14 @@ OPERATIONS: tuple[Operation, ...] = (
         WorkerEndpoint,
         "The worker to call (round-robin unless the options say otherwise); with explain, why.",
         RouteRequest,
-        (*BODY_ERRORS, "not_supported", "unknown_capability", "no_worker_available"),
+        (
+            *BODY_ERRORS,
+            "not_supported",
+            "forbidden",
+            "policy_denied",
+            "unknown_capability",
+            "no_worker_available",
+        ),
     ),
     Operation(
         "GET",

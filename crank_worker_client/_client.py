@@ -59,6 +59,7 @@ from ._exceptions import (
     ForbiddenError,
     InvalidRequest,
     NoWorkerAvailable,
+    PolicyDenied,
     UnexpectedResponse,
     UnknownCapability,
     WorkerNotRegisteredError,
@@ -252,16 +253,21 @@ class ControllerClient:
         worker ids not to return, ``slo_constraints``
         (``{"latency_p95_ms": 100, "availability": 0.99}``), ``budget_tokens``,
         ``strategy`` (``"round_robin"`` or ``"affinity"`` with
-        ``affinity_key``), ``idempotency_key``. With ``explain`` the
-        endpoint's ``explain`` says why each worker was or was not a candidate.
+        ``affinity_key``), ``idempotency_key``, ``requester_identity`` (the
+        SPIFFE ID to route for, accepted only from a ``--trusted-gateway``
+        identity). With ``explain`` the endpoint's ``explain`` says why each
+        worker was or was not a candidate.
 
         Raises :class:`NoWorkerAvailable` (with the controller's
         ``retry_after``, and its ``explain`` when asked) when workers offer
         it but none is routable now or meets the options, and
         :class:`UnknownCapability` when no registered worker offers it at all
-        (a typo is not an outage: nothing to wait for). An invalid option is
-        :class:`InvalidRequest` naming it; one that has no behaviour yet
-        (``requester_identity``, ``strategy="least_loaded"``) answers
+        (a typo is not an outage: nothing to wait for), :class:`PolicyDenied`
+        (with the ``reason``) when the access policy does not let this
+        caller route there, and :class:`ForbiddenError` for a
+        ``requester_identity`` from a caller that is not a trusted gateway.
+        An invalid option is :class:`InvalidRequest` naming it; one that has
+        no behaviour yet (``strategy="least_loaded"``) answers
         ``not_supported`` (:class:`InvalidRequest` too).
         """
         if isinstance(exclude, str):
@@ -512,6 +518,17 @@ def error_from_response(response: httpx.Response, what: str) -> ClientError:
             body,
             f"{what}: no worker available for {target}{wait}",
             retry_after=retry_after,
+            explain=_explanation(body.get("explain")),
+        )
+    if code == "policy_denied":
+        target = f"{body.get('verb', '?')}:{body.get('capability', '?')}"
+        why = body.get("reason")
+        return PolicyDenied(
+            code,
+            status,
+            body,
+            f"{what}: the access policy denies routing to {target}"
+            + (f": {why}" if isinstance(why, str) else _controller_reason(body)),
             explain=_explanation(body.get("explain")),
         )
     if code == "unknown_capability":

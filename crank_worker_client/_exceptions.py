@@ -9,6 +9,7 @@ One root, :class:`ClientError`; what went wrong decides the branch::
     ├── ControllerError             the controller answered with an error: .code .status .body
     │   ├── NoWorkerAvailable       503 no_worker_available (.retry_after, .explain)
     │   ├── UnknownCapability       404 unknown_capability: no worker offers it at all
+    │   ├── PolicyDenied            403 policy_denied: the access policy refuses it (.reason)
     │   ├── WorkerNotRegisteredError  404 worker_not_registered
     │   ├── ForbiddenError          403 forbidden (the mTLS identity is not this worker)
     │   ├── InvalidRequest          400/413/415/422: invalid_request, not_supported, ... (.problems)
@@ -21,7 +22,8 @@ retries it with backoff, and a caller may too. Everything under
 request gets the same answer (except ``NoWorkerAvailable``, whose
 ``retry_after`` says when a worker may be back). ``UnknownCapability`` is
 not an outage: no registered worker offers the pair (a typo, or nothing
-deployed), so nothing here waits for it or retries it.
+deployed), so nothing here waits for it or retries it; nor ``PolicyDenied``:
+the access policy's answer changes only when an operator changes it.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ __all__ = [
     "ForbiddenError",
     "InvalidRequest",
     "NoWorkerAvailable",
+    "PolicyDenied",
     "RegistrationFailed",
     "UnexpectedResponse",
     "UnknownCapability",
@@ -133,6 +136,34 @@ class UnknownCapability(ControllerError):
     def capability(self) -> str | None:
         """The capability asked for, as the controller's answer names it."""
         value = self.body.get("capability")
+        return value if isinstance(value, str) else None
+
+
+class PolicyDenied(ControllerError):
+    """The access policy does not let this caller route to the verb and capability (403).
+
+    ``reason`` is the controller's account of the rule that decided (a
+    worker's ``required_capabilities``, a ``--policy`` rule, its default);
+    ``explain``, when the route asked for it, the workers the policy removed.
+    Never retried: asking again gets the same answer.
+    """
+
+    def __init__(
+        self,
+        code: str,
+        status: int,
+        body: Mapping[str, Any],
+        message: str,
+        *,
+        explain: RouteExplanation | None = None,
+    ) -> None:
+        super().__init__(code, status, body, message)
+        self.explain = explain
+
+    @property
+    def reason(self) -> str | None:
+        """Why the policy denied the route, as the controller's answer says."""
+        value = self.body.get("reason")
         return value if isinstance(value, str) else None
 
 

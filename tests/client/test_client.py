@@ -26,6 +26,7 @@ from crank_registry import (
     RouteExplanation,
     WorkerEndpoint,
 )
+from crank_registry_asgi import ServiceConfig
 from crank_worker_client import (
     DEFAULT_CONTROLLER_URL,
     ClientError,
@@ -38,6 +39,7 @@ from crank_worker_client import (
     HeartbeatAck,
     InvalidRequest,
     NoWorkerAvailable,
+    PolicyDenied,
     TLSConfig,
     UnexpectedResponse,
     UnknownCapability,
@@ -180,6 +182,39 @@ async def test_unknown_capability_is_its_own_error_and_is_asked_once() -> None:
     assert not isinstance(error, (NoWorkerAvailable, ControllerUnavailable))
     assert "classify:image.clasify" in str(error) and "unknown capability" in str(error)
     assert len(seen) == 1  # not an outage: never waited for nor retried
+
+
+async def test_a_route_the_policy_denies_is_policy_denied_never_retried(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text('default = "deny"\n')
+    async with running(ServiceConfig(policy_file=policy)) as api:
+        await api.register("w1")
+        seen: list[httpx.Request] = []
+        app = httpx.ASGITransport(app=api.app)
+
+        class Counted(httpx.AsyncBaseTransport):
+            async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+                seen.append(request)
+                return await app.handle_async_request(request)
+
+        async with ControllerClient(URL, transport=Counted()) as client:
+            with pytest.raises(PolicyDenied) as caught:
+                await client.route("classify", "image.classify", explain=True)
+            with pytest.raises(ForbiddenError):  # not a trusted gateway
+                await client.route(
+                    "classify", "image.classify", requester_identity="spiffe://crank.local/x"
+                )
+    error = caught.value
+    assert (error.code, error.status) == ("policy_denied", 403)
+    assert error.reason == "no rule matches 'classify:image.classify'; default deny"
+    assert error.explain == RouteExplanation(
+        strategy="round_robin",
+        candidates=(),
+        removed=(RemovedWorker(worker_id="w1", reason="policy"),),
+    )
+    assert not isinstance(error, (UnknownCapability, NoWorkerAvailable, ControllerUnavailable))
+    assert "classify:image.classify" in str(error) and "default deny" in str(error)
+    assert len(seen) == 2  # one request each: neither is retried
 
 
 async def test_retry_after_accepts_seconds_and_http_dates() -> None:

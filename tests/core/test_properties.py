@@ -289,6 +289,11 @@ def test_the_strategies_cover_every_public_model_and_event() -> None:
         # In-process values of the routing options: tests/core/test_routing.py.
         crank_registry.RouteOptions,
         crank_registry.RoutingSettings,
+        # The access policy's values: tests/core/test_policy.py.
+        crank_registry.BuiltinPolicy,
+        crank_registry.Decision,
+        crank_registry.PolicyRule,
+        crank_registry.PolicyRules,
         *(crank_registry.ANSWER_TYPES - MODEL_STRATEGIES.keys()),
     }
     everything = {obj for obj in public if isinstance(obj, type) and attrs.has(obj)}

@@ -326,7 +326,6 @@ def test_route_returns_the_matched_capability_version() -> None:
 @pytest.mark.parametrize(
     ("field", "options"),
     [
-        ("requester_identity", RouteOptions(requester_identity="spiffe://crank.local/caller")),
         ("strategy", RouteOptions(strategy="least_loaded")),
     ],
 )

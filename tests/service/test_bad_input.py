@@ -223,14 +223,15 @@ CASES = [
     invalid("route explain string", "/route", route(explain="yes")),
     invalid("route budget negative", "/route", route(budget_tokens=-1)),
     invalid("route unknown field", "/route", route(priority=1)),
-    # Route options with valid values that have no behaviour yet: refused by name.
+    # A requester_identity from a caller no --trusted-gateway names.
     Case(
         "route requester_identity",
         "/route",
         route(requester_identity="spiffe://x/y"),
-        422,
-        "not_supported",
+        403,
+        "forbidden",
     ),
+    # Route options with valid values that have no behaviour yet: refused by name.
     Case("route least_loaded", "/route", route(strategy="least_loaded"), 422, "not_supported"),
     # Paths and methods.
     Case("POST /health", "/health", b"{}", 405, "method_not_allowed"),

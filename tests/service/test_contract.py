@@ -311,7 +311,7 @@ async def test_capabilities_one_entry_per_version() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("requester_identity", "spiffe://crank.local/caller/a"), ("strategy", "least_loaded")],
+    [("strategy", "least_loaded")],
 )
 async def test_route_options_without_behaviour_are_not_supported(field: str, value: Any) -> None:
     async with running() as api:

@@ -102,6 +102,14 @@ async def _answers(state_dir: Path) -> list[tuple[str, str, httpx.Response]]:
     )
     async with running(proxied) as api:
         await send(api, "POST", "/heartbeat", json={"worker_id": "w1"})  # forbidden
+    policy = state_dir / "policy.toml"
+    policy.write_text('default = "deny"\n')
+    async with running(ServiceConfig(policy_file=policy)) as api:
+        await send(api, "POST", "/register", json=registration_payload("w1"))
+        await send(api, "POST", "/route", json={**route, "explain": True})  # policy_denied
+        await send(api, "POST", "/route", json=route)  # policy_denied, no explain
+        denied_for = {**route, "requester_identity": "spiffe://crank.local/client/c"}
+        await send(api, "POST", "/route", json=denied_for)  # forbidden, no worker_id
     async with running(ServiceConfig(request_read_timeout=0.05)) as api:
         await send(api, "POST", "/route", content=_stalled(), headers=json)  # request_timeout
     # The SLO files of another state directory, one with every key.

@@ -28,8 +28,8 @@ def answer_of_the_converter(body: Any) -> tuple[int, dict[str, Any]]:
     except ValidationError as error:
         detail = [{"path": p.path, "message": p.message} for p in error.problems]
         return 422, {"error": "invalid_request", "detail": detail}
-    if request.requester_identity is not None:
-        return 422, {"error": "not_supported", "field": "requester_identity"}
+    if request.requester_identity is not None:  # from a caller no --trusted-gateway names
+        return 403, {"error": "forbidden"}
     fields = {"verb": request.verb, "capability": request.capability}
     return 404, {"error": "unknown_capability", **fields}  # nothing is registered
 

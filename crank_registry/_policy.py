@@ -1,0 +1,235 @@
+"""The access policy: who may route to which ``verb:name``.
+
+The registry asks a :class:`Policy` before it routes (the ``policy`` filter
+of DESIGN "How options combine"): ``decide(requester, verb, capability)``.
+The built-in one, :class:`BuiltinPolicy`, applies in order:
+
+1. least privilege: a requester that is a registered worker
+   (``spiffe://TRUST_DOMAIN/worker/NAME``) whose capabilities declare
+   ``required_capabilities`` may route only to those ``verb:name`` labels
+   (their union over its capabilities; declared on none: no restriction);
+2. the rules (:class:`PolicyRules`, parsed from the ``--policy`` TOML file by
+   :func:`parse_policy`): the first ``[[rule]]`` whose ``identity`` glob
+   matches the requester and whose ``deny`` or ``allow`` globs match
+   ``verb:name`` decides (``deny`` is looked at first within a rule); no
+   rule matches: ``default``.
+
+An anonymous requester (no identity) is matched as the empty string: only a
+rule whose ``identity`` glob matches the empty string (``"*"``) applies to
+it. Globs are :func:`fnmatch.fnmatchcase` (``*``, ``?``, ``[...]``; ``*``
+crosses ``/`` and ``:``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import tomllib
+from collections.abc import Callable
+from typing import Protocol
+
+import attrs
+
+from ._identity import DEFAULT_TRUST_DOMAIN, worker_name_of
+
+__all__ = [
+    "BuiltinPolicy",
+    "Decision",
+    "Policy",
+    "PolicyFileError",
+    "PolicyRule",
+    "PolicyRules",
+    "parse_policy",
+]
+
+_DEFAULTS = ("allow", "deny")
+
+
+@attrs.frozen
+class Decision:
+    """A policy's answer: ``allowed``, and ``reason`` (the rule that decided, in words)."""
+
+    allowed: bool
+    reason: str
+
+
+class Policy(Protocol):
+    """Who may route to what; the registry asks before every route when it has one."""
+
+    def decide(self, requester: str | None, verb: str, capability: str) -> Decision:
+        """Whether ``requester`` (a SPIFFE ID; ``None``: anonymous) may route to the pair."""
+        ...
+
+
+@attrs.frozen
+class PolicyRule:
+    """One ``[[rule]]``: for identities matching ``identity``, what is denied or allowed.
+
+    ``allow`` and ``deny`` are globs over ``verb:name`` labels; ``None``: not given.
+    """
+
+    identity: str
+    allow: tuple[str, ...] | None = None
+    deny: tuple[str, ...] | None = None
+
+
+@attrs.frozen
+class PolicyRules:
+    """The parsed policy file: ordered rules and the ``default`` (``"allow"`` or ``"deny"``).
+
+    A value: it compares equal when the file says the same thing.
+    """
+
+    rules: tuple[PolicyRule, ...] = ()
+    default: str = attrs.field(default="allow", validator=attrs.validators.in_(_DEFAULTS))
+
+
+class PolicyFileError(ValueError):
+    """A policy file that is not valid; the message names the file, the rule and the field."""
+
+
+def _globs(source: str, where: str, field: str, value: object) -> tuple[str, ...]:
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(item, str) and item for item in value)
+    ):
+        raise PolicyFileError(
+            f"{source}: {where}.{field} must be a non-empty list of non-empty strings "
+            f'(globs over "verb:name", e.g. ["classify:image.*"]), got {value!r}'
+        )
+    return tuple(value)
+
+
+def _rule(source: str, index: int, table: object) -> PolicyRule:
+    where = f"rule[{index}]"
+    if not isinstance(table, dict):
+        raise PolicyFileError(f"{source}: {where} must be a table ([[rule]]), got {table!r}")
+    unknown = sorted(set(table) - {"identity", "allow", "deny"})
+    if unknown:
+        raise PolicyFileError(
+            f"{source}: {where}.{unknown[0]} is not a rule field; "
+            "a rule has identity, allow and deny"
+        )
+    identity = table.get("identity")
+    if not isinstance(identity, str) or not identity:
+        raise PolicyFileError(
+            f"{source}: {where}.identity must be a non-empty string (a glob over SPIFFE IDs, "
+            f'e.g. "spiffe://example.org/client/*"), got {identity!r}'
+        )
+    if "allow" not in table and "deny" not in table:
+        raise PolicyFileError(f"{source}: {where} needs allow or deny (or both)")
+    allow = _globs(source, where, "allow", table["allow"]) if "allow" in table else None
+    deny = _globs(source, where, "deny", table["deny"]) if "deny" in table else None
+    return PolicyRule(identity=identity, allow=allow, deny=deny)
+
+
+def parse_policy(text: str, source: str) -> PolicyRules:
+    """The rules of a policy file's TOML ``text``; ``source`` names the file in errors.
+
+    Strict: an unknown key, a wrong type or TOML that does not parse
+    raises :class:`PolicyFileError` naming ``source``, the rule and the field.
+    """
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise PolicyFileError(f"{source}: not valid TOML: {error}") from None
+    unknown = sorted(set(document) - {"default", "rule"})
+    if unknown:
+        raise PolicyFileError(
+            f"{source}: {unknown[0]} is not a policy field; the file has default and [[rule]]"
+        )
+    default = document.get("default", "allow")
+    if default not in _DEFAULTS:
+        raise PolicyFileError(f'{source}: default must be "allow" or "deny", got {default!r}')
+    tables = document.get("rule", [])
+    if not isinstance(tables, list):
+        raise PolicyFileError(
+            f"{source}: rule must be an array of tables ([[rule]]), not a single [rule]"
+        )
+    return PolicyRules(
+        rules=tuple(_rule(source, index, table) for index, table in enumerate(tables)),
+        default=default,
+    )
+
+
+_Match = Callable[[str], object]
+
+
+def _matcher(globs: tuple[str, ...] | None) -> _Match | None:
+    """One compiled pattern for any of ``globs`` (``None``: none given): its ``match``."""
+    if globs is None:
+        return None
+    return re.compile("|".join(fnmatch.translate(glob) for glob in globs)).match
+
+
+def _first_match(globs: tuple[str, ...] | None, label: str) -> str:
+    """The first of ``globs`` matching ``label`` (one of them does: its rule matched)."""
+    assert globs is not None
+    return next(glob for glob in globs if fnmatch.fnmatchcase(label, glob))
+
+
+def _compile(
+    policy: BuiltinPolicy,
+) -> tuple[tuple[PolicyRule, _Match, _Match | None, _Match | None], ...]:
+    # Compiled once per policy: a route tries each rule's globs as one regex.
+    compiled = []
+    for rule in policy.rules.rules:
+        identity = _matcher((rule.identity,))
+        assert identity is not None
+        compiled.append((rule, identity, _matcher(rule.deny), _matcher(rule.allow)))
+    return tuple(compiled)
+
+
+def _not_required(worker: str | None, label: str, allowed: frozenset[str]) -> str:
+    shown = sorted(allowed)
+    listed = ", ".join(shown[:5]) + (f" and {len(shown) - 5} more" if len(shown) > 5 else "")
+    return (
+        f"worker {worker!r} declared required_capabilities without {label!r} "
+        f"(least privilege: it may route only to {listed or 'nothing'})"
+    )
+
+
+_ANONYMOUS_ALLOWED = Decision(True, "no rule applies to an anonymous caller; default allow")
+
+
+@attrs.frozen
+class BuiltinPolicy:
+    """The built-in policy (module docstring): least privilege, then the rules.
+
+    ``targets(worker_id)`` is the union of the ``required_capabilities`` of a
+    registered worker's capabilities (``None``: unregistered, or declared on
+    none), e.g. :meth:`~crank_registry.CapabilityRegistry.required_targets`.
+    """
+
+    rules: PolicyRules
+    targets: Callable[[str], frozenset[str] | None] = attrs.field(eq=False)
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+    _compiled: tuple[tuple[PolicyRule, _Match, _Match | None, _Match | None], ...] = attrs.field(
+        init=False, eq=False, repr=False, default=attrs.Factory(_compile, takes_self=True)
+    )
+
+    def decide(self, requester: str | None, verb: str, capability: str) -> Decision:
+        """Rule (1) for a registered worker, then the file's rules, then the default."""
+        if requester is None and not self.rules.rules and self.rules.default == "allow":
+            return _ANONYMOUS_ALLOWED  # the plain route's case without a policy file: no work
+        label = f"{verb}:{capability}"
+        if requester is not None:
+            name = worker_name_of(requester, self.trust_domain)
+            allowed = None if name is None else self.targets(name)
+            if allowed is not None and label not in allowed:
+                return Decision(False, _not_required(name, label, allowed))
+        identity = requester or ""
+        for index, (rule, identity_matches, deny_matches, allow_matches) in enumerate(
+            self._compiled
+        ):
+            if identity_matches(identity) is None:
+                continue
+            if deny_matches is not None and deny_matches(label) is not None:
+                glob = _first_match(rule.deny, label)
+                return Decision(False, f"rule[{index}] denies {glob!r} to {rule.identity!r}")
+            if allow_matches is not None and allow_matches(label) is not None:
+                glob = _first_match(rule.allow, label)
+                return Decision(True, f"rule[{index}] allows {glob!r} to {rule.identity!r}")
+        default = self.rules.default
+        return Decision(default == "allow", f"no rule matches {label!r}; default {default}")
