@@ -120,11 +120,18 @@ class CapabilityValues:
     equal when they render to the same JSON, which tells ``1``, ``1.0``
     and ``true`` apart (``==`` does not). Each value counts the workers
     holding it, so that the last to leave frees it.
+
+    ``key`` is the one ``(verb, name)`` tuple the registry stores for the
+    capability (the first registration's), which every member refers to:
+    a member's own ``given.key`` would keep a tuple and that registration's
+    copies of the verb and name alive (about 170 bytes a member, once the
+    registration's value itself is shared).
     """
 
-    __slots__ = ("variants",)
+    __slots__ = ("key", "variants")
 
-    def __init__(self) -> None:
+    def __init__(self, key: CapabilityKey) -> None:
+        self.key = key
         self.variants: list[_Variant] = []
 
     def share(self, capability: CapabilitySchema) -> CapabilitySchema:

@@ -1087,10 +1087,11 @@ class CapabilityRegistry:
             key = given.key
             values = self._values.get(key)
             if values is None:
-                values = self._values[key] = CapabilityValues()
+                values = self._values[key] = CapabilityValues(key)
                 self._rotations[key] = Rotation()
                 self._by_capability[key] = OrderIndex()
                 bisect.insort(self._keys, key)
+            key = values.key  # the stored tuple: members keep no strings of their own
             rotation = self._rotations[key]
             capability = values.share(given)
             endpoint = endpoints.get(capability.version)

@@ -12,6 +12,7 @@ import pytest
 from crank_registry import (
     STATE_FORMAT_VERSION,
     CapabilityRegistry,
+    CapabilitySchema,
     CapabilityView,
     Forbidden,
     HealthPolicy,
@@ -32,10 +33,11 @@ from crank_registry import (
     authorize_worker,
     identity_problem,
     is_trust_domain,
+    structure,
     worker_name_of,
 )
 from crank_registry.testing import FakeClock
-from tests.builders import capability
+from tests.builders import capability, capability_payload
 from tests.core.helpers import T0, UNKNOWN, registry_with, routes, state_of
 
 KEY = ("classify", "image.classify")
@@ -700,6 +702,40 @@ def test_capabilities_too_deep_to_compare_are_kept_unshared() -> None:
     registry.register("w1", "https://w1:1", [capability(input_schema=deep)], now=T0)
     registry.register("w2", "https://w2:1", [capability(input_schema=deep)], now=T0)
     assert sorted(routes(registry, 2, now=T0)) == ["w1", "w2"]
+
+
+def test_members_of_a_capability_share_its_stored_key() -> None:
+    """Each registration brings its own verb and name strings; the registry keeps none of them.
+
+    A member refers to the capability's one stored ``(verb, name)`` tuple,
+    whose strings are those of the stored (shared) value.
+    """
+
+    def wire_capability() -> CapabilitySchema:
+        # Decoded from JSON, as a request's: strings of its own, equal to the others'.
+        return structure(json.loads(json.dumps(capability_payload())), CapabilitySchema)
+
+    registry = CapabilityRegistry()
+    for worker_id in ("w1", "w2"):
+        registry.register(worker_id, f"https://{worker_id}:1", [wire_capability()], now=T0)
+    [first], [second] = (registry._workers[w].members for w in ("w1", "w2"))
+    stored = registry._workers["w2"].capabilities[0]
+    assert first.key is second.key
+    assert first.key[0] is stored.verb and first.key[1] is stored.name
+    # The first to register leaves; a newcomer and a re-registration still share the key.
+    registry.deregister("w1", now=T0)
+    registry.register("w3", "https://w3:1", [wire_capability()], now=T0)
+    registry.register("w2", "https://w2:2", [wire_capability()], now=T0)
+    [third], [again] = (registry._workers[w].members for w in ("w3", "w2"))
+    assert third.key is again.key is second.key
+    # Once every worker has left, the next registration stores its own key.
+    for worker_id in ("w2", "w3"):
+        registry.deregister(worker_id, now=T0)
+    given = wire_capability()
+    registry.register("w4", "https://w4:1", [given], now=T0)
+    [fourth] = registry._workers["w4"].members
+    assert fourth.key is not second.key
+    assert fourth.key[0] is given.verb and fourth.key[1] is given.name
 
 
 def test_heartbeat_events_equal_the_constructed_ones() -> None:
