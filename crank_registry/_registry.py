@@ -59,6 +59,7 @@ import heapq
 import itertools
 import math
 import operator
+import random
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -96,6 +97,7 @@ from ._models import (
     CapabilityView,
     HealthPolicy,
     HealthState,
+    LoadReport,
     Registration,
     RouteExplanation,
     WorkerEndpoint,
@@ -103,7 +105,7 @@ from ._models import (
     WorkerView,
     parse_capability_label,
 )
-from ._records import CapabilityValues, Member, Worker
+from ._records import CapabilityValues, Load, Member, Worker
 from ._rotation import Rotation
 from ._routing import IdempotencyMemory, RouteOptions, RoutingSettings, choose
 
@@ -146,10 +148,17 @@ class CapabilityRegistry:
     """
 
     def __init__(
-        self, policy: HealthPolicy | None = None, routing: RoutingSettings | None = None
+        self,
+        policy: HealthPolicy | None = None,
+        routing: RoutingSettings | None = None,
+        *,
+        rng: random.Random | None = None,
     ) -> None:
         self._policy = policy if policy is not None else HealthPolicy()
         self._routing = routing if routing is not None else RoutingSettings()
+        # least_loaded's draws. The core seeds nothing from the system: a
+        # service passes a Random seeded by the OS, a test a seeded one.
+        self._rng = rng if rng is not None else random.Random(0)
         # What idempotency keys were given (routing options); not registry state.
         self._idempotency = IdempotencyMemory(self._routing)
         self._revision = 0
@@ -210,14 +219,19 @@ class CapabilityRegistry:
         """
         return self._commit(self.decide_register(worker_id, worker_url, capabilities, now=now))
 
-    def heartbeat(self, worker_id: str, *, now: float) -> tuple[Event, ...]:
-        """Record that a worker is alive.
+    def heartbeat(
+        self, worker_id: str, *, now: float, load: LoadReport | None = None
+    ) -> tuple[Event, ...]:
+        """Record that a worker is alive, and its ``load`` if the heartbeat reports it.
+
+        The load is kept with ``now`` (not an event, not journalled); a
+        heartbeat without one leaves the previous report as it was.
 
         Raises :class:`WorkerNotRegistered` for a worker that is unknown,
         restored but not re-registered (``unverified``), or silent for more
         than ``evict_after``: each of them must register again.
         """
-        return self._commit(self.decide_heartbeat(worker_id, now=now))
+        return self._commit(self.decide_heartbeat(worker_id, now=now, load=load))
 
     def deregister(self, worker_id: str, *, now: float) -> tuple[Event, ...]:
         """Remove a worker that is leaving; raises :class:`WorkerNotRegistered` if unknown."""
@@ -255,11 +269,14 @@ class CapabilityRegistry:
         _check_now(now)
         return self._decide(worker_id, HealthInput.REGISTER, now, registration=registration)
 
-    def decide_heartbeat(self, worker_id: str, *, now: float) -> tuple[Event, ...]:
+    def decide_heartbeat(
+        self, worker_id: str, *, now: float, load: LoadReport | None = None
+    ) -> tuple[Event, ...]:
         """The events :meth:`heartbeat` causes; raises as it does.
 
-        The heartbeat itself is applied at once (it is not a change); a
-        change it causes (``healthy``) is pending until :meth:`confirm`.
+        The heartbeat itself is applied at once (it is not a change), and so
+        is its ``load``; a change it causes (``healthy``) is pending until
+        :meth:`confirm`.
         """
         _check_now(now)
         worker = self._workers.get(worker_id)
@@ -267,7 +284,10 @@ class CapabilityRegistry:
             raise ValidationError.single(
                 "now", "is earlier than the worker's last heartbeat (time never goes backwards)"
             )
-        return self._decide(worker_id, HealthInput.HEARTBEAT, now)
+        events = self._decide(worker_id, HealthInput.HEARTBEAT, now)
+        if load is not None:
+            self._report_load(worker_id, load, now)
+        return events
 
     def decide_deregister(self, worker_id: str, *, now: float) -> tuple[Event, ...]:
         """The events :meth:`deregister` causes, pending until :meth:`confirm`; raises alike."""
@@ -595,7 +615,14 @@ class CapabilityRegistry:
             raise UnknownCapability(verb, capability)
         _check_now(now)
         member, explanation = choose(
-            key, rotation, options, now=now, memory=self._idempotency, explain=explain
+            key,
+            rotation,
+            options,
+            now=now,
+            memory=self._idempotency,
+            explain=explain,
+            rng=self._rng,
+            policy=self._policy,
         )
         return (None if member is None else member.endpoint), explanation
 
@@ -936,8 +963,19 @@ class CapabilityRegistry:
 
     # ------------------------------------------------------------- internals
 
+    def _report_load(self, worker_id: str, report: LoadReport, now: float) -> None:
+        """Keep a heartbeat's load report (a worker not held yet, still pending, keeps none)."""
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            return
+        if worker.load is None:
+            worker.load = Load()
+        worker.load.reported(report, now)
+
     def _view(self, worker: Worker, now: float) -> WorkerView:
         shown = health.shown_state(worker.health, worker.last_heartbeat, now, self._policy)
+        load = worker.load
+        report = None if load is None else load.report
         return WorkerView(
             worker_id=worker.worker_id,
             worker_url=worker.worker_url,
@@ -945,6 +983,8 @@ class CapabilityRegistry:
             state=shown.reported,
             is_healthy=now <= worker.routable_until,
             capabilities=worker.capabilities,
+            load=report,
+            load_reported_at=None if load is None or report is None else load.reported_at,
         )
 
     def _refresh(self, worker: Worker) -> None:

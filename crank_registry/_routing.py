@@ -10,16 +10,23 @@ registry, in O(k) for k members:
    (its version is not PEP 440 or not in the specifier set), ``excluded``,
    ``slo`` (its effective SLO, :func:`effective_slo`, misses a bound or has
    no value for it), ``budget`` (it costs more than ``budget_tokens``, or
-   more than the cheapest candidate left: the cheapest tier is kept);
+   more than the cheapest candidate left: the cheapest tier is kept), and
+   with ``least_loaded`` only ``at_capacity`` (its reported ``in_flight``
+   is at least the capability's ``max_concurrency``; removed only while
+   another candidate is not at capacity);
 2. a worker remembered for the ``idempotency_key``, if still a candidate;
 3. else the strategy: ``round_robin`` on the rotation's cursor
    (:meth:`~._rotation.Rotation.next_of`), or ``affinity``, rendezvous
    hashing of ``affinity_key`` (the candidate with the highest
    ``blake2b(key, worker id)`` wins, so when one of n workers leaves only
-   the keys it held, about 1/n, move).
+   the keys it held, about 1/n, move), or ``least_loaded``, power of two
+   choices (:func:`least_loaded`).
 
-``requester_identity`` and ``least_loaded`` have no behaviour yet: they are
-refused with :class:`~._errors.NotSupported` naming the field.
+Every route with options counts its hand-out toward the chosen worker's
+load (:class:`~._records.Load`), which ``least_loaded`` reads.
+
+``requester_identity`` has no behaviour yet: it is refused with
+:class:`~._errors.NotSupported` naming the field.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from __future__ import annotations
 import collections
 import functools
 import hashlib
+import random
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -36,6 +44,7 @@ from ._errors import NotSupported, ValidationError
 from ._models import (
     CapabilityKey,
     CapabilitySchema,
+    HealthPolicy,
     RemovedWorker,
     RouteExplanation,
     RouteRequest,
@@ -49,7 +58,7 @@ from ._models import (
     parse_specifier,
     parse_version,
 )
-from ._records import Member, Worker
+from ._records import Load, Member, Worker
 from ._rotation import Rotation
 
 __all__ = [
@@ -58,6 +67,8 @@ __all__ = [
     "RoutingSettings",
     "choose",
     "effective_slo",
+    "least_loaded",
+    "observed_latency",
     "rendezvous_weight",
     "rendezvous_weights",
 ]
@@ -138,8 +149,6 @@ class RouteOptions:
         """Raise :class:`NotSupported` for an option that has no behaviour yet."""
         if self.requester_identity is not None:
             raise NotSupported("requester_identity")
-        if self.strategy == "least_loaded":
-            raise NotSupported("strategy")
 
 
 def _positive_seconds(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
@@ -209,13 +218,29 @@ class IdempotencyMemory:
             del entries[key]
 
 
-def effective_slo(worker: Worker, capability: CapabilitySchema) -> Mapping[str, float]:
+def effective_slo(
+    worker: Worker, capability: CapabilitySchema, *, now: float, fresh_for: float
+) -> Mapping[str, float]:
     """The SLO a worker offers for one capability: what ``slo_constraints`` is checked against.
 
-    Today the capability's declared ``slo``. The one place where SLO files
-    and observed load reports will take precedence (DESIGN, "SLO precedence").
+    Per key, in order of precedence (DESIGN, "SLO precedence"): the value
+    observed in a load report younger than ``fresh_for`` (the registry's
+    ``unhealthy_after``; only ``latency_p95_ms`` is observed), else the
+    capability's declared ``slo``.
     """
-    return capability.slo or {}
+    declared = capability.slo or {}
+    observed = observed_latency(worker, now=now, fresh_for=fresh_for)
+    if observed is None:
+        return declared
+    return {**declared, "latency_p95_ms": observed}
+
+
+def observed_latency(worker: Worker, *, now: float, fresh_for: float) -> float | None:
+    """The ``latency_p95_ms`` of the worker's load report younger than ``fresh_for``, if any."""
+    load = worker.load
+    if load is None or load.report is None or now - load.reported_at >= fresh_for:
+        return None
+    return load.report.latency_p95_ms
 
 
 def rendezvous_weights(key: str) -> Callable[[str], bytes]:
@@ -279,7 +304,7 @@ def _misses_slo(slo: Mapping[str, float], bounds: Mapping[str, float]) -> bool:
 
 
 def _filter(
-    everyone: Sequence[Member], options: RouteOptions, now: float
+    everyone: Sequence[Member], options: RouteOptions, now: float, fresh_for: float
 ) -> tuple[list[Member], dict[str, str]]:
     """The candidates, and for each other worker the first rule that removed it.
 
@@ -304,7 +329,9 @@ def _filter(
             passed.append(member)
         else:
             capability = _capability_of(member)
-            if bounds is not None and _misses_slo(effective_slo(member.worker, capability), bounds):
+            if bounds is not None and _misses_slo(
+                effective_slo(member.worker, capability, now=now, fresh_for=fresh_for), bounds
+            ):
                 reasons[worker_id] = "slo"
                 continue
             cost = capability.cost_tokens_per_invocation or 0.0
@@ -326,11 +353,76 @@ def _filter(
     return candidates, reasons
 
 
-def _pick(rotation: Rotation, candidates: Sequence[Member], options: RouteOptions) -> Member | None:
+def _at_capacity(member: Member) -> bool:
+    load = member.worker.load
+    report = None if load is None else load.report
+    if report is None or report.in_flight is None:
+        return False
+    return report.in_flight >= _capability_of(member).max_concurrency
+
+
+def _drop_at_capacity(candidates: list[Member], reasons: dict[str, str]) -> list[Member]:
+    """The candidates not at capacity (the others removed as ``at_capacity``); all if none is."""
+    free = [member for member in candidates if not _at_capacity(member)]
+    if not free or len(free) == len(candidates):
+        return candidates
+    for member in candidates:
+        if _at_capacity(member):
+            reasons[member.worker.worker_id] = "at_capacity"
+    return free
+
+
+def least_loaded(
+    candidates: Sequence[Member], rng: random.Random, *, now: float, interval: float
+) -> Member | None:
+    """Power of two choices: of two candidates drawn with ``rng``, the less loaded.
+
+    Load is the reported ``in_flight`` plus routes handed out since
+    (:meth:`~._records.Load.estimate`; ``interval``, the heartbeat
+    interval, fades hand-outs without a count to start from). A tie goes
+    to the smaller worker id, whichever was drawn first.
+    """
+    count = len(candidates)
+    if count <= 1:
+        return candidates[0] if candidates else None
+    first = rng.randrange(count)
+    second = rng.randrange(count - 1)
+    if second >= first:
+        second += 1  # two distinct candidates
+    return min(
+        candidates[first],
+        candidates[second],
+        key=lambda member: (_estimate(member, now, interval), member.worker.worker_id),
+    )
+
+
+def _estimate(member: Member, now: float, interval: float) -> int:
+    load = member.worker.load
+    return 0 if load is None else load.estimate(now, interval)
+
+
+def _hand_out(member: Member, now: float, interval: float) -> None:
+    worker = member.worker
+    if worker.load is None:
+        worker.load = Load()
+    worker.load.hand_out(now, interval)
+
+
+def _pick(
+    rotation: Rotation,
+    candidates: Sequence[Member],
+    options: RouteOptions,
+    *,
+    now: float,
+    rng: random.Random,
+    interval: float,
+) -> Member | None:
     if options.strategy == "affinity" and candidates:
         assert options.affinity_key is not None  # RouteOptions checks it
         weight = rendezvous_weights(options.affinity_key)
         return max(candidates, key=lambda member: weight(member.worker.worker_id))
+    if options.strategy == "least_loaded":
+        return least_loaded(candidates, rng, now=now, interval=interval)
     return rotation.next_of(candidates)
 
 
@@ -342,13 +434,21 @@ def choose(
     now: float,
     memory: IdempotencyMemory,
     explain: bool,
+    rng: random.Random,
+    policy: HealthPolicy,
 ) -> tuple[Member | None, RouteExplanation | None]:
     """The member to route to under ``options`` (``None``: no candidate), and the explanation.
 
-    The explanation is built only when ``explain`` is asked.
+    The explanation is built only when ``explain`` is asked. ``rng`` draws
+    ``least_loaded``'s two candidates; ``policy`` gives the age beyond
+    which a load report is not an observed SLO (``unhealthy_after``) and
+    the heartbeat interval over which hand-outs fade.
     """
     everyone = rotation.everyone()
-    candidates, reasons = _filter(everyone, options, now)
+    interval = policy.heartbeat_interval
+    candidates, reasons = _filter(everyone, options, now, policy.unhealthy_after)
+    if options.strategy == "least_loaded":
+        candidates = _drop_at_capacity(candidates, reasons)
     chosen: Member | None = None
     remembered_as = None
     if options.idempotency_key is not None:
@@ -357,9 +457,11 @@ def choose(
         if remembered is not None:
             chosen = next((m for m in candidates if m.worker.worker_id == remembered), None)
     if chosen is None:
-        chosen = _pick(rotation, candidates, options)
+        chosen = _pick(rotation, candidates, options, now=now, rng=rng, interval=interval)
         if chosen is not None and remembered_as is not None:
             memory.remember(remembered_as, chosen.worker.worker_id, now)
+    if chosen is not None:
+        _hand_out(chosen, now, interval)
     if not explain:
         return chosen, None
     explanation = RouteExplanation(

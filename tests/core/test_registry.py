@@ -327,7 +327,6 @@ def test_route_returns_the_matched_capability_version() -> None:
     ("field", "options"),
     [
         ("requester_identity", RouteOptions(requester_identity="spiffe://crank.local/caller")),
-        ("strategy", RouteOptions(strategy="least_loaded")),
     ],
 )
 def test_route_options_without_behaviour_are_not_supported(

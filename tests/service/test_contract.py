@@ -311,7 +311,7 @@ async def test_capabilities_one_entry_per_version() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("requester_identity", "spiffe://crank.local/caller/a"), ("strategy", "least_loaded")],
+    [("requester_identity", "spiffe://crank.local/caller/a")],
 )
 async def test_route_options_without_behaviour_are_not_supported(field: str, value: Any) -> None:
     async with running() as api:
