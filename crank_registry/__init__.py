@@ -119,6 +119,7 @@ from ._registry import STATE_FORMAT_VERSION, CapabilityRegistry
 from ._routing import RouteOptions, RoutingSettings, effective_slo, rendezvous_weight
 from ._wire import (
     ANSWER_TYPES,
+    PROTOCOL_FEATURES,
     CapabilitiesAnswer,
     DeregisterAnswer,
     ErrorAnswer,
@@ -130,6 +131,7 @@ from ._wire import (
     ListingQuery,
     RegisterAnswer,
     WorkerEntry,
+    WorkerLoad,
     WorkersAnswer,
 )
 
@@ -178,6 +180,7 @@ __all__ = [
     "JournalEntry",
     "JournalReader",
     "ListingQuery",
+    "PROTOCOL_FEATURES",
     "NewerJournalFormat",
     "NotSupported",
     "Problem",
@@ -200,6 +203,7 @@ __all__ = [
     "WorkerDeregistered",
     "WorkerEndpoint",
     "WorkerEntry",
+    "WorkerLoad",
     "WorkerEvicted",
     "WorkerHealthy",
     "WorkerImported",

@@ -66,9 +66,8 @@ __all__ = [
     "type_schema",
 ]
 
-#: Route parameters answered 422 ``not_supported``: ``requester_identity`` when
-#: set, ``strategy`` when it is ``least_loaded``.
-NOT_SUPPORTED_YET = ("requester_identity", "strategy")
+#: Route parameters answered 422 ``not_supported``: ``requester_identity`` when set.
+NOT_SUPPORTED_YET = ("requester_identity",)
 
 
 @attrs.frozen
@@ -102,8 +101,7 @@ ERRORS: Mapping[str, ErrorCode] = {
     ),
     "not_supported": ErrorCode(
         422,
-        "The body sets an optional parameter that has no behaviour yet "
-        "(requester_identity, or strategy least_loaded).",
+        "The body sets an optional parameter that has no behaviour yet (requester_identity).",
         ("field",),
     ),
     "forbidden": ErrorCode(
@@ -196,7 +194,8 @@ OPERATIONS: tuple[Operation, ...] = (
         "register",
         "Register a worker, or replace its URL and capabilities",
         RegisterAnswer,
-        "Registered; heartbeat every heartbeat_interval_s.",
+        "Registered; heartbeat every heartbeat_interval_s; features lists what the "
+        "controller accepts beyond the base protocol (load_reports: a heartbeat's load).",
         Registration,
         _WORKER_WRITE,
     ),
@@ -204,7 +203,7 @@ OPERATIONS: tuple[Operation, ...] = (
         "POST",
         "/heartbeat",
         "heartbeat",
-        "Heartbeat: the worker is alive",
+        "Heartbeat: the worker is alive, and optionally its load",
         HeartbeatAnswer,
         "Acknowledged.",
         HeartbeatRequest,

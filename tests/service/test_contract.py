@@ -51,6 +51,7 @@ async def test_register_answers_and_lists() -> None:
             "status": "registered",
             "worker_id": "w1",
             "heartbeat_interval_s": 30.0,
+            "features": ["load_reports"],
         }
         workers = await api.workers()
         assert workers == {
