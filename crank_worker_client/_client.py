@@ -39,11 +39,13 @@ from crank_registry import (
     HealthAnswer,
     HealthState,
     HeartbeatAnswer,
+    LoadReport,
     RegisterAnswer,
     Registration,
     RouteExplanation,
     ValidationError,
     WorkerEndpoint,
+    WorkerLoad,
     WorkersAnswer,
     parse_capability_label,
     structure,
@@ -91,6 +93,9 @@ class RegistrationAck:
 
     worker_id: str
     heartbeat_interval: float
+    #: What the controller accepts beyond the base protocol (``load_reports``...);
+    #: empty from a controller older than the list.
+    features: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -118,7 +123,7 @@ class WorkerInfo:
     """One entry of ``GET /workers``, read from the core's :class:`~crank_registry.WorkerEntry`.
 
     ``is_healthy`` means routable now; ``capabilities`` are ``(verb, name)``
-    pairs.
+    pairs; ``load`` its latest load report (``None``: it sent none).
     """
 
     worker_id: str
@@ -127,6 +132,7 @@ class WorkerInfo:
     is_healthy: bool
     state: HealthState
     capabilities: tuple[CapabilityKey, ...]
+    load: WorkerLoad | None = None
 
 
 class ControllerClient:
@@ -323,6 +329,7 @@ class ControllerClient:
                 is_healthy=entry.is_healthy,
                 state=entry.state,
                 capabilities=tuple(parse_capability_label(label) for label in entry.capabilities),
+                load=entry.load,
             )
             for page in pages
             for entry in page.workers
@@ -344,11 +351,19 @@ class ControllerClient:
         """
         body = unstructure(registration)
         answer = await self._call("POST", "/register", RegisterAnswer, body, timeout)
-        return RegistrationAck(answer.worker_id, answer.heartbeat_interval_s)
+        return RegistrationAck(answer.worker_id, answer.heartbeat_interval_s, answer.features)
 
-    async def heartbeat(self, worker_id: str, *, timeout: float | None = None) -> HeartbeatAck:
-        """``POST /heartbeat``; :class:`WorkerNotRegisteredError` means register again."""
-        body = {"worker_id": worker_id}
+    async def heartbeat(
+        self, worker_id: str, *, timeout: float | None = None, load: LoadReport | None = None
+    ) -> HeartbeatAck:
+        """``POST /heartbeat``; :class:`WorkerNotRegisteredError` means register again.
+
+        ``load``: the worker's load, for a controller that lists the
+        ``load_reports`` feature (an older one refuses the field).
+        """
+        body: dict[str, Any] = {"worker_id": worker_id}
+        if load is not None:
+            body["load"] = unstructure(load)
         answer = await self._call("POST", "/heartbeat", HeartbeatAnswer, body, timeout)
         return HeartbeatAck(datetime.fromisoformat(answer.timestamp), answer.heartbeat_interval_s)
 
