@@ -9,9 +9,13 @@ for each option it prints the time per call (the median of repeated
 ``timeit`` runs, in CPU time of this thread, as ``core.py`` counts) and its
 ratio to the target: the plain route <= 1 µs (it must not pay for the
 options), each option <= 10 µs (O(k) in the 10 workers of its capability).
-The ``affinity`` and ``idempotency_key`` routes are also timed with 100
-workers per capability, without a target: the cost grows with k, never with
-the registry.
+Every worker has reported its load (``in_flight`` 0 to 4 of its
+``max_concurrency`` 4, so a fifth of each capability's workers are
+``at_capacity``). The
+``least_loaded`` route is also timed with 100 workers per capability, with
+its ratio to the 10 µs target; the ``affinity`` and ``idempotency_key``
+routes there without a target: the cost grows with k, never with the
+registry.
 """
 
 from __future__ import annotations
@@ -24,7 +28,13 @@ import timeit
 from collections.abc import Callable
 from typing import Any
 
-from crank_registry import CapabilityRegistry, CapabilitySchema, RouteOptions, structure
+from crank_registry import (
+    CapabilityRegistry,
+    CapabilitySchema,
+    LoadReport,
+    RouteOptions,
+    structure,
+)
 
 WORKERS = 10_000
 START = 1_700_000_000.0
@@ -38,6 +48,7 @@ OPTIONS: dict[str, RouteOptions | None] = {
     "slo_constraints p95 <= 100 ms": RouteOptions(slo_constraints={"latency_p95_ms": 100}),
     "budget_tokens 5": RouteOptions(budget_tokens=5),
     "strategy affinity": RouteOptions(strategy="affinity", affinity_key="user-42"),
+    "strategy least_loaded": RouteOptions(strategy="least_loaded"),
     "idempotency_key": RouteOptions(idempotency_key="order-7"),
     "all of them": RouteOptions(
         version=">=1.2,<2",
@@ -75,6 +86,9 @@ def build(per_capability: int) -> tuple[CapabilityRegistry, list[str]]:
         registry.register(
             f"w{worker}", f"https://w{worker}:8443", [capability(name, worker)], now=START
         )
+        # Loads vary within each capability (its workers are w, w + len(names)...).
+        in_flight = worker // len(names) % 5
+        registry.heartbeat(f"w{worker}", now=START, load=LoadReport(in_flight=in_flight))
     return registry, names
 
 
@@ -127,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     for label in ("plain (no options)", "strategy affinity", "idempotency_key", "all of them"):
         micros = per_call_us(bench(registry, names, OPTIONS[label], calls), calls, repeat)
         report(f"route@100 per capability, {label}", micros, None)
+    label = "strategy least_loaded"
+    micros = per_call_us(bench(registry, names, OPTIONS[label], calls), calls, repeat)
+    ok &= report(f"route@100 per capability, {label}", micros, OPTION_TARGET_US)
     print("all targets met" if ok else "some targets missed")
     return 1 if args.strict and not ok else 0
 

@@ -95,7 +95,8 @@ class Load:
 
     Not journalled and not an event: load is ephemeral, and a restarted
     controller learns it again from the next heartbeats. ``handed_out``
-    counts the routes given to the worker since ``counted_since``: since
+    counts the ``least_loaded`` routes given to the worker since
+    ``counted_since``: since
     its latest report that has ``in_flight`` (that count includes them),
     else since the start of the current heartbeat interval
     (:meth:`hand_out`), so that it cannot grow for ever.

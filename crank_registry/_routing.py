@@ -20,10 +20,13 @@ registry, in O(k) for k members:
    hashing of ``affinity_key`` (the candidate with the highest
    ``blake2b(key, worker id)`` wins, so when one of n workers leaves only
    the keys it held, about 1/n, move), or ``least_loaded``, power of two
-   choices (:func:`least_loaded`).
+   choices (:func:`least_loaded`; a route with no other option draws its
+   two from the ring in O(1), :func:`sample_least_loaded`).
 
-Every route with options counts its hand-out toward the chosen worker's
-load (:class:`~._records.Load`), which ``least_loaded`` reads.
+A ``least_loaded`` route counts its hand-out toward the chosen worker's
+load (:class:`~._records.Load`); the next ones read it (as Envoy's
+least-request counts what it handed out; other routes are not counted, so
+the plain path pays nothing).
 
 ``requester_identity`` has no behaviour yet: it is refused with
 :class:`~._errors.NotSupported` naming the field.
@@ -68,7 +71,7 @@ __all__ = [
     "choose",
     "effective_slo",
     "least_loaded",
-    "observed_latency",
+    "sample_least_loaded",
     "rendezvous_weight",
     "rendezvous_weights",
 ]
@@ -229,18 +232,13 @@ def effective_slo(
     capability's declared ``slo``.
     """
     declared = capability.slo or {}
-    observed = observed_latency(worker, now=now, fresh_for=fresh_for)
-    if observed is None:
-        return declared
-    return {**declared, "latency_p95_ms": observed}
-
-
-def observed_latency(worker: Worker, *, now: float, fresh_for: float) -> float | None:
-    """The ``latency_p95_ms`` of the worker's load report younger than ``fresh_for``, if any."""
     load = worker.load
-    if load is None or load.report is None or now - load.reported_at >= fresh_for:
-        return None
-    return load.report.latency_p95_ms
+    if load is None:  # most workers of most routes
+        return declared
+    report = load.report
+    if report is None or report.latency_p95_ms is None or now - load.reported_at >= fresh_for:
+        return declared
+    return {**declared, "latency_p95_ms": report.latency_p95_ms}
 
 
 def rendezvous_weights(key: str) -> Callable[[str], bytes]:
@@ -355,7 +353,9 @@ def _filter(
 
 def _at_capacity(member: Member) -> bool:
     load = member.worker.load
-    report = None if load is None else load.report
+    if load is None:
+        return False
+    report = load.report
     if report is None or report.in_flight is None:
         return False
     return report.in_flight >= _capability_of(member).max_concurrency
@@ -394,6 +394,48 @@ def least_loaded(
         candidates[second],
         key=lambda member: (_estimate(member, now, interval), member.worker.worker_id),
     )
+
+
+#: A route whose only option is ``strategy: least_loaded`` (compared whole, so
+#: that any other option, present or future, takes the full path).
+_BARE_LEAST_LOADED = RouteOptions(strategy="least_loaded")
+#: Draws per candidate before :func:`sample_least_loaded` gives up.
+_DRAWS = 8
+
+
+def sample_least_loaded(
+    rotation: Rotation, rng: random.Random, *, now: float, interval: float
+) -> Member | None:
+    """:func:`least_loaded` in O(1) for a route with no other option; ``None``: take the full path.
+
+    Draws ring slots until two distinct members are candidates (routable at
+    ``now``, not at capacity), each draw uniform, so each of the two is
+    uniform among the candidates as the full path's are. Members out of
+    the ring are not routable. When draws keep missing (fewer than two
+    candidates not at capacity, or mostly holes) the caller filters the
+    members instead.
+    """
+    ring = rotation.ring
+    size = len(ring)
+    if rotation.live < 2:
+        return None
+    draw = rng.random  # int(random() * size): uniform over slots, cheaper than randrange
+    first: Member | None = None
+    for _ in range(_DRAWS):
+        member = ring[int(draw() * size)]
+        if member is None or member is first or now > member.worker.routable_until:
+            continue
+        if _at_capacity(member):
+            continue
+        if first is None:
+            first = member
+            continue
+        one = _estimate(first, now, interval)
+        other = _estimate(member, now, interval)
+        if one != other:
+            return first if one < other else member
+        return first if first.worker.worker_id < member.worker.worker_id else member
+    return None
 
 
 def _estimate(member: Member, now: float, interval: float) -> int:
@@ -444,10 +486,16 @@ def choose(
     which a load report is not an observed SLO (``unhealthy_after``) and
     the heartbeat interval over which hand-outs fade.
     """
-    everyone = rotation.everyone()
     interval = policy.heartbeat_interval
+    loaded = options.strategy == "least_loaded"
+    if loaded and not explain and options == _BARE_LEAST_LOADED:
+        sampled = sample_least_loaded(rotation, rng, now=now, interval=interval)
+        if sampled is not None:
+            _hand_out(sampled, now, interval)
+            return sampled, None
+    everyone = rotation.everyone()
     candidates, reasons = _filter(everyone, options, now, policy.unhealthy_after)
-    if options.strategy == "least_loaded":
+    if loaded:
         candidates = _drop_at_capacity(candidates, reasons)
     chosen: Member | None = None
     remembered_as = None
@@ -460,7 +508,7 @@ def choose(
         chosen = _pick(rotation, candidates, options, now=now, rng=rng, interval=interval)
         if chosen is not None and remembered_as is not None:
             memory.remember(remembered_as, chosen.worker.worker_id, now)
-    if chosen is not None:
+    if loaded and chosen is not None:
         _hand_out(chosen, now, interval)
     if not explain:
         return chosen, None

@@ -171,6 +171,22 @@ def test_least_loaded_is_deterministic_for_a_seed() -> None:
     assert run(3) != run(4)
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_the_sampled_path_chooses_only_among_the_full_paths_candidates(seed: int) -> None:
+    # A route with no other option draws from the ring (sample_least_loaded); explain
+    # takes the full path. Fleets with silent workers and some at capacity.
+    draw = random.Random(seed)
+    workers = [f"w{index}" for index in range(draw.randint(2, 12))]
+    registry = fleet(*workers, seed=seed, max_concurrency=3)
+    later = T0 + 61  # past unhealthy_after for the workers not heard since T0
+    for worker_id in workers:
+        if draw.random() < 0.7:
+            report(registry, worker_id, now=T0 + 30, in_flight=draw.randint(0, 4))
+    explanation = registry.explain_route(*KEY, now=later, options=LEAST_LOADED)[1]
+    allowed = set(explanation.candidates) or {None}
+    assert set(least_loaded(registry, 30, now=later)) <= allowed
+
+
 def test_least_loaded_with_one_candidate_returns_it() -> None:
     registry = fleet("only")
     assert least_loaded(registry, 2) == ["only", "only"]
