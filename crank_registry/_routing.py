@@ -363,12 +363,14 @@ def _at_capacity(member: Member) -> bool:
 
 def _drop_at_capacity(candidates: list[Member], reasons: dict[str, str]) -> list[Member]:
     """The candidates not at capacity (the others removed as ``at_capacity``); all if none is."""
-    free = [member for member in candidates if not _at_capacity(member)]
-    if not free or len(free) == len(candidates):
-        return candidates
+    free: list[Member] = []
+    full: list[Member] = []
     for member in candidates:
-        if _at_capacity(member):
-            reasons[member.worker.worker_id] = "at_capacity"
+        (full if _at_capacity(member) else free).append(member)
+    if not full or not free:
+        return candidates
+    for member in full:
+        reasons[member.worker.worker_id] = "at_capacity"
     return free
 
 
@@ -385,15 +387,20 @@ def least_loaded(
     count = len(candidates)
     if count <= 1:
         return candidates[0] if candidates else None
-    first = rng.randrange(count)
-    second = rng.randrange(count - 1)
+    # int(random() * n): uniform over the candidates, cheaper than randrange.
+    first = int(rng.random() * count)
+    second = int(rng.random() * (count - 1))
     if second >= first:
         second += 1  # two distinct candidates
-    return min(
-        candidates[first],
-        candidates[second],
-        key=lambda member: (_estimate(member, now, interval), member.worker.worker_id),
-    )
+    return _less_loaded(candidates[first], candidates[second], now, interval)
+
+
+def _less_loaded(one: Member, other: Member, now: float, interval: float) -> Member:
+    mine = _estimate(one, now, interval)
+    theirs = _estimate(other, now, interval)
+    if mine != theirs:
+        return one if mine < theirs else other
+    return one if one.worker.worker_id < other.worker.worker_id else other
 
 
 #: A route whose only option is ``strategy: least_loaded`` (compared whole, so
@@ -430,11 +437,7 @@ def sample_least_loaded(
         if first is None:
             first = member
             continue
-        one = _estimate(first, now, interval)
-        other = _estimate(member, now, interval)
-        if one != other:
-            return first if one < other else member
-        return first if first.worker.worker_id < member.worker.worker_id else member
+        return _less_loaded(first, member, now, interval)
     return None
 
 
