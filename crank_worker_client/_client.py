@@ -257,8 +257,8 @@ class ControllerClient:
         ``version`` a PEP 440 specifier set (``">=1.2,<2"``), ``exclude``
         worker ids not to return, ``slo_constraints``
         (``{"latency_p95_ms": 100, "availability": 0.99}``), ``budget_tokens``,
-        ``strategy`` (``"round_robin"`` or ``"affinity"`` with
-        ``affinity_key``), ``idempotency_key``. With ``explain`` the
+        ``strategy`` (``"round_robin"``, ``"least_loaded"``, or
+        ``"affinity"`` with ``affinity_key``), ``idempotency_key``. With ``explain`` the
         endpoint's ``explain`` says why each worker was or was not a candidate.
 
         Raises :class:`NoWorkerAvailable` (with the controller's
@@ -267,8 +267,8 @@ class ControllerClient:
         :class:`UnknownCapability` when no registered worker offers it at all
         (a typo is not an outage: nothing to wait for). An invalid option is
         :class:`InvalidRequest` naming it; one that has no behaviour yet
-        (``requester_identity``, ``strategy="least_loaded"``) answers
-        ``not_supported`` (:class:`InvalidRequest` too).
+        (``requester_identity``) answers ``not_supported``
+        (:class:`InvalidRequest` too).
         """
         if isinstance(exclude, str):
             raise TypeError("exclude: a collection of worker ids, not one string")

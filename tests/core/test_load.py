@@ -7,6 +7,8 @@ import random
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from crank_registry import (
     CapabilityRegistry,
@@ -21,6 +23,7 @@ from crank_registry import (
 )
 from tests.builders import capability
 from tests.core.helpers import T0
+from tests.core.test_routing import model_reason, route_options, worker_specs
 
 KEY = ("classify", "image.classify")
 POLICY = HealthPolicy(heartbeat_interval=10, unhealthy_after=60, evict_after=120)
@@ -183,7 +186,7 @@ def test_the_sampled_path_chooses_only_among_the_full_paths_candidates(seed: int
         if draw.random() < 0.7:
             report(registry, worker_id, now=T0 + 30, in_flight=draw.randint(0, 4))
     explanation = registry.explain_route(*KEY, now=later, options=LEAST_LOADED)[1]
-    allowed = set(explanation.candidates) or {None}
+    allowed: set[str | None] = set(explanation.candidates) if explanation.candidates else {None}
     assert set(least_loaded(registry, 30, now=later)) <= allowed
 
 
@@ -266,3 +269,82 @@ def test_an_observed_latency_gives_a_worker_without_a_declared_slo_a_value() -> 
     # A report without latency observes nothing.
     report(registry, "w1", now=T0 + 1, in_flight=1)
     assert registry.route(*KEY, now=T0 + 1, options=bound) is None
+
+
+# ------------------------------------------- options compose with load (property)
+
+loads = st.none() | st.fixed_dictionaries(
+    {},
+    optional={
+        "in_flight": st.integers(0, 6),
+        "latency_p95_ms": st.sampled_from([10.0, 150.0, 400.0]),
+    },
+)
+
+
+def observed(spec: dict[str, Any], load: dict[str, Any] | None) -> dict[str, Any]:
+    """The worker's spec with its effective SLO: a fresh report's latency beats the declared."""
+    if load is None or "latency_p95_ms" not in load:
+        return spec
+    return {**spec, "slo": {**(spec["slo"] or {}), "latency_p95_ms": load["latency_p95_ms"]}}
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(
+    specs=st.lists(st.tuples(worker_specs, loads), min_size=1, max_size=8),
+    asked=st.lists(route_options, min_size=1, max_size=4),
+    least=st.lists(st.booleans(), min_size=4, max_size=4),
+)
+def test_options_with_load_reports_agree_with_a_plain_model(
+    specs: list[tuple[dict[str, Any], dict[str, Any] | None]],
+    asked: list[dict[str, Any]],
+    least: list[bool],
+) -> None:
+    registry = CapabilityRegistry(POLICY, rng=random.Random(1))
+    for index, (spec, _) in enumerate(specs):
+        fields: dict[str, Any] = {"version": spec["version"], "max_concurrency": 4}
+        if spec["cost"] is not None:
+            fields["cost_tokens_per_invocation"] = spec["cost"]
+        if spec["slo"] is not None:
+            fields["slo"] = spec["slo"]
+        registry.register(f"w{index}", f"https://w{index}:1", [capability(**fields)], now=T0)
+    for index, (spec, load) in enumerate(specs):
+        if not spec["silent"]:
+            report_of = None if load is None else LoadReport(**load)
+            registry.heartbeat(f"w{index}", now=T0 + 30, load=report_of)
+    now = T0 + 61  # the silent ones are past unhealthy_after; the reports are 31 s old
+    by_id = {f"w{index}": pair for index, pair in enumerate(specs)}
+    for drawn, least_loaded_asked in zip(asked, least, strict=False):
+        options = dict(drawn)
+        if least_loaded_asked:
+            options["strategy"] = "least_loaded"
+        if options.get("strategy") == "affinity":
+            options["affinity_key"] = "key"
+        reasons = {
+            w: model_reason(observed(spec, load if not spec["silent"] else None), w, options)
+            for w, (spec, load) in by_id.items()
+        }
+        passed = {w for w, reason in reasons.items() if reason is None}
+        if "budget_tokens" in options and passed:
+            cheapest = min(by_id[w][0]["cost"] or 0.0 for w in passed)
+            for w in passed:
+                if (by_id[w][0]["cost"] or 0.0) > cheapest:
+                    reasons[w] = "budget"
+        if options.get("strategy") == "least_loaded":
+            passed = {w for w, reason in reasons.items() if reason is None}
+            full = {w for w in passed if ((by_id[w][1] or {}).get("in_flight") or 0) >= 4}
+            if full and full != passed:
+                reasons.update(dict.fromkeys(full, "at_capacity"))
+        endpoint, explanation = registry.explain_route(
+            *KEY, now=now, options=RouteOptions(**options)
+        )
+        assert {e.worker_id: e.reason for e in explanation.removed} == {
+            w: r for w, r in reasons.items() if r is not None
+        }
+        assert set(explanation.candidates) == {w for w, r in reasons.items() if r is None}
+        chosen_id = None if endpoint is None else endpoint.worker_id
+        assert (chosen_id is None) == (not explanation.candidates)
+        assert chosen_id is None or chosen_id in explanation.candidates
+        plain = registry.route(*KEY, now=now, options=RouteOptions(**options))
+        assert (plain is None) == (endpoint is None)
+        assert plain is None or plain.worker_id in explanation.candidates
