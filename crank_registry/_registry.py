@@ -622,7 +622,7 @@ class CapabilityRegistry:
             memory=self._idempotency,
             explain=explain,
             rng=self._rng,
-            policy=self._policy,
+            health=self._policy,
         )
         return (None if member is None else member.endpoint), explanation
 

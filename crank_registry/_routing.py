@@ -480,16 +480,16 @@ def choose(
     memory: IdempotencyMemory,
     explain: bool,
     rng: random.Random,
-    policy: HealthPolicy,
+    health: HealthPolicy,
 ) -> tuple[Member | None, RouteExplanation | None]:
     """The member to route to under ``options`` (``None``: no candidate), and the explanation.
 
     The explanation is built only when ``explain`` is asked. ``rng`` draws
-    ``least_loaded``'s two candidates; ``policy`` gives the age beyond
+    ``least_loaded``'s two candidates; ``health`` gives the age beyond
     which a load report is not an observed SLO (``unhealthy_after``) and
     the heartbeat interval over which hand-outs fade.
     """
-    interval = policy.heartbeat_interval
+    interval = health.heartbeat_interval
     loaded = options.strategy == "least_loaded"
     if loaded and not explain and options == _BARE_LEAST_LOADED:
         sampled = sample_least_loaded(rotation, rng, now=now, interval=interval)
@@ -497,7 +497,7 @@ def choose(
             _hand_out(sampled, now, interval)
             return sampled, None
     everyone = rotation.everyone()
-    candidates, reasons = _filter(everyone, options, now, policy.unhealthy_after)
+    candidates, reasons = _filter(everyone, options, now, health.unhealthy_after)
     if loaded:
         candidates = _drop_at_capacity(candidates, reasons)
     chosen: Member | None = None
