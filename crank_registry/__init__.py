@@ -34,7 +34,6 @@ from ._converter import (
 )
 from ._errors import (
     Forbidden,
-    NotSupported,
     PolicyDenied,
     Problem,
     RegistryError,
@@ -104,6 +103,7 @@ from ._models import (
     HealthPolicy,
     HealthState,
     HeartbeatRequest,
+    LoadReport,
     Registration,
     RemovedWorker,
     RouteExplanation,
@@ -130,6 +130,7 @@ from ._routing import RouteOptions, RoutingSettings, effective_slo, rendezvous_w
 from ._slos import ServiceLevel, ServiceLevels, SloFile
 from ._wire import (
     ANSWER_TYPES,
+    PROTOCOL_FEATURES,
     CapabilitiesAnswer,
     DeregisterAnswer,
     ErrorAnswer,
@@ -142,6 +143,7 @@ from ._wire import (
     RegisterAnswer,
     SlosAnswer,
     WorkerEntry,
+    WorkerLoad,
     WorkersAnswer,
 )
 
@@ -186,13 +188,14 @@ __all__ = [
     "HeartbeatAnswer",
     "HeartbeatReceived",
     "HeartbeatRequest",
+    "LoadReport",
     "InvocationAnswer",
     "JournalDecodeError",
     "JournalEntry",
     "JournalReader",
     "ListingQuery",
+    "PROTOCOL_FEATURES",
     "NewerJournalFormat",
-    "NotSupported",
     "Policy",
     "PolicyDenied",
     "PolicyFileError",
@@ -222,6 +225,7 @@ __all__ = [
     "WorkerDeregistered",
     "WorkerEndpoint",
     "WorkerEntry",
+    "WorkerLoad",
     "WorkerEvicted",
     "WorkerHealthy",
     "WorkerImported",

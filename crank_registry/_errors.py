@@ -6,7 +6,6 @@ layer should answer with (the h11 ``error_status_hint`` idea)::
 
     RegistryError
     ├── ValidationError       invalid_request        422
-    ├── NotSupported          not_supported          422
     ├── Forbidden             forbidden              403
     ├── PolicyDenied          policy_denied          403
     ├── WorkerNotRegistered   worker_not_registered  404
@@ -25,7 +24,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Forbidden",
-    "NotSupported",
     "PolicyDenied",
     "Problem",
     "RegistryError",
@@ -87,17 +85,6 @@ def _join(prefix: str, path: str) -> str:
     if not path:
         return prefix
     return f"{prefix}{path}" if path.startswith("[") else f"{prefix}.{path}"
-
-
-class NotSupported(RegistryError):
-    """A request used an optional parameter that has no behaviour yet."""
-
-    code = "not_supported"
-    status_hint = 422
-
-    def __init__(self, field: str) -> None:
-        self.field = field
-        super().__init__(f"{field}: not supported by this registry yet")
 
 
 class WorkerNotRegistered(RegistryError):

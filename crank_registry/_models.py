@@ -30,6 +30,7 @@ __all__ = [
     "HeartbeatRequest",
     "HealthState",
     "JSON_SCHEMA",
+    "LoadReport",
     "REMOVAL_REASONS",
     "ROUTE_STRATEGIES",
     "SLO_CONSTRAINT_KEYS",
@@ -530,6 +531,9 @@ class WorkerView:
     state: HealthState
     is_healthy: bool
     capabilities: tuple[CapabilitySchema, ...]
+    #: Its latest load report and when it arrived; ``None`` if it sent none.
+    load: LoadReport | None = None
+    load_reported_at: float | None = None
 
 
 @attrs.frozen
@@ -651,10 +655,7 @@ class RouteRequest:
     The optional fields are the routing options (DESIGN, "Routing
     options"); the registry applies them (``crank_registry._routing``).
     ``requester_identity`` is the SPIFFE ID the access policy decides for;
-    over HTTP only a ``--trusted-gateway`` may set it (for its users). The
-    strategy ``least_loaded`` is part of the model so that clients can be
-    written against it: the registry refuses it with ``not_supported``
-    until it has behaviour.
+    over HTTP only a ``--trusted-gateway`` may set it (for its users).
     """
 
     verb: str = attrs.field(validator=_text, metadata=_schema(**_TEXT_SCHEMA))
@@ -739,7 +740,7 @@ class RouteRequest:
 
 
 #: Why a worker of the capability was not a candidate, in the order of the rules.
-REMOVAL_REASONS = ("unhealthy", "version", "excluded", "policy", "slo", "budget")
+REMOVAL_REASONS = ("unhealthy", "version", "excluded", "policy", "slo", "budget", "at_capacity")
 
 
 @attrs.frozen(kw_only=True)
@@ -790,11 +791,56 @@ class HealthPolicy:
             )
 
 
+def _optional_count(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _fail(attribute.name, "must be an integer")
+    if value < 0:
+        raise _fail(attribute.name, "must be >= 0")
+
+
+def _optional_fraction(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is None:
+        return
+    if not _is_finite_number(value) or not 0 <= value <= 1:  # type: ignore[operator]
+        raise _fail(attribute.name, "must be a fraction between 0 and 1")
+
+
+@attrs.frozen(kw_only=True)
+class LoadReport:
+    """A worker's load, as its heartbeat reports it (DESIGN, "Load reports"); each field optional.
+
+    ``in_flight``: calls the worker is serving now (all its capabilities);
+    ``latency_p95_ms``: the 95th percentile of its recent calls' latency;
+    ``error_rate``: the share of its recent calls that failed.
+    """
+
+    in_flight: int | None = attrs.field(
+        default=None,
+        validator=_optional_count,
+        metadata=_schema(minimum=0, description="Calls being served now, all capabilities."),
+    )
+    latency_p95_ms: float | None = attrs.field(
+        default=None,
+        validator=_optional_non_negative,
+        metadata=_schema(minimum=0, description="p95 latency of recent calls, in ms."),
+    )
+    error_rate: float | None = attrs.field(
+        default=None,
+        validator=_optional_fraction,
+        metadata=_schema(
+            minimum=0, maximum=1, description="The share of recent calls that failed."
+        ),
+    )
+
+
 @attrs.frozen
 class HeartbeatRequest:
-    """The body of a heartbeat: the worker proving it is alive."""
+    """The body of a heartbeat: the worker proving it is alive, and optionally its load."""
 
     worker_id: str = attrs.field(validator=_worker_id, metadata=_WORKER_ID_SCHEMA)
+    load: LoadReport | None = attrs.field(default=None, kw_only=True)
 
 
 @attrs.frozen

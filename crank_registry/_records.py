@@ -13,9 +13,9 @@ import math
 
 from ._converter import unstructure
 from ._health import Health
-from ._models import CapabilityKey, CapabilitySchema, WorkerEndpoint, WorkerRecord
+from ._models import CapabilityKey, CapabilitySchema, LoadReport, WorkerEndpoint, WorkerRecord
 
-__all__ = ["MAX_VARIANTS", "CapabilityValues", "Member", "Worker"]
+__all__ = ["MAX_VARIANTS", "CapabilityValues", "Load", "Member", "Worker"]
 
 #: At most this many distinct values of one ``(verb, name)`` are shared
 #: between workers; beyond it a registration keeps its own (bounded work).
@@ -37,6 +37,7 @@ class Worker:
         "deadline",
         "health",
         "last_heartbeat",
+        "load",
         "members",
         "order",
         "parked",
@@ -68,6 +69,9 @@ class Worker:
         # True once a rotation dropped one of its members (found unroutable);
         # the heartbeat that makes it routable again puts them back.
         self.parked = False
+        # Made by its first load report or hand-out (most workers of a
+        # round-robin registry never need one: one slot, no object).
+        self.load: Load | None = None
 
     def __lt__(self, other: Worker) -> bool:
         # Heap entries are (deadline, order, worker): a tie on both is an entry
@@ -84,6 +88,57 @@ class Worker:
             verified=self.health.verified,
             silent=self.health.silent,
         )
+
+
+class Load:
+    """What the registry knows of a worker's load: its latest report, and routes handed out since.
+
+    Not journalled and not an event: load is ephemeral, and a restarted
+    controller learns it again from the next heartbeats. ``handed_out``
+    counts the ``least_loaded`` routes given to the worker since
+    ``counted_since``: since
+    its latest report that has ``in_flight`` (that count includes them),
+    else since the start of the current heartbeat interval
+    (:meth:`hand_out`), so that it cannot grow for ever.
+    """
+
+    __slots__ = ("counted_since", "handed_out", "report", "reported_at")
+
+    def __init__(self) -> None:
+        self.report: LoadReport | None = None
+        self.reported_at = -math.inf
+        self.handed_out = 0
+        self.counted_since = -math.inf
+
+    def reported(self, report: LoadReport, now: float) -> None:
+        """A heartbeat at ``now`` carried ``report``."""
+        self.report = report
+        self.reported_at = now
+        if report.in_flight is not None:
+            self.handed_out = 0
+            self.counted_since = now
+
+    def hand_out(self, now: float, interval: float) -> None:
+        """A route at ``now`` gave this worker a call; ``interval``: the heartbeat interval.
+
+        Without an ``in_flight`` to count from, hand-outs fade: the count
+        restarts once a heartbeat interval has passed since it started.
+        """
+        if self._faded(now, interval):
+            self.handed_out = 0
+            self.counted_since = now
+        self.handed_out += 1
+
+    def estimate(self, now: float, interval: float) -> int:
+        """The calls the worker is thought to serve: reported ``in_flight`` plus hand-outs since."""
+        report = self.report
+        if report is None or report.in_flight is None:
+            return 0 if self._faded(now, interval) else self.handed_out
+        return report.in_flight + self.handed_out
+
+    def _faded(self, now: float, interval: float) -> bool:
+        report = self.report
+        return (report is None or report.in_flight is None) and now - self.counted_since > interval
 
 
 class Member:

@@ -59,6 +59,7 @@ import heapq
 import itertools
 import math
 import operator
+import random
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -96,6 +97,7 @@ from ._models import (
     CapabilityView,
     HealthPolicy,
     HealthState,
+    LoadReport,
     Registration,
     RouteExplanation,
     WorkerEndpoint,
@@ -104,7 +106,7 @@ from ._models import (
     parse_capability_label,
 )
 from ._policy import Policy
-from ._records import CapabilityValues, Member, Worker
+from ._records import CapabilityValues, Load, Member, Worker
 from ._rotation import Rotation
 from ._routing import (
     NO_SLOS,
@@ -166,10 +168,17 @@ class CapabilityRegistry:
     """
 
     def __init__(
-        self, policy: HealthPolicy | None = None, routing: RoutingSettings | None = None
+        self,
+        policy: HealthPolicy | None = None,
+        routing: RoutingSettings | None = None,
+        *,
+        rng: random.Random | None = None,
     ) -> None:
         self._policy = policy if policy is not None else HealthPolicy()
         self._routing = routing if routing is not None else RoutingSettings()
+        # least_loaded's draws. The core seeds nothing from the system: a
+        # service passes a Random seeded by the OS, a test a seeded one.
+        self._rng = rng if rng is not None else random.Random(0)
         # What idempotency keys were given (routing options); not registry state.
         self._idempotency = IdempotencyMemory(self._routing)
         # The operator's SLO files (set_slos); not registry state either.
@@ -277,14 +286,19 @@ class CapabilityRegistry:
         """
         return self._commit(self.decide_register(worker_id, worker_url, capabilities, now=now))
 
-    def heartbeat(self, worker_id: str, *, now: float) -> tuple[Event, ...]:
-        """Record that a worker is alive.
+    def heartbeat(
+        self, worker_id: str, *, now: float, load: LoadReport | None = None
+    ) -> tuple[Event, ...]:
+        """Record that a worker is alive, and its ``load`` if the heartbeat reports it.
+
+        The load is kept with ``now`` (not an event, not journalled); a
+        heartbeat without one leaves the previous report as it was.
 
         Raises :class:`WorkerNotRegistered` for a worker that is unknown,
         restored but not re-registered (``unverified``), or silent for more
         than ``evict_after``: each of them must register again.
         """
-        return self._commit(self.decide_heartbeat(worker_id, now=now))
+        return self._commit(self.decide_heartbeat(worker_id, now=now, load=load))
 
     def deregister(self, worker_id: str, *, now: float) -> tuple[Event, ...]:
         """Remove a worker that is leaving; raises :class:`WorkerNotRegistered` if unknown."""
@@ -322,11 +336,14 @@ class CapabilityRegistry:
         _check_now(now)
         return self._decide(worker_id, HealthInput.REGISTER, now, registration=registration)
 
-    def decide_heartbeat(self, worker_id: str, *, now: float) -> tuple[Event, ...]:
+    def decide_heartbeat(
+        self, worker_id: str, *, now: float, load: LoadReport | None = None
+    ) -> tuple[Event, ...]:
         """The events :meth:`heartbeat` causes; raises as it does.
 
-        The heartbeat itself is applied at once (it is not a change); a
-        change it causes (``healthy``) is pending until :meth:`confirm`.
+        The heartbeat itself is applied at once (it is not a change), and so
+        is its ``load``; a change it causes (``healthy``) is pending until
+        :meth:`confirm`.
         """
         _check_now(now)
         worker = self._workers.get(worker_id)
@@ -334,7 +351,10 @@ class CapabilityRegistry:
             raise ValidationError.single(
                 "now", "is earlier than the worker's last heartbeat (time never goes backwards)"
             )
-        return self._decide(worker_id, HealthInput.HEARTBEAT, now)
+        events = self._decide(worker_id, HealthInput.HEARTBEAT, now)
+        if load is not None:
+            self._report_load(worker_id, load, now)
+        return events
 
     def decide_deregister(self, worker_id: str, *, now: float) -> tuple[Event, ...]:
         """The events :meth:`deregister` causes, pending until :meth:`confirm`; raises alike."""
@@ -612,8 +632,7 @@ class CapabilityRegistry:
         """The next routable worker for ``(verb, capability)``, or ``None``.
 
         Without ``options``: round-robin, O(1). With them: the filters and
-        the strategy of :mod:`._routing`, O(k) in the workers of this pair;
-        an option without behaviour yet raises :class:`NotSupported`. The
+        the strategy of :mod:`._routing`, O(k) in the workers of this pair. The
         access policy (:meth:`set_access_policy`) is asked for
         ``options.requester_identity`` (``None``: anonymous) and a denial
         raises :class:`PolicyDenied`; a route whose only option is the
@@ -666,7 +685,6 @@ class CapabilityRegistry:
     def _route_with(
         self, verb: str, capability: str, now: float, options: RouteOptions, *, explain: bool
     ) -> tuple[WorkerEndpoint | None, RouteExplanation | None]:
-        options.check_supported()
         key = (verb, capability)
         rotation = self._rotations.get(key)
         if rotation is None:
@@ -691,6 +709,8 @@ class CapabilityRegistry:
             memory=self._idempotency,
             explain=explain,
             slos=self._slos,
+            rng=self._rng,
+            health=self._policy,
         )
         return (None if member is None else member.endpoint), explanation
 
@@ -1031,8 +1051,19 @@ class CapabilityRegistry:
 
     # ------------------------------------------------------------- internals
 
+    def _report_load(self, worker_id: str, report: LoadReport, now: float) -> None:
+        """Keep a heartbeat's load report (a worker not held yet, still pending, keeps none)."""
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            return
+        if worker.load is None:
+            worker.load = Load()
+        worker.load.reported(report, now)
+
     def _view(self, worker: Worker, now: float) -> WorkerView:
         shown = health.shown_state(worker.health, worker.last_heartbeat, now, self._policy)
+        load = worker.load
+        report = None if load is None else load.report
         return WorkerView(
             worker_id=worker.worker_id,
             worker_url=worker.worker_url,
@@ -1040,6 +1071,8 @@ class CapabilityRegistry:
             state=shown.reported,
             is_healthy=now <= worker.routable_until,
             capabilities=worker.capabilities,
+            load=report,
+            load_reported_at=None if load is None or report is None else load.reported_at,
         )
 
     def _refresh(self, worker: Worker) -> None:

@@ -8,24 +8,31 @@ registry, in O(k) for k members:
 1. the filters, in the settled order, each worker removed by the first
    that rejects it: ``unhealthy`` (not routable at ``now``), ``version``
    (its version is not PEP 440 or not in the specifier set), ``excluded``,
-   ``slo`` (its effective SLO, :func:`effective_slo`: the SLO files', else
-   the declared one, misses a bound or has no value for it), ``budget``
-   (it costs more than ``budget_tokens``, or more than the cheapest
-   candidate left: the cheapest tier is kept);
+   ``slo`` (its effective SLO, :func:`effective_slo`: an observed latency,
+   else the SLO files', else the declared one, misses a bound or has no
+   value for it), ``budget`` (it costs more than ``budget_tokens``, or more
+   than the cheapest candidate left: the cheapest tier is kept), and with
+   ``least_loaded`` only ``at_capacity`` (its reported ``in_flight`` is at
+   least the capability's ``max_concurrency``; removed only while another
+   candidate is not at capacity);
 2. a worker remembered for the ``idempotency_key``, if still a candidate;
 3. else the strategy: ``round_robin`` on the rotation's cursor
    (:meth:`~._rotation.Rotation.next_of`), or ``affinity``, rendezvous
    hashing of ``affinity_key`` (the candidate with the highest
    ``blake2b(key, worker id)`` wins, so when one of n workers leaves only
-   the keys it held, about 1/n, move).
+   the keys it held, about 1/n, move), or ``least_loaded``, power of two
+   choices (:func:`least_loaded`; a route with no other option draws its
+   two from the ring in O(1), :func:`sample_least_loaded`).
 
 The access policy (:mod:`._policy`, asked by the registry for
 ``requester_identity``) decides for the whole pair: when it denies, every
 worker the filters before it left is removed by ``policy``
 (:func:`policy_explanation`) and the route is refused.
 
-``least_loaded`` has no behaviour yet: it is refused with
-:class:`~._errors.NotSupported` naming the field.
+A ``least_loaded`` route counts its hand-out toward the chosen worker's
+load (:class:`~._records.Load`); the next ones read it (as Envoy's
+least-request counts what it handed out; other routes are not counted, so
+the plain path pays nothing).
 """
 
 from __future__ import annotations
@@ -33,15 +40,17 @@ from __future__ import annotations
 import collections
 import functools
 import hashlib
+import random
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
 
-from ._errors import NotSupported, ValidationError
+from ._errors import ValidationError
 from ._models import (
     CapabilityKey,
     CapabilitySchema,
+    HealthPolicy,
     RemovedWorker,
     RouteExplanation,
     RouteRequest,
@@ -55,7 +64,7 @@ from ._models import (
     parse_specifier,
     parse_version,
 )
-from ._records import Member, Worker
+from ._records import Load, Member, Worker
 from ._rotation import Rotation
 from ._slos import ServiceLevels
 
@@ -65,7 +74,9 @@ __all__ = [
     "RoutingSettings",
     "choose",
     "effective_slo",
+    "least_loaded",
     "policy_explanation",
+    "sample_least_loaded",
     "rendezvous_weight",
     "rendezvous_weights",
 ]
@@ -141,11 +152,6 @@ class RouteOptions:
             idempotency_key=request.idempotency_key,
             requester_identity=request.requester_identity,
         )
-
-    def check_supported(self) -> None:
-        """Raise :class:`NotSupported` for an option that has no behaviour yet."""
-        if self.strategy == "least_loaded":
-            raise NotSupported("strategy")
 
 
 def _positive_seconds(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
@@ -223,22 +229,35 @@ def effective_slo(
     worker: Worker,
     capability: CapabilitySchema,
     files: Sequence[ServiceLevels.Rule] = (),
+    *,
+    now: float,
+    fresh_for: float,
 ) -> Mapping[str, float]:
     """The SLO a worker offers for one capability: what ``slo_constraints`` is checked against.
 
-    ``files``: the SLO files of the capability's ``(verb, name)``
-    (:meth:`ServiceLevels.of <crank_registry.ServiceLevels.of>`, looked up
-    once per route). Key by key, the first source that has a value wins
-    (DESIGN, "SLO precedence"): the SLO file, then the capability's
-    declared ``slo``. The file is the first (by name) whose ``version``
-    set, if it has one, contains the capability's version; a version that
-    is not PEP 440 (an older journal's) is in no set.
+    Per key, the first source that has a value wins (DESIGN, "SLO
+    precedence"): the value observed in a load report younger than
+    ``fresh_for`` (the registry's ``unhealthy_after``; only
+    ``latency_p95_ms`` is observed), else the SLO file, else the
+    capability's declared ``slo``. ``files``: the SLO files of the
+    capability's ``(verb, name)`` (:meth:`ServiceLevels.of
+    <crank_registry.ServiceLevels.of>`, looked up once per route); the file
+    is the first (by name) whose ``version`` set, if it has one, contains
+    the capability's version; a version that is not PEP 440 (an older
+    journal's) is in no set.
     """
-    declared = capability.slo or {}
+    offered: Mapping[str, float] = capability.slo or {}
     for version, values in files:
         if version is None or _version_matches(version, capability.version):
-            return {**declared, **values}
-    return declared
+            offered = {**offered, **values}
+            break
+    load = worker.load
+    if load is None:  # most workers of most routes
+        return offered
+    report = load.report
+    if report is None or report.latency_p95_ms is None or now - load.reported_at >= fresh_for:
+        return offered
+    return {**offered, "latency_p95_ms": report.latency_p95_ms}
 
 
 def rendezvous_weights(key: str) -> Callable[[str], bytes]:
@@ -306,6 +325,7 @@ def _filter(
     options: RouteOptions,
     now: float,
     slo_files: Sequence[ServiceLevels.Rule],
+    fresh_for: float,
 ) -> tuple[list[Member], dict[str, str]]:
     """The candidates, and for each other worker the first rule that removed it.
 
@@ -331,7 +351,8 @@ def _filter(
         else:
             capability = _capability_of(member)
             if bounds is not None and _misses_slo(
-                effective_slo(member.worker, capability, slo_files), bounds
+                effective_slo(member.worker, capability, slo_files, now=now, fresh_for=fresh_for),
+                bounds,
             ):
                 reasons[worker_id] = "slo"
                 continue
@@ -363,7 +384,7 @@ def policy_explanation(rotation: Rotation, options: RouteOptions, now: float) ->
     """
     everyone = rotation.everyone()
     before = attrs.evolve(options, slo_constraints=None, budget_tokens=None)
-    _, reasons = _filter(everyone, before, now, ())  # no SLO asked: no files needed
+    _, reasons = _filter(everyone, before, now, (), 0.0)  # no SLO asked: no files, no reports
     return RouteExplanation(
         strategy=options.strategy or _DEFAULT_STRATEGY,
         candidates=(),
@@ -377,11 +398,123 @@ def policy_explanation(rotation: Rotation, options: RouteOptions, now: float) ->
     )
 
 
-def _pick(rotation: Rotation, candidates: Sequence[Member], options: RouteOptions) -> Member | None:
+def _at_capacity(member: Member) -> bool:
+    load = member.worker.load
+    if load is None:
+        return False
+    report = load.report
+    if report is None or report.in_flight is None:
+        return False
+    return report.in_flight >= _capability_of(member).max_concurrency
+
+
+def _drop_at_capacity(candidates: list[Member], reasons: dict[str, str]) -> list[Member]:
+    """The candidates not at capacity (the others removed as ``at_capacity``); all if none is."""
+    free: list[Member] = []
+    full: list[Member] = []
+    for member in candidates:
+        (full if _at_capacity(member) else free).append(member)
+    if not full or not free:
+        return candidates
+    for member in full:
+        reasons[member.worker.worker_id] = "at_capacity"
+    return free
+
+
+def least_loaded(
+    candidates: Sequence[Member], rng: random.Random, *, now: float, interval: float
+) -> Member | None:
+    """Power of two choices: of two candidates drawn with ``rng``, the less loaded.
+
+    Load is the reported ``in_flight`` plus routes handed out since
+    (:meth:`~._records.Load.estimate`; ``interval``, the heartbeat
+    interval, fades hand-outs without a count to start from). A tie goes
+    to the smaller worker id, whichever was drawn first.
+    """
+    count = len(candidates)
+    if count <= 1:
+        return candidates[0] if candidates else None
+    # int(random() * n): uniform over the candidates, cheaper than randrange.
+    first = int(rng.random() * count)
+    second = int(rng.random() * (count - 1))
+    if second >= first:
+        second += 1  # two distinct candidates
+    return _less_loaded(candidates[first], candidates[second], now, interval)
+
+
+def _less_loaded(one: Member, other: Member, now: float, interval: float) -> Member:
+    mine = _estimate(one, now, interval)
+    theirs = _estimate(other, now, interval)
+    if mine != theirs:
+        return one if mine < theirs else other
+    return one if one.worker.worker_id < other.worker.worker_id else other
+
+
+#: A route whose only option is ``strategy: least_loaded`` (compared whole, so
+#: that any other option, present or future, takes the full path).
+_BARE_LEAST_LOADED = RouteOptions(strategy="least_loaded")
+#: Draws per candidate before :func:`sample_least_loaded` gives up.
+_DRAWS = 8
+
+
+def sample_least_loaded(
+    rotation: Rotation, rng: random.Random, *, now: float, interval: float
+) -> Member | None:
+    """:func:`least_loaded` in O(1) for a route with no other option; ``None``: take the full path.
+
+    Draws ring slots until two distinct members are candidates (routable at
+    ``now``, not at capacity), each draw uniform, so each of the two is
+    uniform among the candidates as the full path's are. Members out of
+    the ring are not routable. When draws keep missing (fewer than two
+    candidates not at capacity, or mostly holes) the caller filters the
+    members instead.
+    """
+    ring = rotation.ring
+    size = len(ring)
+    if rotation.live < 2:
+        return None
+    draw = rng.random  # int(random() * size): uniform over slots, cheaper than randrange
+    first: Member | None = None
+    for _ in range(_DRAWS):
+        member = ring[int(draw() * size)]
+        if member is None or member is first or now > member.worker.routable_until:
+            continue
+        if _at_capacity(member):
+            continue
+        if first is None:
+            first = member
+            continue
+        return _less_loaded(first, member, now, interval)
+    return None
+
+
+def _estimate(member: Member, now: float, interval: float) -> int:
+    load = member.worker.load
+    return 0 if load is None else load.estimate(now, interval)
+
+
+def _hand_out(member: Member, now: float, interval: float) -> None:
+    worker = member.worker
+    if worker.load is None:
+        worker.load = Load()
+    worker.load.hand_out(now, interval)
+
+
+def _pick(
+    rotation: Rotation,
+    candidates: Sequence[Member],
+    options: RouteOptions,
+    *,
+    now: float,
+    rng: random.Random,
+    interval: float,
+) -> Member | None:
     if options.strategy == "affinity" and candidates:
         assert options.affinity_key is not None  # RouteOptions checks it
         weight = rendezvous_weights(options.affinity_key)
         return max(candidates, key=lambda member: weight(member.worker.worker_id))
+    if options.strategy == "least_loaded":
+        return least_loaded(candidates, rng, now=now, interval=interval)
     return rotation.next_of(candidates)
 
 
@@ -394,14 +527,28 @@ def choose(
     memory: IdempotencyMemory,
     explain: bool,
     slos: ServiceLevels = NO_SLOS,
+    rng: random.Random,
+    health: HealthPolicy,
 ) -> tuple[Member | None, RouteExplanation | None]:
     """The member to route to under ``options`` (``None``: no candidate), and the explanation.
 
-    ``slos``: the SLO files in effect, for ``slo_constraints``. The
-    explanation is built only when ``explain`` is asked.
+    The explanation is built only when ``explain`` is asked. ``slos``: the
+    SLO files in effect, for ``slo_constraints``. ``rng`` draws
+    ``least_loaded``'s two candidates; ``health`` gives the age beyond
+    which a load report is not an observed SLO (``unhealthy_after``) and
+    the heartbeat interval over which hand-outs fade.
     """
+    interval = health.heartbeat_interval
+    loaded = options.strategy == "least_loaded"
+    if loaded and not explain and options == _BARE_LEAST_LOADED:
+        sampled = sample_least_loaded(rotation, rng, now=now, interval=interval)
+        if sampled is not None:
+            _hand_out(sampled, now, interval)
+            return sampled, None
     everyone = rotation.everyone()
-    candidates, reasons = _filter(everyone, options, now, slos.of(key))
+    candidates, reasons = _filter(everyone, options, now, slos.of(key), health.unhealthy_after)
+    if loaded:
+        candidates = _drop_at_capacity(candidates, reasons)
     chosen: Member | None = None
     remembered_as = None
     if options.idempotency_key is not None:
@@ -410,9 +557,11 @@ def choose(
         if remembered is not None:
             chosen = next((m for m in candidates if m.worker.worker_id == remembered), None)
     if chosen is None:
-        chosen = _pick(rotation, candidates, options)
+        chosen = _pick(rotation, candidates, options, now=now, rng=rng, interval=interval)
         if chosen is not None and remembered_as is not None:
             memory.remember(remembered_as, chosen.worker.worker_id, now)
+    if loaded and chosen is not None:
+        _hand_out(chosen, now, interval)
     if not explain:
         return chosen, None
     explanation = RouteExplanation(

@@ -53,11 +53,19 @@ __all__ = [
     "HeartbeatAnswer",
     "InvocationAnswer",
     "ListingQuery",
+    "PROTOCOL_FEATURES",
     "RegisterAnswer",
     "SlosAnswer",
     "WorkerEntry",
+    "WorkerLoad",
     "WorkersAnswer",
 ]
+
+#: What this controller accepts beyond the base protocol, listed in the
+#: ``/register`` answer (DESIGN, "Formats and upgrades"): a worker sends an
+#: optional field only to a controller that lists its feature.
+#: ``load_reports``: a heartbeat may carry ``load``.
+PROTOCOL_FEATURES: tuple[str, ...] = ("load_reports",)
 
 _WORKER_ID = {JSON_SCHEMA: {"pattern": _WORKER_ID_PATTERN}}
 _COUNT = {JSON_SCHEMA: {"minimum": 0}}
@@ -98,11 +106,25 @@ class HealthAnswer:
 
 @attrs.frozen(kw_only=True)
 class RegisterAnswer:
-    """``POST /register``: registered; heartbeat every ``heartbeat_interval_s`` seconds."""
+    """``POST /register``: registered; heartbeat every ``heartbeat_interval_s`` seconds.
+
+    ``features``: what the controller accepts beyond the base protocol
+    (:data:`PROTOCOL_FEATURES`); absent from an older controller's answer,
+    which is read as none.
+    """
 
     status: Literal["registered"] = "registered"
     worker_id: str = attrs.field(metadata=_WORKER_ID)
     heartbeat_interval_s: float = attrs.field(validator=_positive, metadata=_INTERVAL)
+    features: tuple[str, ...] = attrs.field(
+        default=(),
+        metadata={
+            JSON_SCHEMA: {
+                "description": "What the controller accepts beyond the base protocol, "
+                "e.g. load_reports (a heartbeat may carry load)."
+            }
+        },
+    )
 
 
 @attrs.frozen(kw_only=True)
@@ -243,6 +265,18 @@ class CapabilitiesAnswer:
 
 
 @attrs.frozen(kw_only=True)
+class WorkerLoad:
+    """A worker's latest load report (:class:`~crank_registry.LoadReport`) and when it arrived."""
+
+    in_flight: int | None = attrs.field(default=None, metadata=_COUNT)
+    latency_p95_ms: float | None = attrs.field(default=None, metadata=_COUNT)
+    error_rate: float | None = attrs.field(
+        default=None, metadata={JSON_SCHEMA: {"minimum": 0, "maximum": 1}}
+    )
+    reported_at: str = attrs.field(validator=_iso_time, metadata=_TIME)
+
+
+@attrs.frozen(kw_only=True)
 class WorkerEntry:
     """One worker of ``GET /workers``; ``is_healthy`` means routable now.
 
@@ -257,6 +291,8 @@ class WorkerEntry:
     capabilities: tuple[str, ...] = attrs.field(
         validator=_capability_labels, metadata={JSON_SCHEMA: {"items": {"pattern": ":"}}}
     )
+    #: Absent when the worker has reported no load.
+    load: WorkerLoad | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -309,8 +345,6 @@ class ErrorAnswer:
     detail: tuple[Problem, ...] | None = attrs.field(
         default=None, metadata={JSON_SCHEMA: {"minItems": 1}}
     )
-    #: ``not_supported``: the parameter that has no behaviour yet.
-    field: str | None = None
     #: The worker acted on, or (gateway) the last one tried.
     worker_id: str | None = attrs.field(default=None, metadata=_WORKER_ID)
     #: ``no_worker_available``: what was asked for.
@@ -365,6 +399,7 @@ ANSWER_TYPES: frozenset[type[Any]] = frozenset(
         SlosAnswer,
         WorkerEndpoint,
         WorkerEntry,
+        WorkerLoad,
         WorkersAnswer,
     }
 )

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
+import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -35,6 +36,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from crank_registry import (
+    PROTOCOL_FEATURES,
     BuiltinPolicy,
     CapabilityRegistry,
     DeregisterAnswer,
@@ -332,17 +334,18 @@ class ControllerService:
             RegisterAnswer(
                 worker_id=registration.worker_id,
                 heartbeat_interval_s=self.policy.heartbeat_interval,
+                features=PROTOCOL_FEATURES,
             )
         )
 
     async def heartbeat(self, request: Request) -> Response:
-        """POST /heartbeat: a worker proves it is alive."""
+        """POST /heartbeat: a worker proves it is alive, and may report its load."""
         beat = structure(await self._body(request), HeartbeatRequest)
         annotate(worker_id=beat.worker_id)
         self._authorize(request, beat.worker_id)
         self.effects.check_writable()
         now = self.clock()
-        events = self.registry.decide_heartbeat(beat.worker_id, now=now)
+        events = self.registry.decide_heartbeat(beat.worker_id, now=now, load=beat.load)
         try:
             await self.effects.commit(events)
         except ApiError as error:
@@ -712,7 +715,8 @@ def create_app(
     if clock is None:
         clock = AnchoredClock()
     if registry is None:
-        registry = CapabilityRegistry(config.policy, config.routing)
+        # least_loaded's draws: seeded by the OS, unlike the core's default.
+        registry = CapabilityRegistry(config.policy, config.routing, rng=random.Random())
     service = ControllerService(registry, config, clock)
     app = ServiceApp(
         routes=service.routes(),

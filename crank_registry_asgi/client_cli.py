@@ -245,8 +245,8 @@ def _route_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--strategy",
         choices=ROUTE_STRATEGIES,
-        help="how to choose among the candidates (default round_robin; affinity needs "
-        "--affinity-key)",
+        help="how to choose among the candidates (default round_robin; least_loaded: the "
+        "less loaded of two; affinity needs --affinity-key)",
     )
     parser.add_argument(
         "--affinity-key",

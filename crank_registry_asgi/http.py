@@ -45,7 +45,6 @@ from starlette.types import ASGIApp
 from crank_registry import (
     ErrorAnswer,
     Forbidden,
-    NotSupported,
     PolicyDenied,
     RegistryError,
     UnknownCapability,
@@ -146,8 +145,6 @@ def registry_error_response(error: RegistryError) -> JSONResponse:
     fields: dict[str, Any] = {}
     if isinstance(error, ValidationError):
         fields["detail"] = error.problems
-    elif isinstance(error, NotSupported):
-        fields["field"] = error.field
     elif isinstance(error, (WorkerNotRegistered, Forbidden)):
         fields["worker_id"] = error.worker_id
     elif isinstance(error, UnknownCapability):

@@ -25,6 +25,7 @@ from crank_registry import (
     ListingQuery,
     WorkerCounter,
     WorkerEntry,
+    WorkerLoad,
     WorkersAnswer,
     WorkerView,
     capability_label,
@@ -180,4 +181,17 @@ def entry(view: WorkerView) -> WorkerEntry:
         is_healthy=view.is_healthy,
         state=view.state,
         capabilities=tuple(capability_label(c.key) for c in view.capabilities),
+        load=_load(view),
+    )
+
+
+def _load(view: WorkerView) -> WorkerLoad | None:
+    report = view.load
+    if report is None or view.load_reported_at is None:
+        return None
+    return WorkerLoad(
+        in_flight=report.in_flight,
+        latency_p95_ms=report.latency_p95_ms,
+        error_rate=report.error_rate,
+        reported_at=iso_utc(view.load_reported_at),
     )

@@ -48,7 +48,6 @@ from crank_registry import (
 __all__ = [
     "BODY_ERRORS",
     "ERRORS",
-    "NOT_SUPPORTED_YET",
     "OPERATIONS",
     "ROUTE_PATHS",
     "ErrorCode",
@@ -66,10 +65,6 @@ __all__ = [
     "ref",
     "type_schema",
 ]
-
-#: Route parameters answered 422 ``not_supported``: ``requester_identity`` when
-#: set, ``strategy`` when it is ``least_loaded``.
-NOT_SUPPORTED_YET = ("requester_identity", "strategy")
 
 
 @attrs.frozen
@@ -100,11 +95,6 @@ ERRORS: Mapping[str, ErrorCode] = {
         "The body is JSON but not the model, or a query parameter is invalid; "
         "every problem listed.",
         ("detail",),
-    ),
-    "not_supported": ErrorCode(
-        422,
-        "The body sets an optional parameter that has no behaviour yet (strategy least_loaded).",
-        ("field",),
     ),
     "forbidden": ErrorCode(
         403,
@@ -206,7 +196,8 @@ OPERATIONS: tuple[Operation, ...] = (
         "register",
         "Register a worker, or replace its URL and capabilities",
         RegisterAnswer,
-        "Registered; heartbeat every heartbeat_interval_s.",
+        "Registered; heartbeat every heartbeat_interval_s; features lists what the "
+        "controller accepts beyond the base protocol (load_reports: a heartbeat's load).",
         Registration,
         _WORKER_WRITE,
     ),
@@ -214,7 +205,7 @@ OPERATIONS: tuple[Operation, ...] = (
         "POST",
         "/heartbeat",
         "heartbeat",
-        "Heartbeat: the worker is alive",
+        "Heartbeat: the worker is alive, and optionally its load",
         HeartbeatAnswer,
         "Acknowledged.",
         HeartbeatRequest,
@@ -240,7 +231,6 @@ OPERATIONS: tuple[Operation, ...] = (
         RouteRequest,
         (
             *BODY_ERRORS,
-            "not_supported",
             "forbidden",
             "policy_denied",
             "unknown_capability",

@@ -25,7 +25,7 @@ trace context; without it, none does. Two public modules beside:
   errors that name the file; shared with the controller.
 """
 
-from ._agent import AgentState, AgentStatus, WorkerAgent
+from ._agent import AgentState, AgentStatus, LoadSource, WorkerAgent
 from ._client import (
     ControllerClient,
     ControllerHealth,
@@ -50,6 +50,7 @@ from ._exceptions import (
     WorkerNotRegisteredError,
 )
 from ._lifespan import AgentLifespanMiddleware, agent_lifespan
+from ._load import LoadMeter
 from ._schedule import (
     MAX_JITTER_FRACTION,
     RETRY_BASE_FRACTION,
@@ -77,6 +78,8 @@ __all__ = [
     "ForbiddenError",
     "HeartbeatAck",
     "InvalidRequest",
+    "LoadMeter",
+    "LoadSource",
     "NoWorkerAvailable",
     "Outcome",
     "RegistrationAck",

@@ -26,7 +26,7 @@ import anyio
 import anyio.abc
 import httpx
 
-from crank_registry import CapabilitySchema, Registration, ValidationError, iso_utc
+from crank_registry import CapabilitySchema, LoadReport, Registration, ValidationError, iso_utc
 
 from ._client import ControllerClient
 from ._config import TLSConfig, is_positive_seconds
@@ -36,15 +36,23 @@ from ._exceptions import (
     ConfigurationError,
     ControllerError,
     ControllerUnavailable,
+    InvalidRequest,
     RegistrationFailed,
     WorkerNotRegisteredError,
 )
 from ._schedule import Outcome, next_heartbeat_delay, registration_backoff
 from .certificates import DEFAULT_EXPIRY_WARNING, DEFAULT_WATCH_INTERVAL, CertificateFiles
 
-__all__ = ["AgentState", "AgentStatus", "WorkerAgent"]
+__all__ = ["AgentState", "AgentStatus", "LoadSource", "WorkerAgent"]
 
 logger = logging.getLogger("crank_worker_client")
+
+#: What the agent asks for the worker's load before each heartbeat: a
+#: :class:`~crank_registry.LoadReport`, or ``None`` for nothing to report.
+LoadSource = Callable[[], LoadReport | None]
+
+#: The controller feature that lets a heartbeat carry ``load``.
+_LOAD_REPORTS = "load_reports"
 
 
 class AgentState(enum.Enum):
@@ -160,6 +168,13 @@ class WorkerAgent:
     worker's certificate expires within ``certificate_expiry_warning``
     seconds (7 days).
 
+    ``load`` is called before each heartbeat for the worker's load
+    (:data:`LoadSource`), which the heartbeat carries to a controller whose
+    registration answer lists ``load_reports`` (never to an older one). An
+    :func:`~crank_worker_client.serving.invocation_app` given this agent
+    sets it to its own meter when it is ``None``; a source that raises or
+    returns something else is logged, and the heartbeat goes without load.
+
     ``rng`` drives every jitter (default: a fresh ``random.Random()``);
     ``clock`` gives the wall-clock times shown in :attr:`status`;
     ``transport`` replaces httpx's network transport. Works under asyncio
@@ -186,6 +201,7 @@ class WorkerAgent:
         transport: httpx.AsyncBaseTransport | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
+        load: LoadSource | None = None,
     ) -> None:
         _check_duration("registration_deadline", registration_deadline, optional=True)
         _check_duration("registration_backoff_base", registration_backoff_base)
@@ -212,6 +228,8 @@ class WorkerAgent:
         self._request_timeout = request_timeout
         self._rng = rng if rng is not None else random.Random()
         self._clock = clock
+        #: Where the heartbeats' load comes from (``None``: they carry none).
+        self.load = load
         self._task_group: anyio.abc.TaskGroup | None = None
         self._running = False
         self._reset()
@@ -219,6 +237,8 @@ class WorkerAgent:
     def _reset(self) -> None:
         self._state = AgentState.STOPPED
         self._interval: float | None = None
+        self._features: frozenset[str] = frozenset()
+        self._load_failing = False
         self._needs_registration = False
         self._registered_at: float | None = None
         self._last_ack_at: float | None = None
@@ -455,15 +475,56 @@ class WorkerAgent:
         ack = await self._client.register(self._registration, timeout=self._exchange_timeout())
         now = self._clock()
         self._interval = ack.heartbeat_interval
+        self._features = frozenset(ack.features)
         self._registered_at = now
         self._registrations += 1
         self._needs_registration = False
         self._acknowledged(now)
 
     async def _heartbeat_once(self) -> None:
-        ack = await self._client.heartbeat(self.worker_id, timeout=self._exchange_timeout())
+        load = self._load_report()
+        try:
+            ack = await self._client.heartbeat(
+                self.worker_id, timeout=self._exchange_timeout(), load=load
+            )
+        except InvalidRequest as error:
+            if load is None or not any(p.path.startswith("load") for p in error.problems):
+                raise
+            # A controller that listed the feature and refuses the field (an
+            # older one took its place): no more load until it lists it again.
+            logger.warning(
+                "worker %s: controller %s refuses load reports (%s); heartbeats go without "
+                "load until a registration lists load_reports again",
+                self.worker_id,
+                self.controller_url,
+                error,
+            )
+            self._features = self._features - {_LOAD_REPORTS}
+            ack = await self._client.heartbeat(self.worker_id, timeout=self._exchange_timeout())
         self._interval = ack.heartbeat_interval
         self._acknowledged(self._clock())
+
+    def _load_report(self) -> LoadReport | None:
+        """The load to send: ``None`` without a source or the controller's feature."""
+        source = self.load
+        if source is None or _LOAD_REPORTS not in self._features:
+            return None
+        try:
+            report = source()
+            if report is not None and not isinstance(report, LoadReport):
+                raise TypeError(f"returned {type(report).__name__}, not a LoadReport")
+        except Exception as error:
+            # The worker keeps its heartbeats; the failure is logged once until it recovers.
+            if not self._load_failing:
+                logger.warning(
+                    "worker %s: the load source failed (%s); heartbeats go without load",
+                    self.worker_id,
+                    error,
+                )
+            self._load_failing = True
+            return None
+        self._load_failing = False
+        return report
 
     def _acknowledged(self, now: float) -> None:
         if self._failures:

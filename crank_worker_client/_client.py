@@ -39,11 +39,13 @@ from crank_registry import (
     HealthAnswer,
     HealthState,
     HeartbeatAnswer,
+    LoadReport,
     RegisterAnswer,
     Registration,
     RouteExplanation,
     ValidationError,
     WorkerEndpoint,
+    WorkerLoad,
     WorkersAnswer,
     parse_capability_label,
     structure,
@@ -92,6 +94,9 @@ class RegistrationAck:
 
     worker_id: str
     heartbeat_interval: float
+    #: What the controller accepts beyond the base protocol (``load_reports``...);
+    #: empty from a controller older than the list.
+    features: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -119,7 +124,7 @@ class WorkerInfo:
     """One entry of ``GET /workers``, read from the core's :class:`~crank_registry.WorkerEntry`.
 
     ``is_healthy`` means routable now; ``capabilities`` are ``(verb, name)``
-    pairs.
+    pairs; ``load`` its latest load report (``None``: it sent none).
     """
 
     worker_id: str
@@ -128,6 +133,7 @@ class WorkerInfo:
     is_healthy: bool
     state: HealthState
     capabilities: tuple[CapabilityKey, ...]
+    load: WorkerLoad | None = None
 
 
 class ControllerClient:
@@ -252,11 +258,11 @@ class ControllerClient:
         ``version`` a PEP 440 specifier set (``">=1.2,<2"``), ``exclude``
         worker ids not to return, ``slo_constraints``
         (``{"latency_p95_ms": 100, "availability": 0.99}``), ``budget_tokens``,
-        ``strategy`` (``"round_robin"`` or ``"affinity"`` with
-        ``affinity_key``), ``idempotency_key``, ``requester_identity`` (the
-        SPIFFE ID to route for, accepted only from a ``--trusted-gateway``
-        identity). With ``explain`` the endpoint's ``explain`` says why each
-        worker was or was not a candidate.
+        ``strategy`` (``"round_robin"``, ``"least_loaded"``, or ``"affinity"``
+        with ``affinity_key``), ``idempotency_key``, ``requester_identity``
+        (the SPIFFE ID to route for, accepted only from a
+        ``--trusted-gateway`` identity). With ``explain`` the endpoint's
+        ``explain`` says why each worker was or was not a candidate.
 
         Raises :class:`NoWorkerAvailable` (with the controller's
         ``retry_after``, and its ``explain`` when asked) when workers offer
@@ -266,9 +272,7 @@ class ControllerClient:
         (with the ``reason``) when the access policy does not let this
         caller route there, and :class:`ForbiddenError` for a
         ``requester_identity`` from a caller that is not a trusted gateway.
-        An invalid option is :class:`InvalidRequest` naming it; one that has
-        no behaviour yet (``strategy="least_loaded"``) answers
-        ``not_supported`` (:class:`InvalidRequest` too).
+        An invalid option is :class:`InvalidRequest` naming it.
         """
         if isinstance(exclude, str):
             raise TypeError("exclude: a collection of worker ids, not one string")
@@ -329,6 +333,7 @@ class ControllerClient:
                 is_healthy=entry.is_healthy,
                 state=entry.state,
                 capabilities=tuple(parse_capability_label(label) for label in entry.capabilities),
+                load=entry.load,
             )
             for page in pages
             for entry in page.workers
@@ -350,11 +355,19 @@ class ControllerClient:
         """
         body = unstructure(registration)
         answer = await self._call("POST", "/register", RegisterAnswer, body, timeout)
-        return RegistrationAck(answer.worker_id, answer.heartbeat_interval_s)
+        return RegistrationAck(answer.worker_id, answer.heartbeat_interval_s, answer.features)
 
-    async def heartbeat(self, worker_id: str, *, timeout: float | None = None) -> HeartbeatAck:
-        """``POST /heartbeat``; :class:`WorkerNotRegisteredError` means register again."""
-        body = {"worker_id": worker_id}
+    async def heartbeat(
+        self, worker_id: str, *, timeout: float | None = None, load: LoadReport | None = None
+    ) -> HeartbeatAck:
+        """``POST /heartbeat``; :class:`WorkerNotRegisteredError` means register again.
+
+        ``load``: the worker's load, for a controller that lists the
+        ``load_reports`` feature (an older one refuses the field).
+        """
+        body: dict[str, Any] = {"worker_id": worker_id}
+        if load is not None:
+            body["load"] = unstructure(load)
         answer = await self._call("POST", "/heartbeat", HeartbeatAnswer, body, timeout)
         return HeartbeatAck(datetime.fromisoformat(answer.timestamp), answer.heartbeat_interval_s)
 

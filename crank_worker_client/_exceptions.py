@@ -12,7 +12,7 @@ One root, :class:`ClientError`; what went wrong decides the branch::
     │   ├── PolicyDenied            403 policy_denied: the access policy refuses it (.reason)
     │   ├── WorkerNotRegisteredError  404 worker_not_registered
     │   ├── ForbiddenError          403 forbidden (the mTLS identity is not this worker)
-    │   ├── InvalidRequest          400/413/415/422: invalid_request, not_supported, ... (.problems)
+    │   ├── InvalidRequest          400/413/415/422: invalid_request, ... (.problems)
     │   └── UnexpectedResponse      an answer outside the protocol (wrong URL, bad body)
     └── RegistrationFailed          the agent could not register at start-up (deadline or refusal)
 

@@ -66,6 +66,16 @@ handlers instead. Results are not checked against ``output_schema``.
 
 With the ``tracing`` extra installed, each invocation runs in a server
 span whose parent is the caller's W3C ``traceparent``.
+
+Every invocation is metered (:attr:`InvocationApp.load`, a
+:class:`~crank_worker_client.LoadMeter`): calls in flight (from the accepted
+body, waiting for a concurrency slot included), and over the last minute
+the p95 latency and the share that failed (a 5xx answer: the handler
+raised, or its :class:`InvocationError` has a 5xx status, or a stream
+ended with an error line). A :class:`~crank_worker_client.WorkerAgent`
+given as ``agent`` sends that load in its heartbeats, unless it was built
+with a ``load`` source of its own; an agent run apart from the app takes
+``load=app.load.report``.
 """
 
 from __future__ import annotations
@@ -96,7 +106,9 @@ from crank_registry import (
     invocation_path,
 )
 
+from ._agent import WorkerAgent
 from ._lifespan import AgentLifespanMiddleware
+from ._load import Call, LoadMeter
 from ._payload import JsonSchemaError, PayloadSchema
 from ._tracing import invocation_span
 from .body import (
@@ -180,7 +192,10 @@ class InvocationApp:
     not async, and :class:`JsonSchemaError` (a ``ValueError`` too) for an
     ``input_schema`` that is not a valid JSON Schema while
     ``validate_input`` is true. ``read_timeout``: seconds a request body
-    may take to arrive whole (later: 408 ``request_timeout``).
+    may take to arrive whole (later: 408 ``request_timeout``). ``load``:
+    the meter of the invocations (a new :class:`LoadMeter` by default);
+    a :class:`WorkerAgent` as ``agent`` reports it unless it has a load
+    source already.
     """
 
     def __init__(
@@ -193,6 +208,7 @@ class InvocationApp:
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
         health: Callable[[], Mapping[str, Any]] | None = None,
         read_timeout: float = READ_TIMEOUT,
+        load: LoadMeter | None = None,
     ) -> None:
         if not isinstance(max_body_size, int) or max_body_size < 1:
             raise ValueError(f"max_body_size must be an integer >= 1, got {max_body_size!r}")
@@ -230,6 +246,9 @@ class InvocationApp:
         self._max_body_size = max_body_size
         self._read_timeout = float(read_timeout)
         self._health = health
+        self.load = load if load is not None else LoadMeter()
+        if isinstance(agent, WorkerAgent) and agent.load is None:
+            agent.load = self.load.report
         app: ASGIApp = DrainRequestBody(self._serve, limit=max_body_size)
         self._app = app if agent is None else AgentLifespanMiddleware(app, agent)
 
@@ -347,28 +366,32 @@ class InvocationApp:
                 return
         if capability.limiter is None:
             capability.limiter = anyio.CapacityLimiter(capability.schema.max_concurrency)
-        async with capability.limiter:
-            with invocation_span(headers, key[0], key[1]):
-                if capability.streaming:
-                    await self._stream(capability, payload, send)
-                else:
-                    await self._call(capability, payload, send)
+        with self.load.call() as call:
+            async with capability.limiter:
+                with invocation_span(headers, key[0], key[1]):
+                    if capability.streaming:
+                        await self._stream(capability, payload, send, call)
+                    else:
+                        await self._call(capability, payload, send, call)
 
-    async def _call(self, capability: _Capability, payload: Any, send: Send) -> None:
+    async def _call(self, capability: _Capability, payload: Any, send: Send, call: Call) -> None:
         label = capability_label(capability.schema.key)
         try:
             result = await capability.handler(payload)  # type: ignore[misc]
             body = _dumps({"result": result})
         except InvocationError as error:
+            if error.status >= 500:
+                call.fail()
             await _error(send, error.status, error.code, error.message)
             return
         except Exception:
+            call.fail()
             logger.exception("handler of %s failed", label)
             await _error(send, 500, "handler_failed", f"the handler of {label!r} failed")
             return
         await _send(send, 200, "application/json", body)
 
-    async def _stream(self, capability: _Capability, payload: Any, send: Send) -> None:
+    async def _stream(self, capability: _Capability, payload: Any, send: Send, call: Call) -> None:
         label = capability_label(capability.schema.key)
         stream: AsyncIterator[Any] = capability.handler(payload)  # type: ignore[assignment]
         try:
@@ -379,9 +402,12 @@ class InvocationApp:
             except StopAsyncIteration:
                 first = b""
             except InvocationError as error:
+                if error.status >= 500:
+                    call.fail()
                 await _error(send, error.status, error.code, error.message)
                 return
             except Exception:
+                call.fail()
                 logger.exception("handler of %s failed", label)
                 await _error(send, 500, "handler_failed", f"the handler of {label!r} failed")
                 return
@@ -399,10 +425,12 @@ class InvocationApp:
                 except StopAsyncIteration:
                     break
                 except InvocationError as error:
+                    call.fail()
                     line = _dumps_line({"error": error.code, "message": error.message})
                     await send({"type": "http.response.body", "body": line, "more_body": True})
                     break
                 except Exception:
+                    call.fail()
                     logger.exception("handler of %s failed mid-stream", label)
                     line = _dumps_line(
                         {"error": "handler_failed", "message": f"the handler of {label!r} failed"}

@@ -242,6 +242,8 @@ async def serve(
         insecure=settings.insecure,
     )
     app = invocation_app(handlers, capabilities, health=lambda: {"agent": agent.status.as_dict()})
+    # The agent runs around the server (not in its lifespan): it reports the app's load.
+    agent.load = app.load.report
     # Hypercorn takes over the descriptor; detach so that this object does not close it.
     config = server_config(settings, sock.detach(), shutdown_grace=shutdown_grace)
     log = logging.getLogger("examples.workers")

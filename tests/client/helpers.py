@@ -18,6 +18,7 @@ import httpx
 from crank_registry import (
     CapabilityRegistry,
     HealthPolicy,
+    HeartbeatRequest,
     Registration,
     UnknownCapability,
     ValidationError,
@@ -92,11 +93,14 @@ class FakeController:
     ``"down"`` (connection refused), ``"error"`` (500), ``"hang"`` (never
     answers), ``"refuse"`` (422 ``invalid_request``). :meth:`restart`
     forgets every worker, as a controller restarted without its journal
-    does. Time is ``anyio.current_time()``.
+    does. Time is ``anyio.current_time()``. ``features`` is what its
+    registration answer lists (none: a controller older than the list,
+    which refuses a heartbeat's ``load`` as an unknown field).
     """
 
-    def __init__(self, interval: float = 1.0) -> None:
+    def __init__(self, interval: float = 1.0, *, features: tuple[str, ...] = ()) -> None:
         self.policy = HealthPolicy(interval, 2 * interval, 4 * interval)
+        self.features = features
         self.registry = CapabilityRegistry(self.policy)
         self.fault: str | None = None
         self.faults: dict[str, str] = {}
@@ -147,16 +151,19 @@ class FakeController:
                 registration.capabilities,
                 now=now,
             )
-            return httpx.Response(
-                200,
-                json={
-                    "status": "registered",
-                    "worker_id": registration.worker_id,
-                    "heartbeat_interval_s": interval,
-                },
-            )
+            answer = {
+                "status": "registered",
+                "worker_id": registration.worker_id,
+                "heartbeat_interval_s": interval,
+            }
+            if self.features:
+                answer["features"] = list(self.features)
+            return httpx.Response(200, json=answer)
         if path == "/heartbeat":
-            self.registry.heartbeat(body["worker_id"], now=now)
+            if "load_reports" not in self.features and "load" in body:
+                raise ValidationError.single("load", "unknown field")
+            beat = structure(body, HeartbeatRequest)
+            self.registry.heartbeat(beat.worker_id, now=now, load=beat.load)
             return httpx.Response(
                 200,
                 json={

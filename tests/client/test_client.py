@@ -246,12 +246,6 @@ async def test_retry_after_accepts_seconds_and_http_dates() -> None:
             "worker_not_registered",
         ),
         (403, {"error": "forbidden"}, ForbiddenError, "forbidden"),
-        (
-            422,
-            {"error": "not_supported", "field": "requester_identity"},
-            InvalidRequest,
-            "not_supported",
-        ),
         (415, {"error": "unsupported_media_type"}, InvalidRequest, "unsupported_media_type"),
         (400, {"error": "invalid_json"}, InvalidRequest, "invalid_json"),
         (413, {"error": "request_too_large"}, InvalidRequest, "request_too_large"),

@@ -24,6 +24,7 @@ from crank_registry import (
     HealthState,
     HeartbeatReceived,
     HeartbeatRequest,
+    LoadReport,
     Problem,
     Registration,
     RouteRequest,
@@ -173,6 +174,12 @@ route_requests = st.builds(
 policies = st.tuples(st.floats(0.001, 1e6), st.floats(0.001, 1e6), st.floats(0.001, 1e6)).map(
     lambda t: HealthPolicy(*sorted(t))
 )
+load_reports = st.builds(
+    LoadReport,
+    in_flight=optional(st.integers(0, 2**40)),
+    latency_p95_ms=optional(st.floats(min_value=0, max_value=1e9)),
+    error_rate=optional(st.floats(min_value=0, max_value=1)),
+)
 views = st.builds(
     WorkerView,
     worker_ids,
@@ -181,6 +188,8 @@ views = st.builds(
     st.sampled_from(HealthState),
     st.booleans(),
     capability_tuples,
+    optional(load_reports),
+    optional(timestamps),
 )
 capability_views = st.builds(
     CapabilityView,
@@ -214,7 +223,8 @@ MODEL_STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
     HealthPolicy: policies,
     WorkerView: views,
     CapabilityView: capability_views,
-    HeartbeatRequest: st.builds(HeartbeatRequest, worker_ids),
+    HeartbeatRequest: st.builds(HeartbeatRequest, worker_ids, load=optional(load_reports)),
+    LoadReport: load_reports,
     DeregisterRequest: st.builds(DeregisterRequest, worker_ids),
     Problem: st.builds(Problem, st.text(max_size=10), st.text(max_size=10)),
     ServiceLevel: service_levels,
@@ -313,6 +323,7 @@ TARGETS = [
     Registration,
     RouteRequest,
     HeartbeatRequest,
+    LoadReport,
     DeregisterRequest,
     CapabilitySchema,
     WorkerRecord,

@@ -18,8 +18,6 @@ from crank_registry import (
     HealthPolicy,
     HealthState,
     HeartbeatReceived,
-    NotSupported,
-    RouteOptions,
     UnknownCapability,
     ValidationError,
     WorkerDeregistered,
@@ -323,24 +321,6 @@ def test_route_returns_the_matched_capability_version() -> None:
     )
     assert registry.route("classify", "a", now=T0) == WorkerEndpoint("w1", "https://w1:1", "1.2.3")
     assert registry.route("classify", "b", now=T0) == WorkerEndpoint("w1", "https://w1:1", "1.0.0")
-
-
-@pytest.mark.parametrize(
-    ("field", "options"),
-    [
-        ("strategy", RouteOptions(strategy="least_loaded")),
-    ],
-)
-def test_route_options_without_behaviour_are_not_supported(
-    field: str, options: RouteOptions
-) -> None:
-    registry = registry_with("w1")
-    with pytest.raises(NotSupported) as caught:
-        registry.route(*KEY, now=T0, options=options)
-    assert caught.value.field == field
-    assert (caught.value.code, caught.value.status_hint) == ("not_supported", 422)
-    assert field in str(caught.value)
-    assert routes(registry, 2, now=T0) == ["w1", "w1"]
 
 
 def test_many_silent_workers_leave_the_ring_and_it_stays_compact() -> None:

@@ -32,8 +32,8 @@ def offered(capability: CapabilitySchema, slos: ServiceLevels | None = None) -> 
     """The effective SLO of a healthy worker offering ``capability`` under the files ``slos``."""
     worker = Worker("w1", "https://w1:8443", (capability,), Health.HEALTHY, T0, 0)
     if slos is None:
-        return dict(effective_slo(worker, capability))
-    return dict(effective_slo(worker, capability, slos.of(capability.key)))
+        return dict(effective_slo(worker, capability, now=T0, fresh_for=60.0))
+    return dict(effective_slo(worker, capability, slos.of(capability.key), now=T0, fresh_for=60.0))
 
 
 def test_a_file_beats_the_declared_slo_key_by_key() -> None:

@@ -37,13 +37,13 @@ def test_an_answer_is_read_with_unknown_fields_ignored_a_request_is_not() -> Non
         "is_healthy": True,
         "state": "healthy",
         "capabilities": ["classify:image.classify"],
-        "load": 0.5,
+        "queue_depth": 0.5,
     }
     body = {"workers": [entry], "total_workers": 1, "healthy_workers": 1, "next": None}
     answer = structure(body, WorkersAnswer)
     assert answer.workers[0].state is HealthState.HEALTHY
-    with pytest.raises(ValidationError, match="load: unknown field"):
-        structure({"worker_id": "w1", "load": 0.5}, HeartbeatRequest)
+    with pytest.raises(ValidationError, match="queue_depth: unknown field"):
+        structure({"worker_id": "w1", "queue_depth": 0.5}, HeartbeatRequest)
     assert WorkersAnswer in ANSWER_TYPES and HeartbeatRequest not in ANSWER_TYPES
 
 

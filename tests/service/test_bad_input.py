@@ -231,8 +231,6 @@ CASES = [
         403,
         "forbidden",
     ),
-    # Route options with valid values that have no behaviour yet: refused by name.
-    Case("route least_loaded", "/route", route(strategy="least_loaded"), 422, "not_supported"),
     # Paths and methods.
     Case("POST /health", "/health", b"{}", 405, "method_not_allowed"),
     Case("GET /register", "/register", b"", 405, "method_not_allowed", method="GET"),

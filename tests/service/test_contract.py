@@ -51,6 +51,7 @@ async def test_register_answers_and_lists() -> None:
             "status": "registered",
             "worker_id": "w1",
             "heartbeat_interval_s": 30.0,
+            "features": ["load_reports"],
         }
         workers = await api.workers()
         assert workers == {
@@ -307,23 +308,6 @@ async def test_capabilities_one_entry_per_version() -> None:
             ("embed", "text.embed", "1.0.0", ["w3"]),
         ]
         assert (body["total_workers"], body["healthy_workers"]) == (3, 3)
-
-
-@pytest.mark.parametrize(
-    ("field", "value"),
-    [("strategy", "least_loaded")],
-)
-async def test_route_options_without_behaviour_are_not_supported(field: str, value: Any) -> None:
-    async with running() as api:
-        await api.register("w1")
-        body = {"verb": "classify", "capability": "image.classify", field: value}
-        response = await api.post("/route", body)
-        assert response.status_code == 422
-        assert response.json()["error"] == "not_supported"
-        assert response.json()["field"] == field
-        # null is "not set": routes normally.
-        response = await api.post("/route", {**body, field: None})
-        assert response.status_code == 200
 
 
 @pytest.mark.parametrize(

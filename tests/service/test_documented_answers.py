@@ -74,9 +74,12 @@ async def _answers(state_dir: Path) -> list[tuple[str, str, httpx.Response]]:
         await send(api, "POST", "/route", json=route)  # unknown_capability
         await send(api, "POST", "/register", json=registration_payload("w1"))
         await send(api, "POST", "/heartbeat", json={"worker_id": "w1"})
+        load = {"in_flight": 2, "latency_p95_ms": 40.5, "error_rate": 0.01}
+        await send(api, "POST", "/heartbeat", json={"worker_id": "w1", "load": load})
         await send(api, "POST", "/route", json=route)
-        least_loaded = {**route, "strategy": "least_loaded"}
-        await send(api, "POST", "/route", json=least_loaded)  # not_supported
+        await send(api, "POST", "/route", json={**route, "strategy": "least_loaded"})
+        asking_as = {**route, "requester_identity": "spiffe://crank.local/caller"}
+        await send(api, "POST", "/route", json=asking_as)  # forbidden: not a trusted gateway
         explained = {**route, "version": ">=1.2,<2", "budget_tokens": 5, "explain": True}
         await send(api, "POST", "/route", json=explained)  # no_worker_available, explained
         await send(api, "POST", "/route", json={**route, "explain": True})

@@ -3,9 +3,9 @@
 Every answer must be documented for its operation (status, content type,
 headers) and its body must validate against the documented schema; no 500.
 Requests that the document calls valid may be refused only for the rules
-the generated document does not state: a ``(verb, name)`` given twice, a
-route option that has no behaviour yet, and ``affinity_key`` going with
-``strategy: affinity`` and only with it.
+the generated document does not state: a ``(verb, name)`` given twice,
+``affinity_key`` going with ``strategy: affinity`` and only with it, and a
+listing's cursor.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from schemathesis.specs.openapi.checks import (
 
 from crank_registry.testing import FakeClock
 from crank_registry_asgi import create_app
-from crank_registry_asgi.openapi import NOT_SUPPORTED_YET
 from tests.builders import capability
 
 app = create_app(clock=FakeClock())
@@ -53,19 +52,15 @@ def refused_only_for_rules_the_schema_cannot_state(
 ) -> None:
     """A schema-valid request gets 422 only for the rules the document does not state.
 
-    Those are: a capability given twice, an option not supported yet, an
-    `affinity_key` without `strategy: affinity` (or the reverse), and a
-    listing's cursor (opaque: the document can state its alphabet, not
-    which strings of it are cursors).
+    Those are: a capability given twice, an `affinity_key` without
+    `strategy: affinity` (or the reverse), and a listing's cursor (opaque:
+    the document can state its alphabet, not which strings of it are
+    cursors).
     """
     meta = case.meta
     if meta is None or not meta.generation.mode.is_positive or response.status_code != 422:
         return
     body = response.json()
-    if body["error"] == "not_supported":
-        assert body["field"] in NOT_SUPPORTED_YET, body
-        assert case.body.get(body["field"]) is not None, body
-        return
     for problem in body["detail"]:
         if problem["path"] == "cursor":
             continue
