@@ -21,6 +21,7 @@ Where each rule lives:
 * ``_registry``: the public registry: decide with the table, apply with the fold.
 * ``_listing``: listings in pages (positions, cursors, pagers) and counts in steps.
 * ``_journal``: events and snapshots as JSON lines, and their replay.
+* ``_feed``: the window of recent changes the change feed answers from.
 """
 
 from ._convention import INVOKE_PREFIX, NDJSON, invocation_path, iso_utc
@@ -38,6 +39,8 @@ from ._errors import (
     PolicyDenied,
     Problem,
     RegistryError,
+    RevisionCompacted,
+    RevisionReset,
     UnknownCapability,
     ValidationError,
     WorkerNotRegistered,
@@ -54,6 +57,7 @@ from ._events import (
     WorkerRegistered,
     WorkerUnhealthy,
 )
+from ._feed import DEFAULT_FEED_WINDOW, MAX_FEED_PAGE, ChangeLog
 from ._health import TRANSITIONS, Health, HealthInput, Refusal, Transition, TransitionError
 from ._identity import (
     DEFAULT_TRUST_DOMAIN,
@@ -147,7 +151,9 @@ from ._wire import (
 
 __all__ = [
     "ANSWER_TYPES",
+    "DEFAULT_FEED_WINDOW",
     "EVENT_TYPES",
+    "MAX_FEED_PAGE",
     "INVOKE_PREFIX",
     "JOURNAL_FORMAT_VERSION",
     "JSON_SCHEMA",
@@ -164,6 +170,7 @@ __all__ = [
     "CapabilityKey",
     "CapabilityPosition",
     "CapabilityRegistry",
+    "ChangeLog",
     "CapabilitySchema",
     "DEFAULT_TRUST_DOMAIN",
     "CapabilityView",
@@ -203,6 +210,8 @@ __all__ = [
     "RegisterAnswer",
     "Registration",
     "RegistryError",
+    "RevisionCompacted",
+    "RevisionReset",
     "RemovedWorker",
     "ReplayResult",
     "RouteExplanation",

@@ -79,6 +79,7 @@ from ._events import (
     WorkerRegistered,
     WorkerUnhealthy,
 )
+from ._feed import DEFAULT_FEED_WINDOW, MAX_FEED_PAGE, ChangeLog
 from ._health import Health, HealthInput, Refusal
 from ._listing import (
     CapabilitiesPage,
@@ -166,8 +167,14 @@ class CapabilityRegistry:
     """
 
     def __init__(
-        self, policy: HealthPolicy | None = None, routing: RoutingSettings | None = None
+        self,
+        policy: HealthPolicy | None = None,
+        routing: RoutingSettings | None = None,
+        *,
+        feed_window: int = DEFAULT_FEED_WINDOW,
     ) -> None:
+        # The last feed_window changes, for the change feed (every change the fold applies).
+        self._feed = ChangeLog(feed_window)
         self._policy = policy if policy is not None else HealthPolicy()
         self._routing = routing if routing is not None else RoutingSettings()
         # What idempotency keys were given (routing options); not registry state.
@@ -253,6 +260,17 @@ class CapabilityRegistry:
     def revision(self) -> int:
         """The revision of the last change applied (0: none yet)."""
         return self._revision
+
+    @property
+    def feed(self) -> ChangeLog:
+        """The window of recent changes (:mod:`._feed`) the change feed answers from."""
+        return self._feed
+
+    def changes_since(
+        self, revision: int, limit: int = MAX_FEED_PAGE
+    ) -> tuple[tuple[Change, ...], int]:
+        """The changes after ``revision`` and the latest revision (:meth:`ChangeLog.since`)."""
+        return self._feed.since(revision, limit)
 
     @property
     def pending(self) -> tuple[Change, ...]:
@@ -525,6 +543,7 @@ class CapabilityRegistry:
                 raise TypeError(f"not a registry change: {event!r}")
         self._revision = event.revision
         self._decided = max(self._decided, event.revision)
+        self._feed.record(event)
 
     def apply_snapshot(self, snapshot: Snapshot) -> None:
         """Replace the whole registry with ``snapshot`` (its workers and revision).
@@ -553,6 +572,8 @@ class CapabilityRegistry:
                 record.last_heartbeat,
             )
         self._revision = self._decided = snapshot.revision
+        # The changes before the snapshot are not this registry's to hand out.
+        self._feed.reset(snapshot.revision)
 
     def restart(self, *, now: float | None = None) -> None:
         """Say that this registry restarted: it has heard from none of its workers since.
