@@ -28,8 +28,10 @@ from typing import Any
 import attrs
 
 from crank_registry import (
+    EVENT_TYPES,
     JSON_SCHEMA,
     CapabilitiesAnswer,
+    Change,
     DeregisterAnswer,
     DeregisterRequest,
     ErrorAnswer,
@@ -41,6 +43,9 @@ from crank_registry import (
     Registration,
     RouteRequest,
     SlosAnswer,
+    SnapshotAnswer,
+    WatchAnswer,
+    WatchQuery,
     WorkerEndpoint,
     WorkersAnswer,
 )
@@ -160,6 +165,18 @@ ERRORS: Mapping[str, ErrorCode] = {
             }
         },
     ),
+    "revision_compacted": ErrorCode(
+        410,
+        "The changes after since have left the feed's window (serve --feed-window): "
+        "load /snapshot again; oldest is the lowest since still answered.",
+        ("oldest",),
+    ),
+    "revision_reset": ErrorCode(
+        410,
+        "since is beyond the latest revision, or epoch is another history's (a new "
+        "journal): load /snapshot again; revision is the latest.",
+        ("revision",),
+    ),
     "not_found": ErrorCode(404, "No such path."),
     "method_not_allowed": ErrorCode(405, "The path does not take this method (see Allow)."),
 }
@@ -278,6 +295,27 @@ OPERATIONS: tuple[Operation, ...] = (
     ),
     Operation(
         "GET",
+        "/snapshot",
+        "snapshot",
+        "The whole registry at one revision, to follow with /watch",
+        SnapshotAnswer,
+        "The epoch, the revision, the timings and every worker with its state; "
+        "follow it with /watch?epoch=EPOCH&since=REVISION.",
+        errors=("invalid_request",),
+    ),
+    Operation(
+        "GET",
+        "/watch",
+        "watch",
+        "Long poll: the changes after a revision, waiting for one when there is none",
+        WatchAnswer,
+        "At most 1000 changes after since, at once when there are any; else the changes "
+        "that come within timeout, or none and the latest revision (the bookmark).",
+        errors=("invalid_request", "revision_compacted", "revision_reset"),
+        query=WatchQuery,
+    ),
+    Operation(
+        "GET",
         "/metrics",
         "metrics",
         "Prometheus metrics (text exposition format 0.0.4)",
@@ -365,6 +403,23 @@ def model_schema(cls: type[Any], components: dict[str, Any]) -> dict[str, Any]:
         "required": [f.name for f in attrs.fields(cls) if f.default is not None],
         "additionalProperties": False,
     }
+
+
+def change_schema(components: dict[str, Any]) -> dict[str, Any]:
+    """One change of the feed: any of the event types that are changes, tagged by ``type``.
+
+    The form is the journal's (``crank_registry.unstructure_event``); its
+    ``type`` says which change it is.
+    """
+    variants = []
+    for tag, cls in sorted(EVENT_TYPES.items()):
+        if not issubclass(cls, Change):
+            continue
+        schema = model_schema(cls, components)
+        schema["properties"] = {"type": {"const": tag}, **schema["properties"]}
+        schema["required"] = ["type", *schema["required"]]
+        variants.append(schema)
+    return {"description": "A change of the registry, with its revision.", "oneOf": variants}
 
 
 def component_name(code: str) -> str:
@@ -471,6 +526,8 @@ def build_document(
         paths.setdefault(operation.path, {})[operation.method.lower()] = operation_object(
             operation, errors, components
         )
+    if WatchAnswer.__name__ in components:  # its events are changes (its metadata's $ref)
+        components["Change"] = change_schema(components)
     for code, spec in errors.items():
         components[component_name(code)] = error_schema(code, spec, components)
     _check_patterns(components)

@@ -387,6 +387,8 @@ async def test_openapi_document_is_served() -> None:
             "/capabilities",
             "/workers",
             "/slos",
+            "/snapshot",
+            "/watch",
             "/metrics",
             "/openapi.json",
         }
