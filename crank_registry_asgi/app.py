@@ -466,7 +466,8 @@ class ControllerService:
     async def watch(self, request: Request) -> Response:
         """GET /watch: the changes after ``since``, waiting up to ``timeout`` (long poll)."""
         query = WatchQuery.parse(request.query_params.multi_items())
-        return answer(await feed.watch(self.registry, self.broadcast, self.epoch, query))
+        body = await feed.watch(self.registry, self.broadcast, self.epoch, query)
+        return Response(body, media_type="application/json")
 
     async def exposition(self, request: Request) -> Response:
         """GET /metrics: the Prometheus text exposition of the app's metrics."""

@@ -54,6 +54,8 @@ class Broadcast:
         self._event: anyio.Event | None = None
         #: How many times waiters were woken (one per move with waiters).
         self.wakeups = 0
+        #: The last answer of /watch: ``(epoch, since, latest)`` and its JSON.
+        self.rendered: tuple[tuple[str, int, int], bytes] | None = None
 
     def moved(self) -> None:
         """Wake the waiters if the revision moved since the last call (changes were applied)."""
@@ -81,8 +83,12 @@ class Broadcast:
 
 async def watch(
     registry: CapabilityRegistry, broadcast: Broadcast, epoch: str, query: WatchQuery
-) -> WatchAnswer:
-    """The answer to ``GET /watch``: the changes after ``query.since``, waiting for one if none.
+) -> bytes:
+    """The answer to ``GET /watch`` (a :class:`~crank_registry.WatchAnswer` as JSON).
+
+    The changes after ``query.since``, waiting for one if there is none.
+    Watchers woken by one change ask the same question: the last answer
+    rendered is kept and handed to each of them, rendered once.
 
     Raises :class:`~crank_registry.RevisionReset` for another epoch or a
     ``since`` beyond the latest revision, and
@@ -100,7 +106,15 @@ async def watch(
     if not changes:
         await broadcast.wait_past(query.since, query.timeout)
         changes, latest = registry.changes_since(query.since)
-    return WatchAnswer(epoch=epoch, revision=latest, events=tuple(map(unstructure_event, changes)))
+    key = (epoch, query.since, latest)
+    if broadcast.rendered is not None and broadcast.rendered[0] == key:
+        return broadcast.rendered[1]
+    answer = WatchAnswer(
+        epoch=epoch, revision=latest, events=tuple(map(unstructure_event, changes))
+    )
+    body = json.dumps(unstructure(answer), separators=(",", ":")).encode()
+    broadcast.rendered = (key, body)
+    return body
 
 
 async def snapshot_body(snapshot: Snapshot, epoch: str, policy: object) -> AsyncIterator[bytes]:
