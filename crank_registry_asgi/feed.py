@@ -39,6 +39,7 @@ __all__ = ["RENDER_STEP", "Broadcast", "snapshot_body", "watch"]
 
 #: Workers rendered per slice of a snapshot's body.
 RENDER_STEP = 200
+_COMPACT = (",", ":")
 
 
 class Broadcast:
@@ -112,7 +113,7 @@ async def watch(
     answer = WatchAnswer(
         epoch=epoch, revision=latest, events=tuple(map(unstructure_event, changes))
     )
-    body = json.dumps(unstructure(answer), separators=(",", ":")).encode()
+    body = json.dumps(unstructure(answer), separators=_COMPACT).encode()
     broadcast.rendered = (key, body)
     return body
 
@@ -120,13 +121,14 @@ async def watch(
 async def snapshot_body(snapshot: Snapshot, epoch: str, policy: object) -> AsyncIterator[bytes]:
     """The JSON of a :class:`~crank_registry.SnapshotAnswer` of ``snapshot``, in slices."""
     head = {"epoch": epoch, "revision": snapshot.revision, "health_policy": unstructure(policy)}
-    yield json.dumps(head)[:-1].encode() + b',"workers":['
+    yield json.dumps(head, separators=_COMPACT)[:-1].encode() + b',"workers":['
     workers = snapshot.workers
     for start in range(0, len(workers), RENDER_STEP):
         if start:
             await anyio.sleep(0)
         rendered = ",".join(
-            json.dumps(unstructure(record)) for record in workers[start : start + RENDER_STEP]
+            json.dumps(unstructure(record), separators=_COMPACT)
+            for record in workers[start : start + RENDER_STEP]
         )
         yield (b"," if start else b"") + rendered.encode()
     yield b"]}"
