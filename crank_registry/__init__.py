@@ -57,7 +57,7 @@ from ._events import (
     WorkerRegistered,
     WorkerUnhealthy,
 )
-from ._feed import DEFAULT_FEED_WINDOW, MAX_FEED_PAGE, ChangeLog
+from ._feed import DEFAULT_FEED_WINDOW, MAX_FEED_PAGE, ChangeLog, SnapshotCopy, WorkerRow
 from ._health import TRANSITIONS, Health, HealthInput, Refusal, Transition, TransitionError
 from ._identity import (
     DEFAULT_TRUST_DOMAIN,
@@ -235,6 +235,7 @@ __all__ = [
     "SnapshotAnswer",
     "SkippedLine",
     "Snapshot",
+    "SnapshotCopy",
     "SnapshotPart",
     "Transition",
     "TransitionError",
@@ -250,6 +251,7 @@ __all__ = [
     "UnknownCapability",
     "WorkerNotRegistered",
     "WorkerRecord",
+    "WorkerRow",
     "WorkerRegistered",
     "WorkerUnhealthy",
     "WorkerCounter",

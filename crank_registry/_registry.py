@@ -79,7 +79,7 @@ from ._events import (
     WorkerRegistered,
     WorkerUnhealthy,
 )
-from ._feed import DEFAULT_FEED_WINDOW, MAX_FEED_PAGE, ChangeLog
+from ._feed import DEFAULT_FEED_WINDOW, MAX_FEED_PAGE, ChangeLog, SnapshotCopy
 from ._health import Health, HealthInput, Refusal
 from ._listing import (
     CapabilitiesPage,
@@ -932,6 +932,10 @@ class CapabilityRegistry:
         """The whole registry at its revision, for :meth:`apply_snapshot` elsewhere."""
         return Snapshot(self._revision, tuple(self.records()))
 
+    def snapshot_copy(self) -> SnapshotCopy:
+        """The registry at its revision, copied cheaply: :class:`~._feed.SnapshotCopy`."""
+        return SnapshotCopy(self._revision, list(map(_ROW, self._workers.values())))
+
     def export_state(self) -> dict[str, Any]:
         """A versioned, JSON-safe snapshot of every worker."""
         return {
@@ -1156,6 +1160,10 @@ class CapabilityRegistry:
             del self._values[member.key]
             del self._by_capability[member.key]
             del self._keys[bisect.bisect_left(self._keys, member.key)]
+
+
+# A worker's fields a SnapshotCopy keeps (one C call per worker).
+_ROW = operator.attrgetter("worker_id", "worker_url", "capabilities", "last_heartbeat", "health")
 
 
 def _check_now(now: float) -> None:

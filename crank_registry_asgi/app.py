@@ -460,7 +460,7 @@ class ControllerService:
             raise ValidationError.single(
                 names.split(", ")[0], f"unknown query parameter: /snapshot takes none ({names})"
             )
-        body = feed.snapshot_body(self.registry.snapshot(), self.epoch, self.policy)
+        body = feed.snapshot_body(self.registry.snapshot_copy(), self.epoch, self.policy)
         return StreamingResponse(body, media_type="application/json")
 
     async def watch(self, request: Request) -> Response:

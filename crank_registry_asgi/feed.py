@@ -11,11 +11,10 @@ replaces by a fresh one for the next change. There is no task, and no
 polling loop, per watcher: a long poll is one request parked on the event
 until it is set or its timeout passes.
 
-``/snapshot`` takes the registry's records at one revision in one step
-(a consistent copy, as the journal's compaction does), then renders and
-sends them in slices with a yield to the event loop between two, so that
-a snapshot of 100 000 workers does not hold the loop for its whole
-rendering.
+``/snapshot`` copies the registry at one revision in one cheap step
+(:class:`~crank_registry.SnapshotCopy`: each worker's fields, about 25 ms
+at 100 000 workers), then makes, renders and sends the records in slices
+with a yield to the event loop between two.
 """
 
 from __future__ import annotations
@@ -27,8 +26,9 @@ import anyio
 
 from crank_registry import (
     CapabilityRegistry,
+    HealthPolicy,
     RevisionReset,
-    Snapshot,
+    SnapshotCopy,
     WatchAnswer,
     WatchQuery,
     unstructure,
@@ -118,17 +118,20 @@ async def watch(
     return body
 
 
-async def snapshot_body(snapshot: Snapshot, epoch: str, policy: object) -> AsyncIterator[bytes]:
-    """The JSON of a :class:`~crank_registry.SnapshotAnswer` of ``snapshot``, in slices."""
+async def snapshot_body(
+    snapshot: SnapshotCopy, epoch: str, policy: HealthPolicy
+) -> AsyncIterator[bytes]:
+    """The JSON of a :class:`~crank_registry.SnapshotAnswer` of ``snapshot``, in slices.
+
+    Each slice makes :data:`RENDER_STEP` records and renders them with the
+    converter; the loop runs other work between two slices.
+    """
     head = {"epoch": epoch, "revision": snapshot.revision, "health_policy": unstructure(policy)}
     yield json.dumps(head, separators=_COMPACT)[:-1].encode() + b',"workers":['
-    workers = snapshot.workers
-    for start in range(0, len(workers), RENDER_STEP):
+    for start in range(0, len(snapshot), RENDER_STEP):
         if start:
             await anyio.sleep(0)
-        rendered = ",".join(
-            json.dumps(unstructure(record), separators=_COMPACT)
-            for record in workers[start : start + RENDER_STEP]
-        )
+        records = snapshot.records(start, start + RENDER_STEP)
+        rendered = ",".join(json.dumps(unstructure(r), separators=_COMPACT) for r in records)
         yield (b"," if start else b"") + rendered.encode()
     yield b"]}"

@@ -159,3 +159,17 @@ def _state(record: WorkerRecord) -> tuple[Any, ...]:
         record.verified,
         record.silent,
     )
+
+
+def test_a_snapshot_copy_stays_the_registry_at_its_revision() -> None:
+    registry = CapabilityRegistry(POLICY)
+    for index in range(5):
+        registry.register(f"w{index}", "https://w:1", [capability("a", "run")], now=T0)
+    registry.cleanup_stale(now=T0 + 61)  # all silent: unhealthy
+    expected = registry.snapshot()
+    copy = registry.snapshot_copy()
+    registry.deregister("w0", now=T0 + 62)
+    registry.heartbeat("w1", now=T0 + 63)
+    assert (copy.revision, len(copy)) == (expected.revision, 5)
+    assert copy.records(1, 3) == expected.workers[1:3]
+    assert copy.snapshot() == expected

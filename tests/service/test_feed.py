@@ -7,6 +7,7 @@ but short, and a test that expects a wake-up bounds it generously.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import anyio
@@ -23,6 +24,7 @@ from crank_registry import (
     structure_event,
 )
 from crank_registry_asgi import ServiceConfig
+from crank_registry_asgi.feed import RENDER_STEP
 from tests.service.helpers import Controller, running
 
 pytestmark = pytest.mark.anyio
@@ -54,6 +56,57 @@ async def test_snapshot_holds_the_registry_at_its_revision() -> None:
         records = tuple(structure(worker, WorkerRecord) for worker in body["workers"])
         assert records == api.registry.snapshot().workers
         assert [record.worker_id for record in records] == ["w2"]
+
+
+async def test_snapshot_is_sent_in_slices_of_the_revision_it_was_taken_at() -> None:
+    async with running() as api:
+        count = 2 * RENDER_STEP + 1
+        for index in range(count):
+            await api.register(f"w{index}")
+        revision = api.registry.revision
+        chunks: list[bytes] = []
+        requested = False
+        done = anyio.Event()
+
+        async def receive() -> dict[str, Any]:
+            nonlocal requested
+            if not requested:
+                requested = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            await done.wait()  # the client stays until the answer is whole
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] != "http.response.body":
+                return
+            if message.get("body"):
+                chunks.append(message["body"])
+                if len(chunks) == 2:  # mid-stream: the registry moves on
+                    await api.register("late")
+            if not message.get("more_body", False):
+                done.set()
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": "/snapshot",
+            "raw_path": b"/snapshot",
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"host", b"test")],
+            "client": ("127.0.0.1", 1),
+            "server": ("test", 80),
+        }
+        await api.app(scope, receive, send)
+        assert len(chunks) >= 4  # the head, three slices of workers, the end
+        body = json.loads(b"".join(chunks))
+        assert body["revision"] == revision < api.registry.revision
+        assert [worker["worker_id"] for worker in body["workers"]] == [
+            f"w{index}" for index in range(count)
+        ]
 
 
 async def test_watch_answers_at_once_with_the_changes_after_since() -> None:
