@@ -471,7 +471,10 @@ def error_answers(codes: Iterable[str], errors: Mapping[str, ErrorCode]) -> dict
 
 
 def query_parameters(model: type[Any], components: dict[str, Any]) -> list[dict[str, Any]]:
-    """The OpenAPI query parameters of ``model``: each field, optional, without its null."""
+    """The OpenAPI query parameters of ``model``: each field, without its null.
+
+    A field without a default is a required parameter; the others are optional.
+    """
     parameters = []
     for name, given in property_schemas(model, components).items():
         kind = given.get("type")
@@ -480,7 +483,9 @@ def query_parameters(model: type[Any], components: dict[str, Any]) -> list[dict[
         field = attrs.fields_dict(model)[name]
         if field.default is not None and field.default is not attrs.NOTHING:
             schema["default"] = field.default
-        parameter: dict[str, Any] = {"name": name, "in": "query", "required": False}
+        # Required when the model has no default for it (/watch's since).
+        required = field.default is attrs.NOTHING
+        parameter: dict[str, Any] = {"name": name, "in": "query", "required": required}
         description = schema.pop("description", None)
         if description is not None:
             parameter["description"] = description
