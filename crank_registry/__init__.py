@@ -21,6 +21,7 @@ Where each rule lives:
 * ``_registry``: the public registry: decide with the table, apply with the fold.
 * ``_listing``: listings in pages (positions, cursors, pagers) and counts in steps.
 * ``_journal``: events and snapshots as JSON lines, and their replay.
+* ``_feed``: the window of recent changes the change feed answers from.
 """
 
 from ._convention import INVOKE_PREFIX, NDJSON, invocation_path, iso_utc
@@ -37,6 +38,8 @@ from ._errors import (
     PolicyDenied,
     Problem,
     RegistryError,
+    RevisionCompacted,
+    RevisionReset,
     UnknownCapability,
     ValidationError,
     WorkerNotRegistered,
@@ -53,6 +56,7 @@ from ._events import (
     WorkerRegistered,
     WorkerUnhealthy,
 )
+from ._feed import DEFAULT_FEED_WINDOW, MAX_FEED_PAGE, ChangeLog, SnapshotCopy, WorkerRow
 from ._health import TRANSITIONS, Health, HealthInput, Refusal, Transition, TransitionError
 from ._identity import (
     DEFAULT_TRUST_DOMAIN,
@@ -64,6 +68,7 @@ from ._identity import (
 from ._journal import (
     JOURNAL_FORMAT_VERSION,
     SNAPSHOT_PART_SIZE,
+    EpochLine,
     JournalDecodeError,
     JournalEntry,
     JournalReader,
@@ -73,6 +78,7 @@ from ._journal import (
     SnapshotPart,
     decode_heartbeat_line,
     decode_line,
+    encode_epoch,
     encode_event,
     encode_snapshot,
     replay,
@@ -130,6 +136,8 @@ from ._routing import RouteOptions, RoutingSettings, effective_slo, rendezvous_w
 from ._slos import ServiceLevel, ServiceLevels, SloFile
 from ._wire import (
     ANSWER_TYPES,
+    DEFAULT_WATCH_TIMEOUT,
+    MAX_WATCH_TIMEOUT,
     PROTOCOL_FEATURES,
     CapabilitiesAnswer,
     DeregisterAnswer,
@@ -142,6 +150,9 @@ from ._wire import (
     ListingQuery,
     RegisterAnswer,
     SlosAnswer,
+    SnapshotAnswer,
+    WatchAnswer,
+    WatchQuery,
     WorkerEntry,
     WorkerLoad,
     WorkersAnswer,
@@ -149,7 +160,11 @@ from ._wire import (
 
 __all__ = [
     "ANSWER_TYPES",
+    "DEFAULT_FEED_WINDOW",
+    "DEFAULT_WATCH_TIMEOUT",
     "EVENT_TYPES",
+    "MAX_FEED_PAGE",
+    "MAX_WATCH_TIMEOUT",
     "INVOKE_PREFIX",
     "JOURNAL_FORMAT_VERSION",
     "JSON_SCHEMA",
@@ -166,6 +181,7 @@ __all__ = [
     "CapabilityKey",
     "CapabilityPosition",
     "CapabilityRegistry",
+    "ChangeLog",
     "CapabilitySchema",
     "DEFAULT_TRUST_DOMAIN",
     "CapabilityView",
@@ -175,6 +191,7 @@ __all__ = [
     "DeregisterRequest",
     "BuiltinPolicy",
     "ErrorAnswer",
+    "EpochLine",
     "Event",
     "ExecuteRequest",
     "FailedAttempt",
@@ -206,6 +223,8 @@ __all__ = [
     "RegisterAnswer",
     "Registration",
     "RegistryError",
+    "RevisionCompacted",
+    "RevisionReset",
     "RemovedWorker",
     "ReplayResult",
     "RouteExplanation",
@@ -216,14 +235,18 @@ __all__ = [
     "ServiceLevels",
     "SloFile",
     "SlosAnswer",
+    "SnapshotAnswer",
     "SkippedLine",
     "Snapshot",
+    "SnapshotCopy",
     "SnapshotPart",
     "Transition",
     "TransitionError",
     "ValidationError",
     "WorkerDeregistered",
     "WorkerEndpoint",
+    "WatchAnswer",
+    "WatchQuery",
     "WorkerEntry",
     "WorkerLoad",
     "WorkerEvicted",
@@ -232,6 +255,7 @@ __all__ = [
     "UnknownCapability",
     "WorkerNotRegistered",
     "WorkerRecord",
+    "WorkerRow",
     "WorkerRegistered",
     "WorkerUnhealthy",
     "WorkerCounter",
@@ -248,6 +272,7 @@ __all__ = [
     "decode_workers_cursor",
     "encode_capabilities_cursor",
     "effective_slo",
+    "encode_epoch",
     "encode_event",
     "encode_snapshot",
     "encode_workers_cursor",

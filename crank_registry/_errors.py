@@ -9,7 +9,9 @@ layer should answer with (the h11 ``error_status_hint`` idea)::
     ├── Forbidden             forbidden              403
     ├── PolicyDenied          policy_denied          403
     ├── WorkerNotRegistered   worker_not_registered  404
-    └── UnknownCapability     unknown_capability     404
+    ├── UnknownCapability     unknown_capability     404
+    ├── RevisionCompacted     revision_compacted     410
+    └── RevisionReset         revision_reset         410
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ __all__ = [
     "PolicyDenied",
     "Problem",
     "RegistryError",
+    "RevisionCompacted",
+    "RevisionReset",
     "UnknownCapability",
     "ValidationError",
     "WorkerNotRegistered",
@@ -177,4 +181,42 @@ class PolicyDenied(RegistryError):
         who = "an anonymous caller" if requester is None else repr(requester)
         super().__init__(
             f"the access policy does not let {who} route to {verb}:{capability}: {reason}"
+        )
+
+
+class RevisionCompacted(RegistryError):
+    """The changes after ``since`` are no longer kept: read the snapshot again.
+
+    ``oldest`` is the lowest revision the feed still answers.
+    """
+
+    code = "revision_compacted"
+    status_hint = 410
+
+    def __init__(self, since: int, oldest: int) -> None:
+        self.since = since
+        self.oldest = oldest
+        super().__init__(
+            f"since={since} is older than the oldest change kept (the feed answers since >= "
+            f"{oldest}): load GET /snapshot again and follow from its revision"
+        )
+
+
+class RevisionReset(RegistryError):
+    """``since`` (or the epoch) is not of this registry's history: read the snapshot again.
+
+    ``latest`` is the registry's revision.
+    """
+
+    code = "revision_reset"
+    status_hint = 410
+
+    def __init__(self, since: int, latest: int, reason: str | None = None) -> None:
+        self.since = since
+        self.latest = latest
+        super().__init__(
+            reason
+            if reason is not None
+            else f"since={since} is beyond the latest revision {latest}: this is another "
+            "history of the registry; load GET /snapshot again and follow from its revision"
         )

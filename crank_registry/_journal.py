@@ -51,6 +51,17 @@ damaged) is skipped and counted, as is a damaged or unknown-version line.
 A torn last line (no newline, or not parseable: the process died while
 writing it) is dropped.
 
+* the registry's ``epoch``: the random name of its history (DESIGN,
+  "Epochs"; the change feed's answers carry it)::
+
+    {"v": 2, "type": "epoch", "epoch": "9f86d081884c7d65"}
+
+  The service writes one when a journal starts (as its first line), at the
+  top of every compacted file, and, for a journal that has none (written
+  before epochs), as soon as it opens it: the history then starts there,
+  and a follower of the older controller reloads its snapshot. Replay
+  reports the last one it read.
+
 Format 1, the previous release's, is read too: its changes carry no
 revision (replay numbers them in order), its snapshots carry neither a
 revision nor health (their workers are unverified), and an ``evicted`` of
@@ -93,12 +104,14 @@ __all__ = [
     "JournalDecodeError",
     "JournalEntry",
     "JournalReader",
+    "EpochLine",
     "NewerJournalFormat",
     "ReplayResult",
     "SkippedLine",
     "SnapshotPart",
     "decode_heartbeat_line",
     "decode_line",
+    "encode_epoch",
     "encode_event",
     "encode_snapshot",
     "replay",
@@ -114,6 +127,7 @@ _READABLE_VERSIONS = (1, 2)
 SNAPSHOT_PART_SIZE = 4096
 
 _SNAPSHOT_TYPE = "snapshot"
+_EPOCH_TYPE = "epoch"
 _CRC_FIELD = b',"crc32":'
 _SNAPSHOT_LISTS = (
     "capabilities",
@@ -174,8 +188,19 @@ class SnapshotPart:
     dropped: int = 0
 
 
+#: What an epoch is: the random name of a registry's history.
+EPOCH_PATTERN = re.compile(r"[0-9A-Za-z_-]{1,64}")
+
+
+@attrs.frozen
+class EpochLine:
+    """The line naming the registry's history: its ``epoch``."""
+
+    epoch: str
+
+
 #: What one journal line holds.
-JournalEntry = Event | SnapshotPart
+JournalEntry = Event | SnapshotPart | EpochLine
 
 
 @attrs.frozen
@@ -201,6 +226,8 @@ class ReplayResult:
     torn_tail: bool
     skipped: tuple[SkippedLine, ...]
     workers_dropped: int = 0
+    #: The epoch of the last epoch line read; ``None``: the journal has none.
+    epoch: str | None = None
 
 
 # --------------------------------------------------------------------- encode
@@ -215,6 +242,15 @@ def _text(value: Any) -> str:
 def encode_event(event: Event) -> bytes:
     """One journal line (ending in a newline) for ``event``."""
     return (_text({"v": JOURNAL_FORMAT_VERSION, **unstructure_event(event)}) + "\n").encode()
+
+
+def encode_epoch(epoch: str) -> bytes:
+    """The journal line (ending in a newline) that names the registry's history ``epoch``."""
+    if not EPOCH_PATTERN.fullmatch(epoch):
+        raise ValueError(f"an epoch is 1 to 64 letters, digits, '_' or '-': {epoch!r}")
+    return (
+        _text({"v": JOURNAL_FORMAT_VERSION, "type": _EPOCH_TYPE, "epoch": epoch}) + "\n"
+    ).encode()
 
 
 def encode_snapshot(
@@ -369,6 +405,13 @@ class JournalReader:
                 return (self._snapshot(raw, data, version),)
             except (TypeError, ValueError, IndexError, KeyError, RecursionError):
                 raise JournalDecodeError("snapshot: malformed") from None
+        if data.get("type") == _EPOCH_TYPE:
+            epoch = data.get("epoch")
+            if data.keys() != {"type", "epoch"} or not (
+                isinstance(epoch, str) and EPOCH_PATTERN.fullmatch(epoch)
+            ):
+                raise JournalDecodeError("epoch: not exactly an epoch of 1 to 64 letters or digits")
+            return (EpochLine(epoch),)
         if version == 1 and data.get("type") not in ("heartbeat", None):
             data["revision"] = self._revision + 1
         try:
@@ -544,6 +587,7 @@ def replay(lines: Iterable[bytes | str], registry: CapabilityRegistry) -> Replay
     # The run of snapshot parts being read, with their line numbers.
     parts: list[tuple[int, SnapshotPart]] = []
     read = 0
+    epoch: str | None = None
 
     def apply_parts() -> None:
         if not parts:
@@ -593,6 +637,9 @@ def replay(lines: Iterable[bytes | str], registry: CapabilityRegistry) -> Replay
                 dropped += entry.dropped
                 continue
             apply_parts()
+            if isinstance(entry, EpochLine):
+                epoch = entry.epoch
+                continue
             if isinstance(entry, Change) and entry.revision <= registry.revision:
                 continue  # written after a compaction that already holds it
             try:
@@ -606,6 +653,7 @@ def replay(lines: Iterable[bytes | str], registry: CapabilityRegistry) -> Replay
         torn_tail=torn,
         skipped=tuple(skipped),
         workers_dropped=dropped,
+        epoch=epoch,
     )
 
 

@@ -80,6 +80,7 @@ from ._events import (
     WorkerRegistered,
     WorkerUnhealthy,
 )
+from ._feed import DEFAULT_FEED_WINDOW, MAX_FEED_PAGE, ChangeLog, SnapshotCopy
 from ._health import Health, HealthInput, Refusal
 from ._listing import (
     CapabilitiesPage,
@@ -173,7 +174,10 @@ class CapabilityRegistry:
         routing: RoutingSettings | None = None,
         *,
         rng: random.Random | None = None,
+        feed_window: int = DEFAULT_FEED_WINDOW,
     ) -> None:
+        # The last feed_window changes, for the change feed (every change the fold applies).
+        self._feed = ChangeLog(feed_window)
         self._policy = policy if policy is not None else HealthPolicy()
         self._routing = routing if routing is not None else RoutingSettings()
         # least_loaded's draws. The core seeds nothing from the system: a
@@ -262,6 +266,17 @@ class CapabilityRegistry:
     def revision(self) -> int:
         """The revision of the last change applied (0: none yet)."""
         return self._revision
+
+    @property
+    def feed(self) -> ChangeLog:
+        """The window of recent changes (:mod:`._feed`) the change feed answers from."""
+        return self._feed
+
+    def changes_since(
+        self, revision: int, limit: int = MAX_FEED_PAGE
+    ) -> tuple[tuple[Change, ...], int]:
+        """The changes after ``revision`` and the latest revision (:meth:`ChangeLog.since`)."""
+        return self._feed.since(revision, limit)
 
     @property
     def pending(self) -> tuple[Change, ...]:
@@ -545,6 +560,7 @@ class CapabilityRegistry:
                 raise TypeError(f"not a registry change: {event!r}")
         self._revision = event.revision
         self._decided = max(self._decided, event.revision)
+        self._feed.record(event)
 
     def apply_snapshot(self, snapshot: Snapshot) -> None:
         """Replace the whole registry with ``snapshot`` (its workers and revision).
@@ -573,6 +589,8 @@ class CapabilityRegistry:
                 record.last_heartbeat,
             )
         self._revision = self._decided = snapshot.revision
+        # The changes before the snapshot are not this registry's to hand out.
+        self._feed.reset(snapshot.revision)
 
     def restart(self, *, now: float | None = None) -> None:
         """Say that this registry restarted: it has heard from none of its workers since.
@@ -931,6 +949,10 @@ class CapabilityRegistry:
         """The whole registry at its revision, for :meth:`apply_snapshot` elsewhere."""
         return Snapshot(self._revision, tuple(self.records()))
 
+    def snapshot_copy(self) -> SnapshotCopy:
+        """The registry at its revision, copied cheaply: :class:`~._feed.SnapshotCopy`."""
+        return SnapshotCopy(self._revision, list(map(_ROW, self._workers.values())))
+
     def export_state(self) -> dict[str, Any]:
         """A versioned, JSON-safe snapshot of every worker."""
         return {
@@ -1168,6 +1190,10 @@ class CapabilityRegistry:
             del self._values[member.key]
             del self._by_capability[member.key]
             del self._keys[bisect.bisect_left(self._keys, member.key)]
+
+
+# A worker's fields a SnapshotCopy keeps (one C call per worker).
+_ROW = operator.attrgetter("worker_id", "worker_url", "capabilities", "last_heartbeat", "health")
 
 
 def _check_now(now: float) -> None:

@@ -20,6 +20,8 @@ refused. :data:`ANSWER_TYPES` names the classes read that way.
 from __future__ import annotations
 
 import datetime
+import math
+import re
 from collections.abc import Iterable
 from typing import Any, Literal
 
@@ -32,10 +34,12 @@ from ._models import (
     _WORKER_ID_PATTERN,
     JSON_SCHEMA,
     CapabilityView,
+    HealthPolicy,
     HealthState,
     RemovedWorker,
     RouteExplanation,
     WorkerEndpoint,
+    WorkerRecord,
     _positive,
     _text,
     parse_capability_label,
@@ -56,6 +60,9 @@ __all__ = [
     "PROTOCOL_FEATURES",
     "RegisterAnswer",
     "SlosAnswer",
+    "SnapshotAnswer",
+    "WatchAnswer",
+    "WatchQuery",
     "WorkerEntry",
     "WorkerLoad",
     "WorkersAnswer",
@@ -360,6 +367,10 @@ class ErrorAnswer:
     explain: RouteExplanation | None = None
     #: ``policy_denied``: the rule that denied the route, in words.
     reason: str | None = None
+    #: ``revision_compacted``: the lowest ``since`` the change feed still answers.
+    oldest: int | None = attrs.field(default=None, metadata=_COUNT)
+    #: ``revision_reset``: the registry's latest revision.
+    revision: int | None = attrs.field(default=None, metadata=_COUNT)
 
 
 @attrs.frozen(kw_only=True)
@@ -380,6 +391,137 @@ class InvocationAnswer:
     result: Any
 
 
+_EPOCH = {JSON_SCHEMA: {"pattern": "^[0-9A-Za-z_-]{1,64}$"}}
+#: Seconds a long poll waits for a change: the default and the most.
+DEFAULT_WATCH_TIMEOUT = 30.0
+MAX_WATCH_TIMEOUT = 60.0
+
+
+@attrs.frozen(kw_only=True)
+class SnapshotAnswer:
+    """``GET /snapshot``: the whole registry at ``revision``, of the history ``epoch``.
+
+    Follow it with ``GET /watch?epoch=EPOCH&since=REVISION``; each worker
+    is in the state ``verified`` and ``silent`` say (the journal's records).
+    """
+
+    epoch: str = attrs.field(metadata=_EPOCH)
+    revision: int = attrs.field(metadata=_COUNT)
+    health_policy: HealthPolicy
+    workers: tuple[WorkerRecord, ...]
+
+
+@attrs.frozen(kw_only=True)
+class WatchAnswer:
+    """``GET /watch``: the changes after ``since`` (at most 1000, oldest first).
+
+    ``revision`` is the latest revision: when it is beyond the last event's,
+    ask again from the last event's; with no events (the wait timed out) it
+    is the bookmark to follow from. Each event is the journal's form of a
+    change (``crank_registry.unstructure_event``), applied with the one fold.
+    """
+
+    epoch: str = attrs.field(metadata=_EPOCH)
+    revision: int = attrs.field(metadata=_COUNT)
+    events: tuple[dict[str, Any], ...] = attrs.field(
+        metadata={JSON_SCHEMA: {"items": {"$ref": "#/components/schemas/Change"}}}
+    )
+
+
+@attrs.frozen(kw_only=True)
+class WatchQuery:
+    """The query of ``GET /watch``: follow from revision ``since`` of history ``epoch``.
+
+    ``since`` is required; ``epoch``, when given, must be the registry's
+    (another is 410 ``revision_reset``); ``timeout`` is how long to wait for
+    a change when there is none yet.
+    """
+
+    since: int = attrs.field(
+        metadata={
+            JSON_SCHEMA: {
+                "minimum": 0,
+                "description": "The revision held: a snapshot's, or the last event's.",
+            }
+        }
+    )
+    epoch: str | None = attrs.field(
+        default=None,
+        metadata={
+            JSON_SCHEMA: {
+                **_EPOCH[JSON_SCHEMA],
+                "description": "The epoch of the snapshot the revision belongs to.",
+            }
+        },
+    )
+    timeout: float = attrs.field(
+        default=DEFAULT_WATCH_TIMEOUT,
+        metadata={
+            JSON_SCHEMA: {
+                "exclusiveMinimum": 0,
+                "maximum": MAX_WATCH_TIMEOUT,
+                "description": f"Seconds to wait for a change (default {DEFAULT_WATCH_TIMEOUT:g}).",
+            }
+        },
+    )
+
+    @classmethod
+    def parse(cls, items: Iterable[tuple[str, str]]) -> WatchQuery:
+        """The query of a request's ``(name, value)`` pairs; every problem is named.
+
+        Raises :class:`ValidationError` for an unknown or repeated
+        parameter, a missing or negative ``since``, an ``epoch`` that is not
+        one, or a ``timeout`` that is not a number of seconds in
+        ``(0, MAX_WATCH_TIMEOUT]``.
+        """
+        problems: list[Problem] = []
+        values: dict[str, str] = {}
+        fields = attrs.fields_dict(cls)
+        for name, value in items:
+            if name not in fields:
+                known = ", ".join(fields)
+                problems.append(Problem(name, f"unknown query parameter (known: {known})"))
+            elif name in values:
+                problems.append(Problem(name, "is given more than once"))
+            else:
+                values[name] = value
+        since = 0
+        text = values.get("since")
+        if text is None:
+            problems.append(
+                Problem("since", "is required: the revision of /snapshot, or of the last event")
+            )
+        elif text.isascii() and text.isdigit() and len(text) <= 20:
+            since = int(text)
+        else:
+            problems.append(Problem("since", f"must be an integer >= 0, got {text!r}"))
+        epoch = values.get("epoch")
+        if epoch is not None and not re.fullmatch(r"[0-9A-Za-z_-]{1,64}", epoch):
+            problems.append(
+                Problem(
+                    "epoch",
+                    f"must be the epoch of /snapshot (1 to 64 letters or digits), got {epoch!r}",
+                )
+            )
+        timeout = DEFAULT_WATCH_TIMEOUT
+        if "timeout" in values:
+            try:
+                timeout = float(values["timeout"])
+            except ValueError:
+                timeout = math.nan
+            if not 0 < timeout <= MAX_WATCH_TIMEOUT:
+                problems.append(
+                    Problem(
+                        "timeout",
+                        f"must be a number of seconds, more than 0 and at most "
+                        f"{MAX_WATCH_TIMEOUT:g}, got {values['timeout']!r}",
+                    )
+                )
+        if problems:
+            raise ValidationError(problems)
+        return cls(since=since, epoch=epoch, timeout=timeout)
+
+
 #: The classes read with unknown fields ignored (see the module docstring).
 ANSWER_TYPES: frozenset[type[Any]] = frozenset(
     {
@@ -397,6 +539,8 @@ ANSWER_TYPES: frozenset[type[Any]] = frozenset(
         RouteExplanation,
         SloFile,
         SlosAnswer,
+        SnapshotAnswer,
+        WatchAnswer,
         WorkerEndpoint,
         WorkerEntry,
         WorkerLoad,

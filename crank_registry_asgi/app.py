@@ -21,6 +21,7 @@ import contextlib
 import gc
 import math
 import random
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -32,7 +33,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from crank_registry import (
@@ -58,17 +59,20 @@ from crank_registry import (
     SlosAnswer,
     UnknownCapability,
     ValidationError,
+    WatchQuery,
     authorize_worker,
+    encode_epoch,
     iso_utc,
     replay_bytes,
     structure,
     unstructure,
 )
 
-from . import listings
+from . import feed, listings
 from .clock import AnchoredClock
 from .config import ServiceConfig
 from .effects import Effects, RegistrySnapshots, log_fields, logger
+from .feed import Broadcast
 from .http import (
     ApiError,
     ServiceApp,
@@ -220,6 +224,12 @@ class ControllerService:
             retry_after=self.retry_after,
         )
         self.sweeper = Sweeper(registry, self.clock, self.effects)
+        #: The name of this registry's history (DESIGN, "Epochs"): made here for
+        #: a registry in memory or a new journal, read back from a journal.
+        self.epoch = secrets.token_hex(8)
+        # Wakes the long polls of /watch once changes are applied.
+        self.broadcast = Broadcast(registry)
+        self.effects.applied = self.broadcast.moved
         # The SLO files of the state directory (none without one).
         self.slo_watcher = (
             None
@@ -446,6 +456,22 @@ class ControllerService:
         body = await listings.workers_body(self.registry, query, now=self.clock())
         return Response(body, media_type="application/json")
 
+    async def snapshot(self, request: Request) -> Response:
+        """GET /snapshot: the whole registry at its revision, streamed in slices."""
+        if request.query_params:
+            names = ", ".join(sorted(request.query_params))
+            raise ValidationError.single(
+                names.split(", ")[0], f"unknown query parameter: /snapshot takes none ({names})"
+            )
+        body = feed.snapshot_body(self.registry.snapshot_copy(), self.epoch, self.policy)
+        return StreamingResponse(body, media_type="application/json")
+
+    async def watch(self, request: Request) -> Response:
+        """GET /watch: the changes after ``since``, waiting up to ``timeout`` (long poll)."""
+        query = WatchQuery.parse(request.query_params.multi_items())
+        body = await feed.watch(self.registry, self.broadcast, self.epoch, query)
+        return Response(body, media_type="application/json")
+
     async def exposition(self, request: Request) -> Response:
         """GET /metrics: the Prometheus text exposition of the app's metrics."""
         return metrics_response(self.metrics.registry)
@@ -468,6 +494,8 @@ class ControllerService:
             "/capabilities": (self.capabilities, "GET"),
             "/workers": (self.workers, "GET"),
             "/slos": (self.slos, "GET"),
+            "/snapshot": (self.snapshot, "GET"),
+            "/watch": (self.watch, "GET"),
             "/metrics": (self.exposition, "GET"),
             "/openapi.json": (self.openapi, "GET"),
         }
@@ -571,9 +599,10 @@ class ControllerService:
         propagates: the application must not start without its journal.
         """
         assert self.config.state_dir is not None
+        snapshots = RegistrySnapshots(self.registry, self.epoch)
         journal = Journal.open(
             self.config.state_dir,
-            snapshots=RegistrySnapshots(self.registry),
+            snapshots=snapshots,
             compact_min_bytes=self.config.journal_compact_min_bytes,
             timings=self.metrics,
         )
@@ -613,9 +642,15 @@ class ControllerService:
                 lines_read=result.lines_read,
                 lines_skipped=result.lines_skipped,
                 workers_dropped=result.workers_dropped,
+                epoch=result.epoch if result.epoch is not None else f"{self.epoch} (new)",
                 seconds=f"{seconds:.3f}",
             ),
         )
+        if result.epoch is not None:
+            self.epoch = snapshots.epoch = result.epoch
+        else:
+            # A new journal, or one written before epochs: its history starts here.
+            await journal.append([encode_epoch(self.epoch)], durable=True)
         self.effects.journal = journal
         # Detached before it is closed: a write after shutdown is refused.
         stack.callback(setattr, self.effects, "journal", None)
@@ -696,9 +731,9 @@ def create_app(
 ) -> Starlette:
     """The controller as an ASGI application.
 
-    ``registry`` defaults to an empty one with ``config.policy`` and
-    ``config.routing`` (a registry passed in keeps its own, which the
-    service then uses). ``clock``
+    ``registry`` defaults to an empty one with ``config.policy``,
+    ``config.routing`` and ``config.feed_window`` (a registry passed in
+    keeps its own, which the service then uses). ``clock``
     gives ``now`` in seconds since the epoch for every health decision; by
     default an :class:`~crank_registry_asgi.clock.AnchoredClock` (the wall
     clock at start, advanced by the monotonic clock, so that a step of the
@@ -716,7 +751,9 @@ def create_app(
         clock = AnchoredClock()
     if registry is None:
         # least_loaded's draws: seeded by the OS, unlike the core's default.
-        registry = CapabilityRegistry(config.policy, config.routing, rng=random.Random())
+        registry = CapabilityRegistry(
+            config.policy, config.routing, rng=random.Random(), feed_window=config.feed_window
+        )
     service = ControllerService(registry, config, clock)
     app = ServiceApp(
         routes=service.routes(),

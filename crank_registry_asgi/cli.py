@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 from cryptography import x509
 
-from crank_registry import DEFAULT_TRUST_DOMAIN, is_trust_domain
+from crank_registry import DEFAULT_FEED_WINDOW, DEFAULT_TRUST_DOMAIN, is_trust_domain
 from crank_worker_client.certificates import DEFAULT_EXPIRY_WARNING, DEFAULT_WATCH_INTERVAL
 
 from .config import GatewayConfig, is_positive_number, is_whole_number
@@ -303,6 +303,16 @@ def add_serve_command(subcommands: Subcommands) -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
+        "--feed-window",
+        type=_at_least_one,
+        default=DEFAULT_FEED_WINDOW,
+        metavar="N",
+        help=(
+            "how many recent changes GET /watch keeps; a follower further behind reads "
+            f"GET /snapshot again ({DEFAULT_FEED_WINDOW})"
+        ),
+    )
+    parser.add_argument(
         "--journal-compact-min-bytes",
         type=_at_least_zero,
         metavar="BYTES",
@@ -448,6 +458,7 @@ def run_serve(args: argparse.Namespace) -> int:
         state_dir=args.state_dir,
         routing=RoutingSettings(idempotency_ttl=args.idempotency_ttl),
         slo_poll_interval=args.slo_poll_interval,
+        feed_window=args.feed_window,
         # Identities come from the TLS handshake, or from the proxy that was
         # named as the one doing it: either way, a change without one is refused.
         require_identity=settings.mutual_tls or args.trust_proxy_cert_header is not None,

@@ -18,7 +18,13 @@ import attrs
 import httpx
 from cryptography import x509
 
-from crank_registry import DEFAULT_TRUST_DOMAIN, HealthPolicy, RoutingSettings, is_trust_domain
+from crank_registry import (
+    DEFAULT_FEED_WINDOW,
+    DEFAULT_TRUST_DOMAIN,
+    HealthPolicy,
+    RoutingSettings,
+    is_trust_domain,
+)
 from crank_worker_client.body import READ_TIMEOUT
 from crank_worker_client.certificates import DEFAULT_WATCH_INTERVAL
 
@@ -156,6 +162,9 @@ class ServiceConfig:
     #: owner decides: ``crank-registry serve`` sets it; an application that
     #: embeds the service leaves its collector alone by default.
     pause_gc_during_recovery: bool = False
+    #: How many recent changes the change feed keeps (``GET /watch``); a
+    #: follower further behind reads ``GET /snapshot`` again.
+    feed_window: int = attrs.field(default=DEFAULT_FEED_WINDOW, validator=_positive_int)
     #: The journal is not compacted while it is smaller than this (bytes).
     journal_compact_min_bytes: int = attrs.field(
         default=DEFAULT_COMPACT_MIN_BYTES, validator=_non_negative_int

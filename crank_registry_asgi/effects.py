@@ -46,6 +46,7 @@ from crank_registry import (
     WorkerRegistered,
     WorkerUnhealthy,
     capability_label,
+    encode_epoch,
     encode_event,
     encode_snapshot,
     iso_utc,
@@ -80,8 +81,10 @@ class LineJournal(Protocol):
 class RegistrySnapshots:
     """The journal's snapshots of a registry, rendered with the core's codec."""
 
-    def __init__(self, registry: CapabilityRegistry) -> None:
+    def __init__(self, registry: CapabilityRegistry, epoch: str | None = None) -> None:
         self.registry = registry
+        #: The registry's epoch, written at the top of every compacted file (when set).
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.registry)
@@ -89,7 +92,12 @@ class RegistrySnapshots:
     def capture(self) -> Callable[[], bytes]:
         """The registry's snapshot now; the function returned renders it (in a thread)."""
         snapshot = self.registry.snapshot()
-        return lambda: b"".join(encode_snapshot(snapshot))
+        epoch = b"" if self.epoch is None else encode_epoch(self.epoch)
+        return lambda: epoch + b"".join(encode_snapshot(snapshot))
+
+
+def _nothing() -> None:
+    pass
 
 
 def _field_value(value: object) -> str:
@@ -133,6 +141,8 @@ class Effects:
         self.heartbeat_line_every = heartbeat_line_every
         # worker id -> the time of its last heartbeat in the journal
         self._journaled: dict[str, float] = {}
+        #: Called after changes were applied (the change feed wakes its watchers).
+        self.applied: Callable[[], None] = _nothing
 
     async def commit(self, events: Sequence[Event]) -> None:
         """Make the changes of ``events`` durable, apply them, then trace, count and log.
@@ -161,6 +171,8 @@ class Effects:
                     await self.journal.append(lines, durable=False)
                 except JournalUnavailable as error:
                     logger.warning("heartbeat not journaled %s", log_fields(error=str(error)))
+        if changes:
+            self.applied()
         for event in events:
             self._observe(event)
 

@@ -47,6 +47,8 @@ from crank_registry import (
     Forbidden,
     PolicyDenied,
     RegistryError,
+    RevisionCompacted,
+    RevisionReset,
     UnknownCapability,
     ValidationError,
     WorkerNotRegistered,
@@ -156,6 +158,10 @@ def registry_error_response(error: RegistryError) -> JSONResponse:
         fields["reason"] = error.reason
         if error.explain is not None:
             fields["explain"] = error.explain
+    elif isinstance(error, RevisionCompacted):
+        fields["oldest"] = error.oldest
+    elif isinstance(error, RevisionReset):
+        fields["revision"] = error.latest
     return error_response(error.status_hint, error.code, str(error), **fields)
 
 

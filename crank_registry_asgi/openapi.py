@@ -28,8 +28,10 @@ from typing import Any
 import attrs
 
 from crank_registry import (
+    EVENT_TYPES,
     JSON_SCHEMA,
     CapabilitiesAnswer,
+    Change,
     DeregisterAnswer,
     DeregisterRequest,
     ErrorAnswer,
@@ -41,6 +43,9 @@ from crank_registry import (
     Registration,
     RouteRequest,
     SlosAnswer,
+    SnapshotAnswer,
+    WatchAnswer,
+    WatchQuery,
     WorkerEndpoint,
     WorkersAnswer,
 )
@@ -149,6 +154,18 @@ ERRORS: Mapping[str, ErrorCode] = {
                 "schema": {"type": "string", "pattern": "^[0-9]+$"},
             }
         },
+    ),
+    "revision_compacted": ErrorCode(
+        410,
+        "The changes after since have left the feed's window (serve --feed-window): "
+        "load /snapshot again; oldest is the lowest since still answered.",
+        ("oldest",),
+    ),
+    "revision_reset": ErrorCode(
+        410,
+        "since is beyond the latest revision, or epoch is another history's (a new "
+        "journal): load /snapshot again; revision is the latest.",
+        ("revision",),
     ),
     "not_found": ErrorCode(404, "No such path."),
     "method_not_allowed": ErrorCode(405, "The path does not take this method (see Allow)."),
@@ -268,6 +285,27 @@ OPERATIONS: tuple[Operation, ...] = (
     ),
     Operation(
         "GET",
+        "/snapshot",
+        "snapshot",
+        "The whole registry at one revision, to follow with /watch",
+        SnapshotAnswer,
+        "The epoch, the revision, the timings and every worker with its state; "
+        "follow it with /watch?epoch=EPOCH&since=REVISION.",
+        errors=("invalid_request",),
+    ),
+    Operation(
+        "GET",
+        "/watch",
+        "watch",
+        "Long poll: the changes after a revision, waiting for one when there is none",
+        WatchAnswer,
+        "At most 1000 changes after since, at once when there are any; else the changes "
+        "that come within timeout, or none and the latest revision (the bookmark).",
+        errors=("invalid_request", "revision_compacted", "revision_reset"),
+        query=WatchQuery,
+    ),
+    Operation(
+        "GET",
         "/metrics",
         "metrics",
         "Prometheus metrics (text exposition format 0.0.4)",
@@ -357,6 +395,23 @@ def model_schema(cls: type[Any], components: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def change_schema(components: dict[str, Any]) -> dict[str, Any]:
+    """One change of the feed: any of the event types that are changes, tagged by ``type``.
+
+    The form is the journal's (``crank_registry.unstructure_event``); its
+    ``type`` says which change it is.
+    """
+    variants = []
+    for tag, cls in sorted(EVENT_TYPES.items()):
+        if not issubclass(cls, Change):
+            continue
+        schema = model_schema(cls, components)
+        schema["properties"] = {"type": {"const": tag}, **schema["properties"]}
+        schema["required"] = ["type", *schema["required"]]
+        variants.append(schema)
+    return {"description": "A change of the registry, with its revision.", "oneOf": variants}
+
+
 def component_name(code: str) -> str:
     """The component of an error code: ``worker_not_registered`` -> ``WorkerNotRegistered``."""
     return "".join(part.capitalize() for part in code.split("_"))
@@ -406,7 +461,10 @@ def error_answers(codes: Iterable[str], errors: Mapping[str, ErrorCode]) -> dict
 
 
 def query_parameters(model: type[Any], components: dict[str, Any]) -> list[dict[str, Any]]:
-    """The OpenAPI query parameters of ``model``: each field, optional, without its null."""
+    """The OpenAPI query parameters of ``model``: each field, without its null.
+
+    A field without a default is a required parameter; the others are optional.
+    """
     parameters = []
     for name, given in property_schemas(model, components).items():
         kind = given.get("type")
@@ -415,7 +473,9 @@ def query_parameters(model: type[Any], components: dict[str, Any]) -> list[dict[
         field = attrs.fields_dict(model)[name]
         if field.default is not None and field.default is not attrs.NOTHING:
             schema["default"] = field.default
-        parameter: dict[str, Any] = {"name": name, "in": "query", "required": False}
+        # Required when the model has no default for it (/watch's since).
+        required = field.default is attrs.NOTHING
+        parameter: dict[str, Any] = {"name": name, "in": "query", "required": required}
         description = schema.pop("description", None)
         if description is not None:
             parameter["description"] = description
@@ -461,6 +521,8 @@ def build_document(
         paths.setdefault(operation.path, {})[operation.method.lower()] = operation_object(
             operation, errors, components
         )
+    if WatchAnswer.__name__ in components:  # its events are changes (its metadata's $ref)
+        components["Change"] = change_schema(components)
     for code, spec in errors.items():
         components[component_name(code)] = error_schema(code, spec, components)
     _check_patterns(components)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import time
 import zlib
 from typing import Any
 
@@ -26,7 +27,6 @@ from crank_registry import (
 from crank_registry_asgi.journal import JOURNAL_NAME
 from tests.builders import capability
 from tests.cli.helpers import free_port, serving
-from tests.journal.helpers import T0
 
 pytestmark = pytest.mark.slow
 
@@ -49,23 +49,28 @@ def with_capability_value(part: bytes, field: str, value: Any) -> bytes:
 
 
 def damaged_journal() -> bytes:
+    # Heard from just now: no sweep of the started controller evicts them
+    # before the test reads /workers (T0 is years ago: they would be due).
+    now = time.time()
     registry = CapabilityRegistry()
     for i in range(12):
         offered = [capability(f"service.s{i // 2}")]  # one of its own per part
-        registry.register(f"s{i}", f"http://10.0.0.{i + 1}:8080", offered, now=T0)
-    stale = encode_snapshot(Snapshot(2, (WorkerRecord("old", "http://h:1", (capability(),), T0),)))
+        registry.register(f"s{i}", f"http://10.0.0.{i + 1}:8080", offered, now=now)
+    stale = encode_snapshot(Snapshot(2, (WorkerRecord("old", "http://h:1", (capability(),), now),)))
     part0, part1, *rest = encode_snapshot(registry.snapshot(), part_size=2)
-    flipped = bytearray(part0)
-    flipped[len(flipped) // 2] ^= 0x01
-    lines = [bytes(flipped), part1]
+    # One bit flipped inside a worker id ("s0" -> "r0"): still JSON, so only
+    # the checksum can tell (a flip elsewhere may break the JSON instead).
+    assert part0.count(b'"s0"') == 1
+    flipped = part0.replace(b'"s0"', b'"%c0"' % (ord("s") ^ 0x01))
+    lines = [flipped, part1]
     lines += [
         with_capability_value(p, f, v) for p, (f, v) in zip(rest, REFUSED_VALUES, strict=True)
     ]
     later = CapabilityRegistry()
     later.apply_snapshot(registry.snapshot())
-    lines += [encode_event(e) for e in later.register("n1", "http://h:2", [capability()], now=T0)]
+    lines += [encode_event(e) for e in later.register("n1", "http://h:2", [capability()], now=now)]
     lines += stale  # line 8: revision 2, after revision 13
-    lines += [encode_event(e) for e in later.register("n2", "http://h:3", [capability()], now=T0)]
+    lines += [encode_event(e) for e in later.register("n2", "http://h:3", [capability()], now=now)]
     return b"".join(lines)
 
 

@@ -371,6 +371,8 @@ async def test_openapi_document_is_served() -> None:
             "/capabilities",
             "/workers",
             "/slos",
+            "/snapshot",
+            "/watch",
             "/metrics",
             "/openapi.json",
         }

@@ -26,6 +26,8 @@ from crank_registry import (
     HeartbeatAnswer,
     RegisterAnswer,
     SlosAnswer,
+    SnapshotAnswer,
+    WatchAnswer,
     WorkerEndpoint,
     WorkersAnswer,
     structure,
@@ -47,6 +49,8 @@ _MODELS: dict[str, type[Any]] = {
     "/capabilities": CapabilitiesAnswer,
     "/workers": WorkersAnswer,
     "/slos": SlosAnswer,
+    "/snapshot": SnapshotAnswer,
+    "/watch": WatchAnswer,
 }
 
 
@@ -65,7 +69,8 @@ async def _answers(state_dir: Path) -> list[tuple[str, str, httpx.Response]]:
     answers: list[tuple[str, str, httpx.Response]] = []
 
     async def send(api: Any, method: str, path: str, **kwargs: Any) -> None:
-        answers.append((method, path, await api.client.request(method, path, **kwargs)))
+        response = await api.client.request(method, path, **kwargs)
+        answers.append((method, path.partition("?")[0], response))
 
     json = {"content-type": "application/json"}
     route = {"verb": "classify", "capability": "image.classify"}
@@ -87,6 +92,9 @@ async def _answers(state_dir: Path) -> list[tuple[str, str, httpx.Response]]:
         await send(api, "GET", "/workers")
         await send(api, "GET", "/openapi.json")
         await send(api, "GET", "/metrics")
+        await send(api, "GET", "/snapshot")
+        await send(api, "GET", "/watch?since=0&timeout=1")
+        await send(api, "GET", "/watch?since=99")  # revision_reset
         api.advance(61)  # w1 silent past unhealthy_after: known, not routable
         await send(api, "POST", "/route", json=route)  # no_worker_available
         await send(api, "POST", "/deregister", json={"worker_id": "w1"})
@@ -113,6 +121,10 @@ async def _answers(state_dir: Path) -> list[tuple[str, str, httpx.Response]]:
         await send(api, "POST", "/route", json=route)  # policy_denied, no explain
         denied_for = {**route, "requester_identity": "spiffe://crank.local/client/c"}
         await send(api, "POST", "/route", json=denied_for)  # forbidden, no worker_id
+    async with running(ServiceConfig(feed_window=1)) as api:
+        await send(api, "POST", "/register", json=registration_payload("w1"))
+        await send(api, "POST", "/register", json=registration_payload("w2"))
+        await send(api, "GET", "/watch?since=0")  # revision_compacted
     async with running(ServiceConfig(request_read_timeout=0.05)) as api:
         await send(api, "POST", "/route", content=_stalled(), headers=json)  # request_timeout
     # The SLO files of another state directory, one with every key.
