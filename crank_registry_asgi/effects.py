@@ -90,10 +90,15 @@ class RegistrySnapshots:
         return len(self.registry)
 
     def capture(self) -> Callable[[], bytes]:
-        """The registry's snapshot now; the function returned renders it (in a thread)."""
-        snapshot = self.registry.snapshot()
+        """The registry's snapshot now; the function returned renders it (in a thread).
+
+        Only the cheap copy is taken here, on the event loop (about 25 ms at
+        100 000 workers, where making every record takes a third of a
+        second); the records are made with the rendering, off the loop.
+        """
+        copy = self.registry.snapshot_copy()
         epoch = b"" if self.epoch is None else encode_epoch(self.epoch)
-        return lambda: epoch + b"".join(encode_snapshot(snapshot))
+        return lambda: epoch + b"".join(encode_snapshot(copy.snapshot()))
 
 
 def _nothing() -> None:
