@@ -417,6 +417,8 @@ class ControllerService:
         annotate(verb=ask.verb, capability=ask.capability)
         requester = self.requester(request, ask.requester_identity)
         options = RouteOptions.from_request(ask)
+        # Whether the caller asked for options: the requester added below is not one.
+        optioned = options is not None
         if requester is not None:
             options = attrs.evolve(options or RouteOptions(), requester_identity=requester)
         explanation: RouteExplanation | None = None
@@ -434,7 +436,7 @@ class ControllerService:
             raise
         if endpoint is None:
             raise self.no_worker_available(
-                ask.verb, ask.capability, explain=explanation, optioned=options is not None
+                ask.verb, ask.capability, explain=explanation, optioned=optioned
             )
         self.effects.routed()
         annotate(worker_id=endpoint.worker_id)

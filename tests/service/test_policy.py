@@ -178,3 +178,16 @@ def test_an_invalid_policy_file_stops_the_app(tmp_path: Path) -> None:
 def test_trusted_gateways_must_be_spiffe_ids(gateways: Any) -> None:
     with pytest.raises(ValueError, match="trusted_gateways must be SPIFFE IDs"):
         ServiceConfig(trusted_gateways=gateways)
+
+
+async def test_a_plain_route_by_an_identified_caller_is_not_told_of_options(
+    tmp_path: Path,
+) -> None:
+    """The caller's identity reaches the core as the requester, not as an option it asked for."""
+    async with controller(POLICY, tmp_path) as caller:
+        caller.api.advance(61)  # w1 silent past unhealthy_after
+        answer = await caller.as_(WEB).route()
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["message"] == "no healthy worker for 'classify' on 'image.classify'"
+        optioned = await caller.as_(WEB).route(version=">=1")
+        assert "meets the route's options" in optioned.json()["message"]
