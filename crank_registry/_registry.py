@@ -794,7 +794,7 @@ class CapabilityRegistry:
         """The workers in all, routable at ``now``, and matching the filters (as listings)."""
         counter = self.counter(now=now, state=state, verb=verb, capability=capability)
         while not counter.step(len(self._workers) + 1):
-            pass  # one step counts every worker: it is the last
+            pass  # a budget past the registry's size: it ends in a step or two
         return counter.counts()
 
     def counter(
@@ -843,7 +843,7 @@ class CapabilityRegistry:
             now=now, after=after, limit=limit, state=state, verb=verb, capability=capability
         )
         while not pager.step(len(self._workers) + 1):
-            pass  # one step walks every worker: it is the last
+            pass  # a budget past the registry's size: it ends in a step or two
         return pager.page()
 
     def workers_pager(
@@ -894,7 +894,7 @@ class CapabilityRegistry:
             now=now, after=after, limit=limit, state=state, verb=verb, capability=capability
         )
         while not pager.step(len(self._workers) + 1):
-            pass  # a step walks at most one capability's workers
+            pass  # a step walks capabilities until the budget is spent
         return pager.page()
 
     def capabilities_pager(

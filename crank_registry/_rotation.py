@@ -19,7 +19,7 @@ knows nothing of the registry around it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 from ._records import Member
 
@@ -126,10 +126,6 @@ class Rotation:
         if chosen.slot >= 0:
             self.cursor = chosen.slot + 1
         return chosen
-
-    def members(self) -> Iterator[Member]:
-        """The members in the ring, in ring order."""
-        return (member for member in self.ring if member is not None)
 
     def everyone(self) -> list[Member]:
         """Every member: those in the ring in ring order, then those out of it. O(members)."""

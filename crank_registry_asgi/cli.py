@@ -34,7 +34,12 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 from cryptography import x509
 
-from crank_registry import DEFAULT_FEED_WINDOW, DEFAULT_TRUST_DOMAIN, is_trust_domain
+from crank_registry import (
+    DEFAULT_FEED_WINDOW,
+    DEFAULT_TRUST_DOMAIN,
+    identity_problem,
+    is_trust_domain,
+)
 from crank_worker_client.certificates import DEFAULT_EXPIRY_WARNING, DEFAULT_WATCH_INTERVAL
 
 from .config import GatewayConfig, is_positive_number, is_whole_number
@@ -453,6 +458,10 @@ def run_serve(args: argparse.Namespace) -> int:
             raise UsageError(f"{error} ({_source_of_file(str(error), args)})") from None
     for warning in _security_warnings(settings):
         logging.getLogger(__name__).warning("%s", warning)
+    for gateway in args.trusted_gateway:
+        problem = identity_problem(gateway, args.trust_domain)
+        if problem is not None:
+            raise UsageError(f"--trusted-gateway {gateway!r} {problem}")
     config = ServiceConfig(
         policy=policy,
         state_dir=args.state_dir,

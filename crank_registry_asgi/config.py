@@ -23,6 +23,7 @@ from crank_registry import (
     DEFAULT_TRUST_DOMAIN,
     HealthPolicy,
     RoutingSettings,
+    identity_problem,
     is_trust_domain,
 )
 from crank_worker_client.body import READ_TIMEOUT
@@ -191,8 +192,12 @@ class ServiceConfig:
         if self.trusted_proxies and self.proxy_cert_header is None:
             raise ValueError("trusted_proxies limit who may send proxy_cert_header; name it")
         for gateway in self.trusted_gateways:
-            if not isinstance(gateway, str) or not gateway.startswith("spiffe://"):
+            if not isinstance(gateway, str):
                 raise ValueError(f"trusted_gateways must be SPIFFE IDs, got {gateway!r}")
+            # A gateway that is not an identity of the trust domain could never be matched.
+            problem = identity_problem(gateway, self.trust_domain)
+            if problem is not None:
+                raise ValueError(f"trusted_gateways: {gateway!r} {problem}")
         for network in self.trusted_proxies:
             if not isinstance(network, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
                 raise ValueError(f"trusted_proxies must be IP networks, got {network!r}")

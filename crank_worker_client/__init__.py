@@ -13,7 +13,7 @@
 
 Depends on the core (``crank_registry``), httpx and anyio only. With the
 ``tracing`` extra (opentelemetry-api), every request carries the current W3C
-trace context; without it, none does. Two public modules beside:
+trace context; without it, none does. Three public modules beside:
 
 - :mod:`crank_worker_client.serving`, with the ``serving`` extra
   (jsonschema): serves capabilities on the invocation convention.

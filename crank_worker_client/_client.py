@@ -506,7 +506,10 @@ def _read_answer(data: dict[str, Any], answer: type[T], what: str) -> T:
 
 
 def _explanation(data: Any) -> RouteExplanation | None:
-    """A 503's ``explain``, if it carries a valid one (an error answer is read leniently)."""
+    """An error answer's ``explain`` (503 ``no_worker_available``, 403 ``policy_denied``).
+
+    ``None`` unless it carries a valid one (an error answer is read leniently).
+    """
     if data is None:
         return None
     try:

@@ -109,6 +109,10 @@ def test_policy_flags_parse() -> None:
     ("flags", "says"),
     [
         (["--trusted-gateway", "platform"], "expected a SPIFFE ID"),
+        (
+            ["--trusted-gateway", "spiffe://evil.local/client/p"],
+            "--trusted-gateway 'spiffe://evil.local/client/p' its trust domain 'evil.local'",
+        ),
         (["--policy-watch-interval", "0"], "--policy-watch-interval"),
         (["--policy-watch-interval", "2"], "--policy-watch-interval needs --policy"),
     ],

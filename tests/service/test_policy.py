@@ -174,10 +174,20 @@ def test_an_invalid_policy_file_stops_the_app(tmp_path: Path) -> None:
         create_app(config=ServiceConfig(policy_file=tmp_path / "missing.toml"))
 
 
-@pytest.mark.parametrize("gateways", [["platform"], "spiffe://crank.local/client/p", [5]])
-def test_trusted_gateways_must_be_spiffe_ids(gateways: Any) -> None:
-    with pytest.raises(ValueError, match="trusted_gateways must be SPIFFE IDs"):
+@pytest.mark.parametrize(
+    ("gateways", "says"),
+    [
+        (["platform"], "not a SPIFFE ID"),
+        ("spiffe://crank.local/client/p", "not a SPIFFE ID"),  # a string is not a list of IDs
+        ([5], "must be SPIFFE IDs"),
+        (["spiffe://evil.local/client/p"], "trust domain 'evil.local' is not the trusted"),
+    ],
+)
+def test_trusted_gateways_must_be_identities_of_the_trust_domain(gateways: Any, says: str) -> None:
+    with pytest.raises(ValueError, match="trusted_gateways") as refused:
         ServiceConfig(trusted_gateways=gateways)
+    assert says in str(refused.value)
+    assert ServiceConfig(trusted_gateways=["spiffe://crank.local/client/p"]).trusted_gateways
 
 
 async def test_a_plain_route_by_an_identified_caller_is_not_told_of_options(
