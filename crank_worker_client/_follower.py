@@ -520,9 +520,7 @@ def _as_client_error(
 
 
 def _invalid(error: ValidationError) -> ControllerError:
-    body = ErrorAnswer(
-        error="invalid_request", message=f"invalid route: {error}", detail=error.problems
-    )
+    body = ErrorAnswer(error="invalid_request", message=str(error), detail=error.problems)
     return _as_client_error(422, unstructure(body), {})
 
 
