@@ -23,7 +23,9 @@ the feed catches up, routes are local again.
 The follow loop reconnects with the client's backoff (:mod:`._schedule`);
 a 410 (``revision_compacted``, ``revision_reset``), another epoch, a gap in
 the revisions or a change the fold refuses loads the snapshot again. The
-replica in use is swapped whole, so a route never sees half a reload.
+replica in use is swapped whole, so a route never sees half a reload;
+what the old one counted locally (hand-outs, idempotency keys) starts
+afresh, and a reserved call ends on the replica it started on.
 """
 
 from __future__ import annotations

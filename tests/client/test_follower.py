@@ -25,6 +25,7 @@ from crank_worker_client import (
     NoWorkerAvailable,
     PolicyDenied,
     RegistryFollower,
+    RevisionGone,
     UnknownCapability,
     WorkerAgent,
     lag_limit,
@@ -268,6 +269,25 @@ async def test_a_follower_reloads_the_snapshot_after_a_410() -> None:
             assert follower.epoch == controller.app.state.service.epoch
             assert await routed(follower) == {"w5"}
         await controller.stop()
+
+
+async def test_the_client_reads_the_feed_and_says_when_to_load_the_snapshot_again(
+    controller: InProcessController,
+) -> None:
+    async with (
+        agent(controller, "w1"),
+        ControllerClient(URL, transport=controller.transport) as client,
+    ):
+        snapshot = await client.snapshot()
+        assert [record.worker_id for record in snapshot.workers] == ["w1"]
+        bookmark = await client.watch(since=snapshot.revision, epoch=snapshot.epoch, timeout=0.1)
+        assert (bookmark.revision, bookmark.events) == (snapshot.revision, ())
+        with pytest.raises(RevisionGone) as beyond:
+            await client.watch(since=snapshot.revision + 5, timeout=0.1)
+        assert (beyond.value.code, beyond.value.status) == ("revision_reset", 410)
+        with pytest.raises(RevisionGone) as other:
+            await client.watch(since=snapshot.revision, epoch="another", timeout=0.1)
+        assert other.value.code == "revision_reset"
 
 
 async def test_a_reserved_call_counts_for_least_loaded_until_it_ends(

@@ -1,4 +1,4 @@
-"""RegistryFollower against a real `crank-registry serve` process stopped by SIGSTOP (real time).
+"""RegistryFollower and a real ``crank-registry serve`` process stopped by SIGSTOP (real time).
 
 The controller runs on plain HTTP with a 0.5 s heartbeat interval, so the
 follower's lag limit is 1 s. While the controller is stopped the follower
