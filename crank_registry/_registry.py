@@ -183,9 +183,9 @@ class CapabilityRegistry:
         routes_by_state: bool = False,
     ) -> None:
         # A replica fed by the change feed hears no heartbeats, so time must
-        # not change its states: only events do (DESIGN, "Followers keep no
-        # clock for health"). Its states have no deadline (_refresh).
+        # not change its states, only events: its states have no deadline.
         self._routes_by_state = routes_by_state
+        self._deadline = health.no_deadline if routes_by_state else health.deadline
         # The last feed_window changes, for the change feed (every change the fold applies).
         self._feed = ChangeLog(feed_window)
         self._policy = policy if policy is not None else HealthPolicy()
@@ -1141,13 +1141,11 @@ class CapabilityRegistry:
     def _refresh(self, worker: Worker) -> None:
         """Recompute what follows from the worker's state and last heartbeat.
 
-        On a registry that routes by state no deadline is ever due, so a
-        routable state stays routable until an event changes it.
+        On a registry that routes by state no deadline is ever due
+        (:func:`~._health.no_deadline`), so a routable state stays routable
+        until an event changes it.
         """
-        if self._routes_by_state:
-            deadline = math.inf
-        else:
-            deadline = health.deadline(worker.health, worker.last_heartbeat, self._policy)
+        deadline = self._deadline(worker.health, worker.last_heartbeat, self._policy)
         worker.routable_until = health.routable_until(worker.health, deadline)
         earlier = deadline < worker.deadline
         worker.deadline = deadline
