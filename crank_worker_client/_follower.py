@@ -268,9 +268,11 @@ class RegistryFollower:
             )
             if answer is not None:
                 return answer
-            now = self._clock()
+            replica, now = self.registry, self._clock()  # (reloaded meanwhile, perhaps)
         if (
-            version is None
+            type(verb) is str
+            and type(capability) is str
+            and version is None
             and exclude is None
             and slo_constraints is None
             and budget_tokens is None
@@ -306,9 +308,11 @@ class RegistryFollower:
         )
         ask = _check_request(body)
         try:
-            options = RouteOptions.from_request(ask) or RouteOptions()
+            asked = RouteOptions.from_request(ask)
         except ValidationError as error:
             raise _invalid(error) from None
+        # Whether the caller asked for options: this process's identity is not one.
+        options = RouteOptions() if asked is None else asked
         if options.requester_identity is None and self._identity is not None:
             options = attrs.evolve(options, requester_identity=self._identity)
         explanation = None
@@ -324,7 +328,7 @@ class RegistryFollower:
         except CorePolicyDenied as denial:
             raise self._denied(denial) from None
         if endpoint is None:
-            raise self._no_worker(verb, capability, explain=explanation, optioned=True)
+            raise self._no_worker(verb, capability, explain=explanation, optioned=asked is not None)
         return endpoint
 
     @contextlib.asynccontextmanager

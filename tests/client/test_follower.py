@@ -173,6 +173,17 @@ async def test_a_follower_answers_as_the_controller_client_does(
         with pytest.raises(NoWorkerAvailable) as told:
             await client.route(*CLASSIFY)
         assert silent.value.body == told.value.body
+        for options in ({"explain": True}, {"strategy": "least_loaded"}):
+            with pytest.raises(NoWorkerAvailable) as silent:
+                await follower.route(*CLASSIFY, **options)
+            with pytest.raises(NoWorkerAvailable) as told:
+                await client.route(*CLASSIFY, **options)
+            assert silent.value.body == told.value.body
+        with pytest.raises(InvalidRequest) as here:
+            await follower.route(["classify"], "image.classify")  # type: ignore[arg-type]
+        with pytest.raises(InvalidRequest) as there:
+            await client.route(["classify"], "image.classify")  # type: ignore[arg-type]
+        assert here.value.body == there.value.body
         assert str(silent.value).startswith("RegistryFollower.route: no worker available")
 
 
