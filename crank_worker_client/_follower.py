@@ -41,7 +41,6 @@ from typing import Any
 
 import anyio
 import anyio.abc
-import attrs
 import httpx
 
 from crank_registry import (
@@ -314,7 +313,7 @@ class RegistryFollower:
         # Whether the caller asked for options: this process's identity is not one.
         options = RouteOptions() if asked is None else asked
         if options.requester_identity is None and self._identity is not None:
-            options = attrs.evolve(options, requester_identity=self._identity)
+            options = options.with_requester(self._identity)
         explanation = None
         try:
             if explain:
