@@ -7,6 +7,8 @@
   an ASGI application's lifespan.
 - :class:`ControllerClient`: ``route`` a request to a worker, list
   capabilities and workers, read the controller's health.
+- :class:`RegistryFollower`: a replica of the registry in this process,
+  kept by the controller's change feed; routes answered without I/O.
 - :class:`TLSConfig`: the CA bundle and, for mTLS, the client certificate.
 - The errors, rooted at :class:`ClientError` (the tree is drawn in
   :mod:`crank_worker_client._exceptions`).
@@ -45,10 +47,12 @@ from ._exceptions import (
     NoWorkerAvailable,
     PolicyDenied,
     RegistrationFailed,
+    RevisionGone,
     UnexpectedResponse,
     UnknownCapability,
     WorkerNotRegisteredError,
 )
+from ._follower import RegistryFollower, lag_limit
 from ._lifespan import AgentLifespanMiddleware, agent_lifespan
 from ._load import LoadMeter
 from ._schedule import (
@@ -84,6 +88,8 @@ __all__ = [
     "Outcome",
     "RegistrationAck",
     "RegistrationFailed",
+    "RegistryFollower",
+    "RevisionGone",
     "TLSConfig",
     "UnexpectedResponse",
     "PolicyDenied",
@@ -92,6 +98,7 @@ __all__ = [
     "WorkerInfo",
     "WorkerNotRegisteredError",
     "agent_lifespan",
+    "lag_limit",
     "next_heartbeat_delay",
     "registration_backoff",
 ]
