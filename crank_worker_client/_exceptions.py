@@ -71,12 +71,14 @@ class ControllerUnavailable(ClientError):
     """The controller could not be reached or failed (5xx); the request may be retried.
 
     ``status`` is the HTTP status of a 5xx answer, ``None`` for a network error
-    or a timeout (then ``__cause__`` is the httpx exception).
+    or a timeout (then ``__cause__`` is the httpx exception). ``code`` is the
+    answer's ``error`` field (``store_unavailable``...), ``None`` without one.
     """
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.code = code
 
 
 class ControllerError(ClientError):
