@@ -157,6 +157,11 @@ def _checked(url: str, name: str, *, insecure: bool, tls_given: bool) -> str:
         raise ConfigurationError(
             f"{name} must be an absolute https:// URL (or http:// with insecure=True)"
         )
+    if any(char.isspace() or char == ";" for char in parts.netloc):
+        # Likely several URLs run together: only commas separate them.
+        raise ConfigurationError(
+            f"{name} has a space or ';' in its host; separate several URLs with commas"
+        )
     if parts.query or parts.fragment:
         raise ConfigurationError(f"{name} must not have a query or fragment")
     if parts.scheme == "http":
