@@ -8,6 +8,8 @@
 - :class:`ControllerClient`: ``route`` a request to a worker, list
   capabilities and workers, read the controller's health.
 - :class:`TLSConfig`: the CA bundle and, for mTLS, the client certificate.
+  :data:`ControllerURLs`: one controller's URL or several sharing one
+  registry (a list, or separated by commas, as in ``CONTROLLER_URL``).
 - The errors, rooted at :class:`ClientError` (the tree is drawn in
   :mod:`crank_worker_client._exceptions`).
 
@@ -33,7 +35,7 @@ from ._client import (
     RegistrationAck,
     WorkerInfo,
 )
-from ._config import DEFAULT_CONTROLLER_URL, TLSConfig
+from ._config import DEFAULT_CONTROLLER_URL, ControllerURLs, TLSConfig
 from ._exceptions import (
     ClientCertificateRequired,
     ClientError,
@@ -74,6 +76,7 @@ __all__ = [
     "ControllerClient",
     "ControllerError",
     "ControllerHealth",
+    "ControllerURLs",
     "ControllerUnavailable",
     "ForbiddenError",
     "HeartbeatAck",

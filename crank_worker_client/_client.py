@@ -504,11 +504,11 @@ class ControllerClient:
 
     def _answered(self, index: int, failures: Sequence[ControllerUnavailable]) -> None:
         """Controller ``index`` answered: ask it first from now on, and say so when it changed."""
-        if index != self._current:
+        if index != self._current:  # so the current one failed first
             logger.warning(
                 "controller %s failed (%s); %s answered and is asked first from now on",
                 self.controller_url,
-                failures[0] if failures else "no answer",
+                failures[0],
                 self.controller_urls[index],
             )
             self._current = index

@@ -5,7 +5,7 @@ One root, :class:`ClientError`; what went wrong decides the branch::
     ClientError
     ├── ConfigurationError          a bad URL, TLS setting or registration (also ValueError)
     │   └── ClientCertificateRequired  the controller requires a client certificate (mTLS)
-    ├── ControllerUnavailable       network error, timeout, or a 5xx answer: try again later
+    ├── ControllerUnavailable       network error, timeout or 5xx (.status .code): try again later
     ├── ControllerError             the controller answered with an error: .code .status .body
     │   ├── NoWorkerAvailable       503 no_worker_available (.retry_after, .explain)
     │   ├── UnknownCapability       404 unknown_capability: no worker offers it at all
