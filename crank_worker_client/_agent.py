@@ -412,8 +412,8 @@ class WorkerAgent:
             remaining = deadline - anyio.current_time()
             if remaining <= 0:
                 raise RegistrationFailed(
-                    f"could not register worker {self.worker_id!r} with the controller at "
-                    f"{self.controller_url} within {limit:g} s ({failures} attempts); "
+                    f"could not register worker {self.worker_id!r} with "
+                    f"{self._controllers_named()} within {limit:g} s ({failures} attempts); "
                     f"last error: {last_error or 'the registration timed out'}"
                 ) from last_error
             delay = registration_backoff(
@@ -423,6 +423,13 @@ class WorkerAgent:
                 cap=self._registration_backoff_cap,
             )
             await anyio.sleep(min(delay, remaining))
+
+    def _controllers_named(self) -> str:
+        """``the controller at URL``, or ``any of the controllers at URL, URL...``."""
+        urls = self.controller_urls
+        if len(urls) == 1:
+            return f"the controller at {urls[0]}"
+        return f"any of the controllers at {', '.join(urls)}"
 
     # -- while open -------------------------------------------------------
 

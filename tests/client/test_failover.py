@@ -27,6 +27,7 @@ from crank_worker_client import (
     ConfigurationError,
     ControllerClient,
     ControllerUnavailable,
+    RegistrationFailed,
     UnknownCapability,
     WorkerAgent,
 )
@@ -207,6 +208,22 @@ async def test_when_every_controller_fails_each_is_tried_once_per_exchange() -> 
         assert agent.status.registered and agent.controller_url == C
         assert min(heartbeat_times(c, since=back_at)) - back_at <= INTERVAL
         assert agent.status.registrations == 1 and "/register" not in c.paths()
+
+
+async def test_registration_gives_up_naming_every_controller() -> None:
+    (a, b), transport = shared()
+    a.fault, b.fault = "down", "error"
+    with pytest.raises(RegistrationFailed) as caught:
+        async with make_agent(transport, registration_deadline=10.0):
+            pytest.fail("the block must not run without a registration")
+    message = str(caught.value)
+    assert message.startswith(
+        f"could not register worker 'w1' with any of the controllers at {A}, {B} within 10 s"
+    )
+    assert "none of the 2 controllers answered" in message
+    # Every attempt asked both, at the same moment.
+    assert [call.at for call in a.calls] == [call.at for call in b.calls]
+    assert len(a.calls) > 3
 
 
 async def test_deregistration_tries_each_controller_once() -> None:
