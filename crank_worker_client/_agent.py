@@ -159,7 +159,8 @@ class WorkerAgent:
     :class:`ControllerClient`. An exchange that fails on one controller
     (network error, timeout, a 5xx other than ``store_unavailable`` or
     ``journal_unavailable``) goes on to the next at once, without
-    re-registering: each try may take its share of the exchange's time.
+    re-registering; each controller tried gets an equal share of the
+    exchange's time.
 
     On enter, registration is retried with capped exponential backoff and
     full jitter (``registration_backoff_base``, ``registration_backoff_cap``)

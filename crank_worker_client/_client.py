@@ -170,8 +170,8 @@ class ControllerClient:
     controller (network error, timeout, 5xx other than a store outage) is
     sent to the next, each at most once, and the one that answered is asked
     first from then on (:attr:`controller_url`). Only ``https://`` URLs are
-    accepted unless ``insecure=True`` is passed. ``tls`` is a :class:`TLSConfig` (CA
-    bundle, client certificate and key for mTLS) or a ready
+    accepted unless ``insecure=True`` is passed. ``tls`` is a
+    :class:`TLSConfig` (CA bundle, client certificate and key for mTLS) or a ready
     :class:`ssl.SSLContext`; without it the system trust store verifies the
     controller. With a :class:`TLSConfig`, :attr:`certificates` holds the
     files it was loaded from: its ``check()`` or ``watch()`` loads renewed
