@@ -144,6 +144,48 @@ async def test_a_store_outage_is_waited_out_on_the_same_controller(code: str) ->
     assert b.calls == []
 
 
+async def test_a_fleet_moves_to_the_next_controller_each_worker_at_its_own_time() -> None:
+    (a, b), transport = shared()
+    fleet = 50
+    failed_at = 5 * INTERVAL
+
+    async def worker(number: int) -> None:
+        # Workers start at random moments within one interval, as a fleet does.
+        rng = random.Random(number)
+        await anyio.sleep(rng.uniform(0, INTERVAL))
+        async with WorkerAgent(
+            [A, B],
+            f"w{number}",
+            f"https://w{number}.test:8443",
+            [capability()],
+            transport=transport,
+            rng=rng,
+        ):
+            await anyio.sleep(failed_at + 4 * INTERVAL - anyio.current_time())
+
+    async def controller_a_dies() -> None:
+        await anyio.sleep(failed_at)
+        a.fault = "down"
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(controller_a_dies)
+        for number in range(fleet):
+            tg.start_soon(worker, number)
+    moved: dict[str, float] = {}
+    for call in b.calls_to("/heartbeat"):
+        moved.setdefault(call.body["worker_id"], call.at)
+    assert len(moved) == fleet
+    for worker_id, on_b in moved.items():
+        # Each worker's heartbeat went to B at the moment it failed on A:
+        # the spread of the fleet's schedule is kept, no burst at the failure.
+        (failed_try,) = [
+            c.at for c in a.calls if c.at >= failed_at and c.body["worker_id"] == worker_id
+        ]
+        assert on_b == failed_try and on_b - failed_at <= INTERVAL
+    assert len({round(at, 6) for at in moved.values()}) == fleet  # no two at once
+    assert "/register" not in b.paths()  # no registration storm
+
+
 async def test_the_agent_goes_back_to_the_first_controller_when_the_second_fails() -> None:
     (a, b), transport = shared()
     agent = make_agent(transport)
