@@ -10,6 +10,8 @@
 - :class:`RegistryFollower`: a replica of the registry in this process,
   kept by the controller's change feed; routes answered without I/O.
 - :class:`TLSConfig`: the CA bundle and, for mTLS, the client certificate.
+  :data:`ControllerURLs`: one controller's URL or several sharing one
+  registry (a list, or separated by commas, as in ``CONTROLLER_URL``).
 - The errors, rooted at :class:`ClientError` (the tree is drawn in
   :mod:`crank_worker_client._exceptions`).
 
@@ -35,7 +37,7 @@ from ._client import (
     RegistrationAck,
     WorkerInfo,
 )
-from ._config import DEFAULT_CONTROLLER_URL, TLSConfig
+from ._config import DEFAULT_CONTROLLER_URL, ControllerURLs, TLSConfig
 from ._exceptions import (
     ClientCertificateRequired,
     ClientError,
@@ -78,6 +80,7 @@ __all__ = [
     "ControllerClient",
     "ControllerError",
     "ControllerHealth",
+    "ControllerURLs",
     "ControllerUnavailable",
     "ForbiddenError",
     "HeartbeatAck",

@@ -5,7 +5,7 @@ One root, :class:`ClientError`; what went wrong decides the branch::
     ClientError
     ├── ConfigurationError          a bad URL, TLS setting or registration (also ValueError)
     │   └── ClientCertificateRequired  the controller requires a client certificate (mTLS)
-    ├── ControllerUnavailable       network error, timeout, or a 5xx answer: try again later
+    ├── ControllerUnavailable       network error, timeout or 5xx (.status .code): try again later
     ├── ControllerError             the controller answered with an error: .code .status .body
     │   ├── NoWorkerAvailable       503 no_worker_available (.retry_after, .explain)
     │   ├── UnknownCapability       404 unknown_capability: no worker offers it at all
@@ -73,12 +73,14 @@ class ControllerUnavailable(ClientError):
     """The controller could not be reached or failed (5xx); the request may be retried.
 
     ``status`` is the HTTP status of a 5xx answer, ``None`` for a network error
-    or a timeout (then ``__cause__`` is the httpx exception).
+    or a timeout (then ``__cause__`` is the httpx exception). ``code`` is the
+    answer's ``error`` field (``store_unavailable``...), ``None`` without one.
     """
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.code = code
 
 
 class ControllerError(ClientError):
