@@ -99,16 +99,19 @@ class Load:
     ``counted_since``: since
     its latest report that has ``in_flight`` (that count includes them),
     else since the start of the current heartbeat interval
-    (:meth:`hand_out`), so that it cannot grow for ever.
+    (:meth:`hand_out`), so that it cannot grow for ever. ``calls`` are the
+    calls this process has sent the worker and not seen end (a gateway's
+    own count, kept exact from start to end: it does not fade).
     """
 
-    __slots__ = ("counted_since", "handed_out", "report", "reported_at")
+    __slots__ = ("calls", "counted_since", "handed_out", "report", "reported_at")
 
     def __init__(self) -> None:
         self.report: LoadReport | None = None
         self.reported_at = -math.inf
         self.handed_out = 0
         self.counted_since = -math.inf
+        self.calls = 0
 
     def reported(self, report: LoadReport, now: float) -> None:
         """A heartbeat at ``now`` carried ``report``."""
@@ -130,11 +133,18 @@ class Load:
         self.handed_out += 1
 
     def estimate(self, now: float, interval: float) -> int:
-        """The calls the worker is thought to serve: reported ``in_flight`` plus hand-outs since."""
+        """The calls the worker is thought to serve.
+
+        The reported ``in_flight`` plus hand-outs since, and at least the
+        ``calls`` this process has in flight there: those are certain (the
+        report counts them too, so the larger is taken, not the sum).
+        """
         report = self.report
         if report is None or report.in_flight is None:
-            return 0 if self._faded(now, interval) else self.handed_out
-        return report.in_flight + self.handed_out
+            reported = 0 if self._faded(now, interval) else self.handed_out
+        else:
+            reported = report.in_flight + self.handed_out
+        return max(reported, self.calls)
 
     def _faded(self, now: float, interval: float) -> bool:
         report = self.report

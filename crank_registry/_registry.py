@@ -732,6 +732,39 @@ class CapabilityRegistry:
         )
         return (None if member is None else member.endpoint), explanation
 
+    def concurrency_limit(self, worker_id: str, verb: str, capability: str) -> int | None:
+        """The ``max_concurrency`` ``worker_id`` declared for ``(verb, capability)``.
+
+        ``None`` when no such worker offers the pair (unknown, or gone).
+        O(the worker's capabilities).
+        """
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            return None
+        for schema in worker.capabilities:
+            if schema.verb == verb and schema.name == capability:
+                return schema.max_concurrency
+        return None
+
+    def count_calls(self, worker_id: str, calls: int) -> None:
+        """``calls``: how many calls this process has in flight to ``worker_id`` now.
+
+        A gateway tells it when a call starts and when it ends, so that
+        ``least_loaded`` counts them from start to end (hand-outs alone fade
+        after a heartbeat interval, and a long call outlasts them). An
+        unknown worker is ignored. Not registry state: not journalled.
+        """
+        if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
+            raise ValidationError.single("calls", "must be an integer >= 0")
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            return
+        if worker.load is None:
+            if calls == 0:
+                return
+            worker.load = Load()
+        worker.load.calls = calls
+
     def next_deadline(self) -> float | None:
         """When the next worker may stop being routable or become evictable.
 
