@@ -60,6 +60,9 @@ from ._events import (
 from ._feed import DEFAULT_FEED_WINDOW, MAX_FEED_PAGE, ChangeLog, SnapshotCopy, WorkerRow
 from ._health import TRANSITIONS, Health, HealthInput, Refusal, Transition, TransitionError
 from ._idempotency import (
+    MAX_KEY_LENGTH as MAX_IDEMPOTENCY_KEY_LENGTH,
+)
+from ._idempotency import (
     AnswerStore,
     KeptAnswer,
     Replay,
@@ -171,6 +174,7 @@ from ._wire import (
 
 __all__ = [
     "ANSWER_TYPES",
+    "MAX_IDEMPOTENCY_KEY_LENGTH",
     "AnswerStore",
     "KeptAnswer",
     "Replay",

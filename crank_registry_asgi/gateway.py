@@ -65,11 +65,17 @@ from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp
 
-from crank_registry import NDJSON, ErrorAnswer, ExecuteRequest, InvocationAnswer
+from crank_registry import (
+    MAX_IDEMPOTENCY_KEY_LENGTH,
+    NDJSON,
+    ErrorAnswer,
+    ExecuteRequest,
+    InvocationAnswer,
+)
 
 from .app import ControllerService
 from .config import GatewayConfig
-from .execute import EXECUTE_PATH, Gateway
+from .execute import EXECUTE_PATH, IDEMPOTENCY_HEADER, REPLAYED_HEADER, Gateway
 from .http import ServiceApp, internal_error
 from .metrics import RequestDurationMiddleware
 from .openapi import (
@@ -119,6 +125,24 @@ GATEWAY_ERRORS: Mapping[str, ErrorCode] = {
     "worker_timeout": ErrorCode(
         504, "The worker stayed silent longer than the timeout.", ("worker_id",), ("attempts",)
     ),
+    "overloaded": ErrorCode(
+        503,
+        "Every worker that could take the call has max_concurrency calls in flight from the "
+        "gateway, and --gateway-queue calls already wait for one.",
+        ("verb", "capability"),
+        headers={
+            "Retry-After": {
+                "description": "The heartbeat interval in whole seconds.",
+                "required": True,
+                "schema": {"type": "string", "pattern": "^[0-9]+$"},
+            }
+        },
+    ),
+    "idempotency_key_reused": ErrorCode(
+        422,
+        "The Idempotency-Key was sent before with another body (kept, or being answered); "
+        "a new request needs a new key.",
+    ),
 }
 
 _EXECUTE = Operation(
@@ -138,6 +162,28 @@ _EXECUTE = Operation(
         *GATEWAY_ERRORS,
     ),
 )
+
+_REPLAYED = {
+    REPLAYED_HEADER: {
+        "description": "true: the answer kept for this Idempotency-Key, sent again; "
+        "no worker was called",
+        "schema": {"type": "string", "enum": ["true"]},
+    }
+}
+_IDEMPOTENCY_PARAMETER = {
+    "name": IDEMPOTENCY_HEADER,
+    "in": "header",
+    "required": False,
+    "description": "Makes the call idempotent: its first answer (2xx or 4xx) is kept for "
+    "--idempotency-ttl seconds and sent again for the same key and body without calling a "
+    "worker; a duplicate sent while the first runs waits for its answer.",
+    "schema": {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": MAX_IDEMPOTENCY_KEY_LENGTH,
+        "pattern": "^[!-~]+$",
+    },
+}
 
 _WORKER_HEADERS = {
     "X-Crank-Worker-Id": {"description": "the worker that answered", "schema": {"type": "string"}},
@@ -160,22 +206,28 @@ def gateway_openapi_document() -> dict[str, Any]:
         "properties": property_schemas(ErrorAnswer, schemas, ("error", "message")),
         "required": ["error", "message"],
     }
-    responses = document["paths"][EXECUTE_PATH]["post"]["responses"]
-    responses["200"]["headers"] = _WORKER_HEADERS
+    execute = document["paths"][EXECUTE_PATH]["post"]
+    execute["parameters"] = [_IDEMPOTENCY_PARAMETER]
+    responses = execute["responses"]
+    responses["200"]["headers"] = {**_WORKER_HEADERS, **_REPLAYED}
     responses["200"]["content"][NDJSON] = {"schema": {"type": "string"}}
     refused = responses["422"]
     refused["description"] += " Or the worker refused the payload (its own error, passed on)."
-    refused["content"]["application/json"]["schema"] = {
-        "anyOf": [ref("InvalidRequest"), ref("WorkerError")]
-    }
+    refused["content"]["application/json"]["schema"]["anyOf"].append(ref("WorkerError"))
     unknown = responses["404"]
     unknown["description"] += " Or the worker's own 404, passed on (then with X-Crank-Worker-Id)."
     unknown["content"]["application/json"]["schema"] = {
         "anyOf": [ref(component_name("unknown_capability")), ref("WorkerError")]
     }
     responses["4XX"] = json_answer(
-        "The worker's own 4xx error, passed on.", ref("WorkerError"), headers=_WORKER_HEADERS
+        "The worker's own 4xx error, passed on.",
+        ref("WorkerError"),
+        headers={**_WORKER_HEADERS, **_REPLAYED},
     )
+    for status, answer in responses.items():
+        # A kept answer (2xx or 4xx) may be a replay.
+        if status.startswith("4") and status != "4XX":
+            answer["headers"] = {**answer.get("headers", {}), **_REPLAYED}
     return document
 
 
