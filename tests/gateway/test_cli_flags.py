@@ -8,10 +8,8 @@ from crank_registry_asgi.cli import build_parser, main
 
 
 def test_gateway_flags_parse() -> None:
-    args = build_parser().parse_args(
-        ["serve", "--insecure", "--gateway", "--gateway-attempts", "5", "--gateway-timeout", "2.5"]
-        + ["--gateway-queue", "0"]
-    )
+    flags = ["--gateway-attempts", "5", "--gateway-timeout", "2.5", "--gateway-queue", "0"]
+    args = build_parser().parse_args(["serve", "--insecure", "--gateway", *flags])
     assert (args.gateway, args.gateway_attempts, args.gateway_timeout) == (True, 5, 2.5)
     assert args.gateway_queue == 0
 
