@@ -114,9 +114,7 @@ async def test_past_the_queue_a_call_is_503_overloaded_and_the_queued_ones_are_s
         async with anyio.create_task_group() as group:
             for _ in range(5):
                 group.start_soon(call)
-            await until(
-                lambda: gateway.slots.waiting("greet", "hello") == 3 and handler.now == 2
-            )
+            await until(lambda: gateway.slots.waiting("greet", "hello") == 3 and handler.now == 2)
             assert gateway.slots.in_flight("w1") == 2
             refused = await execute(client)
             gate.set()
