@@ -732,19 +732,16 @@ class CapabilityRegistry:
         )
         return (None if member is None else member.endpoint), explanation
 
-    def concurrency_limit(self, worker_id: str, verb: str, capability: str) -> int | None:
-        """The ``max_concurrency`` ``worker_id`` declared for ``(verb, capability)``.
+    def concurrency_limits(self, worker_id: str) -> tuple[tuple[CapabilityKey, int], ...]:
+        """Each ``(verb, name)`` ``worker_id`` offers, with its ``max_concurrency``.
 
-        ``None`` when no such worker offers the pair (unknown, or gone).
-        O(the worker's capabilities).
+        Empty for a worker not registered (unknown, or gone). O(the
+        worker's capabilities).
         """
         worker = self._workers.get(worker_id)
         if worker is None:
-            return None
-        for schema in worker.capabilities:
-            if schema.verb == verb and schema.name == capability:
-                return schema.max_concurrency
-        return None
+            return ()
+        return tuple((schema.key, schema.max_concurrency) for schema in worker.capabilities)
 
     def count_calls(self, worker_id: str, calls: int) -> None:
         """``calls``: how many calls this process has in flight to ``worker_id`` now.

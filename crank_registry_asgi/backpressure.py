@@ -71,8 +71,11 @@ class _Waiter:
         self.woken = anyio.Event()
 
 
-#: What :meth:`CallSlots._try` returns when every candidate is full.
-_FULL = object()
+class _AllFull:
+    """What :meth:`CallSlots._try` returns when every candidate is full."""
+
+
+_FULL = _AllFull()
 
 
 class CallSlots:
@@ -98,6 +101,13 @@ class CallSlots:
         self._overloaded = overloaded
         self._in_flight: dict[str, int] = {}
         self._queues: dict[CapabilityKey, collections.deque[_Waiter]] = {}
+        # Per (verb, capability), its workers with no free slot; per worker,
+        # the pairs it is full for. Kept when a count changes, so that a
+        # route reads its busy workers in O(1), not by walking the counts.
+        self._full: dict[CapabilityKey, set[str]] = {}
+        self._full_for: dict[str, tuple[CapabilityKey, ...]] = {}
+        # Per worker with calls in flight, its (verb, capability) limits.
+        self._limits: dict[str, tuple[tuple[CapabilityKey, int], ...]] = {}
 
     def in_flight(self, worker_id: str) -> int:
         """The gateway's calls in flight to ``worker_id``."""
@@ -108,17 +118,14 @@ class CallSlots:
         queue = self._queues.get((verb, capability))
         return 0 if queue is None else len(queue)
 
-    def busy(self, verb: str, capability: str) -> list[str]:
+    def busy(self, verb: str, capability: str) -> Collection[str]:
         """The workers with as many calls in flight as their ``max_concurrency`` for the pair.
 
-        O(the workers with calls in flight), never the registry.
+        A worker's limits are those it had when its first call in flight
+        started (one that registers again with another limit has it once
+        its calls in flight have ended).
         """
-        limit = self._registry.concurrency_limit
-        return [
-            worker_id
-            for worker_id, calls in self._in_flight.items()
-            if (most := limit(worker_id, verb, capability)) is not None and calls >= most
-        ]
+        return self._full.get((verb, capability), ())
 
     async def acquire(
         self, verb: str, capability: str, route: Router, *, receive: Receive | None = None
@@ -133,8 +140,8 @@ class CallSlots:
         key = (verb, capability)
         if key not in self._queues:
             taken = self._try(verb, capability, route)
-            if taken is not _FULL:
-                return taken  # type: ignore[return-value]
+            if not isinstance(taken, _AllFull):
+                return taken
         queue = self._queues.setdefault(key, collections.deque())
         if len(queue) >= self.queue_limit:
             if not queue:
@@ -167,32 +174,54 @@ class CallSlots:
             if queue[0] is not waiter:
                 continue
             taken = self._try(*key, route)
-            if taken is not _FULL:
-                return taken  # type: ignore[return-value]
+            if not isinstance(taken, _AllFull):
+                return taken
 
-    def _try(self, verb: str, capability: str, route: Router) -> Slot | object | None:
+    def _try(self, verb: str, capability: str, route: Router) -> Slot | _AllFull | None:
         """A slot, ``None`` (no candidate at all), or :data:`_FULL` (every candidate is full)."""
-        busy = self.busy(verb, capability) if self._in_flight else []
+        busy = self._full.get((verb, capability), ())
         endpoint = route(busy)
         if endpoint is None:
             # Without the busy workers nothing is left: were they the candidates?
             return _FULL if busy and route(()) is not None else None
-        calls = self._in_flight.get(endpoint.worker_id, 0) + 1
-        self._in_flight[endpoint.worker_id] = calls
-        self._registry.count_calls(endpoint.worker_id, calls)
+        worker_id = endpoint.worker_id
+        self._count(worker_id, self._in_flight.get(worker_id, 0) + 1)
         return Slot(self, endpoint)
 
     def _ended(self, worker_id: str) -> None:
-        calls = self._in_flight[worker_id] - 1
+        limits = self._count(worker_id, self._in_flight[worker_id] - 1)
+        # A slot is free on this worker: the first waiting call of each of its pairs tries.
+        for key, _ in limits:
+            queue = self._queues.get(key)
+            if queue:
+                queue[0].woken.set()
+
+    def _count(self, worker_id: str, calls: int) -> tuple[tuple[CapabilityKey, int], ...]:
+        """Set ``worker_id``'s count to ``calls``: its full pairs, the registry; its limits.
+
+        A worker's limits are read from the registry when its first call
+        starts and kept while it has calls in flight.
+        """
+        limits = self._limits.get(worker_id)
+        if limits is None:
+            limits = self._limits[worker_id] = self._registry.concurrency_limits(worker_id)
         if calls:
             self._in_flight[worker_id] = calls
         else:
             del self._in_flight[worker_id]
+            del self._limits[worker_id]
         self._registry.count_calls(worker_id, calls)
-        limit = self._registry.concurrency_limit
-        for (verb, capability), queue in self._queues.items():
-            if limit(worker_id, verb, capability) is not None:
-                queue[0].woken.set()
+        for key in self._full_for.pop(worker_id, ()):
+            full = self._full[key]
+            full.discard(worker_id)
+            if not full:
+                del self._full[key]
+        full_for = tuple(key for key, most in limits if calls >= most)
+        for key in full_for:
+            self._full.setdefault(key, set()).add(worker_id)
+        if full_for:
+            self._full_for[worker_id] = full_for
+        return limits
 
 
 async def until_disconnect(receive: Receive | None, wait: Callable[[], Awaitable[T]]) -> T:

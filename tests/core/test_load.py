@@ -183,14 +183,12 @@ def test_counted_calls_of_an_unknown_worker_are_ignored_and_a_bad_count_refused(
         registry.count_calls("a", -1)
 
 
-def test_the_concurrency_limit_is_the_routed_capabilitys() -> None:
+def test_the_concurrency_limits_are_each_capabilitys() -> None:
     registry = CapabilityRegistry(POLICY)
     both = [capability(max_concurrency=2), capability("text.embed", "embed", max_concurrency=8)]
     registry.register("w1", "https://w1:8443", both, now=T0)
-    assert registry.concurrency_limit("w1", *KEY) == 2
-    assert registry.concurrency_limit("w1", "embed", "text.embed") == 8
-    assert registry.concurrency_limit("w1", "embed", "other") is None
-    assert registry.concurrency_limit("gone", *KEY) is None
+    assert registry.concurrency_limits("w1") == ((KEY, 2), (("embed", "text.embed"), 8))
+    assert registry.concurrency_limits("gone") == ()
 
 
 def test_least_loaded_is_deterministic_for_a_seed() -> None:
