@@ -352,8 +352,11 @@ class Gateway:
         return answer
 
     def _overloaded(self, verb: str, capability: str) -> ApiError:
-        """503 ``overloaded``: every worker is full and ``--gateway-queue`` calls already wait."""
-        self.service.effects.no_worker()
+        """503 ``overloaded``: every worker is full and ``--gateway-queue`` calls already wait.
+
+        Not a route's outcome (``crank_routes_total``): the request histogram
+        counts it as a 503 of /execute.
+        """
         return ApiError(
             503,
             "overloaded",

@@ -1,6 +1,8 @@
 """The platform gateway: ``POST /execute`` routes through the registry and forwards.
 
-A caller sends ``{"verb", "capability", "payload"}``; the gateway asks the
+A caller sends ``{"verb", "capability", "payload"}`` and, optionally, the
+routing options of ``POST /route`` (``version``, ``slo_constraints``,
+``budget_tokens``, ``strategy``, ``affinity_key``, ``exclude``); the gateway asks the
 registry in the same process (the same registry object and service clock as
 the controller's endpoints, no HTTP to itself) for a worker, forwards
 ``{"payload": ...}`` to that worker's invocation endpoint
@@ -16,14 +18,32 @@ the connect timeout, nothing was sent, so the next routable worker is tried
 (:func:`~crank_registry_asgi.failover.next_worker`), up to ``max_attempts``
 workers in all (never the same one twice). Once the request may have reached
 a worker (a read timeout, a dropped connection after sending, a 5xx), it is
-never sent again: the worker may have acted.
+never sent again: the worker may have acted. The workers tried are added
+to the caller's ``exclude``; its other options hold for every attempt.
+
+Back-pressure (:mod:`crank_registry_asgi.backpressure`): a worker with
+``max_concurrency`` calls in flight from the gateway is passed over; when
+every candidate is full the call waits in a FIFO per capability of at most
+``queue_limit`` calls (``--gateway-queue``), and past it is 503
+``overloaded``.
+
+Idempotency: with an ``Idempotency-Key`` header the first answer (2xx or
+4xx) is kept for the routing settings' ``idempotency_ttl``
+(``--idempotency-ttl``) with a hash of the body; the same key and body get
+it again with ``Idempotent-Replayed: true`` and no worker is called; a
+duplicate sent while the first runs waits for its answer; the same key
+with another body is 422 ``idempotency_key_reused``. Keys are per caller
+identity (anonymous callers share one space). The rules and bounds are
+the core's :class:`~crank_registry.AnswerStore`.
 
 Answers of the gateway itself::
 
     200                     the worker's answer (application/json or application/x-ndjson)
     4xx                     the worker's own JSON error, passed through (its status)
     400/413/415/422         the /execute body: invalid_json, request_too_large,
-                            unsupported_media_type, invalid_request (with detail)
+                            unsupported_media_type, invalid_request (with detail;
+                            also an unusable Idempotency-Key header)
+    422 idempotency_key_reused  the Idempotency-Key was sent with another body
     502 worker_failed       the worker answered 5xx or something outside the
                             convention, dropped the connection, or every attempt
                             was refused (worker_id: the last worker tried)
@@ -31,7 +51,9 @@ Answers of the gateway itself::
                             certificate that did not verify)
     403 policy_denied       the access policy does not let the caller route to the pair
     404 unknown_capability  no registered worker in any state offers the pair
-    503 no_worker_available no routable worker (Retry-After: the heartbeat interval)
+    503 no_worker_available no routable worker, or none meets the options
+                            (Retry-After: the heartbeat interval)
+    503 overloaded          every candidate is full and the queue too (Retry-After)
     504 worker_timeout      the worker stayed silent longer than the timeout
 
 The gateway presents a client certificate to workers (the controller's,
