@@ -177,17 +177,12 @@ class Gateway:
                 )
             await response(scope, receive, send)
 
-    async def execute(
-        self, request: Request, cleanup: contextlib.ExitStack | None = None
-    ) -> Response:
+    async def execute(self, request: Request, cleanup: contextlib.ExitStack) -> Response:
         """Admit, route, forward, answer (every outcome: :mod:`crank_registry_asgi.gateway`).
 
-        ``cleanup`` is closed once the answer is sent; without it (a caller
-        that does not send the answer) the call is cleaned up before this returns.
+        ``cleanup`` is closed by the caller once the answer is sent (or
+        abandoned): it frees the worker's slot and settles an idempotency key.
         """
-        if cleanup is None:
-            with contextlib.ExitStack() as own:
-                return await self.execute(request, own)
         body = await read_json_body(
             request,
             max_bytes=self.service.config.max_body_bytes,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any
 
 import anyio
@@ -13,11 +13,16 @@ import attrs
 import httpx
 import pytest
 
+from crank_registry import CapabilityRegistry, WorkerEndpoint
 from crank_registry.testing import FakeClock
+from crank_registry_asgi.backpressure import CallSlots
 from crank_registry_asgi.execute import Gateway
+from crank_registry_asgi.failover import next_worker
 from crank_registry_asgi.gateway import GatewayConfig
+from crank_registry_asgi.http import ApiError
 from tests.builders import capability
 from tests.gateway.helpers import (
+    POLICY,
     FakeWorker,
     WorkerNetwork,
     client_of,
@@ -278,3 +283,38 @@ def test_the_queue_limit_is_checked() -> None:
     with pytest.raises(ValueError, match="queue_limit"):
         GatewayConfig(queue_limit=-1)
     assert GatewayConfig().queue_limit == 100
+
+
+async def test_waiting_calls_are_served_in_arrival_order() -> None:
+    registry = CapabilityRegistry(POLICY)
+    registry.register(
+        "w1", "https://w1.test", [capability("hello", "greet", max_concurrency=1)], now=0.0
+    )
+    slots = CallSlots(
+        registry,
+        queue_limit=10,
+        recheck=3600.0,
+        overloaded=lambda verb, name: ApiError(503, "overloaded", "full"),
+    )
+
+    def route(busy: Collection[str]) -> WorkerEndpoint | None:
+        return next_worker(registry, "greet", "hello", tried=(), busy=busy, now=0.0)
+
+    order: list[int] = []
+
+    async def wait_turn(number: int) -> None:
+        slot = await slots.acquire("greet", "hello", route)
+        assert slot is not None
+        order.append(number)
+        slot.release()
+
+    first = await slots.acquire("greet", "hello", route)
+    assert first is not None and slots.busy("greet", "hello") == {"w1"}
+    async with anyio.create_task_group() as group:
+        for number in range(5):
+            group.start_soon(wait_turn, number)
+            await until(lambda n=number: slots.waiting("greet", "hello") == n + 1)
+        first.release()
+    assert order == [0, 1, 2, 3, 4]
+    assert (slots.in_flight("w1"), slots.waiting("greet", "hello")) == (0, 0)
+    assert slots.busy("greet", "hello") == ()
