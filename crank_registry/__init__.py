@@ -22,8 +22,10 @@ Where each rule lives:
 * ``_listing``: listings in pages (positions, cursors, pagers) and counts in steps.
 * ``_journal``: events and snapshots as JSON lines, and their replay.
 * ``_feed``: the window of recent changes the change feed answers from.
+* ``_admission``: rate limits, a token bucket per caller in bounded memory.
 """
 
+from ._admission import DEFAULT_MAX_KEYS, RateLimit, TokenBuckets, retry_after_seconds
 from ._convention import INVOKE_PREFIX, NDJSON, invocation_path, iso_utc
 from ._converter import (
     EVENT_TYPES,
@@ -161,6 +163,7 @@ from ._wire import (
 __all__ = [
     "ANSWER_TYPES",
     "DEFAULT_FEED_WINDOW",
+    "DEFAULT_MAX_KEYS",
     "DEFAULT_WATCH_TIMEOUT",
     "EVENT_TYPES",
     "MAX_FEED_PAGE",
@@ -230,6 +233,7 @@ __all__ = [
     "RouteExplanation",
     "RouteOptions",
     "RouteRequest",
+    "RateLimit",
     "RoutingSettings",
     "ServiceLevel",
     "ServiceLevels",
@@ -240,6 +244,7 @@ __all__ = [
     "Snapshot",
     "SnapshotCopy",
     "SnapshotPart",
+    "TokenBuckets",
     "Transition",
     "TransitionError",
     "ValidationError",
@@ -287,6 +292,7 @@ __all__ = [
     "rendezvous_weight",
     "replay",
     "replay_bytes",
+    "retry_after_seconds",
     "structure",
     "structure_event",
     "unstructure",

@@ -1,0 +1,167 @@
+"""Rate limits: a token bucket per caller, in bounded memory.
+
+A :class:`RateLimit` is ``rate`` requests per second with bursts of up to
+``burst``; :class:`TokenBuckets` keeps one bucket per key (the service's
+key is the caller's identity, else its address) and answers
+:meth:`~TokenBuckets.admit`: ``0.0`` (admitted, one token taken) or the
+seconds until the key's next token (refused, nothing taken). Time is an
+argument, as everywhere in the core.
+
+Each bucket is one float, the time at which it would be full again (the
+"theoretical arrival time" of GCRA, the virtual-scheduling form of a token
+bucket). With ``interval = 1 / rate``, a bucket full at ``full_at`` holds
+``burst - max(0, full_at - now) / interval`` tokens at ``now``; a request
+takes one by moving ``full_at`` one interval later, and is refused while
+that would leave fewer than zero. So a refusal's wait is exact:
+``full_at - now - (burst - 1) * interval``.
+
+Memory. A bucket that is full again holds nothing a new bucket would not,
+so it is forgotten: before a key without a bucket gets one, and once per
+as many new keys as half the buckets kept, one pass drops every full
+bucket (amortized O(1) per request). At most ``max_keys`` buckets are
+kept. Past that, a key without a bucket of its own shares one overflow
+bucket, with the same rate and burst, with every other such key, until a
+pass makes room: a flood of new callers (many addresses) can take neither
+memory nor more than the rate of one caller, while the callers already
+known keep their own buckets.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import attrs
+
+__all__ = ["DEFAULT_MAX_KEYS", "RateLimit", "TokenBuckets", "retry_after_seconds"]
+
+#: Buckets kept at most unless told otherwise (a few hundred bytes each).
+DEFAULT_MAX_KEYS = 100_000
+
+# New keys between two passes over the buckets, at least (a pass over few
+# buckets is cheap, but not worth running for every new key).
+_MIN_PASS_AFTER = 1024
+# Wall-clock times are about 1.7e9 s, where a float's step is 2.4e-7 s: a
+# wait shorter than this is rounding, not a missing token.
+_ROUNDING = 1e-6
+
+
+def _rate(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ValueError(f"{attribute.name} must be a number of requests per second, got {value!r}")
+    if not (math.isfinite(value) and value > 0 and math.isfinite(1 / value)):
+        raise ValueError(f"{attribute.name} must be a finite number > 0, got {value!r}")
+
+
+def _at_least_one(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{attribute.name} must be an integer >= 1, got {value!r}")
+
+
+@attrs.frozen
+class RateLimit:
+    """``rate`` requests per second per key, in bursts of up to ``burst``.
+
+    ``max_keys``: the most keys with a bucket of their own (module docstring).
+    """
+
+    rate: float = attrs.field(validator=_rate)
+    burst: int = attrs.field(validator=_at_least_one)
+    max_keys: int = attrs.field(default=DEFAULT_MAX_KEYS, validator=_at_least_one)
+
+    @classmethod
+    def parse(cls, text: str) -> RateLimit:
+        """``RATE:BURST`` (e.g. ``100:20`` or ``0.5:1``) as a limit.
+
+        Raises :class:`ValueError` saying what is wrong and what is expected.
+        """
+        expected = "expected RATE:BURST, requests per second and a burst size, such as 100:20"
+        rate_text, colon, burst_text = text.partition(":")
+        if not colon:
+            raise ValueError(f"{expected}; got {text!r}")
+        try:
+            rate = float(rate_text)
+        except ValueError:
+            raise ValueError(f"RATE is not a number in {text!r}; {expected}") from None
+        if not (math.isfinite(rate) and rate > 0 and math.isfinite(1 / rate)):
+            raise ValueError(f"RATE must be a finite number > 0 in {text!r}; {expected}")
+        try:
+            burst = int(burst_text)
+        except ValueError:
+            raise ValueError(f"BURST is not a whole number in {text!r}; {expected}") from None
+        if burst < 1:
+            raise ValueError(f"BURST must be at least 1 in {text!r}; {expected}")
+        return cls(rate, burst)
+
+    def __str__(self) -> str:
+        return f"{self.rate:g}:{self.burst}"
+
+
+def retry_after_seconds(wait: float) -> int:
+    """A refusal's wait as a ``Retry-After`` value: whole seconds, rounded up (at least 1)."""
+    return max(1, math.ceil(wait))
+
+
+class TokenBuckets:
+    """A token bucket per key under one :class:`RateLimit` (module docstring)."""
+
+    def __init__(self, limit: RateLimit) -> None:
+        self.limit = limit
+        self._interval = 1.0 / limit.rate
+        # How far past now a bucket's full_at may be and still give a token.
+        self._tolerance = (limit.burst - 1) * self._interval
+        # key -> the time its bucket is full again
+        self._full_at: dict[str, float] = {}
+        # The bucket shared by the keys that found no room (module docstring).
+        self._overflow_full_at = -math.inf
+        self._new_keys = 0
+        self._pass_after = min(_MIN_PASS_AFTER, limit.max_keys)
+
+    def __len__(self) -> int:
+        """How many keys have a bucket of their own."""
+        return len(self._full_at)
+
+    def admit(self, key: str, *, now: float) -> float:
+        """Take a token from ``key``'s bucket at ``now``: ``0.0``, or the wait when refused.
+
+        The wait is the seconds until the bucket has a token again (nothing
+        was taken); :func:`retry_after_seconds` makes it a ``Retry-After``.
+        """
+        full_at = self._full_at.get(key)
+        if full_at is None:
+            return self._admit_new(key, now)
+        if full_at < now:  # noqa: PLR1730 (the branch costs less than a call to max)
+            full_at = now
+        wait = full_at - now - self._tolerance
+        if wait > _ROUNDING:
+            return wait
+        self._full_at[key] = full_at + self._interval
+        return 0.0
+
+    def _admit_new(self, key: str, now: float) -> float:
+        """The first request of a key without a bucket: a full one, or the overflow bucket's."""
+        self._new_keys += 1
+        if self._new_keys >= self._pass_after:
+            self.forget_idle(now)
+        if len(self._full_at) < self.limit.max_keys:
+            self._full_at[key] = now + self._interval
+            return 0.0
+        full_at = max(self._overflow_full_at, now)
+        wait = full_at - now - self._tolerance
+        if wait > _ROUNDING:
+            return wait
+        self._overflow_full_at = full_at + self._interval
+        return 0.0
+
+    def forget_idle(self, now: float) -> int:
+        """Drop every bucket that is full at ``now`` (one pass); return how many were dropped.
+
+        Run by :meth:`admit` as the module docstring says; a service may
+        also run it on a schedule of its own.
+        """
+        kept = {key: full_at for key, full_at in self._full_at.items() if full_at > now}
+        dropped = len(self._full_at) - len(kept)
+        self._full_at = kept
+        self._new_keys = 0
+        self._pass_after = max(min(_MIN_PASS_AFTER, self.limit.max_keys), len(kept) // 2)
+        return dropped
