@@ -123,6 +123,7 @@ class Gateway:
 
     async def execute(self, request: Request) -> Response:
         """Route, forward, answer (every outcome: :mod:`crank_registry_asgi.gateway`)."""
+        self.service.admit(request, EXECUTE_PATH, self.service.caller(request))
         body = await read_json_body(
             request,
             max_bytes=self.service.config.max_body_bytes,
