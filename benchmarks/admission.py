@@ -27,10 +27,10 @@ import sys
 import time
 import timeit
 
-from crank_registry import CapabilityRegistry, RateLimit, TokenBuckets
+# The script's own directory is on sys.path: core.py's registry builder.
+from core import populate
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])  # core.py's registry builder, beside this file
-from core import populate  # noqa: E402
+from crank_registry import CapabilityRegistry, RateLimit, TokenBuckets
 
 START = 1_700_000_000.0
 ROUTE_SAMPLE = 64
