@@ -311,7 +311,8 @@ class ControllerService:
     def admit(self, request: Request, path: str, identity: str | None) -> None:
         """Take a token of the caller's rate limit (``--rate-limit``), or refuse with 429.
 
-        The key is the caller's ``identity`` (:meth:`caller`), else its
+        The key is ``identity`` (the caller's, :meth:`caller`; for a
+        trusted gateway, the identity it routes for), else the caller's
         address (callers whose address is unknown share one bucket).
         ``path``: ``/route`` or ``/execute``, the refusals' metric label.
         Raises :class:`ApiError` 429 ``rate_limited`` with ``Retry-After``,
@@ -476,11 +477,16 @@ class ControllerService:
     async def route(self, request: Request) -> Response:
         """POST /route: the next worker for a verb and capability, under the request's options."""
         identity = self.caller(request)
-        # Before the body is read: a caller over its limit costs as little as possible.
-        self.admit(request, "/route", identity)
+        # A trusted gateway's routes count against whom they are for (the body
+        # says); any other caller's before the body is read, the cheapest refusal.
+        for_others = self.admission is not None and identity in self.config.trusted_gateways
+        if not for_others:
+            self.admit(request, "/route", identity)
         ask = _route_request(await self._body(request))
         annotate(verb=ask.verb, capability=ask.capability)
         requester = self.requester_of(identity, ask.requester_identity)
+        if for_others:
+            self.admit(request, "/route", requester)
         options = RouteOptions.from_request(ask)
         # Whether the caller asked for options: the requester added below is not one.
         optioned = options is not None

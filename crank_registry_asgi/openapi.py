@@ -158,8 +158,8 @@ ERRORS: Mapping[str, ErrorCode] = {
     ),
     "rate_limited": ErrorCode(
         429,
-        "The caller (its identity, else its address) is over the controller's --rate-limit; "
-        "retry after Retry-After.",
+        "The caller (its identity, else its address; for a trusted gateway, the "
+        "requester_identity) is over the controller's --rate-limit; retry after Retry-After.",
         headers={
             "Retry-After": {
                 "description": "Seconds until the caller's next token, rounded up.",

@@ -179,3 +179,25 @@ async def test_without_a_limit_nothing_is_refused() -> None:
 async def test_the_setting_takes_a_rate_limit_only() -> None:
     with pytest.raises(TypeError, match="rate_limit"):
         ServiceConfig(rate_limit="100:20")  # type: ignore[arg-type]
+
+
+async def test_a_trusted_gateways_routes_count_against_whom_they_are_for(
+    authority: CertificateAuthority,
+) -> None:
+    gateway_id = "spiffe://crank.local/client/gateway"
+    holder: list[AsCaller] = []
+    config = limited(1, 1, trusted_gateways=[gateway_id])
+    async with running(config, wrap=wrapped(holder)) as api:
+        (caller,) = holder
+        await api.register("w1")
+        caller.pem = authority.issue(gateway_id)
+        for user in ("alice", "bob", "carol"):
+            asked = {**ROUTE, "requester_identity": f"spiffe://crank.local/client/{user}"}
+            assert (await api.post("/route", asked)).status_code == 200
+        again = {**ROUTE, "requester_identity": "spiffe://crank.local/client/alice"}
+        refused = await api.post("/route", again)
+        assert refused.status_code == 429
+        assert "spiffe://crank.local/client/alice" in refused.json()["message"]
+        # Routing as itself, the gateway has a bucket of its own.
+        assert await routed(api) == 200
+        assert await routed(api) == 429
