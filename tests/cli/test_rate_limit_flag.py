@@ -5,11 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from crank_registry import RateLimit
 from crank_registry_asgi import cli
+from tests.builders import registration_payload
+from tests.cli.helpers import free_port, serving
 from tests.cli.test_cli import run_main
+from tests.cli.test_serve import pki, worker_tls
+
+__all__ = ["pki"]  # a fixture, shared with the serve tests
 
 
 def test_the_flag_reaches_the_service(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -44,3 +50,34 @@ def test_a_bad_value_exits_2_naming_the_flag_and_the_fix(
     assert "argument --rate-limit" in err
     assert says in err
     assert "such as 100:20" in err
+
+
+@pytest.mark.slow
+def test_a_real_controller_limits_routes_per_certificate_identity(
+    pki: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    args = ["--port", str(port), "--state-dir", str(tmp_path / "state")]
+    args += ["--certfile", str(pki / "controller.pem"), "--keyfile", str(pki / "controller.key")]
+    args += ["--ca-certs", str(pki / "ca.pem")]
+    # A token every 100 s: none comes back while the test runs.
+    args += ["--rate-limit", "0.01:2"]
+    a, b = worker_tls(pki, "a"), worker_tls(pki, "b")
+    with serving(args, tmp_path / "server.log", port=port, scheme="https", verify=a) as server:
+        with httpx.Client(base_url=server.url, verify=a) as as_a:
+            # A storm of re-registrations from one identity: never limited.
+            for _ in range(20):
+                payload = registration_payload("a", worker_url="https://a.example:8443")
+                assert as_a.post("/register", json=payload).status_code == 200
+            route = {"verb": "classify", "capability": "image.classify"}
+            assert [as_a.post("/route", json=route).status_code for _ in range(2)] == [200, 200]
+            refused = as_a.post("/route", json=route)
+            assert refused.status_code == 429, refused.text
+            assert refused.json()["error"] == "rate_limited"
+            assert 99 <= int(refused.headers["retry-after"]) <= 100
+            assert "spiffe://crank.local/worker/a" in refused.json()["message"]
+            assert as_a.get("/ready").json() == {"status": "ready", "store": "ok"}
+        with httpx.Client(base_url=server.url, verify=b) as as_b:
+            # The same address, another certificate: a bucket of its own.
+            assert as_b.post("/route", json=route).status_code == 200
+        assert server.stop() == 0, server.log()
