@@ -175,7 +175,9 @@ class Effects:
                 await self._make_durable(self.journal, lines, changes[-1].revision)
             else:
                 try:
-                    await self.journal.append(lines, durable=False, settled=self._note_outcome)
+                    # No line (a coalesced heartbeat) is no write: it tells nothing of the store.
+                    noted = self._note_outcome if lines else None
+                    await self.journal.append(lines, durable=False, settled=noted)
                 except JournalUnavailable as error:
                     logger.warning("heartbeat not journaled %s", log_fields(error=str(error)))
         if changes:

@@ -64,6 +64,9 @@ async def test_a_store_outage_is_reported_and_keeps_the_controller_ready(
         assert response.status_code == 200
         assert response.json() == {"status": "ready", "store": "unavailable"}
         assert await api.route() == "w1"  # and it routes meanwhile
+        # A heartbeat that is not due a journal line writes nothing: still unavailable.
+        assert (await api.post("/heartbeat", {"worker_id": "w1"})).status_code == 200
+        assert (await api.get("/ready")).json()["store"] == "unavailable"
         disk.full = False
         await api.register("w2")
         assert (await api.get("/ready")).json()["store"] == "ok"
