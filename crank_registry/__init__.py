@@ -25,7 +25,14 @@ Where each rule lives:
 * ``_admission``: rate limits, a token bucket per caller in bounded memory.
 """
 
-from ._admission import DEFAULT_MAX_KEYS, RateLimit, TokenBuckets, retry_after_seconds
+from ._admission import (
+    DEFAULT_MAX_KEYS,
+    MAX_BURST,
+    MAX_RATE,
+    RateLimit,
+    TokenBuckets,
+    retry_after_seconds,
+)
 from ._convention import INVOKE_PREFIX, NDJSON, invocation_path, iso_utc
 from ._converter import (
     EVENT_TYPES,
@@ -168,7 +175,9 @@ __all__ = [
     "DEFAULT_MAX_KEYS",
     "DEFAULT_WATCH_TIMEOUT",
     "EVENT_TYPES",
+    "MAX_BURST",
     "MAX_FEED_PAGE",
+    "MAX_RATE",
     "MAX_WATCH_TIMEOUT",
     "INVOKE_PREFIX",
     "JOURNAL_FORMAT_VERSION",

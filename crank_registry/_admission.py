@@ -16,41 +16,77 @@ that would leave fewer than zero. So a refusal's wait is exact:
 ``full_at - now - (burst - 1) * interval``.
 
 Memory. A bucket that is full again holds nothing a new bucket would not,
-so it is forgotten: before a key without a bucket gets one, and once per
-as many new keys as half the buckets kept, one pass drops every full
-bucket (amortized O(1) per request). At most ``max_keys`` buckets are
-kept. Past that, a key without a bucket of its own shares one overflow
-bucket, with the same rate and burst, with every other such key, until a
-pass makes room: a flood of new callers (many addresses) can take neither
-memory nor more than the rate of one caller, while the callers already
-known keep their own buckets.
+so it is forgotten. The buckets stand in a queue: before a key without a
+bucket gets one, the two at the front are looked at; a full one is
+forgotten, any other goes to the back. Each new key adds one bucket and
+looks at two, so every bucket is looked at again within as many new keys
+as half the buckets kept: a constant cost per new key, never a pass over
+all of them (the event loop never waits on one), and a request of a known
+key does none of it. At most ``max_keys`` buckets are kept. Past that, a
+key without a bucket of its own shares one overflow bucket, with the same
+rate and burst, with every other such key, until room is made: a flood of
+new callers (many addresses) can take neither memory nor more than the
+rate of one caller, while the callers already known keep their own
+buckets.
 """
 
 from __future__ import annotations
 
+import collections
 import math
 from typing import Any
 
 import attrs
 
-__all__ = ["DEFAULT_MAX_KEYS", "RateLimit", "TokenBuckets", "retry_after_seconds"]
+__all__ = [
+    "DEFAULT_MAX_KEYS",
+    "MAX_BURST",
+    "MAX_RATE",
+    "RateLimit",
+    "TokenBuckets",
+    "retry_after_seconds",
+]
 
 #: Buckets kept at most unless told otherwise (a few hundred bytes each).
 DEFAULT_MAX_KEYS = 100_000
 
-# New keys between two passes over the buckets, at least (a pass over few
-# buckets is cheap, but not worth running for every new key).
-_MIN_PASS_AFTER = 1024
+#: The highest rate per key: one request every 10 µs. Times are wall-clock
+#: floats, whose step is 0.24 µs (about 1.7e9 s), so a shorter interval
+#: would be lost to rounding, and the limit with it.
+MAX_RATE = 100_000
+#: The largest burst (beyond, a limit is no limit).
+MAX_BURST = 1_000_000_000
+
+# Buckets looked at for each new key: more than the one it adds, so that
+# the queue goes round faster than it grows (module docstring).
+_LOOKED_AT_PER_NEW_KEY = 2
 # Wall-clock times are about 1.7e9 s, where a float's step is 2.4e-7 s: a
 # wait shorter than this is rounding, not a missing token.
 _ROUNDING = 1e-6
 
 
+def _rate_problem(rate: float) -> str | None:
+    """What is wrong with ``rate`` (requests per second), or ``None``."""
+    if not (math.isfinite(rate) and rate > 0 and math.isfinite(1 / rate)):
+        return "must be a finite number > 0"
+    if rate > MAX_RATE:
+        return f"must be at most {MAX_RATE} (one request every 10 µs, the clock's resolution)"
+    return None
+
+
 def _rate(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise ValueError(f"{attribute.name} must be a number of requests per second, got {value!r}")
-    if not (math.isfinite(value) and value > 0 and math.isfinite(1 / value)):
-        raise ValueError(f"{attribute.name} must be a finite number > 0, got {value!r}")
+    problem = _rate_problem(value)
+    if problem is not None:
+        raise ValueError(f"{attribute.name} {problem}, got {value!r}")
+
+
+def _burst(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_BURST:
+        raise ValueError(
+            f"{attribute.name} must be an integer from 1 to {MAX_BURST}, got {value!r}"
+        )
 
 
 def _at_least_one(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
@@ -66,7 +102,7 @@ class RateLimit:
     """
 
     rate: float = attrs.field(validator=_rate)
-    burst: int = attrs.field(validator=_at_least_one)
+    burst: int = attrs.field(validator=_burst)
     max_keys: int = attrs.field(default=DEFAULT_MAX_KEYS, validator=_at_least_one)
 
     @classmethod
@@ -83,14 +119,15 @@ class RateLimit:
             rate = float(rate_text)
         except ValueError:
             raise ValueError(f"RATE is not a number in {text!r}; {expected}") from None
-        if not (math.isfinite(rate) and rate > 0 and math.isfinite(1 / rate)):
-            raise ValueError(f"RATE must be a finite number > 0 in {text!r}; {expected}")
+        problem = _rate_problem(rate)
+        if problem is not None:
+            raise ValueError(f"RATE {problem} in {text!r}; {expected}")
         try:
             burst = int(burst_text)
         except ValueError:
             raise ValueError(f"BURST is not a whole number in {text!r}; {expected}") from None
-        if burst < 1:
-            raise ValueError(f"BURST must be at least 1 in {text!r}; {expected}")
+        if not 1 <= burst <= MAX_BURST:
+            raise ValueError(f"BURST must be from 1 to {MAX_BURST} in {text!r}; {expected}")
         return cls(rate, burst)
 
     def __str__(self) -> str:
@@ -113,10 +150,10 @@ class TokenBuckets:
         self._refused_beyond = self._tolerance + _ROUNDING
         # key -> the time its bucket is full again
         self._full_at: dict[str, float] = {}
+        # The same keys, in the order they are looked at for forgetting.
+        self._queue: collections.deque[str] = collections.deque()
         # The bucket shared by the keys that found no room (module docstring).
         self._overflow_full_at = -math.inf
-        self._new_keys = 0
-        self._pass_after = min(_MIN_PASS_AFTER, limit.max_keys)
 
     def __len__(self) -> int:
         """How many keys have a bucket of their own."""
@@ -139,11 +176,10 @@ class TokenBuckets:
 
     def _admit_new(self, key: str, now: float) -> float:
         """The first request of a key without a bucket: a full one, or the overflow bucket's."""
-        self._new_keys += 1
-        if self._new_keys >= self._pass_after:
-            self.forget_idle(now)
+        self._look_at_the_front(now)
         if len(self._full_at) < self.limit.max_keys:
             self._full_at[key] = now + self._interval
+            self._queue.append(key)
             return 0.0
         full_at = self._overflow_full_at
         if full_at - now > self._refused_beyond:
@@ -151,15 +187,25 @@ class TokenBuckets:
         self._overflow_full_at = max(full_at, now) + self._interval
         return 0.0
 
-    def forget_idle(self, now: float) -> int:
-        """Drop every bucket that is full at ``now`` (one pass); return how many were dropped.
+    def _look_at_the_front(self, now: float) -> None:
+        """Forget each of the buckets at the front of the queue that is full; requeue the others."""
+        queue = self._queue
+        buckets = self._full_at
+        for _ in range(min(_LOOKED_AT_PER_NEW_KEY, len(queue))):
+            key = queue.popleft()
+            if buckets[key] > now:
+                queue.append(key)
+            else:
+                del buckets[key]
 
-        Run by :meth:`admit` as the module docstring says; a service may
-        also run it on a schedule of its own.
+    def forget_idle(self, now: float) -> int:
+        """Forget every bucket that is full at ``now`` at once; return how many were.
+
+        :meth:`admit` needs no such pass (module docstring); it is here for
+        a service that wants its memory back at a quiet moment, and for tests.
         """
         kept = {key: full_at for key, full_at in self._full_at.items() if full_at > now}
-        dropped = len(self._full_at) - len(kept)
+        forgotten = len(self._full_at) - len(kept)
         self._full_at = kept
-        self._new_keys = 0
-        self._pass_after = max(min(_MIN_PASS_AFTER, self.limit.max_keys), len(kept) // 2)
-        return dropped
+        self._queue = collections.deque(kept)
+        return forgotten

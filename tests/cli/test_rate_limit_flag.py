@@ -38,7 +38,8 @@ def test_the_flag_reaches_the_service(monkeypatch: pytest.MonkeyPatch, tmp_path:
         ("100", "expected RATE:BURST"),
         ("0:5", "RATE must be a finite number > 0"),
         ("fast:5", "RATE is not a number"),
-        ("10:0", "BURST must be at least 1"),
+        ("10:0", "BURST must be from 1 to"),
+        ("1e6:10", "RATE must be at most 100000"),
         ("10:1.5", "BURST is not a whole number"),
     ],
 )

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from crank_registry import RateLimit, TokenBuckets, retry_after_seconds
+from crank_registry import MAX_RATE, RateLimit, TokenBuckets, retry_after_seconds
 from tests.core.helpers import T0
 
 
@@ -59,6 +59,14 @@ def test_a_steady_caller_at_the_rate_is_never_refused_at_wall_clock_times() -> N
         assert buckets.admit("a", now=T0 + step / 3) == 0.0, step
 
 
+def test_the_highest_rate_is_still_a_limit_at_wall_clock_times() -> None:
+    buckets = TokenBuckets(RateLimit(rate=MAX_RATE, burst=1))
+    assert buckets.admit("a", now=T0) == 0.0
+    assert buckets.admit("a", now=T0) == pytest.approx(1 / MAX_RATE, rel=0.05)
+    admitted = sum(buckets.admit("a", now=T0 + step * 1e-6) == 0.0 for step in range(1, 1001))
+    assert admitted == pytest.approx(MAX_RATE * 1e-3, rel=0.05)  # 100 in a millisecond
+
+
 @pytest.mark.parametrize(("wait", "header"), [(0.001, 1), (0.5, 1), (1.0, 1), (1.2, 2), (59.9, 60)])
 def test_retry_after_is_the_wait_rounded_up(wait: float, header: int) -> None:
     assert retry_after_seconds(wait) == header
@@ -95,12 +103,15 @@ class PlainBucket:
 @given(
     rate=st.sampled_from([Fraction(1, 4), Fraction(1, 2), Fraction(1), Fraction(4), Fraction(64)]),
     burst=st.integers(1, 6),
-    steps=st.lists(st.tuples(st.sampled_from("abc"), st.integers(0, 256)), min_size=1, max_size=80),
+    steps=st.lists(
+        st.tuples(st.integers(0, 20).map(str), st.integers(0, 256)), min_size=1, max_size=120
+    ),
 )
 def test_every_answer_is_the_plain_token_buckets(
     rate: Fraction, burst: int, steps: list[tuple[str, int]]
 ) -> None:
-    # Times in 1/64 s and power-of-two rates: every float here is exact.
+    # Times in 1/64 s and power-of-two rates: every float here is exact. The
+    # plain buckets are never forgotten: forgetting a full bucket changes no answer.
     buckets = TokenBuckets(RateLimit(rate=float(rate), burst=burst))
     plain: dict[str, PlainBucket] = {}
     now = Fraction(int(T0))
@@ -119,8 +130,9 @@ def test_idle_buckets_are_forgotten() -> None:
     for caller in range(5000):
         buckets.admit(f"caller-{caller}", now=now)
         now += 0.001
-    # Passes ran as new keys came: the buckets full again (older than 2 s) are gone.
-    assert len(buckets) < 3000
+    # Forgotten as new keys came: the last second's 1000 callers are left, and
+    # fewer idle ones than that (each is looked at within half the buckets' new keys).
+    assert 1000 <= len(buckets) < 2000
     now += 2
     remaining = len(buckets)
     assert buckets.forget_idle(now) == remaining
@@ -130,11 +142,24 @@ def test_idle_buckets_are_forgotten() -> None:
 def test_forget_idle_keeps_the_buckets_that_are_not_full() -> None:
     buckets = TokenBuckets(RateLimit(rate=1, burst=2))
     buckets.admit("idle", now=T0)
-    buckets.admit("busy", now=T0 + 5)
-    assert buckets.forget_idle(T0 + 5.5) == 1
+    buckets.admit("busy", now=T0)
+    buckets.admit("busy", now=T0 + 0.9)  # a known key: nothing else is looked at
+    assert buckets.forget_idle(T0 + 1.5) == 1
     assert len(buckets) == 1
-    assert buckets.admit("busy", now=T0 + 5.5) == 0.0  # its one token left
-    assert buckets.admit("busy", now=T0 + 5.5) == about(0.5)
+    assert buckets.admit("busy", now=T0 + 1.5) == 0.0  # its state kept: 1.5 tokens
+    assert buckets.admit("busy", now=T0 + 1.5) == about(0.5)
+
+
+def test_each_new_key_forgets_the_full_buckets_at_the_front() -> None:
+    buckets = TokenBuckets(RateLimit(rate=1, burst=2))
+    buckets.admit("a", now=T0)  # full again at T0 + 1
+    buckets.admit("b", now=T0 + 0.5)  # a is not full yet: it goes to the back
+    assert len(buckets) == 2
+    buckets.admit("c", now=T0 + 1.2)  # b is not full (back again), a is: forgotten
+    assert len(buckets) == 2
+    assert buckets.admit("b", now=T0 + 1.2) == 0.0  # b kept its state: 1.7 tokens
+    assert buckets.admit("b", now=T0 + 1.2) == about(0.3)
+    assert buckets.forget_idle(T0 + 1.2) == 0
 
 
 def test_memory_is_bounded_and_overflowing_keys_share_one_bucket() -> None:
@@ -148,8 +173,8 @@ def test_memory_is_bounded_and_overflowing_keys_share_one_bucket() -> None:
     assert all(wait == about(1.0) for wait in answers[2:])
     # The callers already known keep their own buckets.
     assert buckets.admit("known-3", now=T0) == 0.0
-    # Once the known buckets are full again, the next pass (within max_keys
-    # new keys) makes room: the buckets kept are then all new ones.
+    # Once the known buckets are full again, new keys make room as they come:
+    # the buckets kept are then all new ones.
     for caller in range(20):
         buckets.admit(f"later-{caller}", now=T0 + 10)
     assert len(buckets) == 10
@@ -199,7 +224,9 @@ def test_parse(text: str, limit: RateLimit) -> None:
         ("1e-320:1", "RATE must be a finite number > 0"),
         ("100:2.5", "BURST is not a whole number"),
         ("100:", "BURST is not a whole number"),
-        ("100:0", "BURST must be at least 1"),
+        ("100:0", "BURST must be from 1 to"),
+        ("100:1000000001", "BURST must be from 1 to"),
+        ("100001:5", "RATE must be at most 100000"),
         ("100:20:3", "BURST is not a whole number"),
     ],
 )
@@ -217,6 +244,8 @@ def test_parse_refuses_with_the_fix(text: str, says: str) -> None:
         {"rate": "5", "burst": 1},
         {"rate": 5, "burst": 0},
         {"rate": 5, "burst": 1.0},
+        {"rate": 200_000, "burst": 1},
+        {"rate": 5, "burst": 10**10},
         {"rate": 5, "burst": 1, "max_keys": 0},
     ],
 )
