@@ -43,7 +43,9 @@ from crank_registry import (
     RegisterAnswer,
     Registration,
     RouteExplanation,
+    SnapshotAnswer,
     ValidationError,
+    WatchAnswer,
     WorkerEndpoint,
     WorkerLoad,
     WorkersAnswer,
@@ -62,6 +64,7 @@ from ._exceptions import (
     InvalidRequest,
     NoWorkerAvailable,
     PolicyDenied,
+    RevisionGone,
     UnexpectedResponse,
     UnknownCapability,
     WorkerNotRegisteredError,
@@ -344,6 +347,31 @@ class ControllerClient:
         answer = await self._call("GET", "/health", HealthAnswer)
         return ControllerHealth(answer.status, answer.total_workers, answer.healthy_workers)
 
+    # -- the change feed --------------------------------------------------
+
+    async def snapshot(self) -> SnapshotAnswer:
+        """``GET /snapshot``: the whole registry at one revision of its history (epoch).
+
+        Follow it with :meth:`watch` from its ``epoch`` and ``revision``.
+        """
+        return await self._call("GET", "/snapshot", SnapshotAnswer)
+
+    async def watch(self, *, since: int, epoch: str | None = None, timeout: float) -> WatchAnswer:
+        """``GET /watch``: the changes after ``since``, waiting up to ``timeout`` s for one.
+
+        No change by then: an answer with no events and the current
+        revision (a bookmark). The request may take ``timeout`` plus the
+        client's own timeout. Raises :class:`RevisionGone` (410) when the
+        controller no longer answers from ``since`` of ``epoch``: load
+        :meth:`snapshot` again.
+        """
+        params = {"since": str(since), "timeout": repr(float(timeout))}
+        if epoch is not None:
+            params["epoch"] = epoch
+        return await self._call(
+            "GET", "/watch", WatchAnswer, timeout=timeout + self._timeout, params=params
+        )
+
     # -- the worker's API -------------------------------------------------
 
     async def register(
@@ -574,6 +602,8 @@ def error_from_response(response: httpx.Response, what: str) -> ClientError:
         return WorkerNotRegisteredError(code, status, body, message)
     if code == "forbidden":
         return ForbiddenError(code, status, body, message)
+    if status == 410 and code in ("revision_compacted", "revision_reset"):
+        return RevisionGone(code, status, body, message)
     if status in _REFUSAL_STATUSES:
         return InvalidRequest(code, status, body, message)
     return UnexpectedResponse(code, status, body, message)

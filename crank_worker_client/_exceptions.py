@@ -12,6 +12,7 @@ One root, :class:`ClientError`; what went wrong decides the branch::
     │   ├── PolicyDenied            403 policy_denied: the access policy refuses it (.reason)
     │   ├── WorkerNotRegisteredError  404 worker_not_registered
     │   ├── ForbiddenError          403 forbidden (the mTLS identity is not this worker)
+    │   ├── RevisionGone            410 revision_compacted or revision_reset: load /snapshot again
     │   ├── InvalidRequest          400/413/415/422: invalid_request, ... (.problems)
     │   └── UnexpectedResponse      an answer outside the protocol (wrong URL, bad body)
     └── RegistrationFailed          the agent could not register at start-up (deadline or refusal)
@@ -44,6 +45,7 @@ __all__ = [
     "NoWorkerAvailable",
     "PolicyDenied",
     "RegistrationFailed",
+    "RevisionGone",
     "UnexpectedResponse",
     "UnknownCapability",
     "WorkerNotRegisteredError",
@@ -173,6 +175,15 @@ class WorkerNotRegisteredError(ControllerError):
 
 class ForbiddenError(ControllerError):
     """The caller's certificate identity may not act on this worker record (403)."""
+
+
+class RevisionGone(ControllerError):
+    """``GET /watch`` cannot continue from the revision held (410): load ``/snapshot`` again.
+
+    ``code`` says why: ``revision_compacted`` (the changes after it are no
+    longer kept) or ``revision_reset`` (another history: another epoch, or
+    a revision beyond the latest).
+    """
 
 
 class InvalidRequest(ControllerError):
