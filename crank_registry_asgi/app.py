@@ -494,7 +494,6 @@ class ControllerService:
             self.broadcast,
             self.epoch,
             query.since,
-            bookmark_every=feed.bookmark_period(self.policy),
             ends_at=ends_at,
         )
         # No comment pings: the bookmarks keep the connection alive.
@@ -574,6 +573,8 @@ class ControllerService:
                 await self._open_journal(stack)
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(self.sweeper.run)
+                # The /watch streams' bookmarks.
+                tasks.start_soon(feed.tick_every, self.broadcast, feed.bookmark_period(self.policy))
                 if self.slo_watcher is not None:
                     tasks.start_soon(self.slo_watcher.run)
                 if self.policy_watcher is not None:

@@ -36,6 +36,7 @@ from sse_starlette import ServerSentEvent
 
 from crank_registry import (
     CapabilityRegistry,
+    Change,
     HealthPolicy,
     RevisionCompacted,
     RevisionReset,
@@ -57,8 +58,10 @@ __all__ = [
     "bookmark_period",
     "check_start",
     "parse_event_id",
+    "render_change",
     "snapshot_body",
     "stream",
+    "tick_every",
     "wants_stream",
     "watch",
 ]
@@ -71,6 +74,8 @@ _COMPACT = (",", ":")
 #: An event's id, ``EPOCH:REVISION`` (what ``Last-Event-ID`` carries back).
 EVENT_ID_PATTERN = r"([0-9A-Za-z_-]{1,64}):([0-9]{1,20})"
 _EVENT_ID = re.compile(EVENT_ID_PATTERN)
+# How many rendered events Broadcast.rendered_change keeps.
+_RENDERED_CHANGES = 512
 
 
 class Broadcast:
@@ -86,6 +91,9 @@ class Broadcast:
         self._event: anyio.Event | None = None
         #: Set by :meth:`close`: streams end, long polls answer without waiting.
         self.closed = False
+        #: How many times :meth:`tick` woke the waiters.
+        self.ticks = 0
+        self._rendered_changes: dict[int, tuple[Change, str, bytes]] = {}
         #: How many times waiters were woken (one per move with waiters).
         self.wakeups = 0
         #: The last answer of /watch: ``(epoch, since, latest)`` and its JSON.
@@ -102,6 +110,23 @@ class Broadcast:
             self.wakeups += 1
             event.set()
 
+    def rendered_change(self, epoch: str, change: Change) -> bytes:
+        """:func:`render_change` of ``change``, rendered once for every stream.
+
+        The streams woken by one change send the same bytes: rendering them
+        once instead of once per stream is what keeps 1,000 streams within
+        the wake-up target (``benchmarks/feed.py``). The last few hundred
+        changes stay rendered, for streams a little behind.
+        """
+        kept = self._rendered_changes.get(change.revision)
+        if kept is not None and kept[0] is change and kept[1] == epoch:
+            return kept[2]
+        if len(self._rendered_changes) >= _RENDERED_CHANGES:
+            self._rendered_changes.clear()
+        encoded = render_change(epoch, change)
+        self._rendered_changes[change.revision] = (change, epoch, encoded)
+        return encoded
+
     def close(self) -> None:
         """The server is shutting down: wake every waiter, and let none wait again."""
         self.closed = True
@@ -113,13 +138,42 @@ class Broadcast:
         """How many waiters are parked on the event now."""
         return 0 if self._event is None else self._event.statistics().tasks_waiting
 
-    async def wait_past(self, revision: int, timeout: float) -> None:
-        """Return once the revision is beyond ``revision``, after ``timeout`` seconds, or closed."""
+    def tick(self) -> None:
+        """Wake every waiter without a change: the streams' bookmarks are due."""
+        self.ticks += 1
+        event, self._event = self._event, None
+        if event is not None:
+            event.set()
+
+    async def wait_past(self, revision: int, timeout: float | None = None) -> None:
+        """Return once the revision is beyond ``revision``, after ``timeout`` seconds, or closed.
+
+        Without a ``timeout``, also at the next :meth:`tick`.
+        """
+        if timeout is None:
+            ticks = self.ticks
+            while self.registry.revision <= revision and not self.closed and self.ticks == ticks:
+                await self._wait()
+            return
         with anyio.move_on_after(timeout):
             while self.registry.revision <= revision and not self.closed:
-                if self._event is None:
-                    self._event = anyio.Event()
-                await self._event.wait()
+                await self._wait()
+
+    async def _wait(self) -> None:
+        if self._event is None:
+            self._event = anyio.Event()
+        await self._event.wait()
+
+
+async def tick_every(broadcast: Broadcast, period: float) -> None:
+    """Tick ``broadcast`` every ``period`` seconds, until cancelled: the streams' bookmarks.
+
+    One timer for every stream: a timer of its own per stream and per wait
+    would cost each wake-up of 1,000 streams more than the rest of it.
+    """
+    while True:
+        await anyio.sleep(period)
+        broadcast.tick()
 
 
 async def watch(
@@ -214,6 +268,13 @@ def wants_stream(accept: str | None) -> bool:
     return wanted > 0 and wanted >= quality.get("application/json", 0.0)
 
 
+def render_change(epoch: str, change: Change) -> bytes:
+    """``change`` as one Server-Sent Event: ``id: EPOCH:REVISION``, its type, its JSON."""
+    data = unstructure_event(change)
+    event = ServerSentEvent(_dumps(data), event=data["type"], id=f"{epoch}:{change.revision}")
+    return event.encode()
+
+
 def bookmark_period(policy: HealthPolicy) -> float:
     """Seconds between two ``bookmark`` events: ``min(15 s, heartbeat_interval / 2)``."""
     return min(MAX_BOOKMARK_PERIOD, policy.heartbeat_interval / 2)
@@ -229,47 +290,50 @@ async def stream(
     epoch: str,
     since: int,
     *,
-    bookmark_every: float,
     ends_at: float | None = None,
-) -> AsyncIterator[ServerSentEvent]:
-    """The changes after ``since`` as Server-Sent Events, as they come.
+) -> AsyncIterator[bytes]:
+    """The changes after ``since`` as Server-Sent Events, as they come (encoded).
 
     Each change is an event ``id: EPOCH:REVISION``, ``event:`` its type,
-    ``data:`` its JSON (as in a long poll's ``events``). Every
-    ``bookmark_every`` seconds, a ``bookmark`` event (``data:`` the epoch
-    and the revision the stream has reached, which is its id too). A
+    ``data:`` its JSON (as in a long poll's ``events``). At every tick of
+    the broadcast (:func:`tick_every`), a ``bookmark`` event (``data:`` the
+    epoch and the revision the stream has reached, which is its id too). A
     reader too slow for the window (its next change left it) gets one
     ``error`` event, whose data is the 410 body a request from there would
     get, and the stream ends. It also ends at ``ends_at`` (``anyio``'s
     clock) and when the broadcast is closed. Call :func:`check_start` first:
     errors known before the stream starts are answers, not events.
     """
-    next_bookmark = anyio.current_time() + bookmark_every
+    ticks = broadcast.ticks
     while True:
         try:
             changes, latest = registry.changes_since(since)
         except (RevisionCompacted, RevisionReset) as error:
-            yield ServerSentEvent(_dumps(registry_error_body(error)), event="error")
+            yield ServerSentEvent(_dumps(registry_error_body(error)), event="error").encode()
             return
-        for change in changes:
-            data = unstructure_event(change)
-            yield ServerSentEvent(_dumps(data), event=data["type"], id=f"{epoch}:{change.revision}")
         if changes:
+            # Every change waiting for this reader, in one chunk.
+            yield b"".join(broadcast.rendered_change(epoch, change) for change in changes)
             since = changes[-1].revision
             if since < latest:  # a full page: the rest at once
                 continue
-        now = anyio.current_time()
-        if now >= next_bookmark:
+        if broadcast.ticks != ticks:
+            ticks = broadcast.ticks
             yield ServerSentEvent(
                 _dumps({"epoch": epoch, "revision": since}),
                 event="bookmark",
                 id=f"{epoch}:{since}",
-            )
-            next_bookmark = now + bookmark_every
-        if broadcast.closed or (ends_at is not None and now >= ends_at):
+            ).encode()
+        if broadcast.closed:
             return
-        wake_at = next_bookmark if ends_at is None else min(next_bookmark, ends_at)
-        await broadcast.wait_past(since, wake_at - now)
+        if ends_at is None:
+            await broadcast.wait_past(since)
+            continue
+        left = ends_at - anyio.current_time()
+        if left <= 0:
+            return
+        with anyio.move_on_after(left):
+            await broadcast.wait_past(since)
 
 
 async def snapshot_body(

@@ -72,6 +72,42 @@ async def test_a_408_is_answered_without_draining_the_body() -> None:
     assert (b"connection", b"close") in sent[0]["headers"]
 
 
+@pytest.mark.parametrize(
+    ("http_version", "headers", "drained"),
+    [
+        ("1.1", [], False),
+        ("1.1", [(b"content-length", b"0")], False),
+        ("1.0", [], False),
+        ("1.1", [(b"content-length", b"2")], True),
+        ("1.1", [(b"transfer-encoding", b"chunked")], True),
+        ("1.1", [(b"content-length", b"x")], True),
+        ("2", [], True),  # HTTP/2 may send a body without declaring it
+    ],
+)
+async def test_a_request_without_a_body_is_answered_without_reading_it(
+    http_version: str, headers: list[tuple[bytes, bytes]], drained: bool
+) -> None:
+    received: list[dict[str, Any]] = []
+    sent: list[dict[str, Any]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:  # never reads the body
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def receive() -> dict[str, Any]:
+        message = {"type": "http.request", "body": b"", "more_body": False}
+        received.append(message)
+        return message
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "http_version": http_version, "headers": headers}
+    await DrainRequestBody(app)(scope, receive, send)
+    assert bool(received) is drained
+    assert sent[0]["headers"] == []  # the connection stays usable either way
+
+
 CAPABILITY = CapabilitySchema(
     name="text.echo",
     verb="echo",

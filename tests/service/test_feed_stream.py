@@ -18,9 +18,10 @@ import anyio
 import attrs
 import pytest
 
-from crank_registry import HealthPolicy
+from crank_registry import CapabilityRegistry, HealthPolicy
 from crank_registry_asgi import ServiceConfig
-from crank_registry_asgi.feed import wants_stream
+from crank_registry_asgi.feed import Broadcast, render_change, wants_stream
+from tests.builders import capability
 from tests.service.helpers import DOCUMENT, Controller, running
 
 pytestmark = pytest.mark.anyio
@@ -348,3 +349,16 @@ def test_the_document_lists_both_forms_of_the_answer() -> None:
 )
 def test_accept_chooses_the_form(accept: str | None, stream: bool) -> None:
     assert wants_stream(accept) is stream
+
+
+def test_a_change_is_rendered_once_and_as_the_plain_rendering() -> None:
+    registry = CapabilityRegistry()
+    for index in range(3):
+        registry.register(f"w{index}", f"http://w{index}.test", [capability()], now=0.0)
+    changes, _ = registry.changes_since(0)
+    broadcast = Broadcast(registry)
+    for change in changes:
+        rendered = broadcast.rendered_change("e1", change)
+        assert rendered == render_change("e1", change)
+        assert broadcast.rendered_change("e1", change) is rendered
+        assert broadcast.rendered_change("e2", change) == render_change("e2", change)
