@@ -303,7 +303,7 @@ OPERATIONS: tuple[Operation, ...] = (
         "GET",
         "/watch",
         "watch",
-        "Long poll: the changes after a revision, waiting for one when there is none",
+        "The changes after a revision: a long poll, or Server-Sent Events as they come",
         WatchAnswer,
         "At most 1000 changes after since, at once when there are any; else the changes "
         "that come within timeout, or none and the latest revision (the bookmark).",

@@ -153,8 +153,11 @@ async def _read_body(receive: Receive, limit: int) -> bytes:
 
 
 def _without_body(scope: Scope) -> bool:
-    """Whether an HTTP/1.x request's headers say it has no body (HTTP/2 may have one anyway)."""
-    if scope.get("http_version") not in ("1.0", "1.1"):
+    """Whether a GET or HEAD over HTTP/1.x declares no body (HTTP/2 may send one anyway)."""
+    if scope.get("http_version") not in ("1.0", "1.1") or scope.get("method") not in (
+        "GET",
+        "HEAD",
+    ):
         return False
     for name, value in scope["headers"]:
         if name == b"transfer-encoding":
@@ -201,9 +204,9 @@ class DrainRequestBody:
             return
         received = 0
         # Whether the body has been read to its end, or the client went away.
-        # An HTTP/1.x request declares its body: without Content-Length or
-        # Transfer-Encoding it has none (RFC 9112, 6.3), nothing to drain. A
-        # thousand long polls answered at once skip a timer each.
+        # A read (GET, HEAD) over HTTP/1.x that declares no body has none
+        # (RFC 9112, 6.3): nothing to drain, and a thousand long polls
+        # answered at once skip a deadline each (benchmarks/feed.py).
         ended = _without_body(scope)
 
         async def watched_receive() -> Message:

@@ -73,19 +73,21 @@ async def test_a_408_is_answered_without_draining_the_body() -> None:
 
 
 @pytest.mark.parametrize(
-    ("http_version", "headers", "drained"),
+    ("method", "http_version", "headers", "drained"),
     [
-        ("1.1", [], False),
-        ("1.1", [(b"content-length", b"0")], False),
-        ("1.0", [], False),
-        ("1.1", [(b"content-length", b"2")], True),
-        ("1.1", [(b"transfer-encoding", b"chunked")], True),
-        ("1.1", [(b"content-length", b"x")], True),
-        ("2", [], True),  # HTTP/2 may send a body without declaring it
+        ("GET", "1.1", [], False),
+        ("HEAD", "1.1", [], False),
+        ("GET", "1.1", [(b"content-length", b"0")], False),
+        ("GET", "1.0", [], False),
+        ("GET", "1.1", [(b"content-length", b"2")], True),
+        ("GET", "1.1", [(b"transfer-encoding", b"chunked")], True),
+        ("GET", "1.1", [(b"content-length", b"x")], True),
+        ("GET", "2", [], True),  # HTTP/2 may send a body without declaring it
+        ("POST", "1.1", [], True),  # a write: its body is read as before
     ],
 )
-async def test_a_request_without_a_body_is_answered_without_reading_it(
-    http_version: str, headers: list[tuple[bytes, bytes]], drained: bool
+async def test_a_read_without_a_body_is_answered_without_reading_it(
+    method: str, http_version: str, headers: list[tuple[bytes, bytes]], drained: bool
 ) -> None:
     received: list[dict[str, Any]] = []
     sent: list[dict[str, Any]] = []
@@ -102,7 +104,7 @@ async def test_a_request_without_a_body_is_answered_without_reading_it(
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {"type": "http", "http_version": http_version, "headers": headers}
+    scope = {"type": "http", "method": method, "http_version": http_version, "headers": headers}
     await DrainRequestBody(app)(scope, receive, send)
     assert bool(received) is drained
     assert sent[0]["headers"] == []  # the connection stays usable either way
