@@ -7,8 +7,10 @@ Real processes and sockets: short configured intervals, generous deadlines.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import queue
+import random
 import signal
 import subprocess
 import threading
@@ -18,8 +20,10 @@ from pathlib import Path
 from typing import IO, Any
 
 import httpx
+import pytest
 
-from crank_registry_asgi.client_cli import change_line
+from crank_registry_asgi.client_cli import change_line, follow
+from crank_worker_client import ControllerClient, InvalidRequest
 from tests.builders import registration_payload
 from tests.cli.helpers import ServerProcess, clean_environment, command, free_port, serving
 
@@ -239,3 +243,49 @@ def test_a_change_line_shows_a_dash_for_what_the_event_lacks() -> None:
     assert line == "9  imported  -  -"
     line = change_line({"type": "evicted", "revision": 3, "worker_id": "w1", "at": 0.25})
     assert line == "3  evicted  w1  1970-01-01T00:00:00.250Z"
+
+
+@pytest.mark.anyio
+async def test_follow_retries_reloads_after_a_410_and_stops_at_another_error() -> None:
+    policy = {"heartbeat_interval": 30.0, "unhealthy_after": 60.0, "evict_after": 120.0}
+    registered = {"type": "registered", "worker_id": "w6", "revision": 6, "at": 1.5}
+    answers = [
+        ("/snapshot", httpx.Response(503, json={"error": "journal_unavailable", "message": "m"})),
+        ("/snapshot", httpx.Response(200, json=snapshot_body(5, policy))),
+        ("/watch", httpx.Response(200, json={"epoch": "e", "revision": 6, "events": [registered]})),
+        ("/watch", httpx.Response(410, json=gone("revision_compacted", oldest=8))),
+        ("/snapshot", httpx.Response(200, json=snapshot_body(9, policy))),
+        ("/watch", httpx.Response(422, json=gone("invalid_request", detail=[]))),
+    ]
+    asked: list[str] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        path, response = answers.pop(0)
+        assert request.url.path == path, (request.url, path)
+        asked.append(str(request.url.params))
+        return response
+
+    out, err = io.StringIO(), io.StringIO()
+    client = ControllerClient(
+        "http://controller.test", insecure=True, transport=httpx.MockTransport(handle)
+    )
+    async with client:
+        with pytest.raises(InvalidRequest):
+            await follow(client, since=None, as_json=False, out=out, err=err, rng=random.Random(0))
+    assert out.getvalue() == "6  registered  w6  1970-01-01T00:00:01.500Z\n"
+    said = err.getvalue().splitlines()
+    assert "503" in said[0] and "retrying in" in said[0]
+    assert "answering again" in said[1]
+    assert "changes after revision 6 were missed (revision_compacted)" in said[2]
+    # Each poll from the revision held, with the epoch of its snapshot.
+    watches = [params for params in asked if "since" in params]
+    assert [dict(httpx.QueryParams(p))["since"] for p in watches] == ["5", "6", "9"]
+    assert all(dict(httpx.QueryParams(p))["epoch"] == "e" for p in watches)
+
+
+def snapshot_body(revision: int, policy: dict[str, float]) -> dict[str, Any]:
+    return {"epoch": "e", "revision": revision, "health_policy": policy, "workers": []}
+
+
+def gone(code: str, **fields: Any) -> dict[str, Any]:
+    return {"error": code, "message": f"{code} for the test", **fields}
