@@ -195,11 +195,11 @@ def main(argv: list[str] | None = None) -> int:
         target = PLAIN_TARGET_US if options is None else OPTION_TARGET_US
         micros = per_call_us(bench(registry, names, options, calls), calls, repeat)
         ok &= report(f"route, {label}", micros, target)
-    registry.set_slos(slo_files(names))
+    registry.set_slos(slo_files(names), now=START)
     label = "slo_constraints p95 <= 100 ms"
     micros = per_call_us(bench(registry, names, OPTIONS[label], calls), calls, repeat)
     ok &= report(f"route, {label}, an SLO file per capability", micros, OPTION_TARGET_US)
-    registry.set_slos(())
+    registry.set_slos((), now=START)
     print("-- access policy, 10 workers per capability")
     for label, rules, options, target in POLICY_CASES:
         registry.set_access_policy(BuiltinPolicy(rules, registry.required_targets))

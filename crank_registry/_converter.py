@@ -28,6 +28,8 @@ from ._errors import Problem, ValidationError
 from ._events import (
     Event,
     HeartbeatReceived,
+    PolicyChanged,
+    SlosChanged,
     WorkerDeregistered,
     WorkerEvicted,
     WorkerHealthy,
@@ -59,6 +61,8 @@ EVENT_TYPES: Mapping[str, type[Event]] = types.MappingProxyType(
         "unhealthy": WorkerUnhealthy,
         "healthy": WorkerHealthy,
         "imported": WorkerImported,
+        "slos_changed": SlosChanged,
+        "policy_changed": PolicyChanged,
     }
 )
 _TAG_OF: dict[type[Event], str] = {cls: tag for tag, cls in EVENT_TYPES.items()}

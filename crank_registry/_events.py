@@ -5,21 +5,28 @@ the registry's state is made by applying an event
 (:meth:`~crank_registry.CapabilityRegistry.apply`, the one fold). The
 service journals them; the journal replays them through the same fold.
 
-There are two kinds::
+A heartbeat is not a change; a change is about one worker, or about the
+whole registry::
 
-    Event                  worker_id
-    ├── HeartbeatReceived  a worker proved it is alive (not a change: no revision)
-    └── Change             revision: one more than the change before it
-        ├── WorkerRegistered    registered, or replaced its URL and capabilities
-        ├── WorkerDeregistered  left on its own
-        ├── WorkerUnhealthy     stopped being routable (silent past unhealthy_after)
-        ├── WorkerHealthy       routable again (heard from after being unhealthy)
-        ├── WorkerEvicted       removed for silence past evict_after
-        └── WorkerImported      taken from another controller's state, unverified
+    Event
+    ├── HeartbeatReceived       a worker proved it is alive (not a change: no revision)
+    └── Change                  revision: one more than the change before it
+        ├── WorkerChange        worker_id: about one worker
+        │   ├── WorkerRegistered    registered, or replaced its URL and capabilities
+        │   ├── WorkerDeregistered  left on its own
+        │   ├── WorkerUnhealthy     stopped being routable (silent past unhealthy_after)
+        │   ├── WorkerHealthy       routable again (heard from after being unhealthy)
+        │   ├── WorkerEvicted       removed for silence past evict_after
+        │   └── WorkerImported      taken from another controller's state, unverified
+        └── RegistryChange      about the whole registry, not one worker
+            ├── SlosChanged         the SLO files in effect were replaced
+            └── PolicyChanged       the access policy's rules were replaced
 
 A change carries all that is needed to apply it without a clock: the
 sweep decides ``unhealthy`` and ``evicted`` at their deadlines, so whoever
-applies the events (a journal replay, a replica) never compares times.
+applies the events (a journal replay, a replica) never compares times; a
+registry-wide change carries the whole new value (every SLO file, every
+rule), not a difference, so applying it needs nothing but the change.
 """
 
 from __future__ import annotations
@@ -27,12 +34,18 @@ from __future__ import annotations
 import attrs
 
 from ._models import CapabilitySchema, WorkerRecord
+from ._policy import AccessRules
+from ._slos import SloFile
 
 __all__ = [
     "Change",
     "Event",
     "HeartbeatReceived",
+    "PolicyChanged",
+    "RegistryChange",
+    "SlosChanged",
     "Snapshot",
+    "WorkerChange",
     "WorkerDeregistered",
     "WorkerEvicted",
     "WorkerHealthy",
@@ -44,9 +57,7 @@ __all__ = [
 
 @attrs.frozen
 class Event:
-    """Base of all events; ``worker_id`` says whom it concerns."""
-
-    worker_id: str
+    """Base of all events."""
 
 
 @attrs.frozen
@@ -57,6 +68,7 @@ class HeartbeatReceived(Event):
     that makes a worker routable again comes with :class:`WorkerHealthy`).
     """
 
+    worker_id: str
     at: float
 
 
@@ -68,7 +80,35 @@ class Change(Event):
 
 
 @attrs.frozen
-class WorkerRegistered(Change):
+class WorkerChange(Change):
+    """A change of one worker, ``worker_id``."""
+
+    worker_id: str
+
+
+@attrs.frozen
+class RegistryChange(Change):
+    """A change of the whole registry (its settings), decided at ``at``; no worker's."""
+
+    at: float
+
+
+@attrs.frozen
+class SlosChanged(RegistryChange):
+    """The SLO files in effect are now ``slos`` (all of them, in the order of their names)."""
+
+    slos: tuple[SloFile, ...]
+
+
+@attrs.frozen
+class PolicyChanged(RegistryChange):
+    """The built-in access policy now routes under ``access_policy`` (its rules, all of them)."""
+
+    access_policy: AccessRules
+
+
+@attrs.frozen
+class WorkerRegistered(WorkerChange):
     """A worker registered at ``at`` (``replaced``: it was already known and is replaced)."""
 
     worker_url: str
@@ -78,14 +118,14 @@ class WorkerRegistered(Change):
 
 
 @attrs.frozen
-class WorkerDeregistered(Change):
+class WorkerDeregistered(WorkerChange):
     """A worker left on its own at ``at``."""
 
     at: float
 
 
 @attrs.frozen
-class WorkerUnhealthy(Change):
+class WorkerUnhealthy(WorkerChange):
     """A worker stopped being routable at ``at``: silent since ``last_heartbeat``."""
 
     at: float
@@ -93,14 +133,14 @@ class WorkerUnhealthy(Change):
 
 
 @attrs.frozen
-class WorkerHealthy(Change):
+class WorkerHealthy(WorkerChange):
     """An unhealthy worker was heard from at ``at`` and is routable again."""
 
     at: float
 
 
 @attrs.frozen
-class WorkerEvicted(Change):
+class WorkerEvicted(WorkerChange):
     """A worker was removed at ``at`` for silence since ``last_heartbeat``."""
 
     at: float
@@ -108,7 +148,7 @@ class WorkerEvicted(Change):
 
 
 @attrs.frozen
-class WorkerImported(Change):
+class WorkerImported(WorkerChange):
     """A record taken from another controller's state (``source``), unverified here."""
 
     worker_url: str
@@ -122,8 +162,12 @@ class Snapshot:
     """The whole registry at ``revision``: what :meth:`CapabilityRegistry.apply_snapshot` loads.
 
     ``workers`` are in registration order; a record that is not
-    ``verified`` is held as ``unverified``.
+    ``verified`` is held as ``unverified``. ``access_policy`` and ``slos``
+    are what the last :class:`PolicyChanged` and :class:`SlosChanged` put
+    in effect (``None``, ``()``: none yet).
     """
 
     revision: int
     workers: tuple[WorkerRecord, ...]
+    access_policy: AccessRules | None = attrs.field(default=None, kw_only=True)
+    slos: tuple[SloFile, ...] = attrs.field(default=(), kw_only=True)

@@ -61,7 +61,7 @@ import math
 import operator
 import random
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 
@@ -72,7 +72,11 @@ from ._events import (
     Change,
     Event,
     HeartbeatReceived,
+    PolicyChanged,
+    RegistryChange,
+    SlosChanged,
     Snapshot,
+    WorkerChange,
     WorkerDeregistered,
     WorkerEvicted,
     WorkerHealthy,
@@ -106,7 +110,7 @@ from ._models import (
     WorkerView,
     parse_capability_label,
 )
-from ._policy import Policy
+from ._policy import AccessRules, Policy
 from ._records import CapabilityValues, Load, Member, Worker
 from ._rotation import Rotation
 from ._routing import (
@@ -120,6 +124,8 @@ from ._routing import (
 from ._slos import ServiceLevels, SloFile
 
 __all__ = ["STATE_FORMAT_VERSION", "CapabilityRegistry"]
+
+_Setting = TypeVar("_Setting", bound=RegistryChange)
 
 _HEARTBEAT_ONLY = (HeartbeatReceived,)
 
@@ -185,9 +191,12 @@ class CapabilityRegistry:
         self._rng = rng if rng is not None else random.Random(0)
         # What idempotency keys were given (routing options); not registry state.
         self._idempotency = IdempotencyMemory(self._routing)
-        # The operator's SLO files (set_slos); not registry state either.
+        # The operator's SLO files (set_slos: a change).
         self._slos = NO_SLOS
-        # Asked before every route when set (set_access_policy); not registry state.
+        # The built-in policy's rules (set_access_rules: a change), or None.
+        self._access_rules: AccessRules | None = None
+        # Asked before every route when set: the built-in policy of _access_rules,
+        # or a custom one (set_access_policy).
         self._access: Policy | None = None
         self._revision = 0
         self._workers: dict[str, Worker] = {}
@@ -224,16 +233,53 @@ class CapabilityRegistry:
         """The SLO files in effect (:meth:`set_slos`), in the order of their names."""
         return self._slos.files
 
-    def set_slos(self, files: Iterable[SloFile]) -> None:
-        """Put these SLO files in effect, replacing all the previous ones at once.
+    def set_slos(self, files: Iterable[SloFile], *, now: float) -> tuple[Event, ...]:
+        """Put these SLO files in effect, replacing all the previous ones at once: a change.
 
-        Routes with ``slo_constraints`` check them from the next call
-        (:func:`~crank_registry.effective_slo`). Raises
-        :class:`ValidationError` naming the file when two files state the
-        SLO of the same capability for the same versions; the previous
-        files stay in effect then.
+        Returns the :class:`SlosChanged` it applied, or nothing when the
+        files are those in effect already. Routes with ``slo_constraints``
+        check them from the next call (:func:`~crank_registry.effective_slo`).
+        Raises :class:`ValidationError` naming the file when two files
+        state the SLO of the same capability for the same versions; the
+        previous files stay in effect then.
         """
-        self._slos = ServiceLevels(files)
+        return self._commit(self.decide_slos(files, now=now))
+
+    def decide_slos(self, files: Iterable[SloFile], *, now: float) -> tuple[Event, ...]:
+        """The change :meth:`set_slos` makes, pending until :meth:`confirm`; raises alike."""
+        _check_now(now)
+        levels = ServiceLevels(files)
+        pending = self._last_pending(SlosChanged)
+        if levels.files == (self._slos.files if pending is None else pending.slos):
+            return ()
+        return self._hold(SlosChanged(now, levels.files, revision=self._decided + 1))
+
+    @property
+    def access_rules(self) -> AccessRules | None:
+        """The built-in policy's rules in effect (:meth:`set_access_rules`); ``None``: none.
+
+        ``None`` also while a custom policy is asked (:meth:`set_access_policy`).
+        """
+        return self._access_rules
+
+    def set_access_rules(self, rules: AccessRules, *, now: float) -> tuple[Event, ...]:
+        """Route under the built-in policy with ``rules`` from now on: a change.
+
+        Returns the :class:`PolicyChanged` it applied, or nothing when these
+        rules are in effect already. Unlike a custom policy, the built-in
+        one travels: it is journalled, in the change feed and in snapshots.
+        """
+        return self._commit(self.decide_access_rules(rules, now=now))
+
+    def decide_access_rules(self, rules: AccessRules, *, now: float) -> tuple[Event, ...]:
+        """The change :meth:`set_access_rules` makes, pending until :meth:`confirm`."""
+        _check_now(now)
+        if not isinstance(rules, AccessRules):
+            raise ValidationError.single("rules", f"expected AccessRules, got {rules!r}")
+        pending = self._last_pending(PolicyChanged)
+        if rules == (self._access_rules if pending is None else pending.access_policy):
+            return ()
+        return self._hold(PolicyChanged(now, rules, revision=self._decided + 1))
 
     @property
     def access_policy(self) -> Policy | None:
@@ -241,8 +287,16 @@ class CapabilityRegistry:
         return self._access
 
     def set_access_policy(self, policy: Policy | None) -> None:
-        """Ask ``policy`` before every route from now on (``None``: no policy)."""
+        """Ask ``policy`` (code of this process) before every route from now on (``None``: none).
+
+        For a custom policy. Not a change: code cannot be journalled nor
+        sent to a follower, so it is this registry's alone, and
+        :attr:`access_rules` is ``None`` from now on (a snapshot then holds
+        no access policy, and a follower routes without one). The built-in
+        policy travels: use :meth:`set_access_rules`.
+        """
         self._access = policy
+        self._access_rules = None
 
     def required_targets(self, worker_id: str) -> frozenset[str] | None:
         """The ``verb:name`` labels a registered worker declared it needs, for least privilege.
@@ -395,6 +449,8 @@ class CapabilityRegistry:
         while pending and pending[0].revision <= revision:
             change = pending.popleft()
             self.apply(change)
+            if not isinstance(change, WorkerChange):
+                continue
             shadow = shadows.get(change.worker_id)
             if shadow is not None and shadow.revision == change.revision:
                 del shadows[change.worker_id]
@@ -518,6 +574,29 @@ class CapabilityRegistry:
             raise ValidationError.single(
                 "revision", f"{event.revision} is not after the registry's {self._revision}"
             )
+        if isinstance(event, RegistryChange):
+            self._apply_setting(event)
+        elif isinstance(event, WorkerChange):
+            self._apply_worker_change(event)
+        else:
+            raise TypeError(f"not a registry change: {event!r}")
+        self._revision = event.revision
+        self._decided = max(self._decided, event.revision)
+        self._feed.record(event)
+
+    def _apply_setting(self, event: RegistryChange) -> None:
+        """Apply a change of the whole registry: it replaces a setting with its new value."""
+        match event:
+            case SlosChanged():
+                self._slos = ServiceLevels(event.slos)
+            case PolicyChanged():
+                self._access_rules = event.access_policy
+                self._access = event.access_policy.policy(self.required_targets)
+            case _:
+                raise TypeError(f"not a registry change: {event!r}")
+
+    def _apply_worker_change(self, event: WorkerChange) -> None:
+        """Apply a change of one worker: replay the state table's transition that emitted it."""
         held = self._workers.get(event.worker_id)
         step = health.transition(None if held is None else held.health, health.CAUSES[type(event)])
         if isinstance(step, Refusal):
@@ -558,15 +637,14 @@ class CapabilityRegistry:
                 self._remove(held)
             case _:
                 raise TypeError(f"not a registry change: {event!r}")
-        self._revision = event.revision
-        self._decided = max(self._decided, event.revision)
-        self._feed.record(event)
 
     def apply_snapshot(self, snapshot: Snapshot) -> None:
-        """Replace the whole registry with ``snapshot`` (its workers and revision).
+        """Replace the whole registry with ``snapshot`` (its workers, settings and revision).
 
         Each worker is held in the state its record's ``verified`` and
-        ``silent`` describe.
+        ``silent`` describe. The snapshot's access policy and SLO files
+        replace this registry's (a custom policy too: a snapshot holding
+        no access policy leaves none).
         """
         self._workers.clear()
         self._rotations.clear()
@@ -588,6 +666,13 @@ class CapabilityRegistry:
                 state,
                 record.last_heartbeat,
             )
+        self._slos = ServiceLevels(snapshot.slos)
+        self._access_rules = snapshot.access_policy
+        self._access = (
+            None
+            if snapshot.access_policy is None
+            else snapshot.access_policy.policy(self.required_targets)
+        )
         self._revision = self._decided = snapshot.revision
         # The changes before the snapshot are not this registry's to hand out.
         self._feed.reset(snapshot.revision)
@@ -947,11 +1032,21 @@ class CapabilityRegistry:
 
     def snapshot(self) -> Snapshot:
         """The whole registry at its revision, for :meth:`apply_snapshot` elsewhere."""
-        return Snapshot(self._revision, tuple(self.records()))
+        return Snapshot(
+            self._revision,
+            tuple(self.records()),
+            access_policy=self._access_rules,
+            slos=self._slos.files,
+        )
 
     def snapshot_copy(self) -> SnapshotCopy:
         """The registry at its revision, copied cheaply: :class:`~._feed.SnapshotCopy`."""
-        return SnapshotCopy(self._revision, list(map(_ROW, self._workers.values())))
+        return SnapshotCopy(
+            self._revision,
+            list(map(_ROW, self._workers.values())),
+            access_policy=self._access_rules,
+            slos=self._slos.files,
+        )
 
     def export_state(self) -> dict[str, Any]:
         """A versioned, JSON-safe snapshot of every worker."""
@@ -1064,6 +1159,20 @@ class CapabilityRegistry:
         self._pending.extend(event for event in events if isinstance(event, Change))
         self._pending_workers[worker_id] = _Pending(step.to, last_heartbeat, revision, self._policy)
         return tuple(events)
+
+    def _last_pending(self, kind: type[_Setting]) -> _Setting | None:
+        """The last pending change of ``kind``: a setting as the changes decided leave it."""
+        for change in reversed(self._pending):
+            if isinstance(change, kind):
+                return change
+        return None
+
+    def _hold(self, change: RegistryChange) -> tuple[Event, ...]:
+        """Hold a registry-wide change pending; it takes the next revision decided."""
+        assert change.revision == self._decided + 1
+        self._decided = change.revision
+        self._pending.append(change)
+        return (change,)
 
     def _commit(self, events: tuple[Event, ...]) -> tuple[Event, ...]:
         """Apply changes just decided (the in-memory path: decide, then apply at once)."""

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import attrs
 
 from ._errors import Problem, ValidationError
+from ._events import Snapshot
 from ._models import (
     _MAX_TEXT,
     _TEXT_SCHEMA,
@@ -44,6 +45,7 @@ from ._models import (
     _text,
     parse_capability_label,
 )
+from ._policy import AccessRules
 from ._slos import SloFile
 
 __all__ = [
@@ -403,12 +405,36 @@ class SnapshotAnswer:
 
     Follow it with ``GET /watch?epoch=EPOCH&since=REVISION``; each worker
     is in the state ``verified`` and ``silent`` say (the journal's records).
+    ``access_policy`` (absent: none) and ``slos`` are the registry's
+    settings at ``revision``, which ``policy_changed`` and ``slos_changed``
+    replace; a follower routes under them as the controller does.
     """
 
     epoch: str = attrs.field(metadata=_EPOCH)
     revision: int = attrs.field(metadata=_COUNT)
     health_policy: HealthPolicy
+    access_policy: AccessRules | None = attrs.field(
+        default=None,
+        metadata={
+            JSON_SCHEMA: {
+                "description": "The built-in access policy: the --policy file's rules and "
+                "the trust domain of least privilege; absent: no access policy."
+            }
+        },
+    )
+    slos: tuple[SloFile, ...] = attrs.field(
+        default=(),
+        metadata={
+            JSON_SCHEMA: {"description": "The SLO files in effect, in the order of their names."}
+        },
+    )
     workers: tuple[WorkerRecord, ...]
+
+    def snapshot(self) -> Snapshot:
+        """The core's :class:`~crank_registry.Snapshot` of this answer, to apply it."""
+        return Snapshot(
+            self.revision, self.workers, access_policy=self.access_policy, slos=self.slos
+        )
 
 
 @attrs.frozen(kw_only=True)

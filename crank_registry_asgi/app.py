@@ -10,9 +10,12 @@ the registry decide its change, and :meth:`Effects.commit
 made it durable (a write answered 503 changes nothing).
 
 The lifespan reads the SLO files and the journal, replays the journal into
-the registry (the core's fold), then serves, running the :class:`Sweeper`
-and the :class:`~crank_registry_asgi.slos.SloWatcher` in a task group
-until shutdown.
+the registry (the core's fold), puts the SLO files and the access policy
+in effect (each a change of the registry when it differs from what the
+journal restored), then serves, running the :class:`Sweeper`, the
+:class:`~crank_registry_asgi.slos.SloWatcher` and the policy file's
+watcher in a task group until shutdown. Without a state directory there
+is nothing to replay: the access policy is in effect from the start.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from starlette.routing import Route
 
 from crank_registry import (
     PROTOCOL_FEATURES,
-    BuiltinPolicy,
+    AccessRules,
     CapabilityRegistry,
     DeregisterAnswer,
     DeregisterRequest,
@@ -56,6 +59,7 @@ from crank_registry import (
     RouteExplanation,
     RouteOptions,
     RouteRequest,
+    SloFile,
     SlosAnswer,
     UnknownCapability,
     ValidationError,
@@ -235,7 +239,10 @@ class ControllerService:
             None
             if config.state_dir is None
             else SloWatcher(
-                slo_directory(config.state_dir), registry, interval=config.slo_poll_interval
+                slo_directory(config.state_dir),
+                registry,
+                put=self.put_slos,
+                interval=config.slo_poll_interval,
             )
         )
         self.proxy_header = (
@@ -250,22 +257,38 @@ class ControllerService:
             None
             if config.policy_file is None
             else PolicyFileWatcher(
-                config.policy_file, self.set_access_rules, interval=config.policy_watch_interval
+                config.policy_file, self.put_access_rules, interval=config.policy_watch_interval
             )
         )
-        self.access_rules = PolicyRules()
-        self.set_access_rules(
-            PolicyRules() if self.policy_watcher is None else self.policy_watcher.start()
+        #: The access policy this controller routes under (the built-in one:
+        #: least privilege, then the --policy file's rules).
+        self.access_rules = AccessRules.of(
+            PolicyRules() if self.policy_watcher is None else self.policy_watcher.start(),
+            config.trust_domain,
         )
+        if config.state_dir is None:
+            # Nothing to replay nor make durable: in effect at once (with a
+            # journal, once it is replayed: the lifespan's _put_settings).
+            self.effects.observe(registry.set_access_rules(self.access_rules, now=clock()))
         # Rendered once: the document does not change while the app runs.
         self._document_body = JSONResponse(openapi_document()).body
 
-    def set_access_rules(self, rules: PolicyRules) -> None:
-        """Route under ``rules`` from now on (the built-in policy: least privilege, then them)."""
-        self.access_rules = rules
-        self.registry.set_access_policy(
-            BuiltinPolicy(rules, self.registry.required_targets, self.config.trust_domain)
+    async def put_access_rules(self, rules: PolicyRules) -> None:
+        """Route under ``rules`` from now on: a ``policy_changed`` change, made durable.
+
+        Raises :class:`ApiError` ``journal_unavailable`` when the journal
+        cannot take it (nothing changed then).
+        """
+        self.access_rules = AccessRules.of(rules, self.config.trust_domain)
+        self.effects.check_writable()
+        await self.effects.commit(
+            self.registry.decide_access_rules(self.access_rules, now=self.clock())
         )
+
+    async def put_slos(self, files: tuple[SloFile, ...]) -> None:
+        """Put ``files`` in effect: a ``slos_changed`` change, made durable; raises alike."""
+        self.effects.check_writable()
+        await self.effects.commit(self.registry.decide_slos(files, now=self.clock()))
 
     def requester(self, request: Request, asked: str | None) -> str | None:
         """Whom a route is for: the caller's identity, or ``asked`` from a trusted gateway.
@@ -532,11 +555,14 @@ class ControllerService:
             ),
         )
         # Before the journal: an invalid file refuses the start without a long replay first.
-        if self.slo_watcher is not None:
-            self.slo_watcher.load()
+        slos = None if self.slo_watcher is None else self.slo_watcher.load()
         async with contextlib.AsyncExitStack() as stack:
             if self.config.state_dir is not None:
                 await self._open_journal(stack)
+                # Decided on the registry the journal restored: a change only if they differ.
+                await self.put_access_rules(self.access_rules)
+                if slos is not None:
+                    await self.put_slos(slos)
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(self.sweeper.run)
                 if self.slo_watcher is not None:

@@ -39,6 +39,8 @@ from crank_registry import (
     Change,
     Event,
     HeartbeatReceived,
+    PolicyChanged,
+    SlosChanged,
     WorkerDeregistered,
     WorkerEvicted,
     WorkerHealthy,
@@ -178,8 +180,7 @@ class Effects:
                     logger.warning("heartbeat not journaled %s", log_fields(error=str(error)))
         if changes:
             self.applied()
-        for event in events:
-            self._observe(event)
+        self.observe(events)
 
     async def _make_durable(self, journal: LineJournal, lines: list[bytes], last: int) -> None:
         """Append ``lines``; apply the pending changes up to revision ``last`` once durable."""
@@ -237,6 +238,11 @@ class Effects:
             journaled.pop(event.worker_id, None)
         return True
 
+    def observe(self, events: Sequence[Event]) -> None:
+        """Trace, count and log ``events``, which the registry has applied."""
+        for event in events:
+            self._observe(event)
+
     def _observe(self, event: Event) -> None:
         span = trace.get_current_span()
         if isinstance(event, HeartbeatReceived):
@@ -271,6 +277,17 @@ class Effects:
         elif isinstance(event, WorkerImported):
             fields = {"worker_id": event.worker_id, "source": event.source}
             message = "worker imported"
+        elif isinstance(event, SlosChanged):
+            fields = {"files": ",".join(slo.file for slo in event.slos) or "none"}
+            message = "SLO files changed"
+        elif isinstance(event, PolicyChanged):
+            policy = event.access_policy
+            fields = {
+                "rules": len(policy.rules),
+                "default": policy.default,
+                "trust_domain": policy.trust_domain,
+            }
+            message = "access policy changed"
         else:
             raise TypeError(f"not a registry event: {event!r}")
         if isinstance(event, Change):

@@ -28,6 +28,7 @@ from crank_registry import (
     CapabilityRegistry,
     HealthPolicy,
     RevisionReset,
+    SnapshotAnswer,
     SnapshotCopy,
     WatchAnswer,
     WatchQuery,
@@ -126,7 +127,17 @@ async def snapshot_body(
     Each slice makes :data:`RENDER_STEP` records and renders them with the
     converter; the loop runs other work between two slices.
     """
-    head = {"epoch": epoch, "revision": snapshot.revision, "health_policy": unstructure(policy)}
+    head = unstructure(
+        SnapshotAnswer(
+            epoch=epoch,
+            revision=snapshot.revision,
+            health_policy=policy,
+            access_policy=snapshot.access_policy,
+            slos=snapshot.slos,
+            workers=(),
+        )
+    )
+    del head["workers"]  # streamed below, a slice at a time
     yield json.dumps(head, separators=_COMPACT)[:-1].encode() + b',"workers":['
     for start in range(0, len(snapshot), RENDER_STEP):
         if start:

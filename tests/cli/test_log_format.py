@@ -42,9 +42,11 @@ def test_json_lines_from_a_real_server(tmp_path: Path) -> None:
     assert registered["worker_id"] == "w1"
     assert registered["worker_url"] == WORKER_URL
     assert registered["capabilities"] == "classify:image.classify"
-    assert registered["revision"] == 1
+    assert registered["revision"] == 2  # after the access policy's change
     (left,) = [line for line in lines if line["message"].startswith("worker deregistered")]
-    assert (left["worker_id"], left["revision"]) == ("w1", 2)
+    assert (left["worker_id"], left["revision"]) == ("w1", 3)
+    (policy,) = [line for line in lines if line["message"].startswith("access policy changed")]
+    assert (policy["default"], policy["revision"]) == ("allow", 1)
     # The command's and the server's own lines take the same form.
     loggers = {line["logger"] for line in lines}
     assert {"crank_registry_asgi.cli", "crank_registry_asgi.server", "hypercorn.error"} <= loggers

@@ -416,17 +416,21 @@ async def test_logs_one_line_per_registration_deregistration(
             await api.route()
         await api.post("/deregister", {"worker_id": "w1"})
     lines = [r.getMessage() for r in caplog.records if r.name == "crank_registry_asgi"]
-    assert lines[0] == identity_checks_off_warning()
-    assert lines[1] == (
+    # The access policy is the registry's first change, made with the app.
+    assert lines[0] == (
+        "access policy changed rules=0 default=allow trust_domain=crank.local revision=1"
+    )
+    assert lines[1] == identity_checks_off_warning()
+    assert lines[2] == (
         "controller starting controller_id=controller state_dir=none "
         "heartbeat_interval_s=30.0 unhealthy_after_s=60.0 evict_after_s=120.0"
     )
-    assert lines[2:] == [
+    assert lines[3:] == [
         f"worker registered worker_id=w1 worker_url={WORKER_URL} "
-        "capabilities=classify:image.classify replaced=false revision=1",
+        "capabilities=classify:image.classify replaced=false revision=2",
         f"worker registered worker_id=w1 worker_url={WORKER_URL} "
-        "capabilities=classify:image.classify replaced=true revision=2",
-        "worker deregistered worker_id=w1 revision=3",
+        "capabilities=classify:image.classify replaced=true revision=3",
+        "worker deregistered worker_id=w1 revision=4",
     ]
 
 

@@ -64,7 +64,7 @@ async def test_a_registration_answered_503_is_not_listed_routed_heartbeatable_no
         assert (response.status_code, response.json()["error"]) == (404, "worker_not_registered")
         disk.full = False
         assert_memory_is_disk(api, tmp_path)
-        assert api.registry.revision == 1
+        assert api.registry.revision == 2  # the access policy's, then w1's
     clock.advance(1)
     async with running(config, clock=clock) as api:
         assert set(await api.workers()) == {"w1"}

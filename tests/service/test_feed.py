@@ -17,7 +17,7 @@ from crank_registry import (
     CapabilityRegistry,
     Change,
     HealthPolicy,
-    Snapshot,
+    SnapshotAnswer,
     WorkerRecord,
     encode_epoch,
     structure,
@@ -31,6 +31,8 @@ pytestmark = pytest.mark.anyio
 
 # Far more than a wake-up takes, even on a loaded machine.
 DEADLINE = 10.0
+#: The revision of the app's first change: its access policy (``policy_changed``).
+POLICY = 1
 
 
 async def snapshot(api: Controller) -> dict[str, Any]:
@@ -51,7 +53,7 @@ async def test_snapshot_holds_the_registry_at_its_revision() -> None:
         await api.post("/deregister", {"worker_id": "w1"})
         body = await snapshot(api)
         assert body["epoch"] == api.service.epoch
-        assert body["revision"] == api.registry.revision == 3
+        assert body["revision"] == api.registry.revision == POLICY + 3
         assert structure(body["health_policy"], HealthPolicy) == api.registry.policy
         records = tuple(structure(worker, WorkerRecord) for worker in body["workers"])
         assert records == api.registry.snapshot().workers
@@ -114,11 +116,11 @@ async def test_watch_answers_at_once_with_the_changes_after_since() -> None:
         await api.register("w1")
         await api.register("w2")
         epoch = api.service.epoch
-        status, body = await watch(api, f"epoch={epoch}&since=1&timeout=30")
+        status, body = await watch(api, f"epoch={epoch}&since={POLICY + 1}&timeout=30")
         assert status == 200
-        assert (body["epoch"], body["revision"]) == (epoch, 2)
+        assert (body["epoch"], body["revision"]) == (epoch, POLICY + 2)
         assert [(event["type"], event["revision"]) for event in body["events"]] == [
-            ("registered", 2)
+            ("registered", POLICY + 2)
         ]
 
 
@@ -127,12 +129,8 @@ async def test_a_follower_built_from_snapshot_and_watch_equals_the_controller() 
         await api.register("w1")
         body = await snapshot(api)
         follower = CapabilityRegistry()
-        follower.apply_snapshot(
-            Snapshot(
-                body["revision"],
-                tuple(structure(worker, WorkerRecord) for worker in body["workers"]),
-            )
-        )
+        follower.apply_snapshot(structure(body, SnapshotAnswer).snapshot())
+        assert follower.access_rules == api.registry.access_rules
         await api.register("w2")
         await api.post("/deregister", {"worker_id": "w1"})
         api.advance(61)
@@ -143,7 +141,7 @@ async def test_a_follower_built_from_snapshot_and_watch_equals_the_controller() 
             change = structure_event(event)
             assert isinstance(change, Change)
             follower.apply(change)
-        assert follower.revision == api.registry.revision == 4
+        assert follower.revision == api.registry.revision == POLICY + 4
         assert [(r.worker_id, r.silent) for r in follower.records()] == [("w2", True)]
 
 
@@ -152,17 +150,17 @@ async def test_a_long_poll_wakes_on_a_registration() -> None:
         answers: list[tuple[int, dict[str, Any]]] = []
 
         async def poll() -> None:
-            answers.append(await watch(api, "since=0&timeout=60"))
+            answers.append(await watch(api, f"since={POLICY}&timeout=60"))
 
         with anyio.fail_after(DEADLINE):
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(poll)
                 await anyio.wait_all_tasks_blocked()
-                assert answers == []  # waiting: nothing after revision 0 yet
+                assert answers == []  # waiting: nothing after the policy yet
                 await api.register("w1")
         [(status, body)] = answers
         assert status == 200
-        assert body["revision"] == 1
+        assert body["revision"] == POLICY + 1
         assert [event["worker_id"] for event in body["events"]] == ["w1"]
 
 
@@ -172,29 +170,29 @@ async def test_a_long_poll_times_out_with_the_bookmark() -> None:
         api.advance(5)
         await api.post("/heartbeat", {"worker_id": "w1"})  # not a change
         with anyio.fail_after(DEADLINE):
-            status, body = await watch(api, "since=1&timeout=0.05")
+            status, body = await watch(api, f"since={POLICY + 1}&timeout=0.05")
         assert status == 200
-        assert body == {"epoch": api.service.epoch, "revision": 1, "events": []}
+        assert body == {"epoch": api.service.epoch, "revision": POLICY + 1, "events": []}
 
 
 async def test_a_page_holds_at_most_1000_events() -> None:
     async with running() as api:
         for index in range(1001):
             await api.register(f"w{index}")
-        status, body = await watch(api, "since=0")
-        assert (status, body["revision"], len(body["events"])) == (200, 1001, 1000)
-        status, body = await watch(api, "since=1000")
-        assert [event["revision"] for event in body["events"]] == [1001]
+        status, body = await watch(api, f"since={POLICY}")
+        assert (status, body["revision"], len(body["events"])) == (200, POLICY + 1001, 1000)
+        status, body = await watch(api, f"since={POLICY + 1000}")
+        assert [event["revision"] for event in body["events"]] == [POLICY + 1001]
 
 
 async def test_410_when_since_left_the_window() -> None:
     async with running(ServiceConfig(feed_window=2)) as api:
         for worker_id in ("w1", "w2", "w3"):
             await api.register(worker_id)
-        status, body = await watch(api, "since=0")
-        assert (status, body["error"], body["oldest"]) == (410, "revision_compacted", 1)
+        status, body = await watch(api, f"since={POLICY}")
+        assert (status, body["error"], body["oldest"]) == (410, "revision_compacted", POLICY + 1)
         assert "/snapshot" in body["message"]
-        status, body = await watch(api, "since=1")
+        status, body = await watch(api, f"since={POLICY + 1}")
         assert (status, len(body["events"])) == (200, 2)
 
 
@@ -202,10 +200,10 @@ async def test_410_reset_for_another_epoch_or_a_revision_beyond_the_latest() -> 
     async with running() as api:
         await api.register("w1")
         status, body = await watch(api, "epoch=another&since=1")
-        assert (status, body["error"], body["revision"]) == (410, "revision_reset", 1)
+        assert (status, body["error"], body["revision"]) == (410, "revision_reset", POLICY + 1)
         assert "epoch=another" in body["message"]
         status, body = await watch(api, f"epoch={api.service.epoch}&since=7")
-        assert (status, body["error"], body["revision"]) == (410, "revision_reset", 1)
+        assert (status, body["error"], body["revision"]) == (410, "revision_reset", POLICY + 1)
 
 
 @pytest.mark.parametrize(
@@ -241,7 +239,7 @@ async def test_one_change_wakes_a_thousand_long_polls_through_one_broadcast() ->
         answers: list[tuple[int, dict[str, Any]]] = []
 
         async def poll() -> None:
-            answers.append(await watch(api, "since=0&timeout=60"))
+            answers.append(await watch(api, f"since={POLICY}&timeout=60"))
 
         broadcast = api.service.broadcast
         with anyio.fail_after(60):
@@ -256,7 +254,7 @@ async def test_one_change_wakes_a_thousand_long_polls_through_one_broadcast() ->
                 assert broadcast.wakeups == 0
                 await api.register("w1")
         assert len(answers) == 1000
-        assert all(status == 200 and body["revision"] == 1 for status, body in answers)
+        assert all(status == 200 and body["revision"] == POLICY + 1 for status, body in answers)
         assert broadcast.wakeups == 1
 
 
@@ -268,7 +266,7 @@ async def test_the_epoch_survives_a_restart_on_the_same_state_dir(tmp_path: Any)
     async with running(config) as api:
         assert api.service.epoch == epoch
         assert (await snapshot(api))["epoch"] == epoch
-        status, body = await watch(api, f"epoch={epoch}&since=0&timeout=1")
+        status, body = await watch(api, f"epoch={epoch}&since={POLICY}&timeout=1")
         assert (status, [event["worker_id"] for event in body["events"]]) == (200, ["w1"])
         # A compacted journal keeps it too (its first line).
         journal = api.service.effects.journal
