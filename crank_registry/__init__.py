@@ -50,6 +50,7 @@ from ._events import (
     HeartbeatReceived,
     PolicyChanged,
     RegistryChange,
+    SelfPreservationChanged,
     SlosChanged,
     Snapshot,
     WorkerChange,
@@ -136,6 +137,7 @@ from ._policy import (
     PolicyRules,
     parse_policy,
 )
+from ._preservation import SelfPreservationSettings
 from ._registry import STATE_FORMAT_VERSION, CapabilityRegistry
 from ._routing import RouteOptions, RoutingSettings, effective_slo, rendezvous_weight
 from ._slos import ServiceLevel, ServiceLevels, SloFile
@@ -225,6 +227,8 @@ __all__ = [
     "PolicyRules",
     "PolicyChanged",
     "RegistryChange",
+    "SelfPreservationChanged",
+    "SelfPreservationSettings",
     "SlosChanged",
     "WorkerChange",
     "AccessRules",

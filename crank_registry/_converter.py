@@ -29,6 +29,7 @@ from ._events import (
     Event,
     HeartbeatReceived,
     PolicyChanged,
+    SelfPreservationChanged,
     SlosChanged,
     WorkerDeregistered,
     WorkerEvicted,
@@ -63,6 +64,7 @@ EVENT_TYPES: Mapping[str, type[Event]] = types.MappingProxyType(
         "imported": WorkerImported,
         "slos_changed": SlosChanged,
         "policy_changed": PolicyChanged,
+        "self_preservation": SelfPreservationChanged,
     }
 )
 _TAG_OF: dict[type[Event], str] = {cls: tag for tag, cls in EVENT_TYPES.items()}

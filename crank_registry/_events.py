@@ -20,7 +20,8 @@ whole registry::
         │   └── WorkerImported      taken from another controller's state, unverified
         └── RegistryChange      about the whole registry, not one worker
             ├── SlosChanged         the SLO files in effect were replaced
-            └── PolicyChanged       the access policy's rules were replaced
+            ├── PolicyChanged       the access policy's rules were replaced
+            └── SelfPreservationChanged  self-preservation began or ended
 
 A change carries all that is needed to apply it without a clock: the
 sweep decides ``unhealthy`` and ``evicted`` at their deadlines, so whoever
@@ -31,8 +32,11 @@ rule), not a difference, so applying it needs nothing but the change.
 
 from __future__ import annotations
 
+from typing import Final
+
 import attrs
 
+from ._errors import ValidationError
 from ._models import CapabilitySchema, WorkerRecord
 from ._policy import AccessRules
 from ._slos import SloFile
@@ -43,6 +47,7 @@ __all__ = [
     "HeartbeatReceived",
     "PolicyChanged",
     "RegistryChange",
+    "SelfPreservationChanged",
     "SlosChanged",
     "Snapshot",
     "WorkerChange",
@@ -53,6 +58,14 @@ __all__ = [
     "WorkerRegistered",
     "WorkerUnhealthy",
 ]
+
+
+#: The ``reason`` of the :class:`SelfPreservationChanged` that starts it.
+ENTERED: Final = "workers_fell_silent"
+#: The ``reason`` of the one that ends it: heartbeats came back, it lasted its
+#: longest, or its threshold is 0 (turned off while it lasted).
+EXIT_REASONS: Final = ("heartbeats_returned", "max_duration", "turned_off")
+_REASONS = (ENTERED, *EXIT_REASONS)
 
 
 @attrs.frozen
@@ -105,6 +118,33 @@ class PolicyChanged(RegistryChange):
     """The built-in access policy now routes under ``access_policy`` (its rules, all of them)."""
 
     access_policy: AccessRules
+
+
+def _reason(_: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if value not in _REASONS:
+        raise ValidationError.single(attribute.name, f"must be one of {', '.join(_REASONS)}")
+
+
+def _count(_: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if value < 0:
+        raise ValidationError.single(attribute.name, "must be >= 0")
+
+
+@attrs.frozen
+class SelfPreservationChanged(RegistryChange):
+    """Self-preservation began (``active``) or ended at ``at`` (:mod:`._preservation`).
+
+    ``reason``: ``workers_fell_silent`` when it begins; ``heartbeats_returned``,
+    ``max_duration`` or ``turned_off`` when it ends. ``silent`` of the
+    ``watched`` workers (routable at the window's start) were silent then.
+    While it lasts the registry decides no ``unhealthy`` nor ``evicted``,
+    and routes to every worker it holds as routable, silent or not.
+    """
+
+    active: bool
+    reason: str = attrs.field(validator=_reason)
+    silent: int = attrs.field(validator=_count)
+    watched: int = attrs.field(validator=_count)
 
 
 @attrs.frozen
@@ -164,10 +204,12 @@ class Snapshot:
     ``workers`` are in registration order; a record that is not
     ``verified`` is held as ``unverified``. ``access_policy`` and ``slos``
     are what the last :class:`PolicyChanged` and :class:`SlosChanged` put
-    in effect (``None``, ``()``: none yet).
+    in effect (``None``, ``()``: none yet); ``self_preservation`` is when
+    self-preservation began (``None``: the registry is not in it).
     """
 
     revision: int
     workers: tuple[WorkerRecord, ...]
     access_policy: AccessRules | None = attrs.field(default=None, kw_only=True)
     slos: tuple[SloFile, ...] = attrs.field(default=(), kw_only=True)
+    self_preservation: float | None = attrs.field(default=None, kw_only=True)

@@ -116,12 +116,15 @@ class SnapshotCopy:
         *,
         access_policy: AccessRules | None = None,
         slos: tuple[SloFile, ...] = (),
+        self_preservation: float | None = None,
     ) -> None:
         self.revision = revision
         self._rows = rows
         #: The registry's settings at ``revision`` (immutable values).
         self.access_policy = access_policy
         self.slos = slos
+        #: When self-preservation began (``None``: not in it).
+        self.self_preservation = self_preservation
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -149,4 +152,5 @@ class SnapshotCopy:
             self.records(0, len(self._rows)),
             access_policy=self.access_policy,
             slos=self.slos,
+            self_preservation=self.self_preservation,
         )

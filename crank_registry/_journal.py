@@ -34,9 +34,10 @@ Every line is one JSON object with the format version ``"v"`` and a
   So one damaged part costs only its own workers: what it numbered is in
   the next part too, before any later part refers to it. The first part
   also holds the registry's settings when it has some: ``"access_policy"``
-  (the built-in policy's rules) and ``"slos"`` (the SLO files), as the
-  converter writes them (a damaged first part loses them with its workers;
-  the service decides them again from its files at start). ``crc32`` is the
+  (the built-in policy's rules) and ``"slos"`` (the SLO files) as the
+  converter writes them, and ``"self_preservation"`` (when it began). A
+  damaged first part loses them with its workers; the service decides the
+  files' settings again at start. ``crc32`` is the
   CRC-32 of the line's bytes before ``,"crc32":``, checked before anything
   else is read from the line; a line whose checksum fails is skipped. A
   checksum detects damage, it does not vouch for content: every value read
@@ -145,7 +146,7 @@ _SNAPSHOT_LISTS = (
     "worker_sets",
 )
 # The registry's settings, on a snapshot's first part.
-_SNAPSHOT_SETTINGS = ("access_policy", "slos")
+_SNAPSHOT_SETTINGS = ("access_policy", "slos", "self_preservation")
 _SNAPSHOT_FIELDS = frozenset(
     {"v", "type", "revision", "part", "parts", "first_capability", "first_set", "health", "crc32"}
     | set(_SNAPSHOT_LISTS)
@@ -189,7 +190,8 @@ class SnapshotPart:
 
     ``dropped`` counts its workers left out because their capabilities were
     on an earlier part that could not be read. The first part (``part``
-    0) carries the registry's settings, ``access_policy`` and ``slos``.
+    0) carries the registry's settings, ``access_policy``, ``slos`` and
+    ``self_preservation``.
     """
 
     revision: int
@@ -199,6 +201,7 @@ class SnapshotPart:
     dropped: int = 0
     access_policy: AccessRules | None = None
     slos: tuple[SloFile, ...] = ()
+    self_preservation: float | None = None
 
 
 #: What an epoch is: the random name of a registry's history.
@@ -334,6 +337,8 @@ def _settings(snapshot: Snapshot) -> str:
         fields += f',"access_policy":{_text(unstructure(snapshot.access_policy))}'
     if snapshot.slos:
         fields += f',"slos":{_text(unstructure(snapshot.slos))}'
+    if snapshot.self_preservation is not None:
+        fields += f',"self_preservation":{_text(float(snapshot.self_preservation))}'
     return fields
 
 
@@ -504,18 +509,22 @@ class JournalReader:
                 _snapshot_record(worker_id, worker_url, worker_capabilities, last_heartbeat, state)
             )
         self._revision = max(self._revision, revision)
-        access_policy, slos = self._settings(data) if part == 0 else (None, ())
-        return SnapshotPart(revision, tuple(records), part, parts, dropped, access_policy, slos)
+        settings = self._settings(data) if part == 0 else (None, (), None)
+        return SnapshotPart(revision, tuple(records), part, parts, dropped, *settings)
 
-    def _settings(self, data: dict[str, Any]) -> tuple[AccessRules | None, tuple[SloFile, ...]]:
+    def _settings(
+        self, data: dict[str, Any]
+    ) -> tuple[AccessRules | None, tuple[SloFile, ...], float | None]:
         """A first part's settings, checked as the wire checks them."""
         try:
             raw_policy = data.get("access_policy")
             access_policy = None if raw_policy is None else structure(raw_policy, AccessRules)
             slos = structure(data.get("slos", []), tuple[SloFile, ...])
+            since = data.get("self_preservation")
+            preserving = None if since is None else structure(since, float)
         except ValidationError as error:
             raise JournalDecodeError(f"snapshot: settings: {error}") from None
-        return access_policy, slos
+        return access_policy, slos, preserving
 
     def _capability(self, raw: Any, index: int) -> CapabilitySchema:
         """The capability ``raw`` (the ``index``-th of its part), checked as the wire checks it."""
@@ -645,7 +654,11 @@ def replay(lines: Iterable[bytes | str], registry: CapabilityRegistry) -> Replay
             settings = first if first.part == 0 else SnapshotPart(revision, ())
             registry.apply_snapshot(
                 Snapshot(
-                    revision, workers, access_policy=settings.access_policy, slos=settings.slos
+                    revision,
+                    workers,
+                    access_policy=settings.access_policy,
+                    slos=settings.slos,
+                    self_preservation=settings.self_preservation,
                 )
             )
         parts.clear()

@@ -348,7 +348,13 @@ class ControllerService:
     async def health(self, request: Request) -> Response:
         """GET /health: liveness and worker counts (counted in slices)."""
         counted = await listings.counts(self.registry, now=self.clock())
-        return answer(HealthAnswer(total_workers=counted.total, healthy_workers=counted.routable))
+        return answer(
+            HealthAnswer(
+                total_workers=counted.total,
+                healthy_workers=counted.routable,
+                self_preservation=self.registry.self_preservation is not None,
+            )
+        )
 
     async def register(self, request: Request) -> Response:
         """POST /register: add or replace a worker."""
@@ -760,8 +766,9 @@ def create_app(
     """The controller as an ASGI application.
 
     ``registry`` defaults to an empty one with ``config.policy``,
-    ``config.routing`` and ``config.feed_window`` (a registry passed in
-    keeps its own, which the service then uses). ``clock``
+    ``config.routing``, ``config.feed_window`` and
+    ``config.self_preservation`` (a registry passed in keeps its own,
+    which the service then uses). ``clock``
     gives ``now`` in seconds since the epoch for every health decision; by
     default an :class:`~crank_registry_asgi.clock.AnchoredClock` (the wall
     clock at start, advanced by the monotonic clock, so that a step of the
@@ -780,7 +787,11 @@ def create_app(
     if registry is None:
         # least_loaded's draws: seeded by the OS, unlike the core's default.
         registry = CapabilityRegistry(
-            config.policy, config.routing, rng=random.Random(), feed_window=config.feed_window
+            config.policy,
+            config.routing,
+            rng=random.Random(),
+            feed_window=config.feed_window,
+            self_preservation=config.self_preservation,
         )
     service = ControllerService(registry, config, clock)
     app = ServiceApp(

@@ -23,6 +23,7 @@ from crank_registry import (
     DEFAULT_TRUST_DOMAIN,
     HealthPolicy,
     RoutingSettings,
+    SelfPreservationSettings,
     identity_problem,
     is_trust_domain,
 )
@@ -175,6 +176,9 @@ class ServiceConfig:
         default=DEFAULT_WATCH_INTERVAL, validator=_positive_number
     )
     trusted_gateways: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    #: When the registry takes it that it is cut off from its workers (DESIGN,
+    #: "Admission"): threshold, longest duration, fewest workers.
+    self_preservation: SelfPreservationSettings = attrs.field(factory=SelfPreservationSettings)
 
     def __attrs_post_init__(self) -> None:
         if self.proxy_cert_header is not None and not self.proxy_cert_authorities:

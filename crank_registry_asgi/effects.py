@@ -40,6 +40,7 @@ from crank_registry import (
     Event,
     HeartbeatReceived,
     PolicyChanged,
+    SelfPreservationChanged,
     SlosChanged,
     WorkerDeregistered,
     WorkerEvicted,
@@ -280,6 +281,17 @@ class Effects:
         elif isinstance(event, SlosChanged):
             fields = {"files": ",".join(slo.file for slo in event.slos) or "none"}
             message = "SLO files changed"
+        elif isinstance(event, SelfPreservationChanged):
+            self.metrics.self_preservation_changes[event.active].inc()
+            fields = {"reason": event.reason, "silent": event.silent, "watched": event.watched}
+            if event.active:
+                message = (
+                    "self-preservation entered: most workers fell silent at once, so this "
+                    "controller takes it that it is cut off; no worker is made unhealthy or "
+                    "evicted, routes go to the last known workers"
+                )
+            else:
+                message = "self-preservation ended"
         elif isinstance(event, PolicyChanged):
             policy = event.access_policy
             fields = {
@@ -294,7 +306,13 @@ class Effects:
             fields["revision"] = event.revision
         if span.is_recording():
             span.add_event(message, {f"crank.{key}": str(value) for key, value in fields.items()})
-        logger.info("%s %s", message, log_fields(**fields), extra={"crank": fields})
+        # Entering self-preservation is what an operator must see.
+        level = (
+            logging.WARNING
+            if isinstance(event, SelfPreservationChanged) and event.active
+            else logging.INFO
+        )
+        logger.log(level, "%s %s", message, log_fields(**fields), extra={"crank": fields})
 
     def routed(self) -> None:
         """Count a route answered with a worker."""

@@ -134,6 +134,8 @@ async def snapshot_body(
             health_policy=policy,
             access_policy=snapshot.access_policy,
             slos=snapshot.slos,
+            self_preservation=snapshot.self_preservation is not None,
+            self_preservation_since=snapshot.self_preservation,
             workers=(),
         )
     )

@@ -32,6 +32,8 @@ from crank_registry import (
     Registration,
     RegistryChange,
     RouteRequest,
+    SelfPreservationChanged,
+    SelfPreservationSettings,
     ServiceLevel,
     SloFile,
     SlosChanged,
@@ -252,8 +254,15 @@ MODEL_STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
         st.lists(records, max_size=3).map(tuple),
         access_policy=optional(access_rules),
         slos=slo_files,
+        self_preservation=optional(timestamps),
     ),
     AccessRules: access_rules,
+    SelfPreservationSettings: st.builds(
+        SelfPreservationSettings,
+        threshold=st.floats(0, 0.99),
+        max_duration=optional(st.floats(0.001, 1e6)),
+        min_workers=st.integers(1, 10**6),
+    ),
 }
 EVENT_STRATEGIES: dict[type[Event], st.SearchStrategy[Any]] = {
     WorkerRegistered: st.builds(
@@ -283,6 +292,15 @@ EVENT_STRATEGIES: dict[type[Event], st.SearchStrategy[Any]] = {
     ),
     SlosChanged: st.builds(SlosChanged, timestamps, slo_files, revision=revisions),
     PolicyChanged: st.builds(PolicyChanged, timestamps, access_rules, revision=revisions),
+    SelfPreservationChanged: st.builds(
+        SelfPreservationChanged,
+        timestamps,
+        st.booleans(),
+        st.sampled_from(["workers_fell_silent", "heartbeats_returned", "max_duration"]),
+        st.integers(0, 10**6),
+        st.integers(0, 10**6),
+        revision=revisions,
+    ),
 }
 models = st.one_of(*MODEL_STRATEGIES.values())
 events = st.one_of(*EVENT_STRATEGIES.values())
