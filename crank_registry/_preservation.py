@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import attrs
 
@@ -220,7 +220,3 @@ class Watch:
     def deadline(self) -> float | None:
         """When self-preservation ends at the latest (``None``: not preserving)."""
         return None if self.since is None else self.since + self.max_duration
-
-    def describe(self) -> dict[str, Any]:
-        """The counts a log line or a change reports."""
-        return {"silent": len(self.silenced), "watched": self.watched}

@@ -48,7 +48,11 @@ Where things are kept, so that no hot path scans the registry:
 * ``_deadlines``: a heap of ``(deadline, n, worker)``. An entry that
   surfaces before its worker's current deadline (a heartbeat moved it) is
   pushed again, so a sweep costs what it changes plus, amortised, one push
-  per worker per ``evict_after``.
+  per worker per ``evict_after``;
+* ``_watch``: self-preservation's windows and the workers it holds out of
+  the heap (:mod:`._preservation`); ``_routable_count``, the workers held
+  in a routable state (a window's count, kept by the fold, never counted
+  by a scan).
 """
 
 from __future__ import annotations
