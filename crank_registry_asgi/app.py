@@ -166,7 +166,10 @@ class Sweeper:
         return min(max(deadline - self.clock(), 0.0) + _SWEEP_SLACK, interval)
 
     async def sweep(self) -> tuple[Event, ...]:
-        """One sweep at the current time; returns the ``unhealthy`` and ``evicted`` events it made.
+        """One sweep at the current time; returns the changes it made.
+
+        ``unhealthy`` and ``evicted``, and ``self_preservation`` when it
+        begins or ends (the core decides it in the sweep).
 
         Decided, made durable, then applied: when the journal cannot take
         them, none is applied and the next sweep decides them again

@@ -279,3 +279,26 @@ def test_settings_are_checked(fields: dict[str, float], named: str) -> None:
     with pytest.raises(ValidationError) as raised:
         SelfPreservationSettings(**fields)  # type: ignore[arg-type]
     assert raised.value.problems[0].path == named
+
+
+def test_a_decided_entry_the_store_refused_is_decided_again() -> None:
+    fleet = Fleet(20)
+    fleet.run(STEP * 4)
+    fleet.silence(ids(12))
+    registry = fleet.registry
+    decided: list[Event] = []
+    while not decided:
+        fleet.now += STEP
+        for worker_id in fleet.alive:
+            registry.heartbeat(worker_id, now=fleet.now)
+        decided = list(registry.decide_sweep(now=fleet.now))
+    (entered,) = decided
+    assert isinstance(entered, SelfPreservationChanged) and entered.active
+    assert registry.self_preservation is None  # pending, not applied
+    registry.discard_pending()  # the journal refused it: nothing changed
+    assert registry.pending == () and registry.self_preservation is None
+    (again,) = registry.decide_sweep(now=fleet.now + 0.5)
+    assert isinstance(again, SelfPreservationChanged) and again.active
+    assert again.revision == entered.revision  # the refused one's revision, reused
+    registry.confirm(again.revision)
+    assert registry.self_preservation == fleet.now + 0.5
