@@ -401,13 +401,13 @@ def bench_options(calls: int, repeat: int) -> bool:
             continue
         timing = per_call(option_routes(registry, names, options, calls), calls, repeat)
         ok &= report_option(f"route, {label}", timing, OPTION_TARGET_US, plain)
-    registry.set_slos(slo_files(names))
+    registry.set_slos(slo_files(names), now=START)
     label = "slo_constraints p95 <= 100 ms"
     timing = per_call(option_routes(registry, names, OPTIONS[label], calls), calls, repeat)
     ok &= report_option(
         f"route, {label}, an SLO file per capability", timing, OPTION_TARGET_US, plain
     )
-    registry.set_slos(())
+    registry.set_slos((), now=START)
     print("-- access policy, 10 workers per capability")
     for label, rules, options, target in POLICY_CASES:
         registry.set_access_policy(BuiltinPolicy(rules, registry.required_targets))

@@ -17,6 +17,7 @@ Where each rule lives:
 * ``_rotation``: the round-robin ring of one ``(verb, capability)``.
 * ``_routing``: the routing options: filters, strategies, idempotency, explain.
 * ``_slos``: SLO files as values, and their index by capability.
+* ``_preservation``: self-preservation's settings and the sweep's windows.
 * ``_records``: the registry's mutable records (below health and rotation).
 * ``_registry``: the public registry: decide with the table, apply with the fold.
 * ``_listing``: listings in pages (positions, cursors, pagers) and counts in steps.
@@ -58,7 +59,12 @@ from ._events import (
     Change,
     Event,
     HeartbeatReceived,
+    PolicyChanged,
+    RegistryChange,
+    SelfPreservationChanged,
+    SlosChanged,
     Snapshot,
+    WorkerChange,
     WorkerDeregistered,
     WorkerEvicted,
     WorkerHealthy,
@@ -146,6 +152,7 @@ from ._models import (
     parse_capability_label,
 )
 from ._policy import (
+    AccessRules,
     BuiltinPolicy,
     Decision,
     Policy,
@@ -154,6 +161,7 @@ from ._policy import (
     PolicyRules,
     parse_policy,
 )
+from ._preservation import SelfPreservationSettings
 from ._registry import STATE_FORMAT_VERSION, CapabilityRegistry
 from ._routing import RouteOptions, RoutingSettings, effective_slo, rendezvous_weight
 from ._slos import ServiceLevel, ServiceLevels, SloFile
@@ -256,6 +264,13 @@ __all__ = [
     "PolicyFileError",
     "PolicyRule",
     "PolicyRules",
+    "PolicyChanged",
+    "RegistryChange",
+    "SelfPreservationChanged",
+    "SelfPreservationSettings",
+    "SlosChanged",
+    "WorkerChange",
+    "AccessRules",
     "Problem",
     "Refusal",
     "ReadyAnswer",

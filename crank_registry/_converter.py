@@ -28,6 +28,9 @@ from ._errors import Problem, ValidationError
 from ._events import (
     Event,
     HeartbeatReceived,
+    PolicyChanged,
+    SelfPreservationChanged,
+    SlosChanged,
     WorkerDeregistered,
     WorkerEvicted,
     WorkerHealthy,
@@ -59,6 +62,9 @@ EVENT_TYPES: Mapping[str, type[Event]] = types.MappingProxyType(
         "unhealthy": WorkerUnhealthy,
         "healthy": WorkerHealthy,
         "imported": WorkerImported,
+        "slos_changed": SlosChanged,
+        "policy_changed": PolicyChanged,
+        "self_preservation": SelfPreservationChanged,
     }
 )
 _TAG_OF: dict[type[Event], str] = {cls: tag for tag, cls in EVENT_TYPES.items()}

@@ -5,34 +5,52 @@ the registry's state is made by applying an event
 (:meth:`~crank_registry.CapabilityRegistry.apply`, the one fold). The
 service journals them; the journal replays them through the same fold.
 
-There are two kinds::
+A heartbeat is not a change; a change is about one worker, or about the
+whole registry::
 
-    Event                  worker_id
-    ├── HeartbeatReceived  a worker proved it is alive (not a change: no revision)
-    └── Change             revision: one more than the change before it
-        ├── WorkerRegistered    registered, or replaced its URL and capabilities
-        ├── WorkerDeregistered  left on its own
-        ├── WorkerUnhealthy     stopped being routable (silent past unhealthy_after)
-        ├── WorkerHealthy       routable again (heard from after being unhealthy)
-        ├── WorkerEvicted       removed for silence past evict_after
-        └── WorkerImported      taken from another controller's state, unverified
+    Event
+    ├── HeartbeatReceived       a worker proved it is alive (not a change: no revision)
+    └── Change                  revision: one more than the change before it
+        ├── WorkerChange        worker_id: about one worker
+        │   ├── WorkerRegistered    registered, or replaced its URL and capabilities
+        │   ├── WorkerDeregistered  left on its own
+        │   ├── WorkerUnhealthy     stopped being routable (silent past unhealthy_after)
+        │   ├── WorkerHealthy       routable again (heard from after being unhealthy)
+        │   ├── WorkerEvicted       removed for silence past evict_after
+        │   └── WorkerImported      taken from another controller's state, unverified
+        └── RegistryChange      about the whole registry, not one worker
+            ├── SlosChanged         the SLO files in effect were replaced
+            ├── PolicyChanged       the access policy's rules were replaced
+            └── SelfPreservationChanged  self-preservation began or ended
 
 A change carries all that is needed to apply it without a clock: the
 sweep decides ``unhealthy`` and ``evicted`` at their deadlines, so whoever
-applies the events (a journal replay, a replica) never compares times.
+applies the events (a journal replay, a replica) never compares times; a
+registry-wide change carries the whole new value (every SLO file, every
+rule), not a difference, so applying it needs nothing but the change.
 """
 
 from __future__ import annotations
 
+from typing import Final
+
 import attrs
 
+from ._errors import ValidationError
 from ._models import CapabilitySchema, WorkerRecord
+from ._policy import AccessRules
+from ._slos import SloFile
 
 __all__ = [
     "Change",
     "Event",
     "HeartbeatReceived",
+    "PolicyChanged",
+    "RegistryChange",
+    "SelfPreservationChanged",
+    "SlosChanged",
     "Snapshot",
+    "WorkerChange",
     "WorkerDeregistered",
     "WorkerEvicted",
     "WorkerHealthy",
@@ -42,11 +60,17 @@ __all__ = [
 ]
 
 
+#: The ``reason`` of the :class:`SelfPreservationChanged` that starts it.
+ENTERED: Final = "workers_fell_silent"
+#: The ``reason`` of the one that ends it: heartbeats came back, it lasted its
+#: longest, or its threshold is 0 (turned off while it lasted).
+EXIT_REASONS: Final = ("heartbeats_returned", "max_duration", "turned_off")
+_REASONS = (ENTERED, *EXIT_REASONS)
+
+
 @attrs.frozen
 class Event:
-    """Base of all events; ``worker_id`` says whom it concerns."""
-
-    worker_id: str
+    """Base of all events."""
 
 
 @attrs.frozen
@@ -57,6 +81,7 @@ class HeartbeatReceived(Event):
     that makes a worker routable again comes with :class:`WorkerHealthy`).
     """
 
+    worker_id: str
     at: float
 
 
@@ -68,7 +93,62 @@ class Change(Event):
 
 
 @attrs.frozen
-class WorkerRegistered(Change):
+class WorkerChange(Change):
+    """A change of one worker, ``worker_id``."""
+
+    worker_id: str
+
+
+@attrs.frozen
+class RegistryChange(Change):
+    """A change of the whole registry (its settings), decided at ``at``; no worker's."""
+
+    at: float
+
+
+@attrs.frozen
+class SlosChanged(RegistryChange):
+    """The SLO files in effect are now ``slos`` (all of them, in the order of their names)."""
+
+    slos: tuple[SloFile, ...]
+
+
+@attrs.frozen
+class PolicyChanged(RegistryChange):
+    """The built-in access policy now routes under ``access_policy`` (its rules, all of them)."""
+
+    access_policy: AccessRules
+
+
+def _reason(_: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if value not in _REASONS:
+        raise ValidationError.single(attribute.name, f"must be one of {', '.join(_REASONS)}")
+
+
+def _count(_: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if value < 0:
+        raise ValidationError.single(attribute.name, "must be >= 0")
+
+
+@attrs.frozen
+class SelfPreservationChanged(RegistryChange):
+    """Self-preservation began (``active``) or ended at ``at`` (:mod:`._preservation`).
+
+    ``reason``: ``workers_fell_silent`` when it begins; ``heartbeats_returned``,
+    ``max_duration`` or ``turned_off`` when it ends. ``silent`` of the
+    ``watched`` workers (routable at the window's start) were silent then.
+    While it lasts the registry decides no ``unhealthy`` nor ``evicted``,
+    and routes to every worker it holds as routable, silent or not.
+    """
+
+    active: bool
+    reason: str = attrs.field(validator=_reason)
+    silent: int = attrs.field(validator=_count)
+    watched: int = attrs.field(validator=_count)
+
+
+@attrs.frozen
+class WorkerRegistered(WorkerChange):
     """A worker registered at ``at`` (``replaced``: it was already known and is replaced)."""
 
     worker_url: str
@@ -78,14 +158,14 @@ class WorkerRegistered(Change):
 
 
 @attrs.frozen
-class WorkerDeregistered(Change):
+class WorkerDeregistered(WorkerChange):
     """A worker left on its own at ``at``."""
 
     at: float
 
 
 @attrs.frozen
-class WorkerUnhealthy(Change):
+class WorkerUnhealthy(WorkerChange):
     """A worker stopped being routable at ``at``: silent since ``last_heartbeat``."""
 
     at: float
@@ -93,14 +173,14 @@ class WorkerUnhealthy(Change):
 
 
 @attrs.frozen
-class WorkerHealthy(Change):
+class WorkerHealthy(WorkerChange):
     """An unhealthy worker was heard from at ``at`` and is routable again."""
 
     at: float
 
 
 @attrs.frozen
-class WorkerEvicted(Change):
+class WorkerEvicted(WorkerChange):
     """A worker was removed at ``at`` for silence since ``last_heartbeat``."""
 
     at: float
@@ -108,7 +188,7 @@ class WorkerEvicted(Change):
 
 
 @attrs.frozen
-class WorkerImported(Change):
+class WorkerImported(WorkerChange):
     """A record taken from another controller's state (``source``), unverified here."""
 
     worker_url: str
@@ -122,8 +202,14 @@ class Snapshot:
     """The whole registry at ``revision``: what :meth:`CapabilityRegistry.apply_snapshot` loads.
 
     ``workers`` are in registration order; a record that is not
-    ``verified`` is held as ``unverified``.
+    ``verified`` is held as ``unverified``. ``access_policy`` and ``slos``
+    are what the last :class:`PolicyChanged` and :class:`SlosChanged` put
+    in effect (``None``, ``()``: none yet); ``self_preservation`` is when
+    self-preservation began (``None``: the registry is not in it).
     """
 
     revision: int
     workers: tuple[WorkerRecord, ...]
+    access_policy: AccessRules | None = attrs.field(default=None, kw_only=True)
+    slos: tuple[SloFile, ...] = attrs.field(default=(), kw_only=True)
+    self_preservation: float | None = attrs.field(default=None, kw_only=True)

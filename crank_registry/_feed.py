@@ -26,6 +26,8 @@ from ._errors import RevisionCompacted, RevisionReset
 from ._events import Change, Snapshot
 from ._health import Health
 from ._models import CapabilitySchema, WorkerRecord
+from ._policy import AccessRules
+from ._slos import SloFile
 
 __all__ = ["DEFAULT_FEED_WINDOW", "MAX_FEED_PAGE", "ChangeLog", "SnapshotCopy", "WorkerRow"]
 
@@ -107,9 +109,22 @@ class SnapshotCopy:
     changes: the copy stays the registry at ``revision``.
     """
 
-    def __init__(self, revision: int, rows: Sequence[WorkerRow]) -> None:
+    def __init__(
+        self,
+        revision: int,
+        rows: Sequence[WorkerRow],
+        *,
+        access_policy: AccessRules | None = None,
+        slos: tuple[SloFile, ...] = (),
+        self_preservation: float | None = None,
+    ) -> None:
         self.revision = revision
         self._rows = rows
+        #: The registry's settings at ``revision`` (immutable values).
+        self.access_policy = access_policy
+        self.slos = slos
+        #: When self-preservation began (``None``: not in it).
+        self.self_preservation = self_preservation
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -132,4 +147,10 @@ class SnapshotCopy:
 
     def snapshot(self) -> Snapshot:
         """All of it as one :class:`~crank_registry.Snapshot`."""
-        return Snapshot(self.revision, self.records(0, len(self._rows)))
+        return Snapshot(
+            self.revision,
+            self.records(0, len(self._rows)),
+            access_policy=self.access_policy,
+            slos=self.slos,
+            self_preservation=self.self_preservation,
+        )

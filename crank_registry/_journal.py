@@ -32,7 +32,12 @@ Every line is one JSON object with the format version ``"v"`` and a
      "health": ["healthy", ...], "crc32": 123456789}
 
   So one damaged part costs only its own workers: what it numbered is in
-  the next part too, before any later part refers to it. ``crc32`` is the
+  the next part too, before any later part refers to it. The first part
+  also holds the registry's settings when it has some: ``"access_policy"``
+  (the built-in policy's rules) and ``"slos"`` (the SLO files) as the
+  converter writes them, and ``"self_preservation"`` (when it began). A
+  damaged first part loses them with its workers; the service decides the
+  files' settings again at start. ``crc32`` is the
   CRC-32 of the line's bytes before ``,"crc32":``, checked before anything
   else is read from the line; a line whose checksum fails is skipped. A
   checksum detects damage, it does not vouch for content: every value read
@@ -87,6 +92,7 @@ from ._events import (
     Event,
     HeartbeatReceived,
     Snapshot,
+    WorkerChange,
     WorkerEvicted,
     WorkerImported,
     WorkerRegistered,
@@ -94,6 +100,8 @@ from ._events import (
 )
 from ._health import Health
 from ._models import _WORKER_ID, CapabilitySchema, WorkerRecord, is_worker_id
+from ._policy import AccessRules
+from ._slos import SloFile
 
 if TYPE_CHECKING:
     from ._registry import CapabilityRegistry
@@ -137,9 +145,12 @@ _SNAPSHOT_LISTS = (
     "last_heartbeats",
     "worker_sets",
 )
+# The registry's settings, on a snapshot's first part.
+_SNAPSHOT_SETTINGS = ("access_policy", "slos", "self_preservation")
 _SNAPSHOT_FIELDS = frozenset(
     {"v", "type", "revision", "part", "parts", "first_capability", "first_set", "health", "crc32"}
     | set(_SNAPSHOT_LISTS)
+    | set(_SNAPSHOT_SETTINGS)
 )
 
 
@@ -178,7 +189,9 @@ class SnapshotPart:
     """One line of a snapshot: some of the workers of the registry at ``revision``.
 
     ``dropped`` counts its workers left out because their capabilities were
-    on an earlier part that could not be read.
+    on an earlier part that could not be read. The first part (``part``
+    0) carries the registry's settings, ``access_policy``, ``slos`` and
+    ``self_preservation``.
     """
 
     revision: int
@@ -186,6 +199,9 @@ class SnapshotPart:
     part: int = 0
     parts: int = 1
     dropped: int = 0
+    access_policy: AccessRules | None = None
+    slos: tuple[SloFile, ...] = ()
+    self_preservation: float | None = None
 
 
 #: What an epoch is: the random name of a registry's history.
@@ -307,10 +323,23 @@ def encode_snapshot(
             f'"capabilities":[{",".join(texts[previous_capability:])}],'
             f'"first_set":{previous_set},"capability_sets":{_text(sets[previous_set:])},'
             + ",".join(f'"{name}":{_text(column)}' for name, column in columns.items())
+            + (_settings(snapshot) if index == 0 else "")
         ).encode()
         lines.append(b"%s%s%d}\n" % (body, _CRC_FIELD, zlib.crc32(body)))
         previous_capability, previous_set = new_capability, new_set
     return tuple(lines)
+
+
+def _settings(snapshot: Snapshot) -> str:
+    """The first part's fields for the registry's settings (none when it has none)."""
+    fields = ""
+    if snapshot.access_policy is not None:
+        fields += f',"access_policy":{_text(unstructure(snapshot.access_policy))}'
+    if snapshot.slos:
+        fields += f',"slos":{_text(unstructure(snapshot.slos))}'
+    if snapshot.self_preservation is not None:
+        fields += f',"self_preservation":{_text(float(snapshot.self_preservation))}'
+    return fields
 
 
 # --------------------------------------------------------------------- decode
@@ -480,7 +509,22 @@ class JournalReader:
                 _snapshot_record(worker_id, worker_url, worker_capabilities, last_heartbeat, state)
             )
         self._revision = max(self._revision, revision)
-        return SnapshotPart(revision, tuple(records), part, parts, dropped)
+        settings = self._settings(data) if part == 0 else (None, (), None)
+        return SnapshotPart(revision, tuple(records), part, parts, dropped, *settings)
+
+    def _settings(
+        self, data: dict[str, Any]
+    ) -> tuple[AccessRules | None, tuple[SloFile, ...], float | None]:
+        """A first part's settings, checked as the wire checks them."""
+        try:
+            raw_policy = data.get("access_policy")
+            access_policy = None if raw_policy is None else structure(raw_policy, AccessRules)
+            slos = structure(data.get("slos", []), tuple[SloFile, ...])
+            since = data.get("self_preservation")
+            preserving = None if since is None else structure(since, float)
+        except ValidationError as error:
+            raise JournalDecodeError(f"snapshot: settings: {error}") from None
+        return access_policy, slos, preserving
 
     def _capability(self, raw: Any, index: int) -> CapabilitySchema:
         """The capability ``raw`` (the ``index``-th of its part), checked as the wire checks it."""
@@ -520,8 +564,9 @@ def _check_read_back(event: Event) -> None:
         WorkerRecord(event.worker_id, event.worker_url, event.capabilities, event.at)
     elif isinstance(event, WorkerImported):
         WorkerRecord(event.worker_id, event.worker_url, event.capabilities, event.last_heartbeat)
-    elif not is_worker_id(event.worker_id):
+    elif isinstance(event, (WorkerChange, HeartbeatReceived)) and not is_worker_id(event.worker_id):
         raise ValidationError.single("worker_id", "not a valid worker id")
+    # A registry-wide change's values (rules, SLO files) are checked by their models.
 
 
 _HEALTH_BY_VALUE = {health.value: health for health in Health}
@@ -605,7 +650,17 @@ def replay(lines: Iterable[bytes | str], registry: CapabilityRegistry) -> Replay
                 )
         else:
             workers = tuple(record for _, part in parts for record in part.records)
-            registry.apply_snapshot(Snapshot(revision, workers))
+            first = parts[0][1]
+            settings = first if first.part == 0 else SnapshotPart(revision, ())
+            registry.apply_snapshot(
+                Snapshot(
+                    revision,
+                    workers,
+                    access_policy=settings.access_policy,
+                    slos=settings.slos,
+                    self_preservation=settings.self_preservation,
+                )
+            )
         parts.clear()
 
     for number, line, is_last in _numbered(lines):

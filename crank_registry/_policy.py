@@ -18,6 +18,14 @@ An anonymous requester (no identity) is matched as the empty string: only a
 rule whose ``identity`` glob matches the empty string (``"*"``) applies to
 it. Globs are :func:`fnmatch.fnmatchcase` (``*``, ``?``, ``[...]``; ``*``
 crosses ``/`` and ``:``).
+
+What travels: the built-in policy is data (:class:`AccessRules`: the rules
+and the trust domain they are read in), so it is a change of the registry
+(:class:`~crank_registry.PolicyChanged`), journalled and sent to followers,
+which then answer ``policy_denied`` as the controller does. Any other
+:class:`Policy` is code: a registry asks it in its own process only
+(:meth:`~crank_registry.CapabilityRegistry.set_access_policy`), and it is
+neither a change nor in a snapshot.
 """
 
 from __future__ import annotations
@@ -30,9 +38,11 @@ from typing import Protocol
 
 import attrs
 
-from ._identity import DEFAULT_TRUST_DOMAIN, worker_name_of
+from ._errors import ValidationError
+from ._identity import DEFAULT_TRUST_DOMAIN, is_trust_domain, worker_name_of
 
 __all__ = [
+    "AccessRules",
     "BuiltinPolicy",
     "Decision",
     "Policy",
@@ -61,16 +71,49 @@ class Policy(Protocol):
         ...
 
 
+def _identity_glob(_: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if not value:
+        raise ValidationError.single(attribute.name, "must be a non-empty glob over SPIFFE IDs")
+
+
+def _label_globs(
+    _: object, attribute: attrs.Attribute[tuple[str, ...] | None], value: tuple[str, ...] | None
+) -> None:
+    if value is not None and (not value or not all(value)):
+        raise ValidationError.single(
+            attribute.name, 'must be a non-empty list of non-empty globs over "verb:name"'
+        )
+
+
+def _default(_: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if value not in _DEFAULTS:
+        raise ValidationError.single(attribute.name, f'must be "allow" or "deny", got {value!r}')
+
+
+def _trust_domain(_: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if not is_trust_domain(value):
+        raise ValidationError.single(
+            attribute.name,
+            f"must be a SPIFFE trust domain (lowercase letters, digits, '.', '_', '-'), "
+            f"got {value!r}",
+        )
+
+
 @attrs.frozen
 class PolicyRule:
     """One ``[[rule]]``: for identities matching ``identity``, what is denied or allowed.
 
-    ``allow`` and ``deny`` are globs over ``verb:name`` labels; ``None``: not given.
+    ``allow`` and ``deny`` are globs over ``verb:name`` labels; ``None``: not given
+    (a rule gives at least one of them).
     """
 
-    identity: str
-    allow: tuple[str, ...] | None = None
-    deny: tuple[str, ...] | None = None
+    identity: str = attrs.field(validator=_identity_glob)
+    allow: tuple[str, ...] | None = attrs.field(default=None, validator=_label_globs)
+    deny: tuple[str, ...] | None = attrs.field(default=None, validator=_label_globs)
+
+    def __attrs_post_init__(self) -> None:
+        if self.allow is None and self.deny is None:
+            raise ValidationError.single("", "a rule needs allow or deny (or both)")
 
 
 @attrs.frozen
@@ -81,7 +124,28 @@ class PolicyRules:
     """
 
     rules: tuple[PolicyRule, ...] = ()
-    default: str = attrs.field(default="allow", validator=attrs.validators.in_(_DEFAULTS))
+    default: str = attrs.field(default="allow", validator=_default)
+
+
+@attrs.frozen
+class AccessRules(PolicyRules):
+    """The built-in policy as data: the file's rules, and the ``trust_domain`` of rule (1).
+
+    What :class:`~crank_registry.PolicyChanged` and a snapshot carry; rule
+    (1) reads a requester's worker name in ``trust_domain`` (a worker
+    identity of another domain is not a registered worker).
+    """
+
+    trust_domain: str = attrs.field(default=DEFAULT_TRUST_DOMAIN, validator=_trust_domain)
+
+    @classmethod
+    def of(cls, rules: PolicyRules, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> AccessRules:
+        """``rules`` (a parsed file) read in ``trust_domain``."""
+        return cls(rules=rules.rules, default=rules.default, trust_domain=trust_domain)
+
+    def policy(self, targets: Callable[[str], frozenset[str] | None]) -> BuiltinPolicy:
+        """The :class:`BuiltinPolicy` of these rules, with a registry's ``targets`` for rule (1)."""
+        return BuiltinPolicy(self, targets, self.trust_domain)
 
 
 class PolicyFileError(ValueError):

@@ -48,7 +48,11 @@ Where things are kept, so that no hot path scans the registry:
 * ``_deadlines``: a heap of ``(deadline, n, worker)``. An entry that
   surfaces before its worker's current deadline (a heartbeat moved it) is
   pushed again, so a sweep costs what it changes plus, amortised, one push
-  per worker per ``evict_after``.
+  per worker per ``evict_after``;
+* ``_watch``: self-preservation's windows and the workers it holds out of
+  the heap (:mod:`._preservation`); ``_routable_count``, the workers held
+  in a routable state (a window's count, kept by the fold, never counted
+  by a scan).
 """
 
 from __future__ import annotations
@@ -60,8 +64,9 @@ import itertools
 import math
 import operator
 import random
+import sys
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 
@@ -69,10 +74,16 @@ from . import _health as health
 from ._converter import structure, unstructure
 from ._errors import PolicyDenied, UnknownCapability, ValidationError, WorkerNotRegistered
 from ._events import (
+    ENTERED,
     Change,
     Event,
     HeartbeatReceived,
+    PolicyChanged,
+    RegistryChange,
+    SelfPreservationChanged,
+    SlosChanged,
     Snapshot,
+    WorkerChange,
     WorkerDeregistered,
     WorkerEvicted,
     WorkerHealthy,
@@ -106,7 +117,8 @@ from ._models import (
     WorkerView,
     parse_capability_label,
 )
-from ._policy import Policy
+from ._policy import AccessRules, Policy
+from ._preservation import SelfPreservationSettings, Watch
 from ._records import CapabilityValues, Load, Member, Worker
 from ._rotation import Rotation
 from ._routing import (
@@ -120,6 +132,8 @@ from ._routing import (
 from ._slos import ServiceLevels, SloFile
 
 __all__ = ["STATE_FORMAT_VERSION", "CapabilityRegistry"]
+
+_Setting = TypeVar("_Setting", bound=RegistryChange)
 
 _HEARTBEAT_ONLY = (HeartbeatReceived,)
 
@@ -171,6 +185,11 @@ class CapabilityRegistry:
     follower): it hears no heartbeats, so its workers' states change only
     by the events it applies, never by time; a worker is routable while
     its state is (``healthy`` or ``unverified``), whatever ``now`` is.
+
+    ``access_rules``: the built-in policy's rules the registry's history
+    starts under, not a change (a service starts every history under the
+    same default rules, so that a replay, which starts there too, agrees;
+    other rules are then a :class:`PolicyChanged`). ``None``: no policy.
     """
 
     def __init__(
@@ -181,6 +200,8 @@ class CapabilityRegistry:
         rng: random.Random | None = None,
         feed_window: int = DEFAULT_FEED_WINDOW,
         routes_by_state: bool = False,
+        self_preservation: SelfPreservationSettings | None = None,
+        access_rules: AccessRules | None = None,
     ) -> None:
         # A replica fed by the change feed hears no heartbeats, so time must
         # not change its states, only events: its states have no deadline.
@@ -195,10 +216,26 @@ class CapabilityRegistry:
         self._rng = rng if rng is not None else random.Random(0)
         # What idempotency keys were given (routing options); not registry state.
         self._idempotency = IdempotencyMemory(self._routing)
-        # The operator's SLO files (set_slos); not registry state either.
+        # The operator's SLO files (set_slos: a change).
         self._slos = NO_SLOS
-        # Asked before every route when set (set_access_policy); not registry state.
-        self._access: Policy | None = None
+        # The built-in policy's rules (set_access_rules: a change), or None. A
+        # history may start under rules (access_rules): then only a change from
+        # them is an event.
+        self._access_rules = access_rules
+        # Asked before every route when set: the built-in policy of _access_rules,
+        # or a custom one (set_access_policy).
+        self._access: Policy | None = (
+            None if access_rules is None else access_rules.policy(self.required_targets)
+        )
+        # Self-preservation (._preservation): when it began, as applied (None: not
+        # in it), and the sweep's bookkeeping of windows and held workers.
+        self._preserving_since: float | None = None
+        self._watch = Watch(
+            self_preservation if self_preservation is not None else SelfPreservationSettings(),
+            self._policy.evict_after,
+        )
+        # How many workers are held in a routable state (a window's watched count).
+        self._routable_count = 0
         self._revision = 0
         self._workers: dict[str, Worker] = {}
         self._rotations: dict[CapabilityKey, Rotation] = {}
@@ -239,16 +276,53 @@ class CapabilityRegistry:
         """The SLO files in effect (:meth:`set_slos`), in the order of their names."""
         return self._slos.files
 
-    def set_slos(self, files: Iterable[SloFile]) -> None:
-        """Put these SLO files in effect, replacing all the previous ones at once.
+    def set_slos(self, files: Iterable[SloFile], *, now: float) -> tuple[Event, ...]:
+        """Put these SLO files in effect, replacing all the previous ones at once: a change.
 
-        Routes with ``slo_constraints`` check them from the next call
-        (:func:`~crank_registry.effective_slo`). Raises
-        :class:`ValidationError` naming the file when two files state the
-        SLO of the same capability for the same versions; the previous
-        files stay in effect then.
+        Returns the :class:`SlosChanged` it applied, or nothing when the
+        files are those in effect already. Routes with ``slo_constraints``
+        check them from the next call (:func:`~crank_registry.effective_slo`).
+        Raises :class:`ValidationError` naming the file when two files
+        state the SLO of the same capability for the same versions; the
+        previous files stay in effect then.
         """
-        self._slos = ServiceLevels(files)
+        return self._commit(self.decide_slos(files, now=now))
+
+    def decide_slos(self, files: Iterable[SloFile], *, now: float) -> tuple[Event, ...]:
+        """The change :meth:`set_slos` makes, pending until :meth:`confirm`; raises alike."""
+        _check_now(now)
+        levels = ServiceLevels(files)
+        pending = self._last_pending(SlosChanged)
+        if levels.files == (self._slos.files if pending is None else pending.slos):
+            return ()
+        return self._hold(SlosChanged(now, levels.files, revision=self._decided + 1))
+
+    @property
+    def access_rules(self) -> AccessRules | None:
+        """The built-in policy's rules in effect (:meth:`set_access_rules`); ``None``: none.
+
+        ``None`` also while a custom policy is asked (:meth:`set_access_policy`).
+        """
+        return self._access_rules
+
+    def set_access_rules(self, rules: AccessRules, *, now: float) -> tuple[Event, ...]:
+        """Route under the built-in policy with ``rules`` from now on: a change.
+
+        Returns the :class:`PolicyChanged` it applied, or nothing when these
+        rules are in effect already. Unlike a custom policy, the built-in
+        one travels: it is journalled, in the change feed and in snapshots.
+        """
+        return self._commit(self.decide_access_rules(rules, now=now))
+
+    def decide_access_rules(self, rules: AccessRules, *, now: float) -> tuple[Event, ...]:
+        """The change :meth:`set_access_rules` makes, pending until :meth:`confirm`."""
+        _check_now(now)
+        if not isinstance(rules, AccessRules):
+            raise ValidationError.single("rules", f"expected AccessRules, got {rules!r}")
+        pending = self._last_pending(PolicyChanged)
+        if rules == (self._access_rules if pending is None else pending.access_policy):
+            return ()
+        return self._hold(PolicyChanged(now, rules, revision=self._decided + 1))
 
     @property
     def access_policy(self) -> Policy | None:
@@ -256,8 +330,16 @@ class CapabilityRegistry:
         return self._access
 
     def set_access_policy(self, policy: Policy | None) -> None:
-        """Ask ``policy`` before every route from now on (``None``: no policy)."""
+        """Ask ``policy`` (code of this process) before every route from now on (``None``: none).
+
+        For a custom policy. Not a change: code cannot be journalled nor
+        sent to a follower, so it is this registry's alone, and
+        :attr:`access_rules` is ``None`` from now on (a snapshot then holds
+        no access policy, and a follower routes without one). The built-in
+        policy travels: use :meth:`set_access_rules`.
+        """
         self._access = policy
+        self._access_rules = None
 
     def required_targets(self, worker_id: str) -> frozenset[str] | None:
         """The ``verb:name`` labels a registered worker declared it needs, for least privilege.
@@ -276,6 +358,16 @@ class CapabilityRegistry:
         if not declared:
             return None
         return frozenset(label for labels in declared for label in labels)
+
+    @property
+    def self_preservation(self) -> float | None:
+        """When self-preservation began (:mod:`._preservation`); ``None``: not in it."""
+        return self._preserving_since
+
+    @property
+    def self_preservation_settings(self) -> SelfPreservationSettings:
+        """When self-preservation starts and how long it lasts at most."""
+        return self._watch.settings
 
     @property
     def revision(self) -> int:
@@ -338,8 +430,10 @@ class CapabilityRegistry:
         """The sweep: silent past ``unhealthy_after``: unhealthy; past ``evict_after``: evicted.
 
         Returns the ``unhealthy`` and ``evicted`` events, in the order of
-        their deadlines. Costs in proportion to the deadlines that have
-        passed, not to the size of the registry.
+        their deadlines, and a ``self_preservation`` change when it begins
+        or ends (:mod:`._preservation`: while it lasts, no worker is made
+        unhealthy or evicted). Costs in proportion to the deadlines that
+        have passed, not to the size of the registry.
         """
         events, swept = self._sweep(now)
         self._commit(events)
@@ -410,6 +504,8 @@ class CapabilityRegistry:
         while pending and pending[0].revision <= revision:
             change = pending.popleft()
             self.apply(change)
+            if not isinstance(change, WorkerChange):
+                continue
             shadow = shadows.get(change.worker_id)
             if shadow is not None and shadow.revision == change.revision:
                 del shadows[change.worker_id]
@@ -425,21 +521,110 @@ class CapabilityRegistry:
         self._pending.clear()
         self._pending_workers.clear()
         self._decided = self._revision
+        watch = self._watch
+        watch.since = self._preserving_since  # as applied
+        if watch.since is None:
+            self._push_back(watch.release())
         return dropped
+
+    def _push_back(self, workers: Iterable[Worker]) -> None:
+        """Put workers the sweep held back in the deadline heap (those still held)."""
+        for worker in workers:
+            if self._workers.get(worker.worker_id) is worker:
+                self._push(worker)
 
     def _sweep(self, now: float) -> tuple[tuple[Event, ...], list[Worker]]:
         """Decide the time-driven changes due at ``now``; also the workers they concern.
 
         The workers decided on (and those with a change pending) are out of
-        the deadline heap; the caller pushes them back.
+        the deadline heap; the caller pushes them back. Self-preservation
+        (:mod:`._preservation`) is decided here: before the silences of
+        this pass, whether they start it; while it lasts, the workers due
+        are held instead, and whether it ends.
         """
         _check_now(now)
+        watch = self._watch
         events: list[Event] = []
         swept: dict[str, Worker] = {}
         heap = self._deadlines
+        # Every entry due now, in deadline order (popped in order: a heap).
+        due: list[tuple[float, int, Worker]] = []
+        while heap and heap[0][0] < now:
+            due.append(heapq.heappop(heap))
+        restart_window = False
+        if not watch.preserving:
+            falling = self._falling_silent(due, now)
+            if watch.enters(falling):
+                for worker_id in falling:
+                    watch.fell_silent(worker_id)
+                events += self._preservation_change(now, active=True, reason=ENTERED)
+        if watch.preserving:
+            self._hold_due(due, now, swept)
+            reason = watch.ends(now)
+            if reason is None:
+                self._expire_tombstones(now)
+                return tuple(events), list(swept.values())
+            events += self._preservation_change(now, active=False, reason=reason)
+            # The workers still silent: a grace of unhealthy_after, then judged.
+            later = watch.grace_until = now + self._policy.unhealthy_after
+            for worker in watch.release():
+                if self._workers.get(worker.worker_id) is worker:
+                    watch.grace.add(worker.worker_id)
+                    heapq.heappush(self._deadlines, (later, worker.order, worker))
+            restart_window = True
+        silenced = self._decide_due(due, now, events, swept)
+        if restart_window or watch.window_over(now):
+            if now > watch.grace_until:
+                watch.grace.clear()  # every one was judged at the grace's end
+            # Routable now: held in a routable state, less those found silent just
+            # now and those in the grace.
+            watched = self._routable_count - silenced - len(watch.grace)
+            watch.start_window(now, watched, self._policy.unhealthy_after)
+        self._expire_tombstones(now)
+        return tuple(events), list(swept.values())
+
+    def _falling_silent(self, due: list[tuple[float, int, Worker]], now: float) -> list[str]:
+        """The workers of ``due`` whose silence the sweep would decide now."""
+        shadows = self._pending_workers
+        return [
+            worker.worker_id
+            for _, _, worker in due
+            if self._workers.get(worker.worker_id) is worker
+            and worker.worker_id not in shadows
+            and health.due_input(worker.health, worker.last_heartbeat, now, self._policy)
+            is HealthInput.SILENCE
+        ]
+
+    def _hold_due(
+        self, due: list[tuple[float, int, Worker]], now: float, swept: dict[str, Worker]
+    ) -> None:
+        """Self-preservation: keep every worker due out of the heap, deciding nothing."""
+        watch = self._watch
+        for _, _, worker in due:
+            worker_id = worker.worker_id
+            if self._workers.get(worker_id) is not worker:
+                continue  # replaced or removed since this entry was pushed
+            if worker_id in self._pending_workers:
+                swept[worker_id] = worker  # a change of it is pending: a later sweep
+                continue
+            given = health.due_input(worker.health, worker.last_heartbeat, now, self._policy)
+            if given is None:
+                self._push(worker)  # a heartbeat moved its deadline on
+            else:
+                watch.hold(worker, silent=given is HealthInput.SILENCE)
+
+    def _decide_due(
+        self,
+        heap: list[tuple[float, int, Worker]],
+        now: float,
+        events: list[Event],
+        swept: dict[str, Worker],
+    ) -> int:
+        """Decide the changes of the entries of ``heap`` (all due); returns the silences decided."""
         shadows = self._pending_workers
         decided: set[str] = set()  # workers decided on in this sweep
-        while heap and heap[0][0] < now:
+        silenced = 0
+        while heap:
             _, _, worker = heapq.heappop(heap)
             worker_id = worker.worker_id
             if self._workers.get(worker_id) is not worker:
@@ -458,18 +643,37 @@ class CapabilityRegistry:
                     self._push(worker)  # a heartbeat moved its deadline on
                 continue  # (else an older entry of a worker decided on: in swept)
             events += self._decide(worker_id, due, now, state=state)
+            if due is HealthInput.SILENCE:
+                self._watch.fell_silent(worker_id)
+                silenced += 1
             decided.add(worker_id)
             swept[worker_id] = worker
             shadow = shadows[worker_id]
             if shadow.deadline < now:
                 # Silent past evict_after too: its expiry is due in this sweep.
                 heapq.heappush(heap, (shadow.deadline, worker.order, worker))
+        return silenced
+
+    def _expire_tombstones(self, now: float) -> None:
         expiry = self._tombstone_expiry
         while expiry and expiry[0][0] < now:
             _, worker_id, at = expiry.popleft()
             if self._tombstones.get(worker_id) == at:
                 del self._tombstones[worker_id]
-        return tuple(events), list(swept.values())
+
+    def _preservation_change(self, now: float, *, active: bool, reason: str) -> tuple[Event, ...]:
+        """Decide that self-preservation begins or ends at ``now``."""
+        watch = self._watch
+        change = SelfPreservationChanged(
+            now,
+            active,
+            reason,
+            len(watch.silenced),
+            watch.watched,
+            revision=self._decided + 1,
+        )
+        watch.since = now if active else None
+        return self._hold(change)
 
     def import_remote_state(
         self, controller_id: str, state: Mapping[str, Any], *, now: float
@@ -526,6 +730,8 @@ class CapabilityRegistry:
             if worker is not None and event.at > worker.last_heartbeat:
                 worker.last_heartbeat = event.at
                 self._refresh(worker)
+            if self._preserving_since is not None:
+                self._heard(event.worker_id)
             return
         if not isinstance(event, Change):
             raise TypeError(f"not a registry event: {event!r}")
@@ -533,6 +739,47 @@ class CapabilityRegistry:
             raise ValidationError.single(
                 "revision", f"{event.revision} is not after the registry's {self._revision}"
             )
+        if isinstance(event, RegistryChange):
+            self._apply_setting(event)
+        elif isinstance(event, WorkerChange):
+            self._apply_worker_change(event)
+        else:
+            raise TypeError(f"not a registry change: {event!r}")
+        self._revision = event.revision
+        self._decided = max(self._decided, event.revision)
+        self._feed.record(event)
+
+    def _apply_setting(self, event: RegistryChange) -> None:
+        """Apply a change of the whole registry: it replaces a setting with its new value."""
+        match event:
+            case SlosChanged():
+                self._slos = ServiceLevels(event.slos)
+            case PolicyChanged():
+                self._access_rules = event.access_policy
+                self._access = event.access_policy.policy(self.required_targets)
+            case SelfPreservationChanged():
+                self._preserving_since = event.at if event.active else None
+                # The sweep decided it already; a replay or a replica learns it here.
+                watch = self._watch
+                if event.active and not watch.preserving:
+                    watch.since = event.at
+                    watch.start_window(event.at, event.watched, self._policy.unhealthy_after)
+                elif not event.active and watch.preserving:
+                    watch.since = None
+                    self._push_back(watch.release())
+            case _:
+                raise TypeError(f"not a registry change: {event!r}")
+
+    def _heard(self, worker_id: str) -> None:
+        """Self-preservation: ``worker_id`` was heard from or left; the sweep takes it back."""
+        held = self._watch.heard(worker_id)
+        if held is not None and self._workers.get(worker_id) is held:
+            self._push(held)
+
+    def _apply_worker_change(self, event: WorkerChange) -> None:
+        """Apply a change of one worker: replay the state table's transition that emitted it."""
+        if self._preserving_since is not None and not isinstance(event, WorkerUnhealthy):
+            self._heard(event.worker_id)
         held = self._workers.get(event.worker_id)
         step = health.transition(None if held is None else held.health, health.CAUSES[type(event)])
         if isinstance(step, Refusal):
@@ -555,6 +802,9 @@ class CapabilityRegistry:
                 )
             case WorkerHealthy() | WorkerUnhealthy():
                 assert held is not None and step.to is not None
+                self._routable_count += (step.to in health.ROUTABLE) - (
+                    held.health in health.ROUTABLE
+                )
                 held.health = step.to
                 # The heartbeat the change was decided on (one not journaled, or
                 # not sent to a replica, still counts).
@@ -573,17 +823,17 @@ class CapabilityRegistry:
                 self._remove(held)
             case _:
                 raise TypeError(f"not a registry change: {event!r}")
-        self._revision = event.revision
-        self._decided = max(self._decided, event.revision)
-        self._feed.record(event)
 
     def apply_snapshot(self, snapshot: Snapshot) -> None:
-        """Replace the whole registry with ``snapshot`` (its workers and revision).
+        """Replace the whole registry with ``snapshot`` (its workers, settings and revision).
 
         Each worker is held in the state its record's ``verified`` and
-        ``silent`` describe.
+        ``silent`` describe. The snapshot's access policy and SLO files
+        replace this registry's (a custom policy too: a snapshot holding
+        no access policy leaves none).
         """
         self._workers.clear()
+        self._routable_count = 0
         self._rotations.clear()
         self._values.clear()
         self._deadlines.clear()
@@ -603,6 +853,20 @@ class CapabilityRegistry:
                 state,
                 record.last_heartbeat,
             )
+        self._slos = ServiceLevels(snapshot.slos)
+        # No window yet: workers the first sweep finds silent are not counted.
+        self._watch.forget()
+        self._preserving_since = self._watch.since = snapshot.self_preservation
+        if snapshot.self_preservation is not None:
+            self._watch.start_window(
+                snapshot.self_preservation, self._routable_count, self._policy.unhealthy_after
+            )
+        self._access_rules = snapshot.access_policy
+        self._access = (
+            None
+            if snapshot.access_policy is None
+            else snapshot.access_policy.policy(self.required_targets)
+        )
         self._revision = self._decided = snapshot.revision
         # The changes before the snapshot are not this registry's to hand out.
         self._feed.reset(snapshot.revision)
@@ -624,10 +888,17 @@ class CapabilityRegistry:
         for worker in self._workers.values():
             step = health.transition(worker.health, HealthInput.RESTART)
             assert isinstance(step, health.Transition) and step.to is not None
+            self._routable_count += (step.to in health.ROUTABLE) - (
+                worker.health in health.ROUTABLE
+            )
             worker.health = step.to
             if now is not None and worker.last_heartbeat > now:
                 worker.last_heartbeat = now
             self._refresh(worker)
+        if not self._watch.preserving:
+            # A new window starts at the next sweep: the workers silent since
+            # before the restart are not counted as falling silent in it.
+            self._push_back(self._watch.forget())
 
     def restore(self, records: Iterable[WorkerRecord], *, now: float) -> int:
         """Load records of workers this registry has not heard from; returns how many were kept.
@@ -691,7 +962,8 @@ class CapabilityRegistry:
             decision = self._access.decide(requester, verb, capability)
             if not decision.allowed:
                 raise PolicyDenied(requester, verb, capability, decision.reason)
-        member = rotation.next(now)
+        # self._routable_at(now), inline: a method call is a tenth of a plain route.
+        member = rotation.next(now if self._preserving_since is None else _EARLIEST)
         return None if member is None else member.endpoint
 
     def explain_route(
@@ -732,7 +1004,11 @@ class CapabilityRegistry:
                     verb,
                     capability,
                     decision.reason,
-                    explain=policy_explanation(rotation, options, now) if explain else None,
+                    explain=(
+                        policy_explanation(rotation, options, self._routable_at(now))
+                        if explain
+                        else None
+                    ),
                 )
         member, explanation = choose(
             key,
@@ -744,6 +1020,7 @@ class CapabilityRegistry:
             slos=self._slos,
             rng=self._rng,
             health=self._policy,
+            routable_at=self._routable_at(now),
         )
         return (None if member is None else member.endpoint), explanation
 
@@ -777,6 +1054,16 @@ class CapabilityRegistry:
             worker.load = Load()
         worker.load.count_calls(calls)
 
+    def _routable_at(self, now: float) -> float:
+        """The moment routability is judged at: ``now``, or in self-preservation any moment.
+
+        In self-preservation no silence is decided, so routing continues to
+        the last known workers: every worker held in a routable state,
+        however long ago it was heard from (its ``routable_until`` is at
+        least the earliest moment; an unhealthy worker's is ``-inf``).
+        """
+        return now if self._preserving_since is None else _EARLIEST
+
     def next_deadline(self) -> float | None:
         """When the next worker may stop being routable or become evictable.
 
@@ -785,7 +1072,11 @@ class CapabilityRegistry:
         to watch. An early answer is possible (a heartbeat moved the
         deadline, or the worker has left since), never a late one.
         """
-        return self._deadlines[0][0] if self._deadlines else None
+        deadline = self._deadlines[0][0] if self._deadlines else None
+        ends = self._watch.deadline()  # self-preservation's end at the latest
+        if ends is not None and (deadline is None or ends < deadline):
+            return ends
+        return deadline
 
     def get_workers_for_capability(self, capability: str) -> list[WorkerEndpoint]:
         """Every worker registered for ``"verb:name"``, healthy or not, in registration order.
@@ -992,11 +1283,23 @@ class CapabilityRegistry:
 
     def snapshot(self) -> Snapshot:
         """The whole registry at its revision, for :meth:`apply_snapshot` elsewhere."""
-        return Snapshot(self._revision, tuple(self.records()))
+        return Snapshot(
+            self._revision,
+            tuple(self.records()),
+            access_policy=self._access_rules,
+            slos=self._slos.files,
+            self_preservation=self._preserving_since,
+        )
 
     def snapshot_copy(self) -> SnapshotCopy:
         """The registry at its revision, copied cheaply: :class:`~._feed.SnapshotCopy`."""
-        return SnapshotCopy(self._revision, list(map(_ROW, self._workers.values())))
+        return SnapshotCopy(
+            self._revision,
+            list(map(_ROW, self._workers.values())),
+            access_policy=self._access_rules,
+            slos=self._slos.files,
+            self_preservation=self._preserving_since,
+        )
 
     def export_state(self) -> dict[str, Any]:
         """A versioned, JSON-safe snapshot of every worker."""
@@ -1037,8 +1340,9 @@ class CapabilityRegistry:
             present = held is not None
             last_heartbeat = -math.inf if held is None else held.last_heartbeat
             if state is None and held is not None:
-                # Before the worker's deadline nothing is due: its state is the one held.
-                if now <= held.deadline:
+                # Before the worker's deadline nothing is due: its state is the one
+                # held; in self-preservation (or its grace) no silence applies either.
+                if now <= held.deadline or not self._watch.judged(worker_id):
                     state = held.health
                 else:
                     state = health.state_at(held.health, last_heartbeat, now, self._policy)
@@ -1046,7 +1350,11 @@ class CapabilityRegistry:
             present = shadow.health is not None
             last_heartbeat = shadow.last_heartbeat
             if state is None and shadow.health is not None:
-                state = health.state_at(shadow.health, last_heartbeat, now, self._policy)
+                state = (
+                    health.state_at(shadow.health, last_heartbeat, now, self._policy)
+                    if self._watch.judged(worker_id)
+                    else shadow.health
+                )
         step = health.transition(state, given)
         if isinstance(step, Refusal):
             raise WorkerNotRegistered(worker_id)
@@ -1109,6 +1417,20 @@ class CapabilityRegistry:
         self._pending.extend(event for event in events if isinstance(event, Change))
         self._pending_workers[worker_id] = _Pending(step.to, last_heartbeat, revision, self._policy)
         return tuple(events)
+
+    def _last_pending(self, kind: type[_Setting]) -> _Setting | None:
+        """The last pending change of ``kind``: a setting as the changes decided leave it."""
+        for change in reversed(self._pending):
+            if isinstance(change, kind):
+                return change
+        return None
+
+    def _hold(self, change: RegistryChange) -> tuple[Event, ...]:
+        """Hold a registry-wide change pending; it takes the next revision decided."""
+        assert change.revision == self._decided + 1
+        self._decided = change.revision
+        self._pending.append(change)
+        return (change,)
 
     def _commit(self, events: tuple[Event, ...]) -> tuple[Event, ...]:
         """Apply changes just decided (the in-memory path: decide, then apply at once)."""
@@ -1179,6 +1501,9 @@ class CapabilityRegistry:
     ) -> None:
         """Hold a worker, in place of any worker with its id, keeping its seats and position."""
         old = self._workers.get(worker_id)
+        self._routable_count += (state in health.ROUTABLE) - (
+            old is not None and old.health in health.ROUTABLE
+        )
         order = next(self._registrations) if old is None else old.order
         if old is None:
             self._everyone.add(order, worker_id)
@@ -1229,6 +1554,7 @@ class CapabilityRegistry:
         self._refresh(worker)
 
     def _remove(self, worker: Worker) -> None:
+        self._routable_count -= worker.health in health.ROUTABLE
         for member, capability in zip(worker.members, worker.capabilities, strict=True):
             self._leave(member, capability)
         self._everyone.discard(worker.order)
@@ -1258,6 +1584,8 @@ def _check_now(now: float) -> None:
 
 
 _INF = math.inf
+# Before any heartbeat, and after -inf: the moment every routable state is routable at.
+_EARLIEST = -sys.float_info.max
 
 
 def _parse_state(state: Mapping[str, Any]) -> list[WorkerRecord]:

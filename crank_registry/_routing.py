@@ -330,11 +330,15 @@ def _filter(
     now: float,
     slo_files: Sequence[ServiceLevels.Rule],
     fresh_for: float,
+    *,
+    routable_at: float | None = None,
 ) -> tuple[list[Member], dict[str, str]]:
     """The candidates, and for each other worker the first rule that removed it.
 
-    One pass over the members of one capability, the rules in their order.
+    One pass over the members of one capability, the rules in their order;
+    routability is judged at ``routable_at`` (default ``now``).
     """
+    alive_at = now if routable_at is None else routable_at
     specifier = options.version
     excluded = frozenset(options.exclude) if options.exclude else frozenset()
     bounds = options.slo_constraints
@@ -344,7 +348,7 @@ def _filter(
     costs: list[float] = []
     for member in everyone:
         worker_id = member.worker.worker_id
-        if now > member.worker.routable_until:
+        if alive_at > member.worker.routable_until:
             reasons[worker_id] = "unhealthy"
         elif specifier is not None and not _version_matches(specifier, member.endpoint.version):
             reasons[worker_id] = "version"
@@ -462,7 +466,12 @@ _DRAWS = 8
 
 
 def sample_least_loaded(
-    rotation: Rotation, rng: random.Random, *, now: float, interval: float
+    rotation: Rotation,
+    rng: random.Random,
+    *,
+    now: float,
+    interval: float,
+    routable_at: float | None = None,
 ) -> Member | None:
     """:func:`least_loaded` in O(1) for a route with no other option; ``None``: take the full path.
 
@@ -478,10 +487,11 @@ def sample_least_loaded(
     if rotation.live < 2:
         return None
     draw = rng.random  # int(random() * size): uniform over slots, cheaper than randrange
+    alive_at = now if routable_at is None else routable_at
     first: Member | None = None
     for _ in range(_DRAWS):
         member = ring[int(draw() * size)]
-        if member is None or member is first or now > member.worker.routable_until:
+        if member is None or member is first or alive_at > member.worker.routable_until:
             continue
         if _at_capacity(member):
             continue
@@ -533,6 +543,7 @@ def choose(
     slos: ServiceLevels = NO_SLOS,
     rng: random.Random,
     health: HealthPolicy,
+    routable_at: float | None = None,
 ) -> tuple[Member | None, RouteExplanation | None]:
     """The member to route to under ``options`` (``None``: no candidate), and the explanation.
 
@@ -540,17 +551,24 @@ def choose(
     SLO files in effect, for ``slo_constraints``. ``rng`` draws
     ``least_loaded``'s two candidates; ``health`` gives the age beyond
     which a load report is not an observed SLO (``unhealthy_after``) and
-    the heartbeat interval over which hand-outs fade.
+    the heartbeat interval over which hand-outs fade. ``routable_at``:
+    the moment routability is judged at (default ``now``; in
+    self-preservation, the earliest moment: every routable state).
     """
     interval = health.heartbeat_interval
+    alive_at = now if routable_at is None else routable_at
     loaded = options.strategy == "least_loaded"
     if loaded and not explain and options == _BARE_LEAST_LOADED:
-        sampled = sample_least_loaded(rotation, rng, now=now, interval=interval)
+        sampled = sample_least_loaded(
+            rotation, rng, now=now, interval=interval, routable_at=alive_at
+        )
         if sampled is not None:
             _hand_out(sampled, now, interval)
             return sampled, None
     everyone = rotation.everyone()
-    candidates, reasons = _filter(everyone, options, now, slos.of(key), health.unhealthy_after)
+    candidates, reasons = _filter(
+        everyone, options, now, slos.of(key), health.unhealthy_after, routable_at=alive_at
+    )
     if loaded:
         candidates = _drop_at_capacity(candidates, reasons)
     chosen: Member | None = None

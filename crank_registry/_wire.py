@@ -28,6 +28,7 @@ from typing import Any, Literal
 import attrs
 
 from ._errors import Problem, ValidationError
+from ._events import Snapshot
 from ._models import (
     _MAX_TEXT,
     _TEXT_SCHEMA,
@@ -51,6 +52,7 @@ from ._models import (
     strategy_option,
     version_option,
 )
+from ._policy import AccessRules
 from ._slos import SloFile
 
 __all__ = [
@@ -113,11 +115,17 @@ def _capability_labels(_: object, attribute: attrs.Attribute[Any], value: tuple[
 
 @attrs.frozen(kw_only=True)
 class HealthAnswer:
-    """``GET /health``: the controller is up; the workers it knows and can route to."""
+    """``GET /health``: the controller is up; the workers it knows and can route to.
+
+    ``self_preservation``: the controller takes it that it is cut off from
+    its workers (most fell silent at once): it makes none unhealthy nor
+    evicts any, and routes to the last known ones.
+    """
 
     status: Literal["ok"] = "ok"
     total_workers: int = attrs.field(metadata=_COUNT)
     healthy_workers: int = attrs.field(metadata=_COUNT)
+    self_preservation: bool = False
 
 
 #: What ``GET /ready`` says of the store (the journal): it takes writes, or the last one failed.
@@ -461,12 +469,56 @@ class SnapshotAnswer:
 
     Follow it with ``GET /watch?epoch=EPOCH&since=REVISION``; each worker
     is in the state ``verified`` and ``silent`` say (the journal's records).
+    ``access_policy`` (absent: none) and ``slos`` are the registry's
+    settings at ``revision``, which ``policy_changed`` and ``slos_changed``
+    replace; a follower routes under them as the controller does.
+    ``self_preservation``: whether the registry is in self-preservation
+    (since ``self_preservation_since``), which ``self_preservation``
+    changes begin and end.
     """
 
     epoch: str = attrs.field(metadata=_EPOCH)
     revision: int = attrs.field(metadata=_COUNT)
     health_policy: HealthPolicy
+    access_policy: AccessRules | None = attrs.field(
+        default=None,
+        metadata={
+            JSON_SCHEMA: {
+                "description": "The built-in access policy: the --policy file's rules and "
+                "the trust domain of least privilege; absent: no access policy."
+            }
+        },
+    )
+    slos: tuple[SloFile, ...] = attrs.field(
+        default=(),
+        metadata={
+            JSON_SCHEMA: {"description": "The SLO files in effect, in the order of their names."}
+        },
+    )
+    self_preservation: bool = attrs.field(
+        default=False,
+        metadata={
+            JSON_SCHEMA: {
+                "description": "In self-preservation: no worker is made unhealthy or evicted, "
+                "and routes go to every worker held as routable, silent or not."
+            }
+        },
+    )
+    self_preservation_since: float | None = attrs.field(
+        default=None,
+        metadata={JSON_SCHEMA: {"description": "When self-preservation began (Unix seconds)."}},
+    )
     workers: tuple[WorkerRecord, ...]
+
+    def snapshot(self) -> Snapshot:
+        """The core's :class:`~crank_registry.Snapshot` of this answer, to apply it."""
+        return Snapshot(
+            self.revision,
+            self.workers,
+            access_policy=self.access_policy,
+            slos=self.slos,
+            self_preservation=self.self_preservation_since,
+        )
 
 
 @attrs.frozen(kw_only=True)

@@ -10,9 +10,12 @@ the registry decide its change, and :meth:`Effects.commit
 made it durable (a write answered 503 changes nothing).
 
 The lifespan reads the SLO files and the journal, replays the journal into
-the registry (the core's fold), then serves, running the :class:`Sweeper`
-and the :class:`~crank_registry_asgi.slos.SloWatcher` in a task group
-until shutdown.
+the registry (the core's fold), puts the SLO files and the access policy
+in effect (each a change of the registry when it differs from what the
+journal restored), then serves, running the :class:`Sweeper`, the
+:class:`~crank_registry_asgi.slos.SloWatcher` and the policy file's
+watcher in a task group until shutdown. Without a state directory there
+is nothing to replay: the access policy is in effect from the start.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from starlette.routing import Route
 
 from crank_registry import (
     PROTOCOL_FEATURES,
-    BuiltinPolicy,
+    AccessRules,
     CapabilityRegistry,
     DeregisterAnswer,
     DeregisterRequest,
@@ -58,6 +61,7 @@ from crank_registry import (
     RouteExplanation,
     RouteOptions,
     RouteRequest,
+    SloFile,
     SlosAnswer,
     TokenBuckets,
     UnknownCapability,
@@ -166,7 +170,10 @@ class Sweeper:
         return min(max(deadline - self.clock(), 0.0) + _SWEEP_SLACK, interval)
 
     async def sweep(self) -> tuple[Event, ...]:
-        """One sweep at the current time; returns the ``unhealthy`` and ``evicted`` events it made.
+        """One sweep at the current time; returns the changes it made.
+
+        ``unhealthy`` and ``evicted``, and ``self_preservation`` when it
+        begins or ends (the core decides it in the sweep).
 
         Decided, made durable, then applied: when the journal cannot take
         them, none is applied and the next sweep decides them again
@@ -239,7 +246,10 @@ class ControllerService:
             None
             if config.state_dir is None
             else SloWatcher(
-                slo_directory(config.state_dir), registry, interval=config.slo_poll_interval
+                slo_directory(config.state_dir),
+                registry,
+                put=self.put_slos,
+                interval=config.slo_poll_interval,
             )
         )
         self.proxy_header = (
@@ -254,12 +264,14 @@ class ControllerService:
             None
             if config.policy_file is None
             else PolicyFileWatcher(
-                config.policy_file, self.set_access_rules, interval=config.policy_watch_interval
+                config.policy_file, self.put_access_rules, interval=config.policy_watch_interval
             )
         )
-        self.access_rules = PolicyRules()
-        self.set_access_rules(
-            PolicyRules() if self.policy_watcher is None else self.policy_watcher.start()
+        #: The access policy this controller routes under (the built-in one:
+        #: least privilege, then the --policy file's rules).
+        self.access_rules = AccessRules.of(
+            PolicyRules() if self.policy_watcher is None else self.policy_watcher.start(),
+            config.trust_domain,
         )
         #: The callers' token buckets under ``--rate-limit`` (``None``: no limit).
         self.admission = None if config.rate_limit is None else TokenBuckets(config.rate_limit)
@@ -267,14 +279,23 @@ class ControllerService:
         # without one), and the lifespan is not shutting down.
         self._replayed = config.state_dir is None
         self._stopping = False
+        if config.state_dir is None:
+            # Nothing to replay nor make durable: in effect at once (with a
+            # journal, once it is replayed: the lifespan's _put_settings).
+            self.effects.observe(registry.set_access_rules(self.access_rules, now=clock()))
         # Rendered once: the document does not change while the app runs.
         self._document_body = JSONResponse(openapi_document()).body
 
-    def set_access_rules(self, rules: PolicyRules) -> None:
-        """Route under ``rules`` from now on (the built-in policy: least privilege, then them)."""
-        self.access_rules = rules
-        self.registry.set_access_policy(
-            BuiltinPolicy(rules, self.registry.required_targets, self.config.trust_domain)
+    async def put_access_rules(self, rules: PolicyRules) -> None:
+        """Route under ``rules`` from now on: a ``policy_changed`` change, made durable.
+
+        Raises :class:`ApiError` ``journal_unavailable`` when the journal
+        cannot take it (nothing changed then).
+        """
+        self.access_rules = AccessRules.of(rules, self.config.trust_domain)
+        self.effects.check_writable()
+        await self.effects.commit(
+            self.registry.decide_access_rules(self.access_rules, now=self.clock())
         )
 
     def caller(self, request: Request) -> str | None:
@@ -285,6 +306,11 @@ class ControllerService:
             )
         except IdentityRefused as refusal:
             raise ApiError(403, "forbidden", str(refusal)) from None
+
+    async def put_slos(self, files: tuple[SloFile, ...]) -> None:
+        """Put ``files`` in effect: a ``slos_changed`` change, made durable; raises alike."""
+        self.effects.check_writable()
+        await self.effects.commit(self.registry.decide_slos(files, now=self.clock()))
 
     def requester(self, request: Request, asked: str | None) -> str | None:
         """Whom a route is for: the caller's identity, or ``asked`` from a trusted gateway.
@@ -374,7 +400,13 @@ class ControllerService:
     async def health(self, request: Request) -> Response:
         """GET /health: liveness and worker counts (counted in slices)."""
         counted = await listings.counts(self.registry, now=self.clock())
-        return answer(HealthAnswer(total_workers=counted.total, healthy_workers=counted.routable))
+        return answer(
+            HealthAnswer(
+                total_workers=counted.total,
+                healthy_workers=counted.routable,
+                self_preservation=self.registry.self_preservation is not None,
+            )
+        )
 
     def not_ready(self) -> str | None:
         """Why the controller cannot route now (``GET /ready``'s ``reason``), or ``None``."""
@@ -638,12 +670,15 @@ class ControllerService:
             ),
         )
         # Before the journal: an invalid file refuses the start without a long replay first.
-        if self.slo_watcher is not None:
-            self.slo_watcher.load()
+        slos = None if self.slo_watcher is None else self.slo_watcher.load()
         self._stopping = False
         async with contextlib.AsyncExitStack() as stack:
             if self.config.state_dir is not None:
                 await self._open_journal(stack)
+                # Decided on the registry the journal restored: a change only if they differ.
+                await self.put_access_rules(self.access_rules)
+                if slos is not None:
+                    await self.put_slos(slos)
                 self._replayed = True
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(self.sweeper.run)
@@ -846,8 +881,9 @@ def create_app(
     """The controller as an ASGI application.
 
     ``registry`` defaults to an empty one with ``config.policy``,
-    ``config.routing`` and ``config.feed_window`` (a registry passed in
-    keeps its own, which the service then uses). ``clock``
+    ``config.routing``, ``config.feed_window`` and
+    ``config.self_preservation`` (a registry passed in keeps its own,
+    which the service then uses). ``clock``
     gives ``now`` in seconds since the epoch for every health decision; by
     default an :class:`~crank_registry_asgi.clock.AnchoredClock` (the wall
     clock at start, advanced by the monotonic clock, so that a step of the
@@ -866,7 +902,14 @@ def create_app(
     if registry is None:
         # least_loaded's draws: seeded by the OS, unlike the core's default.
         registry = CapabilityRegistry(
-            config.policy, config.routing, rng=random.Random(), feed_window=config.feed_window
+            config.policy,
+            config.routing,
+            rng=random.Random(),
+            feed_window=config.feed_window,
+            self_preservation=config.self_preservation,
+            # Every history starts under the default rules: a --policy file or
+            # another --trust-domain is a policy_changed at the first start.
+            access_rules=AccessRules(),
         )
     service = ControllerService(registry, config, clock)
     app = ServiceApp(

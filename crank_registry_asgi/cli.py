@@ -38,6 +38,7 @@ from crank_registry import (
     DEFAULT_FEED_WINDOW,
     DEFAULT_TRUST_DOMAIN,
     RateLimit,
+    SelfPreservationSettings,
     identity_problem,
     is_trust_domain,
 )
@@ -55,6 +56,9 @@ __all__ = ["UsageError", "add_certs_command", "add_serve_command", "build_parser
 Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# The defaults of the --self-preservation-* flags are the core's.
+DEFAULT_THRESHOLD = SelfPreservationSettings().threshold
+DEFAULT_MIN_WORKERS = SelfPreservationSettings().min_workers
 
 _HOW_TO_GET_CERTIFICATES = """\
 serve speaks HTTPS only and needs a certificate. For development:
@@ -192,6 +196,32 @@ def add_serve_command(subcommands: Subcommands) -> argparse.ArgumentParser:
         default=120.0,
         metavar="SECONDS",
         help="silence after which a worker is removed (120)",
+    )
+    parser.add_argument(
+        "--self-preservation-threshold",
+        type=_threshold,
+        default=DEFAULT_THRESHOLD,
+        metavar="FRACTION",
+        help=(
+            "more than this share of the workers healthy at the start of an --unhealthy-after "
+            "window falling silent within it means this controller is cut off: it then makes "
+            f"none unhealthy nor evicts any (0 turns it off; {DEFAULT_THRESHOLD:g})"
+        ),
+    )
+    parser.add_argument(
+        "--self-preservation-max",
+        type=_seconds,
+        metavar="SECONDS",
+        help="self-preservation ends after this long at the latest (2 x --evict-after)",
+    )
+    parser.add_argument(
+        "--self-preservation-min-workers",
+        type=_at_least_one,
+        metavar="N",
+        help=(
+            "self-preservation never starts when fewer workers were healthy at the window's "
+            f"start ({DEFAULT_MIN_WORKERS})"
+        ),
     )
     parser.add_argument(
         "--idempotency-ttl",
@@ -435,6 +465,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise UsageError("--policy-watch-interval needs --policy")
     if not args.gateway and _gateway_settings(args):
         raise UsageError("--gateway-attempts, --gateway-timeout and --gateway-queue need --gateway")
+    preservation = _self_preservation(args)
     try:
         # The core's policy decides which timings go together; this only names the flags.
         policy = HealthPolicy(
@@ -504,6 +535,7 @@ def run_serve(args: argparse.Namespace) -> int:
         policy_watch_interval=args.policy_watch_interval,
         trusted_gateways=args.trusted_gateway,
         rate_limit=args.rate_limit,
+        self_preservation=preservation,
         # This process is the controller's own: recovery may pause its collector.
         pause_gc_during_recovery=True,
     )
@@ -780,6 +812,39 @@ def _rate_limit(text: str) -> RateLimit:
         return RateLimit.parse(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _threshold(text: str) -> float:
+    """A share from 0 (off) to below 1 (``--self-preservation-threshold``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be a share from 0 (off) to below 1, e.g. 0.5, got {text!r}"
+        )
+    return value
+
+
+def _self_preservation(args: argparse.Namespace) -> SelfPreservationSettings:
+    """The ``--self-preservation-*`` flags as settings; the two others need a threshold."""
+    if args.self_preservation_threshold == 0 and (
+        args.self_preservation_max is not None or args.self_preservation_min_workers is not None
+    ):
+        raise UsageError(
+            "--self-preservation-max and --self-preservation-min-workers need "
+            "--self-preservation-threshold above 0 (0 turns self-preservation off)"
+        )
+    return SelfPreservationSettings(
+        threshold=args.self_preservation_threshold,
+        max_duration=args.self_preservation_max,
+        min_workers=(
+            DEFAULT_MIN_WORKERS
+            if args.self_preservation_min_workers is None
+            else args.self_preservation_min_workers
+        ),
+    )
 
 
 def _seconds(text: str) -> float:

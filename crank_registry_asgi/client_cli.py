@@ -205,10 +205,19 @@ async def ask_health(client: ControllerClient, args: argparse.Namespace) -> Outp
     """``health``: the controller's status and worker counts."""
     health = await client.health()
     answer = HealthAnswer(
-        total_workers=health.total_workers, healthy_workers=health.healthy_workers
+        total_workers=health.total_workers,
+        healthy_workers=health.healthy_workers,
+        self_preservation=health.self_preservation,
     )
-    rows = [(health.status, str(health.total_workers), str(health.healthy_workers))]
-    return unstructure(answer), table(("STATUS", "WORKERS", "HEALTHY"), rows)
+    rows = [
+        (
+            health.status,
+            str(health.total_workers),
+            str(health.healthy_workers),
+            "on" if health.self_preservation else "off",
+        )
+    ]
+    return unstructure(answer), table(("STATUS", "WORKERS", "HEALTHY", "SELF-PRESERVATION"), rows)
 
 
 #: name -> (help, description, what it asks)
@@ -238,7 +247,8 @@ COMMANDS: dict[str, tuple[str, str, Ask]] = {
     ),
     "health": (
         "show the controller's status and worker counts",
-        "Show the controller's status and its total and healthy worker counts (GET /health).",
+        "Show the controller's status, its total and healthy worker counts, and whether it "
+        "is in self-preservation (GET /health).",
         ask_health,
     ),
 }

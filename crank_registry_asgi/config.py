@@ -24,6 +24,7 @@ from crank_registry import (
     HealthPolicy,
     RateLimit,
     RoutingSettings,
+    SelfPreservationSettings,
     identity_problem,
     is_trust_domain,
 )
@@ -182,6 +183,9 @@ class ServiceConfig:
     rate_limit: RateLimit | None = attrs.field(
         default=None, validator=attrs.validators.optional(attrs.validators.instance_of(RateLimit))
     )
+    #: When the registry takes it that it is cut off from its workers (DESIGN,
+    #: "Admission"): threshold, longest duration, fewest workers.
+    self_preservation: SelfPreservationSettings = attrs.field(factory=SelfPreservationSettings)
 
     def __attrs_post_init__(self) -> None:
         if self.proxy_cert_header is not None and not self.proxy_cert_authorities:

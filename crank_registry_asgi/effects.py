@@ -39,6 +39,9 @@ from crank_registry import (
     Change,
     Event,
     HeartbeatReceived,
+    PolicyChanged,
+    SelfPreservationChanged,
+    SlosChanged,
     WorkerDeregistered,
     WorkerEvicted,
     WorkerHealthy,
@@ -182,8 +185,7 @@ class Effects:
                     logger.warning("heartbeat not journaled %s", log_fields(error=str(error)))
         if changes:
             self.applied()
-        for event in events:
-            self._observe(event)
+        self.observe(events)
 
     async def _make_durable(self, journal: LineJournal, lines: list[bytes], last: int) -> None:
         """Append ``lines``; apply the pending changes up to revision ``last`` once durable."""
@@ -255,6 +257,11 @@ class Effects:
             journaled.pop(event.worker_id, None)
         return True
 
+    def observe(self, events: Sequence[Event]) -> None:
+        """Trace, count and log ``events``, which the registry has applied."""
+        for event in events:
+            self._observe(event)
+
     def _observe(self, event: Event) -> None:
         span = trace.get_current_span()
         if isinstance(event, HeartbeatReceived):
@@ -289,13 +296,41 @@ class Effects:
         elif isinstance(event, WorkerImported):
             fields = {"worker_id": event.worker_id, "source": event.source}
             message = "worker imported"
+        elif isinstance(event, SlosChanged):
+            fields = {"files": ",".join(slo.file for slo in event.slos) or "none"}
+            message = "SLO files changed"
+        elif isinstance(event, SelfPreservationChanged):
+            self.metrics.self_preservation_changes[event.active].inc()
+            fields = {"reason": event.reason, "silent": event.silent, "watched": event.watched}
+            if event.active:
+                message = (
+                    "self-preservation entered: most workers fell silent at once, so this "
+                    "controller takes it that it is cut off; no worker is made unhealthy or "
+                    "evicted, routes go to the last known workers"
+                )
+            else:
+                message = "self-preservation ended"
+        elif isinstance(event, PolicyChanged):
+            policy = event.access_policy
+            fields = {
+                "rules": len(policy.rules),
+                "default": policy.default,
+                "trust_domain": policy.trust_domain,
+            }
+            message = "access policy changed"
         else:
             raise TypeError(f"not a registry event: {event!r}")
         if isinstance(event, Change):
             fields["revision"] = event.revision
         if span.is_recording():
             span.add_event(message, {f"crank.{key}": str(value) for key, value in fields.items()})
-        logger.info("%s %s", message, log_fields(**fields), extra={"crank": fields})
+        # Entering self-preservation is what an operator must see.
+        level = (
+            logging.WARNING
+            if isinstance(event, SelfPreservationChanged) and event.active
+            else logging.INFO
+        )
+        logger.log(level, "%s %s", message, log_fields(**fields), extra={"crank": fields})
 
     def routed(self) -> None:
         """Count a route answered with a worker."""

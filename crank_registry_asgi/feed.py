@@ -41,6 +41,7 @@ from crank_registry import (
     HealthPolicy,
     RevisionCompacted,
     RevisionReset,
+    SnapshotAnswer,
     SnapshotCopy,
     ValidationError,
     WatchAnswer,
@@ -345,7 +346,19 @@ async def snapshot_body(
     Each slice makes :data:`RENDER_STEP` records and renders them with the
     converter; the loop runs other work between two slices.
     """
-    head = {"epoch": epoch, "revision": snapshot.revision, "health_policy": unstructure(policy)}
+    head = unstructure(
+        SnapshotAnswer(
+            epoch=epoch,
+            revision=snapshot.revision,
+            health_policy=policy,
+            access_policy=snapshot.access_policy,
+            slos=snapshot.slos,
+            self_preservation=snapshot.self_preservation is not None,
+            self_preservation_since=snapshot.self_preservation,
+            workers=(),
+        )
+    )
+    del head["workers"]  # streamed below, a slice at a time
     yield json.dumps(head, separators=_COMPACT)[:-1].encode() + b',"workers":['
     for start in range(0, len(snapshot), RENDER_STEP):
         if start:

@@ -12,11 +12,13 @@ What is counted, and where:
 * events (:mod:`~crank_registry_asgi.effects` feeds the counters):
   ``crank_registrations_total{replaced}``, ``crank_deregistrations_total``,
   ``crank_heartbeats_total``, ``crank_evictions_total``,
-  ``crank_unhealthy_transitions_total``, ``crank_routes_total{outcome}``;
+  ``crank_unhealthy_transitions_total``, ``crank_routes_total{outcome}``,
+  ``crank_self_preservation_changes_total{active}``;
 * admission: ``crank_rate_limited_total{path}``, requests refused 429
   ``rate_limited`` (``--rate-limit``) on ``/route`` and ``/execute``;
 * the registry's state, read at scrape time by :class:`RegistryCollector`:
-  ``crank_workers{state}``, ``crank_capabilities``;
+  ``crank_workers{state}``, ``crank_capabilities``, ``crank_self_preservation``
+  (1 while the controller is in self-preservation);
 * requests (:class:`RequestDurationMiddleware`):
   ``crank_http_request_duration_seconds{method, path, status}``, ``path``
   being the route's template, never the raw path;
@@ -154,6 +156,12 @@ class Metrics:
             ["path"],
             registry=registry,
         )
+        changes = Counter(
+            "crank_self_preservation_changes",
+            "Self-preservation entered (active=true) and ended (active=false)",
+            ["active"],
+            registry=registry,
+        )
         self.request_duration = Histogram(
             "crank_http_request_duration_seconds",
             "HTTP request duration, from the request to the end of the answer",
@@ -186,6 +194,9 @@ class Metrics:
         self.routed, self.no_worker, self.unknown_capability = (
             self.routes.labels(outcome=outcome) for outcome in ROUTE_OUTCOMES
         )
+        self.self_preservation_changes = {
+            active: changes.labels(active=str(active).lower()) for active in (False, True)
+        }
 
     def watch(self, registry: CapabilityRegistry, clock: Callable[[], float]) -> None:
         """Expose the state of ``registry`` at ``clock()`` (see :class:`RegistryCollector`)."""
@@ -225,11 +236,17 @@ class RegistryCollector(Collector):
             "Distinct (verb, capability) pairs offered by registered workers",
             value=self._registry.capability_count(),
         )
+        yield GaugeMetricFamily(
+            "crank_self_preservation",
+            "1 while the controller is in self-preservation (no worker made unhealthy or evicted)",
+            value=int(self._registry.self_preservation is not None),
+        )
 
     def describe(self) -> Iterable[Metric]:
         """The gauges' names, without reading the registry (checked for clashes on register)."""
         yield GaugeMetricFamily("crank_workers", "", labels=["state"])
         yield GaugeMetricFamily("crank_capabilities", "")
+        yield GaugeMetricFamily("crank_self_preservation", "")
 
 
 assert {state.value for state in HealthState} == {"healthy", "unhealthy", "unverified"}

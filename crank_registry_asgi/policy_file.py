@@ -6,15 +6,18 @@ At start an unreadable or invalid file stops the controller (the command
 exits 2 with the error, which names the file, the rule and the field).
 While it serves, :class:`PolicyFileWatcher` looks at the file every
 ``interval`` seconds, as the certificate files are watched: a valid change
-replaces the rules at once, an invalid one is logged and the previous
-rules are kept (never half-applied).
+replaces the rules at once (a ``policy_changed`` change of the registry,
+journalled and sent to followers, made by the service's ``apply``), an
+invalid one is logged and the previous rules are kept (never
+half-applied). A change ``apply`` could not make (the journal refused it)
+is tried again at the next look.
 """
 
 from __future__ import annotations
 
 import logging
 import pathlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import anyio
 
@@ -48,15 +51,16 @@ def _parse(path: pathlib.Path, content: bytes) -> PolicyRules:
 class PolicyFileWatcher:
     """Re-reads the policy file when its content changes and hands on the new rules.
 
-    ``apply`` receives each valid new :class:`PolicyRules`; :meth:`check` is
-    one look (tests call it after changing the file), :meth:`run` looks
-    every ``interval`` seconds until cancelled.
+    ``apply`` receives each valid new :class:`PolicyRules` (it may raise:
+    the file is then read again at the next look); :meth:`check` is one
+    look (tests call it after changing the file), :meth:`run` looks every
+    ``interval`` seconds until cancelled.
     """
 
     def __init__(
         self,
         path: pathlib.Path,
-        apply: Callable[[PolicyRules], None],
+        apply: Callable[[PolicyRules], Awaitable[None]],
         *,
         interval: float,
     ) -> None:
@@ -73,7 +77,7 @@ class PolicyFileWatcher:
         self._seen = content
         return rules
 
-    def check(self) -> bool:
+    async def check(self) -> bool:
         """Look at the file once; ``True`` when new rules were applied."""
         try:
             content = _read(self.path)
@@ -84,13 +88,14 @@ class PolicyFileWatcher:
             return False
         if content == self._seen:
             return False
-        self._seen = content
         try:
             rules = _parse(self.path, content)
         except PolicyFileError as error:
+            self._seen = content
             logger.error("policy file not reloaded, previous rules kept: %s", error)
             return False
-        self.apply(rules)
+        await self.apply(rules)  # raises: _seen stays, so the next look tries again
+        self._seen = content
         logger.info(
             "policy file reloaded %s",
             log_fields(path=str(self.path), rules=len(rules.rules), default=rules.default),
@@ -102,6 +107,6 @@ class PolicyFileWatcher:
         while True:
             await anyio.sleep(self.interval)
             try:
-                self.check()
+                await self.check()
             except Exception:
-                logger.exception("policy file check failed")
+                logger.exception("policy file check failed; tried again at the next look")

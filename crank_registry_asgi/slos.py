@@ -15,14 +15,19 @@ Each file is read with ``yaml.safe_load`` and checked by the core's model
 (:class:`~crank_registry.ServiceLevel`, through the converter): an unknown
 key, a value of the wrong type or out of range is refused, naming the file
 and the field. The files are taken all together or not at all: the core
-gets them as values (:meth:`~crank_registry.CapabilityRegistry.set_slos`).
+gets them as values, and putting new ones in effect is a change of the
+registry (``slos_changed``: :meth:`~crank_registry.CapabilityRegistry.decide_slos`),
+journalled and sent to followers like any other; the service's ``put``
+function makes it.
 
 :class:`SloWatcher` reads them at start (:meth:`~SloWatcher.load`, which
 raises :class:`SloFileError`: the controller does not start on an invalid
-file) and then looks at the directory every ``interval`` seconds
+file; the service puts them in effect once the journal is replayed) and
+then looks at the directory every ``interval`` seconds
 (:meth:`~SloWatcher.check`): when a file was added, removed or changed
 (its name, size, modification time or inode), all files are read again;
-an invalid change is logged and the SLOs in effect are kept.
+an invalid change is logged and the SLOs in effect are kept. A change the
+journal could not take is tried again at the next look.
 """
 
 from __future__ import annotations
@@ -30,11 +35,19 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
+from collections.abc import Awaitable, Callable
 
 import anyio
 import yaml
 
-from crank_registry import CapabilityRegistry, ServiceLevel, SloFile, ValidationError, structure
+from crank_registry import (
+    CapabilityRegistry,
+    ServiceLevel,
+    ServiceLevels,
+    SloFile,
+    ValidationError,
+    structure,
+)
 
 from .effects import log_fields
 
@@ -124,11 +137,18 @@ def _fingerprint(directory: pathlib.Path) -> Fingerprint:
     return tuple(entries)
 
 
+#: Puts SLO files in effect: decides the registry's change, makes it durable, applies it.
+PutSlos = Callable[[tuple[SloFile, ...]], Awaitable[None]]
+
+
 class SloWatcher:
     """Keeps a registry's SLO files those of ``directory``, read again when they change.
 
-    :meth:`load` once at start, then :meth:`run` in the lifespan's task
-    group (tests call :meth:`check` directly, after changing the files).
+    :meth:`load` once at start (the service then ``put``s them), then
+    :meth:`run` in the lifespan's task group (tests call :meth:`check`
+    directly, after changing the files). ``put`` puts files in effect
+    (the service's: a ``slos_changed`` change, journalled); it may raise
+    (the journal refused the change), and the next look tries again.
     """
 
     def __init__(
@@ -136,17 +156,20 @@ class SloWatcher:
         directory: pathlib.Path,
         registry: CapabilityRegistry,
         *,
+        put: PutSlos,
         interval: float = DEFAULT_POLL_INTERVAL,
     ) -> None:
         self.directory = directory
         self.registry = registry
+        self.put = put
         self.interval = interval
         self._seen: Fingerprint | None = None
 
-    def apply(self, files: tuple[SloFile, ...]) -> None:
-        """Put ``files`` in effect at once; :class:`SloFileError` if they do not go together."""
+    def read(self) -> tuple[SloFile, ...]:
+        """Every file, read and checked together; :class:`SloFileError` names what is wrong."""
+        files = read_slos(self.directory)
         try:
-            self.registry.set_slos(files)
+            ServiceLevels(files)  # the registry's check: do they go together?
         except ValidationError as error:
             raise SloFileError(
                 "; ".join(
@@ -154,36 +177,39 @@ class SloWatcher:
                     for problem in error.problems
                 )
             ) from None
+        return files
 
-    def load(self) -> None:
-        """Read the files and put them in effect; :class:`SloFileError` if one is invalid."""
+    def load(self) -> tuple[SloFile, ...]:
+        """Read the files at start; :class:`SloFileError` if one is invalid. Returns them."""
         self._seen = _fingerprint(self.directory)
-        files = read_slos(self.directory)
-        self.apply(files)
+        files = self.read()
         logger.info(
             "SLO files loaded %s",
             log_fields(directory=self.directory, files=len(files)),
         )
+        return files
 
-    def check(self) -> bool:
+    async def check(self) -> bool:
         """Look at the directory; read it again if it changed. True: new SLOs are in effect.
 
         An invalid change is logged once (until the files change again) and
-        the SLOs in effect are kept whole.
+        the SLOs in effect are kept whole; a change ``put`` refused is
+        logged and tried again at the next look.
         """
         seen = _fingerprint(self.directory)
         if seen == self._seen:
             return False
-        self._seen = seen
         try:
-            files = read_slos(self.directory)
-            self.apply(files)
+            files = self.read()
         except SloFileError as error:
+            self._seen = seen
             logger.warning(
                 "SLO files not reloaded; the previous ones stay in effect %s",
                 log_fields(error=str(error), files_in_effect=len(self.registry.slos)),
             )
             return False
+        await self.put(files)  # raises: _seen stays, so the next look tries again
+        self._seen = seen
         logger.info(
             "SLO files reloaded %s",
             log_fields(directory=self.directory, files=len(files)),
@@ -195,9 +221,9 @@ class SloWatcher:
         while True:
             await anyio.sleep(self.interval)
             try:
-                self.check()
+                await self.check()
             except Exception:
-                logger.exception("SLO files check failed")
+                logger.exception("SLO files check failed; tried again at the next look")
 
 
 def slo_directory(state_dir: os.PathLike[str] | str) -> pathlib.Path:

@@ -140,11 +140,16 @@ class HeartbeatAck:
 
 @dataclass(frozen=True)
 class ControllerHealth:
-    """``GET /health``: the controller's status and worker counts."""
+    """``GET /health``: the controller's status and worker counts.
+
+    ``self_preservation``: the controller takes it that it is cut off from
+    its workers (an older controller's answer says nothing: ``False``).
+    """
 
     status: str
     total_workers: int
     healthy_workers: int
+    self_preservation: bool = False
 
 
 @dataclass(frozen=True)
@@ -383,7 +388,12 @@ class ControllerClient:
     async def health(self) -> ControllerHealth:
         """``GET /health``: the controller's status and worker counts."""
         answer = await self._call("GET", "/health", HealthAnswer)
-        return ControllerHealth(answer.status, answer.total_workers, answer.healthy_workers)
+        return ControllerHealth(
+            answer.status,
+            answer.total_workers,
+            answer.healthy_workers,
+            answer.self_preservation,
+        )
 
     # -- the change feed --------------------------------------------------
 

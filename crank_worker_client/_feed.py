@@ -18,7 +18,6 @@ import random
 from crank_registry import (
     CapabilityRegistry,
     Change,
-    Snapshot,
     SnapshotAnswer,
     ValidationError,
     WatchAnswer,
@@ -35,7 +34,8 @@ def replica_of(answer: SnapshotAnswer, *, rng: random.Random) -> CapabilityRegis
     window of its own beyond one page (nobody follows a follower).
     """
     replica = CapabilityRegistry(answer.health_policy, rng=rng, feed_window=1, routes_by_state=True)
-    replica.apply_snapshot(Snapshot(answer.revision, answer.workers))
+    # With the access policy, the SLO files and self-preservation it carries.
+    replica.apply_snapshot(answer.snapshot())
     return replica
 
 

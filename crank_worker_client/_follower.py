@@ -105,8 +105,10 @@ class RegistryFollower:
     and ``certificate_expiry_warning`` are :class:`ControllerClient`'s.
     ``identity`` is the SPIFFE ID this process routes as when a route
     names no ``requester_identity`` (the controller reads it from the
-    client certificate; a follower is told), for the access policy's
-    least privilege; ``trust_domain`` is the controller's. A route that
+    client certificate; a follower is told), for the access policy that
+    the snapshot and the feed carry (the controller's rules, and its trust
+    domain); ``trust_domain`` is the controller's, used only with a
+    controller whose policy does not travel (least privilege alone). A route that
     goes to the controller (past the lag limit) waits at most
     ``stale_route_timeout`` seconds for it. ``clock`` (monotonic seconds;
     the event loop's by default) measures the lag; ``rng`` draws
@@ -367,9 +369,12 @@ class RegistryFollower:
         self._replica = replica_of(answer, rng=self._rng)
         for worker_id, calls in self._calls.items():
             self._replica.count_calls(worker_id, calls)
-        self._replica.set_access_policy(
-            BuiltinPolicy(PolicyRules(), self._replica.required_targets, self._trust_domain)
-        )
+        if answer.access_policy is None:
+            # The controller's policy does not travel (one set in-process, not
+            # the built-in one): least privilege, which needs no rules, still holds.
+            self._replica.set_access_policy(
+                BuiltinPolicy(PolicyRules(), self._replica.required_targets, self._trust_domain)
+            )
         self._epoch = answer.epoch
         self._lag_limit = lag_limit(timings.heartbeat_interval)
         self._poll_timeout = min(_MAX_POLL, self._lag_limit / 2)

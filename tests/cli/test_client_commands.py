@@ -256,7 +256,10 @@ def test_health_table_and_json(
 ) -> None:
     status, out, _ = ask(controller, pki, capsys, "health")
     assert status == 0
-    assert columns(out) == [["STATUS", "WORKERS", "HEALTHY"], ["ok", "2", "2"]]
+    assert columns(out) == [
+        ["STATUS", "WORKERS", "HEALTHY", "SELF-PRESERVATION"],
+        ["ok", "2", "2", "off"],
+    ]
     status, out, _ = ask(controller, pki, capsys, "health", "--json")
     assert status == 0
     assert json.loads(out) == controller_answer(controller, pki, "GET", "/health")

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 import crank_registry
 from crank_registry import (
     EVENT_TYPES,
+    AccessRules,
     CapabilityRegistry,
     CapabilitySchema,
     CapabilityView,
@@ -25,12 +26,20 @@ from crank_registry import (
     HeartbeatReceived,
     HeartbeatRequest,
     LoadReport,
+    PolicyChanged,
+    PolicyRule,
     Problem,
     Registration,
+    RegistryChange,
     RouteRequest,
+    SelfPreservationChanged,
+    SelfPreservationSettings,
     ServiceLevel,
+    SloFile,
+    SlosChanged,
     Snapshot,
     ValidationError,
+    WorkerChange,
     WorkerDeregistered,
     WorkerEndpoint,
     WorkerEvicted,
@@ -214,6 +223,17 @@ service_levels = st.builds(
     capability=texts,
     version=optional(specifiers),
 )
+globs = st.lists(texts, min_size=1, max_size=2).map(tuple)
+policy_rules = st.builds(PolicyRule, identity=texts, allow=globs, deny=optional(globs)) | (
+    st.builds(PolicyRule, identity=texts, deny=globs)
+)
+access_rules = st.builds(
+    AccessRules,
+    rules=st.lists(policy_rules, max_size=3).map(tuple),
+    default=st.sampled_from(["allow", "deny"]),
+    trust_domain=st.sampled_from(["crank.local", "example.org"]),
+)
+slo_files = st.lists(st.builds(SloFile, file=texts, slo=service_levels), max_size=3).map(tuple)
 MODEL_STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
     CapabilitySchema: capabilities,
     Registration: registrations,
@@ -228,7 +248,21 @@ MODEL_STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
     DeregisterRequest: st.builds(DeregisterRequest, worker_ids),
     Problem: st.builds(Problem, st.text(max_size=10), st.text(max_size=10)),
     ServiceLevel: service_levels,
-    Snapshot: st.builds(Snapshot, st.integers(0, 2**53), st.lists(records, max_size=3).map(tuple)),
+    Snapshot: st.builds(
+        Snapshot,
+        st.integers(0, 2**53),
+        st.lists(records, max_size=3).map(tuple),
+        access_policy=optional(access_rules),
+        slos=slo_files,
+        self_preservation=optional(timestamps),
+    ),
+    AccessRules: access_rules,
+    SelfPreservationSettings: st.builds(
+        SelfPreservationSettings,
+        threshold=st.floats(0, 0.99),
+        max_duration=optional(st.floats(0.001, 1e6)),
+        min_workers=st.integers(1, 10**6),
+    ),
 }
 EVENT_STRATEGIES: dict[type[Event], st.SearchStrategy[Any]] = {
     WorkerRegistered: st.builds(
@@ -254,6 +288,17 @@ EVENT_STRATEGIES: dict[type[Event], st.SearchStrategy[Any]] = {
         capability_tuples,
         timestamps,
         texts,
+        revision=revisions,
+    ),
+    SlosChanged: st.builds(SlosChanged, timestamps, slo_files, revision=revisions),
+    PolicyChanged: st.builds(PolicyChanged, timestamps, access_rules, revision=revisions),
+    SelfPreservationChanged: st.builds(
+        SelfPreservationChanged,
+        timestamps,
+        st.booleans(),
+        st.sampled_from(["workers_fell_silent", "heartbeats_returned", "max_duration"]),
+        st.integers(0, 10**6),
+        st.integers(0, 10**6),
         revision=revisions,
     ),
 }
@@ -323,6 +368,8 @@ def test_the_strategies_cover_every_public_model_and_event() -> None:
     assert {c for c in attrs_classes if issubclass(c, Event)} == set(EVENT_TYPES.values()) | {
         Event,
         Change,
+        WorkerChange,
+        RegistryChange,
     }
 
 

@@ -60,9 +60,9 @@ def test_slo_constraints_check_the_file_over_the_declared_slo() -> None:
     asked = {"slo_constraints": {"latency_p95_ms": 100}}
     assert set(chosen(registry, 4, **asked)) == {"boasts"}
     # The operator says this capability's p95 is 90 ms, whatever a worker declares.
-    registry.set_slos([slo_file("classify.yaml", latency_p95_ms=90)])
+    registry.set_slos([slo_file("classify.yaml", latency_p95_ms=90)], now=T0)
     assert set(chosen(registry, 6, **asked)) == {"boasts", "honest", "silent"}
-    registry.set_slos([slo_file("classify.yaml", latency_p95_ms=150)])
+    registry.set_slos([slo_file("classify.yaml", latency_p95_ms=150)], now=T0)
     assert chosen(registry, 1, **asked) == [None]
     assert removed(explained(registry, **asked)) == {
         "boasts": "slo",
@@ -70,7 +70,7 @@ def test_slo_constraints_check_the_file_over_the_declared_slo() -> None:
         "silent": "slo",
     }
     # Taking the files away gives the declared values back.
-    registry.set_slos([])
+    registry.set_slos([], now=T0)
     assert set(chosen(registry, 4, **asked)) == {"boasts"}
 
 
@@ -79,7 +79,7 @@ def test_a_file_with_a_version_applies_only_to_matching_workers() -> None:
         ("v1", {"version": "1.4.0", "slo": {"availability": 0.999}}),
         ("v2", {"version": "2.1.0", "slo": {"availability": 0.999}}),
     )
-    registry.set_slos([slo_file("classify-v2.yaml", version=">=2,<3", availability=0.9)])
+    registry.set_slos([slo_file("classify-v2.yaml", version=">=2,<3", availability=0.9)], now=T0)
     asked = {"slo_constraints": {"availability": 0.99}}
     assert set(chosen(registry, 4, **asked)) == {"v1"}
     explanation = explained(registry, **asked)
@@ -121,13 +121,14 @@ def test_files_of_other_capabilities_do_not_apply() -> None:
 
 def test_two_files_for_the_same_capability_and_versions_are_refused_and_nothing_changes() -> None:
     registry = fleet(("w1", {}))
-    registry.set_slos([slo_file("a.yaml", latency_p95_ms=10)])
+    registry.set_slos([slo_file("a.yaml", latency_p95_ms=10)], now=T0)
     with pytest.raises(ValidationError) as raised:
         registry.set_slos(
             [
                 slo_file("b.yaml", availability=0.9),
                 slo_file("c.yaml", latency_p95_ms=20),
-            ]
+            ],
+            now=T0,
         )
     (problem,) = raised.value.problems
     assert problem.path == "c.yaml"
@@ -138,7 +139,8 @@ def test_two_files_for_the_same_capability_and_versions_are_refused_and_nothing_
         [
             slo_file("v1.yaml", version="<2", latency_p95_ms=10),
             slo_file("v2.yaml", version=">=2", latency_p95_ms=20),
-        ]
+        ],
+        now=T0,
     )
     assert [f.file for f in registry.slos] == ["v1.yaml", "v2.yaml"]
 
@@ -188,5 +190,5 @@ def test_values_lists_the_keys_set_in_the_order_of_a_declared_slo() -> None:
 def test_set_slos_takes_slo_files_only() -> None:
     registry = fleet(("w1", {}))
     with pytest.raises(ValidationError, match="expected SloFile values"):
-        registry.set_slos([{"file": "a.yaml"}])  # type: ignore[list-item]
+        registry.set_slos([{"file": "a.yaml"}], now=T0)  # type: ignore[list-item]
     assert registry.slos == ()

@@ -34,13 +34,23 @@ pytestmark = pytest.mark.anyio
 async def test_health_counts_workers() -> None:
     async with running() as api:
         response = await api.get("/health")
-        assert response.json() == {"status": "ok", "total_workers": 0, "healthy_workers": 0}
+        assert response.json() == {
+            "status": "ok",
+            "total_workers": 0,
+            "healthy_workers": 0,
+            "self_preservation": False,
+        }
         await api.register("w1")
         await api.register("w2")
         api.advance(61)
         await api.post("/heartbeat", {"worker_id": "w2"})
         response = await api.get("/health")
-        assert response.json() == {"status": "ok", "total_workers": 2, "healthy_workers": 1}
+        assert response.json() == {
+            "status": "ok",
+            "total_workers": 2,
+            "healthy_workers": 1,
+            "self_preservation": False,
+        }
 
 
 async def test_register_answers_and_lists() -> None:

@@ -17,7 +17,7 @@ from crank_registry import (
     CapabilityRegistry,
     Change,
     HealthPolicy,
-    Snapshot,
+    SnapshotAnswer,
     WorkerRecord,
     encode_epoch,
     structure,
@@ -127,12 +127,8 @@ async def test_a_follower_built_from_snapshot_and_watch_equals_the_controller() 
         await api.register("w1")
         body = await snapshot(api)
         follower = CapabilityRegistry()
-        follower.apply_snapshot(
-            Snapshot(
-                body["revision"],
-                tuple(structure(worker, WorkerRecord) for worker in body["workers"]),
-            )
-        )
+        follower.apply_snapshot(structure(body, SnapshotAnswer).snapshot())
+        assert follower.access_rules == api.registry.access_rules
         await api.register("w2")
         await api.post("/deregister", {"worker_id": "w1"})
         api.advance(61)

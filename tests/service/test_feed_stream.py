@@ -171,18 +171,19 @@ async def long_poll_events(api: Controller, since: int) -> list[dict[str, Any]]:
 
 async def test_each_change_is_an_event_with_its_id_type_and_the_long_polls_json() -> None:
     async with running() as api:
+        start = api.service.registry.revision  # the access policy put in effect at start
         await api.register("w1")
         await api.register("w2")
         await api.post("/deregister", {"worker_id": "w1"})
         epoch = api.service.epoch
         with anyio.fail_after(DEADLINE):
-            async with streaming(api, f"epoch={epoch}&since=0") as stream:
+            async with streaming(api, f"epoch={epoch}&since={start}") as stream:
                 assert stream.status == 200
                 assert stream.headers["content-type"].startswith("text/event-stream")
                 events = await stream.events(3)
                 await api.register("w3")  # one more, while the stream is open
                 events += await stream.events(1)
-        expected = await long_poll_events(api, 0)
+        expected = await long_poll_events(api, start)
         assert [event.data for event in events] == expected
         assert [event.event for event in events] == [
             "registered",
@@ -190,7 +191,7 @@ async def test_each_change_is_an_event_with_its_id_type_and_the_long_polls_json(
             "deregistered",
             "registered",
         ]
-        assert [event.id for event in events] == [f"{epoch}:{r}" for r in (1, 2, 3, 4)]
+        assert [event.id for event in events] == [f"{epoch}:{start + n}" for n in (1, 2, 3, 4)]
 
 
 async def test_last_event_id_resumes_across_a_disconnect_losing_and_repeating_nothing() -> None:

@@ -148,15 +148,15 @@ async def test_a_changed_policy_file_is_applied_and_an_invalid_one_kept_out(
     async with controller(POLICY, tmp_path) as caller:
         watcher = caller.api.service.policy_watcher
         assert watcher is not None
-        assert not watcher.check()  # unchanged
+        assert not await watcher.check()  # unchanged
         assert (await caller.as_(None).route()).status_code == 403
         (tmp_path / "policy.toml").write_text('default = "allow"\n')
-        assert watcher.check()
+        assert await watcher.check()
         assert (await caller.as_(None).route()).status_code == 200
         (tmp_path / "policy.toml").write_text('default = "deny"\n[[rule]]\nidentity = 3\n')
         with caplog.at_level(logging.ERROR, logger="crank_registry_asgi.policy_file"):
-            assert not watcher.check()
-            assert not watcher.check()  # logged once
+            assert not await watcher.check()
+            assert not await watcher.check()  # logged once
         assert [r.getMessage() for r in caplog.records if "policy file" in r.getMessage()] == [
             "policy file not reloaded, previous rules kept: "
             f"{tmp_path / 'policy.toml'}: rule[0].identity must be a non-empty string "

@@ -130,14 +130,14 @@ async def test_a_changed_file_is_read_again_and_routes_follow(tmp_path: Path) ->
         watcher = api.service.slo_watcher
         await fleet(api)
         assert (await fast_enough(api))["candidates"] == []
-        assert not watcher.check()  # nothing changed
+        assert not await watcher.check()  # nothing changed
         path.write_text(CLASSIFY + "latency_p95_ms: 90\nerror_budget_pct: 0.5\n")
-        assert watcher.check()
+        assert await watcher.check()
         assert (await slos(api))["classify.yaml"]["latency_p95_ms"] == 90.0
         assert (await fast_enough(api))["candidates"] == ["v1", "v2"]
         # A file removed is an SLO removed: the declared values again.
         path.unlink()
-        assert watcher.check()
+        assert await watcher.check()
         assert await slos(api) == {}
         assert (await fast_enough(api))["candidates"] == ["v1", "v2"]
 
@@ -154,8 +154,8 @@ async def test_an_invalid_change_is_logged_and_the_previous_files_stay_whole(
         first.write_text(CLASSIFY + "latency_p95_ms: 90\n")
         broken = write(tmp_path, "c.yaml", CLASSIFY + "version: '>=9'\nlatency_p95_ms: -1\n")
         with caplog.at_level(logging.WARNING, logger="crank_registry_asgi.slos"):
-            assert not watcher.check()
-            assert not watcher.check()  # logged once, not at every look
+            assert not await watcher.check()
+            assert not await watcher.check()  # logged once, not at every look
         warnings = [
             r.getMessage()
             for r in caplog.records
@@ -167,7 +167,7 @@ async def test_an_invalid_change_is_logged_and_the_previous_files_stay_whole(
         assert await slos(api) == before
         # Fixed: all the changes are applied together.
         broken.write_text(CLASSIFY + "version: '>=9'\nlatency_p95_ms: 10\n")
-        assert watcher.check()
+        assert await watcher.check()
         after = await slos(api)
         assert after["a.yaml"]["latency_p95_ms"] == 90.0
         assert set(after) == {"a.yaml", "b.yaml", "c.yaml"}

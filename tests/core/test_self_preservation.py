@@ -1,0 +1,304 @@
+"""Self-preservation in virtual time: entry, exit, the cap, scale-downs, small fleets, restarts.
+
+A fleet heartbeats every ``heartbeat_interval`` while a fake clock
+advances; the sweep runs at each step, as the service's sweeper does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import pytest
+
+from crank_registry import (
+    CapabilityRegistry,
+    Event,
+    HealthPolicy,
+    SelfPreservationChanged,
+    SelfPreservationSettings,
+    ValidationError,
+    WorkerEvicted,
+    WorkerHealthy,
+    WorkerUnhealthy,
+    encode_event,
+    encode_snapshot,
+    replay,
+)
+from tests.builders import capability
+from tests.core.helpers import T0
+
+POLICY = HealthPolicy(heartbeat_interval=10.0, unhealthy_after=30.0, evict_after=60.0)
+STEP = POLICY.heartbeat_interval
+
+
+class Fleet:
+    """A registry, its workers, a clock, and every event the sweeps and heartbeats made."""
+
+    def __init__(self, size: int, settings: SelfPreservationSettings | None = None) -> None:
+        self.registry = CapabilityRegistry(POLICY, self_preservation=settings)
+        self.now = T0
+        self.alive = [f"w{n}" for n in range(size)]
+        self.events: list[Event] = []
+        for worker_id in self.alive:
+            self.events += self.registry.register(
+                worker_id, f"https://{worker_id}:8443", [capability()], now=self.now
+            )
+
+    def run(self, seconds: float) -> None:
+        """Step the clock an interval at a time: the live workers heartbeat, then a sweep."""
+        end = self.now + seconds
+        while self.now < end:
+            self.now += STEP
+            for worker_id in self.alive:
+                self.events += self.registry.heartbeat(worker_id, now=self.now)
+            self.events += self.registry.cleanup_stale(now=self.now)
+
+    def silence(self, worker_ids: Iterable[str]) -> None:
+        silent = set(worker_ids)
+        self.alive = [worker_id for worker_id in self.alive if worker_id not in silent]
+
+    def wake(self, worker_ids: Iterable[str]) -> None:
+        self.alive += [worker_id for worker_id in worker_ids if worker_id not in self.alive]
+
+    def of(self, kind: type[Event]) -> list[Event]:
+        return [event for event in self.events if isinstance(event, kind)]
+
+    def preservation(self) -> list[tuple[bool, str]]:
+        return [
+            (event.active, event.reason)
+            for event in self.events
+            if isinstance(event, SelfPreservationChanged)
+        ]
+
+    def routed(self, count: int) -> set[str]:
+        endpoints = [
+            self.registry.route("classify", "image.classify", now=self.now) for _ in range(count)
+        ]
+        return {endpoint.worker_id for endpoint in endpoints if endpoint is not None}
+
+
+def ids(count: int, start: int = 0) -> list[str]:
+    return [f"w{n}" for n in range(start, start + count)]
+
+
+def test_sixty_percent_silent_enters_and_nothing_is_made_unhealthy_or_evicted() -> None:
+    fleet = Fleet(20)
+    fleet.run(STEP * 4)  # a window has started
+    fleet.silence(ids(12))
+    fleet.run(POLICY.evict_after * 1.5)
+    assert fleet.preservation() == [(True, "workers_fell_silent")]
+    assert fleet.of(WorkerUnhealthy) == fleet.of(WorkerEvicted) == []
+    assert fleet.registry.self_preservation is not None
+    (entered,) = fleet.of(SelfPreservationChanged)
+    assert isinstance(entered, SelfPreservationChanged)
+    assert (entered.silent, entered.watched) == (12, 20)
+    # Routing continues to the last known workers: the silent ones too.
+    assert fleet.routed(40) == set(ids(20))
+    assert len(fleet.registry) == 20
+
+
+def test_forty_percent_silent_is_an_ordinary_loss() -> None:
+    fleet = Fleet(20)
+    fleet.run(STEP * 4)
+    fleet.silence(ids(8))
+    fleet.run(POLICY.evict_after * 1.5)
+    assert fleet.preservation() == []
+    assert {event.worker_id for event in fleet.of(WorkerEvicted)} == set(ids(8))  # type: ignore[attr-defined]
+    assert fleet.routed(40) == set(ids(12, 8))
+
+
+def test_it_ends_when_heartbeats_come_back_without_a_registration() -> None:
+    fleet = Fleet(20)
+    fleet.run(STEP * 4)
+    fleet.silence(ids(12))
+    fleet.run(POLICY.evict_after * 1.2)  # past evict_after: held, not evicted
+    fleet.wake(ids(12))
+    fleet.run(STEP * 2)  # heartbeats answered as usual (no worker_not_registered)
+    assert fleet.preservation() == [
+        (True, "workers_fell_silent"),
+        (False, "heartbeats_returned"),
+    ]
+    assert fleet.of(WorkerUnhealthy) == fleet.of(WorkerEvicted) == []
+    assert fleet.registry.self_preservation is None
+    fleet.run(POLICY.evict_after * 2)  # and the fleet is ordinary again
+    assert fleet.preservation()[-1] == (False, "heartbeats_returned")
+    assert fleet.routed(40) == set(ids(20))
+
+
+def test_it_ends_after_its_longest_and_the_silent_are_decided_then() -> None:
+    fleet = Fleet(20, SelfPreservationSettings(max_duration=100))
+    fleet.run(STEP * 4)
+    fleet.silence(ids(12))
+    fleet.run(300)
+    assert fleet.preservation() == [(True, "workers_fell_silent"), (False, "max_duration")]
+    (entered, ended) = fleet.of(SelfPreservationChanged)
+    assert ended.at - entered.at == pytest.approx(100, abs=STEP)  # type: ignore[attr-defined]
+    # Judged after a grace of unhealthy_after, and not counted in the window
+    # that started when it ended (it did not start again).
+    unhealthy = fleet.of(WorkerUnhealthy)
+    grace_end = ended.at + POLICY.unhealthy_after  # type: ignore[attr-defined]
+    # (at the first sweep after it: sweeps here come every STEP)
+    assert {event.at for event in unhealthy} == {grace_end + STEP}  # type: ignore[attr-defined]
+    assert {event.worker_id for event in fleet.of(WorkerEvicted)} == set(ids(12))  # type: ignore[attr-defined]
+    assert len(fleet.registry) == 8
+
+
+def test_late_workers_get_a_grace_when_it_ends() -> None:
+    fleet = Fleet(20)
+    fleet.run(STEP * 4)
+    fleet.silence(ids(12))
+    fleet.run(POLICY.evict_after * 1.5)
+    fleet.wake(ids(10))  # most come back: it ends
+    fleet.run(STEP)
+    assert fleet.preservation()[-1] == (False, "heartbeats_returned")
+    # The last two, past evict_after, are still answered as registered workers
+    # (heartbeat() would raise WorkerNotRegistered) within the grace.
+    fleet.wake(ids(2, 10))
+    fleet.run(STEP * 2)
+    assert fleet.of(WorkerEvicted) == []
+    fleet.run(POLICY.evict_after * 2)
+    assert len(fleet.registry) == 20 and fleet.routed(40) == set(ids(20))
+
+
+def test_the_longest_defaults_to_twice_evict_after() -> None:
+    fleet = Fleet(20)
+    fleet.run(STEP * 4)
+    fleet.silence(ids(12))
+    fleet.run(POLICY.unhealthy_after + POLICY.evict_after * 2 + 3 * STEP)
+    (entered, ended) = fleet.of(SelfPreservationChanged)
+    assert ended.at - entered.at == pytest.approx(2 * POLICY.evict_after, abs=STEP)  # type: ignore[attr-defined]
+    assert fleet.registry.next_deadline() is not None
+
+
+def test_a_scale_down_does_not_stick() -> None:
+    fleet = Fleet(100)
+    fleet.run(STEP * 4)
+    for worker_id in ids(90):  # 100 -> 10: deregistrations, not silence
+        fleet.events += fleet.registry.deregister(worker_id, now=fleet.now)
+    fleet.silence(ids(90))
+    fleet.run(POLICY.unhealthy_after * 4)
+    assert fleet.preservation() == []
+    # The windows since count the 10 live workers: 4 silent of 10 is a loss...
+    fleet.silence(ids(4, 90))
+    fleet.run(POLICY.evict_after * 1.5)
+    assert fleet.preservation() == []
+    assert len(fleet.of(WorkerEvicted)) == 4
+    # ... and the threshold is theirs: 6 of 10 (were they 100: 6%) starts it.
+    fleet2 = Fleet(100)
+    fleet2.run(STEP * 4)
+    for worker_id in ids(90):
+        fleet2.registry.deregister(worker_id, now=fleet2.now)
+    fleet2.silence(ids(90))
+    fleet2.run(POLICY.unhealthy_after * 4)
+    fleet2.silence(ids(6, 90))
+    fleet2.run(POLICY.evict_after)
+    assert fleet2.preservation() == [(True, "workers_fell_silent")]
+
+
+def test_never_with_fewer_healthy_workers_than_min_workers() -> None:
+    fleet = Fleet(9)
+    fleet.run(STEP * 4)
+    fleet.silence(ids(9))
+    fleet.run(POLICY.evict_after * 1.5)
+    assert fleet.preservation() == []
+    assert len(fleet.registry) == 0
+    small = Fleet(4, SelfPreservationSettings(min_workers=4))
+    small.run(STEP * 4)
+    small.silence(ids(3))
+    small.run(POLICY.evict_after)
+    assert small.preservation() == [(True, "workers_fell_silent")]
+
+
+def test_threshold_zero_turns_it_off() -> None:
+    fleet = Fleet(20, SelfPreservationSettings(threshold=0))
+    fleet.run(STEP * 4)
+    fleet.silence(ids(20))
+    fleet.run(POLICY.evict_after * 1.5)
+    assert fleet.preservation() == []
+    assert len(fleet.registry) == 0
+
+
+def test_a_restart_does_not_inflate_it() -> None:
+    restarted = Fleet(20)
+    restarted.run(STEP * 4)
+    # Down for longer than unhealthy_after: every restored worker is stale.
+    restarted.now += POLICY.unhealthy_after * 1.5
+    restarted.registry.restart(now=restarted.now)
+    restarted.alive = []
+    restarted.run(STEP)
+    assert restarted.preservation() == []
+    assert len(restarted.of(WorkerUnhealthy)) == 20
+
+
+def test_the_journal_and_snapshots_carry_it_and_a_replica_routes_as_it_began() -> None:
+    fleet = Fleet(20)
+    fleet.run(STEP * 4)
+    fleet.silence(ids(12))
+    fleet.run(POLICY.unhealthy_after + 2 * STEP)
+    since = fleet.registry.self_preservation
+    assert since is not None
+    changes, _ = fleet.registry.changes_since(0)
+    replica = CapabilityRegistry(POLICY)
+    assert replay([encode_event(change) for change in changes], replica).lines_skipped == 0
+    assert replica.self_preservation == since
+    restored = CapabilityRegistry(POLICY)
+    replay(encode_snapshot(fleet.registry.snapshot()), restored)
+    assert restored.self_preservation == since
+    assert restored.snapshot() == fleet.registry.snapshot()
+    # A replica routes to every worker it holds as routable, silent or not.
+    routed = [replica.route("classify", "image.classify", now=fleet.now) for _ in range(40)]
+    assert {endpoint.worker_id for endpoint in routed if endpoint is not None} == set(ids(20))
+
+
+def test_a_heartbeat_of_an_unhealthy_worker_in_self_preservation_makes_it_healthy() -> None:
+    fleet = Fleet(20, SelfPreservationSettings(threshold=0.3))
+    fleet.run(STEP * 4)
+    fleet.silence(ids(4))  # 4 of 20: an ordinary loss, unhealthy
+    fleet.run(STEP * 2)
+    fleet.silence(ids(6, 4))  # 6 more in the same window: 10 of 20 > 0.3
+    fleet.run(POLICY.evict_after)
+    assert len(fleet.of(WorkerUnhealthy)) == 4
+    assert fleet.preservation() == [(True, "workers_fell_silent")]
+    assert fleet.of(WorkerEvicted) == []  # the first 4 are past evict_after: kept
+    fleet.wake(ids(10))
+    fleet.run(STEP * 2)
+    assert {e.worker_id for e in fleet.of(WorkerHealthy)} == set(ids(4))  # type: ignore[attr-defined]
+    assert fleet.preservation()[-1] == (False, "heartbeats_returned")
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"threshold": 1.0}, "threshold"),
+        ({"threshold": -0.1}, "threshold"),
+        ({"max_duration": 0}, "max_duration"),
+        ({"min_workers": 0}, "min_workers"),
+    ],
+)
+def test_settings_are_checked(fields: dict[str, float], named: str) -> None:
+    with pytest.raises(ValidationError) as raised:
+        SelfPreservationSettings(**fields)  # type: ignore[arg-type]
+    assert raised.value.problems[0].path == named
+
+
+def test_a_decided_entry_the_store_refused_is_decided_again() -> None:
+    fleet = Fleet(20)
+    fleet.run(STEP * 4)
+    fleet.silence(ids(12))
+    registry = fleet.registry
+    decided: list[Event] = []
+    while not decided:
+        fleet.now += STEP
+        for worker_id in fleet.alive:
+            registry.heartbeat(worker_id, now=fleet.now)
+        decided = list(registry.decide_sweep(now=fleet.now))
+    (entered,) = decided
+    assert isinstance(entered, SelfPreservationChanged) and entered.active
+    assert registry.self_preservation is None  # pending, not applied
+    registry.discard_pending()  # the journal refused it: nothing changed
+    assert registry.pending == () and registry.self_preservation is None
+    (again,) = registry.decide_sweep(now=fleet.now + 0.5)
+    assert isinstance(again, SelfPreservationChanged) and again.active
+    assert again.revision == entered.revision  # the refused one's revision, reused
+    registry.confirm(again.revision)
+    assert registry.self_preservation == fleet.now + 0.5
