@@ -72,6 +72,9 @@ from ._idempotency import (
     MAX_KEY_LENGTH as MAX_IDEMPOTENCY_KEY_LENGTH,
 )
 from ._idempotency import (
+    MAX_TTL as MAX_IDEMPOTENCY_TTL,
+)
+from ._idempotency import (
     AnswerStore,
     KeptAnswer,
     Replay,
@@ -186,6 +189,7 @@ from ._wire import (
 __all__ = [
     "ANSWER_TYPES",
     "MAX_IDEMPOTENCY_KEY_LENGTH",
+    "MAX_IDEMPOTENCY_TTL",
     "AnswerStore",
     "KeptAnswer",
     "Replay",
