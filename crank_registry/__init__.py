@@ -78,6 +78,9 @@ from ._idempotency import (
     MAX_KEY_LENGTH as MAX_IDEMPOTENCY_KEY_LENGTH,
 )
 from ._idempotency import (
+    MAX_TTL as MAX_IDEMPOTENCY_TTL,
+)
+from ._idempotency import (
     AnswerStore,
     KeptAnswer,
     Replay,
@@ -194,6 +197,7 @@ from ._wire import (
 __all__ = [
     "ANSWER_TYPES",
     "MAX_IDEMPOTENCY_KEY_LENGTH",
+    "MAX_IDEMPOTENCY_TTL",
     "AnswerStore",
     "KeptAnswer",
     "Replay",

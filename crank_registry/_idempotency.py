@@ -48,8 +48,13 @@ __all__ = [
     "body_fingerprint",
     "idempotency_key_problem",
     "MAX_KEY_LENGTH",
+    "MAX_TTL",
     "StoreKey",
 ]
+
+#: The longest time an idempotency key is remembered, in seconds (about 31,700 years:
+#: beyond, ``now + ttl`` would lose the resolution of the clock's seconds).
+MAX_TTL = 1e12
 
 #: The longest ``Idempotency-Key`` accepted (Stripe's and the IETF draft's order of size).
 MAX_KEY_LENGTH = 255
@@ -117,8 +122,8 @@ StoreKey = tuple[str, str]
 
 
 def _check_seconds(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e12:
-        raise ValidationError.single(name, "must be a number of seconds > 0")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < MAX_TTL:
+        raise ValidationError.single(name, f"must be a number of seconds > 0 and < {MAX_TTL:g}")
 
 
 def _check_count(name: str, value: object) -> None:

@@ -1510,6 +1510,11 @@ class CapabilityRegistry:
         worker = Worker(worker_id, worker_url, (), state, last_heartbeat, order)
         previous: dict[CapabilityKey, tuple[Member, CapabilitySchema]] = {}
         if old is not None:
+            if old.load is not None and old.load.calls:
+                # This process's calls in flight (count_calls) are not registry
+                # state: they outlast the record, and end when their answers do.
+                worker.load = Load()
+                worker.load.count_calls(old.load.calls)
             previous = {
                 member.key: (member, stored)
                 for member, stored in zip(old.members, old.capabilities, strict=True)

@@ -47,6 +47,7 @@ from typing import Any
 import attrs
 
 from ._errors import ValidationError
+from ._idempotency import MAX_TTL
 from ._models import (
     CapabilityKey,
     CapabilitySchema,
@@ -159,8 +160,10 @@ class RouteOptions:
 
 
 def _positive_seconds(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e12:
-        raise ValidationError.single(attribute.name, "must be a number of seconds > 0")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < MAX_TTL:
+        raise ValidationError.single(
+            attribute.name, f"must be a number of seconds > 0 and < {MAX_TTL:g}"
+        )
 
 
 def _positive_count(_: object, attribute: attrs.Attribute[Any], value: object) -> None:

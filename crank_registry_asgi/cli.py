@@ -37,6 +37,7 @@ from cryptography import x509
 from crank_registry import (
     DEFAULT_FEED_WINDOW,
     DEFAULT_TRUST_DOMAIN,
+    MAX_IDEMPOTENCY_TTL,
     RateLimit,
     SelfPreservationSettings,
     identity_problem,
@@ -225,7 +226,7 @@ def add_serve_command(subcommands: Subcommands) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--idempotency-ttl",
-        type=_seconds,
+        type=_ttl,
         default=3600.0,
         metavar="SECONDS",
         help=(
@@ -855,6 +856,16 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
     if not is_positive_number(value):
         raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text!r}")
+    return value
+
+
+def _ttl(text: str) -> float:
+    """:func:`_seconds`, less than the core's bound (``--idempotency-ttl``)."""
+    value = _seconds(text)
+    if value >= MAX_IDEMPOTENCY_TTL:
+        raise argparse.ArgumentTypeError(
+            f"must be less than {MAX_IDEMPOTENCY_TTL:g} seconds, got {text!r}"
+        )
     return value
 
 

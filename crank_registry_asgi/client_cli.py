@@ -283,15 +283,22 @@ async def follow(
     rng = rng or random.Random()
     epoch: str | None = None
     failures = 0
+
+    def answered() -> None:
+        # Said once an answer came, so the backoff grows while tries fail.
+        nonlocal failures
+        if failures:
+            _say(err, f"{client.controller_url}: answering again")
+            failures = 0
+
     while True:
         try:
             if since is None:
                 snapshot = await client.snapshot()
                 epoch, since = snapshot.epoch, snapshot.revision
-            if failures:
-                _say(err, f"{client.controller_url}: answering again")
-                failures = 0
+                answered()
             answer = await client.watch(since=since, epoch=epoch, timeout=WATCH_POLL_SECONDS)
+            answered()
         except ControllerUnavailable as error:
             failures += 1
             delay = registration_backoff(

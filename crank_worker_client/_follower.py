@@ -202,7 +202,13 @@ class RegistryFollower:
         return self._replica
 
     async def __aenter__(self) -> RegistryFollower:
-        await self._load_snapshot()
+        try:
+            await self._load_snapshot()
+        except BaseException:
+            # No __aexit__ follows a failed entry: close the connections here.
+            with anyio.CancelScope(shield=True):
+                await self._client.aclose()
+            raise
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
         self._task_group = task_group

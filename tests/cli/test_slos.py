@@ -101,6 +101,7 @@ def test_the_flags_reach_the_service(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     [
         (["--idempotency-ttl", "0"], "--idempotency-ttl: must be a finite number of seconds > 0"),
         (["--idempotency-ttl", "hour"], "not a number of seconds: 'hour'"),
+        (["--idempotency-ttl", "1e13"], "--idempotency-ttl: must be less than 1e+12 seconds"),
         (["--slo-poll-interval", "-1"], "--slo-poll-interval: must be a finite number of seconds"),
     ],
 )

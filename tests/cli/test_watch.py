@@ -22,6 +22,7 @@ from typing import IO, Any
 import httpx
 import pytest
 
+from crank_registry_asgi import client_cli
 from crank_registry_asgi.client_cli import change_line, follow
 from crank_worker_client import ControllerClient, InvalidRequest
 from tests.builders import registration_payload
@@ -288,3 +289,46 @@ def snapshot_body(revision: int, policy: dict[str, float]) -> dict[str, Any]:
 
 def gone(code: str, **fields: Any) -> dict[str, Any]:
     return {"error": code, "message": f"{code} for the test", **fields}
+
+
+@pytest.mark.anyio
+async def test_follow_backs_off_longer_while_the_watch_fails_and_says_so_once_answered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Followed from a revision (--since, or any poll after the first answer),
+    # each try is a /watch: the backoff grows while they fail, and "answering
+    # again" is said once one is answered, not before each try.
+    registered = {"type": "registered", "worker_id": "w6", "revision": 6, "at": 1.5}
+    unavailable = httpx.Response(503, json={"error": "journal_unavailable", "message": "m"})
+    answers = [
+        unavailable,
+        unavailable,
+        unavailable,
+        httpx.Response(200, json={"epoch": "e", "revision": 6, "events": [registered]}),
+        httpx.Response(422, json=gone("invalid_request", detail=[])),
+    ]
+    backoffs: list[int] = []
+
+    def backoff(failures: int, rng: random.Random, *, base: float, cap: float) -> float:
+        backoffs.append(failures)
+        return 0.0
+
+    monkeypatch.setattr(client_cli, "registration_backoff", backoff)
+    out, err = io.StringIO(), io.StringIO()
+    client = ControllerClient(
+        "http://controller.test",
+        insecure=True,
+        transport=httpx.MockTransport(lambda request: answers.pop(0)),
+    )
+    async with client:
+        with pytest.raises(InvalidRequest):
+            await follow(client, since=5, as_json=False, out=out, err=err, rng=random.Random(0))
+    assert backoffs == [1, 2, 3]
+    said = err.getvalue().splitlines()
+    assert [("retrying in" in line, "answering again" in line) for line in said] == [
+        (True, False),
+        (True, False),
+        (True, False),
+        (False, True),
+    ]
+    assert out.getvalue() == "6  registered  w6  1970-01-01T00:00:01.500Z\n"

@@ -21,6 +21,7 @@ from crank_registry_asgi import ServiceConfig, create_app
 from crank_worker_client import (
     ControllerClient,
     ControllerError,
+    ControllerUnavailable,
     InvalidRequest,
     NoWorkerAvailable,
     PolicyDenied,
@@ -319,3 +320,26 @@ async def test_a_reserved_call_counts_for_least_loaded_until_it_ends(
         await anyio.sleep(3 * INTERVAL)
         # Both idle: least_loaded's tie goes to the smaller worker id.
         assert (await follower.route(*CLASSIFY, strategy="least_loaded")).worker_id == "w1"
+
+
+class Refusing(httpx.AsyncBaseTransport):
+    """A controller that refuses every connection; ``closed`` counts the client's closes."""
+
+    def __init__(self) -> None:
+        self.closed = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
+
+    async def aclose(self) -> None:
+        self.closed += 1
+
+
+async def test_a_follower_that_cannot_load_the_snapshot_closes_its_client() -> None:
+    # `async with` never reaches __aexit__ when entering fails: the follower
+    # closes its connections itself, or each try of a caller's retry loop leaks them.
+    refusing = Refusing()
+    with pytest.raises(ControllerUnavailable):
+        async with follower_of(refusing, timeout=1.0):
+            pass  # pragma: no cover (entering fails)
+    assert refusing.closed == 1

@@ -174,6 +174,19 @@ def test_a_gateways_counted_calls_do_not_fade_and_are_not_added_to_a_report() ->
     assert least_loaded(registry, 1, now=later) == ["a"]
 
 
+def test_counted_calls_outlast_the_workers_registering_again() -> None:
+    # A worker registers again (a restarted controller asked it to, or it
+    # changed its capabilities) while this process has calls in flight to
+    # it: those calls are still in flight, and least_loaded still counts them.
+    registry = fleet("a", "b")
+    registry.count_calls("a", 3)
+    registry.register("a", "https://a:8443", [capability()], now=T0 + 1)
+    later = T0 + 5 * POLICY.heartbeat_interval  # long past any hand-out's fading
+    assert least_loaded(registry, 3, now=later) == ["b", "b", "b"]
+    registry.count_calls("a", 0)
+    assert least_loaded(registry, 1, now=later) == ["a"]
+
+
 def test_counted_calls_of_an_unknown_worker_are_ignored_and_a_bad_count_refused() -> None:
     registry = fleet("a")
     registry.count_calls("gone", 2)
