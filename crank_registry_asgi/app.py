@@ -213,6 +213,8 @@ class ControllerService:
         self.config = config
         self.policy = registry.policy
         self.clock = clock
+        #: When the service started (its uptime is counted from here).
+        self.started_at = clock()
         self.metrics = Metrics()
         self.metrics.watch(registry, self.clock)
         self.retry_after = str(max(1, math.ceil(self.policy.heartbeat_interval)))
@@ -323,9 +325,28 @@ class ControllerService:
     # --------------------------------------------------------------- endpoints
 
     async def health(self, request: Request) -> Response:
-        """GET /health: liveness and worker counts (counted in slices)."""
-        counted = await listings.counts(self.registry, now=self.clock())
-        return answer(HealthAnswer(total_workers=counted.total, healthy_workers=counted.routable))
+        """GET /health: liveness, worker counts (counted in slices) and the status strip's figures.
+
+        The revision is read before the counting yields: a follower that
+        starts its feed from it sees every change the counts may miss.
+        """
+        now = self.clock()
+        revision = self.registry.revision
+        counted = await listings.counts(self.registry, now=now)
+        interval = self.policy.heartbeat_interval
+        return answer(
+            HealthAnswer(
+                total_workers=counted.total,
+                healthy_workers=counted.routable,
+                epoch=self.epoch,
+                revision=revision,
+                timestamp=iso_utc(now),
+                uptime_s=round(max(now - self.started_at, 0.0), 3),
+                heartbeat_interval_s=interval,
+                heartbeats_last_minute=self.metrics.recent_heartbeats.count(now),
+                expected_heartbeats_per_minute=round(counted.total * 60 / interval, 3),
+            )
+        )
 
     async def register(self, request: Request) -> Response:
         """POST /register: add or replace a worker."""
