@@ -71,6 +71,7 @@ from crank_registry import (
 from . import feed, listings
 from .clock import AnchoredClock
 from .config import ServiceConfig
+from .dashboard import ASSETS, Dashboard
 from .effects import Effects, RegistrySnapshots, log_fields, logger
 from .feed import Broadcast
 from .http import (
@@ -259,6 +260,8 @@ class ControllerService:
         self.set_access_rules(
             PolicyRules() if self.policy_watcher is None else self.policy_watcher.start()
         )
+        # GET /ui and its files, read from the package once.
+        self.dashboard = Dashboard()
         # Rendered once: the document does not change while the app runs.
         self._document_body = JSONResponse(openapi_document()).body
 
@@ -521,6 +524,7 @@ class ControllerService:
             "/watch": (self.watch, "GET"),
             "/metrics": (self.exposition, "GET"),
             "/openapi.json": (self.openapi, "GET"),
+            **{path: (self.dashboard.endpoint(path), "GET") for path in ASSETS},
         }
         assert set(endpoints) == set(ROUTE_PATHS), "the document and the routes disagree"
         return [

@@ -410,6 +410,9 @@ async def test_openapi_document_is_served() -> None:
             "/watch",
             "/metrics",
             "/openapi.json",
+            "/ui",
+            "/ui/app.js",
+            "/ui/style.css",
         }
 
 

@@ -1,0 +1,134 @@
+"""GET /ui in a real headless Chromium against a real ``crank-registry serve``.
+
+The browser opens the dashboard, sees a registered worker, and sees it leave
+when it deregisters, without reloading the page (the feed brings the change).
+Needs ``chromium`` and ``chromium-driver`` (Debian packages) and ``selenium``:
+skipped without them, failed without them when ``CI=true`` (``.ci/run``
+installs them).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.builders import capability_payload, registration_payload
+from tests.cli.helpers import ServerProcess, free_port, require_tool, serving
+
+pytestmark = pytest.mark.slow
+
+#: Generous for a loaded 2-core machine; a long poll answers a change at once.
+DEADLINE_S = 30.0
+
+
+def _selenium() -> Any:
+    try:
+        import selenium.webdriver
+    except ImportError:
+        reason = "selenium is not installed (pip install -r requirements-dev.txt)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}; CI must have it", pytrace=False)
+        pytest.skip(reason)
+    return selenium.webdriver
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    """A headless Chromium driven by chromedriver, with the page's console log kept."""
+    webdriver = _selenium()
+    chromium = require_tool("chromium", package="chromium")
+    chromedriver = require_tool("chromedriver", package="chromium-driver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",  # CI runs as root, where Chromium's sandbox cannot start
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1400,1000",
+    ):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(chromedriver))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture
+def controller(tmp_path: Path) -> Iterator[ServerProcess]:
+    port = free_port()
+    args = ["--insecure", "--port", str(port), "--state-dir", str(tmp_path / "state")]
+    with serving(args, tmp_path / "server.log", port=port, scheme="http") as server:
+        yield server
+
+
+def _text(driver: Any, css: str) -> str:
+    from selenium.webdriver.common.by import By
+
+    return str(driver.find_element(By.CSS_SELECTOR, css).text)
+
+
+def _cells(driver: Any, css: str) -> list[str]:
+    from selenium.webdriver.common.by import By
+
+    return [str(cell.text) for cell in driver.find_elements(By.CSS_SELECTOR, css)]
+
+
+def _rows(driver: Any, css: str) -> list[str]:
+    from selenium.webdriver.common.by import By
+
+    return [str(row.text) for row in driver.find_elements(By.CSS_SELECTOR, css)]
+
+
+def test_a_worker_appears_then_leaves_without_a_reload(
+    browser: Any, controller: ServerProcess
+) -> None:
+    from selenium.webdriver.support.wait import WebDriverWait
+
+    wait = WebDriverWait(browser, DEADLINE_S)
+    api = httpx.Client(base_url=controller.url, timeout=10.0)
+    ocr = capability_payload("document.ocr", "extract", version="2.0.0")
+    assert api.post("/register", json=registration_payload("w1")).status_code == 200
+    registered = registration_payload("w2", capabilities=[ocr])
+    assert api.post("/register", json=registered).status_code == 200
+
+    browser.get(f"{controller.url}/ui")
+    wait.until(lambda d: _rows(d, '#worker-rows tr[data-worker-id="w1"]'))
+    assert [row.split()[0] for row in _rows(browser, "#worker-rows tr")] == ["w1", "w2"]
+    assert "healthy" in _rows(browser, '#worker-rows tr[data-worker-id="w1"]')[0]
+    wait.until(lambda d: _text(d, "#worker-counts") == "2 / 2")
+    wait.until(lambda d: _text(d, "#feed-status").startswith("live"))
+    capabilities = _rows(browser, "#capability-rows tr")
+    assert capabilities == [
+        "classify image.classify 1.0.0 1 / 1",
+        "extract document.ocr 2.0.0 1 / 1",
+    ]
+
+    # A mark that a reload of the page would wipe out.
+    browser.execute_script("window.notReloaded = true;")
+    assert api.post("/deregister", json={"worker_id": "w1"}).status_code == 200
+
+    wait.until(lambda d: not _rows(d, '#worker-rows tr[data-worker-id="w1"]'))
+    assert [row.split()[0] for row in _rows(browser, "#worker-rows tr")] == ["w2"]
+    assert browser.execute_script("return window.notReloaded === true;")
+    wait.until(lambda d: _cells(d, "#change-rows tr:first-child td")[:1] == ["3"])
+    revision, time, change, worker = _cells(browser, "#change-rows tr:first-child td")
+    assert (revision, change, worker) == ("3", "deregistered", "w1")
+    assert re.fullmatch(r"\d\d:\d\d:\d\d", time), time
+    assert _rows(browser, "#capability-rows tr") == ["extract document.ocr 2.0.0 1 / 1"]
+    wait.until(lambda d: _text(d, "#worker-counts") == "1 / 1")
+    assert _text(browser, "#revision") == "3"
+
+    # Nothing the page did was refused by the browser (its content security policy
+    # included) or failed.
+    problems = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert problems == []
+    api.close()
