@@ -368,7 +368,7 @@
         element(
           "td",
           `${numbers.format(healthy.size)} / ${numbers.format(workers.size)}`,
-          healthy.size < workers.size ? "number short" : "number",
+          healthy.size === 0 ? "number none" : healthy.size < workers.size ? "number short" : "number",
         ),
       );
       row.addEventListener("click", () => chooseCapability(row.dataset.capability));
