@@ -10,10 +10,15 @@
 //   applied to the rows shown, and the page is read again (debounced) when an
 //   event may change which workers it holds, and every few seconds for the
 //   heartbeat ages and loads (heartbeats are not feed events);
-// * the feed: GET watch, a long poll from the revision held. A 410 (the
-//   position left the window, or another history) reloads the data.
-// The feed is one small object (LongPollFeed) with start/stop and two callbacks,
-// so another transport can stand in for it.
+// * the feed, from the revision held: GET watch as Server-Sent Events
+//   (EventSourceFeed) when the controller's OpenAPI document says it serves
+//   them, else, or when a stream cannot start, the long poll (LongPollFeed).
+//   A 410 (the position left the window, or another history) reloads the data.
+//   "?feed=poll" in the page's URL chooses the long poll (for a proxy that holds
+//   streams back).
+// Both feeds have start/stop and the same callbacks: onChanges(events) in
+// revision order, onLost(error) on a 410, onGap() when changes went by that the
+// page could not read, onState(status, detail).
 "use strict";
 
 (() => {
@@ -24,6 +29,10 @@
   const CHANGES_KEPT = 50;
   const CAPABILITY_PAGE = 500;
   const RETRY_MAX_MS = 15000;
+  const STREAM_BATCH_MS = 50;
+  // The changes of the feed (DESIGN, "Change feed"); EventSource hands over only the
+  // event types listened for (a newer type shows as a gap at the next bookmark).
+  const CHANGE_TYPES = ["registered", "deregistered", "unhealthy", "healthy", "evicted", "imported"];
   const SEP = "\u0000";
 
   // ------------------------------------------------------------------ the API
@@ -119,9 +128,109 @@
     }
   }
 
+  // Follows GET watch as Server-Sent Events (EventSource sends Accept:
+  // text/event-stream, and Last-Event-ID when it reconnects by itself). Changes
+  // that arrive together are handed over in one batch. A stream that cannot start
+  // (an older controller, a 410 or a proxy's error before it) hands over to the
+  // long poll from the last revision delivered; an error event (the reader fell
+  // behind the window) is a 410.
+  class EventSourceFeed {
+    constructor(options) {
+      this.options = options;
+      Object.assign(this, options);
+      this.source = null;
+      this.fallback = null;
+      this.pending = [];
+      this.flushTimer = null;
+      this.running = false;
+    }
+
+    start() {
+      this.running = true;
+      const source = new EventSource(`watch${query({ epoch: this.epoch, since: this.since })}`);
+      this.source = source;
+      source.addEventListener("open", () => this.onState("live", "events"));
+      for (const type of CHANGE_TYPES) {
+        source.addEventListener(type, (message) => this.receive(JSON.parse(message.data)));
+      }
+      source.addEventListener("bookmark", (message) => this.bookmark(JSON.parse(message.data)));
+      source.addEventListener("error", (event) => this.failed(event));
+    }
+
+    stop() {
+      this.running = false;
+      this.close();
+      if (this.fallback) this.fallback.stop();
+    }
+
+    close() {
+      if (this.source) this.source.close();
+      this.source = null;
+      clearTimeout(this.flushTimer);
+      this.flush();
+    }
+
+    receive(event) {
+      if (event.revision <= this.since) return; // resent after a reconnection
+      this.since = event.revision;
+      this.pending.push(event);
+      if (!this.flushTimer) this.flushTimer = setTimeout(() => this.flush(), STREAM_BATCH_MS);
+    }
+
+    flush() {
+      this.flushTimer = null;
+      const events = this.pending;
+      this.pending = [];
+      if (events.length && this.running) this.onChanges(events);
+    }
+
+    bookmark(mark) {
+      if (mark.revision > this.since) {
+        // Changes of a type this page does not listen for went by.
+        this.since = mark.revision;
+        this.flush();
+        this.onGap(mark.revision);
+      }
+    }
+
+    failed(event) {
+      if (!this.running) return;
+      if (event.data !== undefined) {
+        // The controller's own "error" event: the 410 body of a reader left behind.
+        this.running = false;
+        this.close();
+        const body = JSON.parse(event.data);
+        this.onLost(new ApiError(410, body));
+        return;
+      }
+      if (this.source && this.source.readyState === EventSource.CONNECTING) {
+        this.onState("retrying", "the event stream was cut; reconnecting");
+        return;
+      }
+      // Closed by the browser: the stream could not start. The long poll says why.
+      this.close();
+      this.fallback = new LongPollFeed({ ...this.options, since: this.since });
+      this.fallback.start();
+    }
+  }
+
+  // Whether the controller serves /watch as Server-Sent Events (its OpenAPI document
+  // lists text/event-stream for it); "?feed=poll" chooses the long poll.
+  async function streamsChanges() {
+    if (new URLSearchParams(window.location.search).get("feed") === "poll") return false;
+    if (typeof EventSource !== "function") return false;
+    try {
+      const api = await getJson("openapi.json");
+      return "text/event-stream" in api.paths["/watch"].get.responses["200"].content;
+    } catch (error) {
+      return false;
+    }
+  }
+
   // ------------------------------------------------------------------- state
 
   const state = {
+    streams: null, // whether the feed is read as Server-Sent Events (asked once)
     epoch: null,
     revision: null,
     feed: null,
@@ -609,6 +718,15 @@
     if (reread) refreshPageSoon();
   }
 
+  // Changes went by that the feed could not hand over: read what is shown again.
+  function onGap(revision) {
+    state.revision = revision;
+    renderStatus();
+    refreshCapabilitiesSoon();
+    refreshPageSoon();
+    refreshHealthSoon();
+  }
+
   function changeTime(event) {
     return event.at !== undefined ? clockTime(event.at) : "–";
   }
@@ -656,7 +774,9 @@
       setFeedState("not live", "this controller has no revision in /health");
       return;
     }
-    state.feed = new LongPollFeed({
+    if (state.streams === null) state.streams = await streamsChanges();
+    const Feed = state.streams ? EventSourceFeed : LongPollFeed;
+    state.feed = new Feed({
       epoch: state.epoch,
       since: state.revision,
       onChanges,
@@ -664,6 +784,7 @@
         setFeedState("reloading", error.message);
         reload();
       },
+      onGap,
       onState: setFeedState,
     });
     state.feed.start();

@@ -70,26 +70,34 @@ def controller(tmp_path: Path) -> Iterator[ServerProcess]:
         yield server
 
 
-def _text(driver: Any, css: str) -> str:
-    from selenium.webdriver.common.by import By
-
-    return str(driver.find_element(By.CSS_SELECTOR, css).text)
-
-
-def _cells(driver: Any, css: str) -> list[str]:
-    from selenium.webdriver.common.by import By
-
-    return [str(cell.text) for cell in driver.find_elements(By.CSS_SELECTOR, css)]
+# Read in one script: the page re-renders its tables as changes come, so an element
+# found by one command may be gone by the next (a stale element).
+_TEXTS = "return Array.from(document.querySelectorAll(arguments[0]), (e) => e.innerText.trim());"
 
 
 def _rows(driver: Any, css: str) -> list[str]:
-    from selenium.webdriver.common.by import By
+    """The text of every element ``css`` selects, cells separated by spaces."""
+    return [" ".join(text.split()) for text in driver.execute_script(_TEXTS, css)]
 
-    return [str(row.text) for row in driver.find_elements(By.CSS_SELECTOR, css)]
+
+def _cells(driver: Any, css: str) -> list[str]:
+    """The text of every element ``css`` selects, as it is."""
+    return list(driver.execute_script(_TEXTS, css))
 
 
+def _text(driver: Any, css: str) -> str:
+    """The text of the element ``css`` selects ("" when there is none)."""
+    texts = _rows(driver, css)
+    return texts[0] if texts else ""
+
+
+@pytest.mark.parametrize(
+    ("page", "feed"),
+    [("/ui", "live"), ("/ui?feed=poll", "live (long poll)")],
+    ids=["the controller's feed", "the long poll"],
+)
 def test_a_worker_appears_then_leaves_without_a_reload(
-    browser: Any, controller: ServerProcess
+    browser: Any, controller: ServerProcess, page: str, feed: str
 ) -> None:
     from selenium.webdriver.support.wait import WebDriverWait
 
@@ -100,12 +108,12 @@ def test_a_worker_appears_then_leaves_without_a_reload(
     registered = registration_payload("w2", capabilities=[ocr])
     assert api.post("/register", json=registered).status_code == 200
 
-    browser.get(f"{controller.url}/ui")
+    browser.get(f"{controller.url}{page}")
     wait.until(lambda d: _rows(d, '#worker-rows tr[data-worker-id="w1"]'))
     assert [row.split()[0] for row in _rows(browser, "#worker-rows tr")] == ["w1", "w2"]
     assert "healthy" in _rows(browser, '#worker-rows tr[data-worker-id="w1"]')[0]
     wait.until(lambda d: _text(d, "#worker-counts") == "2 / 2")
-    wait.until(lambda d: _text(d, "#feed-status").startswith("live"))
+    wait.until(lambda d: _text(d, "#feed-status").startswith(feed))
     capabilities = _rows(browser, "#capability-rows tr")
     assert capabilities == [
         "classify image.classify 1.0.0 1 / 1",
@@ -132,3 +140,46 @@ def test_a_worker_appears_then_leaves_without_a_reload(
     problems = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
     assert problems == []
     api.close()
+
+
+def test_pages_and_filters_of_a_larger_fleet(browser: Any, controller: ServerProcess) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.select import Select
+    from selenium.webdriver.support.wait import WebDriverWait
+
+    wait = WebDriverWait(browser, DEADLINE_S)
+    ocr = [capability_payload("document.ocr", "extract")]
+    with httpx.Client(base_url=controller.url, timeout=10.0) as api:
+        for index in range(60):
+            body = registration_payload(f"w{index:02d}", capabilities=ocr if index % 3 else None)
+            assert api.post("/register", json=body).status_code == 200
+
+        browser.get(f"{controller.url}/ui")
+        wait.until(lambda d: len(_rows(d, "#worker-rows tr")) == 50)
+        Select(browser.find_element(By.ID, "page-size")).select_by_visible_text("25")
+        wait.until(lambda d: len(_rows(d, "#worker-rows tr")) == 25)
+        assert _text(browser, "#page-position") == "page 1 of 3 · 1\u201325"
+        browser.find_element(By.ID, "next-page").click()
+        wait.until(lambda d: _text(d, "#page-position") == "page 2 of 3 · 26\u201350")
+        shown = [row.split()[0] for row in _rows(browser, "#worker-rows tr")]
+        assert shown == [f"w{index:02d}" for index in range(25, 50)]
+
+        # A capability's row filters the table by it: a third of the fleet, one page.
+        browser.find_element(
+            By.CSS_SELECTOR, '#capability-rows tr[data-capability="classify:image.classify"]'
+        ).click()
+        wait.until(lambda d: _text(d, "#worker-matching") == "(20 of 60)")
+        shown = [row.split()[0] for row in _rows(browser, "#worker-rows tr")]
+        assert shown == [f"w{index:02d}" for index in range(0, 60, 3)]
+        assert _text(browser, "#page-position") == "page 1 of 1 · 1\u201320"
+
+        # A state filter too; a worker that deregisters leaves the filtered page.
+        Select(browser.find_element(By.ID, "filter-state")).select_by_value("healthy")
+        wait.until(lambda d: _text(d, "#worker-matching") == "(20 of 60)")
+        assert api.post("/deregister", json={"worker_id": "w03"}).status_code == 200
+        wait.until(lambda d: not _rows(d, '#worker-rows tr[data-worker-id="w03"]'))
+        wait.until(lambda d: _text(d, "#worker-matching") == "(19 of 59)")
+        Select(browser.find_element(By.ID, "filter-state")).select_by_value("unhealthy")
+        wait.until(lambda d: _text(d, "#worker-matching") == "(0 of 59)")
+        assert _rows(browser, "#worker-rows tr") == []
+        assert browser.find_element(By.ID, "workers-empty").is_displayed()

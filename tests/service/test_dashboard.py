@@ -73,8 +73,18 @@ def test_the_script_reads_the_api_by_relative_paths() -> None:
     # "health", never "/health": a controller mounted under a prefix serves its page too.
     script = (UI / "app.js").read_text()
     asked = set(re.findall(r"getJson\(\s*[`\"]([a-z]+)", script))
-    assert asked == {"health", "capabilities", "workers", "watch"}
+    assert asked == {"health", "capabilities", "workers", "watch", "openapi"}
     assert not re.search(r"getJson\(\s*[`\"]/", script)
+
+
+async def test_the_document_says_where_the_page_looks_for_the_event_stream() -> None:
+    # The script reads paths["/watch"].get.responses["200"].content of /openapi.json
+    # to choose between Server-Sent Events and the long poll.
+    script = (UI / "app.js").read_text()
+    assert '.paths["/watch"].get.responses["200"].content' in script
+    async with running() as api:
+        document = (await api.get("/openapi.json")).json()
+    assert "application/json" in document["paths"]["/watch"]["get"]["responses"]["200"]["content"]
 
 
 async def test_the_dashboard_of_a_mounted_controller() -> None:
