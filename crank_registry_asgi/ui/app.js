@@ -247,6 +247,8 @@
     pageIndex: 0,
     nextCursor: null,
     rows: [], // the worker entries shown, in the listing's order
+    workersAsked: 0, // reads of the worker page asked for (the last one's answer is shown)
+    departed: new Map(), // worker id -> revision it left at, while a page read may predate it
     matching: null,
     total: null,
     changes: [],
@@ -532,9 +534,20 @@
 
   async function loadWorkers() {
     const cursor = state.cursors[state.pageIndex];
+    const asked = ++state.workersAsked;
+    const revision = state.revision;
     const page = await getJson(
       `workers${query({ ...filterQuery(), limit: state.pageSize, cursor })}`,
     );
+    if (asked !== state.workersAsked) return; // a later read (another page, filter) wins
+    if (state.revision !== revision) {
+      // Changes were applied while the page was read, which it may predate: the
+      // workers that left meanwhile stay out, and the page is read again.
+      page.workers = page.workers.filter((entry) => !(state.departed.get(entry.worker_id) > revision));
+      refreshPageSoon();
+    } else {
+      state.departed.clear();
+    }
     state.rows = page.workers;
     state.nextCursor = page.next_cursor || null;
     state.total = page.total_workers;
@@ -661,6 +674,7 @@
       case "deregistered":
       case "evicted":
         withdraw(id);
+        state.departed.set(id, event.revision);
         if (shown) state.rows.splice(index, 1);
         reread = shown !== null;
         break;
