@@ -161,6 +161,7 @@ async def measure(
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer registrations and rounds")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when the target is missed")
     parser.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
     args = parser.parse_args()
     rounds = 1 if args.quick else 3
@@ -191,7 +192,8 @@ def main() -> int:
             f"{where}: durable / off = {ratio:.2f} (target >= {TARGET_RATIO}: "
             f"{ratio / TARGET_RATIO:.2f}x of the target, {verdict} it)"
         )
-    return 0
+    missed = any(ratio < TARGET_RATIO for _, ratio in verdicts)
+    return 1 if args.strict and missed else 0
 
 
 def _rates(rates: list[float]) -> str:

@@ -54,6 +54,7 @@ __all__ = [
     "TransitionError",
     "deadline",
     "due_input",
+    "no_deadline",
     "routable_until",
     "shown_state",
     "shown_state_if",
@@ -219,6 +220,16 @@ def deadline(state: Health, last_heartbeat: float, policy: HealthPolicy) -> floa
     if state in ROUTABLE:
         return last_heartbeat + policy.unhealthy_after
     return last_heartbeat + policy.evict_after
+
+
+def no_deadline(state: Health, last_heartbeat: float, policy: HealthPolicy) -> float:
+    """:func:`deadline` on a replica that routes by state: time never changes its states.
+
+    A follower hears no heartbeats, so its states change only by the
+    controller's events (DESIGN, "Followers keep no clock for health"):
+    a routable state stays routable until an event says otherwise.
+    """
+    return math.inf
 
 
 def routable_until(state: Health, state_deadline: float) -> float:

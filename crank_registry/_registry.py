@@ -166,6 +166,11 @@ class CapabilityRegistry:
         now = 1_700_000_000.0
         registry.register("w1", "https://w1:8443", [capability], now=now)
         registry.route("classify", "image.classify", now=now)
+
+    ``routes_by_state=True`` makes a replica that a change feed keeps (a
+    follower): it hears no heartbeats, so its workers' states change only
+    by the events it applies, never by time; a worker is routable while
+    its state is (``healthy`` or ``unverified``), whatever ``now`` is.
     """
 
     def __init__(
@@ -175,7 +180,12 @@ class CapabilityRegistry:
         *,
         rng: random.Random | None = None,
         feed_window: int = DEFAULT_FEED_WINDOW,
+        routes_by_state: bool = False,
     ) -> None:
+        # A replica fed by the change feed hears no heartbeats, so time must
+        # not change its states, only events: its states have no deadline.
+        self._routes_by_state = routes_by_state
+        self._deadline = health.no_deadline if routes_by_state else health.deadline
         # The last feed_window changes, for the change feed (every change the fold applies).
         self._feed = ChangeLog(feed_window)
         self._policy = policy if policy is not None else HealthPolicy()
@@ -213,6 +223,11 @@ class CapabilityRegistry:
     def policy(self) -> HealthPolicy:
         """The timings this registry applies."""
         return self._policy
+
+    @property
+    def routes_by_state(self) -> bool:
+        """Whether routability is the state alone (a replica), not the state and the time."""
+        return self._routes_by_state
 
     @property
     def routing(self) -> RoutingSettings:
@@ -314,6 +329,28 @@ class CapabilityRegistry:
         than ``evict_after``: each of them must register again.
         """
         return self._commit(self.decide_heartbeat(worker_id, now=now, load=load))
+
+    def call_started(self, worker_id: str, *, now: float) -> None:
+        """A call to ``worker_id`` (a route gave it) started: ``least_loaded`` counts it.
+
+        Counted until :meth:`call_ended`, in place of the route's hand-out
+        (which fades after a heartbeat interval): how a follower counts the
+        calls it makes, as no load report tells it of them. Not an event.
+        A worker not held (it left since the route) is not counted.
+        """
+        _check_now(now)
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            return
+        if worker.load is None:
+            worker.load = Load()
+        worker.load.start_call(now, self._policy.heartbeat_interval)
+
+    def call_ended(self, worker_id: str) -> None:
+        """A call counted by :meth:`call_started` ended (a worker not held: nothing to count)."""
+        worker = self._workers.get(worker_id)
+        if worker is not None and worker.load is not None:
+            worker.load.end_call()
 
     def deregister(self, worker_id: str, *, now: float) -> tuple[Event, ...]:
         """Remove a worker that is leaving; raises :class:`WorkerNotRegistered` if unknown."""
@@ -1083,7 +1120,11 @@ class CapabilityRegistry:
         worker.load.reported(report, now)
 
     def _view(self, worker: Worker, now: float) -> WorkerView:
-        shown = health.shown_state(worker.health, worker.last_heartbeat, now, self._policy)
+        shown = (
+            worker.health
+            if self._routes_by_state
+            else health.shown_state(worker.health, worker.last_heartbeat, now, self._policy)
+        )
         load = worker.load
         report = None if load is None else load.report
         return WorkerView(
@@ -1098,8 +1139,13 @@ class CapabilityRegistry:
         )
 
     def _refresh(self, worker: Worker) -> None:
-        """Recompute what follows from the worker's state and last heartbeat."""
-        deadline = health.deadline(worker.health, worker.last_heartbeat, self._policy)
+        """Recompute what follows from the worker's state and last heartbeat.
+
+        On a registry that routes by state no deadline is ever due
+        (:func:`~._health.no_deadline`), so a routable state stays routable
+        until an event changes it.
+        """
+        deadline = self._deadline(worker.health, worker.last_heartbeat, self._policy)
         worker.routable_until = health.routable_until(worker.health, deadline)
         earlier = deadline < worker.deadline
         worker.deadline = deadline

@@ -128,6 +128,10 @@ class RouteOptions:
     def __attrs_post_init__(self) -> None:
         check_affinity(self.strategy, self.affinity_key)
 
+    def with_requester(self, requester_identity: str | None) -> RouteOptions:
+        """These options, routed for ``requester_identity`` (the access policy's requester)."""
+        return attrs.evolve(self, requester_identity=requester_identity)
+
     @classmethod
     def from_request(cls, request: RouteRequest) -> RouteOptions | None:
         """The options of a route request; ``None`` when it asks for none (the plain path)."""

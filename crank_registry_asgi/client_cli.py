@@ -286,7 +286,8 @@ def _connection_flags() -> argparse.ArgumentParser:
     flags.add_argument(
         "--controller",
         metavar="URL",
-        help=f"the controller's URL (env CONTROLLER_URL; {DEFAULT_CONTROLLER_URL})",
+        help="the controller's URL, or several controllers' separated by commas "
+        f"(env CONTROLLER_URL; {DEFAULT_CONTROLLER_URL})",
     )
     flags.add_argument(
         "--cert",

@@ -7,7 +7,11 @@
   an ASGI application's lifespan.
 - :class:`ControllerClient`: ``route`` a request to a worker, list
   capabilities and workers, read the controller's health.
+- :class:`RegistryFollower`: a replica of the registry in this process,
+  kept by the controller's change feed; routes answered without I/O.
 - :class:`TLSConfig`: the CA bundle and, for mTLS, the client certificate.
+  :data:`ControllerURLs`: one controller's URL or several sharing one
+  registry (a list, or separated by commas, as in ``CONTROLLER_URL``).
 - The errors, rooted at :class:`ClientError` (the tree is drawn in
   :mod:`crank_worker_client._exceptions`).
 
@@ -33,7 +37,7 @@ from ._client import (
     RegistrationAck,
     WorkerInfo,
 )
-from ._config import DEFAULT_CONTROLLER_URL, TLSConfig
+from ._config import DEFAULT_CONTROLLER_URL, ControllerURLs, TLSConfig
 from ._exceptions import (
     ClientCertificateRequired,
     ClientError,
@@ -45,10 +49,12 @@ from ._exceptions import (
     NoWorkerAvailable,
     PolicyDenied,
     RegistrationFailed,
+    RevisionGone,
     UnexpectedResponse,
     UnknownCapability,
     WorkerNotRegisteredError,
 )
+from ._follower import RegistryFollower, lag_limit
 from ._lifespan import AgentLifespanMiddleware, agent_lifespan
 from ._load import LoadMeter
 from ._schedule import (
@@ -74,6 +80,7 @@ __all__ = [
     "ControllerClient",
     "ControllerError",
     "ControllerHealth",
+    "ControllerURLs",
     "ControllerUnavailable",
     "ForbiddenError",
     "HeartbeatAck",
@@ -84,6 +91,8 @@ __all__ = [
     "Outcome",
     "RegistrationAck",
     "RegistrationFailed",
+    "RegistryFollower",
+    "RevisionGone",
     "TLSConfig",
     "UnexpectedResponse",
     "PolicyDenied",
@@ -92,6 +101,7 @@ __all__ = [
     "WorkerInfo",
     "WorkerNotRegisteredError",
     "agent_lifespan",
+    "lag_limit",
     "next_heartbeat_delay",
     "registration_backoff",
 ]

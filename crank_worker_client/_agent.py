@@ -7,6 +7,13 @@ the controller has forgotten the worker; on exit it deregisters within a
 bounded time, whatever ended the block. Nothing the controller does, short
 of refusing the first registration, raises into the worker: failures are
 retried, logged once per outage and shown in :attr:`WorkerAgent.status`.
+
+Given several controllers that share one registry, each exchange goes to
+the one that answered last and, when it fails, on to the next at once
+(:class:`~crank_worker_client.ControllerClient` does the trying): the
+heartbeat that was due reaches another controller at its jittered time,
+within one interval, and as a heartbeat, since the next controller knows
+the worker; only ``worker_not_registered`` makes the agent register again.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import httpx
 from crank_registry import CapabilitySchema, LoadReport, Registration, ValidationError, iso_utc
 
 from ._client import ControllerClient
-from ._config import TLSConfig, is_positive_seconds
+from ._config import ControllerURLs, TLSConfig, is_positive_seconds
 from ._exceptions import (
     ClientCertificateRequired,
     ClientError,
@@ -145,11 +152,19 @@ class WorkerAgent:
         async with WorkerAgent(None, "resnet-1", "https://10.0.0.7:8443", capabilities):
             await serve_forever()
 
-    ``controller_url`` ``None`` reads ``CONTROLLER_URL`` (default
-    ``https://localhost:9000``); ``tls`` and ``insecure`` are as for
-    :class:`ControllerClient`. On enter, registration is retried with capped
-    exponential backoff and full jitter (``registration_backoff_base``,
-    ``registration_backoff_cap``) for up to ``registration_deadline`` seconds
+    ``controller_url`` is one URL, several separated by commas, or a list of
+    URLs of controllers that share one registry; ``None`` reads
+    ``CONTROLLER_URL`` (default ``https://localhost:9000``), which may list
+    several too; ``tls`` and ``insecure`` are as for
+    :class:`ControllerClient`. An exchange that fails on one controller
+    (network error, timeout, a 5xx other than ``store_unavailable`` or
+    ``journal_unavailable``) goes on to the next at once, without
+    re-registering; each controller tried gets an equal share of the
+    exchange's time.
+
+    On enter, registration is retried with capped exponential backoff and
+    full jitter (``registration_backoff_base``, ``registration_backoff_cap``)
+    for up to ``registration_deadline`` seconds
     (``None``: without limit), then :class:`RegistrationFailed` is raised; a
     refusal (403, 422) raises it at once. While open, heartbeats follow the
     controller's interval (jitter at most 10% of it); failures are retried
@@ -159,7 +174,8 @@ class WorkerAgent:
     even when the block raised or was cancelled.
 
     No heartbeat or re-registration waits longer than ``request_timeout``
-    or one interval, whichever is shorter.
+    or one interval, whichever is shorter, for all the controllers it tries;
+    the deregistration on exit, ``deregister_timeout``, tries each once.
 
     With a :class:`TLSConfig`, the certificate, key and CA files are
     checked every ``certificate_watch_interval`` seconds while the agent
@@ -183,7 +199,7 @@ class WorkerAgent:
 
     def __init__(
         self,
-        controller_url: str | None,
+        controller_url: ControllerURLs,
         worker_id: str,
         worker_url: str,
         capabilities: Iterable[CapabilitySchema],
@@ -273,8 +289,13 @@ class WorkerAgent:
 
     @property
     def controller_url(self) -> str:
-        """The controller's base URL."""
+        """The current controller's base URL: the one that answered last."""
         return self._client.controller_url
+
+    @property
+    def controller_urls(self) -> tuple[str, ...]:
+        """Every controller's base URL, in the order given."""
+        return self._client.controller_urls
 
     @property
     def status(self) -> AgentStatus:
@@ -392,8 +413,8 @@ class WorkerAgent:
             remaining = deadline - anyio.current_time()
             if remaining <= 0:
                 raise RegistrationFailed(
-                    f"could not register worker {self.worker_id!r} with the controller at "
-                    f"{self.controller_url} within {limit:g} s ({failures} attempts); "
+                    f"could not register worker {self.worker_id!r} with "
+                    f"{self._controllers_named()} within {limit:g} s ({failures} attempts); "
                     f"last error: {last_error or 'the registration timed out'}"
                 ) from last_error
             delay = registration_backoff(
@@ -403,6 +424,13 @@ class WorkerAgent:
                 cap=self._registration_backoff_cap,
             )
             await anyio.sleep(min(delay, remaining))
+
+    def _controllers_named(self) -> str:
+        """``the controller at URL``, or ``any of the controllers at URL, URL...``."""
+        urls = self.controller_urls
+        if len(urls) == 1:
+            return f"the controller at {urls[0]}"
+        return f"any of the controllers at {', '.join(urls)}"
 
     # -- while open -------------------------------------------------------
 
@@ -423,20 +451,12 @@ class WorkerAgent:
     async def _exchange(self) -> Outcome:
         """One heartbeat (or registration, when one is owed) and what came of it."""
         registering = self._needs_registration
-        timeout = self._exchange_timeout()
         try:
-            # Enforced here too, whatever the transport does with its timeouts.
-            with anyio.fail_after(timeout):
-                if registering:
-                    await self._register_once()
-                else:
-                    await self._heartbeat_once()
-        except TimeoutError:
-            self._note_failure(
-                ControllerUnavailable(f"the controller did not answer within {timeout:g} s"),
-                AgentState.UNREACHABLE,
-            )
-            return Outcome.FAILED
+            # The client bounds each try (_attempt_timeout), so the exchange too.
+            if registering:
+                await self._register_once()
+            else:
+                await self._heartbeat_once()
         except WorkerNotRegisteredError as error:
             if registering:
                 # Not an answer a registration should get; retry on the
@@ -464,15 +484,20 @@ class WorkerAgent:
             return Outcome.FAILED
         return Outcome.ACKNOWLEDGED
 
-    def _exchange_timeout(self) -> float:
-        # A heartbeat that hangs longer than an interval would delay the next
-        # one past it; once the interval is known, no request waits longer.
-        if self._interval is None:
-            return self._request_timeout
-        return min(self._request_timeout, self._interval)
+    def _attempt_timeout(self) -> float:
+        """How long one controller is given in an exchange: its share of the exchange's time.
+
+        A heartbeat that hangs longer than an interval would delay the next
+        one past it; once the interval is known, no exchange waits longer,
+        whichever controllers it tries.
+        """
+        exchange = self._request_timeout
+        if self._interval is not None:
+            exchange = min(exchange, self._interval)
+        return exchange / len(self.controller_urls)
 
     async def _register_once(self) -> None:
-        ack = await self._client.register(self._registration, timeout=self._exchange_timeout())
+        ack = await self._client.register(self._registration, timeout=self._attempt_timeout())
         now = self._clock()
         self._interval = ack.heartbeat_interval
         self._features = frozenset(ack.features)
@@ -485,7 +510,7 @@ class WorkerAgent:
         load = self._load_report()
         try:
             ack = await self._client.heartbeat(
-                self.worker_id, timeout=self._exchange_timeout(), load=load
+                self.worker_id, timeout=self._attempt_timeout(), load=load
             )
         except InvalidRequest as error:
             if load is None or not any(p.path.startswith("load") for p in error.problems):
@@ -500,7 +525,7 @@ class WorkerAgent:
                 error,
             )
             self._features = self._features - {_LOAD_REPORTS}
-            ack = await self._client.heartbeat(self.worker_id, timeout=self._exchange_timeout())
+            ack = await self._client.heartbeat(self.worker_id, timeout=self._attempt_timeout())
         self._interval = ack.heartbeat_interval
         self._acknowledged(self._clock())
 
@@ -567,10 +592,13 @@ class WorkerAgent:
     async def _leave(self) -> None:
         self._state = AgentState.DEREGISTERING
         # Shielded: a cancelled worker still leaves, but never for longer than
-        # deregister_timeout.
-        with anyio.move_on_after(self._deregister_timeout, shield=True) as scope:
+        # deregister_timeout, shared among the controllers (each tried once).
+        with anyio.CancelScope(shield=True):
             try:
-                await self._client.deregister(self.worker_id)
+                await self._client.deregister(
+                    self.worker_id,
+                    timeout=self._deregister_timeout / len(self.controller_urls),
+                )
             except WorkerNotRegisteredError:
                 logger.info("worker %s was not registered any more", self.worker_id)
             except Exception as error:
@@ -582,13 +610,6 @@ class WorkerAgent:
                 )
             else:
                 logger.info("worker %s deregistered from %s", self.worker_id, self.controller_url)
-        if scope.cancelled_caught:
-            logger.warning(
-                "worker %s: deregistration from %s timed out after %g s",
-                self.worker_id,
-                self.controller_url,
-                self._deregister_timeout,
-            )
         with anyio.CancelScope(shield=True):
             await self._client.aclose()
         self._state = AgentState.STOPPED

@@ -8,6 +8,14 @@ answer models with its converter: leniently (extra fields are ignored), but
 a missing, mistyped or invalid field is :class:`UnexpectedResponse`, never a
 ``KeyError``.
 
+Several controllers may share one registry (DESIGN, "Shared registry on
+Redis"): given several URLs, a request goes to the controller that answered
+last, and on to the next (each at most once per request) when one cannot be
+reached, does not answer in time or fails with a 5xx answer other than
+``store_unavailable`` and ``journal_unavailable``: those say the registry's
+shared store is down, which every controller shares, so another would answer
+the same. Any other answer is the registry's, from whichever controller.
+
 The listings (:meth:`ControllerClient.workers`, :meth:`ControllerClient.capabilities`)
 read every page: while an answer carries ``next_cursor`` they ask again with
 ``cursor=`` that value, and they send no ``cursor`` on the first request,
@@ -21,7 +29,7 @@ import functools
 import logging
 import ssl
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
@@ -43,7 +51,9 @@ from crank_registry import (
     RegisterAnswer,
     Registration,
     RouteExplanation,
+    SnapshotAnswer,
     ValidationError,
+    WatchAnswer,
     WorkerEndpoint,
     WorkerLoad,
     WorkersAnswer,
@@ -52,16 +62,18 @@ from crank_registry import (
     unstructure,
 )
 
-from ._config import TLSConfig, is_positive_seconds, resolve_controller_url
+from ._config import ControllerURLs, TLSConfig, is_positive_seconds, resolve_controller_urls
 from ._exceptions import (
     ClientCertificateRequired,
     ClientError,
     ConfigurationError,
+    ControllerError,
     ControllerUnavailable,
     ForbiddenError,
     InvalidRequest,
     NoWorkerAvailable,
     PolicyDenied,
+    RevisionGone,
     UnexpectedResponse,
     UnknownCapability,
     WorkerNotRegisteredError,
@@ -83,6 +95,21 @@ logger = logging.getLogger("crank_worker_client")
 T = TypeVar("T")
 
 _REFUSAL_STATUSES = frozenset({400, 413, 415, 422})
+
+#: 503 codes that say the shared store is down: every controller would answer the same.
+STORE_OUTAGE_CODES = frozenset({"store_unavailable", "journal_unavailable"})
+
+
+def another_controller_may_answer(error: ControllerUnavailable) -> bool:
+    """Whether a failed request is worth sending to the next controller.
+
+    Yes after a network error, a timeout or a 5xx answer; not after a store
+    outage (:data:`STORE_OUTAGE_CODES`) nor a 429, which are the shared
+    registry's answers.
+    """
+    if error.status is None:
+        return True
+    return error.status >= 500 and error.code not in STORE_OUTAGE_CODES
 
 
 @dataclass(frozen=True)
@@ -139,10 +166,15 @@ class WorkerInfo:
 class ControllerClient:
     """An async client of the controller's HTTP API.
 
-    ``controller_url`` defaults to ``CONTROLLER_URL`` from the environment,
-    then ``https://localhost:9000``. Only ``https://`` URLs are accepted
-    unless ``insecure=True`` is passed. ``tls`` is a :class:`TLSConfig` (CA
-    bundle, client certificate and key for mTLS) or a ready
+    ``controller_url`` is one URL, several separated by commas, or a list of
+    URLs of controllers that share one registry; it defaults to
+    ``CONTROLLER_URL`` from the environment (also comma-separated), then
+    ``https://localhost:9000``. With several, a request that fails on one
+    controller (network error, timeout, 5xx other than a store outage) is
+    sent to the next, each at most once, and the one that answered is asked
+    first from then on (:attr:`controller_url`). Only ``https://`` URLs are
+    accepted unless ``insecure=True`` is passed. ``tls`` is a
+    :class:`TLSConfig` (CA bundle, client certificate and key for mTLS) or a ready
     :class:`ssl.SSLContext`; without it the system trust store verifies the
     controller. With a :class:`TLSConfig`, :attr:`certificates` holds the
     files it was loaded from: its ``check()`` or ``watch()`` loads renewed
@@ -150,7 +182,8 @@ class ControllerClient:
     warning is logged when the client certificate expires within
     ``certificate_expiry_warning`` seconds (7 days). ``transport`` replaces
     httpx's network transport (tests pass ``httpx.MockTransport`` or
-    ``httpx.ASGITransport``).
+    ``httpx.ASGITransport``). ``timeout`` bounds each request to one
+    controller, from sending it to reading the whole answer.
 
     Use it as ``async with ControllerClient() as client:``, or without a
     ``with``: the HTTP connection pool opens on the first request and
@@ -159,7 +192,7 @@ class ControllerClient:
 
     def __init__(
         self,
-        controller_url: str | None = None,
+        controller_url: ControllerURLs = None,
         *,
         tls: TLSConfig | ssl.SSLContext | None = None,
         insecure: bool = False,
@@ -174,9 +207,11 @@ class ControllerClient:
                 "certificate_expiry_warning must be a finite number of seconds >= 0, "
                 f"got {certificate_expiry_warning!r}"
             )
-        self.controller_url = resolve_controller_url(
+        #: Every controller's base URL, in the order given.
+        self.controller_urls = resolve_controller_urls(
             controller_url, insecure=insecure, tls_given=tls is not None
         )
+        self._current = 0
         # Certificates are loaded now, so that a missing file fails at construction.
         self.certificates: CertificateFiles | None = None
         if isinstance(tls, TLSConfig) and (tls.certfile is not None or tls.ca_certs is not None):
@@ -206,6 +241,11 @@ class ControllerClient:
         self._timeout = timeout
         self._http: httpx.AsyncClient | None = None
 
+    @property
+    def controller_url(self) -> str:
+        """The controller asked first: the last one that answered (at first, the first given)."""
+        return self.controller_urls[self._current]
+
     async def __aenter__(self) -> ControllerClient:
         self._open()
         return self
@@ -226,8 +266,8 @@ class ControllerClient:
 
     def _open(self) -> httpx.AsyncClient:
         if self._http is None:
+            # No base_url: each request names its controller.
             self._http = httpx.AsyncClient(
-                base_url=self.controller_url,
                 verify=self._verify,
                 transport=self._transport,
                 timeout=self._timeout,
@@ -344,6 +384,31 @@ class ControllerClient:
         answer = await self._call("GET", "/health", HealthAnswer)
         return ControllerHealth(answer.status, answer.total_workers, answer.healthy_workers)
 
+    # -- the change feed --------------------------------------------------
+
+    async def snapshot(self) -> SnapshotAnswer:
+        """``GET /snapshot``: the whole registry at one revision of its history (epoch).
+
+        Follow it with :meth:`watch` from its ``epoch`` and ``revision``.
+        """
+        return await self._call("GET", "/snapshot", SnapshotAnswer)
+
+    async def watch(self, *, since: int, epoch: str | None = None, timeout: float) -> WatchAnswer:
+        """``GET /watch``: the changes after ``since``, waiting up to ``timeout`` s for one.
+
+        No change by then: an answer with no events and the current
+        revision (a bookmark). The request may take ``timeout`` plus the
+        client's own timeout. Raises :class:`RevisionGone` (410) when the
+        controller no longer answers from ``since`` of ``epoch``: load
+        :meth:`snapshot` again.
+        """
+        params = {"since": str(since), "timeout": repr(float(timeout))}
+        if epoch is not None:
+            params["epoch"] = epoch
+        return await self._call(
+            "GET", "/watch", WatchAnswer, timeout=timeout + self._timeout, params=params
+        )
+
     # -- the worker's API -------------------------------------------------
 
     async def register(
@@ -351,7 +416,8 @@ class ControllerClient:
     ) -> RegistrationAck:
         """``POST /register``: announce (or replace) a worker and its capabilities.
 
-        ``timeout`` (seconds) replaces the client's request timeout for this call.
+        ``timeout`` (seconds) replaces the client's request timeout for this call
+        (for each controller it is sent to).
         """
         body = unstructure(registration)
         answer = await self._call("POST", "/register", RegisterAnswer, body, timeout)
@@ -363,7 +429,8 @@ class ControllerClient:
         """``POST /heartbeat``; :class:`WorkerNotRegisteredError` means register again.
 
         ``load``: the worker's load, for a controller that lists the
-        ``load_reports`` feature (an older one refuses the field).
+        ``load_reports`` feature (an older one refuses the field). ``timeout``
+        as for :meth:`register`.
         """
         body: dict[str, Any] = {"worker_id": worker_id}
         if load is not None:
@@ -371,9 +438,13 @@ class ControllerClient:
         answer = await self._call("POST", "/heartbeat", HeartbeatAnswer, body, timeout)
         return HeartbeatAck(datetime.fromisoformat(answer.timestamp), answer.heartbeat_interval_s)
 
-    async def deregister(self, worker_id: str) -> None:
-        """``POST /deregister``: the worker leaves and stops receiving traffic at once."""
-        await self._call("POST", "/deregister", DeregisterAnswer, {"worker_id": worker_id})
+    async def deregister(self, worker_id: str, *, timeout: float | None = None) -> None:
+        """``POST /deregister``: the worker leaves and stops receiving traffic at once.
+
+        ``timeout`` (seconds) replaces the client's request timeout for this call.
+        """
+        body = {"worker_id": worker_id}
+        await self._call("POST", "/deregister", DeregisterAnswer, body, timeout)
 
     # -- plumbing ---------------------------------------------------------
 
@@ -422,22 +493,92 @@ class ControllerClient:
         timeout: float | None = None,
         params: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
-        """Send the request; its 2xx answer's JSON object, or the error it means."""
+        """Send the request; its 2xx answer's JSON object, or the error it means.
+
+        With several controllers: to the current one first, then to each of
+        the others in turn (at most once) while another may answer.
+        """
+        what = f"{method} {path}"
+        count = len(self.controller_urls)
+        first = self._current
+        failures: list[ControllerUnavailable] = []
+        for step in range(count):
+            index = (first + step) % count
+            url = self.controller_urls[index]
+            try:
+                data = await self._fetch_from(
+                    url, method, path, body=body, timeout=timeout, params=params
+                )
+            except ControllerUnavailable as error:
+                if another_controller_may_answer(error):
+                    failures.append(error)
+                    continue
+                self._answered(index, failures)
+                raise
+            except ControllerError:
+                self._answered(index, failures)
+                raise
+            self._answered(index, failures)
+            return data
+        if count == 1:
+            raise failures[0]
+        last = failures[-1]
+        raise ControllerUnavailable(
+            f"{what}: none of the {count} controllers answered: "
+            + "; ".join(str(failure) for failure in failures),
+            status=last.status,
+            code=last.code,
+        ) from last
+
+    def _answered(self, index: int, failures: Sequence[ControllerUnavailable]) -> None:
+        """Controller ``index`` answered: ask it first from now on, and say so when it changed."""
+        if index != self._current:  # so the current one failed first
+            logger.warning(
+                "controller %s failed (%s); %s answered and is asked first from now on",
+                self.controller_url,
+                failures[0],
+                self.controller_urls[index],
+            )
+            self._current = index
+
+    async def _fetch_from(
+        self,
+        url: str,
+        method: str,
+        path: str,
+        *,
+        body: Mapping[str, Any] | None,
+        timeout: float | None,
+        params: Mapping[str, str] | None,
+    ) -> dict[str, Any]:
+        """Send the request to the controller at ``url``, within the timeout."""
+        what = f"{method} {path}"
         http = self._open()
-        extra: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+        limit = self._timeout if timeout is None else timeout
         try:
-            response = await http.request(method, path, json=body, params=params, **extra)
+            # httpx times each read and write; this bounds the whole exchange
+            # (a controller that trickles its answer, a transport without timeouts).
+            with anyio.fail_after(limit):
+                response = await http.request(
+                    method, url + path, json=body, params=params, timeout=limit
+                )
+        except TimeoutError:
+            raise ControllerUnavailable(
+                f"{what}: the controller at {url} did not answer within {limit:g} s"
+            ) from None
         except httpx.TransportError as error:
-            if await self._refused_for_lack_of_certificate(error):
+            if await self._refused_for_lack_of_certificate(error, url):
                 raise ClientCertificateRequired(
-                    f"the controller at {self.controller_url} requires a client certificate "
+                    f"the controller at {url} requires a client certificate "
                     "(mutual TLS) and closed the connection: this client has none; pass "
                     "tls=TLSConfig(ca_certs=..., certfile=..., keyfile=...) with a certificate "
                     "signed by the controller's CA (crank-registry certs --worker NAME)"
                 ) from error
             raise ControllerUnavailable(
-                f"cannot reach the controller at {self.controller_url}: {_reason(error)}"
+                f"cannot reach the controller at {url}: {_reason(error)}"
             ) from error
+        if len(self.controller_urls) > 1:
+            what = f"{what} at {url}"
         if response.is_success:
             data = _json_object(response)
             if data is None:
@@ -445,13 +586,14 @@ class ControllerClient:
                     "unexpected_response",
                     response.status_code,
                     {},
-                    f"{method} {path}: the controller answered {response.status_code} "
-                    "without a JSON object",
+                    f"{what}: the controller answered {response.status_code} without a JSON object",
                 )
             return data
-        raise error_from_response(response, f"{method} {path}")
+        raise error_from_response(response, what)
 
-    async def _refused_for_lack_of_certificate(self, error: httpx.TransportError) -> bool:
+    async def _refused_for_lack_of_certificate(
+        self, error: httpx.TransportError, controller_url: str
+    ) -> bool:
         """Whether a connection closed during or right after the handshake was a refusal.
 
         A controller that requires a client certificate and gets none may
@@ -464,7 +606,7 @@ class ControllerClient:
             _closed_by_the_server_in_handshake(error)
         ):
             return False
-        url = httpx.URL(self.controller_url)
+        url = httpx.URL(controller_url)
         if url.scheme != "https":
             return False
         port = url.port or 443
@@ -561,6 +703,7 @@ def error_from_response(response: httpx.Response, what: str) -> ClientError:
         return ControllerUnavailable(
             f"{what}: the controller answered {status}{f' {code}' if code else ''}{reason}",
             status=status,
+            code=code,
         )
     if code is None:
         return UnexpectedResponse(
@@ -574,6 +717,8 @@ def error_from_response(response: httpx.Response, what: str) -> ClientError:
         return WorkerNotRegisteredError(code, status, body, message)
     if code == "forbidden":
         return ForbiddenError(code, status, body, message)
+    if status == 410 and code in ("revision_compacted", "revision_reset"):
+        return RevisionGone(code, status, body, message)
     if status in _REFUSAL_STATUSES:
         return InvalidRequest(code, status, body, message)
     return UnexpectedResponse(code, status, body, message)

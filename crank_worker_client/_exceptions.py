@@ -5,13 +5,14 @@ One root, :class:`ClientError`; what went wrong decides the branch::
     ClientError
     ├── ConfigurationError          a bad URL, TLS setting or registration (also ValueError)
     │   └── ClientCertificateRequired  the controller requires a client certificate (mTLS)
-    ├── ControllerUnavailable       network error, timeout, or a 5xx answer: try again later
+    ├── ControllerUnavailable       network error, timeout or 5xx (.status .code): try again later
     ├── ControllerError             the controller answered with an error: .code .status .body
     │   ├── NoWorkerAvailable       503 no_worker_available (.retry_after, .explain)
     │   ├── UnknownCapability       404 unknown_capability: no worker offers it at all
     │   ├── PolicyDenied            403 policy_denied: the access policy refuses it (.reason)
     │   ├── WorkerNotRegisteredError  404 worker_not_registered
     │   ├── ForbiddenError          403 forbidden (the mTLS identity is not this worker)
+    │   ├── RevisionGone            410 revision_compacted or revision_reset: load /snapshot again
     │   ├── InvalidRequest          400/413/415/422: invalid_request, ... (.problems)
     │   └── UnexpectedResponse      an answer outside the protocol (wrong URL, bad body)
     └── RegistrationFailed          the agent could not register at start-up (deadline or refusal)
@@ -44,6 +45,7 @@ __all__ = [
     "NoWorkerAvailable",
     "PolicyDenied",
     "RegistrationFailed",
+    "RevisionGone",
     "UnexpectedResponse",
     "UnknownCapability",
     "WorkerNotRegisteredError",
@@ -71,12 +73,14 @@ class ControllerUnavailable(ClientError):
     """The controller could not be reached or failed (5xx); the request may be retried.
 
     ``status`` is the HTTP status of a 5xx answer, ``None`` for a network error
-    or a timeout (then ``__cause__`` is the httpx exception).
+    or a timeout (then ``__cause__`` is the httpx exception). ``code`` is the
+    answer's ``error`` field (``store_unavailable``...), ``None`` without one.
     """
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.code = code
 
 
 class ControllerError(ClientError):
@@ -173,6 +177,15 @@ class WorkerNotRegisteredError(ControllerError):
 
 class ForbiddenError(ControllerError):
     """The caller's certificate identity may not act on this worker record (403)."""
+
+
+class RevisionGone(ControllerError):
+    """``GET /watch`` cannot continue from the revision held (410): load ``/snapshot`` again.
+
+    ``code`` says why: ``revision_compacted`` (the changes after it are no
+    longer kept) or ``revision_reset`` (another history: another epoch, or
+    a revision beyond the latest).
+    """
 
 
 class InvalidRequest(ControllerError):

@@ -79,7 +79,8 @@ def parse_settings(
         "--controller",
         metavar="URL",
         default=env.get("CONTROLLER_URL", DEFAULT_CONTROLLER_URL),
-        help="the controller's base URL; env CONTROLLER_URL (default: %(default)s)",
+        help="the controller's base URL, or several controllers' separated by commas; "
+        "env CONTROLLER_URL (default: %(default)s)",
     )
     parser.add_argument(
         "--host",

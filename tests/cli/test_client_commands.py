@@ -257,6 +257,16 @@ def test_the_environment_stands_for_the_flags(
     assert json.loads(out)["total_workers"] == 2
 
 
+def test_several_controllers_are_asked_in_turn(
+    controller: ServerProcess, pki: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    nobody = f"https://{httpx.URL(controller.url).host}:{free_port()}"
+    urls = f"{nobody},{controller.url}"
+    status, out, err = run(["health", "--json", "--controller", urls, *tls_flags(pki)], capsys)
+    assert (status, err) == (0, "")
+    assert json.loads(out)["total_workers"] == 2
+
+
 def test_a_real_process_prints_the_json_and_exits_0(controller: ServerProcess, pki: Path) -> None:
     result = subprocess.run(
         command("workers", "--json", "--controller", controller.url, *tls_flags(pki)),

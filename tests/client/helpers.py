@@ -6,7 +6,7 @@ import asyncio
 import json
 import math
 import selectors
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,22 +86,34 @@ class Call:
     headers: dict[str, str] = field(repr=False)
 
 
+#: 503 answers a fake controller gives as a fault: the code is the fault's name.
+UNAVAILABLE_CODES = frozenset({"store_unavailable", "journal_unavailable", "incompatible_peer"})
+
+
 class FakeController:
     """The controller's HTTP API over ``httpx.MockTransport``, backed by a real registry.
 
     ``fault`` (for every path) or ``faults[path]`` injects a failure:
     ``"down"`` (connection refused), ``"error"`` (500), ``"hang"`` (never
-    answers), ``"refuse"`` (422 ``invalid_request``). :meth:`restart`
+    answers), ``"refuse"`` (422 ``invalid_request``), or one of
+    :data:`UNAVAILABLE_CODES` (503 with that code). :meth:`restart`
     forgets every worker, as a controller restarted without its journal
     does. Time is ``anyio.current_time()``. ``features`` is what its
     registration answer lists (none: a controller older than the list,
     which refuses a heartbeat's ``load`` as an unknown field).
+    ``registry``: another fake's, for controllers that share one registry.
     """
 
-    def __init__(self, interval: float = 1.0, *, features: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        interval: float = 1.0,
+        *,
+        features: tuple[str, ...] = (),
+        registry: CapabilityRegistry | None = None,
+    ) -> None:
         self.policy = HealthPolicy(interval, 2 * interval, 4 * interval)
         self.features = features
-        self.registry = CapabilityRegistry(self.policy)
+        self.registry = CapabilityRegistry(self.policy) if registry is None else registry
         self.fault: str | None = None
         self.faults: dict[str, str] = {}
         self.calls: list[Call] = []
@@ -130,6 +142,8 @@ class FakeController:
             return httpx.Response(500, json={"error": "internal_error"})
         if fault == "hang":
             await anyio.sleep_forever()
+        if fault in UNAVAILABLE_CODES:
+            return httpx.Response(503, headers={"Retry-After": "1"}, json={"error": fault})
         if fault == "refuse":
             detail = [{"path": "worker_url", "message": "not reachable from the controller"}]
             return httpx.Response(422, json={"error": "invalid_request", "detail": detail})
@@ -190,6 +204,16 @@ class FakeController:
                 )
             return httpx.Response(200, json=unstructure(endpoint))
         return httpx.Response(404, json={"error": "not_found"})
+
+
+class TransportByHost(httpx.AsyncBaseTransport):
+    """Sends each request to the transport of its URL's host, as a network would."""
+
+    def __init__(self, transports: Mapping[str, httpx.AsyncBaseTransport]) -> None:
+        self._transports = dict(transports)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return await self._transports[request.url.host].handle_async_request(request)
 
 
 class SwitchableTransport(httpx.AsyncBaseTransport):

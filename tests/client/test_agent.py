@@ -97,7 +97,7 @@ async def test_deregistration_is_bounded_when_the_controller_hangs(
         await anyio.sleep(INTERVAL / 2)
         leaving = anyio.current_time()
     assert anyio.current_time() - leaving == pytest.approx(2.0)
-    assert "timed out after 2 s" in caplog.text
+    assert "did not answer within 2 s" in caplog.text
     assert agent.status.state is AgentState.STOPPED
 
 

@@ -13,6 +13,7 @@ from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
@@ -330,6 +331,23 @@ async def test_network_errors_are_controller_unavailable() -> None:
     assert caught.value.status is None
     assert isinstance(caught.value.__cause__, httpx.ConnectError)
     assert URL in str(caught.value) and "Connection refused" in str(caught.value)
+
+
+async def test_a_controller_that_never_answers_is_given_up_after_the_timeout() -> None:
+    async def hang(request: httpx.Request) -> httpx.Response:
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    client = ControllerClient(URL, transport=httpx.MockTransport(hang), timeout=3.0)
+    started = anyio.current_time()
+    with pytest.raises(ControllerUnavailable) as caught:
+        await client.route("classify", "image.classify")
+    # Bounded even where httpx's own timeouts do not apply (each read, not the whole).
+    assert anyio.current_time() - started == 3.0
+    assert str(caught.value) == f"POST /route: the controller at {URL} did not answer within 3 s"
+    with pytest.raises(ControllerUnavailable, match=re.escape("within 0.5 s")):
+        await client.heartbeat("w1", timeout=0.5)
+    await client.aclose()
 
 
 @pytest.mark.parametrize(
