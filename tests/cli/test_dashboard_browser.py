@@ -62,12 +62,23 @@ def browser() -> Iterator[Any]:
         driver.quit()
 
 
-@pytest.fixture
-def controller(tmp_path: Path) -> Iterator[ServerProcess]:
+def _serve(tmp_path: Path, *timings: str) -> Iterator[ServerProcess]:
     port = free_port()
-    args = ["--insecure", "--port", str(port), "--state-dir", str(tmp_path / "state")]
+    args = ["--insecure", "--port", str(port), "--state-dir", str(tmp_path / "state"), *timings]
     with serving(args, tmp_path / "server.log", port=port, scheme="http") as server:
         yield server
+
+
+@pytest.fixture
+def controller(tmp_path: Path) -> Iterator[ServerProcess]:
+    yield from _serve(tmp_path)
+
+
+@pytest.fixture
+def quick_controller(tmp_path: Path) -> Iterator[ServerProcess]:
+    """A controller whose workers turn unhealthy after two seconds of silence."""
+    timings = ("--heartbeat-interval", "1", "--unhealthy-after", "2", "--evict-after", "600")
+    yield from _serve(tmp_path, *timings)
 
 
 # Read in one script: the page re-renders its tables as changes come, so an element
@@ -191,3 +202,34 @@ def test_pages_and_filters_of_a_larger_fleet(browser: Any, controller: ServerPro
         wait.until(lambda d: _text(d, "#worker-matching") == "(0 of 59)")
         assert _rows(browser, "#worker-rows tr") == []
         assert browser.find_element(By.ID, "workers-empty").is_displayed()
+
+
+def test_a_silent_worker_turns_unhealthy_and_back_on_the_page(
+    browser: Any, quick_controller: ServerProcess
+) -> None:
+    from selenium.webdriver.support.wait import WebDriverWait
+
+    wait = WebDriverWait(browser, DEADLINE_S)
+    row = '#worker-rows tr[data-worker-id="w1"]'
+    counts = '#capability-rows tr[data-capability="classify:image.classify"] td.number'
+    with httpx.Client(base_url=quick_controller.url, timeout=10.0) as api:
+        assert api.post("/register", json=registration_payload("w1")).status_code == 200
+        browser.get(f"{quick_controller.url}/ui")
+
+        def heard_and_shown_healthy(driver: Any) -> bool:
+            # Heartbeats until the page shows the worker, however long it takes to load.
+            assert api.post("/heartbeat", json={"worker_id": "w1"}).status_code == 200
+            return _rows(driver, f"{row} td.state") == ["healthy"]
+
+        wait.until(heard_and_shown_healthy)
+        browser.execute_script("window.notReloaded = true;")
+        # Silent past --unhealthy-after: the sweep's change reaches the page.
+        wait.until(lambda d: _rows(d, f"{row} td.state") == ["unhealthy"])
+        assert _rows(browser, counts) == ["0 / 1"]
+        assert api.post("/heartbeat", json={"worker_id": "w1"}).status_code == 200
+        wait.until(lambda d: _rows(d, f"{row} td.state") == ["healthy"])
+        assert _rows(browser, counts) == ["1 / 1"]
+        assert browser.execute_script("return window.notReloaded === true;")
+        changes = [" ".join(r.split()[2:]) for r in _rows(browser, "#change-rows tr")]
+        assert changes[:2] == ["healthy w1", "unhealthy w1"]
+        assert changes[-1] == "registered w1"  # from before the page opened
