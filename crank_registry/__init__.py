@@ -22,6 +22,7 @@ Where each rule lives:
 * ``_listing``: listings in pages (positions, cursors, pagers) and counts in steps.
 * ``_journal``: events and snapshots as JSON lines, and their replay.
 * ``_feed``: the window of recent changes the change feed answers from.
+* ``_idempotency``: the answers the gateway keeps per ``Idempotency-Key``.
 """
 
 from ._convention import INVOKE_PREFIX, NDJSON, invocation_path, iso_utc
@@ -58,6 +59,19 @@ from ._events import (
 )
 from ._feed import DEFAULT_FEED_WINDOW, MAX_FEED_PAGE, ChangeLog, SnapshotCopy, WorkerRow
 from ._health import TRANSITIONS, Health, HealthInput, Refusal, Transition, TransitionError
+from ._idempotency import (
+    MAX_KEY_LENGTH as MAX_IDEMPOTENCY_KEY_LENGTH,
+)
+from ._idempotency import (
+    AnswerStore,
+    KeptAnswer,
+    Replay,
+    Reused,
+    Run,
+    Running,
+    body_fingerprint,
+    idempotency_key_problem,
+)
 from ._identity import (
     DEFAULT_TRUST_DOMAIN,
     authorize_worker,
@@ -160,6 +174,15 @@ from ._wire import (
 
 __all__ = [
     "ANSWER_TYPES",
+    "MAX_IDEMPOTENCY_KEY_LENGTH",
+    "AnswerStore",
+    "KeptAnswer",
+    "Replay",
+    "Reused",
+    "Run",
+    "Running",
+    "body_fingerprint",
+    "idempotency_key_problem",
     "DEFAULT_FEED_WINDOW",
     "DEFAULT_WATCH_TIMEOUT",
     "EVENT_TYPES",

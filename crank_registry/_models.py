@@ -648,6 +648,82 @@ def check_affinity(strategy: str | None, affinity_key: str | None) -> None:
         raise _fail("affinity_key", "is used only with strategy 'affinity'; add it or drop the key")
 
 
+# The routing options' fields, shared by /route's body (RouteRequest) and
+# /execute's (ExecuteRequest): one definition of each rule and its schema.
+
+
+def slo_constraints_option() -> Any:
+    """The ``slo_constraints`` field of a request with routing options."""
+    return attrs.field(
+        default=None, validator=_slo_constraints, metadata=_schema(**_SLO_CONSTRAINTS_SCHEMA)
+    )
+
+
+def budget_tokens_option() -> Any:
+    """The ``budget_tokens`` field of a request with routing options."""
+    return attrs.field(
+        default=None,
+        validator=_optional_non_negative,
+        metadata=_schema(
+            minimum=0,
+            description="Only workers costing at most this many tokens per call; "
+            "the cheapest cost wins, round-robin among equal cost.",
+        ),
+    )
+
+
+def version_option() -> Any:
+    """The ``version`` field (a PEP 440 specifier set) of a request with routing options."""
+    return attrs.field(
+        default=None,
+        validator=_optional_specifier,
+        metadata=_schema(
+            maxLength=_MAX_TEXT,
+            pattern=_SPECIFIER_PATTERN,
+            description="A PEP 440 specifier set over the capability's version, "
+            "e.g. '>=1.2,<2', '~=1.4', '==2.*'.",
+        ),
+    )
+
+
+def exclude_option() -> Any:
+    """The ``exclude`` field (worker ids) of a request with routing options."""
+    return attrs.field(
+        default=None,
+        converter=_tuple_or_none,
+        validator=_worker_ids,
+        metadata=_schema(
+            items={"pattern": _WORKER_ID_PATTERN},
+            description="Worker ids not to return (a caller retrying after a failed call).",
+        ),
+    )
+
+
+def strategy_option() -> Any:
+    """The ``strategy`` field of a request with routing options."""
+    return attrs.field(
+        default=None,
+        validator=_strategy,
+        metadata=_schema(
+            enum=[*ROUTE_STRATEGIES, None],
+            description="How to choose among the candidates; round_robin by default.",
+        ),
+    )
+
+
+def affinity_key_option() -> Any:
+    """The ``affinity_key`` field (only with ``strategy: affinity``) of a routed request."""
+    return attrs.field(
+        default=None,
+        validator=_optional_text,
+        metadata=_schema(
+            **_TEXT_SCHEMA,
+            description="Required by, and only with, strategy affinity: the same key goes "
+            "to the same worker while it stays a candidate.",
+        ),
+    )
+
+
 @attrs.frozen
 class RouteRequest:
     """A caller's question: which worker should serve ``verb`` on ``capability``.
@@ -669,18 +745,8 @@ class RouteRequest:
             "caller's: accepted only from an identity named by --trusted-gateway.",
         ),
     )
-    slo_constraints: dict[str, Any] | None = attrs.field(
-        default=None, validator=_slo_constraints, metadata=_schema(**_SLO_CONSTRAINTS_SCHEMA)
-    )
-    budget_tokens: float | None = attrs.field(
-        default=None,
-        validator=_optional_non_negative,
-        metadata=_schema(
-            minimum=0,
-            description="Only workers costing at most this many tokens per call; "
-            "the cheapest cost wins, round-robin among equal cost.",
-        ),
-    )
+    slo_constraints: dict[str, Any] | None = slo_constraints_option()  # noqa: RUF009 (a field)
+    budget_tokens: float | None = budget_tokens_option()
     idempotency_key: str | None = attrs.field(
         default=None,
         validator=_optional_text,
@@ -690,42 +756,10 @@ class RouteRequest:
             "worker while it stays a candidate, for the registry's idempotency TTL.",
         ),
     )
-    version: str | None = attrs.field(
-        default=None,
-        validator=_optional_specifier,
-        metadata=_schema(
-            maxLength=_MAX_TEXT,
-            pattern=_SPECIFIER_PATTERN,
-            description="A PEP 440 specifier set over the capability's version, "
-            "e.g. '>=1.2,<2', '~=1.4', '==2.*'.",
-        ),
-    )
-    exclude: tuple[str, ...] | None = attrs.field(
-        default=None,
-        converter=_tuple_or_none,
-        validator=_worker_ids,
-        metadata=_schema(
-            items={"pattern": _WORKER_ID_PATTERN},
-            description="Worker ids not to return (a caller retrying after a failed call).",
-        ),
-    )
-    strategy: str | None = attrs.field(
-        default=None,
-        validator=_strategy,
-        metadata=_schema(
-            enum=[*ROUTE_STRATEGIES, None],
-            description="How to choose among the candidates; round_robin by default.",
-        ),
-    )
-    affinity_key: str | None = attrs.field(
-        default=None,
-        validator=_optional_text,
-        metadata=_schema(
-            **_TEXT_SCHEMA,
-            description="Required by, and only with, strategy affinity: the same key goes "
-            "to the same worker while it stays a candidate.",
-        ),
-    )
+    version: str | None = version_option()
+    exclude: tuple[str, ...] | None = exclude_option()
+    strategy: str | None = strategy_option()
+    affinity_key: str | None = affinity_key_option()
     explain: bool | None = attrs.field(
         default=None,
         validator=_optional_flag,

@@ -99,20 +99,20 @@ class Load:
     ``counted_since``: since
     its latest report that has ``in_flight`` (that count includes them),
     else since the start of the current heartbeat interval
-    (:meth:`hand_out`), so that it cannot grow for ever. ``in_progress``
-    counts the calls a caller said it started and has not ended
-    (:meth:`start_call`, :meth:`end_call`): a follower's own calls, which
-    no load report tells it of.
+    (:meth:`hand_out`), so that it cannot grow for ever. ``calls`` are the
+    calls this process has sent the worker and not seen end (a gateway's or
+    a follower's own count, kept exact from start to end: it does not
+    fade; :meth:`count_calls`).
     """
 
-    __slots__ = ("counted_since", "handed_out", "in_progress", "report", "reported_at")
+    __slots__ = ("calls", "counted_since", "handed_out", "report", "reported_at")
 
     def __init__(self) -> None:
         self.report: LoadReport | None = None
         self.reported_at = -math.inf
         self.handed_out = 0
         self.counted_since = -math.inf
-        self.in_progress = 0
+        self.calls = 0
 
     def reported(self, report: LoadReport, now: float) -> None:
         """A heartbeat at ``now`` carried ``report``."""
@@ -133,30 +133,30 @@ class Load:
             self.counted_since = now
         self.handed_out += 1
 
-    def start_call(self, now: float, interval: float) -> None:
-        """A call to this worker starts: counted until :meth:`end_call`.
+    def count_calls(self, calls: int) -> None:
+        """Set the calls this process has in flight to the worker now.
 
-        A hand-out still counted (the route that chose the worker) becomes
-        this call, so that one call is not counted twice.
+        A call that starts was a route's hand-out: it takes that hand-out's
+        place, so that it is counted once, and stops counting when it ends.
         """
-        if self.handed_out and not self._faded(now, interval):
-            self.handed_out -= 1
-        self.in_progress += 1
-
-    def end_call(self) -> None:
-        """A call counted by :meth:`start_call` ended."""
-        if self.in_progress:
-            self.in_progress -= 1
+        started = calls - self.calls
+        if started > 0:
+            self.handed_out = max(0, self.handed_out - started)
+        self.calls = calls
 
     def estimate(self, now: float, interval: float) -> int:
         """The calls the worker is thought to serve.
 
-        Reported ``in_flight`` plus hand-outs since, plus the calls in progress.
+        The reported ``in_flight`` plus hand-outs since, and at least the
+        ``calls`` this process has in flight there: those are certain (the
+        report counts them too, so the larger is taken, not the sum).
         """
         report = self.report
         if report is None or report.in_flight is None:
-            return self.in_progress + (0 if self._faded(now, interval) else self.handed_out)
-        return report.in_flight + self.handed_out + self.in_progress
+            reported = 0 if self._faded(now, interval) else self.handed_out
+        else:
+            reported = report.in_flight + self.handed_out
+        return max(reported, self.calls)
 
     def _faded(self, now: float, interval: float) -> bool:
         report = self.report

@@ -330,28 +330,6 @@ class CapabilityRegistry:
         """
         return self._commit(self.decide_heartbeat(worker_id, now=now, load=load))
 
-    def call_started(self, worker_id: str, *, now: float) -> None:
-        """A call to ``worker_id`` (a route gave it) started: ``least_loaded`` counts it.
-
-        Counted until :meth:`call_ended`, in place of the route's hand-out
-        (which fades after a heartbeat interval): how a follower counts the
-        calls it makes, as no load report tells it of them. Not an event.
-        A worker not held (it left since the route) is not counted.
-        """
-        _check_now(now)
-        worker = self._workers.get(worker_id)
-        if worker is None:
-            return
-        if worker.load is None:
-            worker.load = Load()
-        worker.load.start_call(now, self._policy.heartbeat_interval)
-
-    def call_ended(self, worker_id: str) -> None:
-        """A call counted by :meth:`call_started` ended (a worker not held: nothing to count)."""
-        worker = self._workers.get(worker_id)
-        if worker is not None and worker.load is not None:
-            worker.load.end_call()
-
     def deregister(self, worker_id: str, *, now: float) -> tuple[Event, ...]:
         """Remove a worker that is leaving; raises :class:`WorkerNotRegistered` if unknown."""
         return self._commit(self.decide_deregister(worker_id, now=now))
@@ -768,6 +746,36 @@ class CapabilityRegistry:
             health=self._policy,
         )
         return (None if member is None else member.endpoint), explanation
+
+    def concurrency_limits(self, worker_id: str) -> tuple[tuple[CapabilityKey, int], ...]:
+        """Each ``(verb, name)`` ``worker_id`` offers, with its ``max_concurrency``.
+
+        Empty for a worker not registered (unknown, or gone). O(the
+        worker's capabilities).
+        """
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            return ()
+        return tuple((schema.key, schema.max_concurrency) for schema in worker.capabilities)
+
+    def count_calls(self, worker_id: str, calls: int) -> None:
+        """``calls``: how many calls this process has in flight to ``worker_id`` now.
+
+        A gateway tells it when a call starts and when it ends, so that
+        ``least_loaded`` counts them from start to end (hand-outs alone fade
+        after a heartbeat interval, and a long call outlasts them). An
+        unknown worker is ignored. Not registry state: not journalled.
+        """
+        if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
+            raise ValidationError.single("calls", "must be an integer >= 0")
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            return
+        if worker.load is None:
+            if calls == 0:
+                return
+            worker.load = Load()
+        worker.load.count_calls(calls)
 
     def next_deadline(self) -> float | None:
         """When the next worker may stop being routable or become evictable.

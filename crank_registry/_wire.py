@@ -42,7 +42,14 @@ from ._models import (
     WorkerRecord,
     _positive,
     _text,
+    affinity_key_option,
+    budget_tokens_option,
+    check_affinity,
+    exclude_option,
     parse_capability_label,
+    slo_constraints_option,
+    strategy_option,
+    version_option,
 )
 from ._slos import SloFile
 
@@ -394,13 +401,29 @@ class ErrorAnswer:
 
 @attrs.frozen(kw_only=True)
 class ExecuteRequest:
-    """``POST /execute`` (the gateway): the capability to call and its payload."""
+    """``POST /execute`` (the gateway): the capability to call, its payload, the routing options.
+
+    The options are those of ``POST /route`` (:class:`RouteRequest`), with
+    the same rules, but for three: the idempotency key is the
+    ``Idempotency-Key`` header here (it keeps the answer, not only the
+    worker); the requester is the caller; and ``explain`` has no answer to
+    go into (a worker's answer is passed on as it came).
+    """
 
     verb: str = attrs.field(validator=_text, metadata={JSON_SCHEMA: _TEXT_SCHEMA})
     capability: str = attrs.field(validator=_text, metadata={JSON_SCHEMA: _TEXT_SCHEMA})
     payload: Any = attrs.field(
         metadata={JSON_SCHEMA: {"description": "Any JSON value the capability accepts."}}
     )
+    version: str | None = version_option()
+    slo_constraints: dict[str, Any] | None = slo_constraints_option()  # noqa: RUF009 (a field)
+    budget_tokens: float | None = budget_tokens_option()
+    strategy: str | None = strategy_option()
+    affinity_key: str | None = affinity_key_option()
+    exclude: tuple[str, ...] | None = exclude_option()
+
+    def __attrs_post_init__(self) -> None:
+        check_affinity(self.strategy, self.affinity_key)
 
 
 @attrs.frozen(kw_only=True)

@@ -197,7 +197,10 @@ def add_serve_command(subcommands: Subcommands) -> argparse.ArgumentParser:
         type=_seconds,
         default=3600.0,
         metavar="SECONDS",
-        help="how long a route's idempotency_key keeps its worker (3600)",
+        help=(
+            "how long a route's idempotency_key keeps its worker, and (with --gateway) "
+            "an /execute Idempotency-Key its answer (3600)"
+        ),
     )
     parser.add_argument(
         "--slo-poll-interval",
@@ -374,6 +377,16 @@ def add_serve_command(subcommands: Subcommands) -> argparse.ArgumentParser:
             f"({GatewayConfig().timeout:g})"
         ),
     )
+    parser.add_argument(
+        "--gateway-queue",
+        type=_at_least_zero,
+        metavar="N",
+        help=(
+            "with --gateway: calls that may wait per capability when every worker has "
+            "max_concurrency calls in flight; more are 503 overloaded "
+            f"({GatewayConfig().queue_limit})"
+        ),
+    )
     parser.set_defaults(handler=run_serve)
     return parser
 
@@ -409,7 +422,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.policy is None and args.policy_watch_interval != DEFAULT_WATCH_INTERVAL:
         raise UsageError("--policy-watch-interval needs --policy")
     if not args.gateway and _gateway_settings(args):
-        raise UsageError("--gateway-attempts and --gateway-timeout need --gateway")
+        raise UsageError("--gateway-attempts, --gateway-timeout and --gateway-queue need --gateway")
     try:
         # The core's policy decides which timings go together; this only names the flags.
         policy = HealthPolicy(
@@ -565,7 +578,11 @@ def _gateway_settings(args: argparse.Namespace) -> dict[str, Any]:
 
     What a flag does not give, GatewayConfig's default says.
     """
-    given = {"max_attempts": args.gateway_attempts, "timeout": args.gateway_timeout}
+    given = {
+        "max_attempts": args.gateway_attempts,
+        "timeout": args.gateway_timeout,
+        "queue_limit": args.gateway_queue,
+    }
     return {name: value for name, value in given.items() if value is not None}
 
 

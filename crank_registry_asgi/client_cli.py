@@ -84,22 +84,45 @@ Ask: TypeAlias = Callable[[ControllerClient, argparse.Namespace], Awaitable[Outp
 
 
 async def ask_workers(client: ControllerClient, args: argparse.Namespace) -> Output:
-    """``workers``: every registered worker, its state and the age of its last heartbeat."""
+    """``workers``: every registered worker, its state, the age of its last heartbeat, its load."""
     workers = await client.workers()
-    now = time.time()
-    rows = [
-        (
-            worker.worker_id,
-            worker.worker_url,
-            worker.state.value,
-            format_age(now - worker.last_heartbeat.timestamp()),
-            ", ".join(capability_label(key) for key in worker.capabilities),
-        )
-        for worker in workers
-    ]
-    headers = ("WORKER ID", "URL", "STATE", "LAST HEARTBEAT", "CAPABILITIES")
     document = {"workers": [unstructure(_entry(worker)) for worker in workers]}
-    return document, table(headers, rows)
+    return document, workers_table(workers, now=time.time())
+
+
+def workers_table(workers: Sequence[WorkerInfo], *, now: float) -> str:
+    """The ``workers`` table at ``now``; a load value the worker did not report is ``-``."""
+    rows = []
+    for worker in workers:
+        load = worker.load
+        rows.append(
+            (
+                worker.worker_id,
+                worker.worker_url,
+                worker.state.value,
+                format_age(now - worker.last_heartbeat.timestamp()),
+                _shown(None if load is None else load.in_flight, "{}"),
+                _shown(None if load is None else load.latency_p95_ms, "{:g} ms"),
+                _shown(None if load is None else load.error_rate, "{:.1%}"),
+                ", ".join(capability_label(key) for key in worker.capabilities),
+            )
+        )
+    headers = (
+        "WORKER ID",
+        "URL",
+        "STATE",
+        "LAST HEARTBEAT",
+        "IN FLIGHT",
+        "P95",
+        "ERRORS",
+        "CAPABILITIES",
+    )
+    return table(headers, rows)
+
+
+def _shown(value: float | None, form: str) -> str:
+    """A load value in ``form``, or ``-`` when it was not reported."""
+    return "-" if value is None else form.format(value)
 
 
 async def ask_capabilities(client: ControllerClient, args: argparse.Namespace) -> Output:
@@ -502,4 +525,5 @@ def _entry(worker: WorkerInfo) -> WorkerEntry:
         is_healthy=worker.is_healthy,
         state=worker.state,
         capabilities=tuple(capability_label(key) for key in worker.capabilities),
+        load=worker.load,
     )

@@ -213,12 +213,20 @@ class GatewayConfig:
     ``connect_timeout``: seconds to establish the connection, TLS included
     (capped at ``timeout``). ``max_response_bytes``: a larger JSON answer is
     a ``worker_failed`` (a stream is passed through without a limit).
+    ``queue_limit``: the most calls waiting per ``(verb, capability)`` when
+    every worker has ``max_concurrency`` calls in flight (0: none wait);
+    more are 503 ``overloaded``. ``idempotency_answers`` and
+    ``idempotency_bytes``: the bounds of the answers kept per
+    ``Idempotency-Key`` (how long: the service's ``routing.idempotency_ttl``).
     """
 
     max_attempts: int = attrs.field(default=3, validator=_positive_int)
     timeout: float = attrs.field(default=30.0, validator=_positive_number)
     connect_timeout: float = attrs.field(default=5.0, validator=_positive_number)
     max_response_bytes: int = attrs.field(default=16 * 1_048_576, validator=_positive_int)
+    queue_limit: int = attrs.field(default=100, validator=_non_negative_int)
+    idempotency_answers: int = attrs.field(default=10_000, validator=_positive_int)
+    idempotency_bytes: int = attrs.field(default=64 * 1_048_576, validator=_positive_int)
 
     def httpx_timeout(self) -> httpx.Timeout:
         """The per-request httpx timeouts."""

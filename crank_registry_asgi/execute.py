@@ -1,7 +1,14 @@
-"""The request path of ``POST /execute``: validate, route, call the worker, pass its answer on.
+"""The request path of ``POST /execute``: validate, admit, route, call the worker, answer.
 
 Its answers are listed in :mod:`crank_registry_asgi.gateway`; the call itself (URL,
-span, sending, reading, the errors' names) is :mod:`crank_registry_asgi.upstream`.
+span, sending, reading, the errors' names) is :mod:`crank_registry_asgi.upstream`;
+the calls in flight and the queues, :mod:`crank_registry_asgi.backpressure`; the
+answers kept per ``Idempotency-Key``, the core's :class:`~crank_registry.AnswerStore`.
+
+Each request has an exit stack (``cleanup``) closed once its answer is sent
+(streams included) or abandoned: what must happen then (freeing the
+worker's slot, keeping or forgetting the answer of an idempotency key)
+is pushed on it, so that it happens exactly once however the request ends.
 """
 
 from __future__ import annotations
@@ -9,9 +16,11 @@ from __future__ import annotations
 import contextlib
 import json
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any
 
+import anyio
+import attrs
 import httpx
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
@@ -21,39 +30,71 @@ from starlette.types import Receive, Scope, Send
 
 from crank_registry import (
     NDJSON,
+    AnswerStore,
+    ExecuteRequest,
+    KeptAnswer,
     Problem,
     RegistryError,
-    RouteRequest,
+    Replay,
+    Reused,
+    RouteOptions,
+    Run,
     UnknownCapability,
     ValidationError,
     WorkerEndpoint,
+    body_fingerprint,
+    idempotency_key_problem,
     structure,
 )
 
 from . import upstream
 from .app import ControllerService
+from .backpressure import CallerLeft, CallSlots, Slot, until_disconnect
 from .config import GatewayConfig
 from .failover import next_worker
 from .http import ApiError, error_response, read_json_body, registry_error_response
 from .telemetry import annotate
 
-__all__ = ["EXECUTE_PATH", "Gateway", "parse_execute"]
+__all__ = ["EXECUTE_PATH", "IDEMPOTENCY_HEADER", "REPLAYED_HEADER", "Gateway", "parse_execute"]
 
 #: Where the gateway listens.
 EXECUTE_PATH = "/execute"
+#: The request header that makes a call idempotent, and the answer header of a replay.
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+REPLAYED_HEADER = "Idempotent-Replayed"
 
-_EXECUTE_FIELDS = ("verb", "capability", "payload")
 _WORKER_HEADER = "x-crank-worker-id"
 _ATTEMPTS_HEADER = "x-crank-attempts"
+_EXECUTE_FIELDS = frozenset(field.name for field in attrs.fields(ExecuteRequest))
+# Fields of /route a body of /execute may not have, and what to do instead.
+_NOT_HERE = {
+    "idempotency_key": f"unknown field: /execute takes the key as the {IDEMPOTENCY_HEADER} "
+    "header (it keeps the answer, not only the worker)",
+    "requester_identity": "unknown field: /execute routes as its caller (the identity of "
+    "the connection)",
+    "explain": "unknown field: /execute answers with the worker's answer; ask POST /route "
+    "with explain: true to see the choice",
+}
+
+
+@attrs.define
+class _Pending:
+    """A call with an idempotency key being answered; duplicates wait for ``done``."""
+
+    done: anyio.Event = attrs.Factory(anyio.Event)
+    #: The answer, for the duplicates (set before ``done``); ``None``: it ended without one.
+    answer: KeptAnswer | None = None
 
 
 class Gateway:
     """The ``/execute`` endpoint (an ASGI app) over a controller's registry.
 
     ``service`` is the controller's :class:`ControllerService`
-    (``app.state.service``): its registry and clock are used directly.
+    (``app.state.service``): its registry and clock are used directly, and
+    its routing settings' ``idempotency_ttl`` is how long an answer is kept.
     ``tls`` is the client context for HTTPS workers; ``transport`` replaces
-    httpx's network transport (tests).
+    httpx's network transport (tests). ``slots`` are the calls in flight and
+    the queues; ``answers`` the answers kept per idempotency key.
     """
 
     def __init__(
@@ -69,6 +110,18 @@ class Gateway:
         self._tls = tls
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
+        self.slots = CallSlots(
+            service.registry,
+            queue_limit=config.queue_limit,
+            recheck=service.policy.heartbeat_interval,
+            overloaded=self._overloaded,
+        )
+        self.answers = AnswerStore(
+            ttl=service.config.routing.idempotency_ttl,
+            max_answers=config.idempotency_answers,
+            max_bytes=config.idempotency_bytes,
+        )
+        self._pending: dict[tuple[str, str], _Pending] = {}
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
@@ -100,115 +153,320 @@ class Gateway:
         if scope["type"] != "http":
             return
         request = Request(scope, receive)
-        try:
-            if request.method != "POST":
-                raise ApiError(
-                    405,
-                    "method_not_allowed",
-                    f"{request.method} is not allowed on {EXECUTE_PATH} (allowed: POST)",
-                    headers={"Allow": "POST"},
+        with contextlib.ExitStack() as cleanup:
+            try:
+                if request.method != "POST":
+                    raise ApiError(
+                        405,
+                        "method_not_allowed",
+                        f"{request.method} is not allowed on {EXECUTE_PATH} (allowed: POST)",
+                        headers={"Allow": "POST"},
+                    )
+                response = await self.execute(request, cleanup)
+            except CallerLeft:
+                return  # nobody to answer
+            except ApiError as error:
+                response = error.response()
+            except RegistryError as error:
+                response = registry_error_response(error)
+            except Exception:
+                # Never a traceback to the caller; the server span records it.
+                trace.get_current_span().set_status(Status(StatusCode.ERROR))
+                response = error_response(
+                    500, "internal_error", "the gateway failed to answer this request"
                 )
-            response = await self.execute(request)
-        except ApiError as error:
-            response = error.response()
-        except RegistryError as error:
-            response = registry_error_response(error)
-        except Exception:
-            # Never a traceback to the caller; the server span records it.
-            trace.get_current_span().set_status(Status(StatusCode.ERROR))
-            response = error_response(
-                500, "internal_error", "the gateway failed to answer this request"
-            )
-        await response(scope, receive, send)
+            await response(scope, receive, send)
 
-    async def execute(self, request: Request) -> Response:
-        """Route, forward, answer (every outcome: :mod:`crank_registry_asgi.gateway`)."""
+    async def execute(self, request: Request, cleanup: contextlib.ExitStack) -> Response:
+        """Admit, route, forward, answer (every outcome: :mod:`crank_registry_asgi.gateway`).
+
+        ``cleanup`` is closed by the caller once the answer is sent (or
+        abandoned): it frees the worker's slot and settles an idempotency key.
+        """
         body = await read_json_body(
             request,
             max_bytes=self.service.config.max_body_bytes,
             max_depth=self.service.config.max_json_depth,
             read_timeout=self.service.config.request_read_timeout,
         )
-        verb, capability, payload = parse_execute(body)
-        annotate(verb=verb, capability=capability)
+        ask = parse_execute(body)
+        annotate(verb=ask.verb, capability=ask.capability)
         # The gateway routes as its caller: the access policy applies to them.
         requester = self.service.requester(request, None)
-        content = json.dumps({"payload": payload}, allow_nan=False).encode()
+        key = idempotency_key(request)
+        if key is None:
+            return await self._call(ask, requester, request.receive, cleanup)
+        scoped = (requester or "", key)
+        return await self._once(
+            scoped,
+            fingerprint=body_fingerprint(body),
+            ask=ask,
+            requester=requester,
+            request=request,
+            cleanup=cleanup,
+        )
+
+    async def _once(
+        self,
+        key: tuple[str, str],
+        *,
+        fingerprint: str,
+        ask: ExecuteRequest,
+        requester: str | None,
+        request: Request,
+        cleanup: contextlib.ExitStack,
+    ) -> Response:
+        """The call of an idempotency key: made once, its answer kept and replayed."""
+        while True:
+            decision = self.answers.begin(key, fingerprint, self.service.clock())
+            if isinstance(decision, Run):
+                break
+            if isinstance(decision, Replay):
+                return _replay(decision.answer)
+            if isinstance(decision, Reused):
+                raise ApiError(
+                    422,
+                    "idempotency_key_reused",
+                    f"this {IDEMPOTENCY_HEADER} was used for another body; a new request "
+                    "needs a new key",
+                )
+            # The same call is being answered: wait for its answer.
+            pending = self._pending[key]
+            await until_disconnect(request.receive, pending.done.wait)
+            if pending.answer is not None:
+                return _replay(pending.answer)
+            # It ended without one (its caller left): ask again, perhaps to run it.
+        pending = self._pending[key] = _Pending()
+        # Whatever happens next, the key is finished exactly once, and its waiters woken.
+        cleanup.callback(self._finish, key, pending, None)
+        try:
+            response = await self._call(ask, requester, request.receive, cleanup)
+        except ApiError as error:
+            response = error.response()
+        except RegistryError as error:
+            response = registry_error_response(error)
+        if isinstance(response, upstream.PassedStream):
+            _keep_when_whole(
+                response,
+                self.answers.max_bytes,
+                lambda answer: self._finish(key, pending, answer),
+            )
+        else:
+            self._finish(key, pending, _kept(response, bytes(response.body)))
+        return response
+
+    def _finish(self, key: tuple[str, str], pending: _Pending, answer: KeptAnswer | None) -> None:
+        if pending.done.is_set():
+            return
+        self.answers.finish(key, answer, self.service.clock())
+        pending.answer = answer
+        pending.done.set()
+        if self._pending.get(key) is pending:
+            del self._pending[key]
+
+    async def _call(
+        self,
+        ask: ExecuteRequest,
+        requester: str | None,
+        receive: Receive,
+        cleanup: contextlib.ExitStack,
+    ) -> Response:
+        """Route and forward, failing over while nothing reached a worker."""
+        verb, capability = ask.verb, ask.capability
+        options = route_options(ask, requester)
+        content = json.dumps({"payload": ask.payload}, allow_nan=False).encode()
         refusals: list[upstream.Refused] = []
         tried: set[str] = set()
+
+        def route(busy: Collection[str]) -> WorkerEndpoint | None:
+            return next_worker(
+                self.service.registry,
+                verb,
+                capability,
+                options=options,
+                tried=tried,
+                busy=busy,
+                now=self.service.clock(),
+            )
+
         for _ in range(self.config.max_attempts):
-            now = self.service.clock()
             try:
-                endpoint = next_worker(
-                    self.service.registry,
-                    verb,
-                    capability,
-                    tried=tried,
-                    now=now,
-                    requester=requester,
-                )
+                slot = await self.slots.acquire(verb, capability, route, receive=receive)
             except UnknownCapability:
                 self.service.effects.unknown_capability()
                 raise
-            if endpoint is None:
+            if slot is None:
                 break
-            tried.add(endpoint.worker_id)
+            cleanup.callback(slot.release)
+            tried.add(slot.endpoint.worker_id)
             self.service.effects.routed()
-            annotate(worker_id=endpoint.worker_id)
+            annotate(worker_id=slot.endpoint.worker_id)
             try:
-                return await self._forward(endpoint, verb, capability, content, len(tried))
+                return await self._forward(slot, verb, capability, content, len(tried))
             except upstream.Refused as refused:
                 refusals.append(refused)
         if not refusals:
-            raise self.service.no_worker_available(verb, capability)
+            optioned = options is not None and options != RouteOptions(requester_identity=requester)
+            raise self.service.no_worker_available(verb, capability, optioned=optioned)
         raise upstream.unreachable(verb, capability, refusals)
 
     async def _forward(
-        self, endpoint: WorkerEndpoint, verb: str, capability: str, content: bytes, attempt: int
+        self, slot: Slot, verb: str, capability: str, content: bytes, attempt: int
     ) -> Response:
+        """One call to ``slot``'s worker; the slot is freed when its answer has ended."""
+        endpoint = slot.endpoint
         try:
             url = upstream.invocation_url(endpoint.worker_url, verb, capability)
         except (httpx.InvalidURL, ValueError) as error:
+            slot.release()
             raise upstream.unusable_url(endpoint, error) from None
         span = upstream.client_span(url, endpoint, verb, capability, attempt)
         worker = endpoint.worker_id
         headers = {_WORKER_HEADER: worker, _ATTEMPTS_HEADER: str(attempt)}
-        with upstream.ending_on_failure(span):
-            response = await upstream.send(self._http(), endpoint, url, content, span)
-            span.set_attribute("http.response.status_code", response.status_code)
-            if response.status_code == 200 and upstream.media_type(response) == NDJSON:
-                return upstream.stream_through(response, span, worker, headers)
-            try:
-                body = await upstream.read_answer(response, worker, self.config.max_response_bytes)
-            finally:
-                await response.aclose()
-            answer = upstream.whole_answer(response, body, worker, headers)
+        try:
+            with upstream.ending_on_failure(span):
+                response = await upstream.send(self._http(), endpoint, url, content, span)
+                span.set_attribute("http.response.status_code", response.status_code)
+                if response.status_code == 200 and upstream.media_type(response) == NDJSON:
+                    # The slot is freed when the stream ends (or by the request's cleanup).
+                    return upstream.stream_through(
+                        response, span, worker, headers, on_end=slot.release
+                    )
+                try:
+                    body = await upstream.read_answer(
+                        response, worker, self.config.max_response_bytes
+                    )
+                finally:
+                    await response.aclose()
+                answer = upstream.whole_answer(response, body, worker, headers)
+        except BaseException:
+            slot.release()
+            raise
+        slot.release()
         span.end()
         return answer
 
+    def _overloaded(self, verb: str, capability: str) -> ApiError:
+        """503 ``overloaded``: every worker is full and ``--gateway-queue`` calls already wait.
 
-def parse_execute(body: Any) -> tuple[str, str, Any]:
-    """An /execute body's verb, capability and payload.
+        Not a route's outcome (``crank_routes_total``): the request histogram
+        counts it as a 503 of /execute.
+        """
+        return ApiError(
+            503,
+            "overloaded",
+            f"every worker for {verb!r} on {capability!r} has max_concurrency calls in "
+            f"flight and {self.config.queue_limit} calls already wait; retry later",
+            headers={"Retry-After": self.service.retry_after},
+            verb=verb,
+            capability=capability,
+        )
 
-    Verb and capability follow the core's rules for a route (``RouteRequest``);
-    the other fields of a route request have no place here and are unknown.
-    Raises :class:`ValidationError` listing every problem.
+
+def route_options(ask: ExecuteRequest, requester: str | None) -> RouteOptions | None:
+    """The routing options of an /execute body, for ``requester``; ``None``: a plain route."""
+    if (
+        ask.version is None
+        and ask.slo_constraints is None
+        and ask.budget_tokens is None
+        and ask.strategy is None
+        and ask.affinity_key is None
+        and ask.exclude is None
+        and requester is None
+    ):
+        return None
+    return RouteOptions(
+        version=ask.version,
+        slo_constraints=ask.slo_constraints,
+        budget_tokens=ask.budget_tokens,
+        strategy=ask.strategy,
+        affinity_key=ask.affinity_key,
+        exclude=ask.exclude,
+        requester_identity=requester,
+    )
+
+
+def idempotency_key(request: Request) -> str | None:
+    """The request's ``Idempotency-Key`` (``None``: none); 422 ``invalid_request`` if unusable."""
+    values = request.headers.getlist(IDEMPOTENCY_HEADER)
+    if not values:
+        return None
+    problem = "must be sent once" if len(values) > 1 else idempotency_key_problem(values[0])
+    if problem is not None:
+        raise ValidationError([Problem(IDEMPOTENCY_HEADER, f"header {problem}")])
+    return values[0]
+
+
+def _kept(response: Response, body: bytes) -> KeptAnswer:
+    """``response`` as the idempotency store keeps it (its length is made again on replay)."""
+    headers = tuple(
+        (name, value) for name, value in response.headers.items() if name != "content-length"
+    )
+    return KeptAnswer(response.status_code, response.media_type or "", body, headers)
+
+
+def _replay(answer: KeptAnswer) -> Response:
+    """A kept answer, sent again (no worker is called)."""
+    response = Response(answer.body, status_code=answer.status, media_type=answer.media_type)
+    for name, value in answer.headers:
+        response.headers[name] = value
+    response.headers[REPLAYED_HEADER] = "true"
+    return response
+
+
+def _keep_when_whole(
+    response: upstream.PassedStream, limit: int, finish: Callable[[KeptAnswer | None], None]
+) -> None:
+    """Record a stream as it is sent; ``finish`` with it whole once it has ended.
+
+    A stream that broke off (it ends with the gateway's error line) is a
+    failure, as its 502 would have been, and one larger than ``limit``
+    bytes cannot be kept: ``finish(None)`` then. A stream never sent to
+    its end is finished by the request's cleanup.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    lines = response.body_iterator
+
+    async def recorded() -> AsyncIterator[bytes]:
+        nonlocal size
+        async for chunk in lines:
+            data = chunk.encode() if isinstance(chunk, str) else bytes(chunk)
+            size += len(data)
+            if size <= limit:
+                chunks.append(data)
+            yield data
+        whole = size <= limit and not response.broke
+        finish(_kept(response, b"".join(chunks)) if whole else None)
+
+    response.body_iterator = recorded()
+
+
+def parse_execute(body: Any) -> ExecuteRequest:
+    """An /execute body: verb, capability, payload and the routing options.
+
+    The same rules as :class:`~crank_registry.RouteRequest`'s for the fields
+    they share. Raises :class:`ValidationError` listing every problem (a
+    field of /route that has no place here says where it went instead).
     """
     if not isinstance(body, dict):
         raise ApiError(
             422,
             "invalid_request",
-            'the body must be an object {"verb", "capability", "payload"}',
+            'the body must be an object {"verb", "capability", "payload", ...routing options}',
             detail=(Problem("", "must be an object"),),
         )
     problems: list[Problem] = []
+    known = {name: value for name, value in body.items() if name in _EXECUTE_FIELDS}
     try:
-        ask = structure({k: body[k] for k in ("verb", "capability") if k in body}, RouteRequest)
+        ask = structure(known, ExecuteRequest)
     except ValidationError as error:
         problems.extend(error.problems)
-    if "payload" not in body:
-        problems.append(Problem("payload", "is required"))
-    problems.extend(Problem(str(k), "unknown field") for k in body if k not in _EXECUTE_FIELDS)
+    problems.extend(
+        Problem(str(name), _NOT_HERE.get(str(name), "unknown field"))
+        for name in body
+        if name not in _EXECUTE_FIELDS
+    )
     if problems:
         raise ValidationError(problems)
-    return ask.verb, ask.capability, body["payload"]
+    return ask

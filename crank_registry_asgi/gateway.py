@@ -1,6 +1,8 @@
 """The platform gateway: ``POST /execute`` routes through the registry and forwards.
 
-A caller sends ``{"verb", "capability", "payload"}``; the gateway asks the
+A caller sends ``{"verb", "capability", "payload"}`` and, optionally, the
+routing options of ``POST /route`` (``version``, ``slo_constraints``,
+``budget_tokens``, ``strategy``, ``affinity_key``, ``exclude``); the gateway asks the
 registry in the same process (the same registry object and service clock as
 the controller's endpoints, no HTTP to itself) for a worker, forwards
 ``{"payload": ...}`` to that worker's invocation endpoint
@@ -16,14 +18,32 @@ the connect timeout, nothing was sent, so the next routable worker is tried
 (:func:`~crank_registry_asgi.failover.next_worker`), up to ``max_attempts``
 workers in all (never the same one twice). Once the request may have reached
 a worker (a read timeout, a dropped connection after sending, a 5xx), it is
-never sent again: the worker may have acted.
+never sent again: the worker may have acted. The workers tried are added
+to the caller's ``exclude``; its other options hold for every attempt.
+
+Back-pressure (:mod:`crank_registry_asgi.backpressure`): a worker with
+``max_concurrency`` calls in flight from the gateway is passed over; when
+every candidate is full the call waits in a FIFO per capability of at most
+``queue_limit`` calls (``--gateway-queue``), and past it is 503
+``overloaded``.
+
+Idempotency: with an ``Idempotency-Key`` header the first answer (2xx or
+4xx) is kept for the routing settings' ``idempotency_ttl``
+(``--idempotency-ttl``) with a hash of the body; the same key and body get
+it again with ``Idempotent-Replayed: true`` and no worker is called; a
+duplicate sent while the first runs waits for its answer; the same key
+with another body is 422 ``idempotency_key_reused``. Keys are per caller
+identity (anonymous callers share one space). The rules and bounds are
+the core's :class:`~crank_registry.AnswerStore`.
 
 Answers of the gateway itself::
 
     200                     the worker's answer (application/json or application/x-ndjson)
     4xx                     the worker's own JSON error, passed through (its status)
     400/413/415/422         the /execute body: invalid_json, request_too_large,
-                            unsupported_media_type, invalid_request (with detail)
+                            unsupported_media_type, invalid_request (with detail;
+                            also an unusable Idempotency-Key header)
+    422 idempotency_key_reused  the Idempotency-Key was sent with another body
     502 worker_failed       the worker answered 5xx or something outside the
                             convention, dropped the connection, or every attempt
                             was refused (worker_id: the last worker tried)
@@ -31,7 +51,9 @@ Answers of the gateway itself::
                             certificate that did not verify)
     403 policy_denied       the access policy does not let the caller route to the pair
     404 unknown_capability  no registered worker in any state offers the pair
-    503 no_worker_available no routable worker (Retry-After: the heartbeat interval)
+    503 no_worker_available no routable worker, or none meets the options
+                            (Retry-After: the heartbeat interval)
+    503 overloaded          every candidate is full and the queue too (Retry-After)
     504 worker_timeout      the worker stayed silent longer than the timeout
 
 The gateway presents a client certificate to workers (the controller's,
@@ -65,11 +87,17 @@ from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp
 
-from crank_registry import NDJSON, ErrorAnswer, ExecuteRequest, InvocationAnswer
+from crank_registry import (
+    MAX_IDEMPOTENCY_KEY_LENGTH,
+    NDJSON,
+    ErrorAnswer,
+    ExecuteRequest,
+    InvocationAnswer,
+)
 
 from .app import ControllerService
 from .config import GatewayConfig
-from .execute import EXECUTE_PATH, Gateway
+from .execute import EXECUTE_PATH, IDEMPOTENCY_HEADER, REPLAYED_HEADER, Gateway
 from .http import ServiceApp, internal_error
 from .metrics import RequestDurationMiddleware
 from .openapi import (
@@ -119,6 +147,24 @@ GATEWAY_ERRORS: Mapping[str, ErrorCode] = {
     "worker_timeout": ErrorCode(
         504, "The worker stayed silent longer than the timeout.", ("worker_id",), ("attempts",)
     ),
+    "overloaded": ErrorCode(
+        503,
+        "Every worker that could take the call has max_concurrency calls in flight from the "
+        "gateway, and --gateway-queue calls already wait for one.",
+        ("verb", "capability"),
+        headers={
+            "Retry-After": {
+                "description": "The heartbeat interval in whole seconds.",
+                "required": True,
+                "schema": {"type": "string", "pattern": "^[0-9]+$"},
+            }
+        },
+    ),
+    "idempotency_key_reused": ErrorCode(
+        422,
+        "The Idempotency-Key was sent before with another body (kept, or being answered); "
+        "a new request needs a new key.",
+    ),
 }
 
 _EXECUTE = Operation(
@@ -138,6 +184,28 @@ _EXECUTE = Operation(
         *GATEWAY_ERRORS,
     ),
 )
+
+_REPLAYED = {
+    REPLAYED_HEADER: {
+        "description": "true: the answer kept for this Idempotency-Key, sent again; "
+        "no worker was called",
+        "schema": {"type": "string", "enum": ["true"]},
+    }
+}
+_IDEMPOTENCY_PARAMETER = {
+    "name": IDEMPOTENCY_HEADER,
+    "in": "header",
+    "required": False,
+    "description": "Makes the call idempotent: its first answer (2xx or 4xx) is kept for "
+    "--idempotency-ttl seconds and sent again for the same key and body without calling a "
+    "worker; a duplicate sent while the first runs waits for its answer.",
+    "schema": {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": MAX_IDEMPOTENCY_KEY_LENGTH,
+        "pattern": "^[!-~]+$",
+    },
+}
 
 _WORKER_HEADERS = {
     "X-Crank-Worker-Id": {"description": "the worker that answered", "schema": {"type": "string"}},
@@ -160,22 +228,28 @@ def gateway_openapi_document() -> dict[str, Any]:
         "properties": property_schemas(ErrorAnswer, schemas, ("error", "message")),
         "required": ["error", "message"],
     }
-    responses = document["paths"][EXECUTE_PATH]["post"]["responses"]
-    responses["200"]["headers"] = _WORKER_HEADERS
+    execute = document["paths"][EXECUTE_PATH]["post"]
+    execute["parameters"] = [_IDEMPOTENCY_PARAMETER]
+    responses = execute["responses"]
+    responses["200"]["headers"] = {**_WORKER_HEADERS, **_REPLAYED}
     responses["200"]["content"][NDJSON] = {"schema": {"type": "string"}}
     refused = responses["422"]
     refused["description"] += " Or the worker refused the payload (its own error, passed on)."
-    refused["content"]["application/json"]["schema"] = {
-        "anyOf": [ref("InvalidRequest"), ref("WorkerError")]
-    }
+    refused["content"]["application/json"]["schema"]["anyOf"].append(ref("WorkerError"))
     unknown = responses["404"]
     unknown["description"] += " Or the worker's own 404, passed on (then with X-Crank-Worker-Id)."
     unknown["content"]["application/json"]["schema"] = {
         "anyOf": [ref(component_name("unknown_capability")), ref("WorkerError")]
     }
     responses["4XX"] = json_answer(
-        "The worker's own 4xx error, passed on.", ref("WorkerError"), headers=_WORKER_HEADERS
+        "The worker's own 4xx error, passed on.",
+        ref("WorkerError"),
+        headers={**_WORKER_HEADERS, **_REPLAYED},
     )
+    for status, answer in responses.items():
+        # A kept answer (2xx or 4xx) may be a replay.
+        if status.startswith("4") and status != "4XX":
+            answer["headers"] = {**answer.get("headers", {}), **_REPLAYED}
     return document
 
 

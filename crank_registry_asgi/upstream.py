@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import httpx
@@ -27,6 +27,7 @@ from .http import ApiError
 from .telemetry import tracer
 
 __all__ = [
+    "PassedStream",
     "Refused",
     "client_span",
     "ending_on_failure",
@@ -166,10 +167,24 @@ def whole_answer(
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
+class PassedStream(StreamingResponse):
+    """A worker's NDJSON answer passed through; ``broke``: it ended with the gateway's error line.
+
+    (It broke off: the worker went silent or the connection was cut.)
+    """
+
+    broke = False
+
+
 def stream_through(
-    response: httpx.Response, span: trace.Span, worker: str, headers: Mapping[str, str]
-) -> StreamingResponse:
-    """Pass an NDJSON answer through as it arrives; ``span`` ends with it."""
+    response: httpx.Response,
+    span: trace.Span,
+    worker: str,
+    headers: Mapping[str, str],
+    *,
+    on_end: Callable[[], None] | None = None,
+) -> PassedStream:
+    """Pass an NDJSON answer through as it arrives; ``span`` ends with it, then ``on_end`` runs."""
 
     async def lines() -> AsyncIterator[bytes]:
         try:
@@ -178,15 +193,20 @@ def stream_through(
         except httpx.TimeoutException:
             # The status is sent already: the stream's last line says what happened.
             _mark_failed(span, "worker_timeout")
+            passed.broke = True
             yield _error_line("worker_timeout", f"worker {worker!r} went silent mid-stream")
         except httpx.TransportError as error:
             _mark_failed(span, "worker_failed")
+            passed.broke = True
             yield _error_line("worker_failed", f"the stream was cut off: {_describe(error)}")
         finally:
             await response.aclose()
             span.end()
+            if on_end is not None:
+                on_end()
 
-    return StreamingResponse(lines(), media_type=NDJSON, headers=headers)
+    passed = PassedStream(lines(), media_type=NDJSON, headers=headers)
+    return passed
 
 
 @contextlib.contextmanager

@@ -153,6 +153,8 @@ class RegistryFollower:
         self._stale_route_timeout = stale_route_timeout
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
+        # Calls in progress per worker (reserve()), told to each replica in use.
+        self._calls: dict[str, int] = {}
         self._replica: CapabilityRegistry | None = None
         self._epoch = ""
         self._heard_at = -math.inf
@@ -341,12 +343,17 @@ class RegistryFollower:
         ends (in place of the route's fading hand-out).
         """
         endpoint = await self.route(verb, capability, **options)
-        replica = self.registry
-        replica.call_started(endpoint.worker_id, now=self._clock())
+        worker_id = endpoint.worker_id
+        self._calls[worker_id] = self._calls.get(worker_id, 0) + 1
+        self.registry.count_calls(worker_id, self._calls[worker_id])
         try:
             yield endpoint
         finally:
-            replica.call_ended(endpoint.worker_id)
+            left = self._calls.pop(worker_id) - 1
+            if left:
+                self._calls[worker_id] = left
+            # The replica may have been replaced by a snapshot meanwhile: tell the one in use.
+            self.registry.count_calls(worker_id, left)
 
     # -- following the feed -----------------------------------------------
 
@@ -358,6 +365,8 @@ class RegistryFollower:
     def _use_snapshot(self, answer: SnapshotAnswer) -> None:
         timings = answer.health_policy
         self._replica = replica_of(answer, rng=self._rng)
+        for worker_id, calls in self._calls.items():
+            self._replica.count_calls(worker_id, calls)
         self._replica.set_access_policy(
             BuiltinPolicy(PolicyRules(), self._replica.required_targets, self._trust_domain)
         )

@@ -11,6 +11,7 @@ worker goes unhealthy after 0.5 s.
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 import subprocess
@@ -22,8 +23,10 @@ from typing import Any
 import httpx
 import pytest
 
+from crank_registry import HealthState, WorkerLoad
 from crank_registry_asgi import cli
-from crank_registry_asgi.client_cli import format_age, table
+from crank_registry_asgi.client_cli import format_age, table, workers_table
+from crank_worker_client import WorkerInfo
 from tests.builders import capability_payload, registration_payload
 from tests.cli.helpers import (
     ServerProcess,
@@ -70,6 +73,14 @@ def controller(pki: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
                 f"{server.url}/register", json=payload, verify=worker_tls(pki, name)
             )
             assert answer.status_code == 200, answer.text
+        # a reports its load; b reports none.
+        load = {"in_flight": 3, "latency_p95_ms": 41.5, "error_rate": 0.02}
+        beat = httpx.post(
+            f"{server.url}/heartbeat",
+            json={"worker_id": "a", "load": load},
+            verify=worker_tls(pki, "a"),
+        )
+        assert beat.status_code == 200, beat.text
         yield server
         assert server.stop() == 0, server.log()
 
@@ -132,15 +143,27 @@ def test_workers_table(
     status, out, err = ask(controller, pki, capsys, "workers")
     assert (status, err) == (0, "")
     header, *rows = columns(out)
-    assert header == ["WORKER ID", "URL", "STATE", "LAST HEARTBEAT", "CAPABILITIES"]
+    assert header == [
+        "WORKER ID",
+        "URL",
+        "STATE",
+        "LAST HEARTBEAT",
+        "IN FLIGHT",
+        "P95",
+        "ERRORS",
+        "CAPABILITIES",
+    ]
     assert [row[:3] for row in rows] == [
         ["a", "https://a.example:8443", "healthy"],
         ["b", "https://b.example:8443", "healthy"],
     ]
     # Registered moments ago (the age of the registration, the last heartbeat).
     assert all(re.fullmatch(r"\d+(\.\d)?s|\d+m\d\ds", row[3]) for row in rows), rows
-    assert rows[0][4] == "classify:image.classify, summarize:text.summarize"
-    assert rows[1][4] == "classify:image.classify"
+    # a's load as it reported it; b reported none.
+    assert rows[0][4:7] == ["3", "41.5 ms", "2.0%"]
+    assert rows[1][4:7] == ["-", "-", "-"]
+    assert rows[0][7] == "classify:image.classify, summarize:text.summarize"
+    assert rows[1][7] == "classify:image.classify"
     assert_aligned(out)
 
 
@@ -499,3 +522,34 @@ def test_table_pads_every_column_but_the_last() -> None:
 )
 def test_format_age(seconds: float, text: str) -> None:
     assert format_age(seconds) == text
+
+
+def test_the_workers_table_shows_each_reported_load_value() -> None:
+    moment = datetime.datetime(2026, 12, 6, 12, 0, tzinfo=datetime.UTC)
+    at = "2026-12-06T12:00:00.000Z"
+
+    def info(worker_id: str, load: WorkerLoad | None) -> WorkerInfo:
+        return WorkerInfo(
+            worker_id=worker_id,
+            worker_url=f"https://{worker_id}:8443",
+            last_heartbeat=moment,
+            is_healthy=True,
+            state=HealthState.HEALTHY,
+            capabilities=(("run", "x"),),
+            load=load,
+        )
+
+    workers = [
+        info(
+            "full",
+            WorkerLoad(in_flight=4, latency_p95_ms=120, error_rate=0.125, reported_at=at),
+        ),
+        info("partial", WorkerLoad(in_flight=0, reported_at=at)),
+        info("silent", None),
+    ]
+    _, *rows = columns(workers_table(workers, now=moment.timestamp() + 12))
+    assert [row[3:7] for row in rows] == [
+        ["12s", "4", "120 ms", "12.5%"],
+        ["12s", "0", "-", "-"],
+        ["12s", "-", "-", "-"],
+    ]

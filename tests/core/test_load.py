@@ -161,6 +161,36 @@ def test_hand_outs_to_a_worker_without_in_flight_fade_after_a_heartbeat_interval
     assert least_loaded(registry, 1, now=later) == ["a"]
 
 
+def test_a_gateways_counted_calls_do_not_fade_and_are_not_added_to_a_report() -> None:
+    registry = fleet("a", "b")
+    registry.count_calls("a", 3)
+    later = T0 + 5 * POLICY.heartbeat_interval  # long past any hand-out's fading
+    assert least_loaded(registry, 3, now=later) == ["b", "b", "b"]
+    # A report of 3 counts the same calls: a stands at max(3, 3), b at 3 hand-outs: a tie, a.
+    report(registry, "a", now=later, in_flight=3)
+    assert least_loaded(registry, 1, now=later) == ["a"]
+    registry.count_calls("a", 0)
+    report(registry, "a", now=later, in_flight=0)
+    assert least_loaded(registry, 1, now=later) == ["a"]
+
+
+def test_counted_calls_of_an_unknown_worker_are_ignored_and_a_bad_count_refused() -> None:
+    registry = fleet("a")
+    registry.count_calls("gone", 2)
+    registry.count_calls("a", 0)  # nothing to count: no load record made
+    assert registry.get_worker("a", now=T0).load is None  # type: ignore[union-attr]
+    with pytest.raises(ValidationError, match="calls"):
+        registry.count_calls("a", -1)
+
+
+def test_the_concurrency_limits_are_each_capabilitys() -> None:
+    registry = CapabilityRegistry(POLICY)
+    both = [capability(max_concurrency=2), capability("text.embed", "embed", max_concurrency=8)]
+    registry.register("w1", "https://w1:8443", both, now=T0)
+    assert registry.concurrency_limits("w1") == ((KEY, 2), (("embed", "text.embed"), 8))
+    assert registry.concurrency_limits("gone") == ()
+
+
 def test_least_loaded_is_deterministic_for_a_seed() -> None:
     loads = {f"w{index}": index % 4 for index in range(8)}
 

@@ -298,6 +298,12 @@ def test_the_strategies_cover_every_public_model_and_event() -> None:
         crank_registry.Transition,
         crank_registry.Refusal,
         crank_registry.ExecuteRequest,
+        # The idempotency store's values: tests/core/test_idempotency.py.
+        crank_registry.KeptAnswer,
+        crank_registry.Run,
+        crank_registry.Replay,
+        crank_registry.Running,
+        crank_registry.Reused,
         # In-process values of the routing options: tests/core/test_routing.py.
         crank_registry.RouteOptions,
         crank_registry.RoutingSettings,

@@ -87,17 +87,14 @@ def test_a_call_in_progress_counts_for_least_loaded_until_it_ends() -> None:
         registry.register(worker_id, f"https://{worker_id}:8443", [capability()], now=T0)
     # Long after any hand-out faded, two calls in progress on w1 make w2 the less loaded
     # until w2 has been handed two calls too.
-    for _ in range(2):
-        registry.call_started("w1", now=T0)
+    registry.count_calls("w1", 2)
     later = T0 + 5 * POLICY.heartbeat_interval
     first_two = [
         registry.route("classify", "image.classify", now=later, options=LEAST_LOADED)
         for _ in range(2)
     ]
     assert [endpoint.worker_id if endpoint else None for endpoint in first_two] == ["w2", "w2"]
-    registry.call_ended("w1")
-    registry.call_ended("w1")
-    registry.call_ended("w1")  # one more than started: the count stays at zero
+    registry.count_calls("w1", 0)
     # Both idle again (w2's hand-outs faded): a tie, which goes to the smaller id.
     much_later = later + 5 * POLICY.heartbeat_interval
     endpoint = registry.route("classify", "image.classify", now=much_later, options=LEAST_LOADED)
@@ -105,7 +102,7 @@ def test_a_call_in_progress_counts_for_least_loaded_until_it_ends() -> None:
     assert endpoint.worker_id == "w1"
 
 
-def test_a_started_call_takes_the_place_of_its_routes_hand_out() -> None:
+def test_a_call_in_progress_and_its_routes_hand_out_count_once() -> None:
     registry = CapabilityRegistry(POLICY, rng=random.Random(1))
     registry.register("w1", "https://w1:8443", [capability()], now=T0)
     endpoint = registry.route("classify", "image.classify", now=T0, options=LEAST_LOADED)
@@ -113,9 +110,10 @@ def test_a_started_call_takes_the_place_of_its_routes_hand_out() -> None:
     worker = registry._workers["w1"]
     assert worker.load is not None
     assert worker.load.estimate(T0, POLICY.heartbeat_interval) == 1  # the hand-out
-    registry.call_started("w1", now=T0)
+    registry.count_calls("w1", 1)
     assert worker.load.estimate(T0, POLICY.heartbeat_interval) == 1  # the same call, once
-    registry.call_ended("w1")
-    assert worker.load.estimate(T0, POLICY.heartbeat_interval) == 0
-    registry.call_started("gone", now=T0)  # a worker not held: nothing to count
-    registry.call_ended("gone")
+    later = T0 + 2 * POLICY.heartbeat_interval
+    assert worker.load.estimate(later, POLICY.heartbeat_interval) == 1  # a call does not fade
+    registry.count_calls("w1", 0)
+    assert worker.load.estimate(later, POLICY.heartbeat_interval) == 0
+    registry.count_calls("gone", 1)  # a worker not held: nothing to count

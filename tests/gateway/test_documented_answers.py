@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
+import anyio
 import httpx
 import jsonschema
 import pytest
@@ -58,14 +60,21 @@ async def test_every_execute_answer_agrees_with_the_document() -> None:
     async def picky(payload: Any) -> Any:
         raise InvocationError("unknown_note", "no note with id 9", status=404)
 
+    opened = anyio.Event()
+
+    async def gate(payload: Any) -> Any:
+        await opened.wait()
+        return {"opened": True}
+
     network = WorkerNetwork()
     network.add("ok.test", FakeWorker(serving({("greet", "hello"): hello})))
     network.add("broken.test", FakeWorker(serving({("greet", "broken"): broken})))
     network.add("picky.test", FakeWorker(serving({("greet", "picky"): picky})))
     network.add("slow.test", FakeWorker(failure=httpx.ConnectTimeout))
+    network.add("gate.test", FakeWorker(serving({("greet", "gate"): gate})))
     answers: list[httpx.Response] = []
     clock = FakeClock()
-    app = make_gateway(network, clock, GatewayConfig(max_attempts=1))
+    app = make_gateway(network, clock, GatewayConfig(max_attempts=1, queue_limit=0))
     async with client_of(app) as client:
         answers.append(await execute(client))  # unknown_capability
         await register(client, "ok", "https://ok.test")
@@ -79,6 +88,23 @@ async def test_every_execute_answer_agrees_with_the_document() -> None:
                 client, name, f"https://{name}.test", capability(verb="greet", name=name)
             )
             answers.append(await execute(client, capability=name))
+        # The same Idempotency-Key with another body.
+        keyed = {"Idempotency-Key": "k"}
+        body = {"verb": "greet", "capability": "hello", "payload": {"name": "Ada"}}
+        answers.append(await client.post(EXECUTE_PATH, json=body, headers=keyed))
+        answers.append(await client.post(EXECUTE_PATH, json=body, headers=keyed))  # replayed
+        assert answers[-1].headers["Idempotent-Replayed"] == "true"
+        answers.append(await client.post(EXECUTE_PATH, json={**body, "payload": {}}, headers=keyed))
+        # One call in flight to a worker that takes one, and no queue: overloaded.
+        gated = capability(verb="greet", name="gate", max_concurrency=1)
+        await register(client, "gate", "https://gate.test", gated)
+        gateway = app.state.gateway
+        async with anyio.create_task_group() as group:
+            group.start_soon(functools.partial(execute, client, capability="gate"))
+            while gateway.slots.in_flight("gate") == 0:
+                await anyio.sleep(0)
+            answers.append(await execute(client, capability="gate"))
+            opened.set()
         clock.advance(3.5)  # past unhealthy_after: every pair known, none routable
         answers.append(await execute(client))  # no_worker_available
     statuses = {response.status_code for response in answers}

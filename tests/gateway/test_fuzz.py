@@ -30,7 +30,14 @@ bodies = st.one_of(
     json_values,
     st.fixed_dictionaries(
         {"verb": st.sampled_from(["greet", "", 7]), "capability": st.sampled_from(["hello", "x"])},
-        optional={"payload": json_values, "extra": json_values},
+        optional={
+            "payload": json_values,
+            "extra": json_values,
+            "version": st.sampled_from([">=1", "~=2.0", "nonsense", 3]),
+            "strategy": st.sampled_from(["least_loaded", "affinity", "round_robin", None, 1]),
+            "exclude": st.sampled_from([["w1"], ["w2"], [], "w1", [7]]),
+            "budget_tokens": st.sampled_from([0, 5, -1, "5"]),
+        },
     ),
 )
 # 422 is the gateway's invalid_request or the worker's invalid_payload (passed through);

@@ -46,7 +46,6 @@ from tests.service.helpers import (
 pytestmark = pytest.mark.anyio
 
 MTLS = ServiceConfig(require_identity=True)
-NOW = time.time()
 
 
 def proxy_config(authority: CertificateAuthority, **fields: Any) -> ServiceConfig:
@@ -94,17 +93,19 @@ def test_spiffe_id_of_certificates(authority: CertificateAuthority) -> None:
 def test_caller_identity_sources(authority: CertificateAuthority) -> None:
     pem = authority.worker("w1")
     tls_scope = {"extensions": {"tls": {"client_cert_chain": [pem]}}}
-    assert caller_identity(tls_scope, {}, None, NOW) == "spiffe://crank.local/worker/w1"
+    assert caller_identity(tls_scope, {}, None, time.time()) == "spiffe://crank.local/worker/w1"
     # The header counts only when named; then, when sent, it is the caller's identity
     # (a proxy's own certificate on the connection is not the caller's).
     header = {"x-client-cert": quote(authority.worker("w2"))}
     trusted = ProxyCertificateHeader("x-client-cert", [authority.certificate])
-    assert caller_identity({}, header, None, NOW) is None
-    assert caller_identity({}, header, trusted, NOW) == "spiffe://crank.local/worker/w2"
-    assert caller_identity(tls_scope, header, trusted, NOW) == "spiffe://crank.local/worker/w2"
-    assert caller_identity(tls_scope, {}, trusted, NOW) == "spiffe://crank.local/worker/w1"
+    assert caller_identity({}, header, None, time.time()) is None
+    assert caller_identity({}, header, trusted, time.time()) == "spiffe://crank.local/worker/w2"
+    assert (
+        caller_identity(tls_scope, header, trusted, time.time()) == "spiffe://crank.local/worker/w2"
+    )
+    assert caller_identity(tls_scope, {}, trusted, time.time()) == "spiffe://crank.local/worker/w1"
     empty_chain = {"extensions": {"tls": {"client_cert_chain": []}}}
-    assert caller_identity(empty_chain, {}, None, NOW) is None
+    assert caller_identity(empty_chain, {}, None, time.time()) is None
 
 
 @pytest.mark.usefixtures("capture_installed")
@@ -292,7 +293,7 @@ def test_hypercorn_without_the_capture_stops_before_serving(
 
 
 async def test_proxy_header_identity(authority: CertificateAuthority) -> None:
-    async with running(proxy_config(authority), clock=FakeClock(NOW)) as api:
+    async with running(proxy_config(authority), clock=FakeClock(time.time())) as api:
         own = {"x-ssl-client-cert": quote(authority.worker("w1"))}
         other = {"x-ssl-client-cert": quote(authority.worker("w2"))}
         garbage = {"x-ssl-client-cert": "not%20a%20certificate"}
@@ -428,7 +429,7 @@ def test_the_trust_domain_is_validated() -> None:
 
 
 def expired_and_future(authority: CertificateAuthority) -> dict[str, str]:
-    now = datetime.datetime.fromtimestamp(NOW, datetime.UTC)
+    now = datetime.datetime.fromtimestamp(time.time(), datetime.UTC)
     day = datetime.timedelta(days=1)
     uri = "spiffe://crank.local/worker/a"
     return {
@@ -440,7 +441,7 @@ def expired_and_future(authority: CertificateAuthority) -> dict[str, str]:
 def self_signed(uri: str) -> str:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "a")])
-    now = datetime.datetime.fromtimestamp(NOW, datetime.UTC)
+    now = datetime.datetime.fromtimestamp(time.time(), datetime.UTC)
     certificate = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -467,7 +468,7 @@ async def test_the_header_certificate_is_verified_against_the_ca(
         "another CA's": stranger.issue("spiffe://crank.local/worker/a"),
         "the CA itself": authority.pem,
     }
-    async with running(proxy_config(authority), clock=FakeClock(NOW)) as api:
+    async with running(proxy_config(authority), clock=FakeClock(time.time())) as api:
         good = {"x-ssl-client-cert": quote(authority.worker("a"))}
         assert (
             await api.request("POST", "/register", json=registration_payload("a"), headers=good)
@@ -491,7 +492,7 @@ async def test_the_header_certificate_is_verified_against_the_ca(
         # Validity is checked at the service's time, also for a certificate seen before.
         pem = authority.issue(
             "spiffe://crank.local/worker/a",
-            not_after=datetime.datetime.fromtimestamp(NOW + 3600, datetime.UTC),
+            not_after=datetime.datetime.fromtimestamp(time.time() + 3600, datetime.UTC),
         )
         header = {"x-ssl-client-cert": quote(pem)}
         beat = {"worker_id": "a"}
@@ -509,14 +510,14 @@ async def test_only_trusted_proxies_may_send_the_header(authority: CertificateAu
     body = registration_payload("a")
     # The test client's address is 127.0.0.1.
     loopback = proxy_config(authority, trusted_proxies=[ipaddress.ip_network("127.0.0.0/8")])
-    async with running(loopback, clock=FakeClock(NOW)) as api:
+    async with running(loopback, clock=FakeClock(time.time())) as api:
         response = await api.request("POST", "/register", json=body, headers=header)
         assert response.status_code == 200
     elsewhere = proxy_config(
         authority,
         trusted_proxies=[ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8")],
     )
-    async with running(elsewhere, clock=FakeClock(NOW)) as api:
+    async with running(elsewhere, clock=FakeClock(time.time())) as api:
         response = await api.request("POST", "/register", json=body, headers=header)
         assert response.status_code == 403
         assert response.json()["message"] == (
