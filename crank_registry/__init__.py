@@ -22,9 +22,18 @@ Where each rule lives:
 * ``_listing``: listings in pages (positions, cursors, pagers) and counts in steps.
 * ``_journal``: events and snapshots as JSON lines, and their replay.
 * ``_feed``: the window of recent changes the change feed answers from.
+* ``_admission``: rate limits, a token bucket per caller in bounded memory.
 * ``_idempotency``: the answers the gateway keeps per ``Idempotency-Key``.
 """
 
+from ._admission import (
+    DEFAULT_MAX_KEYS,
+    MAX_BURST,
+    MAX_RATE,
+    RateLimit,
+    TokenBuckets,
+    retry_after_seconds,
+)
 from ._convention import INVOKE_PREFIX, NDJSON, invocation_path, iso_utc
 from ._converter import (
     EVENT_TYPES,
@@ -153,6 +162,7 @@ from ._wire import (
     DEFAULT_WATCH_TIMEOUT,
     MAX_WATCH_TIMEOUT,
     PROTOCOL_FEATURES,
+    STORE_STATES,
     CapabilitiesAnswer,
     DeregisterAnswer,
     ErrorAnswer,
@@ -162,6 +172,7 @@ from ._wire import (
     HeartbeatAnswer,
     InvocationAnswer,
     ListingQuery,
+    ReadyAnswer,
     RegisterAnswer,
     SlosAnswer,
     SnapshotAnswer,
@@ -184,9 +195,12 @@ __all__ = [
     "body_fingerprint",
     "idempotency_key_problem",
     "DEFAULT_FEED_WINDOW",
+    "DEFAULT_MAX_KEYS",
     "DEFAULT_WATCH_TIMEOUT",
     "EVENT_TYPES",
+    "MAX_BURST",
     "MAX_FEED_PAGE",
+    "MAX_RATE",
     "MAX_WATCH_TIMEOUT",
     "INVOKE_PREFIX",
     "JOURNAL_FORMAT_VERSION",
@@ -196,6 +210,7 @@ __all__ = [
     "ROUTE_STRATEGIES",
     "SLO_CONSTRAINT_KEYS",
     "SNAPSHOT_PART_SIZE",
+    "STORE_STATES",
     "STATE_FORMAT_VERSION",
     "TRANSITIONS",
     "CapabilitiesAnswer",
@@ -243,6 +258,7 @@ __all__ = [
     "PolicyRules",
     "Problem",
     "Refusal",
+    "ReadyAnswer",
     "RegisterAnswer",
     "Registration",
     "RegistryError",
@@ -253,6 +269,7 @@ __all__ = [
     "RouteExplanation",
     "RouteOptions",
     "RouteRequest",
+    "RateLimit",
     "RoutingSettings",
     "ServiceLevel",
     "ServiceLevels",
@@ -263,6 +280,7 @@ __all__ = [
     "Snapshot",
     "SnapshotCopy",
     "SnapshotPart",
+    "TokenBuckets",
     "Transition",
     "TransitionError",
     "ValidationError",
@@ -310,6 +328,7 @@ __all__ = [
     "rendezvous_weight",
     "replay",
     "replay_bytes",
+    "retry_after_seconds",
     "structure",
     "structure_event",
     "unstructure",

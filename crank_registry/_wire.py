@@ -65,7 +65,9 @@ __all__ = [
     "InvocationAnswer",
     "ListingQuery",
     "PROTOCOL_FEATURES",
+    "ReadyAnswer",
     "RegisterAnswer",
+    "STORE_STATES",
     "SlosAnswer",
     "SnapshotAnswer",
     "WatchAnswer",
@@ -135,6 +137,37 @@ class HealthAnswer:
     )
     heartbeats_last_minute: int | None = attrs.field(default=None, metadata=_COUNT)
     expected_heartbeats_per_minute: float | None = attrs.field(default=None, metadata=_COUNT)
+
+
+#: What ``GET /ready`` says of the store (the journal): it takes writes, or the last one failed.
+STORE_STATES = ("ok", "unavailable")
+
+
+def _store_state(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value not in STORE_STATES:
+        raise ValidationError.single(attribute.name, f"must be one of {', '.join(STORE_STATES)}")
+
+
+@attrs.frozen(kw_only=True)
+class ReadyAnswer:
+    """``GET /ready``: the controller can route (readiness; ``/health`` is liveness).
+
+    ``store``: ``ok``, or ``unavailable`` while the journal takes no writes
+    (not open, or its last write failed); routing goes on either way, so
+    the controller stays ready.
+    """
+
+    status: Literal["ready"] = "ready"
+    store: str = attrs.field(
+        validator=_store_state,
+        metadata={
+            JSON_SCHEMA: {
+                "enum": list(STORE_STATES),
+                "description": "ok, or unavailable: the journal takes no writes (registrations "
+                "and deregistrations are refused 503); routing goes on.",
+            }
+        },
+    )
 
 
 @attrs.frozen(kw_only=True)
@@ -433,6 +466,8 @@ class InvocationAnswer:
     result: Any
 
 
+#: The highest revision a query may name (a signed 64-bit integer, as most clients read one).
+MAX_REVISION = 2**63 - 1
 #: Seconds a long poll waits for a change: the default and the most.
 DEFAULT_WATCH_TIMEOUT = 30.0
 MAX_WATCH_TIMEOUT = 60.0
@@ -482,6 +517,7 @@ class WatchQuery:
         metadata={
             JSON_SCHEMA: {
                 "minimum": 0,
+                "maximum": MAX_REVISION,
                 "description": "The revision held: a snapshot's, or the last event's.",
             }
         }
@@ -532,10 +568,12 @@ class WatchQuery:
             problems.append(
                 Problem("since", "is required: the revision of /snapshot, or of the last event")
             )
-        elif text.isascii() and text.isdigit() and len(text) <= 20:
+        elif text.isascii() and text.isdigit() and len(text) <= 20 and int(text) <= MAX_REVISION:
             since = int(text)
         else:
-            problems.append(Problem("since", f"must be an integer >= 0, got {text!r}"))
+            problems.append(
+                Problem("since", f"must be an integer from 0 to {MAX_REVISION}, got {text!r}")
+            )
         epoch = values.get("epoch")
         if epoch is not None and not re.fullmatch(r"[0-9A-Za-z_-]{1,64}", epoch):
             problems.append(
@@ -575,6 +613,7 @@ ANSWER_TYPES: frozenset[type[Any]] = frozenset(
         HeartbeatAnswer,
         InvocationAnswer,
         Problem,
+        ReadyAnswer,
         RegisterAnswer,
         RemovedWorker,
         RouteExplanation,

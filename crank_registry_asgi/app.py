@@ -50,6 +50,7 @@ from crank_registry import (
     ListingQuery,
     NewerJournalFormat,
     PolicyRules,
+    ReadyAnswer,
     RegisterAnswer,
     Registration,
     RegistryError,
@@ -57,6 +58,7 @@ from crank_registry import (
     RouteOptions,
     RouteRequest,
     SlosAnswer,
+    TokenBuckets,
     UnknownCapability,
     ValidationError,
     WatchQuery,
@@ -64,6 +66,7 @@ from crank_registry import (
     encode_epoch,
     iso_utc,
     replay_bytes,
+    retry_after_seconds,
     structure,
     unstructure,
 )
@@ -262,6 +265,12 @@ class ControllerService:
         )
         # GET /ui and its files, read from the package once.
         self.dashboard = Dashboard()
+        #: The callers' token buckets under ``--rate-limit`` (``None``: no limit).
+        self.admission = None if config.rate_limit is None else TokenBuckets(config.rate_limit)
+        # Readiness (GET /ready): the journal is replayed (nothing to replay
+        # without one), and the lifespan is not shutting down.
+        self._replayed = config.state_dir is None
+        self._stopping = False
         # Rendered once: the document does not change while the app runs.
         self._document_body = JSONResponse(openapi_document()).body
 
@@ -272,18 +281,25 @@ class ControllerService:
             BuiltinPolicy(rules, self.registry.required_targets, self.config.trust_domain)
         )
 
+    def caller(self, request: Request) -> str | None:
+        """The caller's identity, ``None`` for an anonymous caller; 403 ``forbidden`` if refused."""
+        try:
+            return caller_identity(
+                request.scope, request.headers, self.proxy_header, now=self.clock()
+            )
+        except IdentityRefused as refusal:
+            raise ApiError(403, "forbidden", str(refusal)) from None
+
     def requester(self, request: Request, asked: str | None) -> str | None:
         """Whom a route is for: the caller's identity, or ``asked`` from a trusted gateway.
 
         ``None``: an anonymous caller. ``asked`` (a body ``requester_identity``)
         from any caller not listed by ``--trusted-gateway`` is 403 ``forbidden``.
         """
-        try:
-            identity = caller_identity(
-                request.scope, request.headers, self.proxy_header, now=self.clock()
-            )
-        except IdentityRefused as refusal:
-            raise ApiError(403, "forbidden", str(refusal)) from None
+        return self.requester_of(self.caller(request), asked)
+
+    def requester_of(self, identity: str | None, asked: str | None) -> str | None:
+        """:meth:`requester` for a caller whose ``identity`` was found (:meth:`caller`)."""
         if asked is None:
             return identity
         if identity is None or identity not in self.config.trusted_gateways:
@@ -296,6 +312,38 @@ class ControllerService:
                 "yourself",
             )
         return asked
+
+    def admit(self, request: Request, path: str, identity: str | None) -> None:
+        """Take a token of the caller's rate limit (``--rate-limit``), or refuse with 429.
+
+        The key is ``identity`` (the caller's, :meth:`caller`; for a
+        trusted gateway, the identity it routes for), else the caller's
+        address (callers whose address is unknown share one bucket).
+        ``path``: ``/route`` or ``/execute``, the refusals' metric label.
+        Raises :class:`ApiError` 429 ``rate_limited`` with ``Retry-After``,
+        the seconds until the caller's next token, rounded up.
+        """
+        buckets = self.admission
+        if buckets is None:
+            return
+        if identity is not None:
+            key = who = identity
+        else:
+            client = request.scope.get("client")
+            key = client[0] if client else ""
+            who = f"address {key}" if key else "callers of unknown address"
+        wait = buckets.admit(key, now=self.clock())
+        if wait:
+            self.metrics.rate_limited[path].inc()
+            retry_after = retry_after_seconds(wait)
+            limit = buckets.limit
+            raise ApiError(
+                429,
+                "rate_limited",
+                f"over the rate limit of {limit.rate:g} requests per second in bursts of "
+                f"{limit.burst} for {who}; retry in {retry_after} s",
+                headers={"Retry-After": str(retry_after)},
+            )
 
     async def sweep(self) -> tuple[Event, ...]:
         """One eviction pass at the current time (what the background loop runs)."""
@@ -350,6 +398,21 @@ class ControllerService:
                 expected_heartbeats_per_minute=round(counted.total * 60 / interval, 3),
             )
         )
+
+    def not_ready(self) -> str | None:
+        """Why the controller cannot route now (``GET /ready``'s ``reason``), or ``None``."""
+        if self._stopping:
+            return "the controller is shutting down"
+        if not self._replayed:
+            return "the journal is not replayed yet (the application's lifespan has not started)"
+        return None
+
+    async def ready(self, request: Request) -> Response:
+        """GET /ready: readiness; 503 ``not_ready`` until the journal is replayed."""
+        reason = self.not_ready()
+        if reason is not None:
+            raise ApiError(503, "not_ready", reason, headers={"Retry-After": "1"}, reason=reason)
+        return answer(ReadyAnswer(store="ok" if self.effects.store_available() else "unavailable"))
 
     async def register(self, request: Request) -> Response:
         """POST /register: add or replace a worker."""
@@ -437,9 +500,17 @@ class ControllerService:
 
     async def route(self, request: Request) -> Response:
         """POST /route: the next worker for a verb and capability, under the request's options."""
+        identity = self.caller(request)
+        # A trusted gateway's routes count against whom they are for (the body
+        # says); any other caller's before the body is read, the cheapest refusal.
+        for_others = self.admission is not None and identity in self.config.trusted_gateways
+        if not for_others:
+            self.admit(request, "/route", identity)
         ask = _route_request(await self._body(request))
         annotate(verb=ask.verb, capability=ask.capability)
-        requester = self.requester(request, ask.requester_identity)
+        requester = self.requester_of(identity, ask.requester_identity)
+        if for_others:
+            self.admit(request, "/route", requester)
         options = RouteOptions.from_request(ask)
         # Whether the caller asked for options: the requester added below is not one.
         optioned = options is not None
@@ -517,6 +588,7 @@ class ControllerService:
             "/register": (self.register, "POST"),
             "/deregister": (self.deregister, "POST"),
             "/health": (self.health, "GET"),
+            "/ready": (self.ready, "GET"),
             "/capabilities": (self.capabilities, "GET"),
             "/workers": (self.workers, "GET"),
             "/slos": (self.slos, "GET"),
@@ -559,9 +631,11 @@ class ControllerService:
         # Before the journal: an invalid file refuses the start without a long replay first.
         if self.slo_watcher is not None:
             self.slo_watcher.load()
+        self._stopping = False
         async with contextlib.AsyncExitStack() as stack:
             if self.config.state_dir is not None:
                 await self._open_journal(stack)
+                self._replayed = True
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(self.sweeper.run)
                 if self.slo_watcher is not None:
@@ -571,6 +645,8 @@ class ControllerService:
                 try:
                     yield
                 finally:
+                    # Not ready from the start of shutdown (the journal closes next).
+                    self._stopping = True
                     tasks.cancel_scope.cancel()
 
     def _log_proxy_header(self, proxy_header: ProxyCertificateHeader) -> None:

@@ -37,6 +37,7 @@ from cryptography import x509
 from crank_registry import (
     DEFAULT_FEED_WINDOW,
     DEFAULT_TRUST_DOMAIN,
+    RateLimit,
     identity_problem,
     is_trust_domain,
 )
@@ -321,6 +322,17 @@ def add_serve_command(subcommands: Subcommands) -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
+        "--rate-limit",
+        type=_rate_limit,
+        metavar="RATE:BURST",
+        help=(
+            "limit POST /route and /execute to RATE requests per second per caller (its "
+            "identity, else its address), in bursts of up to BURST; over it 429 rate_limited "
+            "with Retry-After. Worker registrations and heartbeats are never limited "
+            "(default: no limit)"
+        ),
+    )
+    parser.add_argument(
         "--journal-compact-min-bytes",
         type=_at_least_zero,
         metavar="BYTES",
@@ -491,6 +503,7 @@ def run_serve(args: argparse.Namespace) -> int:
         policy_file=args.policy,
         policy_watch_interval=args.policy_watch_interval,
         trusted_gateways=args.trusted_gateway,
+        rate_limit=args.rate_limit,
         # This process is the controller's own: recovery may pause its collector.
         pause_gc_during_recovery=True,
     )
@@ -752,6 +765,14 @@ def _spiffe_id(text: str) -> str:
             f"expected a SPIFFE ID (spiffe://DOMAIN/PATH), got {text!r}"
         )
     return text
+
+
+def _rate_limit(text: str) -> RateLimit:
+    """``RATE:BURST`` (``--rate-limit``)."""
+    try:
+        return RateLimit.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _seconds(text: str) -> float:

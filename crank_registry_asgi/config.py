@@ -22,6 +22,7 @@ from crank_registry import (
     DEFAULT_FEED_WINDOW,
     DEFAULT_TRUST_DOMAIN,
     HealthPolicy,
+    RateLimit,
     RoutingSettings,
     identity_problem,
     is_trust_domain,
@@ -175,6 +176,12 @@ class ServiceConfig:
         default=DEFAULT_WATCH_INTERVAL, validator=_positive_number
     )
     trusted_gateways: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    #: ``POST /route`` and ``POST /execute`` per caller (its identity, else its
+    #: address): over it 429 ``rate_limited``. ``None``: no limit. Worker writes
+    #: (register, heartbeat, deregister) are never limited.
+    rate_limit: RateLimit | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.instance_of(RateLimit))
+    )
 
     def __attrs_post_init__(self) -> None:
         if self.proxy_cert_header is not None and not self.proxy_cert_authorities:

@@ -148,6 +148,8 @@ class Effects:
         self._journaled: dict[str, float] = {}
         #: Called after changes were applied (the change feed wakes its watchers).
         self.applied: Callable[[], None] = _nothing
+        #: Why the journal's last write failed; ``None`` once a write succeeds again.
+        self.journal_failure: str | None = None
 
     async def commit(self, events: Sequence[Event]) -> None:
         """Make the changes of ``events`` durable, apply them, then trace, count and log.
@@ -173,7 +175,9 @@ class Effects:
                 await self._make_durable(self.journal, lines, changes[-1].revision)
             else:
                 try:
-                    await self.journal.append(lines, durable=False)
+                    # No line (a coalesced heartbeat) is no write: it tells nothing of the store.
+                    noted = self._note_outcome if lines else None
+                    await self.journal.append(lines, durable=False, settled=noted)
                 except JournalUnavailable as error:
                     logger.warning("heartbeat not journaled %s", log_fields(error=str(error)))
         if changes:
@@ -189,6 +193,7 @@ class Effects:
         def settled(error: OSError | None) -> None:
             nonlocal told
             told = True
+            self._note_outcome(error)
             if error is None:
                 registry.confirm(last)
             else:
@@ -206,6 +211,19 @@ class Effects:
                 f"{error}; nothing was changed, retry later",
                 headers={"Retry-After": self.retry_after},
             ) from None
+
+    def _note_outcome(self, error: OSError | None) -> None:
+        """Remember whether the journal's last write succeeded (:meth:`store_available`)."""
+        self.journal_failure = None if error is None else str(error)
+
+    def store_available(self) -> bool:
+        """Whether the journal takes writes: open, and its last write did not fail.
+
+        Always, without a journal (a registry in memory only).
+        """
+        if not self.journal_expected:
+            return True
+        return self.journal is not None and self.journal_failure is None
 
     def check_writable(self) -> None:
         """Refuse a change up front when the journal that must record it is not open.

@@ -183,6 +183,7 @@ class Gateway:
         ``cleanup`` is closed by the caller once the answer is sent (or
         abandoned): it frees the worker's slot and settles an idempotency key.
         """
+        self.service.admit(request, EXECUTE_PATH, self.service.caller(request))
         body = await read_json_body(
             request,
             max_bytes=self.service.config.max_body_bytes,

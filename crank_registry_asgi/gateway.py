@@ -50,6 +50,7 @@ Answers of the gateway itself::
     403 forbidden           the caller's identity was refused (a proxy header's
                             certificate that did not verify)
     403 policy_denied       the access policy does not let the caller route to the pair
+    429 rate_limited        the caller is over --rate-limit (Retry-After: until its next token)
     404 unknown_capability  no registered worker in any state offers the pair
     503 no_worker_available no routable worker, or none meets the options
                             (Retry-After: the heartbeat interval)
@@ -181,6 +182,7 @@ _EXECUTE = Operation(
         "policy_denied",
         "unknown_capability",
         "no_worker_available",
+        "rate_limited",
         *GATEWAY_ERRORS,
     ),
 )

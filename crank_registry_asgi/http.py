@@ -16,6 +16,8 @@ carry their own code and status and are rendered by
     ├── request_too_large       413
     ├── request_timeout         408   the body was not all in by the deadline
     ├── no_worker_available     503   with Retry-After
+    ├── rate_limited            429   with Retry-After (--rate-limit)
+    ├── not_ready               503   GET /ready, with reason
     ├── journal_unavailable     503
     ├── not_found               404
     └── method_not_allowed      405   with Allow

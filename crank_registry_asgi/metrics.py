@@ -13,6 +13,8 @@ What is counted, and where:
   ``crank_registrations_total{replaced}``, ``crank_deregistrations_total``,
   ``crank_heartbeats_total``, ``crank_evictions_total``,
   ``crank_unhealthy_transitions_total``, ``crank_routes_total{outcome}``;
+* admission: ``crank_rate_limited_total{path}``, requests refused 429
+  ``rate_limited`` (``--rate-limit``) on ``/route`` and ``/execute``;
 * the registry's state, read at scrape time by :class:`RegistryCollector`:
   ``crank_workers{state}``, ``crank_capabilities``;
 * requests (:class:`RequestDurationMiddleware`):
@@ -60,6 +62,7 @@ __all__ = [
     "CONTENT_TYPE",
     "DURATION_BUCKETS",
     "KNOWN_METHODS",
+    "RATE_LIMITED_PATHS",
     "ROUTE_OUTCOMES",
     "UNMATCHED_PATH",
     "Metrics",
@@ -94,6 +97,9 @@ DURATION_BUCKETS = (
 
 #: The ``outcome`` label values of ``crank_routes_total``.
 ROUTE_OUTCOMES = ("routed", "no_worker", "unknown_capability")
+
+#: The ``path`` label values of ``crank_rate_limited_total``: the rate-limited paths.
+RATE_LIMITED_PATHS = ("/route", "/execute")
 
 #: The ``method`` label values; any other method is counted as ``OTHER``.
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -150,6 +156,12 @@ class Metrics:
         self.routes = Counter(
             "crank_routes", "Route requests by outcome", ["outcome"], registry=registry
         )
+        self.rate_limits = Counter(
+            "crank_rate_limited",
+            "Requests refused 429 rate_limited: the caller was over --rate-limit",
+            ["path"],
+            registry=registry,
+        )
         self.request_duration = Histogram(
             "crank_http_request_duration_seconds",
             "HTTP request duration, from the request to the end of the answer",
@@ -175,6 +187,9 @@ class Metrics:
         self.registered = {
             replaced: self.registrations.labels(replaced=str(replaced).lower())
             for replaced in (False, True)
+        }
+        self.rate_limited = {
+            path: self.rate_limits.labels(path=path) for path in RATE_LIMITED_PATHS
         }
         self.routed, self.no_worker, self.unknown_capability = (
             self.routes.labels(outcome=outcome) for outcome in ROUTE_OUTCOMES

@@ -39,6 +39,7 @@ from crank_registry import (
     HeartbeatAnswer,
     HeartbeatRequest,
     ListingQuery,
+    ReadyAnswer,
     RegisterAnswer,
     Registration,
     RouteRequest,
@@ -155,6 +156,31 @@ ERRORS: Mapping[str, ErrorCode] = {
             }
         },
     ),
+    "rate_limited": ErrorCode(
+        429,
+        "The caller (its identity, else its address; for a trusted gateway, the "
+        "requester_identity) is over the controller's --rate-limit; retry after Retry-After.",
+        headers={
+            "Retry-After": {
+                "description": "Seconds until the caller's next token, rounded up.",
+                "required": True,
+                "schema": {"type": "string", "pattern": "^[0-9]+$"},
+            }
+        },
+    ),
+    "not_ready": ErrorCode(
+        503,
+        "The controller cannot route yet (its journal is not replayed) or any more (it is "
+        "shutting down); reason says which.",
+        ("reason",),
+        headers={
+            "Retry-After": {
+                "description": "Seconds before asking again.",
+                "required": True,
+                "schema": {"type": "string", "pattern": "^[0-9]+$"},
+            }
+        },
+    ),
     "revision_compacted": ErrorCode(
         410,
         "The changes after since have left the feed's window (serve --feed-window): "
@@ -208,6 +234,16 @@ _WORKER_WRITE = (*BODY_ERRORS, "forbidden", "journal_unavailable")
 OPERATIONS: tuple[Operation, ...] = (
     Operation("GET", "/health", "health", "Liveness and worker counts", HealthAnswer, "Up."),
     Operation(
+        "GET",
+        "/ready",
+        "ready",
+        "Readiness: the controller can route",
+        ReadyAnswer,
+        "Ready: the journal is replayed; store says whether it takes writes (a store "
+        "outage does not take the controller out of a load balancer).",
+        errors=("not_ready",),
+    ),
+    Operation(
         "POST",
         "/register",
         "register",
@@ -252,6 +288,7 @@ OPERATIONS: tuple[Operation, ...] = (
             "policy_denied",
             "unknown_capability",
             "no_worker_available",
+            "rate_limited",
         ),
     ),
     Operation(

@@ -73,6 +73,7 @@ from ._exceptions import (
     InvalidRequest,
     NoWorkerAvailable,
     PolicyDenied,
+    RateLimited,
     RevisionGone,
     UnexpectedResponse,
     UnknownCapability,
@@ -700,10 +701,14 @@ def error_from_response(response: httpx.Response, what: str) -> ClientError:
         )
     reason = _controller_reason(body)
     if status >= 500 or status == 429:
-        return ControllerUnavailable(
-            f"{what}: the controller answered {status}{f' {code}' if code else ''}{reason}",
+        retry_after = parse_retry_after(response.headers.get("retry-after"))
+        unavailable = RateLimited if code == "rate_limited" else ControllerUnavailable
+        return unavailable(
+            f"{what}: the controller answered {status}{f' {code}' if code else ''}{reason}"
+            + ("" if retry_after is None else f"; retry after {retry_after:g} s"),
             status=status,
             code=code,
+            retry_after=retry_after,
         )
     if code is None:
         return UnexpectedResponse(

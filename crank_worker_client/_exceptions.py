@@ -5,7 +5,8 @@ One root, :class:`ClientError`; what went wrong decides the branch::
     ClientError
     ├── ConfigurationError          a bad URL, TLS setting or registration (also ValueError)
     │   └── ClientCertificateRequired  the controller requires a client certificate (mTLS)
-    ├── ControllerUnavailable       network error, timeout or 5xx (.status .code): try again later
+    ├── ControllerUnavailable       network error, timeout, 5xx or 429 (.status .code .retry_after)
+    │   └── RateLimited             429 rate_limited: the caller's rate limit (.retry_after)
     ├── ControllerError             the controller answered with an error: .code .status .body
     │   ├── NoWorkerAvailable       503 no_worker_available (.retry_after, .explain)
     │   ├── UnknownCapability       404 unknown_capability: no worker offers it at all
@@ -44,6 +45,7 @@ __all__ = [
     "InvalidRequest",
     "NoWorkerAvailable",
     "PolicyDenied",
+    "RateLimited",
     "RegistrationFailed",
     "RevisionGone",
     "UnexpectedResponse",
@@ -77,10 +79,28 @@ class ControllerUnavailable(ClientError):
     answer's ``error`` field (``store_unavailable``...), ``None`` without one.
     """
 
-    def __init__(self, message: str, *, status: int | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
+        #: The answer's ``Retry-After`` in seconds (``None`` when it sent none).
+        self.retry_after = retry_after
+
+
+class RateLimited(ControllerUnavailable):
+    """The controller refused the call for its caller's rate limit (429 ``rate_limited``).
+
+    ``retry_after``: the seconds until the caller's next token. Another
+    controller is not asked instead: the limit is the caller's, not one
+    controller's trouble.
+    """
 
 
 class ControllerError(ClientError):

@@ -41,6 +41,7 @@ from crank_worker_client import (
     InvalidRequest,
     NoWorkerAvailable,
     PolicyDenied,
+    RateLimited,
     TLSConfig,
     UnexpectedResponse,
     UnknownCapability,
@@ -319,6 +320,31 @@ async def test_server_failures_are_controller_unavailable(status: int) -> None:
     with pytest.raises(ControllerUnavailable) as caught:
         await client.health()
     assert caught.value.status == status
+    assert not isinstance(caught.value, RateLimited)
+    assert caught.value.retry_after is None
+
+
+async def test_a_rate_limited_route_says_when_to_try_again_and_asks_no_other_controller() -> None:
+    asked: list[str] = []
+
+    def limited(request: httpx.Request) -> httpx.Response:
+        asked.append(str(request.url.host))
+        body = {"error": "rate_limited", "message": "over the limit"}
+        return httpx.Response(429, json=body, headers={"Retry-After": "3"})
+
+    client = ControllerClient(
+        "https://ctl-a:9000,https://ctl-b:9000", transport=httpx.MockTransport(limited)
+    )
+    with pytest.raises(RateLimited) as caught:
+        await client.route("classify", "image.classify")
+    await client.aclose()
+    assert (caught.value.status, caught.value.code, caught.value.retry_after) == (
+        429,
+        "rate_limited",
+        3.0,
+    )
+    assert str(caught.value).endswith("over the limit; retry after 3 s")
+    assert asked == ["ctl-a"]
 
 
 async def test_network_errors_are_controller_unavailable() -> None:

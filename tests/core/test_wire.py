@@ -83,3 +83,11 @@ def test_an_error_answer_leaves_out_what_it_does_not_carry() -> None:
     assert structure(body, ErrorAnswer) == error
     invalid = ErrorAnswer(error="invalid_request", message="m", detail=(Problem("a", "b"),))
     assert unstructure(invalid)["detail"] == [{"path": "a", "message": "b"}]
+
+
+def test_watch_since_is_bounded_as_the_document_says() -> None:
+    from crank_registry._wire import MAX_REVISION, WatchQuery
+
+    assert WatchQuery.parse([("since", str(MAX_REVISION))]).since == MAX_REVISION == 2**63 - 1
+    with pytest.raises(ValidationError, match="since: must be an integer from 0 to"):
+        WatchQuery.parse([("since", str(MAX_REVISION + 1))])

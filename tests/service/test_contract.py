@@ -399,6 +399,7 @@ async def test_openapi_document_is_served() -> None:
         assert document["openapi"] == "3.1.0"
         assert set(document["paths"]) == {
             "/health",
+            "/ready",
             "/register",
             "/heartbeat",
             "/deregister",

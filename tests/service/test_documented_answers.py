@@ -24,6 +24,8 @@ from crank_registry import (
     ErrorAnswer,
     HealthAnswer,
     HeartbeatAnswer,
+    RateLimit,
+    ReadyAnswer,
     RegisterAnswer,
     SlosAnswer,
     SnapshotAnswer,
@@ -42,6 +44,7 @@ pytestmark = pytest.mark.anyio
 
 _MODELS: dict[str, type[Any]] = {
     "/health": HealthAnswer,
+    "/ready": ReadyAnswer,
     "/register": RegisterAnswer,
     "/heartbeat": HeartbeatAnswer,
     "/deregister": DeregisterAnswer,
@@ -76,6 +79,7 @@ async def _answers(state_dir: Path) -> list[tuple[str, str, httpx.Response]]:
     route = {"verb": "classify", "capability": "image.classify"}
     async with running(ServiceConfig(max_body_bytes=4096)) as api:
         await send(api, "GET", "/health")
+        await send(api, "GET", "/ready")
         await send(api, "POST", "/route", json=route)  # unknown_capability
         await send(api, "POST", "/register", json=registration_payload("w1"))
         await send(api, "POST", "/heartbeat", json={"worker_id": "w1"})
@@ -138,8 +142,13 @@ async def _answers(state_dir: Path) -> list[tuple[str, str, httpx.Response]]:
     )
     async with running(ServiceConfig(state_dir=with_slos)) as api:
         await send(api, "GET", "/slos")
+    async with running(ServiceConfig(rate_limit=RateLimit(1, 1))) as api:
+        await send(api, "POST", "/register", json=registration_payload("w1"))
+        await send(api, "POST", "/route", json=route)
+        await send(api, "POST", "/route", json=route)  # rate_limited
     async with running(ServiceConfig(state_dir=state_dir), lifespan=False) as api:
         await send(api, "POST", "/register", json=registration_payload("w1"))  # journal_unavailable
+        await send(api, "GET", "/ready")  # not_ready
     return answers
 
 
