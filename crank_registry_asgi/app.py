@@ -29,6 +29,7 @@ from typing import Any
 import anyio
 import attrs
 from opentelemetry.trace import SpanKind
+from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -564,10 +565,43 @@ class ControllerService:
         return StreamingResponse(body, media_type="application/json")
 
     async def watch(self, request: Request) -> Response:
-        """GET /watch: the changes after ``since``, waiting up to ``timeout`` (long poll)."""
+        """GET /watch: the changes after ``since``: a long poll, or a stream of events.
+
+        The start is ``Last-Event-ID`` (``EPOCH:REVISION``) when sent, else
+        ``since`` and ``epoch``. With ``Accept: text/event-stream``, Server-Sent
+        Events until the client leaves, the server shuts down, or ``timeout``
+        when given; otherwise JSON, waiting up to ``timeout`` for a change.
+        """
         query = WatchQuery.parse(request.query_params.multi_items())
-        body = await feed.watch(self.registry, self.broadcast, self.epoch, query)
-        return Response(body, media_type="application/json")
+        last_event_id = request.headers.get("last-event-id")
+        if last_event_id is not None:
+            epoch, since = feed.parse_event_id(last_event_id)
+            query = attrs.evolve(query, epoch=epoch, since=since)
+        if not feed.wants_stream(request.headers.get("accept")):
+            body = await feed.watch(self.registry, self.broadcast, self.epoch, query)
+            return Response(body, media_type="application/json")
+        feed.check_start(self.registry, self.epoch, query.epoch, query.since)
+        ends_at = None
+        if "timeout" in request.query_params:
+            ends_at = anyio.current_time() + query.timeout
+        events = feed.stream(
+            self.registry,
+            self.broadcast,
+            self.epoch,
+            query.since,
+            ends_at=ends_at,
+        )
+        # No comment pings: the bookmarks keep the connection alive.
+        return EventSourceResponse(events, ping=0)
+
+    def end_streams(self) -> None:
+        """End the /watch streams and answer the long polls now: the server is shutting down.
+
+        ``serve`` calls it when the shutdown starts, before the server waits
+        for open connections (the lifespan's shutdown comes only after them);
+        an application serving the app under another server calls it the same way.
+        """
+        self.broadcast.close()
 
     async def exposition(self, request: Request) -> Response:
         """GET /metrics: the Prometheus text exposition of the app's metrics."""
@@ -638,6 +672,8 @@ class ControllerService:
                 self._replayed = True
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(self.sweeper.run)
+                # The /watch streams' bookmarks.
+                tasks.start_soon(feed.tick_every, self.broadcast, feed.bookmark_period(self.policy))
                 if self.slo_watcher is not None:
                     tasks.start_soon(self.slo_watcher.run)
                 if self.policy_watcher is not None:

@@ -517,6 +517,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"{error} (given by --policy)") from None
     if certificates is not None:
         app.state.metrics_registry.register(CertificateExpiryCollector(certificates))
+    service = app.state.service
     if args.gateway:
         from .gateway import serve_with_gateway
 
@@ -528,7 +529,13 @@ def run_serve(args: argparse.Namespace) -> int:
             ca_certs=None if ca_certs is None else str(ca_certs),
         )
     try:
-        run(app, settings, certificates=certificates, rotation=rotation)
+        run(
+            app,
+            settings,
+            certificates=certificates,
+            rotation=rotation,
+            on_shutdown=service.end_streams,
+        )
     except ServerSetupError as error:
         return _start_failed(str(error), status=2)
     except LifespanFailureError as error:

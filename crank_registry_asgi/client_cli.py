@@ -1,4 +1,4 @@
-"""The operator's commands: ``workers``, ``capabilities``, ``route``, ``health``.
+"""The operator's commands: ``workers``, ``capabilities``, ``route``, ``health``, ``watch``.
 
 Each asks a running controller through
 :class:`crank_worker_client.ControllerClient` (no HTTP of its own) and prints
@@ -24,6 +24,14 @@ Exit status: 0 on an answer; 1 when the controller cannot be asked (down,
 a certificate file that cannot be read, a TLS failure) or answers with an
 error (4xx, 5xx), with one line on stderr naming the URL or the file; 2 for
 a usage error.
+
+``watch`` runs until interrupted: it prints each change of the registry as
+it comes (the long poll ``GET /watch``), from the current revision or
+``--since``. It rides out what a follower meets: a controller that is down
+or answers 5xx is asked again with backoff (a line on stderr each time),
+and changes that left the controller's window (410) are reported on stderr
+as missed before it goes on from the revision of a fresh ``/snapshot``.
+Ctrl-C ends it with status 0.
 """
 
 from __future__ import annotations
@@ -33,12 +41,13 @@ import datetime
 import json
 import math
 import os
+import random
 import ssl
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, TextIO, TypeAlias
 
 import anyio
 import httpx
@@ -49,6 +58,7 @@ from crank_registry import (
     RouteExplanation,
     WorkerEntry,
     capability_label,
+    iso_utc,
     unstructure,
 )
 from crank_worker_client import (
@@ -56,11 +66,13 @@ from crank_worker_client import (
     ClientError,
     ConfigurationError,
     ControllerClient,
+    ControllerError,
     ControllerUnavailable,
     NoWorkerAvailable,
     PolicyDenied,
     TLSConfig,
     WorkerInfo,
+    registration_backoff,
 )
 
 from .cli import Subcommands, UsageError
@@ -68,9 +80,12 @@ from .config import is_positive_number
 
 __all__ = [
     "COMMANDS",
+    "WATCH_POLL_SECONDS",
     "CannotAsk",
     "add_client_commands",
+    "change_line",
     "explain_table",
+    "follow",
     "format_age",
     "table",
 ]
@@ -229,11 +244,126 @@ COMMANDS: dict[str, tuple[str, str, Ask]] = {
 }
 
 
+# ------------------------------------------------------------------ watch
+
+#: How long each long poll of ``watch`` waits for a change (the controller allows 60 s).
+WATCH_POLL_SECONDS = 30.0
+# Backoff after a failed request: full jitter up to 0.5 s, doubling, at most 10 s.
+_RETRY_BASE_SECONDS = 0.5
+_RETRY_CAP_SECONDS = 10.0
+
+
+async def follow(
+    client: ControllerClient,
+    *,
+    since: int | None,
+    as_json: bool,
+    out: TextIO,
+    err: TextIO,
+    rng: random.Random | None = None,
+) -> None:
+    """Print every change from revision ``since`` (``None``: the current one) until cancelled.
+
+    One line per change: :func:`change_line`, or with ``as_json`` the
+    event's JSON. A network error or 5xx is retried with backoff; a 410
+    (the changes after the revision held are gone) reloads the revision
+    from ``/snapshot`` and says on ``err`` that changes were missed. Any
+    other error answer is raised (:class:`~crank_worker_client.ControllerError`).
+    """
+    rng = rng or random.Random()
+    epoch: str | None = None
+    failures = 0
+    while True:
+        try:
+            if since is None:
+                snapshot = await client.snapshot()
+                epoch, since = snapshot.epoch, snapshot.revision
+            if failures:
+                _say(err, f"{client.controller_url}: answering again")
+                failures = 0
+            answer = await client.watch(since=since, epoch=epoch, timeout=WATCH_POLL_SECONDS)
+        except ControllerUnavailable as error:
+            failures += 1
+            delay = registration_backoff(
+                failures, rng, base=_RETRY_BASE_SECONDS, cap=_RETRY_CAP_SECONDS
+            )
+            _say(err, f"{_one_line(error, client.controller_url)}; retrying in {delay:.1f} s")
+            await anyio.sleep(delay)
+            continue
+        except ControllerError as error:
+            if error.status != 410:
+                raise
+            _say(
+                err,
+                f"changes after revision {since} were missed ({error.code}): "
+                "following on from the revision of a fresh /snapshot",
+            )
+            since = None
+            continue
+        epoch = answer.epoch
+        for event in answer.events:
+            line = json.dumps(event, separators=(",", ":")) if as_json else change_line(event)
+            print(line, file=out, flush=True)
+        since = answer.events[-1]["revision"] if answer.events else answer.revision
+
+
+def change_line(event: dict[str, Any]) -> str:
+    """One change for people: revision, type, worker id, time (UTC), two spaces apart."""
+    at = event.get("at")
+    return "  ".join(
+        (
+            str(event.get("revision", "-")),
+            str(event.get("type", "-")),
+            str(event.get("worker_id", "-")),
+            iso_utc(at) if isinstance(at, (int, float)) else "-",
+        )
+    )
+
+
+def _say(err: TextIO, message: str) -> None:
+    print(f"crank-registry watch: {message}", file=err, flush=True)
+
+
+def _run_watch(args: argparse.Namespace) -> int:
+    url = args.controller or os.environ.get("CONTROLLER_URL") or DEFAULT_CONTROLLER_URL
+    try:
+        client = _client(url, args)
+        anyio.run(_watching, client, args)
+    except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:
+        # The reader went away (watch | head): the end, not an error. Python
+        # flushes stdout once more at exit; point it at nothing first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (ClientError, CannotAsk) as error:
+        message = _one_line(error, url)
+        if _maybe_refused_for_no_certificate(error, args):
+            message += (
+                "; if the controller requires client certificates (mTLS), "
+                "pass --cert and --key (or CRANK_CLIENT_CERT, CRANK_CLIENT_KEY)"
+            )
+        _say(sys.stderr, f"error: {message}")
+        return 1
+    return 0
+
+
+async def _watching(client: ControllerClient, args: argparse.Namespace) -> None:
+    async with client:
+        await follow(client, since=args.since, as_json=args.json, out=sys.stdout, err=sys.stderr)
+
+
+def _revision(text: str) -> int:
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"must be a revision, an integer >= 0, got {text!r}")
+    return int(text)
+
+
 # ------------------------------------------------------------------- the parser
 
 
 def add_client_commands(subcommands: Subcommands) -> None:
-    """Declare ``workers``, ``capabilities``, ``route`` and ``health`` and their flags."""
+    """Declare the operator's commands (``workers`` ... ``watch``) and their flags."""
     for name, (summary, description, ask) in COMMANDS.items():
         parser = subcommands.add_parser(
             name, help=summary, description=description, parents=[_connection_flags()]
@@ -241,6 +371,23 @@ def add_client_commands(subcommands: Subcommands) -> None:
         if name == "route":
             _route_flags(parser)
         parser.set_defaults(handler=_runner(name, ask))
+    parser = subcommands.add_parser(
+        "watch",
+        help="print the registry's changes as they come",
+        description="Print each change of the registry as it comes, one line each "
+        "(revision, type, worker id, time), from the current revision or --since, "
+        "until Ctrl-C. Follows the long poll GET /watch; a controller that is down "
+        "is asked again with backoff; changes that left the controller's window are "
+        "reported as missed on stderr, and watching goes on from a fresh /snapshot.",
+        parents=[_connection_flags()],
+    )
+    parser.add_argument(
+        "--since",
+        type=_revision,
+        metavar="REVISION",
+        help="print the changes after REVISION first (default: only changes from now on)",
+    )
+    parser.set_defaults(handler=_run_watch)
 
 
 def _route_flags(parser: argparse.ArgumentParser) -> None:

@@ -77,6 +77,7 @@ __all__ = [
     "internal_error",
     "parse_json",
     "read_json_body",
+    "registry_error_body",
     "registry_error_response",
 ]
 
@@ -146,6 +147,11 @@ async def internal_error(request: Request, exc: Exception) -> JSONResponse:
 
 def registry_error_response(error: RegistryError) -> JSONResponse:
     """The answer to one of the core's errors, with the status it hints."""
+    return JSONResponse(registry_error_body(error), status_code=error.status_hint)
+
+
+def registry_error_body(error: RegistryError) -> dict[str, Any]:
+    """The JSON body (an :class:`~crank_registry.ErrorAnswer`) of one of the core's errors."""
     fields: dict[str, Any] = {}
     if isinstance(error, ValidationError):
         fields["detail"] = error.problems
@@ -164,7 +170,8 @@ def registry_error_response(error: RegistryError) -> JSONResponse:
         fields["oldest"] = error.oldest
     elif isinstance(error, RevisionReset):
         fields["revision"] = error.latest
-    return error_response(error.status_hint, error.code, str(error), **fields)
+    body: dict[str, Any] = unstructure(ErrorAnswer(error=error.code, message=str(error), **fields))
+    return body
 
 
 def _media_type_is_json(content_type: str | None) -> bool:

@@ -51,6 +51,8 @@ from crank_registry import (
     WorkersAnswer,
 )
 
+from .feed import EVENT_ID_PATTERN
+
 __all__ = [
     "BODY_ERRORS",
     "ERRORS",
@@ -205,7 +207,9 @@ class Operation:
     ``request`` is the model of its JSON body, ``query`` that of its query
     parameters (each field one optional parameter).
     ``media_type`` is the 200 answer's; an answer that is not JSON is
-    ``text/plain``, a string.
+    ``text/plain``, a string. ``stream``: the 200 answer is also served as
+    ``text/event-stream`` (asked for with ``Accept``), described so.
+    ``headers``: its request header parameters.
     """
 
     method: str
@@ -218,6 +222,8 @@ class Operation:
     errors: tuple[str, ...] = ()
     media_type: str = "application/json"
     query: type[Any] | None = None
+    stream: str | None = None
+    headers: tuple[Mapping[str, Any], ...] = ()
 
 
 #: What any endpoint with a body may answer about it.
@@ -334,12 +340,32 @@ OPERATIONS: tuple[Operation, ...] = (
         "GET",
         "/watch",
         "watch",
-        "Long poll: the changes after a revision, waiting for one when there is none",
+        "The changes after a revision: a long poll, or Server-Sent Events as they come",
         WatchAnswer,
         "At most 1000 changes after since, at once when there are any; else the changes "
         "that come within timeout, or none and the latest revision (the bookmark).",
         errors=("invalid_request", "revision_compacted", "revision_reset"),
         query=WatchQuery,
+        stream=(
+            "With Accept: text/event-stream, Server-Sent Events: one event per change, "
+            "id EPOCH:REVISION, event its type, data its JSON (as in events); a bookmark "
+            'event (data {"epoch", "revision"}, id EPOCH:REVISION) every '
+            "min(15 s, heartbeat_interval / 2). A reader that falls behind the window gets "
+            "an error event, data the 410 revision_compacted body, and the stream ends. "
+            "timeout, when given, ends the stream after that many seconds; resume it with "
+            "Last-Event-ID."
+        ),
+        headers=(
+            {
+                "name": "Last-Event-ID",
+                "in": "header",
+                "required": False,
+                "description": "Resume after this event (EPOCH:REVISION, an event's id): "
+                "it replaces since and epoch.",
+                "schema": {"type": "string", "pattern": f"^{EVENT_ID_PATTERN}$"},
+                "example": "5f0c2a9e41d7b3c8:42",
+            },
+        ),
     ),
     Operation(
         "GET",
@@ -552,8 +578,10 @@ def operation_object(
 ) -> dict[str, Any]:
     """The OpenAPI operation of one endpoint (its models are added to ``components``)."""
     result: dict[str, Any] = {"summary": operation.summary, "operationId": operation.operation_id}
-    if operation.query is not None:
-        result["parameters"] = query_parameters(operation.query, components)
+    parameters = [] if operation.query is None else query_parameters(operation.query, components)
+    parameters.extend(dict(header) for header in operation.headers)
+    if parameters:
+        result["parameters"] = parameters
     if operation.request is not None:
         schema = type_schema(operation.request, components)
         result["requestBody"] = {
@@ -563,6 +591,9 @@ def operation_object(
     schema = type_schema(operation.answer, components)
     if operation.media_type == "application/json":
         success = json_answer(operation.answer_description, schema)
+        if operation.stream is not None:
+            success["description"] += " " + operation.stream
+            success["content"]["text/event-stream"] = {"schema": {"type": "string"}}
     else:
         success = {
             "description": operation.answer_description,

@@ -161,8 +161,14 @@ async def serve(
     shutdown_trigger: Callable[[], Awaitable[object]],
     certificates: CertificateFiles | None = None,
     rotation: RotationSettings = DEFAULT_ROTATION,
+    on_shutdown: Callable[[], None] | None = None,
 ) -> None:
     """Serve ``app`` until ``shutdown_trigger`` returns, then shut it down cleanly.
+
+    ``on_shutdown`` is called as soon as the trigger returns, before the
+    server waits for the open connections (up to its graceful timeout) and
+    only then runs the app's lifespan shutdown: the moment to end
+    never-ending answers (the controller's ``end_streams``).
 
     With TLS, the certificate files are checked every
     ``rotation.watch_interval`` seconds and renewed ones are used for new
@@ -223,12 +229,18 @@ async def serve(
             if certificates is None
             else asyncio.create_task(certificates.watch(rotation.watch_interval))
         )
+
+        async def trigger() -> None:
+            await shutdown_trigger()
+            if on_shutdown is not None:
+                on_shutdown()
+
         try:
             await worker_serve(
                 wrap_app(cast(ASGIFramework, app), config.wsgi_max_body_size, "asgi"),
                 config,
                 sockets=sockets,
-                shutdown_trigger=shutdown_trigger,
+                shutdown_trigger=trigger,
             )
         finally:
             if watcher is not None:
@@ -282,10 +294,11 @@ def run(
     *,
     certificates: CertificateFiles | None = None,
     rotation: RotationSettings = DEFAULT_ROTATION,
+    on_shutdown: Callable[[], None] | None = None,
 ) -> None:
     """Serve ``app`` until SIGINT or SIGTERM; the app's lifespan shutdown runs before return.
 
-    ``certificates`` and ``rotation`` are as for :func:`serve`.
+    ``certificates``, ``rotation`` and ``on_shutdown`` are as for :func:`serve`.
     """
 
     async def main() -> None:
@@ -301,6 +314,7 @@ def run(
                 shutdown_trigger=stop.wait,
                 certificates=certificates,
                 rotation=rotation,
+                on_shutdown=on_shutdown,
             )
         finally:
             for signum in signals:

@@ -72,6 +72,44 @@ async def test_a_408_is_answered_without_draining_the_body() -> None:
     assert (b"connection", b"close") in sent[0]["headers"]
 
 
+@pytest.mark.parametrize(
+    ("method", "http_version", "headers", "drained"),
+    [
+        ("GET", "1.1", [], False),
+        ("HEAD", "1.1", [], False),
+        ("GET", "1.1", [(b"content-length", b"0")], False),
+        ("GET", "1.0", [], False),
+        ("GET", "1.1", [(b"content-length", b"2")], True),
+        ("GET", "1.1", [(b"transfer-encoding", b"chunked")], True),
+        ("GET", "1.1", [(b"content-length", b"x")], True),
+        ("GET", "2", [], True),  # HTTP/2 may send a body without declaring it
+        ("POST", "1.1", [], True),  # a write: its body is read as before
+    ],
+)
+async def test_a_read_without_a_body_is_answered_without_reading_it(
+    method: str, http_version: str, headers: list[tuple[bytes, bytes]], drained: bool
+) -> None:
+    received: list[dict[str, Any]] = []
+    sent: list[dict[str, Any]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:  # never reads the body
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def receive() -> dict[str, Any]:
+        message = {"type": "http.request", "body": b"", "more_body": False}
+        received.append(message)
+        return message
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": method, "http_version": http_version, "headers": headers}
+    await DrainRequestBody(app)(scope, receive, send)
+    assert bool(received) is drained
+    assert sent[0]["headers"] == []  # the connection stays usable either way
+
+
 CAPABILITY = CapabilitySchema(
     name="text.echo",
     verb="echo",

@@ -10,6 +10,7 @@ listing's cursor.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import schemathesis
@@ -22,9 +23,15 @@ from schemathesis.specs.openapi.checks import (
 
 from crank_registry.testing import FakeClock
 from crank_registry_asgi import create_app
+from crank_registry_asgi.openapi import openapi_document
 from tests.builders import capability
 
 app = create_app(clock=FakeClock())
+(LAST_EVENT_ID,) = (
+    parameter["schema"]["pattern"]
+    for parameter in openapi_document()["paths"]["/watch"]["get"]["parameters"]
+    if parameter["name"] == "Last-Event-ID"
+)
 schema = schemathesis.openapi.from_asgi("/openapi.json", app)
 
 # Generated ids and names shrink towards "0": a worker "0" offering "0:0"
@@ -55,7 +62,7 @@ def refused_only_for_rules_the_schema_cannot_state(
     Those are: a capability given twice, an `affinity_key` without
     `strategy: affinity` (or the reverse), and a listing's cursor (opaque:
     the document can state its alphabet, not which strings of it are
-    cursors).
+    cursors). A refused ``Last-Event-ID`` must be outside its documented pattern.
     """
     meta = case.meta
     if meta is None or not meta.generation.mode.is_positive or response.status_code != 422:
@@ -63,6 +70,13 @@ def refused_only_for_rules_the_schema_cannot_state(
     body = response.json()
     for problem in body["detail"]:
         if problem["path"] == "cursor":
+            continue
+        if problem["path"] == "Last-Event-ID":
+            # The coverage phase fills headers with "0" while it varies the
+            # query, and calls the case positive: a value outside the header's
+            # documented pattern, which the controller must refuse.
+            value = (case.headers or {}).get("Last-Event-ID", "")
+            assert re.fullmatch(LAST_EVENT_ID, value) is None, (value, body)
             continue
         affinity = problem["path"] == "affinity_key" and (
             (case.body.get("strategy") == "affinity") != (case.body.get("affinity_key") is not None)
