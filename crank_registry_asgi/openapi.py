@@ -206,8 +206,8 @@ class Operation:
 
     ``request`` is the model of its JSON body, ``query`` that of its query
     parameters (each field one optional parameter).
-    ``media_type`` is the 200 answer's; an answer that is not JSON is
-    ``text/plain``, a string. ``stream``: the 200 answer is also served as
+    ``media_type`` is the 200 answer's; an answer that is not JSON (the
+    metrics' text, the dashboard's files) is a string. ``stream``: the 200 answer is also served as
     ``text/event-stream`` (asked for with ``Accept``), described so.
     ``headers``: its request header parameters.
     """

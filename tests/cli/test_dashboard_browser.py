@@ -75,6 +75,12 @@ def controller(tmp_path: Path) -> Iterator[ServerProcess]:
 
 
 @pytest.fixture
+def forgetful_controller(tmp_path: Path) -> Iterator[ServerProcess]:
+    """A controller that keeps only the last change for its feed (--feed-window 1)."""
+    yield from _serve(tmp_path, "--feed-window", "1")
+
+
+@pytest.fixture
 def quick_controller(tmp_path: Path) -> Iterator[ServerProcess]:
     """A controller whose workers turn unhealthy after two seconds of silence."""
     timings = ("--heartbeat-interval", "1", "--unhealthy-after", "2", "--evict-after", "600")
@@ -233,3 +239,44 @@ def test_a_silent_worker_turns_unhealthy_and_back_on_the_page(
         changes = [" ".join(r.split()[2:]) for r in _rows(browser, "#change-rows tr")]
         assert changes[:2] == ["healthy w1", "unhealthy w1"]
         assert changes[-1] == "registered w1"  # from before the page opened
+
+
+def test_a_feed_that_lost_its_place_reloads_the_data_not_the_page(
+    browser: Any, forgetful_controller: ServerProcess
+) -> None:
+    # The long poll: the browser's offline mode stops its next ask (an event stream
+    # already open would go on receiving, and never lose its place).
+    page = "/ui?feed=poll"
+    from selenium.webdriver.support.wait import WebDriverWait
+
+    wait = WebDriverWait(browser, DEADLINE_S)
+    reads = (
+        "return performance.getEntriesByType('resource')"
+        ".filter((e) => /\\/capabilities/.test(e.name)).length;"
+    )
+    with httpx.Client(base_url=forgetful_controller.url, timeout=10.0) as api:
+        assert api.post("/register", json=registration_payload("w0")).status_code == 200
+        browser.get(f"{forgetful_controller.url}{page}")
+        wait.until(
+            lambda d: _rows(d, "#worker-rows tr") and _text(d, "#feed-status").startswith("live")
+        )
+        assert browser.execute_script(reads) == 1
+        browser.execute_script("window.notReloaded = true;")
+        # The browser offline while five workers register: the feed keeps only the
+        # last change, so the page's place in it is gone (410) and it reads
+        # everything again.
+        browser.set_network_conditions(
+            offline=True, latency=0, download_throughput=-1, upload_throughput=-1
+        )
+        for index in range(1, 6):
+            body = registration_payload(f"w{index}")
+            assert api.post("/register", json=body).status_code == 200
+        browser.set_network_conditions(
+            offline=False, latency=0, download_throughput=-1, upload_throughput=-1
+        )
+        wanted = [f"w{index}" for index in range(6)]
+        wait.until(lambda d: [r.split()[0] for r in _rows(d, "#worker-rows tr")] == wanted)
+        wait.until(lambda d: _text(d, "#revision") == "6")
+        wait.until(lambda d: _text(d, "#feed-status").startswith("live"))
+        assert browser.execute_script(reads) >= 2  # the capabilities were read again
+        assert browser.execute_script("return window.notReloaded === true;")

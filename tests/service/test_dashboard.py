@@ -79,12 +79,14 @@ def test_the_script_reads_the_api_by_relative_paths() -> None:
 
 async def test_the_document_says_where_the_page_looks_for_the_event_stream() -> None:
     # The script reads paths["/watch"].get.responses["200"].content of /openapi.json
-    # to choose between Server-Sent Events and the long poll.
+    # to choose between Server-Sent Events and the long poll (for a controller of an
+    # older release, which serves only the long poll).
     script = (UI / "app.js").read_text()
     assert '.paths["/watch"].get.responses["200"].content' in script
     async with running() as api:
         document = (await api.get("/openapi.json")).json()
-    assert "application/json" in document["paths"]["/watch"]["get"]["responses"]["200"]["content"]
+    content = document["paths"]["/watch"]["get"]["responses"]["200"]["content"]
+    assert set(content) == {"application/json", "text/event-stream"}
 
 
 async def test_the_dashboard_of_a_mounted_controller() -> None:
