@@ -89,6 +89,7 @@ _WORKER_ID = {JSON_SCHEMA: {"pattern": _WORKER_ID_PATTERN}}
 _COUNT = {JSON_SCHEMA: {"minimum": 0}}
 _INTERVAL = {JSON_SCHEMA: {"exclusiveMinimum": 0}}
 _TIME = {JSON_SCHEMA: {"format": "date-time"}}
+_EPOCH = {JSON_SCHEMA: {"pattern": "^[0-9A-Za-z_-]{1,64}$"}}
 
 #: A listing's page size: the default and the most a client may ask for.
 DEFAULT_PAGE_SIZE = 500
@@ -120,12 +121,29 @@ class HealthAnswer:
     ``self_preservation``: the controller takes it that it is cut off from
     its workers (most fell silent at once): it makes none unhealthy nor
     evicts any, and routes to the last known ones.
+
+    The optional fields describe the controller for people (the dashboard's
+    status strip); a controller of an older release leaves them out.
+    ``heartbeats_last_minute`` counts the heartbeats accepted in the last 60
+    seconds (to the second), ``expected_heartbeats_per_minute`` is what
+    ``total_workers`` send at one heartbeat per ``heartbeat_interval_s``.
     """
 
     status: Literal["ok"] = "ok"
     total_workers: int = attrs.field(metadata=_COUNT)
     healthy_workers: int = attrs.field(metadata=_COUNT)
     self_preservation: bool = False
+    epoch: str | None = attrs.field(default=None, metadata=_EPOCH)
+    revision: int | None = attrs.field(default=None, metadata=_COUNT)
+    timestamp: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_iso_time), metadata=_TIME
+    )
+    uptime_s: float | None = attrs.field(default=None, metadata=_COUNT)
+    heartbeat_interval_s: float | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_positive), metadata=_INTERVAL
+    )
+    heartbeats_last_minute: int | None = attrs.field(default=None, metadata=_COUNT)
+    expected_heartbeats_per_minute: float | None = attrs.field(default=None, metadata=_COUNT)
 
 
 #: What ``GET /ready`` says of the store (the journal): it takes writes, or the last one failed.
@@ -457,7 +475,6 @@ class InvocationAnswer:
 
 #: The highest revision a query may name (a signed 64-bit integer, as most clients read one).
 MAX_REVISION = 2**63 - 1
-_EPOCH = {JSON_SCHEMA: {"pattern": "^[0-9A-Za-z_-]{1,64}$"}}
 #: Seconds a long poll waits for a change: the default and the most.
 DEFAULT_WATCH_TIMEOUT = 30.0
 MAX_WATCH_TIMEOUT = 60.0

@@ -79,6 +79,7 @@ from crank_registry import (
 from . import feed, listings
 from .clock import AnchoredClock
 from .config import ServiceConfig
+from .dashboard import ASSETS, Dashboard
 from .effects import Effects, RegistrySnapshots, log_fields, logger
 from .feed import Broadcast
 from .http import (
@@ -224,6 +225,8 @@ class ControllerService:
         self.config = config
         self.policy = registry.policy
         self.clock = clock
+        #: When the service started (its uptime is counted from here).
+        self.started_at = clock()
         self.metrics = Metrics()
         self.metrics.watch(registry, self.clock)
         self.retry_after = str(max(1, math.ceil(self.policy.heartbeat_interval)))
@@ -273,6 +276,8 @@ class ControllerService:
             PolicyRules() if self.policy_watcher is None else self.policy_watcher.start(),
             config.trust_domain,
         )
+        # GET /ui and its files, read from the package once.
+        self.dashboard = Dashboard()
         #: The callers' token buckets under ``--rate-limit`` (``None``: no limit).
         self.admission = None if config.rate_limit is None else TokenBuckets(config.rate_limit)
         # Readiness (GET /ready): the journal is replayed (nothing to replay
@@ -398,13 +403,27 @@ class ControllerService:
     # --------------------------------------------------------------- endpoints
 
     async def health(self, request: Request) -> Response:
-        """GET /health: liveness and worker counts (counted in slices)."""
-        counted = await listings.counts(self.registry, now=self.clock())
+        """GET /health: liveness, worker counts (counted in slices) and the status strip's figures.
+
+        The revision is read before the counting yields: a follower that
+        starts its feed from it sees every change the counts may miss.
+        """
+        now = self.clock()
+        revision = self.registry.revision
+        counted = await listings.counts(self.registry, now=now)
+        interval = self.policy.heartbeat_interval
         return answer(
             HealthAnswer(
                 total_workers=counted.total,
                 healthy_workers=counted.routable,
                 self_preservation=self.registry.self_preservation is not None,
+                epoch=self.epoch,
+                revision=revision,
+                timestamp=iso_utc(now),
+                uptime_s=round(max(now - self.started_at, 0.0), 3),
+                heartbeat_interval_s=interval,
+                heartbeats_last_minute=self.metrics.recent_heartbeats.count(now),
+                expected_heartbeats_per_minute=round(counted.total * 60 / interval, 3),
             )
         )
 
@@ -638,6 +657,7 @@ class ControllerService:
             "/watch": (self.watch, "GET"),
             "/metrics": (self.exposition, "GET"),
             "/openapi.json": (self.openapi, "GET"),
+            **{path: (self.dashboard.endpoint(path), "GET") for path in ASSETS},
         }
         assert set(endpoints) == set(ROUTE_PATHS), "the document and the routes disagree"
         return [

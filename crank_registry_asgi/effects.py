@@ -266,6 +266,7 @@ class Effects:
         span = trace.get_current_span()
         if isinstance(event, HeartbeatReceived):
             self.metrics.heartbeats.inc()
+            self.metrics.recent_heartbeats.add(event.at)
             return
         if isinstance(event, WorkerRegistered):
             self.metrics.registered[event.replaced].inc()

@@ -28,6 +28,10 @@ What is counted, and where:
 * ``crank_build_info{version}`` and the ``process_*`` and ``python_*``
   figures of ``prometheus_client``'s own collectors.
 
+Beside them, :attr:`Metrics.recent_heartbeats` (a :class:`SlidingCount`)
+counts the heartbeats of the last minute for ``GET /health`` and the
+dashboard: a rate people read without a Prometheus server.
+
 OpenTelemetry stays the service's tracing API; its metrics API is not used
 (one metric system: this one).
 """
@@ -35,6 +39,7 @@ OpenTelemetry stays the service's tracing API; its metrics API is not used
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import time
 from collections.abc import Callable, Iterable
 
@@ -65,6 +70,7 @@ __all__ = [
     "Metrics",
     "RegistryCollector",
     "RequestDurationMiddleware",
+    "SlidingCount",
     "metrics_response",
 ]
 
@@ -139,6 +145,8 @@ class Metrics:
             "crank_deregistrations", "Workers that deregistered", registry=registry
         )
         self.heartbeats = Counter("crank_heartbeats", "Heartbeats accepted", registry=registry)
+        #: The heartbeats accepted in the last minute (``GET /health``).
+        self.recent_heartbeats = SlidingCount(window_s=60.0)
         self.evictions = Counter(
             "crank_evictions", "Workers evicted for silence", registry=registry
         )
@@ -209,6 +217,46 @@ class Metrics:
     def fsynced(self, seconds: float) -> None:
         """A journal fsync took ``seconds`` (the journal's timings protocol)."""
         self.journal_fsync.observe(seconds)
+
+
+class SlidingCount:
+    """How many things happened in the last ``window_s`` seconds, to the second.
+
+    One counter per whole second of the window, in a ring: :meth:`add` and
+    :meth:`count` take the time as an argument (the service's clock), cost
+    O(1) and O(window) respectively, and forget a second once it is
+    ``window_s`` old. A count covers the current second and the
+    ``window_s - 1`` before it.
+    """
+
+    __slots__ = ("_counts", "_seconds")
+
+    def __init__(self, *, window_s: float) -> None:
+        if not window_s >= 1 or window_s != int(window_s):
+            raise ValueError(f"window_s must be a whole number of seconds >= 1, got {window_s!r}")
+        size = int(window_s)
+        # For each slot of the ring: the second it counts, and its count.
+        self._seconds = [-1] * size
+        self._counts = [0] * size
+
+    def add(self, now: float) -> None:
+        """Count one thing at ``now`` (seconds)."""
+        second = math.floor(now)
+        slot = second % len(self._seconds)
+        if self._seconds[slot] != second:
+            self._seconds[slot] = second
+            self._counts[slot] = 0
+        self._counts[slot] += 1
+
+    def count(self, now: float) -> int:
+        """The things counted in the window that ends at ``now``."""
+        second = math.floor(now)
+        oldest = second - len(self._seconds)
+        return sum(
+            count
+            for counted, count in zip(self._seconds, self._counts, strict=True)
+            if oldest < counted <= second
+        )
 
 
 class RegistryCollector(Collector):

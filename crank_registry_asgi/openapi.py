@@ -206,8 +206,8 @@ class Operation:
 
     ``request`` is the model of its JSON body, ``query`` that of its query
     parameters (each field one optional parameter).
-    ``media_type`` is the 200 answer's; an answer that is not JSON is
-    ``text/plain``, a string. ``stream``: the 200 answer is also served as
+    ``media_type`` is the 200 answer's; an answer that is not JSON (the
+    metrics' text, the dashboard's files) is a string. ``stream``: the 200 answer is also served as
     ``text/event-stream`` (asked for with ``Accept``), described so.
     ``headers``: its request header parameters.
     """
@@ -378,6 +378,33 @@ OPERATIONS: tuple[Operation, ...] = (
     ),
     Operation(
         "GET", "/openapi.json", "openapi", "This document", dict[str, Any], "The OpenAPI document."
+    ),
+    Operation(
+        "GET",
+        "/ui",
+        "dashboard",
+        "The dashboard: status, capabilities, workers and the latest changes, live",
+        str,
+        "The page (HTML); it loads /ui/app.js and /ui/style.css and reads the API beside it.",
+        media_type="text/html",
+    ),
+    Operation(
+        "GET",
+        "/ui/app.js",
+        "dashboard_script",
+        "The dashboard's script",
+        str,
+        "The script (JavaScript).",
+        media_type="text/javascript",
+    ),
+    Operation(
+        "GET",
+        "/ui/style.css",
+        "dashboard_style",
+        "The dashboard's style sheet",
+        str,
+        "The style sheet (CSS).",
+        media_type="text/css",
     ),
 )
 

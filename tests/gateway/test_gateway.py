@@ -378,12 +378,7 @@ async def test_wrong_method_and_the_controller_behind_the_gateway() -> None:
     assert wrong_method.status_code == 405
     assert wrong_method.headers["allow"] == "POST"
     assert wrong_method.json()["error"] == "method_not_allowed"
-    assert health.json() == {
-        "status": "ok",
-        "total_workers": 0,
-        "healthy_workers": 0,
-        "self_preservation": False,
-    }
+    assert health.json()["total_workers"] == health.json()["healthy_workers"] == 0
     assert missing.status_code == 404
     assert missing.json()["error"] == "not_found"
 

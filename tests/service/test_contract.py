@@ -33,12 +33,20 @@ pytestmark = pytest.mark.anyio
 
 async def test_health_counts_workers() -> None:
     async with running() as api:
+        started = api.clock.now
         response = await api.get("/health")
         assert response.json() == {
             "status": "ok",
             "total_workers": 0,
             "healthy_workers": 0,
             "self_preservation": False,
+            "epoch": api.service.epoch,
+            "revision": 0,
+            "timestamp": iso_utc(started),
+            "uptime_s": 0.0,
+            "heartbeat_interval_s": 30.0,
+            "heartbeats_last_minute": 0,
+            "expected_heartbeats_per_minute": 0.0,
         }
         await api.register("w1")
         await api.register("w2")
@@ -50,7 +58,26 @@ async def test_health_counts_workers() -> None:
             "total_workers": 2,
             "healthy_workers": 1,
             "self_preservation": False,
+            "epoch": api.service.epoch,
+            "revision": 3,  # two registrations, then w2 heard after 61 s of silence: healthy
+            "timestamp": iso_utc(started + 61),
+            "uptime_s": 61.0,
+            "heartbeat_interval_s": 30.0,
+            "heartbeats_last_minute": 1,
+            "expected_heartbeats_per_minute": 4.0,  # two workers, one heartbeat every 30 s
         }
+
+
+async def test_health_counts_the_heartbeats_of_the_last_minute() -> None:
+    async with running() as api:
+        await api.register("w1")
+        for _ in range(3):
+            await api.post("/heartbeat", {"worker_id": "w1"})
+            api.advance(20)
+        # Heartbeats at 0, 20 and 40 s; now 60 s: the first has left the minute.
+        assert (await api.get("/health")).json()["heartbeats_last_minute"] == 2
+        api.advance(60)
+        assert (await api.get("/health")).json()["heartbeats_last_minute"] == 0
 
 
 async def test_register_answers_and_lists() -> None:
@@ -386,6 +413,9 @@ async def test_openapi_document_is_served() -> None:
             "/watch",
             "/metrics",
             "/openapi.json",
+            "/ui",
+            "/ui/app.js",
+            "/ui/style.css",
         }
 
 

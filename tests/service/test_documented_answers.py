@@ -96,6 +96,8 @@ async def _answers(state_dir: Path) -> list[tuple[str, str, httpx.Response]]:
         await send(api, "GET", "/workers")
         await send(api, "GET", "/openapi.json")
         await send(api, "GET", "/metrics")
+        for path in ("/ui", "/ui/app.js", "/ui/style.css"):
+            await send(api, "GET", path)
         await send(api, "GET", "/snapshot")
         await send(api, "GET", "/watch?since=0&timeout=1")
         await send(api, "GET", "/watch?since=99")  # revision_reset

@@ -162,3 +162,26 @@ async def test_mounted_under_a_prefix_the_path_label_has_it() -> None:
         figures = await scrape(client, "/crank/metrics")
     duration = "crank_http_request_duration_seconds_count"
     assert value(figures, duration, method="POST", path="/crank/route", status="404") == 1
+
+
+def test_a_sliding_count_keeps_one_window_to_the_second() -> None:
+    from crank_registry_asgi.metrics import SlidingCount
+
+    recent = SlidingCount(window_s=60)
+    for now in (1000.0, 1000.9, 1030.5, 1059.99):
+        recent.add(now)
+    assert recent.count(1059.99) == 4
+    assert recent.count(1060.0) == 2  # second 1000 is 60 s old: it left the window
+    recent.add(1060.2)  # reuses second 1000's slot, counted afresh
+    assert recent.count(1060.2) == 3
+    assert recent.count(1089.9) == 3
+    assert recent.count(1090.0) == 2  # and second 1030 left it
+    assert recent.count(1200.0) == 0
+
+
+@pytest.mark.parametrize("window", [0, 0.5, 2.5, -60])
+def test_a_sliding_count_refuses_a_window_that_is_not_whole_seconds(window: float) -> None:
+    from crank_registry_asgi.metrics import SlidingCount
+
+    with pytest.raises(ValueError, match="whole number of seconds"):
+        SlidingCount(window_s=window)
