@@ -86,6 +86,7 @@ from .journal import Journal, JournalError
 from .metrics import Metrics, RequestDurationMiddleware, metrics_response
 from .openapi import ROUTE_PATHS, openapi_document
 from .policy_file import PolicyFileWatcher
+from .redis_store import RedisStore
 from .slos import SloWatcher, slo_directory
 from .telemetry import TracingMiddleware, annotate, tracer
 
@@ -148,6 +149,11 @@ class Sweeper:
         self.effects = effects
         # The last sweep's changes could not be journaled: retry after an interval.
         self._failed = False
+        self._woken = anyio.Event()
+
+    def wake(self) -> None:
+        """Sweep now rather than at the planned time (this controller just took the lease)."""
+        self._woken.set()
 
     def delay(self) -> float:
         """Seconds until the next sweep: just after the next deadline, at most an interval.
@@ -173,6 +179,8 @@ class Sweeper:
         except ApiError as error:
             logger.warning("sweep skipped %s", log_fields(error=error.message))
             return ()
+        if not self.effects.may_sweep():
+            return ()  # another controller holds the sweeper lease, or the store is out
         events = self.registry.decide_sweep(now=self.clock())
         if events:
             with tracer().start_as_current_span(
@@ -193,7 +201,9 @@ class Sweeper:
     async def run(self) -> None:
         """Sweep at every deadline until cancelled."""
         while True:
-            await anyio.sleep(self.delay())
+            with anyio.move_on_after(self.delay()):
+                await self._woken.wait()
+            self._woken = anyio.Event()
             try:
                 await self.sweep()
             except Exception:
@@ -219,7 +229,7 @@ class ControllerService:
         self.effects = Effects(
             registry,
             metrics=self.metrics,
-            journal_expected=config.state_dir is not None,
+            journal_expected=config.state_dir is not None and config.redis_url is None,
             heartbeat_line_every=self.policy.unhealthy_after / 2,
             retry_after=self.retry_after,
         )
@@ -230,6 +240,23 @@ class ControllerService:
         # Wakes the long polls of /watch once changes are applied.
         self.broadcast = Broadcast(registry)
         self.effects.applied = self.broadcast.moved
+        #: The shared registry's store (``config.redis_url``), else ``None``: the journal.
+        self.store: RedisStore | None = None
+        if config.redis_url is not None:
+            self.store = RedisStore(
+                registry,
+                url=config.redis_url,
+                prefix=config.redis_prefix,
+                controller_id=config.controller_id,
+                clock=self.clock,
+                retry_after=self.retry_after,
+                lease_period=config.redis_lease_period,
+                snapshot_every=config.redis_snapshot_every,
+            )
+            self.store.applied = self.broadcast.moved
+            self.store.epoch_changed = self._follow_epoch
+            self.store.lease_taken = self.sweeper.wake
+            self.effects.store = self.store
         # The SLO files of the state directory (none without one).
         self.slo_watcher = (
             None
@@ -259,6 +286,10 @@ class ControllerService:
         )
         # Rendered once: the document does not change while the app runs.
         self._document_body = JSONResponse(openapi_document()).body
+
+    def _follow_epoch(self, epoch: str) -> None:
+        """The shared registry's history is ``epoch`` (loaded, or started anew)."""
+        self.epoch = epoch
 
     def set_access_rules(self, rules: PolicyRules) -> None:
         """Route under ``rules`` from now on (the built-in policy: least privilege, then them)."""
@@ -535,9 +566,14 @@ class ControllerService:
         if self.slo_watcher is not None:
             self.slo_watcher.load()
         async with contextlib.AsyncExitStack() as stack:
-            if self.config.state_dir is not None:
+            if self.store is not None:
+                stack.push_async_callback(self.store.aclose)
+                await self.store.open()
+            elif self.config.state_dir is not None:
                 await self._open_journal(stack)
             async with anyio.create_task_group() as tasks:
+                if self.store is not None:
+                    tasks.start_soon(self.store.run)
                 tasks.start_soon(self.sweeper.run)
                 if self.slo_watcher is not None:
                     tasks.start_soon(self.slo_watcher.run)

@@ -17,6 +17,8 @@ carry their own code and status and are rendered by
     ├── request_timeout         408   the body was not all in by the deadline
     ├── no_worker_available     503   with Retry-After
     ├── journal_unavailable     503
+    ├── store_unavailable       503   the shared registry's Redis (with Retry-After)
+    ├── incompatible_peer       503   a newer controller wrote the shared registry
     ├── not_found               404
     └── method_not_allowed      405   with Allow
 
