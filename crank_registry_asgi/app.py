@@ -187,7 +187,7 @@ class Sweeper:
                 "crank.sweep", kind=SpanKind.INTERNAL, attributes={"crank.changes": len(events)}
             ):
                 try:
-                    await self.effects.commit(events)
+                    events = await self.effects.commit(events)
                 except ApiError as error:
                     self._failed = True
                     logger.warning(

@@ -185,7 +185,7 @@ class Effects:
         #: Where changes become durable instead of the journal (the shared registry).
         self.store: ChangeStore | None = None
 
-    async def commit(self, events: Sequence[Event]) -> None:
+    async def commit(self, events: Sequence[Event]) -> tuple[Event, ...]:
         """Make the changes of ``events`` durable, apply them, then trace, count and log.
 
         ``events`` were just decided by the registry (its ``decide_*``
@@ -194,13 +194,16 @@ class Effects:
         ``Retry-After``) when they could not be made durable: none of them
         is then applied. Heartbeats (applied when decided) are written
         without waiting for an fsync, and a failure to write them is not an
-        error.
+        error. With a :attr:`store`, it writes them (its errors are 503 too).
+        Returns the events as applied: with a store, the changes carry the
+        revisions it gave, and those it dropped are left out.
         """
         if self.store is not None:
             # The store's own reader calls applied() as it applies them.
-            for event in await self.store.commit(events) if events else ():
+            written = await self.store.commit(events) if events else ()
+            for event in written:
                 self._observe(event)
-            return
+            return written
         registry = self.registry
         changes = [event for event in events if isinstance(event, Change)]
         if not self.journal_expected:
@@ -221,6 +224,7 @@ class Effects:
             self.applied()
         for event in events:
             self._observe(event)
+        return tuple(events)
 
     async def _make_durable(self, journal: LineJournal, lines: list[bytes], last: int) -> None:
         """Append ``lines``; apply the pending changes up to revision ``last`` once durable."""

@@ -162,5 +162,16 @@ async def wait_until(predicate: Any, *, timeout: float = 5.0, what: str = "") ->
         await anyio.sleep(0.005)
 
 
+async def wait_until_async(check: Any, *, timeout: float = 5.0, what: str = "") -> None:
+    """Poll the coroutine function ``check`` until its result is true."""
+    import anyio
+
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        await anyio.sleep(0.005)
+
+
 async def raw_client(url: str) -> aioredis.Redis:
     return aioredis.Redis.from_url(url, socket_timeout=5)

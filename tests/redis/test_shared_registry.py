@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import pytest
 
+from crank_registry import HeartbeatReceived
 from crank_registry.testing import FakeClock
-from tests.redis.helpers import controller, machine_url, unique_prefix, wait_until
+from crank_registry_asgi.redis_store import StoreKeys
+from tests.redis.helpers import (
+    controller,
+    machine_url,
+    raw_client,
+    unique_prefix,
+    wait_until,
+    wait_until_async,
+)
+from tests.service.helpers import Controller
 
 pytestmark = pytest.mark.anyio
 
@@ -54,3 +64,142 @@ async def test_a_controller_started_later_loads_the_registry() -> None:
             async with controller(url, prefix, "b", clock) as b:
                 assert set(await b.workers()) == {f"w{number}" for number in range(5)}
                 assert b.registry.revision == 5
+
+
+async def test_heartbeats_are_batched_and_applied_by_every_controller() -> None:
+    url = machine_url()
+    clock = FakeClock()
+    with unique_prefix(url) as prefix:
+        async with (
+            controller(url, prefix, "a", clock) as a,
+            controller(url, prefix, "b", clock) as b,
+        ):
+            for number in range(3):
+                await a.register(f"w{number}")
+            await wait_until(lambda: len(b.registry) == 3, what="the workers on B")
+            clock.advance(10)
+            for number in range(3):
+                response = await b.post("/heartbeat", {"worker_id": f"w{number}"})
+                assert response.status_code == 200, response.text
+
+            def heard_on_a() -> bool:
+                return all(
+                    view.last_heartbeat == clock.now for view in a.registry.workers(now=clock.now)
+                )
+
+            await wait_until(heard_on_a, what="B's heartbeats applied on A")
+            # Heartbeats are not changes: no revision was taken.
+            assert a.registry.revision == b.registry.revision == 3
+            # One entry held all three (they arrived within the batch's few milliseconds).
+            raw = await raw_client(url)
+            entries = await raw.xrange(StoreKeys(prefix).stream)
+            await raw.aclose()
+            beats = [fields for _, fields in entries if b"beats" in fields]
+            assert len(beats) == 1
+            assert beats[0][b"beats"].count(b"\n") == 3
+
+
+async def holder_and_other(a: Controller, b: Controller) -> tuple[Controller, Controller]:
+    """The controller holding the sweeper lease, and the other."""
+    await wait_until(
+        lambda: a.service.store.may_sweep() or b.service.store.may_sweep(), what="a lease holder"
+    )
+    return (a, b) if a.service.store.may_sweep() else (b, a)
+
+
+async def test_only_the_lease_holder_sweeps_and_every_replica_applies_it() -> None:
+    url = machine_url()
+    clock = FakeClock()
+    with unique_prefix(url) as prefix:
+        async with (
+            controller(url, prefix, "a", clock) as a,
+            controller(url, prefix, "b", clock) as b,
+        ):
+            await a.register("w1")
+            await wait_until(lambda: "w1" in b.registry, what="w1 on B")
+            holder, other = await holder_and_other(a, b)
+            clock.advance(a.registry.policy.unhealthy_after + 1)
+            assert await other.service.sweep() == ()
+            (unhealthy,) = await holder.service.sweep()
+            assert type(unhealthy).__name__ == "WorkerUnhealthy" and unhealthy.revision == 2
+            await wait_until(lambda: other.registry.revision == 2, what="the change on the other")
+            for api in (a, b):
+                assert (await api.workers())["w1"]["state"] == "unhealthy"
+            clock.advance(a.registry.policy.evict_after)
+            assert await other.service.sweep() == ()
+            (evicted,) = await holder.service.sweep()
+            assert type(evicted).__name__ == "WorkerEvicted" and evicted.revision == 3
+            await wait_until(lambda: "w1" not in other.registry, what="the eviction on the other")
+
+
+async def test_a_sweep_decided_on_an_older_record_is_dropped_by_the_script() -> None:
+    url = machine_url()
+    clock = FakeClock()
+    with unique_prefix(url) as prefix:
+        async with (
+            controller(url, prefix, "a", clock) as a,
+            controller(url, prefix, "b", clock) as b,
+        ):
+            await a.register("w1")
+            await wait_until(lambda: "w1" in b.registry, what="w1 on B")
+            holder, other = await holder_and_other(a, b)
+            clock.advance(a.registry.policy.unhealthy_after + 1)
+            # The holder decides on its replica; before it writes, w1 registers again
+            # on the other controller: the decision is about a record that is gone.
+            decided = holder.registry.decide_sweep(now=clock.now)
+            assert [type(event).__name__ for event in decided] == ["WorkerUnhealthy"]
+            await other.register("w1")
+            assert await holder.service.effects.store.commit(decided) == ()
+            await wait_until(lambda: holder.registry.revision == 2, what="the registration")
+            for api in (a, b):
+                assert (await api.workers())["w1"]["state"] == "healthy"
+                assert api.registry.revision == 2
+
+
+async def test_a_sweep_decided_before_a_later_heartbeat_is_dropped_by_the_script() -> None:
+    url = machine_url()
+    clock = FakeClock()
+    with unique_prefix(url) as prefix:
+        async with (
+            controller(url, prefix, "a", clock) as a,
+            controller(url, prefix, "b", clock) as b,
+        ):
+            await a.register("w1")
+            await wait_until(lambda: "w1" in b.registry, what="w1 on B")
+            holder, other = await holder_and_other(a, b)
+            clock.advance(a.registry.policy.unhealthy_after + 1)
+            decided = holder.registry.decide_sweep(now=clock.now)
+            # A heartbeat the other controller took just before (its replica had not
+            # seen the deadline yet), written to Redis before the holder's decision.
+            beat = HeartbeatReceived("w1", clock.now - 2)
+            await other.service.effects.store.commit((beat,))
+            raw = await raw_client(url)
+
+            async def written() -> bool:
+                heard = await raw.hget(StoreKeys(prefix).heard, "w1")
+                return heard == repr(beat.at).encode()
+
+            await wait_until_async(written, what="the heartbeat in Redis")
+            await raw.aclose()
+            assert await holder.service.effects.store.commit(decided) == ()
+            assert holder.registry.revision == other.registry.revision == 1
+
+
+async def test_a_controller_that_thinks_it_holds_the_lease_cannot_evict_twice() -> None:
+    url = machine_url()
+    clock = FakeClock()
+    with unique_prefix(url) as prefix:
+        async with (
+            controller(url, prefix, "a", clock) as a,
+            controller(url, prefix, "b", clock) as b,
+        ):
+            await a.register("w1")
+            await wait_until(lambda: "w1" in b.registry, what="w1 on B")
+            holder, other = await holder_and_other(a, b)
+            # The other believes it holds the lease (a paused holder whose lease expired).
+            other.service.store._lease_until = float("inf")
+            clock.advance(a.registry.policy.unhealthy_after + 1)
+            assert await other.service.sweep() == ()
+            assert len(await holder.service.sweep()) == 1
+            await wait_until(lambda: other.registry.revision == 2, what="one change")
+            assert a.registry.revision == b.registry.revision == 2
