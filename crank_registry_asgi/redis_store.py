@@ -799,6 +799,8 @@ class RedisStore:
         """After an outage: reach Redis again, check the history, let the writes go on."""
         await self._redis.ping()
         await self._connect()
+        if await self._trimmed_past():
+            await self._load()
         self.available = True
         # The heartbeats kept during the outage land before the first sweep.
         self._sweep_not_before = self.clock() + self.registry.policy.unhealthy_after
@@ -809,6 +811,16 @@ class RedisStore:
             self.revision,
             self.registry.policy.unhealthy_after,
         )
+
+    async def _trimmed_past(self) -> bool:
+        """Whether a snapshot newer than the replica trimmed the stream past its position."""
+        stored = await self._redis.hget(self.keys.snapshot, "revision")
+        if stored is None or int(stored) <= self.revision:
+            return False
+        if self.position == b"0-0":
+            return True
+        # MINID trims everything before a point: our entry gone, what followed it may be too.
+        return not await self._redis.xrange(self.keys.stream, self.position, self.position)
 
     def _lost(self, error: BaseException) -> None:
         """Redis did not answer: refuse writes, stop sweeping, until it does again."""
@@ -861,6 +873,10 @@ class RedisStore:
         moved, self._moved = self._moved, anyio.Event()
         moved.set()
         self.applied()
+        self._snapshot_if_due()
+
+    def _snapshot_if_due(self) -> None:
+        """On the lease holder, snapshot once the stream grew by ``snapshot_every`` entries."""
         if (
             self._entries_since_snapshot >= self.snapshot_every
             and not self._snapshotting
@@ -938,10 +954,12 @@ class RedisStore:
 
     async def _write_snapshot(self) -> None:
         """Write the replica as the snapshot key, and trim the stream it covers."""
+        # Taken in one step, between two entries: registry, records and position agree.
+        copy = self.registry.snapshot_copy()
+        records = dict(self._records)
+        revision, position, epoch = self.revision, self.position, self.epoch
+        covered, self._entries_since_snapshot = self._entries_since_snapshot, 0
         try:
-            copy = self.registry.snapshot_copy()
-            records = dict(self._records)
-            revision, position, epoch = self.revision, self.position, self.epoch
             lines = await anyio.to_thread.run_sync(
                 lambda: b"".join(encode_snapshot(copy.snapshot()))
             )
@@ -958,7 +976,6 @@ class RedisStore:
                 ],
             )
             if written == 1:
-                self._entries_since_snapshot = 0
                 logger.info(
                     "redis snapshot written revision=%d workers=%d bytes=%d",
                     revision,
@@ -967,8 +984,12 @@ class RedisStore:
                 )
         except _NOT_CONNECTED as error:
             self._lost(error)
+            if epoch == self.epoch:
+                self._entries_since_snapshot += covered  # still due
+            return
         finally:
             self._snapshotting = False
+        self._snapshot_if_due()  # entries that came meanwhile may make another due
 
 
 def _read_snapshot(

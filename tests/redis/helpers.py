@@ -20,6 +20,8 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.abc
 import pytest
 import redis
 import redis.asyncio as aioredis
@@ -153,7 +155,6 @@ async def controller(
 
 async def wait_until(predicate: Any, *, timeout: float = 5.0, what: str = "") -> None:
     """Poll ``predicate`` (a real-time wait for another process or connection)."""
-    import anyio
 
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -164,7 +165,6 @@ async def wait_until(predicate: Any, *, timeout: float = 5.0, what: str = "") ->
 
 async def wait_until_async(check: Any, *, timeout: float = 5.0, what: str = "") -> None:
     """Poll the coroutine function ``check`` until its result is true."""
-    import anyio
 
     deadline = time.monotonic() + timeout
     while not await check():
@@ -175,3 +175,72 @@ async def wait_until_async(check: Any, *, timeout: float = 5.0, what: str = "") 
 
 async def raw_client(url: str) -> aioredis.Redis:
     return aioredis.Redis.from_url(url, socket_timeout=5)
+
+
+class Partition:
+    """A TCP proxy to Redis that a test can cut (a network partition) and heal.
+
+    Use ``async with Partition(port) as proxy:``; connect to ``proxy.url``.
+    :meth:`cut` closes every connection and refuses new ones until :meth:`heal`.
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.port = 0
+        self.open = True
+        self._scopes: set[Any] = set()
+        self._tasks: Any = None
+        self._listener: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def __aenter__(self) -> Partition:
+        import anyio
+
+        self._listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+        self.port = self._listener.extra(anyio.abc.SocketAttribute.local_port)
+        self._tasks = anyio.create_task_group()
+        await self._tasks.__aenter__()
+        self._tasks.start_soon(self._listener.serve, self._handle)
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self._tasks.cancel_scope.cancel()
+        await self._tasks.__aexit__(None, None, None)
+        await self._listener.aclose()
+
+    def cut(self) -> None:
+        self.open = False
+        for scope in list(self._scopes):
+            scope.cancel()
+
+    def heal(self) -> None:
+        self.open = True
+
+    async def _handle(self, client: Any) -> None:
+        import anyio
+
+        async with client:
+            if not self.open:
+                return
+            try:
+                upstream = await anyio.connect_tcp("127.0.0.1", self.upstream_port)
+            except OSError:
+                return
+            async with upstream, anyio.create_task_group() as pumps:
+                self._scopes.add(pumps.cancel_scope)
+                pumps.start_soon(_pump, client, upstream, pumps.cancel_scope)
+                pumps.start_soon(_pump, upstream, client, pumps.cancel_scope)
+            self._scopes.discard(pumps.cancel_scope)
+
+
+async def _pump(source: Any, target: Any, scope: Any) -> None:
+
+    try:
+        async for chunk in source:
+            await target.send(chunk)
+    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+        pass
+    scope.cancel()
