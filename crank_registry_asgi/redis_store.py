@@ -510,7 +510,7 @@ class RedisStore:
                 entries = _entries(
                     await self._reader.xread({self.keys.stream: self.position}, count=_READ_COUNT)
                 )
-                if not entries:
+                if not entries or self.incompatible is not None:
                     break
                 try:
                     self._apply_entries(entries)
@@ -787,8 +787,10 @@ class RedisStore:
                     count=_READ_COUNT,
                     block=max(1, int(self.block * 1000)),
                 )
-                if self.incompatible is None:
-                    self._apply_entries(_entries(reply))
+                self._apply_entries(_entries(reply))
+                if self.incompatible is not None:
+                    # Nothing more is applied: this release cannot read what follows.
+                    await anyio.sleep_forever()
             except _Reload:
                 self._reload = True
             except _NOT_CONNECTED as error:

@@ -6,7 +6,7 @@ import pytest
 
 from crank_registry import HeartbeatReceived
 from crank_registry.testing import FakeClock
-from crank_registry_asgi.redis_store import StoreKeys
+from crank_registry_asgi.redis_store import RedisStoreError, StoreKeys
 from tests.redis.helpers import (
     controller,
     machine_url,
@@ -203,3 +203,25 @@ async def test_a_controller_that_thinks_it_holds_the_lease_cannot_evict_twice() 
             assert len(await holder.service.sweep()) == 1
             await wait_until(lambda: other.registry.revision == 2, what="one change")
             assert a.registry.revision == b.registry.revision == 2
+
+
+async def test_a_newer_format_in_the_stream_stops_applying_and_refuses_writes() -> None:
+    url = machine_url()
+    clock = FakeClock()
+    with unique_prefix(url) as prefix:
+        async with controller(url, prefix, "a", clock) as a:
+            await a.register("w1")
+            raw = await raw_client(url)
+            await raw.xadd(StoreKeys(prefix).stream, {"v": "99", "revision": "2", "changes": b""})
+            await wait_until(lambda: a.service.store.incompatible == 99, what="the newer entry")
+            # Routing goes on from the replica; writes are refused and change nothing.
+            assert await a.route() == "w1"
+            response = await a.post("/deregister", {"worker_id": "w1"})
+            assert response.status_code == 503
+            assert response.json()["error"] == "incompatible_peer"
+            assert "w1" in a.registry
+            # A controller that starts on it refuses to start, naming both versions.
+            with pytest.raises(RedisStoreError, match="format 99; this release reads up to 2"):
+                async with controller(url, prefix, "b", clock):
+                    pass
+            await raw.aclose()
