@@ -775,7 +775,9 @@ def create_app(
     gives ``now`` in seconds since the epoch for every health decision; by
     default an :class:`~crank_registry_asgi.clock.AnchoredClock` (the wall
     clock at start, advanced by the monotonic clock, so that a step of the
-    system clock changes no decision). A clock passed in is used as it is
+    system clock changes no decision); with ``config.redis_url`` it is set
+    to Redis' time when the store first connects, so that controllers on
+    several hosts share one clock. A clock passed in is used as it is
     (tests pass a fake one). ``app.state.service`` is the
     :class:`ControllerService`;
     ``app.state.metrics_registry`` the app's own Prometheus registry.
@@ -785,14 +787,18 @@ def create_app(
     hypercorn with :func:`crank_registry_asgi.tls.install` called first: the
     lifespan refuses to start otherwise. Without identity checks it warns.
     """
+    own_clock: AnchoredClock | None = None
     if clock is None:
-        clock = AnchoredClock()
+        clock = own_clock = AnchoredClock()
     if registry is None:
         # least_loaded's draws: seeded by the OS, unlike the core's default.
         registry = CapabilityRegistry(
             config.policy, config.routing, rng=random.Random(), feed_window=config.feed_window
         )
     service = ControllerService(registry, config, clock)
+    if service.store is not None and own_clock is not None:
+        # Controllers on several hosts compare times on Redis' clock.
+        service.store.align_clock = own_clock.align
     app = ServiceApp(
         routes=service.routes(),
         middleware=[

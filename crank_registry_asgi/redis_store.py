@@ -456,6 +456,10 @@ class RedisStore:
         self.epoch_changed: Callable[[str], None] = _ignore
         #: Called when this controller took the sweeper lease (wakes the sweeper).
         self.lease_taken: Callable[[], None] = _nothing
+        #: Set the service's clock to Redis' time (its first connect only: the
+        #: service's time must not jump while it serves); ``None``: a clock of
+        #: the caller's, used as it is.
+        self.align_clock: Callable[[float], float] | None = None
         # Worker id -> the revision of its last change, as in {P}:records.
         self._records: dict[str, int] = {}
         # The latest heartbeat per worker not written yet.
@@ -542,13 +546,19 @@ class RedisStore:
     async def _connect(self) -> None:
         """Measure the clock offset, check the epoch; load the history when it is another."""
         seconds, micros = await self._redis.time()
-        self.offset = seconds + micros / 1e6 - time.time()
+        redis_now = seconds + micros / 1e6
+        self.offset = redis_now - time.time()
         if abs(self.offset) > _OFFSET_LOGGED:
             logger.warning(
-                "this host's clock is %+.3f s off Redis' clock (controller_id=%s)",
+                "this host's clock is %+.3f s off Redis' clock (controller_id=%s)%s",
                 -self.offset,
                 self.controller_id,
+                "; the controller keeps Redis' time" if self.align_clock is not None else "",
             )
+        if self.align_clock is not None:
+            # Health is measured on one clock for all controllers: Redis'.
+            self.align_clock(redis_now)
+            self.align_clock = None
         epoch = await self._redis.get(self.keys.epoch)
         if epoch is None:
             epoch = await self._scripts["start"](

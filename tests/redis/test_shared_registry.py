@@ -6,6 +6,8 @@ import pytest
 
 from crank_registry import HeartbeatReceived
 from crank_registry.testing import FakeClock
+from crank_registry_asgi import ServiceConfig, create_app
+from crank_registry_asgi.clock import AnchoredClock
 from crank_registry_asgi.redis_store import RedisStoreError, StoreKeys
 from tests.redis.helpers import (
     controller,
@@ -225,3 +227,25 @@ async def test_a_newer_format_in_the_stream_stops_applying_and_refuses_writes() 
                 async with controller(url, prefix, "b", clock):
                     pass
             await raw.aclose()
+
+
+async def test_a_controller_keeps_redis_time_on_its_own_clock() -> None:
+    url = machine_url()
+    with unique_prefix(url) as prefix:
+        app = create_app(config=ServiceConfig(redis_url=url, redis_prefix=prefix))
+        async with app.router.lifespan_context(app):
+            raw = await raw_client(url)
+            seconds, micros = await raw.time()
+            await raw.aclose()
+            # Within what a round trip on a loaded machine takes.
+            assert abs(app.state.service.clock() - (seconds + micros / 1e6)) < 0.5
+
+
+def test_an_anchored_clock_aligned_to_another_keeps_advancing_from_it() -> None:
+    monotonic = FakeClock(100.0)
+    clock = AnchoredClock(wall=lambda: 1_000.0, monotonic=monotonic)
+    assert clock() == 1_000.0
+    assert clock.align(5_000.0) == 4_000.0
+    assert clock() == 5_000.0
+    monotonic.advance(2.5)
+    assert clock() == 5_002.5
