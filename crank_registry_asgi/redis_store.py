@@ -316,6 +316,12 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 return 0
 """
 
+#: Give the lease back if this controller holds it. KEYS: lease; ARGV: controller id.
+RELEASE_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 #: Write a snapshot and trim what it covers. KEYS: epoch, snapshot, stream.
 #: ARGV: epoch, format, revision, the last entry it covers, the trim's MINID,
 #: lines, records (JSON). Returns 1 (written), 0 (an older one than the key's)
@@ -505,6 +511,7 @@ class RedisStore:
             ("changes", WRITE_CHANGES),
             ("heartbeats", WRITE_HEARTBEATS),
             ("lease", TAKE_LEASE),
+            ("release", RELEASE_LEASE),
             ("snapshot", WRITE_SNAPSHOT),
         ):
             self._scripts[name] = self._redis.register_script(source)
@@ -630,7 +637,10 @@ class RedisStore:
                 continue
             with contextlib.suppress(*_NOT_CONNECTED), anyio.move_on_after(1, shield=True):
                 if client is self._redis and self._lease_until > time.monotonic():
-                    await client.delete(self.keys.lease)
+                    # Given back, so that another controller sweeps at once.
+                    await self._scripts["release"](
+                        keys=[self.keys.lease], args=[self.controller_id]
+                    )
                 await client.aclose()
         self._redis = self._reader = None
         self.available = False

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import anyio
+import anyio.abc
 import pytest
 
 from crank_registry import HeartbeatReceived
@@ -249,3 +251,24 @@ def test_an_anchored_clock_aligned_to_another_keeps_advancing_from_it() -> None:
     assert clock() == 5_000.0
     monotonic.advance(2.5)
     assert clock() == 5_002.5
+
+
+async def test_a_controller_that_stops_gives_the_lease_to_another_at_once() -> None:
+    url = machine_url()
+    clock = FakeClock()
+    stop_a = anyio.Event()
+
+    async def run_a(*, task_status: anyio.abc.TaskStatus[Controller]) -> None:
+        async with controller(url, prefix, "a", clock, redis_lease_period=2.0) as a:
+            task_status.started(a)
+            await stop_a.wait()
+
+    with unique_prefix(url) as prefix:
+        async with anyio.create_task_group() as tasks:
+            a = await tasks.start(run_a)
+            await wait_until(a.service.store.may_sweep, what="A holds the lease")
+            async with controller(url, prefix, "b", clock, redis_lease_period=2.0) as b:
+                assert not b.service.store.may_sweep()
+                stop_a.set()
+                # Given back: B takes it at its next try (every 0.5 s), not at its expiry.
+                await wait_until(b.service.store.may_sweep, timeout=1.0, what="B takes the lease")
