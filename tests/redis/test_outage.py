@@ -181,3 +181,50 @@ async def test_redis_restarted_empty_starts_a_new_history_that_workers_rebuild(
             await b.register("w1")
             await wait_until(lambda: "w1" in a.registry, what="w1 again on A")
             assert a.registry.revision == b.registry.revision == 1
+
+
+@pytest.mark.slow
+async def test_no_acknowledged_registration_is_lost_to_repeated_kill_9_of_redis(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock()
+    acknowledged: set[str] = set()
+    refused = 0
+    with RedisServer(tmp_path) as server:
+        async with controller(server.url, "crank", "a", clock) as a:
+
+            async def register_storm(client: int, stop: anyio.Event) -> None:
+                nonlocal refused
+                number = 0
+                while not stop.is_set():
+                    worker_id = f"c{client}-{number}"
+                    number += 1
+                    response = await a.request(
+                        "POST", "/register", json=registration_payload(worker_id)
+                    )
+                    if response.status_code == 200:
+                        acknowledged.add(worker_id)
+                    else:
+                        assert response.json()["error"] == "store_unavailable", response.text
+                        refused += 1
+                        await anyio.sleep(0.01)
+
+            stop = anyio.Event()
+            async with anyio.create_task_group() as storm:
+                for client in range(4):
+                    storm.start_soon(register_storm, client, stop)
+                for _ in range(5):
+                    await anyio.sleep(0.3)
+                    server.kill()
+                    await anyio.sleep(0.1)
+                    server.start()
+                    await wait_until(
+                        lambda: a.service.store.available, what="A reconnects", timeout=10
+                    )
+                await anyio.sleep(0.3)
+                stop.set()
+            async with controller(server.url, "crank", "b", clock) as b:
+                held = {record.worker_id for record in b.registry.records()}
+                missing = acknowledged - held
+                assert not missing, sorted(missing)[:10]
+    assert len(acknowledged) >= 20 and refused >= 1, (len(acknowledged), refused)
