@@ -189,7 +189,8 @@ ERRORS: Mapping[str, ErrorCode] = {
     "revision_reset": ErrorCode(
         410,
         "since is beyond the latest revision, or epoch is another history's (a new "
-        "journal): load /snapshot again; revision is the latest.",
+        "journal, or a shared registry whose Redis lost its data): load /snapshot again; "
+        "revision is the latest.",
         ("revision",),
     ),
     "not_found": ErrorCode(404, "No such path."),
