@@ -35,7 +35,8 @@ Heartbeats are batched: the latest per worker, written by
 :data:`WRITE_HEARTBEATS` as one stream entry per controller every few
 milliseconds (at most :data:`HEARTBEAT_BATCH_MAX` workers an entry), and
 applied by every controller, so that routability and the ``unverified``
-window work on every replica as on one controller.
+window work on every replica as on one controller. A heartbeat's load
+report travels in the same entry (``least_loaded`` on every replica).
 
 Reading. At start a controller loads the snapshot key, then tails the
 stream with ``XREAD BLOCK`` (on its own connection, with a socket timeout
@@ -80,7 +81,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -96,10 +97,12 @@ from crank_registry import (
     HeartbeatReceived,
     JournalDecodeError,
     JournalReader,
+    LoadReport,
     NewerJournalFormat,
     RegistryError,
     Snapshot,
     SnapshotPart,
+    ValidationError,
     WorkerDeregistered,
     WorkerEvicted,
     WorkerHealthy,
@@ -110,6 +113,8 @@ from crank_registry import (
     decode_heartbeat_line,
     encode_event,
     encode_snapshot,
+    structure,
+    unstructure,
 )
 
 from .http import ApiError
@@ -285,11 +290,11 @@ return reply
 """
 
 #: Append a heartbeat batch. KEYS: epoch, revision, stream, records, heard.
-#: ARGV: epoch, format, lines, then pairs of worker id and time.
-#: Returns {'epoch'} or {'ok', id}.
+#: ARGV: epoch, format, lines, load reports (JSON, or ''), then pairs of worker
+#: id and time. Returns {'epoch'} or {'ok', id}.
 WRITE_HEARTBEATS = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {'epoch'} end
-for i = 4, #ARGV, 2 do
+for i = 5, #ARGV, 2 do
   local worker, at = ARGV[i], ARGV[i + 1]
   if redis.call('HEXISTS', KEYS[4], worker) == 1 then
     local heard = redis.call('HGET', KEYS[5], worker)
@@ -299,7 +304,13 @@ for i = 4, #ARGV, 2 do
   end
 end
 local revision = redis.call('GET', KEYS[2]) or '0'
-local id = redis.call('XADD', KEYS[3], '*', 'v', ARGV[2], 'revision', revision, 'beats', ARGV[3])
+local id
+if ARGV[4] == '' then
+  id = redis.call('XADD', KEYS[3], '*', 'v', ARGV[2], 'revision', revision, 'beats', ARGV[3])
+else
+  id = redis.call('XADD', KEYS[3], '*', 'v', ARGV[2], 'revision', revision, 'beats', ARGV[3],
+    'loads', ARGV[4])
+end
 return {'ok', id}
 """
 
@@ -775,6 +786,7 @@ class RedisStore:
                 self.epoch,
                 JOURNAL_FORMAT_VERSION,
                 b"".join(encode_event(beat) for beat in taken.values()),
+                self._loads_of(taken.values()),
             ]
             for beat in taken.values():
                 args += [beat.worker_id, _number(beat.at)]
@@ -791,6 +803,19 @@ class RedisStore:
                 continue
             if _text(reply[0]) == "epoch":
                 self._reload = True  # another history: these workers must register again
+
+    def _loads_of(self, beats: Iterable[HeartbeatReceived]) -> bytes:
+        """The load reports these heartbeats carried, as JSON: ``{worker: [at, report]}``.
+
+        A report is the worker's latest if it came with this heartbeat
+        (reported at its time); the others' replicas keep it too.
+        """
+        loads: dict[str, Any] = {}
+        for beat in beats:
+            view = self.registry.get_worker(beat.worker_id, now=beat.at)
+            if view is not None and view.load is not None and view.load_reported_at == beat.at:
+                loads[beat.worker_id] = [beat.at, unstructure(view.load)]
+        return json.dumps(loads, separators=(",", ":")).encode() if loads else b""
 
     # ---------------------------------------------------------------- reads
 
@@ -890,6 +915,8 @@ class RedisStore:
                     beat = decode_heartbeat_line(line)
                     if beat is not None:
                         registry.apply(beat)
+                if fields.get(b"loads"):
+                    self._apply_loads(fields[b"loads"], entry_id)
             self.position = entry_id
             self._entries_since_snapshot += 1
         moved, self._moved = self._moved, anyio.Event()
@@ -907,6 +934,23 @@ class RedisStore:
         ):
             self._snapshotting = True
             self._tasks.start_soon(self._write_snapshot)
+
+    def _apply_loads(self, data: bytes, entry_id: bytes) -> None:
+        """Keep the load reports of a heartbeat batch; a malformed one is skipped and logged."""
+        try:
+            loads = json.loads(data)
+            reports = [
+                (str(worker), float(at), structure(report, LoadReport))
+                for worker, (at, report) in loads.items()
+            ]
+        except (ValueError, TypeError, AttributeError, ValidationError) as error:
+            logger.warning(
+                "stream load reports skipped entry=%s reason=%s", entry_id.decode(), error
+            )
+            return
+        for worker_id, at, report in reports:
+            with contextlib.suppress(ValidationError):  # a time that is not finite
+                self.registry.report_load(worker_id, report, now=at)
 
     def _apply_changes(self, lines: list[bytes], first: int, entry_id: bytes) -> None:
         """Apply one entry's changes, numbered from ``first``; skip what the fold refuses."""

@@ -272,3 +272,37 @@ async def test_a_controller_that_stops_gives_the_lease_to_another_at_once() -> N
                 stop_a.set()
                 # Given back: B takes it at its next try (every 0.5 s), not at its expiry.
                 await wait_until(b.service.store.may_sweep, timeout=1.0, what="B takes the lease")
+
+
+async def test_a_load_report_heard_on_one_controller_reaches_the_others() -> None:
+    url = machine_url()
+    clock = FakeClock()
+    with unique_prefix(url) as prefix:
+        async with (
+            controller(url, prefix, "a", clock) as a,
+            controller(url, prefix, "b", clock) as b,
+        ):
+            await a.register("w1")
+            await wait_until(lambda: "w1" in b.registry, what="w1 on B")
+            clock.advance(1)
+            load = {"in_flight": 3, "latency_p95_ms": 42.0}
+            response = await b.post("/heartbeat", {"worker_id": "w1", "load": load})
+            assert response.status_code == 200, response.text
+
+            def reported_on_a() -> bool:
+                view = a.registry.get_worker("w1", now=clock.now)
+                return view is not None and view.load is not None
+
+            await wait_until(reported_on_a, what="the load report on A")
+            view = a.registry.get_worker("w1", now=clock.now)
+            assert view is not None and view.load is not None
+            assert (view.load.in_flight, view.load.latency_p95_ms) == (3, 42.0)
+            assert view.load_reported_at == clock.now
+            # A heartbeat without a report carries none: A keeps the one it has.
+            clock.advance(1)
+            assert (await b.post("/heartbeat", {"worker_id": "w1"})).status_code == 200
+            await wait_until(
+                lambda: a.registry.get_worker("w1", now=clock.now).last_heartbeat == clock.now,
+                what="the second heartbeat on A",
+            )
+            assert a.registry.get_worker("w1", now=clock.now).load_reported_at == clock.now - 1
