@@ -832,7 +832,12 @@ class RedisStore:
                     count=_READ_COUNT,
                     block=max(1, int(self.block * 1000)),
                 )
-                self._apply_entries(_entries(reply))
+                entries = _entries(reply)
+                if not entries and await self._trimmed_past():
+                    # A snapshot trimmed our position and nothing came after it:
+                    # no later entry would show the gap.
+                    self._reload = True
+                self._apply_entries(entries)
                 if self.incompatible is not None:
                     # Nothing more is applied: this release cannot read what follows.
                     await anyio.sleep_forever()
