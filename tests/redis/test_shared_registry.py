@@ -259,7 +259,7 @@ async def test_a_controller_that_stops_gives_the_lease_to_another_at_once() -> N
     stop_a = anyio.Event()
 
     async def run_a(*, task_status: anyio.abc.TaskStatus[Controller]) -> None:
-        async with controller(url, prefix, "a", clock, redis_lease_period=2.0) as a:
+        async with controller(url, prefix, "a", clock, redis_lease_period=4.0) as a:
             task_status.started(a)
             await stop_a.wait()
 
@@ -267,11 +267,12 @@ async def test_a_controller_that_stops_gives_the_lease_to_another_at_once() -> N
         async with anyio.create_task_group() as tasks:
             a = await tasks.start(run_a)
             await wait_until(a.service.store.may_sweep, what="A holds the lease")
-            async with controller(url, prefix, "b", clock, redis_lease_period=2.0) as b:
+            async with controller(url, prefix, "b", clock, redis_lease_period=4.0) as b:
                 assert not b.service.store.may_sweep()
                 stop_a.set()
-                # Given back: B takes it at its next try (every 0.5 s), not at its expiry.
-                await wait_until(b.service.store.may_sweep, timeout=1.0, what="B takes the lease")
+                # Given back: B takes it at its next try (every second), not at its
+                # expiry (A's key lives 3 s, renewed every second: 2 s at least).
+                await wait_until(b.service.store.may_sweep, timeout=1.8, what="B takes the lease")
 
 
 async def test_a_load_report_heard_on_one_controller_reaches_the_others() -> None:
