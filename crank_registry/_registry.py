@@ -480,6 +480,16 @@ class CapabilityRegistry:
             self._report_load(worker_id, load, now)
         return events
 
+    def report_load(self, worker_id: str, report: LoadReport, *, now: float) -> None:
+        """Keep a load report another controller heard in a heartbeat at ``now``.
+
+        What :meth:`heartbeat` does with its ``load``, alone: a replica of a
+        shared registry learns the loads its peers heard this way. Not an
+        event and not a change; a worker not held keeps none.
+        """
+        _check_now(now)
+        self._report_load(worker_id, report, now)
+
     def decide_deregister(self, worker_id: str, *, now: float) -> tuple[Event, ...]:
         """The events :meth:`deregister` causes, pending until :meth:`confirm`; raises alike."""
         _check_now(now)

@@ -95,6 +95,7 @@ from .journal import Journal, JournalError
 from .metrics import Metrics, RequestDurationMiddleware, metrics_response
 from .openapi import ROUTE_PATHS, openapi_document
 from .policy_file import PolicyFileWatcher
+from .redis_store import RedisStore
 from .slos import SloWatcher, slo_directory
 from .telemetry import TracingMiddleware, annotate, tracer
 
@@ -157,6 +158,11 @@ class Sweeper:
         self.effects = effects
         # The last sweep's changes could not be journaled: retry after an interval.
         self._failed = False
+        self._woken = anyio.Event()
+
+    def wake(self) -> None:
+        """Sweep now rather than at the planned time (this controller just took the lease)."""
+        self._woken.set()
 
     def delay(self) -> float:
         """Seconds until the next sweep: just after the next deadline, at most an interval.
@@ -185,13 +191,15 @@ class Sweeper:
         except ApiError as error:
             logger.warning("sweep skipped %s", log_fields(error=error.message))
             return ()
+        if not self.effects.may_sweep():
+            return ()  # another controller holds the sweeper lease, or the store is out
         events = self.registry.decide_sweep(now=self.clock())
         if events:
             with tracer().start_as_current_span(
                 "crank.sweep", kind=SpanKind.INTERNAL, attributes={"crank.changes": len(events)}
             ):
                 try:
-                    await self.effects.commit(events)
+                    events = await self.effects.commit(events)
                 except ApiError as error:
                     self._failed = True
                     logger.warning(
@@ -205,7 +213,9 @@ class Sweeper:
     async def run(self) -> None:
         """Sweep at every deadline until cancelled."""
         while True:
-            await anyio.sleep(self.delay())
+            with anyio.move_on_after(self.delay()):
+                await self._woken.wait()
+            self._woken = anyio.Event()
             try:
                 await self.sweep()
             except Exception:
@@ -233,7 +243,7 @@ class ControllerService:
         self.effects = Effects(
             registry,
             metrics=self.metrics,
-            journal_expected=config.state_dir is not None,
+            journal_expected=config.state_dir is not None and config.redis_url is None,
             heartbeat_line_every=self.policy.unhealthy_after / 2,
             retry_after=self.retry_after,
         )
@@ -244,6 +254,23 @@ class ControllerService:
         # Wakes the long polls of /watch once changes are applied.
         self.broadcast = Broadcast(registry)
         self.effects.applied = self.broadcast.moved
+        #: The shared registry's store (``config.redis_url``), else ``None``: the journal.
+        self.store: RedisStore | None = None
+        if config.redis_url is not None:
+            self.store = RedisStore(
+                registry,
+                url=config.redis_url,
+                prefix=config.redis_prefix,
+                controller_id=config.controller_id,
+                clock=self.clock,
+                retry_after=self.retry_after,
+                lease_period=config.redis_lease_period,
+                snapshot_every=config.redis_snapshot_every,
+            )
+            self.store.applied = self.broadcast.moved
+            self.store.epoch_changed = self._follow_epoch
+            self.store.lease_taken = self.sweeper.wake
+            self.effects.store = self.store
         # The SLO files of the state directory (none without one).
         self.slo_watcher = (
             None
@@ -280,16 +307,21 @@ class ControllerService:
         self.dashboard = Dashboard()
         #: The callers' token buckets under ``--rate-limit`` (``None``: no limit).
         self.admission = None if config.rate_limit is None else TokenBuckets(config.rate_limit)
-        # Readiness (GET /ready): the journal is replayed (nothing to replay
-        # without one), and the lifespan is not shutting down.
-        self._replayed = config.state_dir is None
+        # Readiness (GET /ready): the journal is replayed or the shared
+        # registry loaded (nothing to load without either), and the lifespan
+        # is not shutting down.
+        self._replayed = config.state_dir is None and self.store is None
         self._stopping = False
-        if config.state_dir is None:
+        if self._replayed:
             # Nothing to replay nor make durable: in effect at once (with a
             # journal, once it is replayed: the lifespan's _put_settings).
             self.effects.observe(registry.set_access_rules(self.access_rules, now=clock()))
         # Rendered once: the document does not change while the app runs.
         self._document_body = JSONResponse(openapi_document()).body
+
+    def _follow_epoch(self, epoch: str) -> None:
+        """The shared registry's history is ``epoch`` (loaded, or started anew)."""
+        self.epoch = epoch
 
     async def put_access_rules(self, rules: PolicyRules) -> None:
         """Route under ``rules`` from now on: a ``policy_changed`` change, made durable.
@@ -693,14 +725,21 @@ class ControllerService:
         slos = None if self.slo_watcher is None else self.slo_watcher.load()
         self._stopping = False
         async with contextlib.AsyncExitStack() as stack:
-            if self.config.state_dir is not None:
+            if self.store is not None:
+                stack.push_async_callback(self.store.aclose)
+                await self.store.open()
+            elif self.config.state_dir is not None:
                 await self._open_journal(stack)
-                # Decided on the registry the journal restored: a change only if they differ.
+            if not self._replayed:
+                # Decided on the registry the journal or the shared registry
+                # restored: a change only where they differ.
                 await self.put_access_rules(self.access_rules)
                 if slos is not None:
                     await self.put_slos(slos)
                 self._replayed = True
             async with anyio.create_task_group() as tasks:
+                if self.store is not None:
+                    tasks.start_soon(self.store.run)
                 tasks.start_soon(self.sweeper.run)
                 # The /watch streams' bookmarks.
                 tasks.start_soon(feed.tick_every, self.broadcast, feed.bookmark_period(self.policy))
@@ -907,7 +946,9 @@ def create_app(
     gives ``now`` in seconds since the epoch for every health decision; by
     default an :class:`~crank_registry_asgi.clock.AnchoredClock` (the wall
     clock at start, advanced by the monotonic clock, so that a step of the
-    system clock changes no decision). A clock passed in is used as it is
+    system clock changes no decision); with ``config.redis_url`` it is set
+    to Redis' time when the store first connects, so that controllers on
+    several hosts share one clock. A clock passed in is used as it is
     (tests pass a fake one). ``app.state.service`` is the
     :class:`ControllerService`;
     ``app.state.metrics_registry`` the app's own Prometheus registry.
@@ -917,8 +958,9 @@ def create_app(
     hypercorn with :func:`crank_registry_asgi.tls.install` called first: the
     lifespan refuses to start otherwise. Without identity checks it warns.
     """
+    own_clock: AnchoredClock | None = None
     if clock is None:
-        clock = AnchoredClock()
+        clock = own_clock = AnchoredClock()
     if registry is None:
         # least_loaded's draws: seeded by the OS, unlike the core's default.
         registry = CapabilityRegistry(
@@ -932,6 +974,9 @@ def create_app(
             access_rules=AccessRules(),
         )
     service = ControllerService(registry, config, clock)
+    if service.store is not None and own_clock is not None:
+        # Controllers on several hosts compare times on Redis' clock.
+        service.store.align_clock = own_clock.align
     app = ServiceApp(
         routes=service.routes(),
         middleware=[

@@ -27,6 +27,7 @@ import argparse
 import ipaddress
 import logging
 import os
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -343,6 +344,44 @@ def add_serve_command(subcommands: Subcommands) -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
+        "--redis",
+        metavar="URL",
+        help=(
+            "share the registry with every controller on this Redis (redis://HOST:PORT/DB; "
+            "env CRANK_REDIS_URL): changes go to a Redis stream instead of the journal; "
+            "needs pip install 'crank-registry-asgi[redis]'"
+        ),
+    )
+    parser.add_argument(
+        "--redis-prefix",
+        metavar="NAME",
+        default="crank",
+        help="the registry's keys in Redis are {NAME}:... (several registries, one Redis) (crank)",
+    )
+    parser.add_argument(
+        "--controller-id",
+        metavar="ID",
+        help="names this controller in logs, spans and the sweeper lease (HOSTNAME:PORT)",
+    )
+    parser.add_argument(
+        "--redis-lease-period",
+        type=_seconds,
+        metavar="SECONDS",
+        help=(
+            "with --redis: another controller takes over the sweep within this long after "
+            "its holder died (10)"
+        ),
+    )
+    parser.add_argument(
+        "--redis-snapshot-every",
+        type=_at_least_one,
+        metavar="N",
+        help=(
+            "with --redis: stream entries after which the registry is snapshotted and the "
+            "stream trimmed (10000)"
+        ),
+    )
+    parser.add_argument(
         "--feed-window",
         type=_at_least_one,
         default=DEFAULT_FEED_WINDOW,
@@ -467,6 +506,8 @@ def run_serve(args: argparse.Namespace) -> int:
     if not args.gateway and _gateway_settings(args):
         raise UsageError("--gateway-attempts, --gateway-timeout and --gateway-queue need --gateway")
     preservation = _self_preservation(args)
+    redis_url = args.redis if args.redis is not None else os.environ.get("CRANK_REDIS_URL") or None
+    shared = _redis_settings(args, redis_url)
     try:
         # The core's policy decides which timings go together; this only names the flags.
         policy = HealthPolicy(
@@ -539,6 +580,8 @@ def run_serve(args: argparse.Namespace) -> int:
         self_preservation=preservation,
         # This process is the controller's own: recovery may pause its collector.
         pause_gc_during_recovery=True,
+        controller_id=args.controller_id or f"{socket.gethostname()}:{port}",
+        **shared,
     )
     if args.request_read_timeout is not None:
         config = attrs.evolve(config, request_read_timeout=args.request_read_timeout)
@@ -610,6 +653,7 @@ def _lifespan_failed(error: Exception) -> int:
     traceback.
     """
     from .journal import JournalError
+    from .redis_store import RedisStoreError
     from .slos import SloFileError
 
     logging.getLogger(__name__).debug("start failed: %s", error)
@@ -617,13 +661,53 @@ def _lifespan_failed(error: Exception) -> int:
     while isinstance(cause, BaseExceptionGroup) and len(cause.exceptions) == 1:
         cause = cause.exceptions[0]
     prefix = "the controller failed to start: "
-    if isinstance(cause, (JournalError, SloFileError)):
+    if isinstance(cause, (JournalError, SloFileError, RedisStoreError)):
         return _start_failed(prefix + str(cause), status=2)
     # Without an exception (an app that only reports the failure), the debug log has its text.
     reason = (
         "its lifespan reported a failure" if cause is None else f"{type(cause).__name__}: {cause}"
     )
     return _start_failed(f"{prefix}{reason} (--log-level debug shows more)", status=1)
+
+
+def _redis_settings(args: argparse.Namespace, url: str | None) -> dict[str, Any]:
+    """The shared registry's :class:`ServiceConfig` fields, from ``--redis`` and its flags."""
+    from .config import is_redis_prefix, is_redis_url
+
+    if url is None:
+        given = [
+            flag
+            for flag, value in (
+                ("--redis-lease-period", args.redis_lease_period),
+                ("--redis-snapshot-every", args.redis_snapshot_every),
+            )
+            if value is not None
+        ]
+        if given:
+            raise UsageError(f"{', '.join(given)} need --redis (or CRANK_REDIS_URL)")
+        return {}
+    source = "--redis" if args.redis is not None else "CRANK_REDIS_URL"
+    if not is_redis_url(url):
+        raise UsageError(
+            f"{source}: expected a redis://HOST:PORT/DB, rediss:// or unix:// URL, got {url!r}"
+        )
+    if not is_redis_prefix(args.redis_prefix):
+        raise UsageError(
+            f"--redis-prefix: 1 to 64 letters, digits, '_', '.', ':' or '-', "
+            f"got {args.redis_prefix!r}"
+        )
+    try:
+        import redis  # noqa: F401 (only to say what to install)
+    except ImportError:
+        raise UsageError(
+            f"{source} needs the redis package: pip install 'crank-registry-asgi[redis]'"
+        ) from None
+    settings: dict[str, Any] = {"redis_url": url, "redis_prefix": args.redis_prefix}
+    if args.redis_lease_period is not None:
+        settings["redis_lease_period"] = args.redis_lease_period
+    if args.redis_snapshot_every is not None:
+        settings["redis_snapshot_every"] = args.redis_snapshot_every
+    return settings
 
 
 def _gateway_settings(args: argparse.Namespace) -> dict[str, Any]:

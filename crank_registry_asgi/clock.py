@@ -64,6 +64,18 @@ class AnchoredClock:
         """The last logged difference, wall clock minus this clock (0.0 until a step)."""
         return self._known_offset
 
+    def align(self, reference: float) -> float:
+        """Make the time now ``reference`` (another clock's reading); returns the shift.
+
+        The shared registry aligns its controllers on Redis' clock this way
+        when they connect (DESIGN, "Clocks across hosts"), so that times
+        written by one are compared with the same clock by the others.
+        """
+        shift = float(reference) - (self._anchor + self._monotonic())
+        self._anchor += shift
+        self._known_offset -= shift
+        return shift
+
     def __call__(self) -> float:
         """The anchored time now; notices (and logs) a wall-clock step."""
         now = self._anchor + self._monotonic()

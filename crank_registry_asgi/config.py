@@ -40,6 +40,8 @@ __all__ = [
     "ServiceConfig",
     "is_positive_int",
     "is_positive_number",
+    "is_redis_prefix",
+    "is_redis_url",
     "is_whole_number",
 ]
 
@@ -98,6 +100,34 @@ def _trust_domain(_: object, attribute: attrs.Attribute[Any], value: object) -> 
         raise ValueError(
             f"{attribute.name} must be a SPIFFE trust domain (lowercase letters, digits, "
             f"'.', '_' and '-'), got {value!r}"
+        )
+
+
+def is_redis_url(value: object) -> bool:
+    """A URL redis-py opens: ``redis://``, ``rediss://`` or ``unix://``."""
+    return isinstance(value, str) and value.split("://", 1)[0] in ("redis", "rediss", "unix")
+
+
+def _redis_url(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is not None and not is_redis_url(value):
+        raise ValueError(
+            f"{attribute.name} must be a redis://, rediss:// or unix:// URL, got {value!r}"
+        )
+
+
+#: What a key prefix may hold: it sits inside the hash tag ``{...}``.
+_PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+def is_redis_prefix(value: object) -> bool:
+    """1 to 64 letters, digits, ``_ . : -`` (no braces: it is the keys' hash tag)."""
+    return isinstance(value, str) and _PREFIX.fullmatch(value) is not None
+
+
+def _redis_prefix(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not is_redis_prefix(value):
+        raise ValueError(
+            f"{attribute.name} must be 1 to 64 letters, digits, '_', '.', ':' or '-', got {value!r}"
         )
 
 
@@ -186,6 +216,16 @@ class ServiceConfig:
     #: When the registry takes it that it is cut off from its workers (DESIGN,
     #: "Admission"): threshold, longest duration, fewest workers.
     self_preservation: SelfPreservationSettings = attrs.field(factory=SelfPreservationSettings)
+    #: The shared registry: a Redis URL (``redis://HOST:PORT/DB``). Set, the
+    #: registry's changes go to Redis (:mod:`crank_registry_asgi.redis_store`)
+    #: instead of the journal; ``state_dir`` then holds only the SLO files.
+    redis_url: str | None = attrs.field(default=None, validator=_redis_url)
+    #: The registry's keys in Redis are ``{redis_prefix}:...`` (one hash tag).
+    redis_prefix: str = attrs.field(default="crank", validator=_redis_prefix)
+    #: Seconds within which another controller takes the sweeper lease of a dead holder.
+    redis_lease_period: float = attrs.field(default=10.0, validator=_positive_number)
+    #: Stream entries past the last snapshot after which the lease holder writes another.
+    redis_snapshot_every: int = attrs.field(default=10_000, validator=_positive_int)
 
     def __attrs_post_init__(self) -> None:
         if self.proxy_cert_header is not None and not self.proxy_cert_authorities:

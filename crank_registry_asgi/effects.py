@@ -23,6 +23,11 @@ Both run in the journal's ``settled`` call, in the order the lines were
 appended, which is revision order. So a write answered 503 changes nothing
 in memory, and what is listed, routed and restored after a restart agree.
 Without a state directory the changes are applied at once.
+
+The file journal is the default store. Another (the shared registry on
+Redis, :mod:`crank_registry_asgi.redis_store`) plugs in as
+:attr:`Effects.store`, a :class:`ChangeStore`: it makes the decided changes
+durable, gives them their revisions and has the registry apply them.
 """
 
 from __future__ import annotations
@@ -59,7 +64,14 @@ from .http import ApiError
 from .journal import JournalUnavailable
 from .metrics import Metrics
 
-__all__ = ["Effects", "LineJournal", "RegistrySnapshots", "log_fields", "logger"]
+__all__ = [
+    "ChangeStore",
+    "Effects",
+    "LineJournal",
+    "RegistrySnapshots",
+    "log_fields",
+    "logger",
+]
 
 #: The service's logger.
 logger = logging.getLogger("crank_registry_asgi")
@@ -79,6 +91,31 @@ class LineJournal(Protocol):
 
         ``settled`` is called with the batch's outcome as soon as it is known.
         """
+
+
+class ChangeStore(Protocol):
+    """Where the registry's changes become durable and get their revisions, instead of the journal.
+
+    :class:`~crank_registry_asgi.redis_store.RedisStore` is one.
+    """
+
+    #: Whether the store takes writes now (``GET /ready``'s ``store``).
+    available: bool
+
+    def check_writable(self) -> None:
+        """Raise :class:`ApiError` (503) when no change can be written now."""
+
+    async def commit(self, events: Sequence[Event]) -> tuple[Event, ...]:
+        """Make the changes of ``events`` (just decided) durable and have them applied.
+
+        Returns the events as written: the changes with the revisions the
+        store gave them, less those it dropped (a decision that lost a
+        race). Raises :class:`ApiError` (503) when they could not be
+        written: nothing is applied then.
+        """
+
+    def may_sweep(self) -> bool:
+        """Whether this controller may write time-driven changes now."""
 
 
 class RegistrySnapshots:
@@ -153,8 +190,10 @@ class Effects:
         self.applied: Callable[[], None] = _nothing
         #: Why the journal's last write failed; ``None`` once a write succeeds again.
         self.journal_failure: str | None = None
+        #: Where changes become durable instead of the journal (the shared registry).
+        self.store: ChangeStore | None = None
 
-    async def commit(self, events: Sequence[Event]) -> None:
+    async def commit(self, events: Sequence[Event]) -> tuple[Event, ...]:
         """Make the changes of ``events`` durable, apply them, then trace, count and log.
 
         ``events`` were just decided by the registry (its ``decide_*``
@@ -163,8 +202,16 @@ class Effects:
         ``Retry-After``) when they could not be made durable: none of them
         is then applied. Heartbeats (applied when decided) are written
         without waiting for an fsync, and a failure to write them is not an
-        error.
+        error. With a :attr:`store`, it writes them (its errors are 503 too).
+        Returns the events as applied: with a store, the changes carry the
+        revisions it gave, and those it dropped are left out.
         """
+        if self.store is not None:
+            # The store's own reader calls applied() as it applies them.
+            written = await self.store.commit(events) if events else ()
+            for event in written:
+                self._observe(event)
+            return written
         registry = self.registry
         changes = [event for event in events if isinstance(event, Change)]
         if not self.journal_expected:
@@ -186,6 +233,7 @@ class Effects:
         if changes:
             self.applied()
         self.observe(events)
+        return tuple(events)
 
     async def _make_durable(self, journal: LineJournal, lines: list[bytes], last: int) -> None:
         """Append ``lines``; apply the pending changes up to revision ``last`` once durable."""
@@ -221,8 +269,11 @@ class Effects:
     def store_available(self) -> bool:
         """Whether the journal takes writes: open, and its last write did not fail.
 
-        Always, without a journal (a registry in memory only).
+        Always, without a journal (a registry in memory only). With a
+        :attr:`store` (the shared registry), whether it reaches Redis.
         """
+        if self.store is not None:
+            return self.store.available
         if not self.journal_expected:
             return True
         return self.journal is not None and self.journal_failure is None
@@ -233,13 +284,19 @@ class Effects:
         Called before the registry decides, so that a refused write changes
         nothing and leaves nothing pending.
         """
-        if self.journal_expected and self.journal is None:
+        if self.store is not None:
+            self.store.check_writable()
+        elif self.journal_expected and self.journal is None:
             raise ApiError(
                 503,
                 "journal_unavailable",
                 "the journal is not open (the application's lifespan is not running)",
                 headers={"Retry-After": self.retry_after},
             )
+
+    def may_sweep(self) -> bool:
+        """Whether this controller writes time-driven changes now (with a store: its lease)."""
+        return self.store is None or self.store.may_sweep()
 
     def _worth_a_line(self, event: Event) -> bool:
         """Every change; a heartbeat once per ``heartbeat_line_every`` per worker."""

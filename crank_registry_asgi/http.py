@@ -19,6 +19,8 @@ carry their own code and status and are rendered by
     ├── rate_limited            429   with Retry-After (--rate-limit)
     ├── not_ready               503   GET /ready, with reason
     ├── journal_unavailable     503
+    ├── store_unavailable       503   the shared registry's Redis (with Retry-After)
+    ├── incompatible_peer       503   a newer controller wrote the shared registry
     ├── not_found               404
     └── method_not_allowed      405   with Allow
 

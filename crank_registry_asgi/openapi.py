@@ -183,6 +183,31 @@ ERRORS: Mapping[str, ErrorCode] = {
             }
         },
     ),
+    "store_unavailable": ErrorCode(
+        503,
+        "The shared registry's Redis cannot be reached; nothing was changed (routing goes "
+        "on, heartbeats are kept). Retry later: every controller shares the store, so "
+        "another controller answers the same.",
+        headers={
+            "Retry-After": {
+                "description": "The heartbeat interval in whole seconds.",
+                "required": True,
+                "schema": {"type": "string", "pattern": "^[0-9]+$"},
+            }
+        },
+    ),
+    "incompatible_peer": ErrorCode(
+        503,
+        "Another controller wrote the shared registry in a newer format than this one "
+        "reads; nothing was changed. Upgrade this controller.",
+        headers={
+            "Retry-After": {
+                "description": "The heartbeat interval in whole seconds.",
+                "required": True,
+                "schema": {"type": "string", "pattern": "^[0-9]+$"},
+            }
+        },
+    ),
     "revision_compacted": ErrorCode(
         410,
         "The changes after since have left the feed's window (serve --feed-window): "
@@ -192,7 +217,8 @@ ERRORS: Mapping[str, ErrorCode] = {
     "revision_reset": ErrorCode(
         410,
         "since is beyond the latest revision, or epoch is another history's (a new "
-        "journal): load /snapshot again; revision is the latest.",
+        "journal, or a shared registry whose Redis lost its data): load /snapshot again; "
+        "revision is the latest.",
         ("revision",),
     ),
     "not_found": ErrorCode(404, "No such path."),
@@ -234,7 +260,13 @@ BODY_ERRORS = (
     "unsupported_media_type",
     "invalid_request",
 )
-_WORKER_WRITE = (*BODY_ERRORS, "forbidden", "journal_unavailable")
+_WORKER_WRITE = (
+    *BODY_ERRORS,
+    "forbidden",
+    "journal_unavailable",
+    "store_unavailable",
+    "incompatible_peer",
+)
 
 #: The controller's endpoints, in the order they are documented.
 OPERATIONS: tuple[Operation, ...] = (

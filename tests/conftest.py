@@ -24,6 +24,7 @@ ASYNCIO_ONLY = {
     "service": "the controller is served by hypercorn's asyncio worker",
     "gateway": "the gateway is served with the controller, by hypercorn's asyncio worker",
     "examples": "the example workers are served by hypercorn's asyncio worker",
+    "redis": "redis.asyncio runs on asyncio only",
 }
 
 #: Directories whose async tests run in virtual time, except those marked ``slow``.

@@ -176,7 +176,9 @@ class CertificateAuthority:
         not_before: datetime.datetime | None = None,
         not_after: datetime.datetime | None = None,
     ) -> None:
-        authority = certs.make_authority(common_name, not_before=not_before, not_after=not_after)
+        # Backdated a day, as its leaves are (see issue).
+        start = not_before or datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=1)
+        authority = certs.make_authority(common_name, not_before=start, not_after=not_after)
         self.certificate = authority.certificate
         self.key = authority.private_key
         self.name = self.certificate.subject
@@ -193,7 +195,12 @@ class CertificateAuthority:
         not_before: datetime.datetime | None = None,
         not_after: datetime.datetime | None = None,
     ) -> str:
-        """A PEM certificate for ``uris`` (URI SANs) and ``dns`` names (valid a day by default)."""
+        """A PEM certificate for ``uris`` (URI SANs) and ``dns`` names.
+
+        Valid by default from a day before to a day after: a test module's
+        time read at import (``NOW``) still lies within it when the whole
+        suite takes long to reach the test.
+        """
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(uri) for uri in uris]
@@ -204,7 +211,7 @@ class CertificateAuthority:
             .issuer_name(self.name)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(not_before or now - datetime.timedelta(minutes=5))
+            .not_valid_before(not_before or now - datetime.timedelta(days=1))
             .not_valid_after(not_after or now + datetime.timedelta(days=1))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(

@@ -10,6 +10,8 @@ from crank_registry_asgi.config import (
     ServiceConfig,
     is_positive_int,
     is_positive_number,
+    is_redis_prefix,
+    is_redis_url,
 )
 
 
@@ -53,3 +55,34 @@ def test_the_command_applies_the_same_duration_rule(
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--insecure", "--gateway", flag, "inf"])
     assert f"argument {flag}: must be a finite number of seconds > 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("redis://127.0.0.1:6379/0", True),
+        ("rediss://user:secret@redis.internal:6380/1", True),
+        ("unix:///run/redis.sock", True),
+        ("http://127.0.0.1:6379", False),
+        ("127.0.0.1:6379", False),
+        (None, False),
+    ],
+)
+def test_a_redis_url_is_one_redis_py_opens(url: object, expected: bool) -> None:
+    assert is_redis_url(url) is expected
+    if expected:
+        assert ServiceConfig(redis_url=url).redis_url == url  # type: ignore[arg-type]
+    elif url is not None:
+        with pytest.raises(ValueError, match="redis_url must be a redis://"):
+            ServiceConfig(redis_url=url)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("prefix", "expected"),
+    [("crank", True), ("team-a.prod:v2", True), ("", False), ("a{b}", False), ("x" * 65, False)],
+)
+def test_a_redis_prefix_cannot_break_out_of_its_hash_tag(prefix: str, expected: bool) -> None:
+    assert is_redis_prefix(prefix) is expected
+    if not expected:
+        with pytest.raises(ValueError, match="redis_prefix must be 1 to 64"):
+            ServiceConfig(redis_prefix=prefix)

@@ -149,6 +149,13 @@ async def _answers(state_dir: Path) -> list[tuple[str, str, httpx.Response]]:
     async with running(ServiceConfig(state_dir=state_dir), lifespan=False) as api:
         await send(api, "POST", "/register", json=registration_payload("w1"))  # journal_unavailable
         await send(api, "GET", "/ready")  # not_ready
+    # The shared registry's store, not open (no Redis needed): store_unavailable; and
+    # as it is after meeting a newer format in the stream (tests/redis test it for real).
+    shared = ServiceConfig(redis_url="redis://127.0.0.1:1/0")
+    async with running(shared, lifespan=False) as api:
+        await send(api, "POST", "/register", json=registration_payload("w1"))  # store_unavailable
+        api.service.store.incompatible = 99
+        await send(api, "POST", "/register", json=registration_payload("w1"))  # incompatible_peer
     return answers
 
 
