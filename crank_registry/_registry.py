@@ -757,6 +757,11 @@ class CapabilityRegistry:
             raise TypeError(f"not a registry change: {event!r}")
         self._revision = event.revision
         self._decided = max(self._decided, event.revision)
+        if isinstance(event, (WorkerRegistered, WorkerImported)):
+            # The feed's window keeps the capabilities the registry stores (shared
+            # by equal registrations), not the ones this event brought: a window
+            # of 100 000 registrations would otherwise keep every worker's copy.
+            event = attrs.evolve(event, capabilities=self._workers[event.worker_id].capabilities)
         self._feed.record(event)
 
     def _apply_setting(self, event: RegistryChange) -> None:

@@ -173,3 +173,15 @@ def test_a_snapshot_copy_stays_the_registry_at_its_revision() -> None:
     assert (copy.revision, len(copy)) == (expected.revision, 5)
     assert copy.records(1, 3) == expected.workers[1:3]
     assert copy.snapshot() == expected
+
+
+def test_the_window_keeps_the_stored_capabilities_not_each_registrations_copy() -> None:
+    # Equal capabilities from two workers, each its own objects (as decoded from two bodies).
+    registry = CapabilityRegistry(POLICY)
+    registry.register("w1", "https://w1:8443", [capability()], now=T0)
+    registry.register("w2", "https://w2:8443", [capability()], now=T0)
+    changes, _ = registry.changes_since(0)
+    first, second = (change for change in changes if isinstance(change, WorkerRegistered))
+    # One stored value for both: the window holds no copy of its own per registration.
+    assert second.capabilities[0] is first.capabilities[0]
+    assert second.capabilities[0] == capability()
