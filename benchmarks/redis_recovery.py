@@ -27,57 +27,30 @@ import subprocess
 import sys
 import time
 import uuid
-from typing import Any
 
 import anyio
 import redis
 
+# The script's own directory is on sys.path: journal_recovery.py's fleet, the same
+# 100 services of 3 capabilities, so that both recoveries read the same registry.
+from journal_recovery import START, fleet
+
 from crank_registry import (
     CapabilityRegistry,
-    CapabilitySchema,
     HeartbeatReceived,
     Snapshot,
-    WorkerRecord,
     encode_event,
     encode_snapshot,
     replay_bytes,
-    structure,
 )
 from crank_registry_asgi.redis_store import RedisStore, StoreKeys
 
-START = 1_700_000_000.0
 TARGET_SECONDS = 2.0
-
-
-def capability(index: int) -> CapabilitySchema:
-    payload: dict[str, Any] = {
-        "name": f"model.task{index}",
-        "verb": "infer",
-        "version": "1.2.0",
-        "input_schema": {"type": "object", "properties": {"text": {"type": "string"}}},
-        "output_schema": {"type": "object"},
-        "requires_gpu": index % 2 == 0,
-        "max_concurrency": 4,
-    }
-    return structure(payload, CapabilitySchema)
-
-
-def fleet(workers: int) -> list[WorkerRecord]:
-    pool = {i: capability(i) for i in range(300)}
-    return [
-        WorkerRecord(
-            worker_id=f"worker-{w:06d}",
-            worker_url=f"https://10.{w >> 16 & 255}.{w >> 8 & 255}.{w & 255}:8443",
-            capabilities=tuple(pool[(w % 100) * 3 + k] for k in range(3)),
-            last_heartbeat=START + w * 10 / workers,
-        )
-        for w in range(workers)
-    ]
 
 
 def write(url: str, prefix: str, workers: int) -> bytes:
     """The snapshot key and 1,000 heartbeat entries after it; returns the snapshot's lines."""
-    records = fleet(workers)
+    records = fleet(workers, "replicas")
     lines = b"".join(encode_snapshot(Snapshot(workers, tuple(records))))
     keys = StoreKeys(prefix)
     client = redis.Redis.from_url(url)
