@@ -112,6 +112,7 @@ from .openapi import (
     json_answer,
     property_schemas,
     ref,
+    retry_after,
 )
 from .telemetry import TracingMiddleware
 
@@ -153,13 +154,7 @@ GATEWAY_ERRORS: Mapping[str, ErrorCode] = {
         "Every worker that could take the call has max_concurrency calls in flight from the "
         "gateway, and --gateway-queue calls already wait for one.",
         ("verb", "capability"),
-        headers={
-            "Retry-After": {
-                "description": "The heartbeat interval in whole seconds.",
-                "required": True,
-                "schema": {"type": "string", "pattern": "^[0-9]+$"},
-            }
-        },
+        headers=retry_after("The heartbeat interval in whole seconds."),
     ),
     "idempotency_key_reused": ErrorCode(
         422,

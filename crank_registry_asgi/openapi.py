@@ -90,6 +90,17 @@ class ErrorCode:
     headers: Mapping[str, Any] = attrs.field(factory=dict)
 
 
+def retry_after(description: str) -> dict[str, Any]:
+    """The ``Retry-After`` header of an answer: whole seconds, as ``description`` says."""
+    return {
+        "Retry-After": {
+            "description": description,
+            "required": True,
+            "schema": {"type": "string", "pattern": "^[0-9]+$"},
+        }
+    }
+
+
 #: Every error code the controller answers with.
 ERRORS: Mapping[str, ErrorCode] = {
     "invalid_json": ErrorCode(400, "The body is not UTF-8 JSON, or is nested too deeply."),
@@ -139,74 +150,38 @@ ERRORS: Mapping[str, ErrorCode] = {
         "meets them); with explain, why.",
         ("verb", "capability"),
         optional=("explain",),
-        headers={
-            "Retry-After": {
-                "description": "The heartbeat interval in whole seconds.",
-                "required": True,
-                "schema": {"type": "string", "pattern": "^[0-9]+$"},
-            }
-        },
+        headers=retry_after("The heartbeat interval in whole seconds."),
     ),
     "journal_unavailable": ErrorCode(
         503,
         "The change could not be made durable; nothing was changed. Retry later.",
-        headers={
-            "Retry-After": {
-                "description": "The heartbeat interval in whole seconds.",
-                "required": True,
-                "schema": {"type": "string", "pattern": "^[0-9]+$"},
-            }
-        },
+        headers=retry_after("The heartbeat interval in whole seconds."),
     ),
     "rate_limited": ErrorCode(
         429,
         "The caller (its identity, else its address; for a trusted gateway, the "
         "requester_identity) is over the controller's --rate-limit; retry after Retry-After.",
-        headers={
-            "Retry-After": {
-                "description": "Seconds until the caller's next token, rounded up.",
-                "required": True,
-                "schema": {"type": "string", "pattern": "^[0-9]+$"},
-            }
-        },
+        headers=retry_after("Seconds until the caller's next token, rounded up."),
     ),
     "not_ready": ErrorCode(
         503,
         "The controller cannot route yet (its journal is not replayed) or any more (it is "
         "shutting down); reason says which.",
         ("reason",),
-        headers={
-            "Retry-After": {
-                "description": "Seconds before asking again.",
-                "required": True,
-                "schema": {"type": "string", "pattern": "^[0-9]+$"},
-            }
-        },
+        headers=retry_after("Seconds before asking again."),
     ),
     "store_unavailable": ErrorCode(
         503,
         "The shared registry's Redis cannot be reached; nothing was changed (routing goes "
         "on, heartbeats are kept). Retry later: every controller shares the store, so "
         "another controller answers the same.",
-        headers={
-            "Retry-After": {
-                "description": "The heartbeat interval in whole seconds.",
-                "required": True,
-                "schema": {"type": "string", "pattern": "^[0-9]+$"},
-            }
-        },
+        headers=retry_after("The heartbeat interval in whole seconds."),
     ),
     "incompatible_peer": ErrorCode(
         503,
         "Another controller wrote the shared registry in a newer format than this one "
         "reads; nothing was changed. Upgrade this controller.",
-        headers={
-            "Retry-After": {
-                "description": "The heartbeat interval in whole seconds.",
-                "required": True,
-                "schema": {"type": "string", "pattern": "^[0-9]+$"},
-            }
-        },
+        headers=retry_after("The heartbeat interval in whole seconds."),
     ),
     "revision_compacted": ErrorCode(
         410,
