@@ -355,7 +355,6 @@ def add_serve_command(subcommands: Subcommands) -> argparse.ArgumentParser:
     parser.add_argument(
         "--redis-prefix",
         metavar="NAME",
-        default="crank",
         help="the registry's keys in Redis are {NAME}:... (several registries, one Redis) (crank)",
     )
     parser.add_argument(
@@ -508,6 +507,8 @@ def run_serve(args: argparse.Namespace) -> int:
     preservation = _self_preservation(args)
     redis_url = args.redis if args.redis is not None else os.environ.get("CRANK_REDIS_URL") or None
     shared = _redis_settings(args, redis_url)
+    if shared and args.journal_compact_min_bytes is not None:
+        raise UsageError("--journal-compact-min-bytes has no journal to compact with --redis")
     try:
         # The core's policy decides which timings go together; this only names the flags.
         policy = HealthPolicy(
@@ -678,23 +679,25 @@ def _redis_settings(args: argparse.Namespace, url: str | None) -> dict[str, Any]
         given = [
             flag
             for flag, value in (
+                ("--redis-prefix", args.redis_prefix),
                 ("--redis-lease-period", args.redis_lease_period),
                 ("--redis-snapshot-every", args.redis_snapshot_every),
             )
             if value is not None
         ]
         if given:
-            raise UsageError(f"{', '.join(given)} need --redis (or CRANK_REDIS_URL)")
+            verb = "needs" if len(given) == 1 else "need"
+            raise UsageError(f"{', '.join(given)} {verb} --redis (or CRANK_REDIS_URL)")
         return {}
     source = "--redis" if args.redis is not None else "CRANK_REDIS_URL"
     if not is_redis_url(url):
         raise UsageError(
             f"{source}: expected a redis://HOST:PORT/DB, rediss:// or unix:// URL, got {url!r}"
         )
-    if not is_redis_prefix(args.redis_prefix):
+    prefix = "crank" if args.redis_prefix is None else args.redis_prefix
+    if not is_redis_prefix(prefix):
         raise UsageError(
-            f"--redis-prefix: 1 to 64 letters, digits, '_', '.', ':' or '-', "
-            f"got {args.redis_prefix!r}"
+            f"--redis-prefix: 1 to 64 letters, digits, '_', '.', ':' or '-', got {prefix!r}"
         )
     try:
         import redis  # noqa: F401 (only to say what to install)
@@ -702,7 +705,7 @@ def _redis_settings(args: argparse.Namespace, url: str | None) -> dict[str, Any]
         raise UsageError(
             f"{source} needs the redis package: pip install 'crank-registry-asgi[redis]'"
         ) from None
-    settings: dict[str, Any] = {"redis_url": url, "redis_prefix": args.redis_prefix}
+    settings: dict[str, Any] = {"redis_url": url, "redis_prefix": prefix}
     if args.redis_lease_period is not None:
         settings["redis_lease_period"] = args.redis_lease_period
     if args.redis_snapshot_every is not None:

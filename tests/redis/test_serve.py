@@ -142,7 +142,14 @@ def test_redis_flags_are_checked_before_starting(tmp_path: Path) -> None:
 
     lonely = serve("--redis-lease-period", "2")
     assert lonely.returncode == 2
-    assert "--redis-lease-period need --redis (or CRANK_REDIS_URL)" in lonely.stderr
+    assert "--redis-lease-period needs --redis (or CRANK_REDIS_URL)" in lonely.stderr
+    # A prefix without a Redis to use it on would be ignored: refused instead.
+    lonely_prefix = serve("--redis-prefix", "other")
+    assert lonely_prefix.returncode == 2
+    assert "--redis-prefix needs --redis (or CRANK_REDIS_URL)" in lonely_prefix.stderr
+    no_journal = serve("--redis", "redis://127.0.0.1:1/0", "--journal-compact-min-bytes", "4096")
+    assert no_journal.returncode == 2
+    assert "--journal-compact-min-bytes has no journal to compact with --redis" in no_journal.stderr
     wrong = serve(CRANK_REDIS_URL="http://127.0.0.1:6379")
     assert wrong.returncode == 2
     assert "CRANK_REDIS_URL: expected a redis://HOST:PORT/DB" in wrong.stderr
