@@ -42,7 +42,7 @@ import functools
 import hashlib
 import random
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -68,6 +68,9 @@ from ._models import (
 from ._records import Load, Member, Worker
 from ._rotation import Rotation
 from ._slos import ServiceLevels
+
+if TYPE_CHECKING:
+    from ._wire import ExecuteRequest
 
 __all__ = [
     "IdempotencyMemory",
@@ -134,29 +137,22 @@ class RouteOptions:
         return attrs.evolve(self, requester_identity=requester_identity)
 
     @classmethod
-    def from_request(cls, request: RouteRequest) -> RouteOptions | None:
-        """The options of a route request; ``None`` when it asks for none (the plain path)."""
-        if (
-            request.version is None
-            and request.exclude is None
-            and request.slo_constraints is None
-            and request.budget_tokens is None
-            and request.strategy is None
-            and request.affinity_key is None
-            and request.idempotency_key is None
-            and request.requester_identity is None
-        ):
+    def from_request(cls, request: RouteRequest | ExecuteRequest) -> RouteOptions | None:
+        """The options of a ``/route`` or ``/execute`` body; ``None`` when it asks for none.
+
+        Each option is the body's field of the same name; one a body does
+        not carry (``/execute`` takes no ``idempotency_key`` nor
+        ``requester_identity``) is ``None``. ``None`` for the whole: the
+        plain path.
+        """
+        given = {name: getattr(request, name, None) for name in _OPTION_NAMES}
+        if all(value is None for value in given.values()):
             return None
-        return cls(
-            version=request.version,
-            exclude=request.exclude,
-            slo_constraints=request.slo_constraints,
-            budget_tokens=request.budget_tokens,
-            strategy=request.strategy,
-            affinity_key=request.affinity_key,
-            idempotency_key=request.idempotency_key,
-            requester_identity=request.requester_identity,
-        )
+        return cls(**given)
+
+
+#: The fields of :class:`RouteOptions`, the names the request bodies use for them.
+_OPTION_NAMES = tuple(field.name for field in attrs.fields(RouteOptions))
 
 
 def _positive_seconds(_: object, attribute: attrs.Attribute[Any], value: object) -> None:

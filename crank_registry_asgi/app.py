@@ -575,7 +575,7 @@ class ControllerService:
         # Whether the caller asked for options: the requester added below is not one.
         optioned = options is not None
         if requester is not None:
-            options = attrs.evolve(options or RouteOptions(), requester_identity=requester)
+            options = (options or RouteOptions()).with_requester(requester)
         explanation: RouteExplanation | None = None
         try:
             if ask.explain:

@@ -274,7 +274,12 @@ class Gateway:
     ) -> Response:
         """Route and forward, failing over while nothing reached a worker."""
         verb, capability = ask.verb, ask.capability
-        options = route_options(ask, requester)
+        asked = RouteOptions.from_request(ask)
+        # Whether the caller asked for options: the requester added here is not one.
+        optioned = asked is not None
+        options = (
+            asked if requester is None else (asked or RouteOptions()).with_requester(requester)
+        )
         content = json.dumps({"payload": ask.payload}, allow_nan=False).encode()
         refusals: list[upstream.Refused] = []
         tried: set[str] = set()
@@ -307,7 +312,6 @@ class Gateway:
             except upstream.Refused as refused:
                 refusals.append(refused)
         if not refusals:
-            optioned = options is not None and options != RouteOptions(requester_identity=requester)
             raise self.service.no_worker_available(verb, capability, optioned=optioned)
         raise upstream.unreachable(verb, capability, refusals)
 
@@ -362,29 +366,6 @@ class Gateway:
             verb=verb,
             capability=capability,
         )
-
-
-def route_options(ask: ExecuteRequest, requester: str | None) -> RouteOptions | None:
-    """The routing options of an /execute body, for ``requester``; ``None``: a plain route."""
-    if (
-        ask.version is None
-        and ask.slo_constraints is None
-        and ask.budget_tokens is None
-        and ask.strategy is None
-        and ask.affinity_key is None
-        and ask.exclude is None
-        and requester is None
-    ):
-        return None
-    return RouteOptions(
-        version=ask.version,
-        slo_constraints=ask.slo_constraints,
-        budget_tokens=ask.budget_tokens,
-        strategy=ask.strategy,
-        affinity_key=ask.affinity_key,
-        exclude=ask.exclude,
-        requester_identity=requester,
-    )
 
 
 def idempotency_key(request: Request) -> str | None:
