@@ -349,16 +349,12 @@ class ControllerService:
         self.effects.check_writable()
         await self.effects.commit(self.registry.decide_slos(files, now=self.clock()))
 
-    def requester(self, request: Request, asked: str | None) -> str | None:
-        """Whom a route is for: the caller's identity, or ``asked`` from a trusted gateway.
+    def requester_of(self, identity: str | None, asked: str | None) -> str | None:
+        """Whom a route is for: the caller's ``identity`` (:meth:`caller`), or ``asked``.
 
         ``None``: an anonymous caller. ``asked`` (a body ``requester_identity``)
         from any caller not listed by ``--trusted-gateway`` is 403 ``forbidden``.
         """
-        return self.requester_of(self.caller(request), asked)
-
-    def requester_of(self, identity: str | None, asked: str | None) -> str | None:
-        """:meth:`requester` for a caller whose ``identity`` was found (:meth:`caller`)."""
         if asked is None:
             return identity
         if identity is None or identity not in self.config.trusted_gateways:

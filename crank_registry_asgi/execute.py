@@ -183,7 +183,9 @@ class Gateway:
         ``cleanup`` is closed by the caller once the answer is sent (or
         abandoned): it frees the worker's slot and settles an idempotency key.
         """
-        self.service.admit(request, EXECUTE_PATH, self.service.caller(request))
+        # The gateway routes as its caller: the access policy applies to them.
+        requester = self.service.caller(request)
+        self.service.admit(request, EXECUTE_PATH, requester)
         body = await read_json_body(
             request,
             max_bytes=self.service.config.max_body_bytes,
@@ -192,8 +194,6 @@ class Gateway:
         )
         ask = parse_execute(body)
         annotate(verb=ask.verb, capability=ask.capability)
-        # The gateway routes as its caller: the access policy applies to them.
-        requester = self.service.requester(request, None)
         key = idempotency_key(request)
         if key is None:
             return await self._call(ask, requester, request.receive, cleanup)
