@@ -627,16 +627,19 @@ class ControllerClient:
 
 
 def _closed_by_the_server_in_handshake(error: BaseException) -> bool:
-    """Whether the server ended the TLS handshake: it closed the connection or sent an alert.
+    """Whether the server ended the TLS handshake: it closed or reset it, or sent an alert.
 
-    A certificate this client does not trust is not that: it says so itself.
+    Under TLS 1.3 the server checks the client's certificate after the client
+    has finished its side of the handshake, so a refusal may also arrive as a
+    reset on the first read. A certificate this client does not trust is not
+    that: it says so itself.
     """
     seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
         if isinstance(current, ssl.SSLCertVerificationError):
             return False
-        if isinstance(current, ssl.SSLEOFError) or (
+        if isinstance(current, (ssl.SSLEOFError, ConnectionResetError)) or (
             isinstance(current, ssl.SSLError) and "ALERT" in (current.reason or "")
         ):
             return True

@@ -47,6 +47,7 @@ from crank_worker_client import (
     UnknownCapability,
     WorkerNotRegisteredError,
 )
+from crank_worker_client._client import _closed_by_the_server_in_handshake
 from tests.builders import capability, capability_payload
 from tests.service.helpers import running
 
@@ -768,3 +769,19 @@ def test_the_source_imports_only_the_core_httpx_anyio_and_what_its_extras_add() 
 def test_a_timeout_that_is_not_a_positive_number_of_seconds_is_refused(timeout: object) -> None:
     with pytest.raises(ConfigurationError, match="timeout"):
         ControllerClient("http://h:1", insecure=True, timeout=timeout)  # type: ignore[arg-type]
+
+
+def test_a_reset_in_the_handshake_is_looked_into_an_untrusted_certificate_is_not() -> None:
+    """Under TLS 1.3 a refused client certificate may arrive as a reset on the first read."""
+    reset = httpx.ReadError("reset")
+    reset.__cause__ = ConnectionResetError(104, "Connection reset by peer")
+    closed = httpx.ConnectError("closed")
+    closed.__context__ = ssl.SSLEOFError(8, "EOF occurred in violation of protocol")
+    untrusted = httpx.ConnectError("untrusted")
+    untrusted.__cause__ = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    other = httpx.ReadError("other")
+    other.__cause__ = OSError(5, "I/O error")
+    assert _closed_by_the_server_in_handshake(reset)
+    assert _closed_by_the_server_in_handshake(closed)
+    assert not _closed_by_the_server_in_handshake(untrusted)
+    assert not _closed_by_the_server_in_handshake(other)
