@@ -54,6 +54,9 @@ DEFAULT_MAX_KEYS = 100_000
 #: floats, whose step is 0.24 µs (about 1.7e9 s), so a shorter interval
 #: would be lost to rounding, and the limit with it.
 MAX_RATE = 100_000
+#: The lowest rate per key: one request a day. A slower one is a typo (its
+#: Retry-After would run to centuries), and refusing everybody is not a limit.
+MIN_RATE = 1 / 86_400
 #: The largest burst (beyond, a limit is no limit).
 MAX_BURST = 1_000_000_000
 
@@ -69,6 +72,8 @@ def _rate_problem(rate: float) -> str | None:
     """What is wrong with ``rate`` (requests per second), or ``None``."""
     if not (math.isfinite(rate) and rate > 0 and math.isfinite(1 / rate)):
         return "must be a finite number > 0"
+    if rate < MIN_RATE:
+        return f"must be at least {MIN_RATE:.3g} (one request a day)"
     if rate > MAX_RATE:
         return f"must be at most {MAX_RATE} (one request every 10 µs, the clock's resolution)"
     return None

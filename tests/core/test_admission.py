@@ -222,6 +222,8 @@ def test_parse(text: str, limit: RateLimit) -> None:
         ("inf:20", "RATE must be a finite number > 0"),
         ("nan:20", "RATE must be a finite number > 0"),
         ("1e-320:1", "RATE must be a finite number > 0"),
+        ("1e-300:1", "RATE must be at least 1.16e-05"),
+        ("0.00001:1", "RATE must be at least 1.16e-05"),
         ("100:2.5", "BURST is not a whole number"),
         ("100:", "BURST is not a whole number"),
         ("100:0", "BURST must be from 1 to"),
