@@ -79,20 +79,24 @@ class LoadMeter:
     def call(self) -> Iterator[Call]:
         """Meter one call: in flight while the block runs; an exception counts as an error.
 
-        A cancelled call (the caller went away) is not an error of the worker.
+        A cancelled call (the caller went away) is neither an error of the
+        worker nor a latency: it leaves no sample.
         """
         call = Call()
         started = self._clock()
         self._in_flight += 1
+        finished_or_failed = False
         try:
             yield call
+            finished_or_failed = True
         except Exception:
-            call.failed = True
+            call.failed = finished_or_failed = True
             raise
         finally:
             self._in_flight -= 1
-            finished = self._clock()
-            self._samples.append((finished, finished - started, call.failed))
+            if finished_or_failed:
+                finished = self._clock()
+                self._samples.append((finished, finished - started, call.failed))
 
     def report(self) -> LoadReport:
         """The load now: ``in_flight``, and the window's p95 latency and error rate.

@@ -60,15 +60,23 @@ def test_the_meter_counts_calls_in_flight_and_reports_p95_and_error_rate() -> No
     assert report.latency_p95_ms == pytest.approx(189.5)
 
 
-async def test_an_exception_is_an_error_and_a_cancellation_is_not() -> None:
-    meter = LoadMeter(clock=FakeClock())
+async def test_an_exception_is_an_error_and_a_cancellation_leaves_no_sample() -> None:
+    clock = FakeClock()
+    meter = LoadMeter(clock=clock)
     with pytest.raises(RuntimeError), meter.call():
+        clock.now += 0.010
         raise RuntimeError("handler failed")
+    with meter.call():
+        clock.now += 0.010
+    # A caller that went away after 5 s: neither an error nor a latency of the worker.
     with anyio.CancelScope() as scope, meter.call():
+        clock.now += 5.0
         scope.cancel()
         await anyio.sleep(1)
     assert scope.cancelled_caught
-    assert meter.report().error_rate == 0.5
+    report = meter.report()
+    assert report.error_rate == 0.5
+    assert report.latency_p95_ms == pytest.approx(10.0)
     assert meter.in_flight == 0
 
 
