@@ -417,7 +417,9 @@ class RegistryFollower:
             except RevisionGone as gone:
                 logger.info("follower of %s: %s; loading the snapshot", self.controller_url, gone)
                 reload = True
-            except ClientError as error:
+            except (ClientError, RegistryError) as error:
+                # RegistryError: a snapshot the core cannot hold. Routes go on
+                # from the replica held, and the snapshot is asked for again.
                 failures += 1
                 interval = self.registry.policy.heartbeat_interval
                 delay = next_heartbeat_delay(interval, Outcome.FAILED, failures, self._rng)

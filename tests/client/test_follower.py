@@ -16,7 +16,7 @@ import anyio
 import httpx
 import pytest
 
-from crank_registry import HealthPolicy, Registration, WorkerEndpoint
+from crank_registry import HealthPolicy, Registration, ValidationError, WorkerEndpoint
 from crank_registry_asgi import ServiceConfig, create_app
 from crank_worker_client import (
     ControllerClient,
@@ -31,6 +31,7 @@ from crank_worker_client import (
     WorkerAgent,
     lag_limit,
 )
+from crank_worker_client._feed import replica_of
 from tests.builders import capability
 from tests.client.helpers import InProcessController
 
@@ -280,6 +281,34 @@ async def test_a_follower_reloads_the_snapshot_after_a_410() -> None:
             await anyio.sleep(2 * INTERVAL)  # w5 registers again with the new controller
             assert follower.epoch == controller.app.state.service.epoch
             assert await routed(follower) == {"w5"}
+        await controller.stop()
+
+
+async def test_a_snapshot_the_core_refuses_leaves_the_follower_following(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    refusals = 0
+
+    def refused_once(answer: Any, *, rng: random.Random) -> Any:
+        nonlocal refusals
+        if answer.revision > 1 and refusals == 0:
+            refusals += 1
+            raise ValidationError.single("workers", "a snapshot the core refuses")
+        return replica_of(answer, rng=rng)
+
+    monkeypatch.setattr("crank_worker_client._follower.replica_of", refused_once)
+    async with anyio.create_task_group() as tg:
+        controller = start_controller(tg, feed_window=2)
+        await controller.start()
+        switch = FeedSwitch(controller)
+        async with agent(controller, "w1"), follower_of(switch) as follower:
+            switch.cut = True
+            async with agent(controller, "w2"), agent(controller, "w3"), agent(controller, "w4"):
+                await anyio.sleep(INTERVAL / 10)
+                switch.cut = False  # 410: the reloaded snapshot is refused once, then held
+                await anyio.sleep(3 * INTERVAL)
+                assert refusals == 1
+                assert await routed(follower, 8) == {"w1", "w2", "w3", "w4"}
         await controller.stop()
 
 
