@@ -464,11 +464,20 @@ class ControllerService:
         return None
 
     async def ready(self, request: Request) -> Response:
-        """GET /ready: readiness; 503 ``not_ready`` until the journal is replayed."""
+        """GET /ready: readiness; 503 ``not_ready`` until the journal is replayed.
+
+        Once ready, a store outage and self-preservation are reported, not
+        failed on: the controller routes through both.
+        """
         reason = self.not_ready()
         if reason is not None:
             raise ApiError(503, "not_ready", reason, headers={"Retry-After": "1"}, reason=reason)
-        return answer(ReadyAnswer(store="ok" if self.effects.store_available() else "unavailable"))
+        return answer(
+            ReadyAnswer(
+                store="ok" if self.effects.store_available() else "unavailable",
+                self_preservation=self.registry.self_preservation is not None,
+            )
+        )
 
     async def register(self, request: Request) -> Response:
         """POST /register: add or replace a worker."""

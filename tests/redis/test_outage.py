@@ -47,8 +47,15 @@ async def test_cut_off_from_redis_a_controller_routes_refuses_writes_and_catches
             await wait_until(lambda: "w1" in b.registry, what="w1 on B")
             link.cut()
             await wait_until(lambda: not b.service.store.available, what="B sees the outage")
-            # Routing goes on from the replica.
+            # Routing goes on from the replica, and /ready keeps B in the load balancer.
             assert await b.route() == "w1"
+            ready = await b.get("/ready")
+            assert ready.status_code == 200
+            assert ready.json() == {
+                "status": "ready",
+                "store": "unavailable",
+                "self_preservation": False,
+            }
             # A write is refused, and changes nothing.
             response = await b.request("POST", "/register", json=registration_payload("w2"))
             assert response.status_code == 503, response.text
@@ -66,6 +73,7 @@ async def test_cut_off_from_redis_a_controller_routes_refuses_writes_and_catches
             link.heal()
             await wait_until(lambda: same_registry(a, b), what="B caught up", timeout=10)
             assert "w3" in b.registry
+            assert (await b.get("/ready")).json()["store"] == "ok"
             # The kept heartbeat was written once Redis was back.
             await wait_until(
                 lambda: a.registry.get_worker("w1", now=clock.now).last_heartbeat == clock.now,
