@@ -237,7 +237,7 @@ class ControllerService:
         self.clock = clock
         #: When the service started (its uptime is counted from here).
         self.started_at = clock()
-        self.metrics = Metrics()
+        self.metrics = Metrics(replication=config.redis_url is not None)
         self.metrics.watch(registry, self.clock)
         self.retry_after = str(max(1, math.ceil(self.policy.heartbeat_interval)))
         self.effects = Effects(
@@ -270,6 +270,8 @@ class ControllerService:
             self.store.applied = self.broadcast.moved
             self.store.epoch_changed = self._follow_epoch
             self.store.lease_taken = self.sweeper.wake
+            if self.metrics.replication_lag is not None:
+                self.store.replicated = self.metrics.replication_lag.observe
             self.effects.store = self.store
         # The SLO files of the state directory (none without one).
         self.slo_watcher = (

@@ -41,6 +41,11 @@ report travels in the same entry (``least_loaded`` on every replica).
 Reading. At start a controller loads the snapshot key, then tails the
 stream with ``XREAD BLOCK`` (on its own connection, with a socket timeout
 longer than the block) and applies every entry with the core's one fold.
+Each entry the tail applies reports its replication lag
+(:attr:`RedisStore.replicated`): from its ID's time, Redis' clock when it
+was appended, to the moment it was applied here, on this host's clock
+corrected by the offset to Redis ``TIME`` measured at each connect (an
+offset over one second is logged).
 An entry whose first revision is not the next one means the stream was
 trimmed past this controller's position: it loads the snapshot again. An
 entry of a newer format stops the applying: the controller keeps routing
@@ -469,6 +474,11 @@ class RedisStore:
         self.incompatible: int | None = None
         #: Redis' clock minus this host's wall clock, measured at the last connect.
         self.offset = 0.0
+        #: This host's wall clock (the offset to Redis is measured against it).
+        self.wall: Callable[[], float] = time.time
+        #: Called with the replication lag of each stream entry the tail applied,
+        #: in seconds (the ``crank_replication_lag_seconds`` histogram).
+        self.replicated: Callable[[float], None] = _ignore_lag
         #: Called after entries were applied (the change feed wakes its watchers).
         self.applied: Callable[[], None] = _nothing
         #: Called with the new epoch when the history changed (Redis lost its data).
@@ -565,9 +575,12 @@ class RedisStore:
 
     async def _connect(self) -> None:
         """Measure the clock offset, check the epoch; load the history when it is another."""
+        sent = self.wall()
         seconds, micros = await self._redis.time()
+        received = self.wall()
         redis_now = seconds + micros / 1e6
-        self.offset = redis_now - time.time()
+        # Redis read its clock about halfway through the round trip.
+        self.offset = redis_now - (sent + received) / 2
         if abs(self.offset) > _OFFSET_LOGGED:
             logger.warning(
                 "this host's clock is %+.3f s off Redis' clock (controller_id=%s)%s",
@@ -844,7 +857,8 @@ class RedisStore:
                     # A snapshot trimmed our position and nothing came after it:
                     # no later entry would show the gap.
                     self._reload = True
-                self._apply_entries(entries)
+                applied = self._apply_entries(entries)
+                self._report_lag(entries[:applied])
                 if self.incompatible is not None:
                     # Nothing more is applied: this release cannot read what follows.
                     await anyio.sleep_forever()
@@ -892,11 +906,16 @@ class RedisStore:
         self.available = False
         self._lease_until = -math.inf
 
-    def _apply_entries(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
-        """Apply stream entries in order with the core's fold (raises :class:`_Reload`)."""
+    def _apply_entries(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> int:
+        """Apply stream entries in order with the core's fold (raises :class:`_Reload`).
+
+        Returns how many were applied: all, unless one of a newer format
+        stopped the applying.
+        """
         if not entries:
-            return
+            return 0
         registry = self.registry
+        applied = 0
         for entry_id, fields in entries:
             version = int(fields.get(b"v", b"0"))
             if version > JOURNAL_FORMAT_VERSION:
@@ -931,10 +950,28 @@ class RedisStore:
                     self._apply_loads(fields[b"loads"], entry_id)
             self.position = entry_id
             self._entries_since_snapshot += 1
+            applied += 1
         moved, self._moved = self._moved, anyio.Event()
         moved.set()
         self.applied()
         self._snapshot_if_due()
+        return applied
+
+    def _report_lag(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        """Report each applied entry's lag: from its ID's time (Redis' clock) to now.
+
+        Now is this host's clock plus the offset measured at the last
+        connect. The entries of a read are applied in one go, so they all
+        became routable at the same moment. Entries read at start-up are
+        not reported: they are history, not replication.
+        """
+        if not entries:
+            return
+        now_ms = (self.wall() + self.offset) * 1000
+        for entry_id, _ in entries:
+            appended_ms = int(entry_id.split(b"-", 1)[0])
+            # A clock measured to within a round trip: never below zero.
+            self.replicated(max(now_ms - appended_ms, 0.0) / 1000)
 
     def _snapshot_if_due(self) -> None:
         """On the lease holder, snapshot once the stream grew by ``snapshot_every`` entries."""
@@ -1116,4 +1153,8 @@ def _nothing() -> None:
 
 
 def _ignore(_: str) -> None:
+    pass
+
+
+def _ignore_lag(_: float) -> None:
     pass
