@@ -28,8 +28,11 @@ Decisions on replicas can race: a time-driven change (``unhealthy``,
 ``evicted``) carries the revision of the worker's record it was decided on
 and is dropped by the script when the record changed since, when a later
 heartbeat was written, or when its writer no longer holds the sweeper
-lease; ``healthy`` is dropped when the record changed. Registrations and
-deregistrations always apply, in stream order.
+lease; ``healthy`` is dropped when the record changed; the registry's
+settings (``slos_changed``, ``policy_changed``: see
+:mod:`~crank_registry_asgi.shared_settings`) are dropped when their writer
+no longer holds the lease. Registrations and deregistrations always apply,
+in stream order.
 
 Heartbeats are batched: the latest per worker, written by
 :data:`WRITE_HEARTBEATS` as one stream entry per controller every few
@@ -105,7 +108,9 @@ from crank_registry import (
     JournalReader,
     LoadReport,
     NewerJournalFormat,
+    PolicyChanged,
     RegistryError,
+    SlosChanged,
     Snapshot,
     SnapshotPart,
     ValidationError,
@@ -241,7 +246,7 @@ return ARGV[1]
 
 #: Append changes. KEYS: epoch, revision, stream, records, heard, lease.
 #: ARGV: epoch, controller id, format, count, then per change six values:
-#: worker id, condition (always | unchanged | swept), the record revision it
+#: worker id, condition (always | unchanged | swept | leased), the record revision it
 #: was decided on, the heartbeat it was decided on ('' for none), what it
 #: does to the record (new | hold | drop | none) with the heartbeat time it
 #: brings ('' for none), and its line.
@@ -257,7 +262,9 @@ for i = 0, tonumber(ARGV[4]) - 1 do
   local worker, condition, based, decided = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
   local effect, brings, line = ARGV[at + 4], ARGV[at + 5], ARGV[at + 6]
   local ok = true
-  if condition ~= 'always' then
+  if condition == 'leased' then
+    ok = holder == ARGV[2]
+  elseif condition ~= 'always' then
     ok = (redis.call('HGET', KEYS[4], worker) or '0') == based
     if ok and condition == 'swept' then
       ok = holder == ARGV[2]
@@ -384,11 +391,17 @@ def _record_effect(change: Change) -> tuple[str, float | None]:
 
 
 def _condition(change: Change) -> tuple[str, float | None]:
-    """When the script keeps ``change``: always, while the record is unchanged, or swept."""
+    """When the script keeps ``change``: always, while the record is unchanged, swept, or leased.
+
+    ``leased``: while its writer holds the sweeper lease (the settings the
+    lease holder publishes).
+    """
     if isinstance(change, (WorkerUnhealthy, WorkerEvicted)):
         return "swept", change.last_heartbeat
     if isinstance(change, WorkerHealthy):
         return "unchanged", None
+    if isinstance(change, (SlosChanged, PolicyChanged)):
+        return "leased", None
     return "always", None
 
 
@@ -692,14 +705,13 @@ class RedisStore:
                 headers={"Retry-After": self.retry_after},
             )
 
+    def holds_lease(self) -> bool:
+        """Whether this controller holds the sweeper lease now (and may write with it)."""
+        return self.available and self.incompatible is None and time.monotonic() < self._lease_until
+
     def may_sweep(self) -> bool:
         """Whether this controller may write time-driven changes now (it holds the lease)."""
-        return (
-            self.available
-            and self.incompatible is None
-            and time.monotonic() < self._lease_until
-            and self.clock() >= self._sweep_not_before
-        )
+        return self.holds_lease() and self.clock() >= self._sweep_not_before
 
     # --------------------------------------------------------------- writes
 
@@ -1042,31 +1054,42 @@ class RedisStore:
 
     async def _keep_lease(self) -> None:
         """Take or renew the sweeper lease every quarter of the lease period."""
-        ttl_ms = max(1, int(self.lease_period * 750))
         while True:
-            if self.available and self.epoch is not None:
-                started = time.monotonic()
-                try:
-                    held = await self._scripts["lease"](
-                        keys=[self.keys.lease, self.keys.epoch],
-                        args=[self.controller_id, ttl_ms, self.epoch],
-                    )
-                except _NOT_CONNECTED as error:
-                    self._lost(error)
-                    held = 0
-                had = self._lease_until > started
-                if held == 1:
-                    self._lease_until = started + ttl_ms / 1000
-                    if not had:
-                        logger.info("sweeper lease taken controller_id=%s", self.controller_id)
-                        self.lease_taken()
-                else:
-                    self._lease_until = -math.inf
-                    if had:
-                        logger.warning("sweeper lease lost controller_id=%s", self.controller_id)
-                    if held == -1:
-                        self._reload = True
+            await self.renew_lease()
             await anyio.sleep(self.lease_period / 4)
+
+    async def renew_lease(self) -> bool:
+        """Take or renew the sweeper lease once; whether this controller holds it now.
+
+        :meth:`run` does it every quarter of the lease period; the service
+        also does it once at start, so that a first controller publishes
+        its settings before it is ready.
+        """
+        if not self.available or self.epoch is None:
+            return False
+        ttl_ms = max(1, int(self.lease_period * 750))
+        started = time.monotonic()
+        try:
+            held = await self._scripts["lease"](
+                keys=[self.keys.lease, self.keys.epoch],
+                args=[self.controller_id, ttl_ms, self.epoch],
+            )
+        except _NOT_CONNECTED as error:
+            self._lost(error)
+            held = 0
+        had = self._lease_until > started
+        if held == 1:
+            self._lease_until = started + ttl_ms / 1000
+            if not had:
+                logger.info("sweeper lease taken controller_id=%s", self.controller_id)
+                self.lease_taken()
+            return True
+        self._lease_until = -math.inf
+        if had:
+            logger.warning("sweeper lease lost controller_id=%s", self.controller_id)
+        if held == -1:
+            self._reload = True
+        return False
 
     async def _write_snapshot(self) -> None:
         """Write the replica as the snapshot key, and trim the stream it covers."""

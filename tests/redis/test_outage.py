@@ -9,6 +9,7 @@ import anyio
 import pytest
 from redis.asyncio import Redis
 
+from crank_registry import AccessRules
 from crank_registry.testing import FakeClock
 from crank_registry_asgi.redis_store import StoreKeys
 from tests.builders import registration_payload
@@ -165,13 +166,17 @@ async def test_redis_restarted_empty_starts_a_new_history_that_workers_rebuild(
     tmp_path: Path,
 ) -> None:
     clock = FakeClock()
+    # Not the default access rules: the new history starts under the default
+    # ones, and the lease holder publishes these again.
+    fleet = AccessRules(trust_domain="fleet.example")
     with RedisServer(tmp_path, persistent=False) as server:
         async with (
-            controller(server.url, "crank", "a", clock) as a,
-            controller(server.url, "crank", "b", clock) as b,
+            controller(server.url, "crank", "a", clock, trust_domain=fleet.trust_domain) as a,
+            controller(server.url, "crank", "b", clock, trust_domain=fleet.trust_domain) as b,
         ):
             await a.register("w1")
             await wait_until(lambda: "w1" in b.registry, what="w1 on B")
+            assert a.registry.access_rules == b.registry.access_rules == fleet
             old_epoch = a.service.epoch
             server.kill()
             server.start()
@@ -181,6 +186,11 @@ async def test_redis_restarted_empty_starts_a_new_history_that_workers_rebuild(
                 timeout=10,
             )
             assert a.service.epoch == b.service.epoch
+            await wait_until(
+                lambda: a.registry.access_rules == b.registry.access_rules == fleet,
+                what="the access policy published again",
+                timeout=10,
+            )
             assert len(a.registry) == len(b.registry) == 0
             # The worker's next heartbeat is refused: it registers again.
             response = await b.post("/heartbeat", {"worker_id": "w1"})
@@ -188,7 +198,8 @@ async def test_redis_restarted_empty_starts_a_new_history_that_workers_rebuild(
             assert response.json()["error"] == "worker_not_registered"
             await b.register("w1")
             await wait_until(lambda: "w1" in a.registry, what="w1 again on A")
-            assert a.registry.revision == b.registry.revision == 1
+            # The new history: the access policy published again, the registration.
+            assert a.registry.revision == b.registry.revision == 2
 
 
 @pytest.mark.slow
