@@ -645,6 +645,9 @@ class RedisStore:
         changed = epoch != self.epoch
         previous, self.epoch = self.epoch, epoch
         if changed and previous is not None:
+            # The lease was the old history's: taking the new one's is taking it
+            # anew (the sweeper and the settings start again from it).
+            self._lease_until = -math.inf
             logger.warning(
                 "the registry's history in Redis changed (Redis restarted empty?): following "
                 "the new one; workers register again at their next heartbeat "
@@ -865,9 +868,9 @@ class RedisStore:
                     block=max(1, int(self.block * 1000)),
                 )
                 entries = _entries(reply)
-                if not entries and await self._trimmed_past():
-                    # A snapshot trimmed our position and nothing came after it:
-                    # no later entry would show the gap.
+                if not entries and (await self._trimmed_past() or await self._behind()):
+                    # A snapshot trimmed our position, or Redis lost what we
+                    # applied, and nothing came after it: no entry shows it.
                     self._reload = True
                 applied = self._apply_entries(entries)
                 self._report_lag(entries[:applied])
@@ -884,7 +887,7 @@ class RedisStore:
         """After an outage: reach Redis again, check the history, let the writes go on."""
         await self._redis.ping()
         await self._connect()
-        if await self._trimmed_past():
+        if await self._trimmed_past() or await self._behind():
             await self._load()
         self.available = True
         # The heartbeats kept during the outage land before the first sweep.
@@ -906,6 +909,31 @@ class RedisStore:
             return True
         # MINID trims everything before a point: our entry gone, what followed it may be too.
         return not await self._redis.xrange(self.keys.stream, self.position, self.position)
+
+    async def _behind(self) -> bool:
+        """Whether Redis holds fewer changes than this replica applied (logged).
+
+        Redis came back behind the replicas: restarted from an older RDB
+        file, or from an append-only file that missed its last fsync. It
+        would give its next revisions again, to other changes, which this
+        replica would take for ones it applied: it loads what Redis holds
+        instead (the workers Redis lost register again at their next
+        heartbeat).
+        """
+        stored = int(await self._redis.get(self.keys.revision) or 0)
+        if stored >= self.revision:
+            return False
+        self._log_behind(stored)
+        return True
+
+    def _log_behind(self, revision: int) -> None:
+        logger.warning(
+            "redis holds fewer changes than this replica applied (restarted from an older RDB "
+            "file, or a lost fsync?): loading what it holds; workers it lost register again at "
+            "their next heartbeat redis_revision=%d replica_revision=%d",
+            revision,
+            self.revision,
+        )
 
     def _lost(self, error: BaseException) -> None:
         """Redis did not answer: refuse writes, stop sweeping, until it does again."""
@@ -948,11 +976,18 @@ class RedisStore:
                 first = revision - len(lines) + 1
                 if first > self.revision + 1:
                     raise _Reload  # changes were trimmed before we read them
-                if revision > self.revision:
-                    self._apply_changes(lines, first, entry_id)
-                    self.revision = revision
+                if first <= self.revision:
+                    # After our position, revisions we applied: given again by
+                    # a Redis that came back behind us.
+                    self._log_behind(revision)
+                    raise _Reload
+                self._apply_changes(lines, first, entry_id)
+                self.revision = revision
             elif b"beats" in fields:
                 if revision > self.revision:
+                    raise _Reload
+                if revision < self.revision:
+                    self._log_behind(revision)
                     raise _Reload
                 for line in fields[b"beats"].splitlines(keepends=True):
                     beat = decode_heartbeat_line(line)

@@ -202,6 +202,44 @@ async def test_redis_restarted_empty_starts_a_new_history_that_workers_rebuild(
             assert a.registry.revision == b.registry.revision == 2
 
 
+async def test_redis_restarted_behind_the_replicas_is_followed_by_every_controller(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock()
+    with RedisServer(tmp_path, persistent=False) as server:
+        async with (
+            controller(server.url, "crank", "a", clock) as a,
+            controller(server.url, "crank", "b", clock) as b,
+        ):
+            await a.register("w1")
+            await wait_until(lambda: "w1" in b.registry, what="w1 on B")
+            raw = Redis.from_url(server.url)
+            await raw.save()  # an RDB file that knows w1 only
+            await raw.aclose()
+            await a.register("w2")
+            await wait_until(lambda: "w2" in b.registry, what="w2 on B")
+            # Redis comes back from its RDB file: the same history, one change behind
+            # both replicas (as after a lost fsync). The replicas follow what it holds.
+            server.kill()
+            server.start()
+            await wait_until(
+                lambda: all("w1" in api.registry and len(api.registry) == 1 for api in (a, b)),
+                what="the replicas back to what Redis holds",
+                timeout=10,
+            )
+            assert a.registry.revision == b.registry.revision == 1
+            # w2's next heartbeat is refused, so it registers again; every change from
+            # now on is applied everywhere (none is taken for one applied already).
+            assert (await b.post("/heartbeat", {"worker_id": "w2"})).status_code == 404
+            await b.register("w2")
+            await a.register("w3")
+            await wait_until(
+                lambda: same_registry(a, b) and len(a.registry) == 3,
+                what="the same three workers on both",
+                timeout=10,
+            )
+
+
 @pytest.mark.slow
 async def test_no_acknowledged_registration_is_lost_to_repeated_kill_9_of_redis(
     tmp_path: Path,
