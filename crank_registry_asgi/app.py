@@ -512,6 +512,11 @@ class ControllerService:
         if self._stopping:
             return "the controller is shutting down"
         if not self._replayed:
+            if self.store is not None:
+                return (
+                    "the shared registry is not loaded from Redis yet (the application's "
+                    "lifespan has not started, or is loading it)"
+                )
             return "the journal is not replayed yet (the application's lifespan has not started)"
         return None
 
