@@ -521,7 +521,7 @@ class ControllerService:
         return None
 
     async def ready(self, request: Request) -> Response:
-        """GET /ready: readiness; 503 ``not_ready`` until the journal is replayed.
+        """GET /ready: readiness; 503 ``not_ready`` until the journal is replayed (or Redis loaded).
 
         Once ready, a store outage and self-preservation are reported, not
         failed on: the controller routes through both.
