@@ -185,8 +185,8 @@ class SharedSettings:
             return
         if difference is not None:
             logger.warning(
-                "%s differs from the shared registry's access policy (published by the sweeper "
-                "lease holder); this controller routes under the registry's %s",
+                "the access policy of %s differs from the shared registry's (published by the "
+                "sweeper lease holder); this controller routes under the registry's %s",
                 self._policy_source(own, theirs),
                 difference,
             )

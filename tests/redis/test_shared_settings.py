@@ -83,7 +83,9 @@ async def test_the_lease_holder_publishes_the_others_log_the_difference_once(
                 slo_warning, policy_warning = warnings(caplog)
                 assert f"the SLO files in {b_dir / 'slos'} differ" in slo_warning
                 assert "only_here=none only_in_registry=classify.yaml" in slo_warning
-                assert policy_warning.startswith("no --policy differs from the shared registry's")
+                assert policy_warning.startswith(
+                    "the access policy of no --policy differs from the shared registry's"
+                )
                 assert "default allow" in policy_warning and "default deny" in policy_warning
                 # Once per difference: not at every entry applied, nor at every look.
                 for number in range(3):
@@ -122,8 +124,9 @@ async def test_the_lease_holder_publishes_the_others_log_the_difference_once(
 
 
 async def test_the_controller_that_takes_the_lease_over_publishes_its_files(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
     url = machine_url()
     clock = FakeClock()
     policy = tmp_path / "policy.toml"
@@ -147,6 +150,13 @@ async def test_the_controller_that_takes_the_lease_over_publishes_its_files(
                 await wait_until(lambda: "w1" in b.registry, what="w1 on B")
                 assert b.registry.access_rules == a.registry.access_rules
                 assert files(b) == ["classify.yaml"]
+                # Both flags named: another trust domain, and no policy file.
+                assert any(
+                    message.startswith(
+                        "the access policy of --trust-domain b.example and no --policy differs"
+                    )
+                    for message in warnings(caplog)
+                )
                 # A stops and gives the lease back: B takes it within a second
                 # and publishes its own settings.
                 stop_a.set()
