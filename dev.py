@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Bootstrap a development environment in .venv and run a task in it.
 
-    python3 dev.py demo      # the controller, nine workers and the gateway
-    python3 dev.py test      # the test suite
-    python3 dev.py nox ...   # any nox session (lint, typecheck, bench, ...)
+    python3 dev.py demo            # the controller, nine workers and the gateway
+    python3 dev.py demo --shared   # two controllers on one Redis, one of them killed
+    python3 dev.py test            # the test suite
+    python3 dev.py nox ...         # any nox session (lint, typecheck, bench, ...)
 
 Needs only Python 3.11+. The first run creates .venv and installs the three
 distributions (editable) and the development requirements, one line per

@@ -159,9 +159,11 @@ def _store_state(_: object, attribute: attrs.Attribute[Any], value: object) -> N
 class ReadyAnswer:
     """``GET /ready``: the controller can route (readiness; ``/health`` is liveness).
 
-    ``store``: ``ok``, or ``unavailable`` while the journal takes no writes
-    (not open, or its last write failed); routing goes on either way, so
-    the controller stays ready.
+    ``store``: ``ok``, or ``unavailable`` while the journal (or the shared
+    registry's Redis) takes no writes (not open, unreachable, or its last
+    write failed); ``self_preservation``: the controller is in
+    self-preservation. Routing goes on either way, so the controller stays
+    ready: neither takes it out of a load balancer.
     """
 
     status: Literal["ready"] = "ready"
@@ -170,8 +172,18 @@ class ReadyAnswer:
         metadata={
             JSON_SCHEMA: {
                 "enum": list(STORE_STATES),
-                "description": "ok, or unavailable: the journal takes no writes (registrations "
-                "and deregistrations are refused 503); routing goes on.",
+                "description": "ok, or unavailable: the journal (or Redis, for a shared "
+                "registry) takes no writes (registrations and deregistrations are refused "
+                "503); routing goes on.",
+            }
+        },
+    )
+    self_preservation: bool = attrs.field(
+        default=False,
+        metadata={
+            JSON_SCHEMA: {
+                "description": "true while the controller is in self-preservation (it makes no "
+                "worker unhealthy and evicts none); routing goes on."
             }
         },
     )

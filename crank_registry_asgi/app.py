@@ -15,7 +15,10 @@ in effect (each a change of the registry when it differs from what the
 journal restored), then serves, running the :class:`Sweeper`, the
 :class:`~crank_registry_asgi.slos.SloWatcher` and the policy file's
 watcher in a task group until shutdown. Without a state directory there
-is nothing to replay: the access policy is in effect from the start.
+is nothing to replay: the access policy is in effect from the start. On a
+shared registry (Redis) the lease holder publishes its SLO files and
+access policy, and the other controllers compare theirs
+(:mod:`~crank_registry_asgi.shared_settings`).
 """
 
 from __future__ import annotations
@@ -96,6 +99,7 @@ from .metrics import Metrics, RequestDurationMiddleware, metrics_response
 from .openapi import ROUTE_PATHS, openapi_document
 from .policy_file import PolicyFileWatcher
 from .redis_store import RedisStore
+from .shared_settings import SharedSettings
 from .slos import SloWatcher, slo_directory
 from .telemetry import TracingMiddleware, annotate, tracer
 
@@ -237,7 +241,7 @@ class ControllerService:
         self.clock = clock
         #: When the service started (its uptime is counted from here).
         self.started_at = clock()
-        self.metrics = Metrics()
+        self.metrics = Metrics(replication=config.redis_url is not None)
         self.metrics.watch(registry, self.clock)
         self.retry_after = str(max(1, math.ceil(self.policy.heartbeat_interval)))
         self.effects = Effects(
@@ -267,9 +271,11 @@ class ControllerService:
                 lease_period=config.redis_lease_period,
                 snapshot_every=config.redis_snapshot_every,
             )
-            self.store.applied = self.broadcast.moved
+            self.store.applied = self._applied_from_store
             self.store.epoch_changed = self._follow_epoch
-            self.store.lease_taken = self.sweeper.wake
+            self.store.lease_taken = self._lease_taken
+            if self.metrics.replication_lag is not None:
+                self.store.replicated = self.metrics.replication_lag.observe
             self.effects.store = self.store
         # The SLO files of the state directory (none without one).
         self.slo_watcher = (
@@ -297,12 +303,26 @@ class ControllerService:
                 config.policy_file, self.put_access_rules, interval=config.policy_watch_interval
             )
         )
-        #: The access policy this controller routes under (the built-in one:
-        #: least privilege, then the --policy file's rules).
+        #: The access policy of this controller's flags (the built-in one:
+        #: least privilege, then the --policy file's rules), which it routes
+        #: under; on a shared registry, the one it publishes while it holds
+        #: the sweeper lease (it routes under the registry's).
         self.access_rules = AccessRules.of(
             PolicyRules() if self.policy_watcher is None else self.policy_watcher.start(),
             config.trust_domain,
         )
+        #: The shared registry's settings, published by the lease holder (``None``: no store).
+        self.shared: SharedSettings | None = None
+        if self.store is not None:
+            self.shared = SharedSettings(
+                registry,
+                access_rules=self.access_rules,
+                holds_lease=self.store.holds_lease,
+                publish_slos=self.publish_slos,
+                publish_access_rules=self.publish_access_rules,
+                slo_directory=None if self.slo_watcher is None else self.slo_watcher.directory,
+                policy_file=config.policy_file,
+            )
         # GET /ui and its files, read from the package once.
         self.dashboard = Dashboard()
         #: The callers' token buckets under ``--rate-limit`` (``None``: no limit).
@@ -323,17 +343,37 @@ class ControllerService:
         """The shared registry's history is ``epoch`` (loaded, or started anew)."""
         self.epoch = epoch
 
-    async def put_access_rules(self, rules: PolicyRules) -> None:
-        """Route under ``rules`` from now on: a ``policy_changed`` change, made durable.
+    def _applied_from_store(self) -> None:
+        """The shared registry's reader applied entries: wake the feed, compare the settings."""
+        self.broadcast.moved()
+        if self.shared is not None:
+            self.shared.compare()
 
-        Raises :class:`ApiError` ``journal_unavailable`` when the journal
-        cannot take it (nothing changed then).
+    def _lease_taken(self) -> None:
+        """The sweeper lease was just taken: sweep, and publish the settings."""
+        self.sweeper.wake()
+        if self.shared is not None:
+            self.shared.wake()
+
+    async def put_access_rules(self, rules: PolicyRules) -> None:
+        """The ``--policy`` file's ``rules`` (as read at start, or changed since) are in effect.
+
+        On a journal, a ``policy_changed`` change, made durable; on a shared
+        registry, published when this controller holds the sweeper lease,
+        else compared with the registry's (:mod:`.shared_settings`). Raises
+        :class:`ApiError` ``journal_unavailable`` (``store_unavailable``)
+        when the store cannot take it (nothing changed then).
         """
         self.access_rules = AccessRules.of(rules, self.config.trust_domain)
+        if self.shared is not None:
+            await self.shared.put_access_rules(self.access_rules)
+        else:
+            await self.publish_access_rules(self.access_rules)
+
+    async def publish_access_rules(self, rules: AccessRules) -> None:
+        """Route under ``rules`` from now on: a ``policy_changed`` change, made durable."""
         self.effects.check_writable()
-        await self.effects.commit(
-            self.registry.decide_access_rules(self.access_rules, now=self.clock())
-        )
+        await self.effects.commit(self.registry.decide_access_rules(rules, now=self.clock()))
 
     def caller(self, request: Request) -> str | None:
         """The caller's identity, ``None`` for an anonymous caller; 403 ``forbidden`` if refused."""
@@ -345,6 +385,18 @@ class ControllerService:
             raise ApiError(403, "forbidden", str(refusal)) from None
 
     async def put_slos(self, files: tuple[SloFile, ...]) -> None:
+        """The SLO files read (at start, or changed since) are ``files``.
+
+        On a journal they are put in effect (:meth:`publish_slos`); on a
+        shared registry they are published or compared like the access
+        policy (:meth:`put_access_rules`). Raises alike.
+        """
+        if self.shared is not None:
+            await self.shared.put_slos(files)
+        else:
+            await self.publish_slos(files)
+
+    async def publish_slos(self, files: tuple[SloFile, ...]) -> None:
         """Put ``files`` in effect: a ``slos_changed`` change, made durable; raises alike."""
         self.effects.check_writable()
         await self.effects.commit(self.registry.decide_slos(files, now=self.clock()))
@@ -460,15 +512,29 @@ class ControllerService:
         if self._stopping:
             return "the controller is shutting down"
         if not self._replayed:
+            if self.store is not None:
+                return (
+                    "the shared registry is not loaded from Redis yet (the application's "
+                    "lifespan has not started, or is loading it)"
+                )
             return "the journal is not replayed yet (the application's lifespan has not started)"
         return None
 
     async def ready(self, request: Request) -> Response:
-        """GET /ready: readiness; 503 ``not_ready`` until the journal is replayed."""
+        """GET /ready: readiness; 503 ``not_ready`` until the journal is replayed (or Redis loaded).
+
+        Once ready, a store outage and self-preservation are reported, not
+        failed on: the controller routes through both.
+        """
         reason = self.not_ready()
         if reason is not None:
             raise ApiError(503, "not_ready", reason, headers={"Retry-After": "1"}, reason=reason)
-        return answer(ReadyAnswer(store="ok" if self.effects.store_available() else "unavailable"))
+        return answer(
+            ReadyAnswer(
+                store="ok" if self.effects.store_available() else "unavailable",
+                self_preservation=self.registry.self_preservation is not None,
+            )
+        )
 
     async def register(self, request: Request) -> Response:
         """POST /register: add or replace a worker."""
@@ -726,16 +792,25 @@ class ControllerService:
                 await self.store.open()
             elif self.config.state_dir is not None:
                 await self._open_journal(stack)
-            if not self._replayed:
-                # Decided on the registry the journal or the shared registry
-                # restored: a change only where they differ.
-                await self.put_access_rules(self.access_rules)
+            if not self._replayed and self.shared is None:
+                # Decided on the registry the journal restored: a change
+                # only where they differ.
+                await self.publish_access_rules(self.access_rules)
                 if slos is not None:
-                    await self.put_slos(slos)
+                    await self.publish_slos(slos)
                 self._replayed = True
             async with anyio.create_task_group() as tasks:
                 if self.store is not None:
+                    # The reader first: a write waits until it applied the write.
                     tasks.start_soon(self.store.run)
+                if self.store is not None and self.shared is not None:
+                    if not self._replayed:
+                        # The lease tried once now, so that a first controller
+                        # publishes its settings before it is ready.
+                        await self.store.renew_lease()
+                        await self.shared.start(slos)
+                        self._replayed = True
+                    tasks.start_soon(self.shared.run)
                 tasks.start_soon(self.sweeper.run)
                 # The /watch streams' bookmarks.
                 tasks.start_soon(feed.tick_every, self.broadcast, feed.bookmark_period(self.policy))

@@ -321,8 +321,9 @@ def add_serve_command(subcommands: Subcommands) -> argparse.ArgumentParser:
         metavar="FILE",
         help=(
             "the access policy: a TOML file of [[rule]] tables (identity, allow, deny) and a "
-            "default; re-read when it changes (default: everyone may route anywhere, "
-            "workers' required_capabilities aside)"
+            "default; re-read when it changes; with --redis, the sweeper lease holder's is "
+            "the registry's (default: everyone may route anywhere, workers' "
+            "required_capabilities aside)"
         ),
     )
     parser.add_argument(

@@ -25,6 +25,10 @@ What is counted, and where:
 * the journal (:class:`~crank_registry_asgi.journal.Journal` reports to
   :class:`Metrics`): ``crank_journal_append_duration_seconds``,
   ``crank_journal_fsync_duration_seconds``;
+* the shared registry on Redis only
+  (:class:`~crank_registry_asgi.redis_store.RedisStore` reports to
+  :class:`Metrics`): ``crank_replication_lag_seconds``, from a stream
+  entry's time in Redis to its application on this controller;
 * ``crank_build_info{version}`` and the ``process_*`` and ``python_*``
   figures of ``prometheus_client``'s own collectors.
 
@@ -64,6 +68,7 @@ __all__ = [
     "CONTENT_TYPE",
     "DURATION_BUCKETS",
     "KNOWN_METHODS",
+    "LAG_BUCKETS",
     "RATE_LIMITED_PATHS",
     "ROUTE_OUTCOMES",
     "UNMATCHED_PATH",
@@ -97,6 +102,27 @@ DURATION_BUCKETS = (
     5.0,
 )
 
+#: Replication lag buckets in seconds: milliseconds on one host, up to the
+#: minutes a controller may take to catch up after an outage of Redis.
+LAG_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+)
+
 #: The ``outcome`` label values of ``crank_routes_total``.
 ROUTE_OUTCOMES = ("routed", "no_worker", "unknown_capability")
 
@@ -124,9 +150,13 @@ class Metrics:
 
     ``registry`` defaults to a new :class:`~prometheus_client.CollectorRegistry`
     with the process and platform collectors and ``crank_build_info``.
+    ``replication``: the registry is shared on Redis, and
+    :attr:`replication_lag` is exposed (else it is ``None``).
     """
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, replication: bool = False
+    ) -> None:
         if registry is None:
             registry = CollectorRegistry()
             ProcessCollector(registry=registry)
@@ -188,6 +218,19 @@ class Metrics:
             "fsync of a batch of journal lines",
             buckets=DURATION_BUCKETS,
             registry=registry,
+        )
+        #: ``crank_replication_lag_seconds`` (a shared registry only).
+        self.replication_lag = (
+            Histogram(
+                "crank_replication_lag_seconds",
+                "Stream entries (changes and heartbeat batches) of the shared registry: from "
+                "the entry's time in Redis to its application on this controller, on Redis' "
+                "clock",
+                buckets=LAG_BUCKETS,
+                registry=registry,
+            )
+            if replication
+            else None
         )
         # Every series exists from the start (a rate over a series that
         # appears only with its first event misses that event), and the

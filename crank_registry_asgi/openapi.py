@@ -252,8 +252,9 @@ OPERATIONS: tuple[Operation, ...] = (
         "ready",
         "Readiness: the controller can route",
         ReadyAnswer,
-        "Ready: the journal is replayed; store says whether it takes writes (a store "
-        "outage does not take the controller out of a load balancer).",
+        "Ready: the journal is replayed (or the shared registry loaded); store says "
+        "whether it takes writes, self_preservation whether the controller is in "
+        "self-preservation (neither takes the controller out of a load balancer).",
         errors=("not_ready",),
     ),
     Operation(

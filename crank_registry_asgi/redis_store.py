@@ -28,8 +28,11 @@ Decisions on replicas can race: a time-driven change (``unhealthy``,
 ``evicted``) carries the revision of the worker's record it was decided on
 and is dropped by the script when the record changed since, when a later
 heartbeat was written, or when its writer no longer holds the sweeper
-lease; ``healthy`` is dropped when the record changed. Registrations and
-deregistrations always apply, in stream order.
+lease; ``healthy`` is dropped when the record changed; the registry's
+settings (``slos_changed``, ``policy_changed``: see
+:mod:`~crank_registry_asgi.shared_settings`) are dropped when their writer
+no longer holds the lease. Registrations and deregistrations always apply,
+in stream order.
 
 Heartbeats are batched: the latest per worker, written by
 :data:`WRITE_HEARTBEATS` as one stream entry per controller every few
@@ -41,6 +44,11 @@ report travels in the same entry (``least_loaded`` on every replica).
 Reading. At start a controller loads the snapshot key, then tails the
 stream with ``XREAD BLOCK`` (on its own connection, with a socket timeout
 longer than the block) and applies every entry with the core's one fold.
+Each entry the tail applies reports its replication lag
+(:attr:`RedisStore.replicated`): from its ID's time, Redis' clock when it
+was appended, to the moment it was applied here, on this host's clock
+corrected by the offset to Redis ``TIME`` measured at each connect (an
+offset over one second is logged).
 An entry whose first revision is not the next one means the stream was
 trimmed past this controller's position: it loads the snapshot again. An
 entry of a newer format stops the applying: the controller keeps routing
@@ -100,7 +108,9 @@ from crank_registry import (
     JournalReader,
     LoadReport,
     NewerJournalFormat,
+    PolicyChanged,
     RegistryError,
+    SlosChanged,
     Snapshot,
     SnapshotPart,
     ValidationError,
@@ -236,7 +246,7 @@ return ARGV[1]
 
 #: Append changes. KEYS: epoch, revision, stream, records, heard, lease.
 #: ARGV: epoch, controller id, format, count, then per change six values:
-#: worker id, condition (always | unchanged | swept), the record revision it
+#: worker id, condition (always | unchanged | swept | leased), the record revision it
 #: was decided on, the heartbeat it was decided on ('' for none), what it
 #: does to the record (new | hold | drop | none) with the heartbeat time it
 #: brings ('' for none), and its line.
@@ -252,7 +262,9 @@ for i = 0, tonumber(ARGV[4]) - 1 do
   local worker, condition, based, decided = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
   local effect, brings, line = ARGV[at + 4], ARGV[at + 5], ARGV[at + 6]
   local ok = true
-  if condition ~= 'always' then
+  if condition == 'leased' then
+    ok = holder == ARGV[2]
+  elseif condition ~= 'always' then
     ok = (redis.call('HGET', KEYS[4], worker) or '0') == based
     if ok and condition == 'swept' then
       ok = holder == ARGV[2]
@@ -379,11 +391,17 @@ def _record_effect(change: Change) -> tuple[str, float | None]:
 
 
 def _condition(change: Change) -> tuple[str, float | None]:
-    """When the script keeps ``change``: always, while the record is unchanged, or swept."""
+    """When the script keeps ``change``: always, while the record is unchanged, swept, or leased.
+
+    ``leased``: while its writer holds the sweeper lease (the settings the
+    lease holder publishes).
+    """
     if isinstance(change, (WorkerUnhealthy, WorkerEvicted)):
         return "swept", change.last_heartbeat
     if isinstance(change, WorkerHealthy):
         return "unchanged", None
+    if isinstance(change, (SlosChanged, PolicyChanged)):
+        return "leased", None
     return "always", None
 
 
@@ -469,6 +487,11 @@ class RedisStore:
         self.incompatible: int | None = None
         #: Redis' clock minus this host's wall clock, measured at the last connect.
         self.offset = 0.0
+        #: This host's wall clock (the offset to Redis is measured against it).
+        self.wall: Callable[[], float] = time.time
+        #: Called with the replication lag of each stream entry the tail applied,
+        #: in seconds (the ``crank_replication_lag_seconds`` histogram).
+        self.replicated: Callable[[float], None] = _ignore_lag
         #: Called after entries were applied (the change feed wakes its watchers).
         self.applied: Callable[[], None] = _nothing
         #: Called with the new epoch when the history changed (Redis lost its data).
@@ -565,9 +588,12 @@ class RedisStore:
 
     async def _connect(self) -> None:
         """Measure the clock offset, check the epoch; load the history when it is another."""
+        sent = self.wall()
         seconds, micros = await self._redis.time()
+        received = self.wall()
         redis_now = seconds + micros / 1e6
-        self.offset = redis_now - time.time()
+        # Redis read its clock about halfway through the round trip.
+        self.offset = redis_now - (sent + received) / 2
         if abs(self.offset) > _OFFSET_LOGGED:
             logger.warning(
                 "this host's clock is %+.3f s off Redis' clock (controller_id=%s)%s",
@@ -619,6 +645,9 @@ class RedisStore:
         changed = epoch != self.epoch
         previous, self.epoch = self.epoch, epoch
         if changed and previous is not None:
+            # The lease was the old history's: taking the new one's is taking it
+            # anew (the sweeper and the settings start again from it).
+            self._lease_until = -math.inf
             logger.warning(
                 "the registry's history in Redis changed (Redis restarted empty?): following "
                 "the new one; workers register again at their next heartbeat "
@@ -679,14 +708,13 @@ class RedisStore:
                 headers={"Retry-After": self.retry_after},
             )
 
+    def holds_lease(self) -> bool:
+        """Whether this controller holds the sweeper lease now (and may write with it)."""
+        return self.available and self.incompatible is None and time.monotonic() < self._lease_until
+
     def may_sweep(self) -> bool:
         """Whether this controller may write time-driven changes now (it holds the lease)."""
-        return (
-            self.available
-            and self.incompatible is None
-            and time.monotonic() < self._lease_until
-            and self.clock() >= self._sweep_not_before
-        )
+        return self.holds_lease() and self.clock() >= self._sweep_not_before
 
     # --------------------------------------------------------------- writes
 
@@ -840,11 +868,12 @@ class RedisStore:
                     block=max(1, int(self.block * 1000)),
                 )
                 entries = _entries(reply)
-                if not entries and await self._trimmed_past():
-                    # A snapshot trimmed our position and nothing came after it:
-                    # no later entry would show the gap.
+                if not entries and (await self._trimmed_past() or await self._behind()):
+                    # A snapshot trimmed our position, or Redis lost what we
+                    # applied, and nothing came after it: no entry shows it.
                     self._reload = True
-                self._apply_entries(entries)
+                applied = self._apply_entries(entries)
+                self._report_lag(entries[:applied])
                 if self.incompatible is not None:
                     # Nothing more is applied: this release cannot read what follows.
                     await anyio.sleep_forever()
@@ -858,7 +887,7 @@ class RedisStore:
         """After an outage: reach Redis again, check the history, let the writes go on."""
         await self._redis.ping()
         await self._connect()
-        if await self._trimmed_past():
+        if await self._trimmed_past() or await self._behind():
             await self._load()
         self.available = True
         # The heartbeats kept during the outage land before the first sweep.
@@ -881,6 +910,31 @@ class RedisStore:
         # MINID trims everything before a point: our entry gone, what followed it may be too.
         return not await self._redis.xrange(self.keys.stream, self.position, self.position)
 
+    async def _behind(self) -> bool:
+        """Whether Redis holds fewer changes than this replica applied (logged).
+
+        Redis came back behind the replicas: restarted from an older RDB
+        file, or from an append-only file that missed its last fsync. It
+        would give its next revisions again, to other changes, which this
+        replica would take for ones it applied: it loads what Redis holds
+        instead (the workers Redis lost register again at their next
+        heartbeat).
+        """
+        stored = int(await self._redis.get(self.keys.revision) or 0)
+        if stored >= self.revision:
+            return False
+        self._log_behind(stored)
+        return True
+
+    def _log_behind(self, revision: int) -> None:
+        logger.warning(
+            "redis holds fewer changes than this replica applied (restarted from an older RDB "
+            "file, or a lost fsync?): loading what it holds; workers it lost register again at "
+            "their next heartbeat redis_revision=%d replica_revision=%d",
+            revision,
+            self.revision,
+        )
+
     def _lost(self, error: BaseException) -> None:
         """Redis did not answer: refuse writes, stop sweeping, until it does again."""
         if self.available:
@@ -892,11 +946,16 @@ class RedisStore:
         self.available = False
         self._lease_until = -math.inf
 
-    def _apply_entries(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
-        """Apply stream entries in order with the core's fold (raises :class:`_Reload`)."""
+    def _apply_entries(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> int:
+        """Apply stream entries in order with the core's fold (raises :class:`_Reload`).
+
+        Returns how many were applied: all, unless one of a newer format
+        stopped the applying.
+        """
         if not entries:
-            return
+            return 0
         registry = self.registry
+        applied = 0
         for entry_id, fields in entries:
             version = int(fields.get(b"v", b"0"))
             if version > JOURNAL_FORMAT_VERSION:
@@ -917,11 +976,18 @@ class RedisStore:
                 first = revision - len(lines) + 1
                 if first > self.revision + 1:
                     raise _Reload  # changes were trimmed before we read them
-                if revision > self.revision:
-                    self._apply_changes(lines, first, entry_id)
-                    self.revision = revision
+                if first <= self.revision:
+                    # After our position, revisions we applied: given again by
+                    # a Redis that came back behind us.
+                    self._log_behind(revision)
+                    raise _Reload
+                self._apply_changes(lines, first, entry_id)
+                self.revision = revision
             elif b"beats" in fields:
                 if revision > self.revision:
+                    raise _Reload
+                if revision < self.revision:
+                    self._log_behind(revision)
                     raise _Reload
                 for line in fields[b"beats"].splitlines(keepends=True):
                     beat = decode_heartbeat_line(line)
@@ -931,10 +997,28 @@ class RedisStore:
                     self._apply_loads(fields[b"loads"], entry_id)
             self.position = entry_id
             self._entries_since_snapshot += 1
+            applied += 1
         moved, self._moved = self._moved, anyio.Event()
         moved.set()
         self.applied()
         self._snapshot_if_due()
+        return applied
+
+    def _report_lag(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        """Report each applied entry's lag: from its ID's time (Redis' clock) to now.
+
+        Now is this host's clock plus the offset measured at the last
+        connect. The entries of a read are applied in one go, so they all
+        became routable at the same moment. Entries read at start-up are
+        not reported: they are history, not replication.
+        """
+        if not entries:
+            return
+        now_ms = (self.wall() + self.offset) * 1000
+        for entry_id, _ in entries:
+            appended_ms = int(entry_id.split(b"-", 1)[0])
+            # A clock measured to within a round trip: never below zero.
+            self.replicated(max(now_ms - appended_ms, 0.0) / 1000)
 
     def _snapshot_if_due(self) -> None:
         """On the lease holder, snapshot once the stream grew by ``snapshot_every`` entries."""
@@ -1005,31 +1089,42 @@ class RedisStore:
 
     async def _keep_lease(self) -> None:
         """Take or renew the sweeper lease every quarter of the lease period."""
-        ttl_ms = max(1, int(self.lease_period * 750))
         while True:
-            if self.available and self.epoch is not None:
-                started = time.monotonic()
-                try:
-                    held = await self._scripts["lease"](
-                        keys=[self.keys.lease, self.keys.epoch],
-                        args=[self.controller_id, ttl_ms, self.epoch],
-                    )
-                except _NOT_CONNECTED as error:
-                    self._lost(error)
-                    held = 0
-                had = self._lease_until > started
-                if held == 1:
-                    self._lease_until = started + ttl_ms / 1000
-                    if not had:
-                        logger.info("sweeper lease taken controller_id=%s", self.controller_id)
-                        self.lease_taken()
-                else:
-                    self._lease_until = -math.inf
-                    if had:
-                        logger.warning("sweeper lease lost controller_id=%s", self.controller_id)
-                    if held == -1:
-                        self._reload = True
+            await self.renew_lease()
             await anyio.sleep(self.lease_period / 4)
+
+    async def renew_lease(self) -> bool:
+        """Take or renew the sweeper lease once; whether this controller holds it now.
+
+        :meth:`run` does it every quarter of the lease period; the service
+        also does it once at start, so that a first controller publishes
+        its settings before it is ready.
+        """
+        if not self.available or self.epoch is None:
+            return False
+        ttl_ms = max(1, int(self.lease_period * 750))
+        started = time.monotonic()
+        try:
+            held = await self._scripts["lease"](
+                keys=[self.keys.lease, self.keys.epoch],
+                args=[self.controller_id, ttl_ms, self.epoch],
+            )
+        except _NOT_CONNECTED as error:
+            self._lost(error)
+            held = 0
+        had = self._lease_until > started
+        if held == 1:
+            self._lease_until = started + ttl_ms / 1000
+            if not had:
+                logger.info("sweeper lease taken controller_id=%s", self.controller_id)
+                self.lease_taken()
+            return True
+        self._lease_until = -math.inf
+        if had:
+            logger.warning("sweeper lease lost controller_id=%s", self.controller_id)
+        if held == -1:
+            self._reload = True
+        return False
 
     async def _write_snapshot(self) -> None:
         """Write the replica as the snapshot key, and trim the stream it covers."""
@@ -1116,4 +1211,8 @@ def _nothing() -> None:
 
 
 def _ignore(_: str) -> None:
+    pass
+
+
+def _ignore_lag(_: float) -> None:
     pass

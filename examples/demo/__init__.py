@@ -17,5 +17,7 @@ worker programs of this source tree. The modules, from the bottom up:
   workers, and an HTTPS client for the controller;
 - :mod:`~examples.demo.calls`: one call per capability, with its check;
 - :mod:`~examples.demo.steps`: the steps, in order;
+- :mod:`~examples.demo.shared`: ``--shared``, two controllers on one Redis
+  (one of them killed), with its own steps;
 - :mod:`~examples.demo.command`: the command line (``python -m examples.demo``).
 """

@@ -1,6 +1,7 @@
-"""``python -m examples.demo [--keep-running] [--examples DIR]``.
+"""``python -m examples.demo [--keep-running] [--examples DIR] [--shared [--redis URL]]``.
 
-Runs :func:`examples.demo.steps.run` in a fresh temporary directory.
+Runs :func:`examples.demo.steps.run` (with ``--shared``,
+:func:`examples.demo.shared.run`) in a fresh temporary directory.
 Exit status 0 when every check passed, 1 when one failed (with the last
 lines of every child's log), 2 for a usage error, 130 when interrupted
 before the end. With ``--keep-running`` everything stays up after the
@@ -22,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from . import steps
+from . import shared, steps
 from .processes import DemoFailure, Processes
 from .report import Report
 from .system import System
@@ -61,6 +62,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave everything running and print the URLs, until Ctrl-C",
     )
     parser.add_argument(
+        "--shared",
+        action="store_true",
+        help=(
+            "two controllers on one Redis instead: start redis-server on a free port (in the "
+            "temporary directory), two controllers and the workers, SIGKILL one controller and "
+            "watch routing go on through the other and the workers fail over to it"
+        ),
+    )
+    parser.add_argument(
+        "--redis",
+        metavar="URL",
+        help=(
+            "with --shared: use this Redis instead of starting one (the demo's keys, under a "
+            "prefix of its own, are deleted at the end)"
+        ),
+    )
+    parser.add_argument(
         "--examples",
         type=Path,
         default=CHECKOUT,
@@ -80,13 +98,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"--examples {args.examples}: there is no examples/workers/__init__.py in it; "
             "pass the folder that holds examples/workers (a clone of crank-registry)"
         )
+    if args.redis is not None and not args.shared:
+        parser.error("--redis URL goes with --shared (the shared registry's variant)")
+    if args.shared and args.redis is None and shutil.which("redis-server") is None:
+        parser.error(
+            "--shared starts a redis-server, and none is installed: apt-get install "
+            "redis-server, or give a running Redis with --redis URL"
+        )
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     workdir = Path(tempfile.mkdtemp(prefix="crank-demo-"))
     report = Report(sys.stdout)
-    system = System(workdir, Processes(root, workdir / "logs"))
+    processes = Processes(root, workdir / "logs")
+    system = (
+        shared.SharedSystem(workdir, processes, redis_given=args.redis)
+        if args.shared
+        else System(workdir, processes)
+    )
     keeping = False
     try:
-        steps.run(system, report)
+        if isinstance(system, shared.SharedSystem):
+            shared.run(system, report)
+        else:
+            steps.run(system, report)
         if args.keep_running:
             keeping = True
             steps.keep_running(system, report)

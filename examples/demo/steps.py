@@ -179,7 +179,7 @@ def stop_one_worker(system: System, report: Report) -> None:
         f"{LEAVING} to leave the registry",
         10,
         lambda: LEAVING not in system.workers(),
-        "controller",
+        *system.serving(),
     )
     left_after = time.monotonic() - stopped_at
     if system.processes.wait_exit(LEAVING, 10) is None:
@@ -206,11 +206,11 @@ def keep_running(system: System, report: Report) -> None:
         f"{LEAVING} to register again",
         30,
         lambda: LEAVING in system.workers(),
-        "controller",
+        *system.serving(),
         LEAVING,
     )
     certs = system.certs
-    lines = [f"\nEverything is running. Controller and gateway: {system.url}"]
+    lines = [f"\nEverything is running. {system.describe()}"]
     lines += [f"  {w['worker_id']:<20} {w['worker_url']}" for w in system.workers().values()]
     lines += [
         "Try:",
@@ -223,5 +223,5 @@ def keep_running(system: System, report: Report) -> None:
     ]
     report.print("\n".join(lines))
     while True:
-        system.processes.check_alive("controller", *WORKER_NAMES)
+        system.processes.check_alive(*system.serving(), *WORKER_NAMES)
         time.sleep(0.5)

@@ -68,20 +68,35 @@ class System:
 
     def start_controller(self) -> None:
         """The controller with its gateway, over mutual TLS, on ``self.port``."""
+        self.processes.spawn("controller", self.serve_command(self.port, "state"))
+
+    def serve_command(self, port: int, state: str, *extra: str) -> list[str]:
+        """``crank-registry serve`` with its gateway on ``port``, state in ``workdir/state``."""
         certs = self.certs
-        self.processes.spawn(
-            "controller",
-            [
-                *(sys.executable, "-m", "crank_registry_asgi", "serve"),
-                *("--port", str(self.port), "--state-dir", str(self.workdir / "state")),
-                *("--heartbeat-interval", str(HEARTBEAT_INTERVAL)),
-                *("--unhealthy-after", str(UNHEALTHY_AFTER), "--evict-after", str(EVICT_AFTER)),
-                *("--certfile", str(certs / "controller.pem")),
-                *("--keyfile", str(certs / "controller.key")),
-                *("--ca-certs", str(certs / "ca.pem")),
-                *("--gateway", "--gateway-attempts", "3", "--gateway-timeout", "10"),
-            ],
-        )
+        return [
+            *(sys.executable, "-m", "crank_registry_asgi", "serve"),
+            *("--port", str(port), "--state-dir", str(self.workdir / state)),
+            *("--heartbeat-interval", str(HEARTBEAT_INTERVAL)),
+            *("--unhealthy-after", str(UNHEALTHY_AFTER), "--evict-after", str(EVICT_AFTER)),
+            *("--certfile", str(certs / "controller.pem")),
+            *("--keyfile", str(certs / "controller.key")),
+            *("--ca-certs", str(certs / "ca.pem")),
+            *("--gateway", "--gateway-attempts", "3", "--gateway-timeout", "10"),
+            *extra,
+        ]
+
+    def serving(self) -> tuple[str, ...]:
+        """The controller processes that must be running now (a step fails if one exits)."""
+        return ("controller",)
+
+    def describe(self) -> str:
+        """Where the controllers are, for the ``--keep-running`` lines."""
+        return f"Controller and gateway: {self.url}"
+
+    @property
+    def worker_controllers(self) -> str:
+        """What the workers are given as ``--controller``."""
+        return self.url
 
     def kill_controller(self) -> None:
         """SIGKILL the controller, as a crash would; its client connections die with it."""
@@ -95,7 +110,7 @@ class System:
         certs = self.certs
         command = [
             *(sys.executable, "-m", f"examples.workers.{name}"),
-            *("--controller", self.url, "--port", "0"),
+            *("--controller", self.worker_controllers, "--port", "0"),
             *("--certfile", str(certs / f"worker-{name}.pem")),
             *("--keyfile", str(certs / f"worker-{name}.key")),
             *("--ca-certs", str(certs / "ca.pem")),

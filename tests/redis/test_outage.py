@@ -9,6 +9,7 @@ import anyio
 import pytest
 from redis.asyncio import Redis
 
+from crank_registry import AccessRules
 from crank_registry.testing import FakeClock
 from crank_registry_asgi.redis_store import StoreKeys
 from tests.builders import registration_payload
@@ -47,8 +48,15 @@ async def test_cut_off_from_redis_a_controller_routes_refuses_writes_and_catches
             await wait_until(lambda: "w1" in b.registry, what="w1 on B")
             link.cut()
             await wait_until(lambda: not b.service.store.available, what="B sees the outage")
-            # Routing goes on from the replica.
+            # Routing goes on from the replica, and /ready keeps B in the load balancer.
             assert await b.route() == "w1"
+            ready = await b.get("/ready")
+            assert ready.status_code == 200
+            assert ready.json() == {
+                "status": "ready",
+                "store": "unavailable",
+                "self_preservation": False,
+            }
             # A write is refused, and changes nothing.
             response = await b.request("POST", "/register", json=registration_payload("w2"))
             assert response.status_code == 503, response.text
@@ -66,6 +74,7 @@ async def test_cut_off_from_redis_a_controller_routes_refuses_writes_and_catches
             link.heal()
             await wait_until(lambda: same_registry(a, b), what="B caught up", timeout=10)
             assert "w3" in b.registry
+            assert (await b.get("/ready")).json()["store"] == "ok"
             # The kept heartbeat was written once Redis was back.
             await wait_until(
                 lambda: a.registry.get_worker("w1", now=clock.now).last_heartbeat == clock.now,
@@ -157,13 +166,17 @@ async def test_redis_restarted_empty_starts_a_new_history_that_workers_rebuild(
     tmp_path: Path,
 ) -> None:
     clock = FakeClock()
+    # Not the default access rules: the new history starts under the default
+    # ones, and the lease holder publishes these again.
+    fleet = AccessRules(trust_domain="fleet.example")
     with RedisServer(tmp_path, persistent=False) as server:
         async with (
-            controller(server.url, "crank", "a", clock) as a,
-            controller(server.url, "crank", "b", clock) as b,
+            controller(server.url, "crank", "a", clock, trust_domain=fleet.trust_domain) as a,
+            controller(server.url, "crank", "b", clock, trust_domain=fleet.trust_domain) as b,
         ):
             await a.register("w1")
             await wait_until(lambda: "w1" in b.registry, what="w1 on B")
+            assert a.registry.access_rules == b.registry.access_rules == fleet
             old_epoch = a.service.epoch
             server.kill()
             server.start()
@@ -173,6 +186,11 @@ async def test_redis_restarted_empty_starts_a_new_history_that_workers_rebuild(
                 timeout=10,
             )
             assert a.service.epoch == b.service.epoch
+            await wait_until(
+                lambda: a.registry.access_rules == b.registry.access_rules == fleet,
+                what="the access policy published again",
+                timeout=10,
+            )
             assert len(a.registry) == len(b.registry) == 0
             # The worker's next heartbeat is refused: it registers again.
             response = await b.post("/heartbeat", {"worker_id": "w1"})
@@ -180,7 +198,46 @@ async def test_redis_restarted_empty_starts_a_new_history_that_workers_rebuild(
             assert response.json()["error"] == "worker_not_registered"
             await b.register("w1")
             await wait_until(lambda: "w1" in a.registry, what="w1 again on A")
+            # The new history: the access policy published again, the registration.
+            assert a.registry.revision == b.registry.revision == 2
+
+
+async def test_redis_restarted_behind_the_replicas_is_followed_by_every_controller(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock()
+    with RedisServer(tmp_path, persistent=False) as server:
+        async with (
+            controller(server.url, "crank", "a", clock) as a,
+            controller(server.url, "crank", "b", clock) as b,
+        ):
+            await a.register("w1")
+            await wait_until(lambda: "w1" in b.registry, what="w1 on B")
+            raw = Redis.from_url(server.url)
+            await raw.save()  # an RDB file that knows w1 only
+            await raw.aclose()
+            await a.register("w2")
+            await wait_until(lambda: "w2" in b.registry, what="w2 on B")
+            # Redis comes back from its RDB file: the same history, one change behind
+            # both replicas (as after a lost fsync). The replicas follow what it holds.
+            server.kill()
+            server.start()
+            await wait_until(
+                lambda: all("w1" in api.registry and len(api.registry) == 1 for api in (a, b)),
+                what="the replicas back to what Redis holds",
+                timeout=10,
+            )
             assert a.registry.revision == b.registry.revision == 1
+            # w2's next heartbeat is refused, so it registers again; every change from
+            # now on is applied everywhere (none is taken for one applied already).
+            assert (await b.post("/heartbeat", {"worker_id": "w2"})).status_code == 404
+            await b.register("w2")
+            await a.register("w3")
+            await wait_until(
+                lambda: same_registry(a, b) and len(a.registry) == 3,
+                what="the same three workers on both",
+                timeout=10,
+            )
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import anyio
 import anyio.abc
+import httpx
 import pytest
 
 from crank_registry import HeartbeatReceived
@@ -307,3 +308,18 @@ async def test_a_load_report_heard_on_one_controller_reaches_the_others() -> Non
                 what="the second heartbeat on A",
             )
             assert a.registry.get_worker("w1", now=clock.now).load_reported_at == clock.now - 1
+
+
+async def test_not_ready_until_the_shared_registry_is_loaded() -> None:
+    url = machine_url()
+    with unique_prefix(url) as prefix:
+        app = create_app(config=ServiceConfig(redis_url=url, redis_prefix=prefix))
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            response = await client.get("/ready")
+            assert response.status_code == 503
+            assert "the shared registry is not loaded from Redis yet" in response.json()["reason"]
+            async with app.router.lifespan_context(app):
+                response = await client.get("/ready")
+                assert response.status_code == 200
+                assert response.json()["store"] == "ok"

@@ -26,7 +26,7 @@ async def test_ready_in_memory_without_a_journal() -> None:
     async with running() as api:
         response = await api.get("/ready")
         assert response.status_code == 200
-        assert response.json() == {"status": "ready", "store": "ok"}
+        assert response.json() == {"status": "ready", "store": "ok", "self_preservation": False}
 
 
 async def test_not_ready_until_the_journal_is_replayed(tmp_path: pathlib.Path) -> None:
@@ -48,7 +48,7 @@ async def test_ready_once_replayed(tmp_path: pathlib.Path) -> None:
     async with running(ServiceConfig(state_dir=tmp_path)) as api:
         assert "w1" in api.registry  # replayed before the first answer
         response = await api.get("/ready")
-        assert response.json() == {"status": "ready", "store": "ok"}
+        assert response.json() == {"status": "ready", "store": "ok", "self_preservation": False}
 
 
 async def test_a_store_outage_is_reported_and_keeps_the_controller_ready(
@@ -62,7 +62,11 @@ async def test_a_store_outage_is_reported_and_keeps_the_controller_ready(
         assert refused.json()["error"] == "journal_unavailable"
         response = await api.get("/ready")
         assert response.status_code == 200
-        assert response.json() == {"status": "ready", "store": "unavailable"}
+        assert response.json() == {
+            "status": "ready",
+            "store": "unavailable",
+            "self_preservation": False,
+        }
         assert await api.route() == "w1"  # and it routes meanwhile
         # A heartbeat that is not due a journal line writes nothing: still unavailable.
         assert (await api.post("/heartbeat", {"worker_id": "w1"})).status_code == 200

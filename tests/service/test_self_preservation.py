@@ -60,6 +60,10 @@ async def test_entered_and_ended_over_http(
         alive = WORKERS[12:]
         await step(api, alive, POLICY.evict_after * 1.5)
         assert await health(api) and await gauge(api) == 1
+        # Reported by /ready, not failed on: the controller routes through it.
+        ready = await api.get("/ready")
+        assert ready.status_code == 200
+        assert ready.json() == {"status": "ready", "store": "ok", "self_preservation": True}
         # No worker was made unhealthy or evicted; the silent ones are still routed to.
         assert len(await api.workers()) == 20
         assert {await api.route() for _ in range(40)} == set(WORKERS)
@@ -79,6 +83,7 @@ async def test_entered_and_ended_over_http(
             await api.register(worker_id)
         await step(api, WORKERS, 20)
         assert not await health(api) and await gauge(api) == 0
+        assert (await api.get("/ready")).json()["self_preservation"] is False
     entered = [r for r in caplog.records if r.getMessage().startswith("self-preservation entered")]
     ended = [r for r in caplog.records if r.getMessage().startswith("self-preservation ended")]
     assert [r.levelno for r in entered] == [logging.WARNING]
