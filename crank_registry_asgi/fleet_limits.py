@@ -147,12 +147,11 @@ return redis.call('ZCARD', KEYS[2])
 #: Leave: remove a controller's liveness, unless a newer instance of the same
 #: id holds it. KEYS: its liveness key, the controllers set; ARGV: id, instance.
 LEAVE = """
-if redis.call('GET', KEYS[1]) == ARGV[2] then
-  redis.call('DEL', KEYS[1])
-  redis.call('ZREM', KEYS[2], ARGV[1])
-  return 1
-end
-return 0
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[2] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
 """
 
 #: Refill and take, on Redis' clock. KEYS: the caller's bucket; ARGV: the
