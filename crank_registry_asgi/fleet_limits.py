@@ -27,11 +27,13 @@ none and answers the wait until the next one.
 
 Leases. A controller asks for a batch of tokens at once (at most a tenth of
 the burst, :func:`default_lease`) and admits the rest of the batch locally,
-for at most :data:`LEASE_LIFETIME`, without a round trip. One round trip per
-caller is in flight at a time in a process; the requests of that caller
-that come meanwhile wait for its answer. So a process holds at most one
-unused batch per caller, and over any interval ``t`` the fleet admits at
-most ``RATE x t + BURST`` plus one batch per process.
+for at most :data:`LEASE_LIFETIME`, without a round trip. With batches of
+more than one token, one round trip per caller is in flight at a time in a
+process, and the requests of that caller that come meanwhile wait for its
+answer (with single tokens, each request makes its own: waiting would only
+serialize them). So a process holds at most one unused batch per caller,
+and over any interval ``t`` the fleet admits at most ``RATE x t + BURST``
+plus one batch per process.
 
 Refusals. The script's wait is exact: the bucket cannot have a token before
 it (the other controllers only take). The controller answers 429 locally
@@ -394,7 +396,9 @@ class SharedTokenBuckets:
 
     async def _ask(self, caller: str) -> float:
         """One round trip: take up to a lease of tokens, or learn the wait."""
-        answered = self._asking[caller] = anyio.Event()
+        answered = None
+        if self.lease > 1:  # the caller's next requests wait for this batch
+            answered = self._asking[caller] = anyio.Event()
         try:
             self.round_trips += 1
             taken, wait_us = await self._take(
@@ -407,8 +411,9 @@ class SharedTokenBuckets:
             assert self._fallback is not None
             return self._fallback.admit(caller, now=self.clock())
         finally:
-            del self._asking[caller]
-            answered.set()
+            if answered is not None:
+                del self._asking[caller]
+                answered.set()
         now = self.clock()
         if taken == 0:
             wait = int(wait_us) / 1e6

@@ -182,6 +182,26 @@ async def test_concurrent_requests_of_a_caller_share_one_round_trip() -> None:
             assert buckets.round_trips == 1
 
 
+async def test_with_single_tokens_concurrent_requests_do_not_wait_for_each_other() -> None:
+    limit = RateLimit(0.1, 10)  # batches of 1: nothing to share
+    clock = FakeClock()
+    with fleet_prefix() as (url, prefix):
+        async with process(url, prefix, "a") as live:
+            buckets = SharedTokenBuckets(limit, live, clock, prefix=prefix)
+            waits: list[float] = []
+
+            async def one() -> None:
+                waits.append(await buckets.admit("caller"))
+
+            async with anyio.create_task_group() as tasks:
+                for _ in range(12):
+                    tasks.start_soon(one)
+            # The burst, and two refusals; every request asked Redis itself.
+            assert waits.count(0.0) == 10 and len(waits) == 12
+            assert buckets.round_trips == 12
+            assert buckets._asking == {}
+
+
 async def test_a_lease_is_not_used_after_its_lifetime() -> None:
     limit = RateLimit(0.1, 100)
     clock = FakeClock()
