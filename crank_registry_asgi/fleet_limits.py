@@ -328,12 +328,6 @@ class SharedTokenBuckets:
         self._fallback: TokenBuckets | None = None
         self._fallback_renewals = 0
 
-    @property
-    def mode(self) -> str:
-        """``shared``, or ``local_fallback`` while Redis is unreachable."""
-        self._follow_redis()
-        return "shared" if self._fallback is None else "local_fallback"
-
     def state(self) -> RateLimitState:
         """The limit in effect, for ``GET /ready``."""
         self._follow_redis()
