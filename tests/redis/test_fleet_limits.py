@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 
 from crank_registry import RateLimit
 from crank_registry.testing import FakeClock
+from crank_registry_asgi import create_app
 from crank_registry_asgi.fleet_limits import (
     TAKE_TOKENS,
     ControllerLiveness,
@@ -30,7 +31,25 @@ from crank_registry_asgi.fleet_limits import (
     liveness_key,
     rate_key,
 )
-from tests.redis.helpers import Partition, controller, machine_url, unique_prefix
+from crank_registry_asgi.gateway import create_gateway_app
+from tests.gateway.helpers import (
+    POLICY,
+    FakeWorker,
+    WorkerNetwork,
+    client_of,
+    execute,
+    hello,
+    register,
+    serving,
+)
+from tests.redis.helpers import (
+    Partition,
+    controller,
+    machine_url,
+    shared_config,
+    unique_prefix,
+    wait_until,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -336,3 +355,28 @@ async def test_controllers_on_redis_share_the_limit_and_say_so_in_ready() -> Non
         # Both left: their liveness keys are gone.
         assert raw.exists(liveness_key(prefix, "a"), liveness_key(prefix, "b")) == 0
         raw.close()
+
+
+async def test_execute_and_route_on_two_gateways_take_from_one_shared_bucket() -> None:
+    network = WorkerNetwork()
+    worker = network.add("w1.test", FakeWorker(serving({("greet", "hello"): hello})))
+    clock = FakeClock()
+    limit = RateLimit(0.1, 2)
+    with fleet_prefix() as (url, prefix):
+
+        def gateway(name: str) -> Any:
+            config = shared_config(url, prefix, name, policy=POLICY, rate_limit=limit)
+            return create_gateway_app(create_app(config=config, clock=clock), transport=network)
+
+        a, b = gateway("a"), gateway("b")
+        async with client_of(a) as on_a, client_of(b) as on_b:
+            await register(on_a, "w1", "https://w1.test:8443")
+            await wait_until(lambda: "w1" in b.state.service.registry, what="w1 on B")
+            assert (await execute(on_a)).status_code == 200
+            route = {"verb": "greet", "capability": "hello"}
+            assert (await on_b.post("/route", json=route)).status_code == 200
+            refused = await execute(on_b)
+            assert refused.status_code == 429, refused.text
+            assert refused.headers["retry-after"] == "10"
+            assert (await execute(on_a)).status_code == 429
+            assert len(worker.received) == 1
