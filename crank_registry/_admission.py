@@ -42,6 +42,7 @@ __all__ = [
     "DEFAULT_MAX_KEYS",
     "MAX_BURST",
     "MAX_RATE",
+    "MIN_RATE",
     "RateLimit",
     "TokenBuckets",
     "retry_after_seconds",

@@ -67,6 +67,8 @@ __all__ = [
     "InvocationAnswer",
     "ListingQuery",
     "PROTOCOL_FEATURES",
+    "RATE_LIMIT_MODES",
+    "RateLimitState",
     "ReadyAnswer",
     "RegisterAnswer",
     "STORE_STATES",
@@ -155,6 +157,44 @@ def _store_state(_: object, attribute: attrs.Attribute[Any], value: object) -> N
         raise ValidationError.single(attribute.name, f"must be one of {', '.join(STORE_STATES)}")
 
 
+#: Where ``GET /ready``'s rate limit is kept: this process alone (no Redis),
+#: shared by the fleet in Redis, or this process' share while Redis is unreachable.
+RATE_LIMIT_MODES = ("local", "shared", "local_fallback")
+
+
+def _rate_limit_mode(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value not in RATE_LIMIT_MODES:
+        raise ValidationError.single(
+            attribute.name, f"must be one of {', '.join(RATE_LIMIT_MODES)}"
+        )
+
+
+@attrs.frozen(kw_only=True)
+class RateLimitState:
+    """The rate limit a controller applies now (``--rate-limit``), in ``GET /ready``.
+
+    ``mode``: ``local`` (no Redis: each controller process keeps its own
+    buckets), ``shared`` (one bucket per caller in Redis for all controllers
+    together) or ``local_fallback`` (Redis unreachable: each process keeps
+    ``rate`` and ``burst``, its share of the limit). ``controllers``: the
+    live controller processes counted at the last contact with Redis.
+    """
+
+    mode: str = attrs.field(
+        validator=_rate_limit_mode,
+        metadata={
+            JSON_SCHEMA: {
+                "enum": list(RATE_LIMIT_MODES),
+                "description": "local (no Redis), shared (one bucket per caller for the whole "
+                "fleet, in Redis) or local_fallback (Redis unreachable: this process' share).",
+            }
+        },
+    )
+    rate: float = attrs.field(metadata=_INTERVAL)
+    burst: int = attrs.field(metadata={JSON_SCHEMA: {"minimum": 1}})
+    controllers: int | None = attrs.field(default=None, metadata={JSON_SCHEMA: {"minimum": 1}})
+
+
 @attrs.frozen(kw_only=True)
 class ReadyAnswer:
     """``GET /ready``: the controller can route (readiness; ``/health`` is liveness).
@@ -187,6 +227,8 @@ class ReadyAnswer:
             }
         },
     )
+    #: The rate limit in effect (absent without ``--rate-limit``).
+    rate_limit: RateLimitState | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -676,6 +718,7 @@ ANSWER_TYPES: frozenset[type[Any]] = frozenset(
         HeartbeatAnswer,
         InvocationAnswer,
         Problem,
+        RateLimitState,
         ReadyAnswer,
         RegisterAnswer,
         RemovedWorker,

@@ -57,6 +57,7 @@ from crank_registry import (
     ListingQuery,
     NewerJournalFormat,
     PolicyRules,
+    RateLimitState,
     ReadyAnswer,
     RegisterAnswer,
     Registration,
@@ -85,6 +86,7 @@ from .config import ServiceConfig
 from .dashboard import ASSETS, Dashboard
 from .effects import Effects, RegistrySnapshots, log_fields, logger
 from .feed import Broadcast
+from .fleet_limits import ControllerLiveness, SharedTokenBuckets, fleet_client
 from .http import (
     ApiError,
     ServiceApp,
@@ -325,8 +327,28 @@ class ControllerService:
             )
         # GET /ui and its files, read from the package once.
         self.dashboard = Dashboard()
-        #: The callers' token buckets under ``--rate-limit`` (``None``: no limit).
-        self.admission = None if config.rate_limit is None else TokenBuckets(config.rate_limit)
+        #: This process' liveness key in Redis (``config.redis_url``), else ``None``.
+        self.liveness: ControllerLiveness | None = None
+        #: The callers' token buckets in Redis, shared by the fleet, under
+        #: ``--rate-limit`` with ``--redis`` (``None`` otherwise).
+        self.shared_admission: SharedTokenBuckets | None = None
+        if config.redis_url is not None:
+            self.liveness = ControllerLiveness(
+                fleet_client(config.redis_url),
+                prefix=config.redis_prefix,
+                controller_id=config.controller_id,
+            )
+            if config.rate_limit is not None:
+                self.shared_admission = SharedTokenBuckets(
+                    config.rate_limit, self.liveness, clock, prefix=config.redis_prefix
+                )
+        #: The callers' token buckets in this process under ``--rate-limit``
+        #: without ``--redis`` (``None``: no limit, or a shared one).
+        self.admission = (
+            None
+            if config.rate_limit is None or self.shared_admission is not None
+            else TokenBuckets(config.rate_limit)
+        )
         # Readiness (GET /ready): the journal is replayed or the shared
         # registry loaded (nothing to load without either), and the lifespan
         # is not shutting down.
@@ -420,18 +442,21 @@ class ControllerService:
             )
         return asked
 
-    def admit(self, request: Request, path: str, identity: str | None) -> None:
+    async def admit(self, request: Request, path: str, identity: str | None) -> None:
         """Take a token of the caller's rate limit (``--rate-limit``), or refuse with 429.
 
         The key is ``identity`` (the caller's, :meth:`caller`; for a
         trusted gateway, the identity it routes for), else the caller's
-        address (callers whose address is unknown share one bucket).
+        address (callers whose address is unknown share one bucket). The
+        bucket is this process' own, or with ``--redis`` the fleet's
+        (:class:`~crank_registry_asgi.fleet_limits.SharedTokenBuckets`).
         ``path``: ``/route`` or ``/execute``, the refusals' metric label.
         Raises :class:`ApiError` 429 ``rate_limited`` with ``Retry-After``,
         the seconds until the caller's next token, rounded up.
         """
+        shared = self.shared_admission
         buckets = self.admission
-        if buckets is None:
+        if shared is None and buckets is None:
             return
         if identity is not None:
             key = who = identity
@@ -439,18 +464,35 @@ class ControllerService:
             client = request.scope.get("client")
             key = client[0] if client else ""
             who = f"address {key}" if key else "callers of unknown address"
-        wait = buckets.admit(key, now=self.clock())
+        if shared is not None:
+            wait = await shared.admit(key)
+        else:
+            assert buckets is not None
+            wait = buckets.admit(key, now=self.clock())
         if wait:
             self.metrics.rate_limited[path].inc()
             retry_after = retry_after_seconds(wait)
-            limit = buckets.limit
+            if shared is not None:
+                limit_text = shared.describe()
+            else:
+                assert buckets is not None
+                limit = buckets.limit
+                limit_text = f"{limit.rate:g} requests per second in bursts of {limit.burst}"
             raise ApiError(
                 429,
                 "rate_limited",
-                f"over the rate limit of {limit.rate:g} requests per second in bursts of "
-                f"{limit.burst} for {who}; retry in {retry_after} s",
+                f"over the rate limit of {limit_text} for {who}; retry in {retry_after} s",
                 headers={"Retry-After": str(retry_after)},
             )
+
+    def rate_limit_state(self) -> RateLimitState | None:
+        """The rate limit in effect (``GET /ready``), ``None`` without ``--rate-limit``."""
+        if self.shared_admission is not None:
+            return self.shared_admission.state()
+        limit = self.config.rate_limit
+        if limit is None:
+            return None
+        return RateLimitState(mode="local", rate=limit.rate, burst=limit.burst)
 
     async def sweep(self) -> tuple[Event, ...]:
         """One eviction pass at the current time (what the background loop runs)."""
@@ -533,6 +575,7 @@ class ControllerService:
             ReadyAnswer(
                 store="ok" if self.effects.store_available() else "unavailable",
                 self_preservation=self.registry.self_preservation is not None,
+                rate_limit=self.rate_limit_state(),
             )
         )
 
@@ -625,14 +668,14 @@ class ControllerService:
         identity = self.caller(request)
         # A trusted gateway's routes count against whom they are for (the body
         # says); any other caller's before the body is read, the cheapest refusal.
-        for_others = self.admission is not None and identity in self.config.trusted_gateways
+        for_others = self.config.rate_limit is not None and identity in self.config.trusted_gateways
         if not for_others:
-            self.admit(request, "/route", identity)
+            await self.admit(request, "/route", identity)
         ask = _route_request(await self._body(request))
         annotate(verb=ask.verb, capability=ask.capability)
         requester = self.requester_of(identity, ask.requester_identity)
         if for_others:
-            self.admit(request, "/route", requester)
+            await self.admit(request, "/route", requester)
         options = RouteOptions.from_request(ask)
         # Whether the caller asked for options: the requester added below is not one.
         optioned = options is not None
@@ -792,6 +835,10 @@ class ControllerService:
                 await self.store.open()
             elif self.config.state_dir is not None:
                 await self._open_journal(stack)
+            if self.liveness is not None:
+                stack.push_async_callback(self.liveness.aclose)
+                # Counted among the live controllers before the first request.
+                await self.liveness.renew()
             if not self._replayed and self.shared is None:
                 # Decided on the registry the journal restored: a change
                 # only where they differ.
@@ -811,6 +858,8 @@ class ControllerService:
                         await self.shared.start(slos)
                         self._replayed = True
                     tasks.start_soon(self.shared.run)
+                if self.liveness is not None:
+                    tasks.start_soon(self.liveness.run)
                 tasks.start_soon(self.sweeper.run)
                 # The /watch streams' bookmarks.
                 tasks.start_soon(feed.tick_every, self.broadcast, feed.bookmark_period(self.policy))

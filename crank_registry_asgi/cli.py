@@ -398,8 +398,9 @@ def add_serve_command(subcommands: Subcommands) -> argparse.ArgumentParser:
         help=(
             "limit POST /route and /execute to RATE requests per second per caller (its "
             "identity, else its address), in bursts of up to BURST; over it 429 rate_limited "
-            "with Retry-After. Worker registrations and heartbeats are never limited "
-            "(default: no limit)"
+            "with Retry-After. With --redis the limit holds for all controllers together "
+            "(each process keeps RATE/n, BURST/n while Redis is unreachable). Worker "
+            "registrations and heartbeats are never limited (default: no limit)"
         ),
     )
     parser.add_argument(

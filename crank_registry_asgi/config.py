@@ -209,7 +209,9 @@ class ServiceConfig:
     trusted_gateways: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     #: ``POST /route`` and ``POST /execute`` per caller (its identity, else its
     #: address): over it 429 ``rate_limited``. ``None``: no limit. Worker writes
-    #: (register, heartbeat, deregister) are never limited.
+    #: (register, heartbeat, deregister) are never limited. With ``redis_url``,
+    #: the limit holds for all controllers together
+    #: (:mod:`crank_registry_asgi.fleet_limits`).
     rate_limit: RateLimit | None = attrs.field(
         default=None, validator=attrs.validators.optional(attrs.validators.instance_of(RateLimit))
     )

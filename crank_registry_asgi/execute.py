@@ -185,7 +185,7 @@ class Gateway:
         """
         # The gateway routes as its caller: the access policy applies to them.
         requester = self.service.caller(request)
-        self.service.admit(request, EXECUTE_PATH, requester)
+        await self.service.admit(request, EXECUTE_PATH, requester)
         body = await read_json_body(
             request,
             max_bytes=self.service.config.max_body_bytes,

@@ -77,10 +77,12 @@ def test_a_real_controller_limits_routes_per_certificate_identity(
             assert refused.json()["error"] == "rate_limited"
             assert 99 <= int(refused.headers["retry-after"]) <= 100
             assert "spiffe://crank.local/worker/a" in refused.json()["message"]
+            # Without --redis, each controller process keeps its own buckets.
             assert as_a.get("/ready").json() == {
                 "status": "ready",
                 "store": "ok",
                 "self_preservation": False,
+                "rate_limit": {"mode": "local", "rate": 0.01, "burst": 2},
             }
         with httpx.Client(base_url=server.url, verify=b) as as_b:
             # The same address, another certificate: a bucket of its own.
