@@ -452,6 +452,7 @@ class ControllerService:
                 heartbeat_interval_s=interval,
                 heartbeats_last_minute=self.metrics.recent_heartbeats.count(now),
                 expected_heartbeats_per_minute=round(counted.total * 60 / interval, 3),
+                controller_id=self.config.controller_id,
             )
         )
 
