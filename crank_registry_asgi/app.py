@@ -237,7 +237,7 @@ class ControllerService:
         self.clock = clock
         #: When the service started (its uptime is counted from here).
         self.started_at = clock()
-        self.metrics = Metrics()
+        self.metrics = Metrics(multiprocess_directory=config.metrics_directory)
         self.metrics.watch(registry, self.clock)
         self.retry_after = str(max(1, math.ceil(self.policy.heartbeat_interval)))
         self.effects = Effects(
