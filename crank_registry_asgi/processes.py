@@ -198,7 +198,8 @@ class _Supervisor:
             name=f"crank-registry serve #{index}",
         )
         process.start()
-        # The process holds its own copy now; ours would hide its end of the pipe.
+        # The process has its end now. Closed here, ours reads the end of the
+        # pipe (EOFError) once the process is gone.
         theirs.close()
         slot = _Slot(index, process, ours, started_at=time.monotonic())
         if previous is not None:
