@@ -39,9 +39,9 @@ The parent, the supervisor, serves nothing. It
   that process's status (2: a configuration to fix), as one ``serve`` would;
 - when a process ends after that (it crashed, or was killed), logs how it
   ended and starts another with the same index, while the others keep
-  serving: at once, then, while replacements end within
-  :data:`STEADY_AFTER` seconds of their start, after a delay that doubles
-  up to :data:`MAX_RESTART_DELAY`.
+  serving: at once when it had served :data:`STEADY_AFTER` seconds or more,
+  else after a delay that doubles while its replacements end as young
+  (:func:`restart_delay`).
 
 A process stops by itself when its supervisor is gone (killed with
 SIGKILL): it watches its end of the pipe to the supervisor, which is never
@@ -80,6 +80,7 @@ __all__ = [
     "STOP_TIMEOUT",
     "ProcessRole",
     "process_controller_id",
+    "restart_delay",
     "supervise",
 ]
 
@@ -96,6 +97,17 @@ MAX_RESTART_DELAY = 30.0
 
 # What a process sends its supervisor once it serves.
 _STARTED = "started"
+
+
+def restart_delay(quick_ends: int) -> float:
+    """Seconds to wait before starting another process in the place of one that ended.
+
+    ``quick_ends``: how many processes in a row ended there within
+    :data:`STEADY_AFTER` seconds of their start, the last one included
+    (0: it had served longer). 0 s, then 1, 2, 4... up to
+    :data:`MAX_RESTART_DELAY`.
+    """
+    return 0.0 if quick_ends == 0 else min(2.0 ** (quick_ends - 1), MAX_RESTART_DELAY)
 
 
 def process_controller_id(controller_id: str, index: int) -> str:
@@ -125,7 +137,7 @@ class _Slot:
     channel: Connection
     started_at: float
     serving: bool = False
-    #: Replacements in a row that ended within STEADY_AFTER of their start.
+    #: Processes in a row that ended here within STEADY_AFTER of their start.
     quick_ends: int = 0
     #: The process ended (and was waited for).
     ended: bool = False
@@ -244,10 +256,9 @@ class _Supervisor:
         self._ended(slot)
         if now - slot.started_at >= STEADY_AFTER:
             slot.quick_ends = 0
-        delay = (
-            0.0 if slot.quick_ends == 0 else min(2.0 ** (slot.quick_ends - 1), MAX_RESTART_DELAY)
-        )
-        slot.quick_ends += 1
+        else:
+            slot.quick_ends += 1
+        delay = restart_delay(slot.quick_ends)
         slot.restart_at = now + delay
         logger.error(
             "process #%d (pid %s) %s; starting another%s",

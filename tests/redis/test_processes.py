@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
@@ -15,8 +16,17 @@ from pathlib import Path
 import httpx
 import pytest
 
+from crank_registry_asgi import certs
+from crank_registry_asgi.processes import MAX_RESTART_DELAY, restart_delay
 from tests.builders import registration_payload
-from tests.cli.helpers import ServerProcess, clean_environment, command, free_port, serving
+from tests.cli.helpers import (
+    ServerProcess,
+    clean_environment,
+    client_context,
+    command,
+    free_port,
+    serving,
+)
 from tests.redis.helpers import machine_url, unique_prefix
 
 ROUTE = {"verb": "classify", "capability": "image.classify"}
@@ -24,12 +34,22 @@ CONTROLLER_ID = "fleet"
 
 
 @contextlib.contextmanager
-def processes(tmp_path: Path, url: str, prefix: str, count: int = 2) -> Iterator[ServerProcess]:
-    """``serve --processes COUNT`` on a free port, once one of its processes answers."""
+def processes(
+    tmp_path: Path,
+    url: str,
+    prefix: str,
+    *security: str,
+    scheme: str = "http",
+    verify: ssl.SSLContext | bool = True,
+) -> Iterator[ServerProcess]:
+    """``serve --processes 2`` on a free port, once both of its processes serve.
+
+    ``security``: the TLS flags (default ``--insecure``).
+    """
     port = free_port()
     with serving(
         [
-            "--insecure",
+            *(security or ["--insecure"]),
             "--port",
             str(port),
             "--state-dir",
@@ -41,11 +61,12 @@ def processes(tmp_path: Path, url: str, prefix: str, count: int = 2) -> Iterator
             "--controller-id",
             CONTROLLER_ID,
             "--processes",
-            str(count),
+            "2",
         ],
         tmp_path / "serve.log",
         port=port,
-        scheme="http",
+        scheme=scheme,
+        verify=verify,
     ) as server:
         wait_for(lambda: "serving with" in server.log(), timeout=30, what="all processes serve")
         yield server
@@ -95,14 +116,16 @@ def servers_of(server: ServerProcess) -> list[int]:
 
 
 @contextlib.contextmanager
-def client_on(server: ServerProcess, index: int) -> Iterator[httpx.Client]:
+def client_on(
+    server: ServerProcess, index: int, verify: ssl.SSLContext | bool = True
+) -> Iterator[httpx.Client]:
     """A client whose kept-alive connection reached process ``index``.
 
     The kernel spreads new connections over the processes: new clients until one does.
     """
     wanted = f"{CONTROLLER_ID}#{index}"
     for _ in range(200):
-        with httpx.Client(base_url=server.url, timeout=5) as client:
+        with httpx.Client(base_url=server.url, timeout=5, verify=verify) as client:
             if client.get("/health").json()["controller_id"] == wanted:
                 yield client
                 return
@@ -136,6 +159,11 @@ def test_processes_above_one_need_redis(tmp_path: Path) -> None:
     assert "--processes 2 needs --redis (or CRANK_REDIS_URL)" in result.stderr
     assert "drop --processes" in result.stderr
     assert not (tmp_path / "registry.jsonl").exists()
+
+
+def test_a_process_that_keeps_dying_is_started_again_later_and_later() -> None:
+    assert [restart_delay(ends) for ends in range(8)] == [0, 1, 2, 4, 8, 16, 30, 30]
+    assert MAX_RESTART_DELAY == 30
 
 
 @pytest.mark.slow
@@ -248,3 +276,39 @@ def test_a_port_in_use_is_refused_before_any_process_starts(tmp_path: Path) -> N
     assert result.returncode == 2
     assert f"cannot listen on 127.0.0.1 port {port}: Address already in use" in result.stderr
     assert "Redis" not in result.stderr
+
+
+@pytest.mark.slow
+def test_every_process_sees_the_client_certificate(tmp_path: Path) -> None:
+    url = machine_url()
+    authority = certs.make_authority()
+    for stem, certified in [
+        ("ca", authority),
+        ("controller", certs.make_controller_certificate(authority)),
+        ("worker-a", certs.make_worker_certificate(authority, "a")),
+    ]:
+        certified.write(tmp_path / f"{stem}.pem", tmp_path / f"{stem}.key")
+    worker_a = client_context(
+        tmp_path / "ca.pem", tmp_path / "worker-a.pem", tmp_path / "worker-a.key"
+    )
+    tls_flags = [
+        "--certfile",
+        str(tmp_path / "controller.pem"),
+        "--keyfile",
+        str(tmp_path / "controller.key"),
+        "--ca-certs",
+        str(tmp_path / "ca.pem"),
+    ]
+    with (
+        unique_prefix(url) as prefix,
+        processes(tmp_path, url, prefix, *tls_flags, scheme="https", verify=worker_a) as server,
+    ):
+        for index in (0, 1):
+            with client_on(server, index, verify=worker_a) as client:
+                # Its own record, and no other: the identity reached this process's app.
+                mine = client.post("/register", json=registration_payload("a"))
+                assert mine.status_code == 200, mine.text
+                other = client.post("/register", json=registration_payload("b"))
+                assert other.status_code == 403
+                assert other.json()["error"] == "forbidden"
+        assert server.stop() == 0
