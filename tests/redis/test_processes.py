@@ -18,6 +18,7 @@ import pytest
 
 from crank_registry_asgi import certs
 from crank_registry_asgi.processes import MAX_RESTART_DELAY, restart_delay
+from crank_registry_asgi.server import ServerSettings, hypercorn_config
 from tests.builders import registration_payload
 from tests.cli.helpers import (
     ServerProcess,
@@ -159,6 +160,22 @@ def test_processes_above_one_need_redis(tmp_path: Path) -> None:
     assert "--processes 2 needs --redis (or CRANK_REDIS_URL)" in result.stderr
     assert "drop --processes" in result.stderr
     assert not (tmp_path / "registry.jsonl").exists()
+
+
+@pytest.mark.parametrize(("processes", "reuse_port"), [(1, False), (2, True)])
+def test_the_sockets_share_the_port_only_with_several_processes(
+    processes: int, reuse_port: bool
+) -> None:
+    # hypercorn 0.18 sets SO_REUSEPORT when it serves with several workers:
+    # server.hypercorn_config relies on it.
+    config = hypercorn_config(ServerSettings(port=0, processes=processes))
+    sockets = config.create_sockets()
+    try:
+        (sock,) = sockets.insecure_sockets
+        assert bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)) == reuse_port
+    finally:
+        for sock in sockets.insecure_sockets:
+            sock.close()
 
 
 def test_a_process_that_keeps_dying_is_started_again_later_and_later() -> None:
