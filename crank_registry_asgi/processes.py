@@ -241,13 +241,14 @@ class _Supervisor:
             now = time.monotonic()
             due = [slot.restart_at for slot in self.slots if slot.restart_at is not None]
             self._wait(None if not due else max(0.0, min(due) - now))
+            if self.wake.stopping():
+                # Ctrl-C reaches the processes too: their ends are the stop's.
+                break
             now = time.monotonic()
             for slot in self.slots:
                 self._read(slot)
                 if not slot.ended and not slot.process.is_alive():
                     self._schedule_restart(slot, now)
-            if self.wake.stopping():
-                break
             for position, slot in enumerate(self.slots):
                 if slot.restart_at is not None and slot.restart_at <= now:
                     self.slots[position] = self._start(slot.index, previous=slot)
