@@ -46,9 +46,10 @@ process that died still counts. Each rule, by kind of figure:
   ``crank_self_preservation``): every process holds the same replica, so
   the scraped process reads its own, as with one process (summed, they
   would be N times the fleet);
-* a gauge of what one process holds (its open connections): a
-  :class:`~prometheus_client.Gauge` with ``multiprocess_mode="livesum"``,
-  summed over the living processes;
+* a gauge of what each process holds for itself (its own connections,
+  say) is to be a :class:`~prometheus_client.Gauge` with
+  ``multiprocess_mode="livesum"``: summed over the living processes (a
+  scrape-time collector would give the scraped process's alone);
 * ``crank_build_info`` and ``python_info``: the same in every process, said once;
 * the ``process_*`` figures of one process (CPU, memory, descriptors) are
   left out: no process can say them for the others; a node exporter can.
