@@ -137,6 +137,8 @@ class _Slot:
     channel: Connection
     started_at: float
     serving: bool = False
+    #: Another process was here before this one.
+    replacement: bool = False
     #: Processes in a row that ended here within STEADY_AFTER of their start.
     quick_ends: int = 0
     #: The process ended (and was waited for).
@@ -215,6 +217,7 @@ class _Supervisor:
         theirs.close()
         slot = _Slot(index, process, ours, started_at=time.monotonic())
         if previous is not None:
+            slot.replacement = True
             slot.quick_ends = previous.quick_ends
         return slot
 
@@ -280,12 +283,15 @@ class _Supervisor:
     def _read(self, slot: _Slot) -> None:
         if slot.channel.closed:
             return
-        with contextlib.suppress(EOFError, OSError):
+        try:
             while slot.channel.poll():
                 if slot.channel.recv() == _STARTED:
-                    if slot.quick_ends:
+                    if slot.replacement:
                         logger.info("process #%d serves again", slot.index)
                     slot.serving = True
+        except (EOFError, OSError):
+            # The process is ending; its sentinel says when it has ended.
+            slot.channel.close()
 
     def _wait(self, timeout: float | None) -> None:
         waited: list[Any] = [self.wake.reader]
