@@ -329,3 +329,32 @@ def test_every_process_sees_the_client_certificate(tmp_path: Path) -> None:
                 assert other.status_code == 403
                 assert other.json()["error"] == "forbidden"
         assert server.stop() == 0
+
+
+def test_a_start_no_process_can_make_is_said_once_and_exits_2(tmp_path: Path) -> None:
+    port = free_port()
+    result = subprocess.run(
+        command(
+            "serve",
+            "--insecure",
+            "--port",
+            str(port),
+            "--processes",
+            "2",
+            "--state-dir",
+            str(tmp_path),
+            "--redis",
+            f"redis://127.0.0.1:{free_port()}/0",  # nothing listens there
+        ),
+        capture_output=True,
+        check=False,
+        text=True,
+        env=clean_environment(),
+        timeout=120,
+    )
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if "serve: error:" in line]
+    assert len(errors) == 1, result.stderr
+    assert "cannot reach Redis" in errors[0]
+    assert "process #0 ended before it served (exited with status 2)" in result.stderr
+    assert "process #1" not in result.stderr
