@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import ssl
@@ -133,6 +134,13 @@ def client_on(
     raise AssertionError(f"no connection reached {wanted} in 200 tries")
 
 
+def metrics_directory(server: ServerProcess) -> Path:
+    """Where the processes of ``server`` write their metrics (its start-up line says)."""
+    found = re.search(r"metrics in (\S+)\)", server.log())
+    assert found is not None, server.log()
+    return Path(found.group(1))
+
+
 def figure(exposition: str, sample: str) -> float:
     """The value of one sample (name and labels, as written) of a Prometheus exposition."""
     match = re.search(rf"^{re.escape(sample)} (\S+)$", exposition, re.MULTILINE)
@@ -187,9 +195,8 @@ def test_a_process_that_keeps_dying_is_started_again_later_and_later() -> None:
 def test_processes_share_the_port_the_registry_and_the_metrics(tmp_path: Path) -> None:
     url = machine_url()
     with unique_prefix(url) as prefix, processes(tmp_path, url, prefix) as server:
-        metrics_directory = re.search(r"metrics in (\S+)\)", server.log())
-        assert metrics_directory is not None
-        assert Path(metrics_directory.group(1)).is_dir()
+        directory = metrics_directory(server)
+        assert directory.is_dir()
         pids = servers_of(server)
         assert len(pids) == 2
         # Both answer on the one port, each under its own id.
@@ -226,7 +233,7 @@ def test_processes_share_the_port_the_registry_and_the_metrics(tmp_path: Path) -
         assert server.stop() == 0
         for pid in pids:
             wait_for(lambda pid=pid: not alive(pid), timeout=5, what=f"process {pid} ended")
-        assert not Path(metrics_directory.group(1)).exists()
+        assert not directory.exists()
         assert "SIGTERM: stopping 2 processes" in server.log()
 
 
@@ -263,6 +270,8 @@ def test_a_killed_process_is_replaced_and_the_others_serve_on(tmp_path: Path) ->
         server.process.wait()
         for pid in pids:
             wait_for(lambda pid=pid: not alive(pid), timeout=20, what=f"process {pid} ended")
+        # Killed, the supervisor could not remove its metrics directory.
+        shutil.rmtree(metrics_directory(server), ignore_errors=True)
 
 
 def test_a_port_in_use_is_refused_before_any_process_starts(tmp_path: Path) -> None:
