@@ -129,6 +129,8 @@ class HealthAnswer:
     ``heartbeats_last_minute`` counts the heartbeats accepted in the last 60
     seconds (to the second), ``expected_heartbeats_per_minute`` is what
     ``total_workers`` send at one heartbeat per ``heartbeat_interval_s``.
+    ``controller_id`` names the controller that answered (``serve
+    --controller-id``; with ``--processes N``, the process: ``ID#i``).
     """
 
     status: Literal["ok"] = "ok"
@@ -146,6 +148,7 @@ class HealthAnswer:
     )
     heartbeats_last_minute: int | None = attrs.field(default=None, metadata=_COUNT)
     expected_heartbeats_per_minute: float | None = attrs.field(default=None, metadata=_COUNT)
+    controller_id: str | None = None
 
 
 #: What ``GET /ready`` says of the store (the journal): it takes writes, or the last one failed.

@@ -243,7 +243,10 @@ class ControllerService:
         self.clock = clock
         #: When the service started (its uptime is counted from here).
         self.started_at = clock()
-        self.metrics = Metrics(replication=config.redis_url is not None)
+        self.metrics = Metrics(
+            multiprocess_directory=config.metrics_directory,
+            replication=config.redis_url is not None,
+        )
         self.metrics.watch(registry, self.clock)
         self.retry_after = str(max(1, math.ceil(self.policy.heartbeat_interval)))
         self.effects = Effects(
@@ -546,6 +549,7 @@ class ControllerService:
                 heartbeat_interval_s=interval,
                 heartbeats_last_minute=self.metrics.recent_heartbeats.count(now),
                 expected_heartbeats_per_minute=round(counted.total * 60 / interval, 3),
+                controller_id=self.config.controller_id,
             )
         )
 

@@ -51,6 +51,7 @@ from .logs import LOG_FORMATS, configure_logging
 from .slos import DEFAULT_POLL_INTERVAL
 
 if TYPE_CHECKING:
+    from .processes import ProcessRole
     from .server import ServerSettings
 
 __all__ = ["UsageError", "add_certs_command", "add_serve_command", "build_parser", "main"]
@@ -364,6 +365,17 @@ def add_serve_command(subcommands: Subcommands) -> argparse.ArgumentParser:
         help="names this controller in logs, spans and the sweeper lease (HOSTNAME:PORT)",
     )
     parser.add_argument(
+        "--processes",
+        type=_at_least_one,
+        default=1,
+        metavar="N",
+        help=(
+            "run N server processes on the port (SO_REUSEPORT), each a full replica; N > 1 "
+            "needs --redis. Controller ids get #0..#N-1 appended; a process that dies is "
+            "replaced (1)"
+        ),
+    )
+    parser.add_argument(
         "--redis-lease-period",
         type=_seconds,
         metavar="SECONDS",
@@ -474,8 +486,13 @@ def add_serve_command(subcommands: Subcommands) -> argparse.ArgumentParser:
     return parser
 
 
-def run_serve(args: argparse.Namespace) -> int:
-    """``serve``: check the flags, build the app, serve it until SIGTERM or SIGINT."""
+def run_serve(args: argparse.Namespace, process: ProcessRole | None = None) -> int:
+    """``serve``: check the flags, build the app, serve it until SIGTERM or SIGINT.
+
+    With ``--processes N`` (N > 1), this process supervises N others
+    (:mod:`crank_registry_asgi.processes`), each of which calls this again
+    with its ``process`` role: it then serves as one of them.
+    """
     import attrs
 
     from crank_registry import HealthPolicy, PolicyFileError, RoutingSettings, ValidationError
@@ -511,6 +528,12 @@ def run_serve(args: argparse.Namespace) -> int:
     shared = _redis_settings(args, redis_url)
     if shared and args.journal_compact_min_bytes is not None:
         raise UsageError("--journal-compact-min-bytes has no journal to compact with --redis")
+    if args.processes > 1 and not shared:
+        raise UsageError(
+            f"--processes {args.processes} needs --redis (or CRANK_REDIS_URL): every process "
+            "holds a replica of a registry kept in Redis; without Redis, serve one process "
+            "(drop --processes)"
+        )
     try:
         # The core's policy decides which timings go together; this only names the flags.
         policy = HealthPolicy(
@@ -542,6 +565,7 @@ def run_serve(args: argparse.Namespace) -> int:
         certfile=certfile,
         keyfile=keyfile,
         ca_certs=None if args.insecure else ca_certs,
+        processes=args.processes,
     )
     if args.tls_handshake_timeout is not None:
         settings = attrs.evolve(settings, tls_handshake_timeout=args.tls_handshake_timeout)
@@ -557,12 +581,19 @@ def run_serve(args: argparse.Namespace) -> int:
             certificates = load_server_certificates(hypercorn_config(settings), rotation)
         except CertificateFileError as error:
             raise UsageError(f"{error} ({_source_of_file(str(error), args)})") from None
-    for warning in _security_warnings(settings):
-        logging.getLogger(__name__).warning("%s", warning)
+    if process is None:
+        # Said once, by the supervisor when there are several processes.
+        for warning in _security_warnings(settings):
+            logging.getLogger(__name__).warning("%s", warning)
     for gateway in args.trusted_gateway:
         problem = identity_problem(gateway, args.trust_domain)
         if problem is not None:
             raise UsageError(f"--trusted-gateway {gateway!r} {problem}")
+    controller_id = args.controller_id or f"{socket.gethostname()}:{port}"
+    if process is not None:
+        from .processes import process_controller_id
+
+        controller_id = process_controller_id(controller_id, process.index)
     config = ServiceConfig(
         policy=policy,
         state_dir=args.state_dir,
@@ -583,13 +614,21 @@ def run_serve(args: argparse.Namespace) -> int:
         self_preservation=preservation,
         # This process is the controller's own: recovery may pause its collector.
         pause_gc_during_recovery=True,
-        controller_id=args.controller_id or f"{socket.gethostname()}:{port}",
+        controller_id=controller_id,
+        metrics_directory=None if process is None else process.metrics_directory,
         **shared,
     )
     if args.request_read_timeout is not None:
         config = attrs.evolve(config, request_read_timeout=args.request_read_timeout)
     if args.journal_compact_min_bytes is not None:
         config = attrs.evolve(config, journal_compact_min_bytes=args.journal_compact_min_bytes)
+    if process is None and settings.processes > 1:
+        from .processes import supervise
+
+        try:
+            return supervise(args, settings)
+        except ServerSetupError as error:
+            return _start_failed(str(error), status=2)
     try:
         app = create_app(config=config)
     except PolicyFileError as error:
@@ -613,7 +652,9 @@ def run_serve(args: argparse.Namespace) -> int:
             settings,
             certificates=certificates,
             rotation=rotation,
+            on_started=None if process is None else process.started,
             on_shutdown=service.end_streams,
+            stop_when_readable=None if process is None else process.channel.fileno(),
         )
     except ServerSetupError as error:
         return _start_failed(str(error), status=2)

@@ -228,6 +228,11 @@ class ServiceConfig:
     redis_lease_period: float = attrs.field(default=10.0, validator=_positive_number)
     #: Stream entries past the last snapshot after which the lease holder writes another.
     redis_snapshot_every: int = attrs.field(default=10_000, validator=_positive_int)
+    #: One of the processes of ``serve --processes N``: the directory where all
+    #: of them write their metrics (prometheus_client's multiprocess mode, so
+    #: the process must have started with ``PROMETHEUS_MULTIPROC_DIR`` naming
+    #: it), and ``GET /metrics`` adds them up. ``None``: this process's alone.
+    metrics_directory: pathlib.Path | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.proxy_cert_header is not None and not self.proxy_cert_authorities:

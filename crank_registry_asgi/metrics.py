@@ -36,6 +36,28 @@ Beside them, :attr:`Metrics.recent_heartbeats` (a :class:`SlidingCount`)
 counts the heartbeats of the last minute for ``GET /health`` and the
 dashboard: a rate people read without a Prometheus server.
 
+With ``serve --processes N`` each process counts what it handles, and
+``GET /metrics`` on any of them must give the figures of all
+(:class:`Metrics` with ``multiprocess_directory``, prometheus_client's
+multiprocess mode). Every process writes its counters and histograms to its
+own file in that directory, and the exposition adds up the files
+(:class:`~prometheus_client.multiprocess.MultiProcessCollector`): a route
+counted by one process is in the total whichever process is scraped, and a
+process that died still counts. Each rule, by kind of figure:
+
+* counters and histograms (what a process did): summed over the processes;
+* the registry's gauges (``crank_workers``, ``crank_capabilities``,
+  ``crank_self_preservation``): every process holds the same replica, so
+  the scraped process reads its own, as with one process (summed, they
+  would be N times the fleet);
+* a gauge of what each process holds for itself (its own connections,
+  say) is to be a :class:`~prometheus_client.Gauge` with
+  ``multiprocess_mode="livesum"``: summed over the living processes (a
+  scrape-time collector would give the scraped process's alone);
+* ``crank_build_info`` and ``python_info``: the same in every process, said once;
+* the ``process_*`` figures of one process (CPU, memory, descriptors) are
+  left out: no process can say them for the others; a node exporter can.
+
 OpenTelemetry stays the service's tracing API; its metrics API is not used
 (one metric system: this one).
 """
@@ -44,19 +66,22 @@ from __future__ import annotations
 
 import importlib.metadata
 import math
+import os
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Histogram,
-    Info,
     PlatformCollector,
     ProcessCollector,
     generate_latest,
+    values,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from starlette.responses import Response
 from starlette.routing import Route
@@ -148,76 +173,97 @@ def _version() -> str:
 class Metrics:
     """The service's metrics on a registry of their own.
 
-    ``registry`` defaults to a new :class:`~prometheus_client.CollectorRegistry`
-    with the process and platform collectors and ``crank_build_info``.
+    :attr:`registry` is what ``GET /metrics`` shows: ``registry`` if given,
+    else a new :class:`~prometheus_client.CollectorRegistry` with the
+    process and platform collectors; ``crank_build_info`` joins it.
+
+    ``multiprocess_directory``: this process is one of several whose figures
+    add up there (see the module's docstring; prometheus_client must be in
+    multiprocess mode: ``PROMETHEUS_MULTIPROC_DIR`` names the directory, set
+    before the process started, else :class:`ValueError`). The counters and
+    histograms then write to their files, and :attr:`registry` reads the
+    files of every process in their place.
+
     ``replication``: the registry is shared on Redis, and
     :attr:`replication_lag` is exposed (else it is ``None``).
     """
 
     def __init__(
-        self, registry: CollectorRegistry | None = None, *, replication: bool = False
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        multiprocess_directory: Path | None = None,
+        replication: bool = False,
     ) -> None:
-        if registry is None:
-            registry = CollectorRegistry()
-            ProcessCollector(registry=registry)
-            PlatformCollector(registry=registry)
+        if multiprocess_directory is None:
+            if registry is None:
+                registry = CollectorRegistry()
+                ProcessCollector(registry=registry)
+                PlatformCollector(registry=registry)
+            # The counters are exposed from where they count.
+            counted = registry
+        else:
+            _check_multiprocess_mode(multiprocess_directory)
+            if registry is None:
+                registry = CollectorRegistry()
+                PlatformCollector(registry=registry)
+            MultiProcessCollector(registry, path=str(multiprocess_directory))  # type: ignore[no-untyped-call]
+            # The counters' values are in their files (the collector above
+            # reads them all); this registry only keeps their names unique.
+            counted = CollectorRegistry()
         self.registry = registry
-        Info("crank_build", "The controller's version", registry=registry).info(
-            {"version": _version()}
-        )
+        registry.register(_BuildInfo())
         self.registrations = Counter(
             "crank_registrations",
             "Worker registrations accepted (replaced: the worker id was registered already)",
             ["replaced"],
-            registry=registry,
+            registry=counted,
         )
         self.deregistrations = Counter(
-            "crank_deregistrations", "Workers that deregistered", registry=registry
+            "crank_deregistrations", "Workers that deregistered", registry=counted
         )
-        self.heartbeats = Counter("crank_heartbeats", "Heartbeats accepted", registry=registry)
+        self.heartbeats = Counter("crank_heartbeats", "Heartbeats accepted", registry=counted)
         #: The heartbeats accepted in the last minute (``GET /health``).
         self.recent_heartbeats = SlidingCount(window_s=60.0)
-        self.evictions = Counter(
-            "crank_evictions", "Workers evicted for silence", registry=registry
-        )
+        self.evictions = Counter("crank_evictions", "Workers evicted for silence", registry=counted)
         self.unhealthy_transitions = Counter(
             "crank_unhealthy_transitions",
             "Workers that fell silent and stopped being routable",
-            registry=registry,
+            registry=counted,
         )
         self.routes = Counter(
-            "crank_routes", "Route requests by outcome", ["outcome"], registry=registry
+            "crank_routes", "Route requests by outcome", ["outcome"], registry=counted
         )
         self.rate_limits = Counter(
             "crank_rate_limited",
             "Requests refused 429 rate_limited: the caller was over --rate-limit",
             ["path"],
-            registry=registry,
+            registry=counted,
         )
         changes = Counter(
             "crank_self_preservation_changes",
             "Self-preservation entered (active=true) and ended (active=false)",
             ["active"],
-            registry=registry,
+            registry=counted,
         )
         self.request_duration = Histogram(
             "crank_http_request_duration_seconds",
             "HTTP request duration, from the request to the end of the answer",
             ["method", "path", "status"],
             buckets=DURATION_BUCKETS,
-            registry=registry,
+            registry=counted,
         )
         self.journal_append = Histogram(
             "crank_journal_append_duration_seconds",
             "Journal appends: from the call until the lines are written (and fsynced if durable)",
             buckets=DURATION_BUCKETS,
-            registry=registry,
+            registry=counted,
         )
         self.journal_fsync = Histogram(
             "crank_journal_fsync_duration_seconds",
             "fsync of a batch of journal lines",
             buckets=DURATION_BUCKETS,
-            registry=registry,
+            registry=counted,
         )
         #: ``crank_replication_lag_seconds`` (a shared registry only).
         self.replication_lag = (
@@ -227,7 +273,7 @@ class Metrics:
                 "the entry's time in Redis to its application on this controller, on Redis' "
                 "clock",
                 buckets=LAG_BUCKETS,
-                registry=registry,
+                registry=counted,
             )
             if replication
             else None
@@ -260,6 +306,33 @@ class Metrics:
     def fsynced(self, seconds: float) -> None:
         """A journal fsync took ``seconds`` (the journal's timings protocol)."""
         self.journal_fsync.observe(seconds)
+
+
+def _check_multiprocess_mode(directory: Path) -> None:
+    # prometheus_client picks where values go when it is imported, from the
+    # environment: set later, the counters would stay in this process's memory.
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR") != str(directory) or not getattr(
+        values.ValueClass, "_multiprocess", False
+    ):
+        raise ValueError(
+            f"metrics in {directory} need PROMETHEUS_MULTIPROC_DIR={directory} in the "
+            "environment before the process starts (prometheus_client's multiprocess mode)"
+        )
+    if not directory.is_dir():
+        raise ValueError(f"the metrics directory {directory} is not a directory")
+
+
+class _BuildInfo(Collector):
+    """``crank_build_info{version}``, the same in every process.
+
+    A collector rather than an ``Info``, which has no multiprocess mode.
+    """
+
+    def collect(self) -> Iterable[Metric]:
+        """The one sample."""
+        yield InfoMetricFamily(
+            "crank_build", "The controller's version", value={"version": _version()}
+        )
 
 
 class SlidingCount:

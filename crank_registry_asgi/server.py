@@ -60,7 +60,10 @@ class ServerSettings:
     ``tls_handshake_timeout``: seconds a connection may take to complete
     its TLS handshake. ``max_connections``: open connections at most (see
     :mod:`crank_registry_asgi.limits`); ``None`` derives it from the
-    process's open-file limit when serving starts.
+    process's open-file limit when serving starts. ``processes``: how many
+    server processes listen on the port together (``serve --processes``,
+    :mod:`crank_registry_asgi.processes`); with more than one, each binds it
+    with ``SO_REUSEPORT`` and the kernel spreads the connections.
     """
 
     host: str = "127.0.0.1"
@@ -70,6 +73,7 @@ class ServerSettings:
     ca_certs: Path | None = None
     tls_handshake_timeout: float = 5.0
     max_connections: int | None = None
+    processes: int = 1
 
     def __attrs_post_init__(self) -> None:
         if (self.certfile is None) != (self.keyfile is None):
@@ -87,6 +91,8 @@ class ServerSettings:
             raise ValueError(
                 f"max_connections must be an integer >= 1, got {self.max_connections!r}"
             )
+        if not is_positive_int(self.processes):
+            raise ValueError(f"processes must be an integer >= 1, got {self.processes!r}")
 
     @property
     def uses_tls(self) -> bool:
@@ -115,6 +121,11 @@ def hypercorn_config(settings: ServerSettings) -> limits.LimitedConfig:
     config.ssl_handshake_timeout = settings.tls_handshake_timeout
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     config.bind = [f"{host}:{settings.port}"]
+    # hypercorn binds its sockets with SO_REUSEPORT when it serves with several
+    # workers (hypercorn 0.18, Config._create_sockets); here the processes are
+    # crank_registry_asgi.processes', each serving one worker, but they share
+    # the port the same way. worker_serve reads `workers` for nothing else on Linux.
+    config.workers = settings.processes
     # hypercorn's own messages go through `logging`, formatted like ours.
     config.errorlog = logging.getLogger("hypercorn.error")
     config.accesslog = None
@@ -161,11 +172,14 @@ async def serve(
     shutdown_trigger: Callable[[], Awaitable[object]],
     certificates: CertificateFiles | None = None,
     rotation: RotationSettings = DEFAULT_ROTATION,
+    on_started: Callable[[], None] | None = None,
     on_shutdown: Callable[[], None] | None = None,
 ) -> None:
     """Serve ``app`` until ``shutdown_trigger`` returns, then shut it down cleanly.
 
-    ``on_shutdown`` is called as soon as the trigger returns, before the
+    ``on_started`` is called once the app's lifespan has started and the
+    sockets accept connections. ``on_shutdown`` is called as soon as the
+    trigger returns, before the
     server waits for the open connections (up to its graceful timeout) and
     only then runs the app's lifespan shutdown: the moment to end
     never-ending answers (the controller's ``end_streams``).
@@ -231,6 +245,10 @@ async def serve(
         )
 
         async def trigger() -> None:
+            # hypercorn awaits the trigger once it serves: after the lifespan's
+            # start and with every socket listening.
+            if on_started is not None:
+                on_started()
             await shutdown_trigger()
             if on_shutdown is not None:
                 on_shutdown()
@@ -280,6 +298,13 @@ def _fallback_handler(
     return fallback
 
 
+def _stop_once(loop: asyncio.AbstractEventLoop, fd: int, stop: asyncio.Event) -> None:
+    # Readable stays readable: one wake-up is the news.
+    loop.remove_reader(fd)
+    logger.warning("stopping: the process that started this one is gone")
+    stop.set()
+
+
 def _security_of(settings: ServerSettings) -> str:
     if settings.mutual_tls:
         return "HTTPS with mutual TLS: client certificates required"
@@ -294,11 +319,16 @@ def run(
     *,
     certificates: CertificateFiles | None = None,
     rotation: RotationSettings = DEFAULT_ROTATION,
+    on_started: Callable[[], None] | None = None,
     on_shutdown: Callable[[], None] | None = None,
+    stop_when_readable: int | None = None,
 ) -> None:
     """Serve ``app`` until SIGINT or SIGTERM; the app's lifespan shutdown runs before return.
 
-    ``certificates``, ``rotation`` and ``on_shutdown`` are as for :func:`serve`.
+    ``certificates``, ``rotation``, ``on_started`` and ``on_shutdown`` are
+    as for :func:`serve`. ``stop_when_readable``: a file descriptor whose
+    becoming readable stops the server too (the supervisor's end of a pipe
+    that it never writes to: it is readable once the supervisor is gone).
     """
 
     async def main() -> None:
@@ -307,6 +337,8 @@ def run(
         signals = (signal.SIGINT, signal.SIGTERM)
         for signum in signals:
             loop.add_signal_handler(signum, stop.set)
+        if stop_when_readable is not None:
+            loop.add_reader(stop_when_readable, _stop_once, loop, stop_when_readable, stop)
         try:
             await serve(
                 app,
@@ -314,11 +346,14 @@ def run(
                 shutdown_trigger=stop.wait,
                 certificates=certificates,
                 rotation=rotation,
+                on_started=on_started,
                 on_shutdown=on_shutdown,
             )
         finally:
             for signum in signals:
                 with contextlib.suppress(ValueError, RuntimeError):
                     loop.remove_signal_handler(signum)
+            if stop_when_readable is not None:
+                loop.remove_reader(stop_when_readable)
 
     asyncio.run(main())

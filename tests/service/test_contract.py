@@ -47,6 +47,7 @@ async def test_health_counts_workers() -> None:
             "heartbeat_interval_s": 30.0,
             "heartbeats_last_minute": 0,
             "expected_heartbeats_per_minute": 0.0,
+            "controller_id": "controller",
         }
         await api.register("w1")
         await api.register("w2")
@@ -65,6 +66,7 @@ async def test_health_counts_workers() -> None:
             "heartbeat_interval_s": 30.0,
             "heartbeats_last_minute": 1,
             "expected_heartbeats_per_minute": 4.0,  # two workers, one heartbeat every 30 s
+            "controller_id": "controller",
         }
 
 

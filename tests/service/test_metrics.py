@@ -13,6 +13,7 @@ from prometheus_client.registry import Collector
 
 from crank_registry.testing import FakeClock
 from crank_registry_asgi import ServiceConfig, create_app
+from crank_registry_asgi.metrics import Metrics
 from tests.builders import capability_payload
 from tests.service.helpers import UNKNOWN, running
 
@@ -185,3 +186,11 @@ def test_a_sliding_count_refuses_a_window_that_is_not_whole_seconds(window: floa
 
     with pytest.raises(ValueError, match="whole number of seconds"):
         SlidingCount(window_s=window)
+
+
+def test_metrics_of_several_processes_need_prometheus_client_in_multiprocess_mode(
+    tmp_path: Path,
+) -> None:
+    # Not started with PROMETHEUS_MULTIPROC_DIR: the counters would stay in memory.
+    with pytest.raises(ValueError, match="PROMETHEUS_MULTIPROC_DIR="):
+        Metrics(multiprocess_directory=tmp_path)
