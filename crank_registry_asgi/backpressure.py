@@ -25,7 +25,7 @@ With a fleet of controllers on one Redis (``fleet``, the
 this process has room for takes the call only once the fleet-wide
 reservation is taken; a refusal passes it over like a locally full one.
 Calls end elsewhere unseen, so the first waiting call also routes again
-after a backoff from ``fleet.poll_first`` seconds up to ``recheck``, and a
+after a backoff from ``fleet.poll_first`` seconds up to ``fleet.poll_max``, and a
 call that ends here wakes the waiting ones once its reservation is given
 back.
 """
@@ -55,8 +55,10 @@ Router = Callable[[Collection[str]], WorkerEndpoint | None]
 class FleetCounts(Protocol):
     """The calls in flight of every gateway sharing the workers (one Redis)."""
 
-    #: Seconds before the first waiting call routes again when nothing ended here.
+    #: Seconds before the first waiting call routes again when nothing ended here,
+    #: doubling up to ``poll_max``.
     poll_first: float
+    poll_max: float
 
     async def reserve(self, worker_id: str, limit: int) -> bool:
         """Take a call to ``worker_id`` if the fleet has fewer than ``limit`` in flight."""
@@ -205,12 +207,14 @@ class CallSlots:
         key: CapabilityKey,
     ) -> Slot | None:
         # Calls that end on other gateways wake nobody here: poll, backing off.
-        delay = self.recheck if self.fleet is None else min(self.fleet.poll_first, self.recheck)
+        first, most = self.recheck, self.recheck
+        if self.fleet is not None:
+            first, most = self.fleet.poll_first, min(self.fleet.poll_max, self.recheck)
+        delay = first
         while True:
             with anyio.move_on_after(delay) as timer:
                 await waiter.woken.wait()
-            if timer.cancelled_caught:
-                delay = min(delay * 2, self.recheck)
+            delay = min(delay * 2, most) if timer.cancelled_caught else first
             waiter.woken = anyio.Event()
             if queue[0] is not waiter:
                 continue

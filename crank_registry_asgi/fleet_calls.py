@@ -289,8 +289,9 @@ class FleetCalls:
         self.answer_ttl = answer_ttl
         self.max_answer_bytes = max_answer_bytes
         self.retry_after = retry_after
-        #: Seconds before a call waiting for a worker first routes again.
+        #: Seconds before a call waiting for a worker routes again, doubling up to ``poll_max``.
         self.poll_first = POLL_FIRST
+        self.poll_max = POLL_MAX
         #: Whether Redis answered the last command (while not: local shares).
         self.available = False
         #: The live processes at the last contact (the ``n`` of the local shares).

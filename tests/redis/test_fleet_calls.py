@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +29,9 @@ from tests.builders import capability
 from tests.gateway.helpers import POLICY, client_of, register
 from tests.redis.helpers import (
     RedisServer,
+    fleet_prefix,
     machine_url,
     shared_config,
-    unique_prefix,
     wait_until_async,
 )
 
@@ -75,21 +75,6 @@ class CountedWorkers(httpx.AsyncBaseTransport):
             headers={"content-type": "application/json"},
             stream=httpx.ByteStream(json.dumps(body).encode()),
         )
-
-
-@contextlib.contextmanager
-def fleet_prefix(url: str) -> Iterator[str]:
-    """A prefix of its own; the registry's and the gateways' keys are removed afterwards."""
-    with unique_prefix(url) as prefix:
-        try:
-            yield prefix
-        finally:
-            client = redis.Redis.from_url(url, socket_timeout=2)
-            with contextlib.suppress(redis.RedisError):
-                stale = list(client.scan_iter(match=f"{{{prefix}}}:*"))
-                if stale:
-                    client.delete(*stale)
-            client.close()
 
 
 @contextlib.asynccontextmanager
