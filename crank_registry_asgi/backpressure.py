@@ -24,10 +24,10 @@ With a fleet of controllers on one Redis (``fleet``, the
 :class:`FleetCounts` of :mod:`crank_registry_asgi.fleet_calls`), a worker
 this process has room for takes the call only once the fleet-wide
 reservation is taken; a refusal passes it over like a locally full one.
-Calls end elsewhere unseen, so the first waiting call also routes again
-after a backoff from ``fleet.poll_first`` seconds up to ``fleet.poll_max``, and a
-call that ends here wakes the waiting ones once its reservation is given
-back.
+A call that ends here wakes the first waiting call as before (its
+reservation is given back by the next one taken, in the same script);
+calls end elsewhere unseen, so the first waiting call also routes again
+after a backoff from ``fleet.poll_first`` seconds up to ``fleet.poll_max``.
 """
 
 from __future__ import annotations
@@ -63,8 +63,8 @@ class FleetCounts(Protocol):
     async def reserve(self, worker_id: str, limit: int) -> bool:
         """Take a call to ``worker_id`` if the fleet has fewer than ``limit`` in flight."""
 
-    def release(self, worker_id: str, then: Callable[[], None]) -> None:
-        """Give a call to ``worker_id`` back; ``then()`` once the fleet has it."""
+    def release(self, worker_id: str) -> None:
+        """Give a call to ``worker_id`` back (the next :meth:`reserve` sees it given back)."""
 
 
 class CallerLeft(Exception):
@@ -256,13 +256,9 @@ class CallSlots:
 
     def _ended(self, worker_id: str) -> None:
         limits = self._count(worker_id, self._in_flight[worker_id] - 1)
-        if self.fleet is None:
-            self._wake(limits)
-        else:
-            self.fleet.release(worker_id, lambda: self._wake(limits))
-
-    def _wake(self, limits: tuple[tuple[CapabilityKey, int], ...]) -> None:
-        """A slot is free on a worker: the first waiting call of each of its pairs tries."""
+        if self.fleet is not None:
+            self.fleet.release(worker_id)
+        # A slot is free on this worker: the first waiting call of each of its pairs tries.
         for key, _ in limits:
             queue = self._queues.get(key)
             if queue:

@@ -10,8 +10,9 @@ two things through Redis (the registry's own keys are
   ``max_concurrency`` (as ``at_capacity`` does: the worker's total against
   the routed capability's limit); a refusal passes the worker over, as a
   locally full one is. The reservation is given back once the call has
-  ended (also when it failed or was cancelled), in batches, by a task of
-  its own; the calls waiting in this process are woken once Redis has it.
+  ended (also when it failed or was cancelled): by the next reservation
+  this process takes (the script gives back before it counts), or within
+  :data:`RELEASE_DELAY` by a task of its own, in batches.
 * **Answers per Idempotency-Key.** The first call of a key claims it (an
   in-progress marker naming this process); a duplicate on any controller
   waits for the answer (here: on the call itself; elsewhere: asking again
@@ -58,7 +59,6 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -78,6 +78,7 @@ __all__ = [
     "LIVENESS_TTL",
     "POLL_FIRST",
     "POLL_MAX",
+    "RELEASE_DELAY",
     "RENEW_EVERY",
     "RETRY_EVERY",
     "Claimed",
@@ -92,6 +93,8 @@ LIVENESS_TTL = 3.0
 RENEW_EVERY = 1.0
 #: Seconds between two attempts to reach Redis while it is unreachable.
 RETRY_EVERY = 0.25
+#: Seconds a reservation to give back waits for the next reservation to carry it.
+RELEASE_DELAY = 0.002
 #: The backoff of a call waiting for another controller (a slot, an answer), in seconds.
 POLL_FIRST = 0.01
 POLL_MAX = 0.2
@@ -172,10 +175,26 @@ end
 return {rewrite and 1 or 0, live}
 """
 
-#: Take a reservation of a call to a worker if the live processes' total is
-#: below the limit. KEYS: own reservations, controllers. ARGV: id, worker id,
-#: limit, liveness prefix, reservations prefix. Returns 1 (taken) or 0 (full).
-RESERVE = """
+# Give reservations back: the pairs of worker id and calls from ARGV[FIRST] on.
+_GIVE_BACK = """
+for i = FIRST, #ARGV, 2 do
+  local left = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0') - tonumber(ARGV[i + 1])
+  if left > 0 then
+    redis.call('HSET', KEYS[1], ARGV[i], left)
+  else
+    redis.call('HDEL', KEYS[1], ARGV[i])
+  end
+end
+"""
+
+#: Give reservations back, then take a reservation of a call to a worker if
+#: the live processes' total is below the limit. KEYS: own reservations,
+#: controllers. ARGV: id, worker id, limit, liveness prefix, reservations
+#: prefix, then pairs of worker id and calls to give back. Returns 1 (taken)
+#: or 0 (full).
+RESERVE = (
+    _GIVE_BACK.replace("FIRST", "6")
+    + """
 local total = tonumber(redis.call('HGET', KEYS[1], ARGV[2]) or '0')
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   if id ~= ARGV[1] and redis.call('EXISTS', ARGV[4] .. id) == 1 then
@@ -186,19 +205,10 @@ if total >= tonumber(ARGV[3]) then return 0 end
 redis.call('HINCRBY', KEYS[1], ARGV[2], 1)
 return 1
 """
+)
 
 #: Give reservations back. KEYS: own reservations. ARGV: pairs of worker id and calls.
-RELEASE = """
-for i = 1, #ARGV, 2 do
-  local left = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0') - tonumber(ARGV[i + 1])
-  if left > 0 then
-    redis.call('HSET', KEYS[1], ARGV[i], left)
-  else
-    redis.call('HDEL', KEYS[1], ARGV[i])
-  end
-end
-return 1
-"""
+RELEASE = _GIVE_BACK.replace("FIRST", "1") + "return 1\n"
 
 #: What to do with a call of an idempotency key. KEYS: the key's, own claims.
 #: ARGV: body fingerprint, id, claim token, ttl (ms), liveness prefix.
@@ -298,9 +308,8 @@ class FleetCalls:
         self.live = 1
         #: Worker id -> this process's calls in flight that hold a reservation or a share.
         self.held: dict[str, int] = {}
-        # Reservations to give back (worker id -> calls) and whom to wake then.
+        # Reservations to give back (worker id -> calls).
         self._releases: dict[str, int] = {}
-        self._woken: list[Callable[[], None]] = []
         # Answers to write (the key's Redis key -> claim token, answer or None).
         self._finishes: dict[str, tuple[str, KeptAnswer | None]] = {}
         self._kick = anyio.Event()
@@ -344,6 +353,9 @@ class FleetCalls:
                 with anyio.move_on_after(max(0.0, self._renew_at - time.monotonic())):
                     await self._kick.wait()
                 self._kick = anyio.Event()
+            if not self._finishes:
+                # The next reservation may carry them (one round trip less).
+                await anyio.sleep(RELEASE_DELAY)
             await self._flush()
             if self.available and time.monotonic() >= self._renew_at:
                 await self._renew("renew")
@@ -378,13 +390,16 @@ class FleetCalls:
         """
         if self.available:
             keys, me = self.keys, self.controller_id
+            args: list[Any] = [me, worker_id, limit, keys.liveness(), keys.reservations()]
+            given, self._releases = self._releases, {}
+            for released, calls in given.items():
+                args += [released, calls]
             try:
                 # Shielded: a reservation Redis took is always counted here, so
                 # that it is given back even when the call was cancelled meanwhile.
                 with anyio.CancelScope(shield=True):
                     taken = await self._scripts["reserve"](
-                        keys=[keys.reservations(me), keys.controllers],
-                        args=[me, worker_id, limit, keys.liveness(), keys.reservations()],
+                        keys=[keys.reservations(me), keys.controllers], args=args
                     )
                     reserved: bool = taken == 1
                     if reserved:
@@ -399,19 +414,21 @@ class FleetCalls:
         self.held[worker_id] = held + 1
         return True
 
-    def release(self, worker_id: str, then: Callable[[], None]) -> None:
-        """A call to ``worker_id`` has ended: give its reservation back, then call ``then``."""
+    def release(self, worker_id: str) -> None:
+        """A call to ``worker_id`` has ended: give its reservation back.
+
+        The next reservation this process takes gives it back first (in its
+        script), else :meth:`run` does within :data:`RELEASE_DELAY`. With
+        Redis unreachable only the local count changes (the resync writes it).
+        """
         left = self.held[worker_id] - 1
         if left:
             self.held[worker_id] = left
         else:
             del self.held[worker_id]
-        if not self.available:
-            then()  # a local share: free at once (the resync writes what is held)
-            return
-        self._releases[worker_id] = self._releases.get(worker_id, 0) + 1
-        self._woken.append(then)
-        self._kick.set()
+        if self.available:
+            self._releases[worker_id] = self._releases.get(worker_id, 0) + 1
+            self._kick.set()
 
     # ------------------------------------------------------------ idempotency
 
@@ -480,7 +497,6 @@ class FleetCalls:
         """Give the reservations back, then write the answers; stop at an outage."""
         if self._releases:
             given, self._releases = self._releases, {}
-            woken, self._woken = self._woken, []
             args: list[Any] = []
             for worker_id, calls in given.items():
                 args += [worker_id, calls]
@@ -490,8 +506,6 @@ class FleetCalls:
                 )
             except _NOT_CONNECTED as error:
                 self._lost(error)  # the resync writes what is held
-            for wake in woken:
-                wake()
         claims = self.keys.claims(self.controller_id)
         for answer_key, entry in list(self._finishes.items()):
             if not self.available:
@@ -527,7 +541,6 @@ class FleetCalls:
         # Reservations given back before this point are in what is held: if the
         # hash is rewritten from it, they must not be given back again.
         covered, self._releases = self._releases, {}
-        woken, self._woken = self._woken, []
         try:
             rewritten, live = await self._scripts["renew"](
                 keys=[keys.liveness(me), keys.controllers, keys.reservations(me), keys.claims(me)],
@@ -535,8 +548,6 @@ class FleetCalls:
             )
         except _NOT_CONNECTED as error:
             self._lost(error)
-            for wake in woken:
-                wake()
             return
         if not self.available:
             logger.info(
@@ -548,13 +559,9 @@ class FleetCalls:
         self._started = True
         self.live = max(1, int(live))
         self._renew_at = time.monotonic() + RENEW_EVERY
-        if rewritten:
-            for wake in woken:
-                wake()
-        else:
+        if not rewritten:
             for worker_id, calls in covered.items():
                 self._releases[worker_id] = self._releases.get(worker_id, 0) + calls
-            self._woken[:0] = woken
 
     def _lost(self, error: BaseException) -> None:
         """Redis did not answer: local shares until a renewal reaches it again."""
@@ -568,7 +575,4 @@ class FleetCalls:
         self.available = False
         # What was to be given back is in what is held: the resync writes it.
         self._releases = {}
-        woken, self._woken = self._woken, []
-        for wake in woken:
-            wake()
         self._kick.set()

@@ -159,7 +159,7 @@ async def test_a_dead_controllers_reservations_count_only_while_its_liveness_key
             # Dead (its key expired): its reservations no longer count.
             keys_client.delete(keys.liveness("ghost"))
             assert await fleet.reserve("w1", 2)
-            fleet.release("w1", lambda: None)
+            fleet.release("w1")
             # The next renewal forgets it and its hash.
             await wait_until_async(
                 lambda: _gone(keys_client, keys, "ghost"), what="ghost forgotten", timeout=5
@@ -381,7 +381,7 @@ async def test_without_redis_each_controller_takes_its_share_and_keys_are_503(
             assert await fleet.reserve("w1", 4)
             assert not await fleet.reserve("w1", 4)
             for _ in range(2):
-                fleet.release("w1", lambda: None)
+                fleet.release("w1")
             assert fleet.held == {}
             keyed = await post(a, "order-1")
             plain = await post(a)
