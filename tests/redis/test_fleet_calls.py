@@ -380,16 +380,79 @@ async def test_without_redis_each_controller_takes_its_share_and_keys_are_503(
             assert not fleet.available
             assert await fleet.reserve("w1", 4)
             assert not await fleet.reserve("w1", 4)
-            for _ in range(2):
-                fleet.release("w1")
-            assert fleet.held == {}
+            fleet.release("w1")  # one left in flight
             keyed = await post(a, "order-1")
             plain = await post(a)
+            # Redis is back (empty): the next renewal writes what is in flight.
+            server.start()
+            await wait_until_async(_true_when(lambda: fleet.available), what="reconnected")
+            keys = FleetKeys(prefix)
+            client = redis.Redis(port=server.port)
+            assert client.hgetall(keys.reservations("a")) == {b"w1": b"1"}
+            client.close()
+            fleet.release("w1")
+            assert fleet.held == {}
     assert keyed.status_code == 503
     assert keyed.json()["error"] == "store_unavailable"
     assert keyed.headers["Retry-After"] == "1"
     assert plain.status_code == 200
     assert workers.calls == {"w1.test": 1}
+
+
+async def test_a_call_given_back_is_given_back_by_the_next_reservation() -> None:
+    url = machine_url()
+    keys_client = redis.Redis.from_url(url)
+    with fleet_prefix(url) as prefix:
+        keys = FleetKeys(prefix)
+        fleet = FleetCalls(
+            url=url, prefix=prefix, controller_id="a", answer_ttl=60, max_answer_bytes=1 << 20
+        )
+        await fleet.open()  # run() is not running: nothing else gives back
+        try:
+            assert await fleet.reserve("w1", 1)
+            assert not await fleet.reserve("w1", 1)
+            fleet.release("w1")
+            assert keys_client.hgetall(keys.reservations("a")) == {b"w1": b"1"}
+            # The next reservation gives it back in its script, then counts.
+            assert await fleet.reserve("w1", 1)
+            assert await fleet.reserve("w2", 5)
+            fleet.release("w1")
+            fleet.release("w2")
+            await fleet._flush()  # what run() sends when no reservation carried it
+            assert keys_client.hgetall(keys.reservations("a")) == {}
+            assert fleet.held == {}
+        finally:
+            await fleet.aclose()
+    keys_client.close()
+
+
+async def test_a_renewal_after_the_liveness_key_expired_writes_the_calls_in_flight() -> None:
+    url = machine_url()
+    keys_client = redis.Redis.from_url(url)
+    with fleet_prefix(url) as prefix:
+        keys = FleetKeys(prefix)
+        fleet = FleetCalls(
+            url=url, prefix=prefix, controller_id="a", answer_ttl=60, max_answer_bytes=1 << 20
+        )
+        await fleet.open()
+        try:
+            assert await fleet.reserve("w1", 4)
+            assert await fleet.reserve("w1", 4)
+            assert await fleet.reserve("w2", 4)
+            fleet.release("w2")  # not sent yet
+            # Its key expired (a stall longer than 3 s), and another controller
+            # dropped its hash: the next renewal writes what it has in flight.
+            keys_client.delete(keys.liveness("a"), keys.reservations("a"))
+            keys_client.srem(keys.controllers, "a")
+            await fleet._renew("renew")
+            assert keys_client.hgetall(keys.reservations("a")) == {b"w1": b"2"}
+            await fleet._flush()  # the release of w2 is not given back twice
+            assert keys_client.hgetall(keys.reservations("a")) == {b"w1": b"2"}
+            assert keys_client.sismember(keys.controllers, "a")
+            assert keys_client.exists(keys.liveness("a"))
+        finally:
+            await fleet.aclose()
+    keys_client.close()
 
 
 def test_the_fleet_keys_share_the_registrys_hash_tag() -> None:
