@@ -38,8 +38,10 @@ freed within one liveness period (3 s); every renewal deletes the hashes
 and claim sets of the processes found dead. When a process's own key had
 expired (an outage longer than that), or it is starting, or Redis was
 unreachable, the renewal rewrites its hash from the calls it really has in
-flight. A process starting with the id of a dead one (``HOST:PORT``) drops
-that one's unfinished claims.
+flight. (A reservation taken or given back while such a rewrite is on its
+way may be counted once too few until that worker has no call in flight;
+the rewrites are rare: a start, an outage.) A process starting with the id
+of a dead one (``HOST:PORT``) drops that one's unfinished claims.
 
 Redis unreachable: each process allows a worker ``max_concurrency / n`` of
 its own calls (at least 1), ``n`` the live processes seen at the last
