@@ -220,14 +220,15 @@ async def test_a_killed_controllers_reservations_are_freed_within_a_lease_period
             a.process.wait()
             killed = time.monotonic()
             while worker.calls < 3:
-                assert time.monotonic() - killed < LIVENESS_TTL + 2, "B never took over"
+                assert time.monotonic() - killed < LIVENESS_TTL + 5, "B never took over"
                 await anyio.sleep(0.01)
             freed = worker.arrived[2] - killed
             # A's two calls still run at the worker (nobody can stop them): B
             # sends its own up to the limit, and serves its queue as they end.
             worker.gate.set()
         assert statuses == [200, 200, 200]
-        assert freed <= LIVENESS_TTL + 0.5, freed
+        # Within one liveness period (with room for a loaded machine's scheduling).
+        assert freed <= LIVENESS_TTL + 1.0, freed
         # B's next renewal finds A dead, and drops its reservations.
         deadline = time.monotonic() + 2
         while keys_client.exists(keys.reservations("a")):
