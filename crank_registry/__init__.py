@@ -90,6 +90,7 @@ from ._idempotency import (
     Running,
     body_fingerprint,
     idempotency_key_problem,
+    is_kept,
 )
 from ._identity import (
     DEFAULT_TRUST_DOMAIN,
@@ -209,6 +210,7 @@ __all__ = [
     "Running",
     "body_fingerprint",
     "idempotency_key_problem",
+    "is_kept",
     "DEFAULT_FEED_WINDOW",
     "DEFAULT_MAX_KEYS",
     "DEFAULT_WATCH_TIMEOUT",

@@ -45,8 +45,10 @@ __all__ = [
     "Reused",
     "Run",
     "Running",
+    "answer_size",
     "body_fingerprint",
     "idempotency_key_problem",
+    "is_kept",
     "MAX_KEY_LENGTH",
     "MAX_TTL",
     "StoreKey",
@@ -181,11 +183,9 @@ class AnswerStore:
         whether it was kept. Either way the key is no longer being answered.
         """
         fingerprint = self._running.pop(key, None)
-        if fingerprint is None or answer is None or answer.status >= 500:
+        if fingerprint is None or answer is None or not is_kept(answer, self.max_bytes):
             return False
-        size = _size(answer)
-        if size > self.max_bytes:
-            return False
+        size = answer_size(answer)
         self._expire(now)
         self._kept[key] = (fingerprint, answer, now + self.ttl)
         self._bytes += size
@@ -217,9 +217,17 @@ class AnswerStore:
 
     def _drop_oldest(self) -> None:
         _, (_, answer, _) = self._kept.popitem(last=False)
-        self._bytes -= _size(answer)
+        self._bytes -= answer_size(answer)
 
 
-def _size(answer: KeptAnswer) -> int:
+def answer_size(answer: KeptAnswer) -> int:
     """What an answer weighs in the store's byte bound."""
     return len(answer.body) + sum(len(name) + len(value) for name, value in answer.headers)
+
+
+def is_kept(answer: KeptAnswer, max_bytes: int) -> bool:
+    """Whether ``answer`` is kept for its key: below 500, and at most ``max_bytes`` alone.
+
+    The one rule for every store of answers (in memory, or shared in Redis).
+    """
+    return answer.status < 500 and answer_size(answer) <= max_bytes

@@ -19,13 +19,22 @@ waiting leaves the queue at once.
 
 The counts also go to the registry (:meth:`~crank_registry.CapabilityRegistry.count_calls`),
 so that ``least_loaded`` weighs the gateway's own calls in flight.
+
+With a fleet of controllers on one Redis (``fleet``, the
+:class:`FleetCounts` of :mod:`crank_registry_asgi.fleet_calls`), a worker
+this process has room for takes the call only once the fleet-wide
+reservation is taken; a refusal passes it over like a locally full one.
+A call that ends here wakes the first waiting call as before (its
+reservation is given back by the next one taken, in the same script);
+calls end elsewhere unseen, so the first waiting call also routes again
+after a backoff from ``fleet.poll_first`` seconds up to ``fleet.poll_max``.
 """
 
 from __future__ import annotations
 
 import collections
 from collections.abc import Awaitable, Callable, Collection
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import anyio
 from starlette.types import Receive
@@ -34,13 +43,28 @@ from crank_registry import CapabilityKey, CapabilityRegistry, WorkerEndpoint
 
 from .http import ApiError
 
-__all__ = ["CallSlots", "CallerLeft", "Slot", "until_disconnect"]
+__all__ = ["CallSlots", "CallerLeft", "FleetCounts", "Slot", "until_disconnect"]
 
 T = TypeVar("T")
 
 #: ``route(busy)`` routes excluding the workers ``busy``: the endpoint, or
 #: ``None`` when no candidate is left (it may raise the registry's errors).
 Router = Callable[[Collection[str]], WorkerEndpoint | None]
+
+
+class FleetCounts(Protocol):
+    """The calls in flight of every gateway sharing the workers (one Redis)."""
+
+    #: Seconds before the first waiting call routes again when nothing ended here,
+    #: doubling up to ``poll_max``.
+    poll_first: float
+    poll_max: float
+
+    async def reserve(self, worker_id: str, limit: int) -> bool:
+        """Take a call to ``worker_id`` if the fleet has fewer than ``limit`` in flight."""
+
+    def release(self, worker_id: str) -> None:
+        """Give a call to ``worker_id`` back (the next :meth:`reserve` sees it given back)."""
 
 
 class CallerLeft(Exception):
@@ -84,7 +108,8 @@ class CallSlots:
     ``queue_limit``: the most calls waiting per ``(verb, capability)`` (0:
     none wait, a full capability is ``overloaded`` at once); ``recheck``:
     seconds between two routes of the first waiting call when nothing ends;
-    ``overloaded``: makes the 503 for a ``(verb, capability)``.
+    ``overloaded``: makes the 503 for a ``(verb, capability)``; ``fleet``:
+    the other gateways' calls, when they share the workers.
     """
 
     def __init__(
@@ -94,11 +119,13 @@ class CallSlots:
         queue_limit: int,
         recheck: float,
         overloaded: Callable[[str, str], ApiError],
+        fleet: FleetCounts | None = None,
     ) -> None:
         self._registry = registry
         self.queue_limit = queue_limit
         self.recheck = recheck
         self._overloaded = overloaded
+        self.fleet = fleet
         self._in_flight: dict[str, int] = {}
         self._queues: dict[CapabilityKey, collections.deque[_Waiter]] = {}
         # Per (verb, capability), its workers with no free slot; per worker,
@@ -139,7 +166,7 @@ class CallSlots:
         """
         key = (verb, capability)
         if key not in self._queues:
-            taken = self._try(verb, capability, route)
+            taken = await self._try(verb, capability, route)
             if not isinstance(taken, _AllFull):
                 return taken
         queue = self._queues.setdefault(key, collections.deque())
@@ -149,8 +176,20 @@ class CallSlots:
             raise self._overloaded(verb, capability)
         waiter = _Waiter()
         queue.append(waiter)
+        handed: list[Slot | None] = []
+
+        async def wait() -> Slot | None:
+            handed.append(await self._wait(waiter, queue, route, key))
+            return handed[0]
+
         try:
-            return await until_disconnect(receive, lambda: self._wait(waiter, queue, route, key))
+            return await until_disconnect(receive, wait)
+        except BaseException:
+            # Taken just as the call was cancelled: nobody will use it.
+            for slot in handed:
+                if slot is not None:
+                    slot.release()
+            raise
         finally:
             first = queue[0] is waiter
             queue.remove(waiter)
@@ -167,29 +206,58 @@ class CallSlots:
         route: Router,
         key: CapabilityKey,
     ) -> Slot | None:
+        # Calls that end on other gateways wake nobody here: poll, backing off.
+        first, most = self.recheck, self.recheck
+        if self.fleet is not None:
+            first, most = self.fleet.poll_first, min(self.fleet.poll_max, self.recheck)
+        delay = first
         while True:
-            with anyio.move_on_after(self.recheck):
+            with anyio.move_on_after(delay) as timer:
                 await waiter.woken.wait()
+            delay = min(delay * 2, most) if timer.cancelled_caught else first
             waiter.woken = anyio.Event()
             if queue[0] is not waiter:
                 continue
-            taken = self._try(*key, route)
+            taken = await self._try(*key, route)
             if not isinstance(taken, _AllFull):
                 return taken
 
-    def _try(self, verb: str, capability: str, route: Router) -> Slot | _AllFull | None:
-        """A slot, ``None`` (no candidate at all), or :data:`_FULL` (every candidate is full)."""
-        busy = self._full.get((verb, capability), ())
-        endpoint = route(busy)
-        if endpoint is None:
-            # Without the busy workers nothing is left: were they the candidates?
-            return _FULL if busy and route(()) is not None else None
-        worker_id = endpoint.worker_id
-        self._count(worker_id, self._in_flight.get(worker_id, 0) + 1)
-        return Slot(self, endpoint)
+    async def _try(self, verb: str, capability: str, route: Router) -> Slot | _AllFull | None:
+        """A slot, ``None`` (no candidate at all), or :data:`_FULL` (every candidate is full).
+
+        With a ``fleet``, a worker whose fleet-wide reservation is refused
+        is passed over for this call, as a locally full one is.
+        """
+        key = (verb, capability)
+        refused: set[str] = set()
+        while True:
+            busy: Collection[str] = self._full.get(key, ())
+            if refused:
+                busy = refused.union(busy)
+            endpoint = route(busy)
+            if endpoint is None:
+                # Without the busy workers nothing is left: were they the candidates?
+                return _FULL if busy and route(()) is not None else None
+            worker_id = endpoint.worker_id
+            if self.fleet is not None and not await self.fleet.reserve(
+                worker_id, self._limit(worker_id, key)
+            ):
+                refused.add(worker_id)
+                continue
+            self._count(worker_id, self._in_flight.get(worker_id, 0) + 1)
+            return Slot(self, endpoint)
+
+    def _limit(self, worker_id: str, key: CapabilityKey) -> int:
+        """``worker_id``'s ``max_concurrency`` for ``key`` (the limits its calls in flight use)."""
+        limits = self._limits.get(worker_id)
+        if limits is None:
+            limits = self._registry.concurrency_limits(worker_id)
+        return dict(limits).get(key, 1)
 
     def _ended(self, worker_id: str) -> None:
         limits = self._count(worker_id, self._in_flight[worker_id] - 1)
+        if self.fleet is not None:
+            self.fleet.release(worker_id)
         # A slot is free on this worker: the first waiting call of each of its pairs tries.
         for key, _ in limits:
             queue = self._queues.get(key)

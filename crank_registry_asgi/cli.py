@@ -350,8 +350,9 @@ def add_serve_command(subcommands: Subcommands) -> argparse.ArgumentParser:
         metavar="URL",
         help=(
             "share the registry with every controller on this Redis (redis://HOST:PORT/DB; "
-            "env CRANK_REDIS_URL): changes go to a Redis stream instead of the journal; "
-            "needs pip install 'crank-registry-asgi[redis]'"
+            "env CRANK_REDIS_URL): changes go to a Redis stream instead of the journal, and "
+            "with --gateway the calls in flight per worker and the Idempotency-Key answers "
+            "hold for all those controllers; needs pip install 'crank-registry-asgi[redis]'"
         ),
     )
     parser.add_argument(

@@ -3,7 +3,9 @@
 Its answers are listed in :mod:`crank_registry_asgi.gateway`; the call itself (URL,
 span, sending, reading, the errors' names) is :mod:`crank_registry_asgi.upstream`;
 the calls in flight and the queues, :mod:`crank_registry_asgi.backpressure`; the
-answers kept per ``Idempotency-Key``, the core's :class:`~crank_registry.AnswerStore`.
+answers kept per ``Idempotency-Key``, the core's :class:`~crank_registry.AnswerStore`,
+or with ``--redis`` the fleet's (:mod:`crank_registry_asgi.fleet_calls`, which
+also holds the fleet-wide calls in flight).
 
 Each request has an exit stack (``cleanup``) closed once its answer is sent
 (streams included) or abandoned: what must happen then (freeing the
@@ -14,6 +16,7 @@ is pushed on it, so that it happens exactly once however the request ends.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import ssl
 from collections.abc import AsyncIterator, Callable, Collection
@@ -39,6 +42,7 @@ from crank_registry import (
     Reused,
     RouteOptions,
     Run,
+    Running,
     UnknownCapability,
     ValidationError,
     WorkerEndpoint,
@@ -52,6 +56,7 @@ from .app import ControllerService
 from .backpressure import CallerLeft, CallSlots, Slot, until_disconnect
 from .config import GatewayConfig
 from .failover import next_worker
+from .fleet_calls import POLL_FIRST, POLL_MAX, Claimed, FleetCalls
 from .http import ApiError, error_response, read_json_body, registry_error_response
 from .telemetry import annotate
 
@@ -81,6 +86,9 @@ _NOT_HERE = {
 class _Pending:
     """A call with an idempotency key being answered; duplicates wait for ``done``."""
 
+    #: The hash of its body; its claim in the fleet's store (``None``: the memory's).
+    fingerprint: str
+    claim: str | None = None
     done: anyio.Event = attrs.Factory(anyio.Event)
     #: The answer, for the duplicates (set before ``done``); ``None``: it ended without one.
     answer: KeptAnswer | None = None
@@ -95,6 +103,9 @@ class Gateway:
     ``tls`` is the client context for HTTPS workers; ``transport`` replaces
     httpx's network transport (tests). ``slots`` are the calls in flight and
     the queues; ``answers`` the answers kept per idempotency key.
+    ``fleet``: with a shared registry, the calls in flight and the
+    idempotency keys of every controller on its Redis (then ``answers``
+    is not used).
     """
 
     def __init__(
@@ -104,9 +115,11 @@ class Gateway:
         *,
         tls: ssl.SSLContext | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        fleet: FleetCalls | None = None,
     ) -> None:
         self.service = service
         self.config = config
+        self.fleet = fleet
         self._tls = tls
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
@@ -115,6 +128,7 @@ class Gateway:
             queue_limit=config.queue_limit,
             recheck=service.policy.heartbeat_interval,
             overloaded=self._overloaded,
+            fleet=fleet,
         )
         self.answers = AnswerStore(
             ttl=service.config.routing.idempotency_ttl,
@@ -142,10 +156,21 @@ class Gateway:
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Gateway]:
-        """The gateway's lifetime: connections are closed on exit."""
+        """The gateway's lifetime: the fleet joined and left, connections closed on exit."""
         try:
-            yield self
+            if self.fleet is None:
+                yield self
+                return
+            await self.fleet.open()
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(self.fleet.run)
+                try:
+                    yield self
+                finally:
+                    tasks.cancel_scope.cancel()
         finally:
+            if self.fleet is not None:
+                await self.fleet.aclose()
             await self.aclose()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -218,26 +243,10 @@ class Gateway:
         cleanup: contextlib.ExitStack,
     ) -> Response:
         """The call of an idempotency key: made once, its answer kept and replayed."""
-        while True:
-            decision = self.answers.begin(key, fingerprint, self.service.clock())
-            if isinstance(decision, Run):
-                break
-            if isinstance(decision, Replay):
-                return _replay(decision.answer)
-            if isinstance(decision, Reused):
-                raise ApiError(
-                    422,
-                    "idempotency_key_reused",
-                    f"this {IDEMPOTENCY_HEADER} was used for another body; a new request "
-                    "needs a new key",
-                )
-            # The same call is being answered: wait for its answer.
-            pending = self._pending[key]
-            await until_disconnect(request.receive, pending.done.wait)
-            if pending.answer is not None:
-                return _replay(pending.answer)
-            # It ended without one (its caller left): ask again, perhaps to run it.
-        pending = self._pending[key] = _Pending()
+        claimed = await self._claim(key, fingerprint, request.receive)
+        if isinstance(claimed, KeptAnswer):
+            return _replay(claimed)
+        pending = claimed
         # Whatever happens next, the key is finished exactly once, and its waiters woken.
         cleanup.callback(self._finish, key, pending, None)
         try:
@@ -256,10 +265,58 @@ class Gateway:
             self._finish(key, pending, _kept(response, bytes(response.body)))
         return response
 
+    async def _claim(
+        self, key: tuple[str, str], fingerprint: str, receive: Receive
+    ) -> KeptAnswer | _Pending:
+        """The answer to replay for ``key``, or the key claimed for this call to run.
+
+        Waits while the same call is being answered: here, for its end;
+        on another controller (``fleet``), asking again with a backoff.
+        Raises 422 ``idempotency_key_reused`` for another body.
+        """
+        delay = POLL_FIRST
+        while True:
+            here = self._pending.get(key)
+            decision: Claimed | Run | Replay | Running | Reused
+            if self.fleet is None:
+                decision = self.answers.begin(key, fingerprint, self.service.clock())
+            elif here is not None:
+                # Claimed by a call here: its duplicates here wait for it here.
+                decision = Running() if here.fingerprint == fingerprint else Reused()
+            else:
+                decision = await self.fleet.begin(key, fingerprint)
+            if isinstance(decision, Replay):
+                return decision.answer
+            if isinstance(decision, Reused):
+                raise ApiError(
+                    422,
+                    "idempotency_key_reused",
+                    f"this {IDEMPOTENCY_HEADER} was used for another body; a new request "
+                    "needs a new key",
+                )
+            if isinstance(decision, Running):
+                if here is not None:
+                    await until_disconnect(receive, here.done.wait)
+                    if here.answer is not None:
+                        return here.answer
+                    # It ended without one (its caller left): ask again, perhaps to run it.
+                else:
+                    # Being answered by another controller (the memory's keys run
+                    # here): ask again a little later.
+                    await until_disconnect(receive, functools.partial(anyio.sleep, delay))
+                    delay = min(delay * 2, POLL_MAX)
+                continue
+            claim = decision.token if isinstance(decision, Claimed) else None
+            pending = self._pending[key] = _Pending(fingerprint, claim)
+            return pending
+
     def _finish(self, key: tuple[str, str], pending: _Pending, answer: KeptAnswer | None) -> None:
         if pending.done.is_set():
             return
-        self.answers.finish(key, answer, self.service.clock())
+        if pending.claim is not None and self.fleet is not None:
+            self.fleet.finish(key, pending.claim, answer)
+        else:
+            self.answers.finish(key, answer, self.service.clock())
         pending.answer = answer
         pending.done.set()
         if self._pending.get(key) is pending:

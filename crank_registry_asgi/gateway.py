@@ -25,7 +25,8 @@ Back-pressure (:mod:`crank_registry_asgi.backpressure`): a worker with
 ``max_concurrency`` calls in flight from the gateway is passed over; when
 every candidate is full the call waits in a FIFO per capability of at most
 ``queue_limit`` calls (``--gateway-queue``), and past it is 503
-``overloaded``.
+``overloaded``. With ``--redis`` the limit holds for the calls of every
+controller on that Redis together (:mod:`crank_registry_asgi.fleet_calls`).
 
 Idempotency: with an ``Idempotency-Key`` header the first answer (2xx or
 4xx) is kept for the routing settings' ``idempotency_ttl``
@@ -34,7 +35,11 @@ it again with ``Idempotent-Replayed: true`` and no worker is called; a
 duplicate sent while the first runs waits for its answer; the same key
 with another body is 422 ``idempotency_key_reused``. Keys are per caller
 identity (anonymous callers share one space). The rules and bounds are
-the core's :class:`~crank_registry.AnswerStore`.
+the core's :class:`~crank_registry.AnswerStore`. With ``--redis`` the keys
+are shared by every controller on that Redis (a duplicate on another
+controller waits for the first call's answer too; one worker call in all),
+and while Redis cannot be reached a call with a key is 503
+``store_unavailable``.
 
 Answers of the gateway itself::
 
@@ -55,6 +60,8 @@ Answers of the gateway itself::
     503 no_worker_available no routable worker, or none meets the options
                             (Retry-After: the heartbeat interval)
     503 overloaded          every candidate is full and the queue too (Retry-After)
+    503 store_unavailable   with --redis: an Idempotency-Key call while Redis cannot be
+                            reached (Retry-After)
     504 worker_timeout      the worker stayed silent longer than the timeout
 
 The gateway presents a client certificate to workers (the controller's,
@@ -99,6 +106,7 @@ from crank_registry import (
 from .app import ControllerService
 from .config import GatewayConfig
 from .execute import EXECUTE_PATH, IDEMPOTENCY_HEADER, REPLAYED_HEADER, Gateway
+from .fleet_calls import FleetCalls
 from .http import ServiceApp, internal_error
 from .metrics import RequestDurationMiddleware
 from .openapi import (
@@ -152,7 +160,8 @@ GATEWAY_ERRORS: Mapping[str, ErrorCode] = {
     "overloaded": ErrorCode(
         503,
         "Every worker that could take the call has max_concurrency calls in flight from the "
-        "gateway, and --gateway-queue calls already wait for one.",
+        "gateway (with --redis, from every controller on that Redis together), and "
+        "--gateway-queue calls already wait for one.",
         ("verb", "capability"),
         headers=retry_after("The heartbeat interval in whole seconds."),
     ),
@@ -178,6 +187,7 @@ _EXECUTE = Operation(
         "unknown_capability",
         "no_worker_available",
         "rate_limited",
+        "store_unavailable",
         *GATEWAY_ERRORS,
     ),
 )
@@ -264,11 +274,24 @@ def create_gateway_app(
     and closes the gateway's connections on shutdown. ``app.state.service``
     is the controller's service, ``app.state.gateway`` the :class:`Gateway`,
     ``app.state.metrics_registry`` the controller's Prometheus registry.
+    A controller of a shared registry (``redis_url``) shares the calls in
+    flight and the idempotency keys with the others on its Redis.
     """
     service = getattr(controller.state, "service", None)
     if not isinstance(service, ControllerService):
         raise TypeError("create_gateway_app needs an app made by crank_registry_asgi.create_app")
-    gateway = Gateway(service, config, tls=tls, transport=transport)
+    settings = service.config
+    fleet = None
+    if settings.redis_url is not None:
+        fleet = FleetCalls(
+            url=settings.redis_url,
+            prefix=settings.redis_prefix,
+            controller_id=settings.controller_id,
+            answer_ttl=settings.routing.idempotency_ttl,
+            max_answer_bytes=config.idempotency_bytes,
+            retry_after=service.retry_after,
+        )
+    gateway = Gateway(service, config, tls=tls, transport=transport, fleet=fleet)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

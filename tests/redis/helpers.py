@@ -244,3 +244,18 @@ async def _pump(source: Any, target: Any, scope: Any) -> None:
     except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
         pass
     scope.cancel()
+
+
+@contextlib.contextmanager
+def fleet_prefix(url: str) -> Iterator[str]:
+    """:func:`unique_prefix`, and the gateways' keys under it removed too (``fleet_calls``)."""
+    with unique_prefix(url) as prefix:
+        try:
+            yield prefix
+        finally:
+            client = redis.Redis.from_url(url, socket_timeout=2)
+            with contextlib.suppress(redis.RedisError):
+                stale = list(client.scan_iter(match=f"{{{prefix}}}:*"))
+                if stale:
+                    client.delete(*stale)
+            client.close()
