@@ -94,9 +94,11 @@ from ._idempotency import (
 )
 from ._identity import (
     DEFAULT_TRUST_DOMAIN,
+    authorize_drain,
     authorize_worker,
     identity_problem,
     is_trust_domain,
+    operator_glob_problem,
     worker_name_of,
 )
 from ._journal import (
@@ -133,6 +135,7 @@ from ._listing import (
 )
 from ._models import (
     JSON_SCHEMA,
+    OMIT_IF_FALSE,
     REMOVAL_REASONS,
     ROUTE_STRATEGIES,
     SLO_CONSTRAINT_KEYS,
@@ -222,6 +225,7 @@ __all__ = [
     "JOURNAL_FORMAT_VERSION",
     "JSON_SCHEMA",
     "NDJSON",
+    "OMIT_IF_FALSE",
     "REMOVAL_REASONS",
     "ROUTE_STRATEGIES",
     "SLO_CONSTRAINT_KEYS",
@@ -331,6 +335,7 @@ __all__ = [
     "WorkersAnswer",
     "WorkersPage",
     "WorkersPager",
+    "authorize_drain",
     "authorize_worker",
     "capability_label",
     "converter",
@@ -349,6 +354,7 @@ __all__ = [
     "is_worker_url",
     "identity_problem",
     "is_trust_domain",
+    "operator_glob_problem",
     "iso_utc",
     "parse_capability_label",
     "parse_policy",

@@ -537,10 +537,10 @@ class WorkerState(enum.Enum):
     drain reads every worker that is not draining as it did.
     """
 
-    DRAINING = "draining"
     HEALTHY = "healthy"
     UNHEALTHY = "unhealthy"
     UNVERIFIED = "unverified"
+    DRAINING = "draining"
 
     @classmethod
     def of(cls, health: HealthState, *, draining: bool) -> WorkerState:

@@ -84,8 +84,9 @@ __all__ = [
 #: What this controller accepts beyond the base protocol, listed in the
 #: ``/register`` answer (DESIGN, "Formats and upgrades"): a worker sends an
 #: optional field only to a controller that lists its feature.
-#: ``load_reports``: a heartbeat may carry ``load``.
-PROTOCOL_FEATURES: tuple[str, ...] = ("load_reports",)
+#: ``load_reports``: a heartbeat may carry ``load``; ``drain``: ``POST
+#: /workers/{worker_id}/drain`` and ``/undrain`` exist.
+PROTOCOL_FEATURES: tuple[str, ...] = ("load_reports", "drain")
 
 _WORKER_ID = {JSON_SCHEMA: {"pattern": _WORKER_ID_PATTERN}}
 _COUNT = {JSON_SCHEMA: {"minimum": 0}}

@@ -688,6 +688,8 @@ def _entry(worker: WorkerInfo) -> WorkerEntry:
         last_heartbeat=moment.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         is_healthy=worker.is_healthy,
         state=worker.state,
+        health=worker.health,
+        draining=worker.draining,
         capabilities=tuple(capability_label(key) for key in worker.capabilities),
         load=worker.load,
     )

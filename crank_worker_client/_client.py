@@ -57,6 +57,7 @@ from crank_registry import (
     WorkerEndpoint,
     WorkerLoad,
     WorkersAnswer,
+    WorkerState,
     parse_capability_label,
     structure,
     unstructure,
@@ -156,17 +157,21 @@ class ControllerHealth:
 class WorkerInfo:
     """One entry of ``GET /workers``, read from the core's :class:`~crank_registry.WorkerEntry`.
 
-    ``is_healthy`` means routable now; ``capabilities`` are ``(verb, name)``
-    pairs; ``load`` its latest load report (``None``: it sent none).
+    ``is_healthy`` means routable now; ``state`` is the first that applies
+    of ``draining``, then ``health``, the health state alone; ``draining``:
+    it takes no new routes; ``capabilities`` are ``(verb, name)`` pairs;
+    ``load`` its latest load report (``None``: it sent none).
     """
 
     worker_id: str
     worker_url: str
     last_heartbeat: datetime
     is_healthy: bool
-    state: HealthState
+    state: WorkerState
     capabilities: tuple[CapabilityKey, ...]
     load: WorkerLoad | None = None
+    health: HealthState | None = None
+    draining: bool = False
 
 
 class ControllerClient:
@@ -342,7 +347,7 @@ class ControllerClient:
         *,
         verb: str | None = None,
         capability: str | None = None,
-        state: HealthState | None = None,
+        state: WorkerState | HealthState | None = None,
         page_size: int | None = None,
     ) -> list[CapabilityView]:
         """``GET /capabilities``: one entry per ``(verb, capability, version)``, every page.
@@ -358,7 +363,7 @@ class ControllerClient:
     async def workers(
         self,
         *,
-        state: HealthState | None = None,
+        state: WorkerState | HealthState | None = None,
         verb: str | None = None,
         capability: str | None = None,
         page_size: int | None = None,
@@ -380,6 +385,9 @@ class ControllerClient:
                 state=entry.state,
                 capabilities=tuple(parse_capability_label(label) for label in entry.capabilities),
                 load=entry.load,
+                # A controller from before drain lists no health: its state is the health.
+                health=entry.health or HealthState(entry.state.value),
+                draining=entry.draining,
             )
             for page in pages
             for entry in page.workers
@@ -798,7 +806,10 @@ def _json_object(response: httpx.Response) -> dict[str, Any] | None:
 
 
 def _listing_params(
-    verb: str | None, capability: str | None, state: HealthState | None, page_size: int | None
+    verb: str | None,
+    capability: str | None,
+    state: WorkerState | HealthState | None,
+    page_size: int | None,
 ) -> dict[str, str]:
     """The query of a listing: only the parameters given."""
     given = {
