@@ -106,11 +106,13 @@ from crank_registry import (
     ValidationError,
     WorkerChange,
     WorkerDeregistered,
+    WorkerDraining,
     WorkerEvicted,
     WorkerHealthy,
     WorkerImported,
     WorkerRecord,
     WorkerRegistered,
+    WorkerUndrained,
     WorkerUnhealthy,
     decode_heartbeat_line,
     encode_event,
@@ -375,6 +377,10 @@ def _record_effect(change: Change) -> tuple[str, float | None]:
         return "hold", None
     if isinstance(change, (WorkerDeregistered, WorkerEvicted)):
         return "drop", None
+    if isinstance(change, (WorkerDraining, WorkerUndrained)):
+        # Beside health: it brings no heartbeat, and leaves the record's revision
+        # alone, so that it makes no time-driven decision of the sweeper stale.
+        return "none", None
     return "none", None
 
 
@@ -384,6 +390,8 @@ def _condition(change: Change) -> tuple[str, float | None]:
         return "swept", change.last_heartbeat
     if isinstance(change, WorkerHealthy):
         return "unchanged", None
+    # Registrations, deregistrations, drains (an operator's or the worker's
+    # own act, applied in stream order) and registry-wide changes.
     return "always", None
 
 

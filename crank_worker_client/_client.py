@@ -44,6 +44,7 @@ from crank_registry import (
     CapabilityKey,
     CapabilityView,
     DeregisterAnswer,
+    DrainAnswer,
     HealthAnswer,
     HealthState,
     HeartbeatAnswer,
@@ -58,6 +59,7 @@ from crank_registry import (
     WorkerLoad,
     WorkersAnswer,
     WorkerState,
+    is_worker_id,
     parse_capability_label,
     structure,
     unstructure,
@@ -465,6 +467,28 @@ class ControllerClient:
         body = {"worker_id": worker_id}
         await self._call("POST", "/deregister", DeregisterAnswer, body, timeout)
 
+    async def drain(self, worker_id: str, *, timeout: float | None = None) -> DrainAnswer:
+        """``POST /workers/{worker_id}/drain``: the controller routes no new calls to the worker.
+
+        The worker keeps its registration (and heartbeats) while its calls
+        in flight finish; :meth:`undrain` returns it, and so does its next
+        registration. Allowed to the worker itself and to the controller's
+        operators (``serve --operator``). The answer's ``changed`` is false
+        when it was draining already. Raises
+        :class:`WorkerNotRegisteredError` for a worker the controller does
+        not hold, :class:`ForbiddenError` for a caller that may not, and
+        :class:`UnexpectedResponse` (404 ``not_found``) from a controller
+        that predates drain (its ``/register`` answer lists no ``drain``
+        feature). ``timeout`` replaces the request timeout for this call.
+        """
+        path = _drain_path(worker_id, "drain")
+        return await self._call("POST", path, DrainAnswer, None, timeout)
+
+    async def undrain(self, worker_id: str, *, timeout: float | None = None) -> DrainAnswer:
+        """``POST /workers/{worker_id}/undrain``: it takes routes again; raises as :meth:`drain`."""
+        path = _drain_path(worker_id, "undrain")
+        return await self._call("POST", path, DrainAnswer, None, timeout)
+
     # -- plumbing ---------------------------------------------------------
 
     async def _listing(self, path: str, answer: type[T], filters: Mapping[str, str]) -> list[T]:
@@ -803,6 +827,19 @@ def _json_object(response: httpx.Response) -> dict[str, Any] | None:
     except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return None
     return data if isinstance(data, dict) else None
+
+
+def _drain_path(worker_id: str, action: str) -> str:
+    """The path of a drain ``action`` of ``worker_id``; a worker id that is none is refused here.
+
+    (``.`` and ``..`` are worker ids a path would not carry: they are
+    path segments of their own.)
+    """
+    if not is_worker_id(worker_id) or worker_id in (".", ".."):
+        raise ConfigurationError(
+            f"worker_id must be 1 to 128 letters, digits, '.', '_' and '-', got {worker_id!r}"
+        )
+    return f"/workers/{worker_id}/{action}"
 
 
 def _listing_params(
