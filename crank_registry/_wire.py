@@ -513,7 +513,8 @@ class SnapshotAnswer:
     """``GET /snapshot``: the whole registry at ``revision``, of the history ``epoch``.
 
     Follow it with ``GET /watch?epoch=EPOCH&since=REVISION``; each worker
-    is in the state ``verified`` and ``silent`` say (the journal's records).
+    is in the state ``verified`` and ``silent`` say (the journal's records),
+    and ``draining`` when it is drained (written only then).
     ``access_policy`` (absent: none) and ``slos`` are the registry's
     settings at ``revision``, which ``policy_changed`` and ``slos_changed``
     replace; a follower routes under them as the controller does.

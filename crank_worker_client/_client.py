@@ -56,6 +56,7 @@ from crank_registry import (
     ValidationError,
     WatchAnswer,
     WorkerEndpoint,
+    WorkerEntry,
     WorkerLoad,
     WorkersAnswer,
     WorkerState,
@@ -387,8 +388,7 @@ class ControllerClient:
                 state=entry.state,
                 capabilities=tuple(parse_capability_label(label) for label in entry.capabilities),
                 load=entry.load,
-                # A controller from before drain lists no health: its state is the health.
-                health=entry.health or HealthState(entry.state.value),
+                health=_health_of(entry),
                 draining=entry.draining,
             )
             for page in pages
@@ -827,6 +827,13 @@ def _json_object(response: httpx.Response) -> dict[str, Any] | None:
     except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return None
     return data if isinstance(data, dict) else None
+
+
+def _health_of(entry: WorkerEntry) -> HealthState | None:
+    """An entry's health state; a controller from before drain lists none: its state is it."""
+    if entry.health is not None or entry.state is WorkerState.DRAINING:
+        return entry.health
+    return HealthState(entry.state.value)
 
 
 def _drain_path(worker_id: str, action: str) -> str:

@@ -14,6 +14,7 @@ import anyio
 import httpx
 import pytest
 
+from crank_registry import HealthState, WorkerState
 from crank_worker_client import (
     ConfigurationError,
     ControllerClient,
@@ -187,3 +188,23 @@ async def test_the_client_drains_and_undrains_by_worker_id(
         with pytest.raises(UnexpectedResponse) as raised:
             await client.drain("w1")
         assert raised.value.code == "not_found"
+
+
+async def test_workers_of_a_controller_from_before_drain_read_their_state_as_health() -> None:
+    entry = {
+        "worker_id": "w1",
+        "worker_url": "https://w1.test",
+        "last_heartbeat": "2026-11-26T20:00:00.000Z",
+        "is_healthy": False,
+        "state": "unhealthy",
+        "capabilities": ["classify:image.classify"],
+    }
+    answer = {"workers": [entry], "total_workers": 1, "healthy_workers": 0}
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, json=answer))
+    async with ControllerClient(URL, transport=transport) as client:
+        (worker,) = await client.workers()
+    assert (worker.state, worker.health, worker.draining) == (
+        WorkerState.UNHEALTHY,
+        HealthState.UNHEALTHY,
+        False,
+    )
