@@ -436,7 +436,8 @@ class CapabilityRegistry:
         worker is draining already. The worker goes on heartbeating while
         its calls in flight finish (then it deregisters);
         :meth:`undrain` returns it, and so does its next registration (a
-        new worker process). Health goes on as before: a draining worker
+        new worker process; not the one of a worker held ``unverified``,
+        which repairs a restart). Health goes on as before: a draining worker
         still falls silent and is evicted. Raises
         :class:`WorkerNotRegistered` for a worker not held.
         """
@@ -541,18 +542,27 @@ class CapabilityRegistry:
         return (change,)
 
     def _draining_as_decided(self, worker_id: str) -> bool | None:
-        """Whether ``worker_id`` drains as the changes decided leave it; ``None``: not held."""
-        for change in reversed(self._pending):
+        """Whether ``worker_id`` drains as the changes decided leave it; ``None``: not held.
+
+        The fold's rules, run over the worker's pending changes in order.
+        """
+        worker = self._workers.get(worker_id)
+        held = worker is not None
+        draining = worker is not None and worker.draining
+        verified = worker is not None and worker.health.verified
+        for change in self._pending:
             if not isinstance(change, WorkerChange) or change.worker_id != worker_id:
                 continue
             if isinstance(change, (WorkerDraining, WorkerUndrained)):
-                return isinstance(change, WorkerDraining)
-            if isinstance(change, (WorkerRegistered, WorkerImported)):
-                return False  # a new record: not draining
-            if isinstance(change, (WorkerDeregistered, WorkerEvicted)):
-                return None
-        worker = self._workers.get(worker_id)
-        return None if worker is None else worker.draining
+                draining = isinstance(change, WorkerDraining)
+            elif isinstance(change, WorkerRegistered):
+                draining = held and draining and not verified
+                held = verified = True
+            elif isinstance(change, WorkerImported):
+                held, draining, verified = True, False, False
+            elif isinstance(change, (WorkerDeregistered, WorkerEvicted)):
+                held = draining = False
+        return draining if held else None
 
     def decide_sweep(self, *, now: float) -> tuple[Event, ...]:
         """The events :meth:`cleanup_stale` causes, pending until :meth:`confirm`.
@@ -855,7 +865,8 @@ class CapabilityRegistry:
 
         A drain is beside the health states, not one of them: it sets the
         worker's ``draining`` flag (a second ``draining`` leaves it set), and
-        a registration, which holds a new record, clears it.
+        a registration, which holds a new record, clears it
+        (:func:`_drain_outlives_registration` says when it does not).
         """
         if isinstance(event, (WorkerDraining, WorkerUndrained)):
             drained = self._workers.get(event.worker_id)
@@ -874,7 +885,12 @@ class CapabilityRegistry:
             case WorkerRegistered():
                 assert step.to is not None
                 self._install(
-                    event.worker_id, event.worker_url, event.capabilities, step.to, event.at
+                    event.worker_id,
+                    event.worker_url,
+                    event.capabilities,
+                    step.to,
+                    event.at,
+                    draining=held is not None and _drain_outlives_registration(held),
                 )
                 self._tombstones.pop(event.worker_id, None)
             case WorkerImported():
@@ -1680,6 +1696,18 @@ class CapabilityRegistry:
             del self._values[member.key]
             del self._by_capability[member.key]
             del self._keys[bisect.bisect_left(self._keys, member.key)]
+
+
+def _drain_outlives_registration(held: Worker) -> bool:
+    """Whether a registration of ``held`` leaves it draining.
+
+    A registration ends a drain: it comes from a new worker process. Except
+    the one that repairs a restart: a worker held ``unverified`` (restored
+    from the journal, or from a snapshot, not yet heard from) registers
+    again because this registry forgot it, not because it restarted, so an
+    operator's drain outlives a restart of the controller.
+    """
+    return held.draining and not held.health.verified
 
 
 # A worker's fields a SnapshotCopy keeps (one C call per worker).

@@ -108,6 +108,22 @@ def test_a_registration_a_new_worker_process_ends_the_drain() -> None:
     assert len(registry.decide_drain("w1", now=T0 + 4)) == 1
 
 
+def test_a_drain_outlives_a_restart_and_the_registration_that_repairs_it() -> None:
+    registry = registry_with("w1", "w2")
+    registry.drain("w1", now=T0)
+    registry.restart(now=T0 + 5)  # every worker unverified: heard from by no one since
+    # The restored worker's heartbeat is refused, so it registers again: not a new process.
+    assert len(registry.decide_register("w1", "https://w1:8443", [capability()], now=T0 + 6)) == 1
+    assert registry.decide_drain("w1", now=T0 + 6) == ()  # the decision sees it draining still
+    registry.confirm(registry.revision + 1)
+    view = registry.get_worker("w1", now=T0 + 6)
+    assert view is not None and view.draining and view.state is HealthState.HEALTHY
+    assert routes(registry, 3, now=T0 + 7) == ["w2"] * 3
+    # Verified again: its next registration is a new process's, and ends the drain.
+    registry.register("w1", "https://w1:8443", [capability()], now=T0 + 8)
+    assert not registry.get_worker("w1", now=T0 + 8).draining  # type: ignore[union-attr]
+
+
 def test_explain_names_draining_after_health_and_before_the_other_rules() -> None:
     registry = registry_with("w1", "w2", "w3")
     registry.drain("w1", now=T0)

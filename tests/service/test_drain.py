@@ -152,3 +152,9 @@ async def test_drains_are_journalled_and_survive_a_restart(tmp_path: Path) -> No
         assert {await api.route() for _ in range(4)} == {"w2"}
         snapshot = (await api.get("/snapshot")).json()
         assert [worker.get("draining", False) for worker in snapshot["workers"]] == [True, False]
+        # w1's heartbeat is refused (restored, unverified): the registration that
+        # repairs the restart is not a new process, and leaves it draining.
+        assert (await api.post("/heartbeat", {"worker_id": "w1"})).status_code == 404
+        await api.register("w1")
+        assert (await api.workers())["w1"]["state"] == "draining"
+        assert {await api.route() for _ in range(4)} == {"w2"}
