@@ -438,11 +438,9 @@ class WorkerAgent:
             finished = True
         self._drained = True
         if not finished:
-            left = self.calls_in_flight() if self.calls_in_flight is not None else 0
             logger.warning(
-                "worker %s: %d calls still in flight after draining for %g s; leaving anyway",
+                "worker %s: calls still in flight after draining for %g s; leaving anyway",
                 self.worker_id,
-                left,
                 self._drain_timeout,
             )
         return finished
