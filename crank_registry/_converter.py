@@ -32,13 +32,15 @@ from ._events import (
     SelfPreservationChanged,
     SlosChanged,
     WorkerDeregistered,
+    WorkerDraining,
     WorkerEvicted,
     WorkerHealthy,
     WorkerImported,
     WorkerRegistered,
+    WorkerUndrained,
     WorkerUnhealthy,
 )
-from ._models import CapabilitySchema, HealthState
+from ._models import OMIT_IF_FALSE, CapabilitySchema, HealthState, WorkerState
 from ._wire import ANSWER_TYPES
 
 __all__ = [
@@ -65,6 +67,8 @@ EVENT_TYPES: Mapping[str, type[Event]] = types.MappingProxyType(
         "slos_changed": SlosChanged,
         "policy_changed": PolicyChanged,
         "self_preservation": SelfPreservationChanged,
+        "draining": WorkerDraining,
+        "undrained": WorkerUndrained,
     }
 )
 _TAG_OF: dict[type[Event], str] = {cls: tag for tag, cls in EVENT_TYPES.items()}
@@ -106,11 +110,11 @@ def _json_object(value: Any, _: type) -> dict[str, Any]:
     return value
 
 
-def _health_state(value: Any, _: type) -> HealthState:
-    for state in HealthState:
+def _health_state(value: Any, tp: type[HealthState] | type[WorkerState]) -> Any:
+    for state in tp:
         if value == state.value and isinstance(value, str):
             return state
-    names = ", ".join(state.value for state in HealthState)
+    names = ", ".join(state.value for state in tp)
     raise ValidationError.single("", f"must be one of {names}")
 
 
@@ -156,6 +160,7 @@ def make_converter() -> cattrs.Converter:
     conv.register_structure_hook(bool, _strict_bool)
     conv.register_structure_hook(Any, _any)
     conv.register_structure_hook(HealthState, _health_state)
+    conv.register_structure_hook(WorkerState, _health_state)
     conv.register_structure_hook_func(_is_json_object_type, _json_object)
     conv.register_structure_hook_func(_is_literal, _literal)
 
@@ -185,6 +190,7 @@ def make_converter() -> cattrs.Converter:
     conv.register_structure_hook_factory(attrs.has, lambda cls: _attrs_structure_fn(conv, cls))
 
     conv.register_unstructure_hook(HealthState, lambda state: state.value)
+    conv.register_unstructure_hook(WorkerState, lambda state: state.value)
     conv.register_unstructure_hook_factory(attrs.has, lambda cls: _attrs_unstructure_fn(conv, cls))
     return conv
 
@@ -231,7 +237,9 @@ def _attrs_structure_fn(conv: cattrs.Converter, cls: type[T]) -> Callable[[Any, 
 
 def _attrs_unstructure_fn(conv: cattrs.Converter, cls: type[Any]) -> Callable[[Any], Any]:
     overrides: dict[str, Any] = {
-        a.name: override(omit_if_default=True) for a in attrs.fields(cls) if a.default is None
+        a.name: override(omit_if_default=True)
+        for a in attrs.fields(cls)
+        if a.default is None or (a.default is False and a.metadata.get(OMIT_IF_FALSE))
     }
     return make_dict_unstructure_fn(cls, conv, **overrides)
 

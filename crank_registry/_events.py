@@ -17,7 +17,9 @@ whole registry::
         │   ├── WorkerUnhealthy     stopped being routable (silent past unhealthy_after)
         │   ├── WorkerHealthy       routable again (heard from after being unhealthy)
         │   ├── WorkerEvicted       removed for silence past evict_after
-        │   └── WorkerImported      taken from another controller's state, unverified
+        │   ├── WorkerImported      taken from another controller's state, unverified
+        │   ├── WorkerDraining      takes no new routes (drained), whatever its health
+        │   └── WorkerUndrained     takes routes again as its health allows
         └── RegistryChange      about the whole registry, not one worker
             ├── SlosChanged         the SLO files in effect were replaced
             ├── PolicyChanged       the access policy's rules were replaced
@@ -52,10 +54,12 @@ __all__ = [
     "Snapshot",
     "WorkerChange",
     "WorkerDeregistered",
+    "WorkerDraining",
     "WorkerEvicted",
     "WorkerHealthy",
     "WorkerImported",
     "WorkerRegistered",
+    "WorkerUndrained",
     "WorkerUnhealthy",
 ]
 
@@ -195,6 +199,24 @@ class WorkerImported(WorkerChange):
     capabilities: tuple[CapabilitySchema, ...]
     last_heartbeat: float
     source: str
+
+
+@attrs.frozen
+class WorkerDraining(WorkerChange):
+    """A worker was drained at ``at``: it takes no new routes until undrained or registered again.
+
+    Beside its health, not a health state: a draining worker keeps
+    heartbeating and its registration while its calls in flight finish.
+    """
+
+    at: float
+
+
+@attrs.frozen
+class WorkerUndrained(WorkerChange):
+    """A draining worker was undrained at ``at``: it takes routes again as its health allows."""
+
+    at: float
 
 
 @attrs.frozen

@@ -31,8 +31,9 @@ from ._slos import SloFile
 
 __all__ = ["DEFAULT_FEED_WINDOW", "MAX_FEED_PAGE", "ChangeLog", "SnapshotCopy", "WorkerRow"]
 
-#: What a :class:`SnapshotCopy` keeps of a worker: id, URL, capabilities, last heartbeat, state.
-WorkerRow = tuple[str, str, tuple[CapabilitySchema, ...], float, Health]
+#: What a :class:`SnapshotCopy` keeps of a worker: id, URL, capabilities, last heartbeat,
+#: state, draining.
+WorkerRow = tuple[str, str, tuple[CapabilitySchema, ...], float, Health, bool]
 
 #: How many changes a registry keeps for its feed unless told otherwise.
 DEFAULT_FEED_WINDOW = 100_000
@@ -139,8 +140,9 @@ class SnapshotCopy:
                 last_heartbeat,
                 verified=health.verified,
                 silent=health.silent,
+                draining=draining,
             )
-            for worker_id, worker_url, capabilities, last_heartbeat, health in self._rows[
+            for worker_id, worker_url, capabilities, last_heartbeat, health, draining in self._rows[
                 start:stop
             ]
         )

@@ -8,6 +8,11 @@ certificate, and it must be exactly one of
 - ``spiffe://TRUST-DOMAIN/client/NAME``: a caller that routes and lists but
   acts on no worker record.
 
+Drain is the one act on a worker record open to others: an *operator*, an
+identity matching one of the service's ``--operator`` globs (shell-style,
+:func:`fnmatch.fnmatchcase` over the whole SPIFFE ID), may drain and
+undrain any worker (:func:`authorize_drain`).
+
 Any other SPIFFE ID (another trust domain, a longer or shorter path, another
 kind, a name that is not a worker id) is refused with the reason, even where
 it ends in ``/worker/NAME``. The trust domain is the caller's to give: the
@@ -16,13 +21,17 @@ service passes the one it was configured with.
 
 from __future__ import annotations
 
+import fnmatch
 import re
+from collections.abc import Iterable
 
 from ._errors import Forbidden
 from ._models import is_worker_id
 
 __all__ = [
     "DEFAULT_TRUST_DOMAIN",
+    "authorize_drain",
+    "operator_glob_problem",
     "authorize_worker",
     "identity_problem",
     "is_trust_domain",
@@ -112,3 +121,49 @@ def authorize_worker(
             worker_id,
             reason=f"identity {identity!r} may not act on worker {worker_id!r}: it is {name!r}",
         )
+
+
+def operator_glob_problem(glob: object) -> str | None:
+    """Why ``glob`` is not an operator glob (``--operator``), or ``None`` if it is one.
+
+    A shell-style glob over whole SPIFFE IDs: it starts with ``spiffe://``
+    (so that it names identities, not any string), holds no whitespace,
+    and closes every ``[``.
+    """
+    if not isinstance(glob, str) or not glob.startswith(_SCHEME):
+        return "is not a glob over SPIFFE IDs: it must start with spiffe://"
+    if any(character.isspace() for character in glob):
+        return "holds whitespace, which no SPIFFE ID does"
+    if glob.count("[") != glob.count("]"):
+        return "has a [ without its ] (or a ] without its [)"
+    return None
+
+
+def authorize_drain(
+    identity: str | None,
+    worker_id: str,
+    *,
+    trust_domain: str,
+    required: bool = False,
+    operators: Iterable[str] = (),
+) -> None:
+    """Raise :class:`Forbidden` unless ``identity`` may drain or undrain ``worker_id``.
+
+    The worker itself may (as :func:`authorize_worker` rules), and so may an
+    identity of the trust domain that matches one of the ``operators`` globs.
+    """
+    if (
+        identity is not None
+        and isinstance(_parse(identity, trust_domain), tuple)
+        and any(fnmatch.fnmatchcase(identity, glob) for glob in operators)
+    ):
+        return
+    try:
+        authorize_worker(identity, worker_id, trust_domain=trust_domain, required=required)
+    except Forbidden as refused:
+        raise Forbidden(
+            identity,
+            worker_id,
+            reason=f"{refused}; only the worker itself, or an identity matching the "
+            "controller's --operator globs, may drain or undrain it",
+        ) from None

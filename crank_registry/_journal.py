@@ -31,6 +31,10 @@ Every line is one JSON object with the format version ``"v"`` and a
      "last_heartbeats": [1700000000.5, ...], "worker_sets": [0, ...],
      "health": ["healthy", ...], "crc32": 123456789}
 
+  A part whose workers include a draining one also has ``"draining"``, one
+  boolean per worker (a part without it, as every part written before
+  drain, has none draining).
+
   So one damaged part costs only its own workers: what it numbered is in
   the next part too, before any later part refers to it. The first part
   also holds the registry's settings when it has some: ``"access_policy"``
@@ -148,7 +152,18 @@ _SNAPSHOT_LISTS = (
 # The registry's settings, on a snapshot's first part.
 _SNAPSHOT_SETTINGS = ("access_policy", "slos", "self_preservation")
 _SNAPSHOT_FIELDS = frozenset(
-    {"v", "type", "revision", "part", "parts", "first_capability", "first_set", "health", "crc32"}
+    {
+        "v",
+        "type",
+        "revision",
+        "part",
+        "parts",
+        "first_capability",
+        "first_set",
+        "health",
+        "draining",
+        "crc32",
+    }
     | set(_SNAPSHOT_LISTS)
     | set(_SNAPSHOT_SETTINGS)
 )
@@ -309,13 +324,15 @@ def encode_snapshot(
                 set_number = set_numbers[capability_set] = len(sets)
                 sets.append(listed)
             worker_sets.append(set_number)
-        columns = {
+        columns: dict[str, list[Any]] = {
             "worker_ids": [r.worker_id for r in chunk],
             "worker_urls": [r.worker_url for r in chunk],
             "last_heartbeats": [float(r.last_heartbeat) for r in chunk],
             "worker_sets": worker_sets,
             "health": [Health.of(verified=r.verified, silent=r.silent).value for r in chunk],
         }
+        if any(r.draining for r in chunk):
+            columns["draining"] = [r.draining for r in chunk]
         body = (
             f'{{"v":{JOURNAL_FORMAT_VERSION},"type":"{_SNAPSHOT_TYPE}",'
             f'"revision":{snapshot.revision},"part":{index},"parts":{len(chunks)},'
@@ -478,6 +495,9 @@ class JournalReader:
             raise JournalDecodeError("snapshot: the worker columns differ in length")
         if type(states) is not list or len(states) != len(worker_ids):
             raise JournalDecodeError("snapshot: health must be a list, one per worker")
+        drains = data.get("draining", [False] * len(worker_ids))
+        if type(drains) is not list or len(drains) != len(worker_ids):
+            raise JournalDecodeError("snapshot: draining must be a list, one per worker")
         if part == 0:
             self._capabilities, self._sets = {}, {}
             self._next_capability = self._next_set = 0
@@ -497,8 +517,8 @@ class JournalReader:
         self._next_set = max(self._next_set, first_set + len(raw_sets))
         records = []
         dropped = 0
-        for worker_id, worker_url, last_heartbeat, set_number, state in zip(
-            worker_ids, worker_urls, last_heartbeats, worker_sets, states, strict=True
+        for worker_id, worker_url, last_heartbeat, set_number, state, draining in zip(
+            worker_ids, worker_urls, last_heartbeats, worker_sets, states, drains, strict=True
         ):
             # A set number that is unknown (or on a lost part): the worker is dropped.
             worker_capabilities = self._sets.get(set_number) if _is_int(set_number) else None
@@ -506,7 +526,14 @@ class JournalReader:
                 dropped += 1
                 continue
             records.append(
-                _snapshot_record(worker_id, worker_url, worker_capabilities, last_heartbeat, state)
+                _snapshot_record(
+                    worker_id,
+                    worker_url,
+                    worker_capabilities,
+                    last_heartbeat,
+                    state,
+                    draining=draining,
+                )
             )
         self._revision = max(self._revision, revision)
         settings = self._settings(data) if part == 0 else (None, (), None)
@@ -578,6 +605,8 @@ def _snapshot_record(
     capabilities: tuple[CapabilitySchema, ...],
     last_heartbeat: Any,
     state: Any,
+    *,
+    draining: Any,
 ) -> WorkerRecord:
     """A snapshot's worker; the record's checks are the wire model's."""
     health = _HEALTH_BY_VALUE.get(state) if isinstance(state, str) else None
@@ -591,6 +620,7 @@ def _snapshot_record(
             last_heartbeat,
             verified=health.verified,
             silent=health.silent,
+            draining=draining,
         )
     except ValidationError as error:
         raise JournalDecodeError(f"snapshot: worker {worker_id!r}: {error}") from None

@@ -33,7 +33,14 @@ import attrs
 
 from . import _health as health
 from ._errors import ValidationError
-from ._models import CapabilityKey, CapabilityView, HealthPolicy, HealthState, WorkerView
+from ._models import (
+    CapabilityKey,
+    CapabilityView,
+    HealthPolicy,
+    HealthState,
+    WorkerState,
+    WorkerView,
+)
 from ._records import Worker
 
 __all__ = [
@@ -168,11 +175,20 @@ class Counts:
 # ----------------------------------------------------------------- filters
 
 
+def _listed_state(state: WorkerState | HealthState | None) -> WorkerState | None:
+    """A filter's state as listed (a :class:`HealthState` given in-process names its own)."""
+    return None if state is None else WorkerState(state.value)
+
+
 @attrs.frozen
 class _Filter:
-    """What a listing keeps: workers in ``state``, offering ``verb`` and/or ``capability``."""
+    """What a listing keeps: workers in ``state``, offering ``verb`` and/or ``capability``.
 
-    state: HealthState | None
+    ``state`` is the listed one: ``draining`` keeps the draining workers, a
+    health state the workers in it that are not draining.
+    """
+
+    state: WorkerState | None = attrs.field(converter=_listed_state)
     verb: str | None
     capability: str | None
     policy: HealthPolicy
@@ -191,8 +207,10 @@ class _Filter:
         )
 
     def in_state(self, worker: Worker) -> bool:
+        if worker.draining or self.state is WorkerState.DRAINING:
+            return worker.draining and self.state is WorkerState.DRAINING
         shown = health.shown_state(worker.health, worker.last_heartbeat, self.now, self.policy)
-        return shown.reported is self.state
+        return WorkerState.of(shown.reported, draining=False) is self.state
 
     def keeps(self, worker: Worker) -> bool:
         if self.state is not None and not self.in_state(worker):
@@ -229,7 +247,7 @@ class WorkersPager:
         now: float,
         after: int | None,
         limit: int | None,
-        state: HealthState | None,
+        state: WorkerState | HealthState | None,
         verb: str | None,
         capability: str | None,
     ) -> None:
@@ -323,7 +341,7 @@ class CapabilitiesPager:
         now: float,
         after: CapabilityPosition | None,
         limit: int | None,
-        state: HealthState | None,
+        state: WorkerState | HealthState | None,
         verb: str | None,
         capability: str | None,
     ) -> None:
@@ -445,7 +463,7 @@ class WorkerCounter:
         policy: HealthPolicy,
         *,
         now: float,
-        state: HealthState | None,
+        state: WorkerState | HealthState | None,
         verb: str | None,
         capability: str | None,
     ) -> None:

@@ -29,6 +29,7 @@ __all__ = [
     "HealthPolicy",
     "HeartbeatRequest",
     "HealthState",
+    "OMIT_IF_FALSE",
     "JSON_SCHEMA",
     "LoadReport",
     "REMOVAL_REASONS",
@@ -40,6 +41,7 @@ __all__ = [
     "RouteRequest",
     "WorkerEndpoint",
     "WorkerRecord",
+    "WorkerState",
     "WorkerView",
     "capability_label",
     "is_worker_id",
@@ -57,6 +59,10 @@ CapabilityKey = tuple[str, str]
 #: that its annotation gives. The validators enforce the rule; the OpenAPI
 #: document (``crank_registry_asgi.openapi``) is generated from this.
 JSON_SCHEMA = "json_schema"
+#: The attrs metadata key of a flag the converter leaves out when it is false:
+#: a field added later, so that a reader from before it reads the value while
+#: the flag is off (DESIGN, "Formats and upgrades").
+OMIT_IF_FALSE = "omit_if_false"
 
 
 def _schema(**keywords: Any) -> dict[str, Any]:
@@ -487,7 +493,9 @@ class WorkerRecord:
     ``verified`` is false for a record restored from the journal or imported
     from another controller: this registry has not heard from it directly.
     ``silent``: the sweep found it silent past ``unhealthy_after``, and it
-    is not routable until it is heard from again.
+    is not routable until it is heard from again. ``draining``: it takes
+    no new routes (``POST /workers/{id}/drain``) until it is undrained or
+    registers again; written only when true.
     """
 
     worker_id: str = attrs.field(validator=_worker_id)
@@ -498,6 +506,7 @@ class WorkerRecord:
     last_heartbeat: float = attrs.field(validator=_finite)
     verified: bool = attrs.field(default=True, validator=_flag)
     silent: bool = attrs.field(default=False, validator=_flag)
+    draining: bool = attrs.field(default=False, validator=_flag, metadata={OMIT_IF_FALSE: True})
 
 
 @attrs.frozen
@@ -514,11 +523,32 @@ class WorkerEndpoint:
 
 
 class HealthState(enum.Enum):
-    """What ``/workers`` reports as ``state``."""
+    """What ``/workers`` reports as ``health``: the health state alone."""
 
     HEALTHY = "healthy"
     UNHEALTHY = "unhealthy"
     UNVERIFIED = "unverified"
+
+
+class WorkerState(enum.Enum):
+    """What ``/workers`` reports as ``state``: the first that applies of ``draining``, then health.
+
+    The health states keep their names, so a reader of ``state`` from before
+    drain reads every worker that is not draining as it did.
+    """
+
+    HEALTHY = "healthy"
+    UNHEALTHY = "unhealthy"
+    UNVERIFIED = "unverified"
+    DRAINING = "draining"
+
+    @classmethod
+    def of(cls, health: HealthState, *, draining: bool) -> WorkerState:
+        """The listed state of a worker in ``health``, ``draining`` or not."""
+        return cls.DRAINING if draining else _STATE_OF_HEALTH[health]
+
+
+_STATE_OF_HEALTH = {health: WorkerState(health.value) for health in HealthState}
 
 
 @attrs.frozen
@@ -528,12 +558,20 @@ class WorkerView:
     worker_id: str
     worker_url: str
     last_heartbeat: float
+    #: The health state alone (the listings' ``health``; their ``state`` is :attr:`listed_state`).
     state: HealthState
     is_healthy: bool
     capabilities: tuple[CapabilitySchema, ...]
+    #: It takes no new routes (drained), whatever its health.
+    draining: bool = False
     #: Its latest load report and when it arrived; ``None`` if it sent none.
     load: LoadReport | None = None
     load_reported_at: float | None = None
+
+    @property
+    def listed_state(self) -> WorkerState:
+        """The listings' ``state``: ``draining`` if it is, else the health state."""
+        return WorkerState.of(self.state, draining=self.draining)
 
 
 @attrs.frozen
@@ -774,7 +812,16 @@ class RouteRequest:
 
 
 #: Why a worker of the capability was not a candidate, in the order of the rules.
-REMOVAL_REASONS = ("unhealthy", "version", "excluded", "policy", "slo", "budget", "at_capacity")
+REMOVAL_REASONS = (
+    "unhealthy",
+    "draining",
+    "version",
+    "excluded",
+    "policy",
+    "slo",
+    "budget",
+    "at_capacity",
+)
 
 
 @attrs.frozen(kw_only=True)

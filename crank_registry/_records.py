@@ -12,7 +12,7 @@ import json
 import math
 
 from ._converter import unstructure
-from ._health import Health
+from ._health import Health, routable_until
 from ._models import CapabilityKey, CapabilitySchema, LoadReport, WorkerEndpoint, WorkerRecord
 
 __all__ = ["MAX_VARIANTS", "CapabilityValues", "Load", "Member", "Worker"]
@@ -29,12 +29,15 @@ class Worker:
     set only by the registry's fold; ``routable_until`` and ``deadline`` are
     :func:`~crank_registry._health.routable_until` and
     :func:`~crank_registry._health.deadline` of the other two, kept so that
-    a route compares one float.
+    a route compares one float. ``draining`` (set by the fold too) makes
+    ``routable_until`` -inf whatever the health: a drained worker takes no
+    new routes, and the plain route's one comparison still says so.
     """
 
     __slots__ = (
         "capabilities",
         "deadline",
+        "draining",
         "health",
         "last_heartbeat",
         "load",
@@ -60,6 +63,7 @@ class Worker:
         self.capabilities = capabilities
         self.health = health
         self.last_heartbeat = last_heartbeat
+        self.draining = False
         # Its place in registration order (kept when it registers again).
         self.order = order
         # Until the registry's fold sets them: not routable, no deadline yet.
@@ -87,7 +91,16 @@ class Worker:
             last_heartbeat=self.last_heartbeat,
             verified=self.health.verified,
             silent=self.health.silent,
+            draining=self.draining,
         )
+
+    def healthy_until(self) -> float:
+        """When its health alone stops it being routable (-inf: not routable by health now).
+
+        ``routable_until``, draining left aside: what the listings' health
+        and ``explain`` tell apart from ``draining``.
+        """
+        return routable_until(self.health, self.deadline)
 
 
 class Load:

@@ -85,10 +85,12 @@ from ._events import (
     Snapshot,
     WorkerChange,
     WorkerDeregistered,
+    WorkerDraining,
     WorkerEvicted,
     WorkerHealthy,
     WorkerImported,
     WorkerRegistered,
+    WorkerUndrained,
     WorkerUnhealthy,
 )
 from ._feed import DEFAULT_FEED_WINDOW, MAX_FEED_PAGE, ChangeLog, SnapshotCopy
@@ -114,6 +116,7 @@ from ._models import (
     RouteExplanation,
     WorkerEndpoint,
     WorkerRecord,
+    WorkerState,
     WorkerView,
     parse_capability_label,
 )
@@ -426,6 +429,27 @@ class CapabilityRegistry:
         """Remove a worker that is leaving; raises :class:`WorkerNotRegistered` if unknown."""
         return self._commit(self.decide_deregister(worker_id, now=now))
 
+    def drain(self, worker_id: str, *, now: float) -> tuple[Event, ...]:
+        """Send a worker no new routes from now on; it keeps its registration: ``draining``.
+
+        Returns the :class:`WorkerDraining` it applied, or nothing when the
+        worker is draining already. The worker goes on heartbeating while
+        its calls in flight finish (then it deregisters);
+        :meth:`undrain` returns it, and so does its next registration (a
+        new worker process; not the one of a worker held ``unverified``,
+        which repairs a restart). Health goes on as before: a draining worker
+        still falls silent and is evicted. Raises
+        :class:`WorkerNotRegistered` for a worker not held.
+        """
+        return self._commit(self.decide_drain(worker_id, now=now))
+
+    def undrain(self, worker_id: str, *, now: float) -> tuple[Event, ...]:
+        """End a worker's drain: :class:`WorkerUndrained`, or nothing when it is not draining.
+
+        Raises :class:`WorkerNotRegistered` for a worker not held.
+        """
+        return self._commit(self.decide_undrain(worker_id, now=now))
+
     def cleanup_stale(self, *, now: float) -> tuple[Event, ...]:
         """The sweep: silent past ``unhealthy_after``: unhealthy; past ``evict_after``: evicted.
 
@@ -494,6 +518,51 @@ class CapabilityRegistry:
         """The events :meth:`deregister` causes, pending until :meth:`confirm`; raises alike."""
         _check_now(now)
         return self._decide(worker_id, HealthInput.DEREGISTER, now)
+
+    def decide_drain(self, worker_id: str, *, now: float) -> tuple[Event, ...]:
+        """The change :meth:`drain` makes, pending until :meth:`confirm`; raises alike."""
+        return self._decide_drain(worker_id, now, draining=True)
+
+    def decide_undrain(self, worker_id: str, *, now: float) -> tuple[Event, ...]:
+        """The change :meth:`undrain` makes, pending until :meth:`confirm`; raises alike."""
+        return self._decide_drain(worker_id, now, draining=False)
+
+    def _decide_drain(self, worker_id: str, now: float, *, draining: bool) -> tuple[Event, ...]:
+        """Decide that ``worker_id`` starts or stops draining: nothing when it is so already."""
+        _check_now(now)
+        current = self._draining_as_decided(worker_id)
+        if current is None:
+            raise WorkerNotRegistered(worker_id)
+        if current is draining:
+            return ()
+        kind = WorkerDraining if draining else WorkerUndrained
+        change = kind(worker_id, now, revision=self._decided + 1)
+        self._decided = change.revision
+        self._pending.append(change)
+        return (change,)
+
+    def _draining_as_decided(self, worker_id: str) -> bool | None:
+        """Whether ``worker_id`` drains as the changes decided leave it; ``None``: not held.
+
+        The fold's rules, run over the worker's pending changes in order.
+        """
+        worker = self._workers.get(worker_id)
+        held = worker is not None
+        draining = worker is not None and worker.draining
+        verified = worker is not None and worker.health.verified
+        for change in self._pending:
+            if not isinstance(change, WorkerChange) or change.worker_id != worker_id:
+                continue
+            if isinstance(change, (WorkerDraining, WorkerUndrained)):
+                draining = isinstance(change, WorkerDraining)
+            elif isinstance(change, WorkerRegistered):
+                draining = held and draining and not verified
+                held = verified = True
+            elif isinstance(change, WorkerImported):
+                held, draining, verified = True, False, False
+            elif isinstance(change, (WorkerDeregistered, WorkerEvicted)):
+                held = draining = False
+        return draining if held else None
 
     def decide_sweep(self, *, now: float) -> tuple[Event, ...]:
         """The events :meth:`cleanup_stale` causes, pending until :meth:`confirm`.
@@ -792,7 +861,20 @@ class CapabilityRegistry:
             self._push(held)
 
     def _apply_worker_change(self, event: WorkerChange) -> None:
-        """Apply a change of one worker: replay the state table's transition that emitted it."""
+        """Apply a change of one worker: replay the state table's transition that emitted it.
+
+        A drain is beside the health states, not one of them: it sets the
+        worker's ``draining`` flag (a second ``draining`` leaves it set), and
+        a registration, which holds a new record, clears it
+        (:func:`_drain_outlives_registration` says when it does not).
+        """
+        if isinstance(event, (WorkerDraining, WorkerUndrained)):
+            drained = self._workers.get(event.worker_id)
+            if drained is None:
+                raise WorkerNotRegistered(event.worker_id)
+            drained.draining = isinstance(event, WorkerDraining)
+            self._refresh(drained)
+            return
         if self._preserving_since is not None and not isinstance(event, WorkerUnhealthy):
             self._heard(event.worker_id)
         held = self._workers.get(event.worker_id)
@@ -803,7 +885,12 @@ class CapabilityRegistry:
             case WorkerRegistered():
                 assert step.to is not None
                 self._install(
-                    event.worker_id, event.worker_url, event.capabilities, step.to, event.at
+                    event.worker_id,
+                    event.worker_url,
+                    event.capabilities,
+                    step.to,
+                    event.at,
+                    draining=held is not None and _drain_outlives_registration(held),
                 )
                 self._tombstones.pop(event.worker_id, None)
             case WorkerImported():
@@ -867,6 +954,7 @@ class CapabilityRegistry:
                 record.capabilities,
                 state,
                 record.last_heartbeat,
+                draining=record.draining,
             )
         self._slos = ServiceLevels(snapshot.slos)
         # No window yet: workers the first sweep finds silent are not counted.
@@ -934,6 +1022,7 @@ class CapabilityRegistry:
                 record.capabilities,
                 Health.UNVERIFIED,
                 last_heartbeat,
+                draining=record.draining,
             )
             kept += 1
         return kept
@@ -1138,7 +1227,7 @@ class CapabilityRegistry:
         self,
         *,
         now: float,
-        state: HealthState | None = None,
+        state: WorkerState | HealthState | None = None,
         verb: str | None = None,
         capability: str | None = None,
     ) -> Counts:
@@ -1152,7 +1241,7 @@ class CapabilityRegistry:
         self,
         *,
         now: float,
-        state: HealthState | None = None,
+        state: WorkerState | HealthState | None = None,
         verb: str | None = None,
         capability: str | None = None,
     ) -> WorkerCounter:
@@ -1177,7 +1266,7 @@ class CapabilityRegistry:
         now: float,
         after: int | None = None,
         limit: int | None,
-        state: HealthState | None = None,
+        state: WorkerState | HealthState | None = None,
         verb: str | None = None,
         capability: str | None = None,
     ) -> WorkersPage:
@@ -1203,7 +1292,7 @@ class CapabilityRegistry:
         now: float,
         after: int | None = None,
         limit: int | None,
-        state: HealthState | None = None,
+        state: WorkerState | HealthState | None = None,
         verb: str | None = None,
         capability: str | None = None,
     ) -> WorkersPager:
@@ -1229,7 +1318,7 @@ class CapabilityRegistry:
         now: float,
         after: CapabilityPosition | None = None,
         limit: int | None,
-        state: HealthState | None = None,
+        state: WorkerState | HealthState | None = None,
         verb: str | None = None,
         capability: str | None = None,
     ) -> CapabilitiesPage:
@@ -1254,7 +1343,7 @@ class CapabilityRegistry:
         now: float,
         after: CapabilityPosition | None = None,
         limit: int | None,
-        state: HealthState | None = None,
+        state: WorkerState | HealthState | None = None,
         verb: str | None = None,
         capability: str | None = None,
     ) -> CapabilitiesPager:
@@ -1273,19 +1362,26 @@ class CapabilityRegistry:
             capability=capability,
         )
 
-    def state_counts(self, *, now: float) -> dict[HealthState, int]:
-        """How many workers :meth:`workers` would list in each state at ``now``.
+    def state_counts(self, *, now: float) -> dict[WorkerState, int]:
+        """How many workers :meth:`workers` would list in each ``state`` at ``now``.
 
-        Every state is a key (0 when none is in it). One pass that builds no
-        views: the service's metrics read it at every scrape.
+        Every state is a key (0 when none is in it); a draining worker counts
+        as ``draining`` only. One pass that builds no views: the service's
+        metrics read it at every scrape.
         """
         _check_now(now)
         held = collections.Counter(
-            (worker.health, now <= worker.routable_until) for worker in self._workers.values()
+            (
+                worker.health,
+                now <= (worker.healthy_until() if worker.draining else worker.routable_until),
+                worker.draining,
+            )
+            for worker in self._workers.values()
         )
-        counts = dict.fromkeys(HealthState, 0)
-        for (state, routable), number in held.items():
-            counts[health.shown_state_if(state, routable=routable).reported] += number
+        counts = dict.fromkeys(WorkerState, 0)
+        for (state, routable, draining), number in held.items():
+            shown = health.shown_state_if(state, routable=routable).reported
+            counts[WorkerState.of(shown, draining=draining)] += number
         return counts
 
     def capability_count(self) -> int:
@@ -1479,6 +1575,7 @@ class CapabilityRegistry:
             state=shown.reported,
             is_healthy=now <= worker.routable_until,
             capabilities=worker.capabilities,
+            draining=worker.draining,
             load=report,
             load_reported_at=None if load is None or report is None else load.reported_at,
         )
@@ -1491,7 +1588,9 @@ class CapabilityRegistry:
         until an event changes it.
         """
         deadline = self._deadline(worker.health, worker.last_heartbeat, self._policy)
-        worker.routable_until = health.routable_until(worker.health, deadline)
+        worker.routable_until = (
+            -math.inf if worker.draining else health.routable_until(worker.health, deadline)
+        )
         earlier = deadline < worker.deadline
         worker.deadline = deadline
         if earlier:
@@ -1513,8 +1612,14 @@ class CapabilityRegistry:
         capabilities: tuple[CapabilitySchema, ...],
         state: Health,
         last_heartbeat: float,
+        *,
+        draining: bool = False,
     ) -> None:
-        """Hold a worker, in place of any worker with its id, keeping its seats and position."""
+        """Hold a worker, in place of any worker with its id, keeping its seats and position.
+
+        The new record is not draining unless ``draining`` says so (a
+        snapshot's record): a registration ends a drain.
+        """
         old = self._workers.get(worker_id)
         self._routable_count += (state in health.ROUTABLE) - (
             old is not None and old.health in health.ROUTABLE
@@ -1523,6 +1628,7 @@ class CapabilityRegistry:
         if old is None:
             self._everyone.add(order, worker_id)
         worker = Worker(worker_id, worker_url, (), state, last_heartbeat, order)
+        worker.draining = draining
         previous: dict[CapabilityKey, tuple[Member, CapabilitySchema]] = {}
         if old is not None:
             if old.load is not None and old.load.calls:
@@ -1592,8 +1698,22 @@ class CapabilityRegistry:
             del self._keys[bisect.bisect_left(self._keys, member.key)]
 
 
+def _drain_outlives_registration(held: Worker) -> bool:
+    """Whether a registration of ``held`` leaves it draining.
+
+    A registration ends a drain: it comes from a new worker process. Except
+    the one that repairs a restart: a worker held ``unverified`` (restored
+    from the journal, or from a snapshot, not yet heard from) registers
+    again because this registry forgot it, not because it restarted, so an
+    operator's drain outlives a restart of the controller.
+    """
+    return held.draining and not held.health.verified
+
+
 # A worker's fields a SnapshotCopy keeps (one C call per worker).
-_ROW = operator.attrgetter("worker_id", "worker_url", "capabilities", "last_heartbeat", "health")
+_ROW = operator.attrgetter(
+    "worker_id", "worker_url", "capabilities", "last_heartbeat", "health", "draining"
+)
 
 
 def _check_now(now: float) -> None:

@@ -6,7 +6,8 @@ options") walks the members of its one ``(verb, capability)``, never the
 registry, in O(k) for k members:
 
 1. the filters, in the settled order, each worker removed by the first
-   that rejects it: ``unhealthy`` (not routable at ``now``), ``version``
+   that rejects it: ``unhealthy`` (not routable at ``now``), ``draining``
+   (routable by its health, but drained), ``version``
    (its version is not PEP 440 or not in the specifier set), ``excluded``,
    ``slo`` (its effective SLO, :func:`effective_slo`: an observed latency,
    else the SLO files', else the declared one, misses a bound or has no
@@ -348,7 +349,9 @@ def _filter(
     for member in everyone:
         worker_id = member.worker.worker_id
         if alive_at > member.worker.routable_until:
-            reasons[worker_id] = "unhealthy"
+            # Health first, then draining (DESIGN, "How options combine").
+            drained = member.worker.draining and alive_at <= member.worker.healthy_until()
+            reasons[worker_id] = "draining" if drained else "unhealthy"
         elif specifier is not None and not _version_matches(specifier, member.endpoint.version):
             reasons[worker_id] = "version"
         elif worker_id in excluded:

@@ -41,6 +41,7 @@ from ._models import (
     RouteExplanation,
     WorkerEndpoint,
     WorkerRecord,
+    WorkerState,
     _positive,
     _text,
     affinity_key_option,
@@ -59,6 +60,7 @@ __all__ = [
     "ANSWER_TYPES",
     "CapabilitiesAnswer",
     "DeregisterAnswer",
+    "DrainAnswer",
     "ErrorAnswer",
     "ExecuteRequest",
     "FailedAttempt",
@@ -84,8 +86,9 @@ __all__ = [
 #: What this controller accepts beyond the base protocol, listed in the
 #: ``/register`` answer (DESIGN, "Formats and upgrades"): a worker sends an
 #: optional field only to a controller that lists its feature.
-#: ``load_reports``: a heartbeat may carry ``load``.
-PROTOCOL_FEATURES: tuple[str, ...] = ("load_reports",)
+#: ``load_reports``: a heartbeat may carry ``load``; ``drain``: ``POST
+#: /workers/{worker_id}/drain`` and ``/undrain`` exist.
+PROTOCOL_FEATURES: tuple[str, ...] = ("load_reports", "drain")
 
 _WORKER_ID = {JSON_SCHEMA: {"pattern": _WORKER_ID_PATTERN}}
 _COUNT = {JSON_SCHEMA: {"minimum": 0}}
@@ -281,7 +284,7 @@ def _page_size(_: object, attribute: attrs.Attribute[Any], value: int) -> None:
         )
 
 
-_STATE_NAMES = ", ".join(state.value for state in HealthState)
+_STATE_NAMES = ", ".join(state.value for state in WorkerState)
 
 
 @attrs.frozen(kw_only=True)
@@ -314,8 +317,14 @@ class ListingQuery:
             }
         },
     )
-    state: HealthState | None = attrs.field(
-        default=None, metadata={JSON_SCHEMA: {"description": "Only workers in this state."}}
+    state: WorkerState | None = attrs.field(
+        default=None,
+        metadata={
+            JSON_SCHEMA: {
+                "description": "Only workers in this state (draining: the draining workers; "
+                "a health state: the workers in it that are not draining)."
+            }
+        },
     )
     verb: str | None = attrs.field(
         default=None,
@@ -361,7 +370,7 @@ class ListingQuery:
         state = None
         if "state" in values:
             try:
-                state = HealthState(values["state"])
+                state = WorkerState(values["state"])
             except ValueError:
                 problems.append(
                     Problem("state", f"must be one of {_STATE_NAMES}, got {values['state']!r}")
@@ -410,19 +419,38 @@ class WorkerLoad:
 class WorkerEntry:
     """One worker of ``GET /workers``; ``is_healthy`` means routable now.
 
-    ``capabilities`` are ``"verb:name"`` labels (:func:`~crank_registry.capability_label`).
+    ``health`` is the health state alone; ``draining``: it takes no new
+    routes; ``state`` is the first that applies of ``draining``, then the
+    health state. ``capabilities`` are ``"verb:name"`` labels
+    (:func:`~crank_registry.capability_label`).
     """
 
     worker_id: str = attrs.field(metadata=_WORKER_ID)
     worker_url: str
     last_heartbeat: str = attrs.field(validator=_iso_time, metadata=_TIME)
     is_healthy: bool
-    state: HealthState
+    state: WorkerState
+    #: Absent in the answers of a controller from before drain: read as ``state``.
+    health: HealthState | None = None
+    draining: bool = False
     capabilities: tuple[str, ...] = attrs.field(
         validator=_capability_labels, metadata={JSON_SCHEMA: {"items": {"pattern": ":"}}}
     )
     #: Absent when the worker has reported no load.
     load: WorkerLoad | None = None
+
+
+@attrs.frozen(kw_only=True)
+class DrainAnswer:
+    """``POST /workers/{worker_id}/drain`` and ``/undrain``: the worker's drain as it now is.
+
+    ``draining``: it takes no new routes; ``changed``: this request changed
+    it (false: it was so already).
+    """
+
+    worker_id: str = attrs.field(metadata=_WORKER_ID)
+    draining: bool
+    changed: bool
 
 
 @attrs.frozen(kw_only=True)
@@ -542,7 +570,8 @@ class SnapshotAnswer:
     """``GET /snapshot``: the whole registry at ``revision``, of the history ``epoch``.
 
     Follow it with ``GET /watch?epoch=EPOCH&since=REVISION``; each worker
-    is in the state ``verified`` and ``silent`` say (the journal's records).
+    is in the state ``verified`` and ``silent`` say (the journal's records),
+    and ``draining`` when it is drained (written only then).
     ``access_policy`` (absent: none) and ``slos`` are the registry's
     settings at ``revision``, which ``policy_changed`` and ``slos_changed``
     replace; a follower routes under them as the controller does.
@@ -715,6 +744,7 @@ ANSWER_TYPES: frozenset[type[Any]] = frozenset(
         CapabilitiesAnswer,
         CapabilityView,
         DeregisterAnswer,
+        DrainAnswer,
         ErrorAnswer,
         FailedAttempt,
         HealthAnswer,

@@ -47,8 +47,10 @@ from crank_registry import (
     PROTOCOL_FEATURES,
     AccessRules,
     CapabilityRegistry,
+    Change,
     DeregisterAnswer,
     DeregisterRequest,
+    DrainAnswer,
     Event,
     Forbidden,
     HealthAnswer,
@@ -71,8 +73,10 @@ from crank_registry import (
     UnknownCapability,
     ValidationError,
     WatchQuery,
+    authorize_drain,
     authorize_worker,
     encode_epoch,
+    is_worker_id,
     iso_utc,
     replay_bytes,
     retry_after_seconds,
@@ -667,6 +671,46 @@ class ControllerService:
         await self.effects.commit(events)
         return answer(DeregisterAnswer(worker_id=leaving.worker_id))
 
+    async def drain(self, request: Request) -> Response:
+        """POST /workers/{worker_id}/drain: the worker takes no new routes from now on."""
+        return await self._drain(request, draining=True)
+
+    async def undrain(self, request: Request) -> Response:
+        """POST /workers/{worker_id}/undrain: the worker takes routes again as its health allows."""
+        return await self._drain(request, draining=False)
+
+    async def _drain(self, request: Request, *, draining: bool) -> Response:
+        """Drain or undrain the worker of the path (no body: whatever is sent is not read).
+
+        The worker itself may, and so may an identity matching ``--operator``
+        (:func:`~crank_registry.authorize_drain`); 404 ``worker_not_registered``
+        for a worker not held. Draining a draining worker changes nothing.
+        """
+        worker_id = request.path_params["worker_id"]
+        if not is_worker_id(worker_id):
+            raise ValidationError.single(
+                "worker_id", "must be 1 to 128 letters, digits, '.', '_' and '-'"
+            )
+        annotate(worker_id=worker_id)
+        try:
+            identity = caller_identity(
+                request.scope, request.headers, self.proxy_header, now=self.clock()
+            )
+        except IdentityRefused as refusal:
+            raise Forbidden(None, worker_id, reason=str(refusal)) from None
+        authorize_drain(
+            identity,
+            worker_id,
+            trust_domain=self.config.trust_domain,
+            required=self.config.require_identity,
+            operators=self.config.operators,
+        )
+        self.effects.check_writable()
+        decide = self.registry.decide_drain if draining else self.registry.decide_undrain
+        written = await self.effects.commit(decide(worker_id, now=self.clock()))
+        changed = any(isinstance(event, Change) for event in written)
+        return answer(DrainAnswer(worker_id=worker_id, draining=draining, changed=changed))
+
     async def route(self, request: Request) -> Response:
         """POST /route: the next worker for a verb and capability, under the request's options."""
         identity = self.caller(request)
@@ -789,6 +833,8 @@ class ControllerService:
             "/heartbeat": (self.heartbeat, "POST"),
             "/register": (self.register, "POST"),
             "/deregister": (self.deregister, "POST"),
+            "/workers/{worker_id}/drain": (self.drain, "POST"),
+            "/workers/{worker_id}/undrain": (self.undrain, "POST"),
             "/health": (self.health, "GET"),
             "/ready": (self.ready, "GET"),
             "/capabilities": (self.capabilities, "GET"),

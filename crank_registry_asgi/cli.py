@@ -43,6 +43,7 @@ from crank_registry import (
     SelfPreservationSettings,
     identity_problem,
     is_trust_domain,
+    operator_glob_problem,
 )
 from crank_worker_client.certificates import DEFAULT_EXPIRY_WARNING, DEFAULT_WATCH_INTERVAL
 
@@ -346,6 +347,18 @@ def add_serve_command(subcommands: Subcommands) -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
+        "--operator",
+        action="append",
+        default=[],
+        type=_operator_glob,
+        metavar="GLOB",
+        help=(
+            "identities matching this glob over SPIFFE IDs (fnmatch: * ? [...]) may drain "
+            "and undrain any worker, e.g. 'spiffe://crank.local/client/ops-*' (repeatable; "
+            "default: only the worker itself, or anyone under --insecure without identities)"
+        ),
+    )
+    parser.add_argument(
         "--redis",
         metavar="URL",
         help=(
@@ -611,6 +624,7 @@ def run_serve(args: argparse.Namespace, process: ProcessRole | None = None) -> i
         policy_file=args.policy,
         policy_watch_interval=args.policy_watch_interval,
         trusted_gateways=args.trusted_gateway,
+        operators=args.operator,
         rate_limit=args.rate_limit,
         self_preservation=preservation,
         # This process is the controller's own: recovery may pause its collector.
@@ -934,6 +948,16 @@ def _spiffe_id(text: str) -> str:
     if not text.startswith("spiffe://") or len(text) <= len("spiffe://"):
         raise argparse.ArgumentTypeError(
             f"expected a SPIFFE ID (spiffe://DOMAIN/PATH), got {text!r}"
+        )
+    return text
+
+
+def _operator_glob(text: str) -> str:
+    """A glob over SPIFFE IDs (``--operator``)."""
+    problem = operator_glob_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} {problem} (e.g. 'spiffe://crank.local/client/ops-*')"
         )
     return text
 

@@ -1,4 +1,4 @@
-"""The operator's commands: ``workers``, ``capabilities``, ``route``, ``health``, ``watch``.
+"""The operator's commands: workers, capabilities, route, health, drain, undrain, watch.
 
 Each asks a running controller through
 :class:`crank_worker_client.ControllerClient` (no HTTP of its own) and prints
@@ -54,6 +54,7 @@ import httpx
 
 from crank_registry import (
     ROUTE_STRATEGIES,
+    DrainAnswer,
     HealthAnswer,
     RouteExplanation,
     WorkerEntry,
@@ -220,6 +221,23 @@ async def ask_health(client: ControllerClient, args: argparse.Namespace) -> Outp
     return unstructure(answer), table(("STATUS", "WORKERS", "HEALTHY", "SELF-PRESERVATION"), rows)
 
 
+async def ask_drain(client: ControllerClient, args: argparse.Namespace) -> Output:
+    """``drain WORKER_ID``: the controller routes no new calls to the worker."""
+    return _drained(await client.drain(args.worker_id))
+
+
+async def ask_undrain(client: ControllerClient, args: argparse.Namespace) -> Output:
+    """``undrain WORKER_ID``: the worker takes routes again as its health allows."""
+    return _drained(await client.undrain(args.worker_id))
+
+
+def _drained(answer: DrainAnswer) -> Output:
+    state = "draining" if answer.draining else "not draining"
+    change = "" if answer.changed else " (already)"
+    rows = [(answer.worker_id, state + change)]
+    return unstructure(answer), table(("WORKER ID", "DRAIN"), rows)
+
+
 #: name -> (help, description, what it asks)
 COMMANDS: dict[str, tuple[str, str, Ask]] = {
     "workers": (
@@ -250,6 +268,21 @@ COMMANDS: dict[str, tuple[str, str, Ask]] = {
         "Show the controller's status, its total and healthy worker counts, and whether it "
         "is in self-preservation (GET /health).",
         ask_health,
+    ),
+    "drain": (
+        "drain a worker: no new calls are routed to it",
+        "Drain WORKER_ID (POST /workers/WORKER_ID/drain): the controller routes no new "
+        "calls to it, and it keeps its registration while its calls finish; undrain, or "
+        "the worker registering again, ends it. Allowed to the worker's own certificate "
+        "and to identities the controller names with --operator (403 forbidden "
+        "otherwise); an unknown worker is 404 worker_not_registered. Both exit 1.",
+        ask_drain,
+    ),
+    "undrain": (
+        "undrain a worker: it takes routes again",
+        "Undrain WORKER_ID (POST /workers/WORKER_ID/undrain): it takes routes again as "
+        "its health allows. Allowed as drain is.",
+        ask_undrain,
     ),
 }
 
@@ -387,6 +420,8 @@ def add_client_commands(subcommands: Subcommands) -> None:
         )
         if name == "route":
             _route_flags(parser)
+        elif name in ("drain", "undrain"):
+            parser.add_argument("worker_id", metavar="WORKER_ID", help="the worker's id")
         parser.set_defaults(handler=_runner(name, ask))
     parser = subcommands.add_parser(
         "watch",
@@ -688,6 +723,8 @@ def _entry(worker: WorkerInfo) -> WorkerEntry:
         last_heartbeat=moment.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         is_healthy=worker.is_healthy,
         state=worker.state,
+        health=worker.health,
+        draining=worker.draining,
         capabilities=tuple(capability_label(key) for key in worker.capabilities),
         load=worker.load,
     )

@@ -27,6 +27,7 @@ from crank_registry import (
     SelfPreservationSettings,
     identity_problem,
     is_trust_domain,
+    operator_glob_problem,
 )
 from crank_worker_client.body import READ_TIMEOUT
 from crank_worker_client.certificates import DEFAULT_WATCH_INTERVAL
@@ -165,6 +166,9 @@ class ServiceConfig:
     read when the app is made and re-read every ``policy_watch_interval``
     seconds while it serves. ``trusted_gateways``: the SPIFFE IDs that may
     route for another identity (a body ``requester_identity``).
+    ``operators``: globs over SPIFFE IDs (``fnmatch``): a caller whose
+    identity matches one may drain and undrain any worker, besides the
+    worker itself.
     """
 
     policy: HealthPolicy = attrs.field(factory=HealthPolicy)
@@ -207,6 +211,7 @@ class ServiceConfig:
         default=DEFAULT_WATCH_INTERVAL, validator=_positive_number
     )
     trusted_gateways: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    operators: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     #: ``POST /route`` and ``POST /execute`` per caller (its identity, else its
     #: address): over it 429 ``rate_limited``. ``None``: no limit. Worker writes
     #: (register, heartbeat, deregister) are never limited. With ``redis_url``,
@@ -256,6 +261,10 @@ class ServiceConfig:
             problem = identity_problem(gateway, self.trust_domain)
             if problem is not None:
                 raise ValueError(f"trusted_gateways: {gateway!r} {problem}")
+        for glob in self.operators:
+            problem = operator_glob_problem(glob)
+            if problem is not None:
+                raise ValueError(f"operators: {glob!r} {problem}")
         for network in self.trusted_proxies:
             if not isinstance(network, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
                 raise ValueError(f"trusted_proxies must be IP networks, got {network!r}")

@@ -48,10 +48,12 @@ from crank_registry import (
     SelfPreservationChanged,
     SlosChanged,
     WorkerDeregistered,
+    WorkerDraining,
     WorkerEvicted,
     WorkerHealthy,
     WorkerImported,
     WorkerRegistered,
+    WorkerUndrained,
     WorkerUnhealthy,
     capability_label,
     encode_epoch,
@@ -354,6 +356,11 @@ class Effects:
         elif isinstance(event, WorkerImported):
             fields = {"worker_id": event.worker_id, "source": event.source}
             message = "worker imported"
+        elif isinstance(event, (WorkerDraining, WorkerUndrained)):
+            draining = isinstance(event, WorkerDraining)
+            self.metrics.drain_changes.labels(draining=str(draining).lower()).inc()
+            fields = {"worker_id": event.worker_id}
+            message = "worker draining" if draining else "worker undrained"
         elif isinstance(event, SlosChanged):
             fields = {"files": ",".join(slo.file for slo in event.slos) or "none"}
             message = "SLO files changed"

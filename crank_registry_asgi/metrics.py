@@ -13,7 +13,7 @@ What is counted, and where:
   ``crank_registrations_total{replaced}``, ``crank_deregistrations_total``,
   ``crank_heartbeats_total``, ``crank_evictions_total``,
   ``crank_unhealthy_transitions_total``, ``crank_routes_total{outcome}``,
-  ``crank_self_preservation_changes_total{active}``;
+  ``crank_self_preservation_changes_total{active}``, ``crank_drain_changes_total{draining}``;
 * admission: ``crank_rate_limited_total{path}``, requests refused 429
   ``rate_limited`` (``--rate-limit``) on ``/route`` and ``/execute``;
 * the registry's state, read at scrape time by :class:`RegistryCollector`:
@@ -87,7 +87,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from crank_registry import CapabilityRegistry, HealthState
+from crank_registry import CapabilityRegistry, WorkerState
 
 __all__ = [
     "CONTENT_TYPE",
@@ -221,6 +221,12 @@ class Metrics:
         )
         self.deregistrations = Counter(
             "crank_deregistrations", "Workers that deregistered", registry=counted
+        )
+        self.drain_changes = Counter(
+            "crank_drain_changes",
+            "Workers drained (draining=true) and undrained (draining=false)",
+            ["draining"],
+            registry=counted,
         )
         self.heartbeats = Counter("crank_heartbeats", "Heartbeats accepted", registry=counted)
         #: The heartbeats accepted in the last minute (``GET /health``).
@@ -413,7 +419,7 @@ class RegistryCollector(Collector):
         yield GaugeMetricFamily("crank_self_preservation", "")
 
 
-assert {state.value for state in HealthState} == {"healthy", "unhealthy", "unverified"}
+assert {state.value for state in WorkerState} == {"healthy", "unhealthy", "unverified", "draining"}
 
 
 def metrics_response(registry: CollectorRegistry) -> Response:

@@ -30,10 +30,12 @@ import attrs
 from crank_registry import (
     EVENT_TYPES,
     JSON_SCHEMA,
+    OMIT_IF_FALSE,
     CapabilitiesAnswer,
     Change,
     DeregisterAnswer,
     DeregisterRequest,
+    DrainAnswer,
     ErrorAnswer,
     HealthAnswer,
     HeartbeatAnswer,
@@ -243,6 +245,24 @@ _WORKER_WRITE = (
     "incompatible_peer",
 )
 
+#: What drain and undrain answer (no body: only the path's worker id is checked).
+_DRAIN_ERRORS = (
+    "invalid_request",
+    "forbidden",
+    "worker_not_registered",
+    "journal_unavailable",
+    "store_unavailable",
+    "incompatible_peer",
+)
+#: The worker of a ``/workers/{worker_id}/...`` path.
+_WORKER_ID_PARAMETER: Mapping[str, Any] = {
+    "name": "worker_id",
+    "in": "path",
+    "required": True,
+    "description": "The worker's id.",
+    "schema": {"type": "string", **attrs.fields(DrainAnswer).worker_id.metadata[JSON_SCHEMA]},
+}
+
 #: The controller's endpoints, in the order they are documented.
 OPERATIONS: tuple[Operation, ...] = (
     Operation("GET", "/health", "health", "Liveness and worker counts", HealthAnswer, "Up."),
@@ -287,6 +307,29 @@ OPERATIONS: tuple[Operation, ...] = (
         "Removed.",
         DeregisterRequest,
         (*_WORKER_WRITE, "worker_not_registered"),
+    ),
+    Operation(
+        "POST",
+        "/workers/{worker_id}/drain",
+        "drain",
+        "Drain a worker: it takes no new routes, and keeps its registration while its calls finish",
+        DrainAnswer,
+        "Draining (changed: false when it was draining already). A registration of the "
+        "worker (a new process) or /undrain ends it. Allowed to the worker itself, to an "
+        "identity matching the controller's --operator globs, and to anyone without "
+        "identities (--insecure); no body is read.",
+        errors=_DRAIN_ERRORS,
+        headers=(_WORKER_ID_PARAMETER,),
+    ),
+    Operation(
+        "POST",
+        "/workers/{worker_id}/undrain",
+        "undrain",
+        "Undrain a worker: it takes routes again as its health allows",
+        DrainAnswer,
+        "Not draining (changed: false when it was not draining).",
+        errors=_DRAIN_ERRORS,
+        headers=(_WORKER_ID_PARAMETER,),
     ),
     Operation(
         "POST",
@@ -481,14 +524,19 @@ def property_schemas(
 def model_schema(cls: type[Any], components: dict[str, Any]) -> dict[str, Any]:
     """The closed JSON Schema of an attrs class.
 
-    A field is required unless its default is ``None``: the converter
-    leaves such a field out of an answer, and a request may too.
+    A field is required unless its default is ``None``, or ``False`` for a
+    flag marked :data:`~crank_registry.OMIT_IF_FALSE`: the converter leaves
+    such a field out of an answer, and a request may too.
     """
     return {
         "type": "object",
         "description": (cls.__doc__ or "").strip().split("\n\n")[0],
         "properties": property_schemas(cls, components),
-        "required": [f.name for f in attrs.fields(cls) if f.default is not None],
+        "required": [
+            f.name
+            for f in attrs.fields(cls)
+            if f.default is not None and not (f.default is False and f.metadata.get(OMIT_IF_FALSE))
+        ],
         "additionalProperties": False,
     }
 

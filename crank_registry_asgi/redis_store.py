@@ -116,11 +116,13 @@ from crank_registry import (
     ValidationError,
     WorkerChange,
     WorkerDeregistered,
+    WorkerDraining,
     WorkerEvicted,
     WorkerHealthy,
     WorkerImported,
     WorkerRecord,
     WorkerRegistered,
+    WorkerUndrained,
     WorkerUnhealthy,
     decode_heartbeat_line,
     encode_event,
@@ -387,6 +389,10 @@ def _record_effect(change: Change) -> tuple[str, float | None]:
         return "hold", None
     if isinstance(change, (WorkerDeregistered, WorkerEvicted)):
         return "drop", None
+    if isinstance(change, (WorkerDraining, WorkerUndrained)):
+        # Beside health: it brings no heartbeat, and leaves the record's revision
+        # alone, so that it makes no time-driven decision of the sweeper stale.
+        return "none", None
     return "none", None
 
 
@@ -402,6 +408,8 @@ def _condition(change: Change) -> tuple[str, float | None]:
         return "unchanged", None
     if isinstance(change, (SlosChanged, PolicyChanged)):
         return "leased", None
+    # Registrations, deregistrations, drains (an operator's or the worker's
+    # own act, applied in stream order) and the other registry-wide changes.
     return "always", None
 
 

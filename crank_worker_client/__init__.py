@@ -29,7 +29,7 @@ trace context; without it, none does. Three public modules beside:
   errors that name the file; shared with the controller.
 """
 
-from ._agent import AgentState, AgentStatus, LoadSource, WorkerAgent
+from ._agent import AgentState, AgentStatus, CallsInFlight, LoadSource, WorkerAgent
 from ._client import (
     ControllerClient,
     ControllerHealth,
@@ -87,6 +87,7 @@ __all__ = [
     "HeartbeatAck",
     "InvalidRequest",
     "LoadMeter",
+    "CallsInFlight",
     "LoadSource",
     "NoWorkerAvailable",
     "Outcome",

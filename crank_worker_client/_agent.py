@@ -14,6 +14,13 @@ the one that answered last and, when it fails, on to the next at once
 heartbeat that was due reaches another controller at its jittered time,
 within one interval, and as a heartbeat, since the next controller knows
 the worker; only ``worker_not_registered`` makes the agent register again.
+
+Graceful shutdown (:meth:`WorkerAgent.drain`, and on exit): the agent
+asks the controller to drain the worker, so that no new call is routed to
+it, keeps heartbeating while the calls in flight finish (bounded by
+``drain_timeout``), then deregisters. A controller whose registration
+answer does not list ``drain`` (an older one) is not asked; the agent then
+deregisters as before.
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ from ._exceptions import (
 from ._schedule import Outcome, next_heartbeat_delay, registration_backoff
 from .certificates import DEFAULT_EXPIRY_WARNING, DEFAULT_WATCH_INTERVAL, CertificateFiles
 
-__all__ = ["AgentState", "AgentStatus", "LoadSource", "WorkerAgent"]
+__all__ = ["AgentState", "AgentStatus", "CallsInFlight", "LoadSource", "WorkerAgent"]
 
 logger = logging.getLogger("crank_worker_client")
 
@@ -60,6 +67,13 @@ LoadSource = Callable[[], LoadReport | None]
 
 #: The controller feature that lets a heartbeat carry ``load``.
 _LOAD_REPORTS = "load_reports"
+#: The controller feature of ``POST /workers/{worker_id}/drain``.
+_DRAIN = "drain"
+#: How often the agent looks whether the calls in flight are over, while draining.
+_CALLS_POLL = 0.02
+
+#: What the agent asks for the number of calls the worker is serving, while it drains.
+CallsInFlight = Callable[[], int]
 
 
 class AgentState(enum.Enum):
@@ -105,6 +119,8 @@ class AgentStatus:
     consecutive_failures: int
     last_error: str | None
     registrations: int
+    #: Shutting down: the controller was asked to route no new calls here.
+    draining: bool = False
 
     @property
     def registered(self) -> bool:
@@ -125,6 +141,7 @@ class AgentStatus:
             "consecutive_failures": self.consecutive_failures,
             "last_error": self.last_error,
             "registrations": self.registrations,
+            "draining": self.draining,
         }
 
 
@@ -170,8 +187,16 @@ class WorkerAgent:
     controller's interval (jitter at most 10% of it); failures are retried
     with backoff from ``heartbeat_retry_base`` (default 1/16 of the interval)
     capped at one interval; ``worker_not_registered`` re-registers at once.
-    On exit the worker deregisters within ``deregister_timeout`` seconds,
-    even when the block raised or was cancelled.
+    On exit the worker drains first (:meth:`drain`, unless it was called
+    already), then deregisters within ``deregister_timeout`` seconds, even
+    when the block raised or was cancelled.
+
+    ``calls_in_flight`` is called while draining for the number of calls
+    the worker still serves (:data:`CallsInFlight`); the agent waits until
+    it is 0, at most ``drain_timeout`` seconds (30) for the whole drain. An
+    :func:`~crank_worker_client.serving.invocation_app` given this agent
+    sets it to its meter's count when it is ``None``; without one, nothing
+    is waited for.
 
     No heartbeat or re-registration waits longer than ``request_timeout``
     or one interval, whichever is shorter, for all the controllers it tries;
@@ -218,6 +243,8 @@ class WorkerAgent:
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
         load: LoadSource | None = None,
+        drain_timeout: float = 30.0,
+        calls_in_flight: CallsInFlight | None = None,
     ) -> None:
         _check_duration("registration_deadline", registration_deadline, optional=True)
         _check_duration("registration_backoff_base", registration_backoff_base)
@@ -226,6 +253,7 @@ class WorkerAgent:
         _check_duration("deregister_timeout", deregister_timeout)
         _check_duration("request_timeout", request_timeout)
         _check_duration("certificate_watch_interval", certificate_watch_interval)
+        _check_duration("drain_timeout", drain_timeout)
         self._registration = _registration(worker_id, worker_url, capabilities)
         self._client = ControllerClient(
             controller_url,
@@ -246,6 +274,9 @@ class WorkerAgent:
         self._clock = clock
         #: Where the heartbeats' load comes from (``None``: they carry none).
         self.load = load
+        self._drain_timeout = drain_timeout
+        #: How many calls the worker serves, waited for while draining (``None``: none).
+        self.calls_in_flight = calls_in_flight
         self._task_group: anyio.abc.TaskGroup | None = None
         self._running = False
         self._reset()
@@ -264,6 +295,8 @@ class WorkerAgent:
         self._failures = 0
         self._last_error: str | None = None
         self._registrations = 0
+        self._draining = False
+        self._drained = False
 
     # -- what the worker sees --------------------------------------------
 
@@ -311,6 +344,7 @@ class WorkerAgent:
             consecutive_failures=self._failures,
             last_error=self._last_error,
             registrations=self._registrations,
+            draining=self._draining,
         )
 
     async def update_capabilities(self, capabilities: Iterable[CapabilitySchema]) -> None:
@@ -366,6 +400,11 @@ class WorkerAgent:
         task_group, self._task_group = self._task_group, None
         try:
             if task_group is not None:
+                if not self._drained:
+                    # Heartbeats go on while the calls finish; a cancelled block
+                    # drains too, never for longer than drain_timeout.
+                    with anyio.CancelScope(shield=True):
+                        await self.drain()
                 task_group.cancel_scope.cancel()
                 # The block's own exception is not handed to the task group:
                 # it would come out wrapped in an ExceptionGroup. Returning
@@ -376,6 +415,72 @@ class WorkerAgent:
                 await self._leave()
             finally:
                 self._running = False
+
+    # -- graceful shutdown ------------------------------------------------
+
+    async def drain(self) -> bool:
+        """Stop new calls coming, and wait for the calls in flight: the first half of a shutdown.
+
+        Asks the controller to drain the worker (when it lists the ``drain``
+        feature), then waits until :attr:`calls_in_flight` says 0, all of
+        it within ``drain_timeout``; heartbeats go on meanwhile, and a
+        re-registration (the controller forgot the worker) drains it again.
+        Returns whether the calls finished in time. Errors are logged, never
+        raised: the worker leaves either way. Call it when the worker is
+        told to stop, before its server stops taking requests; the exit of
+        the ``async with`` calls it if it was not called.
+        """
+        self._draining = True
+        finished = False
+        with anyio.move_on_after(self._drain_timeout):
+            await self._ask_to_drain()
+            await self._calls_finished()
+            finished = True
+        self._drained = True
+        if not finished:
+            logger.warning(
+                "worker %s: calls still in flight after draining for %g s; leaving anyway",
+                self.worker_id,
+                self._drain_timeout,
+            )
+        return finished
+
+    async def _ask_to_drain(self) -> None:
+        """Ask the controller to route no new calls here (if it knows how); log a failure."""
+        if _DRAIN not in self._features:
+            return  # an older controller: it routes here until the deregistration
+        try:
+            await self._client.drain(self.worker_id, timeout=self._attempt_timeout())
+        except WorkerNotRegisteredError:
+            # Forgotten (restarted): the heartbeats register it again, and drain it then.
+            logger.info("worker %s: not registered while draining", self.worker_id)
+        except Exception as error:
+            logger.warning(
+                "worker %s could not drain at %s: %s; it waits for its calls all the same",
+                self.worker_id,
+                self.controller_url,
+                error,
+            )
+        else:
+            logger.info("worker %s draining at %s", self.worker_id, self.controller_url)
+
+    async def _calls_finished(self) -> None:
+        """Return once the worker serves no call (at once without a count)."""
+        source = self.calls_in_flight
+        if source is None:
+            return
+        while True:
+            try:
+                if source() <= 0:
+                    return
+            except Exception as error:
+                logger.warning(
+                    "worker %s: calls_in_flight failed (%s); not waiting for calls",
+                    self.worker_id,
+                    error,
+                )
+                return
+            await anyio.sleep(_CALLS_POLL)
 
     # -- start-up ---------------------------------------------------------
 
@@ -505,6 +610,9 @@ class WorkerAgent:
         self._registrations += 1
         self._needs_registration = False
         self._acknowledged(now)
+        if self._draining:
+            # A registration ends a drain (the controller sees a new process): drain again.
+            await self._ask_to_drain()
 
     async def _heartbeat_once(self) -> None:
         load = self._load_report()

@@ -44,6 +44,7 @@ from crank_registry import (
     CapabilityKey,
     CapabilityView,
     DeregisterAnswer,
+    DrainAnswer,
     HealthAnswer,
     HealthState,
     HeartbeatAnswer,
@@ -55,8 +56,11 @@ from crank_registry import (
     ValidationError,
     WatchAnswer,
     WorkerEndpoint,
+    WorkerEntry,
     WorkerLoad,
     WorkersAnswer,
+    WorkerState,
+    is_worker_id,
     parse_capability_label,
     structure,
     unstructure,
@@ -156,17 +160,21 @@ class ControllerHealth:
 class WorkerInfo:
     """One entry of ``GET /workers``, read from the core's :class:`~crank_registry.WorkerEntry`.
 
-    ``is_healthy`` means routable now; ``capabilities`` are ``(verb, name)``
-    pairs; ``load`` its latest load report (``None``: it sent none).
+    ``is_healthy`` means routable now; ``state`` is the first that applies
+    of ``draining``, then ``health``, the health state alone; ``draining``:
+    it takes no new routes; ``capabilities`` are ``(verb, name)`` pairs;
+    ``load`` its latest load report (``None``: it sent none).
     """
 
     worker_id: str
     worker_url: str
     last_heartbeat: datetime
     is_healthy: bool
-    state: HealthState
+    state: WorkerState
     capabilities: tuple[CapabilityKey, ...]
     load: WorkerLoad | None = None
+    health: HealthState | None = None
+    draining: bool = False
 
 
 class ControllerClient:
@@ -342,7 +350,7 @@ class ControllerClient:
         *,
         verb: str | None = None,
         capability: str | None = None,
-        state: HealthState | None = None,
+        state: WorkerState | HealthState | None = None,
         page_size: int | None = None,
     ) -> list[CapabilityView]:
         """``GET /capabilities``: one entry per ``(verb, capability, version)``, every page.
@@ -358,7 +366,7 @@ class ControllerClient:
     async def workers(
         self,
         *,
-        state: HealthState | None = None,
+        state: WorkerState | HealthState | None = None,
         verb: str | None = None,
         capability: str | None = None,
         page_size: int | None = None,
@@ -380,6 +388,8 @@ class ControllerClient:
                 state=entry.state,
                 capabilities=tuple(parse_capability_label(label) for label in entry.capabilities),
                 load=entry.load,
+                health=_health_of(entry),
+                draining=entry.draining,
             )
             for page in pages
             for entry in page.workers
@@ -456,6 +466,28 @@ class ControllerClient:
         """
         body = {"worker_id": worker_id}
         await self._call("POST", "/deregister", DeregisterAnswer, body, timeout)
+
+    async def drain(self, worker_id: str, *, timeout: float | None = None) -> DrainAnswer:
+        """``POST /workers/{worker_id}/drain``: the controller routes no new calls to the worker.
+
+        The worker keeps its registration (and heartbeats) while its calls
+        in flight finish; :meth:`undrain` returns it, and so does its next
+        registration. Allowed to the worker itself and to the controller's
+        operators (``serve --operator``). The answer's ``changed`` is false
+        when it was draining already. Raises
+        :class:`WorkerNotRegisteredError` for a worker the controller does
+        not hold, :class:`ForbiddenError` for a caller that may not, and
+        :class:`UnexpectedResponse` (404 ``not_found``) from a controller
+        that predates drain (its ``/register`` answer lists no ``drain``
+        feature). ``timeout`` replaces the request timeout for this call.
+        """
+        path = _drain_path(worker_id, "drain")
+        return await self._call("POST", path, DrainAnswer, None, timeout)
+
+    async def undrain(self, worker_id: str, *, timeout: float | None = None) -> DrainAnswer:
+        """``POST /workers/{worker_id}/undrain``: it takes routes again; raises as :meth:`drain`."""
+        path = _drain_path(worker_id, "undrain")
+        return await self._call("POST", path, DrainAnswer, None, timeout)
 
     # -- plumbing ---------------------------------------------------------
 
@@ -797,8 +829,31 @@ def _json_object(response: httpx.Response) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def _health_of(entry: WorkerEntry) -> HealthState | None:
+    """An entry's health state; a controller from before drain lists none: its state is it."""
+    if entry.health is not None or entry.state is WorkerState.DRAINING:
+        return entry.health
+    return HealthState(entry.state.value)
+
+
+def _drain_path(worker_id: str, action: str) -> str:
+    """The path of a drain ``action`` of ``worker_id``; a worker id that is none is refused here.
+
+    (``.`` and ``..`` are worker ids a path would not carry: they are
+    path segments of their own.)
+    """
+    if not is_worker_id(worker_id) or worker_id in (".", ".."):
+        raise ConfigurationError(
+            f"worker_id must be 1 to 128 letters, digits, '.', '_' and '-', got {worker_id!r}"
+        )
+    return f"/workers/{worker_id}/{action}"
+
+
 def _listing_params(
-    verb: str | None, capability: str | None, state: HealthState | None, page_size: int | None
+    verb: str | None,
+    capability: str | None,
+    state: WorkerState | HealthState | None,
+    page_size: int | None,
 ) -> dict[str, str]:
     """The query of a listing: only the parameters given."""
     given = {

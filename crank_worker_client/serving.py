@@ -75,7 +75,9 @@ raised, or its :class:`InvocationError` has a 5xx status, or a stream
 ended with an error line). A :class:`~crank_worker_client.WorkerAgent`
 given as ``agent`` sends that load in its heartbeats, unless it was built
 with a ``load`` source of its own; an agent run apart from the app takes
-``load=app.load.report``.
+``load=app.load.report``. The same agent waits, when it drains at
+shutdown, until the meter counts no call in flight (an agent run apart
+takes ``calls_in_flight=lambda: app.load.in_flight``).
 """
 
 from __future__ import annotations
@@ -249,6 +251,9 @@ class InvocationApp:
         self.load = load if load is not None else LoadMeter()
         if isinstance(agent, WorkerAgent) and agent.load is None:
             agent.load = self.load.report
+        if isinstance(agent, WorkerAgent) and agent.calls_in_flight is None:
+            meter = self.load
+            agent.calls_in_flight = lambda: meter.in_flight
         app: ASGIApp = DrainRequestBody(self._serve, limit=max_body_size)
         self._app = app if agent is None else AgentLifespanMiddleware(app, agent)
 

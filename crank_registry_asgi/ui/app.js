@@ -32,7 +32,16 @@
   const STREAM_BATCH_MS = 50;
   // The changes of the feed (DESIGN, "Change feed"); EventSource hands over only the
   // event types listened for (a newer type shows as a gap at the next bookmark).
-  const CHANGE_TYPES = ["registered", "deregistered", "unhealthy", "healthy", "evicted", "imported"];
+  const CHANGE_TYPES = [
+    "registered",
+    "deregistered",
+    "unhealthy",
+    "healthy",
+    "evicted",
+    "imported",
+    "draining",
+    "undrained",
+  ];
   const SEP = "\u0000";
 
   // ------------------------------------------------------------------ the API
@@ -249,6 +258,7 @@
     rows: [], // the worker entries shown, in the listing's order
     workersAsked: 0, // reads of the worker page asked for (the last one's answer is shown)
     departed: new Map(), // worker id -> revision it left at, while a page read may predate it
+    draining: new Set(), // worker ids known to drain (from the rows read and the feed)
     matching: null,
     total: null,
     changes: [],
@@ -549,6 +559,10 @@
       state.departed.clear();
     }
     state.rows = page.workers;
+    for (const entry of page.workers) {
+      if (entry.draining) state.draining.add(entry.worker_id);
+      else state.draining.delete(entry.worker_id);
+    }
     state.nextCursor = page.next_cursor || null;
     state.total = page.total_workers;
     state.matching = page.matching_workers === undefined ? page.total_workers : page.matching_workers;
@@ -596,7 +610,7 @@
       row.append(
         element("td", entry.worker_id, "id"),
         url,
-        element("td", entry.state, `state ${entry.state}`),
+        stateCell(entry),
         age,
         element("td", loadText(entry.load)),
       );
@@ -620,6 +634,13 @@
       : "";
     $("first-page").disabled = $("previous-page").disabled = state.pageIndex === 0;
     $("next-page").disabled = !state.nextCursor;
+  }
+
+  // The listed state; a draining worker's health is in its title.
+  function stateCell(entry) {
+    const cell = element("td", entry.state, `state ${entry.state}`);
+    if (entry.draining && entry.health) cell.title = `draining; health: ${entry.health}`;
+    return cell;
   }
 
   function tickAges() {
@@ -651,6 +672,7 @@
       case "registered":
       case "imported": {
         withdraw(id);
+        state.draining.delete(id); // a new record: not draining
         const healthy = event.type === "registered";
         offer(id, event.capabilities, healthy);
         const labels = event.capabilities.map((c) => `${c.verb}:${c.name}`);
@@ -660,6 +682,8 @@
           worker_url: event.worker_url,
           capabilities: labels,
           state: healthy ? "healthy" : "unverified",
+          health: healthy ? "healthy" : "unverified",
+          draining: false,
           is_healthy: healthy,
           last_heartbeat: new Date((healthy ? event.at : event.last_heartbeat) * 1000).toISOString(),
         };
@@ -674,6 +698,7 @@
       case "deregistered":
       case "evicted":
         withdraw(id);
+        state.draining.delete(id);
         state.departed.set(id, event.revision);
         if (shown) state.rows.splice(index, 1);
         reread = shown !== null;
@@ -681,19 +706,39 @@
       case "healthy":
       case "unhealthy": {
         const healthy = event.type === "healthy";
+        const draining = state.draining.has(id); // routable again only when not draining
         forEachOffer(id, (members) => {
-          if (healthy) members.healthy.add(id);
+          if (healthy && !draining) members.healthy.add(id);
           else members.healthy.delete(id);
         });
         if (shown) {
-          shown.state = event.type;
-          shown.is_healthy = healthy;
+          shown.health = event.type;
+          shown.state = draining ? "draining" : event.type;
+          shown.is_healthy = healthy && !draining;
           if (healthy) shown.last_heartbeat = new Date(event.at * 1000).toISOString();
           if (!rowMatches(shown)) state.rows.splice(index, 1);
         }
         reread = Boolean(state.filter.state);
         break;
       }
+      case "draining":
+        state.draining.add(id);
+        forEachOffer(id, (members) => members.healthy.delete(id));
+        if (shown) {
+          shown.state = "draining";
+          shown.draining = true;
+          shown.is_healthy = false;
+          if (!rowMatches(shown)) state.rows.splice(index, 1);
+        }
+        reread = Boolean(state.filter.state);
+        break;
+      case "undrained":
+        // Routable again as its health allows, which the controller knows: read it again.
+        state.draining.delete(id);
+        if (shown) shown.draining = false;
+        reread = true;
+        refreshCapabilitiesSoon();
+        break;
       default:
         // A change this page does not know (a newer controller): read what it shows again.
         reread = true;

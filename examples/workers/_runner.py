@@ -21,7 +21,8 @@ The worker serves HTTPS with its own certificate and requires a client
 certificate signed by the same CA from every caller (the controller's
 gateway presents the controller's). It registers on start-up with a
 :class:`~crank_worker_client.WorkerAgent` and, on SIGTERM or Ctrl-C,
-deregisters before it stops serving.
+drains (no new call is routed to it), lets the calls in flight finish,
+deregisters, and only then stops serving.
 """
 
 from __future__ import annotations
@@ -215,9 +216,10 @@ async def serve(
 ) -> None:
     """Serve ``handlers``, stay registered until SIGTERM or SIGINT, then leave and stop.
 
-    The order on the way out matters: the worker deregisters first (so no
-    new call is routed to it), then the server stops, waiting at most
-    ``shutdown_grace`` seconds for requests in flight. The agent is not run
+    The order on the way out matters: the worker drains first (so no new
+    call is routed to it) and waits for its calls in flight (the agent's
+    ``drain_timeout``), then deregisters, then the server stops, waiting at
+    most ``shutdown_grace`` seconds for what is left. The agent is not run
     in the ASGI lifespan here because hypercorn runs the lifespan shutdown
     only after every connection has closed, and a client's idle TLS
     keep-alive connection can hold that up for half a minute.
@@ -243,8 +245,11 @@ async def serve(
         insecure=settings.insecure,
     )
     app = invocation_app(handlers, capabilities, health=lambda: {"agent": agent.status.as_dict()})
-    # The agent runs around the server (not in its lifespan): it reports the app's load.
+    # The agent runs around the server (not in its lifespan): it reports the app's
+    # load, and waits for its calls in flight when it drains.
     agent.load = app.load.report
+    meter = app.load
+    agent.calls_in_flight = lambda: meter.in_flight
     # Hypercorn takes over the descriptor; detach so that this object does not close it.
     config = server_config(settings, sock.detach(), shutdown_grace=shutdown_grace)
     log = logging.getLogger("examples.workers")
@@ -272,7 +277,7 @@ async def serve(
             # The socket listens already: calls routed here right after
             # registration wait in its backlog until the server accepts them.
             with leave:
-                async with agent:  # deregisters on the way out, even when cancelled
+                async with agent:  # drains, then deregisters, on the way out, even when cancelled
                     log.info(
                         "worker %s serving %s at %s",
                         settings.worker_id,

@@ -60,6 +60,8 @@ def controller(pki: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     args = ["--port", str(port), "--state-dir", str(work / "state")]
     args += ["--certfile", str(pki / "controller.pem"), "--keyfile", str(pki / "controller.key")]
     args += ["--ca-certs", str(pki / "ca.pem")]
+    # ops may drain any worker.
+    args += ["--operator", "spiffe://crank.local/client/ops"]
     # Healthy for ten minutes without a heartbeat: the module takes less.
     args += ["--unhealthy-after", "600", "--evict-after", "1200"]
     with serving(
@@ -305,6 +307,41 @@ def test_a_real_process_prints_the_json_and_exits_0(controller: ServerProcess, p
     )
     assert (result.returncode, result.stderr) == (0, "")
     assert [w["worker_id"] for w in json.loads(result.stdout)["workers"]] == ["a", "b"]
+
+
+def test_drain_and_undrain_a_worker(
+    controller: ServerProcess, pki: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, err = ask(controller, pki, capsys, "drain", "b")
+    assert (status, err) == (0, "")
+    assert columns(out) == [["WORKER ID", "DRAIN"], ["b", "draining"]]
+    status, out, _ = ask(controller, pki, capsys, "drain", "b", "--json")
+    assert json.loads(out) == {"worker_id": "b", "draining": True, "changed": False}
+    try:
+        _, out, _ = ask(controller, pki, capsys, "workers")
+        assert [row[:3] for row in columns(out)[1:]][1] == [
+            "b",
+            "https://b.example:8443",
+            "draining",
+        ]
+        routed = {
+            controller_answer(
+                controller, pki, "POST", "/route", verb="classify", capability="image.classify"
+            )["worker_id"]
+            for _ in range(4)
+        }
+        assert routed == {"a"}
+        # Worker a's own certificate may not drain b.
+        as_a = ["--cert", str(pki / "worker-a.pem"), "--key", str(pki / "worker-a.key")]
+        as_a += ["--ca-certs", str(pki / "ca.pem")]
+        status, out, err = run(["undrain", "b", "--controller", controller.url, *as_a], capsys)
+        assert status == 1 and "403 forbidden" in err and "--operator" in err
+        status, _, err = ask(controller, pki, capsys, "drain", "nobody")
+        assert status == 1 and "worker_not_registered" in err
+    finally:
+        status, out, _ = ask(controller, pki, capsys, "undrain", "b")
+    assert status == 0
+    assert columns(out) == [["WORKER ID", "DRAIN"], ["b", "not draining"]]
 
 
 # ------------------------------------------------------------ 404 and 503 apart

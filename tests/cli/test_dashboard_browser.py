@@ -241,6 +241,34 @@ def test_a_silent_worker_turns_unhealthy_and_back_on_the_page(
         assert changes[-1] == "registered w1"  # from before the page opened
 
 
+def test_a_drained_worker_shows_draining_and_back_without_a_reload(
+    browser: Any, controller: ServerProcess
+) -> None:
+    from selenium.webdriver.support.wait import WebDriverWait
+
+    wait = WebDriverWait(browser, DEADLINE_S)
+    row = '#worker-rows tr[data-worker-id="w1"]'
+    counts = '#capability-rows tr[data-capability="classify:image.classify"] td.number'
+    with httpx.Client(base_url=controller.url, timeout=10.0) as api:
+        for worker_id in ("w1", "w2"):
+            assert api.post("/register", json=registration_payload(worker_id)).status_code == 200
+        browser.get(f"{controller.url}/ui")
+        wait.until(lambda d: _rows(d, f"{row} td.state") == ["healthy"])
+        wait.until(lambda d: _rows(d, counts) == ["2 / 2"])
+        browser.execute_script("window.notReloaded = true;")
+        assert api.post("/workers/w1/drain").status_code == 200
+        wait.until(lambda d: _rows(d, f"{row} td.state") == ["draining"])
+        wait.until(lambda d: _rows(d, counts) == ["1 / 2"])
+        assert api.post("/workers/w1/undrain").status_code == 200
+        wait.until(lambda d: _rows(d, f"{row} td.state") == ["healthy"])
+        wait.until(lambda d: _rows(d, counts) == ["2 / 2"])
+        assert browser.execute_script("return window.notReloaded === true;")
+        changes = [" ".join(r.split()[2:]) for r in _rows(browser, "#change-rows tr")]
+        assert changes[:2] == ["undrained w1", "draining w1"]
+    problems = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert problems == []
+
+
 def test_a_feed_that_lost_its_place_reloads_the_data_not_the_page(
     browser: Any, forgetful_controller: ServerProcess
 ) -> None:

@@ -100,7 +100,8 @@ class FakeController:
     forgets every worker, as a controller restarted without its journal
     does. Time is ``anyio.current_time()``. ``features`` is what its
     registration answer lists (none: a controller older than the list,
-    which refuses a heartbeat's ``load`` as an unknown field).
+    which refuses a heartbeat's ``load`` as an unknown field; without
+    ``drain`` it answers the drain paths 404 ``not_found``, as an older one).
     ``registry``: another fake's, for controllers that share one registry.
     """
 
@@ -191,6 +192,14 @@ class FakeController:
             return httpx.Response(
                 200, json={"status": "deregistered", "worker_id": body["worker_id"]}
             )
+        if path.startswith("/workers/") and path.endswith(("/drain", "/undrain")):
+            if "drain" not in self.features:
+                return httpx.Response(404, json={"error": "not_found", "message": "no such path"})
+            worker_id, _, action = path.removeprefix("/workers/").partition("/")
+            change = self.registry.drain if action == "drain" else self.registry.undrain
+            changed = bool(change(worker_id, now=now))
+            answer = {"worker_id": worker_id, "draining": action == "drain", "changed": changed}
+            return httpx.Response(200, json=answer)
         if path == "/route":
             try:
                 endpoint = self.registry.route(body["verb"], body["capability"], now=now)

@@ -275,6 +275,7 @@ async def test_status_is_ready_for_a_health_endpoint() -> None:
         "consecutive_failures": 0,
         "last_error": None,
         "registrations": 1,
+        "draining": False,
     }
 
 

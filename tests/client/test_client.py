@@ -26,6 +26,7 @@ from crank_registry import (
     RemovedWorker,
     RouteExplanation,
     WorkerEndpoint,
+    WorkerState,
 )
 from crank_registry_asgi import ServiceConfig
 from crank_worker_client import (
@@ -501,7 +502,8 @@ async def test_listings_and_health_are_read_into_values() -> None:
         CapabilityView("classify", "image.classify", "1.0.0", ("w1", "w2"), ("w1",))
     ]
     (worker,) = workers
-    assert worker.worker_id == "w1" and worker.is_healthy and worker.state is HealthState.HEALTHY
+    assert worker.worker_id == "w1" and worker.is_healthy and worker.state is WorkerState.HEALTHY
+    assert worker.health is HealthState.HEALTHY and not worker.draining
     assert worker.last_heartbeat == datetime(2026, 11, 26, 20, 0, tzinfo=UTC)
     assert worker.capabilities == (("classify", "image.classify"),)
     assert health == ControllerHealth("ok", 2, 1)

@@ -134,6 +134,36 @@ async def test_a_follower_routes_in_process_and_follows_every_change(
         assert "/route" not in switch.paths
 
 
+async def test_a_follower_stops_routing_to_a_drained_worker_and_back_when_undrained(
+    controller: InProcessController,
+) -> None:
+    switch = FeedSwitch(controller)
+    async with (
+        agent(controller, "w1"),
+        agent(controller, "w2"),
+        follower_of(switch) as follower,
+        ControllerClient(URL, transport=controller.transport) as client,
+    ):
+        assert await routed(follower) == {"w1", "w2"}
+        await client.drain("w1")
+        await anyio.sleep(INTERVAL / 10)
+        # The draining change came through the feed, applied by the one fold.
+        assert await routed(follower) == {"w2"}
+        explained = await follower.route(*CLASSIFY, explain=True)
+        assert explained.explain is not None
+        assert [(r.worker_id, r.reason) for r in explained.explain.removed] == [("w1", "draining")]
+        # Still draining long after: a follower keeps no health clock, and w1 heartbeats on.
+        await anyio.sleep(5 * INTERVAL)
+        assert await routed(follower) == {"w2"}
+        # A follower that starts now reads the drain in /snapshot.
+        async with follower_of(controller.transport) as late:
+            assert await routed(late) == {"w2"}
+        await client.undrain("w1")
+        await anyio.sleep(INTERVAL / 10)
+        assert await routed(follower) == {"w1", "w2"}
+        assert "/route" not in switch.paths
+
+
 async def test_a_follower_answers_as_the_controller_client_does(
     controller: InProcessController,
 ) -> None:

@@ -1,7 +1,7 @@
 """One fold: replaying a journal, applying a snapshot, applying events one by one agree.
 
 A random sequence of registrations, heartbeats, deregistrations, imports,
-steps of time and sweeps runs on one registry (the original), collecting
+drains and undrains, steps of time and sweeps runs on one registry (the original), collecting
 every event it returns. Then three fresh registries are built from it:
 
 (i) the journal lines of those events (``encode_event`` each) replayed;
@@ -70,6 +70,8 @@ operations = st.one_of(
     _heartbeat,
     _heartbeat,
     st.tuples(st.just("deregister"), st.sampled_from(WORKER_IDS)),
+    st.tuples(st.just("drain"), st.sampled_from(WORKER_IDS)),
+    st.tuples(st.just("undrain"), st.sampled_from(WORKER_IDS)),
     st.tuples(st.just("advance"), st.sampled_from(STEPS)),
     st.tuples(st.just("sweep")),
     st.tuples(
@@ -98,6 +100,10 @@ def run(operations: list[tuple[Any, ...]]) -> tuple[CapabilityRegistry, list[Eve
                 events += registry.heartbeat(operation[1], now=now)
             elif kind == "deregister":
                 events += registry.deregister(operation[1], now=now)
+            elif kind == "drain":
+                events += registry.drain(operation[1], now=now)
+            elif kind == "undrain":
+                events += registry.undrain(operation[1], now=now)
             elif kind == "advance":
                 now += operation[1]
             elif kind == "sweep":

@@ -15,6 +15,7 @@ from crank_registry import (
     HealthState,
     ListingQuery,
     ValidationError,
+    WorkerState,
     decode_capabilities_cursor,
     decode_workers_cursor,
     encode_capabilities_cursor,
@@ -437,7 +438,7 @@ def test_listing_query_defaults_and_values() -> None:
         ]
     )
     assert query == ListingQuery(
-        limit=5000, cursor="abc", state=HealthState.UNVERIFIED, verb="v", capability="c"
+        limit=5000, cursor="abc", state=WorkerState.UNVERIFIED, verb="v", capability="c"
     )
     with pytest.raises(ValidationError, match="limit: must be from 1 to 5000"):
         ListingQuery(limit=0)

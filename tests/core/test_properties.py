@@ -41,12 +41,14 @@ from crank_registry import (
     ValidationError,
     WorkerChange,
     WorkerDeregistered,
+    WorkerDraining,
     WorkerEndpoint,
     WorkerEvicted,
     WorkerHealthy,
     WorkerImported,
     WorkerRecord,
     WorkerRegistered,
+    WorkerUndrained,
     WorkerUnhealthy,
     WorkerView,
     structure,
@@ -143,6 +145,7 @@ records = st.builds(
     timestamps,
     st.booleans(),
     st.booleans(),
+    st.booleans(),
 )
 revisions = st.integers(1, 2**53)
 endpoints = st.builds(WorkerEndpoint, worker_ids, worker_urls, versions)
@@ -197,6 +200,7 @@ views = st.builds(
     st.sampled_from(HealthState),
     st.booleans(),
     capability_tuples,
+    st.booleans(),
     optional(load_reports),
     optional(timestamps),
 )
@@ -280,6 +284,8 @@ EVENT_STRATEGIES: dict[type[Event], st.SearchStrategy[Any]] = {
         WorkerUnhealthy, worker_ids, timestamps, timestamps, revision=revisions
     ),
     WorkerHealthy: st.builds(WorkerHealthy, worker_ids, timestamps, revision=revisions),
+    WorkerDraining: st.builds(WorkerDraining, worker_ids, timestamps, revision=revisions),
+    WorkerUndrained: st.builds(WorkerUndrained, worker_ids, timestamps, revision=revisions),
     WorkerEvicted: st.builds(WorkerEvicted, worker_ids, timestamps, timestamps, revision=revisions),
     WorkerImported: st.builds(
         WorkerImported,

@@ -11,12 +11,12 @@ from crank_registry import (
     ErrorAnswer,
     FailedAttempt,
     HealthAnswer,
-    HealthState,
     HeartbeatRequest,
     Problem,
     ValidationError,
     WorkerEntry,
     WorkersAnswer,
+    WorkerState,
     structure,
     unstructure,
 )
@@ -41,7 +41,8 @@ def test_an_answer_is_read_with_unknown_fields_ignored_a_request_is_not() -> Non
     }
     body = {"workers": [entry], "total_workers": 1, "healthy_workers": 1, "next": None}
     answer = structure(body, WorkersAnswer)
-    assert answer.workers[0].state is HealthState.HEALTHY
+    assert answer.workers[0].state is WorkerState.HEALTHY
+    assert answer.workers[0].health is None  # an answer from before drain has none
     with pytest.raises(ValidationError, match="queue_depth: unknown field"):
         structure({"worker_id": "w1", "queue_depth": 0.5}, HeartbeatRequest)
     assert WorkersAnswer in ANSWER_TYPES and HeartbeatRequest not in ANSWER_TYPES

@@ -1,4 +1,8 @@
-"""Three replicas fed one stream, with partitions and snapshot reloads at random points, agree."""
+"""Three replicas fed one stream, with partitions and snapshot reloads at random points, agree.
+
+The stream holds registrations, deregistrations, drains and undrains,
+heartbeats and sweeps, written through any of the three.
+"""
 
 from __future__ import annotations
 
@@ -17,9 +21,17 @@ MACHINE_PORT = 6379
 
 
 def replica(api: Controller) -> tuple[int, list[tuple[object, ...]]]:
-    """What must be equal: the revision, and every worker's record and health."""
+    """What must be equal: the revision, and every worker's record, health and drain."""
     records = sorted(
-        (r.worker_id, r.worker_url, r.capabilities, r.last_heartbeat, r.verified, r.silent)
+        (
+            r.worker_id,
+            r.worker_url,
+            r.capabilities,
+            r.last_heartbeat,
+            r.verified,
+            r.silent,
+            r.draining,
+        )
         for r in api.registry.records()
     )
     return api.registry.revision, records
@@ -41,6 +53,7 @@ async def test_replicas_fed_the_same_stream_end_equal(seed: int) -> None:
             controllers = [a, b, c]
             links = {"b": link_b, "c": link_c}
             answered: dict[int, int] = {}
+            drains = 0  # drains and undrains answered
             for _ in range(80):
                 api = rng.choice(controllers)
                 worker = f"w{rng.randrange(12)}"
@@ -53,9 +66,19 @@ async def test_replicas_fed_the_same_stream_end_equal(seed: int) -> None:
                     response = await api.request("POST", "/register", json=payload)
                     assert response.status_code in (200, 503), response.text
                     answered[response.status_code] = answered.get(response.status_code, 0) + 1
-                elif roll < 0.5:
+                elif roll < 0.42:
                     response = await api.post("/deregister", {"worker_id": worker})
                     assert response.status_code in (200, 404, 503), response.text
+                elif roll < 0.52:
+                    action = rng.choice(["drain", "undrain"])
+                    # Mostly a worker the replica holds (else it is 404 every time).
+                    held = sorted(record.worker_id for record in api.registry.records())
+                    if held and rng.random() < 0.8:
+                        worker = rng.choice(held)
+                    response = await api.request("POST", f"/workers/{worker}/{action}")
+                    assert response.status_code in (200, 404, 503), response.text
+                    if response.status_code == 200:
+                        drains += 1
                 elif roll < 0.7:
                     clock.advance(rng.choice([0.5, 1.0, 5.0]))
                     response = await api.post("/heartbeat", {"worker_id": worker})
@@ -79,5 +102,6 @@ async def test_replicas_fed_the_same_stream_end_equal(seed: int) -> None:
             await wait_until(agree, timeout=15, what="the three replicas agree")
             # The run wrote, and met outages: the agreement is not that of idle replicas.
             assert answered.get(200, 0) >= 5 and answered.get(503, 0) >= 1, answered
+            assert drains >= 1
             assert a.registry.revision >= 5
             assert a.service.epoch == b.service.epoch == c.service.epoch

@@ -90,7 +90,7 @@ async def test_register_answers_and_lists() -> None:
             "status": "registered",
             "worker_id": "w1",
             "heartbeat_interval_s": 30.0,
-            "features": ["load_reports"],
+            "features": ["load_reports", "drain"],
         }
         workers = await api.workers()
         assert workers == {
@@ -100,6 +100,8 @@ async def test_register_answers_and_lists() -> None:
                 "last_heartbeat": iso_utc(api.clock.now),
                 "is_healthy": True,
                 "state": "healthy",
+                "health": "healthy",
+                "draining": False,
                 "capabilities": ["classify:image.classify"],
             }
         }
@@ -407,6 +409,8 @@ async def test_openapi_document_is_served() -> None:
             "/register",
             "/heartbeat",
             "/deregister",
+            "/workers/{worker_id}/drain",
+            "/workers/{worker_id}/undrain",
             "/route",
             "/capabilities",
             "/workers",

@@ -21,6 +21,7 @@ from openapi_spec_validator import validate
 from crank_registry import (
     CapabilitiesAnswer,
     DeregisterAnswer,
+    DrainAnswer,
     ErrorAnswer,
     HealthAnswer,
     HeartbeatAnswer,
@@ -48,6 +49,8 @@ _MODELS: dict[str, type[Any]] = {
     "/register": RegisterAnswer,
     "/heartbeat": HeartbeatAnswer,
     "/deregister": DeregisterAnswer,
+    "/workers/{worker_id}/drain": DrainAnswer,
+    "/workers/{worker_id}/undrain": DrainAnswer,
     "/route": WorkerEndpoint,
     "/capabilities": CapabilitiesAnswer,
     "/workers": WorkersAnswer,
@@ -71,9 +74,14 @@ async def _answers(state_dir: Path) -> list[tuple[str, str, httpx.Response]]:
     """One real answer of every endpoint and every error code."""
     answers: list[tuple[str, str, httpx.Response]] = []
 
-    async def send(api: Any, method: str, path: str, **kwargs: Any) -> None:
+    async def send(
+        api: Any, method: str, path: str, *, template: str | None = None, **kwargs: Any
+    ) -> None:
         response = await api.client.request(method, path, **kwargs)
-        answers.append((method, path.partition("?")[0], response))
+        answers.append((method, template or path.partition("?")[0], response))
+
+    drain = "/workers/{worker_id}/drain"
+    undrain = "/workers/{worker_id}/undrain"
 
     json = {"content-type": "application/json"}
     route = {"verb": "classify", "capability": "image.classify"}
@@ -92,6 +100,13 @@ async def _answers(state_dir: Path) -> list[tuple[str, str, httpx.Response]]:
         explained = {**route, "version": ">=1.2,<2", "budget_tokens": 5, "explain": True}
         await send(api, "POST", "/route", json=explained)  # no_worker_available, explained
         await send(api, "POST", "/route", json={**route, "explain": True})
+        await send(api, "POST", "/workers/w1/drain", template=drain)
+        await send(api, "POST", "/workers/w1/drain", template=drain)  # changed: false
+        await send(api, "GET", "/workers")  # draining
+        await send(api, "POST", "/route", json={**route, "explain": True})  # removed: draining
+        await send(api, "POST", "/workers/w1/undrain", template=undrain)
+        await send(api, "POST", "/workers/nobody/drain", template=drain)  # worker_not_registered
+        await send(api, "POST", "/workers/a%20b/drain", template=drain)  # invalid_request
         await send(api, "GET", "/capabilities")
         await send(api, "GET", "/workers")
         await send(api, "GET", "/openapi.json")
@@ -119,6 +134,7 @@ async def _answers(state_dir: Path) -> list[tuple[str, str, httpx.Response]]:
     )
     async with running(proxied) as api:
         await send(api, "POST", "/heartbeat", json={"worker_id": "w1"})  # forbidden
+        await send(api, "POST", "/workers/w1/drain", template=drain)  # forbidden
     policy = state_dir / "policy.toml"
     policy.write_text('default = "deny"\n')
     async with running(ServiceConfig(policy_file=policy)) as api:
@@ -154,6 +170,7 @@ async def _answers(state_dir: Path) -> list[tuple[str, str, httpx.Response]]:
     shared = ServiceConfig(redis_url="redis://127.0.0.1:1/0")
     async with running(shared, lifespan=False) as api:
         await send(api, "POST", "/register", json=registration_payload("w1"))  # store_unavailable
+        await send(api, "POST", "/workers/w1/undrain", template=undrain)  # store_unavailable
         api.service.store.incompatible = 99
         await send(api, "POST", "/register", json=registration_payload("w1"))  # incompatible_peer
     return answers

@@ -29,7 +29,7 @@ async def beat(api: Controller, worker_id: str, load: Any) -> Any:
 async def test_register_lists_the_controllers_features() -> None:
     async with running() as api:
         response = await api.register("w1")
-        assert response.json()["features"] == ["load_reports"] == list(PROTOCOL_FEATURES)
+        assert response.json()["features"] == ["load_reports", "drain"] == list(PROTOCOL_FEATURES)
 
 
 async def test_a_heartbeat_with_load_is_shown_in_workers_with_its_time() -> None:
