@@ -18,6 +18,7 @@ Where each rule lives:
 * ``_routing``: the routing options: filters, strategies, idempotency, explain.
 * ``_slos``: SLO files as values, and their index by capability.
 * ``_preservation``: self-preservation's settings and the sweep's windows.
+* ``_ejection``: outlier ejection's settings, rules and the gateway's failure count.
 * ``_records``: the registry's mutable records (below health and rotation).
 * ``_registry``: the public registry: decide with the table, apply with the fold.
 * ``_listing``: listings in pages (positions, cursors, pagers) and counts in steps.
@@ -44,6 +45,13 @@ from ._converter import (
     unstructure,
     unstructure_event,
 )
+from ._ejection import (
+    DEFAULT_AFTER_FAILURES as DEFAULT_EJECT_AFTER_FAILURES,
+)
+from ._ejection import (
+    DEFAULT_MAX_EJECTED_PERCENT,
+    EjectionSettings,
+)
 from ._errors import (
     Forbidden,
     PolicyDenied,
@@ -66,10 +74,12 @@ from ._events import (
     Snapshot,
     WorkerChange,
     WorkerDeregistered,
+    WorkerEjected,
     WorkerEvicted,
     WorkerHealthy,
     WorkerImported,
     WorkerRegistered,
+    WorkerRestored,
     WorkerUnhealthy,
 )
 from ._feed import DEFAULT_FEED_WINDOW, MAX_FEED_PAGE, ChangeLog, SnapshotCopy, WorkerRow
@@ -272,6 +282,11 @@ __all__ = [
     "RegistryChange",
     "SelfPreservationChanged",
     "SelfPreservationSettings",
+    "EjectionSettings",
+    "DEFAULT_EJECT_AFTER_FAILURES",
+    "DEFAULT_MAX_EJECTED_PERCENT",
+    "WorkerEjected",
+    "WorkerRestored",
     "SlosChanged",
     "WorkerChange",
     "AccessRules",

@@ -32,10 +32,12 @@ from ._events import (
     SelfPreservationChanged,
     SlosChanged,
     WorkerDeregistered,
+    WorkerEjected,
     WorkerEvicted,
     WorkerHealthy,
     WorkerImported,
     WorkerRegistered,
+    WorkerRestored,
     WorkerUnhealthy,
 )
 from ._models import CapabilitySchema, HealthState
@@ -65,6 +67,8 @@ EVENT_TYPES: Mapping[str, type[Event]] = types.MappingProxyType(
         "slos_changed": SlosChanged,
         "policy_changed": PolicyChanged,
         "self_preservation": SelfPreservationChanged,
+        "ejected": WorkerEjected,
+        "restored": WorkerRestored,
     }
 )
 _TAG_OF: dict[type[Event], str] = {cls: tag for tag, cls in EVENT_TYPES.items()}

@@ -31,6 +31,11 @@ Every line is one JSON object with the format version ``"v"`` and a
      "last_heartbeats": [1700000000.5, ...], "worker_sets": [0, ...],
      "health": ["healthy", ...], "crc32": 123456789}
 
+  A part whose workers have been ejected (outlier ejection) adds
+  ``"ejections": {"w1": [ejected_until or null, ejections, ejection_ended
+  or null], ...}`` for those workers only (the records' fields of the same
+  names).
+
   So one damaged part costs only its own workers: what it numbered is in
   the next part too, before any later part refers to it. The first part
   also holds the registry's settings when it has some: ``"access_policy"``
@@ -148,7 +153,18 @@ _SNAPSHOT_LISTS = (
 # The registry's settings, on a snapshot's first part.
 _SNAPSHOT_SETTINGS = ("access_policy", "slos", "self_preservation")
 _SNAPSHOT_FIELDS = frozenset(
-    {"v", "type", "revision", "part", "parts", "first_capability", "first_set", "health", "crc32"}
+    {
+        "v",
+        "type",
+        "revision",
+        "part",
+        "parts",
+        "first_capability",
+        "first_set",
+        "health",
+        "ejections",
+        "crc32",
+    }
     | set(_SNAPSHOT_LISTS)
     | set(_SNAPSHOT_SETTINGS)
 )
@@ -309,13 +325,20 @@ def encode_snapshot(
                 set_number = set_numbers[capability_set] = len(sets)
                 sets.append(listed)
             worker_sets.append(set_number)
-        columns = {
+        columns: dict[str, Any] = {
             "worker_ids": [r.worker_id for r in chunk],
             "worker_urls": [r.worker_url for r in chunk],
             "last_heartbeats": [float(r.last_heartbeat) for r in chunk],
             "worker_sets": worker_sets,
             "health": [Health.of(verified=r.verified, silent=r.silent).value for r in chunk],
         }
+        ejections = {
+            r.worker_id: [r.ejected_until, r.ejections, r.ejection_ended]
+            for r in chunk
+            if r.ejected_until is not None or r.ejections is not None
+        }
+        if ejections:
+            columns["ejections"] = ejections
         body = (
             f'{{"v":{JOURNAL_FORMAT_VERSION},"type":"{_SNAPSHOT_TYPE}",'
             f'"revision":{snapshot.revision},"part":{index},"parts":{len(chunks)},'
@@ -495,6 +518,11 @@ class JournalReader:
             if number not in self._sets or self._sets[number] is None:
                 self._sets[number] = self._capability_set(raw_set)
         self._next_set = max(self._next_set, first_set + len(raw_sets))
+        ejections = data.get("ejections", {})
+        if type(ejections) is not dict or not all(
+            type(value) is list and len(value) == 3 for value in ejections.values()
+        ):
+            raise JournalDecodeError("snapshot: ejections must map worker ids to 3 values")
         records = []
         dropped = 0
         for worker_id, worker_url, last_heartbeat, set_number, state in zip(
@@ -505,8 +533,16 @@ class JournalReader:
             if worker_capabilities is None:
                 dropped += 1
                 continue
+            ejection = ejections.get(worker_id) if isinstance(worker_id, str) else None
             records.append(
-                _snapshot_record(worker_id, worker_url, worker_capabilities, last_heartbeat, state)
+                _snapshot_record(
+                    worker_id,
+                    worker_url,
+                    worker_capabilities,
+                    last_heartbeat,
+                    state,
+                    ejection=(None, None, None) if ejection is None else ejection,
+                )
             )
         self._revision = max(self._revision, revision)
         settings = self._settings(data) if part == 0 else (None, (), None)
@@ -578,11 +614,14 @@ def _snapshot_record(
     capabilities: tuple[CapabilitySchema, ...],
     last_heartbeat: Any,
     state: Any,
+    *,
+    ejection: Any,
 ) -> WorkerRecord:
     """A snapshot's worker; the record's checks are the wire model's."""
     health = _HEALTH_BY_VALUE.get(state) if isinstance(state, str) else None
     if health is None:
         raise JournalDecodeError(f"snapshot: unknown health {state!r}")
+    ejected_until, ejections, ejection_ended = ejection
     try:
         return WorkerRecord(
             worker_id,
@@ -591,6 +630,9 @@ def _snapshot_record(
             last_heartbeat,
             verified=health.verified,
             silent=health.silent,
+            ejected_until=ejected_until,
+            ejections=ejections,
+            ejection_ended=ejection_ended,
         )
     except ValidationError as error:
         raise JournalDecodeError(f"snapshot: worker {worker_id!r}: {error}") from None

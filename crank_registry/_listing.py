@@ -191,6 +191,8 @@ class _Filter:
         )
 
     def in_state(self, worker: Worker) -> bool:
+        if worker.ejected_until is not None:  # listed as ejected, whatever its health
+            return self.state is HealthState.EJECTED
         shown = health.shown_state(worker.health, worker.last_heartbeat, self.now, self.policy)
         return shown.reported is self.state
 

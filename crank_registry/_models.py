@@ -467,6 +467,16 @@ def _finite(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
         raise _fail(attribute.name, "must be a finite number")
 
 
+def _optional_finite(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is not None and not _is_finite_number(value):
+        raise _fail(attribute.name, "must be a finite number")
+
+
+def _optional_positive_count(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise _fail(attribute.name, "must be an integer >= 1")
+
+
 @attrs.frozen
 class Registration:
     """A worker's announcement: who it is, where it listens, what it can do."""
@@ -498,6 +508,12 @@ class WorkerRecord:
     last_heartbeat: float = attrs.field(validator=_finite)
     verified: bool = attrs.field(default=True, validator=_flag)
     silent: bool = attrs.field(default=False, validator=_flag)
+    #: Outlier ejection: until when it takes no routes (absent: it is not ejected)...
+    ejected_until: float | None = attrs.field(default=None, validator=_optional_finite)
+    #: ... the ejections of its current streak (absent: none) ...
+    ejections: int | None = attrs.field(default=None, validator=_optional_positive_count)
+    #: ... and when the last of them ended (absent: none did).
+    ejection_ended: float | None = attrs.field(default=None, validator=_optional_finite)
 
 
 @attrs.frozen
@@ -514,11 +530,16 @@ class WorkerEndpoint:
 
 
 class HealthState(enum.Enum):
-    """What ``/workers`` reports as ``state``."""
+    """What ``/workers`` reports as ``state``: the health state, or ``ejected`` over it.
+
+    A worker's ``health`` is one of the first three; ``ejected`` is a flag
+    beside it (outlier ejection), which ``state`` shows first.
+    """
 
     HEALTHY = "healthy"
     UNHEALTHY = "unhealthy"
     UNVERIFIED = "unverified"
+    EJECTED = "ejected"
 
 
 @attrs.frozen
@@ -534,6 +555,10 @@ class WorkerView:
     #: Its latest load report and when it arrived; ``None`` if it sent none.
     load: LoadReport | None = None
     load_reported_at: float | None = None
+    #: The health state alone (``state`` shows ``ejected`` first).
+    health: HealthState = attrs.field(kw_only=True)
+    #: Until when it is ejected (outlier ejection); ``None``: it is not.
+    ejected_until: float | None = attrs.field(default=None, kw_only=True)
 
 
 @attrs.frozen

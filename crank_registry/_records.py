@@ -12,7 +12,7 @@ import json
 import math
 
 from ._converter import unstructure
-from ._health import Health
+from ._health import Health, routable_until
 from ._models import CapabilityKey, CapabilitySchema, LoadReport, WorkerEndpoint, WorkerRecord
 
 __all__ = ["MAX_VARIANTS", "CapabilityValues", "Load", "Member", "Worker"]
@@ -35,6 +35,9 @@ class Worker:
     __slots__ = (
         "capabilities",
         "deadline",
+        "ejected_until",
+        "ejection_ended",
+        "ejections",
         "health",
         "last_heartbeat",
         "load",
@@ -72,6 +75,16 @@ class Worker:
         # Made by its first load report or hand-out (most workers of a
         # round-robin registry never need one: one slot, no object).
         self.load: Load | None = None
+        # Outlier ejection (._ejection), set by the fold: until when it is
+        # ejected (None: it is not), the ejections of its streak, and when
+        # the last of them ended.
+        self.ejected_until: float | None = None
+        self.ejections = 0
+        self.ejection_ended = -math.inf
+
+    def healthy_until(self) -> float:
+        """When its health alone stops it being routable (``routable_until`` but for ejection)."""
+        return routable_until(self.health, self.deadline)
 
     def __lt__(self, other: Worker) -> bool:
         # Heap entries are (deadline, order, worker): a tie on both is an entry
@@ -87,6 +100,9 @@ class Worker:
             last_heartbeat=self.last_heartbeat,
             verified=self.health.verified,
             silent=self.health.silent,
+            ejected_until=self.ejected_until,
+            ejections=self.ejections or None,
+            ejection_ended=None if self.ejection_ended == -math.inf else self.ejection_ended,
         )
 
 

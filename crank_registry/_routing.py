@@ -6,7 +6,8 @@ options") walks the members of its one ``(verb, capability)``, never the
 registry, in O(k) for k members:
 
 1. the filters, in the settled order, each worker removed by the first
-   that rejects it: ``unhealthy`` (not routable at ``now``), ``version``
+   that rejects it: ``unhealthy`` (not routable at ``now``), ``ejected``
+   (outlier ejection, :mod:`._ejection`), ``version``
    (its version is not PEP 440 or not in the specifier set), ``excluded``,
    ``slo`` (its effective SLO, :func:`effective_slo`: an observed latency,
    else the SLO files', else the declared one, misses a bound or has no
@@ -346,9 +347,12 @@ def _filter(
     passed: list[Member] = []
     costs: list[float] = []
     for member in everyone:
-        worker_id = member.worker.worker_id
-        if alive_at > member.worker.routable_until:
-            reasons[worker_id] = "unhealthy"
+        worker = member.worker
+        worker_id = worker.worker_id
+        if alive_at > worker.routable_until:
+            # Not routable: for its health first, else for its ejection (the settled order).
+            ejected = worker.ejected_until is not None and alive_at <= worker.healthy_until()
+            reasons[worker_id] = "ejected" if ejected else "unhealthy"
         elif specifier is not None and not _version_matches(specifier, member.endpoint.version):
             reasons[worker_id] = "version"
         elif worker_id in excluded:
