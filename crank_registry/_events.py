@@ -203,11 +203,11 @@ class WorkerImported(WorkerChange):
 
 @attrs.frozen
 class WorkerEjected(WorkerChange):
-    """A gateway's calls to the worker failed ``after_failures`` times in a row (:mod:`._ejection`).
+    """A gateway's calls to the worker kept failing: it takes no routes until ``until``.
 
-    Decided at ``at`` by the controller whose calls failed: the worker (all
-    its capabilities) takes no routes until ``until``, the ``ejections``-th
-    ejection of its streak. ``verb`` and ``capability`` are the failing
+    Outlier ejection (:mod:`._ejection`), decided at ``at`` by the
+    controller whose calls failed: the worker (all its capabilities), the
+    ``ejections``-th ejection of its streak. ``verb`` and ``capability`` are the failing
     call's: the fold applies it only while the ejected share of that pair's
     workers stays within ``max_ejected_percent`` (at least one worker), and
     drops it otherwise, or when the worker is ejected already. So every

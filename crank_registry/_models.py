@@ -91,6 +91,8 @@ _SPECIFIER_PATTERN = f"^ *{_CLAUSE} *(, *{_CLAUSE} *)*$"
 _WORKER_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 #: A worker id as a JSON Schema pattern (the rule of :func:`is_worker_id`).
 _WORKER_ID_PATTERN = f"^{_WORKER_ID.pattern}$"
+#: What a worker id is, as a JSON Schema pattern.
+WORKER_ID_PATTERN = _WORKER_ID_PATTERN
 # The characters str.isspace() accepts, and the other control characters:
 # none belongs in a URL, and an HTTP client refuses them.
 _NOT_IN_URL_CHARACTERS = r"\s\x00-\x1f\x7f"

@@ -354,6 +354,9 @@ class WorkerEntry:
     """One worker of ``GET /workers``; ``is_healthy`` means routable now.
 
     ``capabilities`` are ``"verb:name"`` labels (:func:`~crank_registry.capability_label`).
+    ``state`` is the first that applies of ``ejected`` and the health state;
+    ``health`` the health state alone; ``ejected_until`` (absent: not
+    ejected) when its ejection for failing calls ends.
     """
 
     worker_id: str = attrs.field(metadata=_WORKER_ID)
@@ -366,6 +369,20 @@ class WorkerEntry:
     )
     #: Absent when the worker has reported no load.
     load: WorkerLoad | None = None
+    #: The health state alone (absent from a controller older than ejection: ``state`` is it).
+    health: HealthState | None = attrs.field(
+        default=None,
+        metadata={
+            JSON_SCHEMA: {
+                "enum": [s.value for s in HealthState if s is not HealthState.EJECTED],
+                "description": "The health state alone, whether or not the worker is ejected.",
+            }
+        },
+    )
+    #: When its ejection ends; absent when it is not ejected.
+    ejected_until: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_iso_time), metadata=_TIME
+    )
 
 
 @attrs.frozen(kw_only=True)

@@ -67,8 +67,10 @@ from crank_registry import (
     UnknownCapability,
     ValidationError,
     WatchQuery,
+    WorkerNotRegistered,
     authorize_worker,
     encode_epoch,
+    is_worker_id,
     iso_utc,
     replay_bytes,
     retry_after_seconds,
@@ -609,6 +611,16 @@ class ControllerService:
         body = await listings.workers_body(self.registry, query, now=self.clock())
         return Response(body, media_type="application/json")
 
+    async def worker(self, request: Request) -> Response:
+        """GET /workers/{worker_id}: one worker as /workers lists it; 404 if not registered."""
+        worker_id = request.path_params["worker_id"]
+        if not is_worker_id(worker_id):
+            raise ValidationError.single("worker_id", "not a valid worker id (the path's)")
+        view = self.registry.get_worker(worker_id, now=self.clock())
+        if view is None:
+            raise WorkerNotRegistered(worker_id)
+        return answer(listings.entry(view))
+
     async def snapshot(self, request: Request) -> Response:
         """GET /snapshot: the whole registry at its revision, streamed in slices."""
         if request.query_params:
@@ -680,6 +692,7 @@ class ControllerService:
             "/ready": (self.ready, "GET"),
             "/capabilities": (self.capabilities, "GET"),
             "/workers": (self.workers, "GET"),
+            "/workers/{worker_id}": (self.worker, "GET"),
             "/slos": (self.slos, "GET"),
             "/snapshot": (self.snapshot, "GET"),
             "/watch": (self.watch, "GET"),
@@ -936,8 +949,8 @@ def create_app(
     """The controller as an ASGI application.
 
     ``registry`` defaults to an empty one with ``config.policy``,
-    ``config.routing``, ``config.feed_window`` and
-    ``config.self_preservation`` (a registry passed in keeps its own,
+    ``config.routing``, ``config.feed_window``,
+    ``config.self_preservation`` and ``config.ejection`` (a registry passed in keeps its own,
     which the service then uses). ``clock``
     gives ``now`` in seconds since the epoch for every health decision; by
     default an :class:`~crank_registry_asgi.clock.AnchoredClock` (the wall
@@ -965,6 +978,7 @@ def create_app(
             rng=random.Random(),
             feed_window=config.feed_window,
             self_preservation=config.self_preservation,
+            ejection=config.ejection,
             # Every history starts under the default rules: a --policy file or
             # another --trust-domain is a policy_changed at the first start.
             access_rules=AccessRules(),

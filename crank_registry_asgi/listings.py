@@ -182,6 +182,8 @@ def entry(view: WorkerView) -> WorkerEntry:
         state=view.state,
         capabilities=tuple(capability_label(c.key) for c in view.capabilities),
         load=_load(view),
+        health=view.health,
+        ejected_until=None if view.ejected_until is None else iso_utc(view.ejected_until),
     )
 
 

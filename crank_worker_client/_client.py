@@ -158,6 +158,9 @@ class WorkerInfo:
 
     ``is_healthy`` means routable now; ``capabilities`` are ``(verb, name)``
     pairs; ``load`` its latest load report (``None``: it sent none).
+    ``state`` is ``ejected`` while the worker is ejected for failing calls
+    (until ``ejected_until``), else ``health``, the health state alone
+    (``None`` from a controller older than ejection).
     """
 
     worker_id: str
@@ -167,6 +170,8 @@ class WorkerInfo:
     state: HealthState
     capabilities: tuple[CapabilityKey, ...]
     load: WorkerLoad | None = None
+    health: HealthState | None = None
+    ejected_until: datetime | None = None
 
 
 class ControllerClient:
@@ -380,6 +385,12 @@ class ControllerClient:
                 state=entry.state,
                 capabilities=tuple(parse_capability_label(label) for label in entry.capabilities),
                 load=entry.load,
+                health=entry.health,
+                ejected_until=(
+                    None
+                    if entry.ejected_until is None
+                    else datetime.fromisoformat(entry.ejected_until)
+                ),
             )
             for page in pages
             for entry in page.workers

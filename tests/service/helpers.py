@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -30,8 +31,24 @@ UNKNOWN = "<unknown capability>"
 _ROOT = {"components": DOCUMENT["components"]}
 
 
+# The documented paths with parameters (/workers/{worker_id}), as patterns of the paths asked.
+_TEMPLATES = [
+    (re.compile("^" + re.sub(r"\\{[^}]+\\}", "[^/]+", re.escape(template)) + "$"), template)
+    for template in DOCUMENT["paths"]
+    if "{" in template
+]
+
+
+def documented_path(path: str) -> str:
+    """The document's path of the path asked: its template if it has parameters."""
+    if path in DOCUMENT["paths"]:
+        return path
+    return next((template for pattern, template in _TEMPLATES if pattern.match(path)), path)
+
+
 def documented_schema(method: str, path: str, status: int) -> dict[str, Any]:
     """The JSON Schema the document gives for this answer (asserts it is documented)."""
+    path = documented_path(path)
     operation = DOCUMENT["paths"].get(path, {}).get(method.lower())
     if operation is None:
         # Unknown paths and methods.
@@ -51,6 +68,7 @@ def check_documented(method: str, path: str, response: httpx.Response) -> Any:
     must carry that media type; its body is returned as text.
     """
     assert response.status_code != 500, response.text
+    path = documented_path(path)
     operation = DOCUMENT["paths"].get(path, {}).get(method.lower())
     if operation is not None and response.status_code == 200:
         content = operation["responses"]["200"]["content"]

@@ -98,6 +98,7 @@ async def test_register_answers_and_lists() -> None:
                 "last_heartbeat": iso_utc(api.clock.now),
                 "is_healthy": True,
                 "state": "healthy",
+                "health": "healthy",
                 "capabilities": ["classify:image.classify"],
             }
         }
@@ -408,6 +409,7 @@ async def test_openapi_document_is_served() -> None:
             "/route",
             "/capabilities",
             "/workers",
+            "/workers/{worker_id}",
             "/slos",
             "/snapshot",
             "/watch",

@@ -31,6 +31,7 @@ from crank_registry import (
     SnapshotAnswer,
     WatchAnswer,
     WorkerEndpoint,
+    WorkerEntry,
     WorkersAnswer,
     structure,
     unstructure,
@@ -38,7 +39,13 @@ from crank_registry import (
 from crank_registry_asgi import ServiceConfig
 from crank_registry_asgi.openapi import ERRORS, OPERATIONS, openapi_document
 from tests.builders import registration_payload
-from tests.service.helpers import CertificateAuthority, check_documented, dumps, running
+from tests.service.helpers import (
+    CertificateAuthority,
+    check_documented,
+    documented_path,
+    dumps,
+    running,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -51,6 +58,7 @@ _MODELS: dict[str, type[Any]] = {
     "/route": WorkerEndpoint,
     "/capabilities": CapabilitiesAnswer,
     "/workers": WorkersAnswer,
+    "/workers/{worker_id}": WorkerEntry,
     "/slos": SlosAnswer,
     "/snapshot": SnapshotAnswer,
     "/watch": WatchAnswer,
@@ -73,7 +81,7 @@ async def _answers(state_dir: Path) -> list[tuple[str, str, httpx.Response]]:
 
     async def send(api: Any, method: str, path: str, **kwargs: Any) -> None:
         response = await api.client.request(method, path, **kwargs)
-        answers.append((method, path.partition("?")[0], response))
+        answers.append((method, documented_path(path.partition("?")[0]), response))
 
     json = {"content-type": "application/json"}
     route = {"verb": "classify", "capability": "image.classify"}
@@ -94,6 +102,8 @@ async def _answers(state_dir: Path) -> list[tuple[str, str, httpx.Response]]:
         await send(api, "POST", "/route", json={**route, "explain": True})
         await send(api, "GET", "/capabilities")
         await send(api, "GET", "/workers")
+        await send(api, "GET", "/workers/w1")
+        await send(api, "GET", "/workers/nobody")  # worker_not_registered
         await send(api, "GET", "/openapi.json")
         await send(api, "GET", "/metrics")
         for path in ("/ui", "/ui/app.js", "/ui/style.css"):

@@ -245,7 +245,12 @@ async def test_the_document_lists_the_query_parameters() -> None:
             "maximum": 5000,
             "default": 500,
         }
-        assert parameters["state"]["schema"]["enum"] == ["healthy", "unhealthy", "unverified"]
+        assert parameters["state"]["schema"]["enum"] == [
+            "healthy",
+            "unhealthy",
+            "unverified",
+            "ejected",
+        ]
         assert "422" in operation["responses"]
 
 
