@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 
 from crank_registry import EjectionSettings
@@ -25,9 +26,9 @@ from tests.gateway.helpers import (
 pytestmark = pytest.mark.anyio
 
 
-def gateway(network: WorkerNetwork, clock: FakeClock, **ejection: float) -> object:
-    config = ServiceConfig(policy=POLICY, ejection=EjectionSettings(**ejection))  # type: ignore[arg-type]
-    controller = create_app(config=config, clock=clock)
+def gateway(network: WorkerNetwork, clock: FakeClock, *, after_failures: int) -> Starlette:
+    ejection = EjectionSettings(after_failures=after_failures)
+    controller = create_app(config=ServiceConfig(policy=POLICY, ejection=ejection), clock=clock)
     return create_gateway_app(controller, GatewayConfig(), transport=network)
 
 
@@ -56,7 +57,8 @@ async def test_a_worker_answering_500_is_ejected_after_n_calls_and_gets_no_more(
     bad = network.add("bad.test", broken())
     good = network.add("good.test", FakeWorker(serving({("greet", "hello"): hello})))
     clock = FakeClock()
-    async with client_of(gateway(network, clock, after_failures=3)) as client:  # type: ignore[arg-type]
+    app = gateway(network, clock, after_failures=3)
+    async with client_of(app) as client:
         await register(client, "bad", "https://bad.test:8443")
         await register(client, "good", "https://good.test:8443")
         statuses = [(await execute(client)).status_code for _ in range(20)]
@@ -83,7 +85,7 @@ async def test_a_worker_answering_500_is_ejected_after_n_calls_and_gets_no_more(
         # Its heartbeats do not end it; 30 s later the sweep does.
         await live_for(client, clock, 29, "bad", "good")
         assert (await client.get("/workers/bad")).json()["state"] == "ejected"
-        service = client._transport.app.state.service  # type: ignore[attr-defined]
+        service = app.state.service
         assert await service.sweep() == ()
         await live_for(client, clock, 1, "bad", "good")
         (restored,) = await service.sweep()
@@ -102,9 +104,9 @@ async def test_refused_connections_count_and_a_success_resets_the_count() -> Non
     flaky = network.add("flaky.test", FakeWorker(serving({("greet", "hello"): hello})))
     clock = FakeClock()
     app = gateway(network, clock, after_failures=2)
-    async with client_of(app) as client:  # type: ignore[arg-type]
+    async with client_of(app) as client:
         await register(client, "flaky", "https://flaky.test:8443")
-        registry = client._transport.app.state.service.registry  # type: ignore[attr-defined]
+        registry = app.state.service.registry
         flaky.failure = httpx.ConnectError
         assert (await execute(client)).status_code == 502
         flaky.failure = None
@@ -123,11 +125,12 @@ async def test_a_worker_answering_4xx_or_outside_the_convention_is_not_failing()
     network = WorkerNetwork()
     network.add("odd.test", FakeWorker(JSONResponse({"error": "nope", "message": "no"}, 404)))
     clock = FakeClock()
-    async with client_of(gateway(network, clock, after_failures=1)) as client:  # type: ignore[arg-type]
+    app = gateway(network, clock, after_failures=1)
+    async with client_of(app) as client:
         await register(client, "odd", "https://odd.test:8443")
         for _ in range(3):
             assert (await execute(client)).status_code == 404
-        registry = client._transport.app.state.service.registry  # type: ignore[attr-defined]
+        registry = app.state.service.registry
         assert registry.ejected_until("odd") is None
 
 
