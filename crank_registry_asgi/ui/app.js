@@ -32,7 +32,16 @@
   const STREAM_BATCH_MS = 50;
   // The changes of the feed (DESIGN, "Change feed"); EventSource hands over only the
   // event types listened for (a newer type shows as a gap at the next bookmark).
-  const CHANGE_TYPES = ["registered", "deregistered", "unhealthy", "healthy", "evicted", "imported"];
+  const CHANGE_TYPES = [
+    "registered",
+    "deregistered",
+    "unhealthy",
+    "healthy",
+    "evicted",
+    "imported",
+    "ejected",
+    "restored",
+  ];
   const SEP = "\u0000";
 
   // ------------------------------------------------------------------ the API
@@ -593,10 +602,12 @@
       const url = element("td", entry.worker_url, "url");
       const age = element("td", heartbeatAge(entry), "number age");
       age.title = entry.last_heartbeat;
+      const shownState = element("td", stateText(entry), `state ${entry.state}`);
+      if (entry.ejected_until) shownState.title = `ejected until ${entry.ejected_until}`;
       row.append(
         element("td", entry.worker_id, "id"),
         url,
-        element("td", entry.state, `state ${entry.state}`),
+        shownState,
         age,
         element("td", loadText(entry.load)),
       );
@@ -622,10 +633,19 @@
     $("next-page").disabled = !state.nextCursor;
   }
 
+  // An ejected worker's state says how long its ejection lasts still ("ejected · 25s").
+  function stateText(entry) {
+    const until = entry.ejected_until ? Date.parse(entry.ejected_until) : NaN;
+    if (Number.isNaN(until)) return entry.state;
+    return `${entry.state} · ${duration(Math.max(0, (until - controllerNowMs()) / 1000))}`;
+  }
+
   function tickAges() {
     const ages = document.querySelectorAll("#worker-rows td.age");
+    const states = document.querySelectorAll("#worker-rows td.state");
     state.rows.forEach((entry, index) => {
       if (ages[index]) ages[index].textContent = heartbeatAge(entry);
+      if (states[index]) states[index].textContent = stateText(entry);
     });
   }
 
@@ -694,6 +714,13 @@
         reread = Boolean(state.filter.state);
         break;
       }
+      case "ejected":
+      case "restored":
+        // Outlier ejection: the controller's fold may drop either (the ejected share's
+        // cap, a restoration of an ejection already over), so read what it shows again.
+        reread = true;
+        refreshCapabilitiesSoon();
+        break;
       default:
         // A change this page does not know (a newer controller): read what it shows again.
         reread = true;
