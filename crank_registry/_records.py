@@ -17,6 +17,9 @@ from ._models import CapabilityKey, CapabilitySchema, LoadReport, WorkerEndpoint
 
 __all__ = ["MAX_VARIANTS", "CapabilityValues", "Load", "Member", "Worker"]
 
+#: When a worker's last ejection ended, before it had one.
+_NEVER = -math.inf
+
 #: At most this many distinct values of one ``(verb, name)`` are shared
 #: between workers; beyond it a registration keeps its own (bounded work).
 MAX_VARIANTS = 8
@@ -80,7 +83,7 @@ class Worker:
         # the last of them ended.
         self.ejected_until: float | None = None
         self.ejections = 0
-        self.ejection_ended = -math.inf
+        self.ejection_ended = _NEVER  # one shared float, not one per worker
 
     def healthy_until(self) -> float:
         """When its health alone stops it being routable (``routable_until`` but for ejection)."""

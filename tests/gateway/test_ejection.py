@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import pytest
 from starlette.applications import Starlette
@@ -140,3 +142,28 @@ def test_what_counts_as_a_failure() -> None:
     from crank_registry import WorkerEndpoint
 
     assert failed(Refused(WorkerEndpoint("w", "https://w:1", "1.0.0"), "refused", timed_out=False))
+
+
+async def test_an_ejection_is_journalled_and_outlives_a_restart(tmp_path: Path) -> None:
+    network = WorkerNetwork()
+    network.add("bad.test", broken())
+    clock = FakeClock()
+    config = ServiceConfig(
+        policy=POLICY, state_dir=tmp_path, ejection=EjectionSettings(after_failures=2)
+    )
+
+    def app() -> Starlette:
+        return create_gateway_app(create_app(config=config, clock=clock), transport=network)
+
+    async with client_of(app()) as client:
+        await register(client, "bad", "https://bad.test:8443")
+        for _ in range(2):
+            assert (await execute(client)).status_code == 502
+        until = (await client.get("/workers/bad")).json()["ejected_until"]
+        assert until is not None
+    restarted = app()
+    async with client_of(restarted) as client:
+        assert restarted.state.service.registry.ejected_count == 1
+        listed = (await client.get("/workers/bad")).json()
+        assert (listed["state"], listed["ejected_until"]) == ("ejected", until)
+        assert listed["health"] == "unverified"
