@@ -149,7 +149,9 @@ class Sweeper:
     clock); :meth:`run` loops until cancelled. Its sleep is capped at one
     heartbeat interval, which is also what keeps it on time without being
     woken: a registration's first deadline is ``unhealthy_after`` (at least
-    one interval) away, so it is never earlier than the planned wake-up.
+    one interval) away, so it is never earlier than the planned wake-up. An
+    ejection's end may be (30 s, under a longer interval): :meth:`changed`
+    wakes it then.
     """
 
     def __init__(
@@ -161,10 +163,18 @@ class Sweeper:
         # The last sweep's changes could not be journaled: retry after an interval.
         self._failed = False
         self._woken = anyio.Event()
+        # When the running loop plans to sweep next (service time).
+        self._planned = math.inf
 
     def wake(self) -> None:
         """Sweep now rather than at the planned time (this controller just took the lease)."""
         self._woken.set()
+
+    def changed(self) -> None:
+        """Changes were applied: wake to plan again if a deadline now comes before the plan."""
+        deadline = self.registry.next_deadline()
+        if deadline is not None and deadline + _SWEEP_SLACK < self._planned:
+            self._woken.set()
 
     def delay(self) -> float:
         """Seconds until the next sweep: just after the next deadline, at most an interval.
@@ -215,7 +225,9 @@ class Sweeper:
     async def run(self) -> None:
         """Sweep at every deadline until cancelled."""
         while True:
-            with anyio.move_on_after(self.delay()):
+            delay = self.delay()
+            self._planned = self.clock() + delay
+            with anyio.move_on_after(delay):
                 await self._woken.wait()
             self._woken = anyio.Event()
             try:
@@ -255,7 +267,7 @@ class ControllerService:
         self.epoch = secrets.token_hex(8)
         # Wakes the long polls of /watch once changes are applied.
         self.broadcast = Broadcast(registry)
-        self.effects.applied = self.broadcast.moved
+        self.effects.applied = self._applied
         #: The shared registry's store (``config.redis_url``), else ``None``: the journal.
         self.store: RedisStore | None = None
         if config.redis_url is not None:
@@ -269,7 +281,7 @@ class ControllerService:
                 lease_period=config.redis_lease_period,
                 snapshot_every=config.redis_snapshot_every,
             )
-            self.store.applied = self.broadcast.moved
+            self.store.applied = self._applied
             self.store.epoch_changed = self._follow_epoch
             self.store.lease_taken = self.sweeper.wake
             self.effects.store = self.store
@@ -320,6 +332,11 @@ class ControllerService:
             self.effects.observe(registry.set_access_rules(self.access_rules, now=clock()))
         # Rendered once: the document does not change while the app runs.
         self._document_body = JSONResponse(openapi_document()).body
+
+    def _applied(self) -> None:
+        """Changes were applied: wake the long polls of /watch, and the sweeper if it must."""
+        self.broadcast.moved()
+        self.sweeper.changed()
 
     def _follow_epoch(self, epoch: str) -> None:
         """The shared registry's history is ``epoch`` (loaded, or started anew)."""

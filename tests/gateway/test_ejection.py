@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 
-from crank_registry import EjectionSettings
+from crank_registry import EjectionSettings, HealthPolicy
 from crank_registry.testing import FakeClock
 from crank_registry_asgi import ServiceConfig, create_app
 from crank_registry_asgi.gateway import GatewayConfig, create_gateway_app
@@ -167,3 +168,23 @@ async def test_an_ejection_is_journalled_and_outlives_a_restart(tmp_path: Path) 
         listed = (await client.get("/workers/bad")).json()
         assert (listed["state"], listed["ejected_until"]) == ("ejected", until)
         assert listed["health"] == "unverified"
+
+
+async def test_the_sweeper_plans_again_for_an_ejection_that_ends_before_its_wake_up() -> None:
+    # A heartbeat interval of 60 s: the sweeper sleeps up to 60 s, the ejection lasts 30 s.
+    network = WorkerNetwork()
+    network.add("bad.test", broken())
+    clock = FakeClock()
+    policy = HealthPolicy(heartbeat_interval=60.0, unhealthy_after=120.0, evict_after=240.0)
+    config = ServiceConfig(policy=policy, ejection=EjectionSettings(after_failures=1))
+    app = create_gateway_app(create_app(config=config, clock=clock), transport=network)
+    async with client_of(app) as client:
+        await register(client, "bad", "https://bad.test:8443")
+        sweeper = app.state.service.sweeper
+        for _ in range(100):
+            await anyio.sleep(0)
+        assert sweeper._planned - clock.now == 60.0
+        assert (await execute(client)).status_code == 502
+        for _ in range(100):
+            await anyio.sleep(0)
+        assert sweeper._planned - clock.now == pytest.approx(30.0 + 0.1)
