@@ -548,9 +548,9 @@ class CapabilityRegistry:
         The failure is counted at once (this process' count, not a change).
         Nothing is decided for a worker not registered, ejected already (or
         with its ejection pending), or when the ejection would take the
-        pair's ejected share over the cap as this registry sees it now (the
-        failure after the next one tries again); the fold checks the cap
-        again when it applies the change.
+        pair's ejected share over the cap as this registry sees it now (its
+        count stays: each later failure tries again); the fold checks the
+        cap again when it applies the change.
         """
         _check_now(now)
         outcomes = self._outcomes

@@ -3,13 +3,13 @@
 A random run registers, heartbeats, deregisters, reports failed and
 successful calls, lets another controller's ejections arrive (decided on
 its own replica: the fold alone checks their cap), advances time and
-sweeps, on one registry (the original). Its changes then build four
+sweeps, on one registry (the original). Its changes then build five
 copies: applied one by one, replayed from their journal lines, loaded
-from its snapshot, and a follower (``routes_by_state``) that loaded an
-empty snapshot and applied them. Each holds the same records (ejections
-and streaks included; a follower hears no heartbeats), revision and
-ejected count, routes to the same workers, and the next sweeps restore
-the same workers.
+from its snapshot, replayed from that snapshot's journal lines, and a
+follower (``routes_by_state``) that loaded an empty snapshot and applied
+them. Each holds the same records (ejections and streaks included; a
+follower hears no heartbeats), revision and ejected count, routes to the
+same workers, and the next sweeps restore the same workers.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from crank_registry import (
     WorkerRecord,
     WorkerRestored,
     encode_event,
+    encode_snapshot,
     replay,
 )
 from tests.builders import capability
@@ -118,12 +119,15 @@ def copies(original: CapabilityRegistry, events: list[Event]) -> list[Capability
     assert result.lines_skipped == 0, result.skipped
     loaded = new_registry()
     loaded.apply_snapshot(original.snapshot())
+    compacted = new_registry()  # a journal compacted into its snapshot's lines
+    lines = encode_snapshot(original.snapshot(), part_size=2)
+    assert replay(lines, compacted).lines_skipped == 0
     follower = new_registry(routes_by_state=True)
     follower.apply_snapshot(new_registry().snapshot())
     for change in changes:
         with contextlib.suppress(RegistryError):  # refused alike by the original
             follower.apply(change)
-    return [applied, replayed, loaded, follower]
+    return [applied, replayed, loaded, compacted, follower]
 
 
 def routed(registry: CapabilityRegistry, now: float) -> list[set[str | None]]:
@@ -160,10 +164,10 @@ def restorations(registry: CapabilityRegistry, now: float) -> list[str]:
 def test_replicas_fed_the_same_changes_end_equal(steps: list[tuple[Any, ...]]) -> None:
     original, events, now = run(steps)
     replicas = copies(original, events)
-    for replica in replicas[:3]:
+    for replica in replicas[:4]:
         assert replica.records() == original.records()
     # A follower hears no heartbeats: the rest of each record is the same.
-    assert [unheard(r) for r in replicas[3].records()] == [unheard(r) for r in original.records()]
+    assert [unheard(r) for r in replicas[4].records()] == [unheard(r) for r in original.records()]
     for replica in replicas:
         assert replica.revision == original.revision
         assert replica.ejected_count == original.ejected_count
@@ -174,6 +178,6 @@ def test_replicas_fed_the_same_changes_end_equal(steps: list[tuple[Any, ...]]) -
     # The next sweeps restore the same workers (the follower does not sweep).
     later = now + 30.0
     swept = restorations(original, later)
-    for replica in replicas[:3]:
+    for replica in replicas[:4]:
         assert restorations(replica, later) == swept
         assert replica.records() == original.records()
