@@ -145,10 +145,3 @@ class Outcomes:
     def forget(self, worker_id: str) -> None:
         """A success (or an ejection, or the worker leaving) starts its count again."""
         self._failures.pop(worker_id, None)
-
-    def failures(self, worker_id: str) -> int:
-        """The failures in a row counted for ``worker_id``."""
-        return self._failures.get(worker_id, 0)
-
-    def __len__(self) -> int:
-        return len(self._failures)

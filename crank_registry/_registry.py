@@ -545,23 +545,22 @@ class CapabilityRegistry:
     ) -> tuple[Event, ...]:
         """The ejection :meth:`report_outcome` causes, pending until :meth:`confirm`.
 
-        The failure is counted at once (this process' count, not a change).
-        Nothing is decided for a worker not registered, ejected already (or
-        with its ejection pending), or when the ejection would take the
+        The failure is counted at once (this process' count, not a change),
+        but not for a worker not registered or ejected already (the calls
+        it had in flight): its count starts again. Nothing is decided for
+        such a worker, one whose ejection is pending, or when the ejection would take the
         pair's ejected share over the cap as this registry sees it now (its
         count stays: each later failure tries again); the fold checks the
         cap again when it applies the change.
         """
         _check_now(now)
         outcomes = self._outcomes
-        if ok:
-            outcomes.forget(worker_id)
+        worker = self._workers.get(worker_id)
+        if ok or worker is None or worker.ejected_until is not None:
+            outcomes.forget(worker_id)  # kept only while failing: bounded by the workers
             return ()
         settings = self._ejection
         if not settings.enabled or outcomes.failed(worker_id) < settings.after_failures:
-            return ()
-        worker = self._workers.get(worker_id)
-        if worker is None or worker.ejected_until is not None:
             return ()
         pending = [change for change in self._pending if isinstance(change, WorkerEjected)]
         if any(change.worker_id == worker_id for change in pending):

@@ -211,12 +211,16 @@ def test_a_worker_that_leaves_takes_its_ejection_with_it() -> None:
     assert "w1" in routes(registry, 6, now=now + 2)
 
 
-def test_failures_of_an_ejected_or_unknown_worker_decide_nothing() -> None:
+def test_failures_of_an_ejected_or_unknown_worker_decide_nothing_nor_count() -> None:
     registry = fleet(3, max_ejected_percent=100.0)
     now = T0 + 1
-    fail(registry, "w1", 5, now)
+    (event,) = fail(registry, "w1", 5, now)
     assert fail(registry, "w1", 10, now + 1) == []  # calls that were in flight
     assert fail(registry, "nobody", 10, now + 1) == []
+    registry.cleanup_stale(now=event.until)
+    # Back in routing, it starts from no failure: five more eject it again.
+    assert fail(registry, "w1", 4, event.until) == []
+    assert len(fail(registry, "w1", 1, event.until)) == 1
 
 
 def test_explain_says_ejected_after_health() -> None:
