@@ -18,6 +18,7 @@ Where each rule lives:
 * ``_routing``: the routing options: filters, strategies, idempotency, explain.
 * ``_slos``: SLO files as values, and their index by capability.
 * ``_preservation``: self-preservation's settings and the sweep's windows.
+* ``_ejection``: outlier ejection's settings, rules and the gateway's failure count.
 * ``_records``: the registry's mutable records (below health and rotation).
 * ``_registry``: the public registry: decide with the table, apply with the fold.
 * ``_listing``: listings in pages (positions, cursors, pagers) and counts in steps.
@@ -45,6 +46,13 @@ from ._converter import (
     unstructure,
     unstructure_event,
 )
+from ._ejection import (
+    DEFAULT_AFTER_FAILURES as DEFAULT_EJECT_AFTER_FAILURES,
+)
+from ._ejection import (
+    DEFAULT_MAX_EJECTED_PERCENT,
+    EjectionSettings,
+)
 from ._errors import (
     Forbidden,
     PolicyDenied,
@@ -68,10 +76,12 @@ from ._events import (
     WorkerChange,
     WorkerDeregistered,
     WorkerDraining,
+    WorkerEjected,
     WorkerEvicted,
     WorkerHealthy,
     WorkerImported,
     WorkerRegistered,
+    WorkerRestored,
     WorkerUndrained,
     WorkerUnhealthy,
 )
@@ -141,6 +151,7 @@ from ._models import (
     REMOVAL_REASONS,
     ROUTE_STRATEGIES,
     SLO_CONSTRAINT_KEYS,
+    WORKER_ID_PATTERN,
     CapabilityKey,
     CapabilitySchema,
     CapabilityView,
@@ -287,6 +298,11 @@ __all__ = [
     "RegistryChange",
     "SelfPreservationChanged",
     "SelfPreservationSettings",
+    "EjectionSettings",
+    "DEFAULT_EJECT_AFTER_FAILURES",
+    "DEFAULT_MAX_EJECTED_PERCENT",
+    "WorkerEjected",
+    "WorkerRestored",
     "SlosChanged",
     "WorkerChange",
     "AccessRules",
@@ -359,6 +375,7 @@ __all__ = [
     "encode_workers_cursor",
     "invocation_path",
     "is_worker_id",
+    "WORKER_ID_PATTERN",
     "is_worker_url",
     "identity_problem",
     "is_trust_domain",

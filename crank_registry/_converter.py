@@ -33,10 +33,12 @@ from ._events import (
     SlosChanged,
     WorkerDeregistered,
     WorkerDraining,
+    WorkerEjected,
     WorkerEvicted,
     WorkerHealthy,
     WorkerImported,
     WorkerRegistered,
+    WorkerRestored,
     WorkerUndrained,
     WorkerUnhealthy,
 )
@@ -69,6 +71,8 @@ EVENT_TYPES: Mapping[str, type[Event]] = types.MappingProxyType(
         "self_preservation": SelfPreservationChanged,
         "draining": WorkerDraining,
         "undrained": WorkerUndrained,
+        "ejected": WorkerEjected,
+        "restored": WorkerRestored,
     }
 )
 _TAG_OF: dict[type[Event], str] = {cls: tag for tag, cls in EVENT_TYPES.items()}

@@ -19,14 +19,16 @@ whole registry::
         │   ├── WorkerEvicted       removed for silence past evict_after
         │   ├── WorkerImported      taken from another controller's state, unverified
         │   ├── WorkerDraining      takes no new routes (drained), whatever its health
-        │   └── WorkerUndrained     takes routes again as its health allows
+        │   ├── WorkerUndrained     takes routes again as its health allows
+        │   ├── WorkerEjected       out of routing until a deadline: its calls kept failing
+        │   └── WorkerRestored      back in routing: its ejection's deadline passed
         └── RegistryChange      about the whole registry, not one worker
             ├── SlosChanged         the SLO files in effect were replaced
             ├── PolicyChanged       the access policy's rules were replaced
             └── SelfPreservationChanged  self-preservation began or ended
 
 A change carries all that is needed to apply it without a clock: the
-sweep decides ``unhealthy`` and ``evicted`` at their deadlines, so whoever
+sweep decides ``unhealthy``, ``evicted`` and ``restored`` at their deadlines, so whoever
 applies the events (a journal replay, a replica) never compares times; a
 registry-wide change carries the whole new value (every SLO file, every
 rule), not a difference, so applying it needs nothing but the change.
@@ -55,11 +57,13 @@ __all__ = [
     "WorkerChange",
     "WorkerDeregistered",
     "WorkerDraining",
+    "WorkerEjected",
     "WorkerEvicted",
     "WorkerHealthy",
     "WorkerImported",
     "WorkerRegistered",
     "WorkerUndrained",
+    "WorkerRestored",
     "WorkerUnhealthy",
 ]
 
@@ -217,6 +221,40 @@ class WorkerUndrained(WorkerChange):
     """A draining worker was undrained at ``at``: it takes routes again as its health allows."""
 
     at: float
+
+
+@attrs.frozen
+class WorkerEjected(WorkerChange):
+    """A gateway's calls to the worker kept failing: it takes no routes until ``until``.
+
+    Outlier ejection (:mod:`._ejection`), decided at ``at`` by the
+    controller whose calls failed: the worker (all its capabilities), the
+    ``ejections``-th ejection of its streak. ``verb`` and ``capability`` are the failing
+    call's: the fold applies it only while the ejected share of that pair's
+    workers stays within ``max_ejected_percent`` (at least one worker), and
+    drops it otherwise, or when the worker is ejected already. So every
+    registry that applies the same changes in the same order ejects the
+    same workers.
+    """
+
+    at: float
+    until: float
+    verb: str
+    capability: str
+    max_ejected_percent: float
+    ejections: int = attrs.field(validator=_count)
+
+
+@attrs.frozen
+class WorkerRestored(WorkerChange):
+    """The ejection that lasted until ``until`` ended at ``at``: the worker takes routes again.
+
+    Decided by the sweep at that deadline; the fold drops it when the
+    worker's ejection is not that one any longer (it ended already).
+    """
+
+    at: float
+    until: float
 
 
 @attrs.frozen

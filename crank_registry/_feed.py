@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import math
 from collections.abc import Sequence
 
 from ._errors import RevisionCompacted, RevisionReset
@@ -32,8 +33,11 @@ from ._slos import SloFile
 __all__ = ["DEFAULT_FEED_WINDOW", "MAX_FEED_PAGE", "ChangeLog", "SnapshotCopy", "WorkerRow"]
 
 #: What a :class:`SnapshotCopy` keeps of a worker: id, URL, capabilities, last heartbeat,
-#: state, draining.
-WorkerRow = tuple[str, str, tuple[CapabilitySchema, ...], float, Health, bool]
+#: state, draining, and its ejection: until when (``None``: not ejected), its streak, when
+#: the last ended.
+WorkerRow = tuple[
+    str, str, tuple[CapabilitySchema, ...], float, Health, bool, float | None, int, float
+]
 
 #: How many changes a registry keeps for its feed unless told otherwise.
 DEFAULT_FEED_WINDOW = 100_000
@@ -141,10 +145,21 @@ class SnapshotCopy:
                 verified=health.verified,
                 silent=health.silent,
                 draining=draining,
+                ejected_until=ejected_until,
+                ejections=ejections or None,
+                ejection_ended=None if ended == -math.inf else ended,
             )
-            for worker_id, worker_url, capabilities, last_heartbeat, health, draining in self._rows[
-                start:stop
-            ]
+            for (
+                worker_id,
+                worker_url,
+                capabilities,
+                last_heartbeat,
+                health,
+                draining,
+                ejected_until,
+                ejections,
+                ended,
+            ) in self._rows[start:stop]
         )
 
     def snapshot(self) -> Snapshot:

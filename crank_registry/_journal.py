@@ -33,7 +33,10 @@ Every line is one JSON object with the format version ``"v"`` and a
 
   A part whose workers include a draining one also has ``"draining"``, one
   boolean per worker (a part without it, as every part written before
-  drain, has none draining).
+  drain, has none draining). A part whose workers have been ejected
+  (outlier ejection) adds ``"ejections": {"w1": [ejected_until or null,
+  ejections, ejection_ended or null], ...}`` for those workers only (the
+  records' fields of the same names).
 
   So one damaged part costs only its own workers: what it numbered is in
   the next part too, before any later part refers to it. The first part
@@ -162,6 +165,7 @@ _SNAPSHOT_FIELDS = frozenset(
         "first_set",
         "health",
         "draining",
+        "ejections",
         "crc32",
     }
     | set(_SNAPSHOT_LISTS)
@@ -324,7 +328,7 @@ def encode_snapshot(
                 set_number = set_numbers[capability_set] = len(sets)
                 sets.append(listed)
             worker_sets.append(set_number)
-        columns: dict[str, list[Any]] = {
+        columns: dict[str, Any] = {
             "worker_ids": [r.worker_id for r in chunk],
             "worker_urls": [r.worker_url for r in chunk],
             "last_heartbeats": [float(r.last_heartbeat) for r in chunk],
@@ -333,6 +337,13 @@ def encode_snapshot(
         }
         if any(r.draining for r in chunk):
             columns["draining"] = [r.draining for r in chunk]
+        ejections = {
+            r.worker_id: [r.ejected_until, r.ejections, r.ejection_ended]
+            for r in chunk
+            if r.ejected_until is not None or r.ejections is not None
+        }
+        if ejections:
+            columns["ejections"] = ejections
         body = (
             f'{{"v":{JOURNAL_FORMAT_VERSION},"type":"{_SNAPSHOT_TYPE}",'
             f'"revision":{snapshot.revision},"part":{index},"parts":{len(chunks)},'
@@ -515,6 +526,11 @@ class JournalReader:
             if number not in self._sets or self._sets[number] is None:
                 self._sets[number] = self._capability_set(raw_set)
         self._next_set = max(self._next_set, first_set + len(raw_sets))
+        ejections = data.get("ejections", {})
+        if type(ejections) is not dict or not all(
+            type(value) is list and len(value) == 3 for value in ejections.values()
+        ):
+            raise JournalDecodeError("snapshot: ejections must map worker ids to 3 values")
         records = []
         dropped = 0
         for worker_id, worker_url, last_heartbeat, set_number, state, draining in zip(
@@ -525,6 +541,7 @@ class JournalReader:
             if worker_capabilities is None:
                 dropped += 1
                 continue
+            ejection = ejections.get(worker_id) if isinstance(worker_id, str) else None
             records.append(
                 _snapshot_record(
                     worker_id,
@@ -533,6 +550,7 @@ class JournalReader:
                     last_heartbeat,
                     state,
                     draining=draining,
+                    ejection=(None, None, None) if ejection is None else ejection,
                 )
             )
         self._revision = max(self._revision, revision)
@@ -607,11 +625,13 @@ def _snapshot_record(
     state: Any,
     *,
     draining: Any,
+    ejection: Any,
 ) -> WorkerRecord:
     """A snapshot's worker; the record's checks are the wire model's."""
     health = _HEALTH_BY_VALUE.get(state) if isinstance(state, str) else None
     if health is None:
         raise JournalDecodeError(f"snapshot: unknown health {state!r}")
+    ejected_until, ejections, ejection_ended = ejection
     try:
         return WorkerRecord(
             worker_id,
@@ -621,6 +641,9 @@ def _snapshot_record(
             verified=health.verified,
             silent=health.silent,
             draining=draining,
+            ejected_until=ejected_until,
+            ejections=ejections,
+            ejection_ended=ejection_ended,
         )
     except ValidationError as error:
         raise JournalDecodeError(f"snapshot: worker {worker_id!r}: {error}") from None

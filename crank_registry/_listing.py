@@ -207,8 +207,12 @@ class _Filter:
         )
 
     def in_state(self, worker: Worker) -> bool:
-        if worker.draining or self.state is WorkerState.DRAINING:
-            return worker.draining and self.state is WorkerState.DRAINING
+        if worker.draining:  # listed as draining, whatever else
+            return self.state is WorkerState.DRAINING
+        if worker.ejected_until is not None:  # listed as ejected, whatever its health
+            return self.state is WorkerState.EJECTED
+        if self.state in (WorkerState.DRAINING, WorkerState.EJECTED):
+            return False
         shown = health.shown_state(worker.health, worker.last_heartbeat, self.now, self.policy)
         return WorkerState.of(shown.reported, draining=False) is self.state
 

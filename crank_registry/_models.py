@@ -97,6 +97,8 @@ _SPECIFIER_PATTERN = f"^ *{_CLAUSE} *(, *{_CLAUSE} *)*$"
 _WORKER_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 #: A worker id as a JSON Schema pattern (the rule of :func:`is_worker_id`).
 _WORKER_ID_PATTERN = f"^{_WORKER_ID.pattern}$"
+#: What a worker id is, as a JSON Schema pattern.
+WORKER_ID_PATTERN = _WORKER_ID_PATTERN
 # The characters str.isspace() accepts, and the other control characters:
 # none belongs in a URL, and an HTTP client refuses them.
 _NOT_IN_URL_CHARACTERS = r"\s\x00-\x1f\x7f"
@@ -473,6 +475,16 @@ def _finite(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
         raise _fail(attribute.name, "must be a finite number")
 
 
+def _optional_finite(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is not None and not _is_finite_number(value):
+        raise _fail(attribute.name, "must be a finite number")
+
+
+def _optional_positive_count(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise _fail(attribute.name, "must be an integer >= 1")
+
+
 @attrs.frozen
 class Registration:
     """A worker's announcement: who it is, where it listens, what it can do."""
@@ -507,6 +519,12 @@ class WorkerRecord:
     verified: bool = attrs.field(default=True, validator=_flag)
     silent: bool = attrs.field(default=False, validator=_flag)
     draining: bool = attrs.field(default=False, validator=_flag, metadata={OMIT_IF_FALSE: True})
+    #: Outlier ejection: until when it takes no routes (absent: it is not ejected)...
+    ejected_until: float | None = attrs.field(default=None, validator=_optional_finite)
+    #: ... the ejections of its current streak (absent: none) ...
+    ejections: int | None = attrs.field(default=None, validator=_optional_positive_count)
+    #: ... and when the last of them ended (absent: none did).
+    ejection_ended: float | None = attrs.field(default=None, validator=_optional_finite)
 
 
 @attrs.frozen
@@ -531,21 +549,26 @@ class HealthState(enum.Enum):
 
 
 class WorkerState(enum.Enum):
-    """What ``/workers`` reports as ``state``: the first that applies of ``draining``, then health.
+    """What ``/workers`` reports as ``state``: ``draining``, ``ejected``, else the health state.
 
-    The health states keep their names, so a reader of ``state`` from before
-    drain reads every worker that is not draining as it did.
+    The first that applies. The health states keep their names, so a reader of ``state`` from before
+    drain and ejection reads every other worker as it did.
     """
 
     HEALTHY = "healthy"
     UNHEALTHY = "unhealthy"
     UNVERIFIED = "unverified"
     DRAINING = "draining"
+    EJECTED = "ejected"
 
     @classmethod
-    def of(cls, health: HealthState, *, draining: bool) -> WorkerState:
-        """The listed state of a worker in ``health``, ``draining`` or not."""
-        return cls.DRAINING if draining else _STATE_OF_HEALTH[health]
+    def of(cls, health: HealthState, *, draining: bool, ejected: bool = False) -> WorkerState:
+        """The listed state of a worker in ``health``, draining or not, ejected or not."""
+        if draining:
+            return cls.DRAINING
+        if ejected:
+            return cls.EJECTED
+        return _STATE_OF_HEALTH[health]
 
 
 _STATE_OF_HEALTH = {health: WorkerState(health.value) for health in HealthState}
@@ -567,11 +590,15 @@ class WorkerView:
     #: Its latest load report and when it arrived; ``None`` if it sent none.
     load: LoadReport | None = None
     load_reported_at: float | None = None
+    #: Until when it is ejected (outlier ejection); ``None``: it is not.
+    ejected_until: float | None = attrs.field(default=None, kw_only=True)
 
     @property
     def listed_state(self) -> WorkerState:
-        """The listings' ``state``: ``draining`` if it is, else the health state."""
-        return WorkerState.of(self.state, draining=self.draining)
+        """The listings' ``state``: ``draining``, ``ejected``, else the health state."""
+        return WorkerState.of(
+            self.state, draining=self.draining, ejected=self.ejected_until is not None
+        )
 
 
 @attrs.frozen

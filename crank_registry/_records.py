@@ -17,6 +17,9 @@ from ._models import CapabilityKey, CapabilitySchema, LoadReport, WorkerEndpoint
 
 __all__ = ["MAX_VARIANTS", "CapabilityValues", "Load", "Member", "Worker"]
 
+#: When a worker's last ejection ended, before it had one.
+_NEVER = -math.inf
+
 #: At most this many distinct values of one ``(verb, name)`` are shared
 #: between workers; beyond it a registration keeps its own (bounded work).
 MAX_VARIANTS = 8
@@ -38,6 +41,9 @@ class Worker:
         "capabilities",
         "deadline",
         "draining",
+        "ejected_until",
+        "ejection_ended",
+        "ejections",
         "health",
         "last_heartbeat",
         "load",
@@ -76,6 +82,12 @@ class Worker:
         # Made by its first load report or hand-out (most workers of a
         # round-robin registry never need one: one slot, no object).
         self.load: Load | None = None
+        # Outlier ejection (._ejection), set by the fold: until when it is
+        # ejected (None: it is not), the ejections of its streak, and when
+        # the last of them ended.
+        self.ejected_until: float | None = None
+        self.ejections = 0
+        self.ejection_ended = _NEVER  # one shared float, not one per worker
 
     def __lt__(self, other: Worker) -> bool:
         # Heap entries are (deadline, order, worker): a tie on both is an entry
@@ -92,13 +104,16 @@ class Worker:
             verified=self.health.verified,
             silent=self.health.silent,
             draining=self.draining,
+            ejected_until=self.ejected_until,
+            ejections=self.ejections or None,
+            ejection_ended=None if self.ejection_ended == -math.inf else self.ejection_ended,
         )
 
     def healthy_until(self) -> float:
         """When its health alone stops it being routable (-inf: not routable by health now).
 
-        ``routable_until``, draining left aside: what the listings' health
-        and ``explain`` tell apart from ``draining``.
+        ``routable_until``, draining and ejection left aside: what the
+        listings' health and ``explain`` tell apart from ``draining`` and ``ejected``.
         """
         return routable_until(self.health, self.deadline)
 

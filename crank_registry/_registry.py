@@ -52,7 +52,12 @@ Where things are kept, so that no hot path scans the registry:
 * ``_watch``: self-preservation's windows and the workers it holds out of
   the heap (:mod:`._preservation`); ``_routable_count``, the workers held
   in a routable state (a window's count, kept by the fold, never counted
-  by a scan).
+  by a scan);
+* ``_ejections``: a heap of ``(until, n, worker id)``, the deadlines of the
+  ejections (:mod:`._ejection`) the sweep ends with ``restored``; an entry
+  whose worker is no longer ejected until then is skipped. ``_outcomes``:
+  the failures in a row of this process' calls, per worker (not registry
+  state).
 """
 
 from __future__ import annotations
@@ -72,6 +77,7 @@ import attrs
 
 from . import _health as health
 from ._converter import structure, unstructure
+from ._ejection import EjectionSettings, Outcomes, ejection_seconds, streak_before, within_cap
 from ._errors import PolicyDenied, UnknownCapability, ValidationError, WorkerNotRegistered
 from ._events import (
     ENTERED,
@@ -86,10 +92,12 @@ from ._events import (
     WorkerChange,
     WorkerDeregistered,
     WorkerDraining,
+    WorkerEjected,
     WorkerEvicted,
     WorkerHealthy,
     WorkerImported,
     WorkerRegistered,
+    WorkerRestored,
     WorkerUndrained,
     WorkerUnhealthy,
 )
@@ -193,6 +201,9 @@ class CapabilityRegistry:
     starts under, not a change (a service starts every history under the
     same default rules, so that a replay, which starts there too, agrees;
     other rules are then a :class:`PolicyChanged`). ``None``: no policy.
+
+    ``ejection``: when this process' reports of failed calls
+    (:meth:`report_outcome`) eject a worker (:mod:`._ejection`).
     """
 
     def __init__(
@@ -205,6 +216,7 @@ class CapabilityRegistry:
         routes_by_state: bool = False,
         self_preservation: SelfPreservationSettings | None = None,
         access_rules: AccessRules | None = None,
+        ejection: EjectionSettings | None = None,
     ) -> None:
         # A replica fed by the change feed hears no heartbeats, so time must
         # not change its states, only events: its states have no deadline.
@@ -239,6 +251,12 @@ class CapabilityRegistry:
         )
         # How many workers are held in a routable state (a window's watched count).
         self._routable_count = 0
+        # Outlier ejection (._ejection): the settings this process decides with, its
+        # calls' failures in a row, the ejections' deadlines and how many are ejected.
+        self._ejection = ejection if ejection is not None else EjectionSettings()
+        self._outcomes = Outcomes()
+        self._ejections: list[tuple[float, int, str]] = []
+        self._ejected_count = 0
         self._revision = 0
         self._workers: dict[str, Worker] = {}
         self._rotations: dict[CapabilityKey, Rotation] = {}
@@ -368,6 +386,21 @@ class CapabilityRegistry:
         return self._preserving_since
 
     @property
+    def ejection_settings(self) -> EjectionSettings:
+        """When this process' reports of failed calls eject a worker (:meth:`report_outcome`)."""
+        return self._ejection
+
+    @property
+    def ejected_count(self) -> int:
+        """How many workers are ejected now (outlier ejection)."""
+        return self._ejected_count
+
+    def ejected_until(self, worker_id: str) -> float | None:
+        """Until when ``worker_id`` is ejected; ``None``: it is not (or is not registered)."""
+        worker = self._workers.get(worker_id)
+        return None if worker is None else worker.ejected_until
+
+    @property
     def self_preservation_settings(self) -> SelfPreservationSettings:
         """When self-preservation starts and how long it lasts at most."""
         return self._watch.settings
@@ -449,6 +482,18 @@ class CapabilityRegistry:
         Raises :class:`WorkerNotRegistered` for a worker not held.
         """
         return self._commit(self.decide_undrain(worker_id, now=now))
+
+    def report_outcome(
+        self, worker_id: str, verb: str, capability: str, *, ok: bool, now: float
+    ) -> tuple[Event, ...]:
+        """Tell how a call this process sent ``worker_id`` for ``(verb, capability)`` ended.
+
+        ``ok``: any answer but a 5xx; a failure is a refused or reset
+        connection, a timeout or a 5xx from the worker. Returns the
+        :class:`WorkerEjected` it applied when this failure ejects the
+        worker (:mod:`._ejection`), else nothing.
+        """
+        return self._commit(self.decide_outcome(worker_id, verb, capability, ok=ok, now=now))
 
     def cleanup_stale(self, *, now: float) -> tuple[Event, ...]:
         """The sweep: silent past ``unhealthy_after``: unhealthy; past ``evict_after``: evicted.
@@ -564,6 +609,60 @@ class CapabilityRegistry:
                 held = draining = False
         return draining if held else None
 
+    def decide_outcome(
+        self, worker_id: str, verb: str, capability: str, *, ok: bool, now: float
+    ) -> tuple[Event, ...]:
+        """The ejection :meth:`report_outcome` causes, pending until :meth:`confirm`.
+
+        The failure is counted at once (this process' count, not a change),
+        but not for a worker not registered or ejected already (the calls
+        it had in flight): its count starts again. Nothing is decided for
+        such a worker, one whose ejection is pending, or when the ejection would take the
+        pair's ejected share over the cap as this registry sees it now (its
+        count stays: each later failure tries again); the fold checks the
+        cap again when it applies the change.
+        """
+        _check_now(now)
+        outcomes = self._outcomes
+        worker = self._workers.get(worker_id)
+        if ok or worker is None or worker.ejected_until is not None:
+            outcomes.forget(worker_id)  # kept only while failing: bounded by the workers
+            return ()
+        settings = self._ejection
+        if not settings.enabled or outcomes.failed(worker_id) < settings.after_failures:
+            return ()
+        pending = [change for change in self._pending if isinstance(change, WorkerEjected)]
+        if any(change.worker_id == worker_id for change in pending):
+            return ()
+        key = (verb, capability)
+        pending_here = sum(1 for change in pending if (change.verb, change.capability) == key)
+        if not self._ejection_fits(key, settings.max_ejected_percent, pending_here):
+            return ()
+        outcomes.forget(worker_id)
+        ejections = streak_before(worker.ejections, worker.ejection_ended, now) + 1
+        return self._hold(
+            WorkerEjected(
+                worker_id,
+                now,
+                now + ejection_seconds(ejections),
+                verb,
+                capability,
+                settings.max_ejected_percent,
+                ejections,
+                revision=self._decided + 1,
+            )
+        )
+
+    def _ejection_fits(self, key: CapabilityKey, max_ejected_percent: float, more: int = 0) -> bool:
+        """Whether one more ejection (and ``more`` pending) keeps ``key``'s share within the cap.
+
+        O(the pair's workers): ejections are rare.
+        """
+        rotation = self._rotations.get(key)
+        members = () if rotation is None else rotation.everyone()
+        ejected = sum(1 for member in members if member.worker.ejected_until is not None)
+        return within_cap(ejected + more, len(members), max_ejected_percent)
+
     def decide_sweep(self, *, now: float) -> tuple[Event, ...]:
         """The events :meth:`cleanup_stale` causes, pending until :meth:`confirm`.
 
@@ -625,6 +724,7 @@ class CapabilityRegistry:
         watch = self._watch
         events: list[Event] = []
         swept: dict[str, Worker] = {}
+        self._decide_restorations(now, events)
         heap = self._deadlines
         # Every entry due now, in deadline order (popped in order: a heap).
         due: list[tuple[float, int, Worker]] = []
@@ -661,6 +761,35 @@ class CapabilityRegistry:
             watch.start_window(now, watched, self._policy.unhealthy_after)
         self._expire_tombstones(now)
         return tuple(events), list(swept.values())
+
+    def _decide_restorations(self, now: float, events: list[Event]) -> None:
+        """Decide ``restored`` for every ejection whose deadline has come by ``now``.
+
+        Self-preservation does not hold them back (a restoration makes a
+        worker routable, it judges no silence). A restoration decided stays
+        in the heap until applied: when the store drops it, or it is
+        discarded, a later sweep decides it again; one pending is not
+        decided twice.
+        """
+        heap = self._ejections
+        due: list[tuple[float, int, str]] = []
+        while heap and heap[0][0] <= now:
+            due.append(heapq.heappop(heap))
+        if not due:
+            return
+        pending = {
+            change.worker_id for change in self._pending if isinstance(change, WorkerRestored)
+        }
+        for entry in due:
+            until, _, worker_id = entry
+            worker = self._workers.get(worker_id)
+            if worker is None or worker.ejected_until != until:
+                continue  # ended, or the worker left, since this entry was pushed
+            heapq.heappush(heap, entry)  # until it is applied
+            if worker_id not in pending:
+                events += self._hold(
+                    WorkerRestored(worker_id, now, until, revision=self._decided + 1)
+                )
 
     def _falling_silent(self, due: list[tuple[float, int, Worker]], now: float) -> list[str]:
         """The workers of ``due`` whose silence the sweep would decide now."""
@@ -863,11 +992,14 @@ class CapabilityRegistry:
     def _apply_worker_change(self, event: WorkerChange) -> None:
         """Apply a change of one worker: replay the state table's transition that emitted it.
 
-        A drain is beside the health states, not one of them: it sets the
-        worker's ``draining`` flag (a second ``draining`` leaves it set), and
-        a registration, which holds a new record, clears it
-        (:func:`_drain_outlives_registration` says when it does not).
+        A drain and an ejection are beside the health states, not among them.
+        A drain sets the worker's ``draining`` flag (a second ``draining``
+        leaves it set), and a registration, which holds a new record, clears
+        it (:func:`_drain_outlives_registration` says when it does not).
         """
+        if isinstance(event, (WorkerEjected, WorkerRestored)):
+            self._apply_ejection(event)  # a flag beside the health state, not in its table
+            return
         if isinstance(event, (WorkerDraining, WorkerUndrained)):
             drained = self._workers.get(event.worker_id)
             if drained is None:
@@ -926,6 +1058,40 @@ class CapabilityRegistry:
             case _:
                 raise TypeError(f"not a registry change: {event!r}")
 
+    def _apply_ejection(self, event: WorkerEjected | WorkerRestored) -> None:
+        """Apply an ejection or a restoration; one that does not apply now is dropped.
+
+        Raises :class:`WorkerNotRegistered` for a worker not held. Dropped
+        (the revision passes, nothing changes): an ejection of a worker
+        ejected already, or one that would take the ejected share of its
+        ``(verb, capability)`` over its cap (checked here, in revision
+        order, so every registry drops the same one); a restoration of an
+        ejection that is not the worker's current one.
+        """
+        worker = self._workers.get(event.worker_id)
+        if worker is None:
+            raise WorkerNotRegistered(event.worker_id)
+        if isinstance(event, WorkerRestored):
+            if worker.ejected_until == event.until:
+                self._set_ejection(worker, None, worker.ejections, event.at)
+            return
+        if worker.ejected_until is None and self._ejection_fits(
+            (event.verb, event.capability), event.max_ejected_percent
+        ):
+            self._set_ejection(worker, event.until, event.ejections, worker.ejection_ended)
+
+    def _set_ejection(
+        self, worker: Worker, until: float | None, ejections: int, ended: float
+    ) -> None:
+        """Eject ``worker`` until ``until`` (``None``: restore it), keeping its streak."""
+        self._ejected_count += (until is not None) - (worker.ejected_until is not None)
+        worker.ejected_until = until
+        worker.ejections = ejections
+        worker.ejection_ended = ended
+        if until is not None:
+            heapq.heappush(self._ejections, (until, worker.order, worker.worker_id))
+        self._refresh(worker)
+
     def apply_snapshot(self, snapshot: Snapshot) -> None:
         """Replace the whole registry with ``snapshot`` (its workers, settings and revision).
 
@@ -946,6 +1112,8 @@ class CapabilityRegistry:
         self._tombstone_expiry.clear()
         self._pending.clear()
         self._pending_workers.clear()
+        self._ejections.clear()
+        self._ejected_count = 0
         for record in snapshot.workers:
             state = Health.of(verified=record.verified, silent=record.silent)
             self._install(
@@ -956,6 +1124,13 @@ class CapabilityRegistry:
                 record.last_heartbeat,
                 draining=record.draining,
             )
+            if record.ejections is not None or record.ejected_until is not None:
+                self._set_ejection(
+                    self._workers[record.worker_id],
+                    record.ejected_until,
+                    record.ejections or 0,
+                    -math.inf if record.ejection_ended is None else record.ejection_ended,
+                )
         self._slos = ServiceLevels(snapshot.slos)
         # No window yet: workers the first sweep finds silent are not counted.
         self._watch.forget()
@@ -1179,7 +1354,12 @@ class CapabilityRegistry:
         deadline = self._deadlines[0][0] if self._deadlines else None
         ends = self._watch.deadline()  # self-preservation's end at the latest
         if ends is not None and (deadline is None or ends < deadline):
-            return ends
+            deadline = ends
+        if self._ejections:
+            # An ejection ends at its deadline (the sweep runs strictly after a deadline).
+            restore = self._ejections[0][0]
+            if deadline is None or restore < deadline:
+                deadline = restore
         return deadline
 
     def get_workers_for_capability(self, capability: str) -> list[WorkerEndpoint]:
@@ -1373,15 +1553,21 @@ class CapabilityRegistry:
         held = collections.Counter(
             (
                 worker.health,
-                now <= (worker.healthy_until() if worker.draining else worker.routable_until),
+                now
+                <= (
+                    worker.healthy_until()
+                    if worker.draining or worker.ejected_until is not None
+                    else worker.routable_until
+                ),
                 worker.draining,
+                worker.ejected_until is not None,
             )
             for worker in self._workers.values()
         )
         counts = dict.fromkeys(WorkerState, 0)
-        for (state, routable, draining), number in held.items():
+        for (state, routable, draining, ejected), number in held.items():
             shown = health.shown_state_if(state, routable=routable).reported
-            counts[WorkerState.of(shown, draining=draining)] += number
+            counts[WorkerState.of(shown, draining=draining, ejected=ejected)] += number
         return counts
 
     def capability_count(self) -> int:
@@ -1536,8 +1722,8 @@ class CapabilityRegistry:
                 return change
         return None
 
-    def _hold(self, change: RegistryChange) -> tuple[Event, ...]:
-        """Hold a registry-wide change pending; it takes the next revision decided."""
+    def _hold(self, change: RegistryChange | WorkerEjected | WorkerRestored) -> tuple[Event, ...]:
+        """Hold a change outside the state table pending; it takes the next revision decided."""
         assert change.revision == self._decided + 1
         self._decided = change.revision
         self._pending.append(change)
@@ -1578,6 +1764,7 @@ class CapabilityRegistry:
             draining=worker.draining,
             load=report,
             load_reported_at=None if load is None or report is None else load.reported_at,
+            ejected_until=worker.ejected_until,
         )
 
     def _refresh(self, worker: Worker) -> None:
@@ -1588,8 +1775,11 @@ class CapabilityRegistry:
         until an event changes it.
         """
         deadline = self._deadline(worker.health, worker.last_heartbeat, self._policy)
+        # A draining or ejected worker takes no route whatever its health.
         worker.routable_until = (
-            -math.inf if worker.draining else health.routable_until(worker.health, deadline)
+            -math.inf
+            if worker.draining or worker.ejected_until is not None
+            else health.routable_until(worker.health, deadline)
         )
         earlier = deadline < worker.deadline
         worker.deadline = deadline
@@ -1631,6 +1821,10 @@ class CapabilityRegistry:
         worker.draining = draining
         previous: dict[CapabilityKey, tuple[Member, CapabilitySchema]] = {}
         if old is not None:
+            # A registration again does not end an ejection (nor its streak).
+            worker.ejected_until = old.ejected_until
+            worker.ejections = old.ejections
+            worker.ejection_ended = old.ejection_ended
             if old.load is not None and old.load.calls:
                 # This process's calls in flight (count_calls) are not registry
                 # state: they outlast the record, and end when their answers do.
@@ -1681,6 +1875,8 @@ class CapabilityRegistry:
 
     def _remove(self, worker: Worker) -> None:
         self._routable_count -= worker.health in health.ROUTABLE
+        self._ejected_count -= worker.ejected_until is not None  # its heap entry is skipped
+        self._outcomes.forget(worker.worker_id)
         for member, capability in zip(worker.members, worker.capabilities, strict=True):
             self._leave(member, capability)
         self._everyone.discard(worker.order)
@@ -1712,7 +1908,15 @@ def _drain_outlives_registration(held: Worker) -> bool:
 
 # A worker's fields a SnapshotCopy keeps (one C call per worker).
 _ROW = operator.attrgetter(
-    "worker_id", "worker_url", "capabilities", "last_heartbeat", "health", "draining"
+    "worker_id",
+    "worker_url",
+    "capabilities",
+    "last_heartbeat",
+    "health",
+    "draining",
+    "ejected_until",
+    "ejections",
+    "ejection_ended",
 )
 
 

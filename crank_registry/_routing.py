@@ -7,7 +7,8 @@ registry, in O(k) for k members:
 
 1. the filters, in the settled order, each worker removed by the first
    that rejects it: ``unhealthy`` (not routable at ``now``), ``draining``
-   (routable by its health, but drained), ``version``
+   (routable by its health, but drained), ``ejected`` (outlier ejection,
+   :mod:`._ejection`), ``version``
    (its version is not PEP 440 or not in the specifier set), ``excluded``,
    ``slo`` (its effective SLO, :func:`effective_slo`: an observed latency,
    else the SLO files', else the declared one, misses a bound or has no
@@ -347,11 +348,17 @@ def _filter(
     passed: list[Member] = []
     costs: list[float] = []
     for member in everyone:
-        worker_id = member.worker.worker_id
-        if alive_at > member.worker.routable_until:
-            # Health first, then draining (DESIGN, "How options combine").
-            drained = member.worker.draining and alive_at <= member.worker.healthy_until()
-            reasons[worker_id] = "draining" if drained else "unhealthy"
+        worker = member.worker
+        worker_id = worker.worker_id
+        if alive_at > worker.routable_until:
+            # Not routable: for its health first, then draining, then ejection
+            # (DESIGN, "How options combine").
+            if alive_at > worker.healthy_until():
+                reasons[worker_id] = "unhealthy"
+            elif worker.draining:
+                reasons[worker_id] = "draining"
+            else:
+                reasons[worker_id] = "ejected"
         elif specifier is not None and not _version_matches(specifier, member.endpoint.version):
             reasons[worker_id] = "version"
         elif worker_id in excluded:

@@ -420,9 +420,10 @@ class WorkerEntry:
     """One worker of ``GET /workers``; ``is_healthy`` means routable now.
 
     ``health`` is the health state alone; ``draining``: it takes no new
-    routes; ``state`` is the first that applies of ``draining``, then the
-    health state. ``capabilities`` are ``"verb:name"`` labels
-    (:func:`~crank_registry.capability_label`).
+    routes; ``ejected_until`` (absent: not ejected): when its ejection for
+    failing calls ends; ``state`` is the first that applies of
+    ``draining``, ``ejected``, then the health state. ``capabilities`` are
+    ``"verb:name"`` labels (:func:`~crank_registry.capability_label`).
     """
 
     worker_id: str = attrs.field(metadata=_WORKER_ID)
@@ -430,14 +431,27 @@ class WorkerEntry:
     last_heartbeat: str = attrs.field(validator=_iso_time, metadata=_TIME)
     is_healthy: bool
     state: WorkerState
-    #: Absent in the answers of a controller from before drain: read as ``state``.
-    health: HealthState | None = None
+    #: The health state alone; absent in the answers of a controller from
+    #: before drain and ejection: read as ``state``.
+    health: HealthState | None = attrs.field(
+        default=None,
+        metadata={
+            JSON_SCHEMA: {
+                "description": "The health state alone, whether or not the worker is draining "
+                "or ejected."
+            }
+        },
+    )
     draining: bool = False
     capabilities: tuple[str, ...] = attrs.field(
         validator=_capability_labels, metadata={JSON_SCHEMA: {"items": {"pattern": ":"}}}
     )
     #: Absent when the worker has reported no load.
     load: WorkerLoad | None = None
+    #: When its ejection ends; absent when it is not ejected.
+    ejected_until: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_iso_time), metadata=_TIME
+    )
 
 
 @attrs.frozen(kw_only=True)

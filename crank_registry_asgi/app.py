@@ -73,6 +73,7 @@ from crank_registry import (
     UnknownCapability,
     ValidationError,
     WatchQuery,
+    WorkerNotRegistered,
     authorize_drain,
     authorize_worker,
     encode_epoch,
@@ -157,7 +158,9 @@ class Sweeper:
     clock); :meth:`run` loops until cancelled. Its sleep is capped at one
     heartbeat interval, which is also what keeps it on time without being
     woken: a registration's first deadline is ``unhealthy_after`` (at least
-    one interval) away, so it is never earlier than the planned wake-up.
+    one interval) away, so it is never earlier than the planned wake-up. An
+    ejection's end may be (30 s, under a longer interval): :meth:`changed`
+    wakes it then.
     """
 
     def __init__(
@@ -169,10 +172,18 @@ class Sweeper:
         # The last sweep's changes could not be journaled: retry after an interval.
         self._failed = False
         self._woken = anyio.Event()
+        # When the running loop plans to sweep next (service time).
+        self._planned = math.inf
 
     def wake(self) -> None:
         """Sweep now rather than at the planned time (this controller just took the lease)."""
         self._woken.set()
+
+    def changed(self) -> None:
+        """Changes were applied: wake to plan again if a deadline now comes before the plan."""
+        deadline = self.registry.next_deadline()
+        if deadline is not None and deadline + _SWEEP_SLACK < self._planned:
+            self._woken.set()
 
     def delay(self) -> float:
         """Seconds until the next sweep: just after the next deadline, at most an interval.
@@ -223,7 +234,9 @@ class Sweeper:
     async def run(self) -> None:
         """Sweep at every deadline until cancelled."""
         while True:
-            with anyio.move_on_after(self.delay()):
+            delay = self.delay()
+            self._planned = self.clock() + delay
+            with anyio.move_on_after(delay):
                 await self._woken.wait()
             self._woken = anyio.Event()
             try:
@@ -266,7 +279,7 @@ class ControllerService:
         self.epoch = secrets.token_hex(8)
         # Wakes the long polls of /watch once changes are applied.
         self.broadcast = Broadcast(registry)
-        self.effects.applied = self.broadcast.moved
+        self.effects.applied = self._applied
         #: The shared registry's store (``config.redis_url``), else ``None``: the journal.
         self.store: RedisStore | None = None
         if config.redis_url is not None:
@@ -368,13 +381,18 @@ class ControllerService:
         # Rendered once: the document does not change while the app runs.
         self._document_body = JSONResponse(openapi_document()).body
 
+    def _applied(self) -> None:
+        """Changes were applied: wake the long polls of /watch, and the sweeper if it must."""
+        self.broadcast.moved()
+        self.sweeper.changed()
+
     def _follow_epoch(self, epoch: str) -> None:
         """The shared registry's history is ``epoch`` (loaded, or started anew)."""
         self.epoch = epoch
 
     def _applied_from_store(self) -> None:
-        """The shared registry's reader applied entries: wake the feed, compare the settings."""
-        self.broadcast.moved()
+        """The shared registry's reader applied entries: wake the feed, the sweeper, compare."""
+        self._applied()
         if self.shared is not None:
             self.shared.compare()
 
@@ -766,6 +784,16 @@ class ControllerService:
         body = await listings.workers_body(self.registry, query, now=self.clock())
         return Response(body, media_type="application/json")
 
+    async def worker(self, request: Request) -> Response:
+        """GET /workers/{worker_id}: one worker as /workers lists it; 404 if not registered."""
+        worker_id = request.path_params["worker_id"]
+        if not is_worker_id(worker_id):
+            raise ValidationError.single("worker_id", "not a valid worker id (the path's)")
+        view = self.registry.get_worker(worker_id, now=self.clock())
+        if view is None:
+            raise WorkerNotRegistered(worker_id)
+        return answer(listings.entry(view))
+
     async def snapshot(self, request: Request) -> Response:
         """GET /snapshot: the whole registry at its revision, streamed in slices."""
         if request.query_params:
@@ -839,6 +867,7 @@ class ControllerService:
             "/ready": (self.ready, "GET"),
             "/capabilities": (self.capabilities, "GET"),
             "/workers": (self.workers, "GET"),
+            "/workers/{worker_id}": (self.worker, "GET"),
             "/slos": (self.slos, "GET"),
             "/snapshot": (self.snapshot, "GET"),
             "/watch": (self.watch, "GET"),
@@ -1110,8 +1139,8 @@ def create_app(
     """The controller as an ASGI application.
 
     ``registry`` defaults to an empty one with ``config.policy``,
-    ``config.routing``, ``config.feed_window`` and
-    ``config.self_preservation`` (a registry passed in keeps its own,
+    ``config.routing``, ``config.feed_window``,
+    ``config.self_preservation`` and ``config.ejection`` (a registry passed in keeps its own,
     which the service then uses). ``clock``
     gives ``now`` in seconds since the epoch for every health decision; by
     default an :class:`~crank_registry_asgi.clock.AnchoredClock` (the wall
@@ -1139,6 +1168,7 @@ def create_app(
             rng=random.Random(),
             feed_window=config.feed_window,
             self_preservation=config.self_preservation,
+            ejection=config.ejection,
             # Every history starts under the default rules: a --policy file or
             # another --trust-domain is a policy_changed at the first start.
             access_rules=AccessRules(),

@@ -36,9 +36,12 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 from cryptography import x509
 
 from crank_registry import (
+    DEFAULT_EJECT_AFTER_FAILURES,
     DEFAULT_FEED_WINDOW,
+    DEFAULT_MAX_EJECTED_PERCENT,
     DEFAULT_TRUST_DOMAIN,
     MAX_IDEMPOTENCY_TTL,
+    EjectionSettings,
     RateLimit,
     SelfPreservationSettings,
     identity_problem,
@@ -496,6 +499,25 @@ def add_serve_command(subcommands: Subcommands) -> argparse.ArgumentParser:
             f"({GatewayConfig().queue_limit})"
         ),
     )
+    parser.add_argument(
+        "--eject-after-failures",
+        type=_at_least_zero,
+        metavar="N",
+        help=(
+            "with --gateway: a worker whose calls fail N times in a row (connection refused "
+            "or reset, timeout, 5xx) takes no routes for 30 s times the ejections of its "
+            f"streak, at most 300 s (0 turns it off; {DEFAULT_EJECT_AFTER_FAILURES})"
+        ),
+    )
+    parser.add_argument(
+        "--max-ejected-percent",
+        type=_percent,
+        metavar="PERCENT",
+        help=(
+            "with --gateway: the most of a capability's workers ejected at once, at least "
+            f"one ({DEFAULT_MAX_EJECTED_PERCENT:g})"
+        ),
+    )
     parser.set_defaults(handler=run_serve)
     return parser
 
@@ -538,6 +560,7 @@ def run_serve(args: argparse.Namespace, process: ProcessRole | None = None) -> i
     if not args.gateway and _gateway_settings(args):
         raise UsageError("--gateway-attempts, --gateway-timeout and --gateway-queue need --gateway")
     preservation = _self_preservation(args)
+    ejection = _ejection(args)
     redis_url = args.redis if args.redis is not None else os.environ.get("CRANK_REDIS_URL") or None
     shared = _redis_settings(args, redis_url)
     if shared and args.journal_compact_min_bytes is not None:
@@ -627,6 +650,7 @@ def run_serve(args: argparse.Namespace, process: ProcessRole | None = None) -> i
         operators=args.operator,
         rate_limit=args.rate_limit,
         self_preservation=preservation,
+        ejection=ejection,
         # This process is the controller's own: recovery may pause its collector.
         pause_gc_during_recovery=True,
         controller_id=controller_id,
@@ -1000,6 +1024,35 @@ def _self_preservation(args: argparse.Namespace) -> SelfPreservationSettings:
             if args.self_preservation_min_workers is None
             else args.self_preservation_min_workers
         ),
+    )
+
+
+def _percent(text: str) -> float:
+    """A percentage from 0 to 100 (``--max-ejected-percent``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be a percentage from 0 to 100, got {text!r}")
+    return value
+
+
+def _ejection(args: argparse.Namespace) -> EjectionSettings:
+    """The ejection flags as settings: they need --gateway (its calls are what fail)."""
+    after, percent = args.eject_after_failures, args.max_ejected_percent
+    if not args.gateway and (after is not None or percent is not None):
+        raise UsageError(
+            "--eject-after-failures and --max-ejected-percent need --gateway: only the "
+            "gateway's calls to workers can fail"
+        )
+    if after == 0 and percent is not None:
+        raise UsageError(
+            "--max-ejected-percent needs --eject-after-failures above 0 (0 turns ejection off)"
+        )
+    return EjectionSettings(
+        after_failures=DEFAULT_EJECT_AFTER_FAILURES if after is None else after,
+        max_ejected_percent=DEFAULT_MAX_EJECTED_PERCENT if percent is None else percent,
     )
 
 

@@ -115,7 +115,7 @@ def workers_table(workers: Sequence[WorkerInfo], *, now: float) -> str:
             (
                 worker.worker_id,
                 worker.worker_url,
-                worker.state.value,
+                _state(worker, now),
                 format_age(now - worker.last_heartbeat.timestamp()),
                 _shown(None if load is None else load.in_flight, "{}"),
                 _shown(None if load is None else load.latency_p95_ms, "{:g} ms"),
@@ -134,6 +134,14 @@ def workers_table(workers: Sequence[WorkerInfo], *, now: float) -> str:
         "CAPABILITIES",
     )
     return table(headers, rows)
+
+
+def _state(worker: WorkerInfo, now: float) -> str:
+    """The ``STATE`` cell: an ejected worker's says for how long still (``ejected 25s``)."""
+    until = worker.ejected_until
+    if until is None:
+        return worker.state.value
+    return f"{worker.state.value} {format_age(until.timestamp() - now)}"
 
 
 def _shown(value: float | None, form: str) -> str:
@@ -727,4 +735,11 @@ def _entry(worker: WorkerInfo) -> WorkerEntry:
         draining=worker.draining,
         capabilities=tuple(capability_label(key) for key in worker.capabilities),
         load=worker.load,
+        ejected_until=(
+            None
+            if worker.ejected_until is None
+            else worker.ejected_until.astimezone(datetime.UTC)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z")
+        ),
     )

@@ -21,6 +21,7 @@ from cryptography import x509
 from crank_registry import (
     DEFAULT_FEED_WINDOW,
     DEFAULT_TRUST_DOMAIN,
+    EjectionSettings,
     HealthPolicy,
     RateLimit,
     RoutingSettings,
@@ -223,6 +224,9 @@ class ServiceConfig:
     #: When the registry takes it that it is cut off from its workers (DESIGN,
     #: "Admission"): threshold, longest duration, fewest workers.
     self_preservation: SelfPreservationSettings = attrs.field(factory=SelfPreservationSettings)
+    #: When the gateway's failed calls eject a worker (DESIGN, "Outlier ejection"):
+    #: failures in a row, and the most of a capability's workers ejected at once.
+    ejection: EjectionSettings = attrs.field(factory=EjectionSettings)
     #: The shared registry: a Redis URL (``redis://HOST:PORT/DB``). Set, the
     #: registry's changes go to Redis (:mod:`crank_registry_asgi.redis_store`)
     #: instead of the journal; ``state_dir`` then holds only the SLO files.

@@ -49,10 +49,12 @@ from crank_registry import (
     SlosChanged,
     WorkerDeregistered,
     WorkerDraining,
+    WorkerEjected,
     WorkerEvicted,
     WorkerHealthy,
     WorkerImported,
     WorkerRegistered,
+    WorkerRestored,
     WorkerUndrained,
     WorkerUnhealthy,
     capability_label,
@@ -361,6 +363,23 @@ class Effects:
             self.metrics.drain_changes.labels(draining=str(draining).lower()).inc()
             fields = {"worker_id": event.worker_id}
             message = "worker draining" if draining else "worker undrained"
+        elif isinstance(event, WorkerEjected):
+            fields = {
+                "worker_id": event.worker_id,
+                "capability": capability_label((event.verb, event.capability)),
+                "until": iso_utc(event.until),
+                "ejections": event.ejections,
+            }
+            if self.registry.ejected_until(event.worker_id) == event.until:
+                self.metrics.ejections.inc()
+                message = "worker ejected: its calls kept failing, it takes no routes until then"
+            else:
+                # Every replica's fold dropped it alike (over the cap, or ejected already).
+                fields["max_ejected_percent"] = f"{event.max_ejected_percent:g}"
+                message = "worker ejection dropped: over the ejected share's cap"
+        elif isinstance(event, WorkerRestored):
+            fields = {"worker_id": event.worker_id}
+            message = "worker restored after its ejection"
         elif isinstance(event, SlosChanged):
             fields = {"files": ",".join(slo.file for slo in event.slos) or "none"}
             message = "SLO files changed"

@@ -7,6 +7,13 @@ answers kept per ``Idempotency-Key``, the core's :class:`~crank_registry.AnswerS
 or with ``--redis`` the fleet's (:mod:`crank_registry_asgi.fleet_calls`, which
 also holds the fleet-wide calls in flight).
 
+Outlier ejection: each call's outcome goes to the registry
+(:meth:`~crank_registry.CapabilityRegistry.decide_outcome`; a failure is
+:func:`crank_registry_asgi.upstream.failed`), which counts the worker's
+failures in a row; the ejection it decides is written like any other change
+(:meth:`~crank_registry_asgi.effects.Effects.commit`) before the call is
+answered, so the next route on any controller passes the worker over.
+
 Each request has an exit stack (``cleanup``) closed once its answer is sent
 (streams included) or abandoned: what must happen then (freeing the
 worker's slot, keeping or forgetting the answer of an idempotency key)
@@ -55,6 +62,7 @@ from . import upstream
 from .app import ControllerService
 from .backpressure import CallerLeft, CallSlots, Slot, until_disconnect
 from .config import GatewayConfig
+from .effects import log_fields, logger
 from .failover import next_worker
 from .fleet_calls import POLL_FIRST, POLL_MAX, Claimed, FleetCalls
 from .http import ApiError, error_response, read_json_body, registry_error_response
@@ -385,6 +393,10 @@ class Gateway:
         span = upstream.client_span(url, endpoint, verb, capability, attempt)
         worker = endpoint.worker_id
         headers = {_WORKER_HEADER: worker, _ATTEMPTS_HEADER: str(attempt)}
+
+        async def outcome(ok: bool) -> None:
+            await self._report(worker, verb, capability, ok=ok)
+
         try:
             with upstream.ending_on_failure(span):
                 response = await upstream.send(self._http(), endpoint, url, content, span)
@@ -392,7 +404,7 @@ class Gateway:
                 if response.status_code == 200 and upstream.media_type(response) == NDJSON:
                     # The slot is freed when the stream ends (or by the request's cleanup).
                     return upstream.stream_through(
-                        response, span, worker, headers, on_end=slot.release
+                        response, span, worker, headers, on_end=slot.release, on_outcome=outcome
                     )
                 try:
                     body = await upstream.read_answer(
@@ -401,12 +413,43 @@ class Gateway:
                 finally:
                     await response.aclose()
                 answer = upstream.whole_answer(response, body, worker, headers)
+        except Exception as error:
+            slot.release()
+            await outcome(not upstream.failed(error))
+            raise
         except BaseException:
             slot.release()
             raise
         slot.release()
         span.end()
+        await outcome(True)
         return answer
+
+    async def _report(self, worker_id: str, verb: str, capability: str, *, ok: bool) -> None:
+        """Tell the registry how a call to ``worker_id`` ended; write the ejection it decides.
+
+        A failure is not counted while no change can be written (a store
+        outage): its ejection could not be. An ejection the store refuses
+        is logged; the call's answer is the caller's either way.
+        """
+        service = self.service
+        if not ok:
+            try:
+                service.effects.check_writable()
+            except ApiError:
+                return
+        events = service.registry.decide_outcome(
+            worker_id, verb, capability, ok=ok, now=service.clock()
+        )
+        if not events:
+            return
+        try:
+            await service.effects.commit(events)
+        except ApiError as error:
+            logger.warning(
+                "worker ejection not written %s",
+                log_fields(worker_id=worker_id, error=error.code, reason=error.message),
+            )
 
     def _overloaded(self, verb: str, capability: str) -> ApiError:
         """503 ``overloaded``: every worker is full and ``--gateway-queue`` calls already wait.

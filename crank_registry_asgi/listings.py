@@ -184,6 +184,7 @@ def entry(view: WorkerView) -> WorkerEntry:
         draining=view.draining,
         capabilities=tuple(capability_label(c.key) for c in view.capabilities),
         load=_load(view),
+        ejected_until=None if view.ejected_until is None else iso_utc(view.ejected_until),
     )
 
 

@@ -13,12 +13,14 @@ What is counted, and where:
   ``crank_registrations_total{replaced}``, ``crank_deregistrations_total``,
   ``crank_heartbeats_total``, ``crank_evictions_total``,
   ``crank_unhealthy_transitions_total``, ``crank_routes_total{outcome}``,
-  ``crank_self_preservation_changes_total{active}``, ``crank_drain_changes_total{draining}``;
+  ``crank_self_preservation_changes_total{active}``, ``crank_drain_changes_total{draining}``,
+  ``crank_ejections_total`` (workers ejected for failing calls, by this controller or another);
 * admission: ``crank_rate_limited_total{path}``, requests refused 429
   ``rate_limited`` (``--rate-limit``) on ``/route`` and ``/execute``;
 * the registry's state, read at scrape time by :class:`RegistryCollector`:
-  ``crank_workers{state}``, ``crank_capabilities``, ``crank_self_preservation``
-  (1 while the controller is in self-preservation);
+  ``crank_workers{state}`` (the listed state: ``ejected`` before the health
+  state), ``crank_ejected_workers`` (ejected now), ``crank_capabilities``,
+  ``crank_self_preservation`` (1 while the controller is in self-preservation);
 * requests (:class:`RequestDurationMiddleware`):
   ``crank_http_request_duration_seconds{method, path, status}``, ``path``
   being the route's template, never the raw path;
@@ -237,6 +239,11 @@ class Metrics:
             "Workers that fell silent and stopped being routable",
             registry=counted,
         )
+        self.ejections = Counter(
+            "crank_ejections",
+            "Workers ejected for failing calls (outlier ejection), by any controller",
+            registry=registry,
+        )
         self.routes = Counter(
             "crank_routes", "Route requests by outcome", ["outcome"], registry=counted
         )
@@ -402,6 +409,11 @@ class RegistryCollector(Collector):
             workers.add_metric([state.value], number)
         yield workers
         yield GaugeMetricFamily(
+            "crank_ejected_workers",
+            "Workers ejected now for failing calls (outlier ejection): they take no routes",
+            value=self._registry.ejected_count,
+        )
+        yield GaugeMetricFamily(
             "crank_capabilities",
             "Distinct (verb, capability) pairs offered by registered workers",
             value=self._registry.capability_count(),
@@ -415,11 +427,18 @@ class RegistryCollector(Collector):
     def describe(self) -> Iterable[Metric]:
         """The gauges' names, without reading the registry (checked for clashes on register)."""
         yield GaugeMetricFamily("crank_workers", "", labels=["state"])
+        yield GaugeMetricFamily("crank_ejected_workers", "")
         yield GaugeMetricFamily("crank_capabilities", "")
         yield GaugeMetricFamily("crank_self_preservation", "")
 
 
-assert {state.value for state in WorkerState} == {"healthy", "unhealthy", "unverified", "draining"}
+assert {state.value for state in WorkerState} == {
+    "healthy",
+    "unhealthy",
+    "unverified",
+    "draining",
+    "ejected",
+}
 
 
 def metrics_response(registry: CollectorRegistry) -> Response:

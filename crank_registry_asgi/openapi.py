@@ -31,6 +31,7 @@ from crank_registry import (
     EVENT_TYPES,
     JSON_SCHEMA,
     OMIT_IF_FALSE,
+    WORKER_ID_PATTERN,
     CapabilitiesAnswer,
     Change,
     DeregisterAnswer,
@@ -50,6 +51,7 @@ from crank_registry import (
     WatchAnswer,
     WatchQuery,
     WorkerEndpoint,
+    WorkerEntry,
     WorkersAnswer,
 )
 
@@ -212,7 +214,7 @@ class Operation:
     ``media_type`` is the 200 answer's; an answer that is not JSON (the
     metrics' text, the dashboard's files) is a string. ``stream``: the 200 answer is also served as
     ``text/event-stream`` (asked for with ``Accept``), described so.
-    ``headers``: its request header parameters.
+    ``headers``: its request header (and path) parameters.
     """
 
     method: str
@@ -367,6 +369,25 @@ OPERATIONS: tuple[Operation, ...] = (
         "The workers; next_cursor is absent on the last page.",
         errors=("invalid_request",),
         query=ListingQuery,
+    ),
+    Operation(
+        "GET",
+        "/workers/{worker_id}",
+        "worker",
+        "One worker and its health, as /workers lists it",
+        WorkerEntry,
+        "The worker: state (ejected, else its health), health, ejected_until while it is "
+        "ejected for failing calls.",
+        errors=("invalid_request", "worker_not_registered"),
+        headers=(
+            {
+                "name": "worker_id",
+                "in": "path",
+                "required": True,
+                "description": "The worker's id.",
+                "schema": {"type": "string", "pattern": WORKER_ID_PATTERN},
+            },
+        ),
     ),
     Operation(
         "GET",

@@ -25,14 +25,16 @@ keeps ``records`` and ``heard``, atomically. A registration is answered 200
 only once the script returned, and once this controller applied the entry
 from the stream (so a route on the same controller right after finds it).
 Decisions on replicas can race: a time-driven change (``unhealthy``,
-``evicted``) carries the revision of the worker's record it was decided on
-and is dropped by the script when the record changed since, when a later
-heartbeat was written, or when its writer no longer holds the sweeper
-lease; ``healthy`` is dropped when the record changed; the registry's
-settings (``slos_changed``, ``policy_changed``: see
+``evicted``, ``restored``) carries the revision of the worker's record it
+was decided on and is dropped by the script when the record changed since,
+when its writer no longer holds the sweeper lease, or (but for
+``restored``, which no heartbeat decides) when a later heartbeat was
+written; ``healthy`` and ``ejected`` are dropped when the record changed;
+the registry's settings (``slos_changed``, ``policy_changed``: see
 :mod:`~crank_registry_asgi.shared_settings`) are dropped when their writer
-no longer holds the lease. Registrations and deregistrations always apply,
-in stream order.
+no longer holds the lease. Registrations, deregistrations and drains
+always apply, in stream order. The cap on ejected workers is the fold's,
+which every replica applies alike.
 
 Heartbeats are batched: the latest per worker, written by
 :data:`WRITE_HEARTBEATS` as one stream entry per controller every few
@@ -117,11 +119,13 @@ from crank_registry import (
     WorkerChange,
     WorkerDeregistered,
     WorkerDraining,
+    WorkerEjected,
     WorkerEvicted,
     WorkerHealthy,
     WorkerImported,
     WorkerRecord,
     WorkerRegistered,
+    WorkerRestored,
     WorkerUndrained,
     WorkerUnhealthy,
     decode_heartbeat_line,
@@ -385,7 +389,7 @@ def _record_effect(change: Change) -> tuple[str, float | None]:
         return "new", change.last_heartbeat
     if isinstance(change, WorkerHealthy):
         return "hold", change.at
-    if isinstance(change, WorkerUnhealthy):
+    if isinstance(change, (WorkerUnhealthy, WorkerEjected, WorkerRestored)):
         return "hold", None
     if isinstance(change, (WorkerDeregistered, WorkerEvicted)):
         return "drop", None
@@ -404,7 +408,9 @@ def _condition(change: Change) -> tuple[str, float | None]:
     """
     if isinstance(change, (WorkerUnhealthy, WorkerEvicted)):
         return "swept", change.last_heartbeat
-    if isinstance(change, WorkerHealthy):
+    if isinstance(change, WorkerRestored):
+        return "swept", None  # no heartbeat decides it: the record and the lease only
+    if isinstance(change, (WorkerHealthy, WorkerEjected)):
         return "unchanged", None
     if isinstance(change, (SlosChanged, PolicyChanged)):
         return "leased", None

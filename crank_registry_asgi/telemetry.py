@@ -12,6 +12,7 @@ from collections.abc import Collection
 
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["INSTRUMENTATION_NAME", "TracingMiddleware", "annotate", "tracer"]
@@ -54,7 +55,8 @@ class TracingMiddleware:
     Skipped altogether while no SDK is installed (the global tracer provider
     is still the API's proxy), when every span would be a no-op.
 
-    The span is named ``"METHOD /path"`` for the service's own routes and
+    The span is named ``"METHOD /path"`` for the service's own routes (a
+    path with parameters by its template, ``/workers/{worker_id}``) and
     just ``"METHOD"`` for any other path (a path from a client must not
     become a span name). It records ``http.response.status_code`` and
     ``crank.controller_id`` (when given); a 5xx or an exception marks it as an error.
@@ -65,7 +67,17 @@ class TracingMiddleware:
     ) -> None:
         self.app = app
         self.route_paths = frozenset(route_paths)
+        # The templates with parameters, matched as Starlette's router matches them.
+        self._templates = [
+            (compile_path(path)[0], path) for path in sorted(self.route_paths) if "{" in path
+        ]
         self.controller_id = controller_id
+
+    def _template(self, route: str) -> str | None:
+        """The route template ``route`` (a path) matches, or ``None``."""
+        if route in self.route_paths:
+            return route
+        return next((path for pattern, path in self._templates if pattern.match(route)), None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Run the request inside its span."""
@@ -82,7 +94,8 @@ class TracingMiddleware:
         # the span names the whole template, prefix included.
         root_path = scope.get("root_path", "")
         route = path[len(root_path) :] if root_path and path.startswith(root_path) else path
-        template = root_path.rstrip("/") + route if route in self.route_paths else None
+        matched = self._template(route)
+        template = None if matched is None else root_path.rstrip("/") + matched
         name = method if template is None else f"{method} {template}"
         carrier = {
             key.decode("latin-1").lower(): value.decode("latin-1")

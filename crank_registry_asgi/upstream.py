@@ -7,13 +7,26 @@ here: ``worker_failed`` (502) and ``worker_timeout`` (504), as
 :mod:`crank_registry_asgi.gateway`). :class:`Refused` is not an answer:
 nothing reached the worker, so the next one may be tried; when none is left,
 :func:`unreachable` is the answer.
+
+Which outcomes are the worker failing, for outlier ejection
+(:func:`failed`): :class:`Refused` (the connection was refused or not
+accepted in time) and :class:`WorkerFault` (an answer that timed out, a
+connection reset or cut off, a 5xx). Any other answer, the worker's 4xx or
+one outside the convention included, is the worker answering.
+
+Errors::
+
+    Exception
+    ├── Refused             nothing reached the worker: try the next one
+    └── ApiError            the gateway's answer (502, 504)
+        └── WorkerFault     ... and the worker failed the call
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import httpx
@@ -29,6 +42,8 @@ from .telemetry import tracer
 __all__ = [
     "PassedStream",
     "Refused",
+    "WorkerFault",
+    "failed",
     "client_span",
     "ending_on_failure",
     "invocation_url",
@@ -50,6 +65,15 @@ class Refused(Exception):
         self.endpoint = endpoint
         self.reason = reason
         self.timed_out = timed_out
+
+
+class WorkerFault(ApiError):
+    """The worker failed the call (timed out, reset or cut the connection, answered 5xx)."""
+
+
+def failed(error: BaseException) -> bool:
+    """Whether ``error``, raised by a call, is the worker failing it (ejection counts it)."""
+    return isinstance(error, (Refused, WorkerFault))
 
 
 def invocation_url(worker_url: str, verb: str, capability: str) -> httpx.URL:
@@ -126,7 +150,9 @@ async def send(
     except httpx.TimeoutException as error:
         raise _worker_timeout(worker, error) from None
     except httpx.TransportError as error:
-        raise _worker_failed(worker, f"the connection failed: {_describe(error)}") from None
+        raise _worker_failed(
+            worker, f"the connection failed: {_describe(error)}", fault=True
+        ) from None
 
 
 async def read_answer(response: httpx.Response, worker: str, limit: int) -> bytes:
@@ -136,9 +162,11 @@ async def read_answer(response: httpx.Response, worker: str, limit: int) -> byte
     except httpx.TimeoutException as error:
         raise _worker_timeout(worker, error) from None
     except httpx.TransportError as error:
-        raise _worker_failed(worker, f"the answer was cut off: {_describe(error)}") from None
+        raise _worker_failed(
+            worker, f"the answer was cut off: {_describe(error)}", fault=True
+        ) from None
     if body is None:
-        raise _worker_failed(worker, f"the answer is larger than {limit} bytes")
+        raise _worker_failed(worker, f"the answer is larger than {limit} bytes", fault=False)
     return body
 
 
@@ -156,12 +184,13 @@ def whole_answer(
         fields: dict[str, Any] = {"worker_status": status}
         if json_body:
             fields["worker_error"] = json.loads(body)
-        raise _worker_failed(worker, f"the worker answered {status}", **fields)
+        raise _worker_failed(worker, f"the worker answered {status}", fault=True, **fields)
     if not json_body or status not in (200, *range(400, 500)):
         raise _worker_failed(
             worker,
             f"the worker answered {status} {kind or 'without a type'}, "
             "outside the invocation convention",
+            fault=False,
             worker_status=status,
         )
     return Response(body, status_code=status, media_type="application/json", headers=headers)
@@ -183,8 +212,14 @@ def stream_through(
     headers: Mapping[str, str],
     *,
     on_end: Callable[[], None] | None = None,
+    on_outcome: Callable[[bool], Awaitable[None]] | None = None,
 ) -> PassedStream:
-    """Pass an NDJSON answer through as it arrives; ``span`` ends with it, then ``on_end`` runs."""
+    """Pass an NDJSON answer through as it arrives; ``span`` ends with it, then ``on_end`` runs.
+
+    ``on_outcome`` is awaited with whether the worker sent the stream to its
+    end (``False``: it went silent or the connection was cut); not when the
+    caller left first.
+    """
 
     async def lines() -> AsyncIterator[bytes]:
         try:
@@ -199,11 +234,16 @@ def stream_through(
             _mark_failed(span, "worker_failed")
             passed.broke = True
             yield _error_line("worker_failed", f"the stream was cut off: {_describe(error)}")
+        else:
+            if on_outcome is not None:
+                await on_outcome(True)
         finally:
             await response.aclose()
             span.end()
             if on_end is not None:
                 on_end()
+        if passed.broke and on_outcome is not None:
+            await on_outcome(False)
 
     passed = PassedStream(lines(), media_type=NDJSON, headers=headers)
     return passed
@@ -264,9 +304,9 @@ def _describe(error: Exception) -> str:
     return f"{type(error).__name__}: {detail}" if detail else type(error).__name__
 
 
-def _worker_timeout(worker: str, error: Exception) -> ApiError:
+def _worker_timeout(worker: str, error: Exception) -> WorkerFault:
     """504 ``worker_timeout``: ``worker`` was sent the call and stayed silent."""
-    return ApiError(
+    return WorkerFault(
         504,
         "worker_timeout",
         f"worker {worker!r} did not answer in time ({type(error).__name__})",
@@ -274,9 +314,15 @@ def _worker_timeout(worker: str, error: Exception) -> ApiError:
     )
 
 
-def _worker_failed(worker: str, message: str, **fields: Any) -> ApiError:
-    """502 ``worker_failed``: ``worker`` was sent the call and did not answer by the convention."""
-    return ApiError(502, "worker_failed", message, worker_id=worker, **fields)
+def _worker_failed(worker: str, message: str, *, fault: bool, **fields: Any) -> ApiError:
+    """502 ``worker_failed``: ``worker`` was sent the call and did not answer by the convention.
+
+    ``fault``: the worker failed the call (a :class:`WorkerFault`), rather
+    than answering outside the convention.
+    """
+    return (WorkerFault if fault else ApiError)(
+        502, "worker_failed", message, worker_id=worker, **fields
+    )
 
 
 def unreachable(verb: str, capability: str, refusals: Sequence[Refused]) -> ApiError:

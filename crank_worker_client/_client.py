@@ -161,9 +161,10 @@ class WorkerInfo:
     """One entry of ``GET /workers``, read from the core's :class:`~crank_registry.WorkerEntry`.
 
     ``is_healthy`` means routable now; ``state`` is the first that applies
-    of ``draining``, then ``health``, the health state alone; ``draining``:
-    it takes no new routes; ``capabilities`` are ``(verb, name)`` pairs;
-    ``load`` its latest load report (``None``: it sent none).
+    of ``draining``, ``ejected`` (until ``ejected_until``, for failing
+    calls), then ``health``, the health state alone; ``draining``: it takes
+    no new routes; ``capabilities`` are ``(verb, name)`` pairs; ``load`` its
+    latest load report (``None``: it sent none).
     """
 
     worker_id: str
@@ -175,6 +176,7 @@ class WorkerInfo:
     load: WorkerLoad | None = None
     health: HealthState | None = None
     draining: bool = False
+    ejected_until: datetime | None = None
 
 
 class ControllerClient:
@@ -390,6 +392,11 @@ class ControllerClient:
                 load=entry.load,
                 health=_health_of(entry),
                 draining=entry.draining,
+                ejected_until=(
+                    None
+                    if entry.ejected_until is None
+                    else datetime.fromisoformat(entry.ejected_until)
+                ),
             )
             for page in pages
             for entry in page.workers
@@ -831,7 +838,7 @@ def _json_object(response: httpx.Response) -> dict[str, Any] | None:
 
 def _health_of(entry: WorkerEntry) -> HealthState | None:
     """An entry's health state; a controller from before drain lists none: its state is it."""
-    if entry.health is not None or entry.state is WorkerState.DRAINING:
+    if entry.health is not None or entry.state in (WorkerState.DRAINING, WorkerState.EJECTED):
         return entry.health
     return HealthState(entry.state.value)
 

@@ -41,6 +41,8 @@
     "imported",
     "draining",
     "undrained",
+    "ejected",
+    "restored",
   ];
   const SEP = "\u0000";
 
@@ -636,17 +638,30 @@
     $("next-page").disabled = !state.nextCursor;
   }
 
-  // The listed state; a draining worker's health is in its title.
+  // The listed state: an ejected worker's says how long its ejection lasts still
+  // ("ejected · 25s"); a draining or ejected worker's health is in its title.
   function stateCell(entry) {
-    const cell = element("td", entry.state, `state ${entry.state}`);
-    if (entry.draining && entry.health) cell.title = `draining; health: ${entry.health}`;
+    const cell = element("td", stateText(entry), `state ${entry.state}`);
+    const notes = [];
+    if (entry.draining) notes.push("draining");
+    if (entry.ejected_until) notes.push(`ejected until ${entry.ejected_until}`);
+    if (notes.length && entry.health) notes.push(`health: ${entry.health}`);
+    if (notes.length) cell.title = notes.join("; ");
     return cell;
+  }
+
+  function stateText(entry) {
+    const until = entry.ejected_until ? Date.parse(entry.ejected_until) : NaN;
+    if (entry.state !== "ejected" || Number.isNaN(until)) return entry.state;
+    return `${entry.state} · ${duration(Math.max(0, (until - controllerNowMs()) / 1000))}`;
   }
 
   function tickAges() {
     const ages = document.querySelectorAll("#worker-rows td.age");
+    const states = document.querySelectorAll("#worker-rows td.state");
     state.rows.forEach((entry, index) => {
       if (ages[index]) ages[index].textContent = heartbeatAge(entry);
+      if (states[index]) states[index].textContent = stateText(entry);
     });
   }
 
@@ -736,6 +751,11 @@
         // Routable again as its health allows, which the controller knows: read it again.
         state.draining.delete(id);
         if (shown) shown.draining = false;
+      // falls through: read what the controller shows again
+      case "ejected":
+      case "restored":
+        // Outlier ejection: the controller's fold may drop either (the ejected share's
+        // cap, a restoration of an ejection already over), so read what it shows again.
         reread = true;
         refreshCapabilitiesSoon();
         break;

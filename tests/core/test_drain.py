@@ -179,6 +179,7 @@ def test_listings_show_health_draining_and_state_and_filter_by_state() -> None:
         WorkerState.UNHEALTHY: 1,
         WorkerState.UNVERIFIED: 0,
         WorkerState.DRAINING: 1,
+        WorkerState.EJECTED: 0,
     }
     entries = registry.capabilities_page(now=now, limit=None).capabilities
     assert [(e.workers, e.healthy_workers) for e in entries] == [(("w1", "w2", "w3"), ("w2",))]

@@ -20,6 +20,7 @@ from crank_registry import (
     CapabilityView,
     Change,
     DeregisterRequest,
+    EjectionSettings,
     Event,
     HealthPolicy,
     HealthState,
@@ -42,12 +43,14 @@ from crank_registry import (
     WorkerChange,
     WorkerDeregistered,
     WorkerDraining,
+    WorkerEjected,
     WorkerEndpoint,
     WorkerEvicted,
     WorkerHealthy,
     WorkerImported,
     WorkerRecord,
     WorkerRegistered,
+    WorkerRestored,
     WorkerUndrained,
     WorkerUnhealthy,
     WorkerView,
@@ -146,6 +149,9 @@ records = st.builds(
     st.booleans(),
     st.booleans(),
     st.booleans(),
+    ejected_until=optional(timestamps),
+    ejections=optional(st.integers(1, 100)),
+    ejection_ended=optional(timestamps),
 )
 revisions = st.integers(1, 2**53)
 endpoints = st.builds(WorkerEndpoint, worker_ids, worker_urls, versions)
@@ -203,6 +209,7 @@ views = st.builds(
     st.booleans(),
     optional(load_reports),
     optional(timestamps),
+    ejected_until=optional(timestamps),
 )
 capability_views = st.builds(
     CapabilityView,
@@ -267,6 +274,11 @@ MODEL_STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
         max_duration=optional(st.floats(0.001, 1e6)),
         min_workers=st.integers(1, 10**6),
     ),
+    EjectionSettings: st.builds(
+        EjectionSettings,
+        after_failures=st.integers(0, 10**6),
+        max_ejected_percent=st.floats(0, 100),
+    ),
 }
 EVENT_STRATEGIES: dict[type[Event], st.SearchStrategy[Any]] = {
     WorkerRegistered: st.builds(
@@ -306,6 +318,20 @@ EVENT_STRATEGIES: dict[type[Event], st.SearchStrategy[Any]] = {
         st.integers(0, 10**6),
         st.integers(0, 10**6),
         revision=revisions,
+    ),
+    WorkerEjected: st.builds(
+        WorkerEjected,
+        worker_ids,
+        timestamps,
+        timestamps,
+        texts,
+        texts,
+        st.floats(0, 100),
+        st.integers(1, 100),
+        revision=revisions,
+    ),
+    WorkerRestored: st.builds(
+        WorkerRestored, worker_ids, timestamps, timestamps, revision=revisions
     ),
 }
 models = st.one_of(*MODEL_STRATEGIES.values())

@@ -411,6 +411,7 @@ class RegistryMachine(RuleBasedStateMachine):
         assert registry.state_counts(now=now) == {
             **{WorkerState(state.value): shown.count(state) for state in HealthState},
             WorkerState.DRAINING: 0,  # this model drains none (tests/core/test_drain.py)
+            WorkerState.EJECTED: 0,  # nor ejects any (tests/core/test_ejection.py)
         }
         offered = {key for worker in model.values() for key in worker.capabilities}
         assert registry.capability_count() == len(offered)

@@ -31,20 +31,25 @@ UNKNOWN = "<unknown capability>"
 _ROOT = {"components": DOCUMENT["components"]}
 
 
-def _template_of(path: str) -> str:
-    """The document's path for a request's ``path``: itself, or the template it fills in."""
+# The documented paths with parameters (/workers/{worker_id}), as patterns of the paths asked.
+_TEMPLATES = [
+    (re.compile("^" + re.sub(r"\\{[^}]+\\}", "[^/]+", re.escape(template)) + "$"), template)
+    for template in DOCUMENT["paths"]
+    if "{" in template
+]
+
+
+def documented_path(path: str) -> str:
+    """The document's path of the path asked: its template if it has parameters."""
     if path in DOCUMENT["paths"]:
         return path
-    for template in DOCUMENT["paths"]:
-        pattern = re.sub(r"\\\{[a-z_]+\\\}", "[^/]+", re.escape(template))
-        if "{" in template and re.fullmatch(pattern, path):
-            return template
-    return path
+    return next((template for pattern, template in _TEMPLATES if pattern.match(path)), path)
 
 
 def documented_schema(method: str, path: str, status: int) -> dict[str, Any]:
     """The JSON Schema the document gives for this answer (asserts it is documented)."""
-    operation = DOCUMENT["paths"].get(_template_of(path), {}).get(method.lower())
+    path = documented_path(path)
+    operation = DOCUMENT["paths"].get(path, {}).get(method.lower())
     if operation is None:
         # Unknown paths and methods.
         assert status in (404, 405), f"{method} {path}: undocumented status {status}"
@@ -63,7 +68,8 @@ def check_documented(method: str, path: str, response: httpx.Response) -> Any:
     must carry that media type; its body is returned as text.
     """
     assert response.status_code != 500, response.text
-    operation = DOCUMENT["paths"].get(_template_of(path), {}).get(method.lower())
+    path = documented_path(path)
+    operation = DOCUMENT["paths"].get(path, {}).get(method.lower())
     if operation is not None and response.status_code == 200:
         content = operation["responses"]["200"]["content"]
         if "application/json" not in content:

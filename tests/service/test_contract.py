@@ -414,6 +414,7 @@ async def test_openapi_document_is_served() -> None:
             "/route",
             "/capabilities",
             "/workers",
+            "/workers/{worker_id}",
             "/slos",
             "/snapshot",
             "/watch",

@@ -32,6 +32,7 @@ from crank_registry import (
     SnapshotAnswer,
     WatchAnswer,
     WorkerEndpoint,
+    WorkerEntry,
     WorkersAnswer,
     structure,
     unstructure,
@@ -39,7 +40,13 @@ from crank_registry import (
 from crank_registry_asgi import ServiceConfig
 from crank_registry_asgi.openapi import ERRORS, OPERATIONS, openapi_document
 from tests.builders import registration_payload
-from tests.service.helpers import CertificateAuthority, check_documented, dumps, running
+from tests.service.helpers import (
+    CertificateAuthority,
+    check_documented,
+    documented_path,
+    dumps,
+    running,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -54,6 +61,7 @@ _MODELS: dict[str, type[Any]] = {
     "/route": WorkerEndpoint,
     "/capabilities": CapabilitiesAnswer,
     "/workers": WorkersAnswer,
+    "/workers/{worker_id}": WorkerEntry,
     "/slos": SlosAnswer,
     "/snapshot": SnapshotAnswer,
     "/watch": WatchAnswer,
@@ -78,7 +86,7 @@ async def _answers(state_dir: Path) -> list[tuple[str, str, httpx.Response]]:
         api: Any, method: str, path: str, *, template: str | None = None, **kwargs: Any
     ) -> None:
         response = await api.client.request(method, path, **kwargs)
-        answers.append((method, template or path.partition("?")[0], response))
+        answers.append((method, template or documented_path(path.partition("?")[0]), response))
 
     drain = "/workers/{worker_id}/drain"
     undrain = "/workers/{worker_id}/undrain"
@@ -109,6 +117,8 @@ async def _answers(state_dir: Path) -> list[tuple[str, str, httpx.Response]]:
         await send(api, "POST", "/workers/a%20b/drain", template=drain)  # invalid_request
         await send(api, "GET", "/capabilities")
         await send(api, "GET", "/workers")
+        await send(api, "GET", "/workers/w1")
+        await send(api, "GET", "/workers/nobody")  # worker_not_registered
         await send(api, "GET", "/openapi.json")
         await send(api, "GET", "/metrics")
         for path in ("/ui", "/ui/app.js", "/ui/style.css"):

@@ -250,6 +250,7 @@ async def test_the_document_lists_the_query_parameters() -> None:
             "unhealthy",
             "unverified",
             "draining",
+            "ejected",
         ]
         assert "422" in operation["responses"]
 

@@ -100,3 +100,17 @@ async def test_mounted_under_a_prefix(spans: InMemorySpanExporter) -> None:
         assert response.status_code == 404
     span = server_span(spans, "POST /crank/route")
     assert dict(span.attributes or {})["http.route"] == "/crank/route"
+
+
+async def test_a_path_with_parameters_is_named_by_its_template(
+    spans: InMemorySpanExporter,
+) -> None:
+    async with running() as api:
+        await api.register("w1")
+        spans.clear()
+        await api.request("GET", "/workers/w1")
+        span = server_span(spans, "GET /workers/{worker_id}")
+        assert dict(span.attributes or {})["http.route"] == "/workers/{worker_id}"
+        spans.clear()
+        await api.request("GET", "/workers/w1/more")  # no route: not a template's
+        assert server_span(spans, "GET").name == "GET"
