@@ -21,7 +21,8 @@ import httpx
 import pytest
 import redis
 
-from crank_registry_asgi.fleet_calls import LIVENESS_TTL, FleetKeys
+from crank_registry_asgi.fleet_calls import FleetKeys
+from crank_registry_asgi.fleet_limits import LIVENESS_TTL
 from tests.builders import capability_payload, registration_payload
 from tests.cli.helpers import ServerProcess, free_port, serving
 from tests.redis.helpers import fleet_prefix, machine_url
