@@ -18,7 +18,7 @@ import httpx
 import pytest
 import redis
 
-from crank_registry import KeptAnswer, Replay, RoutingSettings
+from crank_registry import MIN_RATE, KeptAnswer, RateLimit, Replay, RoutingSettings
 from crank_registry.testing import FakeClock
 from crank_registry_asgi import create_app
 from crank_registry_asgi.execute import Gateway
@@ -84,6 +84,7 @@ async def gateway(
     prefix: str,
     controller_id: str,
     workers: httpx.AsyncBaseTransport,
+    rate_limit: RateLimit | None = None,
     **config: Any,
 ) -> AsyncIterator[tuple[httpx.AsyncClient, Gateway]]:
     settings = shared_config(
@@ -92,6 +93,7 @@ async def gateway(
         controller_id,
         policy=POLICY,
         routing=RoutingSettings(idempotency_ttl=60.0),
+        rate_limit=rate_limit,
     )
     controller = create_app(config=settings, clock=FakeClock())
     app = create_gateway_app(controller, GatewayConfig(**config), transport=workers)
@@ -158,6 +160,53 @@ async def test_the_fleet_never_sends_a_worker_more_than_max_concurrency() -> Non
             assert on_a.fleet is not None and on_a.fleet.held == {}
     assert answers == [200] * 200
     assert sum(workers.calls.values()) == 200
+    assert workers.most == {"w1.test": 3, "w2.test": 3}
+
+
+async def test_with_a_rate_limit_too_the_fleet_shares_both_limits() -> None:
+    # --redis, --gateway and --rate-limit: one liveness per process serves
+    # the reservations and the shared buckets alike.
+    url = machine_url()
+    workers = CountedWorkers(seconds=0.01)
+    # No token comes back during the test (one a day); batches of 25.
+    limit = RateLimit(MIN_RATE, 250)
+    with fleet_prefix(url) as prefix:
+        async with (
+            gateway(url, prefix, "a", workers, limit, queue_limit=200) as (a, on_a),
+            gateway(url, prefix, "b", workers, limit, queue_limit=200) as (b, on_b),
+        ):
+            for name in ("w1", "w2"):
+                cap = capability(verb="greet", name="hello", max_concurrency=3)
+                await register(a, name, f"https://{name}.test", cap)
+            # Not /route: it would take the caller's tokens.
+            await wait_until_async(
+                _true_when(lambda: "w2" in on_b.service.registry), what="the workers on B"
+            )
+            assert on_a.service.liveness is not None
+            await on_a.service.liveness.renew()  # counts B too
+            for client in (a, b):
+                ready = await client.get("/ready")
+                assert ready.status_code == 200
+                assert ready.json()["rate_limit"] == {
+                    "mode": "shared",
+                    "rate": MIN_RATE,
+                    "burst": 250,
+                    "controllers": 2,
+                }
+            statuses: list[int] = []
+
+            async def call(client: httpx.AsyncClient) -> None:
+                response = await post(client)
+                statuses.append(response.status_code)
+
+            async with anyio.create_task_group() as group:
+                for number in range(300):
+                    group.start_soon(call, a if number % 2 else b)
+            assert on_a.fleet is not None and on_a.fleet.available
+            assert on_b.fleet is not None and on_b.fleet.available
+    # The caller's one bucket for both: 250 calls, not 250 on each controller.
+    assert sorted(statuses) == [200] * 250 + [429] * 50
+    assert sum(workers.calls.values()) == 250
     assert workers.most == {"w1.test": 3, "w2.test": 3}
 
 
