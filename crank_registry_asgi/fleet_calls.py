@@ -56,8 +56,8 @@ its own calls (at least 1), ``n`` the live processes its liveness counted
 at the last renewal, and the calls with an ``Idempotency-Key`` are 503
 ``store_unavailable`` with ``Retry-After`` (the key's answer cannot be
 looked up, and calling the worker again could repeat what it did); calls
-without a key go on. A renewal every :data:`RETRY_EVERY` seconds finds
-Redis again.
+without a key go on. :meth:`FleetCalls.run` tries a resync every
+:data:`RETRY_EVERY` seconds until Redis answers again.
 """
 
 from __future__ import annotations
