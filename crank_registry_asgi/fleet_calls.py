@@ -25,31 +25,39 @@ two things through Redis (the registry's own keys are
 Keys (``P`` the registry's prefix; one hash tag, so the scripts would run
 unchanged on one Redis Cluster slot)::
 
-    {P}:controller:ID     this process is alive: SET PX 3000, renewed every second
-    {P}:controllers       the ids of the processes renewing one (a set)
+    {P}:controller:ID     process ID is alive: read here, written only by its
+                          ControllerLiveness (crank_registry_asgi.fleet_limits)
+    {P}:gateways          the ids of the processes that may have reservations or
+                          claims (a set: where the dead ones' are found)
     {P}:reservations:ID   worker id -> the calls in flight from process ID
     {P}:claims:ID         the idempotency keys process ID claimed and has not finished
     {P}:idempotency:H     one key of one caller (H: a hash of both): running, or its
                           answer (status, media type, body, headers) while kept
 
-A process's reservations count only while its liveness key exists: the
-reservation script skips the hashes of dead processes, so their calls are
-freed within one liveness period (3 s); every renewal deletes the hashes
-and claim sets of the processes found dead. When a process's own key had
-expired (an outage longer than that), or it is starting, or Redis was
-unreachable, the renewal rewrites its hash from the calls it really has in
-flight. (A reservation taken or given back while such a rewrite is on its
-way may be counted once too few until that worker has no call in flight;
-the rewrites are rare: a start, an outage.) A process starting with the id
-of a dead one (``HOST:PORT``) drops that one's unfinished claims.
+Liveness is the controller's (:class:`~crank_registry_asgi.fleet_limits.ControllerLiveness`,
+one per process, also counting the live ones for the shared rate limit): a
+process's reservations count only while its liveness key exists, so the
+reservation script skips the hashes of dead processes and their calls are
+freed within one liveness period (3 s). After each renewal of the liveness
+(:attr:`~crank_registry_asgi.fleet_limits.ControllerLiveness.on_renewed`),
+:meth:`FleetCalls.run` deletes the hashes and claim sets of the processes
+found dead. When the renewal reports that this process's own key had lapsed
+(an outage or a stall longer than 3 s: the others may have deleted its
+hash), or it is starting, or its own round trip to Redis had failed, it
+rewrites its hash from the calls it really has in flight. (Until that
+rewrite, one round trip after the renewal, the others count this process's
+calls once too few; a reservation taken or given back while a rewrite is on
+its way may be counted once too few until that worker has no call in
+flight; the rewrites are rare: a start, an outage.) A process starting with
+the id of a dead one (``HOST:PORT``) drops that one's unfinished claims.
 
 Redis unreachable: each process allows a worker ``max_concurrency / n`` of
-its own calls (at least 1), ``n`` the live processes seen at the last
-contact, and the calls with an ``Idempotency-Key`` are 503
+its own calls (at least 1), ``n`` the live processes its liveness counted
+at the last renewal, and the calls with an ``Idempotency-Key`` are 503
 ``store_unavailable`` with ``Retry-After`` (the key's answer cannot be
 looked up, and calling the worker again could repeat what it did); calls
-without a key go on. A renewal every :data:`RETRY_EVERY` seconds finds
-Redis again.
+without a key go on. :meth:`FleetCalls.run` tries a resync every
+:data:`RETRY_EVERY` seconds until Redis answers again.
 """
 
 from __future__ import annotations
@@ -60,7 +68,6 @@ import json
 import logging
 import math
 import secrets
-import time
 from typing import Any
 
 import anyio
@@ -68,6 +75,7 @@ import attrs
 
 from crank_registry import KeptAnswer, Replay, Reused, Running, is_kept
 
+from .fleet_limits import ControllerLiveness, liveness_key
 from .http import ApiError
 
 try:  # the optional extra crank-registry-asgi[redis]
@@ -77,11 +85,9 @@ except ImportError:  # pragma: no cover - --redis is refused without it (cli)
     aioredis = None  # type: ignore[assignment]
 
 __all__ = [
-    "LIVENESS_TTL",
     "POLL_FIRST",
     "POLL_MAX",
     "RELEASE_DELAY",
-    "RENEW_EVERY",
     "RETRY_EVERY",
     "Claimed",
     "FleetCalls",
@@ -90,9 +96,6 @@ __all__ = [
 
 logger = logging.getLogger("crank_registry_asgi.fleet")
 
-#: Seconds a process's liveness key lives; renewed every :data:`RENEW_EVERY`.
-LIVENESS_TTL = 3.0
-RENEW_EVERY = 1.0
 #: Seconds between two attempts to reach Redis while it is unreachable.
 RETRY_EVERY = 0.25
 #: Seconds a reservation to give back waits for the next reservation to carry it.
@@ -121,7 +124,7 @@ class FleetKeys:
 
     def liveness(self, controller_id: str = "") -> str:
         """A process's liveness key (without an id: the prefix of them all)."""
-        return self.key(f"controller:{controller_id}")
+        return liveness_key(self.prefix, controller_id)
 
     def reservations(self, controller_id: str = "") -> str:
         """A process's calls in flight per worker (without an id: the prefix)."""
@@ -132,9 +135,9 @@ class FleetKeys:
         return self.key(f"claims:{controller_id}")
 
     @property
-    def controllers(self) -> str:
-        """The ids of the processes that renew a liveness key."""
-        return self.key("controllers")
+    def gateways(self) -> str:
+        """The ids of the processes that may have reservations or claims."""
+        return self.key("gateways")
 
     def answer(self, key: tuple[str, str]) -> str:
         """The key of one caller's ``Idempotency-Key`` (hashed: any identity, any key)."""
@@ -142,39 +145,34 @@ class FleetKeys:
         return self.key(f"idempotency:{digest}")
 
 
-#: Renew this process's liveness key; rewrite its reservations when asked
-#: ('start', 'resync') or when the key had expired; on 'start', drop the
-#: unfinished claims of a dead process of the same id; forget the dead
-#: processes. KEYS: liveness, controllers, reservations, claims.
-#: ARGV: id, ttl (ms), mode (start | resync | renew), liveness prefix,
-#: reservations prefix, claims prefix, then pairs of worker id and calls.
-#: Returns {rewritten (0/1), live processes}.
-RENEW = """
-local lapsed = redis.call('EXISTS', KEYS[1]) == 0
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-redis.call('SADD', KEYS[2], ARGV[1])
-local rewrite = lapsed or ARGV[3] ~= 'renew'
+#: Sync with the fleet: rewrite this process's reservations unless mode is
+#: 'renew' ('start', 'resync': its liveness had lapsed, or Redis was away);
+#: on 'start', drop the unfinished claims of a dead process of the same id;
+#: forget the dead processes (no liveness key) other than this one.
+#: KEYS: gateways, reservations, claims. ARGV: id, mode (start | resync |
+#: renew), liveness prefix, reservations prefix, claims prefix, then pairs
+#: of worker id and calls. Returns 1 (rewritten) or 0.
+SYNC = """
+redis.call('SADD', KEYS[1], ARGV[1])
+local rewrite = ARGV[2] ~= 'renew'
 if rewrite then
-  redis.call('DEL', KEYS[3])
-  for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
+  redis.call('DEL', KEYS[2])
+  for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
 end
-if ARGV[3] == 'start' then
-  for _, claim in ipairs(redis.call('SMEMBERS', KEYS[4])) do
+if ARGV[2] == 'start' then
+  for _, claim in ipairs(redis.call('SMEMBERS', KEYS[3])) do
     local held = redis.call('HMGET', claim, 'state', 'owner')
     if held[1] == 'running' and held[2] == ARGV[1] then redis.call('DEL', claim) end
   end
-  redis.call('DEL', KEYS[4])
+  redis.call('DEL', KEYS[3])
 end
-local live = 0
-for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  if redis.call('EXISTS', ARGV[4] .. id) == 1 then
-    live = live + 1
-  else
-    redis.call('SREM', KEYS[2], id)
-    redis.call('DEL', ARGV[5] .. id, ARGV[6] .. id)
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if id ~= ARGV[1] and redis.call('EXISTS', ARGV[3] .. id) == 0 then
+    redis.call('SREM', KEYS[1], id)
+    redis.call('DEL', ARGV[4] .. id, ARGV[5] .. id)
   end
 end
-return {rewrite and 1 or 0, live}
+return rewrite and 1 or 0
 """
 
 # Give reservations back: the pairs of worker id and calls from ARGV[FIRST] on.
@@ -191,7 +189,7 @@ end
 
 #: Give reservations back, then take a reservation of a call to a worker if
 #: the live processes' total is below the limit. KEYS: own reservations,
-#: controllers. ARGV: id, worker id, limit, liveness prefix, reservations
+#: gateways. ARGV: id, worker id, limit, liveness prefix, reservations
 #: prefix, then pairs of worker id and calls to give back. Returns 1 (taken)
 #: or 0 (full).
 RESERVE = (
@@ -251,10 +249,11 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
-#: Leave the fleet at shutdown. KEYS: liveness, controllers, reservations, claims. ARGV: id.
+#: Leave the fleet at shutdown (the liveness key is the liveness' to remove).
+#: KEYS: gateways, reservations, claims. ARGV: id.
 LEAVE = """
-redis.call('SREM', KEYS[2], ARGV[1])
-redis.call('DEL', KEYS[1], KEYS[3], KEYS[4])
+redis.call('SREM', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2], KEYS[3])
 return 1
 """
 
@@ -275,14 +274,16 @@ def _milliseconds(seconds: float) -> int:
 
 
 class FleetCalls:
-    """One process's part of the fleet-wide limits: reservations, claims, liveness.
+    """One process's part of the fleet-wide limits: reservations and claims.
 
     ``url``, ``prefix``: the shared registry's Redis and key prefix;
-    ``controller_id``: this process (``--controller-id``); ``answer_ttl``:
+    ``liveness``: this process's (the controller service's), which renews
+    its liveness key and counts the live processes; ``controller_id``: this
+    process (``--controller-id``, the liveness' id); ``answer_ttl``:
     seconds an answer is kept (``--idempotency-ttl``); ``max_answer_bytes``:
     the largest answer kept; ``retry_after``: the ``Retry-After`` of a 503.
     Use: :meth:`open`, :meth:`run` in a task group while serving,
-    :meth:`aclose` at shutdown.
+    :meth:`aclose` at shutdown (the liveness runs and closes on its own).
     """
 
     def __init__(
@@ -290,13 +291,20 @@ class FleetCalls:
         *,
         url: str,
         prefix: str,
+        liveness: ControllerLiveness,
         controller_id: str,
         answer_ttl: float,
         max_answer_bytes: int,
         retry_after: str = "1",
     ) -> None:
+        if liveness.controller_id != controller_id:
+            raise ValueError(
+                f"liveness is controller {liveness.controller_id!r}'s, not {controller_id!r}'s: "
+                "pass this process's ControllerLiveness"
+            )
         self.url = url
         self.keys = FleetKeys(prefix)
+        self.liveness = liveness
         self.controller_id = controller_id
         self.answer_ttl = answer_ttl
         self.max_answer_bytes = max_answer_bytes
@@ -306,8 +314,6 @@ class FleetCalls:
         self.poll_max = POLL_MAX
         #: Whether Redis answered the last command (while not: local shares).
         self.available = False
-        #: The live processes at the last contact (the ``n`` of the local shares).
-        self.live = 1
         #: Worker id -> this process's calls in flight that hold a reservation or a share.
         self.held: dict[str, int] = {}
         # Reservations to give back (worker id -> calls).
@@ -316,9 +322,17 @@ class FleetCalls:
         self._finishes: dict[str, tuple[str, KeptAnswer | None]] = {}
         self._kick = anyio.Event()
         self._started = False
-        self._renew_at = -math.inf
+        # A sync is due (the liveness was renewed), and in it a rewrite (it had lapsed).
+        self._sync_due = False
+        self._rewrite_due = False
         self._redis: Any = None
         self._scripts: dict[str, Any] = {}
+        liveness.on_renewed.append(self._renewed)
+
+    @property
+    def live(self) -> int:
+        """The live processes at the liveness' last renewal (the ``n`` of the local shares)."""
+        return self.liveness.live
 
     # ------------------------------------------------------------ lifetime
 
@@ -334,7 +348,7 @@ class FleetCalls:
         )
         self._redis = aioredis.Redis(connection_pool=pool)
         for name, source in (
-            ("renew", RENEW),
+            ("sync", SYNC),
             ("reserve", RESERVE),
             ("release", RELEASE),
             ("begin", BEGIN),
@@ -342,25 +356,35 @@ class FleetCalls:
             ("leave", LEAVE),
         ):
             self._scripts[name] = self._redis.register_script(source)
-        await self._renew("start")
+        await self._sync("start")
 
     async def run(self) -> None:
-        """Give reservations back, write answers, renew liveness; until cancelled."""
+        """Give reservations back, write answers, sync after each renewal; until cancelled."""
         while True:
             if not self.available:
                 await anyio.sleep(RETRY_EVERY)
-                await self._renew("resync" if self._started else "start")
+                await self._sync("resync" if self._started else "start")
                 continue
-            if not (self._releases or self._finishes):
-                with anyio.move_on_after(max(0.0, self._renew_at - time.monotonic())):
-                    await self._kick.wait()
+            if not (self._releases or self._finishes or self._sync_due):
+                await self._kick.wait()
                 self._kick = anyio.Event()
-            if not self._finishes:
+            if not (self._finishes or self._sync_due):
                 # The next reservation may carry them (one round trip less).
                 await anyio.sleep(RELEASE_DELAY)
             await self._flush()
-            if self.available and time.monotonic() >= self._renew_at:
-                await self._renew("renew")
+            if self.available and self._sync_due:
+                await self._sync_after_renewal()
+
+    async def _sync_after_renewal(self) -> None:
+        """The sync a renewal of the liveness asked for: a resync when it had lapsed."""
+        await self._sync("resync" if self._rewrite_due else "renew")
+
+    def _renewed(self, lapsed: bool) -> None:
+        """The liveness was renewed (:attr:`ControllerLiveness.on_renewed`): :meth:`run` syncs."""
+        self._sync_due = True
+        # Had it lapsed, the others may have deleted this process's hash.
+        self._rewrite_due = self._rewrite_due or lapsed
+        self._kick.set()
 
     async def aclose(self) -> None:
         """Leave the fleet (reservations and claims given up) and close the connection."""
@@ -370,17 +394,13 @@ class FleetCalls:
         with contextlib.suppress(*_NOT_CONNECTED), anyio.move_on_after(1, shield=True):
             if self.available:
                 await self._scripts["leave"](
-                    keys=[
-                        keys.liveness(me),
-                        keys.controllers,
-                        keys.reservations(me),
-                        keys.claims(me),
-                    ],
-                    args=[me],
+                    keys=[keys.gateways, keys.reservations(me), keys.claims(me)], args=[me]
                 )
             await self._redis.aclose()
         self._redis = None
         self.available = False
+        with contextlib.suppress(ValueError):
+            self.liveness.on_renewed.remove(self._renewed)
 
     # -------------------------------------------------------- calls in flight
 
@@ -401,7 +421,7 @@ class FleetCalls:
                 # that it is given back even when the call was cancelled meanwhile.
                 with anyio.CancelScope(shield=True):
                     taken = await self._scripts["reserve"](
-                        keys=[keys.reservations(me), keys.controllers], args=args
+                        keys=[keys.reservations(me), keys.gateways], args=args
                     )
                     reserved: bool = taken == 1
                     if reserved:
@@ -525,42 +545,35 @@ class FleetCalls:
             if self._finishes.get(answer_key) is entry:
                 del self._finishes[answer_key]
 
-    async def _renew(self, mode: str) -> None:
-        """Renew liveness (rewriting the reservations: see :data:`RENEW`); learn ``live``."""
+    async def _sync(self, mode: str) -> None:
+        """Forget the dead processes, rewriting this one's reservations: see :data:`SYNC`."""
         if self._redis is None:
             return
         keys, me = self.keys, self.controller_id
-        args: list[Any] = [
-            me,
-            _milliseconds(LIVENESS_TTL),
-            mode,
-            keys.liveness(),
-            keys.reservations(),
-            keys.claims(),
-        ]
+        args: list[Any] = [me, mode, keys.liveness(), keys.reservations(), keys.claims()]
         for worker_id, calls in self.held.items():
             args += [worker_id, calls]
         # Reservations given back before this point are in what is held: if the
         # hash is rewritten from it, they must not be given back again.
         covered, self._releases = self._releases, {}
+        # Renewals from here on ask for another sync (this one may predate them).
+        self._sync_due = False
+        self._rewrite_due = False
         try:
-            rewritten, live = await self._scripts["renew"](
-                keys=[keys.liveness(me), keys.controllers, keys.reservations(me), keys.claims(me)],
-                args=args,
+            rewritten = await self._scripts["sync"](
+                keys=[keys.gateways, keys.reservations(me), keys.claims(me)], args=args
             )
         except _NOT_CONNECTED as error:
-            self._lost(error)
+            self._lost(error)  # the next sync is a resync: it rewrites
             return
         if not self.available:
             logger.info(
                 "fleet limits shared in redis controller_id=%s live_controllers=%d",
                 me,
-                live,
+                self.live,
             )
         self.available = True
         self._started = True
-        self.live = max(1, int(live))
-        self._renew_at = time.monotonic() + RENEW_EVERY
         if not rewritten:
             for worker_id, calls in covered.items():
                 self._releases[worker_id] = self._releases.get(worker_id, 0) + calls

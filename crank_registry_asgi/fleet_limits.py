@@ -15,6 +15,13 @@ Keys (``P`` the registry's prefix; the same hash tag as the registry's,
     {P}:controllers     sorted set: controller id -> when its liveness ends,
                         on Redis' clock (ms); expired members are pruned on
                         every renewal, which counts the rest
+
+:class:`ControllerLiveness` is the only writer of both; the gateway's
+fleet-wide calls in flight (:mod:`crank_registry_asgi.fleet_calls`) read the
+liveness keys and are told of each renewal, and of a lapse (the key had
+expired, so the others took the process for dead), through
+:attr:`ControllerLiveness.on_renewed`. The rate limit's keys::
+
     {P}:rate:KEY        the shared bucket of caller KEY: the time it is full
                         again (µs, Redis' clock); it expires then, since a
                         full bucket and no key are the same
@@ -129,18 +136,20 @@ def default_lease(limit: RateLimit) -> int:
 
 #: Renew a controller's liveness and count the live ones. KEYS: its liveness
 #: key, the controllers set; ARGV: controller id, instance, time to live (ms).
-#: Returns the number of live controllers, this one included.
+#: Returns {the number of live controllers, this one included; 1 when the key
+#: had lapsed (absent, or another instance's), else 0}.
 RENEW_LIVENESS = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[3])
+local lapsed = redis.call('GET', KEYS[1]) ~= ARGV[2]
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ttl)
 redis.call('ZADD', KEYS[2], now + ttl, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 -- The set goes when its last member's liveness ends.
 local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
 redis.call('PEXPIRE', KEYS[2], math.max(1, tonumber(last[2]) - now))
-return redis.call('ZCARD', KEYS[2])
+return {redis.call('ZCARD', KEYS[2]), lapsed and 1 or 0}
 """
 
 #: Leave: remove a controller's liveness, unless a newer instance of the same
@@ -199,7 +208,10 @@ class ControllerLiveness:
     at shutdown (it closes ``redis`` too). :attr:`live` is the count of the
     last successful renewal; :attr:`reachable` whether the last round trip
     to Redis succeeded; :attr:`renewals` counts successful renewals (a
-    fallback ends at the next one).
+    fallback ends at the next one). It is the only writer of the liveness
+    key and of the controllers set: the gateway's
+    :class:`~crank_registry_asgi.fleet_calls.FleetCalls` learns of each
+    renewal through :attr:`on_renewed`.
     """
 
     def __init__(
@@ -227,13 +239,21 @@ class ControllerLiveness:
         self.reachable = False
         #: Successful renewals so far.
         self.renewals = 0
+        #: Successful renewals that found the key lapsed (absent, or another
+        #: instance's): meanwhile other processes took this one for dead.
+        self.lapses = 0
+        #: Called after each successful renewal with whether the key had
+        #: lapsed (the first renewal of a process always finds it so). Called
+        #: synchronously on the renewal's task: a callback must not block;
+        #: one that has Redis work to do hands it to its own task.
+        self.on_renewed: list[Callable[[bool], None]] = []
         self._renew = redis.register_script(RENEW_LIVENESS)
         self._leave = redis.register_script(LEAVE)
 
     async def renew(self) -> bool:
         """Renew the key and count the live controllers; whether Redis answered."""
         try:
-            live = await self._renew(
+            live, lapsed = await self._renew(
                 keys=[self.key, self.controllers_key],
                 args=[self.controller_id, self.instance, self.ttl_ms],
             )
@@ -242,6 +262,8 @@ class ControllerLiveness:
             return False
         self.live = max(1, int(live))
         self.renewals += 1
+        if lapsed:
+            self.lapses += 1
         if not self.reachable:
             self.reachable = True
             logger.info(
@@ -249,6 +271,8 @@ class ControllerLiveness:
                 self.controller_id,
                 self.live,
             )
+        for renewed in self.on_renewed:
+            renewed(bool(lapsed))
         return True
 
     def lost(self, error: BaseException) -> None:

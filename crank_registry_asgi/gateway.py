@@ -283,9 +283,11 @@ def create_gateway_app(
     settings = service.config
     fleet = None
     if settings.redis_url is not None:
+        assert service.liveness is not None  # made with --redis
         fleet = FleetCalls(
             url=settings.redis_url,
             prefix=settings.redis_prefix,
+            liveness=service.liveness,
             controller_id=settings.controller_id,
             answer_ttl=settings.routing.idempotency_ttl,
             max_answer_bytes=config.idempotency_bytes,

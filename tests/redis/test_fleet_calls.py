@@ -18,11 +18,12 @@ import httpx
 import pytest
 import redis
 
-from crank_registry import KeptAnswer, Replay, RoutingSettings
+from crank_registry import MIN_RATE, KeptAnswer, RateLimit, Replay, RoutingSettings
 from crank_registry.testing import FakeClock
 from crank_registry_asgi import create_app
 from crank_registry_asgi.execute import Gateway
 from crank_registry_asgi.fleet_calls import Claimed, FleetCalls, FleetKeys
+from crank_registry_asgi.fleet_limits import ControllerLiveness, fleet_client
 from crank_registry_asgi.gateway import GatewayConfig, create_gateway_app
 from crank_registry_asgi.redis_store import StoreKeys
 from tests.builders import capability
@@ -83,6 +84,7 @@ async def gateway(
     prefix: str,
     controller_id: str,
     workers: httpx.AsyncBaseTransport,
+    rate_limit: RateLimit | None = None,
     **config: Any,
 ) -> AsyncIterator[tuple[httpx.AsyncClient, Gateway]]:
     settings = shared_config(
@@ -91,11 +93,38 @@ async def gateway(
         controller_id,
         policy=POLICY,
         routing=RoutingSettings(idempotency_ttl=60.0),
+        rate_limit=rate_limit,
     )
     controller = create_app(config=settings, clock=FakeClock())
     app = create_gateway_app(controller, GatewayConfig(**config), transport=workers)
     async with client_of(app) as client:
         yield client, app.state.gateway
+
+
+def member(url: str, prefix: str, controller_id: str) -> FleetCalls:
+    """One process's calls in flight and claims, with its own liveness (not renewed yet)."""
+    liveness = ControllerLiveness(fleet_client(url), prefix=prefix, controller_id=controller_id)
+    return FleetCalls(
+        url=url,
+        prefix=prefix,
+        liveness=liveness,
+        controller_id=controller_id,
+        answer_ttl=60,
+        max_answer_bytes=1 << 20,
+    )
+
+
+async def start(fleet: FleetCalls) -> FleetCalls:
+    """What the lifespan does: the liveness renewed once, then the fleet opened."""
+    await fleet.liveness.renew()
+    await fleet.open()
+    return fleet
+
+
+async def stop(fleet: FleetCalls) -> None:
+    """Leave: the fleet, then its liveness (the lifespan's order)."""
+    await fleet.aclose()
+    await fleet.liveness.aclose()
 
 
 async def post(client: httpx.AsyncClient, key: str | None = None, **body: Any) -> httpx.Response:
@@ -134,6 +163,53 @@ async def test_the_fleet_never_sends_a_worker_more_than_max_concurrency() -> Non
     assert workers.most == {"w1.test": 3, "w2.test": 3}
 
 
+async def test_with_a_rate_limit_too_the_fleet_shares_both_limits() -> None:
+    # --redis, --gateway and --rate-limit: one liveness per process serves
+    # the reservations and the shared buckets alike.
+    url = machine_url()
+    workers = CountedWorkers(seconds=0.01)
+    # No token comes back during the test (one a day); batches of 25.
+    limit = RateLimit(MIN_RATE, 250)
+    with fleet_prefix(url) as prefix:
+        async with (
+            gateway(url, prefix, "a", workers, limit, queue_limit=200) as (a, on_a),
+            gateway(url, prefix, "b", workers, limit, queue_limit=200) as (b, on_b),
+        ):
+            for name in ("w1", "w2"):
+                cap = capability(verb="greet", name="hello", max_concurrency=3)
+                await register(a, name, f"https://{name}.test", cap)
+            # Not /route: it would take the caller's tokens.
+            await wait_until_async(
+                _true_when(lambda: "w2" in on_b.service.registry), what="the workers on B"
+            )
+            assert on_a.service.liveness is not None
+            await on_a.service.liveness.renew()  # counts B too
+            for client in (a, b):
+                ready = await client.get("/ready")
+                assert ready.status_code == 200
+                assert ready.json()["rate_limit"] == {
+                    "mode": "shared",
+                    "rate": MIN_RATE,
+                    "burst": 250,
+                    "controllers": 2,
+                }
+            statuses: list[int] = []
+
+            async def call(client: httpx.AsyncClient) -> None:
+                response = await post(client)
+                statuses.append(response.status_code)
+
+            async with anyio.create_task_group() as group:
+                for number in range(300):
+                    group.start_soon(call, a if number % 2 else b)
+            assert on_a.fleet is not None and on_a.fleet.available
+            assert on_b.fleet is not None and on_b.fleet.available
+    # The caller's one bucket for both: 250 calls, not 250 on each controller.
+    assert sorted(statuses) == [200] * 250 + [429] * 50
+    assert sum(workers.calls.values()) == 250
+    assert workers.most == {"w1.test": 3, "w2.test": 3}
+
+
 async def _routable(client: httpx.AsyncClient) -> bool:
     response = await client.post("/route", json={"verb": "greet", "capability": "hello"})
     return response.status_code == 200
@@ -150,7 +226,7 @@ async def test_a_dead_controllers_reservations_count_only_while_its_liveness_key
             cap = capability(verb="greet", name="hello", max_concurrency=2)
             await register(a, "w1", "https://w1.test", cap)
             # A controller "ghost" holds both calls w1 takes, and is alive.
-            keys_client.sadd(keys.controllers, "ghost")
+            keys_client.sadd(keys.gateways, "ghost")
             keys_client.hset(keys.reservations("ghost"), "w1", 2)
             keys_client.set(keys.liveness("ghost"), "ghost", px=60_000)
             fleet = on_a.fleet
@@ -169,7 +245,7 @@ async def test_a_dead_controllers_reservations_count_only_while_its_liveness_key
 
 
 async def _gone(client: redis.Redis, keys: FleetKeys, controller_id: str) -> bool:
-    return not client.sismember(keys.controllers, controller_id) and not client.exists(
+    return not client.sismember(keys.gateways, controller_id) and not client.exists(
         keys.reservations(controller_id)
     )
 
@@ -302,18 +378,12 @@ async def test_a_claim_of_a_dead_controller_is_taken_over() -> None:
     keys_client = redis.Redis.from_url(url)
     with fleet_prefix(url) as prefix:
         keys = FleetKeys(prefix)
-        fleet = FleetCalls(
-            url=url, prefix=prefix, controller_id="a", answer_ttl=60, max_answer_bytes=1 << 20
-        )
-        await fleet.open()
+        fleet = await start(member(url, prefix, "a"))
         try:
             first = await fleet.begin(("", "k"), "f1")
             assert isinstance(first, Claimed)
             # The claim's owner is "a", alive: a duplicate waits.
-            other = FleetCalls(
-                url=url, prefix=prefix, controller_id="b", answer_ttl=60, max_answer_bytes=1 << 20
-            )
-            await other.open()
+            other = await start(member(url, prefix, "b"))
             assert type(await other.begin(("", "k"), "f1")).__name__ == "Running"
             assert type(await other.begin(("", "k"), "f2")).__name__ == "Reused"
             # "a" dies: its liveness key expires, and the duplicate runs.
@@ -327,9 +397,9 @@ async def test_a_claim_of_a_dead_controller_is_taken_over() -> None:
             await other._flush()
             replay = await fleet.begin(("", "k"), "f1")
             assert isinstance(replay, Replay) and replay.answer.status == 201
-            await other.aclose()
+            await stop(other)
         finally:
-            await fleet.aclose()
+            await stop(fleet)
     keys_client.close()
 
 
@@ -338,23 +408,20 @@ async def test_a_restarted_controller_drops_the_claims_and_reservations_of_its_l
     with fleet_prefix(url) as prefix:
         keys = FleetKeys(prefix)
         keys_client = redis.Redis.from_url(url)
-        before = FleetCalls(
-            url=url, prefix=prefix, controller_id="a", answer_ttl=60, max_answer_bytes=1 << 20
-        )
-        await before.open()
+        before = await start(member(url, prefix, "a"))
         assert isinstance(await before.begin(("", "k"), "f1"), Claimed)
         assert await before.reserve("w1", 4)
-        # Killed (nothing given back); started again with the same id at once.
+        # Killed (nothing given back, its liveness key left); started again
+        # with the same id at once.
         await before._redis.aclose()
-        after = FleetCalls(
-            url=url, prefix=prefix, controller_id="a", answer_ttl=60, max_answer_bytes=1 << 20
-        )
-        await after.open()
+        await before.liveness.redis.aclose()
+        after = await start(member(url, prefix, "a"))
         try:
+            assert after.liveness.lapses == 1  # the key was the old instance's
             assert keys_client.hgetall(keys.reservations("a")) == {}
             assert isinstance(await after.begin(("", "k"), "f1"), Claimed)
         finally:
-            await after.aclose()
+            await stop(after)
         keys_client.close()
 
 
@@ -371,8 +438,8 @@ async def test_without_redis_each_controller_takes_its_share_and_keys_are_503(
             await register(a, "w1", "https://w1.test")  # max_concurrency 4
             fleet = on_a.fleet
             assert fleet is not None and on_b.fleet is not None
-            await on_b.fleet._renew("renew")
-            await fleet._renew("renew")
+            await on_b.fleet.liveness.renew()
+            await fleet.liveness.renew()
             assert fleet.available and fleet.live == 2
             server.kill()
             # Two controllers were live at the last contact: this one takes 4 // 2.
@@ -383,7 +450,7 @@ async def test_without_redis_each_controller_takes_its_share_and_keys_are_503(
             fleet.release("w1")  # one left in flight
             keyed = await post(a, "order-1")
             plain = await post(a)
-            # Redis is back (empty): the next renewal writes what is in flight.
+            # Redis is back (empty): the next sync writes what is in flight.
             server.start()
             await wait_until_async(_true_when(lambda: fleet.available), what="reconnected")
             keys = FleetKeys(prefix)
@@ -404,10 +471,8 @@ async def test_a_call_given_back_is_given_back_by_the_next_reservation() -> None
     keys_client = redis.Redis.from_url(url)
     with fleet_prefix(url) as prefix:
         keys = FleetKeys(prefix)
-        fleet = FleetCalls(
-            url=url, prefix=prefix, controller_id="a", answer_ttl=60, max_answer_bytes=1 << 20
-        )
-        await fleet.open()  # run() is not running: nothing else gives back
+        # run() is not running: nothing else gives back.
+        fleet = await start(member(url, prefix, "a"))
         try:
             assert await fleet.reserve("w1", 1)
             assert not await fleet.reserve("w1", 1)
@@ -422,7 +487,7 @@ async def test_a_call_given_back_is_given_back_by_the_next_reservation() -> None
             assert keys_client.hgetall(keys.reservations("a")) == {}
             assert fleet.held == {}
         finally:
-            await fleet.aclose()
+            await stop(fleet)
     keys_client.close()
 
 
@@ -431,27 +496,31 @@ async def test_a_renewal_after_the_liveness_key_expired_writes_the_calls_in_flig
     keys_client = redis.Redis.from_url(url)
     with fleet_prefix(url) as prefix:
         keys = FleetKeys(prefix)
-        fleet = FleetCalls(
-            url=url, prefix=prefix, controller_id="a", answer_ttl=60, max_answer_bytes=1 << 20
-        )
-        await fleet.open()
+        fleet = await start(member(url, prefix, "a"))
         try:
             assert await fleet.reserve("w1", 4)
             assert await fleet.reserve("w1", 4)
             assert await fleet.reserve("w2", 4)
             fleet.release("w2")  # not sent yet
+            # A renewal that finds its own key asks for a plain sync.
+            assert await fleet.liveness.renew()
+            await fleet._sync_after_renewal()
+            assert keys_client.hgetall(keys.reservations("a")) == {b"w1": b"2", b"w2": b"1"}
             # Its key expired (a stall longer than 3 s), and another controller
-            # dropped its hash: the next renewal writes what it has in flight.
+            # dropped its hash: the renewal reports the lapse, and the sync
+            # after it writes what this process has in flight.
             keys_client.delete(keys.liveness("a"), keys.reservations("a"))
-            keys_client.srem(keys.controllers, "a")
-            await fleet._renew("renew")
+            keys_client.srem(keys.gateways, "a")
+            assert await fleet.liveness.renew()
+            assert fleet.liveness.lapses == 2  # its first renewal, and this one
+            await fleet._sync_after_renewal()
             assert keys_client.hgetall(keys.reservations("a")) == {b"w1": b"2"}
             await fleet._flush()  # the release of w2 is not given back twice
             assert keys_client.hgetall(keys.reservations("a")) == {b"w1": b"2"}
-            assert keys_client.sismember(keys.controllers, "a")
+            assert keys_client.sismember(keys.gateways, "a")
             assert keys_client.exists(keys.liveness("a"))
         finally:
-            await fleet.aclose()
+            await stop(fleet)
     keys_client.close()
 
 
@@ -462,7 +531,7 @@ def test_the_fleet_keys_share_the_registrys_hash_tag() -> None:
         keys.liveness("a"),
         keys.reservations("a"),
         keys.claims("a"),
-        keys.controllers,
+        keys.gateways,
         keys.answer(("spiffe://x/y", "k")),
     ):
         assert key.startswith(tag + ":"), key

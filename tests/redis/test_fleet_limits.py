@@ -144,6 +144,25 @@ async def _nothing(**_: Any) -> None:
     pass
 
 
+async def test_a_renewal_says_whether_the_key_had_lapsed() -> None:
+    with fleet_prefix() as (url, prefix):
+        raw = redis.Redis.from_url(url)
+        async with process(url, prefix, "a") as a:
+            seen: list[bool] = []
+            a.on_renewed.append(seen.append)
+            assert a.lapses == 1  # its first renewal: the key was not there
+            assert await a.renew()
+            # Expired (a stall longer than its TTL): the others took it for dead.
+            raw.delete(liveness_key(prefix, "a"))
+            assert await a.renew()
+            # Another instance's (a process started again under the same id).
+            raw.set(liveness_key(prefix, "a"), "another", px=3_000)
+            assert await a.renew()
+            assert seen == [False, True, True]
+            assert a.lapses == 3
+        raw.close()
+
+
 async def test_a_restarted_process_keeps_its_liveness_when_the_old_one_leaves() -> None:
     with fleet_prefix() as (url, prefix):
         raw = redis.Redis.from_url(url)

@@ -21,7 +21,8 @@ import httpx
 import pytest
 import redis
 
-from crank_registry_asgi.fleet_calls import LIVENESS_TTL, FleetKeys
+from crank_registry_asgi.fleet_calls import FleetKeys
+from crank_registry_asgi.fleet_limits import LIVENESS_TTL
 from tests.builders import capability_payload, registration_payload
 from tests.cli.helpers import ServerProcess, free_port, serving
 from tests.redis.helpers import fleet_prefix, machine_url
@@ -93,7 +94,9 @@ class SlowWorker:
 
 
 @contextlib.contextmanager
-def gateway_process(tmp_path: Path, url: str, prefix: str, name: str) -> Iterator[ServerProcess]:
+def gateway_process(
+    tmp_path: Path, url: str, prefix: str, name: str, *options: str
+) -> Iterator[ServerProcess]:
     port = free_port()
     with serving(
         [
@@ -111,6 +114,7 @@ def gateway_process(tmp_path: Path, url: str, prefix: str, name: str) -> Iterato
             "--gateway",
             "--gateway-queue",
             "200",
+            *options,
         ],
         tmp_path / f"{name}.log",
         port=port,
@@ -119,18 +123,22 @@ def gateway_process(tmp_path: Path, url: str, prefix: str, name: str) -> Iterato
         yield server
 
 
+RATE_LIMIT = ("--rate-limit", "1000:1000")
+
+
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, ServerProcess]]:
     """Two controllers on one Redis, shared by the tests that do not kill one.
 
-    (Each test uses a capability of its own.)
+    (Each test uses a capability of its own.) A rate limit too, shared in
+    Redis, that the tests' calls stay under: the fleet's limits together.
     """
     url = machine_url()
     tmp_path = tmp_path_factory.mktemp("pair")
     with (
         fleet_prefix(url) as prefix,
-        gateway_process(tmp_path, url, prefix, "a") as a,
-        gateway_process(tmp_path, url, prefix, "b") as b,
+        gateway_process(tmp_path, url, prefix, "a", *RATE_LIMIT) as a,
+        gateway_process(tmp_path, url, prefix, "b", *RATE_LIMIT) as b,
     ):
         yield a, b
 
@@ -177,6 +185,15 @@ async def test_200_calls_over_two_controllers_never_exceed_max_concurrency(
         assert w1.calls + w2.calls == 200
         # Each controller alone would have allowed 4 a worker: together, still 4.
         assert (w1.most, w2.most) == (4, 4)
+    for server in pair:
+        ready = httpx.get(f"{server.url}/ready", timeout=5).json()
+        assert ready["rate_limit"] == {
+            "mode": "shared",
+            "rate": 1000.0,
+            "burst": 1000,
+            "controllers": 2,
+        }
+        assert "Traceback" not in server.log()
 
 
 async def test_a_killed_controllers_reservations_are_freed_within_a_lease_period(
