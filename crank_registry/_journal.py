@@ -497,11 +497,13 @@ class JournalReader:
         self._next_set = max(self._next_set, first_set + len(raw_sets))
         records = []
         dropped = 0
+        sets = self._sets
         for worker_id, worker_url, last_heartbeat, set_number, state in zip(
             worker_ids, worker_urls, last_heartbeats, worker_sets, states, strict=True
         ):
             # A set number that is unknown (or on a lost part): the worker is dropped.
-            worker_capabilities = self._sets.get(set_number) if _is_int(set_number) else None
+            # (Exactly an int: True would find set 1.)
+            worker_capabilities = sets.get(set_number) if type(set_number) is int else None
             if worker_capabilities is None:
                 dropped += 1
                 continue
@@ -569,7 +571,8 @@ def _check_read_back(event: Event) -> None:
     # A registry-wide change's values (rules, SLO files) are checked by their models.
 
 
-_HEALTH_BY_VALUE = {health.value: health for health in Health}
+# A snapshot's health value -> the record's (verified, silent).
+_FLAGS_BY_HEALTH = {health.value: (health.verified, health.silent) for health in Health}
 
 
 def _snapshot_record(
@@ -580,17 +583,13 @@ def _snapshot_record(
     state: Any,
 ) -> WorkerRecord:
     """A snapshot's worker; the record's checks are the wire model's."""
-    health = _HEALTH_BY_VALUE.get(state) if isinstance(state, str) else None
-    if health is None:
+    flags = _FLAGS_BY_HEALTH.get(state) if type(state) is str else None
+    if flags is None:
         raise JournalDecodeError(f"snapshot: unknown health {state!r}")
+    verified, silent = flags
     try:
         return WorkerRecord(
-            worker_id,
-            worker_url,
-            capabilities,
-            last_heartbeat,
-            verified=health.verified,
-            silent=health.silent,
+            worker_id, worker_url, capabilities, last_heartbeat, verified=verified, silent=silent
         )
     except ValidationError as error:
         raise JournalDecodeError(f"snapshot: worker {worker_id!r}: {error}") from None
