@@ -533,11 +533,13 @@ class JournalReader:
             raise JournalDecodeError("snapshot: ejections must map worker ids to 3 values")
         records = []
         dropped = 0
+        sets = self._sets
         for worker_id, worker_url, last_heartbeat, set_number, state, draining in zip(
             worker_ids, worker_urls, last_heartbeats, worker_sets, states, drains, strict=True
         ):
             # A set number that is unknown (or on a lost part): the worker is dropped.
-            worker_capabilities = self._sets.get(set_number) if _is_int(set_number) else None
+            # (Exactly an int: True would find set 1.)
+            worker_capabilities = sets.get(set_number) if type(set_number) is int else None
             if worker_capabilities is None:
                 dropped += 1
                 continue
@@ -614,7 +616,8 @@ def _check_read_back(event: Event) -> None:
     # A registry-wide change's values (rules, SLO files) are checked by their models.
 
 
-_HEALTH_BY_VALUE = {health.value: health for health in Health}
+# A snapshot's health value -> the record's (verified, silent).
+_FLAGS_BY_HEALTH = {health.value: (health.verified, health.silent) for health in Health}
 
 
 def _snapshot_record(
@@ -628,9 +631,10 @@ def _snapshot_record(
     ejection: Any,
 ) -> WorkerRecord:
     """A snapshot's worker; the record's checks are the wire model's."""
-    health = _HEALTH_BY_VALUE.get(state) if isinstance(state, str) else None
-    if health is None:
+    flags = _FLAGS_BY_HEALTH.get(state) if type(state) is str else None
+    if flags is None:
         raise JournalDecodeError(f"snapshot: unknown health {state!r}")
+    verified, silent = flags
     ejected_until, ejections, ejection_ended = ejection
     try:
         return WorkerRecord(
@@ -638,8 +642,8 @@ def _snapshot_record(
             worker_url,
             capabilities,
             last_heartbeat,
-            verified=health.verified,
-            silent=health.silent,
+            verified=verified,
+            silent=silent,
             draining=draining,
             ejected_until=ejected_until,
             ejections=ejections,

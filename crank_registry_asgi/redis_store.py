@@ -1208,8 +1208,7 @@ def _read_snapshot(
                 workers.extend(entry.records)
                 if entry.part == 0:
                     first = entry  # the registry's settings travel on the first part
-    raw_records = json.loads(stored.get(b"records", b"{}"))
-    records = {str(worker): int(revision_) for worker, revision_ in raw_records.items()}
+    records = _read_records(stored.get(b"records", b"{}"))
     snapshot = Snapshot(
         revision,
         tuple(workers),
@@ -1218,6 +1217,29 @@ def _read_snapshot(
         self_preservation=None if first is None else first.self_preservation,
     )
     return snapshot, records, stored.get(b"entry", b"0-0")
+
+
+def _read_records(raw: bytes) -> dict[str, int]:
+    """The snapshot's ``records`` (worker id -> the revision of its last change).
+
+    What cannot be read is left out and logged: a worker without its record
+    has its time-driven changes dropped by the scripts (decided again at the
+    next sweep) until its next registration writes one.
+    """
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError
+        data = None
+    if type(data) is not dict:
+        logger.warning("redis snapshot records skipped reason=not a JSON object")
+        return {}
+    records = {worker: revision for worker, revision in data.items() if type(revision) is int}
+    if len(records) < len(data):
+        logger.warning(
+            "redis snapshot records skipped count=%d reason=not an integer revision",
+            len(data) - len(records),
+        )
+    return records
 
 
 def _nothing() -> None:
