@@ -1553,7 +1553,7 @@ class CapabilityRegistry:
                 endpoint = endpoints[capability.version] = WorkerEndpoint(
                     worker_id, worker_url, capability.version
                 )
-            member = Member(worker, key, endpoint)
+            member = Member(worker, key, endpoint, capability)
             replaced = previous.pop(key, None)
             if replaced is None:
                 rotation.add(member)
