@@ -450,9 +450,9 @@ def _filter(
         worker_id = worker.worker_id
         if alive_at > worker.routable_until:
             reasons[worker_id] = "unhealthy"
-        elif specifier is not None and not version_matches(specifier, member.endpoint.version):
+        elif specifier is not None and not version_matches(specifier, member.capability.version):
             reasons[worker_id] = "version"
-        elif worker_id in excluded:
+        elif excluded and worker_id in excluded:  # (hashing an id reads it from memory)
             reasons[worker_id] = "excluded"
         else:
             passed.append(member)
