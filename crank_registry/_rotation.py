@@ -118,8 +118,8 @@ class Rotation:
             return None
         length = len(self.ring)
         cursor = self.cursor
-        # The first of the nearest (a loop, not min() with a key function: a
-        # call per candidate was a tenth of a route with options).
+        # The first of the nearest, in a loop: min() with a key function
+        # makes a Python call per candidate.
         chosen = candidates[0]
         nearest = length + 1
         for member in candidates:
@@ -133,8 +133,8 @@ class Rotation:
 
     def everyone(self) -> list[Member]:
         """Every member: those in the ring in ring order, then those out of it. O(members)."""
-        # filter(None, ...) drops the holes (a member is always true), in C: a
-        # comprehension was a tenth of a route with options.
+        # filter(None, ...) drops the holes (a member is always true) in C,
+        # cheaper than a comprehension.
         inside = list(filter(None, self.ring))
         return inside if not self.outside else inside + list(self.outside.values())
 
