@@ -49,6 +49,7 @@ __all__ = [
     "parse_capability_label",
     "parse_specifier",
     "parse_version",
+    "version_matches",
 ]
 
 #: A capability is addressed by ``(verb, name)``.
@@ -631,6 +632,19 @@ def parse_specifier(text: str) -> SpecifierSet:
             "version",
             f"must be a PEP 440 specifier set such as '>=1.2,<2', '~=1.4' or '==2.*', got {text!r}",
         ) from None
+
+
+@functools.lru_cache(maxsize=4096)
+def version_matches(specifier: str, version: str) -> bool:
+    """Whether a capability's ``version`` is in the ``specifier`` set.
+
+    A version that is not PEP 440 (an older journal's) is in none.
+    Pre-releases are versions like any other: a worker runs what it runs
+    (and the answer must not depend on packaging's default). Cached: few
+    constraints meet few versions, and the comparison is the filter's cost.
+    """
+    parsed = parse_version(version)
+    return parsed is not None and parse_specifier(specifier).contains(parsed, prereleases=True)
 
 
 def _optional_specifier(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:

@@ -194,15 +194,24 @@ class Load:
 class Member:
     """A worker's seat in the rotation of one of its capabilities.
 
-    ``slot`` is the seat's index in the rotation's ring, or -1 while it is out.
+    ``capability`` is the worker's value of that capability (the one in its
+    ``capabilities``), which routing options read. ``slot`` is the seat's
+    index in the rotation's ring, or -1 while it is out.
     """
 
-    __slots__ = ("endpoint", "key", "slot", "worker")
+    __slots__ = ("capability", "endpoint", "key", "slot", "worker")
 
-    def __init__(self, worker: Worker, key: CapabilityKey, endpoint: WorkerEndpoint) -> None:
+    def __init__(
+        self,
+        worker: Worker,
+        key: CapabilityKey,
+        endpoint: WorkerEndpoint,
+        capability: CapabilitySchema,
+    ) -> None:
         self.worker = worker
         self.key = key
         self.endpoint = endpoint
+        self.capability = capability
         self.slot = -1
 
 

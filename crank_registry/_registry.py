@@ -100,6 +100,7 @@ from ._events import (
     WorkerRestored,
     WorkerUndrained,
     WorkerUnhealthy,
+    heartbeat_received,
 )
 from ._feed import DEFAULT_FEED_WINDOW, MAX_FEED_PAGE, ChangeLog, SnapshotCopy
 from ._health import Health, HealthInput, Refusal
@@ -540,14 +541,50 @@ class CapabilityRegistry:
         """
         _check_now(now)
         worker = self._workers.get(worker_id)
-        if worker is not None and now < worker.last_heartbeat:
+        if worker is None:
+            events = self._decide(worker_id, HealthInput.HEARTBEAT, now)  # refused
+        elif now < worker.last_heartbeat:
             raise ValidationError.single(
                 "now", "is earlier than the worker's last heartbeat (time never goes backwards)"
             )
-        events = self._decide(worker_id, HealthInput.HEARTBEAT, now)
+        else:
+            events = self._steady_heartbeat(worker, now) or self._decide(
+                worker_id, HealthInput.HEARTBEAT, now
+            )
         if load is not None:
             self._report_load(worker_id, load, now)
         return events
+
+    def _steady_heartbeat(self, worker: Worker, now: float) -> tuple[Event, ...]:
+        """The common heartbeat, decided and applied; ``()`` for any other (take the plain path).
+
+        A healthy worker heard before its deadline, neither draining nor
+        ejected, with no change pending for it and no self-preservation: the
+        state table's ``(HEALTHY, HEARTBEAT)`` entry, a :class:`HeartbeatReceived`
+        and nothing else, which :meth:`_decide` then :meth:`apply` reach through the table, the
+        pending shadows and the fold's dispatch (most of a heartbeat's cost,
+        benchmarks/core.py). tests/core/test_heartbeat.py checks that both
+        paths leave equal registries and return equal events.
+        """
+        if (
+            worker.health is not Health.HEALTHY
+            or now > worker.deadline
+            or worker.parked
+            or worker.draining
+            or worker.ejected_until is not None
+            or self._preserving_since is not None
+            or worker.worker_id in self._pending_workers
+        ):
+            return ()
+        if now > worker.last_heartbeat:
+            # _refresh of a healthy worker that no route parked: a later deadline
+            # (the heap's entry for the earlier one wakes the sweep in time), to
+            # which it stays routable.
+            worker.last_heartbeat = now
+            worker.deadline = worker.routable_until = self._deadline(
+                Health.HEALTHY, now, self._policy
+            )
+        return (heartbeat_received(worker.worker_id, now),)
 
     def report_load(self, worker_id: str, report: LoadReport, *, now: float) -> None:
         """Keep a load report another controller heard in a heartbeat at ``now``.
@@ -1641,7 +1678,7 @@ class CapabilityRegistry:
             raise WorkerNotRegistered(worker_id)
         if step.emits == _HEARTBEAT_ONLY:
             # The steady traffic: no change, applied at once.
-            beat = HeartbeatReceived(worker_id, now)
+            beat = heartbeat_received(worker_id, now)
             self.apply(beat)
             if shadow is not None and now > last_heartbeat:
                 shadow.last_heartbeat = now
@@ -1652,7 +1689,7 @@ class CapabilityRegistry:
         revision = self._decided
         for kind in step.emits:
             if kind is HeartbeatReceived:
-                beat = HeartbeatReceived(worker_id, now)
+                beat = heartbeat_received(worker_id, now)
                 self.apply(beat)
                 events.append(beat)
                 continue
@@ -1831,7 +1868,7 @@ class CapabilityRegistry:
                 endpoint = endpoints[capability.version] = WorkerEndpoint(
                     worker_id, worker_url, capability.version
                 )
-            member = Member(worker, key, endpoint)
+            member = Member(worker, key, endpoint, capability)
             replaced = previous.pop(key, None)
             if replaced is None:
                 rotation.add(member)
@@ -1921,7 +1958,7 @@ class CapabilityRegistry:
                     endpoint = endpoints[stored.version] = WorkerEndpoint(
                         worker_id, worker_url, stored.version
                     )
-                member = Member(worker, key, endpoint)
+                member = Member(worker, key, endpoint, stored)
                 rotation.add(member)
                 index.add(order, worker_id)
                 members.append(member)

@@ -40,7 +40,6 @@ the plain path pays nothing).
 from __future__ import annotations
 
 import collections
-import functools
 import hashlib
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -64,12 +63,11 @@ from ._models import (
     _strategy,
     _worker_ids,
     check_affinity,
-    parse_specifier,
-    parse_version,
+    version_matches,
 )
 from ._records import Load, Member, Worker
 from ._rotation import Rotation
-from ._slos import ServiceLevels
+from ._slos import ServiceLevels, applying
 
 if TYPE_CHECKING:
     from ._wire import ExecuteRequest
@@ -78,9 +76,11 @@ __all__ = [
     "IdempotencyMemory",
     "RouteOptions",
     "RoutingSettings",
+    "SloCheck",
     "choose",
     "effective_slo",
     "least_loaded",
+    "misses_slo",
     "policy_explanation",
     "sample_least_loaded",
     "rendezvous_weight",
@@ -228,6 +228,7 @@ class IdempotencyMemory:
 
 #: No SLO files.
 NO_SLOS = ServiceLevels()
+_UNKNOWN: Any = object()
 
 
 def effective_slo(
@@ -246,16 +247,13 @@ def effective_slo(
     ``latency_p95_ms`` is observed), else the SLO file, else the
     capability's declared ``slo``. ``files``: the SLO files of the
     capability's ``(verb, name)`` (:meth:`ServiceLevels.of
-    <crank_registry.ServiceLevels.of>`, looked up once per route); the file
-    is the first (by name) whose ``version`` set, if it has one, contains
-    the capability's version; a version that is not PEP 440 (an older
-    journal's) is in no set.
+    <crank_registry.ServiceLevels.of>`, looked up once per route), of which
+    the one :func:`~._slos.applying` to the capability's version counts.
     """
     offered: Mapping[str, float] = capability.slo or {}
-    for version, values in files:
-        if version is None or _version_matches(version, capability.version):
-            offered = {**offered, **values}
-            break
+    filed = applying(files, capability.version)
+    if filed is not None:
+        offered = {**offered, **filed}
     load = worker.load
     if load is None:  # most workers of most routes
         return offered
@@ -272,7 +270,7 @@ def rendezvous_weights(key: str) -> Callable[[str], bytes]:
     Python's salted ``hash``) of the length-prefixed key, then the worker
     id. The key's part is hashed once per route, each worker's on a copy.
     """
-    prefix = hashlib.blake2b(f"{len(key)}:{key}".encode(), digest_size=8)
+    prefix = _key_hash(key)
 
     def weight(worker_id: str) -> bytes:
         hasher = prefix.copy()
@@ -280,6 +278,29 @@ def rendezvous_weights(key: str) -> Callable[[str], bytes]:
         return hasher.digest()
 
     return weight
+
+
+def _key_hash(key: str) -> hashlib.blake2b:
+    """The key's part of every :func:`rendezvous_weights` weight (a blake2b to copy)."""
+    return hashlib.blake2b(f"{len(key)}:{key}".encode(), digest_size=8)
+
+
+def _heaviest(key: str, candidates: Sequence[Member]) -> Member:
+    """The candidate of highest :func:`rendezvous_weights` weight for ``key`` (the first of equals).
+
+    The weights computed in this loop, not by calling ``weight`` through
+    ``max``'s key: two calls per candidate were a fifth of an affinity route.
+    """
+    prefix = _key_hash(key)
+    chosen = candidates[0]
+    highest = b""  # below every digest
+    for member in candidates:
+        hasher = prefix.copy()
+        hasher.update(member.worker.worker_id.encode())
+        weight = hasher.digest()
+        if weight > highest:
+            chosen, highest = member, weight
+    return chosen
 
 
 def rendezvous_weight(key: str, worker_id: str) -> int:
@@ -290,28 +311,12 @@ def rendezvous_weight(key: str, worker_id: str) -> int:
     return int.from_bytes(rendezvous_weights(key)(worker_id), "big")
 
 
-@functools.lru_cache(maxsize=4096)
-def _version_matches(specifier: str, version: str) -> bool:
-    """Whether a capability's ``version`` is in the ``specifier`` set.
+def misses_slo(slo: Mapping[str, float], bounds: Mapping[str, float]) -> bool:
+    """Whether an effective SLO (:func:`effective_slo`) misses a bound of ``slo_constraints``.
 
-    A version that is not PEP 440 (an older journal's) is in none.
-    Pre-releases are versions like any other: a worker runs what it runs
-    (and the answer must not depend on packaging's default). Cached: few
-    constraints meet few versions, and the comparison is the filter's cost.
+    The rule as DESIGN states it; routes check it through :class:`SloCheck`.
+    A key asked and absent misses.
     """
-    parsed = parse_version(version)
-    return parsed is not None and parse_specifier(specifier).contains(parsed, prereleases=True)
-
-
-def _capability_of(member: Member) -> CapabilitySchema:
-    worker = member.worker
-    members = worker.members
-    # Most workers offer one capability: their first seat is this one.
-    index = 0 if members[0] is member else members.index(member)
-    return worker.capabilities[index]
-
-
-def _misses_slo(slo: Mapping[str, float], bounds: Mapping[str, float]) -> bool:
     latency = bounds.get("latency_p95_ms")
     if latency is not None:
         offered = slo.get("latency_p95_ms")
@@ -325,28 +330,123 @@ def _misses_slo(slo: Mapping[str, float], bounds: Mapping[str, float]) -> bool:
     return False
 
 
+class SloCheck:
+    """A route's ``slo_constraints``: which workers' effective SLO meets them.
+
+    :meth:`keep` keeps the members for which ``misses_slo(effective_slo(...),
+    bounds)`` is false, comparing each bound directly along the chain of
+    DESIGN's "SLO precedence" (observed, else file, else declared) instead
+    of building each worker's effective SLO: two dicts and three calls per
+    worker were most of an SLO route's cost (benchmarks/core.py, route
+    options). The file that applies is looked up once per version a route
+    meets, not per worker. tests/core/test_slos.py checks that the two
+    agree.
+    """
+
+    __slots__ = ("availability", "files", "fresh_for", "latency", "now")
+
+    def __init__(
+        self,
+        bounds: Mapping[str, float],
+        files: Sequence[ServiceLevels.Rule],
+        now: float,
+        fresh_for: float,
+    ) -> None:
+        self.latency = bounds.get("latency_p95_ms")
+        self.availability = bounds.get("availability")
+        #: The SLO files of the route's capability (:meth:`ServiceLevels.of`).
+        self.files = files
+        self.now = now
+        self.fresh_for = fresh_for
+
+    def keep(self, members: Sequence[Member], reasons: dict[str, str]) -> list[Member]:
+        """The members whose effective SLO meets every bound; the others removed as ``slo``.
+
+        One loop, no call per member: the route's cost is per member.
+        """
+        latency_bound = self.latency
+        availability_bound = self.availability
+        now = self.now
+        fresh_for = self.fresh_for
+        files = self.files
+        filed_of: dict[str, Mapping[str, float] | None] = {}  # per version
+        kept: list[Member] = []
+        for member in members:
+            capability = member.capability
+            declared = capability.slo
+            filed = None
+            if files:
+                filed = filed_of.get(capability.version, _UNKNOWN)
+                if filed is _UNKNOWN:
+                    filed = filed_of[capability.version] = applying(files, capability.version)
+            if latency_bound is not None:
+                offered = None
+                load = member.worker.load
+                if load is not None:
+                    report = load.report
+                    # effective_slo's freshness test, to the same float.
+                    if (
+                        report is not None
+                        and report.latency_p95_ms is not None
+                        and now - load.reported_at < fresh_for
+                    ):
+                        offered = report.latency_p95_ms
+                if offered is None and filed is not None:
+                    offered = filed.get("latency_p95_ms")
+                if offered is None and declared is not None:
+                    offered = declared.get("latency_p95_ms")
+                if offered is None or offered > latency_bound:
+                    reasons[member.worker.worker_id] = "slo"
+                    continue
+            if availability_bound is not None:
+                offered = None if filed is None else filed.get("availability")
+                if offered is None and declared is not None:
+                    offered = declared.get("availability")
+                if offered is None or offered < availability_bound:
+                    reasons[member.worker.worker_id] = "slo"
+                    continue
+            kept.append(member)
+        return kept
+
+
+def _cheapest(members: Sequence[Member], budget: float, reasons: dict[str, str]) -> list[Member]:
+    """The members within ``budget`` at the cheapest cost among them; the others as ``budget``."""
+    kept: list[Member] = []
+    cheapest = budget
+    for member in members:
+        cost = member.capability.cost_tokens_per_invocation or 0.0
+        if cost > cheapest:
+            reasons[member.worker.worker_id] = "budget"
+            continue
+        if cost < cheapest and kept:  # a cheaper tier: the one kept so far goes
+            for dearer in kept:
+                reasons[dearer.worker.worker_id] = "budget"
+            kept = []
+        cheapest = cost
+        kept.append(member)
+    return kept
+
+
 def _filter(
     everyone: Sequence[Member],
     options: RouteOptions,
     now: float,
-    slo_files: Sequence[ServiceLevels.Rule],
-    fresh_for: float,
+    slo: SloCheck | None,
     *,
     routable_at: float | None = None,
 ) -> tuple[list[Member], dict[str, str]]:
     """The candidates, and for each other worker the first rule that removed it.
 
-    One pass over the members of one capability, the rules in their order;
-    routability is judged at ``routable_at`` (default ``now``).
+    The rules in their order over the members of one capability, each on
+    those the rules before it left; routability is judged at
+    ``routable_at`` (default ``now``). ``slo``: the route's
+    ``slo_constraints``, if it has them.
     """
     alive_at = now if routable_at is None else routable_at
     specifier = options.version
     excluded = frozenset(options.exclude) if options.exclude else frozenset()
-    bounds = options.slo_constraints
-    budget = options.budget_tokens
     reasons: dict[str, str] = {}
     passed: list[Member] = []
-    costs: list[float] = []
     for member in everyone:
         worker = member.worker
         worker_id = worker.worker_id
@@ -359,37 +459,17 @@ def _filter(
                 reasons[worker_id] = "draining"
             else:
                 reasons[worker_id] = "ejected"
-        elif specifier is not None and not _version_matches(specifier, member.endpoint.version):
+        elif specifier is not None and not version_matches(specifier, member.capability.version):
             reasons[worker_id] = "version"
-        elif worker_id in excluded:
+        elif excluded and worker_id in excluded:  # (hashing an id reads it from memory)
             reasons[worker_id] = "excluded"
-        elif bounds is None and budget is None:
-            passed.append(member)
         else:
-            capability = _capability_of(member)
-            if bounds is not None and _misses_slo(
-                effective_slo(member.worker, capability, slo_files, now=now, fresh_for=fresh_for),
-                bounds,
-            ):
-                reasons[worker_id] = "slo"
-                continue
-            cost = capability.cost_tokens_per_invocation or 0.0
-            if budget is not None and cost > budget:
-                reasons[worker_id] = "budget"
-                continue
             passed.append(member)
-            costs.append(cost)
-    if budget is None or not passed:
-        return passed, reasons
-    # Only the cheapest tier stays.
-    cheapest = min(costs)
-    candidates: list[Member] = []
-    for member, cost in zip(passed, costs, strict=True):
-        if cost > cheapest:
-            reasons[member.worker.worker_id] = "budget"
-        else:
-            candidates.append(member)
-    return candidates, reasons
+    if slo is not None and passed:
+        passed = slo.keep(passed, reasons)
+    if options.budget_tokens is not None and passed:
+        passed = _cheapest(passed, options.budget_tokens, reasons)
+    return passed, reasons
 
 
 def policy_explanation(rotation: Rotation, options: RouteOptions, now: float) -> RouteExplanation:
@@ -401,7 +481,7 @@ def policy_explanation(rotation: Rotation, options: RouteOptions, now: float) ->
     """
     everyone = rotation.everyone()
     before = attrs.evolve(options, slo_constraints=None, budget_tokens=None)
-    _, reasons = _filter(everyone, before, now, (), 0.0)  # no SLO asked: no files, no reports
+    _, reasons = _filter(everyone, before, now, None)  # no SLO asked
     return RouteExplanation(
         strategy=options.strategy or _DEFAULT_STRATEGY,
         candidates=(),
@@ -422,7 +502,7 @@ def _at_capacity(member: Member) -> bool:
     report = load.report
     if report is None or report.in_flight is None:
         return False
-    return report.in_flight >= _capability_of(member).max_concurrency
+    return report.in_flight >= member.capability.max_concurrency
 
 
 def _drop_at_capacity(candidates: list[Member], reasons: dict[str, str]) -> list[Member]:
@@ -534,8 +614,7 @@ def _pick(
 ) -> Member | None:
     if options.strategy == "affinity" and candidates:
         assert options.affinity_key is not None  # RouteOptions checks it
-        weight = rendezvous_weights(options.affinity_key)
-        return max(candidates, key=lambda member: weight(member.worker.worker_id))
+        return _heaviest(options.affinity_key, candidates)
     if options.strategy == "least_loaded":
         return least_loaded(candidates, rng, now=now, interval=interval)
     return rotation.next_of(candidates)
@@ -575,9 +654,9 @@ def choose(
             _hand_out(sampled, now, interval)
             return sampled, None
     everyone = rotation.everyone()
-    candidates, reasons = _filter(
-        everyone, options, now, slos.of(key), health.unhealthy_after, routable_at=alive_at
-    )
+    bounds = options.slo_constraints
+    slo = None if bounds is None else SloCheck(bounds, slos.of(key), now, health.unhealthy_after)
+    candidates, reasons = _filter(everyone, options, now, slo, routable_at=alive_at)
     if loaded:
         candidates = _drop_at_capacity(candidates, reasons)
     chosen: Member | None = None

@@ -34,9 +34,10 @@ from ._models import (
     _optional_specifier,
     _text,
     _verb,
+    version_matches,
 )
 
-__all__ = ["ServiceLevel", "ServiceLevels", "SloFile"]
+__all__ = ["ServiceLevel", "ServiceLevels", "SloFile", "applying"]
 
 
 def _slo_value(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
@@ -177,3 +178,17 @@ class ServiceLevels:
 
     def __len__(self) -> int:
         return len(self.files)
+
+
+def applying(files: Iterable[ServiceLevels.Rule], version: str) -> Mapping[str, float] | None:
+    """The values of the file that applies to a capability ``version``; ``None``: none does.
+
+    ``files``: the files of the capability (:meth:`ServiceLevels.of`). The
+    first (by name) whose ``version`` set, if it has one, contains
+    ``version``; a version that is not PEP 440 (an older journal's) is in
+    no set.
+    """
+    for specifier, values in files:
+        if specifier is None or version_matches(specifier, version):
+            return values
+    return None

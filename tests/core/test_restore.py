@@ -136,7 +136,7 @@ def state(registry: CapabilityRegistry) -> dict[str, Any]:
                 worker.draining,
                 (worker.ejected_until, worker.ejections, worker.ejection_ended),
                 [
-                    (m.key, m.key is registry._values[m.key].key, m.slot, m.endpoint)
+                    (m.key, m.key is registry._values[m.key].key, m.slot, m.endpoint, m.capability)
                     for m in worker.members
                 ],
                 _first_seen([m.endpoint for m in worker.members]),

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import string
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from crank_registry import (
     CapabilitySchema,
     Health,
+    LoadReport,
     ServiceLevel,
     ServiceLevels,
     SloFile,
     ValidationError,
+    WorkerEndpoint,
     effective_slo,
     structure,
 )
-from crank_registry._records import Worker
+from crank_registry._records import Load, Member, Worker
+from crank_registry._routing import SloCheck, misses_slo
 from tests.builders import capability
 from tests.core.helpers import T0
 from tests.core.test_routing import KEY, chosen, explained, fleet, removed
@@ -192,3 +198,78 @@ def test_set_slos_takes_slo_files_only() -> None:
     with pytest.raises(ValidationError, match="expected SloFile values"):
         registry.set_slos([{"file": "a.yaml"}], now=T0)  # type: ignore[list-item]
     assert registry.slos == ()
+
+
+# ------------------------------------------- the route's check, against the rule
+
+_VERSIONS = ("1.0.0", "1.4.0", "2.1.0", "1.0.0-x.7.z.92")  # the last: an older journal's
+_SPECIFIERS = (None, ">=1.4", "<2", "==1.0.0")
+_LATENCIES = st.sampled_from((50.0, 100.0, 150))
+_AVAILABILITIES = st.sampled_from((0.9, 0.99, 1))
+
+
+def _slo_values() -> st.SearchStrategy[dict[str, float]]:
+    return st.fixed_dictionaries(
+        {}, optional={"latency_p95_ms": _LATENCIES, "availability": _AVAILABILITIES}
+    )
+
+
+@st.composite
+def _members(draw: st.DrawFn) -> list[Member]:
+    """Members of one pair: declared SLOs, versions and load reports (fresh, stale or none)."""
+    values = [
+        capability(version=draw(st.sampled_from(_VERSIONS)), slo=draw(_slo_values()) or None)
+        for _ in range(draw(st.integers(1, 3)))
+    ]
+    members = []
+    for index in range(draw(st.integers(1, 6))):
+        value = draw(st.sampled_from(values))  # workers share values, as the registry stores them
+        worker = Worker(f"w{index}", "https://w:8443", (value,), Health.HEALTHY, T0, index)
+        if draw(st.booleans()):
+            worker.load = Load()
+            latency = draw(st.none() | _LATENCIES)
+            # Fresh, exactly unhealthy_after (60 s) old (no longer fresh), or older.
+            age = draw(st.sampled_from((0.0, 60.0, 61.0)))
+            worker.load.reported(LoadReport(in_flight=1, latency_p95_ms=latency), T0 - age)
+        endpoint = WorkerEndpoint(worker.worker_id, worker.worker_url, value.version)
+        members.append(Member(worker, KEY, endpoint, value))
+    return members
+
+
+@st.composite
+def _files(draw: st.DrawFn) -> ServiceLevels:
+    """Up to four SLO files of the pair, in any order of names, overlapping version sets."""
+    specifiers = draw(st.lists(st.sampled_from(_SPECIFIERS), unique=True, max_size=4))
+    names = draw(st.permutations(string.ascii_lowercase[: len(specifiers)]))
+    files = []
+    for name, specifier in zip(names, specifiers, strict=True):
+        values = draw(_slo_values().filter(bool))
+        version = {} if specifier is None else {"version": specifier}
+        files.append(slo_file(f"{name}.yaml", **version, **values))
+    return ServiceLevels(files)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(
+    members=_members(),
+    slos=_files(),
+    bounds=st.fixed_dictionaries(
+        {}, optional={"latency_p95_ms": _LATENCIES, "availability": _AVAILABILITIES}
+    ).filter(bool),
+)
+def test_a_routes_slo_check_keeps_the_workers_whose_effective_slo_meets_the_bounds(
+    members: list[Member], slos: ServiceLevels, bounds: dict[str, float]
+) -> None:
+    # The plain rule: each worker's effective SLO (observed, else file, else declared).
+    meets = [
+        member
+        for member in members
+        if not misses_slo(
+            effective_slo(member.worker, member.capability, slos.of(KEY), now=T0, fresh_for=60.0),
+            bounds,
+        )
+    ]
+    check = SloCheck(bounds, slos.of(KEY), T0, 60.0)
+    reasons: dict[str, str] = {}
+    assert check.keep(members, reasons) == meets
+    assert reasons == {m.worker.worker_id: "slo" for m in members if m not in meets}
