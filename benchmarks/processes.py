@@ -241,6 +241,10 @@ def measure(base: str, pid: int, args: argparse.Namespace) -> dict[str, dict[str
     }
 
 
+#: The workers' heartbeat interval (the default), for the fleet a host holds.
+HEARTBEAT_INTERVAL = 30.0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command")
@@ -329,6 +333,15 @@ def main() -> int:
         # in files included), and the throughput scales with the free cores.
         cpu_one, cpu_two = results["redis x1"][path]["cpu_us"], results["redis x2"][path]["cpu_us"]
         print(f"  {path}: server CPU per request, redis x2 / redis x1 = {cpu_two / cpu_one:.2f}")
+    # The heartbeat capacity of one controller host: each worker heartbeats
+    # once per interval, so a host answering R heartbeats a second holds a
+    # fleet of R x the interval (less the headroom an operator keeps).
+    for name in results:
+        beats = results[name]["/heartbeat"]["rps"]
+        print(
+            f"  heartbeat capacity, {name}: {beats:.0f} heartbeats/s, a fleet of "
+            f"{beats * HEARTBEAT_INTERVAL:,.0f} workers at a {HEARTBEAT_INTERVAL:g} s interval"
+        )
     print(f"load average after the run: {os.getloadavg()[0]:.2f}")
     return 0 if met or not args.strict else 1
 
