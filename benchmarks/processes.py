@@ -164,8 +164,17 @@ async def _load(
             while time.perf_counter() < stop_at:
                 started = time.perf_counter()
                 writer.write(requests[turn % len(requests)])
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except asyncio.IncompleteReadError as closed:
+                    if closed.partial:
+                        raise
+                    # hypercorn closes a keep-alive connection after 1000
+                    # requests (keep_alive_max_requests): open another, ask again.
+                    writer.close()
+                    reader, writer = await asyncio.open_connection(host, port)
+                    continue
                 turn += connections
-                head = await reader.readuntil(b"\r\n\r\n")
                 length = 0
                 for line in head.split(b"\r\n"):
                     if line.lower().startswith(b"content-length:"):
