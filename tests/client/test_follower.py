@@ -164,6 +164,33 @@ async def test_a_follower_stops_routing_to_a_drained_worker_and_back_when_undrai
         assert "/route" not in switch.paths
 
 
+async def test_a_follower_stops_routing_to_an_ejected_worker_until_it_is_restored(
+    controller: InProcessController,
+) -> None:
+    switch = FeedSwitch(controller)
+    service = controller.app.state.service
+    async with agent(controller, "w1"), agent(controller, "w2"), follower_of(switch) as follower:
+        assert await routed(follower) == {"w1", "w2"}
+        # A gateway's calls to w1 fail five times in a row: the controller ejects it.
+        for _ in range(5):
+            events = service.registry.decide_outcome("w1", *CLASSIFY, ok=False, now=service.clock())
+            if events:
+                await service.effects.commit(events)
+        until = service.registry.ejected_until("w1")
+        assert until is not None
+        await anyio.sleep(INTERVAL / 10)
+        # The ejected change came through the feed, applied by the one fold.
+        assert await routed(follower) == {"w2"}
+        explained = await follower.route(*CLASSIFY, explain=True)
+        assert explained.explain is not None
+        assert [(r.worker_id, r.reason) for r in explained.explain.removed] == [("w1", "ejected")]
+        # Heartbeats do not end it; the controller's sweep restores it at the deadline.
+        await anyio.sleep(until - service.clock() + INTERVAL)
+        assert service.registry.ejected_until("w1") is None
+        assert await routed(follower) == {"w1", "w2"}
+        assert "/route" not in switch.paths
+
+
 async def test_a_follower_answers_as_the_controller_client_does(
     controller: InProcessController,
 ) -> None:
