@@ -29,7 +29,7 @@ import redis.asyncio as aioredis
 from crank_registry.testing import FakeClock
 from crank_registry_asgi import ServiceConfig
 from crank_registry_asgi.redis_store import StoreKeys
-from tests.cli.helpers import free_port
+from tests.cli.helpers import ServerProcess, free_port, serving
 from tests.service.helpers import Controller, running
 
 #: The machine's Redis.
@@ -259,3 +259,31 @@ def fleet_prefix(url: str) -> Iterator[str]:
                 if stale:
                     client.delete(*stale)
             client.close()
+
+
+@contextlib.contextmanager
+def shared_controller(
+    tmp_path: Path, url: str, prefix: str, name: str, *extra: str
+) -> Iterator[ServerProcess]:
+    """A ``crank-registry serve --insecure`` process of the registry under ``prefix`` on ``url``."""
+    port = free_port()
+    with serving(
+        [
+            "--insecure",
+            "--port",
+            str(port),
+            "--state-dir",
+            str(tmp_path / name),
+            "--redis",
+            url,
+            "--redis-prefix",
+            prefix,
+            "--controller-id",
+            name,
+            *extra,
+        ],
+        tmp_path / f"{name}.log",
+        port=port,
+        scheme="http",
+    ) as server:
+        yield server

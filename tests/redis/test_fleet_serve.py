@@ -24,8 +24,8 @@ import redis
 from crank_registry_asgi.fleet_calls import FleetKeys
 from crank_registry_asgi.fleet_limits import LIVENESS_TTL
 from tests.builders import capability_payload, registration_payload
-from tests.cli.helpers import ServerProcess, free_port, serving
-from tests.redis.helpers import fleet_prefix, machine_url
+from tests.cli.helpers import ServerProcess
+from tests.redis.helpers import fleet_prefix, machine_url, shared_controller
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 
@@ -97,29 +97,8 @@ class SlowWorker:
 def gateway_process(
     tmp_path: Path, url: str, prefix: str, name: str, *options: str
 ) -> Iterator[ServerProcess]:
-    port = free_port()
-    with serving(
-        [
-            "--insecure",
-            "--port",
-            str(port),
-            "--state-dir",
-            str(tmp_path / name),
-            "--redis",
-            url,
-            "--redis-prefix",
-            prefix,
-            "--controller-id",
-            name,
-            "--gateway",
-            "--gateway-queue",
-            "200",
-            *options,
-        ],
-        tmp_path / f"{name}.log",
-        port=port,
-        scheme="http",
-    ) as server:
+    gateway = ("--gateway", "--gateway-queue", "200", *options)
+    with shared_controller(tmp_path, url, prefix, name, *gateway) as server:
         yield server
 
 

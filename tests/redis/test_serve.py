@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -15,39 +13,12 @@ import redis
 
 from crank_registry_asgi.redis_store import StoreKeys
 from tests.builders import registration_payload
-from tests.cli.helpers import ServerProcess, clean_environment, command, free_port, serving
-from tests.redis.helpers import machine_url, unique_prefix
+from tests.cli.helpers import clean_environment, command, free_port
+from tests.redis.helpers import machine_url, shared_controller, unique_prefix
 
 pytestmark = pytest.mark.slow
 
 ROUTE = {"verb": "classify", "capability": "image.classify"}
-
-
-@contextlib.contextmanager
-def shared_controller(
-    tmp_path: Path, url: str, prefix: str, name: str, *extra: str
-) -> Iterator[ServerProcess]:
-    port = free_port()
-    with serving(
-        [
-            "--insecure",
-            "--port",
-            str(port),
-            "--state-dir",
-            str(tmp_path / name),
-            "--redis",
-            url,
-            "--redis-prefix",
-            prefix,
-            "--controller-id",
-            name,
-            *extra,
-        ],
-        tmp_path / f"{name}.log",
-        port=port,
-        scheme="http",
-    ) as server:
-        yield server
 
 
 def wait_for(predicate: object, *, timeout: float, what: str) -> float:
