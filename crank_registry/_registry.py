@@ -638,7 +638,9 @@ class CapabilityRegistry:
             if isinstance(change, (WorkerDraining, WorkerUndrained)):
                 draining = isinstance(change, WorkerDraining)
             elif isinstance(change, WorkerRegistered):
-                draining = held and draining and not verified
+                draining = held and _drain_outlives_registration(
+                    draining=draining, verified=verified
+                )
                 held = verified = True
             elif isinstance(change, WorkerImported):
                 held, draining, verified = True, False, False
@@ -1059,7 +1061,10 @@ class CapabilityRegistry:
                     event.capabilities,
                     step.to,
                     event.at,
-                    draining=held is not None and _drain_outlives_registration(held),
+                    draining=held is not None
+                    and _drain_outlives_registration(
+                        draining=held.draining, verified=held.health.verified
+                    ),
                 )
                 self._tombstones.pop(event.worker_id, None)
             case WorkerImported():
@@ -2013,8 +2018,8 @@ class CapabilityRegistry:
             del self._keys[bisect.bisect_left(self._keys, member.key)]
 
 
-def _drain_outlives_registration(held: Worker) -> bool:
-    """Whether a registration of ``held`` leaves it draining.
+def _drain_outlives_registration(*, draining: bool, verified: bool) -> bool:
+    """Whether a registration of a worker held ``draining`` and ``verified`` leaves it draining.
 
     A registration ends a drain: it comes from a new worker process. Except
     the one that repairs a restart: a worker held ``unverified`` (restored
@@ -2022,7 +2027,7 @@ def _drain_outlives_registration(held: Worker) -> bool:
     again because this registry forgot it, not because it restarted, so an
     operator's drain outlives a restart of the controller.
     """
-    return held.draining and not held.health.verified
+    return draining and not verified
 
 
 # A capability's place, as _restore works it out once per capability tuple:
