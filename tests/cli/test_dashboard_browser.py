@@ -13,6 +13,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from time import monotonic
 from typing import Any
 
 import httpx
@@ -85,6 +86,13 @@ def quick_controller(tmp_path: Path) -> Iterator[ServerProcess]:
     """A controller whose workers turn unhealthy after two seconds of silence."""
     timings = ("--heartbeat-interval", "1", "--unhealthy-after", "2", "--evict-after", "600")
     yield from _serve(tmp_path, *timings)
+
+
+@pytest.fixture
+def preserving_controller(tmp_path: Path) -> Iterator[ServerProcess]:
+    """A quick controller whose self-preservation starts when both of two workers fall silent."""
+    timings = ("--heartbeat-interval", "1", "--unhealthy-after", "2", "--evict-after", "600")
+    yield from _serve(tmp_path, *timings, "--self-preservation-min-workers", "2")
 
 
 # Read in one script: the page re-renders its tables as changes come, so an element
@@ -239,6 +247,49 @@ def test_a_silent_worker_turns_unhealthy_and_back_on_the_page(
         changes = [" ".join(r.split()[2:]) for r in _rows(browser, "#change-rows tr")]
         assert changes[:2] == ["healthy w1", "unhealthy w1"]
         assert changes[-1] == "registered w1"  # from before the page opened
+
+
+def test_the_banner_says_self_preservation_while_it_lasts(
+    browser: Any, preserving_controller: ServerProcess
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.wait import WebDriverWait
+
+    wait = WebDriverWait(browser, DEADLINE_S)
+    workers = ("w1", "w2")
+    with httpx.Client(base_url=preserving_controller.url, timeout=10.0) as api:
+
+        def heard() -> None:
+            for worker_id in workers:
+                assert api.post("/heartbeat", json={"worker_id": worker_id}).status_code == 200
+
+        for worker_id in workers:
+            assert api.post("/register", json=registration_payload(worker_id)).status_code == 200
+        browser.get(f"{preserving_controller.url}/ui")
+        # Heard for longer than --unhealthy-after: a sweep has started a window with both.
+        started = monotonic()
+
+        def heard_and_shown(driver: Any) -> bool:
+            heard()
+            return monotonic() - started > 3 and _text(driver, "#worker-counts") == "2 / 2"
+
+        wait.until(heard_and_shown)
+        assert not browser.find_element(By.ID, "self-preservation").is_displayed()
+        # Both fall silent: the controller takes it that it is the one cut off.
+        wait.until(lambda d: d.find_element(By.ID, "self-preservation").is_displayed())
+        assert api.get("/health").json()["self_preservation"] is True
+        assert _text(browser, "#self-preservation").startswith(
+            "Self-preservation: the controller is not evicting silent workers"
+        )
+
+        def heard_and_hidden(driver: Any) -> bool:
+            heard()
+            return not driver.find_element(By.ID, "self-preservation").is_displayed()
+
+        wait.until(heard_and_hidden)  # heartbeats came back: it ended
+        assert api.get("/health").json()["self_preservation"] is False
+    problems = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert problems == []
 
 
 def test_a_drained_worker_shows_draining_and_back_without_a_reload(

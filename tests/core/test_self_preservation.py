@@ -195,6 +195,32 @@ def test_a_scale_down_does_not_stick() -> None:
     assert fleet2.preservation() == [(True, "workers_fell_silent")]
 
 
+def test_a_silent_scale_down_ends_by_the_cap_and_the_survivors_set_the_threshold() -> None:
+    # 100 -> 10 by stopping 90 workers without a deregistration (Eureka's sticking
+    # case): it starts, ends at its longest, the 90 are evicted, and it is over.
+    fleet = Fleet(100)
+    fleet.run(STEP * 4)
+    fleet.silence(ids(90))
+    fleet.run(POLICY.unhealthy_after + 2 * POLICY.evict_after + 2 * POLICY.evict_after)
+    assert fleet.preservation() == [(True, "workers_fell_silent"), (False, "max_duration")]
+    assert len(fleet.of(WorkerEvicted)) == 90 and len(fleet.registry) == 10
+    fleet.run(POLICY.evict_after * 10)
+    assert len(fleet.preservation()) == 2  # the 90 gone are never counted again
+    # The windows since count the 10 left: 4 silent of them is a loss...
+    fleet.silence(ids(4, 90))
+    fleet.run(POLICY.evict_after * 1.5)
+    assert len(fleet.preservation()) == 2
+    assert len(fleet.registry) == 6
+    # ... and 6 of 10 (6% of the fleet before) starts it again.
+    survivors = Fleet(100)
+    survivors.run(STEP * 4)
+    survivors.silence(ids(90))
+    survivors.run(POLICY.unhealthy_after + 4 * POLICY.evict_after + POLICY.evict_after * 10)
+    survivors.silence(ids(6, 90))
+    survivors.run(POLICY.evict_after)
+    assert survivors.preservation()[2:] == [(True, "workers_fell_silent")]
+
+
 def test_never_with_fewer_healthy_workers_than_min_workers() -> None:
     fleet = Fleet(9)
     fleet.run(STEP * 4)

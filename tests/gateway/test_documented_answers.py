@@ -11,16 +11,20 @@ import jsonschema
 import pytest
 from openapi_spec_validator import validate
 
+from crank_registry import RateLimit
 from crank_registry.testing import FakeClock
+from crank_registry_asgi import ServiceConfig, create_app
 from crank_registry_asgi.gateway import (
     EXECUTE_PATH,
     GATEWAY_ERRORS,
     GatewayConfig,
+    create_gateway_app,
     gateway_openapi_document,
 )
 from crank_worker_client.serving import InvocationError
 from tests.builders import capability
 from tests.gateway.helpers import (
+    POLICY,
     FakeWorker,
     WorkerNetwork,
     client_of,
@@ -30,6 +34,7 @@ from tests.gateway.helpers import (
     register,
     serving,
 )
+from tests.service.helpers import check_documented_headers
 
 pytestmark = pytest.mark.anyio
 
@@ -38,7 +43,7 @@ _JSON = {"content-type": "application/json"}
 
 
 def _check(response: httpx.Response) -> Any:
-    """Assert that an /execute answer is documented for its status; return its body."""
+    """Assert that an /execute answer (body and headers) is documented; return its body."""
     responses = DOCUMENT["paths"][EXECUTE_PATH]["post"]["responses"]
     status = str(response.status_code)
     documented = responses.get(status) or responses[f"{status[0]}XX"]
@@ -46,6 +51,7 @@ def _check(response: httpx.Response) -> Any:
     body = response.json()
     root = {"components": DOCUMENT["components"]}
     jsonschema.validate(body, {**schema, **root}, cls=jsonschema.Draft202012Validator)
+    check_documented_headers(documented, response)
     return body
 
 
@@ -107,7 +113,13 @@ async def test_every_execute_answer_agrees_with_the_document() -> None:
             opened.set()
         clock.advance(3.5)  # past unhealthy_after: every pair known, none routable
         answers.append(await execute(client))  # no_worker_available
+    limited = ServiceConfig(policy=POLICY, rate_limit=RateLimit(1, 1))
+    controller = create_app(config=limited, clock=FakeClock())
+    async with client_of(create_gateway_app(controller, transport=network)) as client:
+        await register(client, "ok", "https://ok.test")
+        answers.append(await execute(client))
+        answers.append(await execute(client))  # rate_limited
     statuses = {response.status_code for response in answers}
     codes = {_check(response).get("error") for response in answers}
-    assert statuses == {200, 400, 404, 413, 415, 422, 502, 503, 504}
-    assert set(GATEWAY_ERRORS) <= codes
+    assert statuses == {200, 400, 404, 413, 415, 422, 429, 502, 503, 504}
+    assert set(GATEWAY_ERRORS) | {"rate_limited", "no_worker_available"} <= codes

@@ -73,6 +73,7 @@ async def test_the_same_key_and_body_is_replayed_without_a_worker_call() -> None
     assert (first.status_code, first.json()) == (200, {"result": {"call": 1}})
     assert "idempotent-replayed" not in first.headers
     assert (again.status_code, again.json()) == (200, {"result": {"call": 1}})
+    assert again.content == first.content  # the very bytes, not an equal document
     assert again.headers["Idempotent-Replayed"] == "true"
     assert again.headers["x-crank-worker-id"] == "w1"
     assert again.headers["content-type"] == "application/json"
@@ -119,6 +120,7 @@ async def test_a_duplicate_sent_while_the_first_runs_waits_and_gets_its_answer()
     assert reused.status_code == 422
     assert worker.calls == 1
     assert [answer.json() for answer in answers] == [{"result": {"call": 1}}] * 3
+    assert len({answer.content for answer in answers}) == 1
     assert [answer.headers.get("Idempotent-Replayed") for answer in answers] == [
         None,
         "true",

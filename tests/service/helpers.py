@@ -80,7 +80,25 @@ def check_documented(method: str, path: str, response: httpx.Response) -> Any:
     body = response.json()
     schema = documented_schema(method, path, response.status_code)
     jsonschema.validate(body, {**schema, **_ROOT}, cls=jsonschema.Draft202012Validator)
+    if operation is not None:
+        check_documented_headers(operation["responses"][str(response.status_code)], response)
     return body
+
+
+def check_documented_headers(documented: dict[str, Any], response: httpx.Response) -> None:
+    """Assert that ``response`` carries every header its documented answer requires, as described.
+
+    ``documented`` is the answer's object in the document (``responses[status]``).
+    """
+    for name, header in documented.get("headers", {}).items():
+        value = response.headers.get(name)
+        if value is None:
+            assert not header.get("required"), f"{response.status_code} without {name}"
+            continue
+        schema = header["schema"]
+        # A header is text; a documented integer is its decimal form.
+        given: Any = int(value) if schema.get("type") == "integer" else value
+        jsonschema.validate(given, schema, cls=jsonschema.Draft202012Validator)
 
 
 class Controller:
