@@ -4,7 +4,8 @@ The stream is read through the bare ASGI interface (httpx's in-process
 transport would wait for the end of a body that has none): each event
 reaches the test as the app sends it, and the test hangs up when it wants.
 Health runs on a fake clock; bookmarks and ``timeout`` are real time, with
-short periods and generous bounds.
+short periods and generous bounds, except for the bookmark period itself,
+which is checked in virtual time (the loop's clock jumps to the next timer).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from crank_registry import CapabilityRegistry, HealthPolicy
 from crank_registry_asgi import ServiceConfig
 from crank_registry_asgi.feed import Broadcast, render_change, wants_stream
 from tests.builders import capability
+from tests.client.helpers import VirtualClockEventLoop
 from tests.service.helpers import DOCUMENT, Controller, running
 
 pytestmark = pytest.mark.anyio
@@ -244,6 +246,28 @@ async def test_bookmarks_arrive_with_the_current_revision() -> None:
             assert bookmark.event == "bookmark"
             assert bookmark.data == {"epoch": epoch, "revision": 1}
             assert bookmark.id == f"{epoch}:1"
+
+
+@pytest.mark.parametrize(
+    "anyio_backend", [("asyncio", {"loop_factory": VirtualClockEventLoop})], ids=["virtual time"]
+)
+@pytest.mark.parametrize(("interval", "period"), [(60.0, 15.0), (30.0, 15.0), (10.0, 5.0)])
+async def test_a_bookmark_every_15_s_or_half_a_heartbeat_interval_if_shorter(
+    interval: float, period: float
+) -> None:
+    config = ServiceConfig(policy=HealthPolicy(interval, 2 * interval, 4 * interval))
+    async with running(config) as api:
+        started = anyio.current_time()
+        await api.register("w1")
+        arrivals: list[float] = []
+        async with streaming(api, "since=0") as stream:
+            [registered] = await stream.events(1)
+            assert registered.event == "registered"
+            for _ in range(3):
+                [bookmark] = await stream.events(1)
+                assert bookmark.event == "bookmark"
+                arrivals.append(anyio.current_time() - started)
+    assert arrivals == pytest.approx([period, 2 * period, 3 * period])
 
 
 async def test_timeout_ends_the_stream() -> None:
