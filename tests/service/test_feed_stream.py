@@ -18,6 +18,7 @@ from typing import Any
 import anyio
 import attrs
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from crank_registry import CapabilityRegistry, HealthPolicy
 from crank_registry_asgi import ServiceConfig
@@ -349,6 +350,43 @@ async def test_end_streams_ends_the_streams_and_answers_the_long_polls() -> None
                     api.service.end_streams()
                     assert await stream.next() is None
         assert polls == [{"epoch": api.service.epoch, "revision": 0, "events": []}]
+
+
+async def open_watchers(api: Controller) -> dict[str, float]:
+    """``crank_feed_watchers`` of ``GET /metrics``, by form."""
+    response = await api.get("/metrics")
+    return {
+        sample.labels["form"]: sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+        if sample.name == "crank_feed_watchers"
+    }
+
+
+async def test_the_metrics_count_the_open_long_polls_and_streams() -> None:
+    async with running() as api:
+        assert await open_watchers(api) == {"long_poll": 0, "stream": 0}
+        polled = anyio.Event()
+
+        async def poll() -> None:
+            await api.get("/watch?since=0&timeout=60")
+            polled.set()
+
+        with anyio.fail_after(DEADLINE):
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(poll)
+                async with streaming(api, "since=0") as stream:
+                    await anyio.wait_all_tasks_blocked()
+                    assert await open_watchers(api) == {"long_poll": 1, "stream": 1}
+                    await api.register("w1")  # answers the long poll; the stream goes on
+                    await polled.wait()
+                    assert [event.event for event in await stream.events(1)] == ["registered"]
+                    assert await open_watchers(api) == {"long_poll": 0, "stream": 1}
+            # The stream's client hung up.
+            assert await open_watchers(api) == {"long_poll": 0, "stream": 0}
+            async with streaming(api, "since=1&timeout=0.05") as stream:
+                assert await stream.next() is None  # ended by its timeout
+            assert await open_watchers(api) == {"long_poll": 0, "stream": 0}
 
 
 def test_the_document_lists_both_forms_of_the_answer() -> None:
