@@ -1,7 +1,8 @@
 """Benchmark: a change reaching 1,000 watchers of ``GET /watch``, long polls and streams.
 
 Run: ``.venv/bin/python benchmarks/feed.py`` (``--watchers N``,
-``--changes N``, ``--heartbeat-workers N``); about 30 s. Exits 1 when a
+``--changes N``, ``--heartbeat-workers N``; ``--quick`` for a smoke run of
+5 changes); about 40 s. Exits 1 when a
 target is missed (or no change reached every watcher).
 
 The controller app runs in process. ``--watchers`` followers follow the
@@ -31,7 +32,17 @@ Figures, over the changes, p50 and max:
   "Targets": 50 ms wake), and to the moment the last follower has read it
   (the followers' JSON parsing runs on the same loop and cores);
 * heartbeat latency (p50, p99): without watchers, with the long polls
-  open, with the streams open.
+  open, with the streams open;
+* the controller's ``/heartbeat`` and ``/route`` rates (one client
+  sending back to back, one path after the other) with no watcher, then
+  with the 1,000 watchers open and parked, before the first change of
+  their phase (the best of ``RATE_RUNS`` runs; over wall time and over the
+  loop's CPU time): the cost of holding them, target >= 0.8x the rate without
+  watchers (the issue's "many followers must cost little"), ratio
+  printed. While the changes come, the heartbeat latencies above say what
+  the wakes cost the requests; they also carry the followers' own work
+  (parsing each answer, asking again), which runs on this loop here and
+  on other machines in a deployment.
 """
 
 from __future__ import annotations
@@ -56,6 +67,11 @@ from crank_registry import HealthPolicy
 from crank_registry_asgi import ServiceConfig, create_app
 
 WAKE_TARGET_S = 0.050
+RATE_TARGET_RATIO = 0.8
+#: How long each rate is measured (in ``RATE_RUNS`` runs, the best counts).
+HELD_S = 4.0
+RATE_RUNS = 8
+ROUTE_BODY = {"verb": "classify", "capability": "image.classify"}
 CHANGE_EVERY_S = 0.1
 _EVENT_ID = re.compile(rb"^id: [^:\r\n]+:([0-9]+)\r?$", re.MULTILINE)
 
@@ -123,20 +139,69 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-async def heartbeats(client: httpx.AsyncClient, count: int, stop: anyio.Event) -> list[float]:
-    """Heartbeat ``count`` workers in turn until ``stop``; each request's latency."""
+async def requests(
+    client: httpx.AsyncClient, path: str, bodies: Callable[[int], Any], stop: anyio.Event
+) -> list[float]:
+    """POST ``bodies(i)`` to ``path`` back to back until ``stop``; each request's latency."""
     latencies: list[float] = []
     index = 0
     while not stop.is_set():
         started = time.perf_counter()
-        response = await client.post("/heartbeat", json={"worker_id": f"hb{index % count}"})
+        response = await client.post(path, json=bodies(index))
         latencies.append(time.perf_counter() - started)
         assert response.status_code == 200, response.text
         index += 1
-        # In process, a heartbeat may run to its end without suspending: let the
+        # In process, a request may run to its end without suspending: let the
         # rest of the loop (watchers, registrations) run, as a network would.
         await anyio.sleep(0)
     return latencies
+
+
+def bodies(path: str, count: int) -> Callable[[int], Any]:
+    """The body of the ``i``-th request to ``path``: heartbeats of ``count`` workers in turn."""
+    if path == "/heartbeat":
+        return lambda index: {"worker_id": f"hb{index % count}"}
+    return lambda _: ROUTE_BODY
+
+
+async def rates(client: httpx.AsyncClient, count: int) -> dict[str, tuple[float, float]]:
+    """Requests a second of ``/heartbeat`` and of ``/route``, the best of ``RATE_RUNS`` runs.
+
+    The runs take turns (``/heartbeat``, ``/route``, ``/heartbeat``...), each
+    ``HELD_S / RATE_RUNS`` long: the best run is the one the machine's other
+    work disturbed least. Each rate twice: over wall time, and over the CPU
+    time of the loop's thread.
+    """
+    runs: dict[str, list[tuple[float, float]]] = {"/heartbeat": [], "/route": []}
+    for _ in range(RATE_RUNS):
+        for path, measured in runs.items():
+            measured.append(await rate(client, path, count, HELD_S / RATE_RUNS))
+    return {
+        path: (max(wall for wall, _ in measured), max(cpu for _, cpu in measured))
+        for path, measured in runs.items()
+    }
+
+
+async def rate(
+    client: httpx.AsyncClient, path: str, count: int, seconds: float
+) -> tuple[float, float]:
+    """Requests to ``path`` a second, back to back for ``seconds``: over wall and CPU time."""
+    stop = anyio.Event()
+    answered: list[float] = []
+
+    async def run() -> None:
+        answered.extend(await requests(client, path, bodies(path, count), stop))
+
+    started = now()
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(run)
+        await anyio.sleep(seconds)
+        stop.set()
+    ended = now()
+    return (
+        len(answered) / (ended[0] - started[0]),
+        len(answered) / (ended[1] - started[1]),
+    )
 
 
 def now() -> tuple[float, float]:
@@ -276,18 +341,24 @@ async def run_controller(watchers: int, changes: int, heartbeat_workers: int) ->
             await client.post("/register", json=registration_payload(f"hb{index}"))
         revision = service.registry.revision
 
+        await rates(client, heartbeat_workers)  # warm up: the first second runs slower
+        figures["rates alone"] = await rates(client, heartbeat_workers)
         stop = anyio.Event()
         async with anyio.create_task_group() as tasks:
 
             async def alone() -> None:
-                figures["alone"] = await heartbeats(client, heartbeat_workers, stop)
+                figures["alone"] = await requests(
+                    client, "/heartbeat", bodies("/heartbeat", heartbeat_workers), stop
+                )
 
             tasks.start_soon(alone)
             await anyio.sleep(2.0)
             stop.set()
 
         async def measure(stop: anyio.Event, name: str) -> None:
-            figures[name] = await heartbeats(client, heartbeat_workers, stop)
+            figures[name] = await requests(
+                client, "/heartbeat", bodies("/heartbeat", heartbeat_workers), stop
+            )
 
         async def register(index: int) -> None:
             response = await client.post("/register", json=registration_payload(f"new{index}"))
@@ -298,6 +369,7 @@ async def run_controller(watchers: int, changes: int, heartbeat_workers: int) ->
                 tasks.start_soon(follow_long_polls, app, "/watch", revision, long_polls)
             while broadcast.waiting() < watchers:
                 await anyio.sleep(0.01)
+            figures["rates held long polls"] = await rates(client, heartbeat_workers)
 
         await phase(
             watchers,
@@ -314,6 +386,7 @@ async def run_controller(watchers: int, changes: int, heartbeat_workers: int) ->
                 tasks.start_soon(follow_stream, app, revision, streams)
             while broadcast.waiting() < watchers:
                 await anyio.sleep(0.01)
+            figures["rates held streams"] = await rates(client, heartbeat_workers)
 
         await phase(
             watchers,
@@ -361,12 +434,40 @@ async def run_baseline(watchers: int, changes: int) -> dict[str, list[float]]:
     return arrivals.wakes(watchers)
 
 
+def report_rates(figures: dict[str, Any], watchers: int) -> list[str]:
+    """Print the /heartbeat and /route rates with and without watchers; the targets missed."""
+    missed = []
+    print(
+        f"rates, requests a second back to back, the best of {RATE_RUNS} runs of "
+        f"{HELD_S / RATE_RUNS:.1f} s, over wall time / over the loop's CPU time:"
+    )
+    for path in ("/heartbeat", "/route"):
+        alone = figures["rates alone"][path]
+        print(f"  {path} without watchers: {alone[0]:.0f}/s / {alone[1]:.0f}/s")
+        for name in ("long polls", "streams"):
+            rate = figures[f"rates held {name}"][path]
+            ratios = [rate[clock] / alone[clock] for clock in (0, 1)]
+            verdicts = ["PASS" if ratio >= RATE_TARGET_RATIO else "FAIL" for ratio in ratios]
+            print(
+                f"  {path} with {watchers} {name} open: {rate[0]:.0f}/s / {rate[1]:.0f}/s "
+                f"({ratios[0]:.2f}x / {ratios[1]:.2f}x; target >= {RATE_TARGET_RATIO}x) "
+                f"{verdicts[0]} / {verdicts[1]}"
+            )
+            for clock, ratio in zip(("wall", "cpu"), ratios, strict=True):
+                if ratio < RATE_TARGET_RATIO:
+                    missed.append(f"{path} rate with {name} ({clock})")
+    return missed
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--watchers", type=int, default=1000)
     parser.add_argument("--changes", type=int, default=30)
     parser.add_argument("--heartbeat-workers", type=int, default=100)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 5 changes")
     args = parser.parse_args()
+    if args.quick:
+        args.changes = 5
     figures = anyio.run(run_controller, args.watchers, args.changes, args.heartbeat_workers)
     figures["baseline"] = anyio.run(run_baseline, args.watchers, args.changes)
     missed = []
@@ -404,6 +505,7 @@ def main() -> int:
             f"heartbeat {name}: p50 {statistics.median(values) * 1e6:.0f} us, "
             f"p99 {percentile(values, 0.99) * 1e6:.0f} us ({len(values)} heartbeats)"
         )
+    missed += report_rates(figures, args.watchers)
     if missed:
         print(f"MISSED: {', '.join(missed)}")
         return 1

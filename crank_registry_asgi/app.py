@@ -818,7 +818,8 @@ class ControllerService:
             epoch, since = feed.parse_event_id(last_event_id)
             query = attrs.evolve(query, epoch=epoch, since=since)
         if not feed.wants_stream(request.headers.get("accept")):
-            body = await feed.watch(self.registry, self.broadcast, self.epoch, query)
+            with self.metrics.long_polls.track_inprogress():
+                body = await feed.watch(self.registry, self.broadcast, self.epoch, query)
             return Response(body, media_type="application/json")
         feed.check_start(self.registry, self.epoch, query.epoch, query.since)
         ends_at = None
@@ -832,7 +833,7 @@ class ControllerService:
             ends_at=ends_at,
         )
         # No comment pings: the bookmarks keep the connection alive.
-        return EventSourceResponse(events, ping=0)
+        return EventSourceResponse(feed.counted(events, self.metrics.streams), ping=0)
 
     def end_streams(self) -> None:
         """End the /watch streams and answer the long polls now: the server is shutting down.

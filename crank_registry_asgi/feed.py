@@ -33,6 +33,7 @@ import re
 from collections.abc import AsyncIterator
 
 import anyio
+from prometheus_client import Gauge
 from sse_starlette import ServerSentEvent
 
 from crank_registry import (
@@ -59,6 +60,7 @@ __all__ = [
     "Broadcast",
     "bookmark_period",
     "check_start",
+    "counted",
     "parse_event_id",
     "render_change",
     "snapshot_body",
@@ -336,6 +338,20 @@ async def stream(
             return
         with anyio.move_on_after(left):
             await broadcast.wait_past(since)
+
+
+async def counted(events: AsyncIterator[bytes], gauge: Gauge) -> AsyncIterator[bytes]:
+    """``events``, with ``gauge`` one higher from the first until the stream ends.
+
+    It ends when ``events`` does, or when the client leaves (the server
+    cancels the task sending it).
+    """
+    gauge.inc()
+    try:
+        async for chunk in events:
+            yield chunk
+    finally:
+        gauge.dec()
 
 
 async def snapshot_body(

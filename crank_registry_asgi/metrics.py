@@ -24,6 +24,9 @@ What is counted, and where:
 * requests (:class:`RequestDurationMiddleware`):
   ``crank_http_request_duration_seconds{method, path, status}``, ``path``
   being the route's template, never the raw path;
+* the change feed: ``crank_feed_watchers{form}``, the ``GET /watch``
+  requests open now, ``long_poll`` (waiting for a change) and ``stream``
+  (Server-Sent Events);
 * the journal (:class:`~crank_registry_asgi.journal.Journal` reports to
   :class:`Metrics`): ``crank_journal_append_duration_seconds``,
   ``crank_journal_fsync_duration_seconds``;
@@ -76,6 +79,7 @@ from pathlib import Path
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     PlatformCollector,
     ProcessCollector,
@@ -259,6 +263,15 @@ class Metrics:
             ["active"],
             registry=counted,
         )
+        #: ``crank_feed_watchers{form}``: what this process holds, so summed over
+        #: the living processes (module docstring).
+        self.feed_watchers = Gauge(
+            "crank_feed_watchers",
+            "GET /watch requests open now: long polls waiting for a change, event streams",
+            ["form"],
+            multiprocess_mode="livesum",
+            registry=counted,
+        )
         self.request_duration = Histogram(
             "crank_http_request_duration_seconds",
             "HTTP request duration, from the request to the end of the answer",
@@ -303,6 +316,9 @@ class Metrics:
         }
         self.routed, self.no_worker, self.unknown_capability = (
             self.routes.labels(outcome=outcome) for outcome in ROUTE_OUTCOMES
+        )
+        self.long_polls, self.streams = (
+            self.feed_watchers.labels(form=form) for form in ("long_poll", "stream")
         )
         self.self_preservation_changes = {
             active: changes.labels(active=str(active).lower()) for active in (False, True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import re
@@ -229,6 +230,21 @@ def test_processes_share_the_port_the_registry_and_the_metrics(tmp_path: Path) -
             assert figure(on_first, "crank_capabilities") == 1
             assert on_first.count("# TYPE crank_build_info gauge") == 1
             assert "process_resident_memory_bytes" not in on_first
+
+            # A long poll held by one process counts on either: what each holds, summed.
+            waiting = 'crank_feed_watchers{form="long_poll"}'
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                revision = second.get("/health").json()["revision"]
+                poll = pool.submit(second.get, f"/watch?since={revision}&timeout=30", timeout=40)
+                for client in (first, second):
+                    wait_for(
+                        lambda client=client: figure(client.get("/metrics").text, waiting) == 1,
+                        timeout=5,
+                        what=f"the long poll counted on {client.get('/health').json()}",
+                    )
+                assert first.post("/register", json=registration_payload("w2")).status_code == 200
+                assert [event["worker_id"] for event in poll.result().json()["events"]] == ["w2"]
+            assert figure(first.get("/metrics").text, waiting) == 0
 
         assert server.stop() == 0
         for pid in pids:

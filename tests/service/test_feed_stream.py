@@ -4,7 +4,8 @@ The stream is read through the bare ASGI interface (httpx's in-process
 transport would wait for the end of a body that has none): each event
 reaches the test as the app sends it, and the test hangs up when it wants.
 Health runs on a fake clock; bookmarks and ``timeout`` are real time, with
-short periods and generous bounds.
+short periods and generous bounds, except for the bookmark period itself,
+which is checked in virtual time (the loop's clock jumps to the next timer).
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from typing import Any
 import anyio
 import attrs
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from crank_registry import CapabilityRegistry, HealthPolicy
 from crank_registry_asgi import ServiceConfig
 from crank_registry_asgi.feed import Broadcast, render_change, wants_stream
 from tests.builders import capability
+from tests.client.helpers import VirtualClockEventLoop
 from tests.service.helpers import DOCUMENT, Controller, running
 
 pytestmark = pytest.mark.anyio
@@ -246,6 +249,28 @@ async def test_bookmarks_arrive_with_the_current_revision() -> None:
             assert bookmark.id == f"{epoch}:1"
 
 
+@pytest.mark.parametrize(
+    "anyio_backend", [("asyncio", {"loop_factory": VirtualClockEventLoop})], ids=["virtual time"]
+)
+@pytest.mark.parametrize(("interval", "period"), [(60.0, 15.0), (30.0, 15.0), (10.0, 5.0)])
+async def test_a_bookmark_every_15_s_or_half_a_heartbeat_interval_if_shorter(
+    interval: float, period: float
+) -> None:
+    config = ServiceConfig(policy=HealthPolicy(interval, 2 * interval, 4 * interval))
+    async with running(config) as api:
+        started = anyio.current_time()
+        await api.register("w1")
+        arrivals: list[float] = []
+        async with streaming(api, "since=0") as stream:
+            [registered] = await stream.events(1)
+            assert registered.event == "registered"
+            for _ in range(3):
+                [bookmark] = await stream.events(1)
+                assert bookmark.event == "bookmark"
+                arrivals.append(anyio.current_time() - started)
+    assert arrivals == pytest.approx([period, 2 * period, 3 * period])
+
+
 async def test_timeout_ends_the_stream() -> None:
     async with running() as api:
         await api.register("w1")
@@ -325,6 +350,43 @@ async def test_end_streams_ends_the_streams_and_answers_the_long_polls() -> None
                     api.service.end_streams()
                     assert await stream.next() is None
         assert polls == [{"epoch": api.service.epoch, "revision": 0, "events": []}]
+
+
+async def open_watchers(api: Controller) -> dict[str, float]:
+    """``crank_feed_watchers`` of ``GET /metrics``, by form."""
+    response = await api.get("/metrics")
+    return {
+        sample.labels["form"]: sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+        if sample.name == "crank_feed_watchers"
+    }
+
+
+async def test_the_metrics_count_the_open_long_polls_and_streams() -> None:
+    async with running() as api:
+        assert await open_watchers(api) == {"long_poll": 0, "stream": 0}
+        polled = anyio.Event()
+
+        async def poll() -> None:
+            await api.get("/watch?since=0&timeout=60")
+            polled.set()
+
+        with anyio.fail_after(DEADLINE):
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(poll)
+                async with streaming(api, "since=0") as stream:
+                    await anyio.wait_all_tasks_blocked()
+                    assert await open_watchers(api) == {"long_poll": 1, "stream": 1}
+                    await api.register("w1")  # answers the long poll; the stream goes on
+                    await polled.wait()
+                    assert [event.event for event in await stream.events(1)] == ["registered"]
+                    assert await open_watchers(api) == {"long_poll": 0, "stream": 1}
+            # The stream's client hung up.
+            assert await open_watchers(api) == {"long_poll": 0, "stream": 0}
+            async with streaming(api, "since=1&timeout=0.05") as stream:
+                assert await stream.next() is None  # ended by its timeout
+            assert await open_watchers(api) == {"long_poll": 0, "stream": 0}
 
 
 def test_the_document_lists_both_forms_of_the_answer() -> None:
