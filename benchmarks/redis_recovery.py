@@ -45,6 +45,7 @@ import redis
 from journal_recovery import START, fleet
 
 from crank_registry import (
+    JOURNAL_FORMAT_VERSION,
     CapabilityRegistry,
     HeartbeatReceived,
     Snapshot,
@@ -68,7 +69,7 @@ def write(url: str, prefix: str, workers: int, shape: str = "replicas") -> bytes
     client.hset(
         keys.snapshot,
         mapping={
-            "v": 2,
+            "v": JOURNAL_FORMAT_VERSION,
             "revision": workers,
             "entry": "0-1",
             "lines": lines,
@@ -80,7 +81,7 @@ def write(url: str, prefix: str, workers: int, shape: str = "replicas") -> bytes
         body = b"".join(
             encode_event(HeartbeatReceived(r.worker_id, START + 20 + batch)) for r in beats
         )
-        client.xadd(keys.stream, {"v": 2, "revision": workers, "beats": body})
+        client.xadd(keys.stream, {"v": JOURNAL_FORMAT_VERSION, "revision": workers, "beats": body})
     client.close()
     return lines
 

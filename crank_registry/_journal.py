@@ -12,7 +12,7 @@ Every line is one JSON object with the format version ``"v"`` and a
 
 * an event, as the converter writes it (:func:`~crank_registry.unstructure_event`)::
 
-    {"v": 2, "type": "registered", "worker_id": "w1", "revision": 7, ...}
+    {"v": 3, "type": "registered", "worker_id": "w1", "revision": 7, ...}
 
 * a part of a snapshot, written by compaction: the registry at
   ``revision``. A snapshot is split in parts of at most
@@ -24,7 +24,7 @@ Every line is one JSON object with the format version ``"v"`` and a
   ``first_set``: the previous part's new ones, then its own), and lists its
   workers column by column::
 
-    {"v": 2, "type": "snapshot", "revision": 7, "part": 1, "parts": 3,
+    {"v": 3, "type": "snapshot", "revision": 7, "part": 1, "parts": 3,
      "first_capability": 0, "capabilities": [{capability}, ...],
      "first_set": 0, "capability_sets": [[0, 1], [2]],
      "worker_ids": ["w1", ...], "worker_urls": ["https://w1:8443", ...],
@@ -66,7 +66,7 @@ writing it) is dropped.
 * the registry's ``epoch``: the random name of its history (DESIGN,
   "Epochs"; the change feed's answers carry it)::
 
-    {"v": 2, "type": "epoch", "epoch": "9f86d081884c7d65"}
+    {"v": 3, "type": "epoch", "epoch": "9f86d081884c7d65"}
 
   The service writes one when a journal starts (as its first line), at the
   top of every compacted file, and, for a journal that has none (written
@@ -78,6 +78,16 @@ Format 1, the previous release's, is read too: its changes carry no
 revision (replay numbers them in order), its snapshots carry neither a
 revision nor health (their workers are unverified), and an ``evicted`` of
 format 1 stands for ``unhealthy`` then ``evicted``.
+
+Format 2 is read as format 3, of which it holds a part: format 3 added the
+changes ``draining``, ``undrained``, ``ejected``, ``restored``,
+``slos_changed``, ``policy_changed`` and ``self_preservation``, and the
+snapshot fields ``draining``, ``ejections``, ``access_policy``, ``slos``
+and ``self_preservation``. A reader of
+format 2 would skip those lines as damaged (and a snapshot part with a field
+it does not know, workers and all); it meets ``"v": 3`` instead and refuses
+the journal (:class:`NewerJournalFormat`), as this release refuses a newer
+one. Every change of what a line may hold takes a new version.
 """
 
 from __future__ import annotations
@@ -134,9 +144,11 @@ __all__ = [
 ]
 
 #: The value of ``"v"`` in every line this codec writes.
-JOURNAL_FORMAT_VERSION = 2
-#: The versions it reads (the previous release wrote 1).
-_READABLE_VERSIONS = (1, 2)
+JOURNAL_FORMAT_VERSION = 3
+#: The versions it reads (the previous release wrote 1; format 2 is format 3
+#: before its changes ``draining``, ``undrained``, ``ejected``, ``restored``,
+#: ``slos_changed``, ``policy_changed`` and ``self_preservation``).
+_READABLE_VERSIONS = (1, 2, 3)
 
 #: The most workers one snapshot line holds.
 SNAPSHOT_PART_SIZE = 4096

@@ -59,6 +59,7 @@ from crank_registry import (
     ListingQuery,
     NewerJournalFormat,
     PolicyRules,
+    Problem,
     RateLimitState,
     ReadyAnswer,
     RegisterAnswer,
@@ -130,6 +131,23 @@ _LOGGED_SKIPS = 20
 def answer(model: Any) -> JSONResponse:
     """A 200 answer: ``model`` (one of the core's answer models) as JSON."""
     return JSONResponse(unstructure(model))
+
+
+def refuse_query(request: Request) -> None:
+    """422 ``invalid_request`` naming each query parameter: the endpoint takes none.
+
+    As the listings refuse a parameter they do not know (a typo must not
+    pass silently), a JSON endpoint documented without parameters refuses
+    any rather than answer as if it were not there. (``/metrics``,
+    ``/openapi.json`` and the dashboard's files are not refused: scrapers
+    and browsers add parameters of their own.)
+    """
+    if request.query_params:
+        path = request.url.path
+        raise ValidationError(
+            Problem(name, f"unknown query parameter: {path} takes none")
+            for name in dict.fromkeys(request.query_params.keys())
+        )
 
 
 def _route_request(data: Any) -> RouteRequest:
@@ -555,6 +573,7 @@ class ControllerService:
         The revision is read before the counting yields: a follower that
         starts its feed from it sees every change the counts may miss.
         """
+        refuse_query(request)
         now = self.clock()
         revision = self.registry.revision
         counted = await listings.counts(self.registry, now=now)
@@ -594,6 +613,7 @@ class ControllerService:
         Once ready, a store outage and self-preservation are reported, not
         failed on: the controller routes through both.
         """
+        refuse_query(request)
         reason = self.not_ready()
         if reason is not None:
             raise ApiError(503, "not_ready", reason, headers={"Retry-After": "1"}, reason=reason)
@@ -770,6 +790,7 @@ class ControllerService:
 
     async def slos(self, request: Request) -> Response:
         """GET /slos: the SLO files in effect."""
+        refuse_query(request)
         return answer(SlosAnswer(slos=self.registry.slos))
 
     async def capabilities(self, request: Request) -> Response:
@@ -789,6 +810,7 @@ class ControllerService:
         worker_id = request.path_params["worker_id"]
         if not is_worker_id(worker_id):
             raise ValidationError.single("worker_id", "not a valid worker id (the path's)")
+        refuse_query(request)
         view = self.registry.get_worker(worker_id, now=self.clock())
         if view is None:
             raise WorkerNotRegistered(worker_id)
@@ -796,11 +818,7 @@ class ControllerService:
 
     async def snapshot(self, request: Request) -> Response:
         """GET /snapshot: the whole registry at its revision, streamed in slices."""
-        if request.query_params:
-            names = ", ".join(sorted(request.query_params))
-            raise ValidationError.single(
-                names.split(", ")[0], f"unknown query parameter: /snapshot takes none ({names})"
-            )
+        refuse_query(request)
         body = feed.snapshot_body(self.registry.snapshot_copy(), self.epoch, self.policy)
         return StreamingResponse(body, media_type="application/json")
 

@@ -7,8 +7,9 @@ Subcommands:
 - ``certs``: write a development CA, a controller certificate and one client
   certificate per worker (``--san`` for real host names), or renew one
   worker's (``--renew``).
-- ``workers``, ``capabilities``, ``route``, ``health``: ask a running
-  controller (:mod:`crank_registry_asgi.client_cli`).
+- ``workers``, ``worker``, ``capabilities``, ``route``, ``health``,
+  ``drain``, ``undrain``, ``watch``: ask a running controller
+  (:mod:`crank_registry_asgi.client_cli`).
 
 ``--version`` (``-V``) prints the versions of the installed distributions.
 

@@ -1,4 +1,4 @@
-"""The operator's commands: workers, capabilities, route, health, drain, undrain, watch.
+"""The operator's commands: workers, worker, capabilities, route, health, drain, undrain, watch.
 
 Each asks a running controller through
 :class:`crank_worker_client.ControllerClient` (no HTTP of its own) and prints
@@ -104,6 +104,12 @@ async def ask_workers(client: ControllerClient, args: argparse.Namespace) -> Out
     workers = await client.workers()
     document = {"workers": [unstructure(_entry(worker)) for worker in workers]}
     return document, workers_table(workers, now=time.time())
+
+
+async def ask_worker(client: ControllerClient, args: argparse.Namespace) -> Output:
+    """``worker WORKER_ID``: one worker, as ``workers`` shows it (``--json``: its entry)."""
+    worker = await client.get_worker(args.worker_id)
+    return unstructure(_entry(worker)), workers_table([worker], now=time.time())
 
 
 def workers_table(workers: Sequence[WorkerInfo], *, now: float) -> str:
@@ -253,6 +259,13 @@ COMMANDS: dict[str, tuple[str, str, Ask]] = {
         "List every registered worker: id, URL, state, age of its last heartbeat, "
         "capabilities. Follows the controller's pages to the end.",
         ask_workers,
+    ),
+    "worker": (
+        "show one worker",
+        "Show WORKER_ID as workers lists it (GET /workers/WORKER_ID); --json prints "
+        "its entry. A worker the controller does not hold is 404 "
+        "worker_not_registered: exit 1.",
+        ask_worker,
     ),
     "capabilities": (
         "list the capabilities and their healthy/total workers",
@@ -428,7 +441,7 @@ def add_client_commands(subcommands: Subcommands) -> None:
         )
         if name == "route":
             _route_flags(parser)
-        elif name in ("drain", "undrain"):
+        elif name in ("worker", "drain", "undrain"):
             parser.add_argument("worker_id", metavar="WORKER_ID", help="the worker's id")
         parser.set_defaults(handler=_runner(name, ask))
     parser = subcommands.add_parser(

@@ -115,8 +115,8 @@ ERRORS: Mapping[str, ErrorCode] = {
     "unsupported_media_type": ErrorCode(415, "The body is not sent as application/json."),
     "invalid_request": ErrorCode(
         422,
-        "The body is JSON but not the model, or a query parameter is invalid; "
-        "every problem listed.",
+        "The body is JSON but not the model, or a query parameter is invalid (or "
+        "given to an endpoint that takes none); every problem listed.",
         ("detail",),
     ),
     "forbidden": ErrorCode(
@@ -267,7 +267,15 @@ _WORKER_ID_PARAMETER: Mapping[str, Any] = {
 
 #: The controller's endpoints, in the order they are documented.
 OPERATIONS: tuple[Operation, ...] = (
-    Operation("GET", "/health", "health", "Liveness and worker counts", HealthAnswer, "Up."),
+    Operation(
+        "GET",
+        "/health",
+        "health",
+        "Liveness and worker counts",
+        HealthAnswer,
+        "Up.",
+        errors=("invalid_request",),
+    ),
     Operation(
         "GET",
         "/ready",
@@ -277,7 +285,7 @@ OPERATIONS: tuple[Operation, ...] = (
         "Ready: the journal is replayed (or the shared registry loaded); store says "
         "whether it takes writes, self_preservation whether the controller is in "
         "self-preservation (neither takes the controller out of a load balancer).",
-        errors=("not_ready",),
+        errors=("invalid_request", "not_ready"),
     ),
     Operation(
         "POST",
@@ -397,6 +405,7 @@ OPERATIONS: tuple[Operation, ...] = (
         SlosAnswer,
         "Each file's name and what it states, in the order of the names; "
         "empty without SLO files or a state directory.",
+        errors=("invalid_request",),
     ),
     Operation(
         "GET",

@@ -31,8 +31,9 @@ when its writer no longer holds the sweeper lease, or (but for
 ``restored``, which no heartbeat decides) when a later heartbeat was
 written; ``healthy`` and ``ejected`` are dropped when the record changed;
 the registry's settings (``slos_changed``, ``policy_changed``: see
-:mod:`~crank_registry_asgi.shared_settings`) are dropped when their writer
-no longer holds the lease. Registrations, deregistrations and drains
+:mod:`~crank_registry_asgi.shared_settings`) and ``self_preservation``
+(which the lease holder's sweep decides) are dropped when their writer no
+longer holds the lease. Registrations, deregistrations and drains
 always apply, in stream order. The cap on ejected workers is the fold's,
 which every replica applies alike.
 
@@ -112,6 +113,7 @@ from crank_registry import (
     NewerJournalFormat,
     PolicyChanged,
     RegistryError,
+    SelfPreservationChanged,
     SlosChanged,
     Snapshot,
     SnapshotPart,
@@ -404,7 +406,7 @@ def _condition(change: Change) -> tuple[str, float | None]:
     """When the script keeps ``change``: always, while the record is unchanged, swept, or leased.
 
     ``leased``: while its writer holds the sweeper lease (the settings the
-    lease holder publishes).
+    lease holder publishes, and self-preservation, which its sweep decides).
     """
     if isinstance(change, (WorkerUnhealthy, WorkerEvicted)):
         return "swept", change.last_heartbeat
@@ -412,7 +414,9 @@ def _condition(change: Change) -> tuple[str, float | None]:
         return "swept", None  # no heartbeat decides it: the record and the lease only
     if isinstance(change, (WorkerHealthy, WorkerEjected)):
         return "unchanged", None
-    if isinstance(change, (SlosChanged, PolicyChanged)):
+    if isinstance(change, (SlosChanged, PolicyChanged, SelfPreservationChanged)):
+        # The lease holder's alone: a controller that lost the lease (paused,
+        # cut off) must not turn self-preservation on or off for the fleet.
         return "leased", None
     # Registrations, deregistrations, drains (an operator's or the worker's
     # own act, applied in stream order) and the other registry-wide changes.

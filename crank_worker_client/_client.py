@@ -158,8 +158,9 @@ class ControllerHealth:
 
 @dataclass(frozen=True)
 class WorkerInfo:
-    """One entry of ``GET /workers``, read from the core's :class:`~crank_registry.WorkerEntry`.
+    """A worker as ``GET /workers`` lists it and ``GET /workers/{worker_id}`` answers.
 
+    Read from the core's :class:`~crank_registry.WorkerEntry`.
     ``is_healthy`` means routable now; ``state`` is the first that applies
     of ``draining``, ``ejected`` (until ``ejected_until``, for failing
     calls), then ``health``, the health state alone; ``draining``: it takes
@@ -381,26 +382,18 @@ class ControllerClient:
         """
         filters = _listing_params(verb, capability, state, page_size)
         pages = await self._listing("/workers", WorkersAnswer, filters)
-        return [
-            WorkerInfo(
-                worker_id=entry.worker_id,
-                worker_url=entry.worker_url,
-                last_heartbeat=datetime.fromisoformat(entry.last_heartbeat),
-                is_healthy=entry.is_healthy,
-                state=entry.state,
-                capabilities=tuple(parse_capability_label(label) for label in entry.capabilities),
-                load=entry.load,
-                health=_health_of(entry),
-                draining=entry.draining,
-                ejected_until=(
-                    None
-                    if entry.ejected_until is None
-                    else datetime.fromisoformat(entry.ejected_until)
-                ),
-            )
-            for page in pages
-            for entry in page.workers
-        ]
+        return [_worker_info(entry) for page in pages for entry in page.workers]
+
+    async def get_worker(self, worker_id: str) -> WorkerInfo:
+        """``GET /workers/{worker_id}``: one worker, as :meth:`workers` lists it.
+
+        Raises :class:`WorkerNotRegisteredError` when the controller does not
+        hold it (never registered, deregistered or evicted), and
+        :class:`ConfigurationError` for a ``worker_id`` that is none (it is
+        not sent).
+        """
+        entry = await self._call("GET", _worker_path(worker_id), WorkerEntry)
+        return _worker_info(entry)
 
     async def health(self) -> ControllerHealth:
         """``GET /health``: the controller's status and worker counts."""
@@ -488,12 +481,12 @@ class ControllerClient:
         that predates drain (its ``/register`` answer lists no ``drain``
         feature). ``timeout`` replaces the request timeout for this call.
         """
-        path = _drain_path(worker_id, "drain")
+        path = _worker_path(worker_id, "drain")
         return await self._call("POST", path, DrainAnswer, None, timeout)
 
     async def undrain(self, worker_id: str, *, timeout: float | None = None) -> DrainAnswer:
         """``POST /workers/{worker_id}/undrain``: it takes routes again; raises as :meth:`drain`."""
-        path = _drain_path(worker_id, "undrain")
+        path = _worker_path(worker_id, "undrain")
         return await self._call("POST", path, DrainAnswer, None, timeout)
 
     # -- plumbing ---------------------------------------------------------
@@ -843,8 +836,26 @@ def _health_of(entry: WorkerEntry) -> HealthState | None:
     return HealthState(entry.state.value)
 
 
-def _drain_path(worker_id: str, action: str) -> str:
-    """The path of a drain ``action`` of ``worker_id``; a worker id that is none is refused here.
+def _worker_info(entry: WorkerEntry) -> WorkerInfo:
+    """A ``/workers`` entry (or the ``/workers/{worker_id}`` answer) as the client's value."""
+    return WorkerInfo(
+        worker_id=entry.worker_id,
+        worker_url=entry.worker_url,
+        last_heartbeat=datetime.fromisoformat(entry.last_heartbeat),
+        is_healthy=entry.is_healthy,
+        state=entry.state,
+        capabilities=tuple(parse_capability_label(label) for label in entry.capabilities),
+        load=entry.load,
+        health=_health_of(entry),
+        draining=entry.draining,
+        ejected_until=(
+            None if entry.ejected_until is None else datetime.fromisoformat(entry.ejected_until)
+        ),
+    )
+
+
+def _worker_path(worker_id: str, action: str | None = None) -> str:
+    """The path of ``worker_id`` (and of its ``action``); a worker id that is none is refused here.
 
     (``.`` and ``..`` are worker ids a path would not carry: they are
     path segments of their own.)
@@ -853,7 +864,8 @@ def _drain_path(worker_id: str, action: str) -> str:
         raise ConfigurationError(
             f"worker_id must be 1 to 128 letters, digits, '.', '_' and '-', got {worker_id!r}"
         )
-    return f"/workers/{worker_id}/{action}"
+    path = f"/workers/{worker_id}"
+    return path if action is None else f"{path}/{action}"
 
 
 def _listing_params(

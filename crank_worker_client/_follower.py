@@ -108,9 +108,12 @@ class RegistryFollower:
     client certificate; a follower is told), for the access policy that
     the snapshot and the feed carry (the controller's rules, and its trust
     domain); ``trust_domain`` is the controller's, used only with a
-    controller whose policy does not travel (least privilege alone). A route that
-    goes to the controller (past the lag limit) waits at most
-    ``stale_route_timeout`` seconds for it. ``clock`` (monotonic seconds;
+    controller whose policy does not travel (least privilege alone).
+    ``trusted_gateway=True`` says that the controller lists ``identity``
+    with ``--trusted-gateway``: only then may a route name a
+    ``requester_identity`` (route for another identity), as the controller
+    allows it only then. A route that goes to the controller (past the lag
+    limit) waits at most ``stale_route_timeout`` seconds for it. ``clock`` (monotonic seconds;
     the event loop's by default) measures the lag; ``rng`` draws
     ``least_loaded``'s candidates.
 
@@ -131,6 +134,7 @@ class RegistryFollower:
         certificate_expiry_warning: float = DEFAULT_EXPIRY_WARNING,
         identity: str | None = None,
         trust_domain: str = DEFAULT_TRUST_DOMAIN,
+        trusted_gateway: bool = False,
         stale_route_timeout: float = 1.0,
         clock: Callable[[], float] = anyio.current_time,
         rng: random.Random | None = None,
@@ -138,6 +142,11 @@ class RegistryFollower:
         if not is_positive_seconds(stale_route_timeout):
             raise ConfigurationError(
                 f"stale_route_timeout must be a finite number > 0, got {stale_route_timeout!r}"
+            )
+        if trusted_gateway and identity is None:
+            raise ConfigurationError(
+                "trusted_gateway=True needs identity: the SPIFFE ID of this process's client "
+                "certificate, as the controller's --trusted-gateway names it"
             )
         self._client = ControllerClient(
             controller_url,
@@ -150,6 +159,7 @@ class RegistryFollower:
         self.controller_url = self._client.controller_url
         self._identity = identity
         self._trust_domain = trust_domain
+        self._trusted_gateway = trusted_gateway
         # The options of a route that names none: only this process's identity, if any.
         self._plain = None if identity is None else RouteOptions(requester_identity=identity)
         self._stale_route_timeout = stale_route_timeout
@@ -252,14 +262,35 @@ class RegistryFollower:
         :class:`InvalidRequest` naming an invalid option. Answered from the
         replica without I/O while the lag is within its limit; past it,
         asked of the controller (module docstring). ``requester_identity``
-        routes for that identity instead of this follower's ``identity``
-        (the replica is in the caller's own process: no gateway to trust).
+        routes for that identity instead of this follower's ``identity``,
+        and only for a follower made with ``trusted_gateway=True``: from any
+        other it is :class:`ForbiddenError`, fresh or past the lag limit,
+        as the controller's ``/route`` answers a caller that no
+        ``--trusted-gateway`` names (a route must not work from the replica
+        and fail once it asks the controller).
         A ``least_loaded`` route counts a hand-out that fades after one
         heartbeat interval; :meth:`reserve` counts a call until it ends.
         """
         replica = self._replica
         if replica is None:
             raise RuntimeError("the follower has no replica yet: use it in `async with`")
+        if requester_identity is not None and not self._trusted_gateway:
+            # The controller reads the request first (422), then refuses the field (403).
+            _check_request(
+                _route_body(
+                    verb,
+                    capability,
+                    version=version,
+                    exclude=exclude,
+                    slo_constraints=slo_constraints,
+                    budget_tokens=budget_tokens,
+                    strategy=strategy,
+                    affinity_key=affinity_key,
+                    idempotency_key=idempotency_key,
+                    requester_identity=requester_identity,
+                )
+            )
+            raise self._requester_refused()
         now = self._clock()
         if now - self._heard_at > self._lag_limit and now >= self._ask_controller_after:
             answer = await self._route_through_controller(
@@ -302,18 +333,17 @@ class RegistryFollower:
             if endpoint is None:
                 raise self._no_worker(verb, capability)
             return endpoint
-        body: dict[str, Any] = {"verb": verb, "capability": capability}
-        body.update(
-            _given(
-                version=version,
-                exclude=exclude,
-                slo_constraints=slo_constraints,
-                budget_tokens=budget_tokens,
-                strategy=strategy,
-                affinity_key=affinity_key,
-                idempotency_key=idempotency_key,
-                requester_identity=requester_identity,
-            )
+        body = _route_body(
+            verb,
+            capability,
+            version=version,
+            exclude=exclude,
+            slo_constraints=slo_constraints,
+            budget_tokens=budget_tokens,
+            strategy=strategy,
+            affinity_key=affinity_key,
+            idempotency_key=idempotency_key,
+            requester_identity=requester_identity,
         )
         ask = _check_request(body)
         try:
@@ -523,6 +553,19 @@ class RegistryFollower:
         )
         return _as_client_error(404, unstructure(body), {})
 
+    def _requester_refused(self) -> ControllerError:
+        """:class:`ForbiddenError`: the controller's 403 to an untrusted requester_identity."""
+        who = "an anonymous follower" if self._identity is None else f"follower {self._identity!r}"
+        body = ErrorAnswer(
+            error="forbidden",
+            message=(
+                "requester_identity is accepted only from an identity named by the "
+                f"controller's --trusted-gateway, and {who} is not made with "
+                "trusted_gateway=True; drop the field to route as yourself"
+            ),
+        )
+        return _as_client_error(403, unstructure(body), {})
+
     def _denied(self, denial: CorePolicyDenied) -> ControllerError:
         """:class:`PolicyDenied`, as the controller's 403 makes it."""
         body = ErrorAnswer(
@@ -559,8 +602,12 @@ def _check_request(body: Mapping[str, Any]) -> RouteRequest:
         raise _invalid(error) from None
 
 
-def _given(**options: Any) -> dict[str, Any]:
-    """The options given, in their JSON form (as ``ControllerClient.route`` sends them)."""
+def _route_body(verb: str, capability: str, **options: Any) -> dict[str, Any]:
+    """A ``POST /route`` body: the pair and the options given, in their JSON form.
+
+    As :meth:`ControllerClient.route` sends them: options that are ``None``
+    are left out.
+    """
     if isinstance(options.get("exclude"), str):
         raise TypeError("exclude: a collection of worker ids, not one string")
     body = {name: value for name, value in options.items() if value is not None}
@@ -568,4 +615,4 @@ def _given(**options: Any) -> dict[str, Any]:
         body["exclude"] = list(body["exclude"])
     if "slo_constraints" in body:
         body["slo_constraints"] = dict(body["slo_constraints"])
-    return body
+    return {"verb": verb, "capability": capability, **body}

@@ -179,6 +179,23 @@ def test_workers_json_is_the_controllers_answer(
     assert json.loads(out) == {"workers": listing["workers"]}
 
 
+def test_worker_shows_one_worker_as_workers_does(
+    controller: ServerProcess, pki: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, err = ask(controller, pki, capsys, "worker", "a")
+    assert (status, err) == (0, "")
+    header, row = columns(out)
+    assert header[:3] == ["WORKER ID", "URL", "STATE"] and len(header) == 8
+    assert row[:3] == ["a", "https://a.example:8443", "healthy"]
+    assert row[4:] == ["3", "41.5 ms", "2.0%", "classify:image.classify, summarize:text.summarize"]
+    status, out, _ = ask(controller, pki, capsys, "worker", "b", "--json")
+    assert status == 0
+    assert json.loads(out) == controller_answer(controller, pki, "GET", "/workers/b")
+    status, out, err = ask(controller, pki, capsys, "worker", "nobody")
+    assert (status, out) == (1, "")
+    assert "404 worker_not_registered" in err and len(err.splitlines()) == 1
+
+
 def test_capabilities_table_and_json(
     controller: ServerProcess, pki: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -629,6 +629,24 @@ async def test_listings_follow_next_cursor_and_send_the_filters() -> None:
     assert queries == [filters, {**filters, "cursor": "c2"}]
 
 
+async def test_get_worker_answers_one_worker_as_the_listing_does_against_the_real_app() -> None:
+    async with running() as api:
+        await api.register("w1", capabilities=[capability_payload()])
+        await api.register("w2", capabilities=[capability_payload("text.summarize", "summarize")])
+        transport = httpx.ASGITransport(app=api.app)
+        async with ControllerClient(URL, transport=transport) as client:
+            listed = {worker.worker_id: worker for worker in await client.workers()}
+            one = await client.get_worker("w2")
+            assert one == listed["w2"]
+            assert one.capabilities == (("summarize", "text.summarize"),)
+            await api.post("/deregister", {"worker_id": "w2"})
+            with pytest.raises(WorkerNotRegisteredError) as missing:
+                await client.get_worker("w2")
+            assert (missing.value.status, missing.value.code) == (404, "worker_not_registered")
+            with pytest.raises(ConfigurationError, match="worker_id"):
+                await client.get_worker("..")  # a path segment, not a worker id: not sent
+
+
 async def test_works_without_a_context_manager_and_reopens_after_aclose() -> None:
     client = client_for(answer(200, {"status": "ok", "total_workers": 0, "healthy_workers": 0}))
     assert (await client.health()).status == "ok"

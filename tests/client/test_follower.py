@@ -19,9 +19,11 @@ import pytest
 from crank_registry import HealthPolicy, Registration, ValidationError, WorkerEndpoint
 from crank_registry_asgi import ServiceConfig, create_app
 from crank_worker_client import (
+    ConfigurationError,
     ControllerClient,
     ControllerError,
     ControllerUnavailable,
+    ForbiddenError,
     InvalidRequest,
     NoWorkerAvailable,
     PolicyDenied,
@@ -34,6 +36,7 @@ from crank_worker_client import (
 from crank_worker_client._feed import replica_of
 from tests.builders import capability
 from tests.client.helpers import InProcessController
+from tests.service.helpers import CertificateAuthority, WithClientCertificate
 
 pytestmark = pytest.mark.anyio
 
@@ -63,9 +66,9 @@ class FeedSwitch(httpx.AsyncBaseTransport):
 
 
 def start_controller(
-    task_group: anyio.abc.TaskGroup, *, feed_window: int = 100_000
+    task_group: anyio.abc.TaskGroup, *, feed_window: int = 100_000, **fields: Any
 ) -> InProcessController:
-    config = ServiceConfig(policy=POLICY, feed_window=feed_window)
+    config = ServiceConfig(policy=POLICY, feed_window=feed_window, **fields)
     return InProcessController(
         task_group, lambda: create_app(config=config, clock=lambda: EPOCH + anyio.current_time())
     )
@@ -265,10 +268,80 @@ async def test_a_follower_applies_least_privilege_for_its_identity(
             with pytest.raises(PolicyDenied):
                 await follower.route(*CLASSIFY, strategy="least_loaded")
             assert (await anonymous.route(*CLASSIFY)).worker_id == "w1"
-            with pytest.raises(PolicyDenied):
-                await anonymous.route(
-                    *CLASSIFY, requester_identity="spiffe://crank.local/worker/caller"
-                )
+
+
+GATEWAY = "spiffe://crank.local/client/platform"
+CALLER = "spiffe://crank.local/worker/caller"
+
+
+class AsGateway(FeedSwitch):
+    """:class:`FeedSwitch` whose requests carry the client certificate of :data:`GATEWAY`."""
+
+    def __init__(self, controller: InProcessController) -> None:
+        super().__init__(controller)
+        self.pem = CertificateAuthority().issue(GATEWAY)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.paths.append(request.url.path)
+        if self.cut and request.url.path in ("/watch", "/snapshot"):
+            raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
+        app = WithClientCertificate(self.controller.app)
+        app.pem = self.pem
+        return await httpx.ASGITransport(app=app).handle_async_request(request)
+
+
+async def test_a_requester_identity_is_refused_fresh_or_stale_unless_a_trusted_gateway() -> None:
+    async with anyio.create_task_group() as tg:
+        controller = start_controller(tg, trusted_gateways=(GATEWAY,))
+        await controller.start()
+        caller = capability(verb="call", name="caller", required_capabilities=["classify:other"])
+        switch = AsGateway(controller)
+        async with (
+            ControllerClient(URL, transport=controller.transport) as client,
+            agent(controller, "w1"),
+        ):
+            await client.register(Registration("caller", "https://caller.test:8443", (caller,)))
+            async with (
+                follower_of(switch, identity=GATEWAY, trusted_gateway=True) as gateway,
+                follower_of(switch, identity=GATEWAY) as untrusted,
+                follower_of(switch) as anonymous,
+            ):
+                for stale in (False, True):
+                    if stale:
+                        switch.cut = True
+                        await anyio.sleep(2 * gateway.lag_limit)
+                        assert gateway.lag > gateway.lag_limit
+                    asked = switch.paths.count("/route")
+                    # The gateway routes for its callers, under their policy.
+                    with pytest.raises(PolicyDenied) as denied:
+                        await gateway.route(*CLASSIFY, requester_identity=CALLER)
+                    assert "classify:other" in str(denied.value.reason)
+                    for_web = await gateway.route(
+                        *CLASSIFY, requester_identity="spiffe://crank.local/client/web"
+                    )
+                    assert for_web.worker_id == "w1"
+                    assert switch.paths.count("/route") == asked + (2 if stale else 0)
+                    # Any other follower is refused as the controller refuses it: 403 forbidden.
+                    for follower in (untrusted, anonymous):
+                        with pytest.raises(ForbiddenError) as refused:
+                            await follower.route(*CLASSIFY, requester_identity=CALLER)
+                        assert (refused.value.status, refused.value.code) == (403, "forbidden")
+                        assert "trusted_gateway=True" in str(refused.value)
+                        # An invalid request is refused for that first, as the controller does.
+                        with pytest.raises(InvalidRequest):
+                            await follower.route(
+                                *CLASSIFY, requester_identity=CALLER, budget_tokens=-1
+                            )
+                    assert switch.paths.count("/route") == asked + (2 if stale else 0)
+            # The controller itself refuses an anonymous caller the same way.
+            with pytest.raises(ForbiddenError):
+                await client.route(*CLASSIFY, requester_identity=CALLER)
+        await controller.stop()
+
+
+def test_a_trusted_gateway_follower_needs_its_identity() -> None:
+    with pytest.raises(ConfigurationError, match="trusted_gateway=True needs identity"):
+        RegistryFollower(URL, trusted_gateway=True)
 
 
 async def test_past_its_lag_limit_a_follower_asks_the_controller_until_it_catches_up(

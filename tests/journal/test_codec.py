@@ -55,7 +55,7 @@ def test_every_event_round_trips(event: Event) -> None:
     assert line.endswith(b"\n") and line.count(b"\n") == 1
     assert line.isascii()
     data = json.loads(line)
-    assert data["v"] == JOURNAL_FORMAT_VERSION == 2
+    assert data["v"] == JOURNAL_FORMAT_VERSION == 3
     assert isinstance(data["type"], str)
     if not isinstance(event, HeartbeatReceived):
         assert data["revision"] == event.revision
@@ -93,7 +93,7 @@ def test_snapshot_writes_each_capability_once() -> None:
     workers = tuple(WorkerRecord(f"w{i}", "http://h:1", shared, T0) for i in range(10))
     (line,) = encode_snapshot(Snapshot(3, workers))
     data = json.loads(line)
-    assert (data["v"], data["revision"]) == (2, 3)
+    assert (data["v"], data["revision"]) == (JOURNAL_FORMAT_VERSION, 3)
     assert data["capabilities"] == [unstructure(capability())]
     assert data["capability_sets"] == [[0]]
     assert data["worker_sets"] == [0] * 10
@@ -622,12 +622,14 @@ def test_replay_bytes_equals_replay_of_the_file(lines: list[bytes], tail: bytes)
 def test_a_newer_version_stops_the_replay_naming_both_versions() -> None:
     lines = _three_workers()
     future = json.loads(lines[1])
-    future["v"] = 3
-    with pytest.raises(NewerJournalFormat, match="format 3; this release reads formats 1, 2"):
+    future["v"] = 4
+    with pytest.raises(
+        NewerJournalFormat, match="format 4; this release reads formats 1, 2, 3 and writes 3"
+    ):
         replayed([lines[0], json.dumps(future).encode() + b"\n", lines[2]])
     with pytest.raises(NewerJournalFormat) as caught:
         decode_line(json.dumps(future))
-    assert caught.value.version == 3
+    assert caught.value.version == 4
 
 
 @pytest.mark.parametrize("version", [0, -1, "2", None, True, 2.0])
@@ -797,3 +799,37 @@ def test_the_previous_releases_journal_replays_to_the_workers_it_restored() -> N
     assert {json.loads(line)["v"] for line in lines} == {JOURNAL_FORMAT_VERSION}
     again, _ = replayed(lines)
     assert (again.records(), again.revision) == (registry.records(), 6)
+
+
+def test_a_journal_of_format_2_replays_to_the_workers_its_writer_restored() -> None:
+    """A journal of format 2, as the release before format 3's changes left it on disk.
+
+    ``fixtures/journal-format-2.jsonl`` was written by the service at commit
+    9ec7ec4 (format 2, before ``slos_changed`` and the other changes format 3
+    adds), in-process on a fake clock, with snapshot parts of 2 workers:
+    four registrations, heartbeats and a deregistration folded into a
+    compaction (its epoch line, then a snapshot of two parts), then a
+    registration, heartbeats, a worker unhealthy and healthy again, another
+    unhealthy then evicted, and a re-registration.
+    ``fixtures/journal-format-2.restored.json`` holds the records that
+    release's ``replay_bytes`` and ``restart`` gave for it.
+    """
+    data = (FIXTURES / "journal-format-2.jsonl").read_bytes()
+    assert {json.loads(line)["v"] for line in data.splitlines()} == {2}
+    expected = structure(
+        json.loads((FIXTURES / "journal-format-2.restored.json").read_text()),
+        tuple[WorkerRecord, ...],
+    )
+    registry, result = replayed_bytes(data)
+    assert (result.lines_read, result.lines_skipped, result.workers_dropped) == (15, 0, 0)
+    assert not result.torn_tail
+    assert result.epoch is not None
+    assert registry.revision == 11
+    registry.restart()
+    assert registry.records() == list(expected)
+    assert ids(registry) == ["a", "c", "e"]
+    # A compaction writes format 3, which replays to the same.
+    lines = encode_snapshot(registry.snapshot())
+    assert {json.loads(line)["v"] for line in lines} == {JOURNAL_FORMAT_VERSION} == {3}
+    again, _ = replayed(lines)
+    assert (again.records(), again.revision) == (registry.records(), 11)

@@ -213,7 +213,7 @@ async def test_corrupted_lines_are_skipped_and_counted(tmp_path: pathlib.Path) -
     path = tmp_path / JOURNAL_NAME
     good = path.read_bytes()
     other = good.replace(b'"a"', b'"b"').replace(b'"revision":1', b'"revision":2')
-    unreadable_version = good.replace(b'"v":2', b'"v":"2"').replace(b'"a"', b'"z"')
+    unreadable_version = good.replace(b'"v":3', b'"v":"3"').replace(b'"a"', b'"z"')
     path.write_bytes(good + b"\x00garbage\n" + unreadable_version + other)
 
     second = Controller(tmp_path)
@@ -222,7 +222,7 @@ async def test_corrupted_lines_are_skipped_and_counted(tmp_path: pathlib.Path) -
     assert (len(second.registry), result.lines_read, result.lines_skipped) == (2, 4, 2)
     assert ids(second.registry) == ["a", "b"]
     assert [s.line_number for s in result.skipped] == [2, 3]
-    assert "version '2'" in result.skipped[1].reason
+    assert "version '3'" in result.skipped[1].reason
 
 
 # ------------------------------------------------------------------ start-up failures

@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from crank_registry import (
+    JOURNAL_FORMAT_VERSION,
     HeartbeatReceived,
     ValidationError,
     decode_heartbeat_line,
@@ -29,7 +30,7 @@ def _by_the_converter(line: bytes) -> HeartbeatReceived | None:
         data = json.loads(line)
     except ValueError:
         return None
-    if not isinstance(data, dict) or data.pop("v", None) != 2:
+    if not isinstance(data, dict) or data.pop("v", None) != JOURNAL_FORMAT_VERSION:
         return None
     try:
         event = structure_event(data)
@@ -64,5 +65,8 @@ def test_a_changed_heartbeat_line_is_read_alike_or_left_to_the_converter(
 
 def test_numbers_json_refuses_are_left_to_the_converter() -> None:
     for at in (b"01.5", b"1.", b".5", b"1e400", b"NaN", b"Infinity", b"+1.0"):
-        line = b'{"v":2,"type":"heartbeat","worker_id":"w","at":%s}\n' % at
+        line = b'{"v":%d,"type":"heartbeat","worker_id":"w","at":%s}\n' % (
+            JOURNAL_FORMAT_VERSION,
+            at,
+        )
         assert decode_heartbeat_line(line) is None, at

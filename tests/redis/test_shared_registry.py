@@ -226,7 +226,7 @@ async def test_a_newer_format_in_the_stream_stops_applying_and_refuses_writes() 
             assert response.json()["error"] == "incompatible_peer"
             assert "w1" in a.registry
             # A controller that starts on it refuses to start, naming both versions.
-            with pytest.raises(RedisStoreError, match="format 99; this release reads up to 2"):
+            with pytest.raises(RedisStoreError, match="format 99; this release reads up to 3"):
                 async with controller(url, prefix, "b", clock):
                     pass
             await raw.aclose()

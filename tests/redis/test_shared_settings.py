@@ -4,7 +4,8 @@ A starts first and holds the lease: its ``--policy`` file and SLO files are
 the registry's. B, with other files, routes under the registry's and says
 so once per difference; when A stops, B takes the lease over and publishes
 its own. A controller that does not hold the lease cannot publish: the
-script drops what it writes.
+script drops what it writes, and so it drops a ``self_preservation`` change
+(the lease holder's sweep decides it) from any other controller.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import anyio
 import anyio.abc
 import pytest
 
-from crank_registry import AccessRules
+from crank_registry import AccessRules, SelfPreservationChanged
 from crank_registry.testing import FakeClock
 from tests.redis.helpers import controller, machine_url, unique_prefix, wait_until
 from tests.service.helpers import Controller
@@ -183,3 +184,36 @@ async def test_a_controller_without_the_lease_cannot_publish(tmp_path: Path) -> 
             await b.service.publish_access_rules(AccessRules(default="deny"))
             assert b.registry.revision == a.registry.revision == revision
             assert b.registry.access_rules == a.registry.access_rules == AccessRules()
+
+
+async def test_self_preservation_from_a_controller_without_the_lease_is_dropped() -> None:
+    url = machine_url()
+    clock = FakeClock()
+    with unique_prefix(url) as prefix:
+        async with (
+            controller(url, prefix, "a", clock) as a,
+            controller(url, prefix, "b", clock) as b,
+        ):
+            assert a.service.store.holds_lease() and not b.service.store.holds_lease()
+
+            def begins(api: Controller) -> SelfPreservationChanged:
+                return SelfPreservationChanged(
+                    clock(),
+                    True,
+                    "workers_fell_silent",
+                    6,
+                    10,
+                    revision=api.registry.revision + 1,
+                )
+
+            revision = b.registry.revision
+            # As a paused holder's sweep would, after its lease expired: the script drops it.
+            assert await b.service.effects.commit([begins(b)]) == ()
+            assert b.registry.revision == a.registry.revision == revision
+            assert b.registry.self_preservation is None
+            # The holder's is written, and every replica applies it.
+            (written,) = await a.service.effects.commit([begins(a)])
+            assert written.revision == revision + 1
+            await wait_until(lambda: b.registry.revision == revision + 1, what="B applies it")
+            assert a.registry.self_preservation is not None
+            assert b.registry.self_preservation is not None

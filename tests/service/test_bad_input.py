@@ -327,3 +327,24 @@ async def test_execute_without_the_gateway_says_how_to_serve_it() -> None:
         # Any other unknown path is only named.
         other = await api.request("POST", "/executes", content=route(), headers=JSON)
         assert other.json()["message"] == "no such path: /executes"
+
+
+@pytest.mark.parametrize("path", ["/health", "/ready", "/slos", "/snapshot", "/workers/w1"])
+async def test_a_query_parameter_to_an_endpoint_that_takes_none_is_422_naming_each(
+    path: str,
+) -> None:
+    async with running() as api:
+        await api.register("w1")
+        assert (await api.get(path)).status_code == 200
+        response = await api.get(f"{path}?verbose=1&x=2&x=3")
+        assert response.status_code == 422, response.text
+        body = response.json()
+        assert body["error"] == "invalid_request"
+        assert [problem["path"] for problem in body["detail"]] == ["verbose", "x"]
+        assert f"{path} takes none" in body["message"]
+
+
+async def test_metrics_the_document_and_the_dashboard_take_the_parameters_others_add() -> None:
+    async with running() as api:
+        for path in ("/metrics", "/openapi.json", "/ui"):
+            assert (await api.get(f"{path}?_=1700000000")).status_code == 200

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import pathlib
 
 import httpx
 import pytest
 
+from crank_registry import JOURNAL_FORMAT_VERSION
 from crank_registry.testing import FakeClock
 from crank_registry_asgi import ServiceConfig, create_app
 from crank_registry_asgi.journal import JournalError
@@ -96,3 +98,45 @@ async def test_writes_after_shutdown_are_refused(tmp_path: pathlib.Path) -> None
         assert response.status_code == 503
         assert response.json()["error"] == "journal_unavailable"
         assert "w2" not in app.state.service.registry
+
+
+FORMAT_2 = pathlib.Path(__file__).parents[1] / "journal" / "fixtures" / "journal-format-2.jsonl"
+
+
+async def test_a_journal_of_format_2_is_served_and_written_in_format_3_from_then_on(
+    tmp_path: pathlib.Path,
+) -> None:
+    journal = tmp_path / "registry.jsonl"
+    journal.write_bytes(FORMAT_2.read_bytes())
+    config = ServiceConfig(state_dir=tmp_path)
+    async with running(config) as api:
+        workers = await api.workers()
+        assert sorted(workers) == ["a", "c", "e"]
+        assert {entry["state"] for entry in workers.values()} == {"unverified"}
+        await api.register("w9")
+        versions = [json.loads(line)["v"] for line in journal.read_bytes().splitlines()]
+        assert set(versions[:15]) == {2} and set(versions[15:]) == {JOURNAL_FORMAT_VERSION}
+        await api.service.effects.journal.compact()
+    assert {json.loads(line)["v"] for line in journal.read_bytes().splitlines()} == {3}
+    async with running(config) as api:
+        assert sorted(await api.workers()) == ["a", "c", "e", "w9"]
+
+
+async def test_a_journal_of_a_newer_format_refuses_to_start_naming_it_and_both_versions(
+    tmp_path: pathlib.Path,
+) -> None:
+    config = ServiceConfig(state_dir=tmp_path)
+    async with running(config) as api:
+        await api.register("w1")
+    journal = tmp_path / "registry.jsonl"
+    newer = {"v": JOURNAL_FORMAT_VERSION + 1, "type": "a change of that format", "revision": 2}
+    journal.write_bytes(journal.read_bytes() + json.dumps(newer).encode() + b"\n")
+    written = journal.read_bytes()
+    app = create_app(config=config, clock=FakeClock())
+    with pytest.raises(JournalError) as refused:
+        async with app.router.lifespan_context(app):
+            pass
+    message = str(refused.value)
+    assert str(journal) in message
+    assert "journal format 4; this release reads formats 1, 2, 3 and writes 3" in message
+    assert journal.read_bytes() == written  # not skipped, compacted nor written over
