@@ -8,8 +8,9 @@ For 10 000 and 100 000 workers it writes a journal as compaction leaves it
 then heartbeat lines up to the same size again: the largest the file gets
 with the default ratio of 2), then times what the service's lifespan does
 on start: ``Journal.open`` + ``Journal.read``, ``replay_bytes`` into an
-empty registry (every value read back passes the wire model's checks, and
-every change goes through the registry's one fold) and
+empty registry (every value read back passes the wire model's checks and,
+once per distinct schema, the service's JSON Schema check; every change goes
+through the registry's one fold) and
 ``CapabilityRegistry.restart``, each run in a new process, as a restarted
 controller starts, with the cyclic collector paused as ``crank-registry
 serve`` pauses it. Two fleet shapes:
@@ -52,6 +53,7 @@ from crank_registry import (
 )
 from crank_registry_asgi.effects import RegistrySnapshots
 from crank_registry_asgi.journal import JOURNAL_NAME, Journal
+from crank_registry_asgi.schemas import capability_schema_problems
 
 START = 1_700_000_000.0
 TARGET_SECONDS = 2.0
@@ -143,7 +145,7 @@ def recover_here(state_dir: pathlib.Path) -> None:
     # As `crank-registry serve` recovers (ServiceConfig.pause_gc_during_recovery).
     gc.disable()
     replay_started = time.perf_counter()
-    result = replay_bytes(data, registry)
+    result = replay_bytes(data, registry, capability_check=capability_schema_problems)
     restart_started = time.perf_counter()
     registry.restart()
     ended = time.perf_counter()

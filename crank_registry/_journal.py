@@ -49,7 +49,10 @@ Every line is one JSON object with the format version ``"v"`` and a
   else is read from the line; a line whose checksum fails is skipped. A
   checksum detects damage, it does not vouch for content: every value read
   back passes the wire model's checks, through the converter, and a line
-  holding one that does not is skipped (its workers with it).
+  holding one that does not is skipped (its workers with it). A reader may
+  add a check of its own for capabilities (:data:`CapabilityCheck`: the
+  service holds schemas to JSON Schema validity); a capability it refuses
+  costs only the workers offering it.
 
 Replay: a run of snapshot parts (consecutive parts of one revision) is
 applied as one snapshot, then each event in order. The revision is the
@@ -97,13 +100,13 @@ import json
 import math
 import re
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from ._converter import structure, structure_event, unstructure, unstructure_event
-from ._errors import RegistryError, ValidationError
+from ._errors import Problem, RegistryError, ValidationError
 from ._events import (
     Change,
     Event,
@@ -126,11 +129,13 @@ if TYPE_CHECKING:
 __all__ = [
     "JOURNAL_FORMAT_VERSION",
     "SNAPSHOT_PART_SIZE",
+    "CapabilityCheck",
     "JournalDecodeError",
     "JournalEntry",
     "JournalReader",
     "EpochLine",
     "NewerJournalFormat",
+    "RefusedCapability",
     "ReplayResult",
     "SkippedLine",
     "SnapshotPart",
@@ -152,6 +157,12 @@ _READABLE_VERSIONS = (1, 2, 3)
 
 #: The most workers one snapshot line holds.
 SNAPSHOT_PART_SIZE = 4096
+
+#: A check a reader adds to the wire model's for every capability it reads
+#: back: the capability's problems (paths relative to it), none when it
+#: passes. The service's holds the schemas to JSON Schema validity, which
+#: the core cannot check (it does not depend on jsonschema).
+CapabilityCheck = Callable[[CapabilitySchema], Sequence[Problem]]
 
 _SNAPSHOT_TYPE = "snapshot"
 _EPOCH_TYPE = "epoch"
@@ -220,9 +231,10 @@ class SnapshotPart:
     """One line of a snapshot: some of the workers of the registry at ``revision``.
 
     ``dropped`` counts its workers left out because their capabilities were
-    on an earlier part that could not be read. The first part (``part``
-    0) carries the registry's settings, ``access_policy``, ``slos`` and
-    ``self_preservation``.
+    on an earlier part that could not be read, or were refused by the
+    reader's :data:`CapabilityCheck` (``refused`` says which, and why). The
+    first part (``part`` 0) carries the registry's settings,
+    ``access_policy``, ``slos`` and ``self_preservation``.
     """
 
     revision: int
@@ -233,6 +245,7 @@ class SnapshotPart:
     access_policy: AccessRules | None = None
     slos: tuple[SloFile, ...] = ()
     self_preservation: float | None = None
+    refused: tuple[str, ...] = ()
 
 
 #: What an epoch is: the random name of a registry's history.
@@ -259,13 +272,26 @@ class SkippedLine:
 
 
 @attrs.frozen
+class RefusedCapability:
+    """A capability of a snapshot line that the replay's check refused: its 1-based number and why.
+
+    The line was used; the workers offering that capability were left out
+    (counted in :attr:`ReplayResult.workers_dropped`).
+    """
+
+    line_number: int
+    reason: str
+
+
+@attrs.frozen
 class ReplayResult:
     """What a replay did.
 
     ``lines_skipped`` counts damaged, unknown-version, refused and torn
     lines; ``skipped`` says which and why. ``workers_dropped`` counts the
     workers of readable snapshot parts left out because their capabilities
-    were on a skipped part.
+    were on a skipped part, or were refused by the replay's check
+    (``refused`` says which).
     """
 
     lines_read: int
@@ -275,6 +301,7 @@ class ReplayResult:
     workers_dropped: int = 0
     #: The epoch of the last epoch line read; ``None``: the journal has none.
     epoch: str | None = None
+    refused: tuple[RefusedCapability, ...] = ()
 
 
 # --------------------------------------------------------------------- encode
@@ -433,14 +460,23 @@ class JournalReader:
     It remembers the capabilities and capability sets numbered by the
     snapshot parts it has read, which the parts after them refer to, and
     the last revision, which numbers the changes of format 1.
+
+    ``capability_check`` (see :data:`CapabilityCheck`) is held to every
+    capability read back, after the wire model's checks: a change whose
+    capability it refuses is a line that cannot be read, as one failing
+    those checks is; in a snapshot part, only the workers offering that
+    capability are left out (the part's ``refused`` and ``dropped``).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, capability_check: CapabilityCheck | None = None) -> None:
+        self._capability_check = capability_check
         # The current snapshot's capabilities and capability sets by number
         # (numbers written only on parts that could not be read are missing;
         # a set with a missing capability is None), and the next numbers.
         self._capabilities: dict[int, CapabilitySchema] = {}
         self._sets: dict[int, tuple[CapabilitySchema, ...] | None] = {}
+        # The current snapshot's capabilities the check refused, by number.
+        self._refused: set[int] = set()
         self._next_capability = 0
         self._next_set = 0
         self._revision = 0
@@ -486,6 +522,7 @@ class JournalReader:
         try:
             event = structure_event(data)
             _check_read_back(event)
+            self._check_capabilities(event)
         except ValidationError as error:
             raise JournalDecodeError(f"invalid {data.get('type')!r} line: {error}") from None
         if isinstance(event, Change):
@@ -522,17 +559,26 @@ class JournalReader:
         if type(drains) is not list or len(drains) != len(worker_ids):
             raise JournalDecodeError("snapshot: draining must be a list, one per worker")
         if part == 0:
-            self._capabilities, self._sets = {}, {}
+            self._capabilities, self._sets, self._refused = {}, {}, set()
             self._next_capability = self._next_set = 0
         # Format 2 repeats the previous part's numbers (it starts earlier).
         first_capability = _first_number(
             data, "first_capability", 0 if version > 1 else self._next_capability
         )
         first_set = _first_number(data, "first_set", 0 if version > 1 else self._next_set)
-        known = self._capabilities
+        known, refused = self._capabilities, []
         for number, raw_capability in zip(itertools.count(first_capability), capabilities):
-            if number not in known:  # else read on the part before, and checked there
-                known[number] = self._capability(raw_capability, number - first_capability)
+            if number in known or number in self._refused:
+                continue  # read on the part before, and checked there
+            index = number - first_capability
+            capability = self._capability(raw_capability, index)
+            problems = self._capability_problems(capability)
+            if problems:
+                # Left out like a capability on a lost part: its sets' workers are dropped.
+                self._refused.add(number)
+                refused.append(str(ValidationError(problems).prefixed(f"capabilities[{index}]")))
+            else:
+                known[number] = capability
         self._next_capability = max(self._next_capability, first_capability + len(capabilities))
         for number, raw_set in zip(itertools.count(first_set), raw_sets):
             if number not in self._sets or self._sets[number] is None:
@@ -569,7 +615,9 @@ class JournalReader:
             )
         self._revision = max(self._revision, revision)
         settings = self._settings(data) if part == 0 else (None, (), None)
-        return SnapshotPart(revision, tuple(records), part, parts, dropped, *settings)
+        return SnapshotPart(
+            revision, tuple(records), part, parts, dropped, *settings, refused=tuple(refused)
+        )
 
     def _settings(
         self, data: dict[str, Any]
@@ -593,8 +641,26 @@ class JournalReader:
             reason = error.prefixed(f"capabilities[{index}]")
             raise JournalDecodeError(f"snapshot: {reason}") from None
 
+    def _capability_problems(self, capability: CapabilitySchema) -> Sequence[Problem]:
+        return () if self._capability_check is None else self._capability_check(capability)
+
+    def _check_capabilities(self, event: Event) -> None:
+        """Hold a change's capabilities to the reader's check (raises :class:`ValidationError`)."""
+        if not isinstance(event, (WorkerRegistered, WorkerImported)):
+            return
+        problems: list[Problem] = []
+        for index, capability in enumerate(event.capabilities):
+            found = self._capability_problems(capability)
+            if found:
+                problems += ValidationError(found).prefixed(f"capabilities[{index}]").problems
+        if problems:
+            raise ValidationError(problems)
+
     def _capability_set(self, numbers: Any) -> tuple[CapabilitySchema, ...] | None:
-        """The capabilities a set numbers; ``None``: one was on a part that could not be read."""
+        """The capabilities a set numbers; ``None``: one was on a part that could not be read.
+
+        Or the reader's check refused it.
+        """
         if type(numbers) is not list or not numbers or not all(map(_is_int, numbers)):
             raise JournalDecodeError(
                 "snapshot: a capability set is not a non-empty list of numbers"
@@ -685,17 +751,23 @@ def _is_int(value: Any) -> bool:
 # --------------------------------------------------------------------- replay
 
 
-def replay(lines: Iterable[bytes | str], registry: CapabilityRegistry) -> ReplayResult:
+def replay(
+    lines: Iterable[bytes | str],
+    registry: CapabilityRegistry,
+    *,
+    capability_check: CapabilityCheck | None = None,
+) -> ReplayResult:
     """Apply journal lines (each ending in a newline, as a file yields them) to ``registry``.
 
     A last line without its newline, or that cannot be read, is torn: the
     process died while writing it, so it was never acknowledged and is
     dropped. Any other line that cannot be read or applied is skipped.
     Both are counted in ``lines_skipped``. Raises :class:`NewerJournalFormat`
-    at a line of a newer format.
+    at a line of a newer format. ``capability_check``: see :class:`JournalReader`.
     """
-    reader = JournalReader()
+    reader = JournalReader(capability_check)
     skipped: list[SkippedLine] = []
+    refused: list[RefusedCapability] = []
     torn = False
     dropped = 0
     # The run of snapshot parts being read, with their line numbers.
@@ -759,6 +831,7 @@ def replay(lines: Iterable[bytes | str], registry: CapabilityRegistry) -> Replay
                     apply_parts()  # another snapshot starts
                 parts.append((number, entry))
                 dropped += entry.dropped
+                refused.extend(RefusedCapability(number, reason) for reason in entry.refused)
                 continue
             apply_parts()
             if isinstance(entry, EpochLine):
@@ -778,12 +851,18 @@ def replay(lines: Iterable[bytes | str], registry: CapabilityRegistry) -> Replay
         skipped=tuple(skipped),
         workers_dropped=dropped,
         epoch=epoch,
+        refused=tuple(refused),
     )
 
 
-def replay_bytes(data: bytes, registry: CapabilityRegistry) -> ReplayResult:
+def replay_bytes(
+    data: bytes,
+    registry: CapabilityRegistry,
+    *,
+    capability_check: CapabilityCheck | None = None,
+) -> ReplayResult:
     """:func:`replay` of a whole journal in memory (the file's bytes)."""
-    return replay(_lines(data), registry)
+    return replay(_lines(data), registry, capability_check=capability_check)
 
 
 def _lines(data: bytes) -> Iterator[bytes]:

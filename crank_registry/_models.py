@@ -298,6 +298,15 @@ def _verb(instance: object, attribute: attrs.Attribute[Any], value: object) -> N
         raise _fail(attribute.name, "must not contain ':'")
 
 
+# What the document cannot state as a schema (the meta-schema depends on $schema),
+# said in words; the service checks it (crank_registry_asgi.schemas).
+_VALID_JSON_SCHEMA = (
+    " It must be a valid JSON Schema of the draft its $schema names (Draft 2020-12"
+    " without one; an unknown $schema is refused): POST /register answers 422"
+    " invalid_request for one that is not, naming the place in the schema."
+)
+
+
 @attrs.frozen
 class CapabilitySchema:
     """What a worker can do: a verb on a named capability at a version.
@@ -327,10 +336,12 @@ class CapabilitySchema:
         ),
     )
     input_schema: dict[str, Any] = attrs.field(
-        validator=_json_object, metadata=_schema(description="A JSON Schema of the input.")
+        validator=_json_object,
+        metadata=_schema(description="A JSON Schema of the input." + _VALID_JSON_SCHEMA),
     )
     output_schema: dict[str, Any] = attrs.field(
-        validator=_json_object, metadata=_schema(description="A JSON Schema of the output.")
+        validator=_json_object,
+        metadata=_schema(description="A JSON Schema of the output." + _VALID_JSON_SCHEMA),
     )
     requires_gpu: bool = attrs.field(validator=_flag)
     max_concurrency: int = attrs.field(validator=_concurrency, metadata=_schema(minimum=1))

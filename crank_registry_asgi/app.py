@@ -107,6 +107,7 @@ from .metrics import Metrics, RequestDurationMiddleware, metrics_response
 from .openapi import ROUTE_PATHS, openapi_document
 from .policy_file import PolicyFileWatcher
 from .redis_store import RedisStore
+from .schemas import capability_schema_problems, refuse_invalid_schemas
 from .shared_settings import SharedSettings
 from .slos import SloWatcher, slo_directory
 from .telemetry import TracingMiddleware, annotate, tracer
@@ -628,6 +629,7 @@ class ControllerService:
     async def register(self, request: Request) -> Response:
         """POST /register: add or replace a worker."""
         registration = structure(await self._body(request), Registration)
+        refuse_invalid_schemas(registration.capabilities)
         annotate(worker_id=registration.worker_id)
         self._authorize(request, registration.worker_id)
         self.effects.check_writable()
@@ -1036,7 +1038,9 @@ class ControllerService:
         started = time.perf_counter()
         with _gc_paused(self.config.pause_gc_during_recovery):
             try:
-                result = replay_bytes(journal.read(), self.registry)
+                result = replay_bytes(
+                    journal.read(), self.registry, capability_check=capability_schema_problems
+                )
             except NewerJournalFormat as error:
                 raise JournalError(f"the journal {journal.path} was {error}") from None
             # The journal's times are wall-clock times of the previous run,
@@ -1053,9 +1057,14 @@ class ControllerService:
                 "journal lines skipped %s",
                 log_fields(path=journal.path, more=result.lines_skipped - _LOGGED_SKIPS),
             )
+        for refused in result.refused[:_LOGGED_SKIPS]:
+            logger.warning(
+                "journal capability refused: its workers are left out %s",
+                log_fields(path=journal.path, line=refused.line_number, reason=refused.reason),
+            )
         if result.workers_dropped:
             logger.warning(
-                "journal workers dropped: their capabilities were on a skipped line"
+                "journal workers dropped: their capabilities were on a skipped line or refused"
                 " (they register again at their next heartbeat) %s",
                 log_fields(path=journal.path, workers_dropped=result.workers_dropped),
             )

@@ -138,6 +138,7 @@ from crank_registry import (
 )
 
 from .http import ApiError
+from .schemas import capability_schema_problems
 
 try:  # the optional extra crank-registry-asgi[redis]
     import redis.asyncio as aioredis
@@ -1073,7 +1074,7 @@ class RedisStore:
             if revision <= self.registry.revision:
                 continue
             try:
-                (event,) = JournalReader().decode(line)
+                (event,) = JournalReader(capability_schema_problems).decode(line)
             except (JournalDecodeError, NewerJournalFormat, ValueError) as error:
                 logger.warning(
                     "stream change skipped entry=%s revision=%d reason=%s",
@@ -1190,7 +1191,8 @@ def _read_snapshot(
     """The snapshot hash's registry, records and last entry (``None`` when there is none).
 
     A damaged part costs its workers only (they register again at their
-    next heartbeat); a newer format refuses to load.
+    next heartbeat), and a capability whose schemas are not valid JSON
+    Schemas only the workers offering it; a newer format refuses to load.
     """
     if not stored:
         return None, {}, b"0-0"
@@ -1198,7 +1200,7 @@ def _read_snapshot(
     if version > JOURNAL_FORMAT_VERSION:
         raise NewerJournalFormat(version)
     revision = int(stored[b"revision"])
-    reader = JournalReader()
+    reader = JournalReader(capability_schema_problems)
     workers: list[WorkerRecord] = []
     first: SnapshotPart | None = None
     for line in stored.get(b"lines", b"").splitlines(keepends=True):
@@ -1209,6 +1211,13 @@ def _read_snapshot(
             continue
         for entry in entries:
             if isinstance(entry, SnapshotPart):
+                for reason in entry.refused:
+                    logger.warning(
+                        "redis snapshot capability refused: its workers are left out "
+                        "part=%d reason=%s",
+                        entry.part,
+                        reason,
+                    )
                 workers.extend(entry.records)
                 if entry.part == 0:
                     first = entry  # the registry's settings travel on the first part

@@ -17,10 +17,13 @@
 
 Depends on the core (``crank_registry``), httpx and anyio only. With the
 ``tracing`` extra (opentelemetry-api), every request carries the current W3C
-trace context; without it, none does. Three public modules beside:
+trace context; without it, none does. Four public modules beside:
 
 - :mod:`crank_worker_client.serving`, with the ``serving`` extra
   (jsonschema): serves capabilities on the invocation convention.
+- :mod:`crank_worker_client.json_schema`, with the same extra: the rule a
+  capability's JSON Schemas follow, shared by the serving module and the
+  controller's ``/register``.
 - :mod:`crank_worker_client.body`: the bounded request-body reader and the
   drain before an early answer, shared by the serving module and the
   controller's service.

@@ -1,9 +1,10 @@
 """Payloads against a capability's ``input_schema``, with the jsonschema library.
 
 :class:`PayloadSchema` checks a schema once, when the invocation server is
-built, and then lists every way a payload fails it. The dialect is the one
-the schema's ``$schema`` names (any draft jsonschema knows), Draft 2020-12
-without one; ``format`` is an annotation, as that draft has it.
+built, by the rule the controller's ``/register`` applies too
+(:mod:`crank_worker_client.json_schema`: the dialect the schema's
+``$schema`` names, Draft 2020-12 without one), and then lists every way a
+payload fails it; ``format`` is an annotation, as that draft has it.
 
 A problem is a :class:`~crank_registry.Problem`: the path from the body's
 ``payload`` (``payload.items[2].name``) and a message. The messages of the
@@ -20,32 +21,24 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 from crank_registry import Problem
 
 try:
     import referencing.exceptions
-    from jsonschema import Draft202012Validator
-    from jsonschema.exceptions import SchemaError, ValidationError
+    from jsonschema.exceptions import ValidationError
     from jsonschema.protocols import Validator
-    from jsonschema.validators import validator_for
 except ImportError as error:  # pragma: no cover - exercised by the client_isolated session
     raise ImportError(
         "crank_worker_client.serving validates payloads with jsonschema, which comes with "
         "the serving extra: pip install 'crank-worker-client[serving]'"
     ) from error
 
+from .json_schema import JsonSchemaError, checked_validator_class, schema_path
+
 __all__ = ["JsonSchemaError", "PayloadSchema"]
-
-
-class JsonSchemaError(ValueError):
-    """A schema that is not a valid JSON Schema of its dialect, or cannot be applied.
-
-    Found when the server is built (a malformed schema, an unknown
-    ``$schema``), or while validating (a ``$ref`` that does not resolve).
-    """
 
 
 def _json(value: object) -> str:
@@ -91,10 +84,6 @@ _MESSAGES: dict[str, Callable[[ValidationError], str]] = {
 }
 
 
-def _path(root: str, parts: Iterable[str | int]) -> str:
-    return root + "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in parts)
-
-
 class PayloadSchema:
     """One ``input_schema``, checked once; :meth:`problems` validates a payload.
 
@@ -102,14 +91,9 @@ class PayloadSchema:
     Schema (the message names the place in the schema and what is wrong).
     """
 
-    def __init__(self, schema: object) -> None:
-        validator_class = _validator_class(schema)
-        try:
-            validator_class.check_schema(schema)  # type: ignore[arg-type]
-        except SchemaError as error:
-            where = _path("input_schema", error.absolute_path)
-            raise JsonSchemaError(f"{where}: {error.message}") from None
-        self._validator: Validator = validator_class(schema)  # type: ignore[arg-type]
+    def __init__(self, schema: dict[str, Any]) -> None:
+        validator_class = checked_validator_class(schema, "input_schema")
+        self._validator: Validator = validator_class(schema)
 
     def problems(self, payload: Any, root: str = "payload") -> list[Problem]:
         """Every way ``payload`` fails the schema, in the schema's order, each once.
@@ -125,21 +109,8 @@ class PayloadSchema:
         return list(dict.fromkeys(found))
 
 
-def _validator_class(schema: object) -> type[Validator]:
-    if not (isinstance(schema, dict) and "$schema" in schema):
-        return Draft202012Validator
-    known: type[Validator] | None = validator_for(schema, default=None)  # type: ignore[arg-type]
-    if known is None:
-        raise JsonSchemaError(
-            f"input_schema.$schema: {schema['$schema']!r} is not a JSON Schema dialect that "
-            "jsonschema knows; name one of its drafts (such as "
-            f"{Draft202012Validator.META_SCHEMA['$id']!r}) or leave $schema out"
-        )
-    return known
-
-
 def _problems_of(error: ValidationError, root: str) -> Iterator[Problem]:
-    where = _path(root, error.absolute_path)
+    where = schema_path(root, error.absolute_path)
     instance, keyword, value = error.instance, error.validator, error.validator_value
     if keyword == "required" and isinstance(value, list) and isinstance(instance, dict):
         # jsonschema reports each missing field at the object; it belongs at the field.

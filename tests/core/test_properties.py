@@ -369,6 +369,7 @@ def test_the_strategies_cover_every_public_model_and_event() -> None:
         crank_registry.Counts,
         crank_registry.ReplayResult,
         crank_registry.SkippedLine,
+        crank_registry.RefusedCapability,  # tests/journal/test_schema_check.py
         crank_registry.SnapshotPart,
         crank_registry.EpochLine,  # tests/journal/test_epoch.py
         crank_registry.WatchQuery,  # its parse: tests/service/test_feed.py

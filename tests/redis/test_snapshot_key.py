@@ -1,4 +1,4 @@
-"""Reading the snapshot key's hash (no Redis needed: the hash as HGETALL returns it)."""
+"""Reading the snapshot key's hash and stream changes (no Redis needed: the values as read)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,15 @@ import pytest
 from crank_registry import (
     JOURNAL_FORMAT_VERSION,
     AccessRules,
+    CapabilityRegistry,
     NewerJournalFormat,
     Snapshot,
     WorkerRecord,
+    WorkerRegistered,
+    encode_event,
     encode_snapshot,
 )
-from crank_registry_asgi.redis_store import _read_snapshot
+from crank_registry_asgi.redis_store import RedisStore, _read_snapshot
 from tests.builders import capability
 from tests.core.helpers import T0
 
@@ -81,3 +84,43 @@ def test_a_newer_snapshot_format_is_refused() -> None:
 
 def test_no_hash_is_no_snapshot() -> None:
     assert _read_snapshot({}) == (None, {}, b"0-0")
+
+
+def test_a_capability_with_an_invalid_schema_costs_only_its_workers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A snapshot written by a release that did not check schemas still loads."""
+    bad = capability("bad", input_schema={"type": 12})
+    workers = tuple(
+        WorkerRecord(
+            f"w{n}", f"https://w{n}:8443", (capability(), bad) if n == 1 else (capability(),), T0
+        )
+        for n in range(3)
+    )
+    lines = b"".join(encode_snapshot(Snapshot(7, workers), part_size=2))
+    with caplog.at_level(logging.WARNING, logger="crank_registry_asgi.redis"):
+        snapshot, _, _ = _read_snapshot(stored_hash(lines=lines))
+    assert snapshot is not None
+    assert [record.worker_id for record in snapshot.workers] == ["w0", "w2"]
+    assert "capability refused" in caplog.text
+    assert "capabilities[1].input_schema.type: 12 is not valid" in caplog.text
+
+
+def test_a_stream_registration_with_an_invalid_schema_is_skipped_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = RedisStore(
+        CapabilityRegistry(), url="redis://unused", prefix="p", controller_id="c", clock=lambda: T0
+    )
+    bad = capability(output_schema={"$schema": "unknown"})
+    lines = [
+        encode_event(WorkerRegistered("w1", "https://w1:8443", (capability(),), T0, revision=1)),
+        encode_event(WorkerRegistered("w2", "https://w2:8443", (bad,), T0, revision=2)),
+    ]
+    with caplog.at_level(logging.WARNING, logger="crank_registry_asgi.redis"):
+        store._apply_changes(lines, 1, b"9-0")
+    assert "w1" in store.registry and "w2" not in store.registry
+    assert "stream change skipped entry=9-0 revision=2" in caplog.text
+    assert "capabilities[0].output_schema.$schema: 'unknown' is not a JSON Schema dialect" in (
+        caplog.text
+    )

@@ -4,8 +4,9 @@ Every answer must be documented for its operation (status, content type,
 headers) and its body must validate against the documented schema; no 500.
 Requests that the document calls valid may be refused only for the rules
 the generated document does not state: a ``(verb, name)`` given twice,
-``affinity_key`` going with ``strategy: affinity`` and only with it, and a
-listing's cursor.
+``affinity_key`` going with ``strategy: affinity`` and only with it, a
+listing's cursor, and a capability's schema that is not a valid JSON Schema
+(stated in words: the meta-schema depends on the schema's ``$schema``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from schemathesis.specs.openapi.checks import (
 from crank_registry.testing import FakeClock
 from crank_registry_asgi import create_app
 from crank_registry_asgi.openapi import openapi_document
+from crank_registry_asgi.schemas import schema_problems_uncached
 from tests.builders import capability
 
 app = create_app(clock=FakeClock())
@@ -46,6 +48,12 @@ def _seed() -> None:
         service.registry.register("0", "http://0.example", [_SEEDED], now=service.clock())
 
 
+# A problem in a capability's input_schema or output_schema, at the place in it.
+_SCHEMA_PATH = re.compile(
+    r"capabilities\[(?P<index>\d+)\]\.(?P<field>input_schema|output_schema)\b"
+)
+
+
 @schemathesis.check
 def no_server_failure(ctx: Any, response: Any, case: schemathesis.Case) -> None:
     """No 500, ever; the only 5xx is a documented 503 (no worker, journal unavailable)."""
@@ -62,9 +70,11 @@ def refused_only_for_rules_the_schema_cannot_state(
     """A schema-valid request gets 422 only for the rules the document does not state.
 
     Those are: a capability given twice, an `affinity_key` without
-    `strategy: affinity` (or the reverse), and a listing's cursor (opaque:
+    `strategy: affinity` (or the reverse), a listing's cursor (opaque:
     the document can state its alphabet, not which strings of it are
-    cursors). A refused ``Last-Event-ID`` must be outside its documented pattern.
+    cursors), and a schema that is not a valid JSON Schema (the document
+    says so in words). A refused ``Last-Event-ID`` must be outside its
+    documented pattern.
     """
     meta = case.meta
     if meta is None or not meta.generation.mode.is_positive or response.status_code != 422:
@@ -79,6 +89,14 @@ def refused_only_for_rules_the_schema_cannot_state(
             # documented pattern, which the controller must refuse.
             value = (case.headers or {}).get("Last-Event-ID", "")
             assert re.fullmatch(LAST_EVENT_ID, value) is None, (value, body)
+            continue
+        schema = _SCHEMA_PATH.match(problem["path"])
+        if schema is not None:
+            # The schema sent must indeed be invalid, by the plain check.
+            index, field = int(schema["index"]), schema["field"]
+            registration: Any = case.body
+            sent = registration["capabilities"][index][field]
+            assert schema_problems_uncached(field, sent), (case.body, body)
             continue
         affinity = problem["path"] == "affinity_key" and (
             (case.body.get("strategy") == "affinity") != (case.body.get("affinity_key") is not None)

@@ -22,9 +22,9 @@ async def test_the_collector_is_paused_during_the_replay_only_when_asked(
     seen: list[bool] = []
     replay = app.replay_bytes
 
-    def watched(data: bytes, registry: Any) -> ReplayResult:
+    def watched(data: bytes, registry: Any, **options: Any) -> ReplayResult:
         seen.append(gc.isenabled())
-        return replay(data, registry)
+        return replay(data, registry, **options)
 
     monkeypatch.setattr(app, "replay_bytes", watched)
     assert gc.isenabled()
