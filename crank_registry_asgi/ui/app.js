@@ -4,7 +4,10 @@
 // * GET health: the status strip, and the epoch and revision the feed starts from
 //   (asked again every few seconds, and soon after changes, for the counts);
 // * GET capabilities (every page): the capability table; each entry lists its
-//   workers and healthy workers, so feed events are applied to it exactly;
+//   workers and healthy workers, so feed events are applied to it exactly. The
+//   table shows a page of it at a time, narrowed by its search box, and the
+//   worker table's capability choices are the first of those found: thousands of
+//   capabilities make neither a huge table nor a huge list;
 // * GET workers: ONE page of the worker table (the listing's cursors, its
 //   filters by capability and state), never the whole fleet; feed events are
 //   applied to the rows shown, and the page is read again (debounced) when an
@@ -28,6 +31,8 @@
   const LONG_POLL_S = 25;
   const CHANGES_KEPT = 50;
   const CAPABILITY_PAGE = 500;
+  const CAPABILITY_ROWS = 20; // rows of the capability table a page
+  const CAPABILITY_CHOICES = 100; // capabilities the worker filter offers at once
   const RETRY_MAX_MS = 15000;
   const STREAM_BATCH_MS = 50;
   // The changes of the feed (DESIGN, "Change feed"); EventSource hands over only the
@@ -248,8 +253,12 @@
     health: null,
     healthAt: 0, // performance.now() when health was read
     clockOffsetMs: 0, // the controller's clock minus this browser's
-    // "verb\0capability" -> {verb, capability, versions: Map(version -> {workers, healthy})}
+    // "verb\0capability" -> {verb, capability, label, folded (the label in lower case),
+    //   versions: Map(version -> {workers, healthy})}
     capabilities: new Map(),
+    capabilityOrder: null, // the entries of capabilities, sorted (null: to sort again)
+    capabilitySearch: "", // the capability table's search text
+    capabilityPage: 0, // the page of the capability table shown
     // worker id -> Set of "verb\0capability\0version" it is listed under
     offers: new Map(),
     filter: { capability: "", state: "" },
@@ -392,12 +401,18 @@
     return `${verb}${SEP}${capability}`;
   }
 
+  function capabilityEntry(verb, capability) {
+    const label = `${verb}:${capability}`;
+    return { verb, capability, label, folded: label.toLowerCase(), versions: new Map() };
+  }
+
   function versionEntry(verb, capability, version) {
     const key = capabilityKey(verb, capability);
     let entry = state.capabilities.get(key);
     if (!entry) {
-      entry = { verb, capability, versions: new Map() };
+      entry = capabilityEntry(verb, capability);
       state.capabilities.set(key, entry);
+      state.capabilityOrder = null;
     }
     let members = entry.versions.get(version);
     if (!members) {
@@ -421,7 +436,10 @@
       members.workers.delete(workerId);
       members.healthy.delete(workerId);
       if (!members.workers.size) entry.versions.delete(version);
-      if (!entry.versions.size) state.capabilities.delete(capabilityKey(entry.verb, entry.capability));
+      if (!entry.versions.size) {
+        state.capabilities.delete(capabilityKey(entry.verb, entry.capability));
+        state.capabilityOrder = null;
+      }
     });
     state.offers.delete(workerId);
   }
@@ -446,7 +464,7 @@
       for (const item of page.capabilities) {
         const key = capabilityKey(item.verb, item.capability);
         if (!capabilities.has(key)) {
-          capabilities.set(key, { verb: item.verb, capability: item.capability, versions: new Map() });
+          capabilities.set(key, capabilityEntry(item.verb, item.capability));
         }
         capabilities.get(key).versions.set(item.version, {
           workers: new Set(item.workers),
@@ -460,6 +478,7 @@
       cursor = page.next_cursor || null;
     } while (cursor);
     state.capabilities = capabilities;
+    state.capabilityOrder = null;
     state.offers = offers;
     renderCapabilities();
   }
@@ -468,13 +487,35 @@
     return a.localeCompare(b, "en", { numeric: true });
   }
 
+  const collator = new Intl.Collator("en");
+
+  // The capabilities, sorted by verb then capability; sorted again only when one
+  // comes or goes (feed events mostly change counts).
+  function sortedCapabilities() {
+    if (!state.capabilityOrder) {
+      state.capabilityOrder = [...state.capabilities.values()].sort(
+        (a, b) => collator.compare(a.verb, b.verb) || collator.compare(a.capability, b.capability),
+      );
+    }
+    return state.capabilityOrder;
+  }
+
+  // The capabilities whose "verb:capability" contains the search text (case aside), in order.
+  function foundCapabilities() {
+    const text = state.capabilitySearch.trim().toLowerCase();
+    const all = sortedCapabilities();
+    return text ? all.filter((entry) => entry.folded.includes(text)) : all;
+  }
+
+  // One page of the capabilities found: the workers of a row are counted only when shown.
   function renderCapabilities() {
-    const rows = $("capability-rows");
-    const entries = [...state.capabilities.values()].sort(
-      (a, b) => a.verb.localeCompare(b.verb) || a.capability.localeCompare(b.capability),
-    );
+    const found = foundCapabilities();
+    const pages = Math.max(1, Math.ceil(found.length / CAPABILITY_ROWS));
+    state.capabilityPage = Math.min(state.capabilityPage, pages - 1);
+    const first = state.capabilityPage * CAPABILITY_ROWS;
+    const shown = found.slice(first, first + CAPABILITY_ROWS);
     const fragment = document.createDocumentFragment();
-    for (const entry of entries) {
+    for (const entry of shown) {
       const workers = new Set();
       const healthy = new Set();
       for (const members of entry.versions.values()) {
@@ -482,7 +523,7 @@
         members.healthy.forEach((id) => healthy.add(id));
       }
       const row = element("tr");
-      row.dataset.capability = `${entry.verb}:${entry.capability}`;
+      row.dataset.capability = entry.label;
       row.title = "Show its workers";
       row.append(
         element("td", entry.verb),
@@ -494,40 +535,65 @@
           healthy.size === 0 ? "number none" : healthy.size < workers.size ? "number short" : "number",
         ),
       );
-      row.addEventListener("click", () => chooseCapability(row.dataset.capability));
+      row.addEventListener("click", () => chooseCapability(entry.label));
       fragment.append(row);
     }
-    rows.replaceChildren(fragment);
-    $("capabilities-empty").hidden = entries.length > 0;
-    $("capability-count").textContent = entries.length ? `(${numbers.format(entries.length)})` : "";
-    renderCapabilityChoices(entries);
+    $("capability-rows").replaceChildren(fragment);
+    const total = state.capabilities.size;
+    const empty = $("capabilities-empty");
+    empty.hidden = shown.length > 0;
+    empty.textContent = total ? "No capability matches." : "No capability is registered.";
+    $("capability-count").textContent = !total
+      ? ""
+      : found.length === total
+        ? `(${numbers.format(total)})`
+        : `(${numbers.format(found.length)} of ${numbers.format(total)})`;
+    // The pager only when the capabilities found take more than one page.
+    $("capability-position").closest("nav").hidden = pages === 1;
+    $("capability-position").textContent =
+      `${numbers.format(first + 1)}–${numbers.format(first + shown.length)} ` +
+      `of ${numbers.format(found.length)}`;
+    $("previous-capabilities").disabled = state.capabilityPage === 0;
+    $("next-capabilities").disabled = state.capabilityPage >= pages - 1;
+    renderCapabilityChoices(found);
   }
 
   let choicesSignature = null;
-  function renderCapabilityChoices(entries) {
+  // The worker filter's choices: the first CAPABILITY_CHOICES capabilities found
+  // (the search box narrows them), and the one chosen.
+  function renderCapabilityChoices(found) {
     const select = $("filter-capability");
     const chosen = state.filter.capability;
-    const labels = entries.map((entry) => `${entry.verb}:${entry.capability}`);
-    // A filter on a capability that has just left the fleet stays selectable.
+    const labels = found.slice(0, CAPABILITY_CHOICES).map((entry) => entry.label);
+    const more = found.length - labels.length;
+    // A filter on a capability not offered (gone from the fleet, or beyond the
+    // first found) stays selectable.
     if (chosen && !labels.includes(chosen)) labels.push(chosen);
     // Rebuilt only when the choices change (a rebuild closes a list the user has open).
-    const signature = labels.join(SEP);
-    if (signature === choicesSignature) return;
-    choicesSignature = signature;
-    const options = [element("option", "any")];
-    options[0].value = "";
-    for (const label of labels) {
-      const option = element("option", label);
-      option.value = label;
-      options.push(option);
+    const signature = `${labels.join(SEP)}${SEP}${more}`;
+    if (signature !== choicesSignature) {
+      choicesSignature = signature;
+      const options = [element("option", "any")];
+      options[0].value = "";
+      for (const label of labels) {
+        const option = element("option", label);
+        option.value = label;
+        options.push(option);
+      }
+      if (more > 0) {
+        const note = element("option", `… ${numbers.format(more)} more: narrow them with Find`);
+        note.value = "";
+        note.disabled = true;
+        options.push(note);
+      }
+      select.replaceChildren(...options);
     }
-    select.replaceChildren(...options);
-    select.value = chosen;
+    if (select.value !== chosen) select.value = chosen;
   }
 
   function chooseCapability(label) {
     state.filter.capability = label;
-    $("filter-capability").value = label;
+    renderCapabilityChoices(foundCapabilities());
     firstPage();
   }
 
@@ -919,6 +985,20 @@
       firstPage();
     });
     $("worker-filter").addEventListener("submit", (e) => e.preventDefault());
+    $("capability-filter").addEventListener("submit", (e) => e.preventDefault());
+    $("capability-search").addEventListener("input", (e) => {
+      state.capabilitySearch = e.target.value;
+      state.capabilityPage = 0;
+      renderCapabilities();
+    });
+    $("previous-capabilities").addEventListener("click", () => {
+      state.capabilityPage = Math.max(0, state.capabilityPage - 1);
+      renderCapabilities();
+    });
+    $("next-capabilities").addEventListener("click", () => {
+      state.capabilityPage += 1; // renderCapabilities keeps it within the pages found
+      renderCapabilities();
+    });
     $("first-page").addEventListener("click", firstPage);
     $("previous-page").addEventListener("click", () => {
       if (state.pageIndex === 0) return;
