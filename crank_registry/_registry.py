@@ -784,6 +784,7 @@ class CapabilityRegistry:
                 )
         if watch.preserving:
             self._hold_due(due, now, swept)
+            due = []  # each one held, left for later or pushed back: none is decided now
             reason = watch.ends(now)
             if reason is None:
                 self._expire_tombstones(now)

@@ -72,6 +72,10 @@ class Fleet:
     def of(self, kind: type[Event]) -> list[Event]:
         return [event for event in self.events if isinstance(event, kind)]
 
+    def silent_ids(self) -> set[str]:
+        """The workers held unhealthy (a snapshot's ``silent``)."""
+        return {record.worker_id for record in self.registry.records() if record.silent}
+
     def preservation(self) -> list[tuple[bool, str]]:
         return [
             (event.active, event.reason)
@@ -538,3 +542,24 @@ def test_replicas_fed_the_changes_end_equal(offset: int) -> None:
     for replica in (replayed, follower):
         routed = [replica.route("classify", "image.classify", now=fleet.now) for _ in range(300)]
         assert {e.worker_id for e in routed if e is not None} == set(ids(100))
+
+
+def test_a_worker_first_found_silent_by_the_sweep_that_ends_it_gets_the_grace_too() -> None:
+    fleet = Fleet(20, SelfPreservationSettings(max_duration=100))
+    fleet.run(STEP * 4)
+    fleet.silence(ids(12))
+    fleet.run(POLICY.unhealthy_after + 2 * STEP)
+    assert fleet.preservation() == [(True, "workers_fell_silent")]
+    # No sweep for a while (a busy sweeper): w19 falls silent meanwhile, and
+    # the first sweep after finds it due as it ends self-preservation.
+    fleet.silence(["w19"])
+    for _ in range(12):
+        fleet.now += STEP
+        for worker_id in fleet.alive:
+            fleet.events += fleet.registry.heartbeat(worker_id, now=fleet.now)
+    fleet.events += fleet.registry.cleanup_stale(now=fleet.now)
+    assert fleet.preservation()[-1] == (False, "max_duration")
+    assert fleet.of(WorkerUnhealthy) == fleet.of(WorkerEvicted) == []  # all in the grace
+    fleet.wake(["w19"])
+    fleet.run(STEP)  # answered as a registered worker: it was not evicted
+    assert "w19" not in fleet.silent_ids()
