@@ -27,7 +27,7 @@ the routable state it had (``healthy``, or ``unverified`` after a
 restart), its last heartbeat unchanged. They count among the silent and
 the watched, are held like the workers found due, and are judged as they
 are once it ends. The :class:`Watch` remembers those silences
-(:meth:`Watch.fell_silent`); :func:`still_silenced` and :func:`returns_to`
+(:meth:`Watch.made_unhealthy`); :func:`still_silenced` and :func:`returns_to`
 are the one rule the sweep (deciding) and the fold (applying) share.
 
 While it lasts, the sweep decides no ``unhealthy`` and no ``evicted``:
@@ -226,20 +226,29 @@ class Watch:
         falling = self.silenced.union(s for s in silent if s not in self.grace)
         return len(falling) > settings.threshold * self.watched
 
-    def fell_silent(
-        self, worker_id: str, *, now: float = -math.inf, undo: Reinstatement | None = None
-    ) -> None:
-        """The sweep found ``worker_id`` silent at ``now`` (decided, or held while preserving).
+    def fell_silent(self, worker_id: str) -> bool:
+        """The sweep found ``worker_id`` silent (decided, or held while preserving).
 
-        ``undo``: the sweep made it unhealthy for it; this reinstates it
-        should self-preservation begin within ``unhealthy_after``. A worker
-        judged at the end of its grace is neither counted nor reinstated.
+        Whether it counts as falling silent in the window: a worker judged at
+        the end of its grace does not.
         """
         if worker_id in self.grace:
             self.grace.discard(worker_id)  # judged now: its grace is over
-            return
+            return False
         self.silenced.add(worker_id)
-        if undo is not None:
+        return True
+
+    def made_unhealthy(
+        self, worker_id: str, before: Health, last_heartbeat: float, now: float
+    ) -> None:
+        """The sweep decided ``worker_id`` unhealthy at ``now``, silent since ``last_heartbeat``.
+
+        Remembered (when self-preservation can start at all) so that it is
+        reinstated, in ``before``, should self-preservation begin within
+        ``unhealthy_after``.
+        """
+        if self.settings.enabled:
+            undo = Reinstatement(worker_id, before.reported, last_heartbeat)
             self.unrouted[worker_id] = (now, undo)
 
     def reinstate(

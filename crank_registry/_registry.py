@@ -908,9 +908,9 @@ class CapabilityRegistry:
                 continue  # (else an older entry of a worker decided on: in swept)
             events += self._decide(worker_id, due, now, state=state)
             if due is HealthInput.SILENCE:
-                # Reinstated, should self-preservation begin soon (._preservation).
-                undo = Reinstatement(worker_id, state.reported, last_heartbeat)
-                self._watch.fell_silent(worker_id, now=now, undo=undo)
+                if self._watch.fell_silent(worker_id):
+                    # Reinstated, should self-preservation begin soon (._preservation).
+                    self._watch.made_unhealthy(worker_id, state, last_heartbeat, now)
                 silenced += 1
             decided.add(worker_id)
             swept[worker_id] = worker

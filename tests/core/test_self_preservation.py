@@ -255,6 +255,7 @@ def test_threshold_zero_turns_it_off() -> None:
     fleet.run(POLICY.evict_after * 1.5)
     assert fleet.preservation() == []
     assert len(fleet.registry) == 0
+    assert fleet.registry._watch.unrouted == {}  # nothing kept to reinstate
 
 
 def test_a_restart_does_not_inflate_it() -> None:
