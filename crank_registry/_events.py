@@ -43,7 +43,7 @@ from typing import Final
 import attrs
 
 from ._errors import ValidationError
-from ._models import JSON_SCHEMA, CapabilitySchema, HealthState, WorkerRecord
+from ._models import JSON_SCHEMA, OMIT_IF_FALSE, CapabilitySchema, HealthState, WorkerRecord
 from ._policy import AccessRules
 from ._slos import SloFile
 
@@ -216,7 +216,8 @@ class SelfPreservationChanged(RegistryChange):
     reason: str = attrs.field(validator=_reason)
     silent: int = attrs.field(validator=_count)
     watched: int = attrs.field(validator=_count)
-    reinstated: tuple[Reinstatement, ...] = ()
+    # Left out when empty: a reader from before it reads every other such change.
+    reinstated: tuple[Reinstatement, ...] = attrs.field(default=(), metadata={OMIT_IF_FALSE: True})
 
 
 @attrs.frozen

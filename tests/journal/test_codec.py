@@ -234,11 +234,14 @@ def test_self_preservation_lines_reinstate_and_older_lines_without_it_still_load
     assert result.lines_skipped == 0 and registry.self_preservation == T0 + 63
     # Routable again, their last heartbeats as they were (none faked).
     assert [(r.silent, r.last_heartbeat) for r in registry.records()] == [(False, T0)] * 3
-    # A line written before the field existed: nothing reinstated, the rest as before.
+    # A line written before the field existed (or with none: it is left out),
+    # as a reader from before it reads it: nothing reinstated, the rest as before.
     data = json.loads(line)
     del data["reinstated"]
     old = (json.dumps(data) + "\n").encode()
     assert decode_line(old) == (attrs.evolve(entered, reinstated=()),)
+    assert encode_event(attrs.evolve(entered, reinstated=())) == encode_event(decode_line(old)[0])
+    assert b"reinstated" not in encode_event(attrs.evolve(entered, reinstated=()))
     registry, result = replayed([*registered, *silences, old])
     assert result.lines_skipped == 0 and registry.self_preservation == T0 + 63
     assert [r.silent for r in registry.records()] == [True, True, False]
