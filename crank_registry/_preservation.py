@@ -245,9 +245,10 @@ class Watch:
 
         Remembered (when self-preservation can start at all) so that it is
         reinstated, in ``before``, should self-preservation begin within
-        ``unhealthy_after``.
+        ``unhealthy_after``. Not before a window started: a worker found
+        silent then (after a restart) was silent already, not falling silent.
         """
-        if self.settings.enabled:
+        if self.settings.enabled and self.window_end is not None:
             undo = Reinstatement(worker_id, before.reported, last_heartbeat)
             self.unrouted[worker_id] = (now, undo)
 

@@ -564,3 +564,26 @@ def test_a_worker_first_found_silent_by_the_sweep_that_ends_it_gets_the_grace_to
     fleet.wake(["w19"])
     fleet.run(STEP)  # answered as a registered worker: it was not evicted
     assert "w19" not in fleet.silent_ids()
+
+
+def test_workers_found_silent_after_a_restart_are_not_reinstated() -> None:
+    fleet = Fleet(20, policy=LONG_EVICTION)
+    fleet.run(STEP * 4)
+    fleet.silence(ids(4))
+    # Down before any sweep found them: at the restart w0-w3 are silent for
+    # longer than unhealthy_after, the others were heard from 26 to 30 s before.
+    heard = fleet.now + LONG_EVICTION.unhealthy_after
+    for n, worker_id in enumerate(ids(16, 4)):
+        fleet.events += fleet.registry.heartbeat(worker_id, now=heard + n % 5)
+    fleet.now = heard + LONG_EVICTION.unhealthy_after
+    fleet.registry.restart(now=fleet.now)
+    fleet.alive = []  # restored: none is answered until it registers again
+    fleet.events += fleet.registry.cleanup_stale(now=fleet.now)
+    assert {e.worker_id for e in fleet.of(WorkerUnhealthy)} == set(ids(4))  # type: ignore[attr-defined]
+    fleet.run(LONG_EVICTION.unhealthy_after)
+    (entered,) = fleet.of(SelfPreservationChanged)
+    assert isinstance(entered, SelfPreservationChanged) and entered.active
+    # Silent before the restart: neither counted nor reinstated.
+    assert entered.watched == 16
+    assert not {r.worker_id for r in entered.reinstated} & set(ids(4))
+    assert fleet.silent_ids() >= set(ids(4))
