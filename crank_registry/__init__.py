@@ -17,7 +17,7 @@ Where each rule lives:
 * ``_rotation``: the round-robin ring of one ``(verb, capability)``.
 * ``_routing``: the routing options: filters, strategies, idempotency, explain.
 * ``_slos``: SLO files as values, and their index by capability.
-* ``_preservation``: self-preservation's settings and the sweep's windows.
+* ``_preservation``: self-preservation's settings, windows, and the workers an entry reinstates.
 * ``_ejection``: outlier ejection's settings, rules and the gateway's failure count.
 * ``_records``: the registry's mutable records (below health and rotation).
 * ``_registry``: the public registry: decide with the table, apply with the fold.
@@ -70,6 +70,7 @@ from ._events import (
     HeartbeatReceived,
     PolicyChanged,
     RegistryChange,
+    Reinstatement,
     SelfPreservationChanged,
     SlosChanged,
     Snapshot,
@@ -299,6 +300,7 @@ __all__ = [
     "PolicyRules",
     "PolicyChanged",
     "RegistryChange",
+    "Reinstatement",
     "SelfPreservationChanged",
     "SelfPreservationSettings",
     "EjectionSettings",

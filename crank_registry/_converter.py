@@ -243,7 +243,7 @@ def _attrs_unstructure_fn(conv: cattrs.Converter, cls: type[Any]) -> Callable[[A
     overrides: dict[str, Any] = {
         a.name: override(omit_if_default=True)
         for a in attrs.fields(cls)
-        if a.default is None or (a.default is False and a.metadata.get(OMIT_IF_FALSE))
+        if a.default is None or (a.metadata.get(OMIT_IF_FALSE) and not a.default)
     }
     return make_dict_unstructure_fn(cls, conv, **overrides)
 

@@ -25,7 +25,9 @@ whole registry::
         └── RegistryChange      about the whole registry, not one worker
             ├── SlosChanged         the SLO files in effect were replaced
             ├── PolicyChanged       the access policy's rules were replaced
-            └── SelfPreservationChanged  self-preservation began or ended
+            └── SelfPreservationChanged  self-preservation began (reinstating the
+                                         workers its silences had just made
+                                         unhealthy) or ended
 
 A change carries all that is needed to apply it without a clock: the
 sweep decides ``unhealthy``, ``evicted`` and ``restored`` at their deadlines, so whoever
@@ -41,7 +43,7 @@ from typing import Final
 import attrs
 
 from ._errors import ValidationError
-from ._models import CapabilitySchema, WorkerRecord
+from ._models import JSON_SCHEMA, OMIT_IF_FALSE, CapabilitySchema, HealthState, WorkerRecord
 from ._policy import AccessRules
 from ._slos import SloFile
 
@@ -51,6 +53,7 @@ __all__ = [
     "HeartbeatReceived",
     "PolicyChanged",
     "RegistryChange",
+    "Reinstatement",
     "SelfPreservationChanged",
     "SlosChanged",
     "Snapshot",
@@ -160,6 +163,36 @@ def _count(_: object, attribute: attrs.Attribute[int], value: int) -> None:
         raise ValidationError.single(attribute.name, "must be >= 0")
 
 
+#: The states a reinstated worker returns to: the routable ones its silence left.
+_RETURNS_TO = (HealthState.HEALTHY, HealthState.UNVERIFIED)
+
+
+def _returns_to(_: object, attribute: attrs.Attribute[HealthState], value: HealthState) -> None:
+    if value not in _RETURNS_TO:
+        raise ValidationError.single(
+            attribute.name, f"must be one of {', '.join(state.value for state in _RETURNS_TO)}"
+        )
+
+
+@attrs.frozen
+class Reinstatement:
+    """A worker made unhealthy by its silence, put back as it was when self-preservation began.
+
+    ``state``: the routable state the silence took it from (``healthy``, or
+    ``unverified`` after a restart); ``last_heartbeat``: the heartbeat that
+    silence was decided on. The fold reinstates the worker only while it is
+    still in that silence (the silent state of ``state``, with that last
+    heartbeat): one heard from, gone or registered again since is skipped.
+    """
+
+    worker_id: str
+    state: HealthState = attrs.field(
+        validator=_returns_to,
+        metadata={JSON_SCHEMA: {"enum": [state.value for state in _RETURNS_TO]}},
+    )
+    last_heartbeat: float
+
+
 @attrs.frozen
 class SelfPreservationChanged(RegistryChange):
     """Self-preservation began (``active``) or ended at ``at`` (:mod:`._preservation`).
@@ -169,12 +202,22 @@ class SelfPreservationChanged(RegistryChange):
     ``watched`` workers (routable at the window's start) were silent then.
     While it lasts the registry decides no ``unhealthy`` nor ``evicted``,
     and routes to every worker it holds as routable, silent or not.
+
+    ``reinstated`` (when it begins): the workers whose silences, in the
+    ``unhealthy_after`` before it, were decided ``unhealthy`` one by one
+    until their number started it (a partition silences a fleet over a
+    heartbeat interval). Each goes back to the routable state it had,
+    its last heartbeat unchanged (no heartbeat is faked), so routing
+    continues to all the last known workers, not only to those that fell
+    silent last. Empty when it ends, and in changes written before it existed.
     """
 
     active: bool
     reason: str = attrs.field(validator=_reason)
     silent: int = attrs.field(validator=_count)
     watched: int = attrs.field(validator=_count)
+    # Left out when empty: a reader from before it reads every other such change.
+    reinstated: tuple[Reinstatement, ...] = attrs.field(default=(), metadata={OMIT_IF_FALSE: True})
 
 
 @attrs.frozen

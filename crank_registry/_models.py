@@ -60,9 +60,10 @@ CapabilityKey = tuple[str, str]
 #: that its annotation gives. The validators enforce the rule; the OpenAPI
 #: document (``crank_registry_asgi.openapi``) is generated from this.
 JSON_SCHEMA = "json_schema"
-#: The attrs metadata key of a flag the converter leaves out when it is false:
-#: a field added later, so that a reader from before it reads the value while
-#: the flag is off (DESIGN, "Formats and upgrades").
+#: The attrs metadata key of a field the converter leaves out when it is false
+#: (``False``, an empty tuple) and that is its default: a field added later, so
+#: that a reader from before it reads the value while it is off or empty
+#: (DESIGN, "Formats and upgrades").
 OMIT_IF_FALSE = "omit_if_false"
 
 

@@ -16,6 +16,20 @@ windows of ``unhealthy_after`` seconds (DESIGN, "Admission"):
   decides :class:`~crank_registry.SelfPreservationChanged` (``active``)
   instead of the silences of that pass.
 
+Heartbeats are spread over the interval, so a partition silences a fleet
+one worker at a time: by the pass that starts it, about ``threshold`` of
+the workers were made ``unhealthy`` by earlier passes. The change that
+starts it *reinstates* them (its ``reinstated``): each worker the sweep
+made unhealthy for a silence in the ``unhealthy_after`` before it (this
+window's, and the end of the previous one's: a partition may begin
+across a window's start), and that is still in that silence, goes back to
+the routable state it had (``healthy``, or ``unverified`` after a
+restart), its last heartbeat unchanged. They count among the silent and
+the watched, are held like the workers found due, and are judged as they
+are once it ends. The :class:`Watch` remembers those silences
+(:meth:`Watch.made_unhealthy`); :func:`still_silenced` and :func:`returns_to`
+are the one rule the sweep (deciding) and the fold (applying) share.
+
 While it lasts, the sweep decides no ``unhealthy`` and no ``evicted``:
 the workers it finds due are *held* (out of the deadline heap), a
 heartbeat treats a worker as in the state it holds (no silence is
@@ -37,13 +51,14 @@ the change itself is applied by the one fold.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import attrs
 
 from ._errors import ValidationError
-from ._events import ENTERED, EXIT_REASONS
+from ._events import ENTERED, EXIT_REASONS, Reinstatement
+from ._health import Health, HealthInput, Transition, transition
 
 if TYPE_CHECKING:
     from ._records import Worker
@@ -55,6 +70,8 @@ __all__ = [
     "EXIT_REASONS",
     "SelfPreservationSettings",
     "Watch",
+    "returns_to",
+    "still_silenced",
 ]
 
 #: The share of watched workers whose silence starts self-preservation (0: never).
@@ -118,6 +135,25 @@ class SelfPreservationSettings:
         return 2 * evict_after if self.max_duration is None else self.max_duration
 
 
+def returns_to(reinstatement: Reinstatement) -> Health:
+    """The routable state ``reinstatement`` puts its worker back in."""
+    return Health(reinstatement.state.value)
+
+
+def still_silenced(
+    reinstatement: Reinstatement, state: Health | None, last_heartbeat: float
+) -> bool:
+    """Whether a worker in ``state``, last heard at ``last_heartbeat``, is in the silence undone.
+
+    That is: the state the silence took it to, since the same heartbeat. A
+    worker heard from (``healthy`` again), gone (``None``), registered or
+    imported again since is not: its reinstatement is skipped.
+    """
+    step = transition(returns_to(reinstatement), HealthInput.SILENCE)
+    assert isinstance(step, Transition)  # time is never refused
+    return state is step.to and last_heartbeat == reinstatement.last_heartbeat
+
+
 class Watch:
     """The sweep's bookkeeping: the current window, and while preserving, the held workers.
 
@@ -135,6 +171,9 @@ class Watch:
         #: The workers that fell silent within the window (and, while
         #: preserving, are still silent).
         self.silenced: set[str] = set()
+        #: The workers the sweep made unhealthy for a silence, lately (this
+        #: window and the previous one): when, and what reinstates each.
+        self.unrouted: dict[str, tuple[float, Reinstatement]] = {}
         #: While preserving: the workers the sweep found due, kept out of the heap.
         self.held: dict[str, Worker] = {}
         #: Once it ended: the workers still silent then, judged only after a
@@ -154,6 +193,7 @@ class Watch:
         self.window_end = None
         self.watched = 0
         self.silenced = set()
+        self.unrouted = {}
         self.grace = set()
         return self.release()
 
@@ -162,6 +202,11 @@ class Watch:
         self.window_end = now + length
         self.watched = watched
         self.silenced = set()
+        # An entry in this window reinstates the silences of the length before it:
+        # older ones can never be reinstated.
+        self.unrouted = {
+            worker_id: made for worker_id, made in self.unrouted.items() if made[0] >= now - length
+        }
 
     def judged(self, worker_id: str) -> bool:
         """Whether time applies to ``worker_id`` now (not preserving, and not in the grace)."""
@@ -181,12 +226,50 @@ class Watch:
         falling = self.silenced.union(s for s in silent if s not in self.grace)
         return len(falling) > settings.threshold * self.watched
 
-    def fell_silent(self, worker_id: str) -> None:
-        """The sweep found ``worker_id`` silent (decided, or held while preserving)."""
+    def fell_silent(self, worker_id: str) -> bool:
+        """The sweep found ``worker_id`` silent (decided, or held while preserving).
+
+        Whether it counts as falling silent in the window: a worker judged at
+        the end of its grace does not.
+        """
         if worker_id in self.grace:
             self.grace.discard(worker_id)  # judged now: its grace is over
-        else:
-            self.silenced.add(worker_id)
+            return False
+        self.silenced.add(worker_id)
+        return True
+
+    def made_unhealthy(
+        self, worker_id: str, before: Health, last_heartbeat: float, now: float
+    ) -> None:
+        """The sweep decided ``worker_id`` unhealthy at ``now``, silent since ``last_heartbeat``.
+
+        Remembered (when self-preservation can start at all) so that it is
+        reinstated, in ``before``, should self-preservation begin within
+        ``unhealthy_after``. Not before a window started: a worker found
+        silent then (after a restart) was silent already, not falling silent.
+        """
+        if self.settings.enabled and self.window_end is not None:
+            undo = Reinstatement(worker_id, before.reported, last_heartbeat)
+            self.unrouted[worker_id] = (now, undo)
+
+    def reinstate(
+        self, now: float, length: float, silenced: Callable[[Reinstatement], bool]
+    ) -> tuple[Reinstatement, ...]:
+        """Self-preservation begins at ``now``: the workers its change reinstates.
+
+        Those the sweep made unhealthy for a silence in the ``length``
+        (``unhealthy_after``) before ``now`` that are ``silenced`` still (as
+        decided), in the order they fell silent. They count among the
+        silent and the watched (those of the previous window were not).
+        """
+        reinstated = tuple(
+            undo for at, undo in self.unrouted.values() if at >= now - length and silenced(undo)
+        )
+        for undo in reinstated:
+            if undo.worker_id not in self.silenced:
+                self.silenced.add(undo.worker_id)
+                self.watched += 1
+        return reinstated
 
     def hold(self, worker: Worker, *, silent: bool) -> None:
         """Keep ``worker``, found due while preserving, out of the heap until it ends."""

@@ -86,6 +86,7 @@ from ._events import (
     HeartbeatReceived,
     PolicyChanged,
     RegistryChange,
+    Reinstatement,
     SelfPreservationChanged,
     SlosChanged,
     Snapshot,
@@ -130,7 +131,7 @@ from ._models import (
     parse_capability_label,
 )
 from ._policy import AccessRules, Policy
-from ._preservation import SelfPreservationSettings, Watch
+from ._preservation import SelfPreservationSettings, Watch, returns_to, still_silenced
 from ._records import CapabilityValues, Load, Member, Worker
 from ._rotation import Rotation
 from ._routing import (
@@ -775,9 +776,15 @@ class CapabilityRegistry:
             if watch.enters(falling):
                 for worker_id in falling:
                     watch.fell_silent(worker_id)
-                events += self._preservation_change(now, active=True, reason=ENTERED)
+                reinstated = watch.reinstate(
+                    now, self._policy.unhealthy_after, self._still_silenced
+                )
+                events += self._preservation_change(
+                    now, active=True, reason=ENTERED, reinstated=reinstated
+                )
         if watch.preserving:
             self._hold_due(due, now, swept)
+            due = []  # each one held, left for later or pushed back: none is decided now
             reason = watch.ends(now)
             if reason is None:
                 self._expire_tombstones(now)
@@ -829,6 +836,16 @@ class CapabilityRegistry:
                 events += self._hold(
                     WorkerRestored(worker_id, now, until, revision=self._decided + 1)
                 )
+
+    def _still_silenced(self, reinstatement: Reinstatement) -> bool:
+        """Whether its worker is, as the changes decided leave it, in the silence it undoes."""
+        shadow = self._pending_workers.get(reinstatement.worker_id)
+        if shadow is not None:
+            return still_silenced(reinstatement, shadow.health, shadow.last_heartbeat)
+        worker = self._workers.get(reinstatement.worker_id)
+        return worker is not None and still_silenced(
+            reinstatement, worker.health, worker.last_heartbeat
+        )
 
     def _falling_silent(self, due: list[tuple[float, int, Worker]], now: float) -> list[str]:
         """The workers of ``due`` whose silence the sweep would decide now."""
@@ -891,7 +908,9 @@ class CapabilityRegistry:
                 continue  # (else an older entry of a worker decided on: in swept)
             events += self._decide(worker_id, due, now, state=state)
             if due is HealthInput.SILENCE:
-                self._watch.fell_silent(worker_id)
+                if self._watch.fell_silent(worker_id):
+                    # Reinstated, should self-preservation begin soon (._preservation).
+                    self._watch.made_unhealthy(worker_id, state, last_heartbeat, now)
                 silenced += 1
             decided.add(worker_id)
             swept[worker_id] = worker
@@ -908,8 +927,15 @@ class CapabilityRegistry:
             if self._tombstones.get(worker_id) == at:
                 del self._tombstones[worker_id]
 
-    def _preservation_change(self, now: float, *, active: bool, reason: str) -> tuple[Event, ...]:
-        """Decide that self-preservation begins or ends at ``now``."""
+    def _preservation_change(
+        self,
+        now: float,
+        *,
+        active: bool,
+        reason: str,
+        reinstated: tuple[Reinstatement, ...] = (),
+    ) -> tuple[Event, ...]:
+        """Decide that self-preservation begins (reinstating ``reinstated``) or ends at ``now``."""
         watch = self._watch
         change = SelfPreservationChanged(
             now,
@@ -917,6 +943,7 @@ class CapabilityRegistry:
             reason,
             len(watch.silenced),
             watch.watched,
+            reinstated,
             revision=self._decided + 1,
         )
         watch.since = now if active else None
@@ -1019,8 +1046,27 @@ class CapabilityRegistry:
                 elif not event.active and watch.preserving:
                     watch.since = None
                     self._push_back(watch.release())
+                for reinstatement in event.reinstated:
+                    self._reinstate(reinstatement)
             case _:
                 raise TypeError(f"not a registry change: {event!r}")
+
+    def _reinstate(self, reinstatement: Reinstatement) -> None:
+        """Put a worker back in the routable state its silence took it from (if still silent).
+
+        Its last heartbeat stays (no heartbeat is faked): routable while
+        self-preservation lasts, held by the sweep like the workers found
+        due, and judged as they are once it ends. A worker no longer in that
+        silence (heard from, gone, registered again) is skipped.
+        """
+        worker = self._workers.get(reinstatement.worker_id)
+        if worker is None or not still_silenced(
+            reinstatement, worker.health, worker.last_heartbeat
+        ):
+            return
+        self._routable_count += 1  # from a silent state to a routable one
+        worker.health = returns_to(reinstatement)
+        self._refresh(worker)  # its earlier deadline: the next sweep holds it
 
     def _heard(self, worker_id: str) -> None:
         """Self-preservation: ``worker_id`` was heard from or left; the sweep takes it back."""

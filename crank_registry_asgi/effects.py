@@ -387,10 +387,13 @@ class Effects:
             self.metrics.self_preservation_changes[event.active].inc()
             fields = {"reason": event.reason, "silent": event.silent, "watched": event.watched}
             if event.active:
+                fields["reinstated"] = len(event.reinstated)
+                self.metrics.reinstated.inc(len(event.reinstated))
                 message = (
                     "self-preservation entered: most workers fell silent at once, so this "
                     "controller takes it that it is cut off; no worker is made unhealthy or "
-                    "evicted, routes go to the last known workers"
+                    "evicted, routes go to the last known workers (reinstated "
+                    f"{len(event.reinstated)} workers its sweep had just made unhealthy)"
                 )
             else:
                 message = "self-preservation ended"

@@ -13,7 +13,9 @@ What is counted, and where:
   ``crank_registrations_total{replaced}``, ``crank_deregistrations_total``,
   ``crank_heartbeats_total``, ``crank_evictions_total``,
   ``crank_unhealthy_transitions_total``, ``crank_routes_total{outcome}``,
-  ``crank_self_preservation_changes_total{active}``, ``crank_drain_changes_total{draining}``,
+  ``crank_self_preservation_changes_total{active}``,
+  ``crank_self_preservation_reinstated_total`` (workers an entry put back in routing),
+  ``crank_drain_changes_total{draining}``,
   ``crank_ejections_total`` (workers ejected for failing calls, by this controller or another);
 * admission: ``crank_rate_limited_total{path}``, requests refused 429
   ``rate_limited`` (``--rate-limit``) on ``/route`` and ``/execute``;
@@ -270,6 +272,12 @@ class Metrics:
             "GET /watch requests open now: long polls waiting for a change, event streams",
             ["form"],
             multiprocess_mode="livesum",
+            registry=counted,
+        )
+        self.reinstated = Counter(
+            "crank_self_preservation_reinstated",
+            "Workers put back in routing as self-preservation began: its sweep had made them "
+            "unhealthy for silences just before",
             registry=counted,
         )
         self.request_duration = Histogram(

@@ -554,9 +554,9 @@ def property_schemas(
 def model_schema(cls: type[Any], components: dict[str, Any]) -> dict[str, Any]:
     """The closed JSON Schema of an attrs class.
 
-    A field is required unless its default is ``None``, or ``False`` for a
-    flag marked :data:`~crank_registry.OMIT_IF_FALSE`: the converter leaves
-    such a field out of an answer, and a request may too.
+    A field is required unless its default is ``None``, or false (``False``,
+    an empty tuple) for a field marked :data:`~crank_registry.OMIT_IF_FALSE`:
+    the converter leaves such a field out of an answer, and a request may too.
     """
     return {
         "type": "object",
@@ -565,7 +565,7 @@ def model_schema(cls: type[Any], components: dict[str, Any]) -> dict[str, Any]:
         "required": [
             f.name
             for f in attrs.fields(cls)
-            if f.default is not None and not (f.default is False and f.metadata.get(OMIT_IF_FALSE))
+            if f.default is not None and not (f.metadata.get(OMIT_IF_FALSE) and not f.default)
         ],
         "additionalProperties": False,
     }

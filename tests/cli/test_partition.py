@@ -5,8 +5,11 @@ unhealthy after 6 s (six missed beats: a loaded machine's late beats are
 not silence) and evicts it after 10 s. The agents' process is stopped
 for 11 s (5 s beyond ``unhealthy_after``), then resumed. With
 self-preservation on (the default threshold), the controller takes the
-silence for its own isolation: no worker is evicted, routes go on, and
-the resumed agents heartbeat on without registering again. With
+silence for its own isolation: no worker is evicted, none is held
+unhealthy while it lasts (those its sweep made unhealthy as the silences
+came in, one by one over a heartbeat interval, are reinstated when it
+begins), routes go on, and the resumed agents heartbeat on without
+registering again. With
 ``--self-preservation-threshold 0`` the same partition evicts them all,
 and each registers again.
 """
@@ -91,9 +94,17 @@ def agents(url: str, log: Path) -> Iterator[subprocess.Popen[bytes]]:
 
 
 def counts(client: httpx.Client) -> dict[str, float]:
-    """Workers held, whether in self-preservation, and registrations, from the controller."""
+    """Workers held, whether in self-preservation, and registrations, from the controller.
+
+    Also ``silent``: the workers held unhealthy (made so by the sweep), as
+    ``/snapshot`` says, read after ``/health``: no sweep makes a worker
+    unhealthy once self-preservation has begun, so a look that says it has
+    begun must find none.
+    """
     health = client.get("/health").json()
     figures = {"workers": health["total_workers"], "preserving": health["self_preservation"]}
+    workers = client.get("/snapshot").json()["workers"]
+    figures["silent"] = sum(1 for worker in workers if worker.get("silent", False))
     for family in text_string_to_metric_families(client.get("/metrics").text):
         if family.name == "crank_registrations":
             figures["registrations"] = sum(
@@ -145,12 +156,15 @@ def test_self_preservation_keeps_every_worker_through_a_partition(tmp_path: Path
         return now["workers"] == AGENTS and not now["preserving"]
 
     before, during, after, routed = partition(tmp_path, settled)
-    assert before == {"workers": AGENTS, "preserving": False, "registrations": AGENTS}
+    held = {"workers": AGENTS, "preserving": False, "registrations": AGENTS, "silent": 0}
+    assert before == held
     assert any(look["preserving"] for look in during), during
     assert all(look["workers"] == AGENTS for look in during), during  # none evicted
+    # Every agent routable while it lasts: none held unhealthy.
+    assert all(look["silent"] == 0 for look in during if look["preserving"]), during
     assert routed == PAUSE  # routing continued
     # Resumed agents heartbeat on: no registration since, and it ended.
-    assert after == {"workers": AGENTS, "preserving": False, "registrations": AGENTS}
+    assert after == held
 
 
 def test_with_threshold_zero_the_partition_evicts_them(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from crank_registry import (
     CapabilityRegistry,
     HealthPolicy,
+    SelfPreservationSettings,
     SnapshotAnswer,
     WatchAnswer,
     WorkerNotRegistered,
@@ -102,13 +103,37 @@ RECOVERY = [
 ]
 
 
+#: Self-preservation (from one worker of three): w0 made unhealthy as the first of
+#: the silences, then reinstated by the change that starts it, then heard from.
+REINSTATED = [
+    ("register", "w0", [("run", "a")], "1.0.0", 0),
+    ("register", "w1", [("run", "a")], "1.0.0", 0),
+    ("register", "w2", [("run", "a"), ("run", "b")], "1.0.0", 0),
+    ("feed", 1),
+    ("sweep",),
+    ("advance", 5.0),
+    ("heartbeat", "w1"),
+    ("heartbeat", "w2"),
+    ("advance and sweep", 19.5),
+    ("feed", 1),
+    ("advance and sweep", 0.5),
+    ("advance and sweep", 0.5),
+    ("feed", 2),
+    ("heartbeat", "w0"),
+    ("advance and sweep", 100.0),
+    ("feed", 4),
+]
+PRESERVING = SelfPreservationSettings(min_workers=1, threshold=0.5)
+
+
 @settings(max_examples=300, deadline=None)
-@given(operations)
-@example(RECOVERY)
+@given(operations, st.sampled_from((None, PRESERVING)))
+@example(RECOVERY, None)
+@example(REINSTATED, PRESERVING)
 def test_a_follower_holds_what_the_controller_holds_and_routes_by_its_states(
-    steps: list[tuple[Any, ...]],
+    steps: list[tuple[Any, ...]], preservation: SelfPreservationSettings | None
 ) -> None:
-    controller = CapabilityRegistry(POLICY)
+    controller = CapabilityRegistry(POLICY, self_preservation=preservation)
     follower = RegistryFollower("http://controller", insecure=True, clock=lambda: 0.0)
     follower._use_snapshot(snapshot_of(controller))
     now = T0

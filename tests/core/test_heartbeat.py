@@ -88,7 +88,14 @@ def state(registry: CapabilityRegistry) -> Any:
     return (
         workers,
         heap,
-        (watch.window_end, watch.watched, watch.silenced, set(watch.held), watch.grace),
+        (
+            watch.window_end,
+            watch.watched,
+            watch.silenced,
+            set(watch.held),
+            watch.grace,
+            watch.unrouted,
+        ),
         registry.records(),
         registry.revision,
         registry.pending,
@@ -144,6 +151,66 @@ def act(registry: CapabilityRegistry, operation: tuple[Any, ...], now: float) ->
 @example([("register", "w1"), ("drain", "w1"), ("advance", 1.0), ("heartbeat", "w1", False)], None)
 @example(
     [("register", "w1"), *[("fail", "w1")] * 5, ("advance", 1.0), ("heartbeat", "w1", False)], None
+)
+# Self-preservation reinstating workers the window's first silences made unhealthy
+# (w0 and w3 here; in the window before it, w0 in the second), then a heartbeat of
+# a reinstated worker held by the sweep, and of one past evict_after.
+@example(
+    [
+        *[("register", worker_id) for worker_id in WORKER_IDS],
+        ("advance", 1.0),
+        ("sweep",),
+        ("heartbeat", "w1", False),
+        ("heartbeat", "w2", False),
+        ("advance", 59.5),
+        ("sweep",),
+        ("advance", 1.0),
+        ("sweep",),
+        ("advance", 1.0),
+        ("sweep",),
+        ("heartbeat", "w0", True),
+        ("route", 61.0),
+        ("advance", 60.0),
+        ("heartbeat", "w3", False),
+        ("sweep",),
+    ],
+    SelfPreservationSettings(min_workers=1, threshold=0.5),
+)
+@example(
+    [
+        *[("register", worker_id) for worker_id in WORKER_IDS],
+        ("sweep",),
+        ("advance", 30.0),
+        *[("heartbeat", worker_id, False) for worker_id in WORKER_IDS[1:]],
+        ("advance", 30.5),
+        ("sweep",),
+        ("advance", 30.0),
+        ("decide_heartbeat", "w0"),  # pending: its reinstatement is skipped
+        ("sweep",),
+        ("confirm",),
+        ("heartbeat", "w1", False),
+        ("advance", 119.5),
+        ("sweep",),
+        ("heartbeat", "w2", False),
+    ],
+    SelfPreservationSettings(min_workers=1, threshold=0.5),
+)
+@example(
+    [
+        *[("register", worker_id) for worker_id in WORKER_IDS],
+        ("sweep",),
+        ("advance", 30.0),
+        *[("heartbeat", worker_id, False) for worker_id in WORKER_IDS[1:]],
+        ("advance", 30.5),
+        ("sweep",),
+        ("advance", 30.0),
+        ("sweep",),
+        ("heartbeat", "w0", False),
+        ("advance", 119.5),
+        ("sweep",),
+        ("heartbeat", "w1", False),
+    ],
+    SelfPreservationSettings(min_workers=1, threshold=0.5),
 )
 def test_the_steady_heartbeat_leaves_what_the_plain_path_leaves(
     run: list[tuple[Any, ...]], preservation: SelfPreservationSettings | None

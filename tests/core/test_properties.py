@@ -32,6 +32,7 @@ from crank_registry import (
     Problem,
     Registration,
     RegistryChange,
+    Reinstatement,
     RouteRequest,
     SelfPreservationChanged,
     SelfPreservationSettings,
@@ -245,6 +246,12 @@ access_rules = st.builds(
     trust_domain=st.sampled_from(["crank.local", "example.org"]),
 )
 slo_files = st.lists(st.builds(SloFile, file=texts, slo=service_levels), max_size=3).map(tuple)
+reinstatements = st.builds(
+    Reinstatement,
+    worker_ids,
+    st.sampled_from((HealthState.HEALTHY, HealthState.UNVERIFIED)),
+    timestamps,
+)
 MODEL_STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
     CapabilitySchema: capabilities,
     Registration: registrations,
@@ -268,6 +275,7 @@ MODEL_STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
         self_preservation=optional(timestamps),
     ),
     AccessRules: access_rules,
+    Reinstatement: reinstatements,
     SelfPreservationSettings: st.builds(
         SelfPreservationSettings,
         threshold=st.floats(0, 0.99),
@@ -317,6 +325,7 @@ EVENT_STRATEGIES: dict[type[Event], st.SearchStrategy[Any]] = {
         st.sampled_from(["workers_fell_silent", "heartbeats_returned", "max_duration"]),
         st.integers(0, 10**6),
         st.integers(0, 10**6),
+        st.lists(reinstatements, max_size=3).map(tuple),
         revision=revisions,
     ),
     WorkerEjected: st.builds(

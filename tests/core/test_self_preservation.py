@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import attrs
 import pytest
 
 from crank_registry import (
     CapabilityRegistry,
     Event,
     HealthPolicy,
+    HealthState,
     SelfPreservationChanged,
     SelfPreservationSettings,
     ValidationError,
@@ -29,13 +31,20 @@ from tests.core.helpers import T0
 
 POLICY = HealthPolicy(heartbeat_interval=10.0, unhealthy_after=30.0, evict_after=60.0)
 STEP = POLICY.heartbeat_interval
+# Workers silent for a few windows are still held (unhealthy) when it begins.
+LONG_EVICTION = HealthPolicy(heartbeat_interval=10.0, unhealthy_after=30.0, evict_after=300.0)
 
 
 class Fleet:
     """A registry, its workers, a clock, and every event the sweeps and heartbeats made."""
 
-    def __init__(self, size: int, settings: SelfPreservationSettings | None = None) -> None:
-        self.registry = CapabilityRegistry(POLICY, self_preservation=settings)
+    def __init__(
+        self,
+        size: int,
+        settings: SelfPreservationSettings | None = None,
+        policy: HealthPolicy = POLICY,
+    ) -> None:
+        self.registry = CapabilityRegistry(policy, self_preservation=settings)
         self.now = T0
         self.alive = [f"w{n}" for n in range(size)]
         self.events: list[Event] = []
@@ -62,6 +71,10 @@ class Fleet:
 
     def of(self, kind: type[Event]) -> list[Event]:
         return [event for event in self.events if isinstance(event, kind)]
+
+    def silent_ids(self) -> set[str]:
+        """The workers held unhealthy (a snapshot's ``silent``)."""
+        return {record.worker_id for record in self.registry.records() if record.silent}
 
     def preservation(self) -> list[tuple[bool, str]]:
         return [
@@ -242,6 +255,7 @@ def test_threshold_zero_turns_it_off() -> None:
     fleet.run(POLICY.evict_after * 1.5)
     assert fleet.preservation() == []
     assert len(fleet.registry) == 0
+    assert fleet.registry._watch.unrouted == {}  # nothing kept to reinstate
 
 
 def test_a_restart_does_not_inflate_it() -> None:
@@ -276,7 +290,7 @@ def test_the_journal_and_snapshots_carry_it_and_a_replica_routes_as_it_began() -
     assert {endpoint.worker_id for endpoint in routed if endpoint is not None} == set(ids(20))
 
 
-def test_a_heartbeat_of_an_unhealthy_worker_in_self_preservation_makes_it_healthy() -> None:
+def test_the_workers_made_unhealthy_as_the_window_filled_are_reinstated_when_it_begins() -> None:
     fleet = Fleet(20, SelfPreservationSettings(threshold=0.3))
     fleet.run(STEP * 4)
     fleet.silence(ids(4))  # 4 of 20: an ordinary loss, unhealthy
@@ -285,8 +299,31 @@ def test_a_heartbeat_of_an_unhealthy_worker_in_self_preservation_makes_it_health
     fleet.run(POLICY.evict_after)
     assert len(fleet.of(WorkerUnhealthy)) == 4
     assert fleet.preservation() == [(True, "workers_fell_silent")]
+    (entered,) = fleet.of(SelfPreservationChanged)
+    assert isinstance(entered, SelfPreservationChanged)
+    assert [r.worker_id for r in entered.reinstated] == ids(4)
     assert fleet.of(WorkerEvicted) == []  # the first 4 are past evict_after: kept
+    assert fleet.routed(40) == set(ids(20))
     fleet.wake(ids(10))
+    fleet.run(STEP * 2)
+    assert fleet.of(WorkerHealthy) == []  # healthy already: their heartbeats are plain ones
+    assert fleet.preservation()[-1] == (False, "heartbeats_returned")
+
+
+def test_a_heartbeat_of_an_unhealthy_worker_in_self_preservation_makes_it_healthy() -> None:
+    # Silent long before it began (more than unhealthy_after): not reinstated.
+    fleet = Fleet(20, SelfPreservationSettings(threshold=0.3), policy=LONG_EVICTION)
+    fleet.run(STEP * 4)
+    fleet.silence(ids(4))
+    fleet.run(LONG_EVICTION.unhealthy_after * 3)
+    fleet.silence(ids(8, 4))  # 8 of the 16 watched since
+    fleet.run(LONG_EVICTION.unhealthy_after * 2)
+    assert len(fleet.of(WorkerUnhealthy)) == 4
+    assert fleet.preservation() == [(True, "workers_fell_silent")]
+    (entered,) = fleet.of(SelfPreservationChanged)
+    assert isinstance(entered, SelfPreservationChanged) and entered.reinstated == ()
+    assert fleet.routed(40) == set(ids(16, 4))
+    fleet.wake(ids(12))
     fleet.run(STEP * 2)
     assert {e.worker_id for e in fleet.of(WorkerHealthy)} == set(ids(4))  # type: ignore[attr-defined]
     assert fleet.preservation()[-1] == (False, "heartbeats_returned")
@@ -328,3 +365,225 @@ def test_a_decided_entry_the_store_refused_is_decided_again() -> None:
     assert again.revision == entered.revision  # the refused one's revision, reused
     registry.confirm(again.revision)
     assert registry.self_preservation == fleet.now + 0.5
+
+
+class SpreadFleet:
+    """100 workers whose heartbeats are spread over the interval, swept every second.
+
+    Worker ``n`` beats at ``n / size`` of the interval after each multiple
+    of it, as real agents started at different moments do: a partition
+    silences them one by one, over an interval.
+    """
+
+    def __init__(self, size: int, settings: SelfPreservationSettings | None = None) -> None:
+        self.size = size
+        self.registry = CapabilityRegistry(POLICY, self_preservation=settings)
+        self.now = T0
+        self.alive = set(ids(size))
+        self.events: list[Event] = []
+        for worker_id in ids(size):
+            self.events += self.registry.register(
+                worker_id, f"https://{worker_id}:8443", [capability()], now=self.now
+            )
+
+    def run(self, seconds: float, *, until: type[Event] | None = None) -> None:
+        """A second at a time: the live workers due beat, then a sweep (stops after ``until``)."""
+        for _ in range(int(seconds)):
+            self.now += 1.0
+            tick = round(self.now - T0) % STEP
+            for n in range(self.size):
+                worker_id = f"w{n}"
+                if worker_id in self.alive and tick == n * STEP // self.size:
+                    self.events += self.registry.heartbeat(worker_id, now=self.now)
+            swept = self.registry.cleanup_stale(now=self.now)
+            self.events += swept
+            if until is not None and any(isinstance(event, until) for event in swept):
+                return
+
+    def of(self, kind: type[Event]) -> list[Event]:
+        return [event for event in self.events if isinstance(event, kind)]
+
+    def routed(self, count: int) -> set[str]:
+        endpoints = [
+            self.registry.route("classify", "image.classify", now=self.now) for _ in range(count)
+        ]
+        return {endpoint.worker_id for endpoint in endpoints if endpoint is not None}
+
+    def silent_records(self) -> set[str]:
+        """The workers held in a silent state (unhealthy), as a snapshot records them."""
+        return {record.worker_id for record in self.registry.records() if record.silent}
+
+
+def partitioned(offset: int, settings: SelfPreservationSettings | None = None) -> SpreadFleet:
+    """A spread fleet cut off ``offset`` seconds into a window, run until it enters."""
+    fleet = SpreadFleet(100, settings)
+    fleet.run(POLICY.unhealthy_after * 3 + offset)  # windows have started, all beating
+    assert fleet.of(WorkerUnhealthy) == []
+    fleet.alive = set()  # the partition: no heartbeat arrives from now on
+    fleet.run(POLICY.evict_after, until=SelfPreservationChanged)
+    return fleet
+
+
+# Where in a window the partition begins: its silences may straddle two windows.
+OFFSETS = [0, 3, 5, 7, 12, 19, 24, 28]
+
+
+@pytest.mark.parametrize("offset", OFFSETS)
+def test_a_spread_partition_reinstates_the_workers_made_unhealthy_before_it_began(
+    offset: int,
+) -> None:
+    fleet = partitioned(offset)
+    (entered,) = fleet.of(SelfPreservationChanged)
+    assert isinstance(entered, SelfPreservationChanged) and entered.active
+    # The silences came one by one: about half were made unhealthy first...
+    made_unhealthy = {event.worker_id for event in fleet.of(WorkerUnhealthy)}  # type: ignore[attr-defined]
+    assert len(made_unhealthy) >= 30
+    # ... and the change that starts it puts every one of them back, as it was.
+    assert {r.worker_id for r in entered.reinstated} == made_unhealthy
+    assert {r.state for r in entered.reinstated} == {HealthState.HEALTHY}
+    # Counted among the watched too when they fell silent in the window before.
+    assert entered.watched == 100 and 50 < entered.silent < 100
+    # Every worker is routable again; none is held unhealthy, no heartbeat was faked.
+    assert fleet.routed(300) == set(ids(100))
+    assert fleet.silent_records() == set()
+    unhealthy_at = {e.worker_id: e.last_heartbeat for e in fleet.of(WorkerUnhealthy)}  # type: ignore[attr-defined]
+    for record in fleet.registry.records():
+        if record.worker_id in unhealthy_at:
+            assert record.last_heartbeat == unhealthy_at[record.worker_id]
+    # While it lasts nobody is made unhealthy or evicted, and routing goes to all.
+    fleet.run(POLICY.evict_after * 1.5)
+    assert fleet.registry.self_preservation is not None
+    assert len(fleet.of(WorkerUnhealthy)) == len(made_unhealthy)
+    assert fleet.of(WorkerEvicted) == []
+    assert fleet.routed(300) == set(ids(100)) and fleet.silent_records() == set()
+
+
+def test_after_a_spread_partition_heartbeats_need_no_registration() -> None:
+    fleet = partitioned(5)
+    fleet.run(POLICY.evict_after * 1.2)  # past evict_after for every worker
+    fleet.alive = set(ids(100))
+    fleet.run(STEP * 2)  # heartbeat() would raise WorkerNotRegistered
+    assert [(e.active, e.reason) for e in fleet.of(SelfPreservationChanged)] == [  # type: ignore[attr-defined]
+        (True, "workers_fell_silent"),
+        (False, "heartbeats_returned"),
+    ]
+    assert fleet.of(WorkerEvicted) == [] and fleet.of(WorkerHealthy) == []
+    fleet.run(POLICY.evict_after * 2)
+    assert fleet.routed(300) == set(ids(100)) and fleet.silent_records() == set()
+
+
+def test_a_spread_partition_ended_by_its_cap_judges_the_reinstated_after_the_grace() -> None:
+    fleet = partitioned(5, SelfPreservationSettings(max_duration=100))
+    before = len(fleet.of(WorkerUnhealthy))
+    fleet.run(300)
+    (entered, ended) = fleet.of(SelfPreservationChanged)
+    assert len(entered.reinstated) == before  # type: ignore[attr-defined]
+    assert (ended.active, ended.reason) == (False, "max_duration")  # type: ignore[attr-defined]
+    # Reinstated or held alike: unhealthy once the grace after it ended is over
+    # (the first sweep after it), then evicted.
+    grace_end = ended.at + POLICY.unhealthy_after  # type: ignore[attr-defined]
+    judged = fleet.of(WorkerUnhealthy)[before:]
+    assert {e.worker_id for e in judged} == set(ids(100))  # type: ignore[attr-defined]
+    assert {e.at for e in judged} == {grace_end + 1}  # type: ignore[attr-defined]
+    assert {e.worker_id for e in fleet.of(WorkerEvicted)} == set(ids(100))  # type: ignore[attr-defined]
+    assert len(fleet.registry) == 0
+
+
+def test_a_reinstated_worker_heard_or_gone_since_is_skipped() -> None:
+    fleet = partitioned(5)
+    (entered,) = fleet.of(SelfPreservationChanged)
+    assert isinstance(entered, SelfPreservationChanged)
+    first, second, third = entered.reinstated[:3]
+    # The same change applied to a registry that has since heard from one,
+    # lost another, and seen the third register again.
+    replica = CapabilityRegistry(POLICY)
+    changes, _ = fleet.registry.changes_since(0)
+    before = [change for change in changes if change.revision < entered.revision]
+    for change in before:
+        replica.apply(change)
+    at = entered.at
+    replica.heartbeat(first.worker_id, now=at)
+    replica.deregister(second.worker_id, now=at)
+    replica.register(third.worker_id, f"https://{third.worker_id}:8443", [capability()], now=at)
+    revision = replica.revision
+    replica.apply(attrs.evolve(entered, revision=revision + 1))
+    assert replica.self_preservation == at
+    assert second.worker_id not in replica
+    held = {record.worker_id: record for record in replica.records()}
+    assert held[first.worker_id].last_heartbeat == at  # its own heartbeat, not the undone one
+    assert held[third.worker_id].last_heartbeat == at
+    assert {w for w, record in held.items() if record.silent} == set()
+    assert replica.revision == revision + 1
+
+
+@pytest.mark.parametrize("offset", [3, 19])
+def test_replicas_fed_the_changes_end_equal(offset: int) -> None:
+    fleet = partitioned(offset)
+    fleet.run(POLICY.evict_after)
+    changes, _ = fleet.registry.changes_since(0)
+    assert any(isinstance(c, SelfPreservationChanged) and c.reinstated for c in changes)
+    # A journal replay, and a follower fed the feed (no clock for health).
+    replayed = CapabilityRegistry(POLICY)
+    assert replay([encode_event(change) for change in changes], replayed).lines_skipped == 0
+    follower = CapabilityRegistry(POLICY, routes_by_state=True)
+    for change in changes:
+        follower.apply(change)
+
+    # Equal but for the heartbeats, which are not changes (a replica hears none).
+    def states(replica: CapabilityRegistry) -> list[tuple[str, bool, bool]]:
+        return [(r.worker_id, r.verified, r.silent) for r in replica.records()]
+
+    assert states(replayed) == states(follower) == states(fleet.registry)
+    assert replayed.self_preservation == follower.self_preservation
+    assert fleet.registry.self_preservation is not None
+    assert replayed.self_preservation == fleet.registry.self_preservation
+    assert replayed.revision == follower.revision == fleet.registry.revision
+    assert replayed._routable_count == follower._routable_count == 100
+    # Both route to every worker, as the controller does.
+    for replica in (replayed, follower):
+        routed = [replica.route("classify", "image.classify", now=fleet.now) for _ in range(300)]
+        assert {e.worker_id for e in routed if e is not None} == set(ids(100))
+
+
+def test_a_worker_first_found_silent_by_the_sweep_that_ends_it_gets_the_grace_too() -> None:
+    fleet = Fleet(20, SelfPreservationSettings(max_duration=100))
+    fleet.run(STEP * 4)
+    fleet.silence(ids(12))
+    fleet.run(POLICY.unhealthy_after + 2 * STEP)
+    assert fleet.preservation() == [(True, "workers_fell_silent")]
+    # No sweep for a while (a busy sweeper): w19 falls silent meanwhile, and
+    # the first sweep after finds it due as it ends self-preservation.
+    fleet.silence(["w19"])
+    for _ in range(12):
+        fleet.now += STEP
+        for worker_id in fleet.alive:
+            fleet.events += fleet.registry.heartbeat(worker_id, now=fleet.now)
+    fleet.events += fleet.registry.cleanup_stale(now=fleet.now)
+    assert fleet.preservation()[-1] == (False, "max_duration")
+    assert fleet.of(WorkerUnhealthy) == fleet.of(WorkerEvicted) == []  # all in the grace
+    fleet.wake(["w19"])
+    fleet.run(STEP)  # answered as a registered worker: it was not evicted
+    assert "w19" not in fleet.silent_ids()
+
+
+def test_workers_found_silent_after_a_restart_are_not_reinstated() -> None:
+    fleet = Fleet(20, policy=LONG_EVICTION)
+    fleet.run(STEP * 4)
+    fleet.silence(ids(4))
+    # Down before any sweep found them: at the restart w0-w3 are silent for
+    # longer than unhealthy_after, the others were heard from 26 to 30 s before.
+    heard = fleet.now + LONG_EVICTION.unhealthy_after
+    for n, worker_id in enumerate(ids(16, 4)):
+        fleet.events += fleet.registry.heartbeat(worker_id, now=heard + n % 5)
+    fleet.now = heard + LONG_EVICTION.unhealthy_after
+    fleet.registry.restart(now=fleet.now)
+    fleet.alive = []  # restored: none is answered until it registers again
+    fleet.events += fleet.registry.cleanup_stale(now=fleet.now)
+    assert {e.worker_id for e in fleet.of(WorkerUnhealthy)} == set(ids(4))  # type: ignore[attr-defined]
+    fleet.run(LONG_EVICTION.unhealthy_after)
+    (entered,) = fleet.of(SelfPreservationChanged)
+    assert isinstance(entered, SelfPreservationChanged) and entered.active
+    # Silent before the restart: neither counted nor reinstated.
+    assert entered.watched == 16
+    assert not {r.worker_id for r in entered.reinstated} & set(ids(4))
+    assert fleet.silent_ids() >= set(ids(4))

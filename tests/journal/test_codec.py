@@ -8,6 +8,7 @@ import pathlib
 import zlib
 from typing import Any
 
+import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,11 +17,14 @@ from crank_registry import (
     JOURNAL_FORMAT_VERSION,
     CapabilityRegistry,
     Event,
+    HealthState,
     HeartbeatReceived,
     JournalDecodeError,
     JournalReader,
     NewerJournalFormat,
     RegistryError,
+    Reinstatement,
+    SelfPreservationChanged,
     Snapshot,
     SnapshotPart,
     WorkerDeregistered,
@@ -199,6 +203,48 @@ def test_unhealthy_and_healthy_lines_change_routability() -> None:
     assert (record.silent, record.last_heartbeat, registry.revision) == (False, T0 + 70, 3)
     endpoint = registry.route("classify", "image.classify", now=T0 + 70)
     assert endpoint is not None and endpoint.worker_id == "a"
+
+
+def test_self_preservation_lines_reinstate_and_older_lines_without_it_still_load() -> None:
+    caps = (capability(),)
+    registered = [
+        encode_event(WorkerRegistered(w, f"http://{w}:1", caps, T0, revision=n))
+        for n, w in enumerate(("a", "b", "c"), start=1)
+    ]
+    silences = [
+        encode_event(WorkerUnhealthy("a", T0 + 61, T0, revision=4)),
+        encode_event(WorkerUnhealthy("b", T0 + 62, T0, revision=5)),
+    ]
+    entered = SelfPreservationChanged(
+        T0 + 63,
+        True,
+        "workers_fell_silent",
+        3,
+        3,
+        (Reinstatement("a", HealthState.HEALTHY, T0), Reinstatement("b", HealthState.HEALTHY, T0)),
+        revision=6,
+    )
+    line = encode_event(entered)
+    assert json.loads(line)["reinstated"] == [
+        {"worker_id": "a", "state": "healthy", "last_heartbeat": T0},
+        {"worker_id": "b", "state": "healthy", "last_heartbeat": T0},
+    ]
+    assert decode_line(line) == (entered,)
+    registry, result = replayed([*registered, *silences, line])
+    assert result.lines_skipped == 0 and registry.self_preservation == T0 + 63
+    # Routable again, their last heartbeats as they were (none faked).
+    assert [(r.silent, r.last_heartbeat) for r in registry.records()] == [(False, T0)] * 3
+    # A line written before the field existed (or with none: it is left out),
+    # as a reader from before it reads it: nothing reinstated, the rest as before.
+    data = json.loads(line)
+    del data["reinstated"]
+    old = (json.dumps(data) + "\n").encode()
+    assert decode_line(old) == (attrs.evolve(entered, reinstated=()),)
+    assert encode_event(attrs.evolve(entered, reinstated=())) == encode_event(decode_line(old)[0])
+    assert b"reinstated" not in encode_event(attrs.evolve(entered, reinstated=()))
+    registry, result = replayed([*registered, *silences, old])
+    assert result.lines_skipped == 0 and registry.self_preservation == T0 + 63
+    assert [r.silent for r in registry.records()] == [True, True, False]
 
 
 def test_a_change_the_registry_refuses_is_skipped_and_counted() -> None:

@@ -102,3 +102,56 @@ async def test_off_with_threshold_zero(tmp_path: Path) -> None:
         await step(api, WORKERS[12:], POLICY.evict_after * 1.5)
         assert not await health(api)
         assert set(await api.workers()) == set(WORKERS[12:])
+
+
+async def test_a_spread_partition_is_entered_with_every_worker_routable(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Heartbeats spread over the interval: the silences come one by one, swept each second."""
+    caplog.set_level(logging.INFO, logger="crank_registry_asgi")
+    interval = int(POLICY.heartbeat_interval)
+    elapsed = 0
+
+    async def tick(alive: list[str], seconds: int) -> None:
+        nonlocal elapsed
+        for _ in range(seconds):
+            api.advance(1.0)
+            elapsed += 1
+            phase = elapsed % interval
+            for n, worker_id in enumerate(WORKERS):
+                if worker_id in alive and n * interval // len(WORKERS) == phase:
+                    response = await api.post("/heartbeat", {"worker_id": worker_id})
+                    assert response.status_code == 200, response.text
+            await api.service.sweep()
+
+    async with running(ServiceConfig(policy=POLICY)) as api:
+        for worker_id in WORKERS:
+            await api.register(worker_id)
+        await tick(WORKERS, 40)
+        revision = api.registry.revision
+        for _ in range(int(POLICY.evict_after)):  # the partition: nobody is heard
+            if await health(api):
+                break
+            await tick([], 1)
+        assert await health(api)
+        response = await api.get(f"/watch?since={revision}&timeout=1")
+        changes = [structure_event(event) for event in response.json()["events"]]
+        entered = changes[-1]
+        assert isinstance(entered, SelfPreservationChanged) and entered.active
+        made_unhealthy = {change.worker_id for change in changes[:-1]}  # type: ignore[attr-defined]
+        assert len(made_unhealthy) >= 5
+        assert {r.worker_id for r in entered.reinstated} == made_unhealthy
+        # Every worker routable again, none held unhealthy.
+        assert {await api.route() for _ in range(60)} == set(WORKERS)
+        snapshot = (await api.get("/snapshot")).json()
+        assert [worker.get("silent", False) for worker in snapshot["workers"]] == [False] * 20
+        text = (await api.get("/metrics")).text
+        reinstated = {
+            sample.name: sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }["crank_self_preservation_reinstated_total"]
+        assert reinstated == len(made_unhealthy)
+    (line,) = [r for r in caplog.records if r.getMessage().startswith("self-preservation entered")]
+    assert f"reinstated={len(made_unhealthy)}" in line.getMessage()
+    assert f"(reinstated {len(made_unhealthy)} workers" in line.getMessage()
