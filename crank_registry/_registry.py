@@ -1412,6 +1412,8 @@ class CapabilityRegistry:
         the last known workers: every worker held in a routable state,
         however long ago it was heard from (its ``routable_until`` is at
         least the earliest moment; an unhealthy worker's is ``-inf``).
+        Listings and counts judge at the same moment, so that they show
+        what routing does (``is_healthy`` is "routable now").
         """
         return now if self._preserving_since is None else _EARLIEST
 
@@ -1460,12 +1462,13 @@ class CapabilityRegistry:
 
     def workers(self, *, now: float) -> list[WorkerView]:
         """Every registered worker at ``now``, in registration order."""
-        return [self._view(worker, now) for worker in self._workers.values()]
+        judged_at = self._routable_at(now)
+        return [self._view(worker, judged_at) for worker in self._workers.values()]
 
     def get_worker(self, worker_id: str, *, now: float) -> WorkerView | None:
         """One worker at ``now``, or ``None`` if it is not registered."""
         worker = self._workers.get(worker_id)
-        return None if worker is None else self._view(worker, now)
+        return None if worker is None else self._view(worker, self._routable_at(now))
 
     def counts(self, *, now: float) -> tuple[int, int]:
         """``(total, routable)`` worker counts at ``now``.
@@ -1506,7 +1509,7 @@ class CapabilityRegistry:
             self._workers,
             self._everyone,
             self._policy,
-            now=now,
+            now=self._routable_at(now),
             state=state,
             verb=verb,
             capability=capability,
@@ -1556,7 +1559,7 @@ class CapabilityRegistry:
             self._by_capability,
             self._view,
             self._policy,
-            now=now,
+            now=self._routable_at(now),
             after=after,
             limit=limit,
             state=state,
@@ -1606,7 +1609,7 @@ class CapabilityRegistry:
             self._keys,
             self._by_capability,
             self._policy,
-            now=now,
+            now=self._routable_at(now),
             after=after,
             limit=limit,
             state=state,
@@ -1622,10 +1625,11 @@ class CapabilityRegistry:
         metrics read it at every scrape.
         """
         _check_now(now)
+        judged_at = self._routable_at(now)
         held = collections.Counter(
             (
                 worker.health,
-                now
+                judged_at
                 <= (
                     worker.healthy_until()
                     if worker.draining or worker.ejected_until is not None

@@ -21,6 +21,7 @@ from crank_registry import (
     ValidationError,
     WorkerEvicted,
     WorkerHealthy,
+    WorkerState,
     WorkerUnhealthy,
     encode_event,
     encode_snapshot,
@@ -108,6 +109,28 @@ def test_sixty_percent_silent_enters_and_nothing_is_made_unhealthy_or_evicted() 
     # Routing continues to the last known workers: the silent ones too.
     assert fleet.routed(40) == set(ids(20))
     assert len(fleet.registry) == 20
+
+
+def test_listings_show_what_routing_does_while_it_lasts() -> None:
+    fleet = Fleet(20)
+    fleet.run(STEP * 4)
+    fleet.silence(ids(12))
+    fleet.run(POLICY.evict_after * 1.5)
+    registry, now = fleet.registry, fleet.now
+    assert registry.self_preservation is not None
+    # Every worker is routed to, so every one is listed routable and healthy...
+    views = registry.workers(now=now)
+    assert {(view.state, view.is_healthy) for view in views} == {(HealthState.HEALTHY, True)}
+    assert registry.get_worker(ids(1)[0], now=now).is_healthy  # type: ignore[union-attr]
+    assert registry.counts(now=now) == (20, 20)
+    assert registry.state_counts(now=now)[WorkerState.HEALTHY] == 20
+    page = registry.workers_page(now=now, limit=None, state=WorkerState.UNHEALTHY)
+    assert page.workers == ()
+    (entry,) = registry.get_all_capabilities(now=now)
+    assert len(entry.healthy_workers) == 20
+    # ...and the silent ones' last heartbeats say how long they have been silent.
+    silent = {view.worker_id: view.last_heartbeat for view in views if view.worker_id in ids(12)}
+    assert max(silent.values()) < now - POLICY.evict_after
 
 
 def test_forty_percent_silent_is_an_ordinary_loss() -> None:
