@@ -296,11 +296,13 @@ async def until_disconnect(receive: Receive | None, wait: Callable[[], Awaitable
     """``await wait()``, unless the caller disconnects first (then :class:`CallerLeft`).
 
     ``receive`` is the request's, its body already read: what it says next
-    is ``http.disconnect``. ``None``: nothing to watch.
+    is ``http.disconnect``. ``None``: nothing to watch. What ``wait``
+    raises is raised as it is.
     """
     if receive is None:
         return await wait()
     outcome: list[T] = []
+    failed: list[Exception] = []
     async with anyio.create_task_group() as group:
 
         async def watch() -> None:
@@ -309,8 +311,15 @@ async def until_disconnect(receive: Receive | None, wait: Callable[[], Awaitable
             group.cancel_scope.cancel()
 
         group.start_soon(watch)
-        outcome.append(await wait())
+        # Caught here: raised inside the task group it would come out wrapped in an
+        # ExceptionGroup, which the caller's handlers (an ApiError's answer) miss.
+        try:
+            outcome.append(await wait())
+        except Exception as error:
+            failed.append(error)
         group.cancel_scope.cancel()
+    if failed:
+        raise failed[0]
     if not outcome:
         raise CallerLeft
     return outcome[0]
