@@ -45,7 +45,7 @@ import httpx
 from crank_registry import CapabilitySchema, HealthPolicy, WorkerEndpoint, structure
 from crank_registry.testing import FakeClock
 from crank_registry_asgi import ServiceConfig, create_app
-from crank_registry_asgi.backpressure import CallSlots, Router, Slot
+from crank_registry_asgi.backpressure import CallSlots, Check, Router, Slot
 from crank_registry_asgi.execute import Gateway
 from crank_registry_asgi.failover import next_worker
 from crank_registry_asgi.gateway import GatewayConfig, create_gateway_app
@@ -70,9 +70,17 @@ class UncountedSlots(CallSlots):
     """Slots that count nothing: the gateway as it was before back-pressure."""
 
     async def acquire(
-        self, verb: str, capability: str, route: Router, *, receive: Any = None
+        self,
+        verb: str,
+        capability: str,
+        route: Router,
+        *,
+        check: Check | None = None,
+        receive: Any = None,
     ) -> Slot | None:
         endpoint = route(())
+        if endpoint is not None and check is not None:
+            check(endpoint)
         return None if endpoint is None else Slot(self, endpoint)
 
     def _ended(self, worker_id: str) -> None:
