@@ -83,7 +83,7 @@ class PayloadChecks:
             logger.warning(
                 "payloads not checked against an input_schema the gateway cannot apply; "
                 "the worker answers them %s",
-                log_fields(capability=where, reason=compiled.fault),
+                log_fields(schema_of=where, reason=compiled.fault),
             )
         return []
 
