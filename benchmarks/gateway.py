@@ -20,6 +20,12 @@ of this thread per call, the median of repeated runs, for:
 * ``/execute`` with an ``Idempotency-Key`` (a new key a call: hashing the
   body and keeping the answer), and a replay of a kept one (no worker call).
 
+Every ``/execute`` checks its payload against the chosen worker's
+``input_schema`` (a small object schema, :data:`INPUT_SCHEMA`); that check
+is also timed alone: the worker's capability looked up and the payload
+validated with the cached validator (what each call pays), and with a
+validator compiled for each call (what the cache saves).
+
 The accounting is also timed alone, against the route it wraps (a whole
 call's figure swings by more than the accounting costs on a shared
 machine): a route, and a route with the acquire and release of a slot,
@@ -42,19 +48,38 @@ from typing import Any
 
 import httpx
 
-from crank_registry import CapabilitySchema, HealthPolicy, WorkerEndpoint, structure
+from crank_registry import (
+    CapabilitySchema,
+    ExecuteRequest,
+    HealthPolicy,
+    WorkerEndpoint,
+    structure,
+)
 from crank_registry.testing import FakeClock
 from crank_registry_asgi import ServiceConfig, create_app
-from crank_registry_asgi.backpressure import CallSlots, Router, Slot
+from crank_registry_asgi.backpressure import CallSlots, Check, Router, Slot
 from crank_registry_asgi.execute import Gateway
 from crank_registry_asgi.failover import next_worker
 from crank_registry_asgi.gateway import GatewayConfig, create_gateway_app
+from crank_worker_client.payload import PayloadSchema
 
 WORKERS = 100
 ACCOUNTING_TARGET_US = 5.0
 LOADED_ACCOUNTING_TARGET_US = 10.0
 ANSWER = b'{"result": {"greeting": "Hello, Ada!"}}'
-BODY = json.dumps({"verb": "greet", "capability": "hello", "payload": {"name": "Ada"}}).encode()
+PAYLOAD = {"name": "Ada", "language": "en", "tags": ["greeting"]}
+BODY = json.dumps({"verb": "greet", "capability": "hello", "payload": PAYLOAD}).encode()
+#: The capability's input_schema: a realistic small object.
+INPUT_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 100},
+        "language": {"type": "string", "enum": ["en", "de", "fr"]},
+        "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 10},
+    },
+    "required": ["name"],
+    "additionalProperties": False,
+}
 
 
 class InstantWorkers(httpx.AsyncBaseTransport):
@@ -70,9 +95,17 @@ class UncountedSlots(CallSlots):
     """Slots that count nothing: the gateway as it was before back-pressure."""
 
     async def acquire(
-        self, verb: str, capability: str, route: Router, *, receive: Any = None
+        self,
+        verb: str,
+        capability: str,
+        route: Router,
+        *,
+        check: Check | None = None,
+        receive: Any = None,
     ) -> Slot | None:
         endpoint = route(())
+        if endpoint is not None and check is not None:
+            check(endpoint)
         return None if endpoint is None else Slot(self, endpoint)
 
     def _ended(self, worker_id: str) -> None:
@@ -84,7 +117,7 @@ def capability() -> CapabilitySchema:
         "name": "hello",
         "verb": "greet",
         "version": "1.0.0",
-        "input_schema": {"type": "object"},
+        "input_schema": INPUT_SCHEMA,
         "output_schema": {"type": "object"},
         "requires_gpu": False,
         "max_concurrency": 4,
@@ -241,6 +274,22 @@ async def bench(calls: int, repeat: int) -> bool:
     for slot in held:
         assert slot is not None
         slot.release()
+    # The payload check alone: what each call pays, and what compiling each time would.
+    ask = structure(json.loads(BODY), ExecuteRequest)
+    endpoint = route(())
+    assert endpoint is not None
+
+    async def cached_check() -> None:
+        counted._check_payload(ask, endpoint)
+
+    async def compiled_each_call() -> None:
+        assert PayloadSchema(INPUT_SCHEMA).problems(PAYLOAD) == []
+
+    checks = await interleaved(
+        {"cached": cached_check, "compiled": compiled_each_call}, calls * 10, repeat
+    )
+    report("payload check per call (cached validator)", checks["cached"])
+    report("payload check with a validator compiled each call", checks["compiled"])
     report("route alone", alone["route"])
     report("route with acquire and release of a slot", alone["route with accounting"])
     report("the same, 50 workers holding calls", loaded["route with accounting"])

@@ -1386,6 +1386,19 @@ class CapabilityRegistry:
             return ()
         return tuple((schema.key, schema.max_concurrency) for schema in worker.capabilities)
 
+    def capability_of(self, worker_id: str, verb: str, capability: str) -> CapabilitySchema | None:
+        """``worker_id``'s ``(verb, capability)`` as it registered it (schemas, version, limits).
+
+        ``None`` for a worker not registered, or one that does not offer the
+        pair. O(the worker's capabilities). A gateway checks a payload
+        against the ``input_schema`` of the worker it routed the call to.
+        """
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            return None
+        key = (verb, capability)
+        return next((schema for schema in worker.capabilities if schema.key == key), None)
+
     def count_calls(self, worker_id: str, calls: int) -> None:
         """``calls``: how many calls this process has in flight to ``worker_id`` now.
 

@@ -43,13 +43,16 @@ from crank_registry import CapabilityKey, CapabilityRegistry, WorkerEndpoint
 
 from .http import ApiError
 
-__all__ = ["CallSlots", "CallerLeft", "FleetCounts", "Slot", "until_disconnect"]
+__all__ = ["CallSlots", "CallerLeft", "Check", "FleetCounts", "Router", "Slot", "until_disconnect"]
 
 T = TypeVar("T")
 
 #: ``route(busy)`` routes excluding the workers ``busy``: the endpoint, or
 #: ``None`` when no candidate is left (it may raise the registry's errors).
 Router = Callable[[Collection[str]], WorkerEndpoint | None]
+#: ``check(endpoint)``: raises when the call may not go to the worker chosen
+#: (the gateway's payload check against that worker's ``input_schema``).
+Check = Callable[[WorkerEndpoint], None]
 
 
 class FleetCounts(Protocol):
@@ -155,18 +158,26 @@ class CallSlots:
         return self._full.get((verb, capability), ())
 
     async def acquire(
-        self, verb: str, capability: str, route: Router, *, receive: Receive | None = None
+        self,
+        verb: str,
+        capability: str,
+        route: Router,
+        *,
+        check: Check | None = None,
+        receive: Receive | None = None,
     ) -> Slot | None:
         """A slot on a worker of ``(verb, capability)``, waiting for one if every candidate is full.
 
-        ``None``: no candidate at all (not a matter of load). Raises the
-        ``overloaded`` :class:`~crank_registry_asgi.http.ApiError` when the
-        queue is full, :class:`CallerLeft` when ``receive`` says the caller
-        disconnected while waiting, and whatever ``route`` raises.
+        ``None``: no candidate at all (not a matter of load). ``check`` is
+        given the worker chosen before its slot is taken (what it raises
+        ends the call, no slot taken). Raises the ``overloaded``
+        :class:`~crank_registry_asgi.http.ApiError` when the queue is full,
+        :class:`CallerLeft` when ``receive`` says the caller disconnected
+        while waiting, and whatever ``route`` or ``check`` raise.
         """
         key = (verb, capability)
         if key not in self._queues:
-            taken = await self._try(verb, capability, route)
+            taken = await self._try(verb, capability, route, check)
             if not isinstance(taken, _AllFull):
                 return taken
         queue = self._queues.setdefault(key, collections.deque())
@@ -179,7 +190,7 @@ class CallSlots:
         handed: list[Slot | None] = []
 
         async def wait() -> Slot | None:
-            handed.append(await self._wait(waiter, queue, route, key))
+            handed.append(await self._wait(waiter, queue, route, check, key))
             return handed[0]
 
         try:
@@ -204,6 +215,7 @@ class CallSlots:
         waiter: _Waiter,
         queue: collections.deque[_Waiter],
         route: Router,
+        check: Check | None,
         key: CapabilityKey,
     ) -> Slot | None:
         # Calls that end on other gateways wake nobody here: poll, backing off.
@@ -218,13 +230,16 @@ class CallSlots:
             waiter.woken = anyio.Event()
             if queue[0] is not waiter:
                 continue
-            taken = await self._try(*key, route)
+            taken = await self._try(*key, route, check)
             if not isinstance(taken, _AllFull):
                 return taken
 
-    async def _try(self, verb: str, capability: str, route: Router) -> Slot | _AllFull | None:
+    async def _try(
+        self, verb: str, capability: str, route: Router, check: Check | None
+    ) -> Slot | _AllFull | None:
         """A slot, ``None`` (no candidate at all), or :data:`_FULL` (every candidate is full).
 
+        ``check`` sees each worker chosen before anything is reserved on it.
         With a ``fleet``, a worker whose fleet-wide reservation is refused
         is passed over for this call, as a locally full one is.
         """
@@ -238,6 +253,8 @@ class CallSlots:
             if endpoint is None:
                 # Without the busy workers nothing is left: were they the candidates?
                 return _FULL if busy and route(()) is not None else None
+            if check is not None:
+                check(endpoint)
             worker_id = endpoint.worker_id
             if self.fleet is not None and not await self.fleet.reserve(
                 worker_id, self._limit(worker_id, key)
@@ -296,11 +313,13 @@ async def until_disconnect(receive: Receive | None, wait: Callable[[], Awaitable
     """``await wait()``, unless the caller disconnects first (then :class:`CallerLeft`).
 
     ``receive`` is the request's, its body already read: what it says next
-    is ``http.disconnect``. ``None``: nothing to watch.
+    is ``http.disconnect``. ``None``: nothing to watch. What ``wait``
+    raises is raised as it is.
     """
     if receive is None:
         return await wait()
     outcome: list[T] = []
+    failed: list[Exception] = []
     async with anyio.create_task_group() as group:
 
         async def watch() -> None:
@@ -309,8 +328,15 @@ async def until_disconnect(receive: Receive | None, wait: Callable[[], Awaitable
             group.cancel_scope.cancel()
 
         group.start_soon(watch)
-        outcome.append(await wait())
+        # Caught here: raised inside the task group it would come out wrapped in an
+        # ExceptionGroup, which the caller's handlers (an ApiError's answer) miss.
+        try:
+            outcome.append(await wait())
+        except Exception as error:
+            failed.append(error)
         group.cancel_scope.cancel()
+    if failed:
+        raise failed[0]
     if not outcome:
         raise CallerLeft
     return outcome[0]

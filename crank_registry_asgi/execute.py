@@ -1,4 +1,4 @@
-"""The request path of ``POST /execute``: validate, admit, route, call the worker, answer.
+"""The request path of ``POST /execute``: admit, validate, route, check the payload, call, answer.
 
 Its answers are listed in :mod:`crank_registry_asgi.gateway`; the call itself (URL,
 span, sending, reading, the errors' names) is :mod:`crank_registry_asgi.upstream`;
@@ -6,6 +6,11 @@ the calls in flight and the queues, :mod:`crank_registry_asgi.backpressure`; the
 answers kept per ``Idempotency-Key``, the core's :class:`~crank_registry.AnswerStore`,
 or with ``--redis`` the fleet's (:mod:`crank_registry_asgi.fleet_calls`, which
 also holds the fleet-wide calls in flight).
+
+The payload is checked against the ``input_schema`` of the worker chosen,
+before its slot is taken (:mod:`crank_registry_asgi.payloads`): a refused
+payload is 422 ``invalid_payload``, reaches no worker and is no call's
+outcome; with an ``Idempotency-Key`` it is kept like any 4xx.
 
 Outlier ejection: each call's outcome goes to the registry
 (:meth:`~crank_registry.CapabilityRegistry.decide_outcome`; a failure is
@@ -57,6 +62,7 @@ from crank_registry import (
     idempotency_key_problem,
     structure,
 )
+from crank_worker_client.payload import INVALID_PAYLOAD, refusal_message
 
 from . import upstream
 from .app import ControllerService
@@ -66,6 +72,7 @@ from .effects import log_fields, logger
 from .failover import next_worker
 from .fleet_calls import POLL_FIRST, POLL_MAX, Claimed, FleetCalls
 from .http import ApiError, error_response, read_json_body, registry_error_response
+from .payloads import PayloadChecks
 from .telemetry import annotate
 
 __all__ = ["EXECUTE_PATH", "IDEMPOTENCY_HEADER", "REPLAYED_HEADER", "Gateway", "parse_execute"]
@@ -113,7 +120,8 @@ class Gateway:
     the queues; ``answers`` the answers kept per idempotency key.
     ``fleet``: with a shared registry, the calls in flight and the
     idempotency keys of every controller on its Redis (then ``answers``
-    is not used).
+    is not used). ``payloads`` checks each call's payload against its
+    worker's ``input_schema``.
     """
 
     def __init__(
@@ -144,6 +152,7 @@ class Gateway:
             max_bytes=config.idempotency_bytes,
         )
         self._pending: dict[tuple[str, str], _Pending] = {}
+        self.payloads = PayloadChecks()
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
@@ -360,9 +369,13 @@ class Gateway:
                 now=self.service.clock(),
             )
 
+        # The payload against the schema of each worker chosen, before its slot is taken.
+        check = functools.partial(self._check_payload, ask)
         for _ in range(self.config.max_attempts):
             try:
-                slot = await self.slots.acquire(verb, capability, route, receive=receive)
+                slot = await self.slots.acquire(
+                    verb, capability, route, check=check, receive=receive
+                )
             except UnknownCapability:
                 self.service.effects.unknown_capability()
                 raise
@@ -379,6 +392,23 @@ class Gateway:
         if not refusals:
             raise self.service.no_worker_available(verb, capability, optioned=optioned)
         raise upstream.unreachable(verb, capability, refusals)
+
+    def _check_payload(self, ask: ExecuteRequest, endpoint: WorkerEndpoint) -> None:
+        """422 ``invalid_payload`` when ``endpoint``'s ``input_schema`` refuses ``ask``'s payload.
+
+        The schema of the worker's own registration of the pair: its
+        version's, which may differ from another worker's.
+        """
+        offered = self.service.registry.capability_of(endpoint.worker_id, ask.verb, ask.capability)
+        if offered is None:
+            return  # gone since its route (no await between them, so never in practice)
+        problems = self.payloads.problems(
+            offered.input_schema,
+            ask.payload,
+            where=f"{endpoint.worker_id} {ask.verb}:{ask.capability} {offered.version}",
+        )
+        if problems:
+            raise ApiError(422, INVALID_PAYLOAD, refusal_message(problems), detail=tuple(problems))
 
     async def _forward(
         self, slot: Slot, verb: str, capability: str, content: bytes, attempt: int

@@ -12,6 +12,12 @@ the JSON body as it came, or the NDJSON stream passed through line by line.
 ``X-Crank-Worker-Id`` names the worker that answered and
 ``X-Crank-Attempts`` how many workers were tried.
 
+The payload is checked against the ``input_schema`` of the worker chosen
+(that worker's registration of the capability: its version's) with the
+jsonschema library, before anything is reserved on it; a payload it
+refuses is 422 ``invalid_payload`` and no worker is called
+(:mod:`crank_registry_asgi.payloads`).
+
 Failover is limited to what is safe to repeat. When the chosen worker
 refuses the connection, fails the TLS handshake or does not accept it within
 the connect timeout, nothing was sent, so the next routable worker is tried
@@ -48,6 +54,8 @@ Answers of the gateway itself::
     400/413/415/422         the /execute body: invalid_json, request_too_large,
                             unsupported_media_type, invalid_request (with detail;
                             also an unusable Idempotency-Key header)
+    422 invalid_payload     the payload does not match the input_schema of the worker
+                            chosen (detail: every problem); no worker was called
     422 idempotency_key_reused  the Idempotency-Key was sent with another body
     502 worker_failed       the worker answered 5xx or something outside the
                             convention, dropped the connection, or every attempt
@@ -77,7 +85,8 @@ other path is the controller, and the lifespan runs both.
 Where each part lives: the request path is :class:`~crank_registry_asgi.execute.Gateway`
 (:mod:`crank_registry_asgi.execute`); one call to a worker and the names of its
 errors, :mod:`crank_registry_asgi.upstream`; the choice of the next worker,
-:mod:`crank_registry_asgi.failover`; the settings, :class:`GatewayConfig`
+:mod:`crank_registry_asgi.failover`; the payload check,
+:mod:`crank_registry_asgi.payloads`; the settings, :class:`GatewayConfig`
 (:mod:`crank_registry_asgi.config`). This module assembles them into an app
 and describes ``/execute`` in the OpenAPI document.
 """
@@ -165,6 +174,14 @@ GATEWAY_ERRORS: Mapping[str, ErrorCode] = {
         ("verb", "capability"),
         headers=retry_after("The heartbeat interval in whole seconds."),
     ),
+    "invalid_payload": ErrorCode(
+        422,
+        "The payload does not match the input_schema of the capability as the worker chosen "
+        "registered it (its version's); no worker was called. Every problem listed, its path "
+        "from payload (payload.items[2].name): fix the payload. The same answer a worker "
+        "using crank_worker_client.serving gives.",
+        ("detail",),
+    ),
     "idempotency_key_reused": ErrorCode(
         422,
         "The Idempotency-Key was sent before with another body (kept, or being answered); "
@@ -241,7 +258,7 @@ def gateway_openapi_document() -> dict[str, Any]:
     responses["200"]["headers"] = {**_WORKER_HEADERS, **_REPLAYED}
     responses["200"]["content"][NDJSON] = {"schema": {"type": "string"}}
     refused = responses["422"]
-    refused["description"] += " Or the worker refused the payload (its own error, passed on)."
+    refused["description"] += " Or the worker's own 422, passed on."
     refused["content"]["application/json"]["schema"]["anyOf"].append(ref("WorkerError"))
     unknown = responses["404"]
     unknown["description"] += " Or the worker's own 404, passed on (then with X-Crank-Worker-Id)."

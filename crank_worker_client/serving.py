@@ -111,7 +111,6 @@ from crank_registry import (
 from ._agent import WorkerAgent
 from ._lifespan import AgentLifespanMiddleware
 from ._load import Call, LoadMeter
-from ._payload import JsonSchemaError, PayloadSchema
 from ._tracing import invocation_span
 from .body import (
     READ_TIMEOUT,
@@ -122,6 +121,7 @@ from .body import (
     declared_length,
     read_body,
 )
+from .payload import INVALID_PAYLOAD, JsonSchemaError, PayloadSchema, refusal_message
 
 __all__ = [
     "INVOKE_PREFIX",
@@ -363,8 +363,8 @@ class InvocationApp:
                     send,
                     422,
                     {
-                        "error": "invalid_payload",
-                        "message": "; ".join(map(str, problems)),
+                        "error": INVALID_PAYLOAD,
+                        "message": refusal_message(problems),
                         "detail": [{"path": p.path, "message": p.message} for p in problems],
                     },
                 )

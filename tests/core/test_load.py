@@ -204,6 +204,20 @@ def test_the_concurrency_limits_are_each_capabilitys() -> None:
     assert registry.concurrency_limits("gone") == ()
 
 
+def test_a_workers_capability_is_its_own_registration_of_the_pair() -> None:
+    registry = CapabilityRegistry(POLICY)
+    old = capability(version="1.0.0", input_schema={"type": "object", "required": ["url"]})
+    new = capability(version="2.0.0", input_schema={"type": "object", "required": ["png"]})
+    embed = capability("text.embed", "embed")
+    registry.register("w1", "https://w1:8443", [embed, old], now=T0)
+    registry.register("w2", "https://w2:8443", [new], now=T0)
+    assert registry.capability_of("w1", *KEY) == old
+    assert registry.capability_of("w2", *KEY) == new
+    assert registry.capability_of("w1", "embed", "text.embed") == embed
+    assert registry.capability_of("w2", "embed", "text.embed") is None
+    assert registry.capability_of("gone", *KEY) is None
+
+
 def test_least_loaded_is_deterministic_for_a_seed() -> None:
     loads = {f"w{index}": index % 4 for index in range(8)}
 

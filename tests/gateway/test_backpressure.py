@@ -15,7 +15,7 @@ import pytest
 
 from crank_registry import CapabilityRegistry, WorkerEndpoint
 from crank_registry.testing import FakeClock
-from crank_registry_asgi.backpressure import CallSlots
+from crank_registry_asgi.backpressure import CallSlots, until_disconnect
 from crank_registry_asgi.execute import Gateway
 from crank_registry_asgi.failover import next_worker
 from crank_registry_asgi.gateway import GatewayConfig
@@ -318,3 +318,18 @@ async def test_waiting_calls_are_served_in_arrival_order() -> None:
     assert order == [0, 1, 2, 3, 4]
     assert (slots.in_flight("w1"), slots.waiting("greet", "hello")) == (0, 0)
     assert slots.busy("greet", "hello") == ()
+
+
+async def test_what_a_wait_raises_comes_out_as_itself() -> None:
+    # Not wrapped in the watcher's task group's ExceptionGroup: the gateway
+    # answers an ApiError raised while a call waits (a payload its worker refuses).
+    async def connected() -> dict[str, Any]:
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def refused() -> None:
+        raise ApiError(422, "invalid_payload", "payload: must be of type object")
+
+    with pytest.raises(ApiError) as raised:
+        await until_disconnect(connected, refused)
+    assert raised.value.code == "invalid_payload"

@@ -85,6 +85,7 @@ async def test_every_execute_answer_agrees_with_the_document() -> None:
         answers.append(await execute(client))  # unknown_capability
         await register(client, "ok", "https://ok.test")
         answers.append(await execute(client))
+        answers.append(await execute(client, payload="not an object"))  # invalid_payload
         answers.append(await client.post(EXECUTE_PATH, json={"verb": "greet"}))
         answers.append(await client.post(EXECUTE_PATH, content=b"{", headers=_JSON))
         answers.append(await client.post(EXECUTE_PATH, content=b"{}"))

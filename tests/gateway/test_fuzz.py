@@ -6,10 +6,12 @@ import json
 from typing import Any
 
 import anyio
+import jsonschema
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from crank_registry.testing import FakeClock
+from tests.builders import capability
 from tests.gateway.helpers import (
     FakeWorker,
     WorkerNetwork,
@@ -40,9 +42,11 @@ bodies = st.one_of(
         },
     ),
 )
-# 422 is the gateway's invalid_request or the worker's invalid_payload (passed through);
-# 404 is unknown_capability ("greet:x" is offered by no worker).
+# 422 is the gateway's invalid_request, or its invalid_payload (the payload against the
+# worker's input_schema); 404 is unknown_capability ("greet:x" is offered by no worker).
 ALLOWED = {200, 400, 404, 422, 503}
+#: The plain validator of the worker's input_schema (tests.builders' capability).
+SCHEMA = jsonschema.Draft202012Validator(capability().input_schema)
 
 
 async def echo(payload: dict[str, Any]) -> dict[str, Any]:
@@ -75,5 +79,10 @@ def test_execute_answers_every_body_with_json(values: list[Any], garbage: bytes)
         assert status in ALLOWED, (status, body)
         if status == 200:
             assert body == {"result": {"echo": value["payload"]}}
+            assert SCHEMA.is_valid(value["payload"])
+        elif body.get("error") == "invalid_payload":
+            # Refused where the plain validator refuses (and 200 only where it accepts).
+            assert status == 422 and not SCHEMA.is_valid(value["payload"])
+            assert body["detail"]
         else:
             assert isinstance(body["error"], str) and isinstance(body["message"], str)

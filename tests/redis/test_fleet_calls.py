@@ -536,3 +536,28 @@ def test_the_fleet_keys_share_the_registrys_hash_tag() -> None:
     ):
         assert key.startswith(tag + ":"), key
     assert keys.answer(("", "k")) != keys.answer(("other", "k"))
+
+
+async def test_a_refused_payload_reserves_nothing_and_its_422_is_kept_for_the_fleet() -> None:
+    url = machine_url()
+    workers = CountedWorkers()
+    named = {"type": "object", "required": ["name"]}
+    with fleet_prefix(url) as prefix:
+        async with (
+            gateway(url, prefix, "a", workers) as (a, on_a),
+            gateway(url, prefix, "b", workers) as (b, _),
+        ):
+            cap = capability(verb="greet", name="hello", max_concurrency=1, input_schema=named)
+            await register(a, "w1", "https://w1.test", cap)
+            await wait_until_async(lambda: _routable(b), what="w1 routable on B", timeout=5)
+            refused = await post(a, "k-refused", payload={"text": "hi"})
+            assert refused.status_code == 422, refused.text
+            assert refused.json()["detail"] == [{"path": "payload.name", "message": "is required"}]
+            assert on_a.fleet is not None and on_a.fleet.held == {}
+            # The one slot w1 has is free: a valid call takes it.
+            assert (await post(a)).status_code == 200
+            # The 422 is the key's answer on the other controller too.
+            again = await post(b, "k-refused", payload={"text": "hi"})
+            assert again.status_code == 422
+            assert again.headers["Idempotent-Replayed"] == "true"
+    assert workers.calls == {"w1.test": 1}

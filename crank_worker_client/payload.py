@@ -13,6 +13,11 @@ common keywords are written below, in one table, so that they name the rule
 others are jsonschema's own. A missing required field, or a field that
 ``additionalProperties: false`` forbids, is a problem at that field's path.
 
+The worker's invocation server and the controller's gateway (before it
+forwards an ``/execute`` call) both answer a refused payload with
+:func:`refusal_message` and the problems as ``detail``, so a caller gets
+the same 422 ``invalid_payload`` from either.
+
 This module is the reason for the ``serving`` extra
 (``pip install 'crank-worker-client[serving]'``): it imports jsonschema.
 """
@@ -21,7 +26,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, cast
 
 from crank_registry import Problem
@@ -38,7 +43,15 @@ except ImportError as error:  # pragma: no cover - exercised by the client_isola
 
 from .json_schema import JsonSchemaError, checked_validator_class, schema_path
 
-__all__ = ["JsonSchemaError", "PayloadSchema"]
+__all__ = ["INVALID_PAYLOAD", "JsonSchemaError", "PayloadSchema", "refusal_message"]
+
+#: The error code of a payload the ``input_schema`` refuses (status 422).
+INVALID_PAYLOAD = "invalid_payload"
+
+
+def refusal_message(problems: Iterable[Problem]) -> str:
+    """The ``message`` of a 422 ``invalid_payload``: every problem, ``path: message``."""
+    return "; ".join(map(str, problems))
 
 
 def _json(value: object) -> str:
