@@ -45,6 +45,7 @@ class Worker:
         "ejection_ended",
         "ejections",
         "health",
+        "id_hash",
         "last_heartbeat",
         "load",
         "members",
@@ -82,6 +83,9 @@ class Worker:
         # Made by its first load report or hand-out (most workers of a
         # round-robin registry never need one: one slot, no object).
         self.load: Load | None = None
+        # The hash of its id that affinity weighs it by (an odd number), made
+        # by the first affinity route that weighs it: 0 until then.
+        self.id_hash = 0
         # Outlier ejection (._ejection), set by the fold: until when it is
         # ejected (None: it is not), the ejections of its streak, and when
         # the last of them ended.

@@ -21,8 +21,8 @@ registry, in O(k) for k members:
 3. else the strategy: ``round_robin`` on the rotation's cursor
    (:meth:`~._rotation.Rotation.next_of`), or ``affinity``, rendezvous
    hashing of ``affinity_key`` (the candidate with the highest
-   ``blake2b(key, worker id)`` wins, so when one of n workers leaves only
-   the keys it held, about 1/n, move), or ``least_loaded``, power of two
+   :func:`rendezvous_weight` of the key and its id wins, so when one of n
+   workers leaves only the keys it held, about 1/n, move), or ``least_loaded``, power of two
    choices (:func:`least_loaded`; a route with no other option draws its
    two from the ring in O(1), :func:`sample_least_loaded`).
 
@@ -42,7 +42,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -82,9 +82,8 @@ __all__ = [
     "least_loaded",
     "misses_slo",
     "policy_explanation",
-    "sample_least_loaded",
     "rendezvous_weight",
-    "rendezvous_weights",
+    "sample_least_loaded",
 ]
 
 _DEFAULT_STRATEGY = "round_robin"
@@ -263,52 +262,54 @@ def effective_slo(
     return {**offered, "latency_p95_ms": report.latency_p95_ms}
 
 
-def rendezvous_weights(key: str) -> Callable[[str], bytes]:
-    """The weight of each worker id for an affinity ``key``: the highest weight wins.
+#: Weights are 64-bit: the low bits of a product.
+_MASK64 = (1 << 64) - 1
 
-    A stable hash (blake2b, the same in every process and run, unlike
-    Python's salted ``hash``) of the length-prefixed key, then the worker
-    id. The key's part is hashed once per route, each worker's on a copy.
+
+def _stable_hash(text: str) -> int:
+    """A 64-bit hash of ``text``, the same in every process and run (unlike Python's ``hash``).
+
+    Odd: a product with it keeps every bit of the other factor.
     """
-    prefix = _key_hash(key)
-
-    def weight(worker_id: str) -> bytes:
-        hasher = prefix.copy()
-        hasher.update(worker_id.encode())
-        return hasher.digest()
-
-    return weight
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") | 1
 
 
-def _key_hash(key: str) -> hashlib.blake2b:
-    """The key's part of every :func:`rendezvous_weights` weight (a blake2b to copy)."""
-    return hashlib.blake2b(f"{len(key)}:{key}".encode(), digest_size=8)
-
-
-def _heaviest(key: str, candidates: Sequence[Member]) -> Member:
-    """The candidate of highest :func:`rendezvous_weights` weight for ``key`` (the first of equals).
-
-    The weights computed in this loop, not by calling ``weight`` through
-    ``max``'s key: two calls per candidate were a fifth of an affinity route.
-    """
-    prefix = _key_hash(key)
-    chosen = candidates[0]
-    highest = b""  # below every digest
-    for member in candidates:
-        hasher = prefix.copy()
-        hasher.update(member.worker.worker_id.encode())
-        weight = hasher.digest()
-        if weight > highest:
-            chosen, highest = member, weight
-    return chosen
+def _id_hash(worker: Worker) -> int:
+    """The worker's part of every :func:`rendezvous_weight`, hashed on its first affinity route."""
+    if not worker.id_hash:
+        worker.id_hash = _stable_hash(worker.worker_id)
+    return worker.id_hash
 
 
 def rendezvous_weight(key: str, worker_id: str) -> int:
-    """The weight of ``worker_id`` for affinity ``key``, as a number.
+    """The weight of ``worker_id`` for affinity ``key``: the candidate of highest weight wins.
 
-    The same order as :func:`rendezvous_weights`, whose bytes it reads.
+    Rendezvous hashing: each worker's weight depends on the key and on it
+    alone, so when a worker leaves only the keys it won move. The weight is
+    the product of the two stable hashes modulo 2**64 (multiplicative
+    hashing: its high bits depend on every bit of both; both odd, so no bit
+    is lost), the key hashed once per route and each worker id once,
+    instead of a blake2b of the two for every candidate (most of an
+    affinity route; benchmarks/README.md, "Routing options").
     """
-    return int.from_bytes(rendezvous_weights(key)(worker_id), "big")
+    return (_stable_hash(key) * _stable_hash(worker_id)) & _MASK64
+
+
+def _heaviest(key: str, candidates: Sequence[Member]) -> Member:
+    """The candidate of highest :func:`rendezvous_weight` for ``key`` (the first of equals).
+
+    The weights computed in this loop (the same arithmetic as
+    :func:`rendezvous_weight`), not by a call per candidate.
+    """
+    key_hash = _stable_hash(key)  # once per route
+    chosen = candidates[0]
+    highest = -1  # below every weight
+    for member in candidates:
+        worker = member.worker
+        weight = (key_hash * (worker.id_hash or _id_hash(worker))) & _MASK64
+        if weight > highest:
+            chosen, highest = member, weight
+    return chosen
 
 
 def misses_slo(slo: Mapping[str, float], bounds: Mapping[str, float]) -> bool:
