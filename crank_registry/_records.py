@@ -137,11 +137,20 @@ class Load:
     fade; :meth:`count_calls`).
     """
 
-    __slots__ = ("calls", "counted_since", "handed_out", "report", "reported_at")
+    __slots__ = (
+        "calls",
+        "counted_since",
+        "handed_out",
+        "latency_p95_ms",
+        "report",
+        "reported_at",
+    )
 
     def __init__(self) -> None:
         self.report: LoadReport | None = None
         self.reported_at = -math.inf
+        # The report's latency_p95_ms, read by every route with slo_constraints.
+        self.latency_p95_ms: float | None = None
         self.handed_out = 0
         self.counted_since = -math.inf
         self.calls = 0
@@ -150,6 +159,7 @@ class Load:
         """A heartbeat at ``now`` carried ``report``."""
         self.report = report
         self.reported_at = now
+        self.latency_p95_ms = report.latency_p95_ms
         if report.in_flight is not None:
             self.handed_out = 0
             self.counted_since = now

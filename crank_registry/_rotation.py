@@ -129,8 +129,15 @@ class Rotation:
             self.cursor = chosen.slot + 1
         return chosen
 
-    def everyone(self) -> list[Member]:
-        """Every member: those in the ring in ring order, then those out of it. O(members)."""
+    def everyone(self) -> Sequence[Member]:
+        """Every member: those in the ring in ring order, then those out of it. O(members).
+
+        Read it before the rotation changes, and do not change it: with no
+        hole and no member out (most rotations), it is the ring itself, not
+        a copy (a copy was a tenth of a route with options).
+        """
+        if not self.outside and self.live == len(self.ring):
+            return self.ring  # type: ignore[return-value]  # no hole: every slot a member
         # filter(None, ...) drops the holes (a member is always true) in C,
         # cheaper than a comprehension.
         inside = list(filter(None, self.ring))

@@ -63,7 +63,7 @@ from ._models import (
     _strategy,
     _worker_ids,
     check_affinity,
-    version_matches,
+    version_verdicts,
 )
 from ._records import Load, Member, Worker
 from ._rotation import Rotation
@@ -227,7 +227,9 @@ class IdempotencyMemory:
 
 #: No SLO files.
 NO_SLOS = ServiceLevels()
+_NO_IDS: frozenset[str] = frozenset()
 _UNKNOWN: Any = object()
+_NO_VALUES: Mapping[str, float] = {}
 
 
 def effective_slo(
@@ -374,7 +376,7 @@ class SloCheck:
         kept: list[Member] = []
         for member in members:
             capability = member.capability
-            declared = capability.slo
+            declared = capability.slo or _NO_VALUES
             filed = None
             if files:
                 filed = filed_of.get(capability.version, _UNKNOWN)
@@ -383,25 +385,20 @@ class SloCheck:
             if latency_bound is not None:
                 offered = None
                 load = member.worker.load
-                if load is not None:
-                    report = load.report
-                    # effective_slo's freshness test, to the same float.
-                    if (
-                        report is not None
-                        and report.latency_p95_ms is not None
-                        and now - load.reported_at < fresh_for
-                    ):
-                        offered = report.latency_p95_ms
+                # effective_slo's freshness test, to the same float (reported_at
+                # is -inf until a report: no report is never fresh).
+                if load is not None and now - load.reported_at < fresh_for:
+                    offered = load.latency_p95_ms
                 if offered is None and filed is not None:
                     offered = filed.get("latency_p95_ms")
-                if offered is None and declared is not None:
+                if offered is None:
                     offered = declared.get("latency_p95_ms")
                 if offered is None or offered > latency_bound:
                     reasons[member.worker.worker_id] = "slo"
                     continue
             if availability_bound is not None:
                 offered = None if filed is None else filed.get("availability")
-                if offered is None and declared is not None:
+                if offered is None:
                     offered = declared.get("availability")
                 if offered is None or offered < availability_bound:
                     reasons[member.worker.worker_id] = "slo"
@@ -445,32 +442,43 @@ def _filter(
     """
     alive_at = now if routable_at is None else routable_at
     specifier = options.version
-    excluded = frozenset(options.exclude) if options.exclude else frozenset()
+    verdicts = None if specifier is None else version_verdicts(specifier)
+    excluded = frozenset(options.exclude) if options.exclude else _NO_IDS
     reasons: dict[str, str] = {}
     passed: list[Member] = []
-    for member in everyone:
-        worker = member.worker
-        worker_id = worker.worker_id
-        if alive_at > worker.routable_until:
-            # Not routable: for its health first, then draining, then ejection
-            # (DESIGN, "How options combine").
-            if alive_at > worker.healthy_until():
-                reasons[worker_id] = "unhealthy"
-            elif worker.draining:
-                reasons[worker_id] = "draining"
+    if specifier is None and not excluded:
+        # Routability alone (most routes): the loop below, without its other tests.
+        for member in everyone:
+            if alive_at <= member.worker.routable_until:
+                passed.append(member)
             else:
-                reasons[worker_id] = "ejected"
-        elif specifier is not None and not version_matches(specifier, member.capability.version):
-            reasons[worker_id] = "version"
-        elif excluded and worker_id in excluded:  # (hashing an id reads it from memory)
-            reasons[worker_id] = "excluded"
-        else:
-            passed.append(member)
+                reasons[member.worker.worker_id] = _unroutable(member.worker, alive_at)
+    else:
+        for member in everyone:
+            worker = member.worker
+            if alive_at > worker.routable_until:
+                reasons[worker.worker_id] = _unroutable(worker, alive_at)
+            elif verdicts is not None and not verdicts[member.capability.version]:
+                reasons[worker.worker_id] = "version"
+            elif excluded and worker.worker_id in excluded:
+                reasons[worker.worker_id] = "excluded"
+            else:
+                passed.append(member)
     if slo is not None and passed:
         passed = slo.keep(passed, reasons)
     if options.budget_tokens is not None and passed:
         passed = _cheapest(passed, options.budget_tokens, reasons)
     return passed, reasons
+
+
+def _unroutable(worker: Worker, alive_at: float) -> str:
+    """Why a worker not routable at ``alive_at`` is not (DESIGN, "How options combine").
+
+    For its health first, then draining, then ejection.
+    """
+    if alive_at > worker.healthy_until():
+        return "unhealthy"
+    return "draining" if worker.draining else "ejected"
 
 
 def policy_explanation(rotation: Rotation, options: RouteOptions, now: float) -> RouteExplanation:
