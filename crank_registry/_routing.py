@@ -372,6 +372,8 @@ class SloCheck:
         now = self.now
         fresh_for = self.fresh_for
         files = self.files
+        if availability_bound is None and not files and latency_bound is not None:
+            return self._keep_by_latency(members, latency_bound, reasons)
         filed_of: dict[str, Mapping[str, float] | None] = {}  # per version
         kept: list[Member] = []
         for member in members:
@@ -406,6 +408,29 @@ class SloCheck:
             kept.append(member)
         return kept
 
+    def _keep_by_latency(
+        self, members: Sequence[Member], bound: float, reasons: dict[str, str]
+    ) -> list[Member]:
+        """:meth:`keep` for the most common question: a latency bound alone, no SLO file.
+
+        The same chain without its other tests (observed, else declared).
+        """
+        now = self.now
+        fresh_for = self.fresh_for
+        kept: list[Member] = []
+        for member in members:
+            load = member.worker.load
+            offered = None
+            if load is not None and now - load.reported_at < fresh_for:
+                offered = load.latency_p95_ms
+            if offered is None:
+                offered = (member.capability.slo or _NO_VALUES).get("latency_p95_ms")
+            if offered is not None and offered <= bound:
+                kept.append(member)
+            else:
+                reasons[member.worker.worker_id] = "slo"
+        return kept
+
 
 def _cheapest(members: Sequence[Member], budget: float, reasons: dict[str, str]) -> list[Member]:
     """The members within ``budget`` at the cheapest cost among them; the others as ``budget``."""
@@ -430,7 +455,6 @@ def _filter(
     options: RouteOptions,
     now: float,
     slo: SloCheck | None,
-    *,
     routable_at: float | None = None,
 ) -> tuple[list[Member], dict[str, str]]:
     """The candidates, and for each other worker the first rule that removed it.
@@ -612,11 +636,10 @@ def _hand_out(member: Member, now: float, interval: float) -> None:
     worker.load.hand_out(now, interval)
 
 
-def _pick(
+def _pick(  # noqa: PLR0917 (positional: called once a route)
     rotation: Rotation,
     candidates: Sequence[Member],
     options: RouteOptions,
-    *,
     now: float,
     rng: random.Random,
     interval: float,
@@ -665,7 +688,7 @@ def choose(
     everyone = rotation.everyone()
     bounds = options.slo_constraints
     slo = None if bounds is None else SloCheck(bounds, slos.of(key), now, health.unhealthy_after)
-    candidates, reasons = _filter(everyone, options, now, slo, routable_at=alive_at)
+    candidates, reasons = _filter(everyone, options, now, slo, alive_at)
     if loaded:
         candidates = _drop_at_capacity(candidates, reasons)
     chosen: Member | None = None
@@ -676,7 +699,7 @@ def choose(
         if remembered is not None:
             chosen = next((m for m in candidates if m.worker.worker_id == remembered), None)
     if chosen is None:
-        chosen = _pick(rotation, candidates, options, now=now, rng=rng, interval=interval)
+        chosen = _pick(rotation, candidates, options, now, rng, interval)
         if chosen is not None and remembered_as is not None:
             memory.remember(remembered_as, chosen.worker.worker_id, now)
     if loaded and chosen is not None:
