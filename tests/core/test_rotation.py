@@ -34,7 +34,7 @@ def nearest(rotation: Rotation, candidates: list[Member]) -> Member:
 
 @settings(max_examples=300, deadline=None, derandomize=True)
 @given(size=st.integers(1, 12), data=st.data())
-def test_next_of_gives_the_candidate_nearest_the_cursor_and_moves_the_cursor_past_it(
+def test_everyone_lists_each_member_once_and_next_of_gives_the_candidate_nearest_the_cursor(
     size: int, data: st.DataObject
 ) -> None:
     rotation = Rotation()
@@ -48,6 +48,14 @@ def test_next_of_gives_the_candidate_nearest_the_cursor_and_moves_the_cursor_pas
         if each.slot < 0:
             rotation.join(each)
     rotation.cursor = data.draw(st.integers(0, len(rotation.ring)))
+    # Every member once, in the ring's order, then those out of it.
+    everyone = list(rotation.everyone())
+    assert sorted(everyone, key=lambda each: each.worker.worker_id) == sorted(
+        members, key=lambda each: each.worker.worker_id
+    )
+    inside = [each for each in everyone if each.slot >= 0]
+    assert everyone[: len(inside)] == inside
+    assert [each.slot for each in inside] == sorted(each.slot for each in inside)
     # Candidates as the filters leave them: a subsequence of everyone().
     candidates = [each for each in rotation.everyone() if data.draw(st.booleans())]
     if not candidates:

@@ -26,7 +26,13 @@ from crank_registry import (
     replay_bytes,
     structure,
 )
-from crank_registry._models import parse_specifier, parse_version
+from crank_registry._models import (
+    _MAX_VERDICTS,
+    parse_specifier,
+    parse_version,
+    version_matches,
+    version_verdicts,
+)
 from tests.builders import capability, capability_payload
 from tests.core.helpers import T0, registry_with, routes
 
@@ -88,6 +94,31 @@ def test_version_keeps_the_workers_whose_version_is_in_the_specifier_set(
     assert removed(explanation) == dict.fromkeys({"old", "mid", "rc", "new"} - matching, "version")
     picks = set(chosen(VERSIONED, 4, version=specifier))
     assert picks == (matching or {None})
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(
+    specifier=st.sampled_from([">=1.2,<2", "~=1.0", "==2.*", "!=1.5.3", ">=2.0rc1"]),
+    versions=st.lists(
+        st.sampled_from(["0.9.0", "1.2.0", "1.5.3", "2.0.0", "2.0rc1", "1.2.3-beta", "x"])
+    ),
+)
+def test_the_version_filters_table_of_verdicts_answers_as_version_matches(
+    specifier: str, versions: list[str]
+) -> None:
+    verdicts = version_verdicts(specifier)
+    assert [verdicts[version] for version in versions] == [
+        version_matches(specifier, version) for version in versions
+    ]
+
+
+def test_the_table_of_verdicts_is_bounded_and_still_right_once_it_starts_again() -> None:
+    verdicts = version_verdicts(">=1.5")
+    versions = [f"1.{minor}.0" for minor in range(_MAX_VERDICTS + 10)]
+    assert [verdicts[version] for version in versions] == [
+        minor >= 5 for minor in range(_MAX_VERDICTS + 10)
+    ]
+    assert len(verdicts) <= _MAX_VERDICTS
 
 
 def test_an_invalid_specifier_is_refused_naming_version() -> None:
