@@ -307,8 +307,7 @@ def _heaviest(key: str, candidates: Sequence[Member]) -> Member:
     chosen = candidates[0]
     highest = -1  # below every weight
     for member in candidates:
-        worker = member.worker
-        weight = (key_hash * (worker.id_hash or _id_hash(worker))) & _MASK64
+        weight = (key_hash * (member.worker.id_hash or _id_hash(member.worker))) & _MASK64
         if weight > highest:
             chosen, highest = member, weight
     return chosen

@@ -287,6 +287,17 @@ def test_when_one_of_n_workers_leaves_only_its_keys_move(n: int) -> None:
     assert assignment() == before
 
 
+def test_affinity_spreads_keys_evenly_over_the_candidates() -> None:
+    workers = [f"w{i}" for i in range(10)]
+    registry = registry_with(*workers)
+    tally = collections.Counter(
+        chosen(registry, 1, strategy="affinity", affinity_key=f"key-{i}")[0] for i in range(10_000)
+    )
+    # 1 000 keys a worker expected; a binomial's spread is about 30.
+    assert set(tally) == set(workers)
+    assert all(850 <= count <= 1_150 for count in tally.values()), tally
+
+
 def test_affinity_key_goes_with_strategy_affinity_only() -> None:
     with pytest.raises(ValidationError) as caught:
         RouteOptions(strategy="affinity")
