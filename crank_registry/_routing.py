@@ -76,10 +76,10 @@ __all__ = [
     "IdempotencyMemory",
     "RouteOptions",
     "RoutingSettings",
-    "SloCheck",
     "choose",
     "effective_slo",
     "least_loaded",
+    "meeting_slo",
     "misses_slo",
     "policy_explanation",
     "rendezvous_weight",
@@ -316,7 +316,7 @@ def _heaviest(key: str, candidates: Sequence[Member]) -> Member:
 def misses_slo(slo: Mapping[str, float], bounds: Mapping[str, float]) -> bool:
     """Whether an effective SLO (:func:`effective_slo`) misses a bound of ``slo_constraints``.
 
-    The rule as DESIGN states it; routes check it through :class:`SloCheck`.
+    The rule as DESIGN states it; routes check it through :func:`meeting_slo`.
     A key asked and absent misses.
     """
     latency = bounds.get("latency_p95_ms")
@@ -332,103 +332,87 @@ def misses_slo(slo: Mapping[str, float], bounds: Mapping[str, float]) -> bool:
     return False
 
 
-class SloCheck:
-    """A route's ``slo_constraints``: which workers' effective SLO meets them.
+def meeting_slo(  # noqa: PLR0917 (positional: called once a route)
+    members: Sequence[Member],
+    bounds: Mapping[str, float],
+    files: Sequence[ServiceLevels.Rule],
+    now: float,
+    fresh_for: float,
+    reasons: dict[str, str],
+) -> list[Member]:
+    """The members whose effective SLO meets ``bounds``; the others removed as ``slo``.
 
-    :meth:`keep` keeps the members for which ``misses_slo(effective_slo(...),
-    bounds)`` is false, comparing each bound directly along the chain of
-    DESIGN's "SLO precedence" (observed, else file, else declared) instead
-    of building each worker's effective SLO: two dicts and three calls per
+    Keeps the members for which ``misses_slo(effective_slo(...), bounds)``
+    is false, comparing each bound directly along the chain of DESIGN's
+    "SLO precedence" (observed, else file, else declared) instead of
+    building each worker's effective SLO: two dicts and three calls per
     worker were most of an SLO route's cost (benchmarks/core.py, route
-    options). The file that applies is looked up once per version a route
-    meets, not per worker. tests/core/test_slos.py checks that the two
-    agree.
+    options). ``files``: the SLO files of the route's capability
+    (:meth:`ServiceLevels.of`), the one that applies looked up once per
+    version a route meets, not per worker. A function, not an object made
+    per route (making one was a tenth of the route). One loop, no call per
+    member: the route's cost is per member. tests/core/test_slos.py checks
+    that it agrees with :func:`effective_slo`.
     """
-
-    __slots__ = ("availability", "files", "fresh_for", "latency", "now")
-
-    def __init__(
-        self,
-        bounds: Mapping[str, float],
-        files: Sequence[ServiceLevels.Rule],
-        now: float,
-        fresh_for: float,
-    ) -> None:
-        self.latency = bounds.get("latency_p95_ms")
-        self.availability = bounds.get("availability")
-        #: The SLO files of the route's capability (:meth:`ServiceLevels.of`).
-        self.files = files
-        self.now = now
-        self.fresh_for = fresh_for
-
-    def keep(self, members: Sequence[Member], reasons: dict[str, str]) -> list[Member]:
-        """The members whose effective SLO meets every bound; the others removed as ``slo``.
-
-        One loop, no call per member: the route's cost is per member.
-        """
-        latency_bound = self.latency
-        availability_bound = self.availability
-        now = self.now
-        fresh_for = self.fresh_for
-        files = self.files
-        if availability_bound is None and not files and latency_bound is not None:
-            return self._keep_by_latency(members, latency_bound, reasons)
-        filed_of: dict[str, Mapping[str, float] | None] = {}  # per version
-        kept: list[Member] = []
-        for member in members:
-            capability = member.capability
-            declared = capability.slo or _NO_VALUES
-            filed = None
-            if files:
-                filed = filed_of.get(capability.version, _UNKNOWN)
-                if filed is _UNKNOWN:
-                    filed = filed_of[capability.version] = applying(files, capability.version)
-            if latency_bound is not None:
-                offered = None
-                load = member.worker.load
-                # effective_slo's freshness test, to the same float (reported_at
-                # is -inf until a report: no report is never fresh).
-                if load is not None and now - load.reported_at < fresh_for:
-                    offered = load.latency_p95_ms
-                if offered is None and filed is not None:
-                    offered = filed.get("latency_p95_ms")
-                if offered is None:
-                    offered = declared.get("latency_p95_ms")
-                if offered is None or offered > latency_bound:
-                    reasons[member.worker.worker_id] = "slo"
-                    continue
-            if availability_bound is not None:
-                offered = None if filed is None else filed.get("availability")
-                if offered is None:
-                    offered = declared.get("availability")
-                if offered is None or offered < availability_bound:
-                    reasons[member.worker.worker_id] = "slo"
-                    continue
-            kept.append(member)
-        return kept
-
-    def _keep_by_latency(
-        self, members: Sequence[Member], bound: float, reasons: dict[str, str]
-    ) -> list[Member]:
-        """:meth:`keep` for the most common question: a latency bound alone, no SLO file.
-
-        The same chain without its other tests (observed, else declared).
-        """
-        now = self.now
-        fresh_for = self.fresh_for
-        kept: list[Member] = []
-        for member in members:
-            load = member.worker.load
+    latency_bound = bounds.get("latency_p95_ms")
+    availability_bound = bounds.get("availability")
+    if availability_bound is None and not files and latency_bound is not None:
+        return _meeting_latency(members, latency_bound, now, fresh_for, reasons)
+    filed_of: dict[str, Mapping[str, float] | None] = {}  # per version
+    kept: list[Member] = []
+    for member in members:
+        capability = member.capability
+        declared = capability.slo or _NO_VALUES
+        filed = None
+        if files:
+            filed = filed_of.get(capability.version, _UNKNOWN)
+            if filed is _UNKNOWN:
+                filed = filed_of[capability.version] = applying(files, capability.version)
+        if latency_bound is not None:
             offered = None
+            load = member.worker.load
+            # effective_slo's freshness test, to the same float (reported_at
+            # is -inf until a report: no report is never fresh).
             if load is not None and now - load.reported_at < fresh_for:
                 offered = load.latency_p95_ms
+            if offered is None and filed is not None:
+                offered = filed.get("latency_p95_ms")
             if offered is None:
-                offered = (member.capability.slo or _NO_VALUES).get("latency_p95_ms")
-            if offered is not None and offered <= bound:
-                kept.append(member)
-            else:
+                offered = declared.get("latency_p95_ms")
+            if offered is None or offered > latency_bound:
                 reasons[member.worker.worker_id] = "slo"
-        return kept
+                continue
+        if availability_bound is not None:
+            offered = None if filed is None else filed.get("availability")
+            if offered is None:
+                offered = declared.get("availability")
+            if offered is None or offered < availability_bound:
+                reasons[member.worker.worker_id] = "slo"
+                continue
+        kept.append(member)
+    return kept
+
+
+def _meeting_latency(
+    members: Sequence[Member], bound: float, now: float, fresh_for: float, reasons: dict[str, str]
+) -> list[Member]:
+    """:func:`meeting_slo` for the most common question: a latency bound alone, no SLO file.
+
+    The same chain without its other tests (observed, else declared).
+    """
+    kept: list[Member] = []
+    for member in members:
+        load = member.worker.load
+        offered = None
+        if load is not None and now - load.reported_at < fresh_for:
+            offered = load.latency_p95_ms
+        if offered is None:
+            offered = (member.capability.slo or _NO_VALUES).get("latency_p95_ms")
+        if offered is not None and offered <= bound:
+            kept.append(member)
+        else:
+            reasons[member.worker.worker_id] = "slo"
+    return kept
 
 
 def _cheapest(members: Sequence[Member], budget: float, reasons: dict[str, str]) -> list[Member]:
@@ -449,21 +433,22 @@ def _cheapest(members: Sequence[Member], budget: float, reasons: dict[str, str])
     return kept
 
 
-def _filter(
+def _filter(  # noqa: PLR0917 (positional: called once a route)
     everyone: Sequence[Member],
     options: RouteOptions,
     now: float,
-    slo: SloCheck | None,
-    routable_at: float | None = None,
+    routable_at: float,
+    files: Sequence[ServiceLevels.Rule] = (),
+    fresh_for: float = 0.0,
 ) -> tuple[list[Member], dict[str, str]]:
     """The candidates, and for each other worker the first rule that removed it.
 
     The rules in their order over the members of one capability, each on
     those the rules before it left; routability is judged at
-    ``routable_at`` (default ``now``). ``slo``: the route's
-    ``slo_constraints``, if it has them.
+    ``routable_at``. ``files`` and ``fresh_for``: :func:`meeting_slo`'s,
+    for a route with ``slo_constraints``.
     """
-    alive_at = now if routable_at is None else routable_at
+    alive_at = routable_at
     specifier = options.version
     verdicts = None if specifier is None else version_verdicts(specifier)
     excluded = frozenset(options.exclude) if options.exclude else _NO_IDS
@@ -487,8 +472,9 @@ def _filter(
                 reasons[worker.worker_id] = "excluded"
             else:
                 passed.append(member)
-    if slo is not None and passed:
-        passed = slo.keep(passed, reasons)
+    bounds = options.slo_constraints
+    if bounds is not None and passed:
+        passed = meeting_slo(passed, bounds, files, now, fresh_for, reasons)
     if options.budget_tokens is not None and passed:
         passed = _cheapest(passed, options.budget_tokens, reasons)
     return passed, reasons
@@ -513,7 +499,7 @@ def policy_explanation(rotation: Rotation, options: RouteOptions, now: float) ->
     """
     everyone = rotation.everyone()
     before = attrs.evolve(options, slo_constraints=None, budget_tokens=None)
-    _, reasons = _filter(everyone, before, now, None)  # no SLO asked
+    _, reasons = _filter(everyone, before, now, now)  # no SLO asked
     return RouteExplanation(
         strategy=options.strategy or _DEFAULT_STRATEGY,
         candidates=(),
@@ -695,9 +681,12 @@ def choose(
             _hand_out(sampled, now, interval)
             return sampled, None
     everyone = rotation.everyone()
-    bounds = options.slo_constraints
-    slo = None if bounds is None else SloCheck(bounds, slos.of(key), now, health.unhealthy_after)
-    candidates, reasons = _filter(everyone, options, now, slo, alive_at)
+    if options.slo_constraints is None:
+        candidates, reasons = _filter(everyone, options, now, alive_at)
+    else:
+        candidates, reasons = _filter(
+            everyone, options, now, alive_at, slos.of(key), health.unhealthy_after
+        )
     if loaded:
         candidates = _drop_at_capacity(candidates, reasons)
     chosen: Member | None = None
