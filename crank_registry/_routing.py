@@ -448,7 +448,6 @@ def _filter(  # noqa: PLR0917 (positional: called once a route)
     ``routable_at``. ``files`` and ``fresh_for``: :func:`meeting_slo`'s,
     for a route with ``slo_constraints``.
     """
-    alive_at = routable_at
     specifier = options.version
     verdicts = None if specifier is None else version_verdicts(specifier)
     excluded = frozenset(options.exclude) if options.exclude else _NO_IDS
@@ -457,15 +456,15 @@ def _filter(  # noqa: PLR0917 (positional: called once a route)
     if specifier is None and not excluded:
         # Routability alone (most routes): the loop below, without its other tests.
         for member in everyone:
-            if alive_at <= member.worker.routable_until:
+            if routable_at <= member.worker.routable_until:
                 passed.append(member)
             else:
-                reasons[member.worker.worker_id] = _unroutable(member.worker, alive_at)
+                reasons[member.worker.worker_id] = _unroutable(member.worker, routable_at)
     else:
         for member in everyone:
             worker = member.worker
-            if alive_at > worker.routable_until:
-                reasons[worker.worker_id] = _unroutable(worker, alive_at)
+            if routable_at > worker.routable_until:
+                reasons[worker.worker_id] = _unroutable(worker, routable_at)
             elif verdicts is not None and not verdicts[member.capability.version]:
                 reasons[worker.worker_id] = "version"
             elif excluded and worker.worker_id in excluded:
