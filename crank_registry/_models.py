@@ -12,6 +12,7 @@ import enum
 import functools
 import math
 import re
+from collections.abc import Mapping
 from typing import Any, TypeGuard
 from urllib.parse import urlsplit
 
@@ -50,6 +51,7 @@ __all__ = [
     "parse_specifier",
     "parse_version",
     "version_matches",
+    "version_verdicts",
 ]
 
 #: A capability is addressed by ``(verb, name)``.
@@ -657,6 +659,38 @@ def version_matches(specifier: str, version: str) -> bool:
     """
     parsed = parse_version(version)
     return parsed is not None and parse_specifier(specifier).contains(parsed, prereleases=True)
+
+
+#: The most versions a :func:`version_verdicts` table keeps (then it starts again).
+_MAX_VERDICTS = 1024
+
+
+class _Verdicts(dict[str, bool]):
+    """:func:`version_matches` of one specifier set, by version, filled as routes ask."""
+
+    __slots__ = ("specifier",)
+
+    def __init__(self, specifier: str) -> None:
+        super().__init__()
+        self.specifier = specifier
+
+    def __missing__(self, version: str) -> bool:
+        if len(self) >= _MAX_VERDICTS:
+            self.clear()  # bounded: a pair has few versions; a flood of new ones starts over
+        verdict = self[version] = version_matches(self.specifier, version)
+        return verdict
+
+
+@functools.lru_cache(maxsize=256)
+def version_verdicts(specifier: str) -> Mapping[str, bool]:
+    """Whether each version is in the ``specifier`` set: ``version_verdicts(s)[v]``.
+
+    The same answer as ``version_matches(s, v)``, read by the version filter
+    for every member of a route: a lookup in a table kept per specifier set
+    (a dict subscript, no call), not a call of :func:`version_matches` (a
+    tuple key hashed per member; a fifth of a route with ``version``).
+    """
+    return _Verdicts(specifier)
 
 
 def _optional_specifier(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:

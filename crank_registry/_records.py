@@ -45,6 +45,7 @@ class Worker:
         "ejection_ended",
         "ejections",
         "health",
+        "id_hash",
         "last_heartbeat",
         "load",
         "members",
@@ -82,6 +83,9 @@ class Worker:
         # Made by its first load report or hand-out (most workers of a
         # round-robin registry never need one: one slot, no object).
         self.load: Load | None = None
+        # The hash of its id that affinity weighs it by (an odd number), made
+        # by the first affinity route that weighs it: 0 until then.
+        self.id_hash = 0
         # Outlier ejection (._ejection), set by the fold: until when it is
         # ejected (None: it is not), the ejections of its streak, and when
         # the last of them ended.
@@ -133,11 +137,20 @@ class Load:
     fade; :meth:`count_calls`).
     """
 
-    __slots__ = ("calls", "counted_since", "handed_out", "report", "reported_at")
+    __slots__ = (
+        "calls",
+        "counted_since",
+        "handed_out",
+        "latency_p95_ms",
+        "report",
+        "reported_at",
+    )
 
     def __init__(self) -> None:
         self.report: LoadReport | None = None
         self.reported_at = -math.inf
+        # The report's latency_p95_ms, read by every route with slo_constraints.
+        self.latency_p95_ms: float | None = None
         self.handed_out = 0
         self.counted_since = -math.inf
         self.calls = 0
@@ -146,6 +159,7 @@ class Load:
         """A heartbeat at ``now`` carried ``report``."""
         self.report = report
         self.reported_at = now
+        self.latency_p95_ms = report.latency_p95_ms
         if report.in_flight is not None:
             self.handed_out = 0
             self.counted_since = now

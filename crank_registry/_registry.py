@@ -1371,7 +1371,8 @@ class CapabilityRegistry:
             slos=self._slos,
             rng=self._rng,
             health=self._policy,
-            routable_at=self._routable_at(now),
+            # self._routable_at(now), inline: a method call is a tenth of a plain route.
+            routable_at=now if self._preserving_since is None else _EARLIEST,
         )
         return (None if member is None else member.endpoint), explanation
 

@@ -110,29 +110,34 @@ class Rotation:
     def next_of(self, candidates: Sequence[Member]) -> Member | None:
         """The first of ``candidates`` the cursor reaches, moving the cursor past it.
 
-        Round-robin among a subset of the members, in O(len(candidates)):
-        each candidate's distance from the cursor is its slot's. A candidate
-        out of the ring (slot -1) comes after those in it.
+        Round-robin among a subset of the members, in O(len(candidates)).
+        ``candidates`` are in the order of :meth:`everyone` (the filters
+        keep it): those in the ring by slot, then those out of it. So the
+        first the cursor reaches is the first at or after the cursor, else
+        (the cursor wraps around) the first of all; a candidate out of the
+        ring comes after those in it. The loop stops at the first.
         """
         if not candidates:
             return None
-        length = len(self.ring)
         cursor = self.cursor
-        # The first of the nearest, in a loop: min() with a key function
-        # makes a Python call per candidate.
         chosen = candidates[0]
-        nearest = length + 1
         for member in candidates:
-            slot = member.slot
-            distance = (slot - cursor) % length if slot >= 0 else length
-            if distance < nearest:
-                chosen, nearest = member, distance
+            if member.slot >= cursor:
+                chosen = member
+                break
         if chosen.slot >= 0:
             self.cursor = chosen.slot + 1
         return chosen
 
-    def everyone(self) -> list[Member]:
-        """Every member: those in the ring in ring order, then those out of it. O(members)."""
+    def everyone(self) -> Sequence[Member]:
+        """Every member: those in the ring in ring order, then those out of it. O(members).
+
+        Read it before the rotation changes, and do not change it: with no
+        hole and no member out (most rotations), it is the ring itself, not
+        a copy (a copy was a tenth of a route with options).
+        """
+        if not self.outside and self.live == len(self.ring):
+            return self.ring  # type: ignore[return-value]  # no hole: every slot a member
         # filter(None, ...) drops the holes (a member is always true) in C,
         # cheaper than a comprehension.
         inside = list(filter(None, self.ring))

@@ -21,8 +21,8 @@ registry, in O(k) for k members:
 3. else the strategy: ``round_robin`` on the rotation's cursor
    (:meth:`~._rotation.Rotation.next_of`), or ``affinity``, rendezvous
    hashing of ``affinity_key`` (the candidate with the highest
-   ``blake2b(key, worker id)`` wins, so when one of n workers leaves only
-   the keys it held, about 1/n, move), or ``least_loaded``, power of two
+   :func:`rendezvous_weight` of the key and its id wins, so when one of n
+   workers leaves only the keys it held, about 1/n, move), or ``least_loaded``, power of two
    choices (:func:`least_loaded`; a route with no other option draws its
    two from the ring in O(1), :func:`sample_least_loaded`).
 
@@ -42,7 +42,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -63,7 +63,7 @@ from ._models import (
     _strategy,
     _worker_ids,
     check_affinity,
-    version_matches,
+    version_verdicts,
 )
 from ._records import Load, Member, Worker
 from ._rotation import Rotation
@@ -76,15 +76,14 @@ __all__ = [
     "IdempotencyMemory",
     "RouteOptions",
     "RoutingSettings",
-    "SloCheck",
     "choose",
     "effective_slo",
     "least_loaded",
+    "meeting_slo",
     "misses_slo",
     "policy_explanation",
-    "sample_least_loaded",
     "rendezvous_weight",
-    "rendezvous_weights",
+    "sample_least_loaded",
 ]
 
 _DEFAULT_STRATEGY = "round_robin"
@@ -228,7 +227,9 @@ class IdempotencyMemory:
 
 #: No SLO files.
 NO_SLOS = ServiceLevels()
+_NO_IDS: frozenset[str] = frozenset()
 _UNKNOWN: Any = object()
+_NO_VALUES: Mapping[str, float] = {}
 
 
 def effective_slo(
@@ -263,58 +264,59 @@ def effective_slo(
     return {**offered, "latency_p95_ms": report.latency_p95_ms}
 
 
-def rendezvous_weights(key: str) -> Callable[[str], bytes]:
-    """The weight of each worker id for an affinity ``key``: the highest weight wins.
+#: Weights are 64-bit: the low bits of a product.
+_MASK64 = (1 << 64) - 1
 
-    A stable hash (blake2b, the same in every process and run, unlike
-    Python's salted ``hash``) of the length-prefixed key, then the worker
-    id. The key's part is hashed once per route, each worker's on a copy.
+
+def _stable_hash(text: str) -> int:
+    """A 64-bit hash of ``text``, the same in every process and run (unlike Python's ``hash``).
+
+    Odd: a product with it keeps every bit of the other factor.
     """
-    prefix = _key_hash(key)
-
-    def weight(worker_id: str) -> bytes:
-        hasher = prefix.copy()
-        hasher.update(worker_id.encode())
-        return hasher.digest()
-
-    return weight
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") | 1
 
 
-def _key_hash(key: str) -> hashlib.blake2b:
-    """The key's part of every :func:`rendezvous_weights` weight (a blake2b to copy)."""
-    return hashlib.blake2b(f"{len(key)}:{key}".encode(), digest_size=8)
+def _id_hash(worker: Worker) -> int:
+    """The worker's part of every :func:`rendezvous_weight`, hashed on its first affinity route."""
+    if not worker.id_hash:
+        worker.id_hash = _stable_hash(worker.worker_id)
+    return worker.id_hash
+
+
+def rendezvous_weight(key: str, worker_id: str) -> int:
+    """The weight of ``worker_id`` for affinity ``key``: the candidate of highest weight wins.
+
+    Rendezvous hashing: each worker's weight depends on the key and on it
+    alone, so when a worker leaves only the keys it won move. The weight is
+    the product of the two stable hashes modulo 2**64 (multiplicative
+    hashing: its high bits depend on every bit of both; both odd, so no bit
+    is lost), the key hashed once per route and each worker id once,
+    instead of a blake2b of the two for every candidate (most of an
+    affinity route; benchmarks/README.md, "Routing options").
+    """
+    return (_stable_hash(key) * _stable_hash(worker_id)) & _MASK64
 
 
 def _heaviest(key: str, candidates: Sequence[Member]) -> Member:
-    """The candidate of highest :func:`rendezvous_weights` weight for ``key`` (the first of equals).
+    """The candidate of highest :func:`rendezvous_weight` for ``key`` (the first of equals).
 
-    The weights computed in this loop, not by calling ``weight`` through
-    ``max``'s key: two calls per candidate were a fifth of an affinity route.
+    The weights computed in this loop (the same arithmetic as
+    :func:`rendezvous_weight`), not by a call per candidate.
     """
-    prefix = _key_hash(key)
+    key_hash = _stable_hash(key)  # once per route
     chosen = candidates[0]
-    highest = b""  # below every digest
+    highest = -1  # below every weight
     for member in candidates:
-        hasher = prefix.copy()
-        hasher.update(member.worker.worker_id.encode())
-        weight = hasher.digest()
+        weight = (key_hash * (member.worker.id_hash or _id_hash(member.worker))) & _MASK64
         if weight > highest:
             chosen, highest = member, weight
     return chosen
 
 
-def rendezvous_weight(key: str, worker_id: str) -> int:
-    """The weight of ``worker_id`` for affinity ``key``, as a number.
-
-    The same order as :func:`rendezvous_weights`, whose bytes it reads.
-    """
-    return int.from_bytes(rendezvous_weights(key)(worker_id), "big")
-
-
 def misses_slo(slo: Mapping[str, float], bounds: Mapping[str, float]) -> bool:
     """Whether an effective SLO (:func:`effective_slo`) misses a bound of ``slo_constraints``.
 
-    The rule as DESIGN states it; routes check it through :class:`SloCheck`.
+    The rule as DESIGN states it; routes check it through :func:`meeting_slo`.
     A key asked and absent misses.
     """
     latency = bounds.get("latency_p95_ms")
@@ -330,83 +332,87 @@ def misses_slo(slo: Mapping[str, float], bounds: Mapping[str, float]) -> bool:
     return False
 
 
-class SloCheck:
-    """A route's ``slo_constraints``: which workers' effective SLO meets them.
+def meeting_slo(  # noqa: PLR0917 (positional: called once a route)
+    members: Sequence[Member],
+    bounds: Mapping[str, float],
+    files: Sequence[ServiceLevels.Rule],
+    now: float,
+    fresh_for: float,
+    reasons: dict[str, str],
+) -> list[Member]:
+    """The members whose effective SLO meets ``bounds``; the others removed as ``slo``.
 
-    :meth:`keep` keeps the members for which ``misses_slo(effective_slo(...),
-    bounds)`` is false, comparing each bound directly along the chain of
-    DESIGN's "SLO precedence" (observed, else file, else declared) instead
-    of building each worker's effective SLO: two dicts and three calls per
+    Keeps the members for which ``misses_slo(effective_slo(...), bounds)``
+    is false, comparing each bound directly along the chain of DESIGN's
+    "SLO precedence" (observed, else file, else declared) instead of
+    building each worker's effective SLO: two dicts and three calls per
     worker were most of an SLO route's cost (benchmarks/core.py, route
-    options). The file that applies is looked up once per version a route
-    meets, not per worker. tests/core/test_slos.py checks that the two
-    agree.
+    options). ``files``: the SLO files of the route's capability
+    (:meth:`ServiceLevels.of`), the one that applies looked up once per
+    version a route meets, not per worker. A function, not an object made
+    per route (making one was a tenth of the route). One loop, no call per
+    member: the route's cost is per member. tests/core/test_slos.py checks
+    that it agrees with :func:`effective_slo`.
     """
+    latency_bound = bounds.get("latency_p95_ms")
+    availability_bound = bounds.get("availability")
+    if availability_bound is None and not files and latency_bound is not None:
+        return _meeting_latency(members, latency_bound, now, fresh_for, reasons)
+    filed_of: dict[str, Mapping[str, float] | None] = {}  # per version
+    kept: list[Member] = []
+    for member in members:
+        capability = member.capability
+        declared = capability.slo or _NO_VALUES
+        filed = None
+        if files:
+            filed = filed_of.get(capability.version, _UNKNOWN)
+            if filed is _UNKNOWN:
+                filed = filed_of[capability.version] = applying(files, capability.version)
+        if latency_bound is not None:
+            offered = None
+            load = member.worker.load
+            # effective_slo's freshness test, to the same float (reported_at
+            # is -inf until a report: no report is never fresh).
+            if load is not None and now - load.reported_at < fresh_for:
+                offered = load.latency_p95_ms
+            if offered is None and filed is not None:
+                offered = filed.get("latency_p95_ms")
+            if offered is None:
+                offered = declared.get("latency_p95_ms")
+            if offered is None or offered > latency_bound:
+                reasons[member.worker.worker_id] = "slo"
+                continue
+        if availability_bound is not None:
+            offered = None if filed is None else filed.get("availability")
+            if offered is None:
+                offered = declared.get("availability")
+            if offered is None or offered < availability_bound:
+                reasons[member.worker.worker_id] = "slo"
+                continue
+        kept.append(member)
+    return kept
 
-    __slots__ = ("availability", "files", "fresh_for", "latency", "now")
 
-    def __init__(
-        self,
-        bounds: Mapping[str, float],
-        files: Sequence[ServiceLevels.Rule],
-        now: float,
-        fresh_for: float,
-    ) -> None:
-        self.latency = bounds.get("latency_p95_ms")
-        self.availability = bounds.get("availability")
-        #: The SLO files of the route's capability (:meth:`ServiceLevels.of`).
-        self.files = files
-        self.now = now
-        self.fresh_for = fresh_for
+def _meeting_latency(
+    members: Sequence[Member], bound: float, now: float, fresh_for: float, reasons: dict[str, str]
+) -> list[Member]:
+    """:func:`meeting_slo` for the most common question: a latency bound alone, no SLO file.
 
-    def keep(self, members: Sequence[Member], reasons: dict[str, str]) -> list[Member]:
-        """The members whose effective SLO meets every bound; the others removed as ``slo``.
-
-        One loop, no call per member: the route's cost is per member.
-        """
-        latency_bound = self.latency
-        availability_bound = self.availability
-        now = self.now
-        fresh_for = self.fresh_for
-        files = self.files
-        filed_of: dict[str, Mapping[str, float] | None] = {}  # per version
-        kept: list[Member] = []
-        for member in members:
-            capability = member.capability
-            declared = capability.slo
-            filed = None
-            if files:
-                filed = filed_of.get(capability.version, _UNKNOWN)
-                if filed is _UNKNOWN:
-                    filed = filed_of[capability.version] = applying(files, capability.version)
-            if latency_bound is not None:
-                offered = None
-                load = member.worker.load
-                if load is not None:
-                    report = load.report
-                    # effective_slo's freshness test, to the same float.
-                    if (
-                        report is not None
-                        and report.latency_p95_ms is not None
-                        and now - load.reported_at < fresh_for
-                    ):
-                        offered = report.latency_p95_ms
-                if offered is None and filed is not None:
-                    offered = filed.get("latency_p95_ms")
-                if offered is None and declared is not None:
-                    offered = declared.get("latency_p95_ms")
-                if offered is None or offered > latency_bound:
-                    reasons[member.worker.worker_id] = "slo"
-                    continue
-            if availability_bound is not None:
-                offered = None if filed is None else filed.get("availability")
-                if offered is None and declared is not None:
-                    offered = declared.get("availability")
-                if offered is None or offered < availability_bound:
-                    reasons[member.worker.worker_id] = "slo"
-                    continue
+    The same chain without its other tests (observed, else declared).
+    """
+    kept: list[Member] = []
+    for member in members:
+        load = member.worker.load
+        offered = None
+        if load is not None and now - load.reported_at < fresh_for:
+            offered = load.latency_p95_ms
+        if offered is None:
+            offered = (member.capability.slo or _NO_VALUES).get("latency_p95_ms")
+        if offered is not None and offered <= bound:
             kept.append(member)
-        return kept
+        else:
+            reasons[member.worker.worker_id] = "slo"
+    return kept
 
 
 def _cheapest(members: Sequence[Member], budget: float, reasons: dict[str, str]) -> list[Member]:
@@ -427,49 +433,60 @@ def _cheapest(members: Sequence[Member], budget: float, reasons: dict[str, str])
     return kept
 
 
-def _filter(
+def _filter(  # noqa: PLR0917 (positional: called once a route)
     everyone: Sequence[Member],
     options: RouteOptions,
     now: float,
-    slo: SloCheck | None,
-    *,
-    routable_at: float | None = None,
+    routable_at: float,
+    files: Sequence[ServiceLevels.Rule] = (),
+    fresh_for: float = 0.0,
 ) -> tuple[list[Member], dict[str, str]]:
     """The candidates, and for each other worker the first rule that removed it.
 
     The rules in their order over the members of one capability, each on
     those the rules before it left; routability is judged at
-    ``routable_at`` (default ``now``). ``slo``: the route's
-    ``slo_constraints``, if it has them.
+    ``routable_at``. ``files`` and ``fresh_for``: :func:`meeting_slo`'s,
+    for a route with ``slo_constraints``.
     """
-    alive_at = now if routable_at is None else routable_at
     specifier = options.version
-    excluded = frozenset(options.exclude) if options.exclude else frozenset()
+    verdicts = None if specifier is None else version_verdicts(specifier)
+    excluded = frozenset(options.exclude) if options.exclude else _NO_IDS
     reasons: dict[str, str] = {}
     passed: list[Member] = []
-    for member in everyone:
-        worker = member.worker
-        worker_id = worker.worker_id
-        if alive_at > worker.routable_until:
-            # Not routable: for its health first, then draining, then ejection
-            # (DESIGN, "How options combine").
-            if alive_at > worker.healthy_until():
-                reasons[worker_id] = "unhealthy"
-            elif worker.draining:
-                reasons[worker_id] = "draining"
+    if specifier is None and not excluded:
+        # Routability alone (most routes): the loop below, without its other tests.
+        for member in everyone:
+            if routable_at <= member.worker.routable_until:
+                passed.append(member)
             else:
-                reasons[worker_id] = "ejected"
-        elif specifier is not None and not version_matches(specifier, member.capability.version):
-            reasons[worker_id] = "version"
-        elif excluded and worker_id in excluded:  # (hashing an id reads it from memory)
-            reasons[worker_id] = "excluded"
-        else:
-            passed.append(member)
-    if slo is not None and passed:
-        passed = slo.keep(passed, reasons)
+                reasons[member.worker.worker_id] = _unroutable(member.worker, routable_at)
+    else:
+        for member in everyone:
+            worker = member.worker
+            if routable_at > worker.routable_until:
+                reasons[worker.worker_id] = _unroutable(worker, routable_at)
+            elif verdicts is not None and not verdicts[member.capability.version]:
+                reasons[worker.worker_id] = "version"
+            elif excluded and worker.worker_id in excluded:
+                reasons[worker.worker_id] = "excluded"
+            else:
+                passed.append(member)
+    bounds = options.slo_constraints
+    if bounds is not None and passed:
+        passed = meeting_slo(passed, bounds, files, now, fresh_for, reasons)
     if options.budget_tokens is not None and passed:
         passed = _cheapest(passed, options.budget_tokens, reasons)
     return passed, reasons
+
+
+def _unroutable(worker: Worker, alive_at: float) -> str:
+    """Why a worker not routable at ``alive_at`` is not (DESIGN, "How options combine").
+
+    For its health first, then draining, then ejection.
+    """
+    if alive_at > worker.healthy_until():
+        return "unhealthy"
+    return "draining" if worker.draining else "ejected"
 
 
 def policy_explanation(rotation: Rotation, options: RouteOptions, now: float) -> RouteExplanation:
@@ -481,7 +498,7 @@ def policy_explanation(rotation: Rotation, options: RouteOptions, now: float) ->
     """
     everyone = rotation.everyone()
     before = attrs.evolve(options, slo_constraints=None, budget_tokens=None)
-    _, reasons = _filter(everyone, before, now, None)  # no SLO asked
+    _, reasons = _filter(everyone, before, now, now)  # no SLO asked
     return RouteExplanation(
         strategy=options.strategy or _DEFAULT_STRATEGY,
         candidates=(),
@@ -510,7 +527,17 @@ def _drop_at_capacity(candidates: list[Member], reasons: dict[str, str]) -> list
     free: list[Member] = []
     full: list[Member] = []
     for member in candidates:
-        (full if _at_capacity(member) else free).append(member)
+        # _at_capacity(member), inline: a call per candidate was a tenth of the route.
+        load = member.worker.load
+        report = None if load is None else load.report
+        if (
+            report is not None
+            and report.in_flight is not None
+            and report.in_flight >= member.capability.max_concurrency
+        ):
+            full.append(member)
+        else:
+            free.append(member)
     if not full or not free:
         return candidates
     for member in full:
@@ -603,11 +630,10 @@ def _hand_out(member: Member, now: float, interval: float) -> None:
     worker.load.hand_out(now, interval)
 
 
-def _pick(
+def _pick(  # noqa: PLR0917 (positional: called once a route)
     rotation: Rotation,
     candidates: Sequence[Member],
     options: RouteOptions,
-    *,
     now: float,
     rng: random.Random,
     interval: float,
@@ -654,9 +680,12 @@ def choose(
             _hand_out(sampled, now, interval)
             return sampled, None
     everyone = rotation.everyone()
-    bounds = options.slo_constraints
-    slo = None if bounds is None else SloCheck(bounds, slos.of(key), now, health.unhealthy_after)
-    candidates, reasons = _filter(everyone, options, now, slo, routable_at=alive_at)
+    if options.slo_constraints is None:
+        candidates, reasons = _filter(everyone, options, now, alive_at)
+    else:
+        candidates, reasons = _filter(
+            everyone, options, now, alive_at, slos.of(key), health.unhealthy_after
+        )
     if loaded:
         candidates = _drop_at_capacity(candidates, reasons)
     chosen: Member | None = None
@@ -667,7 +696,7 @@ def choose(
         if remembered is not None:
             chosen = next((m for m in candidates if m.worker.worker_id == remembered), None)
     if chosen is None:
-        chosen = _pick(rotation, candidates, options, now=now, rng=rng, interval=interval)
+        chosen = _pick(rotation, candidates, options, now, rng, interval)
         if chosen is not None and remembered_as is not None:
             memory.remember(remembered_as, chosen.worker.worker_id, now)
     if loaded and chosen is not None:

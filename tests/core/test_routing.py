@@ -26,7 +26,13 @@ from crank_registry import (
     replay_bytes,
     structure,
 )
-from crank_registry._models import parse_specifier, parse_version
+from crank_registry._models import (
+    _MAX_VERDICTS,
+    parse_specifier,
+    parse_version,
+    version_matches,
+    version_verdicts,
+)
 from tests.builders import capability, capability_payload
 from tests.core.helpers import T0, registry_with, routes
 
@@ -88,6 +94,31 @@ def test_version_keeps_the_workers_whose_version_is_in_the_specifier_set(
     assert removed(explanation) == dict.fromkeys({"old", "mid", "rc", "new"} - matching, "version")
     picks = set(chosen(VERSIONED, 4, version=specifier))
     assert picks == (matching or {None})
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(
+    specifier=st.sampled_from([">=1.2,<2", "~=1.0", "==2.*", "!=1.5.3", ">=2.0rc1"]),
+    versions=st.lists(
+        st.sampled_from(["0.9.0", "1.2.0", "1.5.3", "2.0.0", "2.0rc1", "1.2.3-beta", "x"])
+    ),
+)
+def test_the_version_filters_table_of_verdicts_answers_as_version_matches(
+    specifier: str, versions: list[str]
+) -> None:
+    verdicts = version_verdicts(specifier)
+    assert [verdicts[version] for version in versions] == [
+        version_matches(specifier, version) for version in versions
+    ]
+
+
+def test_the_table_of_verdicts_is_bounded_and_still_right_once_it_starts_again() -> None:
+    verdicts = version_verdicts(">=1.5")
+    versions = [f"1.{minor}.0" for minor in range(_MAX_VERDICTS + 10)]
+    assert [verdicts[version] for version in versions] == [
+        minor >= 5 for minor in range(_MAX_VERDICTS + 10)
+    ]
+    assert len(verdicts) <= _MAX_VERDICTS
 
 
 def test_an_invalid_specifier_is_refused_naming_version() -> None:
@@ -231,7 +262,7 @@ def test_affinity_sends_a_key_to_the_same_worker_while_it_stays_a_candidate() ->
 
 def test_the_rendezvous_weight_is_stable_across_processes() -> None:
     # Fixed values: a salted hash (Python's hash of str) would differ per process.
-    assert rendezvous_weight("user-42", "w1") == 0x3DBF_4479_1C41_E364
+    assert rendezvous_weight("user-42", "w1") == 0x754F_4CE5_5693_5EAF
     assert rendezvous_weight("ab", "c") != rendezvous_weight("a", "bc")
 
 
@@ -254,6 +285,17 @@ def test_when_one_of_n_workers_leaves_only_its_keys_move(n: int) -> None:
     # And a worker that joins takes only keys, about 1/n of them, from the others.
     registry.register("w3", "https://w3:8443", [capability()], now=T0)
     assert assignment() == before
+
+
+def test_affinity_spreads_keys_evenly_over_the_candidates() -> None:
+    workers = [f"w{i}" for i in range(10)]
+    registry = registry_with(*workers)
+    tally = collections.Counter(
+        chosen(registry, 1, strategy="affinity", affinity_key=f"key-{i}")[0] for i in range(10_000)
+    )
+    # 1 000 keys a worker expected; a binomial's spread is about 30.
+    assert set(tally) == set(workers)
+    assert all(850 <= count <= 1_150 for count in tally.values()), tally
 
 
 def test_affinity_key_goes_with_strategy_affinity_only() -> None:

@@ -22,7 +22,7 @@ from crank_registry import (
     structure,
 )
 from crank_registry._records import Load, Member, Worker
-from crank_registry._routing import SloCheck, misses_slo
+from crank_registry._routing import meeting_slo, misses_slo
 from tests.builders import capability
 from tests.core.helpers import T0
 from tests.core.test_routing import KEY, chosen, explained, fleet, removed
@@ -269,7 +269,6 @@ def test_a_routes_slo_check_keeps_the_workers_whose_effective_slo_meets_the_boun
             bounds,
         )
     ]
-    check = SloCheck(bounds, slos.of(KEY), T0, 60.0)
     reasons: dict[str, str] = {}
-    assert check.keep(members, reasons) == meets
+    assert meeting_slo(members, bounds, slos.of(KEY), T0, 60.0, reasons) == meets
     assert reasons == {m.worker.worker_id: "slo" for m in members if m not in meets}
