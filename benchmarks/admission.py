@@ -118,9 +118,9 @@ def main() -> int:
     # New callers at the most buckets kept by default: each looks at the two
     # buckets at the front of the queue and forgets the full ones.
     crowded = TokenBuckets(RateLimit(rate=1, burst=1))
-    for caller in range(DEFAULT_MAX_KEYS):
-        crowded.admit(f"10.0.{caller // 256}.{caller % 256}", now=now)  # full again at now + 1
-    newcomers = [f"10.1.{caller // 256}.{caller % 256}" for caller in range(DEFAULT_MAX_KEYS // 2)]
+    for number in range(DEFAULT_MAX_KEYS):
+        crowded.admit(f"10.0.{number // 256}.{number % 256}", now=now)  # full again at now + 1
+    newcomers = [f"10.1.{number // 256}.{number % 256}" for number in range(DEFAULT_MAX_KEYS // 2)]
     started = time.thread_time()
     for caller in newcomers:
         crowded.admit(caller, now=now + 2)

@@ -313,7 +313,7 @@ def admitted_rate(
         register_worker([f"http://{host}:{port}" for host, port in targets])
         tally = load(pool, args.load_processes, targets, 64, args.seconds + 1, window_from=1.0)
     cleanup(args.redis, prefix)
-    window = tally["seconds"] - 1.0
+    window: float = tally["seconds"] - 1.0
     admitted = sum(1 for t in tally["admitted_at"] if t >= 1.0)
     figure = admitted / window
     offered = tally["sent_in_window"] / window
@@ -394,7 +394,7 @@ def admitted_rate_of_limiters(args: argparse.Namespace) -> bool:
         ]
         results = [future.result() for future in futures]
     cleanup(args.redis, prefix)
-    figure = sum(r["admitted_in_window"] for r in results) / args.seconds
+    figure: float = sum(r["admitted_in_window"] for r in results) / args.seconds
     asked = sum(r["asked"] for r in results) / (args.seconds + 1)
     trips = sum(r["round_trips"] for r in results)
     admitted = sum(r["admitted"] for r in results)

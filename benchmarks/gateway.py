@@ -47,6 +47,7 @@ from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 import httpx
+from starlette.types import Message
 
 from crank_registry import (
     CapabilitySchema,
@@ -155,10 +156,10 @@ def call(endpoint: Gateway, headers: list[tuple[bytes, bytes]]) -> Callable[[], 
     async def run() -> int:
         status = 0
 
-        async def receive() -> dict[str, Any]:
+        async def receive() -> Message:
             return {"type": "http.request", "body": BODY, "more_body": False}
 
-        async def send(message: dict[str, Any]) -> None:
+        async def send(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]

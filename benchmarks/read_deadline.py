@@ -26,6 +26,7 @@ import statistics
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
+from unittest import mock
 
 import anyio
 
@@ -87,10 +88,9 @@ async def main() -> int:
     try:
         for _ in range(RUNS):  # interleaved, so that drift hits every way alike
             for name, reader in ways.items():
-                crank_registry_asgi.http.read_body = reader  # type: ignore[assignment]
-                runs[name].append(await route_us(app))
+                with mock.patch.object(crank_registry_asgi.http, "read_body", reader):
+                    runs[name].append(await route_us(app))
     finally:
-        crank_registry_asgi.http.read_body = read_body
         await to_app.put({"type": "lifespan.shutdown"})
         await from_app.get()
         await lifespan

@@ -18,7 +18,8 @@ the worker; only ``worker_not_registered`` makes the agent register again.
 Graceful shutdown (:meth:`WorkerAgent.drain`, and on exit): the agent
 asks the controller to drain the worker, so that no new call is routed to
 it, keeps heartbeating while the calls in flight finish (bounded by
-``drain_timeout``), then deregisters. A controller whose registration
+``drain_timeout``; a drain request that found the controller unavailable
+is repeated with backoff meanwhile), then deregisters. A controller whose registration
 answer does not list ``drain`` (an older one) is not asked; the agent then
 deregisters as before.
 """
@@ -424,7 +425,9 @@ class WorkerAgent:
         Asks the controller to drain the worker (when it lists the ``drain``
         feature), then waits until :attr:`calls_in_flight` says 0, all of
         it within ``drain_timeout``; heartbeats go on meanwhile, and a
-        re-registration (the controller forgot the worker) drains it again.
+        re-registration (the controller forgot the worker) drains it again,
+        and a controller that was unavailable (network error, 5xx) is asked
+        again with the heartbeats' backoff until it answers or the calls end.
         Returns whether the calls finished in time. Errors are logged, never
         raised: the worker leaves either way. Call it when the worker is
         told to stop, before its server stops taking requests; the exit of
@@ -433,8 +436,15 @@ class WorkerAgent:
         self._draining = True
         finished = False
         with anyio.move_on_after(self._drain_timeout):
-            await self._ask_to_drain()
-            await self._calls_finished()
+            if await self._ask_to_drain():
+                await self._calls_finished()
+            else:
+                # Until the controller hears of the drain it routes new calls here:
+                # ask again while the calls finish, but leave once they are over.
+                async with anyio.create_task_group() as retries:
+                    retries.start_soon(self._ask_to_drain_again)
+                    await self._calls_finished()
+                    retries.cancel_scope.cancel()
             finished = True
         self._drained = True
         if not finished:
@@ -445,16 +455,32 @@ class WorkerAgent:
             )
         return finished
 
-    async def _ask_to_drain(self) -> None:
-        """Ask the controller to route no new calls here (if it knows how); log a failure."""
+    async def _ask_to_drain(self, *, retry: int = 0) -> bool:
+        """Ask the controller to route no new calls here (if it knows how); log a failure.
+
+        Returns ``False`` when the controller was unavailable (worth asking
+        again), ``True`` otherwise. ``retry`` counts the earlier failed
+        requests: only the first failure is logged as a warning.
+        """
         if _DRAIN not in self._features:
-            return  # an older controller: it routes here until the deregistration
+            return True  # an older controller: it routes here until the deregistration
         try:
             await self._client.drain(self.worker_id, timeout=self._attempt_timeout())
         except WorkerNotRegisteredError:
             # Forgotten (restarted): the heartbeats register it again, and drain it then.
             logger.info("worker %s: not registered while draining", self.worker_id)
+        except ControllerUnavailable as error:
+            logger.log(
+                logging.DEBUG if retry else logging.WARNING,
+                "worker %s could not drain at %s: %s; asking again with backoff while it "
+                "waits for its calls",
+                self.worker_id,
+                self.controller_url,
+                error,
+            )
+            return False
         except Exception as error:
+            # An answer the controller meant: asking again would get it again.
             logger.warning(
                 "worker %s could not drain at %s: %s; it waits for its calls all the same",
                 self.worker_id,
@@ -463,6 +489,24 @@ class WorkerAgent:
             )
         else:
             logger.info("worker %s draining at %s", self.worker_id, self.controller_url)
+        return True
+
+    async def _ask_to_drain_again(self) -> None:
+        """Ask until the controller answers, with the heartbeats' backoff after a failure."""
+        assert self._interval is not None  # the controller listed drain: registered
+        failures = 1
+        while True:
+            delay = next_heartbeat_delay(
+                self._interval,
+                Outcome.FAILED,
+                failures,
+                self._rng,
+                retry_base=self._heartbeat_retry_base,
+            )
+            await anyio.sleep(delay)
+            if await self._ask_to_drain(retry=failures):
+                return
+            failures += 1
 
     async def _calls_finished(self) -> None:
         """Return once the worker serves no call (at once without a count)."""

@@ -351,6 +351,10 @@ def test_the_worker_serving_helper_answers_stalled_bodies_408(tmp_path: Path) ->
                 "hypercorn",
                 "--bind",
                 f"127.0.0.1:{port}",
+                # Serve in this process: the worker hypercorn spawns by default would
+                # outlive a kill of its parent.
+                "--workers",
+                "0",
                 "stalled_worker:app",
             ],
             cwd=tmp_path,
@@ -364,4 +368,7 @@ def test_the_worker_serving_helper_answers_stalled_bodies_408(tmp_path: Path) ->
     finally:
         process.kill()
         process.wait()
+    # Nothing outlives the process: a worker hypercorn spawned would still hold the port.
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
     assert "Traceback" not in log_path.read_text(errors="replace")

@@ -6,6 +6,7 @@ and the serving helper's app over ``httpx.ASGITransport``.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 from typing import Any
@@ -138,6 +139,86 @@ async def test_a_call_that_never_ends_delays_the_exit_by_drain_timeout_at_most(
         assert controller.paths()[-1] == "/deregister"
         worker.release.set()  # the server's own shutdown would end it
     assert "calls still in flight after draining for 3 s" in caplog.text
+
+
+async def test_a_drain_refused_for_a_store_outage_is_asked_again_until_it_is_heard() -> None:
+    controller = FakeController(INTERVAL, features=FEATURES)
+    agent = make_agent(controller)
+    worker = SlowWorker(agent)
+    seen: dict[str, Any] = {}
+
+    async def outage_then_recovery() -> None:
+        while not controller.calls_to("/workers/w1/drain"):
+            await anyio.sleep(0.01)
+        await anyio.sleep(2 * INTERVAL)  # the controller's store is back
+        del controller.faults["/workers/w1/drain"]
+        await anyio.sleep(2 * INTERVAL)
+        now = anyio.current_time()
+        seen["routed"] = controller.registry.route("classify", "image.classify", now=now)
+        seen["drain requests"] = len(controller.calls_to("/workers/w1/drain"))
+        worker.release.set()
+
+    async with anyio.create_task_group() as tasks, agent:
+        tasks.start_soon(worker.call)
+        await worker.until_in_flight(1)
+        controller.faults["/workers/w1/drain"] = "store_unavailable"
+        tasks.start_soon(outage_then_recovery)
+    # Heard at last: no new route while the call finished.
+    assert seen["routed"] is None
+    assert seen["drain requests"] >= 3  # the first, retries in the outage, the one heard
+    assert worker.statuses == [200]
+    drains = controller.calls_to("/workers/w1/drain")
+    assert len(drains) == seen["drain requests"]  # none after it was heard
+    # The heartbeats' backoff: 1/16 of the interval, doubling, never more than one.
+    gaps = [later.at - earlier.at for earlier, later in itertools.pairwise(drains)]
+    assert gaps[0] < INTERVAL / 8
+    assert all(gap <= INTERVAL + 0.1 for gap in gaps)
+    assert controller.paths()[-1] == "/deregister"
+
+
+async def test_drain_retries_stop_when_the_calls_end_and_never_delay_the_exit(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    controller = FakeController(INTERVAL, features=FEATURES)
+    agent = make_agent(controller, drain_timeout=3.0)
+    worker = SlowWorker(agent)
+    async with anyio.create_task_group() as tasks:
+        async with agent:
+            tasks.start_soon(worker.call)
+            await worker.until_in_flight(1)
+            controller.faults["/workers/w1/drain"] = "store_unavailable"
+
+            async def release_later() -> None:
+                await anyio.sleep(1.5)
+                worker.release.set()
+
+            tasks.start_soon(release_later)
+            left_at = anyio.current_time()
+        # The call ended at 1.5 s: the agent left then, the controller still unavailable.
+        assert 1.5 <= anyio.current_time() - left_at < 1.6
+        asked = len(controller.calls_to("/workers/w1/drain"))
+        assert asked >= 3
+    assert controller.paths()[-1] == "/deregister"
+    assert len(controller.calls_to("/workers/w1/drain")) == asked  # no retry after the exit
+    assert caplog.text.count("could not drain") == 1  # one warning an outage
+
+
+async def test_a_drain_the_controller_refuses_is_not_asked_again() -> None:
+    controller = FakeController(INTERVAL, features=FEATURES)
+    agent = make_agent(controller, drain_timeout=3.0)
+    worker = SlowWorker(agent)
+    async with anyio.create_task_group() as tasks, agent:
+        tasks.start_soon(worker.call)
+        await worker.until_in_flight(1)
+        controller.faults["/workers/w1/drain"] = "refuse"  # an answer it means (422)
+
+        async def release_later() -> None:
+            await anyio.sleep(2.0)
+            worker.release.set()
+
+        tasks.start_soon(release_later)
+    assert len(controller.calls_to("/workers/w1/drain")) == 1
+    assert worker.statuses == [200]
 
 
 async def test_a_worker_forgotten_while_draining_is_drained_again_when_it_registers() -> None:
