@@ -1314,11 +1314,9 @@ class CapabilityRegistry:
         :class:`UnknownCapability`: a typo is not an outage. Both cost one
         dictionary lookup: a pair keeps its rotation while it has members.
         """
-        requester = None
         access = self._anonymous_access
         if options is not None:
-            requester = options.requester_identity
-            if requester is None or not _only_requester(options):
+            if options.requester_identity is None or not _only_requester(options):
                 return self._route_with(verb, capability, now, options, explain=False)[0]
             access = self._access
         rotation = self._rotations.get((verb, capability))
@@ -1326,6 +1324,8 @@ class CapabilityRegistry:
             raise UnknownCapability(verb, capability)
         _check_now(now)
         if access is not None:
+            # The requester is read here only: the plain path pays one test.
+            requester = None if options is None else options.requester_identity
             decision = access.decide(requester, verb, capability)
             if not decision.allowed:
                 raise PolicyDenied(requester, verb, capability, decision.reason)
@@ -1372,7 +1372,7 @@ class CapabilityRegistry:
                     capability,
                     decision.reason,
                     explain=(
-                        policy_explanation(rotation, options, self._routable_at(now))
+                        policy_explanation(rotation, options, self._routable_at(now), self._workers)
                         if explain
                         else None
                     ),
@@ -1389,6 +1389,7 @@ class CapabilityRegistry:
             health=self._policy,
             # self._routable_at(now), inline: a method call is a tenth of a plain route.
             routable_at=now if self._preserving_since is None else _EARLIEST,
+            workers=self._workers,
         )
         return (None if member is None else member.endpoint), explanation
 

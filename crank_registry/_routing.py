@@ -227,7 +227,7 @@ class IdempotencyMemory:
 
 #: No SLO files.
 NO_SLOS = ServiceLevels()
-_NO_IDS: frozenset[str] = frozenset()
+_NO_WORKERS: frozenset[Worker | None] = frozenset()
 _UNKNOWN: Any = object()
 _NO_VALUES: Mapping[str, float] = {}
 
@@ -461,23 +461,28 @@ def _filter(  # noqa: PLR0917 (positional: called once a route)
     options: RouteOptions,
     now: float,
     routable_at: float,
+    workers: Mapping[str, Worker],
+    reasons: dict[str, str] | None,
     files: Sequence[ServiceLevels.Rule] = (),
     fresh_for: float = 0.0,
-    reasons: dict[str, str] | None = None,
 ) -> list[Member]:
     """The candidates; in ``reasons``, for each other worker the first rule that removed it.
 
     The rules in their order over the members of one capability, each on
     those the rules before it left; routability is judged at
-    ``routable_at``. ``files`` and ``fresh_for``: :func:`meeting_slo`'s,
-    for a route with ``slo_constraints``. ``reasons`` is ``None`` unless
-    the route explains itself: a route that does not reads nothing more
-    of a removed worker (its id is another object in memory, and the
-    members of a route are mostly out of the CPU's cache).
+    ``routable_at``; ``workers``: the registered workers by id, for
+    ``exclude``. ``reasons`` is ``None`` unless the route explains
+    itself: a route that does not reads nothing more of a removed worker
+    (its id is another object in memory, and the members of a route are
+    mostly out of the CPU's cache). ``files`` and ``fresh_for``:
+    :func:`meeting_slo`'s, for a route with ``slo_constraints``.
     """
     specifier = options.version
     verdicts = None if specifier is None else version_verdicts(specifier)
-    excluded = frozenset(options.exclude) if options.exclude else _NO_IDS
+    # The registered workers exclude names (None for an id no worker has: it
+    # excludes none), compared by identity: a member's id is another object
+    # in memory, which the filter would read for every member.
+    excluded = frozenset(map(workers.get, options.exclude)) if options.exclude else _NO_WORKERS
     passed: list[Member] = []
     if specifier is None and not excluded:
         # Routability alone (most routes): the loop below, without its other tests.
@@ -493,7 +498,7 @@ def _filter(  # noqa: PLR0917 (positional: called once a route)
                 reason = _unroutable(worker, routable_at)
             elif verdicts is not None and not verdicts[member.capability.version]:
                 reason = "version"
-            elif excluded and worker.worker_id in excluded:
+            elif excluded and worker in excluded:
                 reason = "excluded"
             else:
                 passed.append(member)
@@ -518,8 +523,10 @@ def _unroutable(worker: Worker, alive_at: float) -> str:
     return "draining" if worker.draining else "ejected"
 
 
-def policy_explanation(rotation: Rotation, options: RouteOptions, now: float) -> RouteExplanation:
-    """The explanation of a route the access policy denied.
+def policy_explanation(
+    rotation: Rotation, options: RouteOptions, now: float, workers: Mapping[str, Worker]
+) -> RouteExplanation:
+    """The explanation of a route the access policy denied (``workers``: the registered, by id).
 
     The policy comes after health, ``version`` and ``exclude`` (DESIGN, "How
     options combine"): the workers those rules removed keep their reason,
@@ -528,7 +535,7 @@ def policy_explanation(rotation: Rotation, options: RouteOptions, now: float) ->
     everyone = rotation.everyone()
     before = attrs.evolve(options, slo_constraints=None, budget_tokens=None)
     reasons: dict[str, str] = {}
-    _filter(everyone, before, now, now, reasons=reasons)  # no SLO asked
+    _filter(everyone, before, now, now, workers, reasons)  # no SLO asked
     return RouteExplanation(
         strategy=options.strategy or _DEFAULT_STRATEGY,
         candidates=(),
@@ -682,6 +689,7 @@ def choose(
     rng: random.Random,
     health: HealthPolicy,
     routable_at: float | None = None,
+    workers: Mapping[str, Worker],
 ) -> tuple[Member | None, RouteExplanation | None]:
     """The member to route to under ``options`` (``None``: no candidate), and the explanation.
 
@@ -692,6 +700,7 @@ def choose(
     the heartbeat interval over which hand-outs fade. ``routable_at``:
     the moment routability is judged at (default ``now``; in
     self-preservation, the earliest moment: every routable state).
+    ``workers``: the registered workers by id (``exclude`` names them).
     """
     interval = health.heartbeat_interval
     alive_at = now if routable_at is None else routable_at
@@ -706,10 +715,10 @@ def choose(
     everyone = rotation.everyone()
     reasons: dict[str, str] | None = {} if explain else None
     if options.slo_constraints is None:
-        candidates = _filter(everyone, options, now, alive_at, reasons=reasons)
+        candidates = _filter(everyone, options, now, alive_at, workers, reasons)
     else:
         candidates = _filter(
-            everyone, options, now, alive_at, slos.of(key), health.unhealthy_after, reasons
+            everyone, options, now, alive_at, workers, reasons, slos.of(key), health.unhealthy_after
         )
     if loaded:
         candidates = _drop_at_capacity(candidates, reasons)
@@ -718,8 +727,10 @@ def choose(
     if options.idempotency_key is not None:
         remembered_as = (key[0], key[1], options.idempotency_key)
         remembered = memory.recall(remembered_as, now)
-        if remembered is not None:
-            chosen = next((m for m in candidates if m.worker.worker_id == remembered), None)
+        # The remembered worker by identity, as exclude: no candidate's id is read.
+        worker = None if remembered is None else workers.get(remembered)
+        if worker is not None:
+            chosen = next((m for m in candidates if m.worker is worker), None)
     if chosen is None:
         chosen = _pick(rotation, candidates, options, now, rng, interval)
         if chosen is not None and remembered_as is not None:
