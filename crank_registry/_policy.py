@@ -347,6 +347,6 @@ class BuiltinPolicy:
         )
         requesters = self._requesters
         if len(requesters) >= _REQUESTERS_KEPT:
-            del requesters[next(iter(requesters))]  # the oldest
+            requesters.pop(next(iter(requesters)), None)  # the oldest
         requesters[requester] = learnt
         return learnt
