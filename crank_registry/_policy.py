@@ -64,7 +64,11 @@ class Decision:
 
 
 class Policy(Protocol):
-    """Who may route to what; the registry asks before every route when it has one."""
+    """Who may route to what; the registry asks before every route when it has one.
+
+    (Except the built-in policy when it allows every anonymous route: a
+    plain route does not ask it, knowing the answer.)
+    """
 
     def decide(self, requester: str | None, verb: str, capability: str) -> Decision:
         """Whether ``requester`` (a SPIFFE ID; ``None``: anonymous) may route to the pair."""
