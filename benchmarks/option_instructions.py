@@ -1,7 +1,7 @@
 """Instructions and cache misses per route with each routing option, counted by valgrind.
 
 Run: ``.venv/bin/python benchmarks/option_instructions.py`` (needs
-``valgrind``; about two minutes at 2 000 workers, ``--workers 10000`` for the
+``valgrind``; about a minute at 2 000 workers, ``--workers 10000`` for the
 fleet of ``core.py`` in about 6). The counts do not move with the
 machine's load, unlike the CPU times of ``core.py --only options``.
 
