@@ -37,6 +37,9 @@ its ratio to the target (the plain route <= 1 µs: it must not pay for the
 options; each option <= 10 µs, O(k) in the 10 workers of its capability)
 and to the plain route of the same run (the baseline). ``slo_constraints``
 again with an SLO file per capability (a ``version`` set in each); the
+plain route again (the policy cases' baseline: the options' round-robin
+has moved the rotations' cursors, and the first plain routes had taken
+members in the order they were made, in memory too); the
 access policy (:data:`POLICY_CASES`) with the built-in policy set: the
 plain route without a policy file against the plain target, a requester
 under 20 rules, anonymous, and a worker with ``required_capabilities``
@@ -425,6 +428,11 @@ def bench_options(calls: int, repeat: int) -> bool:
     )
     registry.set_slos((), now=START)
     print("-- access policy, 10 workers per capability")
+    # The baseline again, on the rotations as the options' routes left them:
+    # the first plain routes took each capability's members in the order
+    # they were made (in memory too), which the options' round-robin undid.
+    plain = per_call(option_routes(registry, names, None, calls), calls, repeat)
+    ok &= report("route, plain (no options), after the options' routes", plain, ROUTE_TARGET_US)
     for label, rules, options, target in POLICY_CASES:
         registry.set_access_policy(BuiltinPolicy(rules, registry.required_targets))
         # Worker 0 routes where it may (a denial is an exception, another cost).

@@ -64,7 +64,11 @@ class Decision:
 
 
 class Policy(Protocol):
-    """Who may route to what; the registry asks before every route when it has one."""
+    """Who may route to what; the registry asks before every route when it has one.
+
+    (Except the built-in policy when it allows every anonymous route: a
+    plain route does not ask it, knowing the answer.)
+    """
 
     def decide(self, requester: str | None, verb: str, capability: str) -> Decision:
         """Whether ``requester`` (a SPIFFE ID; ``None``: anonymous) may route to the pair."""
@@ -220,29 +224,50 @@ def parse_policy(text: str, source: str) -> PolicyRules:
 _Match = Callable[[str], object]
 
 
-def _matcher(globs: tuple[str, ...] | None) -> _Match | None:
-    """One compiled pattern for any of ``globs`` (``None``: none given): its ``match``."""
-    if globs is None:
-        return None
+def _matcher(globs: tuple[str, ...]) -> _Match:
+    """One compiled pattern for any of ``globs``: its ``match``."""
     return re.compile("|".join(fnmatch.translate(glob) for glob in globs)).match
 
 
-def _first_match(globs: tuple[str, ...] | None, label: str) -> str:
-    """The first of ``globs`` matching ``label`` (one of them does: its rule matched)."""
-    assert globs is not None
-    return next(glob for glob in globs if fnmatch.fnmatchcase(label, glob))
+class _Globs:
+    """A rule's ``deny`` or ``allow`` globs, compiled, each with the decision it makes."""
+
+    __slots__ = ("any", "each")
+
+    def __init__(self, globs: tuple[str, ...], decision: Callable[[str], Decision]) -> None:
+        # Any of them as one regex (most labels match none); on a match, the
+        # first glob that matches gives its decision, made once here.
+        self.any = _matcher(globs)
+        self.each = tuple((_matcher((glob,)), decision(glob)) for glob in globs)
+
+    def decision(self, label: str) -> Decision | None:
+        """The decision of the first glob matching ``label``; ``None``: none does."""
+        if self.any(label) is None:
+            return None
+        each = self.each
+        if len(each) == 1:
+            return each[0][1]  # the one glob matched: no second match
+        return next(decision for match, decision in self.each if match(label) is not None)
 
 
-def _compile(
-    policy: BuiltinPolicy,
-) -> tuple[tuple[PolicyRule, _Match, _Match | None, _Match | None], ...]:
-    # Compiled once per policy: a route tries each rule's globs as one regex.
-    compiled = []
-    for rule in policy.rules.rules:
-        identity = _matcher((rule.identity,))
-        assert identity is not None
-        compiled.append((rule, identity, _matcher(rule.deny), _matcher(rule.allow)))
-    return tuple(compiled)
+class _Rule:
+    """One ``[[rule]]`` compiled: its identity glob, and its deny and allow globs."""
+
+    __slots__ = ("allow", "deny", "identity")
+
+    def __init__(self, index: int, rule: PolicyRule) -> None:
+        self.identity = _matcher((rule.identity,))
+        self.deny = None if rule.deny is None else _Globs(rule.deny, _verdict(index, rule, False))
+        self.allow = None if rule.allow is None else _Globs(rule.allow, _verdict(index, rule, True))
+
+
+def _verdict(index: int, rule: PolicyRule, allowed: bool) -> Callable[[str], Decision]:
+    verb = "allows" if allowed else "denies"
+    return lambda glob: Decision(allowed, f"rule[{index}] {verb} {glob!r} to {rule.identity!r}")
+
+
+#: At most this many requesters' rules are kept (:meth:`BuiltinPolicy.decide`).
+_REQUESTERS_KEPT = 1_024
 
 
 def _not_required(worker: str | None, label: str, allowed: frozenset[str]) -> str:
@@ -269,31 +294,63 @@ class BuiltinPolicy:
     rules: PolicyRules
     targets: Callable[[str], frozenset[str] | None] = attrs.field(eq=False)
     trust_domain: str = DEFAULT_TRUST_DOMAIN
-    _compiled: tuple[tuple[PolicyRule, _Match, _Match | None, _Match | None], ...] = attrs.field(
-        init=False, eq=False, repr=False, default=attrs.Factory(_compile, takes_self=True)
+    _compiled: tuple[_Rule, ...] = attrs.field(
+        init=False,
+        eq=False,
+        repr=False,
+        default=attrs.Factory(
+            lambda policy: tuple(_Rule(*rule) for rule in enumerate(policy.rules.rules)),
+            takes_self=True,
+        ),
+    )
+    # Per requester (the oldest forgotten beyond _REQUESTERS_KEPT): its worker
+    # name for rule (1), and the rules whose identity glob matches it. A
+    # requester asks for many labels: its identity is matched against each
+    # rule once, not at every route.
+    _requesters: dict[str | None, tuple[str | None, tuple[_Rule, ...]]] = attrs.field(
+        init=False, eq=False, repr=False, factory=dict
+    )
+    #: Whether every anonymous route is allowed (no rule, default allow: no
+    #: ``--policy`` file): the registry then does not ask for a plain route.
+    allows_anonymous: bool = attrs.field(
+        init=False,
+        eq=False,
+        repr=False,
+        default=attrs.Factory(
+            lambda policy: not policy.rules.rules and policy.rules.default == "allow",
+            takes_self=True,
+        ),
     )
 
     def decide(self, requester: str | None, verb: str, capability: str) -> Decision:
         """Rule (1) for a registered worker, then the file's rules, then the default."""
-        if requester is None and not self.rules.rules and self.rules.default == "allow":
-            return _ANONYMOUS_ALLOWED  # the plain route's case without a policy file: no work
+        if requester is None and self.allows_anonymous:
+            return _ANONYMOUS_ALLOWED
         label = f"{verb}:{capability}"
-        if requester is not None:
-            name = worker_name_of(requester, self.trust_domain)
-            allowed = None if name is None else self.targets(name)
+        name, rules = self._requesters.get(requester) or self._learn(requester)
+        if name is not None:
+            allowed = self.targets(name)
             if allowed is not None and label not in allowed:
                 return Decision(False, _not_required(name, label, allowed))
-        identity = requester or ""
-        for index, (rule, identity_matches, deny_matches, allow_matches) in enumerate(
-            self._compiled
-        ):
-            if identity_matches(identity) is None:
-                continue
-            if deny_matches is not None and deny_matches(label) is not None:
-                glob = _first_match(rule.deny, label)
-                return Decision(False, f"rule[{index}] denies {glob!r} to {rule.identity!r}")
-            if allow_matches is not None and allow_matches(label) is not None:
-                glob = _first_match(rule.allow, label)
-                return Decision(True, f"rule[{index}] allows {glob!r} to {rule.identity!r}")
+        for rule in rules:
+            decision = None if rule.deny is None else rule.deny.decision(label)
+            if decision is None and rule.allow is not None:
+                decision = rule.allow.decision(label)
+            if decision is not None:
+                return decision
         default = self.rules.default
         return Decision(default == "allow", f"no rule matches {label!r}; default {default}")
+
+    def _learn(self, requester: str | None) -> tuple[str | None, tuple[_Rule, ...]]:
+        """``requester``'s worker name (rule 1) and the rules its identity matches, kept."""
+        identity = requester or ""  # anonymous: the empty string
+        name = None if requester is None else worker_name_of(requester, self.trust_domain)
+        learnt = (
+            name,
+            tuple(rule for rule in self._compiled if rule.identity(identity) is not None),
+        )
+        requesters = self._requesters
+        if len(requesters) >= _REQUESTERS_KEPT:
+            requesters.pop(next(iter(requesters)), None)  # the oldest
+        requesters[requester] = learnt
+        return learnt

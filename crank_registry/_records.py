@@ -141,6 +141,7 @@ class Load:
         "calls",
         "counted_since",
         "handed_out",
+        "in_flight",
         "latency_p95_ms",
         "report",
         "reported_at",
@@ -149,8 +150,11 @@ class Load:
     def __init__(self) -> None:
         self.report: LoadReport | None = None
         self.reported_at = -math.inf
-        # The report's latency_p95_ms, read by every route with slo_constraints.
+        # The report's latency_p95_ms and in_flight, read for every member
+        # by routes with slo_constraints and least_loaded: here, they cost
+        # no read of the report (another object in memory).
         self.latency_p95_ms: float | None = None
+        self.in_flight: int | None = None
         self.handed_out = 0
         self.counted_since = -math.inf
         self.calls = 0
@@ -160,6 +164,7 @@ class Load:
         self.report = report
         self.reported_at = now
         self.latency_p95_ms = report.latency_p95_ms
+        self.in_flight = report.in_flight
         if report.in_flight is not None:
             self.handed_out = 0
             self.counted_since = now
@@ -193,16 +198,14 @@ class Load:
         ``calls`` this process has in flight there: those are certain (the
         report counts them too, so the larger is taken, not the sum).
         """
-        report = self.report
-        if report is None or report.in_flight is None:
+        if self.in_flight is None:
             reported = 0 if self._faded(now, interval) else self.handed_out
         else:
-            reported = report.in_flight + self.handed_out
+            reported = self.in_flight + self.handed_out
         return max(reported, self.calls)
 
     def _faded(self, now: float, interval: float) -> bool:
-        report = self.report
-        return (report is None or report.in_flight is None) and now - self.counted_since > interval
+        return self.in_flight is None and now - self.counted_since > interval
 
 
 class Member:

@@ -130,7 +130,7 @@ from ._models import (
     WorkerView,
     parse_capability_label,
 )
-from ._policy import AccessRules, Policy
+from ._policy import AccessRules, BuiltinPolicy, Policy
 from ._preservation import SelfPreservationSettings, Watch, returns_to, still_silenced
 from ._records import CapabilityValues, Load, Member, Worker
 from ._rotation import Rotation
@@ -240,8 +240,11 @@ class CapabilityRegistry:
         # them is an event.
         self._access_rules = access_rules
         # Asked before every route when set: the built-in policy of _access_rules,
-        # or a custom one (set_access_policy).
-        self._access: Policy | None = (
+        # or a custom one (set_access_policy); _anonymous_access, the policy a
+        # plain route asks (_use_access).
+        self._access: Policy | None = None
+        self._anonymous_access: Policy | None = None
+        self._use_access(
             None if access_rules is None else access_rules.policy(self.required_targets)
         )
         # Self-preservation (._preservation): when it began, as applied (None: not
@@ -361,8 +364,19 @@ class CapabilityRegistry:
         no access policy, and a follower routes without one). The built-in
         policy travels: use :meth:`set_access_rules`.
         """
-        self._access = policy
+        self._use_access(policy)
         self._access_rules = None
+
+    def _use_access(self, policy: Policy | None) -> None:
+        """Ask ``policy`` before every route from now on.
+
+        A plain route (anonymous, no option) does not ask the built-in
+        policy when it allows every anonymous route (no ``--policy`` file):
+        the answer is known, and asking was half of a plain route's time.
+        """
+        self._access = policy
+        anonymous_allowed = isinstance(policy, BuiltinPolicy) and policy.allows_anonymous
+        self._anonymous_access = None if anonymous_allowed else policy
 
     def required_targets(self, worker_id: str) -> frozenset[str] | None:
         """The ``verb:name`` labels a registered worker declared it needs, for least privilege.
@@ -1035,7 +1049,7 @@ class CapabilityRegistry:
                 self._slos = ServiceLevels(event.slos)
             case PolicyChanged():
                 self._access_rules = event.access_policy
-                self._access = event.access_policy.policy(self.required_targets)
+                self._use_access(event.access_policy.policy(self.required_targets))
             case SelfPreservationChanged():
                 self._preserving_since = event.at if event.active else None
                 # The sweep decided it already; a replay or a replica learns it here.
@@ -1212,7 +1226,7 @@ class CapabilityRegistry:
                 snapshot.self_preservation, self._routable_count, self._policy.unhealthy_after
             )
         self._access_rules = snapshot.access_policy
-        self._access = (
+        self._use_access(
             None
             if snapshot.access_policy is None
             else snapshot.access_policy.policy(self.required_targets)
@@ -1300,17 +1314,19 @@ class CapabilityRegistry:
         :class:`UnknownCapability`: a typo is not an outage. Both cost one
         dictionary lookup: a pair keeps its rotation while it has members.
         """
-        requester = None
+        access = self._anonymous_access
         if options is not None:
-            requester = options.requester_identity
-            if requester is None or not _only_requester(options):
+            if options.requester_identity is None or not _only_requester(options):
                 return self._route_with(verb, capability, now, options, explain=False)[0]
+            access = self._access
         rotation = self._rotations.get((verb, capability))
         if rotation is None:
             raise UnknownCapability(verb, capability)
         _check_now(now)
-        if self._access is not None:
-            decision = self._access.decide(requester, verb, capability)
+        if access is not None:
+            # The requester is read here only: the plain path pays one test.
+            requester = None if options is None else options.requester_identity
+            decision = access.decide(requester, verb, capability)
             if not decision.allowed:
                 raise PolicyDenied(requester, verb, capability, decision.reason)
         # self._routable_at(now), inline: a method call is a tenth of a plain route.
@@ -1356,7 +1372,7 @@ class CapabilityRegistry:
                     capability,
                     decision.reason,
                     explain=(
-                        policy_explanation(rotation, options, self._routable_at(now))
+                        policy_explanation(rotation, options, self._routable_at(now), self._workers)
                         if explain
                         else None
                     ),
@@ -1373,6 +1389,7 @@ class CapabilityRegistry:
             health=self._policy,
             # self._routable_at(now), inline: a method call is a tenth of a plain route.
             routable_at=now if self._preserving_since is None else _EARLIEST,
+            workers=self._workers,
         )
         return (None if member is None else member.endpoint), explanation
 

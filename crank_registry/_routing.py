@@ -227,7 +227,7 @@ class IdempotencyMemory:
 
 #: No SLO files.
 NO_SLOS = ServiceLevels()
-_NO_IDS: frozenset[str] = frozenset()
+_NO_WORKERS: frozenset[Worker | None] = frozenset()
 _UNKNOWN: Any = object()
 _NO_VALUES: Mapping[str, float] = {}
 
@@ -338,9 +338,12 @@ def meeting_slo(  # noqa: PLR0917 (positional: called once a route)
     files: Sequence[ServiceLevels.Rule],
     now: float,
     fresh_for: float,
-    reasons: dict[str, str],
+    reasons: dict[str, str] | None,
 ) -> list[Member]:
     """The members whose effective SLO meets ``bounds``; the others removed as ``slo``.
+
+    ``reasons`` (``None`` unless the route explains itself) gets the
+    removed members' ids.
 
     Keeps the members for which ``misses_slo(effective_slo(...), bounds)``
     is false, comparing each bound directly along the chain of DESIGN's
@@ -372,29 +375,41 @@ def meeting_slo(  # noqa: PLR0917 (positional: called once a route)
             offered = None
             load = member.worker.load
             # effective_slo's freshness test, to the same float (reported_at
-            # is -inf until a report: no report is never fresh).
-            if load is not None and now - load.reported_at < fresh_for:
+            # is -inf until a report: no report is never fresh), only for a
+            # latency observed: most reports have none, and reported_at is
+            # another object in memory.
+            if (
+                load is not None
+                and load.latency_p95_ms is not None
+                and now - load.reported_at < fresh_for
+            ):
                 offered = load.latency_p95_ms
             if offered is None and filed is not None:
                 offered = filed.get("latency_p95_ms")
             if offered is None:
                 offered = declared.get("latency_p95_ms")
             if offered is None or offered > latency_bound:
-                reasons[member.worker.worker_id] = "slo"
+                if reasons is not None:
+                    reasons[member.worker.worker_id] = "slo"
                 continue
         if availability_bound is not None:
             offered = None if filed is None else filed.get("availability")
             if offered is None:
                 offered = declared.get("availability")
             if offered is None or offered < availability_bound:
-                reasons[member.worker.worker_id] = "slo"
+                if reasons is not None:
+                    reasons[member.worker.worker_id] = "slo"
                 continue
         kept.append(member)
     return kept
 
 
 def _meeting_latency(
-    members: Sequence[Member], bound: float, now: float, fresh_for: float, reasons: dict[str, str]
+    members: Sequence[Member],
+    bound: float,
+    now: float,
+    fresh_for: float,
+    reasons: dict[str, str] | None,
 ) -> list[Member]:
     """:func:`meeting_slo` for the most common question: a latency bound alone, no SLO file.
 
@@ -404,29 +419,37 @@ def _meeting_latency(
     for member in members:
         load = member.worker.load
         offered = None
-        if load is not None and now - load.reported_at < fresh_for:
+        if (
+            load is not None
+            and load.latency_p95_ms is not None
+            and now - load.reported_at < fresh_for
+        ):
             offered = load.latency_p95_ms
         if offered is None:
             offered = (member.capability.slo or _NO_VALUES).get("latency_p95_ms")
         if offered is not None and offered <= bound:
             kept.append(member)
-        else:
+        elif reasons is not None:
             reasons[member.worker.worker_id] = "slo"
     return kept
 
 
-def _cheapest(members: Sequence[Member], budget: float, reasons: dict[str, str]) -> list[Member]:
+def _cheapest(
+    members: Sequence[Member], budget: float, reasons: dict[str, str] | None
+) -> list[Member]:
     """The members within ``budget`` at the cheapest cost among them; the others as ``budget``."""
     kept: list[Member] = []
     cheapest = budget
     for member in members:
         cost = member.capability.cost_tokens_per_invocation or 0.0
         if cost > cheapest:
-            reasons[member.worker.worker_id] = "budget"
+            if reasons is not None:
+                reasons[member.worker.worker_id] = "budget"
             continue
         if cost < cheapest and kept:  # a cheaper tier: the one kept so far goes
-            for dearer in kept:
-                reasons[dearer.worker.worker_id] = "budget"
+            if reasons is not None:
+                for dearer in kept:
+                    reasons[dearer.worker.worker_id] = "budget"
             kept = []
         cheapest = cost
         kept.append(member)
@@ -438,45 +461,56 @@ def _filter(  # noqa: PLR0917 (positional: called once a route)
     options: RouteOptions,
     now: float,
     routable_at: float,
+    workers: Mapping[str, Worker],
+    reasons: dict[str, str] | None,
     files: Sequence[ServiceLevels.Rule] = (),
     fresh_for: float = 0.0,
-) -> tuple[list[Member], dict[str, str]]:
-    """The candidates, and for each other worker the first rule that removed it.
+) -> list[Member]:
+    """The candidates; in ``reasons``, for each other worker the first rule that removed it.
 
     The rules in their order over the members of one capability, each on
     those the rules before it left; routability is judged at
-    ``routable_at``. ``files`` and ``fresh_for``: :func:`meeting_slo`'s,
-    for a route with ``slo_constraints``.
+    ``routable_at``; ``workers``: the registered workers by id, for
+    ``exclude``. ``reasons`` is ``None`` unless the route explains
+    itself: a route that does not reads nothing more of a removed worker
+    (its id is another object in memory, and the members of a route are
+    mostly out of the CPU's cache). ``files`` and ``fresh_for``:
+    :func:`meeting_slo`'s, for a route with ``slo_constraints``.
     """
     specifier = options.version
     verdicts = None if specifier is None else version_verdicts(specifier)
-    excluded = frozenset(options.exclude) if options.exclude else _NO_IDS
-    reasons: dict[str, str] = {}
+    # The registered workers exclude names (None for an id no worker has: it
+    # excludes none), compared by identity: a member's id is another object
+    # in memory, which the filter would read for every member.
+    excluded = frozenset(map(workers.get, options.exclude)) if options.exclude else _NO_WORKERS
     passed: list[Member] = []
     if specifier is None and not excluded:
         # Routability alone (most routes): the loop below, without its other tests.
         for member in everyone:
             if routable_at <= member.worker.routable_until:
                 passed.append(member)
-            else:
+            elif reasons is not None:
                 reasons[member.worker.worker_id] = _unroutable(member.worker, routable_at)
     else:
         for member in everyone:
             worker = member.worker
             if routable_at > worker.routable_until:
-                reasons[worker.worker_id] = _unroutable(worker, routable_at)
+                reason = _unroutable(worker, routable_at)
             elif verdicts is not None and not verdicts[member.capability.version]:
-                reasons[worker.worker_id] = "version"
-            elif excluded and worker.worker_id in excluded:
-                reasons[worker.worker_id] = "excluded"
+                reason = "version"
+            elif excluded and worker in excluded:
+                reason = "excluded"
             else:
                 passed.append(member)
+                continue
+            if reasons is not None:
+                reasons[worker.worker_id] = reason
     bounds = options.slo_constraints
     if bounds is not None and passed:
         passed = meeting_slo(passed, bounds, files, now, fresh_for, reasons)
     if options.budget_tokens is not None and passed:
         passed = _cheapest(passed, options.budget_tokens, reasons)
-    return passed, reasons
+    return passed
 
 
 def _unroutable(worker: Worker, alive_at: float) -> str:
@@ -489,8 +523,10 @@ def _unroutable(worker: Worker, alive_at: float) -> str:
     return "draining" if worker.draining else "ejected"
 
 
-def policy_explanation(rotation: Rotation, options: RouteOptions, now: float) -> RouteExplanation:
-    """The explanation of a route the access policy denied.
+def policy_explanation(
+    rotation: Rotation, options: RouteOptions, now: float, workers: Mapping[str, Worker]
+) -> RouteExplanation:
+    """The explanation of a route the access policy denied (``workers``: the registered, by id).
 
     The policy comes after health, ``version`` and ``exclude`` (DESIGN, "How
     options combine"): the workers those rules removed keep their reason,
@@ -498,7 +534,8 @@ def policy_explanation(rotation: Rotation, options: RouteOptions, now: float) ->
     """
     everyone = rotation.everyone()
     before = attrs.evolve(options, slo_constraints=None, budget_tokens=None)
-    _, reasons = _filter(everyone, before, now, now)  # no SLO asked
+    reasons: dict[str, str] = {}
+    _filter(everyone, before, now, now, workers, reasons)  # no SLO asked
     return RouteExplanation(
         strategy=options.strategy or _DEFAULT_STRATEGY,
         candidates=(),
@@ -514,34 +551,28 @@ def policy_explanation(rotation: Rotation, options: RouteOptions, now: float) ->
 
 def _at_capacity(member: Member) -> bool:
     load = member.worker.load
-    if load is None:
+    if load is None or load.in_flight is None:
         return False
-    report = load.report
-    if report is None or report.in_flight is None:
-        return False
-    return report.in_flight >= member.capability.max_concurrency
+    return load.in_flight >= member.capability.max_concurrency
 
 
-def _drop_at_capacity(candidates: list[Member], reasons: dict[str, str]) -> list[Member]:
+def _drop_at_capacity(candidates: list[Member], reasons: dict[str, str] | None) -> list[Member]:
     """The candidates not at capacity (the others removed as ``at_capacity``); all if none is."""
     free: list[Member] = []
     full: list[Member] = []
     for member in candidates:
         # _at_capacity(member), inline: a call per candidate was a tenth of the route.
         load = member.worker.load
-        report = None if load is None else load.report
-        if (
-            report is not None
-            and report.in_flight is not None
-            and report.in_flight >= member.capability.max_concurrency
-        ):
+        in_flight = None if load is None else load.in_flight
+        if in_flight is not None and in_flight >= member.capability.max_concurrency:
             full.append(member)
         else:
             free.append(member)
     if not full or not free:
         return candidates
-    for member in full:
-        reasons[member.worker.worker_id] = "at_capacity"
+    if reasons is not None:
+        for member in full:
+            reasons[member.worker.worker_id] = "at_capacity"
     return free
 
 
@@ -658,6 +689,7 @@ def choose(
     rng: random.Random,
     health: HealthPolicy,
     routable_at: float | None = None,
+    workers: Mapping[str, Worker],
 ) -> tuple[Member | None, RouteExplanation | None]:
     """The member to route to under ``options`` (``None``: no candidate), and the explanation.
 
@@ -668,6 +700,7 @@ def choose(
     the heartbeat interval over which hand-outs fade. ``routable_at``:
     the moment routability is judged at (default ``now``; in
     self-preservation, the earliest moment: every routable state).
+    ``workers``: the registered workers by id (``exclude`` names them).
     """
     interval = health.heartbeat_interval
     alive_at = now if routable_at is None else routable_at
@@ -680,11 +713,12 @@ def choose(
             _hand_out(sampled, now, interval)
             return sampled, None
     everyone = rotation.everyone()
+    reasons: dict[str, str] | None = {} if explain else None
     if options.slo_constraints is None:
-        candidates, reasons = _filter(everyone, options, now, alive_at)
+        candidates = _filter(everyone, options, now, alive_at, workers, reasons)
     else:
-        candidates, reasons = _filter(
-            everyone, options, now, alive_at, slos.of(key), health.unhealthy_after
+        candidates = _filter(
+            everyone, options, now, alive_at, workers, reasons, slos.of(key), health.unhealthy_after
         )
     if loaded:
         candidates = _drop_at_capacity(candidates, reasons)
@@ -693,15 +727,17 @@ def choose(
     if options.idempotency_key is not None:
         remembered_as = (key[0], key[1], options.idempotency_key)
         remembered = memory.recall(remembered_as, now)
-        if remembered is not None:
-            chosen = next((m for m in candidates if m.worker.worker_id == remembered), None)
+        # The remembered worker by identity, as exclude: no candidate's id is read.
+        worker = None if remembered is None else workers.get(remembered)
+        if worker is not None:
+            chosen = next((m for m in candidates if m.worker is worker), None)
     if chosen is None:
         chosen = _pick(rotation, candidates, options, now, rng, interval)
         if chosen is not None and remembered_as is not None:
             memory.remember(remembered_as, chosen.worker.worker_id, now)
     if loaded and chosen is not None:
         _hand_out(chosen, now, interval)
-    if not explain:
+    if reasons is None:
         return chosen, None
     explanation = RouteExplanation(
         strategy=options.strategy or _DEFAULT_STRATEGY,

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import fnmatch
+import re
 from typing import Any
+from unittest import mock
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from crank_registry import (
     BuiltinPolicy,
@@ -16,6 +21,7 @@ from crank_registry import (
     PolicyRule,
     PolicyRules,
     RouteOptions,
+    _policy,
     parse_policy,
 )
 from tests.builders import capability
@@ -281,3 +287,112 @@ def test_a_long_list_of_required_capabilities_is_shortened_in_the_reason() -> No
         "(least privilege: it may route only to ocr:page-0, ocr:page-1, ocr:page-10, "
         "ocr:page-11, ocr:page-12 and 35 more)"
     )
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", 'default = "deny"', RULES, '[[rule]]\nidentity = "*"\ndeny = ["health:*"]'],
+    ids=["no file", "default deny", "rules", "anonymous denied one label"],
+)
+def test_a_plain_route_answers_as_the_built_in_policy_decides(text: str) -> None:
+    # A plain route asks the built-in policy only when it may deny an
+    # anonymous caller: either way, the route's answer is the policy's.
+    registry = registry_with(parse_policy(text, "policy.toml"))
+    policy = registry.access_policy
+    assert isinstance(policy, BuiltinPolicy)
+    assert policy.allows_anonymous == (text == "")
+    for label in ("classify:image.classify", "classify:image.secret", "health:ping"):
+        verb, _, name = label.partition(":")
+        decision = policy.decide(None, verb, name)
+        if decision.allowed:
+            assert registry.route(verb, name, now=T0) is not None
+        else:
+            with pytest.raises(PolicyDenied, match=re.escape(decision.reason)):
+                registry.route(verb, name, now=T0)
+
+
+def test_a_custom_policy_is_asked_for_every_plain_route() -> None:
+    asked: list[tuple[str | None, str, str]] = []
+
+    class Closed:
+        def decide(self, requester: str | None, verb: str, capability: str) -> Decision:
+            asked.append((requester, verb, capability))
+            return Decision(False, "closed for maintenance")
+
+    registry = registry_with(PolicyRules())
+    registry.set_access_policy(Closed())
+    with pytest.raises(PolicyDenied, match="closed for maintenance"):
+        registry.route("health", "ping", now=T0)
+    assert asked == [(None, "health", "ping")]
+
+
+# ------------------------------------------ the decision equals the rules as stated
+
+IDENTITY_GLOBS = (
+    "*",
+    "spiffe://crank.local/client/*",
+    "spiffe://crank.local/client/web",
+    "spiffe://crank.local/*",
+    "*/admin",
+)
+LABEL_GLOBS = ("classify:*", "classify:image.secret", "health:*", "*:ping", "classify:image.[cs]*")
+REQUESTERS = (
+    None,
+    CLIENT,
+    "spiffe://crank.local/client/admin",
+    WORKER,
+    "spiffe://other.org/client/web",
+)
+LABELS = ("classify:image.classify", "classify:image.secret", "health:ping", "call:caller")
+
+
+def stated(rules: PolicyRules, requester: str | None, label: str) -> Decision:
+    """The file's rules as the module states them: one glob at a time, in order."""
+    if requester is None and not rules.rules and rules.default == "allow":
+        return Decision(True, "no rule applies to an anonymous caller; default allow")
+    identity = requester or ""
+    for index, rule in enumerate(rules.rules):
+        if not fnmatch.fnmatchcase(identity, rule.identity):
+            continue
+        for glob in rule.deny or ():
+            if fnmatch.fnmatchcase(label, glob):
+                return Decision(False, f"rule[{index}] denies {glob!r} to {rule.identity!r}")
+        for glob in rule.allow or ():
+            if fnmatch.fnmatchcase(label, glob):
+                return Decision(True, f"rule[{index}] allows {glob!r} to {rule.identity!r}")
+    allowed = rules.default == "allow"
+    return Decision(allowed, f"no rule matches {label!r}; default {rules.default}")
+
+
+GLOBS = st.lists(st.sampled_from(LABEL_GLOBS), min_size=1, max_size=3).map(tuple)
+
+
+@st.composite
+def policy_rules(draw: st.DrawFn) -> PolicyRules:
+    rules = []
+    for _ in range(draw(st.integers(0, 5))):
+        allow, deny = draw(st.none() | GLOBS), draw(st.none() | GLOBS)
+        if allow is None and deny is None:
+            allow = draw(GLOBS)
+        rules.append(
+            PolicyRule(identity=draw(st.sampled_from(IDENTITY_GLOBS)), allow=allow, deny=deny)
+        )
+    return PolicyRules(rules=tuple(rules), default=draw(st.sampled_from(("allow", "deny"))))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rules=policy_rules(),
+    asked=st.lists(st.tuples(st.sampled_from(REQUESTERS), st.sampled_from(LABELS)), max_size=12),
+    kept=st.integers(1, 3),
+)
+def test_decisions_are_the_rules_as_stated(
+    rules: PolicyRules, asked: list[tuple[str | None, str]], kept: int
+) -> None:
+    # The policy keeps each requester's matching rules (at most `kept` of
+    # them here, the oldest forgotten): its decisions stay those of the rules.
+    policy = BuiltinPolicy(rules, lambda _: None)
+    with mock.patch.object(_policy, "_REQUESTERS_KEPT", kept):
+        for requester, label in asked:
+            verb, _, name = label.partition(":")
+            assert policy.decide(requester, verb, name) == stated(rules, requester, label)

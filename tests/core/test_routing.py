@@ -163,6 +163,17 @@ def test_exclude_skips_the_named_workers() -> None:
     assert removed(explained(registry, exclude=["w2", "nobody"])) == {"w2": "excluded"}
 
 
+def test_exclude_names_a_worker_whatever_its_registrations() -> None:
+    # The filter compares the registered worker itself, not its id: a worker
+    # that registered again (a new record) is still the one excluded.
+    registry = registry_with("w1", "w2")
+    registry.register("w1", "https://w1-moved:8443", [capability()], now=T0 + 1)
+    assert chosen(registry, 3, exclude=["w1"]) == ["w2"] * 3
+    assert chosen(registry, 2, exclude=["nobody"]) == ["w1", "w2"]
+    registry.deregister("w2", now=T0 + 2)
+    assert chosen(registry, 1, exclude=["w2"]) == ["w1"]
+
+
 def test_exclude_must_name_worker_ids() -> None:
     with pytest.raises(ValidationError) as caught:
         RouteOptions(exclude=["w1", "not an id"])
@@ -347,6 +358,15 @@ def test_an_idempotency_key_whose_worker_is_no_candidate_gets_a_fresh_remembered
     assert chosen(registry, 3, idempotency_key="k") == [moved] * 3
     registry.deregister(moved, now=T0)
     assert chosen(registry, 1, idempotency_key="k")[0] not in (moved, None)
+
+
+def test_an_idempotency_key_keeps_its_worker_when_it_registers_again() -> None:
+    # The remembered worker is found by its record, whichever record it has now.
+    registry = registry_with("w1", "w2", "w3")
+    first = chosen(registry, 1, idempotency_key="k")[0]
+    assert first is not None
+    registry.register(first, f"https://{first}-moved:8443", [capability()], now=T0)
+    assert chosen(registry, 3, idempotency_key="k") == [first] * 3
 
 
 def test_the_idempotency_memory_is_bounded_and_forgets_the_oldest_first() -> None:
