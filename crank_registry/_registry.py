@@ -1202,6 +1202,8 @@ class CapabilityRegistry:
         replace this registry's (a custom policy too: a snapshot holding
         no access policy leaves none).
         """
+        for worker in self._workers.values():
+            _unlink(worker)
         self._workers.clear()
         self._routable_count = 0
         self._rotations.clear()
@@ -1967,6 +1969,8 @@ class CapabilityRegistry:
             members.append(member)
         for old_member, old_capability in previous.values():
             self._leave(old_member, old_capability)
+        if old is not None:
+            _unlink(old)
         # Workers restored from one snapshot share its tuple of each capability set.
         shared = all(map(operator.is_, stored_capabilities, capabilities))
         worker.capabilities = capabilities if shared else tuple(stored_capabilities)
@@ -2086,6 +2090,7 @@ class CapabilityRegistry:
             self._leave(member, capability)
         self._everyone.discard(worker.order)
         del self._workers[worker.worker_id]
+        _unlink(worker)
 
     def _leave(self, member: Member, capability: CapabilitySchema) -> None:
         rotation = self._rotations[member.key]
@@ -2097,6 +2102,19 @@ class CapabilityRegistry:
             del self._values[member.key]
             del self._by_capability[member.key]
             del self._keys[bisect.bisect_left(self._keys, member.key)]
+
+
+def _unlink(worker: Worker) -> None:
+    """Break the cycle between a record leaving the registry and its members.
+
+    A worker and its members refer to each other. Without the cycle a
+    record no longer held is freed by reference counting alone, also once
+    the service froze the recovered registry (``gc.freeze()``: the
+    collector never looks at a frozen cycle again). Its members may keep
+    their ``worker``: once the rotations let go of them, nothing refers
+    back to them.
+    """
+    worker.members = ()
 
 
 def _drain_outlives_registration(*, draining: bool, verified: bool) -> bool:

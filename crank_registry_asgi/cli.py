@@ -652,8 +652,10 @@ def run_serve(args: argparse.Namespace, process: ProcessRole | None = None) -> i
         rate_limit=args.rate_limit,
         self_preservation=preservation,
         ejection=ejection,
-        # This process is the controller's own: recovery may pause its collector.
+        # This process is the controller's own: recovery may pause its
+        # collector, and freeze what it recovered.
         pause_gc_during_recovery=True,
+        freeze_gc_after_recovery=True,
         controller_id=controller_id,
         metrics_directory=None if process is None else process.metrics_directory,
         **shared,

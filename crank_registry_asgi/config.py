@@ -200,6 +200,12 @@ class ServiceConfig:
     #: owner decides: ``crank-registry serve`` sets it; an application that
     #: embeds the service leaves its collector alone by default.
     pause_gc_during_recovery: bool = False
+    #: Freeze (``gc.freeze()``) every object once the journal is replayed:
+    #: the collector then never walks the recovered registry again (at
+    #: 100 000 workers a full collection took 0.16-0.21 s, under 1 ms frozen).
+    #: Freezes the whole process's objects, so its owner decides, as for
+    #: the pause: ``crank-registry serve`` sets it.
+    freeze_gc_after_recovery: bool = False
     #: How many recent changes the change feed keeps (``GET /watch``); a
     #: follower further behind reads ``GET /snapshot`` again.
     feed_window: int = attrs.field(default=DEFAULT_FEED_WINDOW, validator=_positive_int)
