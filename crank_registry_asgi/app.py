@@ -932,7 +932,12 @@ class ControllerService:
         async with contextlib.AsyncExitStack() as stack:
             if self.store is not None:
                 stack.push_async_callback(self.store.aclose)
-                await self.store.open()
+                # Loading the shared registry (its snapshot key, then the stream)
+                # is a recovery too.
+                with _gc_paused(self.config.pause_gc_during_recovery):
+                    await self.store.open()
+                    if self.config.freeze_gc_after_recovery:
+                        gc.freeze()  # as after the journal's replay
             elif self.config.state_dir is not None:
                 await self._open_journal(stack)
             if self.liveness is not None:

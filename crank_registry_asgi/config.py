@@ -195,12 +195,14 @@ class ServiceConfig:
     #: Seconds a request body may take to arrive whole; later is 408 ``request_timeout``.
     request_read_timeout: float = attrs.field(default=READ_TIMEOUT, validator=_positive_number)
     #: Keep the cyclic garbage collector from running while the journal is
-    #: replayed (it would walk the growing registry again and again: a
-    #: quarter of the recovery time of 100 000 workers). The process's
-    #: owner decides: ``crank-registry serve`` sets it; an application that
-    #: embeds the service leaves its collector alone by default.
+    #: replayed, or the shared registry loaded from Redis at start (it would
+    #: walk the growing registry again and again: a quarter of the recovery
+    #: time of 100 000 workers). The process's owner decides:
+    #: ``crank-registry serve`` sets it; an application that embeds the
+    #: service leaves its collector alone by default.
     pause_gc_during_recovery: bool = False
-    #: Freeze (``gc.freeze()``) every object once the journal is replayed:
+    #: Freeze (``gc.freeze()``) every object once the journal is replayed (or,
+    #: with ``redis_url``, the shared registry loaded at start):
     #: the collector then never walks the recovered registry again (at
     #: 100 000 workers a full collection took 0.16-0.21 s, under 1 ms frozen).
     #: Freezes the whole process's objects, so its owner decides, as for

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import anyio
 import anyio.abc
 import httpx
@@ -11,7 +13,7 @@ from crank_registry import HeartbeatReceived
 from crank_registry.testing import FakeClock
 from crank_registry_asgi import ServiceConfig, create_app
 from crank_registry_asgi.clock import AnchoredClock
-from crank_registry_asgi.redis_store import RedisStoreError, StoreKeys
+from crank_registry_asgi.redis_store import RedisStore, RedisStoreError, StoreKeys
 from tests.redis.helpers import (
     controller,
     machine_url,
@@ -323,3 +325,34 @@ async def test_not_ready_until_the_shared_registry_is_loaded() -> None:
                 response = await client.get("/ready")
                 assert response.status_code == 200
                 assert response.json()["store"] == "ok"
+
+
+@pytest.mark.parametrize("gc_options", [True, False])
+async def test_the_loaded_registry_is_frozen_and_the_load_unpaused_only_when_asked(
+    monkeypatch: pytest.MonkeyPatch, gc_options: bool
+) -> None:
+    url = machine_url()
+    clock = FakeClock()
+    seen: list[bool] = []
+    load = RedisStore._load
+
+    async def watched(store: RedisStore) -> None:
+        seen.append(gc.isenabled())
+        await load(store)
+
+    with unique_prefix(url) as prefix:
+        async with controller(url, prefix, "a", clock) as a:
+            await a.register("w1")
+            monkeypatch.setattr(RedisStore, "_load", watched)
+            options = {
+                "pause_gc_during_recovery": gc_options,
+                "freeze_gc_after_recovery": gc_options,
+            }
+            async with controller(url, prefix, "b", clock, **options) as b:
+                assert seen == [not gc_options]
+                assert gc.isenabled()
+                record = b.registry._workers["w1"]  # loaded from Redis
+                # A frozen object is in no generation the collector walks.
+                walked = any(tracked is record for tracked in gc.get_objects())
+                assert walked is not gc_options
+                assert (gc.get_freeze_count() > 0) is gc_options
